@@ -1,0 +1,174 @@
+"""Cross-reference checks that span files: sites, names, ops, shapes, module reuse.
+
+pydantic checks each file's structure; these checks tie a technique to the
+reference architecture and the primitive registry, and an architecture map to
+the sites it binds. Each returns located problems (never raises), so a whole
+catalog is reported in one run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import Location, Problem
+from .expr import Expr, parse_expr
+from .inits import INITS
+from .loader import dotted, suggest
+from .ops import PRIMITIVES
+from .schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
+from .schema.technique import PrependModule
+from .yamlsrc import Positions
+
+__all__ = ["check_technique", "check_family", "expand_modules", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+
+HOST_SIZES = ("d_in", "d_out")
+"""Widths of the host a module is attached to, usable in shapes and expressions."""
+
+MODEL_FLAGS = ("causal",)
+"""Facts of the model family usable in expressions (1 or 0)."""
+
+EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "length", "host_update")
+
+# which host tensors each expression field may read, before the site kind narrows it
+_FIELD_READS: dict[tuple[str, str], set[str]] = {
+    ("parallel", "compute"): {"x", "W", "b"},
+    ("parallel", "integrate"): {"x", "h", "delta"},
+    ("sequential", "compute"): {"h", "W", "b"},
+    ("sequential", "integrate"): {"x", "h", "delta"},
+    ("reparameterise", "weight"): {"W"},
+    ("rescale", "scale"): set(),
+    ("prepend", "tokens"): set(),
+    ("prepend", "keys"): set(),
+    ("prepend", "values"): set(),
+    ("prepend", "length"): set(),
+}
+
+
+def reads_of(form: str, fld: str) -> set[str]:
+    """Host tensors an expression field may read (before the site kind narrows it)."""
+    if fld == "host_update":
+        return {"W"}
+    return _FIELD_READS.get((form, fld), set())
+
+
+def expand_modules(t: Technique, pool: dict[str, Technique]) -> tuple[list[Any], dict[str, Any]]:
+    """Concrete modules of ``t`` (``use`` entries replaced by the used module, overrides applied)
+    and the effective hyperparameters (own ones override those imported with used modules)."""
+    hps: dict[str, Any] = {}
+    out: list[Any] = []
+    for m in t.modules:
+        if isinstance(m, ModuleUse):
+            tid, mname = m.use.split(".")
+            src = pool[tid]
+            base = next(x for x in expand_modules(src, pool)[0] if x.name == mname)
+            for k, v in expand_modules(src, pool)[1].items():
+                hps.setdefault(k, v)
+            upd: dict[str, Any] = {"name": m.name or base.name}
+            if m.sites is not None:
+                upd["sites"] = m.sites
+            if m.layers is not None:
+                upd["layers"] = m.layers
+            if m.params:
+                upd["params"] = {**base.params, **m.params}
+            if m.integrate is not None:
+                upd["integrate"] = m.integrate
+            out.append(base.model_copy(update=upd))
+        else:
+            out.append(m)
+    hps.update(t.hyperparameters)
+    return out, hps
+
+
+def _expr_problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
+    loc = pos.at(path)
+    col = column + (1 if path in pos.quoted else 0)
+    return Problem(Location(loc.file, loc.line, loc.column + col), dotted(path), msg)
+
+
+def _check_names(e: Expr, allowed: set[str], ops: set[str], pos: Positions, path: tuple[Any, ...], what: str) -> list[Problem]:
+    out = []
+    cols = e.name_columns()
+    for n in sorted(e.names - allowed):
+        out.append(_expr_problem(pos, path, cols.get(n, 0), f"unknown name {n!r} in {what}{suggest(n, allowed)} (available: {', '.join(sorted(allowed))})"))
+    for o in sorted(e.ops - ops):
+        out.append(_expr_problem(pos, path, cols.get(o, 0), f"unknown op {o!r}{suggest(o, ops)} (registered: {', '.join(sorted(ops))})"))
+    return out
+
+
+def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> list[Problem]:
+    """Cross-reference problems of one technique (empty when it is sound)."""
+    out: list[Problem] = []
+    for i, m in enumerate(t.modules):
+        if isinstance(m, ModuleUse):
+            tid, mname = m.use.split(".")
+            if tid not in pool:
+                out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"unknown technique {tid!r}{suggest(tid, pool)}"))
+            elif mname not in {getattr(x, "name", None) for x in pool[tid].modules}:
+                names = [x.name for x in pool[tid].modules if getattr(x, "name", None)]
+                out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {tid!r} has no module {mname!r}{suggest(mname, names)} (modules: {', '.join(names)})"))
+    if out:
+        return out
+    modules, hps = expand_modules(t, pool)
+    for name, hp in t.hyperparameters.items():
+        p = ("hyperparameters", name)
+        lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
+        if lo is not None and hp.default < lo or hi is not None and hp.default > hi:
+            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is outside [{lo}, {hi}]"))
+        if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:
+            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {hp.choices}"))
+    sizes = set(ref.sizes) | set(HOST_SIZES)
+    scalar_ops = {k for k, p in PRIMITIVES.items() if p.scalar}
+    tensor_ops = set(PRIMITIVES)
+    for i, m in enumerate(modules):
+        mp = ("modules", i)
+        for j, s in enumerate(m.sites):
+            if s not in ref.sites:
+                out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"unknown site {s!r}{suggest(s, ref.sites)} (sites: {', '.join(ref.sites)})"))
+                continue
+            kind = ref.site_kinds[ref.sites[s].kind]
+            if m.form not in kind.forms:
+                out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
+        site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
+        base = set(hps) | sizes | set(m.params)
+        for pname, spec in m.params.items():
+            pp = mp + ("params", pname)
+            for k, dim in enumerate(spec.shape):
+                if isinstance(dim, str):
+                    out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
+            init_reads = {"W"} & site_reads
+            out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads | set(m.params) - {pname}, scalar_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+        for fld in EXPR_FIELDS:
+            text = getattr(m, fld, None)
+            if text is None:
+                continue
+            allowed = base | set(MODEL_FLAGS) | (reads_of(m.form, fld) & (site_reads | {"delta"}))
+            if fld == "length":
+                allowed = set(hps) | sizes
+            out += _check_names(parse_expr(text), allowed, tensor_ops, pos, mp + (fld,), f"{m.form} {fld}")
+        if isinstance(m, PrependModule):
+            kinds = {ref.sites[s].kind for s in m.sites if s in ref.sites}
+            if m.tokens is not None and kinds - {"embedding"}:
+                out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
+            if m.keys is not None and kinds - {"kv"}:
+                out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
+    return out
+
+
+def check_family(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitecture) -> list[Problem]:
+    """Problems of one architecture map (unknown sites, size expressions over unknown sizes)."""
+    out: list[Problem] = []
+    for s, b in fam.sites.items():
+        if s not in ref.sites:
+            out.append(Problem(pos.key_at(("sites", s)), f"sites.{s}", f"unknown site {s!r}{suggest(s, ref.sites)}"))
+            continue
+        if b.cache and ref.sites[s].kind != "kv":
+            out.append(Problem(pos.at(("sites", s)), f"sites.{s}", "only key/value sites are reached through the cache"))
+        if b.path and ref.sites[s].per_layer and "{i}" not in b.path and b.path != fam.layers:
+            out.append(Problem(pos.at(("sites", s, "path")), f"sites.{s}.path", f"a per-layer site needs '{{i}}' in its path; found {b.path!r}"))
+    for k in fam.sizes:
+        if k not in ref.sizes:
+            out.append(Problem(pos.key_at(("sizes", k)), f"sizes.{k}", f"unknown size {k!r}{suggest(k, ref.sizes)}"))
+    for k in ref.sizes:
+        if k not in fam.sizes:
+            out.append(Problem(pos.at(("sizes",)), "sizes", f"size {k!r} is missing"))
+    return out

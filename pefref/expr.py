@@ -1,0 +1,161 @@
+"""The expression language of technique descriptions.
+
+A closed grammar: numbers, declared names, the arithmetic operators
+``+ - * / // % ** @``, unary minus, tuples, and calls of *registered* ops with
+positional and keyword arguments. Python's own parser reads the text; anything
+outside that grammar (attribute access, subscripts, lambdas, comprehensions,
+comparisons, strings ...) is rejected with its column. Nothing is ever passed
+to ``eval``: :func:`evaluate` walks the checked tree, and the compiler traces
+that walk once with :mod:`torch.fx` into generated code.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+__all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "BINOPS"]
+
+BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.MatMult: operator.matmul,
+}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+class ExprError(ValueError):
+    """A grammar error at a 0-based column of the expression text."""
+
+    def __init__(self, message: str, column: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.column = column
+
+
+def _check(node: ast.AST) -> None:
+    col = getattr(node, "col_offset", 0)
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or isinstance(node.value, (int, float)):
+            return
+        raise ExprError(f"only numbers are allowed as literals, found {node.value!r}", col)
+    if isinstance(node, ast.Name):
+        return
+    if isinstance(node, ast.BinOp):
+        if type(node.op) not in BINOPS:
+            raise ExprError(f"operator {type(node.op).__name__} is not allowed", col)
+        _check(node.left)
+        _check(node.right)
+        return
+    if isinstance(node, ast.UnaryOp):
+        if type(node.op) not in _UNARY:
+            raise ExprError(f"operator {type(node.op).__name__} is not allowed", col)
+        _check(node.operand)
+        return
+    if isinstance(node, (ast.Tuple, ast.List)):
+        for e in node.elts:
+            _check(e)
+        return
+    if isinstance(node, ast.Call):
+        if not isinstance(node.func, ast.Name):
+            raise ExprError("only calls of registered ops by name are allowed (no attribute access)", col)
+        for a in node.args:
+            if isinstance(a, ast.Starred):
+                raise ExprError("*args is not allowed", a.col_offset)
+            _check(a)
+        for k in node.keywords:
+            if k.arg is None:
+                raise ExprError("**kwargs is not allowed", col)
+            _check(k.value)
+        return
+    if isinstance(node, ast.Attribute):
+        raise ExprError("attribute access is not allowed", col)
+    if isinstance(node, ast.Subscript):
+        raise ExprError("subscripts are not allowed; use a registered op (e.g. narrow)", col)
+    raise ExprError(f"{type(node).__name__} is not part of the expression grammar", col)
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A parsed, grammar-checked expression."""
+
+    text: str
+    tree: ast.expr
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        """Variable names read (not op names)."""
+        calls = {id(n.func) for n in ast.walk(self.tree) if isinstance(n, ast.Call)}
+        return frozenset(n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name) and id(n) not in calls)
+
+    @cached_property
+    def ops(self) -> frozenset[str]:
+        """Names of the ops called."""
+        return frozenset(n.func.id for n in ast.walk(self.tree) if isinstance(n, ast.Call))  # type: ignore[attr-defined]
+
+    def name_columns(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.Name):
+                out.setdefault(n.id, n.col_offset)
+        return out
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_expr(text: str | int | float) -> Expr:
+    """Parse and check an expression; raises :class:`ExprError` with a column."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ExprError(f"expected an expression, found {type(text).__name__}")
+    src = str(text)
+    try:
+        tree = ast.parse(src.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ExprError(f"syntax error: {e.msg}", max((e.offset or 1) - 1, 0)) from None
+    lead = len(src) - len(src.lstrip())
+    _check_offset(tree, lead)
+    return Expr(src, tree)
+
+
+def _check_offset(tree: ast.expr, lead: int) -> None:
+    try:
+        _check(tree)
+    except ExprError as e:
+        raise ExprError(e.message, e.column + lead) from None
+
+
+def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Callable[..., Any]]) -> Any:
+    """Walk a checked expression with ``env`` for names and ``ops`` for calls."""
+    node = expr.tree if isinstance(expr, Expr) else expr
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        try:
+            return env[node.id]
+        except KeyError:
+            raise ExprError(f"unknown name {node.id!r}", node.col_offset) from None
+    if isinstance(node, ast.BinOp):
+        return BINOPS[type(node.op)](evaluate(node.left, env, ops), evaluate(node.right, env, ops))
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](evaluate(node.operand, env, ops))
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return tuple(evaluate(e, env, ops) for e in node.elts)
+    if isinstance(node, ast.Call):
+        name = node.func.id  # type: ignore[attr-defined]
+        fn = ops.get(name)
+        if fn is None:
+            raise ExprError(f"unknown op {name!r}", node.col_offset)
+        args = [evaluate(a, env, ops) for a in node.args]
+        kwargs = {k.arg: evaluate(k.value, env, ops) for k in node.keywords}
+        return fn(*args, **kwargs)
+    raise ExprError(f"{type(node).__name__} is not part of the expression grammar", getattr(node, "col_offset", 0))

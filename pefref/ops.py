@@ -1,0 +1,247 @@
+"""The primitive registry: every op a technique's expressions may call.
+
+Each primitive is registered once with :func:`primitive`, with its math and the
+facts the view derives typology from:
+
+* ``intra``: the intra-connectivity it contributes (``dense``, ``attention``,
+  ``kronecker/hypercomplex``, ``orthogonal``, ``sparse``), or ``None``;
+* ``nonlinear``: True when it breaks linearity (activations);
+* ``linear_in``: indices of the arguments the op is linear in, given the other
+  arguments do not depend on the input (mergeability analysis);
+* ``dynamic``: True when it mixes positions of the sequence (attention).
+
+Ops are plain functions of torch tensors and Python numbers. The compiler
+traces them with torch.fx; ops listed as ``leaf`` stay single calls in the
+generated code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Primitive", "PRIMITIVES", "primitive", "op_table"]
+
+
+@dataclass(frozen=True)
+class Primitive:
+    name: str
+    fn: Callable[..., Any]
+    doc: str
+    intra: str | None = None
+    nonlinear: bool = False
+    linear_in: tuple[int, ...] = ()
+    dynamic: bool = False
+    leaf: bool = False
+    scalar: bool = False
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+
+PRIMITIVES: dict[str, Primitive] = {}
+
+
+def primitive(
+    name: str | None = None,
+    *,
+    intra: str | None = None,
+    nonlinear: bool = False,
+    linear_in: tuple[int, ...] = (),
+    dynamic: bool = False,
+    leaf: bool = False,
+    scalar: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a primitive op under ``name`` (default: the function's name)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        key = name or fn.__name__.rstrip("_")
+        if key in PRIMITIVES:
+            raise ValueError(f"primitive {key!r} registered twice")
+        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar)
+        return fn
+
+    return deco
+
+
+def op_table() -> dict[str, Callable[..., Any]]:
+    """Name → function, for :func:`pefref.expr.evaluate`."""
+    return {k: p.fn for k, p in PRIMITIVES.items()}
+
+
+# --- scalars (usable in shapes, scales and initialisers) -------------------
+
+
+@primitive(scalar=True)
+def sqrt(v: Any) -> Any:
+    """Square root :math:`\\sqrt{v}` (of a number or a tensor)."""
+    return torch.sqrt(v) if isinstance(v, torch.Tensor) else math.sqrt(v)
+
+
+@primitive(scalar=True)
+def min_(a: Any, b: Any) -> Any:
+    """The smaller of two numbers."""
+    return min(a, b)
+
+
+@primitive(scalar=True)
+def max_(a: Any, b: Any) -> Any:
+    """The larger of two numbers."""
+    return max(a, b)
+
+
+@primitive(scalar=True)
+def log2(v: Any) -> Any:
+    """Base-2 logarithm of a number."""
+    return math.log2(v)
+
+
+# --- linear algebra --------------------------------------------------------
+
+
+@primitive(intra="dense", linear_in=(0,))
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Affine map :math:`x W^\\top + b` with ``weight`` of shape [out, in] (torch's convention)."""
+    return F.linear(x, weight, bias)
+
+
+@primitive(intra="dense", linear_in=(0, 1))
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Matrix product :math:`a b` (also written ``a @ b``)."""
+    return torch.matmul(a, b)
+
+
+@primitive(linear_in=(0,))
+def t(a: torch.Tensor) -> torch.Tensor:
+    """Transpose of the last two dimensions, :math:`a^\\top`."""
+    return a.transpose(-2, -1)
+
+
+@primitive(intra="kronecker/hypercomplex", linear_in=(0, 1))
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Kronecker product :math:`a \\otimes b` (Compacter, KronA, LoKr)."""
+    return torch.kron(a, b)
+
+
+@primitive(linear_in=(0,))
+def diag(v: torch.Tensor) -> torch.Tensor:
+    """Diagonal matrix from a vector, :math:`\\operatorname{diag}(v)`."""
+    return torch.diag(v)
+
+
+@primitive()
+def eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Identity matrix :math:`I_n` with the dtype and device of ``like``."""
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+@primitive(linear_in=(0,))
+def sum_(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum over one dimension."""
+    return a.sum(dim)
+
+
+@primitive(nonlinear=True)
+def row_norm(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row of a matrix, :math:`\\lVert W_{i,:} \\rVert_2`, as a [rows, 1] column (DoRA's magnitude)."""
+    return torch.linalg.norm(w, dim=1, keepdim=True)
+
+
+@primitive(nonlinear=True)
+def col_norm(w: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each column, :math:`\\lVert W_{:,j} \\rVert_2`, as a [1, cols] row."""
+    return torch.linalg.norm(w, dim=0, keepdim=True)
+
+
+@primitive()
+def detach(a: torch.Tensor) -> torch.Tensor:
+    """Stops gradients: the value of ``a`` treated as a constant."""
+    return a.detach()
+
+
+# --- activations -----------------------------------------------------------
+
+
+@primitive(nonlinear=True)
+def relu(a: torch.Tensor) -> torch.Tensor:
+    """:math:`\\max(0, a)`."""
+    return F.relu(a)
+
+
+@primitive(nonlinear=True)
+def gelu(a: torch.Tensor) -> torch.Tensor:
+    """Gaussian error linear unit (exact erf form)."""
+    return F.gelu(a)
+
+
+@primitive(nonlinear=True)
+def gelu_tanh(a: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation."""
+    return F.gelu(a, approximate="tanh")
+
+
+@primitive(nonlinear=True)
+def silu(a: torch.Tensor) -> torch.Tensor:
+    """:math:`a \\sigma(a)`."""
+    return F.silu(a)
+
+
+@primitive(nonlinear=True)
+def tanh(a: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic tangent."""
+    return torch.tanh(a)
+
+
+@primitive(nonlinear=True)
+def sigmoid(a: torch.Tensor) -> torch.Tensor:
+    """Logistic function :math:`1 / (1 + e^{-a})` (gates)."""
+    return torch.sigmoid(a)
+
+
+@primitive(nonlinear=True)
+def exp(a: torch.Tensor) -> torch.Tensor:
+    """:math:`e^a`."""
+    return torch.exp(a)
+
+
+@primitive(nonlinear=True)
+def softmax(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over one dimension."""
+    return torch.softmax(a, dim)
+
+
+# --- regularisation ----------------------------------------------------------
+
+
+@primitive(linear_in=(0,), leaf=True)
+def dropout(a: torch.Tensor, p: float, training: bool = False) -> torch.Tensor:
+    """Dropout with probability ``p`` (identity at inference). The compiler supplies ``training``."""
+    return F.dropout(a, p, training) if p > 0 else a
+
+
+# --- attention ---------------------------------------------------------------
+
+
+@primitive(intra="attention", nonlinear=True, dynamic=True)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, causal: bool = False) -> torch.Tensor:
+    """Multi-head scaled dot-product attention over the sequence:
+    :math:`\\mathrm{softmax}(q k^\\top / \\sqrt{d_h}) v` per head, inputs [..., seq, heads*d_h]."""
+    *lead, s, dq = q.shape
+    dv = v.shape[-1]
+    qh = q.reshape(*lead, s, heads, dq // heads).transpose(-3, -2)
+    kh = k.reshape(*lead, k.shape[-2], heads, dq // heads).transpose(-3, -2)
+    vh = v.reshape(*lead, v.shape[-2], heads, dv // heads).transpose(-3, -2)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+    return out.transpose(-3, -2).reshape(*lead, s, dv)
+
+
+@primitive(intra="kronecker/hypercomplex", linear_in=(0, 1))
+def kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum of Kronecker products :math:`\\sum_i A_i \\otimes B_i` over the leading dimension
+    (parameterised hypercomplex multiplication, Zhang et al. 2021; Compacter)."""
+    n, a1, a2 = a.shape
+    _, b1, b2 = b.shape
+    return torch.einsum("nij,nkl->ikjl", a, b).reshape(a1 * b1, a2 * b2)

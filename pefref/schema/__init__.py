@@ -1,0 +1,27 @@
+"""The pydantic schema: the single source of truth for every catalog file."""
+
+from __future__ import annotations
+
+from .family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
+from .reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
+from .technique import (
+    FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
+    ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
+    SelectModule, SequentialModule, Technique,
+)
+
+__all__ = [
+    "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
+    "ReferenceArchitecture", "Site", "SiteKind", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
+    "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
+    "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
+    "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
+]
+
+SCHEMAS = {
+    "technique": Technique,
+    "reference": ReferenceArchitecture,
+    "family": ArchitectureMap,
+    "models": ModelShapes,
+}
+"""Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""

@@ -1,0 +1,79 @@
+"""Architecture maps (how reference sites resolve in a model family) and named model shapes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from .common import SITE_PATTERN, ExprStr, Identifier, Strict
+
+__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ArchitectureMap", "ModelShape", "ModelShapes"]
+
+
+class SliceSpec(Strict):
+    """A slice of a fused projection's output features (e.g. q inside GPT-2's c_attn)."""
+
+    start: ExprStr = Field(description="First output feature (expression over sizes).")
+    size: ExprStr = Field(description="Number of output features (expression over sizes).")
+
+
+class SiteBinding(Strict):
+    """Where a reference site lives in a real model."""
+
+    path: str | None = Field(None, description="Module path; '{i}' stands for the layer index.")
+    input_path: str | None = Field(None, description="Module whose input is the site's input x, when it differs from path (default: path).")
+    side: Literal["module", "input"] = Field("module", description="'input': the site is the tensor entering the module (e.g. the FFN activation entering the down projection).")
+    output: Literal["tensor", "first"] = Field("tensor", description="'first': the module returns a tuple whose first element is the hidden states.")
+    slice: SliceSpec | None = Field(None, description="The site is a slice of the module's output features.")
+    cache: bool = Field(False, description="The site is reached through the model's key/value cache argument (prefix keys and values).")
+    bias: bool = Field(True, description="Whether the module has a bias (for analytic counts of selected biases).")
+
+    @model_validator(mode="after")
+    def _where(self) -> SiteBinding:
+        if not self.cache and not self.path:
+            raise ValueError("give a path, or cache: true")
+        return self
+
+
+class ForwardSpec(Strict):
+    """Names of the model's forward arguments, for sequence-level modules (prompts, prefixes)."""
+
+    ids: str = "input_ids"
+    embeds: str = "inputs_embeds"
+    mask: str = "attention_mask"
+    cache: str = "past_key_values"
+    extend: dict[str, int] = Field(default_factory=dict, description="Per-token arguments to extend when positions are prepended, with their fill value (e.g. labels: -100).")
+    cache_format: Literal["hf", "tuples"] = Field("hf", description="'hf': a transformers DynamicCache; 'tuples': a list of (key, value) per layer.")
+
+
+class ArchitectureMap(Strict):
+    """How the sites of the reference architecture resolve in one model family."""
+
+    family: Identifier
+    description: str
+    model_type: str | None = Field(None, description="transformers model_type used to build models of this family from a shape (None: pefref's own reference Transformer).")
+    task: Literal["causal_lm", "masked_lm", "sequence_classification", "base"] = Field("causal_lm", description="Which transformers auto class builds the model.")
+    causal: bool = Field(True, description="Whether attention is causal (decoders); exposed to expressions as the name 'causal'.")
+    classes: list[str] = Field(default_factory=list, description="Model class names that this map recognises.")
+    sizes: dict[Identifier, ExprStr] = Field(description="Each reference size as an expression over the config's keys.")
+    layers: str = Field(description="Path pattern of one Transformer layer ('{i}' = index).")
+    base_params: ExprStr = Field(description="Parameter count of the base model as an expression over the sizes and config keys.")
+    forward: ForwardSpec = Field(default_factory=ForwardSpec)
+    sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding]
+
+
+class ModelShape(Strict):
+    """A named configuration of a real model (public config values)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")]
+    family: Identifier
+    config: dict[str, int | float | bool | str | None] = Field(description="Config values (the family's config keys).")
+    source: str = Field("", description="Where the values come from.")
+    description: str = ""
+
+
+class ModelShapes(Strict):
+    """The file of named model shapes."""
+
+    shapes: list[ModelShape]

@@ -1,0 +1,225 @@
+"""The technique schema: a PEFT technique as components placed at sites."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from .common import SITE_PATTERN, ExprStr, Identifier, Strict
+
+__all__ = [
+    "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
+    "ParamSpec", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
+    "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
+    "Module", "Technique", "FORMS", "TYPOLOGY_PROPERTIES",
+]
+
+FORMS = ("parallel", "sequential", "reparameterise", "rescale", "prepend", "select")
+TYPOLOGY_PROPERTIES = (
+    "workspace", "insertion_form", "integration_form", "parameter_adaptation",
+    "intra_connectivity", "inter_connectivity", "parameter_sharing", "input_type", "insertions",
+)
+
+
+class Paper(Strict):
+    """The publication that introduced the technique."""
+
+    title: str = Field(description="Title of the paper.")
+    authors: str = Field(description="Authors, e.g. 'Hu et al.'.")
+    year: int = Field(ge=1990, le=2100, description="Year of publication.")
+    arxiv: str | None = Field(None, pattern=r"^\d{4}\.\d{4,5}$", description="arXiv identifier, e.g. '2106.09685'.")
+    url: str | None = Field(None, pattern=r"^https?://", description="URL when there is no arXiv identifier.")
+    venue: str | None = Field(None, description="Where it was published (optional).")
+
+    @model_validator(mode="after")
+    def _has_link(self) -> Paper:
+        if not (self.arxiv or self.url):
+            raise ValueError("give an arxiv identifier or a url")
+        return self
+
+
+class _HP(Strict):
+    description: str = Field("", description="What the hyperparameter controls.")
+
+
+class IntParam(_HP):
+    """An integer hyperparameter."""
+
+    type: Literal["int"]
+    default: int
+    min: int | None = None
+    max: int | None = None
+
+
+class FloatParam(_HP):
+    """A real-valued hyperparameter."""
+
+    type: Literal["float"]
+    default: float
+    min: float | None = None
+    max: float | None = None
+
+
+class BoolParam(_HP):
+    """A boolean hyperparameter."""
+
+    type: Literal["bool"]
+    default: bool
+
+
+class ChoiceParam(_HP):
+    """A hyperparameter taking one of a fixed set of numeric values."""
+
+    type: Literal["choice"]
+    default: int | float
+    choices: list[int | float] = Field(min_length=1)
+
+
+Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam], Field(discriminator="type")]
+
+
+class ParamSpec(Strict):
+    """A tensor the module owns: symbolic shape, initialisation, trainability, sharing."""
+
+    shape: list[int | ExprStr] = Field(description="Dimensions, each a number or an expression over host sizes (in, out, d, ...) and hyperparameters.")
+    init: ExprStr = Field("zeros()", description="Initialiser call, e.g. zeros(), normal(std=0.02), kaiming_uniform(a=sqrt(5)); may read the host weight W.")
+    trainable: bool = Field(True, description="False for fixed tensors (e.g. shared random projections); they are stored but not trained.")
+    shared: Literal["none", "layers", "sites", "all"] = Field(
+        "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
+    )
+    description: str = ""
+
+
+class LayerRange(Strict):
+    """A contiguous or strided selection of layers (Python range semantics; negative counts from the end)."""
+
+    first: int | None = Field(None, ge=0, description="The first N layers.")
+    last: int | None = Field(None, ge=0, description="The last N layers.")
+    every: int | None = Field(None, ge=1, description="Every k-th layer, starting at 0.")
+
+
+Layers = Union[Literal["all"], list[int], LayerRange]
+
+
+class _ModuleBase(Strict):
+    name: Identifier = Field(description="Name of the module, unique within the technique.")
+    sites: list[Annotated[str, Field(pattern=SITE_PATTERN)]] = Field(min_length=1, description="Sites of the reference architecture the module attaches to.")
+    layers: Layers = Field("all", description="Which layers (for per-layer sites): 'all', a list of indices, or {first|last|every: n}.")
+    params: dict[Identifier, ParamSpec] = Field(default_factory=dict, description="Tensors the module owns.")
+    host_update: ExprStr | None = Field(None, description="Expression for a new host weight written once at apply time (e.g. a residual after an SVD initialisation); remove() restores the original.")
+    description: str = ""
+
+
+class ParallelModule(_ModuleBase):
+    """Reads the host's input ``x``; its output ``delta`` is combined with the host's output ``h``."""
+
+    form: Literal["parallel"]
+    compute: ExprStr = Field(description="delta as a function of x, the module's params and hyperparameters.")
+    integrate: ExprStr = Field("h + delta", description="How delta meets the host output h.")
+
+
+class SequentialModule(_ModuleBase):
+    """Reads the host's output ``h`` and transforms it."""
+
+    form: Literal["sequential"]
+    compute: ExprStr = Field(description="delta as a function of h (the host output), params and hyperparameters.")
+    integrate: ExprStr = Field("h + delta", description="How delta meets h.")
+
+
+class ReparameteriseModule(_ModuleBase):
+    """Weight space: the host runs with ``W' = f(W, params)`` instead of ``W``."""
+
+    form: Literal["reparameterise"]
+    weight: ExprStr = Field(description="The new weight W' (shape [out, in]) from W and the params.")
+
+
+class RescaleModule(_ModuleBase):
+    """Multiplies the host's output (or input) elementwise by a learned vector."""
+
+    form: Literal["rescale"]
+    scale: ExprStr = Field(description="The scaling vector (broadcast over the last dimension).")
+    side: Literal["output", "input"] = Field("output", description="Rescale the host's output (default) or its input.")
+
+
+class PrependModule(_ModuleBase):
+    """Prepends learned vectors to a sequence: tokens at the embeddings, or keys and values at attention."""
+
+    form: Literal["prepend"]
+    length: ExprStr = Field(description="Number of prepended positions (an expression over hyperparameters).")
+    tokens: ExprStr | None = Field(None, description="[length, d] virtual token embeddings (embedding sites).")
+    keys: ExprStr | None = Field(None, description="[length, kv_heads*d_head] prefix keys (attention key/value sites).")
+    values: ExprStr | None = Field(None, description="[length, kv_heads*d_head] prefix values (attention key/value sites).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PrependModule:
+        if (self.tokens is None) == (self.keys is None and self.values is None):
+            raise ValueError("give either tokens, or keys and values")
+        if (self.keys is None) != (self.values is None):
+            raise ValueError("keys and values go together")
+        return self
+
+
+class SelectModule(_ModuleBase):
+    """Unfreezes existing parameters of the host (biases, norm weights)."""
+
+    form: Literal["select"]
+    targets: list[Literal["weight", "bias"]] = Field(min_length=1, description="Which host parameters to train.")
+
+
+class ModuleUse(Strict):
+    """Reuses a module of another catalog technique, optionally re-placed or re-integrated."""
+
+    use: Annotated[str, Field(pattern=r"^[a-z0-9_]+\.[A-Za-z0-9_]+$")] = Field(description="'technique_id.module_name'.")
+    name: Identifier | None = Field(None, description="New name (default: the used module's name).")
+    sites: list[Annotated[str, Field(pattern=SITE_PATTERN)]] | None = None
+    layers: Layers | None = None
+    params: dict[Identifier, ParamSpec] = Field(default_factory=dict, description="Extra tensors (e.g. gates) for a new integration.")
+    integrate: ExprStr | None = Field(None, description="A new integration expression (parallel and sequential modules).")
+
+
+def _module_tag(v: Any) -> str:
+    if isinstance(v, dict):
+        return "use" if "use" in v else str(v.get("form", ""))
+    return "use" if isinstance(v, ModuleUse) else getattr(v, "form", "")
+
+
+Module = Annotated[
+    Union[
+        Annotated[ParallelModule, Tag("parallel")],
+        Annotated[SequentialModule, Tag("sequential")],
+        Annotated[ReparameteriseModule, Tag("reparameterise")],
+        Annotated[RescaleModule, Tag("rescale")],
+        Annotated[PrependModule, Tag("prepend")],
+        Annotated[SelectModule, Tag("select")],
+        Annotated[ModuleUse, Tag("use")],
+    ],
+    Discriminator(_module_tag, custom_error_type="form", custom_error_message="expected 'form' (one of parallel, sequential, reparameterise, rescale, prepend, select) or 'use'"),
+]
+
+
+class Technique(Strict):
+    """A PEFT technique: the components it adds and how they meet the frozen Transformer."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")] = Field(description="snake_case identifier; the file is <id>.yaml.")
+    name: str = Field(description="Display name, e.g. 'LoRA'.")
+    paper: Paper
+    summary: str = Field("", description="One or two sentences on what the technique does.")
+    original: bool = Field(False, description="True for techniques designed in pefref, implemented by no other library.")
+    hyperparameters: dict[Identifier, Hyperparameter] = Field(default_factory=dict)
+    modules: list[Module] = Field(min_length=1)
+    identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
+    typology: dict[Literal[TYPOLOGY_PROPERTIES], str | list[str]] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Typology values declared where the structure cannot determine them (shown as declared)."
+    )
+    notes: str = Field("", description="Judgement calls and their justification.")
+
+    @model_validator(mode="after")
+    def _unique_modules(self) -> Technique:
+        seen: set[str] = set()
+        for m in self.modules:
+            name = m.name if m.name else m.use.split(".")[1]  # type: ignore[union-attr]
+            if name in seen:
+                raise ValueError(f"module name {name!r} is used twice")
+            seen.add(name)
+        return self
