@@ -8,16 +8,17 @@ YAML. Data-dependent initialisers read the host weight ``W`` ([out, in]).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+
 
 from .ops import PRIMITIVES
 
 __all__ = ["INITS", "initialiser", "init_table"]
 
-Init = Callable[..., torch.Tensor]
+Init = Callable[..., Any]
 INITS: dict[str, Init] = {}
 
 
@@ -31,61 +32,71 @@ def initialiser(fn: Init) -> Init:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    import torch
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 @initialiser
-def zeros(shape, dtype, device) -> torch.Tensor:  # noqa: ANN001
+def zeros(shape, dtype, device) -> torch.Tensor:
     """All zeros (makes a parallel update vanish at initialisation)."""
+    import torch
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
 @initialiser
-def ones(shape, dtype, device) -> torch.Tensor:  # noqa: ANN001
+def ones(shape, dtype, device) -> torch.Tensor:
     """All ones (the neutral rescaling)."""
+    import torch
     return torch.ones(shape, dtype=dtype, device=device)
 
 
 @initialiser
-def constant(shape, dtype, device, value: float = 0.0) -> torch.Tensor:  # noqa: ANN001
+def constant(shape, dtype, device, value: float = 0.0) -> torch.Tensor:
     """Every entry equal to ``value``."""
+    import torch
     return torch.full(shape, float(value), dtype=dtype, device=device)
 
 
 @initialiser
-def normal(shape, dtype, device, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:  # noqa: ANN001
+def normal(shape, dtype, device, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
     """:math:`\\mathcal{N}(\\mu, \\sigma^2)` entries."""
-    return nn.init.normal_(_empty(shape, dtype, device), mean, std)
+    import torch
+    return torch.nn.init.normal_(_empty(shape, dtype, device), mean, std)
 
 
 @initialiser
-def uniform(shape, dtype, device, a: float = -1.0, b: float = 1.0) -> torch.Tensor:  # noqa: ANN001
+def uniform(shape, dtype, device, a: float = -1.0, b: float = 1.0) -> torch.Tensor:
     """:math:`\\mathcal{U}(a, b)` entries."""
-    return nn.init.uniform_(_empty(shape, dtype, device), a, b)
+    import torch
+    return torch.nn.init.uniform_(_empty(shape, dtype, device), a, b)
 
 
 @initialiser
-def kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor:  # noqa: ANN001
+def kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor:
     """He et al. (2015) uniform init with negative slope ``a`` (torch.nn.Linear's default is a=sqrt(5))."""
-    return nn.init.kaiming_uniform_(_empty(shape, dtype, device), a=a)
+    import torch
+    return torch.nn.init.kaiming_uniform_(_empty(shape, dtype, device), a=a)
 
 
 @initialiser
-def xavier_uniform(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:  # noqa: ANN001
+def xavier_uniform(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """Glorot & Bengio (2010) uniform init."""
-    return nn.init.xavier_uniform_(_empty(shape, dtype, device), gain=gain)
+    import torch
+    return torch.nn.init.xavier_uniform_(_empty(shape, dtype, device), gain=gain)
 
 
 @initialiser
-def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:  # noqa: ANN001
+def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """A (semi-)orthogonal matrix (Saxe et al. 2014)."""
-    t = nn.init.orthogonal_(torch.empty(shape, dtype=torch.float32, device="cpu" if str(device) == "meta" else device), gain=gain)
+    import torch
+    t = torch.nn.init.orthogonal_(torch.empty(shape, dtype=torch.float32, device="cpu" if str(device) == "meta" else device), gain=gain)
     return t.to(dtype=dtype, device=device)
 
 
 @initialiser
-def eye(shape, dtype, device) -> torch.Tensor:  # noqa: ANN001
+def eye(shape, dtype, device) -> torch.Tensor:
     """Identity matrix (or a stack of identities over leading dimensions)."""
+    import torch
     n, m = shape[-2], shape[-1]
     return torch.eye(n, m, dtype=dtype, device=device).expand(shape).clone()
 

@@ -8,7 +8,8 @@ facts the view derives typology from:
 * ``nonlinear``: True when it breaks linearity (activations);
 * ``linear_in``: indices of the arguments the op is linear in, given the other
   arguments do not depend on the input (mergeability analysis);
-* ``dynamic``: True when it mixes positions of the sequence (attention).
+* ``dynamic``: True when it mixes positions of the sequence (attention);
+* ``offset_args``: arguments that add an input-independent offset (a bias).
 
 Ops are plain functions of torch tensors and Python numbers. The compiler
 traces them with torch.fx; ops listed as ``leaf`` stay single calls in the
@@ -20,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
+
 
 __all__ = ["Primitive", "PRIMITIVES", "primitive", "op_table"]
 
@@ -39,6 +41,7 @@ class Primitive:
     dynamic: bool = False
     leaf: bool = False
     scalar: bool = False
+    offset_args: tuple[int, ...] = ()
     tags: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -54,6 +57,7 @@ def primitive(
     dynamic: bool = False,
     leaf: bool = False,
     scalar: bool = False,
+    offset_args: tuple[int, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -61,7 +65,7 @@ def primitive(
         key = name or fn.__name__.rstrip("_")
         if key in PRIMITIVES:
             raise ValueError(f"primitive {key!r} registered twice")
-        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar)
+        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar, offset_args)
         return fn
 
     return deco
@@ -78,6 +82,7 @@ def op_table() -> dict[str, Callable[..., Any]]:
 @primitive(scalar=True)
 def sqrt(v: Any) -> Any:
     """Square root :math:`\\sqrt{v}` (of a number or a tensor)."""
+    import torch
     return torch.sqrt(v) if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
@@ -102,15 +107,17 @@ def log2(v: Any) -> Any:
 # --- linear algebra --------------------------------------------------------
 
 
-@primitive(intra="dense", linear_in=(0,))
+@primitive(intra="dense", linear_in=(0,), offset_args=(2,))
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Affine map :math:`x W^\\top + b` with ``weight`` of shape [out, in] (torch's convention)."""
+    import torch.nn.functional as F
     return F.linear(x, weight, bias)
 
 
 @primitive(intra="dense", linear_in=(0, 1))
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Matrix product :math:`a b` (also written ``a @ b``)."""
+    import torch
     return torch.matmul(a, b)
 
 
@@ -123,18 +130,21 @@ def t(a: torch.Tensor) -> torch.Tensor:
 @primitive(intra="kronecker/hypercomplex", linear_in=(0, 1))
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Kronecker product :math:`a \\otimes b` (Compacter, KronA, LoKr)."""
+    import torch
     return torch.kron(a, b)
 
 
 @primitive(linear_in=(0,))
 def diag(v: torch.Tensor) -> torch.Tensor:
     """Diagonal matrix from a vector, :math:`\\operatorname{diag}(v)`."""
+    import torch
     return torch.diag(v)
 
 
 @primitive()
 def eye(n: int, like: torch.Tensor) -> torch.Tensor:
     """Identity matrix :math:`I_n` with the dtype and device of ``like``."""
+    import torch
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
@@ -147,12 +157,14 @@ def sum_(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
 @primitive(nonlinear=True)
 def row_norm(w: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each row of a matrix, :math:`\\lVert W_{i,:} \\rVert_2`, as a [rows, 1] column (DoRA's magnitude)."""
+    import torch
     return torch.linalg.norm(w, dim=1, keepdim=True)
 
 
 @primitive(nonlinear=True)
 def col_norm(w: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each column, :math:`\\lVert W_{:,j} \\rVert_2`, as a [1, cols] row."""
+    import torch
     return torch.linalg.norm(w, dim=0, keepdim=True)
 
 
@@ -168,48 +180,56 @@ def detach(a: torch.Tensor) -> torch.Tensor:
 @primitive(nonlinear=True)
 def relu(a: torch.Tensor) -> torch.Tensor:
     """:math:`\\max(0, a)`."""
+    import torch.nn.functional as F
     return F.relu(a)
 
 
 @primitive(nonlinear=True)
 def gelu(a: torch.Tensor) -> torch.Tensor:
     """Gaussian error linear unit (exact erf form)."""
+    import torch.nn.functional as F
     return F.gelu(a)
 
 
 @primitive(nonlinear=True)
 def gelu_tanh(a: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation."""
+    import torch.nn.functional as F
     return F.gelu(a, approximate="tanh")
 
 
 @primitive(nonlinear=True)
 def silu(a: torch.Tensor) -> torch.Tensor:
     """:math:`a \\sigma(a)`."""
+    import torch.nn.functional as F
     return F.silu(a)
 
 
 @primitive(nonlinear=True)
 def tanh(a: torch.Tensor) -> torch.Tensor:
     """Hyperbolic tangent."""
+    import torch
     return torch.tanh(a)
 
 
 @primitive(nonlinear=True)
 def sigmoid(a: torch.Tensor) -> torch.Tensor:
     """Logistic function :math:`1 / (1 + e^{-a})` (gates)."""
+    import torch
     return torch.sigmoid(a)
 
 
 @primitive(nonlinear=True)
 def exp(a: torch.Tensor) -> torch.Tensor:
     """:math:`e^a`."""
+    import torch
     return torch.exp(a)
 
 
 @primitive(nonlinear=True)
 def softmax(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over one dimension."""
+    import torch
     return torch.softmax(a, dim)
 
 
@@ -219,6 +239,7 @@ def softmax(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
 @primitive(linear_in=(0,), leaf=True)
 def dropout(a: torch.Tensor, p: float, training: bool = False) -> torch.Tensor:
     """Dropout with probability ``p`` (identity at inference). The compiler supplies ``training``."""
+    import torch.nn.functional as F
     return F.dropout(a, p, training) if p > 0 else a
 
 
@@ -229,12 +250,13 @@ def dropout(a: torch.Tensor, p: float, training: bool = False) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, causal: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention over the sequence:
     :math:`\\mathrm{softmax}(q k^\\top / \\sqrt{d_h}) v` per head, inputs [..., seq, heads*d_h]."""
+    import torch.nn.functional as F
     *lead, s, dq = q.shape
     dv = v.shape[-1]
     qh = q.reshape(*lead, s, heads, dq // heads).transpose(-3, -2)
     kh = k.reshape(*lead, k.shape[-2], heads, dq // heads).transpose(-3, -2)
     vh = v.reshape(*lead, v.shape[-2], heads, dv // heads).transpose(-3, -2)
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=bool(causal))
     return out.transpose(-3, -2).reshape(*lead, s, dv)
 
 
@@ -242,6 +264,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
 def kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum of Kronecker products :math:`\\sum_i A_i \\otimes B_i` over the leading dimension
     (parameterised hypercomplex multiplication, Zhang et al. 2021; Compacter)."""
+    import torch
     n, a1, a2 = a.shape
     _, b1, b2 = b.shape
     return torch.einsum("nij,nkl->ikjl", a, b).reshape(a1 * b1, a2 * b2)

@@ -1,0 +1,201 @@
+"""The compiler: one module description + one site context → one runnable torch module.
+
+Technique-agnostic: it reads the form and the expressions of a module
+description and never its name. Each *unit* (one module at one site of one
+layer) is an ``nn.Module`` holding the unit's tensors; its forward is produced by
+tracing the expression walk once with :mod:`torch.fx`, so what runs is
+generated straight-line code calling the registered primitives (no per-call
+interpretation). Every unit has the same signature ``forward(x, h, W, training)``:
+
+* parallel:        ``integrate(h, delta=compute(x))`` → new host output
+* sequential:      ``integrate(h, delta=compute(h))`` → new host output
+* reparameterise:  ``weight(W)`` → the weight the host runs with
+* rescale:         ``scale`` → vector multiplying the host output (or input)
+* prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import PefrefError
+from .expr import evaluate, parse_expr
+from .inits import init_table
+from .loader import suggest
+from .ops import PRIMITIVES
+
+__all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS"]
+
+OUTPUT_FIELDS = {
+    "parallel": ("compute", "integrate"),
+    "sequential": ("compute", "integrate"),
+    "reparameterise": ("weight",),
+    "rescale": ("scale",),
+    "prepend": ("tokens", "keys", "values"),
+    "select": (),
+}
+
+
+@dataclass
+class SiteContext:
+    """What the compiler knows of one placement: sizes, host widths, dtype, device, host weight."""
+
+    site: str
+    layer: int | None
+    d_in: int
+    d_out: int
+    sizes: Mapping[str, int]
+    flags: Mapping[str, int] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    W: torch.Tensor | None = None
+
+    def names(self, hps: Mapping[str, Any]) -> dict[str, Any]:
+        """Scalars visible to expressions: model sizes, host widths, flags, hyperparameters."""
+        return {**self.sizes, "d_in": self.d_in, "d_out": self.d_out, **self.flags, **hps}
+
+
+def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults with overrides applied, type-converted and bounds-checked."""
+    out = {k: v.default for k, v in decl.items()}
+    for k, raw in (overrides or {}).items():
+        if k not in decl:
+            raise PefrefError(f"unknown hyperparameter {k!r}{suggest(k, decl)} (declared: {', '.join(decl) or 'none'})")
+        hp = decl[k]
+        try:
+            if hp.type == "int":
+                v: Any = int(raw) if not isinstance(raw, float) or float(raw).is_integer() else None
+                if v is None:
+                    raise ValueError
+            elif hp.type == "float":
+                v = float(raw)
+            elif hp.type == "bool":
+                v = raw if isinstance(raw, bool) else {"true": True, "false": False, "1": True, "0": False}[str(raw).lower()]
+            else:
+                v = type(hp.default)(raw)
+        except (ValueError, KeyError):
+            raise PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}") from None
+        lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise PefrefError(f"hyperparameter {k!r} = {v} is outside [{lo}, {hi}]")
+        if getattr(hp, "choices", None) is not None and v not in hp.choices:
+            raise PefrefError(f"hyperparameter {k!r} = {v} is not one of {hp.choices}")
+        out[k] = v
+    return out
+
+
+def _scalar_ops() -> dict[str, Any]:
+    return {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
+
+
+def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
+    """Resolve a ParamSpec's symbolic shape to integers."""
+    dims = []
+    for d in spec.shape:
+        v = d if isinstance(d, int) else evaluate(parse_expr(d), names, _scalar_ops())
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or v <= 0:
+            raise PefrefError(f"shape dimension {d!r} resolves to {v!r}; expected a positive integer")
+        dims.append(v)
+    return tuple(dims)
+
+
+class SharedStore:
+    """Tensors shared across layers and/or sites, keyed by module, name and sharing scope."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    @staticmethod
+    def key(module: str, pname: str, shared: str, site: str, layer: int | None) -> tuple[Any, ...]:
+        scope = {"none": (site, layer), "layers": (site,), "sites": (layer,), "all": ()}[shared]
+        return (module, pname, shared, *scope)
+
+
+def _leaf(fn: Any) -> Any:
+    """Record ``fn`` as one call in the traced graph when any argument is a proxy."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+class _Program(nn.Module):
+    """Holds a unit's tensors; its forward walks the expressions (traced once)."""
+
+    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]], trainable: dict[str, bool]) -> None:
+        super().__init__()
+        self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
+        for name, t in tensors.items():
+            if trainable[name]:
+                self.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+        self.tensor_names = list(tensors)
+
+    def forward(self, x: Any, h: Any, W: Any, training: Any) -> Any:
+        ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn)) for k, p in PRIMITIVES.items()}
+        drop = PRIMITIVES["dropout"].fn
+        ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
+        env = dict(self.consts)
+        for n in self.tensor_names:
+            t = getattr(self, n)
+            view = self.views.get(n)
+            env[n] = t[tuple(slice(0, s) for s in view)] if view else t
+        env.update(x=x, h=h, W=W)
+        f = self.form
+        if f in ("parallel", "sequential"):
+            env["delta"] = evaluate(self.exprs["compute"], env, ops)
+            return evaluate(self.exprs["integrate"], env, ops)
+        if f == "reparameterise":
+            return evaluate(self.exprs["weight"], env, ops)
+        if f == "rescale":
+            return evaluate(self.exprs["scale"], env, ops)
+        if f == "prepend":
+            if "tokens" in self.exprs:
+                return evaluate(self.exprs["tokens"], env, ops)
+            return evaluate(self.exprs["keys"], env, ops), evaluate(self.exprs["values"], env, ops)
+        raise PefrefError(f"form {f!r} has no forward")
+
+
+def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None) -> fx.GraphModule | None:
+    """Compile one module description at one site into a traced unit (None for select modules)."""
+    if spec.form == "select":
+        return None
+    names = ctx.names(hps)
+    tensors: dict[str, torch.Tensor] = {}
+    views: dict[str, tuple[int, ...]] = {}
+    trainable: dict[str, bool] = {}
+    for pname, pspec in spec.params.items():
+        local = shape_of(pspec, names)
+        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer)
+        full = (shared_shapes or {}).get(key, local)
+        if key not in store.tensors:
+            env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
+            t = evaluate(parse_expr(pspec.init), env, init_table(full, ctx.dtype, ctx.device))
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != full:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise PefrefError(f"{spec.name}.{pname}: init {pspec.init!r} gave {got}, expected shape {full}")
+            t = t.to(dtype=ctx.dtype, device=ctx.device)
+            store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+        tensors[pname] = store.tensors[key]
+        trainable[pname] = pspec.trainable
+        if full != local:
+            views[pname] = local
+    exprs = {f: parse_expr(getattr(spec, f)) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None}
+    prog = _Program(spec.form, exprs, names, tensors, views, trainable)
+    graph = fx.Tracer().trace(prog)
+    gm = fx.GraphModule(prog, graph, class_name=f"Unit_{spec.form}")
+    gm.form = spec.form  # type: ignore[assignment]
+    return gm

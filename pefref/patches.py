@@ -1,0 +1,247 @@
+"""Runtime patches: how compiled units take part in a real model's forward.
+
+A host module gets one :class:`HostPatch` (its ``forward`` replaced on the
+instance, as accelerate's hooks do), holding an ordered list of entries from any
+number of adapters; the model's root gets one :class:`RootPatch` for modules that
+prepend positions (prompts at the embeddings, prefixes in the key/value cache).
+Parameter names and the base model's state-dict keys are untouched. When the
+last entry goes, the original forward is restored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hosts import HostKind
+
+__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of"]
+
+_PATCH = "_pefref_patch"
+_ROOT = "_pefref_root_patch"
+
+
+@dataclass(eq=False)
+class Entry:
+    """One unit attached at one host."""
+
+    unit: nn.Module
+    form: str
+    owner: Any  # the Adapter handle: .active tells whether the entry runs
+    side: str = "output"  # 'output' or 'input'
+    start: int = 0
+    size: int = 0  # 0: the whole output; else a slice [start, start+size)
+    layer: int | None = None
+    length: int = 0  # prepend: number of positions
+
+
+def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
+    if not e.size:
+        return fn(h)
+    s, n = e.start, e.size
+    return torch.cat([h[..., :s], fn(h[..., s : s + n]), h[..., s + n :]], dim=-1)
+
+
+class HostPatch:
+    """The replacement forward of one host module."""
+
+    def __init__(self, host: nn.Module, kind: HostKind, first: bool) -> None:
+        self.host, self.kind, self.first = host, kind, first
+        self.had_instance_forward = "forward" in host.__dict__
+        self.orig = host.forward
+        self.entries: list[Entry] = []
+        self.stash: list[torch.Tensor | None] = [None]
+        self.stash_hooks: list[Any] = []
+        host.forward = self.forward  # type: ignore[method-assign]
+        setattr(host, _PATCH, self)
+
+    def restore(self) -> None:
+        for hk in self.stash_hooks:
+            hk.remove()
+        if self.had_instance_forward:
+            self.host.forward = self.orig  # type: ignore[method-assign]
+        else:
+            del self.host.forward
+        delattr(self.host, _PATCH)
+
+    def stash_input_of(self, module: nn.Module) -> None:
+        """Take the site input x from another module's input (e.g. the sublayer that contains the host)."""
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.stash[0] = _first_tensor(args, kwargs)
+
+        self.stash_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        entries = [e for e in self.entries if e.owner.active]
+        if not entries:
+            return self.orig(*args, **kwargs)
+        return self.run(entries, args, kwargs)
+
+    def run(self, entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        training = self.host.training
+        x = _first_tensor(args, kwargs)
+        for e in entries:
+            if e.side == "input":
+                x = self._apply(e, None, x, training)
+        if x is not _first_tensor(args, kwargs):
+            args, kwargs = _replace_first(args, kwargs, x)
+        weights = [e for e in entries if e.form == "reparameterise"]
+        if weights:
+            W = self.kind.get_weight(self.host)  # type: ignore[misc]
+            for e in weights:
+                W = e.unit(None, None, W, training)
+            out = self.kind.run(self.host, x, W)  # type: ignore[misc]
+        else:
+            out = self.orig(*args, **kwargs)
+        h = out[0] if self.first else out
+        x_site = self.stash[0] if self.stash_hooks else x
+        for e in entries:
+            if e.side == "output" and e.form != "reparameterise":
+                h = _sliced(h, e, lambda t, e=e: self._apply(e, x_site, t, training))
+        return (h, *out[1:]) if self.first else h
+
+    def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
+        if e.form == "rescale":
+            return h * e.unit(None, None, None, training)
+        W = self.kind.get_weight(self.host) if self.kind.has_weight and e.form == "parallel" else None  # type: ignore[misc]
+        return e.unit(x, h, W, training)
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _replace_first(args: tuple[Any, ...], kwargs: dict[str, Any], x: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args:
+        return (x, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, key: x}
+
+
+def patch_of(host: nn.Module, kind: HostKind, first: bool) -> HostPatch:
+    """The host's patch, created on first use."""
+    p = getattr(host, _PATCH, None)
+    return p if p is not None else HostPatch(host, kind, first)
+
+
+class RootPatch:
+    """The model-level forward for prepended positions (prompts and prefixes).
+
+    On the first step (empty cache) token entries are concatenated in front of
+    the input embeddings and kv entries fill the cache; on every step the
+    attention mask is extended to cover them, so ``generate()`` keeps working.
+    """
+
+    def __init__(self, model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.Module | None) -> None:
+        self.model, self.fwd, self.sizes, self.embed = model, fwd, sizes, embed
+        self.had_instance_forward = "forward" in model.__dict__
+        self.orig = model.forward
+        self.sig = inspect.signature(self.orig)
+        self.entries: list[Entry] = []
+        model.forward = self.forward  # type: ignore[method-assign]
+        setattr(model, _ROOT, self)
+
+    def restore(self) -> None:
+        if self.had_instance_forward:
+            self.model.forward = self.orig  # type: ignore[method-assign]
+        else:
+            del self.model.forward
+        delattr(self.model, _ROOT)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self.sig.bind_partial(*args, **kwargs).arguments
+        for name, p in self.sig.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+                bound.update(bound.pop(name))
+        return dict(bound)
+
+    def _cache_len(self, cache: Any) -> int:
+        if cache is None:
+            return 0
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        return int(cache[0][0].shape[2]) if len(cache) else 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        entries = [e for e in self.entries if e.owner.active]
+        if not entries:
+            return self.orig(*args, **kwargs)
+        a = self._bind(args, kwargs)
+        f = self.fwd
+        cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
+        cache = a.get(cache_key)
+        first = self._cache_len(cache) == 0
+        tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
+        kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
+        n_tok = sum(e.length for e in tokens)
+        n_kv = max((e.length for e in kvs), default=0)
+        ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
+        b = ref.shape[0]
+        training = self.model.training
+        if first:
+            if tokens:
+                emb = a.pop(f.embeds, None)
+                if emb is None:
+                    emb = self.embed(a.pop(f.ids))  # type: ignore[misc]
+                else:
+                    a.pop(f.ids, None)
+                prompts = [e.unit(None, None, None, training).to(emb.dtype) for e in tokens]
+                emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) for p in prompts] + [emb], dim=1)
+                a[f.embeds] = emb
+                for key, fill in f.extend.items():
+                    if a.get(key) is not None:
+                        v = a[key]
+                        a[key] = torch.cat([torch.full((b, n_tok), fill, dtype=v.dtype, device=v.device), v], dim=1)
+            if kvs:
+                a[cache_key] = self._fill_cache(cache, kvs, b, training)
+            a.pop("position_ids", None)
+            a.pop("cache_position", None)
+        else:
+            for key in ("position_ids", "cache_position"):
+                if a.get(key) is not None:
+                    a[key] = a[key] + n_tok + n_kv
+        if a.get(f.mask) is not None:
+            m = a[f.mask]
+            a[f.mask] = torch.cat([torch.ones(b, n_tok + n_kv, dtype=m.dtype, device=m.device), m], dim=1)
+        return self.orig(**a)
+
+    def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
+        kvh, dh = self.sizes["kv_heads"], self.sizes["d_head"]
+        per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for e in kvs:
+            k, v = e.unit(None, None, None, training)  # [n, kvh*dh]
+            shape = (k.shape[0], kvh, dh)
+            k = k.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
+            v = v.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
+            per_layer.setdefault(e.layer, []).append((k, v))  # type: ignore[arg-type]
+        layers = [
+            (torch.cat([k for k, _ in per_layer[i]], dim=2), torch.cat([v for _, v in per_layer[i]], dim=2))
+            for i in sorted(per_layer)
+        ]
+        if self.fwd.cache_format == "tuples":
+            return layers
+        if cache is not None and hasattr(cache, "update"):
+            for i, (k, v) in enumerate(layers):
+                cache.update(k, v, i)
+            return cache
+        from transformers import DynamicCache
+
+        return DynamicCache(layers)
+
+
+def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.Module | None) -> RootPatch:
+    p = getattr(model, _ROOT, None)
+    if p is None:
+        p = RootPatch(model, fwd, sizes, embed)
+    elif p.embed is None:
+        p.embed = embed
+    return p

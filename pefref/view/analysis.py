@@ -1,0 +1,146 @@
+"""Structural analysis of a module's expressions: what they read, linearity, integration.
+
+Pure functions over the parsed expressions and the primitive registry's
+metadata; no torch. Typology, mergeability and costs are derived from these.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+
+from ..expr import Expr, parse_expr
+from ..ops import PRIMITIVES
+
+__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "reads", "linear_in_input", "mergeable"]
+
+_LINEAR_SITE_KINDS = ("linear", "activation")
+
+
+def degree(node: ast.AST | Expr, var: str | set[str]) -> int | None:
+    """Degree of an expression in ``var``: 0 (independent), 1 (linear, no offset) or None (anything else)."""
+    if isinstance(node, Expr):
+        node = node.tree
+    vs = {var} if isinstance(var, str) else var
+    if isinstance(node, ast.Name):
+        return 1 if node.id in vs else 0
+    if isinstance(node, ast.Constant):
+        return 0
+    if isinstance(node, ast.UnaryOp):
+        return degree(node.operand, vs)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        ds = [degree(e, vs) for e in node.elts]
+        return 0 if all(d == 0 for d in ds) else None
+    if isinstance(node, ast.BinOp):
+        a, b = degree(node.left, vs), degree(node.right, vs)
+        if a is None or b is None:
+            return None
+        if isinstance(node.op, (ast.Add, ast.Sub)):
+            return a if a == b else None
+        if isinstance(node.op, (ast.Mult, ast.MatMult)):
+            return a + b if a + b <= 1 else None
+        if isinstance(node.op, ast.Div):
+            return a if b == 0 else None
+        return 0 if a == b == 0 else None
+    if isinstance(node, ast.Call):
+        prim = PRIMITIVES.get(node.func.id)  # type: ignore[attr-defined]
+        ds = [degree(a, vs) for a in node.args]
+        kw = {k.arg: degree(k.value, vs) for k in node.keywords}
+        if all(d == 0 for d in ds) and all(d == 0 for d in kw.values()):
+            return 0
+        if prim is None or any(d is None for d in ds) or any(kw.values()):
+            return None
+        lin = [i for i, d in enumerate(ds) if d == 1]
+        if len(lin) != 1 or lin[0] not in prim.linear_in:
+            return None
+        if any(i < len(node.args) and not _is_none(node.args[i]) for i in prim.offset_args):
+            return None
+        return 1
+    return None
+
+
+def _is_none(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+def module_exprs(m: object) -> dict[str, Expr]:
+    """The module's expressions by field name."""
+    out = {}
+    for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):
+        v = getattr(m, f, None)
+        if v is not None:
+            out[f] = parse_expr(v)
+    return out
+
+
+def ops_used(m: object) -> set[str]:
+    return set().union(*(e.ops for e in module_exprs(m).values())) if module_exprs(m) else set()
+
+
+def reads(m: object) -> set[str]:
+    """Host tensors the module's computation reads (x, h, W, b)."""
+    names: set[str] = set()
+    for f, e in module_exprs(m).items():
+        if f not in ("integrate", "host_update"):
+            names |= e.names
+    return names & {"x", "h", "W", "b"}
+
+
+def integration_kind(integrate: str, params: Iterable[str]) -> str | None:
+    """Classify ``integrate``: direct, scaled or gated addition (None when it is none of these)."""
+    e = parse_expr(integrate).tree
+    if not (isinstance(e, ast.BinOp) and isinstance(e.op, ast.Add)):
+        return None
+    sides = [e.left, e.right]
+    hs = [s for s in sides if isinstance(s, ast.Name) and s.id == "h"]
+    if len(hs) != 1:
+        return None
+    other = sides[1] if sides[0] is hs[0] else sides[0]
+    if isinstance(other, ast.Name) and other.id == "delta":
+        return "direct addition"
+    if isinstance(other, ast.BinOp) and isinstance(other.op, (ast.Mult, ast.Div)):
+        factors = [other.left, other.right]
+        ds = [f for f in factors if isinstance(f, ast.Name) and f.id == "delta"]
+        if len(ds) != 1:
+            return None
+        gate = factors[1] if factors[0] is ds[0] else factors[0]
+        names = {n.id for n in ast.walk(gate) if isinstance(n, ast.Name)}
+        calls = {n.func.id for n in ast.walk(gate) if isinstance(n, ast.Call)}  # type: ignore[attr-defined]
+        names -= calls
+        if names & (set(params) | {"x", "h", "delta"}):
+            return "gated addition"
+        return "scaled addition"
+    return None
+
+
+def linear_in_input(m: object) -> bool:
+    """Whether the module's output is linear in the host's input (parallel) or output (sequential)."""
+    exprs = module_exprs(m)
+    var = "x" if m.form == "parallel" else "h"  # type: ignore[attr-defined]
+    if degree(exprs["compute"], var) != 1:
+        return False
+    kind = integration_kind(m.integrate, m.params)  # type: ignore[attr-defined]
+    if kind in ("direct addition", "scaled addition"):
+        return True
+    if kind == "gated addition":
+        # a gate that depends only on parameters is a constant at inference
+        gate_names = exprs["integrate"].names - {"h", "delta"}
+        return not (gate_names & {"x", "h"})
+    return False
+
+
+def mergeable(m: object, site_kinds: Iterable[str]) -> bool:
+    """Whether the module can be folded into the host weights (so it costs nothing at inference)."""
+    form = m.form  # type: ignore[attr-defined]
+    kinds = set(site_kinds)
+    if form == "select":
+        return True
+    if form == "prepend" or not kinds <= set(_LINEAR_SITE_KINDS):
+        return False
+    if form == "reparameterise":
+        return True
+    if form == "rescale":
+        return True
+    if form in ("parallel", "sequential"):
+        return "activation" not in kinds and linear_in_input(m)
+    return False
