@@ -26,8 +26,8 @@ from torch import nn
 
 from .errors import PefrefError
 from .expr import evaluate, parse_expr
+from .hparams import resolve_hyperparameters, shape_of
 from .inits import init_table
-from .loader import suggest
 from .ops import PRIMITIVES
 
 __all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS"]
@@ -59,52 +59,6 @@ class SiteContext:
     def names(self, hps: Mapping[str, Any]) -> dict[str, Any]:
         """Scalars visible to expressions: model sizes, host widths, flags, hyperparameters."""
         return {**self.sizes, "d_in": self.d_in, "d_out": self.d_out, **self.flags, **hps}
-
-
-def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults with overrides applied, type-converted and bounds-checked."""
-    out = {k: v.default for k, v in decl.items()}
-    for k, raw in (overrides or {}).items():
-        if k not in decl:
-            raise PefrefError(f"unknown hyperparameter {k!r}{suggest(k, decl)} (declared: {', '.join(decl) or 'none'})")
-        hp = decl[k]
-        try:
-            if hp.type == "int":
-                v: Any = int(raw) if not isinstance(raw, float) or float(raw).is_integer() else None
-                if v is None:
-                    raise ValueError
-            elif hp.type == "float":
-                v = float(raw)
-            elif hp.type == "bool":
-                v = raw if isinstance(raw, bool) else {"true": True, "false": False, "1": True, "0": False}[str(raw).lower()]
-            else:
-                v = type(hp.default)(raw)
-        except (ValueError, KeyError):
-            raise PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}") from None
-        lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise PefrefError(f"hyperparameter {k!r} = {v} is outside [{lo}, {hi}]")
-        if getattr(hp, "choices", None) is not None and v not in hp.choices:
-            raise PefrefError(f"hyperparameter {k!r} = {v} is not one of {hp.choices}")
-        out[k] = v
-    return out
-
-
-def _scalar_ops() -> dict[str, Any]:
-    return {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
-
-
-def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
-    """Resolve a ParamSpec's symbolic shape to integers."""
-    dims = []
-    for d in spec.shape:
-        v = d if isinstance(d, int) else evaluate(parse_expr(d), names, _scalar_ops())
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if not isinstance(v, int) or v <= 0:
-            raise PefrefError(f"shape dimension {d!r} resolves to {v!r}; expected a positive integer")
-        dims.append(v)
-    return tuple(dims)
 
 
 class SharedStore:

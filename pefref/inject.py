@@ -20,8 +20,8 @@ from .errors import PefrefError, SiteError
 from .expr import evaluate, parse_expr
 from .hosts import HostKind, host_kind
 from .loader import load_file, suggest
-from .ops import PRIMITIVES
-from .schema import ArchitectureMap, LayerRange, SiteBinding
+from .schema import ArchitectureMap, SiteBinding
+from .sizes import model_sizes, scalar_ops, select_layers
 
 __all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements"]
 
@@ -69,43 +69,6 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, dict) else {}
 
 
-def _scalar_ops() -> dict[str, Any]:
-    return {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
-
-
-def model_sizes(fam: ArchitectureMap, config: dict[str, Any]) -> dict[str, int]:
-    """The reference sizes of a model, from its config through the family's size expressions."""
-    out = {}
-    for k, e in fam.sizes.items():
-        try:
-            out[k] = int(evaluate(parse_expr(e), config, _scalar_ops()))
-        except Exception as ex:  # noqa: BLE001 - reported with context
-            raise PefrefError(f"family {fam.family}: size {k} = {e!r} cannot be read from the model config ({ex})") from None
-    return out
-
-
-def select_layers(sel: Any, L: int) -> list[int]:
-    """Layer indices chosen by a layer selection ('all', indices, or first/last/every)."""
-    if sel == "all":
-        return list(range(L))
-    if isinstance(sel, LayerRange):
-        idx = list(range(L))
-        if sel.first is not None:
-            idx = idx[: sel.first]
-        if sel.last is not None:
-            idx = idx[L - sel.last :] if sel.last else []
-        if sel.every is not None:
-            idx = idx[:: sel.every]
-        return idx
-    out = []
-    for i in sel:
-        j = i + L if i < 0 else i
-        if not 0 <= j < L:
-            raise SiteError(f"layer {i} does not exist; the model has {L} layers (0..{L - 1})")
-        out.append(j)
-    return sorted(set(out))
-
-
 def _module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
@@ -117,7 +80,7 @@ def _module(model: nn.Module, path: str) -> nn.Module:
 def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: Sequence[Any],
                sites: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> Iterator[Placement]:
     """Every placement of ``modules`` in ``model`` (optionally restricted to some sites / layers)."""
-    scal = _scalar_ops()
+    scal = scalar_ops()
     L = sizes["L"]
     if sites is not None:
         used = {s for m in modules for s in m.sites}

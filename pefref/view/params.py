@@ -1,0 +1,130 @@
+"""Analytic parameter counts: from a technique description and a model shape alone.
+
+No weights are allocated: host widths come from the reference architecture's
+site sizes (or the family's slices), evaluated on the shape's sizes. The same
+sharing rule as the compiler (one tensor per sharing scope, at the largest
+shape among its users) makes the count equal to what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..check import expand_modules
+from ..hparams import shape_of
+from ..schema import ArchitectureMap, ModelShape, Technique
+from ..catalog import Catalog
+from ..sizes import eval_scalar, model_sizes, select_layers
+
+__all__ = ["ParamCount", "count_params", "host_widths"]
+
+
+@dataclass
+class ParamCount:
+    technique: str
+    model: str
+    trainable: int
+    base: int
+    formula: str
+    hyperparameters: dict[str, Any]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.base if self.base else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"technique": self.technique, "model": self.model, "trainable": self.trainable, "base_params": self.base,
+                "percent": round(self.percent, 6), "formula": self.formula, "hyperparameters": self.hyperparameters}
+
+
+def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog, sizes: dict[str, int]) -> tuple[Any, Any]:
+    """(d_in, d_out) of a site as expressions over the sizes (a slice's size replaces d_out)."""
+    ref = catalog.reference.sites[site]
+    b = fam.sites[site]
+    d_in = ref.in_ if ref.in_ is not None else ref.out
+    d_out = b.slice.size if b.slice is not None else ref.out
+    return d_in, d_out
+
+
+def _select_terms(m: Any, site: str, fam: ArchitectureMap, catalog: Catalog) -> list[str]:
+    kind = catalog.reference.sites[site].kind
+    d_in, d_out = host_widths(site, fam, catalog, {})
+    terms = []
+    for t in m.targets:
+        if t == "weight":
+            terms.append(f"({d_out})" if kind == "norm" else f"({d_out})*({d_in})")
+        elif fam.sites[site].bias:
+            terms.append(f"({d_out})")
+    return terms
+
+
+def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> ParamCount:
+    """Trainable parameters of ``t`` on ``shape``, with a formula in the model's sizes."""
+    from ..hparams import resolve_hyperparameters
+
+    fam = catalog.family(shape.family)
+    modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})
+    hps = resolve_hyperparameters(decl, overrides)
+    sizes = model_sizes(fam, dict(shape.config))
+    L = sizes["L"]
+    scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]] = {}
+    sym_terms: dict[tuple[Any, ...], str] = {}
+    select_total, select_terms = 0, []
+    for m in modules:
+        for site in m.sites:
+            if site not in fam.sites:
+                continue
+            ref_site = catalog.reference.sites[site]
+            per_layer = ref_site.per_layer
+            layers = select_layers(m.layers, L) if per_layer else [None]
+            if m.form == "select":
+                terms = _select_terms(m, site, fam, catalog)
+                n = sum(int(eval_scalar(x, sizes)) for x in terms)
+                select_total += n * len(layers)
+                mult = _mult_text(len(layers), L, per_layer, m.layers)
+                select_terms += [f"{mult}*{x}" for x in terms]
+                continue
+            d_in_e, d_out_e = host_widths(site, fam, catalog, sizes)
+            for i in layers:
+                names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
+                for pname, spec in m.params.items():
+                    scope = {"none": (site, i), "layers": (site,), "sites": (i,), "all": ()}[spec.shared]
+                    key = (m.name, pname, spec.shared, *scope)
+                    shp = shape_of(spec, names)
+                    prev = scopes.get(key)
+                    if prev is not None:
+                        shp = tuple(max(a, b) for a, b in zip(prev[0], shp))
+                    scopes[key] = (shp, pname, spec.trainable)
+                    # symbolic: the dims with host widths written in model sizes, once per scope without layer
+                    dims = [f"({d})" if isinstance(d, str) else str(d) for d in spec.shape]
+                    text = "*".join(dims).replace("d_in", f"({d_in_e})").replace("d_out", f"({d_out_e})")
+                    sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
+                    if sym_key not in sym_terms and spec.trainable:
+                        by_layer = spec.shared in ("none", "sites") and per_layer
+                        mult = _mult_text(len(layers), L, per_layer, m.layers) if by_layer else "1"
+                        sym_terms[sym_key] = f"{mult}*{text}"
+    total = select_total
+    for shp, _p, trainable in scopes.values():
+        if trainable:
+            n = 1
+            for d in shp:
+                n *= d
+            total += n
+    formula = _formula(list(sym_terms.values()) + select_terms, sizes, hps)
+    base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
+    return ParamCount(t.id, shape.name, total, base, formula, hps)
+
+
+def _mult_text(n: int, L: int, per_layer: bool, sel: Any) -> str:
+    return "L" if per_layer and sel == "all" else str(n)
+
+
+def _formula(terms: list[str], sizes: dict[str, int], hps: dict[str, Any]) -> str:
+    """Sum the terms symbolically (sympy) and print them factored, with '·' for products."""
+    import sympy
+
+    names = {n: sympy.Symbol(n) for n in [*sizes, *hps]}
+    expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
+    s = str(sympy.factor(sympy.expand(expr)))
+    return s.replace("**", "^").replace("*", "·")

@@ -1,0 +1,154 @@
+"""The PEFT-Ref typology, derived from a technique's structure.
+
+Every property of shared/TYPOLOGY.md is computed from the modules' forms,
+sites, expressions, primitives and sharing declarations; a technique may
+declare a value only where the structure cannot decide, and the result says
+which values were declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..check import expand_modules
+from ..ops import PRIMITIVES
+from ..schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
+from ..schema.reference import WORKSPACES
+from .analysis import integration_kind, mergeable, ops_used, reads
+
+__all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]
+
+INTRA_ORDER = ("attention", "kronecker/hypercomplex", "orthogonal", "sparse", "dense", "low-rank", "none")
+"""When a module combines several structures, the first in this order names it."""
+
+
+@dataclass
+class Typology:
+    """One technique's row: property → value, and which values were declared."""
+
+    id: str
+    values: dict[str, str] = field(default_factory=dict)
+    declared: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, **self.values, "declared": list(self.declared)}
+
+
+def _join(values: list[str]) -> str:
+    seen: list[str] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return " + ".join(seen)
+
+
+def _insertion(m: Any) -> str:
+    return {"parallel": "parallel", "prepend": "parallel", "sequential": "sequential", "rescale": "sequential"}.get(m.form, "in-place")
+
+
+def _integration(m: Any) -> str:
+    if m.form in ("parallel", "sequential"):
+        return integration_kind(m.integrate, m.params) or "other"
+    return {"rescale": "rescaling", "reparameterise": "weight update", "prepend": "concatenation", "select": "selection"}[m.form]
+
+
+def _intra(m: Any) -> str:
+    used = ops_used(m)
+    tags = {PRIMITIVES[o].intra for o in used if o in PRIMITIVES and PRIMITIVES[o].intra}
+    exprs_text = " ".join(str(getattr(m, f, "") or "") for f in ("compute", "weight", "keys", "values", "tokens", "scale"))
+    if "@" in exprs_text:
+        tags.add("dense")
+    if "dense" in tags:
+        nonlinear = any(PRIMITIVES[o].nonlinear for o in used if o in PRIMITIVES)
+        tags.discard("dense")
+        tags.add("dense" if nonlinear else "low-rank")
+    for t in INTRA_ORDER:
+        if t in tags:
+            return t
+    return "none"
+
+
+def _sharing(m: Any) -> list[str]:
+    out = []
+    for p in m.params.values():
+        if p.shared in ("layers", "all"):
+            out.append("across layers")
+        if p.shared == "sites" or (p.shared == "all" and len(m.sites) > 1):
+            out.append("across sites")
+    return out
+
+
+def _input(m: Any) -> str:
+    if m.form == "prepend" or m.form == "select":
+        return "none"
+    if m.form == "rescale":
+        return "hidden states"
+    r = reads(m)
+    if r & {"x", "h"}:
+        return "hidden states"
+    if "W" in r:
+        return "weights"
+    return "none"
+
+
+def _insertions(modules: list[Any], ref: ReferenceArchitecture) -> str:
+    per_layer, const = 0, 0
+    fixed = 0
+    for m in modules:
+        for s in m.sites:
+            if not ref.sites[s].per_layer:
+                const += 1
+            elif m.layers == "all":
+                per_layer += 1
+            elif isinstance(m.layers, list):
+                fixed += len(m.layers)
+            else:
+                per_layer += 1  # a first/last/every range: proportional to L
+    parts = []
+    if per_layer:
+        parts.append("L" if per_layer == 1 else f"{per_layer}L")
+    if const + fixed:
+        parts.append(str(const + fixed))
+    return " + ".join(parts) or "0"
+
+
+def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
+    """The typology of one concrete module."""
+    kinds = [ref.sites[s].kind for s in m.sites]
+    return {
+        "workspace": _join([ref.sites[s].workspace for s in m.sites]),
+        "insertion_form": _insertion(m),
+        "integration_form": _integration(m),
+        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if mergeable(m, kinds) else "addition"),
+        "intra_connectivity": _intra(m),
+        "inter_connectivity": "dynamic" if m.form == "prepend" or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed",
+        "parameter_sharing": _join(_sharing(m)) or "none",
+        "input_type": _input(m),
+    }
+
+
+def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> Typology:
+    """The technique's typology row (module values joined with ' + ', declared values marked)."""
+    modules, _ = expand_modules(t, {**pool, t.id: t})
+    rows = [module_typology(m, ref) for m in modules]
+    values: dict[str, str] = {}
+    for prop in TYPOLOGY_PROPERTIES:
+        if prop == "insertions":
+            values[prop] = _insertions(modules, ref)
+        elif prop == "workspace":
+            ws = {w for r in rows for w in r["workspace"].split(" + ")}
+            values[prop] = " + ".join(w for w in WORKSPACES if w in ws)
+        elif prop == "parameter_sharing":
+            vals = [v for r in rows for v in r[prop].split(" + ") if v != "none"]
+            values[prop] = _join(sorted(set(vals))) or "none"
+        elif prop == "intra_connectivity":
+            vals = {r[prop] for r in rows}
+            values[prop] = next((v for v in INTRA_ORDER if v in vals), "none") if len(vals - {"none"}) <= 1 else _join([v for v in INTRA_ORDER if v in vals and v != "none"])
+        else:
+            values[prop] = _join([r[prop] for r in rows])
+    declared = []
+    for prop, v in t.typology.items():
+        values[prop] = v if isinstance(v, str) else " + ".join(v)
+        declared.append(prop)
+    return Typology(t.id, values, declared)
