@@ -1,0 +1,55 @@
+"""Shared fixtures: the bundled catalog and tiny models of every family (built once, copied per test)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from pefref.catalog import default_catalog
+from pefref.models.build import build_model
+
+TINY = {
+    "reference": "tiny-ref",
+    "bert": "tiny-bert",
+    "roberta": "tiny-roberta",
+    "gpt2": "tiny-gpt2",
+    "llama": "tiny-llama",
+    "mistral": "tiny-mistral",
+    "qwen2": "tiny-qwen2",
+}
+"""The test-size shape of each family."""
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    return default_catalog()
+
+
+@functools.lru_cache(maxsize=None)
+def _base(shape: str) -> torch.nn.Module:
+    return build_model(shape, seed=0)
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    """A fresh copy of the family's tiny model (random weights, eval mode)."""
+    return copy.deepcopy(_base(TINY[family]))
+
+
+def model_inputs(family: str, batch: int = 2, seq: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :2] = 0 if family in ("bert", "roberta") else 1  # padding on encoders
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if t is not None:
+            return t
+    raise AssertionError("model output has neither logits nor last_hidden_state")

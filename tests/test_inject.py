@@ -1,0 +1,124 @@
+"""Catalog-driven properties of every technique × every family it applies to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pefref.api import ADAPTERS_ATTR, apply
+from pefref.catalog import default_catalog
+from pefref.check import expand_modules
+from pefref.models.build import applicable
+from pefref.view.analysis import mergeable
+from pefref.view.params import count_params
+
+from .conftest import TINY, model_inputs, output_of, tiny_model
+
+_CAT = default_catalog()
+CASES = [
+    pytest.param(tid, fam, id=f"{tid}-{fam}")
+    for tid, t in sorted(_CAT.techniques.items())
+    for fam in TINY
+    if applicable(expand_modules(t, _CAT.techniques)[0], _CAT.family(fam))
+]
+
+
+def _compare_len(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The positions of ``out`` that correspond to the input (prompts prepend positions)."""
+    return out[:, out.shape[1] - base.shape[1]:]
+
+
+def _perturb(adapter) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("tid,fam", CASES)
+def test_properties(tid: str, fam: str) -> None:
+    t = _CAT.technique(tid)
+    model = tiny_model(fam)
+    inputs = model_inputs(fam)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_names = [n for n, _ in model.named_parameters()]
+    base_out = output_of(model, inputs)
+
+    a = apply(model, tid)
+    trainable = a.trainable_parameters()
+    own = {id(p) for p in trainable.values()}
+    # only adapter (and selected) parameters require grad
+    assert {id(p) for p in model.parameters() if p.requires_grad} == own
+    assert a.report.trainable == sum(p.numel() for p in trainable.values()) > 0
+    # the base model's state-dict keys and values are unchanged (adapters live under one prefix)
+    sd = model.state_dict()
+    assert set(base_state) <= set(sd)
+    assert all(k.startswith(ADAPTERS_ATTR + ".") for k in set(sd) - set(base_state))
+    for k, v in base_state.items():
+        if not any(k == n for n in a._host_backup):
+            assert torch.equal(sd[k], v), k
+
+    out = _compare_len(output_of(model, inputs), base_out)
+    if t.identity_at_init:
+        torch.testing.assert_close(out, base_out, atol=1e-6, rtol=0)
+
+    _perturb(a)
+    adapted = output_of(model, inputs)
+    with a.disable():
+        torch.testing.assert_close(output_of(model, inputs), base_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(output_of(model, inputs), adapted, atol=0, rtol=0)
+
+    modules, _ = expand_modules(t, _CAT.techniques)
+    kinds = {m.name: [_CAT.reference.sites[s].kind for s in m.sites] for m in modules}
+    if all(mergeable(m, kinds[m.name]) for m in modules):
+        a.merge()
+        torch.testing.assert_close(output_of(model, inputs), adapted, atol=1e-5, rtol=0)
+        a.unmerge()
+        torch.testing.assert_close(output_of(model, inputs), adapted, atol=1e-6, rtol=0)
+
+    # a few optimiser steps change adapter parameters only
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        out = output_of(model, inputs)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        (out * target).sum().backward()  # not a norm of the output: LayerNorm outputs have fixed norms
+        opt.step()
+    model.eval()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed, "training changed nothing"
+    assert all(id(model.get_parameter(n)) in own for n in changed)
+
+    # adapter state save/load reproduces outputs
+    trained = output_of(model, inputs)
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    with torch.no_grad():
+        for p in a.trainable_parameters().values():
+            p.zero_()
+    a.load_state_dict(state)
+    torch.testing.assert_close(output_of(model, inputs), trained, atol=0, rtol=0)
+
+    # remove() restores names, values (selected parameters were trained: restore from the snapshot) and outputs
+    a.remove()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(base_state[n])
+    assert [n for n, _ in model.named_parameters()] == base_names
+    assert not hasattr(model, ADAPTERS_ATTR)
+    assert set(model.state_dict()) == set(base_state)
+    assert not any(p.requires_grad is False for p in model.parameters()) or all(
+        p.requires_grad == tiny_model(fam).get_parameter(n).requires_grad for n, p in model.named_parameters())
+    torch.testing.assert_close(output_of(model, inputs), base_out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tid,fam", CASES)
+def test_analytic_count_equals_counted(tid: str, fam: str) -> None:
+    t = _CAT.technique(tid)
+    counted = apply(tiny_model(fam), tid).report.trainable
+    assert count_params(t, _CAT.shape(TINY[fam]), _CAT).trainable == counted
+
+
+def test_every_technique_applies_somewhere() -> None:
+    assert {c.values[0] for c in CASES} == set(_CAT.techniques)
