@@ -1,0 +1,107 @@
+"""Efficiency facts derived per technique: mergeability, latency class, extra sequence
+length and extra FLOPs per token.
+
+FLOPs are counted, not estimated: each module is compiled at one placement per
+site on the ``meta`` device (nothing allocated) and run under
+torch's FlopCounterMode (the difference between two tokens and one, so
+work done once per call, such as building a weight from factors, cancels), which counts matrix products and attention (2 FLOPs
+per multiply-add; elementwise work is not counted). Prepended positions add
+attention work: each token attends to ``n`` more keys in every layer,
+``4·n·heads·d_head`` FLOPs per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..catalog import Catalog
+from ..check import expand_modules
+from ..hparams import resolve_hyperparameters
+from ..schema import ModelShape, Technique
+from ..sizes import eval_scalar, model_sizes, select_layers
+from .analysis import mergeable
+from .params import host_widths
+
+__all__ = ["Efficiency", "efficiency", "latency_class"]
+
+
+@dataclass
+class Efficiency:
+    technique: str
+    model: str
+    mergeable: bool
+    latency: str
+    extra_tokens: int
+    extra_kv_per_layer: int
+    flops_per_token: int
+    flops_per_token_merged: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def latency_class(modules: list[Any], catalog: Catalog) -> str:
+    """'none once merged', 'sequential' (extra work on the critical path) or 'parallel'."""
+    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
+    if all(mergeable(m, kinds[m.name]) for m in modules):
+        return "none once merged"
+    if any(m.form in ("sequential", "rescale") and not mergeable(m, kinds[m.name]) for m in modules):
+        return "sequential"
+    return "parallel"
+
+
+def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False)
+    return int(counter.get_total_flops())
+
+
+def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> Efficiency:
+    """Efficiency facts of ``t`` on ``shape`` (FLOPs counted on the meta device)."""
+    import torch
+
+    from ..compile import SharedStore, SiteContext, build_unit
+
+    fam = catalog.family(shape.family)
+    modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})
+    hps = resolve_hyperparameters(decl, overrides)
+    sizes = model_sizes(fam, dict(shape.config))
+    flags = {"causal": int(fam.causal)}
+    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
+    flops = merged_flops = 0
+    extra_tok = extra_kv = 0
+    for m in modules:
+        is_merge = mergeable(m, kinds[m.name])
+        for site in m.sites:
+            if site not in fam.sites:
+                continue
+            n_layers = len(select_layers(m.layers, sizes["L"])) if catalog.reference.sites[site].per_layer else 1
+            if m.form == "prepend":
+                n = int(eval_scalar(m.length, {**sizes, **hps}))
+                if m.tokens is not None:
+                    extra_tok += n
+                else:
+                    extra_kv = max(extra_kv, n)
+                continue
+            if m.form == "select":
+                continue
+            d_in_e, d_out_e = host_widths(site, fam, catalog, sizes)
+            d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
+            d_out = int(eval_scalar(d_out_e, sizes))
+            ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",
+                              W=torch.empty(d_out, d_in, device="meta") if d_in else None)
+            unit = build_unit(m, ctx, hps, SharedStore())
+            per = _count(unit, 2, d_in or d_out, d_out, ctx.W) - _count(unit, 1, d_in or d_out, d_out, ctx.W)
+            if m.form == "reparameterise":
+                per = 0  # the new weight is computed once per step, not per token
+            flops += per * n_layers
+            if not is_merge:
+                merged_flops += per * n_layers
+    attn = 4 * (extra_tok + extra_kv) * sizes["heads"] * sizes["d_head"] * sizes["L"]
+    return Efficiency(t.id, shape.name, all(mergeable(m, kinds[m.name]) for m in modules), latency_class(modules, catalog),
+                      extra_tok, extra_kv, flops + attn, merged_flops + attn)
