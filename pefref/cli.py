@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -128,55 +127,15 @@ def _main(
 # --- validate -----------------------------------------------------------------
 
 
-def _validate(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
-    """Validate the bundled catalog (no paths), or technique files, folders of them and catalog folders."""
-    from .catalog import catalog_root, load_catalog, load_techniques
-
-    problems: list[Problem] = []
-    report: dict[str, Any] = {"techniques": [], "files": 0}
-    if not paths:
-        paths = [catalog_root()]
-    files: list[Path] = []
-    for p in paths:
-        if not p.exists():
-            problems.append(Problem(Location(str(p)), "", "no such file or folder"))
-        elif p.is_dir() and (p / "reference" / "transformer.yaml").is_file():
-            try:
-                cat = load_catalog(p)
-            except CatalogError as e:
-                problems += e.problems
-                continue
-            report["techniques"] += sorted(cat.techniques)
-            report["files"] += 2 + len(cat.families) + len(cat.techniques)
-            report.setdefault("families", []).extend(sorted(cat.families))
-            report.setdefault("models", []).extend(cat.shapes)
-        elif p.is_dir():
-            found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
-            if not found:
-                problems.append(Problem(Location(str(p)), "", "no .yaml files in this folder"))
-            files += found
-        else:
-            files.append(p)
-    unique = list(dict.fromkeys(f.resolve() for f in files))
-    if unique:
-        try:
-            base = _catalog()
-        except CatalogError as e:
-            return problems + e.problems, report
-        loaded, _src, _pos, tproblems = load_techniques(unique, base.reference, base.techniques)
-        problems += tproblems
-        report["techniques"] += sorted(loaded)
-        report["files"] += len(unique)
-    return problems, report
-
-
 @app.command()
 def validate(
     paths: Optional[list[Path]] = typer.Argument(None, help="Technique files, folders of them, or catalog folders (default: the bundled catalog).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ) -> None:
     """Validate the catalog, or technique YAML files against the bundled reference architecture."""
-    problems, report = _validate(list(paths or []))
+    from .validate import validate_paths
+
+    problems, report = validate_paths(list(paths or []))
     if as_json:
         _echo_json({"ok": not problems, **report, "problems": [_problem_json(p) for p in problems]})
     elif not problems:
@@ -211,87 +170,6 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print a JSON list 
     Console().print(table)
 
 
-def _kv_table(rows: dict[str, Any]) -> Table:
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    for k, v in rows.items():
-        t.add_row(Text(str(k)), Text(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)))
-    return t
-
-
-def _render_value(con: Console, key: str, value: Any) -> None:
-    """Generic rendering of a summary entry (used for entries without a dedicated layout)."""
-    if value in (None, "", {}, []):
-        return
-    if isinstance(value, dict):
-        con.print(Text(key.replace("_", " "), style="bold underline"))
-        con.print(_kv_table(value))
-    elif isinstance(value, list):
-        con.print(Text(key.replace("_", " "), style="bold underline"))
-        for item in value:
-            con.print(Text(f"  - {item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)}"))
-    else:
-        con.print(Text(f"{key.replace('_', ' ')}: ", style="bold") + Text(str(value)))
-
-
-def _render_hyperparameters(con: Console, hps: dict[str, Any]) -> None:
-    if not hps:
-        return
-    t = Table("name", "type", "default", "bounds", "description", title="hyperparameters", title_justify="left")
-    for name, hp in hps.items():
-        if "choices" in hp:
-            bounds = "one of " + ", ".join(map(str, hp["choices"]))
-        elif "min" in hp or "max" in hp:
-            bounds = f"[{hp.get('min', '-inf')}, {hp.get('max', 'inf')}]"
-        else:
-            bounds = ""
-        desc = hp.get("description", "") + (f" (from {hp['from']})" if "from" in hp else "")
-        t.add_row(Text(name), hp["type"], Text(str(hp["default"])), Text(bounds), Text(desc))
-    con.print(t)
-
-
-def _render_module(con: Console, m: dict[str, Any]) -> None:
-    from .summary import layers_text
-
-    head = Text("module ", style="bold") + Text(m["name"], style="bold cyan") + Text(f": {m['form']} at {', '.join(m['sites'])}, layers {layers_text(m['layers'])}")
-    if "uses" in m:
-        head += Text(f" (uses {m['uses']})")
-    con.print(head)
-    if m.get("description"):
-        con.print(Padding(Text(m["description"]), (0, 0, 0, 2)))
-    if m["params"]:
-        t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 2))
-        for col in ("param", "shape", "init", "trainable", "shared", "description"):
-            t.add_column(col, overflow="fold")
-        for name, p in m["params"].items():
-            t.add_row(Text(name), Text("[" + ", ".join(map(str, p["shape"])) + "]"), Text(p["init"]), str(p["trainable"]).lower(), p["shared"], Text(p.get("description", "")))
-        con.print(t)
-    for k, v in {**m["expressions"], **m.get("options", {})}.items():
-        con.print(Text(f"  {k}: ", style="bold") + Text(v if isinstance(v, str) else json.dumps(v)))
-    for k, v in m.items():
-        if k not in ("name", "form", "sites", "layers", "uses", "description", "params", "expressions", "options"):
-            _render_value(con, f"  {k}", v)
-
-
-def render_summary(summary: dict[str, Any], con: Console | None = None) -> None:
-    """Print a :func:`pefref.summary.technique_summary` dict; entries without a dedicated layout are rendered generically."""
-    con = con or Console()
-    s = dict(summary)
-    p = s.pop("paper")
-    con.print(Text(s.pop("name"), style="bold") + Text(f"  ({s.pop('id')})" + ("  [original]" if s.pop("original", False) else "")))
-    con.print(Text(f"{p['authors']} ({p['year']}). {p['title']}." + (f" {p['venue']}." if p.get("venue") else "") + f" {p['link']}"))
-    if s.get("summary"):
-        con.print(Text(s.pop("summary")))
-    con.print()
-    _render_hyperparameters(con, s.pop("hyperparameters", {}))
-    for m in s.pop("modules", []):
-        _render_module(con, m)
-    con.print()
-    for key, value in s.items():
-        _render_value(con, key, value)
-
-
 def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
     """A technique by catalog id, or from a YAML file (checked against the bundled catalog, which it joins)."""
     cat = _catalog()
@@ -316,6 +194,7 @@ def show(
 ) -> None:
     """Show one technique: paper, hyperparameters, modules, shapes and expressions."""
     from .summary import technique_summary
+    from .textview import render_summary
 
     t, cat = _resolve_technique(technique)
     summary = technique_summary(t, cat)
@@ -377,7 +256,9 @@ def models(
             con.print(Text(row["description"]))
         if row["source"]:
             con.print(Text(f"source: {row['source']}"))
-        con.print(_kv_table(row["config"]))
+        from .textview import kv_table
+
+        con.print(kv_table(row["config"]))
         return
     rows = [model_row(s) for s in cat.shapes.values()]
     if as_json:
