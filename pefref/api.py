@@ -422,6 +422,9 @@ def apply(
             model.add_module(ADAPTERS_ATTR, container)
         container[name] = units
     base = _base_param_count(model, container)
+    if adapter.num_trainable() == 0:
+        adapter.remove()
+        raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {fam.family} modules do not have)")
     adapter.report = Report(tech.id, fam.family, list(rows.values()), adapter.num_trainable(), base)
     return adapter
 

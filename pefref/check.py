@@ -136,7 +136,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 if isinstance(dim, str):
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
             init_reads = {"W"} & site_reads
-            out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads | set(m.params) - {pname}, scalar_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+            out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:

@@ -1,5 +1,8 @@
 """The initialiser registry: calls a ParamSpec's ``init`` may make.
 
+Initialisers register with :func:`initialiser`, here or beside the primitives
+of their topic in :mod:`pefref.ops`.
+
 An initialiser receives the parameter's resolved shape and the host's dtype and
 device (bound by :func:`init_table`), plus the keyword arguments written in
 YAML. Data-dependent initialisers read the host weight ``W`` ([out, in]).
@@ -102,8 +105,9 @@ def eye(shape, dtype, device) -> torch.Tensor:
 
 
 def init_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Callable[..., Any]]:
-    """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus scalar primitives."""
-    table: dict[str, Callable[..., Any]] = {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
+    """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus every primitive
+    (data-dependent initialisations compute from the host weight ``W``)."""
+    table: dict[str, Callable[..., Any]] = {k: p.fn for k, p in PRIMITIVES.items()}
     for k, fn in INITS.items():
         table[k] = lambda *a, _fn=fn, **kw: _fn(shape, dtype, device, *a, **kw)
     return table

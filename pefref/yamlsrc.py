@@ -58,6 +58,9 @@ def _loc(file: str, node: yaml.Node) -> Location:
 
 def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLoader) -> Any:
     pos[path] = _loc(pos.file, node)
+    allowed = {yaml.MappingNode: {_STD + "map"}, yaml.SequenceNode: {_STD + "seq"}}.get(type(node), _SCALAR_TAGS)
+    if node.tag not in allowed:
+        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag!r} is not allowed; only plain YAML values are accepted")])
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:
@@ -76,8 +79,6 @@ def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLo
         return [_construct(n, path + (i,), pos, loader) for i, n in enumerate(node.value)]
     if node.style in ("'", '"'):
         pos.quoted.add(path)
-    if node.tag not in _SCALAR_TAGS:
-        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag!r} is not allowed; only plain YAML values are accepted")])
     return loader.construct_object(node, deep=True)
 
 

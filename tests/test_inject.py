@@ -20,6 +20,7 @@ CASES = [
     for tid, t in sorted(_CAT.techniques.items())
     for fam in TINY
     if applicable(expand_modules(t, _CAT.techniques)[0], _CAT.family(fam))
+    and count_params(t, _CAT.shape(TINY[fam]), _CAT).trainable > 0  # e.g. bias tuning on bias-free Llama
 ]
 
 

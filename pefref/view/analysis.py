@@ -141,6 +141,8 @@ def mergeable(m: object, site_kinds: Iterable[str]) -> bool:
         return True
     if form == "rescale":
         return True
-    if form in ("parallel", "sequential"):
+    if form == "parallel":
         return "activation" not in kinds and linear_in_input(m)
+    if form == "sequential":
+        return linear_in_input(m)
     return False
