@@ -42,8 +42,7 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("unknown_shape_name", 13, 19, "modules[0].params.A.shape[0]", ("unknown name 'rank' in a shape",)),
 ]
 
-# python_tag: yamlsrc checks tags on scalars only, so a python tag on a sequence or a
-# mapping is silently dropped (never executed) instead of refused.
+# fixture -> reason, for cases a known bug makes fail (run as strict xfails)
 KNOWN_BUGS: dict[str, str] = {}
 
 
