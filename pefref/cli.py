@@ -88,6 +88,12 @@ app = typer.Typer(
 )
 
 
+def _wide() -> Console:
+    """A console for wide tables: the terminal's width, or 160 columns when output is piped."""
+    con = Console(highlight=False)
+    return con if con.is_terminal else Console(highlight=False, width=160)
+
+
 def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -191,13 +197,17 @@ def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
 def show(
     technique: str = typer.Argument(..., help="Technique id (e.g. lora) or a technique YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    model: str = typer.Option("llama-2-7b", "--model", help="Model shape for the derived counts and costs."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
 ) -> None:
-    """Show one technique: paper, hyperparameters, modules, shapes and expressions."""
+    """Show one technique: paper, modules, expressions, and its derived typology, parameters and costs."""
     from .summary import technique_summary
     from .textview import render_summary
+    from .view import derived_facts
 
     t, cat = _resolve_technique(technique)
     summary = technique_summary(t, cat)
+    summary.update(derived_facts(t, cat, _lookup(cat.shape, model), _overrides(sets)))
     if "file" in summary:
         summary["file"] = _rel(summary["file"])
     if as_json:
@@ -268,6 +278,137 @@ def models(
     for r in rows:
         table.add_row(Text(r["name"]), Text(r["family"]), Text(r["description"]))
     Console().print(table)
+
+
+# --- params / apply / typology / demo ---------------------------------------------
+
+
+def _overrides(sets: Optional[list[str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PefrefError(f"--set expects k=v, found {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def params(
+    technique: str = typer.Argument(..., help="Technique id or YAML file."),
+    model: str = typer.Option(..., "--model", help="Model shape (see `pefref models`)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (key 'trainable')."),
+) -> None:
+    """Count a technique's trainable parameters on a model shape, analytically (no weights allocated)."""
+    from .view.params import count_params
+
+    t, cat = _resolve_technique(technique)
+    pc = count_params(t, _lookup(cat.shape, model), cat, _overrides(sets))
+    if as_json:
+        _echo_json(pc.as_dict())
+        return
+    con = Console(highlight=False)
+    con.print(Text(f"{t.id} on {model}: ", style="bold") + Text(f"{pc.trainable:,} trainable parameters ({pc.percent:.4f}% of {pc.base:,})"))
+    con.print(Text("formula: ", style="bold") + Text(pc.formula))
+
+
+@app.command("apply")
+def apply_(
+    technique: str = typer.Argument(..., help="Technique id or YAML file."),
+    model: str = typer.Option("tiny-ref", "--model", help="Model shape to build (large ones on the meta device)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
+    sites: Optional[list[str]] = typer.Option(None, "--site", help="Restrict to these sites (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the placement report as JSON (key 'trainable')."),
+) -> None:
+    """Build a model, apply a technique and print the placement report (what went where)."""
+    from .api import apply as apply_technique
+    from .models.build import build_model
+    from .sizes import eval_scalar, model_sizes
+
+    t, cat = _resolve_technique(technique)
+    shape = _lookup(cat.shape, model)
+    fam = cat.family(shape.family)
+    base = int(eval_scalar(fam.base_params, {**model_sizes(fam, dict(shape.config)), **shape.config}))
+    device = "meta" if base > 200_000_000 else None
+    m = build_model(shape, cat, device=device)
+    adapter = apply_technique(m, t, catalog=cat, sites=sites, overrides=_overrides(sets))
+    rep = adapter.report.as_dict()  # type: ignore[union-attr]
+    rep["model"] = model
+    rep["device"] = device or "cpu"
+    if as_json:
+        _echo_json(rep)
+        return
+    from .api import fold_paths
+
+    table = Table("site", "module", "matched modules", "params each", "params", title=f"{t.id} on {model} ({fam.family}{', meta device' if device else ''})")
+    for r in adapter.report.rows:  # type: ignore[union-attr]
+        table.add_row(Text(r.site), Text(r.module), Text("\n".join(fold_paths(r.paths))), f"{r.params_per_placement:,}", f"{r.params:,}")
+    con = _wide()
+    con.print(table)
+    con.print(Text(f"trainable: {rep['trainable']:,} ({rep['percent']:.4f}% of {rep['base_params']:,})", style="bold"))
+
+
+@app.command()
+def typology(
+    fmt: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
+) -> None:
+    """Print the PEFT-Ref typology of every technique, derived from structure (declared values marked *)."""
+    from .schema import TYPOLOGY_PROPERTIES
+    from .view.typology import derive_typology
+
+    cat = _catalog()
+    rows = [derive_typology(cat.techniques[k], cat.reference, cat.techniques) for k in sorted(cat.techniques)]
+    if fmt == "json":
+        _echo_json([r.as_dict() for r in rows])
+        return
+    cols = ["id", *TYPOLOGY_PROPERTIES]
+
+    def cell(r: Any, c: str) -> str:
+        if c == "id":
+            return r.id
+        return r.values[c] + ("*" if c in r.declared else "")
+
+    if fmt == "csv":
+        import csv
+        import sys
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([cell(r, c) for c in cols])
+    elif fmt == "markdown":
+        typer.echo("| " + " | ".join(cols) + " |")
+        typer.echo("|" + "---|" * len(cols))
+        for r in rows:
+            typer.echo("| " + " | ".join(cell(r, c) for c in cols) + " |")
+        typer.echo("\n\\* declared in the technique's YAML rather than derived")
+    elif fmt == "table":
+        table = Table(*[c.replace("_", " ") for c in cols], title="PEFT-Ref typology (derived; * = declared)")
+        for r in rows:
+            table.add_row(*[Text(cell(r, c)) for c in cols])
+        _wide().print(table)
+    else:
+        raise PefrefError(f"unknown format {fmt!r}; expected table, markdown, csv or json")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("tiny-ref", "--model", help="A small model shape to run on."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows."),
+) -> None:
+    """Apply every catalog technique to a small model, run it, merge where derived mergeable, and report."""
+    from .demo import run_demo
+
+    rows = run_demo(_catalog(), model)
+    if as_json:
+        _echo_json(rows)
+        return
+    table = Table("technique", "trainable", "% of base", "identity at init", "adapted Δ", "mergeable", "merge Δ", "removed Δ", title=f"every technique on {model}")
+    for r in rows:
+        table.add_row(Text(r["id"]), f"{r['trainable']:,}", f"{r['percent']:.3f}", str(r["identity_at_init"]), f"{r['adapted_diff']:.2e}",
+                      str(r["mergeable"]), "-" if r["merge_diff"] is None else f"{r['merge_diff']:.1e}", f"{r['removed_diff']:.1e}")
+    _wide().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,66 @@
+"""The main job on the embedded defaults: every technique applied to a small model and exercised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .catalog import Catalog
+
+__all__ = ["run_demo"]
+
+
+def run_demo(catalog: Catalog, shape: str = "tiny-ref") -> list[dict[str, Any]]:
+    """Apply each technique to a fresh ``shape`` model: count, run, perturb, merge (when derived
+    mergeable) and remove, measuring each step against the base model's output."""
+    import torch
+
+    fam = catalog.family(catalog.shape(shape).family)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = [_exercise(catalog, catalog.techniques[tid], shape, fam, ids) for tid in sorted(catalog.techniques)]
+    return [r for r in rows if r is not None]
+
+
+def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[str, Any] | None:
+    import torch
+
+    from .api import apply
+    from .check import expand_modules
+    from .models.build import applicable, build_model
+    from .view.analysis import mergeable
+
+    modules, _ = expand_modules(t, catalog.techniques)
+    if not applicable(modules, fam):
+        return None
+    model = build_model(shape, catalog)
+    n = ids.shape[1]
+    base = _logits(model(input_ids=ids))
+    a = apply(model, t, catalog=catalog)
+    at_init = _logits(model(input_ids=ids))[:, -n:]
+    g = torch.Generator().manual_seed(1)
+    for p in a.trainable_parameters().values():
+        p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    adapted = _logits(model(input_ids=ids))[:, -n:]
+    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
+    is_merge = all(mergeable(m, kinds[m.name]) for m in modules)
+    merge_diff = None
+    if is_merge:
+        a.merge()
+        merge_diff = float((_logits(model(input_ids=ids))[:, -n:] - adapted).abs().max())
+    rep = a.report
+    a.remove()
+    return {
+        "id": t.id,
+        "trainable": rep.trainable,
+        "percent": rep.percent,
+        "identity_at_init": t.identity_at_init,
+        "init_diff": float((at_init - base).abs().max()),
+        "adapted_diff": float((adapted - base).abs().max()),
+        "mergeable": is_merge,
+        "merge_diff": merge_diff,
+        "removed_diff": float((_logits(model(input_ids=ids)) - base).abs().max()),
+    }
+
+
+def _logits(out: Any) -> Any:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
