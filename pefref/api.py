@@ -1,6 +1,6 @@
 """The Python API: apply a technique to a model and get a handle with peft's operations.
 
->>> handle = pefref.apply(model, "lora", r=16)            # doctest: +SKIP
+>>> handle = pefref.apply(model, technique_id, r=16)      # doctest: +SKIP
 >>> handle.report.total, handle.merge(), handle.remove()  # doctest: +SKIP
 """
 
@@ -401,10 +401,12 @@ def apply(
             units[key] = unit
             n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
             if m.host_update is not None and W is not None:
-                env = {**ctx.names(hps), "W": W.detach(), **{n: getattr(unit, n) for n in m.params}}
+                env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
                 from .ops import op_table
 
                 new_w = evaluate(parse_expr(m.host_update), env, op_table())
+                if pl.size:  # a sliced site (a fused projection) updates its own rows only
+                    new_w = torch.cat([W[:pl.start], new_w, W[pl.start + pl.size:]])
                 full = f"{host_by_path[id(pl.host)]}.{'weight'}"
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())

@@ -113,7 +113,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         p = ("hyperparameters", name)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
         if lo is not None and hp.default < lo or hi is not None and hp.default > hi:
-            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is outside [{lo}, {hi}]"))
+            why = f"below the minimum {lo}" if lo is not None and hp.default < lo else f"above the maximum {hi}"
+            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
         if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {hp.choices}"))
     sizes = set(ref.sizes) | set(HOST_SIZES)

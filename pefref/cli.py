@@ -195,7 +195,7 @@ def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
 
 @app.command()
 def show(
-    technique: str = typer.Argument(..., help="Technique id (e.g. lora) or a technique YAML file."),
+    technique: str = typer.Argument(..., help="Technique id (see `pefref list`) or a technique YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     model: str = typer.Option("llama-2-7b", "--model", help="Model shape for the derived counts and costs."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),

@@ -34,8 +34,10 @@ def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any
         except (ValueError, KeyError):
             raise PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}") from None
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise PefrefError(f"hyperparameter {k!r} = {v} is outside [{lo}, {hi}]")
+        if lo is not None and v < lo:
+            raise PefrefError(f"hyperparameter {k!r} = {v} is below its minimum {lo}")
+        if hi is not None and v > hi:
+            raise PefrefError(f"hyperparameter {k!r} = {v} is above its maximum {hi}")
         if getattr(hp, "choices", None) is not None and v not in hp.choices:
             raise PefrefError(f"hyperparameter {k!r} = {v} is not one of {hp.choices}")
         out[k] = v

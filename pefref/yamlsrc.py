@@ -60,7 +60,7 @@ def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLo
     pos[path] = _loc(pos.file, node)
     allowed = {yaml.MappingNode: {_STD + "map"}, yaml.SequenceNode: {_STD + "seq"}}.get(type(node), _SCALAR_TAGS)
     if node.tag not in allowed:
-        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag!r} is not allowed; only plain YAML values are accepted")])
+        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag.replace(_STD, '!!', 1)!r} is not allowed; only plain YAML values are accepted")])
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:

@@ -202,7 +202,7 @@ class Technique(Strict):
     """A PEFT technique: the components it adds and how they meet the frozen Transformer."""
 
     id: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")] = Field(description="snake_case identifier; the file is <id>.yaml.")
-    name: str = Field(description="Display name, e.g. 'LoRA'.")
+    name: str = Field(description="Display name, as the paper writes it.")
     paper: Paper
     summary: str = Field("", description="One or two sentences on what the technique does.")
     original: bool = Field(False, description="True for techniques designed in pefref, implemented by no other library.")
