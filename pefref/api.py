@@ -109,7 +109,7 @@ def fold_paths(paths: Sequence[str]) -> list[str]:
     return out
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Adapter:
     """A technique applied to a model: report, trainable parameters, merge, disable, remove, save."""
 
@@ -131,6 +131,11 @@ class Adapter:
     _merge_backup: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     _hooks: list[Any] = field(default_factory=list)
     _removed: bool = False
+
+    def __repr__(self) -> str:
+        n = self.report.trainable if self.report else 0
+        state = "merged" if self.merged else ("disabled" if not self.enabled else "active")
+        return f"Adapter({self.name!r}, technique={self.technique.id!r}, family={self.family.family!r}, trainable={n}, {state})"
 
     @property
     def active(self) -> bool:
@@ -356,9 +361,10 @@ def apply(
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
 
-    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # freeze the base model (adapters applied earlier keep training)
+    frozen = {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")}
+    for n in frozen:
+        model.get_parameter(n).requires_grad_(False)
 
     # shared tensors take the largest shape among their users (each user sees a leading slice)
     store = SharedStore()
@@ -396,6 +402,7 @@ def apply(
                     full = f"{host_by_path[id(pl.host)]}.{tname}"
                     p.requires_grad_(True)
                     adapter.selected[full] = p
+                    adapter._host_backup.setdefault(full, p.detach().clone())  # disable()/remove() give the base values
                     n_params += p.numel()
         else:
             units[key] = unit

@@ -11,7 +11,7 @@ last entry goes, the original forward is restored.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ class Entry:
 
     unit: nn.Module
     form: str
-    owner: Any  # the Adapter handle: .active tells whether the entry runs
+    owner: Any = field(repr=False)  # the Adapter handle: .active tells whether the entry runs
     side: str = "output"  # 'output' or 'input'
     start: int = 0
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
@@ -44,6 +44,14 @@ def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
         return fn(h)
     s, n = e.start, e.size
     return torch.cat([h[..., :s], fn(h[..., s : s + n]), h[..., s + n :]], dim=-1)
+
+
+def _sliced_rows(W: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
+    """``fn`` applied to the rows of a weight [out, in] that a sliced site owns (all rows when unsliced)."""
+    if not e.size:
+        return fn(W)
+    s, n = e.start, e.size
+    return torch.cat([W[:s], fn(W[s : s + n]), W[s + n :]], dim=0)
 
 
 class HostPatch:
@@ -94,7 +102,7 @@ class HostPatch:
         if weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             for e in weights:
-                W = e.unit(None, None, W, training)
+                W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
             out = self.kind.run(self.host, x, W)  # type: ignore[misc]
         else:
             out = self.orig(*args, **kwargs)

@@ -1,0 +1,99 @@
+"""The Adapter handle beyond the catalog-wide properties: files, coexistence, restrictions, dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pefref.api import apply
+from pefref.errors import PefrefError, SiteError
+
+from .conftest import model_inputs, output_of, tiny_model
+
+
+def _randomise(adapter, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_safetensors_round_trip(tmp_path) -> None:
+    model, inputs = tiny_model("llama"), model_inputs("llama")
+    a = apply(model, "lora", r=4)
+    _randomise(a)
+    want = output_of(model, inputs)
+    a.save(tmp_path / "adapter.safetensors")
+    fresh = tiny_model("llama")
+    b = apply(fresh, "lora", r=4)
+    assert not torch.equal(output_of(fresh, inputs), want)
+    b.load(tmp_path / "adapter.safetensors")
+    torch.testing.assert_close(output_of(fresh, inputs), want, atol=0, rtol=0)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
+        assert f.metadata()["technique"] == "lora"
+        assert len(list(f.keys())) == 2 * 2 * 2  # A and B at q and v of two layers
+
+
+def test_wrong_state_is_refused() -> None:
+    a = apply(tiny_model("llama"), "lora", r=4)
+    state = a.state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(PefrefError, match="missing"):
+        a.load_state_dict(state)
+
+
+def test_two_adapters_coexist_and_remove_in_any_order() -> None:
+    model, inputs = tiny_model("gpt2"), model_inputs("gpt2")
+    base = output_of(model, inputs)
+    a = apply(model, "lora", name="one")
+    b = apply(model, "ia3", name="two")
+    _randomise(a, 1)
+    _randomise(b, 2)
+    both = output_of(model, inputs)
+    with a.disable():
+        only_b = output_of(model, inputs)
+    a.remove()
+    torch.testing.assert_close(output_of(model, inputs), only_b, atol=1e-6, rtol=0)
+    assert not torch.allclose(only_b, both)
+    b.remove()
+    torch.testing.assert_close(output_of(model, inputs), base, atol=0, rtol=0)
+    with pytest.raises(PefrefError, match="already applied"):
+        apply(model, "lora", name="x")
+        apply(model, "lora", name="x")
+
+
+def test_site_and_layer_restrictions() -> None:
+    a = apply(tiny_model("llama"), "lora", sites=["attn.v"], layers=[-1])
+    assert [(r.site, r.paths) for r in a.report.rows] == [("attn.v", ["model.layers.1.self_attn.v_proj"])]
+    with pytest.raises(SiteError, match="not used by this technique"):
+        apply(tiny_model("llama"), "lora", sites=["attn.k"])
+    with pytest.raises(SiteError, match="does not exist"):
+        apply(tiny_model("llama"), "lora", layers=[7])
+
+
+def test_gpt2_slices_touch_only_their_part() -> None:
+    """LoRA on attn.q of GPT-2 changes only the first d outputs of the fused c_attn."""
+    model = tiny_model("gpt2")
+    host = model.transformer.h[0].attn.c_attn
+    x = torch.randn(1, 3, 32)
+    before = host(x)
+    a = apply(model, "lora", sites=["attn.q"], layers=[0])
+    _randomise(a)
+    after = host(x)
+    assert (after[..., :32] - before[..., :32]).abs().max() > 1e-4
+    torch.testing.assert_close(after[..., 32:], before[..., 32:], atol=0, rtol=0)
+
+
+def test_adapter_follows_host_dtype() -> None:
+    model = tiny_model("llama").to(torch.bfloat16)
+    a = apply(model, "lora")
+    assert {p.dtype for p in a.trainable_parameters().values()} == {torch.bfloat16}
+    b = apply(tiny_model("llama").to(torch.bfloat16), "lora", dtype=torch.float32)
+    assert {p.dtype for p in b.trainable_parameters().values()} == {torch.float32}
+
+
+def test_unknown_technique_suggests() -> None:
+    with pytest.raises(PefrefError, match="did you mean 'lora'"):
+        apply(tiny_model("llama"), "lorra")
