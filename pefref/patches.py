@@ -10,6 +10,7 @@ last entry goes, the original forward is restored.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,12 @@ class RootPatch:
         self.orig = model.forward
         self.sig = inspect.signature(self.orig)
         self.entries: list[Entry] = []
-        model.forward = self.forward  # type: ignore[method-assign]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.forward(*args, **kwargs)
+
+        # keep the original signature visible: generate() inspects it (position_ids, logits_to_keep)
+        model.forward = functools.update_wrapper(forward, self.orig)  # type: ignore[method-assign]
         setattr(model, _ROOT, self)
 
     def restore(self) -> None:
@@ -211,8 +217,11 @@ class RootPatch:
                         a[key] = torch.cat([torch.full((b, n_tok), fill, dtype=v.dtype, device=v.device), v], dim=1)
             if kvs:
                 a[cache_key] = self._fill_cache(cache, kvs, b, training)
-            a.pop("position_ids", None)
             a.pop("cache_position", None)
+            pos = a.pop("position_ids", None)
+            if pos is not None:  # prepended tokens take the first positions; a kv prefix shifts them all
+                lead = torch.arange(n_tok, dtype=pos.dtype, device=pos.device).expand(b, -1)
+                a["position_ids"] = torch.cat([lead, pos + n_tok], dim=-1) + n_kv
         else:
             for key in ("position_ids", "cache_position"):
                 if a.get(key) is not None:

@@ -259,20 +259,16 @@ def test_lora_merged_weights_match_peft(shape: str) -> None:
 
 NEW_TOKENS = 4
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
-# pefref's own problem, reported to the owner of pefref/ (strict: remove the mark with the fix)
-POSITIONS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "pefref RootPatch: the patched forward hides the model's signature, so generate() builds no padding-aware "
-    "position_ids, and on the first step RootPatch drops position_ids anyway: a left-padded row is positioned "
-    "as if its pads were tokens"))
-# peft's problem with this transformers: its generate() is no reference for prompt learning
-PEFT_GENERATE_BUG = pytest.mark.xfail(strict=False, reason=(
-    "peft 0.21.2 under transformers 5.24: prepare_inputs_for_generation reads and writes `past_key_values`, but "
-    "generate() passes the cache as `cache`, so the prefix is dropped and the prompt is re-prepended every step"))
+# peft 0.21.2's generate() is no reference for prompt learning under transformers 5.24: its
+# prepare_inputs_for_generation reads and writes `past_key_values`, but generate() passes the cache as
+# `cache`, so the prefix is dropped and the prompt is re-prepended every step. For those two techniques
+# the reference is greedy decoding by peft's forward (the two tests above); peft's generate() is compared
+# for the others only.
 
 
-def decoder_cases(mark: Any = (), on: tuple[str, ...] = ()) -> list[Any]:
-    """(shape, technique) for the decoder models, with ``mark`` on the techniques ``on``."""
-    return [pytest.param(s, t, marks=mark if t in on else ()) for s in DECODERS for t in TECHNIQUES]
+def decoder_cases(without: tuple[str, ...] = ()) -> list[Any]:
+    """(shape, technique) for the decoder models, leaving out the techniques ``without``."""
+    return [pytest.param(s, t) for s in DECODERS for t in TECHNIQUES if t not in without]
 
 
 def greedy_reference(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +296,7 @@ def test_generate_continues_the_forward(shape: str, technique: str) -> None:
     _check_generate_rows(build(shape, technique), {**batch(shape), "attention_mask": torch.ones(2, 7, dtype=torch.long)})
 
 
-@pytest.mark.parametrize(("shape", "technique"), decoder_cases(POSITIONS_BUG, PROMPT_LEARNING))
+@pytest.mark.parametrize(("shape", "technique"), decoder_cases())
 def test_generate_left_padded_continues_the_forward(shape: str, technique: str) -> None:
     """The same with a left-padded row: padding must not change what that row generates."""
     _check_generate_rows(build(shape, technique), batch(shape))
@@ -316,8 +312,7 @@ def _check_generate_rows(pair: Pair, inputs: dict[str, torch.Tensor]) -> None:
         assert max_diff(logits[row:row + 1], want_logits) <= TOL, row
 
 
-@pytest.mark.filterwarnings("ignore:Position ids are not supported")
-@pytest.mark.parametrize(("shape", "technique"), decoder_cases(PEFT_GENERATE_BUG, PROMPT_LEARNING))
+@pytest.mark.parametrize(("shape", "technique"), decoder_cases(without=PROMPT_LEARNING))
 def test_generate_matches_peft_generate(shape: str, technique: str) -> None:
     """Left-padded batch: pefref's generate() gives peft's tokens and per-step logits."""
     pair = build(shape, technique)
