@@ -141,7 +141,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != full:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise PefrefError(f"{spec.name}.{pname}: init {pspec.init!r} gave {got}, expected shape {full}")
-            t = t.to(dtype=ctx.dtype, device=ctx.device)
+            t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
             store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
@@ -149,7 +149,9 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             views[pname] = local
     exprs = {f: parse_expr(getattr(spec, f)) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None}
     prog = _Program(spec.form, exprs, names, tensors, views, trainable)
-    graph = fx.Tracer().trace(prog)
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
+    graph = tracer.trace(prog)
     gm = fx.GraphModule(prog, graph, class_name=f"Unit_{spec.form}")
     gm.form = spec.form  # type: ignore[assignment]
     return gm
