@@ -1,0 +1,165 @@
+"""Weight-space primitives: weight normalisation, truncated SVD factors, sparse spectra
+and the inverse 2-D Fourier transform, Kronecker factor sizes, seeded random positions.
+
+These build weight updates (or new weights) from a technique's tensors and the
+host weight ``W`` ([out, in]): DoRA's magnitude/direction split, PiSSA's
+principal-component initialisation, FourierFT's sparse spectrum, LoKr's
+factorised dimensions. Each is general: any technique may call it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..inits import initialiser
+from . import primitive
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "weight_norm", "svd_u", "svd_s", "svd_vh", "scatter2d", "ifft2_real",
+    "factor_left", "factor_right", "random_positions",
+]
+
+
+# --- weight normalisation ----------------------------------------------------------------------
+
+
+@primitive()
+def weight_norm(v: torch.Tensor, g: torch.Tensor, detach: bool = False) -> torch.Tensor:
+    """Weight normalisation (Salimans & Kingma 2016, arXiv 1602.07868): each row of ``v`` is
+    rescaled to the magnitude ``g``,
+
+    :math:`W'_{i,:} = g_i \\, V_{i,:} / \\lVert V_{i,:} \\rVert_2`,
+
+    with ``v`` of shape [out, in] and ``g`` of shape [out, 1] (or [out]). With ``detach=True`` the
+    norm is treated as a constant for gradients (its value is unchanged), as DoRA does
+    (Liu et al. 2024, arXiv 2402.09353, section 4.3). The result is not linear in ``v``; it applies
+    no activation to hidden states (a weight-space normalisation, not a nonlinearity between
+    projections).
+    """
+    import torch
+
+    norm = torch.linalg.norm(v, dim=1, keepdim=True)  # [out, 1]
+    if detach:
+        norm = norm.detach()
+    return g.reshape(-1, 1) * (v / norm)
+
+
+# --- truncated SVD (data-dependent initialisation) ------------------------------------------------
+
+
+def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torch
+
+    return torch.linalg.svd(w.float(), full_matrices=False)  # thin SVD in fp32
+
+
+@primitive()
+def svd_u(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The leading ``k`` left singular vectors of ``w`` ([out, in] → [out, k]), from the thin SVD
+    :math:`W = U \\operatorname{diag}(S) V^\\top` computed in fp32 (singular values descending).
+    PiSSA (Meng et al. 2024, arXiv 2404.02948) initialises from them."""
+    return _svd(w)[0][:, :k]
+
+
+@primitive()
+def svd_s(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest singular values of ``w`` (a vector [k], descending), fp32 thin SVD."""
+    return _svd(w)[1][:k]
+
+
+@primitive()
+def svd_vh(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The leading ``k`` right singular vectors of ``w`` as rows, :math:`V_{:, :k}^\\top` ([k, in]),
+    fp32 thin SVD."""
+    return _svd(w)[2][:k]
+
+
+# --- sparse spectra ----------------------------------------------------------------------------------
+
+
+@primitive(intra="sparse", linear_in=(0,))
+def scatter2d(values: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A dense [rows, cols] matrix, zero except at the ``positions`` ([2, n] integer row and column
+    indices), which hold ``values`` ([n]): :math:`M_{p_{0j}, p_{1j}} = v_j`. Linear in ``values``
+    (FourierFT's sparse spectrum, Gao et al. 2024, arXiv 2405.03003)."""
+    import torch
+
+    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    return dense.index_put((positions[0], positions[1]), values)
+
+
+@primitive(linear_in=(0,))
+def ifft2_real(a: torch.Tensor) -> torch.Tensor:
+    """Real part of the 2-D inverse discrete Fourier transform over the last two dimensions,
+
+    :math:`\\Re\\, \\mathcal{F}^{-1}(A)_{pq} = \\Re \\frac{1}{mn} \\sum_{j,k} A_{jk} e^{2\\pi i (jp/m + kq/n)}`
+
+    (computed in fp32 and cast back; a fixed change of basis, linear in ``a``). FourierFT maps its
+    sparse spectrum to a weight update with it (Gao et al. 2024, arXiv 2405.03003)."""
+    import torch
+
+    return torch.fft.ifft2(a.float()).real.to(a.dtype)
+
+
+# --- factorised dimensions (Kronecker products) --------------------------------------------------------
+
+
+def _factorize(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's factor pair (m, n) of ``dim`` (m * n = dim), as peft's ``lokr.layer.factorization``."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    if factor == -1:
+        factor = dim
+    m, n = 1, dim
+    length = m + n
+    while m < n:  # walk up the divisors towards sqrt(dim), never past ``factor``
+        new_m = m + 1
+        while dim % new_m != 0:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+@primitive(scalar=True)
+def factor_left(dim: Any, factor: Any = -1) -> int:
+    """The first member ``m`` of LyCORIS's factor pair :math:`(m, n)`, :math:`m \\cdot n = \\text{dim}`,
+    used to split a dimension for Kronecker-product updates (LoKr; Yeh et al. 2024, arXiv 2309.14859):
+    ``factor`` itself when it divides ``dim``; otherwise (``factor=-1`` means no bound) the divisor pair
+    closest to :math:`\\sqrt{\\text{dim}}` whose smaller member does not exceed ``factor``, smaller first.
+    E.g. 4096 → (64, 64), 128 → (8, 16), 127 → (1, 127), (128, factor=4) → (4, 32)."""
+    return _factorize(int(dim), int(factor))[0]
+
+
+@primitive(scalar=True)
+def factor_right(dim: Any, factor: Any = -1) -> int:
+    """The second member ``n = dim / factor_left(dim, factor)`` of the same factor pair."""
+    return _factorize(int(dim), int(factor))[1]
+
+
+# --- seeded random positions (initialiser) ----------------------------------------------------------
+
+
+@initialiser
+def random_positions(shape, dtype, device, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """``n = shape[-1]`` distinct positions of a [rows, cols] matrix drawn uniformly without
+    replacement, as a [2, n] int64 tensor of (row, column) indices: the first ``n`` entries of a
+    random permutation of the :math:`rows \\cdot cols` flat indices from a generator seeded with
+    ``seed`` (so they are reproducible), split as (i // cols, i % cols). FourierFT's spectral entries
+    (Gao et al. 2024, arXiv 2405.03003). The tensor keeps its integer dtype (store it with
+    ``trainable: false``)."""
+    import torch
+
+    if tuple(shape[:-1]) != (2,):
+        raise ValueError(f"random_positions makes a [2, n] tensor, not {tuple(shape)}")
+    n = shape[-1]
+    if n > rows * cols:
+        raise ValueError(f"random_positions: {n} positions do not fit a {rows}x{cols} matrix")
+    flat = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(seed)))[:n]
+    return torch.stack([flat // cols, flat % cols]).to(device)
+
