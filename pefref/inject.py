@@ -115,7 +115,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                     d_out = size
                 if b.side == "input":
                     d_in = d_out = d_in if kind.has_weight else sizes["d"]
-                if kind.name == "block":
+                if kind.name == "block" or b.input_path:  # a sublayer's input and output (bound through one of its projections)
                     d_in = d_out = sizes["d"]
                 if kind.name == "embedding":
                     d_in, d_out = d_out, d_out
