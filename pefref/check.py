@@ -79,6 +79,11 @@ def expand_modules(t: Technique, pool: dict[str, Technique]) -> tuple[list[Any],
     return out, hps
 
 
+def _module_names(t: Technique, pool: dict[str, Technique]) -> list[str]:
+    """Names of a technique's modules, ``use:`` entries included (their own name or the used module's)."""
+    return [m.name or m.use.split(".")[1] if isinstance(m, ModuleUse) else m.name for m in t.modules]
+
+
 def _expr_problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
     loc = pos.at(path)
     col = column + (1 if path in pos.quoted else 0)
@@ -103,8 +108,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             tid, mname = m.use.split(".")
             if tid not in pool:
                 out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"unknown technique {tid!r}{suggest(tid, pool)}"))
-            elif mname not in {getattr(x, "name", None) for x in pool[tid].modules}:
-                names = [x.name for x in pool[tid].modules if getattr(x, "name", None)]
+            elif mname not in (names := _module_names(pool[tid], pool)):
                 out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {tid!r} has no module {mname!r}{suggest(mname, names)} (modules: {', '.join(names)})"))
     if out:
         return out
