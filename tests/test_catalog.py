@@ -176,3 +176,16 @@ def test_kitchen_sink_cli(tmp_path: Path) -> None:
     result = runner.invoke(app, ["show", str(KITCHEN_SINK)])
     assert result.exit_code == 0, result.output
     assert "reused_lora" in result.output and "lora.lora" in result.output
+
+
+def test_validating_the_whole_catalog_is_fast() -> None:
+    """Issue budget: `pefref validate` on the whole catalog in under 2 s (here: loading and checking, uncached)."""
+    import time
+
+    from pefref.catalog import load_catalog
+
+    load_catalog()  # warm imports
+    t0 = time.perf_counter()
+    cat = load_catalog()
+    assert time.perf_counter() - t0 < 2.0
+    assert len(cat.techniques) >= 30

@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402 - a test dependency: missing means the install is broken
 
 from pefref.api import Adapter, apply  # noqa: E402
 from pefref.catalog import default_catalog  # noqa: E402

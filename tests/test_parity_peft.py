@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402 - a test dependency: missing means the install is broken
+import transformers  # noqa: E402
 
 from pefref.api import Adapter, apply  # noqa: E402
 from pefref.catalog import default_catalog  # noqa: E402

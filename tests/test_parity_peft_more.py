@@ -34,8 +34,8 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import peft  # noqa: E402 - a test dependency: missing means the install is broken
+import transformers  # noqa: E402,F401
 
 import peft.tuners.boft.layer as boft_layer  # noqa: E402
 
