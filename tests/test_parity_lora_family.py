@@ -37,6 +37,8 @@ from pefref.catalog import default_catalog  # noqa: E402
 from pefref.check import expand_modules  # noqa: E402
 from pefref.models.build import build_model  # noqa: E402
 
+from .parity import max_diff, padded_batch
+
 TOL = 1e-5
 GRAD_TOL = 1e-4  # gradients sum over every position and token, so their rounding grows with them (fp32)
 CATALOG = default_catalog()
@@ -174,23 +176,8 @@ def build(shape: str, technique: str) -> Pair:
     return Pair(base, pm, model, adapter, hosts, OUTPUT[family], at_init)
 
 
-def batch(shape: str) -> dict[str, torch.Tensor]:
-    """Two sequences of 7 tokens, the first left-padded by 2."""
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, CATALOG.shape(shape).config["vocab_size"], (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def output(model: nn.Module, key: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return getattr(model(**inputs), key)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # --- tests -------------------------------------------------------------------------------------------
@@ -200,7 +187,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_outputs_gradients_and_counts_match_peft(shape: str, technique: str) -> None:
     pair = build(shape, technique)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     with torch.no_grad():
         want = output(pair.peft_model, pair.output, inputs)
         got = output(pair.model, pair.output, inputs)
@@ -244,7 +231,7 @@ def test_pissa_initialisation_and_residual_weights_match_peft(shape: str) -> Non
     # at initialisation the model computes the base function; remove() restores the original weights
     fresh = copy.deepcopy(base_model(shape))
     a = apply(fresh, "pissa", **CASES["pissa"].hps)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     with torch.no_grad():
         base = output(pair.base, pair.output, inputs)
         assert max_diff(output(fresh, pair.output, inputs), base) <= TOL

@@ -34,6 +34,8 @@ from pefref.api import Adapter, apply  # noqa: E402
 from pefref.catalog import default_catalog  # noqa: E402
 from pefref.schema import Technique  # noqa: E402
 
+from .parity import max_diff, padded_batch
+
 TOL = 1e-5
 CATALOG = default_catalog()
 FAMILIES = ["tiny-gpt2", "tiny-bert", "tiny-llama"]
@@ -199,24 +201,9 @@ def build(shape: str, technique: str) -> Pair:
     return Pair(base, pm, model, adapter, TASKS[family][2])
 
 
-def batch(shape: str) -> dict[str, torch.Tensor]:
-    """Two sequences of 7 tokens, the first left-padded by 2."""
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, CATALOG.shape(shape).config.get("vocab_size", 128), (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def output(model: nn.Module, key: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return getattr(model(**inputs), key)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # --- tests -----------------------------------------------------------------------------------------------
@@ -226,7 +213,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", FAMILIES)
 def test_outputs_and_trainable_counts_match_peft(shape: str, technique: str) -> None:
     pair = build(shape, technique)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     want = output(pair.peft_model, pair.output, inputs)
     got = output(pair.model, pair.output, inputs)
     assert max_diff(got, want) <= TOL
@@ -241,7 +228,7 @@ def test_outputs_and_trainable_counts_match_peft(shape: str, technique: str) -> 
 @pytest.mark.parametrize("shape", FAMILIES)
 def test_lora_merged_weights_match_peft(shape: str) -> None:
     pair = build(shape, "lora")
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     unmerged = output(pair.model, pair.output, inputs)
     hosts = sorted({place_of(k, family_of(shape)).path for k in pair.adapter.units})
 
@@ -293,13 +280,13 @@ def generate(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 @pytest.mark.parametrize(("shape", "technique"), decoder_cases())
 def test_generate_continues_the_forward(shape: str, technique: str) -> None:
     """Each row of a batched generate() (no padding) equals greedy decoding by peft's forward, token and logit."""
-    _check_generate_rows(build(shape, technique), {**batch(shape), "attention_mask": torch.ones(2, 7, dtype=torch.long)})
+    _check_generate_rows(build(shape, technique), {**padded_batch(shape), "attention_mask": torch.ones(2, 7, dtype=torch.long)})
 
 
 @pytest.mark.parametrize(("shape", "technique"), decoder_cases())
 def test_generate_left_padded_continues_the_forward(shape: str, technique: str) -> None:
     """The same with a left-padded row: padding must not change what that row generates."""
-    _check_generate_rows(build(shape, technique), batch(shape))
+    _check_generate_rows(build(shape, technique), padded_batch(shape))
 
 
 def _check_generate_rows(pair: Pair, inputs: dict[str, torch.Tensor]) -> None:
@@ -316,7 +303,7 @@ def _check_generate_rows(pair: Pair, inputs: dict[str, torch.Tensor]) -> None:
 def test_generate_matches_peft_generate(shape: str, technique: str) -> None:
     """Left-padded batch: pefref's generate() gives peft's tokens and per-step logits."""
     pair = build(shape, technique)
-    mine, mine_logits = generate(pair.model, batch(shape))
-    theirs, their_logits = generate(pair.peft_model, batch(shape))
+    mine, mine_logits = generate(pair.model, padded_batch(shape))
+    theirs, their_logits = generate(pair.peft_model, padded_batch(shape))
     assert torch.equal(mine, theirs)
     assert max_diff(mine_logits, their_logits) <= TOL

@@ -44,6 +44,8 @@ from pefref.catalog import default_catalog  # noqa: E402
 from pefref.errors import PefrefError  # noqa: E402
 from pefref.models.build import build_model  # noqa: E402
 
+from .parity import max_diff, padded_batch
+
 TOL = 1e-5
 CATALOG = default_catalog()
 SHAPES = ["tiny-llama", "tiny-qwen2", "tiny-bert"]
@@ -245,25 +247,10 @@ def build(shape: str, name: str) -> Pair:
     return Pair(base, pm, model, adapter)
 
 
-def batch(shape: str) -> dict[str, torch.Tensor]:
-    """Two sequences of 7 tokens, the first left-padded by 2."""
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, CATALOG.shape(shape).config["vocab_size"], (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def output(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def n_trainable(model: nn.Module) -> int:
@@ -278,7 +265,7 @@ def n_trainable(model: nn.Module) -> int:
 def test_outputs_and_trainable_counts_match_peft(shape: str, name: str, boft_kernel: Callable[[str], None]) -> None:
     boft_kernel(CASES[name].kernel)
     pair = build(shape, name)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     want = output(pair.peft_model, inputs)
     got = output(pair.model, inputs)
     assert max_diff(got, want) <= TOL
@@ -295,7 +282,7 @@ def test_outputs_and_trainable_counts_match_peft(shape: str, name: str, boft_ker
 def test_merged_weights_match_peft(shape: str, name: str, boft_kernel: Callable[[str], None]) -> None:
     boft_kernel(CASES[name].kernel)
     pair = build(shape, name)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     unmerged = output(pair.model, inputs)
     family = family_of(shape)
     paths = sorted({_host_path(key, family) for key in pair.adapter.units})
@@ -314,7 +301,7 @@ def test_oft_neumann_sign_convention_is_needed() -> None:
     with torch.no_grad():
         for unit in pair.adapter.units.values():
             unit.v.neg_()
-    inputs = batch("tiny-llama")
+    inputs = padded_batch("tiny-llama")
     assert max_diff(output(pair.model, inputs), output(pair.peft_model, inputs)) > 1e-3
 
 
@@ -373,7 +360,7 @@ def test_bitfit_trains_exactly_the_biases(shape: str) -> None:
     ref_biases = bitfit_biases(ref, shape)
     for p in ref_biases.values():
         p.requires_grad_(True)
-    inputs = batch(shape)
+    inputs = padded_batch(shape)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sgd_step(model, [p for p in model.parameters() if p.requires_grad], inputs)
     sgd_step(ref, list(ref_biases.values()), inputs)
