@@ -11,6 +11,10 @@ import torch
 from pefref.catalog import default_catalog
 from pefref.models.build import build_model
 
+# Tests run in parallel workers (pytest -n 2 on 2 cores): one intra-op thread each, or the workers'
+# OpenMP threads contend for the cores (an LSTM step then takes 700x longer).
+torch.set_num_threads(1)
+
 TINY = {
     "reference": "tiny-ref",
     "bert": "tiny-bert",
