@@ -38,6 +38,12 @@ class Entry:
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
     layer: int | None = None
     length: int = 0  # prepend: number of positions
+    reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
+
+    def __post_init__(self) -> None:
+        graph = getattr(self.unit, "graph", None)
+        if graph is not None:
+            self.reads_W = any(n.op == "placeholder" and n.target == "W" and len(n.users) > 0 for n in graph.nodes)
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -45,6 +51,14 @@ def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
         return fn(h)
     s, n = e.start, e.size
     return torch.cat([h[..., :s], fn(h[..., s : s + n]), h[..., s + n :]], dim=-1)
+
+
+def _disjoint_slices(es: list[Entry]) -> bool:
+    """Every entry sees a slice, and no two slices overlap."""
+    if not all(e.size for e in es):
+        return False
+    s = sorted(es, key=lambda e: e.start)
+    return all(a.start + a.size <= b.start for a, b in zip(s, s[1:]))
 
 
 def _sliced_rows(W: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -109,16 +123,34 @@ class HostPatch:
             out = self.orig(*args, **kwargs)
         h = out[0] if self.first else out
         x_site = self.stash[0] if self.stash_hooks else x
-        for e in entries:
-            if e.side == "output" and e.form != "reparameterise":
+        outs = [e for e in entries if e.side == "output" and e.form != "reparameterise"]
+        if len(outs) > 1 and _disjoint_slices(outs):
+            h = self._apply_slices(outs, x_site, h, training)
+        else:
+            for e in outs:
                 h = _sliced(h, e, lambda t, e=e: self._apply(e, x_site, t, training))
         return (h, *out[1:]) if self.first else h
 
+    def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
+        """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
+        pieces: list[torch.Tensor] = []
+        pos = 0
+        for e in sorted(es, key=lambda e: e.start):
+            if e.start > pos:
+                pieces.append(h[..., pos : e.start])
+            pieces.append(self._apply(e, x, h[..., e.start : e.start + e.size], training))
+            pos = e.start + e.size
+        if pos < h.shape[-1]:
+            pieces.append(h[..., pos:])
+        return torch.cat(pieces, dim=-1)
+
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
+        # the unit's generated forward, called directly: nn.Module.__call__ plus GraphModule's wrapper cost ~1.3 us
+        # a call, and units carry no hooks (a hook a user registers on a unit would not run)
         if e.form == "rescale":
-            return h * e.unit(None, None, None, training)
-        W = self.kind.get_weight(self.host) if self.kind.has_weight and e.form == "parallel" else None  # type: ignore[misc]
-        return e.unit(x, h, W, training)
+            return h * e.unit.forward(None, None, None, training)
+        W = self.kind.get_weight(self.host) if e.reads_W and self.kind.has_weight and e.form == "parallel" else None  # type: ignore[misc]
+        return e.unit.forward(x, h, W, training)
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
