@@ -38,6 +38,7 @@ class Entry:
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
     layer: int | None = None
     length: int = 0  # prepend: number of positions
+    unit_key: str = ""  # the unit's name in its adapter
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
 
     def __post_init__(self) -> None:

@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 from pefref.api import apply
-from pefref.check import expand_modules
-from pefref.view.params import count_params
 
 
 class Block(nn.Module):

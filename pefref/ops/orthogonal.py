@@ -144,7 +144,7 @@ def paired_kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor
     initialisation, Yuan et al. 2024). For odd r, plain kaiming-uniform columns."""
     import torch
 
-    d, r = shape[-2], shape[-1]
+    r = shape[-1]
     if r % 2:
         return torch.nn.init.kaiming_uniform_(torch.empty(shape, dtype=dtype, device=device), a=a)
     half = torch.nn.init.kaiming_uniform_(torch.empty(*shape[:-1], r // 2, dtype=dtype, device=device), a=a)

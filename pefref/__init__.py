@@ -1,0 +1,31 @@
+"""pefref: parameter-efficient fine-tuning techniques as data, after PEFT-Ref (Sabry & Belz 2023).
+
+``pefref.apply(model, technique, **hyperparameters)`` compiles a catalog
+technique (or a YAML file, or a :class:`~pefref.schema.Technique`) into torch
+modules, places them in ``model`` and returns an :class:`~pefref.adapter.Adapter`.
+The names below are imported on first use, so ``import pefref`` (and the CLI)
+does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["apply", "Adapter", "Technique", "default_catalog", "load_catalog", "PefrefError", "CatalogError"]
+
+_WHERE = {
+    "apply": "api",
+    "Adapter": "adapter",
+    "Technique": "schema",
+    "default_catalog": "catalog",
+    "load_catalog": "catalog",
+    "PefrefError": "errors",
+    "CatalogError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'pefref' has no attribute {name!r}")
