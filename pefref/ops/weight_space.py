@@ -108,7 +108,7 @@ def ifft2_real(a: torch.Tensor) -> torch.Tensor:
 
 
 def _factorize(dim: int, factor: int = -1) -> tuple[int, int]:
-    """LyCORIS's factor pair (m, n) of ``dim`` (m * n = dim), as peft's ``lokr.layer.factorization``."""
+    """LyCORIS's factor pair (m, n) of ``dim`` (m * n = dim), as peft's LoKr ``factorization`` computes it."""
     if factor > 0 and dim % factor == 0:
         return factor, dim // factor
     if factor == -1:
