@@ -150,7 +150,10 @@ class HostPatch:
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
         if e.form == "rescale":
             return h * e.unit.forward(None, None, None, training)
-        W = self.kind.get_weight(self.host) if e.reads_W and self.kind.has_weight and e.form == "parallel" else None  # type: ignore[misc]
+        W = None
+        if e.reads_W and self.kind.has_weight and e.form == "parallel":
+            W = self.kind.get_weight(self.host)  # type: ignore[misc]
+            W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
         return e.unit.forward(x, h, W, training)
 
 
