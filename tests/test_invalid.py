@@ -42,10 +42,6 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("unknown_shape_name", 13, 19, "modules[0].params.A.shape[0]", ("unknown name 'rank' in a shape",)),
 ]
 
-# fixture -> reason, for cases a known bug makes fail (run as strict xfails)
-KNOWN_BUGS: dict[str, str] = {}
-
-
 def _problems(*paths: Path) -> list[Problem]:
     cat = default_catalog()
     return load_techniques(list(paths), cat.reference, cat.techniques)[3]
@@ -58,7 +54,7 @@ def test_every_fixture_has_a_case() -> None:
 
 @pytest.mark.parametrize(
     ("name", "line", "column", "field", "messages"),
-    [pytest.param(*c, marks=pytest.mark.xfail(reason=KNOWN_BUGS[c[0]], strict=True)) if c[0] in KNOWN_BUGS else c for c in CASES],
+    CASES,
     ids=[c[0] for c in CASES],
 )
 def test_invalid_fixture(name: str, line: int, column: int, field: str, messages: tuple[str, ...]) -> None:
