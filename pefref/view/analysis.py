@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from ..expr import Expr, parse_expr
 from ..ops import PRIMITIVES
 
-__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "reads", "linear_in_input", "mergeable"]
+__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input", "mergeable"]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
 
@@ -73,8 +73,19 @@ def module_exprs(m: object) -> dict[str, Expr]:
     return out
 
 
-def ops_used(m: object) -> set[str]:
-    return set().union(*(e.ops for e in module_exprs(m).values())) if module_exprs(m) else set()
+def ops_used(m: object, computation_only: bool = False) -> set[str]:
+    """Ops the module's expressions call (``computation_only``: not its integration or host update)."""
+    exprs = [e for f, e in module_exprs(m).items() if not (computation_only and f in ("integrate", "host_update"))]
+    return set().union(*(e.ops for e in exprs))
+
+
+def uses_matmul(m: object) -> bool:
+    """Whether the module's computation multiplies matrices with the ``@`` operator."""
+    return any(
+        isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult)
+        for f, e in module_exprs(m).items() if f not in ("integrate", "host_update")
+        for n in ast.walk(e.tree)
+    )
 
 
 def reads(m: object) -> set[str]:

@@ -15,7 +15,7 @@ from ..check import expand_modules
 from ..ops import PRIMITIVES
 from ..schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from ..schema.reference import WORKSPACES
-from .analysis import integration_kind, mergeable, ops_used, reads
+from .analysis import integration_kind, mergeable, ops_used, reads, uses_matmul
 
 __all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]
 
@@ -54,10 +54,10 @@ def _integration(m: Any) -> str:
 
 
 def _intra(m: Any) -> str:
-    used = ops_used(m)
+    """From the ops of the module's own computation (a gate in its integration is not its connectivity)."""
+    used = ops_used(m, computation_only=True)
     tags = {PRIMITIVES[o].intra for o in used if o in PRIMITIVES and PRIMITIVES[o].intra}
-    exprs_text = " ".join(str(getattr(m, f, "") or "") for f in ("compute", "weight", "keys", "values", "tokens", "scale"))
-    if "@" in exprs_text:
+    if uses_matmul(m):
         tags.add("dense")
     if "dense" in tags:
         nonlinear = any(PRIMITIVES[o].nonlinear for o in used if o in PRIMITIVES)
