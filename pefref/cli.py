@@ -404,9 +404,10 @@ def demo(
     if as_json:
         _echo_json(rows)
         return
-    table = Table("technique", "trainable", "% of base", "identity at init", "adapted Δ", "mergeable", "merge Δ", "removed Δ", title=f"every technique on {model}")
+    table = Table("technique", "trainable", "% of base", "identity at init", "init Δ", "adapted Δ", "mergeable", "merge Δ", "removed Δ",
+                  title=f"every technique on {model} (Δ: max |logits - base logits|; merge Δ against the unmerged output)")
     for r in rows:
-        table.add_row(Text(r["id"]), f"{r['trainable']:,}", f"{r['percent']:.3f}", str(r["identity_at_init"]), f"{r['adapted_diff']:.2e}",
+        table.add_row(Text(r["id"]), f"{r['trainable']:,}", f"{r['percent']:.3f}", str(r["identity_at_init"]), f"{r['init_diff']:.1e}", f"{r['adapted_diff']:.2e}",
                       str(r["mergeable"]), "-" if r["merge_diff"] is None else f"{r['merge_diff']:.1e}", f"{r['removed_diff']:.1e}")
     _wide().print(table)
 
