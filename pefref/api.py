@@ -20,7 +20,7 @@ from .errors import CatalogError, PefrefError
 from .expr import evaluate, parse_expr
 from .inject import Placement, model_config, model_sizes, placements, resolve_family
 from .adapter import ADAPTERS_ATTR, Adapter
-from .patches import Entry, patch_of, root_patch_of
+from .patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
 from .report import Report, ReportRow, fold_paths
 from .schema import ArchitectureMap, Technique
 from .view.analysis import mergeable
@@ -188,8 +188,22 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
+        if entry.reads_mask:
+            entry.inputs = input_cell(model, fam.forward.mask)
+            adapter._hooks.append(_Release(model))
         if pl.binding.input_path and not patch.stash_hooks:
             patch.stash_input_of(model.get_submodule(pl.binding.input_path.format(i=pl.layer)))
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
     return entry
+
+
+class _Release:
+    """A removable handle (like a hook's) that gives back one use of the model's input cell."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def remove(self) -> None:
+        release_input_cell(self.model)
+

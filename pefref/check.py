@@ -31,9 +31,9 @@ EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "val
 
 # which host tensors each expression field may read, before the site kind narrows it
 _FIELD_READS: dict[tuple[str, str], set[str]] = {
-    ("parallel", "compute"): {"x", "W", "b"},
+    ("parallel", "compute"): {"x", "W", "b", "mask"},
     ("parallel", "integrate"): {"x", "h", "delta"},
-    ("sequential", "compute"): {"h", "W", "b"},
+    ("sequential", "compute"): {"h", "W", "b", "mask"},
     ("sequential", "integrate"): {"x", "h", "delta"},
     ("reparameterise", "weight"): {"W"},
     ("rescale", "scale"): set(),

@@ -5,7 +5,8 @@ description and never its name. Each *unit* (one module at one site of one
 layer) is an ``nn.Module`` holding the unit's tensors; its forward is produced by
 tracing the expression walk once with :mod:`torch.fx`, so what runs is
 generated straight-line code calling the registered primitives (no per-call
-interpretation). Every unit has the same signature ``forward(x, h, W, training)``:
+interpretation). Every unit has the same signature ``forward(x, h, W, training, mask=None)``
+(``mask``: the model's key padding mask [batch, seq], for modules that read it):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
@@ -98,7 +99,7 @@ class _Program(nn.Module):
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
 
-    def forward(self, x: Any, h: Any, W: Any, training: Any) -> Any:
+    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None) -> Any:
         ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn)) for k, p in PRIMITIVES.items()}
         drop = PRIMITIVES["dropout"].fn
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
@@ -107,7 +108,7 @@ class _Program(nn.Module):
             t = getattr(self, n)
             view = self.views.get(n)
             env[n] = t[tuple(slice(0, s) for s in view)] if view else t
-        env.update(x=x, h=h, W=W)
+        env.update(x=x, h=h, W=W, mask=mask)
         f = self.form
         if f in ("parallel", "sequential"):
             env["delta"] = evaluate(self.exprs["compute"], env, ops)

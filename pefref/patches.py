@@ -20,10 +20,11 @@ from torch import nn
 
 from .hosts import HostKind
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of"]
+__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell"]
 
 _PATCH = "_pefref_patch"
 _ROOT = "_pefref_root_patch"
+_INPUTS = "_pefref_inputs"
 
 
 @dataclass(eq=False)
@@ -39,12 +40,15 @@ class Entry:
     layer: int | None = None
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
+    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell, for units that read its mask
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
+    reads_mask: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         graph = getattr(self.unit, "graph", None)
         if graph is not None:
-            self.reads_W = any(n.op == "placeholder" and n.target == "W" and len(n.users) > 0 for n in graph.nodes)
+            used = {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
+            self.reads_W, self.reads_mask = "W" in used, "mask" in used
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -154,6 +158,8 @@ class HostPatch:
         if e.reads_W and self.kind.has_weight and e.form == "parallel":
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
+        if e.reads_mask:
+            return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
 
 
@@ -265,6 +271,9 @@ class RootPatch:
         if a.get(f.mask) is not None:
             m = a[f.mask]
             a[f.mask] = torch.cat([torch.ones(b, n_tok + n_kv, dtype=m.dtype, device=m.device), m], dim=1)
+            cell = self.model.__dict__.get(_INPUTS)
+            if cell is not None:  # units reading the mask see the extended one
+                cell["mask"] = a[f.mask]
         return self.orig(**a)
 
     def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
@@ -298,3 +307,34 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
     elif p.embed is None:
         p.embed = embed
     return p
+
+
+def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
+    """The model's input cell: its attention mask of the current forward, for units that read ``mask``.
+
+    A forward pre-hook on the model fills it; a :class:`RootPatch` replaces it with the mask it extends.
+    """
+    cell = model.__dict__.get(_INPUTS)
+    if cell is None:
+        sig = inspect.signature(model.forward)
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
+
+        cell = {"mask": None, "users": 0}
+        cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
+        model.__dict__[_INPUTS] = cell
+    cell["users"] += 1
+    return cell
+
+
+def release_input_cell(model: nn.Module) -> None:
+    """One user fewer of the input cell; the last one removes it."""
+    cell = model.__dict__.get(_INPUTS)
+    if cell is None:
+        return
+    cell["users"] -= 1
+    if cell["users"] <= 0:
+        cell["hook"].remove()
+        del model.__dict__[_INPUTS]
+

@@ -120,6 +120,7 @@ class Hand:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer ([n, kvh*dh], [n, kvh*dh])
     prompt: torch.Tensor | None = None  # [n, d]
     handles: list[Any] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # the attention mask of the current run (prepended positions included)
 
     def path(self, key: str, i: int) -> Any:
         p = PATHS[self.fam][key]
@@ -188,6 +189,7 @@ class Hand:
         if extra:
             m = kw["attention_mask"]
             kw["attention_mask"] = torch.cat([torch.ones(b, extra, dtype=m.dtype), m], dim=1)
+        self.mask = kw["attention_mask"]
         out = output_of(self.model(**kw))
         return out[:, out.shape[1] - inputs["input_ids"].shape[1]:]
 
@@ -231,15 +233,18 @@ def compacter_delta(h: torch.Tensor, g: Callable[[str], torch.Tensor]) -> torch.
     return F.gelu(h @ down.T + g("bd")) @ up.T + g("bu")
 
 
-def tiny_attention(x: torch.Tensor, g: Callable[[str], torch.Tensor], heads: int, causal: bool) -> torch.Tensor:
-    """Zhao et al.: multi-head attention with tiny heads over the sublayer input, then an output map."""
+def tiny_attention(x: torch.Tensor, g: Callable[[str], torch.Tensor], heads: int, causal: bool, mask: torch.Tensor) -> torch.Tensor:
+    """Zhao et al.: multi-head attention with tiny heads over the sublayer input, then an output map.
+    Padded keys (mask 0) are not attended to, except by their own (padded) query."""
     q, k, v = x @ g("Wq").T, x @ g("Wk").T, x @ g("Wv").T  # [b, s, r]
     b, s, r = q.shape
     dh = r // heads
     split = lambda t: t.reshape(b, s, heads, dh).transpose(1, 2)  # noqa: E731
     scores = split(q) @ split(k).transpose(-1, -2) / dh ** 0.5  # [b, H, s, s]
+    blocked = ~mask.bool()[:, None, None, :] & ~torch.eye(s, dtype=torch.bool)  # [b, 1, s, s]
     if causal:
-        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        blocked = blocked | torch.ones(s, s, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(blocked, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ split(v)
     return out.transpose(1, 2).reshape(b, s, r) @ g("Wo").T
 
@@ -301,8 +306,7 @@ def _compacter(sites: tuple[str, ...]) -> Builder:
 def _tiny_attention(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
     for i in range(h.L):
         g = u("tiny_attention", "attn.block", i)
-        # the module, like pefref's attention primitive, masks no padded keys (BERT's padded row)
-        h.sublayer("attn", i, lambda x, y, g=g: y + tiny_attention(x, g, hp["heads"], CAUSAL[h.fam]))
+        h.sublayer("attn", i, lambda x, y, g=g: y + tiny_attention(x, g, hp["heads"], CAUSAL[h.fam], h.mask))
 
 
 def _pfeiffer(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:

@@ -192,16 +192,29 @@ def dropout(a: torch.Tensor, p: float, training: bool = False) -> torch.Tensor:
 
 
 @primitive(intra="attention", nonlinear=True, dynamic=True)
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, causal: bool = False) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head scaled dot-product attention over the sequence:
-    :math:`\\mathrm{softmax}(q k^\\top / \\sqrt{d_h}) v` per head, inputs [..., seq, heads*d_h]."""
+    :math:`\\mathrm{softmax}(q k^\\top / \\sqrt{d_h}) v` per head, inputs [..., seq, heads*d_h].
+    ``causal``: each position attends to itself and earlier ones; ``mask`` [batch, seq_k]: keys
+    with 0 are not attended to (padding)."""
+    import torch
     import torch.nn.functional as F
+
     *lead, s, dq = q.shape
     dv = v.shape[-1]
+    sk = k.shape[-2]
     qh = q.reshape(*lead, s, heads, dq // heads).transpose(-3, -2)
-    kh = k.reshape(*lead, k.shape[-2], heads, dq // heads).transpose(-3, -2)
-    vh = v.reshape(*lead, v.shape[-2], heads, dv // heads).transpose(-3, -2)
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=bool(causal))
+    kh = k.reshape(*lead, sk, heads, dq // heads).transpose(-3, -2)
+    vh = v.reshape(*lead, sk, heads, dv // heads).transpose(-3, -2)
+    allowed = None
+    if causal:
+        allowed = torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(sk - s)
+    if mask is not None:
+        keys = mask[..., -sk:].bool()[:, None, None, :]  # [b, 1, 1, sk]
+        allowed = keys if allowed is None else keys & allowed
+        # every query keeps its own position, so a padded query (all its keys masked) stays finite
+        allowed = allowed | torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(sk - s).triu(sk - s)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
     return out.transpose(-3, -2).reshape(*lead, s, dv)
 
 
