@@ -97,3 +97,19 @@ def test_adapter_follows_host_dtype() -> None:
 def test_unknown_technique_suggests() -> None:
     with pytest.raises(PefrefError, match="did you mean 'lora'"):
         apply(tiny_model("llama"), "lorra")
+
+
+def test_attention_modules_skip_padded_keys() -> None:
+    """Tiny-Attention reads the model's padding mask: on BERT, padded tokens do not reach real ones."""
+    model, inputs = tiny_model("bert"), model_inputs("bert")  # row 0 has two padded positions
+    assert inputs["attention_mask"][0, :2].sum() == 0
+    a = apply(model, "tiny_attention_adapter")
+    _randomise(a)
+    out = output_of(model, inputs)
+    other = {k: v.clone() for k, v in inputs.items()}
+    other["input_ids"][0, :2] = 7  # change only what sits under the padding
+    torch.testing.assert_close(output_of(model, other)[0, 2:], out[0, 2:], atol=1e-6, rtol=0)
+    assert torch.isfinite(out).all()
+    assert "_pefref_inputs" in model.__dict__
+    a.remove()
+    assert "_pefref_inputs" not in model.__dict__  # the input hook goes with the last adapter that used it
