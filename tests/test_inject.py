@@ -146,3 +146,16 @@ def test_analytic_count_equals_counted_on_real_shapes(shape: str) -> None:
         assert got == want, tid
         checked += 1
     assert checked >= 25
+
+
+@pytest.mark.parametrize("shape", sorted(_CAT.shapes))
+def test_base_params_formula_equals_the_built_model(shape: str) -> None:
+    """Each family's base_params expression counts the real model of every named shape (meta device)."""
+    from pefref.models.build import build_model
+    from pefref.sizes import eval_scalar, model_sizes
+
+    s = _CAT.shape(shape)
+    fam = _CAT.family(s.family)
+    want = eval_scalar(fam.base_params, {**model_sizes(fam, dict(s.config)), **s.config})
+    model = build_model(s, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == want
