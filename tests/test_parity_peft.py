@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 import peft  # noqa: E402 - a test dependency: missing means the install is broken
-import transformers  # noqa: E402
 
 from pefref.api import Adapter, apply  # noqa: E402
 from pefref.catalog import default_catalog  # noqa: E402
 from pefref.schema import Technique  # noqa: E402
+
+from pefref.models.build import build_model  # noqa: E402
 
 from .parity import max_diff, padded_batch
 
@@ -43,11 +44,11 @@ DECODERS = ["tiny-gpt2", "tiny-llama"]
 TECHNIQUES = ["lora", "ia3", "prompt_tuning", "prefix_tuning"]
 N_VIRTUAL, PREFIX_HIDDEN, LORA_R, LORA_ALPHA = 5, 12, 4, 8
 
-# family -> (peft task type, transformers auto class, output compared)
+# family -> (peft task type, output compared); the model itself is built as its family's map says
 TASKS = {
-    "gpt2": ("CAUSAL_LM", transformers.AutoModelForCausalLM, "logits"),
-    "llama": ("CAUSAL_LM", transformers.AutoModelForCausalLM, "logits"),
-    "bert": ("FEATURE_EXTRACTION", transformers.AutoModel, "last_hidden_state"),
+    "gpt2": ("CAUSAL_LM", "logits"),
+    "llama": ("CAUSAL_LM", "logits"),
+    "bert": ("FEATURE_EXTRACTION", "last_hidden_state"),
 }
 
 # peft's names for the hosts of pefref's sites (GPT-2: the fused c_attn)
@@ -167,11 +168,7 @@ COPY: dict[str, Callable[[nn.Module, Any, Place], None]] = {
 
 @functools.cache
 def base_model(shape: str) -> nn.Module:
-    s = CATALOG.shape(shape)
-    model_type = CATALOG.family(s.family).model_type
-    config = transformers.AutoConfig.for_model(model_type, **s.config)
-    torch.manual_seed(0)
-    return TASKS[s.family][1].from_config(config).eval()
+    return build_model(shape, seed=0)
 
 
 @dataclass
@@ -198,7 +195,7 @@ def build(shape: str, technique: str) -> Pair:
     with torch.no_grad():
         for key, unit in adapter.units.items():
             COPY[technique](unit, pm, place_of(key, family))
-    return Pair(base, pm, model, adapter, TASKS[family][2])
+    return Pair(base, pm, model, adapter, TASKS[family][1])
 
 
 def output(model: nn.Module, key: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -44,6 +44,7 @@ from pefref.catalog import default_catalog  # noqa: E402
 from pefref.errors import PefrefError  # noqa: E402
 from pefref.models.build import build_model  # noqa: E402
 
+from .conftest import output_of
 from .parity import max_diff, padded_batch
 
 TOL = 1e-5
@@ -249,8 +250,7 @@ def build(shape: str, name: str) -> Pair:
 
 def output(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        return output_of(model, inputs)
 
 
 def n_trainable(model: nn.Module) -> int:
