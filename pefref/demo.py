@@ -27,7 +27,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     from .api import apply
     from .check import expand_modules
     from .models.build import applicable, build_model
-    from .view.analysis import mergeable
+    from .view.analysis import module_mergeable
 
     modules, _ = expand_modules(t, catalog.techniques)
     if not applicable(modules, fam):
@@ -41,8 +41,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     for p in a.trainable_parameters().values():
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
-    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
-    is_merge = all(mergeable(m, kinds[m.name]) for m in modules)
+    is_merge = all(module_mergeable(m, catalog.reference) for m in modules)
     merge_diff = None
     if is_merge:
         a.merge()

@@ -112,11 +112,11 @@ class HostPatch:
 
     def run(self, entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         training = self.host.training
-        x = _first_tensor(args, kwargs)
+        x = x_in = _first_tensor(args, kwargs)
         for e in entries:
             if e.side == "input":
                 x = self._apply(e, None, x, training)
-        if x is not _first_tensor(args, kwargs):
+        if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
         weights = [e for e in entries if e.form == "reparameterise"]
         if weights:

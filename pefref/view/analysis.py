@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from ..expr import Expr, parse_expr
 from ..ops import PRIMITIVES
 
-__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input", "mergeable"]
+__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input", "mergeable", "module_mergeable"]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
 
@@ -157,3 +157,9 @@ def mergeable(m: object, site_kinds: Iterable[str]) -> bool:
     if form == "sequential":
         return linear_in_input(m)
     return False
+
+
+def module_mergeable(m: object, reference: object) -> bool:
+    """:func:`mergeable` at the module's sites, their kinds read from the reference architecture."""
+    return mergeable(m, [reference.sites[s].kind for s in m.sites])  # type: ignore[attr-defined]
+

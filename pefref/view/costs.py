@@ -20,7 +20,7 @@ from ..check import expand_modules
 from ..hparams import resolve_hyperparameters
 from ..schema import ModelShape, Technique
 from ..sizes import eval_scalar, model_sizes, select_layers
-from .analysis import mergeable
+from .analysis import module_mergeable
 from .params import host_widths
 
 __all__ = ["Efficiency", "efficiency", "latency_class"]
@@ -43,10 +43,10 @@ class Efficiency:
 
 def latency_class(modules: list[Any], catalog: Catalog) -> str:
     """'none once merged', 'sequential' (extra work on the critical path) or 'parallel'."""
-    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
-    if all(mergeable(m, kinds[m.name]) for m in modules):
+    merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
+    if all(merge.values()):
         return "none once merged"
-    if any(m.form in ("sequential", "rescale") and not mergeable(m, kinds[m.name]) for m in modules):
+    if any(m.form in ("sequential", "rescale") and not merge[m.name] for m in modules):
         return "sequential"
     return "parallel"
 
@@ -72,11 +72,11 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
     hps = resolve_hyperparameters(decl, overrides)
     sizes = model_sizes(fam, dict(shape.config))
     flags = {"causal": int(fam.causal)}
-    kinds = {m.name: [catalog.reference.sites[s].kind for s in m.sites] for m in modules}
+    merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
     flops = merged_flops = 0
     extra_tok = extra_kv = 0
     for m in modules:
-        is_merge = mergeable(m, kinds[m.name])
+        is_merge = merge[m.name]
         for site in m.sites:
             if site not in fam.sites:
                 continue
@@ -103,5 +103,5 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
             if not is_merge:
                 merged_flops += per * n_layers
     attn = 4 * (extra_tok + extra_kv) * sizes["heads"] * sizes["d_head"] * sizes["L"]
-    return Efficiency(t.id, shape.name, all(mergeable(m, kinds[m.name]) for m in modules), latency_class(modules, catalog),
+    return Efficiency(t.id, shape.name, all(merge.values()), latency_class(modules, catalog),
                       extra_tok, extra_kv, flops + attn, merged_flops + attn)

@@ -15,7 +15,7 @@ from ..check import expand_modules
 from ..ops import PRIMITIVES
 from ..schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from ..schema.reference import WORKSPACES
-from .analysis import integration_kind, mergeable, ops_used, reads, uses_matmul
+from .analysis import integration_kind, module_mergeable, ops_used, reads, uses_matmul
 
 __all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]
 
@@ -115,12 +115,11 @@ def _insertions(modules: list[Any], ref: ReferenceArchitecture) -> str:
 
 def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
     """The typology of one concrete module."""
-    kinds = [ref.sites[s].kind for s in m.sites]
     return {
         "workspace": _join([ref.sites[s].workspace for s in m.sites]),
         "insertion_form": _insertion(m),
         "integration_form": _integration(m),
-        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if mergeable(m, kinds) else "addition"),
+        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if module_mergeable(m, ref) else "addition"),
         "intra_connectivity": _intra(m),
         "inter_connectivity": "dynamic" if m.form == "prepend" or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed",
         "parameter_sharing": _join(_sharing(m)) or "none",
