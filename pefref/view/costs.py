@@ -90,7 +90,7 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
                 continue
             if m.form == "select":
                 continue
-            d_in_e, d_out_e = host_widths(site, fam, catalog, sizes)
+            d_in_e, d_out_e = host_widths(site, fam, catalog)
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
             d_out = int(eval_scalar(d_out_e, sizes))
             ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",

@@ -38,7 +38,7 @@ class ParamCount:
                 "percent": round(self.percent, 6), "formula": self.formula, "hyperparameters": self.hyperparameters}
 
 
-def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog, sizes: dict[str, int]) -> tuple[Any, Any]:
+def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog) -> tuple[Any, Any]:
     """(d_in, d_out) of a site as expressions over the sizes (a slice's size replaces d_out)."""
     ref = catalog.reference.sites[site]
     b = fam.sites[site]
@@ -49,7 +49,7 @@ def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog, sizes: dict[s
 
 def _select_terms(m: Any, site: str, fam: ArchitectureMap, catalog: Catalog) -> list[str]:
     kind = catalog.reference.sites[site].kind
-    d_in, d_out = host_widths(site, fam, catalog, {})
+    d_in, d_out = host_widths(site, fam, catalog)
     terms = []
     for t in m.targets:
         if t == "weight":
@@ -82,10 +82,10 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
                 select_total += n * len(layers)
-                mult = _mult_text(len(layers), L, per_layer, m.layers)
+                mult = _mult_text(len(layers), per_layer, m.layers)
                 select_terms += [f"{mult}*{x}" for x in terms]
                 continue
-            d_in_e, d_out_e = host_widths(site, fam, catalog, sizes)
+            d_in_e, d_out_e = host_widths(site, fam, catalog)
             for i in layers:
                 names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
                 for pname, spec in m.params.items():
@@ -102,7 +102,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
                     if sym_key not in sym_terms and spec.trainable:
                         by_layer = spec.shared in ("none", "sites") and per_layer
-                        mult = _mult_text(len(layers), L, per_layer, m.layers) if by_layer else "1"
+                        mult = _mult_text(len(layers), per_layer, m.layers) if by_layer else "1"
                         sym_terms[sym_key] = f"{mult}*{text}"
     total = select_total
     for shp, _p, trainable in scopes.values():
@@ -116,7 +116,8 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     return ParamCount(t.id, shape.name, total, base, formula, hps)
 
 
-def _mult_text(n: int, L: int, per_layer: bool, sel: Any) -> str:
+def _mult_text(n: int, per_layer: bool, sel: Any) -> str:
+    """How many copies a per-layer term has: the symbol L for all layers, else the number."""
     return "L" if per_layer and sel == "all" else str(n)
 
 
