@@ -3,7 +3,7 @@
 One small Llama (random weights, fp32, CPU unless ``--device``) is built three times with
 identical weights:
 
-* ``pefref``: ``pefref.api.apply(model, "lora", r=8)`` (paper default sites: q and v);
+* ``pefref``: ``pefref.apply(model, "lora", r=8)`` (paper default sites: q and v);
 * ``hand``:   q_proj / v_proj swapped for :class:`HandLoRALinear`, written plainly;
 * ``peft``:   ``peft.get_peft_model`` with ``LoraConfig(r=8, target_modules=[q_proj, v_proj])``.
 
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.api import apply
+from pefref.runtime.api import apply
 
 R, ALPHA = 8, 16.0
 TARGETS = ("q_proj", "v_proj")

@@ -1,8 +1,8 @@
 """pefref: parameter-efficient fine-tuning techniques as data, after PEFT-Ref (Sabry & Belz 2023).
 
 ``pefref.apply(model, technique, **hyperparameters)`` compiles a catalog
-technique (or a YAML file, or a :class:`~pefref.schema.Technique`) into torch
-modules, places them in ``model`` and returns an :class:`~pefref.adapter.Adapter`.
+technique (or a YAML file, or a :class:`~pefref.language.schema.Technique`) into torch
+modules, places them in ``model`` and returns an :class:`~pefref.runtime.adapter.Adapter`.
 The names below are imported on first use, so ``import pefref`` (and the CLI)
 does not import torch.
 """
@@ -15,13 +15,13 @@ from typing import Any
 __all__ = ["apply", "Adapter", "Technique", "default_catalog", "load_catalog", "PefrefError", "CatalogError"]
 
 _WHERE = {
-    "apply": "api",
-    "Adapter": "adapter",
-    "Technique": "schema",
-    "default_catalog": "catalog",
-    "load_catalog": "catalog",
-    "PefrefError": "errors",
-    "CatalogError": "errors",
+    "apply": "runtime.api",
+    "Adapter": "runtime.adapter",
+    "Technique": "language.schema",
+    "default_catalog": "language.catalog",
+    "load_catalog": "language.catalog",
+    "PefrefError": "language.errors",
+    "CatalogError": "language.errors",
 }
 
 

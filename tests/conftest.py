@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from pefref.catalog import default_catalog
+from pefref.language.catalog import default_catalog
 from pefref.models.build import build_model
 
 # Tests run in parallel workers (pytest -n 2 on 2 cores): one intra-op thread each, or the workers'

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pefref.catalog import default_catalog
+from pefref.language.catalog import default_catalog
 
 __all__ = ["padded_batch", "max_diff"]
 

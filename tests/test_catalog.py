@@ -11,12 +11,12 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from pefref.catalog import catalog_root, default_catalog, load_catalog, load_techniques
-from pefref.cli import app
-from pefref.loader import validate_data
-from pefref.schema import FORMS, SCHEMAS, LayerRange, ModuleUse, Technique
-from pefref.schema import technique as technique_schema
-from pefref.yamlsrc import parse_yaml
+from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
+from pefref.cli.app import app
+from pefref.language.loader import validate_data
+from pefref.language.schema import FORMS, SCHEMAS, LayerRange, ModuleUse, Technique
+from pefref.language.schema import technique as technique_schema
+from pefref.language.yamlsrc import parse_yaml
 
 ROOT = catalog_root()
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -182,7 +182,7 @@ def test_validating_the_whole_catalog_is_fast() -> None:
     """Issue budget: `pefref validate` on the whole catalog in under 2 s (here: loading and checking, uncached)."""
     import time
 
-    from pefref.catalog import load_catalog
+    from pefref.language.catalog import load_catalog
 
     load_catalog()  # warm imports
     t0 = time.perf_counter()

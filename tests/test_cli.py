@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pefref.catalog import catalog_root
-from pefref.cli import app
+from pefref.language.catalog import catalog_root
+from pefref.cli.app import app
 
 COMMANDS = ("validate", "list", "show", "schema", "models")
 TECHNIQUES = sorted(p.stem for p in (catalog_root() / "techniques").glob("*.yaml"))
@@ -137,7 +137,7 @@ def test_schema_write_and_check(tmp_path: Path) -> None:
 
 
 def test_cli_import_is_light() -> None:
-    code = "import sys, pefref.cli; print(sorted(m for m in ('torch', 'transformers', 'pefref.catalog') if m in sys.modules))"
+    code = "import sys, pefref.cli; print(sorted(m for m in ('torch', 'transformers', 'pefref.language.catalog') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -14,10 +14,10 @@ import torch.fx as fx
 
 import transformers  # noqa: E402 - a test dependency
 
-from pefref import expr as pefref_expr  # noqa: E402
-from pefref.api import apply  # noqa: E402
-from pefref.catalog import default_catalog  # noqa: E402
-from pefref.check import expand_modules  # noqa: E402
+from pefref.language import expr as pefref_expr  # noqa: E402
+from pefref.runtime.api import apply  # noqa: E402
+from pefref.language.catalog import default_catalog  # noqa: E402
+from pefref.language.check import expand_modules  # noqa: E402
 from pefref.models.build import applicable  # noqa: E402
 from pefref.ops import PRIMITIVES  # noqa: E402
 from pefref.view.params import count_params  # noqa: E402
@@ -156,7 +156,7 @@ def test_lora_unit_code_is_straight_line() -> None:
     for unit in units:
         assert isinstance(unit, fx.GraphModule)
         code = unit.code
-        assert "evaluate" not in code and "parse_expr" not in code and "pefref.expr" not in code, code
+        assert "evaluate" not in code and "parse_expr" not in code and "pefref.language.expr" not in code, code
         assert "linear" in code  # the primitive is called directly
         calls = [n for n in unit.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
         assert len(calls) <= 6, code  # two linears, a scale, an add

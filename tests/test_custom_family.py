@@ -7,7 +7,7 @@ import textwrap
 import torch
 from torch import nn
 
-from pefref.api import apply
+from pefref.runtime.api import apply
 
 
 class Block(nn.Module):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pefref.api import ADAPTERS_ATTR, apply
-from pefref.catalog import default_catalog
-from pefref.check import expand_modules
+from pefref.runtime.api import ADAPTERS_ATTR, apply
+from pefref.language.catalog import default_catalog
+from pefref.language.check import expand_modules
 from pefref.models.build import applicable
 from pefref.view.analysis import module_mergeable
 from pefref.view.params import count_params
@@ -151,7 +151,7 @@ def test_analytic_count_equals_counted_on_real_shapes(shape: str) -> None:
 def test_base_params_formula_equals_the_built_model(shape: str) -> None:
     """Each family's base_params expression counts the real model of every named shape (meta device)."""
     from pefref.models.build import build_model
-    from pefref.sizes import eval_scalar, model_sizes
+    from pefref.language.sizes import eval_scalar, model_sizes
 
     s = _CAT.shape(shape)
     fam = _CAT.family(s.family)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pefref.catalog import catalog_root, default_catalog, load_catalog, load_techniques
-from pefref.cli import app
-from pefref.errors import CatalogError, Problem
-from pefref.yamlsrc import MAX_BYTES
+from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
+from pefref.cli.app import app
+from pefref.language.errors import CatalogError, Problem
+from pefref.language.yamlsrc import MAX_BYTES
 
 INVALID = Path(__file__).parent / "fixtures" / "invalid"
 HEADER = "# yaml-language-server: $schema=../../../schemas/technique.schema.json\n"

@@ -32,9 +32,9 @@ from torch import nn
 
 import peft  # noqa: E402 - a test dependency: missing means the install is broken
 
-from pefref.api import Adapter, apply  # noqa: E402
-from pefref.catalog import default_catalog  # noqa: E402
-from pefref.check import expand_modules  # noqa: E402
+from pefref.runtime.api import Adapter, apply  # noqa: E402
+from pefref.language.catalog import default_catalog  # noqa: E402
+from pefref.language.check import expand_modules  # noqa: E402
 from pefref.models.build import build_model  # noqa: E402
 
 from .parity import max_diff, padded_batch

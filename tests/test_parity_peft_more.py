@@ -39,9 +39,9 @@ import transformers  # noqa: E402,F401
 
 import peft.tuners.boft.layer as boft_layer  # noqa: E402
 
-from pefref.api import Adapter, apply  # noqa: E402
-from pefref.catalog import default_catalog  # noqa: E402
-from pefref.errors import PefrefError  # noqa: E402
+from pefref.runtime.api import Adapter, apply  # noqa: E402
+from pefref.language.catalog import default_catalog  # noqa: E402
+from pefref.language.errors import PefrefError  # noqa: E402
 from pefref.models.build import build_model  # noqa: E402
 
 from .conftest import output_of

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefref.api import Adapter, apply
-from pefref.catalog import default_catalog
+from pefref.runtime.api import Adapter, apply
+from pefref.language.catalog import default_catalog
 from pefref.models.build import build_model
 from pefref.ops import PRIMITIVES
 from pefref.view.analysis import mergeable
@@ -548,7 +548,7 @@ def test_original_techniques_are_marked() -> None:
 
 
 def test_gates_that_read_the_input_forbid_merging() -> None:
-    from pefref.check import expand_modules
+    from pefref.language.check import expand_modules
 
     kinds = lambda m: [CATALOG.reference.sites[s].kind for s in m.sites]  # noqa: E731
     gated = {m.name: m for m in expand_modules(CATALOG.technique("unipelt"), CATALOG.techniques)[0]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pefref.schema import TYPOLOGY_PROPERTIES
+from pefref.language.schema import TYPOLOGY_PROPERTIES
 from pefref.view.typology import derive_typology
 
 # shared/TYPOLOGY.md, "Expected values for the seven techniques in PEFT-Ref", in its words

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pefref.cli import app
+from pefref.cli.app import app
 from pefref.view.costs import efficiency
 from pefref.view.params import count_params
 
@@ -45,7 +45,7 @@ def test_params_is_fast_on_70b(catalog) -> None:
 
 
 def test_params_cli_in_a_fresh_process() -> None:
-    cmd = [sys.executable, "-c", "from pefref.cli import app; app()", "params", "lora", "--model", "llama-3-70b", "--json"]
+    cmd = [sys.executable, "-c", "from pefref.cli.app import app; app()", "params", "lora", "--model", "llama-3-70b", "--json"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     elapsed = time.perf_counter() - t0

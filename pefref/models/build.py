@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..catalog import Catalog, default_catalog
-from ..errors import PefrefError
-from ..schema import ArchitectureMap, ModelShape
+from pefref.language.catalog import Catalog, default_catalog
+from pefref.language.errors import PefrefError
+from pefref.language.schema import ArchitectureMap, ModelShape
 
 __all__ = ["build_model", "applicable"]
 
@@ -41,7 +41,7 @@ def build_model(shape: ModelShape | str, catalog: Catalog | None = None, *, devi
 
 def _build(fam: ArchitectureMap, config: dict[str, Any]) -> nn.Module:
     if fam.model_type is None:
-        from .reference import RefConfig, RefTransformer
+        from pefref.models.reference import RefConfig, RefTransformer
 
         return RefTransformer(RefConfig(**config))
     try:

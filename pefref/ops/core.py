@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from . import primitive
+from pefref.ops import primitive
 
 if TYPE_CHECKING:
     import torch

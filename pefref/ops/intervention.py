@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import primitive
+from pefref.ops import primitive
 
 if TYPE_CHECKING:
     import torch

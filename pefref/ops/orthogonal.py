@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..inits import initialiser
-from . import primitive
+from pefref.ops.inits import initialiser
+from pefref.ops import primitive
 
 if TYPE_CHECKING:
     import torch

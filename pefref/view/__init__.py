@@ -10,9 +10,9 @@ __all__ = ["derived_facts"]
 def derived_facts(t: Any, catalog: Any, shape: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything pefref derives about ``t``: its typology row (declared values marked),
     its parameter formula and count on ``shape``, and its efficiency facts there."""
-    from .costs import efficiency
-    from .params import count_params
-    from .typology import derive_typology
+    from pefref.view.costs import efficiency
+    from pefref.view.params import count_params
+    from pefref.view.typology import derive_typology
 
     typ = derive_typology(t, catalog.reference, catalog.techniques)
     pc = count_params(t, shape, catalog, overrides)

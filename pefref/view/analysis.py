@@ -9,8 +9,8 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterable
 
-from ..expr import Expr, parse_expr
-from ..ops import PRIMITIVES
+from pefref.language.expr import Expr, parse_expr
+from pefref.ops import PRIMITIVES
 
 __all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input", "mergeable", "module_mergeable"]
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..catalog import Catalog
-from ..check import expand_modules
-from ..hparams import resolve_hyperparameters
-from ..schema import ModelShape, Technique
-from ..sizes import eval_scalar, model_sizes, select_layers
-from .analysis import module_mergeable
-from .params import host_widths
+from pefref.language.catalog import Catalog
+from pefref.language.check import expand_modules
+from pefref.language.hparams import resolve_hyperparameters
+from pefref.language.schema import ModelShape, Technique
+from pefref.language.sizes import eval_scalar, model_sizes, select_layers
+from pefref.view.analysis import module_mergeable
+from pefref.view.params import host_widths
 
 __all__ = ["Efficiency", "efficiency", "latency_class"]
 
@@ -65,7 +65,7 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
     """Efficiency facts of ``t`` on ``shape`` (FLOPs counted on the meta device)."""
     import torch
 
-    from ..compile import SharedStore, SiteContext, build_unit
+    from pefref.compiler.units import SharedStore, SiteContext, build_unit
 
     fam = catalog.family(shape.family)
     modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})

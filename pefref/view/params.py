@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..check import expand_modules
-from ..hparams import shape_of
-from ..schema import ArchitectureMap, ModelShape, Technique
-from ..catalog import Catalog
-from ..sizes import eval_scalar, model_sizes, select_layers
+from pefref.language.check import expand_modules
+from pefref.language.hparams import shape_of
+from pefref.language.schema import ArchitectureMap, ModelShape, Technique
+from pefref.language.catalog import Catalog
+from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 
 __all__ = ["ParamCount", "count_params", "host_widths"]
 
@@ -61,7 +61,7 @@ def _select_terms(m: Any, site: str, fam: ArchitectureMap, catalog: Catalog) -> 
 
 def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> ParamCount:
     """Trainable parameters of ``t`` on ``shape``, with a formula in the model's sizes."""
-    from ..hparams import resolve_hyperparameters
+    from pefref.language.hparams import resolve_hyperparameters
 
     fam = catalog.family(shape.family)
     modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})

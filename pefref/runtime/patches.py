@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hosts import HostKind
+from pefref.runtime.hosts import HostKind
 
 __all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell"]
 

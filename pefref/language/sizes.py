@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import PefrefError, SiteError
-from .expr import evaluate, parse_expr
-from .ops import PRIMITIVES
-from .schema import ArchitectureMap, LayerRange
+from pefref.language.errors import PefrefError, SiteError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.ops import PRIMITIVES
+from pefref.language.schema import ArchitectureMap, LayerRange
 
 __all__ = ["scalar_ops", "eval_scalar", "model_sizes", "select_layers"]
 

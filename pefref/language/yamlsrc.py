@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CatalogError, Location, Problem
+from pefref.language.errors import CatalogError, Location, Problem
 
 __all__ = ["Positions", "read_yaml", "parse_yaml", "MAX_BYTES"]
 

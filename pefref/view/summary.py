@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .check import EXPR_FIELDS, expand_modules
-from .schema import LayerRange, ModelShape, ModuleUse, Technique
+from pefref.language.check import EXPR_FIELDS, expand_modules
+from pefref.language.schema import LayerRange, ModelShape, ModuleUse, Technique
 
 __all__ = ["technique_summary", "technique_row", "model_row", "layers_text", "paper_link"]
 
@@ -94,7 +94,7 @@ def _module(m: Any, declared: Any) -> dict[str, Any]:
 def technique_summary(t: Technique, catalog: Any) -> dict[str, Any]:
     """Everything ``pefref show`` prints about ``t``, as plain data.
 
-    ``catalog`` is a :class:`pefref.catalog.Catalog` (for modules reused with
+    ``catalog`` is a :class:`pefref.language.catalog.Catalog` (for modules reused with
     ``use:`` and the file the technique came from). Keys, in display order: id,
     name, paper, summary, hyperparameters (effective: own and those that came
     with used modules, marked ``from``), modules (concrete, with sites, form,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .catalog import catalog_root, default_catalog, load_catalog, load_techniques
-from .errors import CatalogError, Location, Problem
+from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
+from pefref.language.errors import CatalogError, Location, Problem
 
 __all__ = ["validate_paths"]
 

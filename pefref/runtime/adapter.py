@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PefrefError
-from .patches import Entry, HostPatch
-from .report import Report
-from .schema import ArchitectureMap, Technique
+from pefref.language.errors import PefrefError
+from pefref.runtime.patches import Entry, HostPatch
+from pefref.runtime.report import Report
+from pefref.language.schema import ArchitectureMap, Technique
 
 __all__ = ["Adapter", "ADAPTERS_ATTR"]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
 
-from ..expr import ExprError, parse_expr
+from pefref.language.expr import ExprError, parse_expr
 
 __all__ = ["Strict", "ExprStr", "Identifier", "SITE_PATTERN"]
 

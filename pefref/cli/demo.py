@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .catalog import Catalog
+from pefref.language.catalog import Catalog
 
 __all__ = ["run_demo"]
 
@@ -24,10 +24,10 @@ def run_demo(catalog: Catalog, shape: str = "tiny-ref") -> list[dict[str, Any]]:
 def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[str, Any] | None:
     import torch
 
-    from .api import apply
-    from .check import expand_modules
-    from .models.build import applicable, build_model
-    from .view.analysis import module_mergeable
+    from pefref.runtime.api import apply
+    from pefref.language.check import expand_modules
+    from pefref.models.build import applicable, build_model
+    from pefref.view.analysis import module_mergeable
 
     modules, _ = expand_modules(t, catalog.techniques)
     if not applicable(modules, fam):

@@ -1,6 +1,6 @@
 """JSON Schema files generated from the pydantic models (the single source of truth).
 
-Each entry of :data:`pefref.schema.SCHEMAS` becomes ``schemas/<name>.schema.json``.
+Each entry of :data:`pefref.language.schema.SCHEMAS` becomes ``schemas/<name>.schema.json``.
 Output is deterministic (sorted keys, indent 2, trailing newline), so the
 committed files can be checked against the models: :func:`check_schemas` lists
 the files that differ, and a test runs it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import SCHEMAS
+from pefref.language.schema import SCHEMAS
 
 __all__ = ["schemas_root", "schema_texts", "write_schemas", "check_schemas", "JSON_SCHEMA_DIALECT"]
 
@@ -21,7 +21,7 @@ _SUFFIX = ".schema.json"
 
 def schemas_root() -> Path:
     """The ``schemas/`` folder beside the bundled catalog."""
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return Path(__file__).resolve().parents[2] / "schemas"
 
 
 def schema_texts() -> dict[str, str]:

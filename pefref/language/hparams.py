@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import PefrefError
-from .expr import evaluate, parse_expr
-from .loader import suggest
-from .ops import PRIMITIVES
+from pefref.language.errors import PefrefError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.language.loader import suggest
+from pefref.ops import PRIMITIVES
 
 __all__ = ["resolve_hyperparameters", "shape_of"]
 

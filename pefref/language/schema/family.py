@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from .common import SITE_PATTERN, ExprStr, Identifier, Strict
+from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
 __all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ArchitectureMap", "ModelShape", "ModelShapes"]
 

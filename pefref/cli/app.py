@@ -2,8 +2,8 @@
 
 Each command loads what it needs lazily (the catalog imports torch through the
 primitive registry), so ``pefref --help`` stays fast. User-facing errors
-(:class:`~pefref.errors.PefrefError`, including located
-:class:`~pefref.errors.CatalogError` problems) are printed as ``file:line:col:
+(:class:`~pefref.language.errors.PefrefError`, including located
+:class:`~pefref.language.errors.CatalogError` problems) are printed as ``file:line:col:
 field: message`` lines and exit with status 1, never with a traceback.
 """
 
@@ -20,10 +20,10 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from .errors import CatalogError, Location, PefrefError, Problem
+from pefref.language.errors import CatalogError, Location, PefrefError, Problem
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
+    from pefref.language.catalog import Catalog
 
 __all__ = ["app", "UnknownName"]
 
@@ -99,7 +99,7 @@ def _echo_json(obj: Any) -> None:
 
 
 def _catalog() -> Catalog:
-    from .catalog import default_catalog
+    from pefref.language.catalog import default_catalog
 
     return default_catalog()
 
@@ -139,7 +139,7 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ) -> None:
     """Validate the catalog, or technique YAML files against the bundled reference architecture."""
-    from .validate import validate_paths
+    from pefref.language.validate import validate_paths
 
     problems, report = validate_paths(list(paths or []))
     if as_json:
@@ -161,7 +161,7 @@ def validate(
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")) -> None:
     """List the catalog's techniques with their year, forms and sites."""
-    from .summary import technique_row
+    from pefref.view.summary import technique_row
 
     cat = _catalog()
     rows = [technique_row(cat.techniques[k], cat.techniques) for k in sorted(cat.techniques)]
@@ -184,7 +184,7 @@ def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
         return _lookup(cat.technique, arg), cat
     from dataclasses import replace
 
-    from .catalog import load_techniques
+    from pefref.language.catalog import load_techniques
 
     loaded, sources, positions, problems = load_techniques([path.resolve()], cat.reference, cat.techniques)
     if problems:
@@ -201,9 +201,9 @@ def show(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
 ) -> None:
     """Show one technique: paper, modules, expressions, and its derived typology, parameters and costs."""
-    from .summary import technique_summary
-    from .textview import render_summary
-    from .view import derived_facts
+    from pefref.view.summary import technique_summary
+    from pefref.cli.textview import render_summary
+    from pefref.view import derived_facts
 
     t, cat = _resolve_technique(technique)
     summary = technique_summary(t, cat)
@@ -225,7 +225,7 @@ def schema(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the schema files (default: the repository's schemas/)."),
 ) -> None:
     """Regenerate the JSON Schema files in schemas/ from the models (--check: only compare)."""
-    from .schemagen import check_schemas, schemas_root, write_schemas
+    from pefref.language.schemagen import check_schemas, schemas_root, write_schemas
 
     root = out or schemas_root()
     con = Console(highlight=False)
@@ -252,7 +252,7 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects (one object with NAME)."),
 ) -> None:
     """List the named model shapes (public config values of real models, tiny ones for tests)."""
-    from .summary import model_row
+    from pefref.view.summary import model_row
 
     cat = _catalog()
     if name is not None:
@@ -266,7 +266,7 @@ def models(
             con.print(Text(row["description"]))
         if row["source"]:
             con.print(Text(f"source: {row['source']}"))
-        from .textview import kv_table
+        from pefref.cli.textview import kv_table
 
         con.print(kv_table(row["config"]))
         return
@@ -301,7 +301,7 @@ def params(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (key 'trainable')."),
 ) -> None:
     """Count a technique's trainable parameters on a model shape, analytically (no weights allocated)."""
-    from .view.params import count_params
+    from pefref.view.params import count_params
 
     t, cat = _resolve_technique(technique)
     pc = count_params(t, _lookup(cat.shape, model), cat, _overrides(sets))
@@ -322,9 +322,9 @@ def apply_(
     as_json: bool = typer.Option(False, "--json", help="Print the placement report as JSON (key 'trainable')."),
 ) -> None:
     """Build a model, apply a technique and print the placement report (what went where)."""
-    from .api import apply as apply_technique
-    from .models.build import build_model
-    from .sizes import eval_scalar, model_sizes
+    from pefref.runtime.api import apply as apply_technique
+    from pefref.models.build import build_model
+    from pefref.language.sizes import eval_scalar, model_sizes
 
     t, cat = _resolve_technique(technique)
     shape = _lookup(cat.shape, model)
@@ -339,7 +339,7 @@ def apply_(
     if as_json:
         _echo_json(rep)
         return
-    from .api import fold_paths
+    from pefref.runtime.api import fold_paths
 
     table = Table("site", "module", "matched modules", "params each", "params", title=f"{t.id} on {model} ({fam.family}{', meta device' if device else ''})")
     for r in adapter.report.rows:  # type: ignore[union-attr]
@@ -354,8 +354,8 @@ def typology(
     fmt: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
 ) -> None:
     """Print the PEFT-Ref typology of every technique, derived from structure (declared values marked *)."""
-    from .schema import TYPOLOGY_PROPERTIES
-    from .view.typology import derive_typology
+    from pefref.language.schema import TYPOLOGY_PROPERTIES
+    from pefref.view.typology import derive_typology
 
     cat = _catalog()
     rows = [derive_typology(cat.techniques[k], cat.reference, cat.techniques) for k in sorted(cat.techniques)]
@@ -398,7 +398,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows."),
 ) -> None:
     """Apply every catalog technique to a small model, run it, merge where derived mergeable, and report."""
-    from .demo import run_demo
+    from pefref.cli.demo import run_demo
 
     rows = run_demo(_catalog(), model)
     if as_json:

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .check import check_family, check_technique
-from .errors import CatalogError, Problem
-from .loader import load_file, suggest
-from .schema import ArchitectureMap, ModelShape, ModelShapes, ReferenceArchitecture, Technique
-from .yamlsrc import Positions
+from pefref.language.check import check_family, check_technique
+from pefref.language.errors import CatalogError, Problem
+from pefref.language.loader import load_file, suggest
+from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ReferenceArchitecture, Technique
+from pefref.language.yamlsrc import Positions
 
 __all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "load_techniques"]
 
@@ -24,7 +24,7 @@ __all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "load_t
 def catalog_root() -> Path:
     """The bundled catalog folder (``$PEFREF_CATALOG`` overrides it)."""
     env = os.environ.get("PEFREF_CATALOG")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "catalog"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "catalog"
 
 
 @dataclass

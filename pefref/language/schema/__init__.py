@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
-from .reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
-from .technique import (
+from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
+from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
+from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
     ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
     SelectModule, SequentialModule, Technique,

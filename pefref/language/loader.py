@@ -1,7 +1,7 @@
 """From YAML files to validated schema objects, with every problem located.
 
 pydantic validates structure; this module turns its errors into
-:class:`~pefref.errors.Problem` s that name file:line:column, the field path,
+:class:`~pefref.language.errors.Problem` s that name file:line:column, the field path,
 what was found and what was expected (with a "did you mean" for unknown keys).
 """
 
@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import CatalogError, Location, Problem
-from .yamlsrc import Positions, read_yaml
+from pefref.language.errors import CatalogError, Location, Problem
+from pefref.language.yamlsrc import Positions, read_yaml
 
 __all__ = ["load_file", "validate_data", "dotted", "suggest"]
 
@@ -121,7 +121,7 @@ def _problems(err: ValidationError, cls: type[BaseModel], data: Any, pos: Positi
         if typ == "form":
             form = e["input"].get("form") if isinstance(e["input"], dict) else None
             if form is not None:
-                from .schema import FORMS
+                from pefref.language.schema import FORMS
 
                 out.append(Problem(pos.at(path + ("form",)), dotted(path + ("form",)), f"unknown form {form!r}{suggest(str(form), FORMS)} (expected one of {', '.join(FORMS)})"))
                 continue

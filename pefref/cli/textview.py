@@ -10,7 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from .summary import layers_text
+from pefref.view.summary import layers_text
 
 __all__ = ["render_summary", "kv_table"]
 

@@ -13,17 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .catalog import Catalog, default_catalog, load_techniques
-from .check import MODEL_FLAGS, expand_modules
-from .compile import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
-from .errors import CatalogError, PefrefError
-from .expr import evaluate, parse_expr
-from .inject import Placement, model_config, model_sizes, placements, resolve_family
-from .adapter import ADAPTERS_ATTR, Adapter
-from .patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
-from .report import Report, ReportRow, fold_paths
-from .schema import ArchitectureMap, Technique
-from .view.analysis import mergeable
+from pefref.language.catalog import Catalog, default_catalog, load_techniques
+from pefref.language.check import MODEL_FLAGS, expand_modules
+from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
+from pefref.language.errors import CatalogError, PefrefError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
+from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.report import Report, ReportRow, fold_paths
+from pefref.language.schema import ArchitectureMap, Technique
+from pefref.view.analysis import mergeable
 
 __all__ = ["apply", "resolve_technique", "Adapter", "Report", "ReportRow", "fold_paths", "ADAPTERS_ATTR"]
 
@@ -146,7 +146,7 @@ def apply(
             n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
             if m.host_update is not None and W is not None:
                 env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
-                from .ops import op_table
+                from pefref.ops import op_table
 
                 new_w = evaluate(parse_expr(m.host_update), env, op_table())
                 if pl.size:  # a sliced site (a fused projection) updates its own rows only

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import Location, Problem
-from .expr import Expr, parse_expr
-from .inits import INITS
-from .loader import dotted, suggest
-from .ops import PRIMITIVES
-from .schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
-from .schema.technique import PrependModule
-from .yamlsrc import Positions
+from pefref.language.errors import Location, Problem
+from pefref.language.expr import Expr, parse_expr
+from pefref.ops.inits import INITS
+from pefref.language.loader import dotted, suggest
+from pefref.ops import PRIMITIVES
+from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
+from pefref.language.schema.technique import PrependModule
+from pefref.language.yamlsrc import Positions
 
 __all__ = ["check_technique", "check_family", "expand_modules", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 

@@ -106,7 +106,7 @@ def eye(shape, dtype, device) -> torch.Tensor:
 def init_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Callable[..., Any]]:
     """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus every primitive
     (data-dependent initialisations compute from the host weight ``W``)."""
-    from .ops import PRIMITIVES  # here, not at import: primitive modules register initialisers too
+    from pefref.ops import PRIMITIVES  # here, not at import: primitive modules register initialisers too
 
     table: dict[str, Callable[..., Any]] = {k: p.fn for k, p in PRIMITIVES.items()}
     for k, fn in INITS.items():

@@ -25,11 +25,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import PefrefError
-from .expr import evaluate, parse_expr
-from .hparams import resolve_hyperparameters, shape_of
-from .inits import init_table
-from .ops import PRIMITIVES
+from pefref.language.errors import PefrefError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.language.hparams import resolve_hyperparameters, shape_of
+from pefref.ops.inits import init_table
+from pefref.ops import PRIMITIVES
 
 __all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS"]
 

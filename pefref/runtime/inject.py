@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import nn
 
-from .catalog import Catalog
-from .errors import PefrefError, SiteError
-from .expr import evaluate, parse_expr
-from .hosts import HostKind, host_kind
-from .loader import load_file, suggest
-from .schema import ArchitectureMap, SiteBinding
-from .sizes import model_sizes, scalar_ops, select_layers
+from pefref.language.catalog import Catalog
+from pefref.language.errors import PefrefError, SiteError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.runtime.hosts import HostKind, host_kind
+from pefref.language.loader import load_file, suggest
+from pefref.language.schema import ArchitectureMap, SiteBinding
+from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 
 __all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements"]
 

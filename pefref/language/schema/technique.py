@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from .common import SITE_PATTERN, ExprStr, Identifier, Strict
+from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
 __all__ = [
     "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",

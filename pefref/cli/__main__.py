@@ -1,0 +1,3 @@
+from pefref.cli.app import app
+
+app()

@@ -1,0 +1,1 @@
+"""The compiler: a validated module description and a site context become a runnable torch module."""
