@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pefref.language.errors import PefrefError
-from pefref.runtime.patches import Entry, HostPatch
+from pefref.runtime.patches import Entry
 from pefref.runtime.report import Report
 from pefref.language.schema import ArchitectureMap, Technique
 
@@ -39,9 +39,7 @@ class Adapter:
     report: Report | None = None
     enabled: bool = True
     merged: bool = False
-    _frozen: dict[str, bool] = field(default_factory=dict)
     _host_backup: dict[str, torch.Tensor] = field(default_factory=dict)
-    _merge_backup: list[tuple[Any, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     _hooks: list[Any] = field(default_factory=list)
     _removed: bool = False
 
@@ -86,135 +84,54 @@ class Adapter:
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy an adapter state into this adapter (keys must match exactly)."""
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise PefrefError(f"adapter state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for k, t in own.items():
-                if tuple(state[k].shape) != tuple(t.shape):
-                    raise PefrefError(f"adapter state {k}: shape {tuple(state[k].shape)} != {tuple(t.shape)}")
-                t.copy_(state[k])
+        """Copy an adapter state into this adapter: names, shapes, dtypes and finiteness are checked first."""
+        from pefref.runtime.operations import load_state
+
+        load_state(self, state, "state")
 
     def save(self, path: str | Path) -> None:
         """Save the adapter state as safetensors (technique and hyperparameters as metadata), atomically."""
-        import json
-
         from safetensors.torch import save
 
         from pefref.language.atomic import atomic_write_bytes
+        from pefref.runtime.adapterfile import metadata_of
 
-        meta = {"technique": self.technique.id, "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True)}
+        meta = metadata_of(self)
         data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
         atomic_write_bytes(path, data)
 
     def load(self, path: str | Path) -> None:
-        """Load adapter state saved by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Load adapter state saved by :meth:`save`, after verifying technique, hyperparameters, family and tensors."""
+        from pefref.runtime.operations import load_file
 
-        self.load_state_dict(load_file(str(path)))
+        load_file(self, path)
 
     # --- merge ----------------------------------------------------------------
 
     def merge(self) -> list[str]:
-        """Fold every mergeable unit into its host's weight; returns the hosts merged.
+        """Fold every mergeable unit into its host's weight; returns the hosts merged (a transaction)."""
+        from pefref.runtime.operations import merge
 
-        The adapted host is an affine map of its input when its modules are
-        mergeable, so its merged weight and bias are read off by running it on
-        the identity: ``W' = (f(I) - f(0))^T`` and ``b' = f(0)``.
-        """
-        if self.merged:
-            return []
-        merged: list[str] = []
-        hosts: dict[int, tuple[Any, list[Entry]]] = {}
-        for patch, e in self.entries:
-            if isinstance(patch, HostPatch) and e.unit_key in self.mergeable_units:
-                hosts.setdefault(id(patch), (patch, []))[1].append(e)
-        unmergeable = [k for k in self.units if k not in self.mergeable_units]
-        if unmergeable:
-            raise PefrefError(f"{self.technique.id}: modules that cannot be merged: {', '.join(unmergeable[:4])}")
-        with torch.no_grad():
-            for patch, es in hosts.values():
-                host, kind = patch.host, patch.kind
-                W = kind.get_weight(host)
-                d_in = W.shape[1]
-                probe = torch.cat([torch.zeros(1, d_in, dtype=W.dtype, device=W.device), torch.eye(d_in, dtype=W.dtype, device=W.device)])
-                was = host.training
-                host.eval()
-                out = patch.run(es, (probe,), {})
-                host.train(was)
-                b_new = out[0]
-                W_new = (out[1:] - b_new).t()
-                bias = getattr(host, "bias", None)
-                self._merge_backup.append((patch, W.detach().clone(), None if bias is None else bias.detach().clone()))
-                if bias is None and b_new.abs().max() > 0:
-                    raise PefrefError(f"cannot merge into {type(host).__name__} without a bias: the adapted map has an offset")
-                kind.set_weight(host, W_new)
-                if bias is not None:
-                    bias.copy_(b_new)
-                merged.append(type(host).__name__)
-        self.merged = True
-        return merged
+        return merge(self)
 
     def unmerge(self) -> None:
-        """Restore the host weights saved by :meth:`merge`."""
-        if not self.merged:
-            return
-        with torch.no_grad():
-            for patch, W, b in reversed(self._merge_backup):
-                patch.kind.set_weight(patch.host, W)
-                if b is not None:
-                    patch.host.bias.copy_(b)
-        self._merge_backup.clear()
-        self.merged = False
+        """Take this adapter's merge out of its hosts' weights (adapters merged later stay merged)."""
+        from pefref.runtime.operations import unmerge
+
+        unmerge(self)
 
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:
-        """Within the block the model computes as the base model (merged weights are restored meanwhile)."""
-        was_merged = self.merged
-        self.unmerge()
-        prev = self.enabled
-        self.enabled = False
-        saved = {}
-        with torch.no_grad():
-            for name, t in self._host_backup.items():
-                p = self.model.get_parameter(name)
-                saved[name] = p.detach().clone()
-                p.copy_(t)
-        try:
+        """Within the block the model computes without this adapter (its merges and host updates suspended)."""
+        from pefref.runtime.operations import disabled
+
+        with disabled(self):
             yield
-        finally:
-            with torch.no_grad():
-                for name, t in saved.items():
-                    self.model.get_parameter(name).copy_(t)
-            self.enabled = prev
-            if was_merged:
-                self.merge()
 
     # --- removal ----------------------------------------------------------------
 
     def remove(self) -> nn.Module:
         """Detach every unit, restore host forwards, weights and requires_grad flags; return the model."""
-        if self._removed:
-            return self.model
-        self.unmerge()
-        with torch.no_grad():
-            for name, t in self._host_backup.items():
-                self.model.get_parameter(name).copy_(t)
-        for patch, e in self.entries:
-            patch.entries.remove(e)
-            if not patch.entries:
-                patch.restore()
-        for hk in self._hooks:
-            hk.remove()
-        container = getattr(self.model, ADAPTERS_ATTR, None)
-        if container is not None and self.name in container:
-            del container[self.name]
-            if len(container) == 0:
-                delattr(self.model, ADAPTERS_ATTR)
-        for name, p in self.model.named_parameters():
-            if name in self._frozen:
-                p.requires_grad_(self._frozen[name])
-        self._removed = True
-        return self.model
+        from pefref.runtime.operations import remove
+
+        return remove(self, ADAPTERS_ATTR)

@@ -15,12 +15,17 @@ from torch import nn
 
 from pefref.language.catalog import Catalog, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
-from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
+from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
+from pefref.language.sizes import scalar_ops
+from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
-from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
+from pefref.runtime.patches import _PATCH, _ROOT, Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
+from pefref.runtime.transaction import Transaction, located
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.view.analysis import mergeable
@@ -94,107 +99,123 @@ def apply(
     container = getattr(model, ADAPTERS_ATTR, None)
     if container is not None and name in container:
         raise PefrefError(f"an adapter named {name!r} is already applied; pass name=")
-    places = list(placements(model, fam, sizes, modules, sites, layers))
+    places = list(placements(model, fam, sizes, modules, sites, layers, catalog.reference))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
+    site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
+    host_by_path = {id(m): n for n, m in model.named_modules()}
 
-    # freeze the base model (adapters applied earlier keep training)
-    frozen = {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")}
-    for n in frozen:
-        model.get_parameter(n).requires_grad_(False)
-
-    # shared tensors take the largest shape among their users (each user sees a leading slice)
+    # build every unit and host update first: the model is only read until all of them exist
     store = SharedStore()
-    shared_shapes: dict[tuple[Any, ...], tuple[int, ...]] = {}
-    for pl in places:
-        names = SiteContext(pl.site, pl.layer, pl.d_in, pl.d_out, sizes, flags).names(hps)
-        for pname, spec in pl.module.params.items():
-            key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer)
-            shp = shape_of(spec, names)
-            prev = shared_shapes.get(key, shp)
-            if len(prev) != len(shp):
-                raise PefrefError(f"{tech.id}.{pl.module.name}.{pname}: shared tensor has different ranks at different sites")
-            shared_shapes[key] = tuple(max(a, b) for a, b in zip(prev, shp))
+    built: list[tuple[Placement, nn.Module | None, str, torch.Tensor | None]] = []
+    pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
+    for pl, ctx in zip(places, plan.contexts):
+        m = pl.module
+        with located(where_of(tech, pl)):
+            W = None
+            if pl.kind.has_weight and pl.binding.side == "module":
+                W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))
+                ctx.W = W[pl.start:pl.start + pl.size] if pl.size else W
+            unit = build_unit(m, ctx, hps, store, plan.shared_shapes)
+            key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+            new_w = None
+            if unit is not None:
+                check_unit(unit, m, pl, ctx)
+                if m.host_update is not None and W is not None:
+                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size)
+                    pending[id(pl.host)] = new_w
+        built.append((pl, unit, key, new_w))
 
     units = nn.ModuleDict()
-    adapter = Adapter(model, tech, name, hps, fam, sizes, units, _frozen=frozen)
-    site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
+    adapter = Adapter(model, tech, name, hps, fam, sizes, units)
     rows: dict[tuple[str, str], ReportRow] = {}
-    host_by_path = {id(m): n for n, m in model.named_modules()}
-    for pl in places:
-        m = pl.module
-        W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None
-        ref_t = W if W is not None else next(pl.host.parameters(), None)
-        ctx = SiteContext(pl.site, pl.layer, pl.d_in, pl.d_out, sizes, flags,
-                          dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
-                          device=device or (ref_t.device if ref_t is not None else "cpu"),
-                          W=W[pl.start:pl.start + pl.size] if (W is not None and pl.size) else W)
-        unit = build_unit(m, ctx, hps, store, shared_shapes)
-        key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
-        n_params = 0
-        if unit is None:  # select: unfreeze host parameters
-            for tname in m.targets:
-                p = getattr(pl.host, tname, None)
-                if isinstance(p, nn.Parameter):
-                    full = f"{host_by_path[id(pl.host)]}.{tname}"
-                    p.requires_grad_(True)
-                    adapter.selected[full] = p
-                    adapter._host_backup.setdefault(full, p.detach().clone())  # disable()/remove() give the base values
-                    n_params += p.numel()
-        else:
-            units[key] = unit
-            n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
-            if m.host_update is not None and W is not None:
-                env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
-                from pefref.ops import op_table
-
-                new_w = evaluate(parse_expr(m.host_update), env, op_table())
-                if pl.size:  # a sliced site (a fused projection) updates its own rows only
-                    new_w = torch.cat([W[:pl.start], new_w, W[pl.start + pl.size:]])
-                full = f"{host_by_path[id(pl.host)]}.{'weight'}"
-                adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
-                pl.kind.set_weight(pl.host, new_w.detach())
-            _attach(model, pl, unit, key, adapter, fam, sizes)
-            if mergeable(m, [site_kinds[pl.site]]) and pl.kind.name in ("linear", "conv1d"):
-                adapter.mergeable_units.add(key)
-        row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
-        row.paths.append(pl.path)
-        row.layers.append(pl.layer)
-        row.params += n_params
-    if len(units):
-        if container is None:
-            container = nn.ModuleDict()
-            model.add_module(ADAPTERS_ATTR, container)
-        container[name] = units
-    base = _base_param_count(model, container)
-    if adapter.num_trainable() == 0:
-        adapter.remove()
-        raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {fam.family} modules do not have)")
-    adapter.report = Report(tech.id, fam.family, list(rows.values()), adapter.num_trainable(), base)
+    with Transaction(f"apply {tech.id} as adapter {name!r}") as txn:
+        selected: list[nn.Parameter] = []
+        for pl, unit, _key, _w in built:
+            if unit is None:  # select: these host parameters train in place
+                for tname in pl.module.targets:
+                    p = getattr(pl.host, tname, None)
+                    if isinstance(p, nn.Parameter):
+                        full = f"{host_by_path[id(pl.host)]}.{tname}"
+                        adapter.selected[full] = p
+                        adapter._host_backup.setdefault(full, p.detach().clone())  # disable()/remove() give the base values
+                        selected.append(p)
+        check_selectable(model, selected, tech.id)
+        base = [p for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")]
+        freeze(txn, model, adapter, base, selected)  # the base model is frozen (adapters applied earlier keep training)
+        for pl, unit, key, new_w in built:
+            m = pl.module
+            if unit is None:
+                n_params = sum(p.numel() for t in m.targets if isinstance(p := getattr(pl.host, t, None), nn.Parameter))
+            else:
+                units[key] = unit
+                n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
+                if new_w is not None:
+                    check_not_selected(model, [pl.host.weight], f"{where_of(tech, pl)}: host_update")
+                    led = ledger_of(txn, pl.host, pl.kind)
+                    bias = getattr(pl.host, "bias", None)
+                    led.push(txn, Layer(adapter, "update", _no_recompute), (new_w, None if bias is None else bias.detach().clone()))  # type: ignore[union-attr]
+                _attach(model, pl, unit, key, adapter, fam, sizes, txn)
+                if mergeable(m, [site_kinds[pl.site]]) and pl.kind.name in ("linear", "conv1d"):
+                    adapter.mergeable_units.add(key)
+            row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
+            row.paths.append(pl.path)
+            row.layers.append(pl.layer)
+            row.params += n_params
+        container = getattr(model, ADAPTERS_ATTR, None)
+        if len(units):
+            if container is None:
+                container = nn.ModuleDict()
+                model.add_module(ADAPTERS_ATTR, container)
+                txn.on_undo(lambda: delattr(model, ADAPTERS_ATTR))
+            container[name] = units
+            txn.on_undo(lambda: container.__delitem__(name))
+        if adapter.num_trainable() == 0:
+            raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {fam.family} modules do not have)")
+        n_base = _base_param_count(model, container)
+        adapter.report = Report(tech.id, fam.family, list(rows.values()), adapter.num_trainable(), n_base)
     return adapter
 
 
-def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int]) -> Entry:
+def _no_recompute() -> Any:
+    raise AssertionError("an update layer is re-applied by its delta")
+
+
+def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap,
+            sizes: dict[str, int], txn: Transaction) -> Entry:
+    """Attach one unit at its host (or the model's root), recording in ``txn`` how to detach it."""
     m = pl.module
     if m.form == "prepend":
-        length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, {}))
+        length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, scalar_ops()))
         embed = None
         eb = fam.sites.get("embed.output")
         if eb is not None and eb.path:
             embed = model.get_submodule(eb.path)
-        patch = root_patch_of(model, fam.forward, sizes, embed)
+        existed = getattr(model, _ROOT, None)
+        old_embed = existed.embed if existed is not None else None
+        patch: Any = root_patch_of(model, fam.forward, sizes, embed)
+        if existed is not None:
+            txn.on_undo(lambda: setattr(patch, "embed", old_embed))
         entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key)
     else:
+        existed = getattr(pl.host, _PATCH, None)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
         if entry.reads_mask:
             entry.inputs = input_cell(model, fam.forward.mask)
-            adapter._hooks.append(_Release(model))
+            release = _Release(model)
+            adapter._hooks.append(release)
+            txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))
         if pl.binding.input_path and not patch.stash_hooks:
-            patch.stash_input_of(model.get_submodule(pl.binding.input_path.format(i=pl.layer)))
+            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.layer)))
+            txn.on_undo(lambda: [hk.remove() for hk in patch.stash_hooks] and patch.stash_hooks.clear())
+    if existed is None:
+        txn.on_undo(lambda: patch.restore() if not patch.entries else None)
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
+    txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry))))
     return entry
 
 

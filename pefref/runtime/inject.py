@@ -20,10 +20,11 @@ from pefref.language.errors import PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.hosts import HostKind, host_kind
 from pefref.language.loader import load_file, suggest
-from pefref.language.schema import ArchitectureMap, SiteBinding
+from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
+from pefref.language.templates import template
 
-__all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements"]
+__all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements", "check_host", "HOST_KINDS_FOR"]
 
 
 @dataclass
@@ -77,9 +78,41 @@ def _module(model: nn.Module, path: str) -> nn.Module:
         raise SiteError(f"the model has no module {path!r}{suggest(path, names)}") from None
 
 
+HOST_KINDS_FOR: dict[str, frozenset[str]] = {
+    "linear": frozenset({"linear", "conv1d"}),
+    "embedding": frozenset({"embedding"}),
+    "norm": frozenset({"norm"}),
+}
+"""Host kinds a module found at a site of each reference site kind must be (kinds not listed take any module)."""
+
+
+def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind: HostKind, ref: ReferenceArchitecture | None,
+               sizes: dict[str, int], d_in: int, d_out: int) -> None:
+    """The module found at ``path`` must be of a kind the site accepts, with the site's widths."""
+    if ref is None or site not in ref.sites:
+        return
+    skind = ref.sites[site].kind
+    allowed = HOST_KINDS_FOR.get(skind)
+    if allowed is None or fam.sites[site].side == "input":
+        return
+    if kind.name not in allowed:
+        raise SiteError(f"family {fam.family!r}: site {site!r} is bound to {path!r}, a {type(host).__name__} ({kind.name}); "
+                        f"a {skind} site needs a {' or '.join(sorted(allowed))} module")
+    if skind == "linear":
+        spec = ref.sites[site]
+        want = [int(evaluate(parse_expr(e), sizes, scalar_ops())) if e is not None else None for e in (spec.in_, spec.out)]
+        for what, got, exp in (("input", d_in, want[0]), ("output", d_out, want[1])):
+            if exp is not None and got != exp:
+                raise SiteError(f"family {fam.family!r}: site {site!r} is bound to {path!r}, whose {what} width is {got}; "
+                                f"the site's is {exp} ({spec.in_ if what == 'input' else spec.out})")
+
+
 def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: Sequence[Any],
-               sites: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> Iterator[Placement]:
-    """Every placement of ``modules`` in ``model`` (optionally restricted to some sites / layers)."""
+               sites: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+               reference: ReferenceArchitecture | None = None) -> Iterator[Placement]:
+    """Every placement of ``modules`` in ``model`` (optionally restricted to some sites / layers).
+
+    With ``reference``, each module found is checked against its site (kind and widths)."""
     scal = scalar_ops()
     L = sizes["L"]
     if sites is not None:
@@ -104,7 +137,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                     d = sizes["kv_heads"] * sizes["d_head"]
                     yield Placement(m, site, i, f"<{fam.forward.cache}>[{i}]", model, host_kind(model), b, 0, d)
                     continue
-                path = b.path.format(i=i)  # type: ignore[union-attr]
+                path = template(b.path, i)  # type: ignore[arg-type]
                 host = _module(model, path)
                 kind = host_kind(host)
                 d_in, d_out = kind.widths(host)
@@ -112,7 +145,11 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                 if b.slice is not None:
                     start = int(evaluate(parse_expr(b.slice.start), sizes, scal))
                     size = int(evaluate(parse_expr(b.slice.size), sizes, scal))
+                    if start < 0 or size <= 0 or start + size > d_out:
+                        raise SiteError(f"family {fam.family!r}: site {site!r}: slice [{start}, {start + size}) is outside "
+                                        f"the {d_out} output features of {path!r}")
                     d_out = size
+                check_host(fam, site, path, host, kind, reference, sizes, d_in, d_out)
                 if b.side == "input":
                     d_in = d_out = d_in if kind.has_weight else sizes["d"]
                 if kind.name == "block" or b.input_path:  # a sublayer's input and output (bound through one of its projections)

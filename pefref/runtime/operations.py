@@ -1,0 +1,215 @@
+"""The adapter handle's operations as transactions: merge, unmerge, disable, remove, load.
+
+Each checks what it can first (the handle's state, what a merge may write),
+then changes the model inside one :class:`~pefref.runtime.transaction.Transaction`,
+so it completes or leaves the model exactly as it was. Host weights are
+changed only through their :class:`~pefref.runtime.ledger.WeightLedger`, which
+lets several adapters on one host be merged, unmerged, disabled and removed in
+any order and gives back the original weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pefref.language.errors import PefrefError
+from pefref.runtime.ledger import Layer, Value, all_ledgers, check_not_selected, ledger_of, release
+from pefref.runtime.patches import Entry, HostPatch
+from pefref.runtime.transaction import Transaction, located
+
+__all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value"]
+
+
+def _usable(ad: Any, what: str) -> None:
+    if ad._removed:
+        raise PefrefError(f"adapter {ad.name!r} was removed; it cannot {what}")
+
+
+def _paths(model: nn.Module) -> dict[int, str]:
+    return {id(m): n or "<model>" for n, m in model.named_modules()}
+
+
+def merged_value(patch: HostPatch, entries: list[Entry]) -> Value:
+    """The host's weight and bias with ``entries`` folded in, read off by running it on the identity.
+
+    The adapted host is an affine map of its input when its modules are
+    mergeable: ``W' = (f(I) - f(0))^T`` and ``b' = f(0)``.
+    """
+    host, kind = patch.host, patch.kind
+    W = kind.get_weight(host)  # type: ignore[misc]
+    d_in = W.shape[1]
+    probe = torch.cat([torch.zeros(1, d_in, dtype=W.dtype, device=W.device), torch.eye(d_in, dtype=W.dtype, device=W.device)])
+    was = host.training
+    host.eval()
+    try:
+        with torch.no_grad():
+            out = patch.run(entries, (probe,), {})
+    finally:
+        host.train(was)
+    b_new = out[0]
+    W_new = (out[1:] - b_new).t()
+    bias = getattr(host, "bias", None)
+    if bias is None:
+        if bool(b_new.abs().max() > 0):
+            raise PefrefError(f"cannot merge into {type(host).__name__} without a bias: the adapted map has an offset")
+        return W_new.contiguous(), None
+    return W_new.contiguous(), b_new.to(bias.dtype)
+
+
+def merge(ad: Any) -> list[str]:
+    """Fold every mergeable unit of ``ad`` into its host; returns the class names of the hosts merged."""
+    _usable(ad, "be merged")
+    if not ad.enabled:
+        raise PefrefError(f"adapter {ad.name!r} is disabled (inside disable()); merge it after the block")
+    if ad.merged:
+        return []
+    unmergeable = [k for k in ad.units if k not in ad.mergeable_units]
+    if unmergeable:
+        raise PefrefError(f"{ad.technique.id}: modules that cannot be merged: {', '.join(unmergeable[:4])}")
+    hosts: dict[int, tuple[HostPatch, list[Entry]]] = {}
+    for patch, e in ad.entries:
+        if isinstance(patch, HostPatch) and e.unit_key in ad.mergeable_units:
+            hosts.setdefault(id(patch), (patch, []))[1].append(e)
+    paths = _paths(ad.model)
+    for patch, _es in hosts.values():
+        check_not_selected(ad.model, [patch.host.weight], f"merge adapter {ad.name!r} into {paths.get(id(patch.host))}")
+    merged: list[str] = []
+    with Transaction(f"merge adapter {ad.name!r}") as txn:
+        for patch, es in hosts.values():
+            where = paths.get(id(patch.host), type(patch.host).__name__)
+            with located(f"merge adapter {ad.name!r} into {where}"):
+                after = merged_value(patch, es)
+                bias = getattr(patch.host, "bias", None)
+                touches_bias = bias is not None and after[1] is not None and not torch.equal(after[1], bias)
+                if touches_bias:
+                    check_not_selected(ad.model, [bias], f"merge adapter {ad.name!r} into {where}")
+                layer = Layer(ad, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)
+                ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
+            merged.append(type(patch.host).__name__)
+        txn.set_attr(ad, "merged", True)
+    return merged
+
+
+def unmerge(ad: Any) -> None:
+    """Take ``ad``'s merged layers out of its hosts (others merged above are re-applied)."""
+    if not ad.merged:
+        return
+    with Transaction(f"unmerge adapter {ad.name!r}") as txn:
+        for led in all_ledgers(ad.model):
+            led.remove(txn, ad, ("merge",))
+        txn.set_attr(ad, "merged", False)
+
+
+@contextlib.contextmanager
+def disabled(ad: Any) -> Iterator[None]:
+    """Within the block the model computes without ``ad`` (its merges and host updates suspended)."""
+    _usable(ad, "be disabled")
+    if not ad.enabled:  # nested: already disabled
+        yield
+        return
+    saved: dict[str, torch.Tensor] = {}
+    with Transaction(f"disable adapter {ad.name!r}") as txn:
+        for led in all_ledgers(ad.model):
+            led.set_active(txn, ad, False)
+        for name, base in ad._host_backup.items():
+            p = ad.model.get_parameter(name)
+            saved[name] = p.detach().clone()
+            txn.write(p, base)
+        txn.set_attr(ad, "enabled", False)
+    try:
+        yield
+    finally:
+        if not ad._removed:
+            with Transaction(f"re-enable adapter {ad.name!r}") as txn:
+                for led in all_ledgers(ad.model):
+                    led.set_active(txn, ad, True)
+                for name, value in saved.items():
+                    txn.write(ad.model.get_parameter(name), value)
+                txn.set_attr(ad, "enabled", True)
+
+
+def remove(ad: Any, container_attr: str) -> nn.Module:
+    """Detach ``ad`` and give back the host weights, forwards and flags it changed."""
+    if ad._removed:
+        return ad.model
+    model = ad.model
+    with Transaction(f"remove adapter {ad.name!r}") as txn:
+        for led in all_ledgers(model):  # tensor writes first: the steps that could fail
+            led.remove(txn, ad)
+        for name, base in ad._host_backup.items():
+            txn.write(model.get_parameter(name), base)
+        release(txn, model, ad)
+        container = getattr(model, container_attr, None)
+        if container is not None and ad.name in container:
+            units = container[ad.name]
+            del container[ad.name]
+            txn.on_undo(lambda: container.add_module(ad.name, units))
+            if len(container) == 0:
+                delattr(model, container_attr)
+                txn.on_undo(lambda: model.add_module(container_attr, container))
+        # structural steps last (they cannot fail half-way)
+        for patch, e in ad.entries:
+            if e in patch.entries:
+                patch.entries.remove(e)
+            if not patch.entries and getattr(patch, "restore", None) is not None and _is_live(patch):
+                patch.restore()
+        for hk in ad._hooks:
+            hk.remove()
+        ad._hooks.clear()
+        ad.merged = False
+        ad._removed = True
+    return model
+
+
+def _is_live(patch: Any) -> bool:
+    obj = getattr(patch, "host", None)
+    obj = getattr(patch, "model", None) if obj is None else obj
+    return obj is not None and any(v is patch for v in obj.__dict__.values())
+
+
+def check_state(where: str, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """Names, shapes, dtypes and finiteness of ``state`` against the adapter's own tensors ``own``."""
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise PefrefError(f"{where}: adapter state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in own.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            raise PefrefError(f"{where}: {k} is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != tuple(t.shape):
+            raise PefrefError(f"{where}: {k}: shape {tuple(v.shape)} != {tuple(t.shape)}")
+        if v.dtype != t.dtype:
+            raise PefrefError(f"{where}: {k}: dtype {v.dtype} != {t.dtype} (convert it explicitly)")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PefrefError(f"{where}: {k} holds NaN or infinite values")
+
+
+def load_state(ad: Any, state: Mapping[str, torch.Tensor], where: str, verified: bool = False) -> None:
+    """Copy a verified state into ``ad``'s tensors, all or nothing."""
+    _usable(ad, "load a state")
+    if ad.merged:
+        raise PefrefError(f"adapter {ad.name!r} is merged; unmerge it before loading a state")
+    if not ad.enabled:
+        raise PefrefError(f"adapter {ad.name!r} is disabled (inside disable()); load it after the block")
+    own = ad.state_dict()
+    if not verified:
+        check_state(where, state, own)
+    with Transaction(f"load {where} into adapter {ad.name!r}") as txn:
+        for k, t in own.items():
+            txn.write(t, state[k].to(t.device))
+
+
+def load_file(ad: Any, path: str | Path) -> None:
+    """Read, verify and load an adapter file written by ``save``."""
+    from pefref.runtime.adapterfile import read_verified
+
+    _usable(ad, "load a file")
+    own = ad.state_dict()
+    tensors = read_verified(path, ad, own)
+    load_state(ad, tensors, str(path), verified=True)
