@@ -412,5 +412,7 @@ def demo(
     _wide().print(table)
 
 
+from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
+
 if __name__ == "__main__":  # pragma: no cover
     app()
