@@ -78,7 +78,7 @@ def test_lora_on_the_ffn_runs_and_changes_only_those_hosts() -> None:
     adapter = pefref.apply(model, "lora", sites=["ffn.*"], r=2)
     assert sorted(r.site for r in adapter.report.rows) == ["ffn.down", "ffn.gate", "ffn.up"]
     with torch.no_grad():
-        for p in adapter.trainable_parameters().values():
+        for p in adapter.trainable_parameters():
             p.add_(0.1)
         assert (output_of(model, model_inputs("llama")) - base_out).abs().max() > 1e-4
     adapter.remove()
