@@ -143,6 +143,7 @@ def apply(
                     n_params += p.numel()
         else:
             units[key] = unit
+            adapter.unit_modules[key] = m
             n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
             if m.host_update is not None and W is not None:
                 env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
