@@ -73,7 +73,7 @@ def test_affine_merge_folds_into_weight_and_bias(tmp_path: Path, family: str) ->
     ad = apply(model, t, sites=["attn.o", "ffn.down"])
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in ad.trainable_parameters().values():
+        for p in ad.trainable_parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     adapted = output_of(model, inputs)
     assert (adapted - base).abs().max() > 1e-3
@@ -100,7 +100,7 @@ def test_rescale_at_the_embedding(tmp_path: Path, family: str) -> None:
     ad = apply(model, t, sites=["embed.output"])
     assert ad.num_trainable() == model.get_input_embeddings().embedding_dim
     assert torch.equal(output_of(model, inputs), base)  # ones: identity
-    (s,) = ad.trainable_parameters().values()
+    (s,) = ad.trainable_parameters()
     with torch.no_grad():
         s.mul_(torch.linspace(0.5, 1.5, s.numel()))
     # reference: a forward hook scaling the embedding's output (GPT-2 ties the table to its LM head)
