@@ -161,7 +161,8 @@ def apply(
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
             _attach(model, pl, unit, key, adapter, fam, sizes)
-            if mergeable(m, [site_kinds[pl.site]]) and pl.kind.name in ("linear", "conv1d"):
+            host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
+            if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)
