@@ -412,5 +412,7 @@ def demo(
     _wide().print(table)
 
 
+import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
+
 if __name__ == "__main__":  # pragma: no cover
     app()
