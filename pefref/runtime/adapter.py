@@ -98,13 +98,16 @@ class Adapter:
                 t.copy_(state[k])
 
     def save(self, path: str | Path) -> None:
-        """Save the adapter state as safetensors (with the technique and hyperparameters as metadata)."""
+        """Save the adapter state as safetensors (technique and hyperparameters as metadata), atomically."""
         import json
 
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from pefref.language.atomic import atomic_write_bytes
 
         meta = {"technique": self.technique.id, "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True)}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
+        atomic_write_bytes(path, data)
 
     def load(self, path: str | Path) -> None:
         """Load adapter state saved by :meth:`save`."""
