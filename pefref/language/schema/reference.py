@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
-__all__ = ["SizeSpec", "SiteKind", "Site", "DiagramGroup", "DiagramComponent", "ReferenceDiagram", "ReferenceArchitecture", "WORKSPACES"]
+__all__ = ["SizeSpec", "SiteKind", "Site", "SiteSelector", "DiagramGroup", "DiagramComponent", "ReferenceDiagram", "ReferenceArchitecture", "WORKSPACES"]
 
 WORKSPACES = ("embedding", "attention", "ffn", "layer", "head")
 _FORM = Literal["parallel", "sequential", "reparameterise", "rescale", "prepend", "select"]
@@ -87,6 +87,15 @@ class ReferenceDiagram(Strict):
         return self
 
 
+class SiteSelector(Strict):
+    """A named group of sites (e.g. every linear projection), usable wherever sites are chosen."""
+
+    kinds: list[Identifier] | None = Field(None, description="Sites of these kinds (None: any kind).")
+    workspaces: list[Literal[WORKSPACES]] | None = Field(None, description="Sites of these workspaces (None: any).")  # type: ignore[valid-type]
+    per_layer: bool | None = Field(None, description="Only per-layer sites (true), only model-level ones (false), or both (None).")
+    description: str
+
+
 class ReferenceArchitecture(Strict):
     """The standard Transformer that techniques are described against."""
 
@@ -96,6 +105,8 @@ class ReferenceArchitecture(Strict):
     site_kinds: dict[Identifier, SiteKind]
     sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], Site]
     diagram: ReferenceDiagram = Field(description="How the architecture is drawn: every site is carried by exactly one component or group.")
+    selectors: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")], SiteSelector] = Field(
+        default_factory=dict, description="Named groups of sites (e.g. 'all-linear'), accepted by sites= and --sites.")
 
     @model_validator(mode="after")
     def _kinds_exist(self) -> ReferenceArchitecture:
@@ -111,4 +122,8 @@ class ReferenceArchitecture(Strict):
         missing = [s for s in self.sites if s not in carried]
         if missing:
             raise ValueError(f"the diagram does not draw the sites {missing}; give each to a component or group")
+        for name, sel in self.selectors.items():
+            for k in sel.kinds or []:
+                if k not in self.site_kinds:
+                    raise ValueError(f"selector {name!r} names unknown kind {k!r}; known: {sorted(self.site_kinds)}")
         return self
