@@ -30,7 +30,7 @@ def _technique(tmp_path: Path, body: str, tid: str = "probe") -> Path:
 def _randomise(adapter, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapter.trainable_parameters().values():
+        for p in adapter.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 

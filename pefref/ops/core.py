@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 @primitive(scalar=True)
 def sqrt(v: Any) -> Any:
     """Square root :math:`\\sqrt{v}` (of a number or a tensor)."""
+    if isinstance(v, (int, float)):
+        return math.sqrt(v)  # numbers (shapes, scales) never import torch
     import torch
     return torch.sqrt(v) if isinstance(v, torch.Tensor) else math.sqrt(v)
 
@@ -173,7 +175,7 @@ def exp(a: torch.Tensor) -> torch.Tensor:
 
 @primitive(nonlinear=True)
 def softmax(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over one dimension."""
+    """Softmax over dimension ``dim``, :math:`\\mathrm{softmax}(a)_j = e^{a_j} / \\sum_k e^{a_k}` (routers' gates)."""
     import torch
     return torch.softmax(a, dim)
 
