@@ -26,7 +26,7 @@ def _lora(r: int = 4):  # noqa: ANN202
     adapter = apply(model, "lora", r=r)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in adapter.trainable_parameters().items():
+        for name, p in adapter.named_trainable_parameters().items():
             if name.endswith(".B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model, adapter

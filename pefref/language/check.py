@@ -103,6 +103,10 @@ def _check_names(e: Expr, allowed: set[str], ops: set[str], pos: Positions, path
 def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> list[Problem]:
     """Cross-reference problems of one technique (empty when it is sound)."""
     out: list[Problem] = []
+    for i, tid in enumerate(t.extends):
+        if tid not in pool or tid == t.id:
+            why = "a technique cannot extend itself" if tid == t.id else f"unknown technique {tid!r}{suggest(tid, pool)}"
+            out.append(Problem(pos.at(("extends", i)), f"extends[{i}]", why))
     for i, m in enumerate(t.modules):
         if isinstance(m, ModuleUse):
             tid, mname = m.use.split(".")
@@ -142,6 +146,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
             init_reads = {"W"} & site_reads
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+            if isinstance(spec.lr_scale, str):
+                out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:
