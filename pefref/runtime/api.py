@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.language.catalog import Catalog, default_catalog, load_techniques
+from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
 from pefref.language.errors import CatalogError, PefrefError
@@ -24,7 +25,7 @@ from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
-from pefref.runtime.patches import _PATCH, _ROOT, Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.transaction import Transaction, located
 from pefref.runtime.report import Report, ReportRow, fold_paths
@@ -89,12 +90,13 @@ def apply(
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
     """
-    catalog = catalog or default_catalog()
+    if catalog is None:  # a catalog id loads only what it needs
+        catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
-    modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
+    modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -135,6 +137,7 @@ def apply(
     units = nn.ModuleDict()
     adapter = Adapter(model, tech, name, hps, fam, sizes, units)
     rows: dict[tuple[str, str], ReportRow] = {}
+    merge_ok: dict[tuple[str, str, bool], bool] = {}  # (module, site kind, host has a bias): derived once, not per layer
     with Transaction(f"apply {tech.id} as adapter {name!r}") as txn:
         selected: list[nn.Parameter] = []
         for pl, unit, _key, _w in built:
@@ -163,8 +166,10 @@ def apply(
                     bias = getattr(pl.host, "bias", None)
                     led.push(txn, Layer(adapter, "update", _no_recompute), (new_w, None if bias is None else bias.detach().clone()))  # type: ignore[union-attr]
                 _attach(model, pl, unit, key, adapter, fam, sizes, txn)
-                host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
-                if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
+                mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
+                if mk not in merge_ok:
+                    merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
+                if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
                     adapter.mergeable_units.add(key)
             row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
             row.paths.append(pl.path)
@@ -222,7 +227,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
-    txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry))))
+    txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),
+                         patch.settle() if patch.entries and isinstance(patch, HostPatch) else None))
     return entry
 
 

@@ -92,7 +92,11 @@ def merge(ad: Any) -> list[str]:
                 layer = Layer(ad, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)
                 ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
             merged.append(type(patch.host).__name__)
+        settle = [p for p, _es in hosts.values()]
+        txn.on_undo(lambda: [p.settle() for p in settle])  # runs after 'merged' is restored
         txn.set_attr(ad, "merged", True)
+        for p in settle:  # merged means gone: a host whose entries are all merged runs its own forward
+            p.settle()
     return merged
 
 
@@ -103,7 +107,11 @@ def unmerge(ad: Any) -> None:
     with Transaction(f"unmerge adapter {ad.name!r}") as txn:
         for led in all_ledgers(ad.model):
             led.remove(txn, ad, ("merge",))
+        patches = [p for p, _e in ad.entries if isinstance(p, HostPatch)]
+        txn.on_undo(lambda: [p.settle() for p in patches])
         txn.set_attr(ad, "merged", False)
+        for p in patches:
+            p.settle()
 
 
 @contextlib.contextmanager
@@ -159,6 +167,8 @@ def remove(ad: Any, container_attr: str) -> nn.Module:
                 patch.entries.remove(e)
             if not patch.entries and getattr(patch, "restore", None) is not None and _is_live(patch):
                 patch.restore()
+            elif patch.entries and isinstance(patch, HostPatch):
+                patch.settle()
         for hk in ad._hooks:
             hk.remove()
         ad._hooks.clear()
