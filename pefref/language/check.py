@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pefref.language.errors import Location, Problem
+from pefref.language.errors import Location, PefrefError, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.ops.inits import INITS
 from pefref.language.loader import dotted, suggest
+from pefref.language.templates import template_problem
 from pefref.ops import PRIMITIVES
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import PrependModule
 from pefref.language.shapecheck import check_module_shapes
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["check_technique", "check_family", "expand_modules", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
 HOST_SIZES = ("d_in", "d_out")
 """Widths of the host a module is attached to, usable in shapes and expressions."""
@@ -52,17 +53,54 @@ def reads_of(form: str, fld: str) -> set[str]:
     return _FIELD_READS.get((form, fld), set())
 
 
-def expand_modules(t: Technique, pool: dict[str, Technique]) -> tuple[list[Any], dict[str, Any]]:
+def use_cycle(t: Technique, pool: dict[str, Technique]) -> list[str] | None:
+    """The technique ids of a ``use:`` cycle through ``t`` (``[a, b, a]``; ``[a, a]`` for self-use), or None."""
+    path: list[str] = []
+    done: set[str] = set()
+
+    def visit(tid: str, tech: Technique) -> list[str] | None:
+        if tid in path:
+            return path[path.index(tid):] + [tid]
+        if tid in done:
+            return None
+        path.append(tid)
+        for m in tech.modules:
+            if isinstance(m, ModuleUse):
+                dep = m.use.split(".")[0]
+                src = tech if dep == tid else pool.get(dep)
+                if src is not None:
+                    found = visit(dep, src)
+                    if found:
+                        return found
+        path.pop()
+        done.add(tid)
+        return None
+
+    return visit(t.id, t)
+
+
+def expand_modules(t: Technique, pool: dict[str, Technique], _stack: tuple[str, ...] = ()) -> tuple[list[Any], dict[str, Any]]:
     """Concrete modules of ``t`` (``use`` entries replaced by the used module, overrides applied)
-    and the effective hyperparameters (own ones override those imported with used modules)."""
+    and the effective hyperparameters (own ones override those imported with used modules).
+
+    A ``use:`` cycle (a technique that uses itself, directly or through others)
+    is a :class:`~pefref.language.errors.PefrefError` naming the cycle."""
+    if t.id in _stack:
+        raise PefrefError(f"use: cycle {' -> '.join([*_stack[_stack.index(t.id):], t.id])}")
+    stack = (*_stack, t.id)
     hps: dict[str, Any] = {}
     out: list[Any] = []
     for m in t.modules:
         if isinstance(m, ModuleUse):
             tid, mname = m.use.split(".")
-            src = pool[tid]
-            base = next(x for x in expand_modules(src, pool)[0] if x.name == mname)
-            for k, v in expand_modules(src, pool)[1].items():
+            src = t if tid == t.id else pool.get(tid)
+            if src is None:
+                raise PefrefError(f"{t.id}: use {m.use!r}: unknown technique {tid!r}")
+            src_modules, src_hps = expand_modules(src, pool, stack)
+            base = next((x for x in src_modules if x.name == mname), None)
+            if base is None:
+                raise PefrefError(f"{t.id}: use {m.use!r}: technique {tid!r} has no module {mname!r}")
+            for k, v in src_hps.items():
                 hps.setdefault(k, v)
             upd: dict[str, Any] = {"name": m.name or base.name}
             if m.sites is not None:
@@ -117,6 +155,12 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {tid!r} has no module {mname!r}{suggest(mname, names)} (modules: {', '.join(names)})"))
     if out:
         return out
+    cycle = use_cycle(t, pool)
+    if cycle:
+        uses = [i for i, m in enumerate(t.modules) if isinstance(m, ModuleUse)]
+        i = next((i for i in uses if t.modules[i].use.split(".")[0] in cycle[1:]), uses[0])  # type: ignore[union-attr]
+        what = "uses itself" if len(cycle) == 2 else f"is part of a use: cycle {' -> '.join(cycle)}"
+        return [Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {t.id!r} {what}")]
     modules, hps = expand_modules(t, pool)
     for name, hp in t.hyperparameters.items():
         p = ("hyperparameters", name)
@@ -181,6 +225,18 @@ def check_family(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitectur
             out.append(Problem(pos.at(("sites", s)), f"sites.{s}", "only key/value sites are reached through the cache"))
         if b.path and ref.sites[s].per_layer and "{i}" not in b.path and b.path != fam.layers:
             out.append(Problem(pos.at(("sites", s, "path")), f"sites.{s}.path", f"a per-layer site needs '{{i}}' in its path; found {b.path!r}"))
+        for fld in ("path", "input_path"):
+            text = getattr(b, fld)
+            bad = template_problem(text) if text else None
+            if bad is not None:
+                out.append(_expr_problem(pos, ("sites", s, fld), bad[1], f"{bad[0]}; found {text!r}"))
+        if b.slice is not None:
+            for fld in ("start", "size"):
+                e = parse_expr(getattr(b.slice, fld))
+                out += _check_names(e, set(ref.sizes), {k for k, p in PRIMITIVES.items() if p.scalar}, pos, ("sites", s, "slice", fld), "a slice")
+    bad = template_problem(fam.layers)
+    if bad is not None:
+        out.append(_expr_problem(pos, ("layers",), bad[1], f"{bad[0]}; found {fam.layers!r}"))
     for k in fam.sizes:
         if k not in ref.sizes:
             out.append(Problem(pos.key_at(("sizes", k)), f"sizes.{k}", f"unknown size {k!r}{suggest(k, ref.sizes)}"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-__all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "BINOPS"]
+from pefref.language.errors import PefrefError
+from pefref.language.limits import current
+
+__all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "arith", "substitute", "BINOPS"]
 
 BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -37,8 +41,8 @@ _SUBSCRIPTS = re.compile(r"[A-Za-z.,\->]{1,64}")
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
-class ExprError(ValueError):
-    """A grammar error at a 0-based column of the expression text."""
+class ExprError(PefrefError, ValueError):
+    """A grammar or bounds error at a 0-based column of the expression text."""
 
     def __init__(self, message: str, column: int = 0) -> None:
         super().__init__(message)
@@ -123,23 +127,113 @@ def parse_expr(text: str | int | float) -> Expr:
     """Parse and check an expression; raises :class:`ExprError` with a column.
 
     Expressions are immutable, so a text is parsed once per process (injection
-    reads the same few expressions for every unit).
+    reads the same few expressions for every unit). The text's length, the
+    syntax tree's size and depth and the digits of integer literals are bounded
+    (:mod:`pefref.language.limits`).
     """
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ExprError(f"expected an expression, found {type(text).__name__}")
+    if isinstance(text, float) and not math.isfinite(text):
+        raise ExprError(f"expected a finite number, found {text!r}")
+    if isinstance(text, int) and _too_big(text):
+        raise ExprError(f"integer of about {int(text.bit_length() * 0.30103)} digits; at most {current().max_int_digits} are allowed")
     return _parse(type(text), text)
 
 
 @functools.lru_cache(maxsize=8192)
 def _parse(_kind: type, text: str | int | float) -> Expr:  # the type is part of the key: 1 and 1.0 hash alike
     src = str(text)
+    lim = current()
+    if len(src) > lim.max_expr_chars:
+        raise ExprError(f"expression of {len(src)} characters; at most {lim.max_expr_chars} are allowed")
+    bad = next((i for i, ch in enumerate(src) if ord(ch) < 32 and ch not in "\t\n\r"), None)
+    if bad is not None:
+        raise ExprError(f"control character {src[bad]!r} in an expression", bad)
     try:
         tree = ast.parse(src.strip(), mode="eval").body
     except SyntaxError as e:
         raise ExprError(f"syntax error: {e.msg}", max((e.offset or 1) - 1, 0)) from None
+    except (RecursionError, MemoryError, ValueError):
+        raise ExprError("expression too deeply nested or too large to parse") from None
     lead = len(src) - len(src.lstrip())
+    _measure(tree, lead)
     _check_offset(tree, lead)
     return Expr(src, tree)
+
+
+def _too_big(n: int) -> bool:
+    """More decimal digits than the limit allows (read off the bit length: no conversion to text)."""
+    return n.bit_length() * 0.30103 > current().max_int_digits
+
+
+def _measure(tree: ast.expr, lead: int) -> None:
+    """Bound the tree's node count and depth, and the digits of integer literals (iteratively: no recursion)."""
+    lim = current()
+    count = 0
+    stack: list[tuple[ast.AST, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        col = getattr(node, "col_offset", 0) + lead
+        if count > lim.max_expr_nodes:
+            raise ExprError(f"expression of more than {lim.max_expr_nodes} terms; simplify it", 0)
+        if depth > lim.max_expr_depth:
+            raise ExprError(f"expression nested more than {lim.max_expr_depth} deep", col)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool) and _too_big(node.value):
+            raise ExprError(f"integer literal of more than {lim.max_int_digits} digits", col)
+        stack.extend((c, depth + 1) for c in ast.iter_child_nodes(node))
+
+
+def arith(op: type, a: Any, b: Any, column: int = 0) -> Any:
+    """``a op b`` (a :data:`BINOPS` operator), with bounds where both sides are plain numbers.
+
+    Integer powers are bounded in exponent and result size, integer results in
+    digits, float results must be finite; division by zero is an
+    :class:`ExprError` at ``column``. Tensors go to torch unchanged."""
+    fn = BINOPS[op]
+    if not (_number(a) and _number(b)):
+        return fn(a, b)
+    lim = current()
+    if op is ast.Pow and isinstance(a, int) and isinstance(b, int):
+        if abs(b) > lim.max_exponent or (b > 0 and abs(a) > 1 and b * math.log10(abs(a)) > lim.max_int_digits):
+            raise ExprError(f"{a} ** {b} is too large (exponents up to {lim.max_exponent}, results up to {lim.max_int_digits} digits)", column)
+    try:
+        out = fn(a, b)
+    except ZeroDivisionError:
+        raise ExprError("division by zero", column) from None
+    except OverflowError:
+        raise ExprError("number too large", column) from None
+    if isinstance(out, complex):
+        raise ExprError(f"{a!r} ** {b!r} is not a real number", column)
+    if isinstance(out, int) and _too_big(out):
+        raise ExprError(f"integer result of more than {lim.max_int_digits} digits", column)
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ExprError(f"result {out!r} is not a finite number", column)
+    return out
+
+
+def substitute(text: str | int, names: Mapping[str, str | int]) -> str:
+    """The expression ``text`` with each name of ``names`` replaced by that expression (on the syntax tree,
+    so ``d_inner`` is untouched when ``d_in`` is replaced); the result is parenthesised as needed."""
+    tree = parse_expr(text).tree
+    repl = {k: parse_expr(v).tree for k, v in names.items()}
+
+    class _Sub(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            return repl.get(node.id, node)
+
+        def visit_Call(self, node: ast.Call) -> ast.AST:  # op names are not variables
+            node.args = [self.visit(a) for a in node.args]
+            node.keywords = [self.visit(k) for k in node.keywords]
+            return node
+
+    import copy
+
+    return ast.unparse(_Sub().visit(copy.deepcopy(tree)))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_offset(tree: ast.expr, lead: int) -> None:
@@ -160,7 +254,7 @@ def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Ca
         except KeyError:
             raise ExprError(f"unknown name {node.id!r}", node.col_offset) from None
     if isinstance(node, ast.BinOp):
-        return BINOPS[type(node.op)](evaluate(node.left, env, ops), evaluate(node.right, env, ops))
+        return arith(type(node.op), evaluate(node.left, env, ops), evaluate(node.right, env, ops), node.col_offset)
     if isinstance(node, ast.UnaryOp):
         return _UNARY[type(node.op)](evaluate(node.operand, env, ops))
     if isinstance(node, (ast.Tuple, ast.List)):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.limits import current
 from pefref.language.loader import suggest
 from pefref.ops import PRIMITIVES
 
@@ -20,19 +22,7 @@ def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any
         if k not in decl:
             raise PefrefError(f"unknown hyperparameter {k!r}{suggest(k, decl)} (declared: {', '.join(decl) or 'none'})")
         hp = decl[k]
-        try:
-            if hp.type == "int":
-                v: Any = int(raw) if not isinstance(raw, float) or float(raw).is_integer() else None
-                if v is None:
-                    raise ValueError
-            elif hp.type == "float":
-                v = float(raw)
-            elif hp.type == "bool":
-                v = raw if isinstance(raw, bool) else {"true": True, "false": False, "1": True, "0": False}[str(raw).lower()]
-            else:
-                v = type(hp.default)(raw)
-        except (ValueError, KeyError):
-            raise PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}") from None
+        v = _convert(k, hp, raw)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
         if lo is not None and v < lo:
             raise PefrefError(f"hyperparameter {k!r} = {v} is below its minimum {lo}")
@@ -46,6 +36,44 @@ def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any
 
 _SCALAR_OPS: dict[str, Any] = {}
 _DIMS: dict[tuple[Any, ...], Any] = {}  # (dimension text, values of the names it reads) -> value
+
+
+def _convert(k: str, hp: Any, raw: Any) -> Any:
+    """``raw`` (a Python value, or text from the command line) as the hyperparameter's type.
+
+    Booleans are not numbers here (``r=True`` is refused), and a real number
+    must be finite (NaN and infinities are refused)."""
+    bad = PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}")
+    if hp.type == "bool":
+        if isinstance(raw, bool):
+            return raw
+        v = {"true": True, "false": False, "1": True, "0": False}.get(str(raw).strip().lower())
+        if v is None:
+            raise bad
+        return v
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise bad
+    try:
+        if isinstance(raw, str):
+            text = raw.strip()
+            num: Any = int(text) if text.lstrip("+-").isdigit() else float(text)
+        else:
+            num = raw
+    except (ValueError, OverflowError):
+        raise bad from None
+    if isinstance(num, float) and not math.isfinite(num):
+        raise PefrefError(f"hyperparameter {k!r} must be a finite number, found {raw!r}")
+    if hp.type == "choice":
+        return next((c for c in hp.choices if c == num), num)  # the declared value (bounds checked by the caller)
+    if hp.type == "int":
+        if isinstance(num, float):
+            if not num.is_integer():
+                raise bad
+            num = int(num)
+        if num.bit_length() > 64:
+            raise PefrefError(f"hyperparameter {k!r} = {num} is too large")
+        return num
+    return float(num)
 
 
 def _scalar_ops() -> dict[str, Any]:
@@ -70,13 +98,16 @@ def _dim(d: str, names: Mapping[str, Any]) -> Any:
 
 
 def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
-    """Resolve a ParamSpec's symbolic shape to integers."""
+    """Resolve a ParamSpec's symbolic shape to integers, each positive and at most ``max_dim``."""
+    lim = current()
     dims = []
     for d in spec.shape:
         v = d if isinstance(d, int) else _dim(d, names)
         if isinstance(v, float) and v.is_integer():
             v = int(v)
-        if not isinstance(v, int) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise PefrefError(f"shape dimension {d!r} resolves to {v!r}; expected a positive integer")
+        if v > lim.max_dim:
+            raise PefrefError(f"shape dimension {d!r} resolves to {v}, over the limit of {lim.max_dim}")
         dims.append(v)
     return tuple(dims)

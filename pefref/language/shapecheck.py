@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pefref.language.errors import Location, Problem
-from pefref.language.expr import BINOPS, ExprError, parse_expr
+from pefref.language.expr import ExprError, arith, parse_expr
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
@@ -61,7 +61,9 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
             return None
         if not isinstance(a, Shape) and not isinstance(b, Shape):
             try:
-                return BINOPS[type(node.op)](a, b)
+                return arith(type(node.op), a, b, node.col_offset)
+            except ExprError as e:  # bounds: a huge power, a division by zero
+                raise _Located(e.message, e.column) from None
             except (ArithmeticError, TypeError):
                 return None
         try:
@@ -153,7 +155,8 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
             pp = mpath + ("params", pname)
             dims: list[int] = []
             for k, dim in enumerate(spec.shape):
-                v = dim if isinstance(dim, int) else _run(dim, names, pos, pp + ("shape", k))[0]
+                v, probs = (dim, []) if isinstance(dim, int) else _run(dim, names, pos, pp + ("shape", k))
+                out += probs  # a bound exceeded (a huge power, a division by zero) while resolving it
                 if isinstance(v, float) and v.is_integer():
                     v = int(v)
                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pefref.language.errors import CatalogError, Location, Problem
+from pefref.language.limits import current
 
 __all__ = ["Positions", "read_yaml", "parse_yaml", "MAX_BYTES"]
 
@@ -58,6 +59,8 @@ def _loc(file: str, node: yaml.Node) -> Location:
 
 def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLoader) -> Any:
     pos[path] = _loc(pos.file, node)
+    if len(path) > current().max_yaml_depth:
+        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path[:8]) + "...", f"nested more than {current().max_yaml_depth} levels deep")])
     allowed = {yaml.MappingNode: {_STD + "map"}, yaml.SequenceNode: {_STD + "seq"}}.get(type(node), _SCALAR_TAGS)
     if node.tag not in allowed:
         raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag.replace(_STD, '!!', 1)!r} is not allowed; only plain YAML values are accepted")])
@@ -79,7 +82,12 @@ def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLo
         return [_construct(n, path + (i,), pos, loader) for i, n in enumerate(node.value)]
     if node.style in ("'", '"'):
         pos.quoted.add(path)
-    return loader.construct_object(node, deep=True)
+    if node.tag == _STD + "int" and len(node.value) > current().max_int_digits + 8:
+        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"integer of {len(node.value)} characters; at most {current().max_int_digits} digits are allowed")])
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, OverflowError) as e:
+        raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"cannot read the value: {e}")]) from None
 
 
 def _dotted(path: Path_) -> str:
@@ -103,14 +111,47 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _flow_nesting(text: str, file: str, limit: int) -> None:
+    """Refuse ``[`` / ``{`` nested deeper than ``limit`` before parsing (PyYAML's scanner is quadratic in it)."""
+    depth, quote, line, col0 = 0, "", 1, 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\n":
+            line, col0 = line + 1, i + 1
+        elif quote:
+            if ch == "\\" and quote == '"':
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"" and (i == 0 or text[i - 1] in " \t[{,:\n"):
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t\n"):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                raise CatalogError([Problem(Location(file, line, i - col0 + 1), "", f"nested more than {limit} levels deep")])
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+
+
 def parse_yaml(text: str, file: str = "<string>") -> tuple[Any, Positions]:
-    """Parse YAML text into plain Python data and the positions of its nodes."""
+    """Parse YAML text into plain Python data and the positions of its nodes.
+
+    The text's size and nesting are bounded (:mod:`pefref.language.limits`);
+    control characters, huge integers and unsupported tags are located errors."""
     if len(text.encode()) > MAX_BYTES:
         raise CatalogError([Problem(Location(file), "", f"file is larger than {MAX_BYTES} bytes")])
-    loader = _NoAliasLoader(text)
-    loader.name = file
+    _flow_nesting(text, file, current().max_yaml_depth)
     pos = Positions(file)
+    loader: _NoAliasLoader | None = None
     try:
+        loader = _NoAliasLoader(text)
+        loader.name = file
         node = loader.get_single_node()
         if node is None:
             raise CatalogError([Problem(Location(file, 1, 1), "", "the file is empty; expected a mapping")])
@@ -119,8 +160,18 @@ def parse_yaml(text: str, file: str = "<string>") -> tuple[Any, Positions]:
         m = e.problem_mark or e.context_mark
         loc = Location(file, m.line + 1, m.column + 1) if m else Location(file)
         raise CatalogError([Problem(loc, "", f"YAML syntax error: {e.problem or e}")]) from None
+    except yaml.reader.ReaderError as e:  # NUL and other control characters
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        what = f"character #x{e.character:04x}" if isinstance(e.character, int) else "byte"
+        raise CatalogError([Problem(Location(file, line, col), "", f"{what} is not allowed in YAML text ({e.reason})")]) from None
+    except yaml.YAMLError as e:
+        raise CatalogError([Problem(Location(file), "", f"YAML error: {e}")]) from None
+    except RecursionError:
+        raise CatalogError([Problem(Location(file), "", f"nested too deeply (at most {current().max_yaml_depth} levels)")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, pos
 
 

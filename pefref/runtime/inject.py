@@ -16,7 +16,9 @@ from typing import Any
 from torch import nn
 
 from pefref.language.catalog import Catalog
-from pefref.language.errors import PefrefError, SiteError
+from pefref.language.check import check_family
+from pefref.language.errors import CatalogError, PefrefError, SiteError
+from pefref.language.yamlsrc import Positions
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.hosts import HostKind, host_kind
 from pefref.language.loader import load_file, suggest
@@ -47,9 +49,16 @@ class Placement:
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
     """The architecture map for ``model``: given by name, object or YAML path, else found by class name."""
     if isinstance(family, ArchitectureMap):
+        problems = check_family(family, Positions(f"<family {family.family}>"), catalog.reference)
+        if problems:
+            raise CatalogError(problems)
         return family
     if isinstance(family, Path) or (isinstance(family, str) and family.endswith((".yaml", ".yml"))):
-        return load_file(ArchitectureMap, family)[0]
+        fam, pos = load_file(ArchitectureMap, family)
+        problems = check_family(fam, pos, catalog.reference)  # a user's map is checked like the catalog's
+        if problems:
+            raise CatalogError(problems)
+        return fam
     if isinstance(family, str):
         return catalog.family(family)
     cls = type(model).__name__

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pefref.language.check import expand_modules
+from pefref.language.expr import substitute
 from pefref.language.hparams import shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.catalog import Catalog
@@ -101,8 +102,8 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                         shp = tuple(max(a, b) for a, b in zip(prev[0], shp))
                     scopes[key] = (shp, pname, spec.trainable)
                     # symbolic: the dims with host widths written in model sizes, once per scope without layer
-                    dims = [f"({d})" if isinstance(d, str) else str(d) for d in spec.shape]
-                    text = "*".join(dims).replace("d_in", f"({d_in_e})").replace("d_out", f"({d_out_e})")
+                    widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
+                    text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
                     sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
                     if sym_key not in sym_terms and spec.trainable:
                         by_layer = spec.shared in ("none", "sites") and per_layer

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
+from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict, Float, Int, at_least
 
 __all__ = [
     "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
@@ -27,7 +27,7 @@ class Paper(Strict):
 
     title: str = Field(description="Title of the paper.")
     authors: str = Field(description="Authors, e.g. 'Hu et al.'.")
-    year: int = Field(ge=1990, le=2100, description="Year of publication.")
+    year: Int = Field(ge=1990, le=2100, description="Year of publication.")
     arxiv: str | None = Field(None, pattern=r"^\d{4}\.\d{4,5}$", description="arXiv identifier, e.g. '2106.09685'.")
     url: str | None = Field(None, pattern=r"^https?://", description="URL when there is no arXiv identifier.")
     venue: str | None = Field(None, description="Where it was published (optional).")
@@ -47,18 +47,18 @@ class IntParam(_HP):
     """An integer hyperparameter."""
 
     type: Literal["int"]
-    default: int
-    min: int | None = None
-    max: int | None = None
+    default: Int
+    min: Int | None = None
+    max: Int | None = None
 
 
 class FloatParam(_HP):
     """A real-valued hyperparameter."""
 
     type: Literal["float"]
-    default: float
-    min: float | None = None
-    max: float | None = None
+    default: Float
+    min: Float | None = None
+    max: Float | None = None
 
 
 class BoolParam(_HP):
@@ -72,8 +72,8 @@ class ChoiceParam(_HP):
     """A hyperparameter taking one of a fixed set of numeric values."""
 
     type: Literal["choice"]
-    default: int | float
-    choices: list[int | float] = Field(min_length=1)
+    default: Int | Float
+    choices: list[Int | Float] = Field(min_length=1)
 
 
 Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam], Field(discriminator="type")]
@@ -82,17 +82,17 @@ Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam], 
 class ParamSpec(Strict):
     """A tensor the module owns: symbolic shape, initialisation, trainability, sharing."""
 
-    shape: list[int | ExprStr] = Field(description="Dimensions, each a number or an expression over host sizes (in, out, d, ...) and hyperparameters.")
+    shape: list[Int | ExprStr] = Field(description="Dimensions, each a number or an expression over host sizes (in, out, d, ...) and hyperparameters.")
     init: ExprStr = Field("zeros()", description="Initialiser call, e.g. zeros(), normal(std=0.02), kaiming_uniform(a=sqrt(5)); may read the host weight W.")
     trainable: bool = Field(True, description="False for fixed tensors (e.g. shared random projections); they are stored but not trained.")
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
-    lr_scale: float | ExprStr = Field(
+    lr_scale: Float | ExprStr = Field(
         1.0, description="Multiplier of the optimizer's learning rate for this tensor (a number or an expression over hyperparameters, e.g. a ratio between two tensors' rates); read by Adapter.param_groups."
     )
-    weight_decay: float | None = Field(
-        None, ge=0, description="Weight decay for this tensor; None uses the optimizer's (the value given to Adapter.param_groups)."
+    weight_decay: at_least(0, float) | None = Field(  # type: ignore[valid-type]
+        None, description="Weight decay for this tensor; None uses the optimizer's (the value given to Adapter.param_groups)."
     )
     description: str = ""
 
@@ -100,12 +100,12 @@ class ParamSpec(Strict):
 class LayerRange(Strict):
     """A contiguous or strided selection of layers (Python range semantics; negative counts from the end)."""
 
-    first: int | None = Field(None, ge=0, description="The first N layers.")
-    last: int | None = Field(None, ge=0, description="The last N layers.")
-    every: int | None = Field(None, ge=1, description="Every k-th layer, starting at 0.")
+    first: at_least(0) | None = Field(None, description="The first N layers.")  # type: ignore[valid-type]
+    last: at_least(0) | None = Field(None, description="The last N layers.")  # type: ignore[valid-type]
+    every: at_least(1) | None = Field(None, description="Every k-th layer, starting at 0.")  # type: ignore[valid-type]
 
 
-Layers = Union[Literal["all"], list[int], LayerRange]
+Layers = Union[Literal["all"], list[Int], LayerRange]
 
 
 class _ModuleBase(Strict):
