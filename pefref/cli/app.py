@@ -412,5 +412,7 @@ def demo(
     _wide().print(table)
 
 
+from pefref.cli import site as _site  # noqa: E402,F401  (registers `pefref site`)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -15,7 +15,7 @@ import ast
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 __all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "BINOPS"]
@@ -117,7 +117,12 @@ def parse_expr(text: str | int | float) -> Expr:
     """Parse and check an expression; raises :class:`ExprError` with a column."""
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ExprError(f"expected an expression, found {type(text).__name__}")
-    src = str(text)
+    return _parse(str(text))
+
+
+@lru_cache(maxsize=8192)
+def _parse(src: str) -> Expr:
+    """:func:`parse_expr` of a text, once per text (counts and costs evaluate the same shapes many times)."""
     try:
         tree = ast.parse(src.strip(), mode="eval").body
     except SyntaxError as e:

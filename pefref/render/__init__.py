@@ -1,0 +1,1 @@
+"""Renderers: pure functions from views to artefacts (diagrams, graphs, the site)."""
