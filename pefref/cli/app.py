@@ -146,6 +146,8 @@ def validate(
         _echo_json({"ok": not problems, **report, "problems": [_problem_json(p) for p in problems]})
     elif not problems:
         what = [_plural(len(report["techniques"]), "technique")]
+        if report.get("compositions"):
+            what.append(_plural(len(report["compositions"]), "composition"))
         if "families" in report:
             what += [_plural(len(report["families"]), "architecture map"), _plural(len(report["models"]), "model shape")]
         Console(highlight=False).print(Text("OK ", style="bold green") + Text(f"{_plural(report['files'], 'file')}: {', '.join(what)}"))

@@ -142,6 +142,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
             init_reads = {"W"} & site_reads
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+            if isinstance(spec.lr_scale, str):
+                out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:

@@ -143,6 +143,7 @@ def apply(
                     n_params += p.numel()
         else:
             units[key] = unit
+            adapter.unit_modules[key] = m
             n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
             if m.host_update is not None and W is not None:
                 env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
@@ -155,7 +156,8 @@ def apply(
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
             _attach(model, pl, unit, key, adapter, fam, sizes)
-            if mergeable(m, [site_kinds[pl.site]]) and pl.kind.name in ("linear", "conv1d"):
+            host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
+            if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pefref.language.schema.composition import (
+    AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
+)
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
 from pefref.language.schema.technique import (
@@ -16,6 +19,7 @@ __all__ = [
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
     "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
+    "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
 SCHEMAS = {
@@ -23,5 +27,7 @@ SCHEMAS = {
     "reference": ReferenceArchitecture,
     "family": ArchitectureMap,
     "models": ModelShapes,
+    "composition": Composition,
+    "interactions": InteractionRules,
 }
 """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""

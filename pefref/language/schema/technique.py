@@ -88,6 +88,12 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    lr_scale: float | ExprStr = Field(
+        1.0, description="Multiplier of the optimizer's learning rate for this tensor (a number or an expression over hyperparameters, e.g. a ratio between two tensors' rates); read by Adapter.param_groups."
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay for this tensor; None uses the optimizer's (the value given to Adapter.param_groups)."
+    )
     description: str = ""
 
 
