@@ -11,8 +11,6 @@ experiments' results, for instance) is one more section.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -185,22 +183,10 @@ def site_files(
 
 def write_atomic(path: Path, content: bytes) -> None:
     """Write ``content`` to ``path`` through a temporary file in the same folder and a rename."""
-    try:
-        from pefref.language.atomic import write_bytes_atomic  # type: ignore[import-not-found]
-    except ImportError:
-        write_bytes_atomic = None
-    if write_bytes_atomic is not None:  # pragma: no cover - when the shared helper exists
-        write_bytes_atomic(path, content)
-        return
+    from pefref.language.atomic import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, content)
 
 
 def _manifest(files: dict[str, bytes]) -> bytes:
