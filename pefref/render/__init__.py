@@ -1,1 +1,1 @@
-"""Renderers: pure functions from views to artefacts (diagrams, graphs, the site)."""
+"""Pictures: architecture diagrams and typology graphs (networkx graphs -> DOT -> dot), and the site."""

@@ -75,6 +75,7 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
     merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
     flops = merged_flops = 0
     extra_tok = extra_kv = 0
+    counted: dict[tuple[str, int, int], int] = {}
     for m in modules:
         is_merge = merge[m.name]
         for site in m.sites:
@@ -88,17 +89,18 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
                 else:
                     extra_kv = max(extra_kv, n)
                 continue
-            if m.form == "select":
-                continue
+            if m.form in ("select", "reparameterise"):
+                continue  # no work per token: the new weight is computed once per step, not per token
             d_in_e, d_out_e = host_widths(site, fam, catalog)
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
             d_out = int(eval_scalar(d_out_e, sizes))
-            ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",
-                              W=torch.empty(d_out, d_in, device="meta") if d_in else None)
-            unit = build_unit(m, ctx, hps, SharedStore())
-            per = _count(unit, 2, d_in or d_out, d_out, ctx.W) - _count(unit, 1, d_in or d_out, d_out, ctx.W)
-            if m.form == "reparameterise":
-                per = 0  # the new weight is computed once per step, not per token
+            per = counted.get((m.name, d_in, d_out))
+            if per is None:  # sites of equal widths cost the same: count once
+                ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",
+                                  W=torch.empty(d_out, d_in, device="meta") if d_in else None)
+                unit = build_unit(m, ctx, hps, SharedStore())
+                per = _count(unit, 2, d_in or d_out, d_out, ctx.W) - _count(unit, 1, d_in or d_out, d_out, ctx.W)
+                counted[(m.name, d_in, d_out)] = per
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers

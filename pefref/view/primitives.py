@@ -1,105 +1,62 @@
-"""Documentation of the registered primitives: every op and initialiser a technique may call.
+"""Documentation of the primitive registry: every op and initialiser with its signature and doc.
 
-Gathered from the registries themselves (:data:`pefref.ops.PRIMITIVES` and
-:data:`pefref.ops.inits.INITS`), so the reference cannot drift from what an
-expression may call. Initialisers are shown as a YAML ``init`` calls them: the
-shape, dtype and device that pefref binds are left out of the signature.
+Read from the registries themselves (:data:`pefref.ops.PRIMITIVES`,
+:data:`pefref.ops.inits.INITS`), so the CLI (``pefref ops``) and the site list
+exactly what expressions may call.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["PrimitiveDoc", "primitive_docs", "BOUND_INIT_ARGS"]
+from pefref.ops import PRIMITIVES
+from pefref.ops.inits import INITS
 
-BOUND_INIT_ARGS = ("shape", "dtype", "device")
-"""Arguments of an initialiser that pefref binds (a YAML ``init`` call never writes them)."""
+__all__ = ["PrimitiveDoc", "primitive_docs"]
+
+_INIT_BOUND = 3  # an initialiser's (shape, dtype, device): bound by the compiler, not written in YAML
 
 
 @dataclass(frozen=True)
 class PrimitiveDoc:
-    """One registered primitive, as a reference page shows it.
-
-    Attributes:
-        name: the name an expression calls.
-        kind: ``"op"`` or ``"initialiser"``.
-        signature: the call as written in YAML, e.g. ``linear(x, weight, bias=None)``.
-        doc: the docstring (with its math), dedented; empty when there is none.
-        module: the Python module that defines it (e.g. ``pefref.ops.core``).
-        facts: what the view derives typology and mergeability from (ops only): a
-            sorted list of ``(fact, value)`` pairs, only the facts that are set.
-    """
+    """One callable of the expression language."""
 
     name: str
-    kind: str
-    signature: str
+    kind: str  # 'op' or 'initialiser'
+    signature: str  # as written in an expression, e.g. 'narrow(a, dim, start, length)'
     doc: str
-    module: str
-    facts: list[tuple[str, str]] = field(default_factory=list)
+    facts: dict[str, Any]  # registry metadata the view derives from (ops only)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "signature": self.signature, "doc": self.doc,
-                "module": self.module, "facts": dict(self.facts)}
+        return asdict(self)
 
 
-def _params_text(fn: Any, skip: tuple[str, ...] = ()) -> str:
-    """The parameters of ``fn`` without annotations, e.g. ``x, weight, bias=None``."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return "..."
-    parts: list[str] = []
-    star_done = False
-    for p in sig.parameters.values():
-        if p.name in skip:
+def _signature(name: str, fn: Any, skip: int = 0, drop: tuple[str, ...] = ()) -> str:
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    parts = []
+    for p in params:
+        if p.name in drop:
             continue
-        if p.kind is p.VAR_POSITIONAL:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
             parts.append(f"*{p.name}")
-            star_done = True
-        elif p.kind is p.VAR_KEYWORD:
-            parts.append(f"**{p.name}")
+        elif p.default is inspect.Parameter.empty:
+            parts.append(p.name)
         else:
-            if p.kind is p.KEYWORD_ONLY and not star_done:
-                parts.append("*")
-                star_done = True
-            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
-    return ", ".join(parts)
-
-
-def _op_facts(p: Any) -> list[tuple[str, str]]:
-    facts: list[tuple[str, str]] = []
-    if p.intra:
-        facts.append(("intra-connectivity", str(p.intra)))
-    if p.nonlinear:
-        facts.append(("nonlinear", "yes"))
-    if p.linear_in:
-        facts.append(("linear in arguments", ", ".join(map(str, p.linear_in))))
-    if p.offset_args:
-        facts.append(("offset arguments", ", ".join(map(str, p.offset_args))))
-    if p.dynamic:
-        facts.append(("mixes positions (dynamic)", "yes"))
-    if p.scalar:
-        facts.append(("usable in shapes and scales", "yes"))
-    if p.leaf:
-        facts.append(("leaf", "yes"))
-    return sorted(facts)
+            parts.append(f"{p.name}={p.default!r}")
+    return f"{name}({', '.join(parts)})"
 
 
 def primitive_docs() -> list[PrimitiveDoc]:
     """Every registered op, then every initialiser, each sorted by name."""
-    from pefref.ops import PRIMITIVES
-    from pefref.ops.inits import INITS
-
-    ops = [
-        PrimitiveDoc(name, "op", f"{name}({_params_text(p.fn)})", inspect.cleandoc(p.doc) if p.doc else "",
-                     p.fn.__module__, _op_facts(p))
-        for name, p in sorted(PRIMITIVES.items())
-    ]
-    inits = [
-        PrimitiveDoc(name, "initialiser", f"{name}({_params_text(fn, BOUND_INIT_ARGS)})",
-                     inspect.cleandoc(fn.__doc__ or ""), fn.__module__)
-        for name, fn in sorted(INITS.items())
-    ]
-    return ops + inits
+    out = []
+    for name in sorted(PRIMITIVES):
+        p = PRIMITIVES[name]
+        facts = {"intra": p.intra, "nonlinear": p.nonlinear, "linear_in": list(p.linear_in), "dynamic": p.dynamic,
+                 "scalar": p.scalar, "offset_args": list(p.offset_args)}
+        out.append(PrimitiveDoc(name, "op", _signature(name, p.fn, drop=("training",) if p.leaf else ()), inspect.getdoc(p.fn) or "", facts))
+    for name in sorted(INITS):
+        fn = INITS[name]
+        out.append(PrimitiveDoc(name, "initialiser", _signature(name, fn, skip=_INIT_BOUND), inspect.getdoc(fn) or "", {}))
+    return out

@@ -20,6 +20,7 @@ from typing import Any
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.render.site.gather import SiteData, gather
+from pefref.render.site.pictures import Pictures, labelled
 
 __all__ = [
     "Page", "NavItem", "Section", "SiteContext", "DEFAULT_MODELS", "MANIFEST",
@@ -76,7 +77,7 @@ class SiteContext:
     catalog: Catalog
     env: Any
     nav: list[NavItem] = field(default_factory=list)
-    cache: dict[Any, Any] = field(default_factory=dict)
+    pictures: Pictures | None = None
 
     def render(self, template: str, path: str, *, title: str, section: str, **values: Any) -> Page:
         """Render ``template`` to the page at ``path``; links are relative to it (``root``)."""
@@ -168,8 +169,12 @@ def site_files(
 
     catalog = catalog or default_catalog()
     catalog, included = with_included(catalog, include)
-    data = gather(catalog, _models(catalog, models), included, results)
-    ctx = SiteContext(data, catalog, _environment())
+    with Pictures(catalog) as pictures:  # dot draws in the background while the view gathers
+        data = gather(catalog, _models(catalog, models), included, results)
+        for t in data.techniques:
+            t.diagram = labelled(pictures.diagram(t.id), f"Architecture diagram of {t.name}")
+        data.extra["graphs"] = pictures.graphs()
+        ctx = SiteContext(data, catalog, _environment(), pictures=pictures)
     active = [s for s in (SECTIONS if sections is None else sections) if s.enabled(ctx)]
     ctx.nav = [NavItem(s.href, s.title, s.key) for s in active if s.title]
     files: dict[str, bytes] = {p.path: p.content for p in _assets()}

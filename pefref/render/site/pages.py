@@ -15,7 +15,7 @@ from typing import Any
 from pefref.render.site.build import Page, Section, SiteContext
 
 __all__ = ["SECTIONS", "index_pages", "technique_pages", "typology_pages", "compare_pages", "models_pages",
-           "primitives_pages", "schema_pages", "compare_data"]
+           "primitives_pages", "schema_pages", "compare_data", "diagram_files"]
 
 
 def index_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -28,6 +28,14 @@ def technique_pages(ctx: SiteContext) -> Iterable[Page]:
     """``techniques/<id>.html``: one page per technique."""
     for t in ctx.data.techniques:
         yield ctx.render("technique.html", f"techniques/{t.id}.html", title=t.name, section="index", t=t)
+
+
+def diagram_files(ctx: SiteContext) -> Iterable[Page]:
+    """``diagrams/<id>.svg``: each technique's diagram as a file (the compare page shows them as images)."""
+    if ctx.pictures is None:
+        return
+    for t in ctx.data.techniques:
+        yield Page(f"diagrams/{t.id}.svg", ctx.pictures.diagram_file(t.id))
 
 
 def typology_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -71,6 +79,7 @@ def schema_pages(ctx: SiteContext) -> Iterable[Page]:
 SECTIONS: list[Section] = [
     Section("index", "Techniques", "index.html", index_pages),
     Section("technique", None, "techniques/", technique_pages),
+    Section("diagrams", None, "diagrams/", diagram_files),
     Section("typology", "Typology", "typology.html", typology_pages),
     Section("compare", "Compare", "compare.html", compare_pages),
     Section("models", "Models", "models.html", models_pages),
