@@ -24,10 +24,11 @@ def small_catalog_dir(dest: Path, techniques: list[str]) -> Path:
 
 
 def pick(catalog: Catalog, n: int) -> list[str]:
-    """``n`` catalog ids without ``use:`` reuse (they stand alone in a small catalog), sorted."""
+    """``n`` catalog ids that neither reuse nor extend another technique (they stand alone in a small catalog), sorted."""
     from pefref.language.schema import ModuleUse
 
-    alone = [k for k, t in sorted(catalog.techniques.items()) if not any(isinstance(m, ModuleUse) for m in t.modules)]
+    alone = [k for k, t in sorted(catalog.techniques.items())
+             if not getattr(t, "extends", None) and not any(isinstance(m, ModuleUse) for m in t.modules)]
     return alone[:n]
 
 

@@ -224,12 +224,12 @@ def test_build_writes_checks_and_prunes(tmp_path, catalog) -> None:
     assert check_site(out, catalog=small) == ["index.html", "stray.txt", f"techniques/{ids[0]}.html"]
     fewer = replace(catalog, techniques={k: catalog.techniques[k] for k in ids[1:]})
     written, removed = build_site(out, catalog=fewer)
-    assert [p.relative_to(out).as_posix() for p in removed] == []  # ids[0]'s page was already gone
+    assert [p.relative_to(out).as_posix() for p in removed] == [f"diagrams/{ids[0]}.svg"]  # its page was already gone
     assert (out / "stray.txt").exists()
     assert f"techniques/{ids[0]}.html" not in (out / MANIFEST).read_text()
     build_site(out, catalog=small)
     written, removed = build_site(out, catalog=fewer)
-    assert [p.relative_to(out).as_posix() for p in removed] == [f"techniques/{ids[0]}.html"]
+    assert sorted(p.relative_to(out).as_posix() for p in removed) == [f"diagrams/{ids[0]}.svg", f"techniques/{ids[0]}.html"]
 
 
 def test_cli_builds_and_checks(tmp_path, monkeypatch, catalog) -> None:
