@@ -91,8 +91,9 @@ def wrap(text: str, width: int = 34) -> list[str]:
     """Break a long expression after commas or spaces so that boxes stay narrow."""
     out: list[str] = []
     while len(text) > width:
-        cut = max(text.rfind(", ", 0, width), text.rfind(" ", 0, width))
-        if cut <= 0:
+        lead = len(text) - len(text.lstrip(" "))  # a continuation's indent is no place to break (it would loop)
+        cut = max(text.rfind(", ", lead, width), text.rfind(" ", lead, width))
+        if cut <= lead:
             cut = width
         else:
             cut += 1
