@@ -5,8 +5,9 @@ description and never its name. Each *unit* (one module at one site of one
 layer) is an ``nn.Module`` holding the unit's tensors; its forward is produced by
 tracing the expression walk once with :mod:`torch.fx`, so what runs is
 generated straight-line code calling the registered primitives (no per-call
-interpretation). Every unit has the same signature ``forward(x, h, W, training, mask=None)``
-(``mask``: the model's key padding mask [batch, seq], for modules that read it):
+interpretation). Every unit has the same signature ``forward(x, h, W, training, mask=None, inputs=None)``
+(``mask``: the model's key padding mask [batch, seq], for modules that read it; ``inputs``: the
+values of the module's connections, by name; a unit whose output others read returns ``(output, delta)``):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
@@ -89,9 +90,11 @@ def _leaf(fn: Any) -> Any:
 class _Program(nn.Module):
     """Holds a unit's tensors; its forward walks the expressions (traced once)."""
 
-    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]], trainable: dict[str, bool]) -> None:
+    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]], trainable: dict[str, bool],
+                 input_names: tuple[str, ...] = (), publish: bool = False) -> None:
         super().__init__()
         self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
+        self.input_names, self.publish = input_names, publish
         for name, t in tensors.items():
             if trainable[name]:
                 self.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
@@ -99,7 +102,7 @@ class _Program(nn.Module):
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
 
-    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None) -> Any:
+    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
         ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn)) for k, p in PRIMITIVES.items()}
         drop = PRIMITIVES["dropout"].fn
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
@@ -109,10 +112,13 @@ class _Program(nn.Module):
             view = self.views.get(n)
             env[n] = t[tuple(slice(0, s) for s in view)] if view else t
         env.update(x=x, h=h, W=W, mask=mask)
+        for n in self.input_names:  # connections: values other units published in this forward pass
+            env[n] = inputs[n]
         f = self.form
         if f in ("parallel", "sequential"):
             env["delta"] = evaluate(self.exprs["compute"], env, ops)
-            return evaluate(self.exprs["integrate"], env, ops)
+            out = evaluate(self.exprs["integrate"], env, ops)
+            return (out, env["delta"]) if self.publish else out
         if f == "reparameterise":
             return evaluate(self.exprs["weight"], env, ops)
         if f == "rescale":
@@ -124,8 +130,12 @@ class _Program(nn.Module):
         raise PefrefError(f"form {f!r} has no forward")
 
 
-def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None) -> fx.GraphModule | None:
-    """Compile one module description at one site into a traced unit (None for select modules)."""
+def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None,
+               publish: bool = False) -> fx.GraphModule | None:
+    """Compile one module description at one site into a traced unit (None for select modules).
+
+    A module with connections (``inputs``) reads them from the unit's ``inputs`` argument (a dict);
+    with ``publish`` the unit returns ``(output, delta)`` so that other units can read its ``delta``."""
     if spec.form == "select":
         return None
     names = ctx.names(hps)
@@ -149,7 +159,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if full != local:
             views[pname] = local
     exprs = {f: parse_expr(getattr(spec, f)) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None}
-    prog = _Program(spec.form, exprs, names, tensors, views, trainable)
+    prog = _Program(spec.form, exprs, names, tensors, views, trainable, tuple(getattr(spec, "inputs", {}) or {}), publish)
     tracer = fx.Tracer()
     tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
     graph = tracer.trace(prog)
