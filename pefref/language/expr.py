@@ -12,11 +12,12 @@ that walk once with :mod:`torch.fx` into generated code.
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 __all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "BINOPS"]
@@ -119,15 +120,19 @@ class Expr:
 
 
 def parse_expr(text: str | int | float) -> Expr:
-    """Parse and check an expression; raises :class:`ExprError` with a column."""
+    """Parse and check an expression; raises :class:`ExprError` with a column.
+
+    Expressions are immutable, so a text is parsed once per process (injection
+    reads the same few expressions for every unit).
+    """
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ExprError(f"expected an expression, found {type(text).__name__}")
-    return _parse(str(text))
+    return _parse(type(text), text)
 
 
-@lru_cache(maxsize=8192)
-def _parse(src: str) -> Expr:
-    """:func:`parse_expr` of a text, once per text (counts and costs evaluate the same shapes many times)."""
+@functools.lru_cache(maxsize=8192)
+def _parse(_kind: type, text: str | int | float) -> Expr:  # the type is part of the key: 1 and 1.0 hash alike
+    src = str(text)
     try:
         tree = ast.parse(src.strip(), mode="eval").body
     except SyntaxError as e:
