@@ -35,7 +35,10 @@ from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.hparams import resolve_hyperparameters, shape_of
 from pefref.ops.inits import init_table
-from pefref.ops import PRIMITIVES
+from pefref.ops import PRIMITIVES, TORCH_SETUP
+
+for _setup in TORCH_SETUP:  # torch-side definitions of primitives, made before any traced call
+    _setup()
 
 __all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS", "Unit", "clear_programs"]
 

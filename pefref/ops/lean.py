@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pefref.ops import primitive
+from pefref.ops import TORCH_SETUP, primitive
 from pefref.ops.shapes import Shape, ShapeMismatch, shape_rule
 
 if TYPE_CHECKING:
@@ -81,6 +81,9 @@ def _hadamard_function() -> Any:
 
         _HADAMARD = LowRankHadamard
     return _HADAMARD
+
+
+TORCH_SETUP.append(_hadamard_function)
 
 
 @primitive(intra="dense", linear_in=(0, 1, 2, 3))
