@@ -22,6 +22,7 @@ from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved, select_saved
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.view.analysis import mergeable
@@ -68,6 +69,7 @@ def apply(
     device: torch.device | str | None = None,
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     **hyperparameters: Any,
 ) -> Adapter:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
@@ -83,6 +85,8 @@ def apply(
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
+        modules_to_save: whole modules trained and saved with the adapter (peft's
+            ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
     """
     catalog = catalog or default_catalog()
     tech = resolve_technique(technique, catalog)
@@ -102,6 +106,7 @@ def apply(
     places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
 
     # freeze the base model (adapters applied earlier keep training)
     frozen = {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")}
@@ -173,6 +178,8 @@ def apply(
             container = nn.ModuleDict()
             model.add_module(ADAPTERS_ATTR, container)
         container[name] = units
+    for label, (paths, n) in select_saved(saved, adapter.selected, adapter._host_backup).items():
+        rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
     base = _base_param_count(model, container)
     if adapter.num_trainable() == 0:
         adapter.remove()

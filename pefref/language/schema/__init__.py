@@ -5,7 +5,7 @@ from __future__ import annotations
 from pefref.language.schema.composition import (
     AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
 )
-from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
+from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
@@ -14,7 +14,7 @@ from pefref.language.schema.technique import (
 )
 
 __all__ = [
-    "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
+    "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
