@@ -36,6 +36,7 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("duplicate_key", 5, 1, "name", ("duplicate key 'name'",)),
     ("default_out_of_bounds", 7, 27, "hyperparameters.r.default", ("default 0 is",)),
     ("unknown_use", 9, 10, "modules[0].use", ("unknown technique 'lroa'", "did you mean 'lora'?")),
+    ("unknown_extends", 6, 17, "extends[1]", ("unknown technique 'dorra'", "did you mean 'dora'?")),
     ("syntax_error", 11, 9, "", ("YAML syntax error",)),
     ("id_mismatch", 3, 5, "id", ("file name 'id_mismatch.yaml' does not match id 'another_id'",)),
     ("unknown_form", 11, 11, "modules[0].form", ("unknown form 'paralel'", "did you mean 'parallel'?")),

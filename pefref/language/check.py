@@ -103,6 +103,10 @@ def _check_names(e: Expr, allowed: set[str], ops: set[str], pos: Positions, path
 def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> list[Problem]:
     """Cross-reference problems of one technique (empty when it is sound)."""
     out: list[Problem] = []
+    for i, tid in enumerate(t.extends):
+        if tid not in pool or tid == t.id:
+            why = "a technique cannot extend itself" if tid == t.id else f"unknown technique {tid!r}{suggest(tid, pool)}"
+            out.append(Problem(pos.at(("extends", i)), f"extends[{i}]", why))
     for i, m in enumerate(t.modules):
         if isinstance(m, ModuleUse):
             tid, mname = m.use.split(".")
