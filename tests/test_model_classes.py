@@ -133,3 +133,18 @@ def test_binding_is_idempotent() -> None:
     assert qa.layers == "transformer.layers.{i}" and qa.sites["head"].path == "qa_outputs"
     bert = bind_class(CATALOG.family("bert"), "BertForMaskedLM")
     assert bert.sites["embed.output"].path.startswith("bert.embeddings") and bert.sites["head"].path == "cls.predictions.decoder"
+
+
+def test_the_tested_transformers_is_the_declared_range() -> None:
+    """pyproject declares the transformers versions the suite runs on (the maps name 5.x forward arguments)."""
+    import re
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    specs = set(re.findall(r'"transformers([<>=!~][^"]*)"', text))
+    assert specs, "transformers is not declared"
+    for spec in specs:
+        assert transformers.__version__ in SpecifierSet(spec), (transformers.__version__, spec)
+        assert "4.46" not in SpecifierSet(spec)  # 4.x passes the cache as past_key_values: not what the maps name
