@@ -7,8 +7,10 @@ tracing the expression walk with :mod:`torch.fx`, so what runs is generated
 straight-line code calling the registered primitives (no per-call
 interpretation). The tracing and code generation happen once per *program*
 (a description with its constants) and the generated class is shared by all
-units of that program: injecting 160 units costs one trace. Every unit has the same signature ``forward(x, h, W, training, mask=None)``
-(``mask``: the model's key padding mask [batch, seq], for modules that read it):
+units of that program: injecting 160 units costs one trace. Every unit has the same signature
+``forward(x, h, W, training, mask=None, inputs=None)`` (``mask``: the model's key padding mask [batch, seq],
+for modules that read it; ``inputs``: the values of the module's connections, by name; a unit whose
+output other units read returns ``(output, delta)``):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
@@ -93,9 +95,11 @@ def _leaf(fn: Any) -> Any:
 class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
-    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
+                 input_names: tuple[str, ...] = (), publish: bool = False) -> None:
         super().__init__()
         self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
+        self.input_names, self.publish = input_names, publish
         for name, t in tensors.items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -103,7 +107,7 @@ class _Program(nn.Module):
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
 
-    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None) -> Any:
+    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
         ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn)) for k, p in PRIMITIVES.items()}
         drop = PRIMITIVES["dropout"].fn
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
@@ -113,10 +117,13 @@ class _Program(nn.Module):
             view = self.views.get(n)
             env[n] = t[tuple(slice(0, s) for s in view)] if view else t
         env.update(x=x, h=h, W=W, mask=mask)
+        for n in self.input_names:  # connections: values other units published in this forward pass
+            env[n] = inputs[n]
         f = self.form
         if f in ("parallel", "sequential"):
             env["delta"] = evaluate(self.exprs["compute"], env, ops)
-            return evaluate(self.exprs["integrate"], env, ops)
+            out = evaluate(self.exprs["integrate"], env, ops)
+            return (out, env["delta"]) if self.publish else out
         if f == "reparameterise":
             return evaluate(self.exprs["weight"], env, ops)
         if f == "rescale":
@@ -172,15 +179,15 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
     """An empty instance of a program's class (unpickling fills its state)."""
     cls = _PROGRAMS.get(program)
     if cls is None:
-        form, exprs, consts, shapes, views = program
+        shapes = program[3]
         cls = _program_class(program, {n: torch.empty(s, device="meta") for n, s in shapes})
     return cls.__new__(cls)
 
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
-    form, exprs, consts, _shapes, views = program
-    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views))
+    form, exprs, consts, _shapes, views, input_names, publish = program
+    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish)
     tracer = fx.Tracer()
     tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
     graph = tracer.trace(prog)
@@ -200,8 +207,12 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     return cls
 
 
-def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None) -> Unit | None:
-    """One module description at one site as a :class:`Unit` (None for select modules); its program is compiled on first use."""
+def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None,
+               publish: bool = False) -> Unit | None:
+    """One module description at one site as a :class:`Unit` (None for select modules); its program is compiled on first use.
+
+    A module with connections (``inputs``) reads them from the unit's ``inputs`` argument (a dict);
+    with ``publish`` the unit returns ``(output, delta)`` so that other units can read its ``delta``."""
     if spec.form == "select":
         return None
     names = ctx.names(hps)
@@ -227,7 +238,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     exprs = tuple((f, str(getattr(spec, f))) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None)
     consts = tuple(sorted(names.items()))
     shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
-    program = (spec.form, exprs, consts, shapes, tuple(sorted(views.items())))
+    program = (spec.form, exprs, consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish)
     cls = _PROGRAMS.get(program)
     if cls is None:
         cls = _program_class(program, tensors)

@@ -22,6 +22,7 @@ from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved, select_saved
 from pefref.runtime.report import Report, ReportRow, fold_paths
@@ -96,6 +97,7 @@ def apply(
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
+    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -109,6 +111,7 @@ def apply(
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
+    wiring = Wiring(modules, places, name)
 
     # freeze the base model (adapters applied earlier keep training)
     frozen: dict[str, bool] = {}
@@ -144,7 +147,7 @@ def apply(
                           dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
                           device=device or (ref_t.device if ref_t is not None else "cpu"),
                           W=W[pl.start:pl.start + pl.size] if (W is not None and pl.size) else W)
-        unit = build_unit(m, ctx, hps, store, shared_shapes)
+        unit = build_unit(m, ctx, hps, store, shared_shapes, publish=wiring.publishes(m))
         key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
         n_params = 0
         if unit is None:  # select: unfreeze host parameters
@@ -170,7 +173,7 @@ def apply(
                 full = f"{host_by_path[id(pl.host)]}.{'weight'}"
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
-            _attach(model, pl, unit, key, adapter, fam, sizes)
+            _attach(model, pl, unit, key, adapter, fam, sizes, wiring)
             mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
             if mk not in merge_ok:
                 merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
@@ -195,7 +198,8 @@ def apply(
     return adapter
 
 
-def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int]) -> Entry:
+def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int],
+            wiring: Wiring | None = None) -> Entry:
     m = pl.module
     if m.form == "prepend":
         length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, {}))
@@ -209,7 +213,10 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
-        if entry.reads_mask:
+        if wiring is not None:  # connections: what the unit reads, and where its output goes
+            entry.reads = wiring.reads(m, pl.layer)
+            entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
+        if entry.reads_mask or entry.reads or entry.publish is not None:
             entry.inputs = input_cell(model, fam.forward.mask)
             adapter._hooks.append(_Release(model))
         if pl.binding.input_path and not patch.stash_hooks:

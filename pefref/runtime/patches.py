@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
 
 __all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell"]
@@ -40,7 +41,9 @@ class Entry:
     layer: int | None = None
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
-    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell, for units that read its mask
+    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
+    reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
+    publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
 
@@ -49,6 +52,17 @@ class Entry:
         if graph is not None:
             used = {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
             self.reads_W, self.reads_mask = "W" in used, "mask" in used
+
+    def connected(self) -> dict[str, Any]:
+        """The values this entry's connections read in the current forward pass."""
+        values = self.inputs["values"]  # type: ignore[index]
+        out = {}
+        for name, keys in self.reads.items():
+            key = next((k for k in keys if k in values), None)
+            if key is None:
+                raise PefrefError(f"{self.unit_key}: input {name!r} reads {keys[0]}, which has not run in this forward pass")
+            out[name] = values[key]
+        return out
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -184,6 +198,12 @@ class HostPatch:
         if e.reads_W and self.kind.has_weight and e.form == "parallel":
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
+        if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
+            out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
+            if e.publish is None:
+                return out
+            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            return out[0]
         if e.reads_mask:
             return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
@@ -339,9 +359,11 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
 
 
 def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
-    """The model's input cell: its attention mask of the current forward, for units that read ``mask``.
+    """The model's input cell: what units read besides their host's tensors in the current forward pass.
 
-    A forward pre-hook on the model fills it; a :class:`RootPatch` replaces it with the mask it extends.
+    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
+    ``values``: outputs units publish for the connections of other units, keyed by (adapter, module,
+    site, layer). A forward pre-hook on the model sets the mask and empties the values at every pass.
     """
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
@@ -349,8 +371,9 @@ def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
+            cell["values"].clear()  # type: ignore[attr-defined]
 
-        cell = {"mask": None, "users": 0}
+        cell = {"mask": None, "values": {}, "users": 0}
         cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
         model.__dict__[_INPUTS] = cell
     cell["users"] += 1

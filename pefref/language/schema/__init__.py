@@ -10,7 +10,7 @@ from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleM
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
-    ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
+    Connection, ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
     SelectModule, SequentialModule, Technique,
 )
 
@@ -18,7 +18,7 @@ __all__ = [
     "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
-    "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
+    "Connection", "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
     "SelectModule", "SequentialModule", "Technique", "SCHEMAS", "InteropTable", "PeftMethod", "PeftModuleMap",
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
