@@ -15,6 +15,7 @@ from torch import nn
 
 from pefref.language.catalog import Catalog, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
+from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.expr import evaluate, parse_expr
@@ -73,7 +74,8 @@ def apply(
 
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
-        technique: a catalog id, a :class:`Technique`, or a YAML path.
+        technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
+            (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead.
         sites: restrict to some of the technique's sites.
         layers: restrict to some layers (indices, negative from the end).
         family: architecture map name, object or YAML path (default: found from the model's class).
@@ -82,6 +84,10 @@ def apply(
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
     """
     catalog = catalog or default_catalog()
+    if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
+        from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
+
+        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
@@ -185,11 +191,11 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if eb is not None and eb.path:
             embed = model.get_submodule(eb.path)
         patch = root_patch_of(model, fam.forward, sizes, embed)
-        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key)
+        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
     else:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
         if entry.reads_mask:
             entry.inputs = input_cell(model, fam.forward.mask)
             adapter._hooks.append(_Release(model))
