@@ -67,8 +67,8 @@ def test_two_adapters_coexist_and_remove_in_any_order() -> None:
 def test_site_and_layer_restrictions() -> None:
     a = apply(tiny_model("llama"), "lora", sites=["attn.v"], layers=[-1])
     assert [(r.site, r.paths) for r in a.report.rows] == [("attn.v", ["model.layers.1.self_attn.v_proj"])]
-    with pytest.raises(SiteError, match="not used by this technique"):
-        apply(tiny_model("llama"), "lora", sites=["attn.k"])
+    with pytest.raises(SiteError, match="cannot be placed on 'attn.kv'"):  # another site of another kind
+        apply(tiny_model("llama"), "lora", sites=["attn.kv"])
     with pytest.raises(SiteError, match="does not exist"):
         apply(tiny_model("llama"), "lora", layers=[7])
 

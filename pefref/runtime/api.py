@@ -18,6 +18,7 @@ from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
+from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
@@ -76,7 +77,9 @@ def apply(
         model: a torch model of a family with an architecture map (or pass ``family``).
         technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
             (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead.
-        sites: restrict to some of the technique's sites.
+        sites: where the modules go: the technique's own sites narrow it; other sites, patterns
+            (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
+            (see :mod:`pefref.language.placement`).
         layers: restrict to some layers (indices, negative from the end).
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
@@ -90,6 +93,8 @@ def apply(
         return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
+    if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
+        tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
@@ -100,7 +105,7 @@ def apply(
     container = getattr(model, ADAPTERS_ATTR, None)
     if container is not None and name in container:
         raise PefrefError(f"an adapter named {name!r} is already applied; pass name=")
-    places = list(placements(model, fam, sizes, modules, sites, layers))
+    places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
 

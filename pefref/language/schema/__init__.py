@@ -6,7 +6,7 @@ from pefref.language.schema.composition import (
     AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
 )
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
-from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
+from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
     ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
@@ -15,7 +15,7 @@ from pefref.language.schema.technique import (
 
 __all__ = [
     "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
-    "ReferenceArchitecture", "Site", "SiteKind", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
+    "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
     "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
