@@ -194,11 +194,11 @@ class Composition:
                 route.append(frozenset(self.adapters.values()) if item == self.name else frozenset({self._adapter(item)}))
             else:
                 route.append(frozenset(self._adapter(n) for n in item))
-        token = ROUTE.set(route)
+        prev, ROUTE.current = ROUTE.current, route
         try:
             yield
         finally:
-            ROUTE.reset(token)
+            ROUTE.current = prev
 
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +24,19 @@ from pefref.runtime.hosts import HostKind
 
 __all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE"]
 
-ROUTE: ContextVar[Sequence[frozenset[Any]] | None] = ContextVar("pefref_route", default=None)
-"""Per-example adapter selection: for each example of the batch, the adapter handles that run for it (None: all).
+class _Route:
+    """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
+    handles that run for it (None: no selection, every active adapter runs).
 
-Set by a composition's ``per_example`` context; a host then runs once per distinct
-set of adapters and takes each example's rows from its own run.
-"""
+    Set by a composition's ``per_example`` context; a host then runs once per distinct
+    set of adapters and takes each example's rows from its own run. (A plain attribute,
+    not a ContextVar: torch.compile traces reading it without a graph break.)
+    """
+
+    current: Sequence[frozenset[Any]] | None = None
+
+
+ROUTE = _Route()
 
 _PATCH = "_pefref_patch"
 _ROOT = "_pefref_root_patch"
@@ -120,7 +126,7 @@ class HostPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
-        route = ROUTE.get()
+        route = ROUTE.current
         if route is not None:
             return self._routed(route, entries, args, kwargs)
         return self.run(entries, args, kwargs)
@@ -288,7 +294,7 @@ class RootPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
-        if ROUTE.get() is not None:
+        if ROUTE.current is not None:
             raise PefrefError("per-example adapter selection does not cover prepended positions (prompts, prefixes): they change the sequence of the whole batch")
         a = self._bind(args, kwargs)
         f = self.fwd
