@@ -447,6 +447,7 @@ def demo(
     _wide().print(table)
 
 
+import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
 from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
 
 if __name__ == "__main__":  # pragma: no cover

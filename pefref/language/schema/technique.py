@@ -212,6 +212,9 @@ class Technique(Strict):
     paper: Paper
     summary: str = Field("", description="One or two sentences on what the technique does.")
     original: bool = Field(False, description="True for techniques designed in pefref, implemented by no other library.")
+    extends: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list, description="Ids of catalog techniques this one builds on, as its paper says (drawn in the lineage graph with its `use:` reuse)."
+    )
     hyperparameters: dict[Identifier, Hyperparameter] = Field(default_factory=dict)
     modules: list[Module] = Field(min_length=1)
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
