@@ -25,7 +25,7 @@ TOL = 1e-5
 RANKS = {"a": (4, 8), "b": (4, 16), "c": (2, 4)}  # name -> (r, alpha)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base() -> nn.Module:
     return build_model("tiny-llama", seed=0)
 

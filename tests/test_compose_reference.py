@@ -41,7 +41,7 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(family: str) -> nn.Module:
     return build_model(SHAPES[family], seed=0)
 

@@ -27,10 +27,17 @@ import torch
 from torch import nn
 
 from pefref.language.catalog import Catalog, default_catalog
-from pefref.language.composition import ResolvedComposition, _check_blocks, block_sites, load_composition, load_rules
+from pefref.language.composition import (
+    ResolvedComposition,
+    _check_blocks,
+    block_sites,
+    load_composition,
+    load_rules,
+)
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.expr import evaluate, parse_expr
-from pefref.language.schema import Block, Composition as CompositionSpec, TechniqueUse
+from pefref.language.schema import Block, TechniqueUse
+from pefref.language.schema import Composition as CompositionSpec
 from pefref.language.sizes import scalar_ops
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+
 import torch
 from torch import nn
 
