@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import resource
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Any
 
 import networkx as nx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from pefref.cli.app import app
@@ -18,6 +22,7 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import Technique
 from pefref.render.diagram import technique_graph, technique_svg, to_dot
 from pefref.render.dot import render_dot, render_many
+from pefref.render.style import wrap
 from pefref.view.params import count_params
 
 KITCHEN_SINK = Path(__file__).parent / "fixtures" / "kitchen_sink.yaml"
@@ -98,7 +103,7 @@ def test_reparameterise_badge_rescale_node_prepend_and_select() -> None:
     for site in ("attn.q", "attn.k", "attn.v", "ffn.up", "ffn.down"):
         m = _one(g, role="module", site=site)
         assert _edge_roles(g, m, _comp(g, site)) == "weight" and g.nodes[_comp(g, site)]["reparameterised"]
-        assert "W&#39; = weight_norm(W + (α / r)·B @ A, m," in g.nodes[m]["html"]
+        assert "W&#39; = weight_norm(W + (α / r)·B @ A, m, detach=True)" in g.nodes[m]["html"].replace("<BR/>  ", " ")
     g = _g("ia3")
     k, core = _comp(g, "attn.k"), _comp(g, "attn.kv")
     m = _one(g, role="module", module="kv", site="attn.k")
@@ -180,21 +185,30 @@ def test_family_labels_paths_without_a_model() -> None:
 
 
 def test_every_catalog_technique_and_the_kitchen_sink_draw_every_module_fast() -> None:
-    """Issue budget: the diagrams of the whole catalog (graph, DOT and SVG through dot) in under 10 s."""
+    """Issue budget: the diagrams of the whole catalog (graph, DOT and SVG through dot) in under 10 s.
+
+    Timed as CPU seconds of this process and its ``dot`` children, so that a machine shared with
+    other jobs does not fail it; on a quiet machine the wall time is about the same."""
     cat = default_catalog()
     techniques = [cat.techniques[k] for k in sorted(cat.techniques)] + [_kitchen_sink()]
-    t0 = time.perf_counter()
+
+    def cpu() -> float:
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + child.ru_utime + child.ru_stime
+
+    t0 = cpu()
     graphs = [technique_graph(cat, [t]) for t in techniques]
     svgs = render_many([to_dot(g) for g in graphs], "svg")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 10.0, f"{elapsed:.1f} s"
+    elapsed = cpu() - t0
+    assert elapsed < 10.0, f"{elapsed:.1f} CPU s"
     for t, g, svg in zip(techniques, graphs, svgs):
         modules, _ = expand_modules(t, {**cat.techniques, t.id: t})
         for m in modules:
             for site in m.sites:
                 assert _nodes(g, role="module", module=m.name, site=site), (t.id, m.name, site)
         assert ET.fromstring(svg).tag.endswith("svg")
-        assert nx.is_directed_acyclic_graph(g), t.id
+        carried = [(u, v) for u, v, a in g.edges(data=True) if a.get("layer_of_source") == "previous"]
+        assert nx.is_directed_acyclic_graph(nx.restricted_view(g, [], carried)), t.id  # state carried from the previous layer loops back
 
 
 HOSTILE = 'Evil "quote" <b>&amp; </script><script>alert(1)</script> \\N \\" ünï 𝛼 ∑ \x07'
@@ -217,6 +231,8 @@ def test_hostile_labels_are_escaped() -> None:
     assert 'h.{i}."<c_attn>"&</script>' in text
     inline = technique_svg(cat, cat.technique("lora"))
     assert inline.startswith("<svg") and "<?xml" not in inline and "DOCTYPE" not in inline
+    ids = re.findall(r'\sid="([^"]*)"', inline)
+    assert ids and all(i.startswith("diagram-lora-") for i in ids)  # unique when several diagrams share a page
 
 
 def test_same_input_same_bytes() -> None:
@@ -248,3 +264,11 @@ def test_cli_diagram_formats_and_missing_dot(tmp_path: Path, monkeypatch: pytest
     assert len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["diagram", "lroa"])
     assert r.exit_code == 1 and "did you mean 'lora'" in r.output
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab ,(x_)"), max_size=120), st.integers(min_value=4, max_value=60))
+def test_wrap_ends_and_keeps_the_text(text: str, width: int) -> None:
+    lines = wrap(text, width)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert all(len(ln) <= max(width, 3) for ln in lines)

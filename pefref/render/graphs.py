@@ -213,7 +213,7 @@ def graph_dot(kind: str, catalog: Catalog) -> str:
 
 def graph_svg(kind: str, catalog: Catalog) -> str:
     """The graph of ``kind`` as an SVG element (no XML prolog or DOCTYPE), safe to inline in HTML."""
-    return inline_svg(render_dot(graph_dot(kind, catalog), "svg"))
+    return inline_svg(render_dot(graph_dot(kind, catalog), "svg"), id_prefix=f"graph-{kind}")
 
 
 def export_graph(g: nx.Graph, fmt: str) -> str:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.language.catalog import Catalog, default_catalog, load_techniques
+from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
@@ -22,6 +23,7 @@ from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
@@ -86,7 +88,8 @@ def apply(
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
     """
-    catalog = catalog or default_catalog()
+    if catalog is None:  # a catalog id loads only what it needs
+        catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
     if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
@@ -95,7 +98,8 @@ def apply(
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
-    modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
+    modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
+    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -108,11 +112,14 @@ def apply(
     places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    wiring = Wiring(modules, places, name)
 
     # freeze the base model (adapters applied earlier keep training)
-    frozen = {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")}
-    for n in frozen:
-        model.get_parameter(n).requires_grad_(False)
+    frozen: dict[str, bool] = {}
+    for n, p in model.named_parameters():
+        if not n.startswith(ADAPTERS_ATTR + "."):
+            frozen[n] = p.requires_grad
+            p.requires_grad_(False)
 
     # shared tensors take the largest shape among their users (each user sees a leading slice)
     store = SharedStore()
@@ -132,6 +139,7 @@ def apply(
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
     rows: dict[tuple[str, str], ReportRow] = {}
     host_by_path = {id(m): n for n, m in model.named_modules()}
+    merge_ok: dict[tuple[str, str, bool], bool] = {}  # (module, site kind, host has a bias): derived once, not per layer
     for pl in places:
         m = pl.module
         W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None
@@ -140,7 +148,7 @@ def apply(
                           dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
                           device=device or (ref_t.device if ref_t is not None else "cpu"),
                           W=W[pl.start:pl.start + pl.size] if (W is not None and pl.size) else W)
-        unit = build_unit(m, ctx, hps, store, shared_shapes)
+        unit = build_unit(m, ctx, hps, store, shared_shapes, publish=wiring.publishes(m))
         key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
         n_params = 0
         if unit is None:  # select: unfreeze host parameters
@@ -166,9 +174,11 @@ def apply(
                 full = f"{host_by_path[id(pl.host)]}.{'weight'}"
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
-            _attach(model, pl, unit, key, adapter, fam, sizes)
-            host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
-            if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
+            _attach(model, pl, unit, key, adapter, fam, sizes, wiring)
+            mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
+            if mk not in merge_ok:
+                merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
+            if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)
@@ -187,7 +197,8 @@ def apply(
     return adapter
 
 
-def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int]) -> Entry:
+def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int],
+            wiring: Wiring | None = None) -> Entry:
     m = pl.module
     if m.form == "prepend":
         length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, {}))
@@ -201,7 +212,10 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
-        if entry.reads_mask:
+        if wiring is not None:  # connections: what the unit reads, and where its output goes
+            entry.reads = wiring.reads(m, pl.layer)
+            entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
+        if entry.reads_mask or entry.reads or entry.publish is not None:
             entry.inputs = input_cell(model, fam.forward.mask)
             adapter._hooks.append(_Release(model))
         if pl.binding.input_path and not patch.stash_hooks:

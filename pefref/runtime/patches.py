@@ -58,7 +58,9 @@ class Entry:
     unit_key: str = ""  # the unit's name in its adapter
     site: str = ""  # the reference site it is placed at
     group: Any = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
-    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell, for units that read its mask
+    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
+    reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
+    publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
 
@@ -67,6 +69,17 @@ class Entry:
         if graph is not None:
             used = {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
             self.reads_W, self.reads_mask = "W" in used, "mask" in used
+
+    def connected(self) -> dict[str, Any]:
+        """The values this entry's connections read in the current forward pass."""
+        values = self.inputs["values"]  # type: ignore[index]
+        out = {}
+        for name, keys in self.reads.items():
+            key = next((k for k in keys if k in values), None)
+            if key is None:
+                raise PefrefError(f"{self.unit_key}: input {name!r} reads {keys[0]}, which has not run in this forward pass")
+            out[name] = values[key]
+        return out
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -105,14 +118,40 @@ class HostPatch:
         host.forward = self.forward  # type: ignore[method-assign]
         setattr(host, _PATCH, self)
 
-    def restore(self) -> None:
-        for hk in self.stash_hooks:
-            hk.remove()
+    suspended: bool = False
+
+    def _put_back_forward(self) -> None:
         if self.had_instance_forward:
             self.host.forward = self.orig  # type: ignore[method-assign]
         else:
             del self.host.forward
+
+    def restore(self) -> None:
+        for hk in self.stash_hooks:
+            hk.remove()
+        if not self.suspended:
+            self._put_back_forward()
         delattr(self.host, _PATCH)
+
+    def suspend(self) -> None:
+        """Give the host its own forward back while none of the entries can run (all merged into its weight):
+        a merged host costs nothing, not even a Python call. :meth:`resume` patches it again."""
+        if not self.suspended:
+            self._put_back_forward()
+            self.suspended = True
+
+    def settle(self) -> None:
+        """Suspend the patch when every entry's adapter is merged, resume it otherwise."""
+        if self.entries and all(getattr(e.owner, "merged", False) for e in self.entries):
+            self.suspend()
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        """Patch the host's forward again (after an unmerge, or when a new entry arrives)."""
+        if self.suspended:
+            self.host.forward = self.forward  # type: ignore[method-assign]
+            self.suspended = False
 
     def stash_input_of(self, module: nn.Module) -> None:
         """Take the site input x from another module's input (e.g. the sublayer that contains the host)."""
@@ -200,7 +239,7 @@ class HostPatch:
         return torch.cat(pieces, dim=-1)
 
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
-        # the unit's generated forward, called directly: nn.Module.__call__ plus GraphModule's wrapper cost ~1.3 us
+        # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
         if e.form == "rescale":
             return h * e.unit.forward(None, None, None, training)
@@ -208,6 +247,12 @@ class HostPatch:
         if e.reads_W and self.kind.has_weight and e.form == "parallel":
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
+        if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
+            out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
+            if e.publish is None:
+                return out
+            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            return out[0]
         if e.reads_mask:
             return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
@@ -244,7 +289,10 @@ def _replace_first(args: tuple[Any, ...], kwargs: dict[str, Any], x: Any) -> tup
 def patch_of(host: nn.Module, kind: HostKind, first: bool) -> HostPatch:
     """The host's patch, created on first use."""
     p = getattr(host, _PATCH, None)
-    return p if p is not None else HostPatch(host, kind, first)
+    if p is None:
+        return HostPatch(host, kind, first)
+    p.resume()
+    return p
 
 
 class RootPatch:
@@ -304,7 +352,7 @@ class RootPatch:
         tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
         kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
         n_tok = sum(e.length for e in tokens)
-        n_kv = max((e.length for e in kvs), default=0)
+        n_kv = max([0, *(e.length for e in kvs)])  # no max(default=): dynamo would break the graph
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
         b = ref.shape[0]
         training = self.model.training
@@ -375,9 +423,11 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
 
 
 def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
-    """The model's input cell: its attention mask of the current forward, for units that read ``mask``.
+    """The model's input cell: what units read besides their host's tensors in the current forward pass.
 
-    A forward pre-hook on the model fills it; a :class:`RootPatch` replaces it with the mask it extends.
+    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
+    ``values``: outputs units publish for the connections of other units, keyed by (adapter, module,
+    site, layer). A forward pre-hook on the model sets the mask and empties the values at every pass.
     """
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
@@ -385,8 +435,9 @@ def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
+            cell["values"].clear()  # type: ignore[attr-defined]
 
-        cell = {"mask": None, "users": 0}
+        cell = {"mask": None, "values": {}, "users": 0}
         cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
         model.__dict__[_INPUTS] = cell
     cell["users"] += 1

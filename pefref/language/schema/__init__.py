@@ -9,7 +9,7 @@ from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelSha
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
-    ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
+    Connection, ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
     SelectModule, SequentialModule, Technique,
 )
 
@@ -17,7 +17,7 @@ __all__ = [
     "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
-    "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
+    "Connection", "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
     "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
