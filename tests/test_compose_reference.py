@@ -236,3 +236,16 @@ def test_composition_trains(cid: str) -> None:
     assert losses[-1] < losses[0] - 1e-3, losses
     after = {n: p for n, p in model.named_parameters() if not n.startswith("pefref_adapters")}
     assert all(torch.equal(before[n], after[n]) for n in before)  # the base model did not move
+
+
+def test_a_failed_composition_changes_nothing(tmp_path) -> None:  # noqa: ANN001
+    p = tmp_path / "half.yaml"
+    p.write_text("id: half\nname: Half\ntechniques:\n  - {name: lora, technique: lora}\n  - {name: bias, technique: bitfit}\n", encoding="utf-8")
+    model = copy.deepcopy(_base("llama"))  # Llama's projections have no biases: bitfit has nothing to train
+    inputs = model_inputs("llama")
+    base = output_of(model, inputs)
+    with pytest.raises(Exception, match="nothing to train"):
+        pefref.apply(model, p)
+    assert not hasattr(model, "pefref_adapters")
+    assert [q.requires_grad for q in model.parameters()] == [q.requires_grad for q in _base("llama").parameters()]
+    assert torch.equal(output_of(model, inputs), base)
