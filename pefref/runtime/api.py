@@ -25,6 +25,7 @@ from pefref.runtime.inject import Placement, model_config, model_sizes, placemen
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved, select_saved
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.view.analysis import mergeable
@@ -71,6 +72,7 @@ def apply(
     device: torch.device | str | None = None,
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     **hyperparameters: Any,
 ) -> Adapter:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
@@ -87,6 +89,8 @@ def apply(
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
+        modules_to_save: whole modules trained and saved with the adapter (peft's
+            ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
     """
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
@@ -112,6 +116,7 @@ def apply(
     places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
 
     # freeze the base model (adapters applied earlier keep training)
@@ -189,6 +194,8 @@ def apply(
             container = nn.ModuleDict()
             model.add_module(ADAPTERS_ATTR, container)
         container[name] = units
+    for label, (paths, n) in select_saved(saved, adapter.selected, adapter._host_backup).items():
+        rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
     base = _base_param_count(model, container)
     if adapter.num_trainable() == 0:
         adapter.remove()

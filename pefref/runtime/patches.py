@@ -367,7 +367,7 @@ class RootPatch:
                 emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) for p in prompts] + [emb], dim=1)
                 a[f.embeds] = emb
                 for key, fill in f.extend.items():
-                    if a.get(key) is not None:
+                    if a.get(key) is not None and a[key].dim() > 1:  # per-token (not per-sequence labels)
                         v = a[key]
                         a[key] = torch.cat([torch.full((b, n_tok), fill, dtype=v.dtype, device=v.device), v], dim=1)
             if kvs:
