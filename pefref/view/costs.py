@@ -110,8 +110,8 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
                 else:
                     extra_kv = max(extra_kv, n)
                 continue
-            if m.form == "select":
-                continue
+            if m.form in ("select", "reparameterise"):
+                continue  # no work per token (a new weight is computed once per step, not per token)
             d_in_e, d_out_e = host_widths(site, fam, catalog)
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
             d_out = int(eval_scalar(d_out_e, sizes))
@@ -129,8 +129,6 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
             unit = build_unit(m, ctx, hps, SharedStore(), publish=m.form in ("parallel", "sequential"))
             per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name)
                    - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs))
-            if m.form == "reparameterise":
-                per = 0  # the new weight is computed once per step, not per token
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers
