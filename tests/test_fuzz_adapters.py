@@ -24,7 +24,7 @@ OPS = st.one_of(
 )
 
 
-@settings(deadline=None, max_examples=30, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+@settings(deadline=None, max_examples=15, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 @given(ops=st.lists(OPS, min_size=1, max_size=8))
 def test_random_operation_sequences(ops: list[tuple[str, object, int]]) -> None:
     model = tiny_model("gpt2")

@@ -77,7 +77,7 @@ def _bounded(fn, *args):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-@_settings(3)
+@_settings(2)
 @given(data=st.data())
 def test_mutated_catalog_technique_gives_located_problems(tmp_path_factory, path: Path, data: st.DataObject) -> None:
     tree = yaml.safe_load(path.read_text())
@@ -95,7 +95,7 @@ def test_mutated_catalog_technique_gives_located_problems(tmp_path_factory, path
 
 
 @pytest.mark.parametrize("path", MAPS, ids=[p.stem for p in MAPS])
-@_settings(8)
+@_settings(5)
 @given(data=st.data())
 def test_mutated_architecture_map_gives_located_problems(path: Path, data: st.DataObject) -> None:
     tree = yaml.safe_load(path.read_text())
@@ -154,7 +154,7 @@ def techniques(draw: st.DrawFn) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-@_settings(25)
+@_settings(15)
 @given(text=techniques())
 def test_generated_techniques_validate_or_give_located_problems(tmp_path_factory, text: str) -> None:
     p = tmp_path_factory.mktemp("gen") / "fuzzed.yaml"

@@ -138,6 +138,13 @@ class Adapter:
         data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
         atomic_write_bytes(path, data)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``),
+        so that ``peft.PeftModel.from_pretrained(base, directory)`` computes the same; see :mod:`pefref.interop`."""
+        from pefref.interop.peft_format import save_pretrained  # the interop layer builds on this handle
+
+        return save_pretrained(self, directory)
+
     def load(self, path: str | Path) -> None:
         """Load adapter state saved by :meth:`save`, after verifying technique, hyperparameters, family and tensors."""
         from pefref.runtime.operations import load_file

@@ -16,6 +16,7 @@ from torch import nn
 
 from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
+from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.placement import retarget
@@ -24,9 +25,11 @@ from pefref.runtime.inject import Placement, model_config, model_sizes, placemen
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
+from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
 from pefref.runtime.transaction import Transaction, located
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
@@ -74,13 +77,15 @@ def apply(
     device: torch.device | str | None = None,
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     **hyperparameters: Any,
 ) -> Adapter:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
 
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
-        technique: a catalog id, a :class:`Technique`, or a YAML path.
+        technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
+            (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead.
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
@@ -89,14 +94,21 @@ def apply(
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
+        modules_to_save: whole modules trained and saved with the adapter (peft's
+            ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
     """
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
+    if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
+        from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
+
+        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
+    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -109,6 +121,8 @@ def apply(
     places = list(placements(model, fam, sizes, modules, None, layers, catalog.reference))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
+    wiring = Wiring(modules, places, name)
     plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
     host_by_path = {id(m): n for n, m in model.named_modules()}
@@ -124,7 +138,7 @@ def apply(
             if pl.kind.has_weight and pl.binding.side == "module":
                 W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))
                 ctx.W = W[pl.start:pl.start + pl.size] if pl.size else W
-            unit = build_unit(m, ctx, hps, store, plan.shared_shapes)
+            unit = build_unit(m, ctx, hps, store, plan.shared_shapes, publish=wiring.publishes(m))
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
             new_w = None
             if unit is not None:
@@ -149,6 +163,18 @@ def apply(
                         adapter.selected[full] = p
                         adapter._host_backup.setdefault(full, p.detach().clone())  # disable()/remove() give the base values
                         selected.append(p)
+        saved_rows: dict[str, tuple[list[str], int]] = {}
+        for s in saved:  # modules_to_save: whole modules train in place with the adapter
+            paths, n_saved = saved_rows.get(s.label, ([], 0))
+            for pname, p in s.module.named_parameters():
+                full = f"{s.path}.{pname}"
+                if full in adapter.selected:
+                    continue
+                adapter.selected[full] = p
+                adapter._host_backup.setdefault(full, p.detach().clone())
+                selected.append(p)
+                n_saved += p.numel()
+            saved_rows[s.label] = ([*paths, s.path], n_saved)
         check_selectable(model, selected, tech.id)
         base = [p for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")]
         freeze(txn, model, adapter, base, selected)  # the base model is frozen (adapters applied earlier keep training)
@@ -165,7 +191,7 @@ def apply(
                     led = ledger_of(txn, pl.host, pl.kind)
                     bias = getattr(pl.host, "bias", None)
                     led.push(txn, Layer(adapter, "update", _no_recompute), (new_w, None if bias is None else bias.detach().clone()))  # type: ignore[union-attr]
-                _attach(model, pl, unit, key, adapter, fam, sizes, txn)
+                _attach(model, pl, unit, key, adapter, fam, sizes, txn, wiring)
                 mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
                 if mk not in merge_ok:
                     merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
@@ -183,6 +209,8 @@ def apply(
                 txn.on_undo(lambda: delattr(model, ADAPTERS_ATTR))
             container[name] = units
             txn.on_undo(lambda: container.__delitem__(name))
+        for label, (paths, n) in saved_rows.items():
+            rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
         if adapter.num_trainable() == 0:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {fam.family} modules do not have)")
         n_base = _base_param_count(model, container)
@@ -195,7 +223,7 @@ def _no_recompute() -> Any:
 
 
 def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap,
-            sizes: dict[str, int], txn: Transaction) -> Entry:
+            sizes: dict[str, int], txn: Transaction, wiring: Wiring | None = None) -> Entry:
     """Attach one unit at its host (or the model's root), recording in ``txn`` how to detach it."""
     m = pl.module
     if m.form == "prepend":
@@ -209,13 +237,16 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         patch: Any = root_patch_of(model, fam.forward, sizes, embed)
         if existed is not None:
             txn.on_undo(lambda: setattr(patch, "embed", old_embed))
-        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key)
+        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
     else:
         existed = getattr(pl.host, _PATCH, None)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
-        if entry.reads_mask:
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
+        if wiring is not None:  # connections: what the unit reads, and where its output goes
+            entry.reads = wiring.reads(m, pl.layer)
+            entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
+        if entry.reads_mask or entry.reads or entry.publish is not None:
             entry.inputs = input_cell(model, fam.forward.mask)
             release = _Release(model)
             adapter._hooks.append(release)

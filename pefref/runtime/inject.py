@@ -22,6 +22,7 @@ from pefref.language.yamlsrc import Positions
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.hosts import HostKind, host_kind
 from pefref.language.loader import load_file, suggest
+from pefref.language.model_classes import bind_class
 from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 from pefref.language.templates import template
@@ -47,24 +48,26 @@ class Placement:
 
 
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
-    """The architecture map for ``model``: given by name, object or YAML path, else found by class name."""
+    """The architecture map for ``model`` (given by name, object or YAML path, else found by class
+    name), with its paths bound to the model's class (base model or task-head wrapper); a map given
+    as an object or a YAML path is checked like the catalog's."""
+    cls = type(model).__name__
     if isinstance(family, ArchitectureMap):
         problems = check_family(family, Positions(f"<family {family.family}>"), catalog.reference)
         if problems:
             raise CatalogError(problems)
-        return family
+        return bind_class(family, cls)
     if isinstance(family, Path) or (isinstance(family, str) and family.endswith((".yaml", ".yml"))):
         fam, pos = load_file(ArchitectureMap, family)
         problems = check_family(fam, pos, catalog.reference)  # a user's map is checked like the catalog's
         if problems:
             raise CatalogError(problems)
-        return fam
+        return bind_class(fam, cls)
     if isinstance(family, str):
-        return catalog.family(family)
-    cls = type(model).__name__
+        return bind_class(catalog.family(family), cls)
     for fam in catalog.families.values():
         if cls in fam.classes:
-            return fam
+            return bind_class(fam, cls)
     raise PefrefError(f"no architecture map recognises {cls}; pass family= (known: {', '.join(sorted(catalog.families))}) or an ArchitectureMap YAML path")
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from pefref.language.errors import PefrefError
 from pefref.runtime.ledger import Layer, Value, all_ledgers, check_not_selected, ledger_of, release
 from pefref.runtime.patches import Entry, HostPatch
+from pefref.runtime.precision import LOW_PRECISION, in_fp32
 from pefref.runtime.transaction import Transaction, located
 
 __all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value"]
@@ -43,17 +44,19 @@ def merged_value(patch: HostPatch, entries: list[Entry]) -> Value:
     """
     host, kind = patch.host, patch.kind
     W = kind.get_weight(host)  # type: ignore[misc]
-    d_in = W.shape[1]
-    probe = torch.cat([torch.zeros(1, d_in, dtype=W.dtype, device=W.device), torch.eye(d_in, dtype=W.dtype, device=W.device)])
-    was = host.training
-    host.eval()
-    try:
-        with torch.no_grad():
-            out = patch.run(entries, (probe,), {})
-    finally:
-        host.train(was)
+    d_in, w_dtype = W.shape[1], W.dtype
+    with in_fp32(host, *(e.unit for e in entries)):  # bf16/fp16 hosts: computed in fp32, rounded once below
+        dt = torch.float32 if w_dtype in LOW_PRECISION else w_dtype
+        probe = torch.cat([torch.zeros(1, d_in, dtype=dt, device=W.device), torch.eye(d_in, dtype=dt, device=W.device)])
+        was = host.training
+        host.eval()
+        try:
+            with torch.no_grad():
+                out = patch.run(entries, (probe,), {})
+        finally:
+            host.train(was)
     b_new = out[0]
-    W_new = (out[1:] - b_new).t()
+    W_new = (out[1:] - b_new).t().to(w_dtype)
     bias = getattr(host, "bias", None)
     if bias is None:
         if bool(b_new.abs().max() > 0):

@@ -100,8 +100,8 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None
     for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
-    if "mask" in _used_inputs(unit):
-        return  # needs the model's mask: checked by the model's own forward
+    if {"mask", "inputs"} & _used_inputs(unit):
+        return  # needs the model's mask or other units' outputs (connections): checked by the model's own forward
     g = torch.Generator().manual_seed(0)
 
     def probe(*shape: int) -> torch.Tensor:
@@ -113,6 +113,8 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None
         if form in ("parallel", "sequential") and pl.kind.name in ("linear", "conv1d") and pl.binding.side == "module" and not pl.binding.input_path:
             x, h = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out)
             out = fwd(x, h, ctx.W, False)
+            if isinstance(out, tuple):
+                out = out[0]  # a unit that publishes returns (output, delta)
             _expect(out, tuple(h.shape), f"{form} integrate", "the host's output")
         elif form == "reparameterise" and ctx.W is not None:
             out = fwd(None, None, ctx.W, False)
