@@ -16,6 +16,7 @@ from torch import nn
 
 from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
+from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.placement import retarget
@@ -78,7 +79,8 @@ def apply(
 
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
-        technique: a catalog id, a :class:`Technique`, or a YAML path.
+        technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
+            (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead.
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
@@ -92,6 +94,10 @@ def apply(
     """
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
+    if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
+        from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
+
+        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
@@ -208,11 +214,11 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if eb is not None and eb.path:
             embed = model.get_submodule(eb.path)
         patch = root_patch_of(model, fam.forward, sizes, embed)
-        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key)
+        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
     else:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes
             entry.reads = wiring.reads(m, pl.layer)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,21 @@ from torch import nn
 from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell"]
+__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE"]
+
+class _Route:
+    """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
+    handles that run for it (None: no selection, every active adapter runs).
+
+    Set by a composition's ``per_example`` context; a host then runs once per distinct
+    set of adapters and takes each example's rows from its own run. (A plain attribute,
+    not a ContextVar: torch.compile traces reading it without a graph break.)
+    """
+
+    current: Sequence[frozenset[Any]] | None = None
+
+
+ROUTE = _Route()
 
 _PATCH = "_pefref_patch"
 _ROOT = "_pefref_root_patch"
@@ -41,6 +56,8 @@ class Entry:
     layer: int | None = None
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
+    site: str = ""  # the reference site it is placed at
+    group: Any = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
     inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
     reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
     publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
@@ -148,21 +165,47 @@ class HostPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
+        route = ROUTE.current
+        if route is not None:
+            return self._routed(route, entries, args, kwargs)
         return self.run(entries, args, kwargs)
+
+    def _routed(self, route: Sequence[frozenset[Any]], entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Each example with its own adapters: one run per distinct set, rows taken from the example's run."""
+        rows: dict[frozenset[Any], list[int]] = {}
+        for i, owners in enumerate(route):
+            rows.setdefault(frozenset(o for o in owners if any(e.owner is o for e in entries)), []).append(i)
+        result: Any = None
+        for owners, idx in rows.items():
+            es = [e for e in entries if e.owner in owners]
+            out = self.run(es, args, kwargs) if es else self.orig(*args, **kwargs)
+            if result is None:
+                result = out
+                continue
+            h, r = (out[0], result[0]) if self.first else (out, result)
+            if h.shape[0] != len(route):
+                raise PefrefError(f"per-example adapters: {len(route)} names for a batch of {h.shape[0]}")
+            sel = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+            sel[idx] = True
+            merged = torch.where(sel.view(-1, *([1] * (h.dim() - 1))), h, r)
+            result = (merged, *result[1:]) if self.first else merged
+        return result
 
     def run(self, entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         training = self.host.training
         x = x_in = _first_tensor(args, kwargs)
-        for e in entries:
-            if e.side == "input":
-                x = self._apply(e, None, x, training)
+        for e, grp in _steps([e for e in entries if e.side == "input"]):
+            x = _sliced(x, e, self._fn(e, grp, None, training)) if grp else self._apply(e, None, x, training)
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
         weights = [e for e in entries if e.form == "reparameterise"]
         if weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
-            for e in weights:
-                W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
+            for e, grp in _steps(weights):
+                if grp:
+                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: e.group.combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
+                else:
+                    W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
             out = self.kind.run(self.host, x, W)  # type: ignore[misc]
         else:
             out = self.orig(*args, **kwargs)
@@ -172,9 +215,15 @@ class HostPatch:
         if len(outs) > 1 and _disjoint_slices(outs):
             h = self._apply_slices(outs, x_site, h, training)
         else:
-            for e in outs:
-                h = _sliced(h, e, lambda t, e=e: self._apply(e, x_site, t, training))
+            for e, grp in _steps(outs):
+                h = _sliced(h, e, self._fn(e, grp, x_site, training))
         return (h, *out[1:]) if self.first else h
+
+    def _fn(self, e: Entry, grp: list[Entry] | None, x: torch.Tensor | None, training: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The step of one entry, or of a block's entries combined by their group."""
+        if not grp:
+            return lambda t: self._apply(e, x, t, training)
+        return lambda t: e.group.combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
 
     def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
@@ -207,6 +256,19 @@ class HostPatch:
         if e.reads_mask:
             return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
+
+
+def _steps(es: list[Entry]) -> list[tuple[Entry, list[Entry] | None]]:
+    """Entries in order; the entries of one group come once, at the first of them, with the group's running members."""
+    out: list[tuple[Entry, list[Entry] | None]] = []
+    seen: set[int] = set()
+    for e in es:
+        if e.group is None:
+            out.append((e, None))
+        elif id(e.group) not in seen:
+            seen.add(id(e.group))
+            out.append((e, [m for m in es if m.group is e.group]))
+    return out
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -280,6 +342,8 @@ class RootPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
+        if ROUTE.current is not None:
+            raise PefrefError("per-example adapter selection does not cover prepended positions (prompts, prefixes): they change the sequence of the whole batch")
         a = self._bind(args, kwargs)
         f = self.fwd
         cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
