@@ -175,6 +175,10 @@ def test_family_labels_paths_without_a_model() -> None:
     g = _g("lora", family="gpt2")
     assert "transformer.h.{i}.attn.c_attn[0:d]" in g.nodes[_comp(g, "attn.q")]["html"]
     assert g.nodes[_comp(g, "ffn.gate")].get("unbound")
+    from pefref.language.catalog import catalog_root
+
+    g = _g("lora", family=str(catalog_root() / "families" / "llama.yaml"))  # an architecture map file
+    assert "model.layers.{i}.self_attn.q_proj" in g.nodes[_comp(g, "attn.q")]["html"]
     with pytest.raises(PefrefError, match="differs"):
         _g("lora", model="llama-2-7b", family="gpt2")
     with pytest.raises(PefrefError, match="needs a model"):
@@ -272,3 +276,16 @@ def test_wrap_ends_and_keeps_the_text(text: str, width: int) -> None:
     lines = wrap(text, width)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")
     assert all(len(ln) <= max(width, 3) for ln in lines)
+
+
+def test_connections_are_edges_into_the_reading_module() -> None:
+    """A module's inputs from other modules (this layer, the previous one with its fallback) and from other sites."""
+    g = _g("ladder_side_tuning", layers=3)
+    conn = {(g.nodes[u]["module"], g.nodes[u]["layer"], g.nodes[v]["module"], g.nodes[v]["layer"], a["layer_of_source"])
+            for u, v, a in g.edges(data=True) if a["role"] == "connection"}
+    assert ("side_ffn", 0, "ladder", 1, "previous") in conn and ("side_ffn", 1, "ladder", 2, "previous") in conn
+    assert ("side_in", None, "ladder", 0, "previous") in conn  # the fallback of the first layer
+    assert all(("ladder", i, "side_attn", i, "same") in conn for i in range(3))
+    g = technique_graph(default_catalog(), [_kitchen_sink()])
+    reads = [(u, a) for u, v, a in g.edges(data=True) if a["role"] == "connection" and g.nodes[u]["role"] == "component"]
+    assert reads and all(g.nodes[v]["role"] == "module" for u, v, a in g.edges(data=True) if a["role"] == "connection")

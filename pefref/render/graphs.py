@@ -185,7 +185,7 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
         for u, v, a in d.edges(data=True):
             a["dot"] = {"penwidth": f"{0.5 + 3 * a['jaccard']:.2f}", "color": "#55555588", "len": f"{2.5 - 1.5 * a['jaccard']:.2f}"}
         return d
-    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (solid: extends; dashed: reuses modules)")
+    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (grey: extends; dashed blue: reuses modules; solid blue: both; dashed box: designed in pefref)")
     for n, a in d.nodes(data=True):
         a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
     for u, v, a in d.edges(data=True):
