@@ -35,7 +35,10 @@ from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.hparams import resolve_hyperparameters, shape_of
 from pefref.ops.inits import init_table
-from pefref.ops import PRIMITIVES
+from pefref.ops import PRIMITIVES, TORCH_SETUP
+
+for _setup in TORCH_SETUP:  # torch-side definitions of primitives, made before any traced call
+    _setup()
 
 __all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS", "Unit", "clear_programs"]
 
@@ -80,13 +83,36 @@ class SharedStore:
         return (module, pname, shared, *scope)
 
 
-def _leaf(fn: Any) -> Any:
-    """Record ``fn`` as one call in the traced graph when any argument is a proxy."""
+def _value_key(a: Any) -> Any:
+    """A hashable identity of an op argument: the proxy itself (by identity), or the constant with its type."""
+    if isinstance(a, fx.Proxy):
+        return ("proxy", id(a))
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__, *map(_value_key, a))
+    hash(a)
+    return (type(a).__name__, a)
+
+
+def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
+    """Record ``fn`` as one call in the traced graph when any argument is a proxy.
+
+    With ``memo``, a call with the same op and the same arguments as an earlier one
+    returns the earlier node (ops are pure functions): a subexpression written
+    twice, e.g. a hidden layer that both keys and values read, is computed once.
+    """
 
     def call(*args: Any, **kwargs: Any) -> Any:
         for a in (*args, *kwargs.values()):
             if isinstance(a, fx.Proxy):
-                return a.tracer.create_proxy("call_function", fn, args, kwargs)
+                if memo is None:
+                    return a.tracer.create_proxy("call_function", fn, args, kwargs)
+                try:
+                    key = (fn, _value_key(args), _value_key(sorted(kwargs.items())))
+                except TypeError:  # an unhashable constant: no sharing
+                    return a.tracer.create_proxy("call_function", fn, args, kwargs)
+                if key not in memo:
+                    memo[key] = (a.tracer.create_proxy("call_function", fn, args, kwargs), args, kwargs)  # args kept alive: ids stay unique
+                return memo[key][0]
         return fn(*args, **kwargs)
 
     return call
@@ -108,8 +134,9 @@ class _Program(nn.Module):
         self.tensor_names = list(tensors)
 
     def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
-        ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn)) for k, p in PRIMITIVES.items()}
-        drop = PRIMITIVES["dropout"].fn
+        memo: dict[Any, Any] = {}  # common subexpressions (an op called twice on the same values) become one node
+        ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn, memo)) for k, p in PRIMITIVES.items()}
+        drop = PRIMITIVES["dropout"].fn  # random: never shared
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
         env = dict(self.consts)
         for n in self.tensor_names:

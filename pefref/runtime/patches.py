@@ -391,6 +391,18 @@ class RootPatch:
 
     def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
         kvh, dh = self.sizes["kv_heads"], self.sizes["d_head"]
+        layer_ids = [e.layer for e in kvs]
+        if len(set(layer_ids)) == len(kvs) and len({e.length for e in kvs}) == 1:
+            # one entry per layer, one length: fill every layer's cache at once (one stack, one reshape, one
+            # permute, one expand for all layers, instead of those ops and a concatenation per layer and tensor)
+            order = sorted(range(len(kvs)), key=lambda i: layer_ids[i])  # type: ignore[arg-type, return-value]
+            pairs = [kvs[i].unit(None, None, None, training) for i in order]
+            n_l = len(pairs)
+            kv = torch.stack([t for pair in pairs for t in pair])  # [2L, n, kvh*dh]: k0, v0, k1, v1, ...
+            kv = kv.reshape(n_l, 2, kv.shape[1], kvh, dh).permute(0, 1, 3, 2, 4).unsqueeze(2)  # [L, 2, 1, kvh, n, dh]
+            kv = kv.expand(-1, -1, b, -1, -1, -1)
+            layers = [(kv[i, 0], kv[i, 1]) for i in range(n_l)]
+            return self._cache_of(cache, layers)
         per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for e in kvs:
             k, v = e.unit(None, None, None, training)  # [n, kvh*dh]
@@ -402,6 +414,10 @@ class RootPatch:
             (torch.cat([k for k, _ in per_layer[i]], dim=2), torch.cat([v for _, v in per_layer[i]], dim=2))
             for i in sorted(per_layer)
         ]
+        return self._cache_of(cache, layers)
+
+    def _cache_of(self, cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """The model's cache holding ``layers`` (key, value) [batch, kv_heads, n, d_head] per layer."""
         if self.fwd.cache_format == "tuples":
             return layers
         if cache is not None and hasattr(cache, "update"):
