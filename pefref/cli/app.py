@@ -412,5 +412,7 @@ def demo(
     _wide().print(table)
 
 
+import pefref.cli.experiments  # noqa: E402,F401  (registers run, results)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pefref.language.schema.experiment import Experiment
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
 from pefref.language.schema.technique import (
@@ -11,6 +12,7 @@ from pefref.language.schema.technique import (
 )
 
 __all__ = [
+    "Experiment",
     "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
@@ -23,5 +25,6 @@ SCHEMAS = {
     "reference": ReferenceArchitecture,
     "family": ArchitectureMap,
     "models": ModelShapes,
+    "experiment": Experiment,
 }
 """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""
