@@ -129,7 +129,9 @@ def test_schema_write_and_check(tmp_path: Path) -> None:
     assert "technique.schema.json" in result.output
     _ok("schema", "--out", str(tmp_path))
     assert (tmp_path / "technique.schema.json").read_text(encoding="utf-8").endswith("}\n")
-    (tmp_path / "stale.schema.json").write_text("{}\n", encoding="utf-8")
+    from pefref.language.schemagen import GENERATED_MARK
+
+    (tmp_path / "stale.schema.json").write_text('{"$comment": "%s"}\n' % GENERATED_MARK, encoding="utf-8")
     assert runner.invoke(app, ["schema", "--check", "--out", str(tmp_path)]).exit_code == 1
     _ok("schema", "--out", str(tmp_path))
     assert not (tmp_path / "stale.schema.json").exists()

@@ -42,7 +42,7 @@ def adapted(seed: int = 0):  # noqa: ANN201
     adapter = apply(model, "lora", r=8)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in adapter.trainable_parameters().items():
+        for name, p in adapter.named_trainable_parameters().items():
             if name.endswith(".B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model, adapter
@@ -96,7 +96,7 @@ def test_compiled_training_step_equals_eager() -> None:
         run = torch.compile(model, backend="aot_eager", fullgraph=True) if compile_it else model
         logits = run(input_ids=ids).logits
         logits.mean().backward()
-        grads = {n: p.grad.detach().clone() for n, p in adapter.trainable_parameters().items()}
+        grads = {n: p.grad.detach().clone() for n, p in adapter.named_trainable_parameters().items()}
         assert all(g.abs().max() > 0 for g in grads.values())
         assert all(p.grad is None for n, p in model.named_parameters() if "pefref_adapters" not in n)
         results.append((logits.detach(), grads))

@@ -64,7 +64,7 @@ def test_user_written_map(tmp_path, catalog) -> None:
     assert a.report.trainable == 3 * 2 * 2 * (16 + 16)
     torch.testing.assert_close(model(x), base)  # LoRA starts as the identity
     with torch.no_grad():
-        for p in a.trainable_parameters().values():
+        for p in a.trainable_parameters():
             p.normal_()
     assert (model(x) - base).abs().max() > 1e-3
     a.remove()
@@ -72,7 +72,7 @@ def test_user_written_map(tmp_path, catalog) -> None:
     b = apply(model, "ia3", family=path, sites=["ffn.act"])
     assert b.report.trainable == 3 * 32
     with torch.no_grad():
-        for p in b.trainable_parameters().values():
+        for p in b.trainable_parameters():
             p.fill_(2.0)
     # doubling fc2's input doubles its weight contribution: check against the hand computation
     blk = model.blocks[0]

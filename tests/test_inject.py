@@ -32,7 +32,7 @@ def _compare_len(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def _perturb(adapter) -> None:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in adapter.trainable_parameters().values():
+        for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
@@ -46,7 +46,7 @@ def test_properties(tid: str, fam: str) -> None:
     base_out = output_of(model, inputs)
 
     a = apply(model, tid)
-    trainable = a.trainable_parameters()
+    trainable = a.named_trainable_parameters()
     own = {id(p) for p in trainable.values()}
     # only adapter (and selected) parameters require grad
     assert {id(p) for p in model.parameters() if p.requires_grad} == own
@@ -95,7 +95,7 @@ def test_properties(tid: str, fam: str) -> None:
     trained = output_of(model, inputs)
     state = {k: v.clone() for k, v in a.state_dict().items()}
     with torch.no_grad():
-        for p in a.trainable_parameters().values():
+        for p in a.trainable_parameters():
             p.zero_()
     a.load_state_dict(state)
     torch.testing.assert_close(output_of(model, inputs), trained, atol=0, rtol=0)

@@ -36,10 +36,14 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("duplicate_key", 5, 1, "name", ("duplicate key 'name'",)),
     ("default_out_of_bounds", 7, 27, "hyperparameters.r.default", ("default 0 is",)),
     ("unknown_use", 9, 10, "modules[0].use", ("unknown technique 'lroa'", "did you mean 'lora'?")),
+    ("unknown_extends", 6, 17, "extends[1]", ("unknown technique 'dorra'", "did you mean 'dora'?")),
     ("syntax_error", 11, 9, "", ("YAML syntax error",)),
     ("id_mismatch", 3, 5, "id", ("file name 'id_mismatch.yaml' does not match id 'another_id'",)),
     ("unknown_form", 11, 11, "modules[0].form", ("unknown form 'paralel'", "did you mean 'parallel'?")),
     ("unknown_shape_name", 13, 19, "modules[0].params.A.shape[0]", ("unknown name 'rank' in a shape",)),
+    ("wrong_init_shape", 14, 37, "modules[0].params.B.init", ("init gives [128, 5], the parameter is [128, 4]",)),
+    ("wrong_compute_shape", 15, 21, "modules[0].compute", ("linear: input width 512 does not match weight [4, 128]",)),
+    ("wrong_integrate_shape", 16, 16, "modules[0].integrate", ("+: shapes [2, 9, 128] and [2, 9, 512] do not broadcast",)),
 ]
 
 def _problems(*paths: Path) -> list[Problem]:

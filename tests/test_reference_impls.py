@@ -432,7 +432,7 @@ def _prefix_count(z: dict[str, int], hp: dict[str, Any]) -> int:
 def _perturb(a: Adapter) -> None:
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for p in a.trainable_parameters().values():
+        for p in a.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 

@@ -146,6 +146,8 @@ def validate(
         _echo_json({"ok": not problems, **report, "problems": [_problem_json(p) for p in problems]})
     elif not problems:
         what = [_plural(len(report["techniques"]), "technique")]
+        if report.get("compositions"):
+            what.append(_plural(len(report["compositions"]), "composition"))
         if "families" in report:
             what += [_plural(len(report["families"]), "architecture map"), _plural(len(report["models"]), "model shape")]
         Console(highlight=False).print(Text("OK ", style="bold green") + Text(f"{_plural(report['files'], 'file')}: {', '.join(what)}"))
@@ -193,12 +195,34 @@ def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
     return t, replace(cat, techniques={**cat.techniques, **loaded}, sources={**cat.sources, **sources}, positions={**cat.positions, **positions})
 
 
+SITES_HELP = ("Place the modules on these sites (repeatable or comma-separated): site names, patterns such as "
+              "'attn.*', or selectors such as 'all-linear' (every linear projection).")
+
+
+def _sites(items: Optional[list[str]]) -> list[str] | None:
+    """--sites values split on commas (None when not given)."""
+    if not items:
+        return None
+    return [s.strip() for item in items for s in item.split(",") if s.strip()]
+
+
+def _placed(t: Any, cat: Catalog, shape: Any, sites: Optional[list[str]]) -> Any:
+    """``t`` placed on ``--sites`` for the family of ``shape`` (``t`` itself without --sites)."""
+    chosen = _sites(sites)
+    if chosen is None:
+        return t
+    from pefref.language.placement import retarget
+
+    return retarget(t, chosen, cat.reference, cat.techniques, cat.family(shape.family))
+
+
 @app.command()
 def show(
     technique: str = typer.Argument(..., help="Technique id (see `pefref list`) or a technique YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     model: str = typer.Option("llama-2-7b", "--model", help="Model shape for the derived counts and costs."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
+    sites: Optional[list[str]] = typer.Option(None, "--sites", help=SITES_HELP),
 ) -> None:
     """Show one technique: paper, modules, expressions, and its derived typology, parameters and costs."""
     from pefref.view.summary import technique_summary
@@ -206,8 +230,10 @@ def show(
     from pefref.view import derived_facts
 
     t, cat = _resolve_technique(technique)
+    shape = _lookup(cat.shape, model)
+    t = _placed(t, cat, shape, sites)
     summary = technique_summary(t, cat)
-    summary.update(derived_facts(t, cat, _lookup(cat.shape, model), _overrides(sets)))
+    summary.update(derived_facts(t, cat, shape, _overrides(sets)))
     if "file" in summary:
         summary["file"] = _rel(summary["file"])
     if as_json:
@@ -298,13 +324,14 @@ def params(
     technique: str = typer.Argument(..., help="Technique id or YAML file."),
     model: str = typer.Option(..., "--model", help="Model shape (see `pefref models`)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
+    sites: Optional[list[str]] = typer.Option(None, "--sites", help=SITES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (key 'trainable')."),
 ) -> None:
     """Count a technique's trainable parameters on a model shape, analytically (no weights allocated)."""
     from pefref.view.params import count_params
 
     t, cat = _resolve_technique(technique)
-    pc = count_params(t, _lookup(cat.shape, model), cat, _overrides(sets))
+    pc = count_params(t, _lookup(cat.shape, model), cat, _overrides(sets), _sites(sites))
     if as_json:
         _echo_json(pc.as_dict())
         return
@@ -318,7 +345,7 @@ def apply_(
     technique: str = typer.Argument(..., help="Technique id or YAML file."),
     model: str = typer.Option("tiny-ref", "--model", help="Model shape to build (large ones on the meta device)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
-    sites: Optional[list[str]] = typer.Option(None, "--site", help="Restrict to these sites (repeatable)."),
+    sites: Optional[list[str]] = typer.Option(None, "--sites", "--site", help=SITES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the placement report as JSON (key 'trainable')."),
 ) -> None:
     """Build a model, apply a technique and print the placement report (what went where)."""
@@ -332,7 +359,7 @@ def apply_(
     base = int(eval_scalar(fam.base_params, {**model_sizes(fam, dict(shape.config)), **shape.config}))
     device = "meta" if base > 200_000_000 else None
     m = build_model(shape, cat, device=device)
-    adapter = apply_technique(m, t, catalog=cat, sites=sites, overrides=_overrides(sets))
+    adapter = apply_technique(m, t, catalog=cat, sites=_sites(sites), overrides=_overrides(sets))
     rep = adapter.report.as_dict()  # type: ignore[union-attr]
     rep["model"] = model
     rep["device"] = device or "cpu"
@@ -412,6 +439,8 @@ def demo(
     _wide().print(table)
 
 
+import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
+from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
 import pefref.cli.experiments  # noqa: E402,F401  (registers run, results)
 
 if __name__ == "__main__":  # pragma: no cover

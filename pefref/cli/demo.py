@@ -38,7 +38,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     a = apply(model, t, catalog=catalog)
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
-    for p in a.trainable_parameters().values():
+    for p in a.trainable_parameters():
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
     is_merge = all(module_mergeable(m, catalog.reference) for m in modules)

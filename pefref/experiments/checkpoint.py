@@ -1,46 +1,23 @@
 """Checkpoints of a run, written atomically: adapter (+ head) tensors as safetensors, and the training state.
 
-Each file is written to a temporary name in the same folder, flushed and
-fsync'ed, then renamed over the old one, so a crash leaves either the old or
-the new file, never a torn one. The training state (optimizer, scheduler, RNG,
-step, best metric) lets an interrupted run continue exactly where it stopped.
+Each file goes through :func:`pefref.language.atomic.atomic_write_bytes` (temporary
+file, fsync, rename), so a crash leaves either the old or the new file, never a torn one.
+The training state (optimizer, scheduler, RNG, step, best metric) lets an
+interrupted run continue exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "load_state", "load_tensors", "rng_state", "save_state", "save_tensors", "set_rng_state"]
+from pefref.language.atomic import atomic_write_bytes
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-    except OSError:  # pragma: no cover - folders that cannot be opened (some platforms)
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+__all__ = ["load_state", "load_tensors", "rng_state", "save_state", "save_tensors", "set_rng_state"]
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pefref.experiments.checkpoint import atomic_write_bytes
+from pefref.language.atomic import atomic_write_bytes
 from pefref.experiments.results import Group, Results
 
 __all__ = ["pareto_front", "plot_svgs", "write_plots"]

@@ -155,7 +155,7 @@ def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: C
         a = apply(target, use["technique"], family=family, catalog=catalog, name=f"a{i}", overrides=use["hyperparameters"])
         prep.adapters.append(a)
         prep.hyperparameters.append({"technique": a.technique.id, **a.hyperparameters})
-        prep.trainable.update({f"adapter.{a.name}.{k}": p for k, p in a.trainable_parameters().items()})
+        prep.trainable.update({f"adapter.{a.name}.{k}": p for k, p in a.named_trainable_parameters().items()})
     for n, p in head.items():
         p.requires_grad_(True)
         prep.trainable[f"head.{n}"] = p

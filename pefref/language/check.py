@@ -17,6 +17,7 @@ from pefref.language.loader import dotted, suggest
 from pefref.ops import PRIMITIVES
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import PrependModule
+from pefref.language.shapecheck import check_module_shapes
 from pefref.language.yamlsrc import Positions
 
 __all__ = ["check_technique", "check_family", "expand_modules", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
@@ -103,6 +104,10 @@ def _check_names(e: Expr, allowed: set[str], ops: set[str], pos: Positions, path
 def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> list[Problem]:
     """Cross-reference problems of one technique (empty when it is sound)."""
     out: list[Problem] = []
+    for i, tid in enumerate(t.extends):
+        if tid not in pool or tid == t.id:
+            why = "a technique cannot extend itself" if tid == t.id else f"unknown technique {tid!r}{suggest(tid, pool)}"
+            out.append(Problem(pos.at(("extends", i)), f"extends[{i}]", why))
     for i, m in enumerate(t.modules):
         if isinstance(m, ModuleUse):
             tid, mname = m.use.split(".")
@@ -121,11 +126,13 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
         if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {hp.choices}"))
+    defaults_sound = not out  # shapes are inferred on the defaults only when they are valid
     sizes = set(ref.sizes) | set(HOST_SIZES)
     scalar_ops = {k for k, p in PRIMITIVES.items() if p.scalar}
     tensor_ops = set(PRIMITIVES)
     for i, m in enumerate(modules):
         mp = ("modules", i)
+        n_before = len(out)
         for j, s in enumerate(m.sites):
             if s not in ref.sites:
                 out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"unknown site {s!r}{suggest(s, ref.sites)} (sites: {', '.join(ref.sites)})"))
@@ -142,6 +149,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
             init_reads = {"W"} & site_reads
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+            if isinstance(spec.lr_scale, str):
+                out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:
@@ -150,6 +159,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             if fld == "length":
                 allowed = set(hps) | sizes
             out += _check_names(parse_expr(text), allowed, tensor_ops, pos, mp + (fld,), f"{m.form} {fld}")
+        if defaults_sound and len(out) == n_before:  # names and sites sound: infer shapes
+            out += check_module_shapes(m, mp, {k: v.default for k, v in hps.items()}, ref, pos)
         if isinstance(m, PrependModule):
             kinds = {ref.sites[s].kind for s in m.sites if s in ref.sites}
             if m.tokens is not None and kinds - {"embedding"}:

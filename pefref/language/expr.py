@@ -1,6 +1,6 @@
 """The expression language of technique descriptions.
 
-A closed grammar: numbers, declared names, the arithmetic operators
+A closed grammar: numbers, einsum subscripts (the one string literal), declared names, the arithmetic operators
 ``+ - * / // % ** @``, unary minus, tuples, and calls of *registered* ops with
 positional and keyword arguments. Python's own parser reads the text; anything
 outside that grammar (attribute access, subscripts, lambdas, comprehensions,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,6 +31,8 @@ BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Pow: operator.pow,
     ast.MatMult: operator.matmul,
 }
+_SUBSCRIPTS = re.compile(r"[A-Za-z.,\->]{1,64}")
+"""The one kind of string literal: einsum subscripts such as '...e,eor->...o' (data, never executed)."""
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -47,7 +50,7 @@ def _check(node: ast.AST) -> None:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or isinstance(node.value, (int, float)):
             return
-        raise ExprError(f"only numbers are allowed as literals, found {node.value!r}", col)
+        raise ExprError(f"only numbers and einsum subscripts (letters, ',', '->', '...', as an op's first argument) are allowed as literals, found {node.value!r}", col)
     if isinstance(node, ast.Name):
         return
     if isinstance(node, ast.BinOp):
@@ -68,9 +71,11 @@ def _check(node: ast.AST) -> None:
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name):
             raise ExprError("only calls of registered ops by name are allowed (no attribute access)", col)
-        for a in node.args:
+        for i, a in enumerate(node.args):
             if isinstance(a, ast.Starred):
                 raise ExprError("*args is not allowed", a.col_offset)
+            if i == 0 and isinstance(a, ast.Constant) and isinstance(a.value, str) and _SUBSCRIPTS.fullmatch(a.value):
+                continue  # einsum subscripts: data, never executed
             _check(a)
         for k in node.keywords:
             if k.arg is None:

@@ -59,7 +59,7 @@ def _tag_of(t: Any) -> set[str]:
     base = _unwrap(t)
     if isinstance(base, type) and issubclass(base, BaseModel):
         out.add(base.__name__)
-        for fname in ("type", "form"):
+        for fname in ("type", "form", "kind"):
             f = base.model_fields.get(fname)
             if f is not None and typing.get_origin(f.annotation) is typing.Literal:
                 out.update(str(a) for a in typing.get_args(f.annotation))

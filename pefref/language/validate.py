@@ -5,23 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
+from pefref.language.catalog import Catalog, catalog_root, default_catalog, load_catalog, load_techniques
 from pefref.language.errors import CatalogError, Location, Problem
 
 __all__ = ["validate_paths"]
 
 
-def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
-    """Validate the bundled catalog (no paths), or technique files, folders of them and catalog folders.
+def _compositions(files: list[Path], cat: Catalog, problems: list[Problem], report: dict[str, Any], root: Path | None = None) -> None:
+    """Check composition files against ``cat`` and the interaction rules, adding to ``problems`` and ``report``."""
+    from pefref.language.composition import load_composition, load_rules
 
-    A folder holding ``reference/transformer.yaml`` is loaded as a whole catalog; other
-    folders contribute their ``*.yaml`` files, which are checked as techniques against
-    the bundled reference architecture and techniques. Returns every problem found and
-    a report (technique ids, number of files; architecture maps and model shapes of
-    catalogs).
+    try:
+        rules = load_rules(root)
+    except CatalogError as e:
+        problems += e.problems
+        return
+    for f in files:
+        try:
+            res = load_composition(f, cat, rules)
+        except CatalogError as e:
+            problems += e.problems
+            continue
+        report["compositions"].append(res.composition.id)
+    report["files"] += len(files)
+
+
+def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
+    """Validate the bundled catalog (no paths), or technique and composition files, folders of them and catalog folders.
+
+    A folder holding ``reference/transformer.yaml`` is loaded as a whole catalog
+    (its compositions and interaction rules included); other folders contribute
+    their ``*.yaml`` files, which are checked as techniques, or as compositions
+    when they hold a ``techniques`` list, against the bundled reference
+    architecture, techniques and interaction rules. Returns every problem found
+    and a report (technique and composition ids, number of files; architecture
+    maps and model shapes of catalogs).
     """
     problems: list[Problem] = []
-    report: dict[str, Any] = {"techniques": [], "files": 0}
+    report: dict[str, Any] = {"techniques": [], "compositions": [], "files": 0}
     if not paths:
         paths = [catalog_root()]
     files: list[Path] = []
@@ -38,6 +59,8 @@ def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
             report["files"] += 2 + len(cat.families) + len(cat.techniques)
             report.setdefault("families", []).extend(sorted(cat.families))
             report.setdefault("models", []).extend(cat.shapes)
+            report["files"] += 1  # the interaction rules
+            _compositions(sorted((p / "compositions").glob("*.yaml")), cat, problems, report, p)
         elif p.is_dir():
             found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
             if not found:
@@ -47,10 +70,16 @@ def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
             files.append(p)
     unique = list(dict.fromkeys(f.resolve() for f in files))
     if unique:
+        from pefref.language.composition import is_composition_file
+
         try:
             base = default_catalog()
         except CatalogError as e:
             return problems + e.problems, report
+        comps = [f for f in unique if is_composition_file(f)]
+        unique = [f for f in unique if f not in comps]
+        _compositions(comps, base, problems, report)
+    if unique:
         loaded, _src, _pos, tproblems = load_techniques(unique, base.reference, base.techniques)
         problems += tproblems
         report["techniques"] += sorted(loaded)

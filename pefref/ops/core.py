@@ -173,7 +173,7 @@ def exp(a: torch.Tensor) -> torch.Tensor:
 
 @primitive(nonlinear=True)
 def softmax(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over one dimension."""
+    """Softmax over dimension ``dim``, :math:`\\mathrm{softmax}(a)_j = e^{a_j} / \\sum_k e^{a_k}` (routers' gates)."""
     import torch
     return torch.softmax(a, dim)
 

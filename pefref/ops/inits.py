@@ -103,6 +103,34 @@ def eye(shape, dtype, device) -> torch.Tensor:
     return torch.eye(n, m, dtype=dtype, device=device).expand(shape).clone()
 
 
+@initialiser
+def rows(shape, dtype, device, W: torch.Tensor, ids: Any) -> torch.Tensor:
+    """Rows ``ids`` of a host tensor ``W`` ([n, width]), repeated in order until ``shape[0]`` rows are filled
+    (and cut there): :math:`P_j = W_{\\mathrm{ids}[j \\bmod |\\mathrm{ids}|]}`. At an embedding site ``W`` is the
+    token embedding table, so ``rows(W, ids=(101, 2023, 3319))`` starts a prompt from the embeddings of chosen
+    vocabulary tokens, as Lester et al. (2021, https://arxiv.org/abs/2104.08691) and peft's text initialisation
+    do; only the selected rows are copied, never the table."""
+    import torch
+    ids = [int(i) for i in (ids if isinstance(ids, (tuple, list)) else (ids,))]
+    if not ids or min(ids) < -W.shape[0] or max(ids) >= W.shape[0]:
+        raise ValueError(f"rows: ids must be rows of W (0..{W.shape[0] - 1}), found {ids}")
+    if tuple(shape[1:]) != tuple(W.shape[1:]):
+        raise ValueError(f"rows: W's rows have shape {tuple(W.shape[1:])}, the parameter's rows {tuple(shape[1:])}")
+    picked = [ids[j % len(ids)] for j in range(shape[0])]
+    return W.detach()[torch.tensor(picked, dtype=torch.long, device=W.device)].to(dtype=dtype, device=device).clone()
+
+
+@initialiser
+def sampled_rows(shape, dtype, device, W: torch.Tensor, high: int = 0) -> torch.Tensor:
+    """``shape[0]`` rows of a host tensor ``W`` drawn uniformly at random with replacement among its first
+    ``high`` rows (all rows when 0): Lester et al.'s (2021, https://arxiv.org/abs/2104.08691) prompt
+    initialisation from sampled vocabulary embeddings (they sample among the 5,000 most common tokens)."""
+    import torch
+    n = W.shape[0] if not high else min(int(high), W.shape[0])
+    picked = torch.randint(0, n, (shape[0],), device=W.device)
+    return rows(shape, dtype, device, W, tuple(picked.tolist()))
+
+
 def init_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Callable[..., Any]]:
     """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus every primitive
     (data-dependent initialisations compute from the host weight ``W``)."""

@@ -36,6 +36,7 @@ class Adapter:
     entries: list[tuple[Any, Entry]] = field(default_factory=list)
     selected: dict[str, nn.Parameter] = field(default_factory=dict)
     mergeable_units: set[str] = field(default_factory=set)
+    unit_modules: dict[str, Any] = field(default_factory=dict)  # unit key -> its module description (training metadata)
     report: Report | None = None
     enabled: bool = True
     merged: bool = False
@@ -56,7 +57,7 @@ class Adapter:
 
     # --- parameters ---------------------------------------------------------
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter this adapter trains (its own and selected host ones), by name, each once."""
         out: dict[str, nn.Parameter] = {}
         seen: set[int] = set()
@@ -68,8 +69,45 @@ class Adapter:
             out[f"host.{name}"] = p
         return out
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter this adapter trains, each once, as a list a torch optimizer takes as it is
+        (``torch.optim.AdamW(adapter.trainable_parameters())``); names: :meth:`named_trainable_parameters`."""
+        return list(self.named_trainable_parameters().values())
+
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters().values())
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Torch-optimizer parameter groups following each tensor's declared training metadata.
+
+        A tensor declared with ``lr_scale: s`` trains at ``lr * s``; one with ``weight_decay: w`` uses
+        ``w`` instead of ``weight_decay``. Tensors with equal settings share one group (in order of first
+        appearance); each group also carries ``names``. Selected host parameters train at ``lr``.
+        ``torch.optim.AdamW(adapter.param_groups(lr=1e-3))`` is ready to use.
+        """
+        from pefref.language.sizes import eval_scalar
+
+        groups: dict[tuple[float, float], dict[str, Any]] = {}
+        seen: set[int] = set()
+
+        def add(name: str, p: nn.Parameter, scale: float, wd: float | None) -> None:
+            if not p.requires_grad or id(p) in seen:
+                return
+            seen.add(id(p))
+            key = (float(lr) * float(scale), float(weight_decay if wd is None else wd))
+            g = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": key[1]})
+            g["params"].append(p)
+            g["names"].append(name)
+
+        for key, unit in self.units.items():
+            spec = self.unit_modules.get(key)
+            for pname, p in unit.named_parameters():
+                ps = spec.params.get(pname) if spec is not None else None
+                scale = 1.0 if ps is None else eval_scalar(ps.lr_scale, dict(self.hyperparameters)) if isinstance(ps.lr_scale, str) else ps.lr_scale
+                add(f"{key}.{pname}", p, scale, None if ps is None else ps.weight_decay)
+        for name, p in self.selected.items():
+            add(f"host.{name}", p, 1.0, None)
+        return list(groups.values())
 
     # --- state --------------------------------------------------------------
 
@@ -98,13 +136,16 @@ class Adapter:
                 t.copy_(state[k])
 
     def save(self, path: str | Path) -> None:
-        """Save the adapter state as safetensors (with the technique and hyperparameters as metadata)."""
+        """Save the adapter state as safetensors (technique and hyperparameters as metadata), atomically."""
         import json
 
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from pefref.language.atomic import atomic_write_bytes
 
         meta = {"technique": self.technique.id, "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True)}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
+        atomic_write_bytes(path, data)
 
     def load(self, path: str | Path) -> None:
         """Load adapter state saved by :meth:`save`."""

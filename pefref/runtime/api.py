@@ -17,6 +17,7 @@ from pefref.language.catalog import Catalog, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
+from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
@@ -74,7 +75,9 @@ def apply(
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
         technique: a catalog id, a :class:`Technique`, or a YAML path.
-        sites: restrict to some of the technique's sites.
+        sites: where the modules go: the technique's own sites narrow it; other sites, patterns
+            (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
+            (see :mod:`pefref.language.placement`).
         layers: restrict to some layers (indices, negative from the end).
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
@@ -84,6 +87,8 @@ def apply(
     catalog = catalog or default_catalog()
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
+    if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
+        tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
@@ -94,7 +99,7 @@ def apply(
     container = getattr(model, ADAPTERS_ATTR, None)
     if container is not None and name in container:
         raise PefrefError(f"an adapter named {name!r} is already applied; pass name=")
-    places = list(placements(model, fam, sizes, modules, sites, layers))
+    places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
 
@@ -143,6 +148,7 @@ def apply(
                     n_params += p.numel()
         else:
             units[key] = unit
+            adapter.unit_modules[key] = m
             n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
             if m.host_update is not None and W is not None:
                 env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
@@ -155,7 +161,8 @@ def apply(
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
             _attach(model, pl, unit, key, adapter, fam, sizes)
-            if mergeable(m, [site_kinds[pl.site]]) and pl.kind.name in ("linear", "conv1d"):
+            host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
+            if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)

@@ -12,7 +12,10 @@ from collections.abc import Iterable
 from pefref.language.expr import Expr, parse_expr
 from pefref.ops import PRIMITIVES
 
-__all__ = ["degree", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input", "mergeable", "module_mergeable"]
+__all__ = [
+    "degree", "affine", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input",
+    "affine_in_input", "mergeable", "mergeability", "module_mergeable",
+]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
 
@@ -56,6 +59,50 @@ def degree(node: ast.AST | Expr, var: str | set[str]) -> int | None:
         if any(i < len(node.args) and not _is_none(node.args[i]) for i in prim.offset_args):
             return None
         return 1
+    return None
+
+
+def affine(node: ast.AST | Expr, var: str | set[str]) -> int | None:
+    """Degree of an expression in ``var`` where an input-independent offset is allowed.
+
+    0: independent of ``var``; 1: affine, ``A(var) + c`` (a scale and a shift, a
+    linear map with a bias); None: anything else (a product of two terms in
+    ``var``, a nonlinear op). :func:`degree` is the stricter test without offsets.
+    """
+    if isinstance(node, Expr):
+        node = node.tree
+    vs = {var} if isinstance(var, str) else var
+    if isinstance(node, ast.Name):
+        return 1 if node.id in vs else 0
+    if isinstance(node, ast.Constant):
+        return 0
+    if isinstance(node, ast.UnaryOp):
+        return affine(node.operand, vs)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        ds = [affine(e, vs) for e in node.elts]
+        return 0 if all(d == 0 for d in ds) else None
+    if isinstance(node, ast.BinOp):
+        a, b = affine(node.left, vs), affine(node.right, vs)
+        if a is None or b is None:
+            return None
+        if isinstance(node.op, (ast.Add, ast.Sub)):
+            return max(a, b)
+        if isinstance(node.op, (ast.Mult, ast.MatMult)):
+            return a + b if a + b <= 1 else None
+        if isinstance(node.op, ast.Div):
+            return a if b == 0 else None
+        return 0 if a == b == 0 else None
+    if isinstance(node, ast.Call):
+        prim = PRIMITIVES.get(node.func.id)  # type: ignore[attr-defined]
+        ds = [affine(a, vs) for a in node.args]
+        kw = {k.arg: affine(k.value, vs) for k in node.keywords}
+        if all(d == 0 for d in ds) and all(d == 0 for d in kw.values()):
+            return 0
+        if prim is None or any(d is None for d in ds) or any(kw.values()):
+            return None
+        lin = [i for i, d in enumerate(ds) if d == 1]
+        # an op linear in one argument maps an affine argument to an affine result; offsets are constants here
+        return 1 if len(lin) == 1 and lin[0] in prim.linear_in else None
     return None
 
 
@@ -140,26 +187,49 @@ def linear_in_input(m: object) -> bool:
     return False
 
 
-def mergeable(m: object, site_kinds: Iterable[str]) -> bool:
-    """Whether the module can be folded into the host weights (so it costs nothing at inference)."""
+def affine_in_input(m: object) -> bool:
+    """Whether the adapted host output is an affine map (a scale and a shift) of the host's input or output.
+
+    The module's computation is affine in what it reads (``x`` for parallel
+    modules, ``h`` for sequential ones) and its integration is affine in ``h``,
+    ``x`` and ``delta`` (a gate that depends only on parameters is a constant).
+    """
+    exprs = module_exprs(m)
+    var = "x" if m.form == "parallel" else "h"  # type: ignore[attr-defined]
+    return affine(exprs["compute"], var) is not None and affine(exprs["integrate"], {"h", "x", "delta"}) is not None
+
+
+def mergeability(m: object, site_kinds: Iterable[str]) -> str:
+    """``"yes"``, ``"with a host bias"`` (an affine module: its shift folds into the host's bias) or ``"no"``."""
     form = m.form  # type: ignore[attr-defined]
     kinds = set(site_kinds)
     if form == "select":
-        return True
+        return "yes"
     if form == "prepend" or not kinds <= set(_LINEAR_SITE_KINDS):
-        return False
-    if form == "reparameterise":
-        return True
-    if form == "rescale":
-        return True
-    if form == "parallel":
-        return "activation" not in kinds and linear_in_input(m)
-    if form == "sequential":
-        return linear_in_input(m)
-    return False
+        return "no"
+    if form in ("reparameterise", "rescale"):
+        return "yes"
+    if form == "parallel" and "activation" in kinds:
+        return "no"
+    if form in ("parallel", "sequential"):
+        if linear_in_input(m):
+            return "yes"
+        return "with a host bias" if affine_in_input(m) else "no"
+    return "no"
 
 
-def module_mergeable(m: object, reference: object) -> bool:
+def mergeable(m: object, site_kinds: Iterable[str], host_bias: bool = False) -> bool:
+    """Whether the module can be folded into the host weights (so it costs nothing at inference).
+
+    ``host_bias``: whether the host is a projection with a bias, which absorbs
+    an affine module's shift (``h' = h * s + t`` folds into ``W' = diag(s) W``,
+    ``b' = b * s + t``); without one only maps linear in the input fold.
+    """
+    m_ = mergeability(m, site_kinds)
+    return m_ == "yes" or (host_bias and m_ == "with a host bias")
+
+
+def module_mergeable(m: object, reference: object, host_bias: bool = False) -> bool:
     """:func:`mergeable` at the module's sites, their kinds read from the reference architecture."""
-    return mergeable(m, [reference.sites[s].kind for s in m.sites])  # type: ignore[attr-defined]
+    return mergeable(m, [reference.sites[s].kind for s in m.sites], host_bias)  # type: ignore[attr-defined]
 

@@ -59,11 +59,15 @@ def _select_terms(m: Any, site: str, fam: ArchitectureMap, catalog: Catalog) -> 
     return terms
 
 
-def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> ParamCount:
-    """Trainable parameters of ``t`` on ``shape``, with a formula in the model's sizes."""
+def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None,
+                 sites: list[str] | None = None) -> ParamCount:
+    """Trainable parameters of ``t`` on ``shape`` (placed on ``sites`` when given), with a formula in the model's sizes."""
     from pefref.language.hparams import resolve_hyperparameters
+    from pefref.language.placement import retarget
 
     fam = catalog.family(shape.family)
+    if sites:
+        t = retarget(t, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})
     hps = resolve_hyperparameters(decl, overrides)
     sizes = model_sizes(fam, dict(shape.config))

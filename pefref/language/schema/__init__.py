@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pefref.language.schema.composition import (
+    AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
+)
 from pefref.language.schema.experiment import Experiment
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
-from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SizeSpec
+from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
     ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
@@ -14,10 +17,11 @@ from pefref.language.schema.technique import (
 __all__ = [
     "Experiment",
     "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
-    "ReferenceArchitecture", "Site", "SiteKind", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
+    "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
     "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
+    "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
 SCHEMAS = {
@@ -25,6 +29,8 @@ SCHEMAS = {
     "reference": ReferenceArchitecture,
     "family": ArchitectureMap,
     "models": ModelShapes,
+    "composition": Composition,
+    "interactions": InteractionRules,
     "experiment": Experiment,
 }
 """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""

@@ -88,6 +88,12 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    lr_scale: float | ExprStr = Field(
+        1.0, description="Multiplier of the optimizer's learning rate for this tensor (a number or an expression over hyperparameters, e.g. a ratio between two tensors' rates); read by Adapter.param_groups."
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay for this tensor; None uses the optimizer's (the value given to Adapter.param_groups)."
+    )
     description: str = ""
 
 
@@ -206,6 +212,9 @@ class Technique(Strict):
     paper: Paper
     summary: str = Field("", description="One or two sentences on what the technique does.")
     original: bool = Field(False, description="True for techniques designed in pefref, implemented by no other library.")
+    extends: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list, description="Ids of catalog techniques this one builds on, as its paper says (drawn in the lineage graph with its `use:` reuse)."
+    )
     hyperparameters: dict[Identifier, Hyperparameter] = Field(default_factory=dict)
     modules: list[Module] = Field(min_length=1)
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")

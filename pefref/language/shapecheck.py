@@ -1,0 +1,233 @@
+"""Shape inference at validate time: a module's tensors and expressions on representative sizes.
+
+Every module is checked at each of its sites on :data:`EXAMPLE_SIZES` (a small
+Transformer with grouped-query attention, so that no two widths coincide by
+accident) and a batch of ``B`` sequences of ``S`` positions. Parameters'
+shapes must resolve to positive integers; an initialiser must give its
+parameter's shape; the expressions run on shapes (the primitives' rules in
+:mod:`pefref.ops.shapes`) and their results must fit the host: a parallel or
+sequential integration gives the host output's shape, a weight the host
+weight's, a scale broadcasts to the host output (or input), prepended tokens are
+``[length, d]`` and keys and values ``[length, kv_heads*d_head]``. A mismatch is a
+located problem at the field (and at the column of the op that fails); where a
+rule cannot tell (an op without a rule, an unknown name), the check stops
+quietly, so it never refuses a sound technique. No torch.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from typing import Any
+
+from pefref.language.errors import Location, Problem
+from pefref.language.expr import BINOPS, ExprError, parse_expr
+from pefref.language.loader import dotted
+from pefref.language.yamlsrc import Positions
+from pefref.ops import PRIMITIVES
+from pefref.ops.inits import INITS
+from pefref.ops.shapes import SHAPE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
+
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env"]
+
+EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
+"""Representative reference sizes for shape inference (distinct widths: d, d_ff, kv_heads·d_head, vocab)."""
+BATCH, SEQ = 2, 9
+
+
+class _Located(Exception):
+    def __init__(self, message: str, column: int) -> None:
+        super().__init__(message)
+        self.message, self.column = message, column
+
+
+def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape] | None = None) -> Any:
+    """The value of an expression on shapes: a number, a :class:`Shape`, a tuple, a string, or None (unknown).
+
+    ``inits``: initialiser names callable here, each giving the shape bound to it. Raises ``_Located``."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env.get(node.id)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        vals = [infer_shape(e, env, inits) for e in node.elts]
+        return None if any(v is None for v in vals) else tuple(vals)
+    if isinstance(node, ast.UnaryOp):
+        v = infer_shape(node.operand, env, inits)
+        return v if isinstance(v, Shape) or v is None else (-v if isinstance(node.op, ast.USub) else v)
+    if isinstance(node, ast.BinOp):
+        a, b = infer_shape(node.left, env, inits), infer_shape(node.right, env, inits)
+        if a is None or b is None:
+            return None
+        if not isinstance(a, Shape) and not isinstance(b, Shape):
+            try:
+                return BINOPS[type(node.op)](a, b)
+            except (ArithmeticError, TypeError):
+                return None
+        try:
+            if isinstance(node.op, ast.MatMult):
+                return matmul_shape(a, b) if isinstance(a, Shape) and isinstance(b, Shape) else None
+            return broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
+        except ShapeMismatch as e:
+            raise _Located(f"{_OPS.get(type(node.op), 'operator')}: {e}", node.col_offset) from None
+    if isinstance(node, ast.Call):
+        name = node.func.id  # type: ignore[attr-defined]
+        if inits is not None and name in inits:
+            return inits[name]
+        args = [infer_shape(a, env, inits) for a in node.args]
+        kwargs = {k.arg: infer_shape(k.value, env, inits) for k in node.keywords}
+        if any(v is None for v in (*args, *kwargs.values())):
+            return None
+        prim = PRIMITIVES.get(name)
+        if prim is not None and prim.scalar and not any(isinstance(v, Shape) for v in (*args, *kwargs.values())):
+            try:
+                return prim.fn(*args, **kwargs)
+            except (ArithmeticError, TypeError, ValueError):
+                return None
+        rule = SHAPE_RULES.get(name)
+        if rule is None:
+            return None
+        try:
+            return rule(*args, **kwargs)
+        except ShapeMismatch as e:
+            raise _Located(f"{name}: {e}", node.col_offset) from None
+        except (TypeError, IndexError, ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.MatMult: "@", ast.Pow: "**"}
+
+
+def site_env(kind: str, d_in: int, d_out: int, sizes: Mapping[str, int]) -> dict[str, Shape]:
+    """Shapes of the host tensors a module at a site of ``kind`` may read."""
+    bs = (BATCH, SEQ)
+    env = {"x": Shape((*bs, d_in)), "h": Shape((*bs, d_out)), "mask": Shape(bs)}
+    if kind == "linear":
+        env |= {"W": Shape((d_out, d_in)), "b": Shape((d_out,))}
+    elif kind == "embedding":
+        env |= {"W": Shape((sizes["vocab"], d_out))}
+    elif kind == "norm":
+        env |= {"W": Shape((d_out,)), "b": Shape((d_out,))}
+    return env
+
+
+def _problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
+    loc = pos.at(path)
+    col = column + (1 if path in pos.quoted else 0)
+    return Problem(Location(loc.file, loc.line, loc.column + col), dotted(path), msg)
+
+
+def _run(text: str, env: Mapping[str, Any], pos: Positions, path: tuple[Any, ...], inits: Mapping[str, Shape] | None = None) -> tuple[Any, list[Problem]]:
+    try:
+        return infer_shape(parse_expr(text).tree, env, inits), []
+    except _Located as e:
+        return None, [_problem(pos, path, e.column, f"{e.message} (shapes on the reference sizes {_sizes_text()})")]
+    except ExprError:
+        return None, []
+
+
+def _sizes_text() -> str:
+    return ", ".join(f"{k}={v}" for k, v in EXAMPLE_SIZES.items() if k != "L")
+
+
+def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], ref: Any, pos: Positions,
+                        extra: Mapping[str, Any] | None = None) -> list[Problem]:
+    """Shape problems of one (expanded) module at each of its sites, on :data:`EXAMPLE_SIZES`.
+
+    ``extra``: more names visible to the expressions (e.g. the shapes of connected inputs)."""
+    sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+    out: list[Problem] = []
+    for s in m.sites:
+        site = ref.sites.get(s)
+        if site is None:
+            continue
+        kind = site.kind
+        d_out = _width(site.out, sizes) or 0
+        d_in = _width(site.in_, sizes) or d_out
+        if kind == "kv":
+            d_in = 0
+        names: dict[str, Any] = {**sizes, "d_in": d_in, "d_out": d_out, "causal": 1, **hps}
+        env: dict[str, Any] = {**names, **site_env(kind, d_in, d_out, sizes), **(extra or {})}
+        for pname, spec in m.params.items():
+            pp = mpath + ("params", pname)
+            dims: list[int] = []
+            for k, dim in enumerate(spec.shape):
+                v = dim if isinstance(dim, int) else _run(dim, names, pos, pp + ("shape", k))[0]
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    if v is not None:
+                        out.append(_problem(pos, pp + ("shape", k), 0, f"dimension {dim!r} is {v!r} at site {s!r}; expected a positive integer (on the reference sizes {_sizes_text()})"))
+                    dims = []
+                    break
+                dims.append(v)
+            if not dims:
+                env[pname] = None
+                continue
+            shape = Shape(dims)
+            env[pname] = shape
+            got, probs = _run(spec.init, env, pos, pp + ("init",), {k: shape for k in INITS})
+            out += probs
+            if isinstance(got, Shape) and got != shape:
+                out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
+        out += _fields(m, mpath, env, sizes, s, pos)
+        if out:
+            break  # one site's problems are enough; the others would repeat them
+    return out
+
+
+def _width(text: str | None, sizes: Mapping[str, int]) -> int | None:
+    if text is None:
+        return None
+    try:
+        v = infer_shape(parse_expr(text).tree, sizes)
+    except (_Located, ExprError):
+        return None
+    return int(v) if isinstance(v, (int, float)) else None
+
+
+def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[str, int], site: str, pos: Positions) -> list[Problem]:
+    out: list[Problem] = []
+    form = m.form
+
+    def want(fld: str, got: Any, shape: Shape, what: str, broadcast_ok: bool = False) -> None:
+        if not isinstance(got, Shape):
+            return
+        if broadcast_ok:
+            try:
+                if broadcast(got, shape) == shape:
+                    return
+            except ShapeMismatch:
+                pass
+        elif got == shape:
+            return
+        out.append(_problem(pos, mpath + (fld,), 0, f"{fld} gives {got}; {what} is {shape} at site {site!r}"))
+
+    def run(fld: str) -> Any:
+        got, probs = _run(getattr(m, fld), env, pos, mpath + (fld,))
+        out.extend(probs)
+        return got
+
+    if form in ("parallel", "sequential"):
+        delta = run("compute")
+        env["delta"] = delta
+        if delta is not None and not out:
+            want("integrate", run("integrate"), env["h"], "the host output h")
+    elif form == "reparameterise" and isinstance(env.get("W"), Shape):
+        want("weight", run("weight"), env["W"], "the host weight W")
+    elif form == "rescale":
+        target = env["x"] if getattr(m, "side", "output") == "input" else env["h"]
+        want("scale", run("scale"), Shape(target[-1:]), "the width it scales", broadcast_ok=True)
+    elif form == "prepend":
+        n = _run(m.length, env, pos, mpath + ("length",))[0]
+        if isinstance(n, (int, float)) and float(n).is_integer():
+            if m.tokens is not None:
+                want("tokens", run("tokens"), Shape((int(n), sizes["d"])), "[length, d]")
+            else:
+                kv = Shape((int(n), sizes["kv_heads"] * sizes["d_head"]))
+                want("keys", run("keys"), kv, "[length, kv_heads*d_head]")
+                want("values", run("values"), kv, "[length, kv_heads*d_head]")
+    if getattr(m, "host_update", None) is not None and isinstance(env.get("W"), Shape):
+        want("host_update", run("host_update"), env["W"], "the host weight W")
+    return out

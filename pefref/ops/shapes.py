@@ -1,0 +1,333 @@
+"""Shape rules of the primitives: what each op gives for the shapes of its arguments (no torch).
+
+Validation runs a module's expressions on shapes instead of tensors (see
+:mod:`pefref.language.shapecheck`): a tensor is a tuple of ints, a number is a
+number. A rule takes the op's arguments so represented and returns the result's
+shape, or ``None`` where it cannot tell (the check then stops there); it raises
+:class:`ShapeMismatch` when the arguments cannot go together. Registered once
+per op with :func:`shape_rule`; a test checks every tensor op has one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape"]
+
+
+class Shape(tuple):  # type: ignore[type-arg]
+    """The shape of a tensor (a tuple of ints), told apart from a tuple of numbers written in an expression."""
+
+    def __repr__(self) -> str:
+        return "[" + ", ".join(map(str, self)) + "]"
+
+
+class ShapeMismatch(ValueError):
+    """Arguments whose shapes cannot go together."""
+
+
+Rule = Callable[..., Any]
+SHAPE_RULES: dict[str, Rule] = {}
+
+
+def shape_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the shape rule of the ops ``names``."""
+
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            if n in SHAPE_RULES:
+                raise ValueError(f"shape rule for {n!r} registered twice")
+            SHAPE_RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def _dim(s: Shape, d: int) -> int:
+    if not -len(s) <= d < len(s):
+        raise ShapeMismatch(f"dimension {d} is out of range for a tensor of shape {s}")
+    return d % len(s)
+
+
+def broadcast(a: Shape, b: Shape) -> Shape:
+    """Numpy/torch broadcasting of two shapes."""
+    out = []
+    for x, y in zip((1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)):
+        if x != y and 1 not in (x, y):
+            raise ShapeMismatch(f"shapes {a} and {b} do not broadcast")
+        out.append(max(x, y))
+    return Shape(out)
+
+
+def matmul_shape(a: Shape, b: Shape) -> Shape:
+    """The shape of ``a @ b`` (vectors and batches as torch.matmul)."""
+    if not a or not b:
+        raise ShapeMismatch("matmul of a scalar")
+    a2, b2 = (Shape((1, *a)) if len(a) == 1 else a), (Shape((*b, 1)) if len(b) == 1 else b)
+    if a2[-1] != b2[-2]:
+        raise ShapeMismatch(f"cannot multiply {a} by {b}: {a2[-1]} != {b2[-2]}")
+    lead = broadcast(Shape(a2[:-2]), Shape(b2[:-2]))
+    out = [*lead, a2[-2], b2[-1]]
+    if len(a) == 1:
+        out.pop(-2)
+    if len(b) == 1:
+        out.pop(-1)
+    return Shape(out)
+
+
+@shape_rule("sqrt", "detach", "exp", "gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh", "softmax", "dropout", "zeros_like",
+            "cayley", "ifft2_real", "orthonormal_rows")
+def _same(a: Shape, *_: Any, **__: Any) -> Shape:
+    return a
+
+
+@shape_rule("linear")
+def _linear(x: Shape, w: Shape, b: Shape | None = None) -> Shape:
+    if len(w) != 2:
+        raise ShapeMismatch(f"weight must be [out, in], found {w}")
+    if x[-1] != w[1]:
+        raise ShapeMismatch(f"input width {x[-1]} does not match weight {w} (in = {w[1]})")
+    out = Shape((*x[:-1], w[0]))
+    return broadcast(out, b) if b is not None else out
+
+
+@shape_rule("matmul")
+def _matmul(a: Shape, b: Shape) -> Shape:
+    return matmul_shape(a, b)
+
+
+@shape_rule("t")
+def _t(a: Shape) -> Shape:
+    return Shape((*a[:-2], a[-1], a[-2])) if len(a) >= 2 else a
+
+
+@shape_rule("kron")
+def _kron(a: Shape, b: Shape) -> Shape:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return Shape(x * y for x, y in zip(a, b))
+
+
+@shape_rule("kron_sum")
+def _kron_sum(a: Shape, b: Shape) -> Shape:
+    if len(a) != 3 or len(b) != 3 or a[0] != b[0]:
+        raise ShapeMismatch(f"kron_sum needs [n, a1, a2] and [n, b1, b2], found {a} and {b}")
+    return Shape((a[1] * b[1], a[2] * b[2]))
+
+
+@shape_rule("diag")
+def _diag(v: Shape) -> Shape:
+    return Shape((v[0], v[0])) if len(v) == 1 else Shape((min(v),))
+
+
+@shape_rule("eye")
+def _eye(n: int, like: Shape) -> Shape:
+    return Shape((n, n))
+
+
+@shape_rule("sum", "mean")
+def _reduce(a: Shape, dim: int = -1, keepdim: bool = False) -> Shape:
+    d = _dim(a, dim)
+    return Shape(a[:d] + ((1,) if keepdim else ()) + a[d + 1:])
+
+
+@shape_rule("argmax")
+def _argmax(a: Shape, dim: int = -1, keepdim: bool = False) -> Shape:
+    return _reduce(a, dim, keepdim)
+
+
+@shape_rule("row_norm")
+def _row_norm(w: Shape) -> Shape:
+    return Shape((w[0], 1))
+
+
+@shape_rule("col_norm")
+def _col_norm(w: Shape) -> Shape:
+    return Shape((1, w[1]))
+
+
+@shape_rule("attention")
+def _attention(q: Shape, k: Shape, v: Shape, heads: int = 1, causal: Any = False, mask: Any = None) -> Shape:
+    if q[-1] != k[-1] or k[-2] != v[-2] or q[-1] % heads or v[-1] % heads:
+        raise ShapeMismatch(f"attention over q {q}, k {k}, v {v} with {heads} heads")
+    return Shape((*q[:-1], v[-1]))
+
+
+@shape_rule("block_diag")
+def _block_diag(b: Shape) -> Shape:
+    return Shape((b[0] * b[1], b[0] * b[2]))
+
+
+@shape_rule("butterfly")
+def _butterfly(b: Shape) -> Shape:
+    return Shape((b[1] * b[2], b[1] * b[3]))
+
+
+@shape_rule("householder")
+def _householder(u: Shape) -> Shape:
+    return Shape((u[0], u[0]))
+
+
+@shape_rule("skew")
+def _skew(v: Shape, b: int) -> Shape:
+    if v[-1] != b * (b - 1) // 2:
+        raise ShapeMismatch(f"skew needs [..., {b * (b - 1) // 2}] for {b}x{b} blocks, found {v}")
+    return Shape((*v[:-1], b, b))
+
+
+@shape_rule("svd_u")
+def _svd_u(w: Shape, k: int) -> Shape:
+    return Shape((w[0], k))
+
+
+@shape_rule("svd_s")
+def _svd_s(w: Shape, k: int) -> Shape:
+    return Shape((k,))
+
+
+@shape_rule("svd_vh")
+def _svd_vh(w: Shape, k: int) -> Shape:
+    return Shape((k, w[1]))
+
+
+@shape_rule("weight_norm")
+def _weight_norm(v: Shape, g: Shape, detach: Any = False) -> Shape:
+    return v
+
+
+@shape_rule("scatter2d")
+def _scatter2d(values: Shape, positions: Shape, rows: int, cols: int) -> Shape:
+    return Shape((int(rows), int(cols)))
+
+
+@shape_rule("kron_linear")
+def _kron_linear(x: Shape, a: Shape, b: Shape) -> Shape:
+    if x[-1] != a[1] * b[1]:
+        raise ShapeMismatch(f"input width {x[-1]} does not match a {a} ⊗ b {b} (in = {a[1] * b[1]})")
+    return Shape((*x[:-1], a[0] * b[0]))
+
+
+@shape_rule("position_mask")
+def _position_mask(h: Shape, first: int = 0, last: int = 0) -> Shape:
+    return Shape((h[-2], 1))
+
+
+@shape_rule("lstm")
+def _lstm(x: Shape, w_ih: Shape, w_hh: Shape, *_: Any) -> Shape:
+    return Shape((*x[:-1], w_hh[1] * w_hh[3]))
+
+
+@shape_rule("reshape")
+def _reshape(a: Shape, shape: Any) -> Shape:
+    dims = list(shape) if isinstance(shape, tuple) else [shape]
+    n = math.prod(a)
+    if dims.count(-1) == 1:
+        rest = math.prod(d for d in dims if d != -1)
+        if rest == 0 or n % rest:
+            raise ShapeMismatch(f"cannot reshape {a} to {tuple(dims)}")
+        dims[dims.index(-1)] = n // rest
+    if math.prod(dims) != n:
+        raise ShapeMismatch(f"cannot reshape {a} ({n} entries) to {tuple(dims)}")
+    return Shape(int(d) for d in dims)
+
+
+@shape_rule("unflatten")
+def _unflatten(a: Shape, dim: int, sizes: Any) -> Shape:
+    d = _dim(a, dim)
+    if math.prod(sizes) != a[d]:
+        raise ShapeMismatch(f"cannot split dimension {dim} of {a} into {tuple(sizes)}")
+    return Shape((*a[:d], *sizes, *a[d + 1:]))
+
+
+@shape_rule("unsqueeze")
+def _unsqueeze(a: Shape, dim: int) -> Shape:
+    d = dim % (len(a) + 1)
+    return Shape((*a[:d], 1, *a[d:]))
+
+
+@shape_rule("squeeze")
+def _squeeze(a: Shape, dim: int) -> Shape:
+    d = _dim(a, dim)
+    return Shape(a[:d] + a[d + 1:]) if a[d] == 1 else a
+
+
+@shape_rule("narrow")
+def _narrow(a: Shape, dim: int, start: int, length: int) -> Shape:
+    d = _dim(a, dim)
+    if start < 0 or start + length > a[d]:
+        raise ShapeMismatch(f"narrow({start}, {length}) runs past dimension {dim} of {a}")
+    return Shape((*a[:d], length, *a[d + 1:]))
+
+
+@shape_rule("index_select")
+def _index_select(a: Shape, dim: int, index: Any) -> Shape:
+    d = _dim(a, dim)
+    n = index[0] if isinstance(index, Shape) else len(index) if isinstance(index, tuple) else 1
+    return Shape((*a[:d], n, *a[d + 1:]))
+
+
+@shape_rule("gather")
+def _gather(a: Shape, dim: int, index: Shape) -> Shape:
+    if len(index) != len(a):
+        raise ShapeMismatch(f"gather needs an index of the same rank as {a}, found {index}")
+    return index
+
+
+@shape_rule("scatter")
+def _scatter(a: Shape, dim: int, index: Shape, src: Any) -> Shape:
+    return a
+
+
+@shape_rule("topk", "topk_indices")
+def _topk(a: Shape, k: int, dim: int = -1) -> Shape:
+    d = _dim(a, dim)
+    if k > a[d]:
+        raise ShapeMismatch(f"top-{k} of a dimension of size {a[d]}")
+    return Shape((*a[:d], k, *a[d + 1:]))
+
+
+@shape_rule("cat")
+def _cat(tensors: Any, dim: int = -1) -> Shape:
+    ts = [t for t in tensors]
+    d = _dim(ts[0], dim)
+    for t in ts[1:]:
+        if len(t) != len(ts[0]) or any(x != y for i, (x, y) in enumerate(zip(t, ts[0])) if i != d):
+            raise ShapeMismatch(f"cannot concatenate {ts[0]} and {t} along {dim}")
+    return Shape((*ts[0][:d], sum(t[d] for t in ts), *ts[0][d + 1:]))
+
+
+_LETTERS = re.compile(r"[A-Za-z]")
+
+
+@shape_rule("einsum")
+def _einsum(subscripts: str, *ops: Shape) -> Shape:
+    lhs, _, rhs = subscripts.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        raise ShapeMismatch(f"einsum {subscripts!r} names {len(terms)} operands, {len(ops)} given")
+    sizes: dict[str, int] = {}
+    ell: Shape = Shape(())
+    for term, s in zip(terms, ops):
+        letters = _LETTERS.findall(term)
+        if "..." in term:
+            pre, post = term.split("...")
+            n_ell = len(s) - len(letters)
+            if n_ell < 0:
+                raise ShapeMismatch(f"einsum term {term!r} has more letters than {s} has dimensions")
+            dims = list(s[:len(pre)]) + list(s[len(pre) + n_ell:])
+            ell = broadcast(ell, Shape(s[len(pre):len(pre) + n_ell]))
+        else:
+            if len(letters) != len(s):
+                raise ShapeMismatch(f"einsum term {term!r} does not fit an operand of shape {s}")
+            dims = list(s)
+        for c, n in zip(letters, dims):
+            if sizes.setdefault(c, n) != n and 1 not in (n, sizes[c]):
+                raise ShapeMismatch(f"einsum index {c!r} is {sizes[c]} in one operand and {n} in another")
+            sizes[c] = max(sizes[c], n)
+    out: list[int] = []
+    for part in re.split(r"(\.\.\.)", rhs):
+        out += list(ell) if part == "..." else [sizes[c] for c in _LETTERS.findall(part)]
+    return Shape(out)

@@ -1,0 +1,131 @@
+"""Shaping, indexing and routing primitives: reshape, einsum, gather, top-k and friends.
+
+These are the tensor-shaping ops that mixtures of experts and routers need
+(MoLoRA, Zadouri et al. 2023, https://arxiv.org/abs/2309.05444: a softmax router
+over low-rank experts; top-k routing as in Shazeer et al. 2017,
+https://arxiv.org/abs/1701.06538). They follow torch's semantics; dimensions
+are integers (negative counts from the end), so expressions stay independent of
+the batch and sequence sizes by indexing from the end (``dim=-1``) and by
+``einsum``'s ellipsis. ``topk`` returns the values and ``topk_indices`` the
+indices, so either can be used in an expression (which has no tuple unpacking);
+``scatter`` puts values back at indices (e.g. a sparse gate over all experts).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pefref.ops import primitive
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["reshape", "unflatten", "unsqueeze", "squeeze", "einsum", "gather", "index_select", "narrow", "topk", "topk_indices",
+           "argmax", "scatter", "zeros_like", "mean", "cat"]
+
+
+@primitive(linear_in=(0,))
+def reshape(a: torch.Tensor, shape: Any) -> torch.Tensor:
+    """The same entries in a new shape (a tuple; one dimension may be -1), as :func:`torch.reshape`."""
+    return a.reshape(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
+
+
+@primitive(linear_in=(0,))
+def unflatten(a: torch.Tensor, dim: int, sizes: Any) -> torch.Tensor:
+    """Dimension ``dim`` split into ``sizes`` (a tuple whose product is its length), the others kept:
+    [..., E·r] becomes [..., E, r] for ``unflatten(a, -1, (E, r))`` whatever the leading (batch, sequence) sizes."""
+    return a.unflatten(dim, tuple(sizes))
+
+
+@primitive(linear_in=(0,))
+def unsqueeze(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """A new dimension of size 1 at ``dim``: shape [..., n] becomes [..., 1, n] for ``dim=-2``."""
+    return a.unsqueeze(dim)
+
+
+@primitive(linear_in=(0,))
+def squeeze(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Drops dimension ``dim`` of size 1 (the inverse of :func:`unsqueeze`)."""
+    return a.squeeze(dim)
+
+
+@primitive(intra="dense", linear_in=(1, 2, 3, 4, 5, 6))
+def einsum(subscripts: str, *operands: torch.Tensor) -> torch.Tensor:
+    """Einstein summation :math:`y_{\\ldots o} = \\sum_{e,r} g_{\\ldots e} B_{e o r} z_{\\ldots e r}` and the like,
+    written as in :func:`torch.einsum`, e.g. ``einsum('...e,eor,...er->...o', g, B, z)`` (the subscripts are
+    the only string literal the expression language admits). Linear in each operand."""
+    import torch
+    return torch.einsum(subscripts, *operands)
+
+
+@primitive(linear_in=(0,))
+def gather(a: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """:math:`y[\\ldots i \\ldots] = a[\\ldots \\mathrm{index}[\\ldots i \\ldots] \\ldots]` along ``dim``
+    (:func:`torch.gather`: ``index`` has ``a``'s rank; other dimensions must fit ``a``'s)."""
+    import torch
+    return torch.gather(a, dim, index)
+
+
+@primitive(linear_in=(0,))
+def index_select(a: torch.Tensor, dim: int, index: Any) -> torch.Tensor:
+    """The entries of ``a`` at positions ``index`` (a 1-D tensor or a tuple of integers) along ``dim``."""
+    import torch
+    if not isinstance(index, torch.Tensor):
+        index = torch.tensor(list(index) if isinstance(index, (tuple, list)) else [index], dtype=torch.long, device=a.device)
+    return torch.index_select(a, dim, index)
+
+
+@primitive(linear_in=(0,))
+def narrow(a: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """The slice ``a[..., start:start+length, ...]`` along ``dim`` (the expression language has no subscripts)."""
+    return a.narrow(dim, start, length)
+
+
+@primitive(nonlinear=True)
+def topk(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """The ``k`` largest values along ``dim``, in descending order (:func:`torch.topk`'s values);
+    their positions are :func:`topk_indices` with the same arguments."""
+    import torch
+    return torch.topk(a, k, dim=dim).values
+
+
+@primitive(nonlinear=True)
+def topk_indices(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Positions (int64) of the ``k`` largest values along ``dim``, in the order :func:`topk` returns them."""
+    import torch
+    return torch.topk(a, k, dim=dim).indices
+
+
+@primitive(nonlinear=True)
+def argmax(a: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """Position (int64) of the largest value along ``dim``, :math:`\\arg\\max_j a_{\\ldots j}`."""
+    import torch
+    return torch.argmax(a, dim=dim, keepdim=keepdim)
+
+
+@primitive(nonlinear=True)
+def scatter(a: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A copy of ``a`` with ``src`` written at ``index`` along ``dim`` (out-of-place :func:`torch.scatter`):
+    ``scatter(zeros_like(l), -1, topk_indices(l, k), softmax(topk(l, k)))`` is a top-k gate over all of ``l``'s entries."""
+    import torch
+    return torch.scatter(a, dim, index, src)
+
+
+@primitive()
+def zeros_like(a: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``a``'s shape, dtype and device."""
+    import torch
+    return torch.zeros_like(a)
+
+
+@primitive(linear_in=(0,))
+def mean(a: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """Mean over one dimension, :math:`\\frac{1}{n}\\sum_j a_{\\ldots j}`."""
+    return a.mean(dim, keepdim=keepdim)
+
+
+@primitive(linear_in=(0,))
+def cat(tensors: Any, dim: int = -1) -> torch.Tensor:
+    """Concatenation of a tuple of tensors along ``dim``, :func:`torch.cat`."""
+    import torch
+    return torch.cat(tuple(tensors), dim=dim)

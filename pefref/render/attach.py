@@ -1,0 +1,207 @@
+"""Modules drawn where they attach, as their form says.
+
+* parallel: a branch from the site's input ``x`` to a combine node at the site's
+  output, labelled with the integration;
+* sequential: a box on the output path, its ``δ`` combined with ``h``;
+* reparameterise: a weight badge ``W' = …`` on the projection;
+* rescale: an elementwise ``⊙`` node on the output (or input) path;
+* prepend: extra token positions after the embeddings, or extra key/value
+  positions entering attention;
+* select: the host parameters it unfreezes, highlighted on the component.
+
+Tensors a module owns are listed in its box with their shapes (trainable in
+black, frozen in grey); tensors shared across layers or sites are drawn once,
+as their own node, with an edge to every user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pefref.language.expr import parse_expr
+from pefref.language.hparams import shape_of
+from pefref.language.sizes import eval_scalar
+from pefref.render.skeleton import Anchor, Skeleton
+from pefref.render.style import (
+    FORM_COLOURS,
+    FORM_FILLS,
+    FROZEN,
+    dims_text,
+    html_lines,
+    pretty,
+    wrap,
+)
+
+__all__ = ["Placed", "attach_module"]
+
+
+@dataclass
+class Placed:
+    """One module of one technique, with what the drawing needs to know about it."""
+
+    technique: str
+    module: Any
+    source: str | None
+    hps: dict[str, Any]
+    layers_note: str = ""
+    users: dict[str, list[str]] = field(default_factory=dict)
+
+
+_SHARED_NOTE = {"layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
+
+
+def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
+    """Numbers for the module's shape expressions at ``site`` (None without a model or a binding)."""
+    if sk.sizes is None or sk.family is None or site not in sk.family.sites:
+        return None
+    from pefref.language.schema import Site
+
+    ref: Site = sk.ref.sites[site]
+    b = sk.family.sites[site]
+    d_in = ref.in_ if ref.in_ is not None else ref.out
+    d_out = b.slice.size if b.slice is not None else ref.out
+    names = dict(sk.sizes)
+    names["d_in"] = int(eval_scalar(d_in, sk.sizes)) if d_in is not None else 0
+    names["d_out"] = int(eval_scalar(d_out, sk.sizes)) if d_out is not None else 0
+    names["causal"] = int(sk.family.causal)
+    return {**names, **pl.hps}
+
+
+def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
+    if names is None:
+        return dims_text(spec.shape)
+    try:
+        return " × ".join(str(x) for x in shape_of(spec, names))
+    except Exception:  # noqa: BLE001 - a shape that does not resolve is drawn symbolically
+        return dims_text(spec.shape)
+
+
+def _param_lines(m: Any, names: dict[str, Any] | None, own_only: bool) -> list[tuple[str, str]]:
+    out = []
+    for pname, spec in m.params.items():
+        if own_only and spec.shared != "none":
+            continue
+        text = f"{pname}: {_shape_text(spec, names)}"
+        out.append(("", text) if spec.trainable else ("frozen", text + " (frozen)"))
+    return out
+
+
+def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]], names: dict[str, Any] | None) -> str:
+    m = pl.module
+    nid = f"m_{pl.technique}_{m.name}_{a.site.replace('.', '_')}" + ("" if a.layer is None else f"_L{a.layer}")
+    head = f"{m.name}  ·  {m.form}"
+    lines: list[tuple[str, str]] = [("b", head)]
+    if pl.source:
+        lines.append(("i", f"from {pl.source}"))
+    if pl.layers_note:
+        lines.append(("small", pl.layers_note))
+    lines += body
+    lines += _param_lines(m, names, own_only=True)
+    unbound = sk.family is not None and a.site not in sk.family.sites
+    if unbound:
+        lines.append(("small", f"(not placed: {sk.family.family} has no {a.site})"))  # type: ignore[union-attr]
+    colour = FORM_COLOURS[m.form]
+    sk.graph.add_node(nid, role="module", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
+                      source=pl.source, label=head, html=html_lines(lines), cluster=a.cluster,
+                      dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour})
+    _shared_tensors(sk, pl, nid, a, names)
+    return nid
+
+
+def _shared_tensors(sk: Skeleton, pl: Placed, user: str, a: Anchor, names: dict[str, Any] | None) -> None:
+    m = pl.module
+    for pname, spec in m.params.items():
+        if spec.shared == "none":
+            continue
+        scope = {"layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}", "all": ""}[spec.shared]
+        tid = f"t_{pl.technique}_{m.name}_{pname}" + (f"_{scope}" if scope else "")
+        if tid not in sk.graph:
+            text = f"{pname}: {_shape_text(spec, names)}"
+            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
+            sk.graph.add_node(tid, role="tensor", technique=pl.technique, module=m.name, param=pname, shared=spec.shared,
+                              trainable=spec.trainable, label=text, html=html_lines(lines), cluster=None,
+                              dot={"shape": "box", "style": "filled" if spec.trainable else "filled,dashed",
+                                   "fillcolor": FORM_FILLS[m.form] if spec.trainable else "#ffffff",
+                                   "color": FORM_COLOURS[m.form] if spec.trainable else FROZEN})
+        sk.graph.add_edge(tid, user, role="param", dot={"style": "dashed", "color": FORM_COLOURS[m.form], "arrowhead": "none"})
+
+
+def _combine(sk: Skeleton, nid: str, pl: Placed, text: str, a: Anchor, out: str) -> str:
+    cid = f"{nid}_at_{out}"
+    m = pl.module
+    sk.graph.add_node(cid, role="combine", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
+                      label=text, html=html_lines([("", text)]), cluster=a.cluster,
+                      dot={"shape": "box", "style": "rounded", "color": FORM_COLOURS[m.form], "penwidth": "1.5"})
+    return cid
+
+
+def _edge(sk: Skeleton, a: str, b: str, role: str, form: str, label: str = "", **dot: str) -> None:
+    attrs = {"color": FORM_COLOURS[form], "fontcolor": FORM_COLOURS[form], **dot}
+    sk.graph.add_edge(a, b, role=role, label=label, dot=attrs)
+
+
+def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
+    """Draw module ``pl`` at anchor ``a`` (one site, one layer)."""
+    m = pl.module
+    names = _names(sk, a.site, pl)
+    f = m.form
+    if f in ("parallel", "sequential"):
+        body = [("", ln) for ln in wrap(f"δ = {pretty(m.compute)}")]
+        nid = _module_node(sk, pl, a, body, names)
+        reads = parse_expr(m.integrate).names
+        if f == "parallel":
+            for src in a.inputs:
+                sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
+        for out in a.outputs:
+            c = _combine(sk, nid, pl, pretty(m.integrate), a, out)
+            h = sk.tail[out]
+            if f == "sequential":
+                _edge(sk, h, nid, "h", f, "h")
+            if "h" in reads or f == "parallel":
+                _edge(sk, h, c, "h", f, "h")
+            _edge(sk, nid, c, "delta", f, "δ")
+            sk.tail[out] = c
+    elif f == "rescale":
+        nid = _module_node(sk, pl, a, [("", f"⊙ {pretty(m.scale)}" + ("  (input side)" if m.side == "input" else ""))], names)
+        sk.graph.nodes[nid]["dot"]["shape"] = "box"
+        if m.side == "input":
+            for e in a.entries:
+                _edge(sk, nid, sk.head[e], "flow", f)
+                sk.head[e] = nid
+        else:
+            for out in a.outputs:
+                _edge(sk, sk.tail[out], nid, "flow", f)
+                sk.tail[out] = nid
+    elif f == "reparameterise":
+        body = [("", ln) for ln in wrap(f"W' = {pretty(m.weight)}")]
+        if m.host_update:
+            body += [("small", ln) for ln in wrap(f"at apply: W ← {pretty(m.host_update)}")]
+        nid = _module_node(sk, pl, a, body, names)
+        for out in a.outputs:
+            _edge(sk, nid, out, "weight", f, "W'", style="dashed", arrowhead="diamond")
+            sk.graph.nodes[out].setdefault("dot", {}).update(color=FORM_COLOURS[f], penwidth="2")
+            sk.graph.nodes[out]["reparameterised"] = True
+    elif f == "prepend":
+        n = pretty(m.length)
+        if m.tokens is not None:
+            nid = _module_node(sk, pl, a, [("", ln) for ln in wrap(f"tokens = {pretty(m.tokens)}")], names)
+            for out in a.outputs:
+                c = _combine(sk, nid, pl, f"[prompt; h]  (+{n} positions)", a, out)
+                _edge(sk, sk.tail[out], c, "h", f, "h")
+                _edge(sk, nid, c, "tokens", f, f"{n} tokens")
+                sk.tail[out] = c
+        else:
+            body = [("", ln) for ln in wrap(f"K = {pretty(m.keys)}")] + [("", ln) for ln in wrap(f"V = {pretty(m.values)}")]
+            nid = _module_node(sk, pl, a, body, names)
+            for out in a.outputs:
+                _edge(sk, nid, out, "prefix", f, f"+{n} key/value positions")
+    elif f == "select":
+        what = ", ".join(m.targets)
+        nid = _module_node(sk, pl, a, [("", f"trains the host's {what}")], names)
+        for out in a.outputs:
+            node = sk.graph.nodes[out]
+            node["selected"] = sorted(set(node.get("selected", [])) | set(m.targets))
+            node.setdefault("dot", {}).update(fillcolor=FORM_FILLS[f], color=FORM_COLOURS[f], penwidth="2")
+            _edge(sk, nid, out, "unfreeze", f, "unfreezes " + what, style="dashed", arrowhead="odot")
+    pl.users.setdefault(a.site, []).append(nid)

@@ -1,0 +1,193 @@
+"""Architecture diagrams: one or several techniques drawn on the reference Transformer.
+
+The diagram is data first: :func:`technique_graph` returns a networkx
+``DiGraph`` whose nodes are the reference components (``role='component'``,
+with their ``site``), the modules (``role='module'``, with ``technique``,
+``module``, ``form``, ``site``, ``layer`` and, for reused modules, ``source``),
+their combine nodes (``role='combine'``) and shared tensors (``role='tensor'``),
+and whose edges are the data flow (``role``: flow, residual, x, h, delta,
+weight, prefix, tokens, unfreeze, param). :func:`to_dot` writes it as DOT;
+:func:`technique_svg` renders one technique as an SVG element for HTML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from pefref.language.catalog import Catalog
+from pefref.language.check import expand_modules
+from pefref.language.errors import PefrefError
+from pefref.language.hparams import resolve_hyperparameters
+from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
+from pefref.language.sizes import model_sizes, select_layers
+from pefref.render.attach import Placed, attach_module
+from pefref.render.dot import inline_svg, render_dot
+from pefref.render.dot import to_dot as _to_dot
+from pefref.render.skeleton import Skeleton
+from pefref.render.style import (
+    FORM_COLOURS,
+    FORM_FILLS,
+    FORM_MEANING,
+    FROZEN,
+    HOST_FILL,
+    HOST_LINE,
+    esc,
+)
+
+__all__ = ["resolve_family_map", "technique_graph", "technique_svg", "to_dot"]
+
+
+def resolve_family_map(catalog: Catalog, family: str | Path | ArchitectureMap | None) -> ArchitectureMap | None:
+    """An architecture map by catalog name, YAML file (checked) or object."""
+    if family is None or isinstance(family, ArchitectureMap):
+        return family
+    text = str(family)
+    if isinstance(family, Path) or text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        from pefref.language.check import check_family
+        from pefref.language.errors import CatalogError
+        from pefref.language.loader import load_file
+
+        fam, pos = load_file(ArchitectureMap, text)
+        problems = check_family(fam, pos, catalog.reference)
+        if problems:
+            raise CatalogError(problems)
+        return fam
+    try:
+        return catalog.family(text)
+    except KeyError as e:
+        raise PefrefError(str(e.args[0])) from None
+
+
+def _layers_note(sel: Any) -> str:
+    if sel == "all":
+        return ""
+    if isinstance(sel, LayerRange):
+        parts = [f"{k} {getattr(sel, k)}" for k in ("first", "last", "every") if getattr(sel, k) is not None]
+        return "layers: " + ", ".join(parts)
+    return "layers: " + ", ".join(str(i) for i in sel)
+
+
+def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
+    pool = {**catalog.techniques, t.id: t}
+    modules, decl = expand_modules(t, pool)
+    hps = resolve_hyperparameters(decl)
+    out = []
+    for raw, m in zip(t.modules, modules):
+        source = raw.use if isinstance(raw, ModuleUse) else None
+        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers)))
+    return out
+
+
+def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str | None = None,
+                    family: str | Path | ArchitectureMap | None = None, layers: int | str | None = None) -> nx.DiGraph:
+    """The diagram of ``techniques`` composed on one reference Transformer, as a networkx graph.
+
+    Args:
+        catalog: the catalog (reference architecture, families, shapes, techniques used with ``use:``).
+        techniques: one or several techniques, drawn on the same model.
+        model: a model shape name: shapes become numbers and the title gives parameter counts.
+        family: an architecture map (name, YAML path or object) whose module paths label the components;
+            defaults to the model's family when ``model`` is given.
+        layers: None draws one layer as "× L"; N unrolls N layers; "all" unrolls every layer of ``model``.
+    """
+    if not techniques:
+        raise PefrefError("give at least one technique to draw")
+    shape = None
+    if model is not None:
+        try:
+            shape = catalog.shape(model)
+        except KeyError as e:
+            raise PefrefError(str(e.args[0])) from None
+    fam = resolve_family_map(catalog, family)
+    if shape is not None and fam is not None and fam.family != shape.family:
+        raise PefrefError(f"model {shape.name!r} is a {shape.family} model; --family {fam.family!r} differs")
+    if shape is not None and fam is None:
+        fam = catalog.family(shape.family)
+    sizes = model_sizes(fam, dict(shape.config)) if shape is not None and fam is not None else None
+    L = sizes["L"] if sizes else None
+    if layers is None:
+        drawn: list[int | None] = [None]
+        L_text = str(L) if L is not None else "L"
+    else:
+        if layers == "all":
+            if L is None:
+                raise PefrefError("--layers all needs a model (--model SHAPE); give a number of layers instead")
+            n = L
+        else:
+            try:
+                n = int(layers)
+            except ValueError:
+                raise PefrefError(f"--layers expects a number or 'all', found {layers!r}") from None
+            if n < 1 or (L is not None and n > L):
+                raise PefrefError(f"--layers {n}: expected 1..{L if L is not None else 'N'}")
+        drawn = list(range(n))
+        L_text = str(L if L is not None else n)
+    sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam).build()
+    model_L = L if L is not None else (len(drawn) if drawn != [None] else None)
+    for t in techniques:
+        for pl in _placed(catalog, t):
+            for site in pl.module.sites:
+                per_layer = catalog.reference.sites[site].per_layer
+                if not per_layer:
+                    chosen: list[int | None] = [None]
+                elif drawn == [None]:
+                    chosen = [None] if model_L is None or select_layers(pl.module.layers, model_L) else []
+                else:
+                    keep = set(select_layers(pl.module.layers, model_L or len(drawn)))
+                    chosen = [i for i in drawn if i in keep]
+                for i in chosen:
+                    attach_module(sk, pl, sk.anchor(site, i))
+    g = sk.finish()
+    g.graph["attrs"] = {"rankdir": "LR", "newrank": "true", "nodesep": "0.18", "ranksep": "0.3", "compound": "true"}
+    g.graph["title"] = _title(catalog, techniques, shape)
+    g.graph["techniques"] = [t.id for t in techniques]
+    g.graph["model"] = model
+    g.graph["family"] = fam.family if fam is not None else None
+    _legend(g)
+    return g
+
+
+def _title(catalog: Catalog, techniques: list[Technique], shape: Any) -> str:
+    lines = []
+    for t in techniques:
+        lines.append(f"<B>{esc(t.name)}</B>  <FONT POINT-SIZE=\"9\">{esc(t.id)} · {esc(t.paper.authors)} {t.paper.year}</FONT>")
+    if shape is not None:
+        from pefref.view.params import count_params
+
+        total = base = 0
+        for t in techniques:
+            pc = count_params(t, shape, catalog)
+            total += pc.trainable
+            base = pc.base
+            if len(techniques) > 1:
+                lines.append(f"<FONT POINT-SIZE=\"9\">{esc(t.id)}: {pc.trainable:,} trainable</FONT>")
+        pct = 100.0 * total / base if base else 0.0
+        lines.append(f"<FONT POINT-SIZE=\"9\">on {esc(shape.name)}: {total:,} trainable parameters ({pct:.4f}% of {base:,})</FONT>")
+    return "<BR ALIGN=\"LEFT\"/>".join(lines) + "<BR ALIGN=\"LEFT\"/>"
+
+
+def _legend(g: nx.DiGraph) -> None:
+    forms = [f for f in FORM_COLOURS if any(a.get("form") == f for _n, a in g.nodes(data=True))]
+    rows = ['<TR><TD COLSPAN="2" ALIGN="LEFT"><B>legend</B></TD></TR>']
+    for f in forms:
+        rows.append(f'<TR><TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}">{f}</TD>'
+                    f'<TD ALIGN="LEFT"><FONT POINT-SIZE="8">{esc(FORM_MEANING[f])}</FONT></TD></TR>')
+    rows.append(f'<TR><TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}">host</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">frozen component of the Transformer, with its site</FONT></TD></TR>')
+    rows.append('<TR><TD BORDER="1">A: r × d</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">trainable tensor and its shape</FONT></TD></TR>')
+    rows.append(f'<TR><TD BORDER="1"><FONT COLOR="{FROZEN}"><I>A (frozen)</I></FONT></TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">fixed tensor, stored but not trained</FONT></TD></TR>')
+    rows.append('<TR><TD BORDER="1" STYLE="dashed">shared</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">one tensor, linked to every user</FONT></TD></TR>')
+    table = '<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2">' + "".join(rows) + "</TABLE>"
+    g.add_node("legend", role="legend", label="legend", html=table, cluster=None, dot={"shape": "plaintext"})
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """DOT source of a diagram (deterministic; every label escaped)."""
+    return _to_dot(graph)
+
+
+def technique_svg(catalog: Catalog, technique: Technique, *, model: str | None = None) -> str:
+    """One technique's diagram as an SVG element (no XML prolog or DOCTYPE), safe to inline in HTML."""
+    return inline_svg(render_dot(to_dot(technique_graph(catalog, [technique], model=model)), "svg"))

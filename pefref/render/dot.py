@@ -1,0 +1,120 @@
+"""networkx graph → DOT text (deterministic, every label escaped) → svg/png/pdf through Debian's ``dot``.
+
+The graphs pefref draws carry their drawing as data: ``graph.graph`` holds
+``attrs`` (graph-level DOT attributes), ``title`` (an HTML-like label body)
+and ``clusters`` (id → ``html``, ``parent``); each node an ``html`` label body
+(or a plain ``label``, escaped here), a ``cluster`` and a ``dot`` dict of
+attributes; each edge a ``label`` and a ``dot`` dict. DOT source is written
+with the ``graphviz`` package; labels are always HTML-like labels built from
+escaped text, so user text cannot break out of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import graphviz
+import networkx as nx
+
+from pefref.language.errors import PefrefError
+from pefref.render.style import FONT, esc
+
+__all__ = ["FORMATS", "dot_available", "inline_svg", "render_dot", "render_many", "to_dot"]
+
+FORMATS = ("svg", "png", "pdf")
+"""Formats ``dot`` renders here (``dot`` text itself needs no program)."""
+
+_INSTALL = "graphviz's `dot` program is not installed; install it (Debian/Ubuntu: `apt-get install graphviz`, macOS: `brew install graphviz`) or use --format dot"
+
+
+def _html(body: str) -> str:
+    return f"<{body}>"
+
+
+def _node_label(attrs: dict[str, Any]) -> str:
+    if "html" in attrs:
+        return _html(attrs["html"])
+    return _html(esc(attrs.get("label", "")))
+
+
+def _attrs(d: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in sorted(d.items())}
+
+
+def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
+    """DOT source of ``graph``: same graph, same text."""
+    directed = graph.is_directed()
+    cls = graphviz.Digraph if directed else graphviz.Graph
+    g = cls(name=name)
+    ga = {"fontname": FONT, "fontsize": "11", **graph.graph.get("attrs", {})}
+    if graph.graph.get("title"):
+        ga.update(label=_html(graph.graph["title"]), labelloc="t", labeljust="l")
+    g.attr("graph", **_attrs(ga))
+    g.attr("node", fontname=FONT, fontsize="10")
+    g.attr("edge", fontname=FONT, fontsize="8")
+    clusters: dict[str, dict[str, Any]] = graph.graph.get("clusters", {})
+    members: dict[str | None, list[str]] = {}
+    for n, a in graph.nodes(data=True):
+        c = a.get("cluster")
+        members.setdefault(c if c in clusters else None, []).append(n)
+    children: dict[str | None, list[str]] = {}
+    for cid, spec in clusters.items():
+        children.setdefault(spec.get("parent"), []).append(cid)
+
+    def emit(target: Any, cluster: str | None) -> None:
+        for cid in children.get(cluster, []):
+            spec = clusters[cid]
+            with target.subgraph(name=f"cluster_{cid}") as sub:
+                sub.attr(label=_html(spec.get("html", esc(spec.get("label", "")))), **_attrs(spec.get("dot", {"style": "rounded", "color": "#b0b0b0", "labeljust": "l"})))
+                emit(sub, cid)
+        for n in members.get(cluster, []):
+            a = graph.nodes[n]
+            target.node(str(n), label=_node_label(a), **_attrs(a.get("dot", {})))
+
+    emit(g, None)
+    for u, v, a in graph.edges(data=True):
+        extra = dict(a.get("dot", {}))
+        if a.get("label"):
+            extra["label"] = _html(esc(a["label"]))
+        g.edge(str(u), str(v), **_attrs(extra))
+    return g.source
+
+
+def dot_available() -> bool:
+    """Whether graphviz's ``dot`` program can be run."""
+    return shutil.which("dot") is not None
+
+
+def render_dot(dot_text: str, fmt: str) -> bytes:
+    """Render DOT text to ``svg``, ``png`` or ``pdf`` with ``dot``; a PefrefError says how to install it when missing."""
+    if fmt not in FORMATS:
+        raise PefrefError(f"unknown format {fmt!r}; dot renders: {', '.join(FORMATS)}")
+    exe = shutil.which("dot")
+    if exe is None:
+        raise PefrefError(_INSTALL)
+    proc = subprocess.run([exe, f"-T{fmt}"], input=dot_text.encode("utf-8"), capture_output=True, check=False, timeout=120)
+    if proc.returncode != 0:
+        first = proc.stderr.decode("utf-8", "replace").strip().splitlines()[:1]
+        raise PefrefError(f"dot failed ({first[0] if first else 'exit ' + str(proc.returncode)})")
+    return proc.stdout
+
+
+def render_many(dot_texts: list[str], fmt: str, workers: int | None = None) -> list[bytes]:
+    """Render several DOT texts, ``workers`` ``dot`` processes at a time (default: one per CPU); results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(1, min(workers or os.cpu_count() or 1, len(dot_texts) or 1))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda t: render_dot(t, fmt), dot_texts))
+
+
+def inline_svg(svg: bytes | str) -> str:
+    """An SVG document as an element to inline in HTML: no XML prolog, DOCTYPE or leading comments."""
+    text = svg.decode("utf-8") if isinstance(svg, bytes) else svg
+    start = text.find("<svg")
+    if start < 0:
+        raise PefrefError("dot produced no <svg> element")
+    return text[start:].strip() + "\n"

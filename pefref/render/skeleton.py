@@ -1,0 +1,239 @@
+"""The reference Transformer as a graph to draw on, built from its ``diagram`` data.
+
+:class:`Skeleton` holds component instances (one per component, or one per
+layer for components inside the repeated group), the group boxes around them,
+and the data-flow edges between them, kept *pending* until modules have been
+attached: attaching rewires where a component's output leaves (its ``tail``)
+and where its input enters (its ``head``), and :meth:`Skeleton.finish` then
+draws every flow edge from the tail of its source to the head of its target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from pefref.language.errors import PefrefError
+from pefref.language.schema import ArchitectureMap, ReferenceArchitecture
+from pefref.language.sizes import eval_scalar
+from pefref.render.style import HOST_FILL, HOST_LINE, dims_text, html_lines, pretty
+
+__all__ = ["Anchor", "NodeRef", "Skeleton"]
+
+NodeRef = tuple[str, str]
+"""A lazily resolved end of an edge: ('out', component instance), ('in', component instance) or ('node', node id)."""
+
+
+@dataclass
+class Anchor:
+    """Where a site is, at one layer: the instances whose output is the site's output, and the sources of its input."""
+
+    site: str
+    layer: int | None
+    outputs: list[str]
+    inputs: list[str]
+    entries: list[str]
+    component: str | None
+    cluster: str | None
+
+
+@dataclass
+class Skeleton:
+    """Component instances, group boxes and pending flow edges of the reference Transformer."""
+
+    ref: ReferenceArchitecture
+    layers: list[int | None]
+    L_text: str
+    sizes: dict[str, int] | None = None
+    family: ArchitectureMap | None = None
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    tail: dict[str, str] = field(default_factory=dict)
+    head: dict[str, str] = field(default_factory=dict)
+    pending: list[tuple[NodeRef, NodeRef, dict[str, Any]]] = field(default_factory=list)
+    _site_of: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    # --- construction -----------------------------------------------------------
+
+    def build(self) -> Skeleton:
+        d = self.ref.diagram
+        self.graph.graph.setdefault("clusters", {})
+        repeat = [g for g, spec in d.groups.items() if spec.repeat]
+        if len(repeat) > 1:
+            raise PefrefError(f"the reference diagram repeats more than one group ({', '.join(repeat)}); one layer group is drawn")
+        self._repeat = repeat[0] if repeat else None
+        for gid in d.groups:
+            for i in self._instances_of_group(gid):
+                self._add_cluster(gid, i)
+        for cid, comp in d.components.items():
+            for i in self._instances(cid):
+                nid = self.cid(cid, i)
+                self.graph.add_node(nid, role="component", component=cid, site=comp.site, layer=i, kind=comp.kind,
+                                    label=comp.label, cluster=self.gid(comp.group, i) if comp.group else None)
+                self.tail[nid] = self.head[nid] = nid
+                if comp.site:
+                    self._site_of[comp.site] = ("component", cid)
+        for gid, g in d.groups.items():
+            if g.site:
+                self._site_of[g.site] = ("group", gid)
+        self._wire(d.flow, "flow")
+        self._wire(d.residual, "residual")
+        return self
+
+    def in_layer(self, group: str | None) -> bool:
+        """Whether a group (or a component's group) lies inside the repeated layer group."""
+        g = group
+        while g is not None:
+            if g == self._repeat:
+                return True
+            g = self.ref.diagram.groups[g].parent
+        return False
+
+    def _instances(self, cid: str) -> list[int | None]:
+        return list(self.layers) if self.in_layer(self.ref.diagram.components[cid].group) else [None]
+
+    def _instances_of_group(self, gid: str) -> list[int | None]:
+        return list(self.layers) if self.in_layer(gid) else [None]
+
+    @staticmethod
+    def cid(cid: str, layer: int | None) -> str:
+        return f"c_{cid}" if layer is None else f"c_{cid}_L{layer}"
+
+    @staticmethod
+    def gid(gid: str, layer: int | None) -> str:
+        return f"g_{gid}" if layer is None else f"g_{gid}_L{layer}"
+
+    def _add_cluster(self, gid: str, layer: int | None) -> None:
+        g = self.ref.diagram.groups[gid]
+        if g.repeat:
+            caption = f"{g.label} × {self.L_text}" if layer is None else f"{g.label} {layer}"
+        else:
+            caption = g.label
+        lines = [("b", caption)] + ([("small", g.site)] if g.site else [])
+        if g.site and self.family is not None and g.site not in self.family.sites:
+            lines.append(("small", f"(no {g.site} in {self.family.family})"))
+        elif g.site and self.family is not None:
+            lines.append(("mono", self.path_text(g.site, layer)))
+        self.graph.graph["clusters"][self.gid(gid, layer)] = {
+            "html": html_lines(lines), "parent": self.gid(g.parent, layer) if g.parent else None,
+            "group": gid, "layer": layer, "site": g.site, "repeat": g.repeat,
+        }
+
+    def _wire(self, edges: list[tuple[str, str]], role: str) -> None:
+        d = self.ref.diagram
+        inside = {c for c in d.components if self.in_layer(d.components[c].group)}
+        exits = sorted({a for a, b in d.flow if a in inside and b not in inside})
+        if self._repeat and len(self.layers) > 1 and len(exits) != 1:
+            raise PefrefError(f"the repeated group needs exactly one component whose output leaves it; found {exits}")
+        for a, b in edges:
+            if a in inside and b in inside:
+                pairs = [(self.cid(a, i), self.cid(b, i)) for i in self.layers]
+            elif b in inside:  # entering the layer stack: the first layer from a, the others from the previous layer's exit
+                pairs = [(self.cid(a, None), self.cid(b, self.layers[0]))]
+                pairs += [(self.cid(exits[0], p), self.cid(b, i)) for p, i in zip(self.layers, self.layers[1:])]
+            elif a in inside:
+                pairs = [(self.cid(a, self.layers[-1]), self.cid(b, None))]
+            else:
+                pairs = [(self.cid(a, None), self.cid(b, None))]
+            for x, y in pairs:
+                self.pending.append((("out", x), ("in", y), {"role": role}))
+
+    # --- sites ------------------------------------------------------------------
+
+    def members(self, gid: str, layer: int | None) -> set[str]:
+        d = self.ref.diagram
+        out = set()
+        for cid, comp in d.components.items():
+            g = comp.group
+            while g is not None and g != gid:
+                g = d.groups[g].parent
+            if g == gid:
+                out.add(self.cid(cid, layer if self.in_layer(comp.group) else None))
+        return out
+
+    def anchor(self, site: str, layer: int | None) -> Anchor:
+        """Where ``site`` is drawn at ``layer`` (None: the folded layer, or a site outside the layers)."""
+        what, name = self._site_of[site]
+        flow = [(a[1], b[1]) for a, b, attrs in self.pending if attrs["role"] == "flow"]
+        if what == "component":
+            comp = self.ref.diagram.components[name]
+            nid = self.cid(name, layer if self.in_layer(comp.group) else None)
+            inputs = [a for a, b in flow if b == nid]
+            return Anchor(site, layer, [nid], inputs, [nid], nid, self.gid(comp.group, layer) if comp.group and self.in_layer(comp.group) else (self.gid(comp.group, None) if comp.group else None))
+        members = self.members(name, layer)
+        inputs = sorted({a for a, b in flow if b in members and a not in members})
+        entries = sorted({b for a, b in flow if b in members and a not in members})
+        outputs = sorted({a for a, b in flow if a in members and b not in members})
+        parent = self.ref.diagram.groups[name].parent
+        return Anchor(site, layer, outputs, inputs, entries, None, self.gid(parent, layer) if parent else None)
+
+    def path_text(self, site: str, layer: int | None) -> str:
+        """The module path a family binds ``site`` to (``{i}`` kept for the folded layer), with its slice."""
+        assert self.family is not None
+        b = self.family.sites.get(site)
+        if b is None:
+            return ""
+        if b.cache:
+            return f"<{self.family.forward.cache}>[{'{i}' if layer is None else layer}]"
+        path = b.path or ""
+        if layer is not None:
+            path = path.replace("{i}", str(layer))
+        if b.side == "input":
+            path = f"input of {path}"
+        if b.slice is not None:
+            if self.sizes is not None:
+                first = int(eval_scalar(b.slice.start, self.sizes))
+                path += f"[{first}:{first + int(eval_scalar(b.slice.size, self.sizes))}]"
+            else:
+                start = pretty(b.slice.start)
+                path += f"[{start}:{'' if start == '0' else start + ' + '}{pretty(b.slice.size)}]"
+        return path
+
+    def component_labels(self) -> None:
+        """Give every component its label: name, site, widths (numbers with a model) and the family's module path."""
+        for nid, a in self.graph.nodes(data=True):
+            if a.get("role") != "component":
+                continue
+            lines = [("b", a["label"])]
+            site = a["site"]
+            if site:
+                lines.append(("small", site))
+                s = self.ref.sites[site]
+                dims = [x for x in (s.in_, s.out) if x is not None] if a["kind"] in ("linear",) else []
+                if dims:
+                    if self.sizes is not None:
+                        dims = [str(int(eval_scalar(x, self.sizes))) for x in dims]
+                    lines.append(("small", " → ".join(dims_text([x]) for x in dims)))
+                if self.family is not None:
+                    if site in self.family.sites:
+                        lines.append(("mono", self.path_text(site, a["layer"])))
+                    else:
+                        lines.append(("small", f"(no {site} in {self.family.family})"))
+                        a["unbound"] = True
+            a["html"] = html_lines(lines)
+            a["dot"] = {**_component_style(a["kind"], a.get("unbound", False)), **a.get("dot", {})}
+
+    # --- the end ----------------------------------------------------------------
+
+    def resolve(self, ref: NodeRef) -> str:
+        kind, name = ref
+        return self.tail[name] if kind == "out" else self.head[name] if kind == "in" else name
+
+    def finish(self) -> nx.DiGraph:
+        for a, b, attrs in self.pending:
+            self.graph.add_edge(self.resolve(a), self.resolve(b), **attrs)
+        self.pending = []
+        self.component_labels()
+        return self.graph
+
+
+def _component_style(kind: str, unbound: bool) -> dict[str, str]:
+    shape = {"io": "plaintext", "add": "circle", "op": "box", "norm": "box", "embedding": "box", "linear": "box"}[kind]
+    style = {"io": "", "add": "filled", "op": "rounded,filled", "norm": "rounded,filled"}.get(kind, "filled")
+    out = {"shape": shape, "fillcolor": HOST_FILL, "color": HOST_LINE}
+    if style:
+        out["style"] = style + (",dashed" if unbound else "")
+    if kind == "add":
+        out.update(width="0.3", height="0.3", fixedsize="false")
+    return out

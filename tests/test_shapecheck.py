@@ -1,0 +1,71 @@
+"""Shape inference at validate time: every tensor op has a rule, the rules agree with torch, and the catalog's
+expressions all resolve to shapes that fit their hosts (so the check is not vacuous)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pefref.language.catalog import default_catalog
+from pefref.language.check import expand_modules
+from pefref.language.expr import parse_expr
+from pefref.language.hparams import shape_of
+from pefref.language.shapecheck import EXAMPLE_SIZES, _width, infer_shape, site_env
+from pefref.ops import PRIMITIVES, op_table
+from pefref.ops.inits import INITS
+from pefref.ops.shapes import SHAPE_RULES, Shape
+
+CAT = default_catalog()
+
+
+def test_every_tensor_op_has_a_shape_rule() -> None:
+    tensor_ops = {k for k, p in PRIMITIVES.items() if not p.scalar}
+    assert tensor_ops <= set(SHAPE_RULES), sorted(tensor_ops - set(SHAPE_RULES))
+    assert set(SHAPE_RULES) <= set(PRIMITIVES), sorted(set(SHAPE_RULES) - set(PRIMITIVES))
+
+
+@pytest.mark.parametrize("text", [
+    "linear(x, A)", "x @ t(A)", "einsum('...i,ri->...r', x, A)", "unflatten(linear(x, A), -1, (2, 3))",
+    "narrow(x, -1, 2, 4)", "topk(x, 3)", "reshape(x, (2, -1))", "kron(A, A)", "sum(x, dim=1)",
+    "cat((x, x), dim=0)", "softmax(x, dim=1) * 2 + x", "index_select(x, -1, (0, 3))", "unsqueeze(x, -2)",
+])
+def test_rules_agree_with_torch(text: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, A = torch.randn(2, 5, 8, generator=g), torch.randn(6, 8, generator=g)
+    got = infer_shape(parse_expr(text).tree, {"x": Shape(x.shape), "A": Shape(A.shape)})
+    from pefref.language.expr import evaluate
+
+    assert got == tuple(evaluate(parse_expr(text), {"x": x, "A": A}, op_table()).shape)
+
+
+def _cases() -> list[tuple[str, int]]:
+    return [(tid, i) for tid, t in sorted(CAT.techniques.items()) for i in range(len(expand_modules(t, CAT.techniques)[0]))]
+
+
+@pytest.mark.parametrize("tid,i", _cases())
+def test_catalog_expressions_resolve_to_shapes(tid: str, i: int) -> None:
+    mods, hps = expand_modules(CAT.technique(tid), CAT.techniques)
+    m = mods[i]
+    if m.form == "select":
+        return
+    for s in m.sites:
+        site = CAT.reference.sites[s]
+        d_out = _width(site.out, EXAMPLE_SIZES) or 0
+        d_in = _width(site.in_, EXAMPLE_SIZES) or d_out
+        names = {**EXAMPLE_SIZES, "d_in": d_in, "d_out": d_out, "causal": 1, **{k: v.default for k, v in hps.items()}}
+        env = {**names, **site_env(site.kind, d_in, d_out, EXAMPLE_SIZES)}
+        for p, spec in m.params.items():
+            env[p] = Shape(shape_of(spec, names))
+            assert infer_shape(parse_expr(spec.init).tree, env, {k: env[p] for k in INITS}) == env[p], (p, spec.init)
+        for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):
+            text = getattr(m, f, None)
+            if text is None:
+                continue
+            got = infer_shape(parse_expr(text).tree, env)
+            assert isinstance(got, Shape), (f, text)
+            if f == "compute":
+                env["delta"] = got
+            if f == "integrate":
+                assert got == env["h"]
+            if f in ("weight", "host_update"):
+                assert got == env["W"]
