@@ -279,3 +279,31 @@ def test_causal_lm_learns(tmp_path: Path) -> None:
     assert run.main_metric == "loss" and run.final["perplexity"] == pytest.approx(__import__("math").exp(run.final["loss"]))
     evals = [m["loss"] for _, s, m in run.curve if s == "eval"]
     assert len(evals) == 6 and evals[-1] < evals[0] - 0.05
+
+
+# --- parallel workers, task heads --------------------------------------------------------------------
+
+
+def test_parallel_jobs_give_the_sequential_results(tmp_path: Path) -> None:
+    p = write_exp(tmp_path, "  - baseline: head_only\n  - technique: ia3", seeds="[0, 1]")
+    par = run_experiment(p, tmp_path / "par", progress=False, jobs=2)
+    assert len(par.done) == 4 and not par.failed and par.interrupted is None
+    seq = run_experiment(p, tmp_path / "seq", progress=False)
+    a = {r.id: r.final for r in load_results(tmp_path / "par").runs}
+    b = {r.id: r.final for r in load_results(tmp_path / "seq").runs}
+    assert a == b and len(a) == 4
+    assert len(run_experiment(p, tmp_path / "par", progress=False, jobs=2).skipped) == 4
+
+
+def test_task_head_modules_and_head_lr(tmp_path: Path) -> None:
+    p = write_exp(tmp_path, "  - baseline: head_only", training=", head_lr: 1.0e-3")
+    p.write_text(p.read_text().replace("max_length: 32}", "max_length: 32, head: [bert.pooler, classifier]}"))
+    out = run_experiment(p, tmp_path / "o", progress=False)
+    assert len(out.done) == 1
+    run = load_results(tmp_path / "o").runs[0]
+    assert run.trainable == (32 * 32 + 32) + (32 * 2 + 2)  # pooler + classifier
+    keys = set(load_tensors(tmp_path / "o" / "runs" / run.id / "adapter.safetensors"))
+    assert {"head.bert.pooler.dense.weight", "head.classifier.weight"} <= keys
+    p.write_text(p.read_text().replace("bert.pooler,", "bert.poler,"))
+    bad = run_experiment(p, tmp_path / "bad", progress=False)
+    assert "task.head: the model has no module 'bert.poler'; did you mean 'bert.pooler'?" in bad.failed[0][1]

@@ -27,6 +27,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     # shared tensors (tied weights) are stored once per name: safetensors refuses aliases
     data = save({k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(tensors.items())}, metadata=meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
 
 
@@ -54,6 +55,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     """The resumable training state (torch.save of plain containers), written atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
 
 

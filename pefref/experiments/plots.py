@@ -130,6 +130,7 @@ def write_plots(res: Results, folder: Path | None = None) -> list[Path]:
     """Write the plots under ``folder`` (default: ``<results>/plots``); returns their paths."""
     folder = folder or res.folder / "plots"
     paths = []
+    folder.mkdir(parents=True, exist_ok=True)
     for name, data in plot_svgs(res).items():
         atomic_write_bytes(folder / name, data)
         paths.append(folder / name)

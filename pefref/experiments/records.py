@@ -59,6 +59,7 @@ class Records:
         self.conn = sqlite3.connect(str(self.path), timeout=30)
         self.conn.row_factory = sqlite3.Row
         cols = ", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())
+        self.conn.execute("PRAGMA journal_mode=WAL")  # parallel workers write side by side
         with self.conn:
             self.conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             self.conn.execute("CREATE TABLE IF NOT EXISTS steps (run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, "

@@ -9,6 +9,7 @@ checkpoint still resumes the run).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -65,7 +66,8 @@ def _sigint(flag: StopFlag) -> Iterator[None]:
 
 
 def run_experiment(path: str | Path, out: str | Path | None = None, *, progress: bool = True, only: str | None = None,
-                   on_step: Callable[[int], None] | None = None, echo: Callable[[str], None] | None = None) -> Outcome:
+                   seeds: list[int] | None = None, jobs: int = 1, on_step: Callable[[int], None] | None = None,
+                   echo: Callable[[str], None] | None = None, _worker: tuple[int, int] | None = None) -> Outcome:
     """Run (or continue) every run of the experiment at ``path``, recording into ``out/results.sqlite``.
 
     Args:
@@ -73,6 +75,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
         out: output folder (default :func:`default_output`).
         progress: show a rich progress bar.
         only: run only the runs whose label contains this text.
+        seeds: run only these seeds (the runs keep their ids: a later full run skips them).
+        jobs: train this many runs at once, each in its own process with ``cores / jobs`` threads (CPU).
         on_step: called with the step number after each optimizer step (tests use it).
         echo: where to print one line per run (default: nowhere).
     """
@@ -80,10 +84,18 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     runs = expand(exp, path)
     if only:
         runs = [r for r in runs if only in r.label]
+    if seeds:
+        runs = [r for r in runs if r.seed in seeds]
     out = Path(out) if out is not None else default_output(path)
+    if _worker is not None:
+        runs = runs[_worker[0]::_worker[1]]
+    elif jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _run_parallel(path, out, runs, jobs, only, seeds, progress, echo)
     d = init(exp.training.device if exp.training.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if exp.training.threads and not torch.cuda.is_available():
         torch.set_num_threads(exp.training.threads)
+    elif _worker is not None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // _worker[1]))
     records = Records(out) if d.main else None
     stop = StopFlag()
     env = RunEnv(Path(path).resolve().parent, out, exp.data, exp.training, default_catalog(), records, d, stop, on_step=on_step)
@@ -129,6 +141,69 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
         if records:
             records.close()
     return outcome
+
+
+def _work(path: str, out: str, only: str | None, seeds: list[int] | None, worker: tuple[int, int]) -> None:
+    run_experiment(path, out, progress=False, only=only, seeds=seeds, _worker=worker)
+
+
+def _run_parallel(path: str | Path, out: Path, runs: list[RunSpec], jobs: int, only: str | None, seeds: list[int] | None,
+                  progress: bool, echo: Callable[[str], None] | None) -> Outcome:
+    """Train the runs in ``jobs`` worker processes (run i goes to worker i mod jobs); the database collects them.
+
+    Ctrl-C reaches every worker (one process group); each stops its run at the next step boundary.
+    """
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    Records(out).close()  # create the database before the workers race to
+    before = _statuses(out, runs)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_work, args=(str(path), str(out), only, seeds, (i, jobs))) for i in range(jobs)]
+    for p in procs:
+        p.start()
+    flag = StopFlag()
+    with _sigint(flag), _progress(progress, len(runs)) as bar:
+        shown = 0
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=1.0 / len(procs))
+            done = sum(s == "done" for s in _statuses(out, runs).values())
+            for _ in range(done - shown):
+                bar.finish(runs[0])
+            shown = max(shown, done)
+    after = _statuses(out, runs)
+    outcome = Outcome(out, seconds=time.perf_counter() - t0)
+    rec = Records(out)
+    try:
+        for r in runs:
+            st = after.get(r.id)
+            if before.get(r.id) == "done":
+                outcome.skipped.append(r.id)
+            elif st == "done":
+                outcome.done.append(r.id)
+            elif st == "failed":
+                outcome.failed.append((r.id, str((rec.run(r.id) or {}).get("error"))))
+            elif st in ("interrupted", "running") and outcome.interrupted is None:
+                outcome.interrupted = r.id
+            elif st is None and outcome.interrupted is None and flag.requested:
+                outcome.interrupted = r.id
+    finally:
+        rec.close()
+    if echo:
+        for rid, err in outcome.failed:
+            echo(f"failed {rid}: {err}")
+    if any(p.exitcode not in (0, None) for p in procs) and not outcome.failed and outcome.interrupted is None:
+        outcome.failed.append(("-", f"a worker process exited with status {[p.exitcode for p in procs]}"))
+    return outcome
+
+
+def _statuses(out: Path, runs: list[RunSpec]) -> dict[str, str]:
+    rec = Records(out)
+    try:
+        return {r.id: row["status"] for r in runs if (row := rec.run(r.id))}
+    finally:
+        rec.close()
 
 
 def _identity(spec: RunSpec) -> dict[str, Any]:

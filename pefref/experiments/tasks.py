@@ -14,6 +14,7 @@ from torch import nn
 
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
+from pefref.language.loader import suggest
 
 __all__ = ["ByteTokenizer", "Prepared", "build_task_model", "checkpoint_folder", "decay_groups", "prepare_run"]
 
@@ -141,7 +142,15 @@ def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: C
 
     task = config["task"]["type"]
     prefix = getattr(model, "base_model_prefix", "")
-    head = {n: p for n, p in model.named_parameters() if task == "sequence_classification" and prefix and not n.startswith(prefix + ".")}
+    paths = config["task"].get("head")
+    if paths is not None:
+        names = {n for n, _ in model.named_modules()}
+        unknown = [p for p in paths if p not in names]
+        if unknown:
+            raise PefrefError(f"task.head: the model has no module {unknown[0]!r}{suggest(unknown[0], names)}")
+        head = {n: p for n, p in model.named_parameters() if any(n.startswith(q + ".") for q in paths)}
+    else:
+        head = {n: p for n, p in model.named_parameters() if task == "sequence_classification" and prefix and not n.startswith(prefix + ".")}
     if config.get("baseline") == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -177,9 +186,11 @@ def _family_target(model: nn.Module, family: str | None, catalog: Catalog) -> nn
         return model.base_model  # type: ignore[return-value]
 
 
-def decay_groups(adapters: list[Any], trainable: dict[str, nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: each adapter's own groups when it offers them (``param_groups``), else
-    weight decay on matrices only; every trainable parameter exactly once."""
+def decay_groups(adapters: list[Any], trainable: dict[str, nn.Parameter], lr: float, weight_decay: float,
+                 head: dict[str, nn.Parameter] | None = None, head_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups: each adapter's own groups (``param_groups``: declared lr scales and
+    weight decay), the head at ``head_lr`` (default ``lr``), the rest (baselines) at ``lr``; weight decay
+    on matrices only outside the adapters' groups; every trainable parameter exactly once."""
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
     for a in adapters:
@@ -190,11 +201,13 @@ def decay_groups(adapters: list[Any], trainable: dict[str, nn.Parameter], lr: fl
                 seen.update(id(p) for p in params)
                 if params:
                     groups.append({**g, "params": params})
-    rest = [(n, p) for n, p in trainable.items() if id(p) not in seen]
-    decay = [p for _, p in rest if p.ndim >= 2]
-    no_decay = [p for _, p in rest if p.ndim < 2]
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    heads = {id(p) for p in (head or {}).values()}
+    for rate, part in ((lr, [p for p in trainable.values() if id(p) not in seen and id(p) not in heads]),
+                       (head_lr or lr, [p for p in trainable.values() if id(p) not in seen and id(p) in heads])):
+        decay = [p for p in part if p.ndim >= 2]
+        no_decay = [p for p in part if p.ndim < 2]
+        if decay:
+            groups.append({"params": decay, "lr": rate, "weight_decay": weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": rate, "weight_decay": 0.0})
     return groups

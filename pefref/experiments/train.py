@@ -235,7 +235,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     total = tr.max_steps or math.ceil((tr.epochs or 1) * spe)
     eval_every = tr.eval_every or spe
     ck_every = tr.checkpoint_every or eval_every
-    opt = torch.optim.AdamW(decay_groups(prep.adapters, prep.trainable, spec.lr, tr.weight_decay), lr=spec.lr, betas=tr.betas)
+    opt = torch.optim.AdamW(decay_groups(prep.adapters, prep.trainable, spec.lr, tr.weight_decay, prep.head, tr.head_lr), lr=spec.lr, betas=tr.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, round(tr.warmup * total), total))
     params = list(prep.trainable.values())
     n_train = sum(p.numel() for p in params)

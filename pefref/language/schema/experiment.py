@@ -40,6 +40,7 @@ class TaskSpec(Strict):
 
     type: Literal["sequence_classification", "causal_lm"] = Field(description="sequence_classification: a new classification head, trained and saved with the adapter (accuracy, macro F1); causal_lm: next-token loss on the text (loss, perplexity).")
     max_length: int = Field(64, ge=4, le=4096, description="Token limit per example (longer texts are truncated).")
+    head: list[str] | None = Field(None, description="Modules (paths in the task model) that form the task head, trained and saved with the adapter like peft's modules_to_save; default: every module the task's auto class adds around the base model (classification), none (causal LM).")
 
 
 class DataSpec(Strict):
@@ -87,6 +88,7 @@ class TrainingSpec(Strict):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     epochs: float | None = Field(None, gt=0, description="Training length in passes over the data (or give max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Training length in optimizer steps (wins over epochs).")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the task head (default: the run's learning rate); the same head rate makes techniques comparable.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only; biases, norms and vectors get none).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
