@@ -15,6 +15,7 @@ import torch.fx as fx
 import transformers  # noqa: E402 - a test dependency
 
 from pefref.language import expr as pefref_expr  # noqa: E402
+from pefref.compiler.units import Unit  # noqa: E402
 from pefref.runtime.api import apply  # noqa: E402
 from pefref.language.catalog import default_catalog  # noqa: E402
 from pefref.language.check import expand_modules  # noqa: E402
@@ -139,7 +140,7 @@ def test_inductor_forward_equals_eager() -> None:
 # --- generated code, no interpretation ------------------------------------------------
 
 
-def _units(technique: str) -> list[fx.GraphModule]:
+def _units(technique: str) -> list[Unit]:
     """The units of ``technique`` on the first tiny family it places parameters on (Llama first)."""
     cat = default_catalog()
     t = cat.technique(technique)
@@ -154,7 +155,7 @@ def test_lora_unit_code_is_straight_line() -> None:
     units = _units("lora")
     assert units
     for unit in units:
-        assert isinstance(unit, fx.GraphModule)
+        assert isinstance(unit, Unit) and isinstance(unit.graph, fx.Graph)
         code = unit.code
         assert "evaluate" not in code and "parse_expr" not in code and "pefref.language.expr" not in code, code
         assert "linear" in code  # the primitive is called directly

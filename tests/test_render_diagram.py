@@ -98,7 +98,7 @@ def test_reparameterise_badge_rescale_node_prepend_and_select() -> None:
     for site in ("attn.q", "attn.k", "attn.v", "ffn.up", "ffn.down"):
         m = _one(g, role="module", site=site)
         assert _edge_roles(g, m, _comp(g, site)) == "weight" and g.nodes[_comp(g, site)]["reparameterised"]
-        assert "W&#39; = weight_norm(W + (α / r)·B @ A, m," in g.nodes[m]["html"]
+        assert "W&#39; = weight_norm(W + (α / r)·B @ A, m, detach=True)" in g.nodes[m]["html"].replace("<BR/>  ", " ")
     g = _g("ia3")
     k, core = _comp(g, "attn.k"), _comp(g, "attn.kv")
     m = _one(g, role="module", module="kv", site="attn.k")

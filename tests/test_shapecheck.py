@@ -69,3 +69,12 @@ def test_catalog_expressions_resolve_to_shapes(tid: str, i: int) -> None:
                 assert got == env["h"]
             if f in ("weight", "host_update"):
                 assert got == env["W"]
+
+
+def test_validation_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from pefref.language.catalog import load_catalog; load_catalog(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"

@@ -3,9 +3,11 @@
 Technique-agnostic: it reads the form and the expressions of a module
 description and never its name. Each *unit* (one module at one site of one
 layer) is an ``nn.Module`` holding the unit's tensors; its forward is produced by
-tracing the expression walk once with :mod:`torch.fx`, so what runs is
-generated straight-line code calling the registered primitives (no per-call
-interpretation). Every unit has the same signature ``forward(x, h, W, training, mask=None)``
+tracing the expression walk with :mod:`torch.fx`, so what runs is generated
+straight-line code calling the registered primitives (no per-call
+interpretation). The tracing and code generation happen once per *program*
+(a description with its constants) and the generated class is shared by all
+units of that program: injecting 160 units costs one trace. Every unit has the same signature ``forward(x, h, W, training, mask=None)``
 (``mask``: the model's key padding mask [batch, seq], for modules that read it):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
@@ -21,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import linecache
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -31,7 +35,7 @@ from pefref.language.hparams import resolve_hyperparameters, shape_of
 from pefref.ops.inits import init_table
 from pefref.ops import PRIMITIVES
 
-__all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS"]
+__all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS", "Unit", "clear_programs"]
 
 OUTPUT_FIELDS = {
     "parallel": ("compute", "integrate"),
@@ -87,14 +91,14 @@ def _leaf(fn: Any) -> Any:
 
 
 class _Program(nn.Module):
-    """Holds a unit's tensors; its forward walks the expressions (traced once)."""
+    """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
-    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]], trainable: dict[str, bool]) -> None:
+    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]]) -> None:
         super().__init__()
         self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
         for name, t in tensors.items():
-            if trainable[name]:
-                self.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
             else:
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
@@ -124,8 +128,80 @@ class _Program(nn.Module):
         raise PefrefError(f"form {f!r} has no forward")
 
 
-def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None) -> fx.GraphModule | None:
-    """Compile one module description at one site into a traced unit (None for select modules)."""
+class Unit(nn.Module):
+    """One module at one site: its own tensors, and the generated code of its *program*.
+
+    A program is a module description compiled for one set of constants (sizes,
+    host widths, hyperparameters, tensor views): every unit with the same program
+    is an instance of the same generated class, so the expressions are traced
+    with :mod:`torch.fx` and turned into Python code once, whatever the number
+    of units (a 70B model's 160 LoRA units share one class). Class attributes:
+    ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
+    generated source) and ``program`` (what it was compiled from).
+    """
+
+    form: str
+    graph: fx.Graph
+    code: str
+    program: tuple[Any, ...]
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, bool]) -> None:
+        super().__init__()
+        for name, t in tensors.items():
+            if trainable[name]:
+                self.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the generated class cannot be found by name: pickle the program it comes from
+        return (_unit_of_program, (self.program,), self.__getstate__())
+
+
+_PROGRAMS: dict[tuple[Any, ...], type[Unit]] = {}
+_BY_CODE: dict[str, type[Unit]] = {}
+
+
+def clear_programs() -> None:
+    """Forget every compiled program (existing units keep their class; the next unit compiles anew)."""
+    _PROGRAMS.clear()
+    _BY_CODE.clear()
+
+
+def _unit_of_program(program: tuple[Any, ...]) -> Unit:
+    """An empty instance of a program's class (unpickling fills its state)."""
+    cls = _PROGRAMS.get(program)
+    if cls is None:
+        form, exprs, consts, shapes, views = program
+        cls = _program_class(program, {n: torch.empty(s, device="meta") for n, s in shapes})
+    return cls.__new__(cls)
+
+
+def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
+    """Trace the program once with example tensors and generate its class."""
+    form, exprs, consts, _shapes, views = program
+    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views))
+    tracer = fx.Tracer()
+    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
+    graph = tracer.trace(prog)
+    name = f"Unit_{form}_{len(_BY_CODE)}"
+    pc = graph.python_code(root_module="self")
+    same = _BY_CODE.get(pc.src)  # other constants, same code (e.g. widths the code never reads)
+    if same is not None:
+        _PROGRAMS[program] = same
+        return same
+    filename = f"<pefref generated {name}>"
+    linecache.cache[filename] = (len(pc.src), None, pc.src.splitlines(True), filename)  # tracebacks show the code
+    glb = dict(pc.globals)
+    exec(compile(pc.src, filename, "exec"), glb)  # noqa: S102 - code generated by torch.fx from the checked expression tree
+    cls = type(name, (Unit,), {"forward": glb["forward"], "form": form, "graph": graph, "code": pc.src,
+                               "program": program, "__module__": __name__})
+    _PROGRAMS[program] = _BY_CODE[pc.src] = cls
+    return cls
+
+
+def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None) -> Unit | None:
+    """One module description at one site as a :class:`Unit` (None for select modules); its program is compiled on first use."""
     if spec.form == "select":
         return None
     names = ctx.names(hps)
@@ -148,11 +224,11 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         trainable[pname] = pspec.trainable
         if full != local:
             views[pname] = local
-    exprs = {f: parse_expr(getattr(spec, f)) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None}
-    prog = _Program(spec.form, exprs, names, tensors, views, trainable)
-    tracer = fx.Tracer()
-    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
-    graph = tracer.trace(prog)
-    gm = fx.GraphModule(prog, graph, class_name=f"Unit_{spec.form}")
-    gm.form = spec.form  # type: ignore[assignment]
-    return gm
+    exprs = tuple((f, str(getattr(spec, f))) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None)
+    consts = tuple(sorted(names.items()))
+    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
+    program = (spec.form, exprs, consts, shapes, tuple(sorted(views.items())))
+    cls = _PROGRAMS.get(program)
+    if cls is None:
+        cls = _program_class(program, tensors)
+    return cls(tensors, trainable)

@@ -15,10 +15,10 @@ from pathlib import Path
 from pefref.language.check import check_family, check_technique
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
-from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ReferenceArchitecture, Technique
+from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "load_techniques"]
+__all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques"]
 
 
 def catalog_root() -> Path:
@@ -89,8 +89,12 @@ def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: 
     return ({k: v[0] for k, v in good.items()}, {k: v[2] for k, v in good.items()}, {k: v[1] for k, v in good.items()}, problems)
 
 
-def load_catalog(root: Path | None = None) -> Catalog:
-    """Load and cross-check the whole catalog under ``root``; raise CatalogError listing every problem."""
+def load_catalog(root: Path | None = None, only: set[str] | None = None) -> Catalog:
+    """Load and cross-check the whole catalog under ``root``; raise CatalogError listing every problem.
+
+    ``only``: load just these techniques and those they ``use`` (the reference
+    architecture, families and shapes are always loaded).
+    """
     root = root or catalog_root()
     problems: list[Problem] = []
     res = _collect(problems, load_file, ReferenceArchitecture, root / "reference" / "transformer.yaml")
@@ -113,11 +117,29 @@ def load_catalog(root: Path | None = None) -> Catalog:
             elif s.name in shapes:
                 problems.append(Problem(r[1].at(("shapes", i, "name")), f"shapes[{i}].name", f"shape {s.name!r} is defined twice"))
             shapes[s.name] = s
-    techniques, sources, positions, tproblems = load_techniques(sorted((root / "techniques").glob("*.yaml")), reference)
+    paths = sorted((root / "techniques").glob("*.yaml")) if only is None else _used_closure(root / "techniques", only, problems)
+    techniques, sources, positions, tproblems = load_techniques(paths, reference)
     problems.extend(tproblems)
     if problems:
         raise CatalogError(problems)
     return Catalog(reference, families, shapes, techniques, sources, positions)
+
+
+def _used_closure(folder: Path, ids: set[str], problems: list[Problem]) -> list[Path]:
+    """The files of techniques ``ids`` and of every technique their modules ``use`` (transitively)."""
+    todo, seen = sorted(ids), set()
+    while todo:
+        tid = todo.pop()
+        if tid in seen:
+            continue
+        seen.add(tid)
+        p = folder / f"{tid}.yaml"
+        if not p.is_file():
+            continue  # the caller reports the unknown id
+        res = _collect(problems, load_file, Technique, p)
+        if res is not None:
+            todo += [m.use.split(".")[0] for m in res[0].modules if isinstance(m, ModuleUse)]
+    return sorted(folder / f"{t}.yaml" for t in seen if (folder / f"{t}.yaml").is_file())
 
 
 @lru_cache(maxsize=4)
@@ -125,8 +147,23 @@ def _cached(root: str) -> Catalog:
     return load_catalog(Path(root))
 
 
+@lru_cache(maxsize=64)
+def _cached_for(root: str, tid: str) -> Catalog:
+    return load_catalog(Path(root), only={tid})
+
+
 def default_catalog() -> Catalog:
     """The bundled catalog, loaded once per process."""
     return _cached(str(catalog_root()))
+
+
+def catalog_for(tid: str) -> Catalog:
+    """What applying technique ``tid`` needs: the default catalog when it is loaded already, else only
+    the reference, families, shapes, ``tid`` and the techniques it uses (a first ``apply`` in a process
+    reads three or four files, not the whole catalog)."""
+    if _cached.cache_info().currsize:
+        return default_catalog()
+    cat = _cached_for(str(catalog_root()), tid)
+    return cat if tid in cat.techniques else default_catalog()  # unknown ids: the full catalog's suggestions
 
 

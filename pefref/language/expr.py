@@ -12,6 +12,7 @@ that walk once with :mod:`torch.fx` into generated code.
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -119,9 +120,18 @@ class Expr:
 
 
 def parse_expr(text: str | int | float) -> Expr:
-    """Parse and check an expression; raises :class:`ExprError` with a column."""
+    """Parse and check an expression; raises :class:`ExprError` with a column.
+
+    Expressions are immutable, so a text is parsed once per process (injection
+    reads the same few expressions for every unit).
+    """
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ExprError(f"expected an expression, found {type(text).__name__}")
+    return _parse(type(text), text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(_kind: type, text: str | int | float) -> Expr:  # the type is part of the key: 1 and 1.0 hash alike
     src = str(text)
     try:
         tree = ast.parse(src.strip(), mode="eval").body

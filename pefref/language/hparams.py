@@ -44,15 +44,36 @@ def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any
     return out
 
 
+_SCALAR_OPS: dict[str, Any] = {}
+_DIMS: dict[tuple[Any, ...], Any] = {}  # (dimension text, values of the names it reads) -> value
+
+
 def _scalar_ops() -> dict[str, Any]:
-    return {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
+    if not _SCALAR_OPS:
+        _SCALAR_OPS.update({k: p.fn for k, p in PRIMITIVES.items() if p.scalar})
+    return _SCALAR_OPS
+
+
+def _dim(d: str, names: Mapping[str, Any]) -> Any:
+    """One symbolic dimension's value; memoised on the values of the names it reads (scalar ops are pure)."""
+    e = parse_expr(d)
+    try:
+        key = (d, *(names[n] for n in sorted(e.names)))
+        hash(key)
+    except (KeyError, TypeError):
+        return evaluate(e, names, _scalar_ops())  # reports the unknown name
+    if key not in _DIMS:
+        if len(_DIMS) > 65536:
+            _DIMS.clear()
+        _DIMS[key] = evaluate(e, names, _scalar_ops())
+    return _DIMS[key]
 
 
 def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
     """Resolve a ParamSpec's symbolic shape to integers."""
     dims = []
     for d in spec.shape:
-        v = d if isinstance(d, int) else evaluate(parse_expr(d), names, _scalar_ops())
+        v = d if isinstance(d, int) else _dim(d, names)
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         if not isinstance(v, int) or v <= 0:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 @primitive(scalar=True)
 def sqrt(v: Any) -> Any:
     """Square root :math:`\\sqrt{v}` (of a number or a tensor)."""
+    if isinstance(v, (int, float)):
+        return math.sqrt(v)  # numbers (shapes, scales) never import torch
     import torch
     return torch.sqrt(v) if isinstance(v, torch.Tensor) else math.sqrt(v)
 

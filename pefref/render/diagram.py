@@ -141,12 +141,12 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
                 for i in chosen:
                     attach_module(sk, pl, sk.anchor(site, i))
     g = sk.finish()
-    g.graph["attrs"] = {"rankdir": "LR", "newrank": "true", "nodesep": "0.18", "ranksep": "0.3", "compound": "true"}
-    g.graph["title"] = _title(catalog, techniques, shape)
+    g.graph["attrs"] = {"rankdir": "LR", "nodesep": "0.12", "ranksep": "0.22", "compound": "true"}
     g.graph["techniques"] = [t.id for t in techniques]
     g.graph["model"] = model
     g.graph["family"] = fam.family if fam is not None else None
-    _legend(g)
+    g.graph["title"] = ('<TABLE BORDER="0" CELLBORDER="0" CELLPADDING="1"><TR><TD ALIGN="LEFT" BALIGN="LEFT">'
+                        + _title(catalog, techniques, shape) + "</TD></TR><TR><TD ALIGN=\"LEFT\">" + _legend(g) + "</TD></TR></TABLE>")
     return g
 
 
@@ -166,21 +166,22 @@ def _title(catalog: Catalog, techniques: list[Technique], shape: Any) -> str:
                 lines.append(f"<FONT POINT-SIZE=\"9\">{esc(t.id)}: {pc.trainable:,} trainable</FONT>")
         pct = 100.0 * total / base if base else 0.0
         lines.append(f"<FONT POINT-SIZE=\"9\">on {esc(shape.name)}: {total:,} trainable parameters ({pct:.4f}% of {base:,})</FONT>")
-    return "<BR ALIGN=\"LEFT\"/>".join(lines) + "<BR ALIGN=\"LEFT\"/>"
+    return "<BR/>".join(lines)
 
 
-def _legend(g: nx.DiGraph) -> None:
+def _legend(g: nx.DiGraph) -> str:
+    """The legend as a horizontal HTML table: the forms drawn, then host and tensor styles."""
     forms = [f for f in FORM_COLOURS if any(a.get("form") == f for _n, a in g.nodes(data=True))]
-    rows = ['<TR><TD COLSPAN="2" ALIGN="LEFT"><B>legend</B></TD></TR>']
+    g.graph["legend"] = forms
+    cells = []
     for f in forms:
-        rows.append(f'<TR><TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}">{f}</TD>'
-                    f'<TD ALIGN="LEFT"><FONT POINT-SIZE="8">{esc(FORM_MEANING[f])}</FONT></TD></TR>')
-    rows.append(f'<TR><TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}">host</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">frozen component of the Transformer, with its site</FONT></TD></TR>')
-    rows.append('<TR><TD BORDER="1">A: r × d</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">trainable tensor and its shape</FONT></TD></TR>')
-    rows.append(f'<TR><TD BORDER="1"><FONT COLOR="{FROZEN}"><I>A (frozen)</I></FONT></TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">fixed tensor, stored but not trained</FONT></TD></TR>')
-    rows.append('<TR><TD BORDER="1" STYLE="dashed">shared</TD><TD ALIGN="LEFT"><FONT POINT-SIZE="8">one tensor, linked to every user</FONT></TD></TR>')
-    table = '<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2">' + "".join(rows) + "</TABLE>"
-    g.add_node("legend", role="legend", label="legend", html=table, cluster=None, dot={"shape": "plaintext"})
+        cells.append(f'<TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}"><FONT POINT-SIZE="9">{f}</FONT><BR/>'
+                     f'<FONT POINT-SIZE="7">{esc(FORM_MEANING[f])}</FONT></TD>')
+    cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="7">frozen component, with its site</FONT></TD>')
+    cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="7">trainable tensor, shape</FONT></TD>')
+    cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="7">stored, not trained</FONT></TD>')
+    cells.append('<TD BORDER="1" STYLE="dashed"><FONT POINT-SIZE="9">shared tensor</FONT><BR/><FONT POINT-SIZE="7">drawn once, linked to every user</FONT></TD>')
+    return '<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="2"><TR>' + "".join(cells) + "</TR></TABLE>"
 
 
 def to_dot(graph: nx.DiGraph) -> str:

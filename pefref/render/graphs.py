@@ -34,6 +34,8 @@ __all__ = ["GRAPH_KINDS", "build_graph", "export_graph", "graph_dot", "graph_svg
 
 GRAPH_KINDS = ("typology", "similarity", "lineage")
 
+_INSERTION_FILL = {"parallel": "#dceaf7", "sequential": "#ddf0da", "in-place": "#fde6cf"}
+
 _PALETTE = ("#1f6fb4", "#2e8b2e", "#d9700b", "#8a4fbf", "#12939f", "#c62828", "#8c6d31", "#d6616b", "#637939", "#7b4173", "#3182bd", "#636363")
 
 
@@ -148,20 +150,32 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
     props = [p for p in TYPOLOGY_PROPERTIES if p != "insertions"]
     if kind == "typology":
         d.graph.update(attrs={"rankdir": "LR", "ranksep": "2.2", "nodesep": "0.06", "splines": "true"}, clusters={},
-                       title="<B>PEFT-Ref typology</B>: techniques and the property values they take")
+                       title="<B>PEFT-Ref typology</B>: techniques and the values they take<BR/><FONT POINT-SIZE=\"9\">fill: insertion form (blue parallel, green sequential, orange in-place, grey mixed)</FONT>")
         for p in props:
             d.graph["clusters"][p] = {"html": html_lines([("b", p.replace("_", " "))]), "parent": None}
         for n, a in d.nodes(data=True):
             if a["kind"] == "technique":
-                a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled", "fillcolor": "#f4f4f4", "group": "t"})
+                forms = sorted(g.nodes[v]["label"] for v in g.neighbors(n) if g.nodes[v].get("property") == "insertion_form")
+                fill = _INSERTION_FILL.get(forms[0], "#f4f4f4") if len(forms) == 1 else "#f4f4f4"
+                a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled", "fillcolor": fill})
             else:
                 colour = _PALETTE[props.index(a["property"]) % len(_PALETTE)]
                 a.update(html=html_lines([("", a["label"])]), cluster=a["property"], dot={"shape": "box", "style": "filled", "fillcolor": "#ffffff", "color": colour})
         for u, v, a in d.edges(data=True):
             colour = _PALETTE[props.index(a["property"]) % len(_PALETTE)]
             a["dot"] = {"color": colour + "99", "style": "dashed" if a["declared"] else "solid", "arrowhead": "none"}
-        # techniques first (left), values after: edges from technique to value
-        return _oriented(d, lambda n: d.nodes[n]["kind"] == "technique")
+        # techniques first (left), grouped by insertion and integration form; values after
+        def key(n: str) -> tuple[str, ...]:
+            vals = {g.nodes[v]["property"]: g.nodes[v]["label"] for v in g.neighbors(n)}
+            return (vals.get("insertion_form", ""), vals.get("integration_form", ""), n)
+
+        techs = sorted((n for n in d if d.nodes[n]["kind"] == "technique"), key=key)
+        order = techs + [n for n in d if d.nodes[n]["kind"] != "technique"]
+        ordered = nx.Graph()
+        ordered.graph.update(d.graph)
+        ordered.add_nodes_from((n, d.nodes[n]) for n in order)
+        ordered.add_edges_from((u, v, a) for u in techs for v, a in sorted(d[u].items()))
+        return _oriented(ordered, lambda n: ordered.nodes[n]["kind"] == "technique")
     if kind == "similarity":
         d.graph.update(attrs={"layout": "neato", "overlap": "false", "splines": "true", "sep": "+6", "start": "1"},
                        title="<B>Similarity</B>: shared typology values and structural features (thicker = more; colour = cluster)")

@@ -137,7 +137,7 @@ class Skeleton:
             else:
                 pairs = [(self.cid(a, None), self.cid(b, None))]
             for x, y in pairs:
-                self.pending.append((("out", x), ("in", y), {"role": role}))
+                self.pending.append((("out", x), ("in", y), {"role": role, "dot": {"color": "#9a9a9a"} if role == "residual" else {}}))
 
     # --- sites ------------------------------------------------------------------
 

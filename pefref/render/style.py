@@ -87,7 +87,7 @@ def pretty(expr: object) -> str:
     return s
 
 
-def wrap(text: str, width: int = 46) -> list[str]:
+def wrap(text: str, width: int = 34) -> list[str]:
     """Break a long expression after commas or spaces so that boxes stay narrow."""
     out: list[str] = []
     while len(text) > width:

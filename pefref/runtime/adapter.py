@@ -193,6 +193,8 @@ class Adapter:
                     bias.copy_(b_new)
                 merged.append(type(host).__name__)
         self.merged = True
+        for patch, _es in hosts.values():  # merged means gone: a host whose entries are all merged runs its own forward
+            patch.settle()
         return merged
 
     def unmerge(self) -> None:
@@ -201,6 +203,7 @@ class Adapter:
             return
         with torch.no_grad():
             for patch, W, b in reversed(self._merge_backup):
+                patch.resume()
                 patch.kind.set_weight(patch.host, W)
                 if b is not None:
                     patch.host.bias.copy_(b)
@@ -244,6 +247,8 @@ class Adapter:
             patch.entries.remove(e)
             if not patch.entries:
                 patch.restore()
+            elif isinstance(patch, HostPatch):
+                patch.settle()
         for hk in self._hooks:
             hk.remove()
         container = getattr(self.model, ADAPTERS_ATTR, None)

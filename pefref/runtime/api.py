@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.language.catalog import Catalog, default_catalog, load_techniques
+from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
@@ -84,12 +85,13 @@ def apply(
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
     """
-    catalog = catalog or default_catalog()
+    if catalog is None:  # a catalog id loads only what it needs
+        catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
-    modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
+    modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -104,9 +106,11 @@ def apply(
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
 
     # freeze the base model (adapters applied earlier keep training)
-    frozen = {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")}
-    for n in frozen:
-        model.get_parameter(n).requires_grad_(False)
+    frozen: dict[str, bool] = {}
+    for n, p in model.named_parameters():
+        if not n.startswith(ADAPTERS_ATTR + "."):
+            frozen[n] = p.requires_grad
+            p.requires_grad_(False)
 
     # shared tensors take the largest shape among their users (each user sees a leading slice)
     store = SharedStore()
@@ -126,6 +130,7 @@ def apply(
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
     rows: dict[tuple[str, str], ReportRow] = {}
     host_by_path = {id(m): n for n, m in model.named_modules()}
+    merge_ok: dict[tuple[str, str, bool], bool] = {}  # (module, site kind, host has a bias): derived once, not per layer
     for pl in places:
         m = pl.module
         W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None
@@ -161,8 +166,10 @@ def apply(
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
             _attach(model, pl, unit, key, adapter, fam, sizes)
-            host_bias = isinstance(getattr(pl.host, "bias", None), torch.Tensor)
-            if mergeable(m, [site_kinds[pl.site]], host_bias) and pl.kind.name in ("linear", "conv1d"):
+            mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
+            if mk not in merge_ok:
+                merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
+            if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)

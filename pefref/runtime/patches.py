@@ -87,14 +87,40 @@ class HostPatch:
         host.forward = self.forward  # type: ignore[method-assign]
         setattr(host, _PATCH, self)
 
-    def restore(self) -> None:
-        for hk in self.stash_hooks:
-            hk.remove()
+    suspended: bool = False
+
+    def _put_back_forward(self) -> None:
         if self.had_instance_forward:
             self.host.forward = self.orig  # type: ignore[method-assign]
         else:
             del self.host.forward
+
+    def restore(self) -> None:
+        for hk in self.stash_hooks:
+            hk.remove()
+        if not self.suspended:
+            self._put_back_forward()
         delattr(self.host, _PATCH)
+
+    def suspend(self) -> None:
+        """Give the host its own forward back while none of the entries can run (all merged into its weight):
+        a merged host costs nothing, not even a Python call. :meth:`resume` patches it again."""
+        if not self.suspended:
+            self._put_back_forward()
+            self.suspended = True
+
+    def settle(self) -> None:
+        """Suspend the patch when every entry's adapter is merged, resume it otherwise."""
+        if self.entries and all(getattr(e.owner, "merged", False) for e in self.entries):
+            self.suspend()
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        """Patch the host's forward again (after an unmerge, or when a new entry arrives)."""
+        if self.suspended:
+            self.host.forward = self.forward  # type: ignore[method-assign]
+            self.suspended = False
 
     def stash_input_of(self, module: nn.Module) -> None:
         """Take the site input x from another module's input (e.g. the sublayer that contains the host)."""
@@ -150,7 +176,7 @@ class HostPatch:
         return torch.cat(pieces, dim=-1)
 
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
-        # the unit's generated forward, called directly: nn.Module.__call__ plus GraphModule's wrapper cost ~1.3 us
+        # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
         if e.form == "rescale":
             return h * e.unit.forward(None, None, None, training)
@@ -181,7 +207,10 @@ def _replace_first(args: tuple[Any, ...], kwargs: dict[str, Any], x: Any) -> tup
 def patch_of(host: nn.Module, kind: HostKind, first: bool) -> HostPatch:
     """The host's patch, created on first use."""
     p = getattr(host, _PATCH, None)
-    return p if p is not None else HostPatch(host, kind, first)
+    if p is None:
+        return HostPatch(host, kind, first)
+    p.resume()
+    return p
 
 
 class RootPatch:
@@ -239,7 +268,7 @@ class RootPatch:
         tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
         kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
         n_tok = sum(e.length for e in tokens)
-        n_kv = max((e.length for e in kvs), default=0)
+        n_kv = max([0, *(e.length for e in kvs)])  # no max(default=): dynamo would break the graph
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
         b = ref.shape[0]
         training = self.model.training

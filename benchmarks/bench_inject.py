@@ -1,0 +1,181 @@
+"""Injection speed: pefref.apply vs peft's get_peft_model, LoRA on a Llama-3-70B-shaped model on the meta device.
+
+The model is built once on the meta device (no weights allocated) from the
+catalog's ``llama-3-70b`` shape and deep-copied (untimed) before every timed
+call. Each round times both tools once, in a rotating order (paired
+round-robin), so load on the machine hits both alike; the table gives the
+per-round ratio pefref/peft (median and interquartile range) and the speed-up
+peft/pefref. Both put LoRA (r=16, alpha=16) on q_proj and v_proj of all 80
+layers (LoRA's catalog sites) and must report the same trainable count.
+
+*warm*: in one process, after a first untimed call of each (imports done).
+pefref's compiled programs are cleared before each timed call (``--keep-programs``
+keeps them), so every timed apply traces and generates its code anew.
+*cold* (``--cold-rounds``): a fresh process per call, timing the import of the
+tool, its catalog (pefref) and the call, after the model is built.
+
+Run: ``python benchmarks/bench_inject.py [--rounds 15] [--cold-rounds 3] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+R, ALPHA, TARGETS = 16, 16, ("q_proj", "v_proj")
+
+
+def meta_model(shape: str) -> torch.nn.Module:
+    from pefref.language.catalog import load_catalog
+
+    cfg = transformers.AutoConfig.for_model("llama", **load_catalog(only=set()).shape(shape).config)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def trainable(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def run_pefref(model: torch.nn.Module, keep_programs: bool) -> tuple[float, int]:
+    from pefref.compiler import units
+    from pefref.runtime.api import apply
+
+    if not keep_programs:
+        units.clear_programs()
+    gc.collect()
+    t0 = time.perf_counter()
+    apply(model, "lora", r=R, alpha=ALPHA)
+    dt = time.perf_counter() - t0
+    return dt, trainable(model)
+
+
+def run_peft(model: torch.nn.Module) -> tuple[float, int]:
+    from peft import LoraConfig, get_peft_model
+
+    gc.collect()
+    t0 = time.perf_counter()
+    pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
+    dt = time.perf_counter() - t0
+    return dt, trainable(pm)
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def summary(times: dict[str, list[float]]) -> dict[str, Any]:
+    ratios = [a / b for a, b in zip(times["pefref"], times["peft"])]
+    q1, med, q3 = quartiles(ratios)
+    return {
+        "times_s": {k: dict(zip(("q1", "median", "q3"), quartiles(v))) | {"rounds": v} for k, v in times.items()},
+        "ratio_pefref_over_peft": {"median": med, "q1": q1, "q3": q3, "rounds": ratios},
+        "speedup_peft_over_pefref": {"median": 1 / med, "q1": 1 / q3, "q3": 1 / q1},
+    }
+
+
+_COLD = r"""
+import sys, time, warnings, torch, transformers
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {root!r})
+cfg = transformers.AutoConfig.for_model("llama", **{config!r})
+with torch.device("meta"):
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+t0 = time.perf_counter()
+if {tool!r} == "pefref":
+    from pefref.runtime.api import apply
+    apply(model, "lora", r={r}, alpha={alpha})
+else:
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r={r}, lora_alpha={alpha}, lora_dropout=0.0, target_modules={targets!r}))
+print(time.perf_counter() - t0)
+"""
+
+
+def run_cold(tool: str, config: dict[str, Any]) -> float:
+    code = _COLD.format(root=str(ROOT), config=config, tool=tool, r=R, alpha=ALPHA, targets=list(TARGETS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-70b", help="a llama model shape of the catalog")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--cold-rounds", type=int, default=3, help="fresh-process rounds (0: skip)")
+    ap.add_argument("--keep-programs", action="store_true", help="let pefref reuse programs compiled by earlier calls")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    base = meta_model(args.shape)
+    n_layers = base.config.num_hidden_layers
+    # first (untimed) call of each: imports, the catalog, lazily built tables
+    counts = {"pefref": run_pefref(copy.deepcopy(base), args.keep_programs)[1], "peft": run_peft(copy.deepcopy(base))[1]}
+    assert counts["pefref"] == counts["peft"], counts
+    times: dict[str, list[float]] = {"pefref": [], "peft": []}
+    for r in range(args.rounds):
+        order = ["pefref", "peft"] if r % 2 == 0 else ["peft", "pefref"]
+        for tool in order:
+            m = copy.deepcopy(base)
+            dt, n = run_pefref(m, args.keep_programs) if tool == "pefref" else run_peft(m)
+            assert n == counts[tool]
+            times[tool].append(dt)
+            del m
+    result: dict[str, Any] = {
+        "config": {"shape": args.shape, "layers": n_layers, "r": R, "alpha": ALPHA, "targets": list(TARGETS), "device": "meta",
+                   "rounds": args.rounds, "keep_programs": args.keep_programs, "trainable": counts["pefref"],
+                   "torch": torch.__version__, "transformers": transformers.__version__},
+        "warm": summary(times),
+    }
+    if args.cold_rounds:
+        config = base.config.to_dict()
+        config = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads")}
+        cold: dict[str, list[float]] = {"pefref": [], "peft": []}
+        for r in range(args.cold_rounds):
+            for tool in (["pefref", "peft"] if r % 2 == 0 else ["peft", "pefref"]):
+                cold[tool].append(run_cold(tool, config))
+        result["cold"] = summary(cold)
+
+    print(f"LoRA r={R} on {', '.join(TARGETS)} of {args.shape} ({n_layers} layers, meta device), "
+          f"{counts['pefref']:,} trainable parameters; paired round-robin, ratio = pefref/peft per round")
+    print(f"| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode in ("warm", "cold"):
+        if mode not in result:
+            continue
+        s = result[mode]
+        rt, sp = s["ratio_pefref_over_peft"], s["speedup_peft_over_pefref"]
+        n = len(rt["rounds"])
+        print(f"| {mode} | {n} | {s['times_s']['pefref']['median']:.3f} | {s['times_s']['peft']['median']:.3f} | "
+              f"{rt['median']:.3f} [{rt['q1']:.3f}-{rt['q3']:.3f}] | {sp['median']:.1f}x [{sp['q1']:.1f}-{sp['q3']:.1f}] |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

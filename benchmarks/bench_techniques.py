@@ -1,0 +1,332 @@
+"""A training step of every catalog technique that peft implements, pefref vs peft, side by side.
+
+For each technique one seeded Llama (``transformers``, built from a config; no
+download) is deep-copied into a pefref model and a peft 0.21 model with the same
+hyperparameters and the same host modules; both must report the same trainable
+count. A *step* is: forward on one batch, cross-entropy on the batch's tokens,
+backward, ``torch.optim.AdamW`` step, gradients set to None.
+
+*Time*: the variants of one technique (pefref, peft and the *frozen base*)
+run in rotating order, round after round (paired round-robin); each round
+keeps the minimum of ``--reps`` timed steps per variant, and a technique's
+ratio is the median of its per-round ratios, with the interquartile range
+(IQR) of those ratios. The frozen base is the step a technique cannot go below:
+the same model with nothing trainable but the input embeddings' activations
+(forward and backward through every layer, no optimizer), so ``pefref/frozen``
+shows what a technique costs over it.
+
+*Memory*: the peak of the bytes allocated during one step above those allocated
+before it (after warm-up steps, so AdamW's state exists already), read from
+the allocator's events that :mod:`torch.profiler` records with
+``profile_memory=True`` (every CPU allocation and free with its size and
+time; the running sum's maximum is the peak). This counts activations kept for
+backward, gradients, temporaries and the optimizer's own work; it is
+deterministic for a given input, and the median of ``--mem-reps`` runs is kept.
+
+*Compiled*: with ``--compile`` (default: LoRA only in ``--quick``, every technique
+otherwise) pefref's step with ``torch.compile`` (inductor) is timed against its
+eager step in the same round-robin.
+
+Writes a markdown table (stdout, ``--markdown``) and a JSON list (``--json``)
+with one object per technique: ``technique``, ``time_ratio`` and
+``memory_ratio`` (pefref/peft medians), their IQRs, absolute times and peaks,
+the trainable counts and ``time_over_frozen``.
+
+Run: ``python benchmarks/bench_techniques.py --quick --json OUT`` (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QV = ["q_proj", "v_proj"]
+NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
+
+
+def _peft_cases() -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
+    """technique -> (pefref hyperparameters, peft config factory), on the same Llama modules."""
+    import peft
+
+    C = "CAUSAL_LM"
+    lora = {"r": 8, "alpha": 16.0, "dropout": 0.0}
+    qkvoud = ATTN[:4] + ["up_proj", "down_proj"]
+    return {
+        "lora": (lora, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QV)),
+        "rslora": (lora, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QV, use_rslora=True)),
+        "pissa": ({"r": 8, "alpha": 8.0}, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=8, lora_dropout=0.0, target_modules=qkvoud,
+                                                                  init_lora_weights="pissa")),
+        "dora": ({"r": 8, "alpha": 16.0}, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True,
+                                                                  target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])),
+        "adalora": ({"r": 12, "alpha": 8.0, "dropout": 0.0}, lambda: peft.AdaLoraConfig(task_type=C, init_r=12, target_r=8, lora_alpha=8,
+                                                                                       lora_dropout=0.0, total_step=1000, target_modules=qkvoud)),
+        "vera": ({"r": 256, "d_initial": 0.1, "dropout": 0.0}, lambda: peft.VeraConfig(task_type=C, r=256, d_initial=0.1, vera_dropout=0.0,
+                                                                                      target_modules=QV, save_projection=True)),
+        "loha": ({"r": 8, "alpha": 8.0}, lambda: peft.LoHaConfig(task_type=C, r=8, alpha=8, rank_dropout=0.0, module_dropout=0.0, target_modules=QV)),
+        "lokr": ({"r": 4, "alpha": 8.0, "factor": -1}, lambda: peft.LoKrConfig(task_type=C, r=4, alpha=8, decompose_factor=-1, decompose_both=False,
+                                                                               rank_dropout=0.0, module_dropout=0.0, target_modules=QV)),
+        "fourierft": ({"n": 1000, "alpha": 300.0, "seed": 777}, lambda: peft.FourierFTConfig(task_type=C, n_frequency=1000, scaling=300.0,
+                                                                                             random_loc_seed=777, target_modules=QV)),
+        "ia3": ({}, lambda: peft.IA3Config(task_type=C, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+        "oft": ({"r": 4, "neumann": 0}, lambda: peft.OFTConfig(task_type=C, r=4, oft_block_size=0, coft=False, block_share=False, module_dropout=0.0,
+                                                               use_cayley_neumann=False, target_modules=ATTN)),
+        # peft's butterfly needs a CUDA kernel; on CPU it forces one factor, so both run m=1
+        "boft": ({"b": 8, "m": 1}, lambda: peft.BOFTConfig(task_type=C, boft_block_size=8, boft_block_num=0, boft_n_butterfly_factor=1,
+                                                           boft_dropout=0.0, target_modules=ATTN)),
+        "hra": ({"r": 8}, lambda: peft.HRAConfig(task_type=C, r=8, apply_GS=False, target_modules=QV)),
+        "prompt_tuning": ({"n": 20}, lambda: peft.PromptTuningConfig(task_type=C, num_virtual_tokens=20)),
+        "prefix_tuning": ({"n": 10, "hidden": 512}, lambda: peft.PrefixTuningConfig(task_type=C, num_virtual_tokens=10, prefix_projection=True,
+                                                                                    encoder_hidden_size=512)),
+        "p_tuning": ({"n": 20, "hidden": 128}, lambda: peft.PromptEncoderConfig(task_type=C, num_virtual_tokens=20, encoder_hidden_size=128,
+                                                                                encoder_reparameterization_type="MLP", encoder_dropout=0.0)),
+        "p_tuning_lstm": ({"n": 20, "hidden": 128, "lstm_layers": 2}, lambda: peft.PromptEncoderConfig(
+            task_type=C, num_virtual_tokens=20, encoder_hidden_size=128, encoder_reparameterization_type="LSTM", encoder_num_layers=2,
+            encoder_dropout=0.0)),
+        "ln_tuning": ({}, lambda: peft.LNTuningConfig(task_type=C, target_modules=NORMS)),
+    }
+
+
+# --- models and steps --------------------------------------------------------------------------
+
+
+def base_model(args: argparse.Namespace) -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                   max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float().train()
+
+
+def trainable(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def make_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """forward, cross-entropy over the batch's own positions, backward, AdamW step."""
+    params = trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    seq = ids.shape[1]
+
+    def step() -> None:
+        logits = model(input_ids=ids).logits[:, -seq:]  # prompts and prefixes may add positions in front
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def frozen_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """The frozen base: nothing trains, backward runs through every layer down to the input embeddings."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    seq = ids.shape[1]
+
+    def step() -> None:
+        x = emb(ids).requires_grad_(True)
+        logits = model(inputs_embeds=x).logits[:, -seq:]
+        nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
+
+    return step
+
+
+def peak_step_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes allocated during one step above the bytes allocated before it (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _t, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: int, warmup: int) -> dict[str, list[float]]:
+    names = list(steps)
+    for _ in range(warmup):
+        for n in names:
+            steps[n]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                steps[n]()
+                best = min(best, time.perf_counter() - t0)
+            out[n].append(best)
+    return out
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    q1, med, q3 = quartiles([x / y for x, y in zip(a, b)])
+    return {"median": med, "q1": q1, "q3": q3}
+
+
+# --- one technique -----------------------------------------------------------------------------
+
+
+def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                  args: argparse.Namespace, compile_it: bool) -> dict[str, Any]:
+    from peft import get_peft_model
+
+    from pefref.runtime.api import apply
+
+    torch.manual_seed(1)
+    m_pefref = copy.deepcopy(base)
+    apply(m_pefref, tid, **hps)
+    torch.manual_seed(1)
+    m_peft = get_peft_model(copy.deepcopy(base), config())
+    n_pefref, n_peft = sum(p.numel() for p in trainable(m_pefref)), sum(p.numel() for p in trainable(m_peft))
+    m_pefref.train()
+    m_peft.train()
+    steps = {"pefref": make_step(m_pefref, ids, labels), "peft": make_step(m_peft, ids, labels),
+             "frozen": frozen_step(copy.deepcopy(base), ids, labels)}
+    if compile_it:
+        compiled = torch.compile(m_pefref)
+        steps["pefref+compile"] = make_step(compiled, ids, labels)
+        t0 = time.perf_counter()
+        steps["pefref+compile"]()
+        compile_s = time.perf_counter() - t0
+    times = time_round_robin(steps, args.rounds, args.reps, args.warmup)
+    mem = {n: statistics.median(peak_step_bytes(steps[n]) for _ in range(args.mem_reps)) for n in ("pefref", "peft", "frozen")}
+    t = paired(times["pefref"], times["peft"])
+    row: dict[str, Any] = {
+        "technique": tid,
+        "time_ratio": t["median"], "time_ratio_q1": t["q1"], "time_ratio_q3": t["q3"],
+        "memory_ratio": mem["pefref"] / mem["peft"],
+        "time_over_frozen": paired(times["pefref"], times["frozen"]),
+        "peft_over_frozen": paired(times["peft"], times["frozen"]),
+        "time_s": {n: statistics.median(v) for n, v in times.items()},
+        "peak_step_bytes": mem,
+        "memory_over_frozen": mem["pefref"] / mem["frozen"],
+        "trainable": {"pefref": n_pefref, "peft": n_peft},
+        "hyperparameters": hps,
+    }
+    if compile_it:
+        row["compiled_over_eager"] = paired(times["pefref+compile"], times["pefref"])
+        row["compile_first_step_s"] = compile_s
+    del steps, m_pefref, m_peft
+    gc.collect()
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], frozen: dict[str, Any] | None) -> str:
+    out = ["| technique | trainable | time pefref/peft [IQR] | memory pefref/peft | pefref/frozen time | peft/frozen time | compiled/eager |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r.get("compiled_over_eager")
+        same = "" if r["trainable"]["pefref"] == r["trainable"]["peft"] else f" (peft {r['trainable']['peft']:,})"
+        out.append(f"| {r['technique']} | {r['trainable']['pefref']:,}{same} | {r['time_ratio']:.3f} [{r['time_ratio_q1']:.3f}-{r['time_ratio_q3']:.3f}] | "
+                   f"{r['memory_ratio']:.3f} | {r['time_over_frozen']['median']:.3f} | {r['peft_over_frozen']['median']:.3f} | "
+                   + (f"{c['median']:.3f} [{c['q1']:.3f}-{c['q3']:.3f}]" if c else "-") + " |")
+    if frozen:
+        out.append(f"| *frozen base* | 0 | step {frozen['time_s'] * 1e3:.1f} ms (median) | peak {frozen['bytes'] / 2**20:.1f} MiB | 1 | | |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (a few minutes)")
+    ap.add_argument("--techniques", help="comma-separated subset")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mem-reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--compile", help="comma-separated techniques to also time compiled ('all', 'none'; default: lora with --quick, else all)")
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--intermediate", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--json", help="write the JSON list here")
+    ap.add_argument("--markdown", help="write the markdown table here")
+    args = ap.parse_args(argv)
+    small = dict(hidden=128, intermediate=344, layers=2, batch=2, seq=64, rounds=5)
+    full = dict(hidden=256, intermediate=688, layers=4, batch=4, seq=128, rounds=11)
+    for k, v in (small if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+    cases = _peft_cases()
+    chosen = args.techniques.split(",") if args.techniques else list(cases)
+    unknown = [t for t in chosen if t not in cases]
+    if unknown:
+        ap.error(f"not benchmarked against peft: {unknown} (known: {', '.join(cases)})")
+    comp = args.compile or ("lora" if args.quick else "all")
+    compiled = set(chosen) if comp == "all" else set() if comp == "none" else set(comp.split(","))
+
+    base = base_model(args)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    print(f"Llama d={args.hidden} ff={args.intermediate} L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab}; "
+          f"batch {args.batch} x seq {args.seq}; {args.rounds} rounds x {args.reps} reps (min), threads={args.threads}, "
+          f"torch {torch.__version__}, CPU ({platform.machine()})", flush=True)
+
+    rows = []
+    t_start = time.perf_counter()
+    for tid in chosen:
+        hps, config = cases[tid]
+        row = run_technique(tid, hps, config, base, ids, labels, args, tid in compiled)
+        rows.append(row)
+        print(f"  {tid:<14} time {row['time_ratio']:.3f} [{row['time_ratio_q1']:.3f}-{row['time_ratio_q3']:.3f}]  "
+              f"memory {row['memory_ratio']:.3f}  over frozen {row['time_over_frozen']['median']:.3f}  "
+              f"({time.perf_counter() - t_start:.0f}s)", flush=True)
+    frozen = {"time_s": statistics.median(r["time_s"]["frozen"] for r in rows),
+              "bytes": statistics.median(r["peak_step_bytes"]["frozen"] for r in rows)} if rows else None
+    table = markdown(rows, frozen)
+    print()
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Runtime costs that must be zero: merged hosts run their own forward, units share their generated code,
+torch.compile captures every technique without graph breaks."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from pefref.compiler.units import Unit
+from pefref.language.catalog import default_catalog
+from pefref.language.check import expand_modules
+from pefref.models.build import applicable
+from pefref.runtime.api import apply
+from pefref.runtime.patches import HostPatch
+from pefref.view.params import count_params
+
+from .conftest import TINY, model_inputs, tiny_model
+
+TOL = 1e-5
+
+
+def _lora(r: int = 4):  # noqa: ANN202
+    model = tiny_model("llama")
+    adapter = apply(model, "lora", r=r)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapter.named_trainable_parameters().items():
+            if name.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model, adapter
+
+
+def _hosts(adapter) -> list[torch.nn.Module]:  # noqa: ANN001
+    return [patch.host for patch, _e in adapter.entries if isinstance(patch, HostPatch)]
+
+
+def test_one_token_decoding_after_merge_runs_the_base_forward(monkeypatch) -> None:  # noqa: ANN001
+    model, adapter = _lora()
+    model.eval()
+    ids = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    hosts = _hosts(adapter)
+    assert hosts and all("forward" in h.__dict__ for h in hosts)  # patched while unmerged
+    adapter.merge()
+    assert all("forward" not in h.__dict__ for h in hosts), "merged hosts must run their class's own forward"
+
+    calls = []
+    monkeypatch.setattr(HostPatch, "run", lambda self, *a, **k: calls.append(self) or (_ for _ in ()).throw(AssertionError("patched")))
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :3], use_cache=True)
+        step = model(input_ids=ids[:, 3:], past_key_values=out.past_key_values, use_cache=True).logits  # one token
+    assert not calls
+    assert (step[:, -1] - adapted[:, -1]).abs().max().item() <= 1e-4  # the merged weights carry the update
+    monkeypatch.undo()
+
+    adapter.unmerge()
+    assert all("forward" in h.__dict__ for h in hosts)  # patched again
+    with torch.no_grad():
+        again = model(input_ids=ids).logits
+    assert (again - adapted).abs().max().item() <= TOL
+    adapter.remove()
+    assert all("forward" not in h.__dict__ and not hasattr(h, "_pefref_patch") for h in hosts)
+
+
+def test_a_second_adapter_on_a_merged_host_is_patched_in() -> None:
+    model, first = _lora()
+    first.merge()
+    second = apply(model, "lora", r=2, name="second")
+    hosts = _hosts(second)
+    assert all("forward" in h.__dict__ for h in hosts)  # the new entry runs
+    second.remove()
+    assert all("forward" not in h.__dict__ for h in hosts)  # first is still merged: its own forward again
+    first.unmerge()
+    assert all("forward" in h.__dict__ for h in hosts)
+    first.remove()
+    assert all("forward" not in h.__dict__ for h in hosts)
+
+
+def test_units_of_one_description_share_one_generated_class() -> None:
+    model, adapter = _lora()
+    units = list(adapter.units.values())
+    assert len(units) >= 4
+    classes = {type(u) for u in units}
+    assert len(classes) == 1, classes  # q and v of every layer of tiny-llama have the same widths
+    u0, u1 = units[0], units[1]
+    assert u0.A is not u1.A  # only tensors differ
+    assert isinstance(u0, Unit) and u0.forward.__func__ is u1.forward.__func__
+    # pickling goes through the program (the generated class cannot be found by name)
+    clone = pickle.loads(pickle.dumps(u0))
+    x = torch.randn(2, u0.A.shape[1])
+    h = torch.randn(2, u0.B.shape[0])
+    assert type(clone) is type(u0)
+    assert torch.equal(clone.forward(x, h, None, False), u0.forward(x, h, None, False))
+
+
+# --- torch.compile: no graph breaks ---------------------------------------------------------
+
+ALL = sorted(default_catalog().techniques)
+
+
+def _family_for(tid: str) -> str:
+    """The first tiny family (Llama first) that binds the technique's sites and gives it something to train."""
+    cat = default_catalog()
+    t = cat.technique(tid)
+    modules = expand_modules(t, cat.techniques)[0]
+    return next(f for f in ("llama", *TINY) if applicable(modules, cat.family(f)) and count_params(t, cat.shape(TINY[f]), cat).trainable)
+
+
+@pytest.mark.parametrize("tid", ALL)
+def test_no_graph_breaks_under_dynamo(tid: str) -> None:
+    """One training-mode forward of the adapted tiny model is captured by dynamo as one graph."""
+    fam = _family_for(tid)
+    model = tiny_model(fam)
+    apply(model, tid)
+    model.train()
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(**model_inputs(fam))
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r)[:400] for r in explained.break_reasons]
+    assert explained.graph_count == 1
