@@ -288,7 +288,7 @@ def test_parallel_jobs_give_the_sequential_results(tmp_path: Path) -> None:
     p = write_exp(tmp_path, "  - baseline: head_only\n  - technique: ia3", seeds="[0, 1]")
     par = run_experiment(p, tmp_path / "par", progress=False, jobs=2)
     assert len(par.done) == 4 and not par.failed and par.interrupted is None
-    seq = run_experiment(p, tmp_path / "seq", progress=False)
+    assert len(run_experiment(p, tmp_path / "seq", progress=False).done) == 4
     a = {r.id: r.final for r in load_results(tmp_path / "par").runs}
     b = {r.id: r.final for r in load_results(tmp_path / "seq").runs}
     assert a == b and len(a) == 4

@@ -27,7 +27,7 @@ class _Batches(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": self.labels[i]}
 
 
-def test_adapted_model_trains_with_transformers_trainer(tmp_path: Path, catalog) -> None:  # noqa: ANN001
+def test_adapted_model_trains_with_transformers_trainer(tmp_path: Path, catalog) -> None:
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)

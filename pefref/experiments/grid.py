@@ -49,7 +49,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
     if exp.model.path and not (root / exp.model.path / "config.json").is_file():
         problems.append(Problem(pos.at(("model", "path")), "model.path", f"no Hugging Face checkpoint (config.json) in {str(root / exp.model.path)!r}"))
     for i, entry in enumerate(exp.grid):
-        uses = [(("grid", i, "technique"), entry.technique)] if entry.technique else []
+        uses: list[tuple[tuple[str | int, ...], str]] = [(("grid", i, "technique"), entry.technique)] if entry.technique else []
         uses += [(("grid", i, "compose", j, "technique"), u.technique) for j, u in enumerate(entry.compose or [])]
         for loc, t in uses:
             if t.endswith((".yaml", ".yml")) and not (root / t).is_file():

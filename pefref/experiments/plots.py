@@ -11,8 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pefref.language.atomic import atomic_write_bytes
 from pefref.experiments.results import Group, Results
+from pefref.language.atomic import atomic_write_bytes
 
 __all__ = ["pareto_front", "plot_svgs", "write_plots"]
 
