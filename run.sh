@@ -66,6 +66,23 @@ ensure_dot() {
   fi
 }
 
+ensure_chromium() {
+  # Debian's chromium and chromedriver drive the site's browser tests (tests/test_site_browser.py).
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    log "installing chromium and chromium-driver with apt-get"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; then
+      return 0
+    fi
+    warn "apt-get could not install chromium; the site's browser tests will fail"
+  else
+    warn "chromium and chromedriver are missing and cannot be installed here (needs apt-get as root); the site's browser tests will fail"
+  fi
+}
+
 install_hash() {
   "$VENV/bin/python" - <<EOF
 import hashlib
@@ -92,6 +109,7 @@ setup() {
   ensure_venv
   ensure_torch
   ensure_dot
+  ensure_chromium
   ensure_package
 }
 

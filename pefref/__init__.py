@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["apply", "Adapter", "Technique", "default_catalog", "load_catalog", "PefrefError", "CatalogError"]
+__all__ = ["apply", "from_pretrained", "Adapter", "Technique", "default_catalog", "load_catalog", "PefrefError", "CatalogError"]
 
 _WHERE = {
     "apply": "runtime.api",
+    "from_pretrained": "interop.peft_format",
     "Adapter": "runtime.adapter",
     "Technique": "language.schema",
     "default_catalog": "language.catalog",

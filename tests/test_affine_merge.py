@@ -35,7 +35,7 @@ modules:
 """
 
 
-def _technique(tmp_path: Path):  # noqa: ANN202
+def _technique(tmp_path: Path):
     p = tmp_path / "affine_probe.yaml"
     p.write_text(AFFINE, encoding="utf-8")
     cat = default_catalog()

@@ -97,3 +97,26 @@ def test_cli_validate(tmp_path: Path) -> None:
     assert r.exit_code == 1
     r = CliRunner().invoke(app, ["validate", *map(str, COMPOSITIONS)])
     assert r.exit_code == 0, r.output
+
+
+def test_compositions_are_drawable() -> None:
+    from pefref.render.diagram import technique_graph
+
+    cat = default_catalog()
+    res = load_composition(ROOT / "compositions" / "adapter_fusion.yaml", cat)
+    techs = res.drawable()
+    assert [t.id for t in techs] == ["task_a", "task_b", "task_c"]
+    assert techs[2].hyperparameters["reduction"].default == 8  # the composition's value
+    g = technique_graph(cat, techs, model="tiny-llama")
+    assert g.graph["techniques"] == ["task_a", "task_b", "task_c"]
+    res = load_composition(ROOT / "compositions" / "oft_dora_stack.yaml", cat)
+    assert all(set(m.sites) <= {"attn.q", "attn.v"} for t in res.drawable() for m in t.modules)
+    r = CliRunner().invoke(app, ["diagram", str(ROOT / "compositions" / "lora_ia3_stack.yaml"), "--format", "dot"])
+    assert r.exit_code == 0 and "digraph" in r.output
+
+
+def test_readme_shows_the_rules() -> None:
+    from pefref.language.composition import rules_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert rules_markdown(load_rules()) in readme, "README's Compose section is out of date: paste rules_markdown(load_rules())"

@@ -123,3 +123,56 @@ def test_no_graph_breaks_under_dynamo(tid: str) -> None:
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, [str(r)[:400] for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_partial_catalog_loads_each_technique_as_the_whole_catalog_does() -> None:
+    """apply by id loads only the technique and what it uses or extends: the same Technique as the full catalog's."""
+    from pefref.language.catalog import load_catalog
+
+    full = default_catalog()
+    for tid in sorted(full.techniques):
+        part = load_catalog(only={tid})
+        assert part.techniques[tid] == full.techniques[tid], tid
+        assert len(part.techniques) < len(full.techniques)
+
+
+# --- scale: apply on the meta device, then load real weights -------------------------------------
+
+
+def test_apply_on_meta_then_load_real_weights() -> None:
+    """A model built on the meta device takes the adapter without allocating anything; real base weights
+    and adapter weights loaded afterwards give the outputs of the adapter applied to the real model."""
+    import transformers
+
+    from pefref.models.build import build_model
+
+    real = build_model("tiny-llama", seed=0).eval()
+    ref_adapter = apply(real, "lora", r=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ref_adapter.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        expected = real(**inputs).logits
+    base_state = {k: v for k, v in real.state_dict().items() if not k.startswith("pefref_adapters.")}
+
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(real.config)
+    adapter = apply(meta, "lora", r=4)
+    tensors = list(meta.parameters()) + list(meta.buffers())
+    assert all(t.is_meta for t in tensors), "nothing may be allocated before loading"
+    assert adapter.num_trainable() == ref_adapter.num_trainable()
+
+    meta.to_empty(device="cpu")  # storage, once, at load time
+    missing, unexpected = meta.load_state_dict(base_state, strict=False)
+    assert not unexpected and all(k.startswith("pefref_adapters.") or "rotary_emb" in k for k in missing), (missing, unexpected)
+    adapter.load_state_dict(ref_adapter.state_dict())
+    with torch.no_grad():  # non-persistent buffers (rotary frequencies) are not in a state dict: computed ones
+        for name, buf in real.named_buffers():
+            if not name.startswith("pefref_adapters."):
+                meta.get_buffer(name).copy_(buf)
+    meta.eval()
+    with torch.no_grad():
+        got = meta(**inputs).logits
+    assert (got - expected).abs().max().item() <= TOL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import resource
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -9,6 +11,8 @@ from typing import Any
 
 import networkx as nx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from pefref.cli.app import app
@@ -18,6 +22,7 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import Technique
 from pefref.render.diagram import technique_graph, technique_svg, to_dot
 from pefref.render.dot import render_dot, render_many
+from pefref.render.style import wrap
 from pefref.view.params import count_params
 
 KITCHEN_SINK = Path(__file__).parent / "fixtures" / "kitchen_sink.yaml"
@@ -170,6 +175,10 @@ def test_family_labels_paths_without_a_model() -> None:
     g = _g("lora", family="gpt2")
     assert "transformer.h.{i}.attn.c_attn[0:d]" in g.nodes[_comp(g, "attn.q")]["html"]
     assert g.nodes[_comp(g, "ffn.gate")].get("unbound")
+    from pefref.language.catalog import catalog_root
+
+    g = _g("lora", family=str(catalog_root() / "families" / "llama.yaml"))  # an architecture map file
+    assert "model.layers.{i}.self_attn.q_proj" in g.nodes[_comp(g, "attn.q")]["html"]
     with pytest.raises(PefrefError, match="differs"):
         _g("lora", model="llama-2-7b", family="gpt2")
     with pytest.raises(PefrefError, match="needs a model"):
@@ -180,21 +189,30 @@ def test_family_labels_paths_without_a_model() -> None:
 
 
 def test_every_catalog_technique_and_the_kitchen_sink_draw_every_module_fast() -> None:
-    """Issue budget: the diagrams of the whole catalog (graph, DOT and SVG through dot) in under 10 s."""
+    """Issue budget: the diagrams of the whole catalog (graph, DOT and SVG through dot) in under 10 s.
+
+    Timed as CPU seconds of this process and its ``dot`` children, so that a machine shared with
+    other jobs does not fail it; on a quiet machine the wall time is about the same."""
     cat = default_catalog()
     techniques = [cat.techniques[k] for k in sorted(cat.techniques)] + [_kitchen_sink()]
-    t0 = time.perf_counter()
+
+    def cpu() -> float:
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + child.ru_utime + child.ru_stime
+
+    t0 = cpu()
     graphs = [technique_graph(cat, [t]) for t in techniques]
     svgs = render_many([to_dot(g) for g in graphs], "svg")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 10.0, f"{elapsed:.1f} s"
+    elapsed = cpu() - t0
+    assert elapsed < 10.0, f"{elapsed:.1f} CPU s"
     for t, g, svg in zip(techniques, graphs, svgs):
         modules, _ = expand_modules(t, {**cat.techniques, t.id: t})
         for m in modules:
             for site in m.sites:
                 assert _nodes(g, role="module", module=m.name, site=site), (t.id, m.name, site)
         assert ET.fromstring(svg).tag.endswith("svg")
-        assert nx.is_directed_acyclic_graph(g), t.id
+        carried = [(u, v) for u, v, a in g.edges(data=True) if a.get("layer_of_source") == "previous"]
+        assert nx.is_directed_acyclic_graph(nx.restricted_view(g, [], carried)), t.id  # state carried from the previous layer loops back
 
 
 HOSTILE = 'Evil "quote" <b>&amp; </script><script>alert(1)</script> \\N \\" ünï 𝛼 ∑ \x07'
@@ -217,6 +235,8 @@ def test_hostile_labels_are_escaped() -> None:
     assert 'h.{i}."<c_attn>"&</script>' in text
     inline = technique_svg(cat, cat.technique("lora"))
     assert inline.startswith("<svg") and "<?xml" not in inline and "DOCTYPE" not in inline
+    ids = re.findall(r'\sid="([^"]*)"', inline)
+    assert ids and all(i.startswith("diagram-lora-") for i in ids)  # unique when several diagrams share a page
 
 
 def test_same_input_same_bytes() -> None:
@@ -248,3 +268,24 @@ def test_cli_diagram_formats_and_missing_dot(tmp_path: Path, monkeypatch: pytest
     assert len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["diagram", "lroa"])
     assert r.exit_code == 1 and "did you mean 'lora'" in r.output
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab ,(x_)"), max_size=120), st.integers(min_value=4, max_value=60))
+def test_wrap_ends_and_keeps_the_text(text: str, width: int) -> None:
+    lines = wrap(text, width)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert all(len(ln) <= max(width, 3) for ln in lines)
+
+
+def test_connections_are_edges_into_the_reading_module() -> None:
+    """A module's inputs from other modules (this layer, the previous one with its fallback) and from other sites."""
+    g = _g("ladder_side_tuning", layers=3)
+    conn = {(g.nodes[u]["module"], g.nodes[u]["layer"], g.nodes[v]["module"], g.nodes[v]["layer"], a["layer_of_source"])
+            for u, v, a in g.edges(data=True) if a["role"] == "connection"}
+    assert ("side_ffn", 0, "ladder", 1, "previous") in conn and ("side_ffn", 1, "ladder", 2, "previous") in conn
+    assert ("side_in", None, "ladder", 0, "previous") in conn  # the fallback of the first layer
+    assert all(("ladder", i, "side_attn", i, "same") in conn for i in range(3))
+    g = technique_graph(default_catalog(), [_kitchen_sink()])
+    reads = [(u, a) for u, v, a in g.edges(data=True) if a["role"] == "connection" and g.nodes[u]["role"] == "component"]
+    assert reads and all(g.nodes[v]["role"] == "module" for u, v, a in g.edges(data=True) if a["role"] == "connection")

@@ -342,13 +342,21 @@ def params(
 
 @app.command("apply")
 def apply_(
-    technique: str = typer.Argument(..., help="Technique id or YAML file."),
+    technique: str = typer.Argument(..., help="Technique id, technique YAML file, or composition YAML file."),
     model: str = typer.Option("tiny-ref", "--model", help="Model shape to build (large ones on the meta device)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
     sites: Optional[list[str]] = typer.Option(None, "--sites", "--site", help=SITES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the placement report as JSON (key 'trainable')."),
 ) -> None:
-    """Build a model, apply a technique and print the placement report (what went where)."""
+    """Build a model, apply a technique (or a composition file) and print the placement report (what went where)."""
+    if technique.endswith((".yaml", ".yml")) and Path(technique).is_file():
+        from pefref.language.composition import is_composition_file
+
+        if is_composition_file(Path(technique)):
+            from pefref.cli.compose import apply_composition_cli
+
+            apply_composition_cli(technique, model, as_json, _echo_json, _wide)
+            return
     from pefref.runtime.api import apply as apply_technique
     from pefref.models.build import build_model
     from pefref.language.sizes import eval_scalar, model_sizes
@@ -441,6 +449,7 @@ def demo(
 
 import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
 from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
+from pefref.cli import site as _site  # noqa: E402,F401  (registers `pefref site`)
 import pefref.cli.experiments  # noqa: E402,F401  (registers run, results)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,7 @@ def _binary_to_terminal(fmt: str, out: Path | None) -> None:
 
 @app.command()
 def diagram(
-    techniques: list[str] = typer.Argument(..., help="Technique ids or YAML files; several are composed on one model."),
+    techniques: list[str] = typer.Argument(..., help="Technique ids, technique or composition YAML files; several are composed on one model."),
     fmt: str = typer.Option("svg", "--format", help="svg, png, pdf (through graphviz's dot) or dot."),
     out: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: standard output)."),
     model: str | None = typer.Option(None, "--model", help="Model shape: numeric shapes and parameter counts."),
@@ -53,6 +53,15 @@ def diagram(
     _binary_to_terminal(fmt, out)
     picked, cat = [], None
     for arg in techniques:
+        if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+            from pefref.language.composition import is_composition_file, load_composition
+
+            if is_composition_file(Path(arg)):  # a composition: each of its adapters, drawn on one model
+                from pefref.language.catalog import default_catalog
+
+                cat = cat or default_catalog()
+                picked += load_composition(arg, cat).drawable()
+                continue
         t, c = _resolve_technique(arg)
         cat = c if cat is None else replace(cat, techniques={**cat.techniques, **c.techniques})
         picked.append(t)

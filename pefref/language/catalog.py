@@ -139,6 +139,7 @@ def _used_closure(folder: Path, ids: set[str], problems: list[Problem]) -> list[
         res = _collect(problems, load_file, Technique, p)
         if res is not None:
             todo += [m.use.split(".")[0] for m in res[0].modules if isinstance(m, ModuleUse)]
+            todo += list(getattr(res[0], "extends", None) or [])
     return sorted(folder / f"{t}.yaml" for t in seen if (folder / f"{t}.yaml").is_file())
 
 
@@ -163,7 +164,10 @@ def catalog_for(tid: str) -> Catalog:
     reads three or four files, not the whole catalog)."""
     if _cached.cache_info().currsize:
         return default_catalog()
-    cat = _cached_for(str(catalog_root()), tid)
+    try:
+        cat = _cached_for(str(catalog_root()), tid)
+    except CatalogError:  # a reference the closure does not follow: the whole catalog reports or resolves it
+        return default_catalog()
     return cat if tid in cat.techniques else default_catalog()  # unknown ids: the full catalog's suggestions
 
 

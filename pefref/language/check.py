@@ -17,6 +17,7 @@ from pefref.language.loader import dotted, suggest
 from pefref.ops import PRIMITIVES
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import PrependModule
+from pefref.language.connections import check_connections
 from pefref.language.shapecheck import check_module_shapes
 from pefref.language.yamlsrc import Positions
 
@@ -127,6 +128,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {hp.choices}"))
     defaults_sound = not out  # shapes are inferred on the defaults only when they are valid
+    published: dict[str, Any] = {}  # output shapes of the modules checked so far, for connections
     sizes = set(ref.sizes) | set(HOST_SIZES)
     scalar_ops = {k for k, p in PRIMITIVES.items() if p.scalar}
     tensor_ops = set(PRIMITIVES)
@@ -141,7 +143,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             if m.form not in kind.forms:
                 out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
         site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
-        base = set(hps) | sizes | set(m.params)
+        base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
         for pname, spec in m.params.items():
             pp = mp + ("params", pname)
             for k, dim in enumerate(spec.shape):
@@ -160,13 +162,15 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 allowed = set(hps) | sizes
             out += _check_names(parse_expr(text), allowed, tensor_ops, pos, mp + (fld,), f"{m.form} {fld}")
         if defaults_sound and len(out) == n_before:  # names and sites sound: infer shapes
-            out += check_module_shapes(m, mp, {k: v.default for k, v in hps.items()}, ref, pos)
+            out += check_module_shapes(m, mp, {k: v.default for k, v in hps.items()}, ref, pos, published)
         if isinstance(m, PrependModule):
             kinds = {ref.sites[s].kind for s in m.sites if s in ref.sites}
             if m.tokens is not None and kinds - {"embedding"}:
                 out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
             if m.keys is not None and kinds - {"kv"}:
                 out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
+    if not out:
+        out += check_connections(modules, ref, pos)
     return out
 
 

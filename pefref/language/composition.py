@@ -24,7 +24,7 @@ from pefref.language.loader import load_file, suggest
 from pefref.language.schema import Composition, InteractionRules, Technique
 from pefref.language.yamlsrc import Positions, read_yaml
 
-__all__ = ["ResolvedComposition", "load_rules", "load_composition", "check_composition", "is_composition_file", "block_sites", "module_stage"]
+__all__ = ["ResolvedComposition", "rules_markdown", "load_rules", "load_composition", "check_composition", "is_composition_file", "block_sites", "module_stage"]
 
 
 @dataclass
@@ -37,6 +37,23 @@ class ResolvedComposition:
     sites: dict[str, list[str] | None]
     source: Path | None = None
     positions: Positions | None = field(default=None, repr=False)
+
+    def drawable(self) -> list[Technique]:
+        """One technique per adapter, as :func:`pefref.render.diagram.technique_graph` takes them.
+
+        Each is the adapter's resolved technique under the adapter's name (so two uses
+        of one technique stay apart), with its modules narrowed to the adapter's sites
+        and the composition's hyperparameter values as defaults (so counts agree).
+        """
+        out = []
+        for name, t in self.techniques.items():
+            keep = self.sites[name]
+            modules = [m if keep is None else m.model_copy(update={"sites": [s for s in m.sites if s in keep]}) for m in t.modules]
+            modules = [m for m in modules if m.sites]
+            hps = {k: hp.model_copy(update={"default": self.hyperparameters[name].get(k, hp.default)}) for k, hp in t.hyperparameters.items()}
+            tid = name.lower() if name[:1].isalpha() else f"a_{name.lower()}"
+            out.append(t.model_copy(update={"id": tid, "name": f"{name}: {t.name}", "modules": modules, "hyperparameters": hps}))
+        return out
 
     def modules_at(self, name: str, site: str) -> list[Any]:
         """The concrete modules adapter ``name`` places at ``site``."""
@@ -226,3 +243,19 @@ def load_composition(path: str | Path, catalog: Catalog, rules: InteractionRules
         raise CatalogError(problems)
     res.source = path
     return res
+
+
+def rules_markdown(rules: InteractionRules) -> str:
+    """The interaction rules as Markdown tables (the README shows this text; a test keeps it in sync)."""
+    lines = [f"Stages at one host, in order: {' → '.join(rules.stage_order)}.", "",
+             "| form | stage | on the host's input side |", "|---|---|---|"]
+    for form, r in rules.forms.items():
+        lines.append(f"| {form} | {r.stage} | {r.input_side or r.stage} |")
+    lines += ["", "| block | combines | one stage only |", "|---|---|---|"]
+    for kind, b in rules.blocks.items():
+        what = ", ".join(b.forms) if b.forms else "modules of stages " + ", ".join(b.stages)
+        lines.append(f"| {kind} | {what} | {'yes' if b.same_stage else 'no'} |")
+    lines += ["", "| forms sharing a host | allowed | how |", "|---|---|---|"]
+    for p in rules.pairs:
+        lines.append(f"| {' + '.join(p.forms)} | {'yes' if p.allowed else 'no'} | {p.combine} |")
+    return "\n".join(lines) + "\n"

@@ -132,11 +132,21 @@ def _sizes_text() -> str:
 
 
 def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], ref: Any, pos: Positions,
-                        extra: Mapping[str, Any] | None = None) -> list[Problem]:
+                        published: dict[str, Any] | None = None) -> list[Problem]:
     """Shape problems of one (expanded) module at each of its sites, on :data:`EXAMPLE_SIZES`.
 
-    ``extra``: more names visible to the expressions (e.g. the shapes of connected inputs)."""
+    ``published``: the output shapes of the modules checked before (module name -> shape of its
+    ``delta``), read by this module's connections; this module's output shape is added to it."""
     sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+    published = {} if published is None else published
+    extra: dict[str, Any] = {}
+    for name, conn in getattr(m, "inputs", {}).items():
+        if conn.module is not None:
+            extra[name] = published.get(conn.module)
+        elif conn.site in ref.sites:
+            site = ref.sites[conn.site]
+            w_out = _width(site.out, sizes) or 0
+            extra[name] = site_env(site.kind, _width(site.in_, sizes) or w_out, w_out, sizes).get(conn.tensor)
     out: list[Problem] = []
     for s in m.sites:
         site = ref.sites.get(s)
@@ -172,6 +182,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
             if isinstance(got, Shape) and got != shape:
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
         out += _fields(m, mpath, env, sizes, s, pos)
+        published.setdefault(m.name, env.get("delta"))
         if out:
             break  # one site's problems are enough; the others would repeat them
     return out

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Primitive", "PRIMITIVES", "primitive", "op_table"]
+__all__ = ["Primitive", "PRIMITIVES", "TORCH_SETUP", "primitive", "op_table"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class Primitive:
 
 
 PRIMITIVES: dict[str, Primitive] = {}
+
+TORCH_SETUP: list[Callable[[], None]] = []
+"""Callbacks the compiler runs once, after importing torch: what a primitive must build with torch before any
+traced call (an autograd function defined inside code that torch.compile traces would break its graph)."""
 
 
 def primitive(

@@ -33,10 +33,11 @@ def orthonormal_rows(p: torch.Tensor) -> torch.Tensor:
     """
     import torch
 
-    q, r = torch.linalg.qr(p.transpose(-2, -1), mode="reduced")  # q: [n, r], r: [r, r]
+    low = p.dtype in (torch.float16, torch.bfloat16)  # QR has no bf16/fp16 CPU kernels: fp32, cast back once
+    q, r = torch.linalg.qr((p.float() if low else p).transpose(-2, -1), mode="reduced")  # q: [n, r], r: [r, r]
     d = torch.diagonal(r, dim1=-2, dim2=-1)
     sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    return (q * sign.unsqueeze(-2)).transpose(-2, -1)
+    return (q * sign.unsqueeze(-2)).transpose(-2, -1).to(p.dtype)
 
 
 @primitive()

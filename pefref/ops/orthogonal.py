@@ -56,8 +56,10 @@ def cayley(q: torch.Tensor, terms: int = 0) -> torch.Tensor:
     n = int(terms)
     b = q.shape[-1]
     eye = torch.eye(b, dtype=q.dtype, device=q.device).expand(q.shape)
-    if n == 0:
-        return torch.linalg.solve(eye - q, eye + q, left=False)
+    if n == 0:  # LU has no bf16/fp16 kernels on CPU: solve in fp32, cast back once
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        qf, ef = (q.float(), eye.float()) if low else (q, eye)
+        return torch.linalg.solve(ef - qf, ef + qf, left=False).to(q.dtype)
     if n < 2:
         raise ValueError(f"cayley: terms must be 0 (exact) or at least 2, found {n}")
     r = eye.clone()

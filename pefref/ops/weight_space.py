@@ -160,6 +160,8 @@ def random_positions(shape, dtype, device, rows: int, cols: int, seed: int = 0) 
     n = shape[-1]
     if n > rows * cols:
         raise ValueError(f"random_positions: {n} positions do not fit a {rows}x{cols} matrix")
+    if torch.device(device).type == "meta":  # no values on the meta device (FLOP counts): skip the permutation
+        return torch.empty((2, n), dtype=torch.int64, device=device)
     flat = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(int(seed)))[:n]
     return torch.stack([flat // cols, flat % cols]).to(device)
 

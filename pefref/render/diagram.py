@@ -24,6 +24,7 @@ from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
 from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
+from pefref.render.connect import CONNECTION_COLOUR, draw_connections
 from pefref.render.dot import inline_svg, render_dot
 from pefref.render.dot import to_dot as _to_dot
 from pefref.render.skeleton import Skeleton
@@ -127,19 +128,20 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         L_text = str(L if L is not None else n)
     sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam).build()
     model_L = L if L is not None else (len(drawn) if drawn != [None] else None)
-    for t in techniques:
-        for pl in _placed(catalog, t):
-            for site in pl.module.sites:
-                per_layer = catalog.reference.sites[site].per_layer
-                if not per_layer:
-                    chosen: list[int | None] = [None]
-                elif drawn == [None]:
-                    chosen = [None] if model_L is None or select_layers(pl.module.layers, model_L) else []
-                else:
-                    keep = set(select_layers(pl.module.layers, model_L or len(drawn)))
-                    chosen = [i for i in drawn if i in keep]
-                for i in chosen:
-                    attach_module(sk, pl, sk.anchor(site, i))
+    placed = [pl for t in techniques for pl in _placed(catalog, t)]
+    for pl in placed:
+        for site in pl.module.sites:
+            per_layer = catalog.reference.sites[site].per_layer
+            if not per_layer:
+                chosen: list[int | None] = [None]
+            elif drawn == [None]:
+                chosen = [None] if model_L is None or select_layers(pl.module.layers, model_L) else []
+            else:
+                keep = set(select_layers(pl.module.layers, model_L or len(drawn)))
+                chosen = [i for i in drawn if i in keep]
+            for i in chosen:
+                attach_module(sk, pl, sk.anchor(site, i))
+    draw_connections(sk, placed)
     g = sk.finish()
     g.graph["attrs"] = {"rankdir": "LR", "nodesep": "0.12", "ranksep": "0.22", "compound": "true"}
     g.graph["techniques"] = [t.id for t in techniques]
@@ -177,6 +179,9 @@ def _legend(g: nx.DiGraph) -> str:
     for f in forms:
         cells.append(f'<TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}"><FONT POINT-SIZE="9">{f}</FONT><BR/>'
                      f'<FONT POINT-SIZE="7">{esc(FORM_MEANING[f])}</FONT></TD>')
+    if any(a.get("role") == "connection" for _u, _v, a in g.edges(data=True)):
+        cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
+                     '<FONT POINT-SIZE="7">an input read from another module or site</FONT></TD>')
     cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="7">frozen component, with its site</FONT></TD>')
     cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="7">trainable tensor, shape</FONT></TD>')
     cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="7">stored, not trained</FONT></TD>')
@@ -191,4 +196,4 @@ def to_dot(graph: nx.DiGraph) -> str:
 
 def technique_svg(catalog: Catalog, technique: Technique, *, model: str | None = None) -> str:
     """One technique's diagram as an SVG element (no XML prolog or DOCTYPE), safe to inline in HTML."""
-    return inline_svg(render_dot(to_dot(technique_graph(catalog, [technique], model=model)), "svg"))
+    return inline_svg(render_dot(to_dot(technique_graph(catalog, [technique], model=model)), "svg"), id_prefix=f"diagram-{technique.id}")

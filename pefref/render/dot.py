@@ -12,6 +12,7 @@ escaped text, so user text cannot break out of them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -111,10 +112,17 @@ def render_many(dot_texts: list[str], fmt: str, workers: int | None = None) -> l
         return list(pool.map(lambda t: render_dot(t, fmt), dot_texts))
 
 
-def inline_svg(svg: bytes | str) -> str:
-    """An SVG document as an element to inline in HTML: no XML prolog, DOCTYPE or leading comments."""
+def inline_svg(svg: bytes | str, id_prefix: str | None = None) -> str:
+    """An SVG document as an element to inline in HTML: no XML prolog, DOCTYPE or leading comments.
+
+    ``id_prefix`` prefixes every ``id`` attribute (``dot`` numbers them ``graph0``, ``node1``, ...),
+    so that several diagrams on one page keep unique ids."""
     text = svg.decode("utf-8") if isinstance(svg, bytes) else svg
     start = text.find("<svg")
     if start < 0:
         raise PefrefError("dot produced no <svg> element")
-    return text[start:].strip() + "\n"
+    text = text[start:].strip() + "\n"
+    if id_prefix:
+        slug = re.sub(r"[^A-Za-z0-9_-]", "-", id_prefix)
+        text = re.sub(r'(<[^>]*?\sid=")', lambda m: m.group(1) + slug + "-", text)
+    return text

@@ -185,7 +185,7 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
         for u, v, a in d.edges(data=True):
             a["dot"] = {"penwidth": f"{0.5 + 3 * a['jaccard']:.2f}", "color": "#55555588", "len": f"{2.5 - 1.5 * a['jaccard']:.2f}"}
         return d
-    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (solid: extends; dashed: reuses modules)")
+    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (grey: extends; dashed blue: reuses modules; solid blue: both; dashed box: designed in pefref)")
     for n, a in d.nodes(data=True):
         a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
     for u, v, a in d.edges(data=True):
@@ -213,7 +213,7 @@ def graph_dot(kind: str, catalog: Catalog) -> str:
 
 def graph_svg(kind: str, catalog: Catalog) -> str:
     """The graph of ``kind`` as an SVG element (no XML prolog or DOCTYPE), safe to inline in HTML."""
-    return inline_svg(render_dot(graph_dot(kind, catalog), "svg"))
+    return inline_svg(render_dot(graph_dot(kind, catalog), "svg"), id_prefix=f"graph-{kind}")
 
 
 def export_graph(g: nx.Graph, fmt: str) -> str:

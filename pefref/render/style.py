@@ -88,17 +88,21 @@ def pretty(expr: object) -> str:
 
 
 def wrap(text: str, width: int = 34) -> list[str]:
-    """Break a long expression after commas or spaces so that boxes stay narrow."""
+    """Break a long expression after commas or spaces so that boxes stay narrow (continuation lines indented)."""
     out: list[str] = []
+    indent = ""
     while len(text) > width:
-        cut = max(text.rfind(", ", 0, width), text.rfind(" ", 0, width))
-        if cut <= 0:
-            cut = width
-        else:
-            cut += 1
+        body = len(indent)
+        cut = max(text.rfind(", ", body, width), text.rfind(" ", body, width))
+        cut = width if cut <= body else cut + 1
         out.append(text[:cut].rstrip())
-        text = "  " + text[cut:].lstrip()
-    out.append(text)
+        indent = "  "
+        text = indent + text[cut:].lstrip()
+        if len(text) <= len(indent):
+            text = ""
+            break
+    if text or not out:
+        out.append(text)
     return out
 
 

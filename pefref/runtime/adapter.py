@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pefref.language.errors import PefrefError
+from pefref.runtime.precision import LOW_PRECISION, in_fp32
 from pefref.runtime.patches import Entry, HostPatch
 from pefref.runtime.report import Report
 from pefref.language.schema import ArchitectureMap, Technique
@@ -147,6 +148,13 @@ class Adapter:
         data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
         atomic_write_bytes(path, data)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``),
+        so that ``peft.PeftModel.from_pretrained(base, directory)`` computes the same; see :mod:`pefref.interop`."""
+        from pefref.interop.peft_format import save_pretrained  # the interop layer builds on this handle
+
+        return save_pretrained(self, directory)
+
     def load(self, path: str | Path) -> None:
         """Load adapter state saved by :meth:`save`."""
         from safetensors.torch import load_file
@@ -177,13 +185,15 @@ class Adapter:
                 host, kind = patch.host, patch.kind
                 W = kind.get_weight(host)
                 d_in = W.shape[1]
-                probe = torch.cat([torch.zeros(1, d_in, dtype=W.dtype, device=W.device), torch.eye(d_in, dtype=W.dtype, device=W.device)])
-                was = host.training
-                host.eval()
-                out = patch.run(es, (probe,), {})
-                host.train(was)
-                b_new = out[0]
-                W_new = (out[1:] - b_new).t()
+                with in_fp32(host, *(e.unit for e in es)):  # bf16/fp16 hosts: computed in fp32, rounded once below
+                    dt = torch.float32 if W.dtype in LOW_PRECISION else W.dtype
+                    probe = torch.cat([torch.zeros(1, d_in, dtype=dt, device=W.device), torch.eye(d_in, dtype=dt, device=W.device)])
+                    was = host.training
+                    host.eval()
+                    out = patch.run(es, (probe,), {})
+                    host.train(was)
+                    b_new = out[0]
+                    W_new = (out[1:] - b_new).t().to(W.dtype)
                 bias = getattr(host, "bias", None)
                 self._merge_backup.append((patch, W.detach().clone(), None if bias is None else bias.detach().clone()))
                 if bias is None and b_new.abs().max() > 0:

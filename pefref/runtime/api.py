@@ -16,13 +16,16 @@ from torch import nn
 
 from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
+from pefref.language.composition import is_composition_file
 from pefref.compiler.units import SharedStore, SiteContext, build_unit, resolve_hyperparameters, shape_of
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.patches import Entry, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved, select_saved
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.view.analysis import mergeable
@@ -69,13 +72,15 @@ def apply(
     device: torch.device | str | None = None,
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     **hyperparameters: Any,
 ) -> Adapter:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
 
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
-        technique: a catalog id, a :class:`Technique`, or a YAML path.
+        technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
+            (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead.
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
@@ -84,14 +89,21 @@ def apply(
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
+        modules_to_save: whole modules trained and saved with the adapter (peft's
+            ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
     """
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not technique.endswith((".yaml", ".yml")) else default_catalog()
+    if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
+        from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
+
+        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
+    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, {**(overrides or {}), **hyperparameters})
     config = model_config(model)
     sizes = model_sizes(fam, config)
@@ -104,6 +116,8 @@ def apply(
     places = list(placements(model, fam, sizes, modules, None, layers))
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
+    saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
+    wiring = Wiring(modules, places, name)
 
     # freeze the base model (adapters applied earlier keep training)
     frozen: dict[str, bool] = {}
@@ -139,7 +153,7 @@ def apply(
                           dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
                           device=device or (ref_t.device if ref_t is not None else "cpu"),
                           W=W[pl.start:pl.start + pl.size] if (W is not None and pl.size) else W)
-        unit = build_unit(m, ctx, hps, store, shared_shapes)
+        unit = build_unit(m, ctx, hps, store, shared_shapes, publish=wiring.publishes(m))
         key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
         n_params = 0
         if unit is None:  # select: unfreeze host parameters
@@ -165,7 +179,7 @@ def apply(
                 full = f"{host_by_path[id(pl.host)]}.{'weight'}"
                 adapter._host_backup.setdefault(full, pl.host.weight.detach().clone())
                 pl.kind.set_weight(pl.host, new_w.detach())
-            _attach(model, pl, unit, key, adapter, fam, sizes)
+            _attach(model, pl, unit, key, adapter, fam, sizes, wiring)
             mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
             if mk not in merge_ok:
                 merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
@@ -180,6 +194,8 @@ def apply(
             container = nn.ModuleDict()
             model.add_module(ADAPTERS_ATTR, container)
         container[name] = units
+    for label, (paths, n) in select_saved(saved, adapter.selected, adapter._host_backup).items():
+        rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
     base = _base_param_count(model, container)
     if adapter.num_trainable() == 0:
         adapter.remove()
@@ -188,7 +204,8 @@ def apply(
     return adapter
 
 
-def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int]) -> Entry:
+def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap, sizes: dict[str, int],
+            wiring: Wiring | None = None) -> Entry:
     m = pl.module
     if m.form == "prepend":
         length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, {}))
@@ -197,12 +214,15 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if eb is not None and eb.path:
             embed = model.get_submodule(eb.path)
         patch = root_patch_of(model, fam.forward, sizes, embed)
-        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key)
+        entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
     else:
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key)
-        if entry.reads_mask:
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
+        if wiring is not None:  # connections: what the unit reads, and where its output goes
+            entry.reads = wiring.reads(m, pl.layer)
+            entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
+        if entry.reads_mask or entry.reads or entry.publish is not None:
             entry.inputs = input_cell(model, fam.forward.mask)
             adapter._hooks.append(_Release(model))
         if pl.binding.input_path and not patch.stash_hooks:

@@ -20,6 +20,7 @@ from pefref.language.errors import PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.runtime.hosts import HostKind, host_kind
 from pefref.language.loader import load_file, suggest
+from pefref.language.model_classes import bind_class
 from pefref.language.schema import ArchitectureMap, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 
@@ -44,17 +45,18 @@ class Placement:
 
 
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
-    """The architecture map for ``model``: given by name, object or YAML path, else found by class name."""
-    if isinstance(family, ArchitectureMap):
-        return family
-    if isinstance(family, Path) or (isinstance(family, str) and family.endswith((".yaml", ".yml"))):
-        return load_file(ArchitectureMap, family)[0]
-    if isinstance(family, str):
-        return catalog.family(family)
+    """The architecture map for ``model`` (given by name, object or YAML path, else found by class
+    name), with its paths bound to the model's class (base model or task-head wrapper)."""
     cls = type(model).__name__
+    if isinstance(family, ArchitectureMap):
+        return bind_class(family, cls)
+    if isinstance(family, Path) or (isinstance(family, str) and family.endswith((".yaml", ".yml"))):
+        return bind_class(load_file(ArchitectureMap, family)[0], cls)
+    if isinstance(family, str):
+        return bind_class(catalog.family(family), cls)
     for fam in catalog.families.values():
         if cls in fam.classes:
-            return fam
+            return bind_class(fam, cls)
     raise PefrefError(f"no architecture map recognises {cls}; pass family= (known: {', '.join(sorted(catalog.families))}) or an ArchitectureMap YAML path")
 
 

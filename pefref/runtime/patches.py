@@ -12,15 +12,31 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell"]
+__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE"]
+
+class _Route:
+    """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
+    handles that run for it (None: no selection, every active adapter runs).
+
+    Set by a composition's ``per_example`` context; a host then runs once per distinct
+    set of adapters and takes each example's rows from its own run. (A plain attribute,
+    not a ContextVar: torch.compile traces reading it without a graph break.)
+    """
+
+    current: Sequence[frozenset[Any]] | None = None
+
+
+ROUTE = _Route()
 
 _PATCH = "_pefref_patch"
 _ROOT = "_pefref_root_patch"
@@ -40,7 +56,11 @@ class Entry:
     layer: int | None = None
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
-    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell, for units that read its mask
+    site: str = ""  # the reference site it is placed at
+    group: Any = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
+    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
+    reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
+    publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
 
@@ -49,6 +69,17 @@ class Entry:
         if graph is not None:
             used = {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
             self.reads_W, self.reads_mask = "W" in used, "mask" in used
+
+    def connected(self) -> dict[str, Any]:
+        """The values this entry's connections read in the current forward pass."""
+        values = self.inputs["values"]  # type: ignore[index]
+        out = {}
+        for name, keys in self.reads.items():
+            key = next((k for k in keys if k in values), None)
+            if key is None:
+                raise PefrefError(f"{self.unit_key}: input {name!r} reads {keys[0]}, which has not run in this forward pass")
+            out[name] = values[key]
+        return out
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -134,21 +165,47 @@ class HostPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
+        route = ROUTE.current
+        if route is not None:
+            return self._routed(route, entries, args, kwargs)
         return self.run(entries, args, kwargs)
+
+    def _routed(self, route: Sequence[frozenset[Any]], entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Each example with its own adapters: one run per distinct set, rows taken from the example's run."""
+        rows: dict[frozenset[Any], list[int]] = {}
+        for i, owners in enumerate(route):
+            rows.setdefault(frozenset(o for o in owners if any(e.owner is o for e in entries)), []).append(i)
+        result: Any = None
+        for owners, idx in rows.items():
+            es = [e for e in entries if e.owner in owners]
+            out = self.run(es, args, kwargs) if es else self.orig(*args, **kwargs)
+            if result is None:
+                result = out
+                continue
+            h, r = (out[0], result[0]) if self.first else (out, result)
+            if h.shape[0] != len(route):
+                raise PefrefError(f"per-example adapters: {len(route)} names for a batch of {h.shape[0]}")
+            sel = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+            sel[idx] = True
+            merged = torch.where(sel.view(-1, *([1] * (h.dim() - 1))), h, r)
+            result = (merged, *result[1:]) if self.first else merged
+        return result
 
     def run(self, entries: list[Entry], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         training = self.host.training
         x = x_in = _first_tensor(args, kwargs)
-        for e in entries:
-            if e.side == "input":
-                x = self._apply(e, None, x, training)
+        for e, grp in _steps([e for e in entries if e.side == "input"]):
+            x = _sliced(x, e, self._fn(e, grp, None, training)) if grp else self._apply(e, None, x, training)
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
         weights = [e for e in entries if e.form == "reparameterise"]
         if weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
-            for e in weights:
-                W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
+            for e, grp in _steps(weights):
+                if grp:
+                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: e.group.combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
+                else:
+                    W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
             out = self.kind.run(self.host, x, W)  # type: ignore[misc]
         else:
             out = self.orig(*args, **kwargs)
@@ -158,9 +215,15 @@ class HostPatch:
         if len(outs) > 1 and _disjoint_slices(outs):
             h = self._apply_slices(outs, x_site, h, training)
         else:
-            for e in outs:
-                h = _sliced(h, e, lambda t, e=e: self._apply(e, x_site, t, training))
+            for e, grp in _steps(outs):
+                h = _sliced(h, e, self._fn(e, grp, x_site, training))
         return (h, *out[1:]) if self.first else h
+
+    def _fn(self, e: Entry, grp: list[Entry] | None, x: torch.Tensor | None, training: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The step of one entry, or of a block's entries combined by their group."""
+        if not grp:
+            return lambda t: self._apply(e, x, t, training)
+        return lambda t: e.group.combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
 
     def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
@@ -184,9 +247,28 @@ class HostPatch:
         if e.reads_W and self.kind.has_weight and e.form == "parallel":
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
+        if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
+            out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
+            if e.publish is None:
+                return out
+            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            return out[0]
         if e.reads_mask:
             return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
+
+
+def _steps(es: list[Entry]) -> list[tuple[Entry, list[Entry] | None]]:
+    """Entries in order; the entries of one group come once, at the first of them, with the group's running members."""
+    out: list[tuple[Entry, list[Entry] | None]] = []
+    seen: set[int] = set()
+    for e in es:
+        if e.group is None:
+            out.append((e, None))
+        elif id(e.group) not in seen:
+            seen.add(id(e.group))
+            out.append((e, [m for m in es if m.group is e.group]))
+    return out
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -260,6 +342,8 @@ class RootPatch:
         entries = [e for e in self.entries if e.owner.active]
         if not entries:
             return self.orig(*args, **kwargs)
+        if ROUTE.current is not None:
+            raise PefrefError("per-example adapter selection does not cover prepended positions (prompts, prefixes): they change the sequence of the whole batch")
         a = self._bind(args, kwargs)
         f = self.fwd
         cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
@@ -283,7 +367,7 @@ class RootPatch:
                 emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) for p in prompts] + [emb], dim=1)
                 a[f.embeds] = emb
                 for key, fill in f.extend.items():
-                    if a.get(key) is not None:
+                    if a.get(key) is not None and a[key].dim() > 1:  # per-token (not per-sequence labels)
                         v = a[key]
                         a[key] = torch.cat([torch.full((b, n_tok), fill, dtype=v.dtype, device=v.device), v], dim=1)
             if kvs:
@@ -307,6 +391,18 @@ class RootPatch:
 
     def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
         kvh, dh = self.sizes["kv_heads"], self.sizes["d_head"]
+        layer_ids = [e.layer for e in kvs]
+        if len(set(layer_ids)) == len(kvs) and len({e.length for e in kvs}) == 1:
+            # one entry per layer, one length: fill every layer's cache at once (one stack, one reshape, one
+            # permute, one expand for all layers, instead of those ops and a concatenation per layer and tensor)
+            order = sorted(range(len(kvs)), key=lambda i: layer_ids[i])  # type: ignore[arg-type, return-value]
+            pairs = [kvs[i].unit(None, None, None, training) for i in order]
+            n_l = len(pairs)
+            kv = torch.stack([t for pair in pairs for t in pair])  # [2L, n, kvh*dh]: k0, v0, k1, v1, ...
+            kv = kv.reshape(n_l, 2, kv.shape[1], kvh, dh).permute(0, 1, 3, 2, 4).unsqueeze(2)  # [L, 2, 1, kvh, n, dh]
+            kv = kv.expand(-1, -1, b, -1, -1, -1)
+            layers = [(kv[i, 0], kv[i, 1]) for i in range(n_l)]
+            return self._cache_of(cache, layers)
         per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for e in kvs:
             k, v = e.unit(None, None, None, training)  # [n, kvh*dh]
@@ -318,6 +414,10 @@ class RootPatch:
             (torch.cat([k for k, _ in per_layer[i]], dim=2), torch.cat([v for _, v in per_layer[i]], dim=2))
             for i in sorted(per_layer)
         ]
+        return self._cache_of(cache, layers)
+
+    def _cache_of(self, cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """The model's cache holding ``layers`` (key, value) [batch, kv_heads, n, d_head] per layer."""
         if self.fwd.cache_format == "tuples":
             return layers
         if cache is not None and hasattr(cache, "update"):
@@ -339,9 +439,11 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
 
 
 def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
-    """The model's input cell: its attention mask of the current forward, for units that read ``mask``.
+    """The model's input cell: what units read besides their host's tensors in the current forward pass.
 
-    A forward pre-hook on the model fills it; a :class:`RootPatch` replaces it with the mask it extends.
+    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
+    ``values``: outputs units publish for the connections of other units, keyed by (adapter, module,
+    site, layer). A forward pre-hook on the model sets the mask and empties the values at every pass.
     """
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
@@ -349,8 +451,9 @@ def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
+            cell["values"].clear()  # type: ignore[attr-defined]
 
-        cell = {"mask": None, "users": 0}
+        cell = {"mask": None, "values": {}, "users": 0}
         cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
         model.__dict__[_INPUTS] = cell
     cell["users"] += 1

@@ -14,7 +14,7 @@ from pefref.ops import PRIMITIVES
 
 __all__ = [
     "degree", "affine", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input",
-    "affine_in_input", "mergeable", "mergeability", "module_mergeable",
+    "affine_in_input", "mergeable", "mergeability", "module_mergeable", "low_rank_factors",
 ]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
@@ -233,3 +233,53 @@ def module_mergeable(m: object, reference: object, host_bias: bool = False) -> b
     """:func:`mergeable` at the module's sites, their kinds read from the reference architecture."""
     return mergeable(m, [reference.sites[s].kind for s in m.sites], host_bias)  # type: ignore[attr-defined]
 
+
+
+def _call(node: ast.AST, op: str) -> ast.Call | None:
+    return node if isinstance(node, ast.Call) and getattr(node.func, "id", None) == op and not node.keywords else None
+
+
+def low_rank_factors(m: object) -> tuple[str, str, str] | None:
+    """``(A, B, c)`` when the module is a low-rank update ``ΔW = c · B A`` of its host, else None.
+
+    Recognised from structure: a parallel module computing ``linear(linear(x, A), B)``
+    (``x`` possibly under ``dropout``) with parameters ``A`` [r, in] and ``B`` [out, r],
+    integrated as ``h + delta``, ``h + c * delta`` or ``h + delta * c`` with ``c`` an
+    expression of hyperparameters and constants (returned as text, ``"1"`` when absent).
+    """
+    if getattr(m, "form", None) != "parallel":
+        return None
+    params = set(m.params)  # type: ignore[attr-defined]
+    outer = _call(parse_expr(m.compute).tree, "linear")  # type: ignore[attr-defined]
+    if outer is None or len(outer.args) != 2:
+        return None
+    inner = _call(outer.args[0], "linear")
+    if inner is None or len(inner.args) != 2:
+        return None
+    src = inner.args[0]
+    drop = _call(src, "dropout")
+    if drop is not None:
+        src = drop.args[0] if drop.args else src
+    names = [a.id if isinstance(a, ast.Name) else None for a in (src, inner.args[1], outer.args[1])]
+    if names[0] != "x" or names[1] not in params or names[2] not in params:
+        return None
+    e = parse_expr(m.integrate).tree  # type: ignore[attr-defined]
+    if not (isinstance(e, ast.BinOp) and isinstance(e.op, ast.Add)):
+        return None
+    sides = [e.left, e.right]
+    if not any(isinstance(s, ast.Name) and s.id == "h" for s in sides):
+        return None
+    other = sides[1] if isinstance(sides[0], ast.Name) and sides[0].id == "h" else sides[0]
+    if isinstance(other, ast.Name) and other.id == "delta":
+        return names[1], names[2], "1"  # type: ignore[return-value]
+    if isinstance(other, ast.BinOp) and isinstance(other.op, ast.Mult):
+        fs = [other.left, other.right]
+        ds = [f for f in fs if isinstance(f, ast.Name) and f.id == "delta"]
+        if len(ds) != 1:
+            return None
+        c = fs[1] if fs[0] is ds[0] else fs[0]
+        used = {n.id for n in ast.walk(c) if isinstance(n, ast.Name)} - {n.func.id for n in ast.walk(c) if isinstance(n, ast.Call)}  # type: ignore[attr-defined]
+        if used & (params | {"x", "h", "delta", "W", "b", "mask"}):
+            return None
+        return names[1], names[2], ast.unparse(c)  # type: ignore[return-value]
+    return None

@@ -51,14 +51,35 @@ def latency_class(modules: list[Any], catalog: Catalog) -> str:
     return "parallel"
 
 
-def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any) -> int:
+def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any, inputs: dict[str, tuple[int, ...]] | None = None,
+           published: dict[str, tuple[int, ...]] | None = None, name: str = "") -> int:
+    """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections.
+    A publishing unit's output width is recorded in ``published`` under ``name``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    seq = {k: torch.empty(1, tokens, *v, device="meta") for k, v in (inputs or {}).items()}
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False)
+        out = unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False, None, seq)
+    if published is not None and isinstance(out, tuple):
+        published[name] = tuple(out[1].shape[2:])
     return int(counter.get_total_flops())
+
+
+def _ordered(modules: list[Any]) -> list[Any]:
+    """Modules with the modules whose output they read first (connections), else in declaration order."""
+    names = {m.name for m in modules}
+    done: list[Any] = []
+    pending = list(modules)
+    while pending:
+        ready = [m for m in pending if all(c.module is None or c.module not in names or c.module in {d.name for d in done} or
+                                           (c.fallback is not None and c.fallback in {d.name for d in done})
+                                           for c in (getattr(m, "inputs", None) or {}).values())]
+        ready = ready or pending[:1]
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
 
 
 def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> Efficiency:
@@ -75,7 +96,8 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
     merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
     flops = merged_flops = 0
     extra_tok = extra_kv = 0
-    for m in modules:
+    published: dict[str, tuple[int, ...]] = {}  # output widths of modules others read
+    for m in _ordered(modules):
         is_merge = merge[m.name]
         for site in m.sites:
             if site not in fam.sites:
@@ -88,17 +110,25 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
                 else:
                     extra_kv = max(extra_kv, n)
                 continue
-            if m.form == "select":
-                continue
+            if m.form in ("select", "reparameterise"):
+                continue  # no work per token (a new weight is computed once per step, not per token)
             d_in_e, d_out_e = host_widths(site, fam, catalog)
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
             d_out = int(eval_scalar(d_out_e, sizes))
             ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",
                               W=torch.empty(d_out, d_in, device="meta") if d_in else None)
-            unit = build_unit(m, ctx, hps, SharedStore())
-            per = _count(unit, 2, d_in or d_out, d_out, ctx.W) - _count(unit, 1, d_in or d_out, d_out, ctx.W)
-            if m.form == "reparameterise":
-                per = 0  # the new weight is computed once per step, not per token
+            conns = getattr(m, "inputs", None) or {}
+            inputs = {}
+            for k, c in conns.items():
+                src = c.module if c.module in published else c.fallback
+                if src in published:
+                    inputs[k] = published[src]
+                elif c.module is None:
+                    w_in, w_out = host_widths(c.site, fam, catalog)
+                    inputs[k] = (int(eval_scalar((w_in or w_out) if c.tensor == "x" else w_out, sizes)),)
+            unit = build_unit(m, ctx, hps, SharedStore(), publish=m.form in ("parallel", "sequential"))
+            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name)
+                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs))
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers

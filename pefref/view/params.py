@@ -9,6 +9,7 @@ shape among its users) makes the count equal to what runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from pefref.language.check import expand_modules
@@ -90,12 +91,13 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                 select_terms += [f"{mult}*{x}" for x in terms]
                 continue
             d_in_e, d_out_e = host_widths(site, fam, catalog)
+            names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
+            site_shapes = {pname: shape_of(spec, names) for pname, spec in m.params.items()}  # the same in every layer
             for i in layers:
-                names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
                 for pname, spec in m.params.items():
                     scope = {"none": (site, i), "layers": (site,), "sites": (i,), "all": ()}[spec.shared]
                     key = (m.name, pname, spec.shared, *scope)
-                    shp = shape_of(spec, names)
+                    shp = site_shapes[pname]
                     prev = scopes.get(key)
                     if prev is not None:
                         shp = tuple(max(a, b) for a, b in zip(prev[0], shp))
@@ -127,9 +129,15 @@ def _mult_text(n: int, per_layer: bool, sel: Any) -> str:
 
 def _formula(terms: list[str], sizes: dict[str, int], hps: dict[str, Any]) -> str:
     """Sum the terms symbolically (sympy) and print them factored, with '·' for products."""
+    return _formula_of(tuple(terms), (*sizes, *hps))
+
+
+@lru_cache(maxsize=4096)
+def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
+    """:func:`_formula` on hashable arguments: many techniques and shapes share their terms (sympy is slow)."""
     import sympy
 
-    names = {n: sympy.Symbol(n) for n in [*sizes, *hps]}
+    names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
     s = str(sympy.factor(sympy.expand(expr)))
     return s.replace("**", "^").replace("*", "·")

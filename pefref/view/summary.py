@@ -81,11 +81,15 @@ def _module(m: Any, declared: Any) -> dict[str, Any]:
             "trainable": p.trainable,
             "shared": p.shared,
             **({"description": p.description} if p.description else {}),
+            **({"lr_scale": p.lr_scale} if p.lr_scale != 1.0 else {}),
+            **({"weight_decay": p.weight_decay} if p.weight_decay is not None else {}),
         }
         for name, p in m.params.items()
     }
+    if getattr(m, "inputs", None):
+        out["inputs"] = {k: c.model_dump(mode="json", exclude_defaults=True) for k, c in m.inputs.items()}
     out["expressions"] = {f: getattr(m, f) for f in EXPR_FIELDS if getattr(m, f, None) is not None}
-    options = m.model_dump(mode="json", exclude=_MODULE_COMMON | set(EXPR_FIELDS))
+    options = m.model_dump(mode="json", exclude=_MODULE_COMMON | set(EXPR_FIELDS) | {"inputs"})
     if options:
         out["options"] = options
     return out

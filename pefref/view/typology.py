@@ -113,6 +113,22 @@ def _insertions(modules: list[Any], ref: ReferenceArchitecture) -> str:
     return " + ".join(parts) or "0"
 
 
+def _inter(m: Any) -> str:
+    """Fixed or dynamic (attention-mediated) mixing with the model's states, plus the module's connections:
+    reading another module of the same layer, a state carried from the previous layer, or another site."""
+    base = "dynamic" if m.form == "prepend" or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed"
+    kinds = []
+    for c in (getattr(m, "inputs", None) or {}).values():
+        if c.module is None:
+            kinds.append("reads another site")
+        elif c.layer == "previous":
+            kinds.append("carried layer to layer")
+        else:
+            kinds.append("reads another module")
+    kinds = sorted(set(kinds))
+    return f"{base}, {', '.join(kinds)}" if kinds else base
+
+
 def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
     """The typology of one concrete module."""
     return {
@@ -121,7 +137,7 @@ def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
         "integration_form": _integration(m),
         "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if module_mergeable(m, ref) else "addition"),
         "intra_connectivity": _intra(m),
-        "inter_connectivity": "dynamic" if m.form == "prepend" or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed",
+        "inter_connectivity": _inter(m),
         "parameter_sharing": _join(_sharing(m)) or "none",
         "input_type": _input(m),
     }

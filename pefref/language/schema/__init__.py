@@ -6,21 +6,22 @@ from pefref.language.schema.composition import (
     AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
 )
 from pefref.language.schema.experiment import Experiment
-from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelShape, ModelShapes, SiteBinding, SliceSpec
+from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec
+from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
-    ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
+    Connection, ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
     SelectModule, SequentialModule, Technique,
 )
 
 __all__ = [
     "Experiment",
-    "ArchitectureMap", "ForwardSpec", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
+    "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
-    "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
-    "SelectModule", "SequentialModule", "Technique", "SCHEMAS",
+    "Connection", "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
+    "SelectModule", "SequentialModule", "Technique", "SCHEMAS", "InteropTable", "PeftMethod", "PeftModuleMap",
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
@@ -31,6 +32,7 @@ SCHEMAS = {
     "models": ModelShapes,
     "composition": Composition,
     "interactions": InteractionRules,
+    "interop": InteropTable,
     "experiment": Experiment,
 }
 """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""

@@ -11,7 +11,7 @@ Which forms may share a host and how is the data of
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -93,7 +93,7 @@ class FusionBlock(_Block):
     train_adapters: bool = Field(False, description="Whether the fused adapters keep training (AdapterFusion's second stage freezes them).")
 
 
-Block = Annotated[Union[StackBlock, ParallelBlock, AverageBlock, FusionBlock], Field(discriminator="kind")]
+Block = Annotated[StackBlock | ParallelBlock | AverageBlock | FusionBlock, Field(discriminator="kind")]
 
 
 class Composition(Strict):

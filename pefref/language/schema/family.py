@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
-__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ArchitectureMap", "ModelShape", "ModelShapes"]
+__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ModelClass", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
+
+TASKS = ("causal_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering", "base")
 
 
 class SliceSpec(Strict):
@@ -47,20 +49,34 @@ class ForwardSpec(Strict):
     cache_format: Literal["hf", "tuples"] = Field("hf", description="'hf': a transformers DynamicCache; 'tuples': a list of (key, value) per layer.")
 
 
+class ModelClass(Strict):
+    """One model class of a family (base model or task-head wrapper) and where its parts sit."""
+
+    task: Literal[TASKS] = Field("base", description="What the class is for (its head).")  # type: ignore[valid-type]
+    backbone: str | None = Field(None, description="Path of the backbone (base model) inside this class ('': the class is the backbone); default: the map's backbone.")
+    head: SiteBinding | None = Field(None, description="The 'head' site in this class (its task head); null: the class has no head; absent: the map's own head binding.")
+
+
 class ArchitectureMap(Strict):
     """How the sites of the reference architecture resolve in one model family."""
 
     family: Identifier
     description: str
     model_type: str | None = Field(None, description="transformers model_type used to build models of this family from a shape (None: pefref's own reference Transformer).")
-    task: Literal["causal_lm", "masked_lm", "sequence_classification", "base"] = Field("causal_lm", description="Which transformers auto class builds the model.")
+    task: Literal[TASKS] = Field("causal_lm", description="Which transformers auto class builds the model.")  # type: ignore[valid-type]
     causal: bool = Field(True, description="Whether attention is causal (decoders); exposed to expressions as the name 'causal'.")
-    classes: list[str] = Field(default_factory=list, description="Model class names that this map recognises.")
+    backbone: str = Field("", description="Path of the backbone (the base model) in the paths below ('': they are the base model's own paths).")
+    classes: dict[str, ModelClass] = Field(default_factory=dict, description="Model classes this map recognises (a list of names: each with the paths as written), with where their backbone and head sit.")
     sizes: dict[Identifier, ExprStr] = Field(description="Each reference size as an expression over the config's keys.")
     layers: str = Field(description="Path pattern of one Transformer layer ('{i}' = index).")
     base_params: ExprStr = Field(description="Parameter count of the base model as an expression over the sizes and config keys.")
     forward: ForwardSpec = Field(default_factory=ForwardSpec)
     sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding]
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_list(cls, v: Any) -> Any:
+        return {name: {} for name in v} if isinstance(v, list) else v
 
 
 class ModelShape(Strict):

@@ -105,6 +105,8 @@ class ReferenceArchitecture(Strict):
     site_kinds: dict[Identifier, SiteKind]
     sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], Site]
     diagram: ReferenceDiagram = Field(description="How the architecture is drawn: every site is carried by exactly one component or group.")
+    order: list[Annotated[str, Field(pattern=SITE_PATTERN)]] = Field(
+        default_factory=list, description="Sites in the order a forward pass computes them (model-level and per-layer sites of one layer); a module may read the output of a module at an earlier site, or at the same site when declared before it.")
     selectors: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")], SiteSelector] = Field(
         default_factory=dict, description="Named groups of sites (e.g. 'all-linear'), accepted by sites= and --sites.")
 
@@ -122,6 +124,9 @@ class ReferenceArchitecture(Strict):
         missing = [s for s in self.sites if s not in carried]
         if missing:
             raise ValueError(f"the diagram does not draw the sites {missing}; give each to a component or group")
+        for s in self.order:
+            if s not in self.sites:
+                raise ValueError(f"order names unknown site {s!r}")
         for name, sel in self.selectors.items():
             for k in sel.kinds or []:
                 if k not in self.site_kinds:

@@ -10,7 +10,7 @@ from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Str
 
 __all__ = [
     "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
-    "ParamSpec", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
+    "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "TYPOLOGY_PROPERTIES",
 ]
@@ -108,11 +108,43 @@ class LayerRange(Strict):
 Layers = Union[Literal["all"], list[int], LayerRange]
 
 
+class Connection(Strict):
+    """A named input of a module read from elsewhere in the model during the forward pass.
+
+    Either another module's output (its ``compute`` result, ``delta``) — in the same
+    layer, the previous layer (state carried layer to layer, e.g. a side network) or
+    the last layer — or the hidden state (host input ``x`` or output ``h``) at a site
+    the module does not attach to. The name it is given is visible to the module's
+    expressions like ``x`` or ``h``.
+    """
+
+    module: Identifier | None = Field(None, description="Read this module's output (its compute result, delta); the module must be parallel or sequential.")
+    site: Annotated[str, Field(pattern=SITE_PATTERN)] | None = Field(
+        None, description="With module: which of its sites (needed when it has several). Without: read the hidden state at this site."
+    )
+    tensor: Literal["x", "h"] = Field("h", description="Without module: the host's input x or output h at the site.")
+    layer: Literal["same", "previous", "last"] = Field(
+        "same", description="Which layer's value: this layer's, the previous layer's (carried state), or the last layer's (for model-level readers)."
+    )
+    fallback: Identifier | None = Field(
+        None, description="Module read instead where the source does not exist (the previous layer of the first layer), e.g. a model-level module at the embeddings."
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> Connection:
+        if self.module is None and self.site is None:
+            raise ValueError("give a module or a site to read from")
+        return self
+
+
 class _ModuleBase(Strict):
     name: Identifier = Field(description="Name of the module, unique within the technique.")
     sites: list[Annotated[str, Field(pattern=SITE_PATTERN)]] = Field(min_length=1, description="Sites of the reference architecture the module attaches to.")
     layers: Layers = Field("all", description="Which layers (for per-layer sites): 'all', a list of indices, or {first|last|every: n}.")
     params: dict[Identifier, ParamSpec] = Field(default_factory=dict, description="Tensors the module owns.")
+    inputs: dict[Identifier, Connection] = Field(
+        default_factory=dict, description="Connections: names the module's expressions read from other modules' outputs or other sites' hidden states."
+    )
     host_update: ExprStr | None = Field(None, description="Expression for a new host weight written once at apply time (e.g. a residual after an SVD initialisation); remove() restores the original.")
     description: str = ""
 

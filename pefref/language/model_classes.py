@@ -1,0 +1,61 @@
+"""Every model class of a family through one architecture map.
+
+A map writes its paths for one class (``backbone`` says where the base model
+sits in them: ``model`` for ``LlamaForCausalLM``, ``''`` for ``BertModel``). Each
+class the map lists says where *its* backbone sits and which module is its task
+head; :func:`bind_class` rewrites the map's paths for that class, so
+``LlamaModel``, ``LlamaForSequenceClassification`` and ``BertForMaskedLM`` all
+resolve through the same sites.
+"""
+
+from __future__ import annotations
+
+from pefref.language.schema import ArchitectureMap, ModelClass
+
+__all__ = ["bind_class", "head_path"]
+
+
+def _move(path: str | None, old: str, new: str) -> str | None:
+    """``path`` with the backbone prefix ``old`` replaced by ``new`` (paths outside the backbone unchanged)."""
+    if path is None or old == new:
+        return path
+    if old == "":
+        rest = path
+    elif path == old:
+        rest = ""
+    elif path.startswith(old + "."):
+        rest = path[len(old) + 1:]
+    else:
+        return path
+    return ".".join(p for p in (new, rest) if p)
+
+
+def bind_class(fam: ArchitectureMap, cls: str) -> ArchitectureMap:
+    """The map with its paths for model class ``cls`` (unchanged for a class it does not list).
+
+    Binding is idempotent: the result lists only ``cls``, with its backbone and head as bound.
+    """
+    mc = fam.classes.get(cls)
+    if mc is None:
+        return fam
+    old = fam.backbone
+    new = old if mc.backbone is None else mc.backbone
+    explicit_head = "head" in mc.model_fields_set
+    sites = {}
+    for name, b in fam.sites.items():
+        if name == "head" and explicit_head:
+            continue
+        sites[name] = b.model_copy(update={"path": _move(b.path, old, new), "input_path": _move(b.input_path, old, new)})
+    head = mc.head if explicit_head else sites.get("head")
+    if head is not None:
+        sites["head"] = head
+    bound = ModelClass(task=mc.task, backbone=new, head=head)
+    return fam.model_copy(update={"sites": sites, "layers": _move(fam.layers, old, new) or fam.layers,
+                                  "backbone": new, "classes": {cls: bound}})
+
+
+def head_path(fam: ArchitectureMap, cls: str | None = None) -> str | None:
+    """The module path of the task head (in class ``cls`` when given), or None without a head."""
+    bound = bind_class(fam, cls) if cls else fam
+    b = bound.sites.get("head")
+    return b.path if b is not None else None

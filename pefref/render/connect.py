@@ -1,0 +1,85 @@
+"""Connections drawn as edges: a module reading another module's output, or the hidden state at another site.
+
+A module's ``inputs`` (when the schema has them) name where each extra input
+comes from: another module of the same technique (this layer, the previous
+layer with a fallback for the first one, or the last layer), or the host
+input ``x`` / output ``h`` at a site. Each becomes one dotted edge
+(``role='connection'``) into the reading module, labelled with the name its
+expressions use. Edges from the previous layer do not constrain the layout
+(with one layer drawn as "× L" they point backwards).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pefref.render.attach import Placed
+from pefref.render.skeleton import Skeleton
+
+__all__ = ["CONNECTION_COLOUR", "draw_connections"]
+
+CONNECTION_COLOUR = "#6b3e8e"
+
+
+def _instances(sk: Skeleton, technique: str, module: str, site: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, a) for n, a in sk.graph.nodes(data=True)
+            if a.get("role") == "module" and a.get("technique") == technique and a.get("module") == module and (site is None or a.get("site") == site)]
+
+
+def _source_layer(layer: int | None, which: str, drawn: list[int | None]) -> int | None | str:
+    """The layer whose value a reader at ``layer`` gets (``'missing'`` where there is none: the previous layer of the first)."""
+    if layer is None or which == "same":
+        return layer
+    if which == "last":
+        return drawn[-1]
+    i = drawn.index(layer)
+    return drawn[i - 1] if i > 0 else "missing"
+
+
+def draw_connections(sk: Skeleton, placed: list[Placed]) -> None:
+    """Add an edge for every connection of every drawn module instance."""
+    for pl in placed:
+        inputs = getattr(pl.module, "inputs", None) or {}
+        if not inputs:
+            continue
+        readers = _instances(sk, pl.technique, pl.module.name)
+        for name, conn in inputs.items():
+            which = getattr(conn, "layer", "same")
+            for reader, ra in readers:
+                label = name + ("" if which == "same" else f" ({which} layer)")
+                dot = {"style": "dotted", "color": CONNECTION_COLOUR, "fontcolor": CONNECTION_COLOUR, "penwidth": "1.5"}
+                if which == "previous":
+                    dot["constraint"] = "false"
+                src_module = getattr(conn, "module", None)
+                if src_module is None:
+                    _site_read(sk, reader, ra, conn, label, dot)
+                    continue
+                want = _source_layer(ra["layer"], which, sk.layers)
+                module, fallback = src_module, want == "missing"
+                if fallback:
+                    if getattr(conn, "fallback", None) is None:
+                        continue
+                    module = conn.fallback
+                sources = _instances(sk, pl.technique, module, None if fallback else getattr(conn, "site", None))
+                sources = [(n, a) for n, a in sources if fallback or a["layer"] == want or a["layer"] is None]
+                for src, _a in sources:
+                    sk.graph.add_edge(src, reader, role="connection", connection=name, layer_of_source=which,
+                                      label=label + (" (fallback)" if fallback else ""), dot=dot)
+                if not fallback and which == "previous" and getattr(conn, "fallback", None) and sk.layers == [None]:
+                    for src, _a in _instances(sk, pl.technique, conn.fallback):
+                        sk.graph.add_edge(src, reader, role="connection", connection=name, layer_of_source="fallback",
+                                          label=f"{name} (first layer)", dot={**dot, "constraint": "true"})
+
+
+def _site_read(sk: Skeleton, reader: str, ra: dict[str, Any], conn: Any, label: str, dot: dict[str, str]) -> None:
+    """An edge from the hidden state at another site: its input x (what enters it) or its output h."""
+    site = conn.site
+    per_layer = sk.ref.sites[site].per_layer
+    layer = ra["layer"] if per_layer else None
+    if per_layer and ra["layer"] is None and sk.layers != [None]:
+        layer = sk.layers[-1]  # a model-level reader of a per-layer site reads the last layer
+    a = sk.anchor(site, layer)
+    ends = a.inputs if getattr(conn, "tensor", "h") == "x" else a.outputs
+    for comp in ends:
+        sk.pending.append((("out", comp), ("node", reader), {"role": "connection", "connection": label.split(" ")[0],
+                                                             "label": f"{label} = {getattr(conn, 'tensor', 'h')} at {site}", "dot": dot}))

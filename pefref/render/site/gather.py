@@ -1,0 +1,276 @@
+"""Phase one of a site build: view models (plain dataclasses) gathered from the catalog and the view.
+
+Nothing here formats HTML; the templates only format what these classes hold.
+Every fact comes from :mod:`pefref.view` (summary rows, typology, counts,
+costs), never re-derived here. Iteration is sorted so that two builds are
+byte-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pefref.language.catalog import Catalog
+from pefref.language.check import expand_modules
+from pefref.language.errors import PefrefError
+from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
+from pefref.language.sizes import eval_scalar, model_sizes
+
+__all__ = [
+    "ShapeCount", "EfficiencyView", "TypologyCell", "Related", "TechniqueView", "ShapeView", "SiteData",
+    "gather", "property_label", "similar_techniques", "builds_on",
+]
+
+SIMILAR = 5
+"""How many of the most similar techniques a technique page lists."""
+
+
+def property_label(prop: str) -> str:
+    """A typology property as a heading: ``insertion_form`` → ``insertion form``."""
+    return prop.replace("_", " ")
+
+
+@dataclass
+class ShapeCount:
+    """Trainable parameters of one technique on one model shape (``error`` when it cannot be placed)."""
+
+    shape: str
+    family: str
+    trainable: int = 0
+    base: int = 0
+    percent: float = 0.0
+    formula: str = ""
+    error: str = ""
+
+
+@dataclass
+class EfficiencyView:
+    """Efficiency facts of one technique on one model shape (from :func:`pefref.view.costs.efficiency`)."""
+
+    shape: str
+    mergeable: bool
+    latency: str
+    extra_tokens: int
+    extra_kv_per_layer: int
+    flops_per_token: int
+    flops_per_token_merged: int
+
+
+@dataclass
+class TypologyCell:
+    """One typology property of a technique: its value, whether it was declared, and where it comes from.
+
+    ``derived_from`` holds one ``(module, form, sites, layers, value)`` tuple per concrete
+    module: the structure the technique's value was derived from.
+    """
+
+    prop: str
+    label: str
+    value: str
+    declared: bool
+    derived_from: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Related:
+    """A link to another technique, with why it is related."""
+
+    id: str
+    name: str
+    why: str
+
+
+@dataclass
+class TechniqueView:
+    """Everything the site shows about one technique."""
+
+    id: str
+    name: str
+    summary: dict[str, Any]
+    row: dict[str, Any]
+    from_catalog: bool
+    source: str
+    yaml: str
+    typology: list[TypologyCell]
+    counts: list[ShapeCount]
+    efficiency: list[EfficiencyView]
+    builds_on: list[Related] = field(default_factory=list)
+    used_by: list[Related] = field(default_factory=list)
+    similar: list[Related] = field(default_factory=list)
+    diagram: str | None = None
+
+    @property
+    def typology_values(self) -> dict[str, str]:
+        return {c.prop: c.value for c in self.typology}
+
+    def count_on(self, shape: str) -> ShapeCount | None:
+        return next((c for c in self.counts if c.shape == shape), None)
+
+    def efficiency_on(self, shape: str) -> EfficiencyView | None:
+        return next((e for e in self.efficiency if e.shape == shape), None)
+
+
+@dataclass
+class ShapeView:
+    """A named model shape with its reference sizes and base parameter count."""
+
+    name: str
+    family: str
+    description: str
+    source: str
+    sizes: dict[str, int]
+    base: int
+    config: dict[str, Any]
+
+
+@dataclass
+class SiteData:
+    """All view models of one build."""
+
+    techniques: list[TechniqueView]
+    shapes: list[ShapeView]
+    models: list[str]
+    properties: list[tuple[str, str]]
+    results: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def technique(self, tid: str) -> TechniqueView:
+        return next(t for t in self.techniques if t.id == tid)
+
+
+def _source_label(path: Path | None, tid: str, catalog_root: Path, from_catalog: bool) -> str:
+    """Where the YAML came from, without absolute paths (the site must not depend on the checkout's place)."""
+    if path is None:
+        return f"{tid}.yaml"
+    path = Path(path)
+    if from_catalog:
+        try:
+            return path.resolve().relative_to(catalog_root.resolve().parent).as_posix()
+        except ValueError:
+            pass
+    return f"{path.parent.name}/{path.name}"
+
+
+def _typology_cells(t: Technique, catalog: Catalog) -> list[TypologyCell]:
+    from pefref.view.summary import layers_text
+    from pefref.view.typology import derive_typology, module_typology
+
+    typ = derive_typology(t, catalog.reference, catalog.techniques)
+    modules, _ = expand_modules(t, {**catalog.techniques, t.id: t})
+    per_module = [(m, module_typology(m, catalog.reference)) for m in modules]
+    cells = []
+    for prop in TYPOLOGY_PROPERTIES:
+        rows = []
+        for m, mt in per_module:
+            value = mt.get(prop)
+            if value is None:  # insertions: the module's sites and layers are the structure
+                value = f"{len(m.sites)} site{'s' * (len(m.sites) != 1)} × layers {layers_text(m.layers)}"
+            rows.append((m.name, m.form, ", ".join(m.sites), layers_text(m.layers), value))
+        cells.append(TypologyCell(prop, property_label(prop), typ.values[prop], prop in typ.declared, rows))
+    return cells
+
+
+def _counts(t: Technique, catalog: Catalog) -> list[ShapeCount]:
+    from pefref.view.params import count_params
+
+    out = []
+    for name, shape in catalog.shapes.items():
+        try:
+            pc = count_params(t, shape, catalog)
+        except PefrefError as e:
+            out.append(ShapeCount(name, shape.family, error=str(e)))
+            continue
+        out.append(ShapeCount(name, shape.family, pc.trainable, pc.base, pc.percent, pc.formula))
+    return out
+
+
+def _efficiency(t: Technique, catalog: Catalog, models: list[str]) -> list[EfficiencyView]:
+    from pefref.view.costs import efficiency
+
+    out = []
+    for name in models:
+        e = efficiency(t, catalog.shapes[name], catalog)
+        out.append(EfficiencyView(name, e.mergeable, e.latency, e.extra_tokens, e.extra_kv_per_layer,
+                                  e.flops_per_token, e.flops_per_token_merged))
+    return out
+
+
+def builds_on(t: Technique) -> list[tuple[str, str]]:
+    """The techniques ``t`` builds on, as ``(id, how)``: modules reused with ``use:`` and a declared ``extends``."""
+    out: dict[str, list[str]] = {}
+    for m in t.modules:
+        if isinstance(m, ModuleUse):
+            tid, mname = m.use.split(".")
+            out.setdefault(tid, []).append(f"reuses module {mname}")
+    ext = getattr(t, "extends", None)
+    for tid in [ext] if isinstance(ext, str) else list(ext or []):
+        out.setdefault(tid, []).insert(0, "extends it")
+    return [(tid, "; ".join(why)) for tid, why in out.items()]
+
+
+def similar_techniques(tid: str, values: dict[str, dict[str, str]], n: int = SIMILAR) -> list[tuple[str, list[str]]]:
+    """The ``n`` techniques sharing the most typology values with ``tid``: ``(id, shared properties)``,
+    most shared first, ties by id; techniques sharing nothing are left out."""
+    mine = values[tid]
+    scored = []
+    for other in sorted(values):
+        if other == tid:
+            continue
+        shared = [p for p in TYPOLOGY_PROPERTIES if p in mine and mine[p] == values[other].get(p)]
+        if shared:
+            scored.append((-len(shared), other, shared))
+    scored.sort(key=lambda x: (x[0], x[1]))
+    return [(other, shared) for _, other, shared in scored[:n]]
+
+
+def _shape_view(s: ModelShape, catalog: Catalog) -> ShapeView:
+    fam = catalog.family(s.family)
+    sizes = model_sizes(fam, dict(s.config))
+    base = int(eval_scalar(fam.base_params, {**sizes, **s.config}))
+    return ShapeView(s.name, s.family, s.description, s.source or "", dict(sorted(sizes.items())), base, dict(s.config))
+
+
+def gather(catalog: Catalog, models: list[str], included: frozenset[str] = frozenset(), results: Path | None = None) -> SiteData:
+    """Assemble the view models of the whole site (the first phase of :func:`pefref.render.site.build.build_site`).
+
+    Args:
+        catalog: the catalog, with any included techniques already added to it.
+        models: the model shapes the index, costs and comparisons are shown on.
+        included: ids of techniques that do not come from the catalog.
+        results: a folder of experiment results, handed to extra page builders.
+    """
+    from pefref.language.catalog import catalog_root
+    from pefref.view.summary import technique_row, technique_summary
+
+    for m in models:
+        try:
+            catalog.shape(m)
+        except KeyError as e:  # the message suggests a name
+            raise PefrefError(str(e.args[0])) from None
+    root = catalog_root()
+    views: list[TechniqueView] = []
+    for tid in sorted(catalog.techniques):
+        t = catalog.techniques[tid]
+        src = catalog.sources.get(tid)
+        summary = technique_summary(t, catalog)
+        summary.pop("file", None)
+        views.append(TechniqueView(
+            id=tid, name=t.name, summary=summary, row=technique_row(t, catalog.techniques),
+            from_catalog=tid not in included, source=_source_label(src, tid, root, tid not in included),
+            yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
+            typology=_typology_cells(t, catalog), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
+        ))
+    by_id = {v.id: v for v in views}
+    values = {v.id: v.typology_values for v in views}
+    for v in views:
+        for tid, why in builds_on(catalog.techniques[v.id]):
+            if tid in by_id:
+                v.builds_on.append(Related(tid, by_id[tid].name, why))
+                by_id[tid].used_by.append(Related(v.id, v.name, why))
+        for tid, shared in similar_techniques(v.id, values):
+            v.similar.append(Related(tid, by_id[tid].name, ", ".join(property_label(p) for p in shared)))
+    shapes = [_shape_view(catalog.shapes[n], catalog) for n in catalog.shapes]
+    props = [(p, property_label(p)) for p in TYPOLOGY_PROPERTIES]
+    return SiteData(views, shapes, list(models), props, results)

@@ -1,0 +1,89 @@
+"""Phase two of a site build: the sections of the site and the pages each one renders.
+
+A section is a :class:`~pefref.render.site.build.Section`: a navigation entry
+and a function from the build context to pages. :data:`SECTIONS` lists them
+in navigation order; a new kind of page (experiment results, say) is a new
+function here or in its own module, added to that list with an ``enabled``
+test (e.g. ``lambda ctx: ctx.data.results is not None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pefref.render.site.build import Page, Section, SiteContext
+
+__all__ = ["SECTIONS", "index_pages", "technique_pages", "typology_pages", "compare_pages", "models_pages",
+           "primitives_pages", "schema_pages", "compare_data", "diagram_files"]
+
+
+def index_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``index.html``: every technique in one sortable, filterable table."""
+    forms = sorted({f for t in ctx.data.techniques for f in t.row["forms"]})
+    yield ctx.render("index.html", "index.html", title="PEFT techniques", section="index", forms=forms, wide=True)
+
+
+def technique_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``techniques/<id>.html``: one page per technique."""
+    for t in ctx.data.techniques:
+        yield ctx.render("technique.html", f"techniques/{t.id}.html", title=t.name, section="index", t=t)
+
+
+def diagram_files(ctx: SiteContext) -> Iterable[Page]:
+    """``diagrams/<id>.svg``: each technique's diagram as a file (the compare page shows them as images)."""
+    if ctx.pictures is None:
+        return
+    for t in ctx.data.techniques:
+        yield Page(f"diagrams/{t.id}.svg", ctx.pictures.diagram_file(t.id))
+
+
+def typology_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``typology.html``: the PEFT-Ref table of the whole catalog (and its graphs, when available)."""
+    graphs: list[tuple[str, str]] = ctx.data.extra.get("graphs", [])
+    yield ctx.render("typology.html", "typology.html", title="Typology", section="typology", graphs=graphs, wide=True)
+
+
+def compare_data(ctx: SiteContext) -> dict[str, Any]:
+    """What the compare page's script needs: every technique's id and name, in table order."""
+    return {"techniques": [{"id": t.id, "name": t.name} for t in ctx.data.techniques]}
+
+
+def compare_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``compare.html``: every technique as a column; the script shows the ones named by ``?ids=``."""
+    yield ctx.render("compare.html", "compare.html", title="Compare techniques", section="compare",
+                     compare=compare_data(ctx), wide=True)
+
+
+def models_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``models.html``: the named model shapes and each technique's trainable share on each."""
+    yield ctx.render("models.html", "models.html", title="Model shapes", section="models", wide=True)
+
+
+def primitives_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``primitives.html``: every registered op and initialiser, with its signature and documentation."""
+    from pefref.view.primitives import primitive_docs
+
+    docs = primitive_docs()
+    yield ctx.render("primitives.html", "primitives.html", title="Primitives", section="primitives",
+                     ops=[d for d in docs if d.kind == "op"], inits=[d for d in docs if d.kind == "initialiser"])
+
+
+def schema_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``schema.html``: the field reference of the catalog's file formats, from the pydantic models."""
+    from pefref.view.schemadoc import schema_docs
+
+    yield ctx.render("schema.html", "schema.html", title="Schema reference", section="schema", schemas=schema_docs())
+
+
+SECTIONS: list[Section] = [
+    Section("index", "Techniques", "index.html", index_pages),
+    Section("technique", None, "techniques/", technique_pages),
+    Section("diagrams", None, "diagrams/", diagram_files),
+    Section("typology", "Typology", "typology.html", typology_pages),
+    Section("compare", "Compare", "compare.html", compare_pages),
+    Section("models", "Models", "models.html", models_pages),
+    Section("primitives", "Primitives", "primitives.html", primitives_pages),
+    Section("schema", "Schema", "schema.html", schema_pages),
+]
+"""The site's sections, in navigation order."""

@@ -1,0 +1,89 @@
+"""The site's pictures: every technique's architecture diagram and the typology graphs.
+
+The drawings are :mod:`pefref.render.diagram`'s and :mod:`pefref.render.graphs`'s
+(DOT built from networkx graphs); this module only schedules them. Their DOT
+text is made up front and handed to ``dot`` processes in background threads,
+so the drawing runs while the build gathers counts and costs; each picture
+is rendered once per build, however many pages show it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from markupsafe import escape
+
+from pefref.language.catalog import Catalog
+
+__all__ = ["Pictures", "GRAPH_TITLES", "labelled"]
+
+GRAPH_TITLES = {
+    "typology": "Techniques and their typology values",
+    "similarity": "Similarity: techniques linked by the values and features they share",
+    "lineage": "Lineage: which techniques build on which",
+}
+"""The heading of each typology graph on the typology page, in page order."""
+
+
+def labelled(svg: str, label: str) -> str:
+    """``svg`` (an inline ``<svg>`` element) announced to assistive technology as an image named ``label``."""
+    start = svg.find("<svg")
+    if start < 0:
+        return svg
+    return f'{svg[:start]}<svg role="img" aria-label="{escape(label)}"{svg[start + 4:]}'
+
+
+class Pictures:
+    """Diagrams and graphs of one build, rendered by ``dot`` in the background.
+
+    Args:
+        catalog: the catalog (with included techniques) whose techniques are drawn.
+        workers: ``dot`` processes at a time (default: one per CPU).
+    """
+
+    def __init__(self, catalog: Catalog, workers: int | None = None) -> None:
+        import os
+
+        from pefref.render.diagram import technique_graph, to_dot
+        from pefref.render.dot import render_dot
+        from pefref.render.graphs import graph_dot
+
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1))
+        self._diagrams: dict[str, Future[bytes]] = {}
+        self._graphs: dict[str, Future[bytes]] = {}
+        for tid in sorted(catalog.techniques):
+            text = to_dot(technique_graph(catalog, [catalog.techniques[tid]]))
+            self._diagrams[tid] = self._pool.submit(render_dot, text, "svg")
+        for kind in GRAPH_TITLES:
+            self._graphs[kind] = self._pool.submit(render_dot, graph_dot(kind, catalog), "svg")
+        self._pool.shutdown(wait=False)
+
+    @staticmethod
+    def _svg(f: Future[bytes]) -> str:
+        from pefref.render.dot import inline_svg
+
+        return inline_svg(f.result())
+
+    def diagram(self, tid: str) -> str:
+        """The technique's diagram, an inline ``<svg>`` element."""
+        return self._svg(self._diagrams[tid])
+
+    def diagram_file(self, tid: str) -> bytes:
+        """The technique's diagram as a standalone ``.svg`` file (an XML prolog, no DOCTYPE)."""
+        return ('<?xml version="1.0" encoding="UTF-8"?>\n' + self.diagram(tid)).encode("utf-8")
+
+    def graphs(self) -> list[tuple[str, str, str]]:
+        """``(kind, title, inline svg)`` of each typology graph."""
+        return [(kind, title, labelled(self._svg(self._graphs[kind]), title)) for kind, title in GRAPH_TITLES.items()]
+
+    def close(self) -> None:
+        """Wait for every ``dot`` process (errors are raised by the accessors, not here)."""
+        for f in [*self._diagrams.values(), *self._graphs.values()]:
+            f.exception()
+
+    def __enter__(self) -> Pictures:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,83 @@
+"""Connections at run time: which units publish their output and which published values a unit reads.
+
+A connection is one more input of a unit (see :mod:`pefref.compiler.units`): the
+reader's patch takes the value from the model's input cell (where the source's
+patch put it earlier in the same forward pass, see :mod:`pefref.runtime.patches`)
+and passes it to the unit by name. Reading a site's hidden state is reading the
+output of a *tap*: a generated module ``compute: x`` (or ``h``), ``integrate: h`` at
+that site, compiled and attached like any other module, which leaves the host
+unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pefref.language.connections import source_site, tap_name
+from pefref.language.schema import ParallelModule, SequentialModule
+
+__all__ = ["with_taps", "Wiring"]
+
+
+def with_taps(modules: list[Any]) -> list[Any]:
+    """``modules`` preceded by one tap for every site hidden state a connection reads."""
+    taps: dict[str, Any] = {}
+    for m in modules:
+        for conn in (getattr(m, "inputs", None) or {}).values():
+            if conn.module is None and conn.site is not None:
+                name = tap_name(conn.site, conn.tensor)
+                if name not in taps:
+                    cls = ParallelModule if conn.tensor == "x" else SequentialModule
+                    taps[name] = cls(name=name, sites=[conn.site], form=cls.model_fields["form"].annotation.__args__[0],  # type: ignore[union-attr]
+                                     compute=conn.tensor, integrate="h", description=f"publishes {conn.tensor} at {conn.site}")
+    return [*taps.values(), *modules]
+
+
+class Wiring:
+    """Keys of published values: which (module, site, layer) outputs are read, and what each placement reads."""
+
+    def __init__(self, modules: Sequence[Any], places: Sequence[Any], adapter: str) -> None:
+        self.adapter = adapter
+        self.by_name = {m.name: m for m in modules}
+        self.layers: dict[tuple[str, str], list[int | None]] = {}
+        for pl in places:
+            self.layers.setdefault((pl.module.name, pl.site), []).append(pl.layer)
+        self.read: set[str] = set()
+        for m in modules:
+            for conn in (getattr(m, "inputs", None) or {}).values():
+                self.read.add(conn.module if conn.module is not None else tap_name(conn.site, conn.tensor))
+                if conn.fallback is not None:
+                    self.read.add(conn.fallback)
+
+    def publishes(self, module: Any) -> bool:
+        """Whether other units read this module's output."""
+        return module.name in self.read
+
+    def key(self, module: str, site: str, layer: int | None) -> tuple[Any, ...]:
+        return (self.adapter, module, site, layer)
+
+    def _source(self, name: str, site: str | None, layer: int | None, which: str) -> tuple[Any, ...]:
+        src = self.by_name[name]
+        s = site if site is not None else src.sites[0]
+        placed = [li for li in self.layers.get((name, s), []) if li is not None]
+        if not placed:
+            return self.key(name, s, None)
+        if which == "last":
+            return self.key(name, s, max(placed))
+        if which == "previous":
+            return self.key(name, s, None if layer is None else layer - 1)
+        return self.key(name, s, layer)
+
+    def reads(self, module: Any, layer: int | None) -> dict[str, list[tuple[Any, ...]]]:
+        """For each connection of ``module`` placed at ``layer``: the keys it reads, the first present wins."""
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for name, conn in (getattr(module, "inputs", None) or {}).items():
+            if conn.module is None:
+                keys = [self._source(tap_name(conn.site, conn.tensor), conn.site, layer, conn.layer)]
+            else:
+                keys = [self._source(conn.module, source_site(self.by_name[conn.module], conn), layer, conn.layer)]
+            if conn.fallback is not None:
+                keys.append(self._source(conn.fallback, None, layer, "same"))
+            out[name] = keys
+        return out

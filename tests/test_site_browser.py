@@ -1,0 +1,172 @@
+"""The site in a real browser (Debian's headless chromium through chromedriver): the compare page's
+picker and address, the index's filter, sort and selection, and a phone-width layout.
+
+One browser session serves the whole module, on a site built from a few catalog techniques.
+Chromium missing is a failure, not a skip: ``run.sh`` installs it (``ensure_chromium``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from pefref.render.site.build import build_site
+
+from .site_util import pick
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, catalog) -> tuple[Path, list[str], dict]:
+    ids = pick(catalog, 4)
+    small = replace(catalog, techniques={k: catalog.techniques[k] for k in ids})
+    out = tmp_path_factory.mktemp("site")
+    build_site(out, catalog=small)
+    return out, ids, small
+
+
+@pytest.fixture(scope="module")
+def browser():
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            pytest.fail(f"{path} is missing: install Debian's chromium and chromium-driver (./run.sh does, as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="pefref-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _url(out: Path, page: str) -> str:
+    return (out / page).as_uri()
+
+
+def _shown_columns(driver) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#comparison thead th[data-col]'))"
+        ".filter(function (c) { return !c.hidden && c.offsetParent !== null; })"
+        ".map(function (c) { return c.getAttribute('data-col'); });"
+    )
+
+
+def _ids_in_address(driver) -> list[str]:
+    q = parse_qs(urlsplit(driver.current_url).query).get("ids", [])
+    return [x for v in q for x in v.split(",")]
+
+
+def test_compare_picker_adds_drops_and_keeps_the_address(browser, site) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out, ids, _ = site
+    a, b, _c, d = ids
+    browser.get(_url(out, "compare.html") + f"?ids={b},{a},nonexistent")
+    assert _shown_columns(browser) == [b, a]
+    assert _ids_in_address(browser) == [b, a]
+    assert "nonexistent" in browser.find_element(By.ID, "compare-status").text
+    every_row = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#comparison tbody tr')).filter(function (r) {"
+        " return r.querySelector('td[data-col]'); }).map(function (r) {"
+        " return Array.from(r.querySelectorAll('td[data-col]')).filter(function (c) { return !c.hidden; })"
+        ".map(function (c) { return c.getAttribute('data-col'); }).join(','); });"
+    )
+    assert every_row and set(every_row) == {f"{b},{a}"}
+
+    Select(browser.find_element(By.ID, "pick")).select_by_value(d)
+    browser.find_element(By.ID, "pick-add").click()
+    assert _shown_columns(browser) == [b, a, d]
+    assert _ids_in_address(browser) == [b, a, d]
+
+    browser.find_element(By.CSS_SELECTOR, f'#chosen button[data-id="{a}"]').click()
+    assert _shown_columns(browser) == [b, d]
+    assert _ids_in_address(browser) == [b, d]
+    chips = [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#chosen li")]
+    assert chips == [b, d]
+
+    shared = browser.current_url  # the address alone reproduces the comparison
+    browser.get(shared)
+    assert _shown_columns(browser) == [b, d]
+
+    browser.find_element(By.ID, "pick-clear").click()
+    assert _shown_columns(browser) == ids
+    assert _ids_in_address(browser) == []
+
+
+def test_index_filter_sort_and_compare_selection(browser, site) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out, ids, small = site
+    browser.get(_url(out, "index.html"))
+
+    def visible() -> list[str]:
+        return browser.execute_script(
+            "return Array.from(document.querySelectorAll('#techniques tbody tr'))"
+            ".filter(function (r) { return !r.hidden; }).map(function (r) { return r.getAttribute('data-id'); });"
+        )
+
+    assert sorted(visible()) == ids
+    box = browser.find_element(By.ID, "filter")
+    target = small.techniques[ids[2]]
+    box.send_keys(target.name)
+    assert ids[2] in visible() and len(visible()) < len(ids)
+    assert browser.find_element(By.ID, "filter-count").text.startswith(f"{len(visible())} of {len(ids)}")
+    box.clear()
+    box.send_keys(" ")  # an input event with an empty filter
+    assert sorted(visible()) == ids
+
+    forms = {tid: {m.form for m in small.techniques[tid].modules if hasattr(m, "form")} for tid in ids}
+    form = min(forms[ids[0]])
+    Select(browser.find_element(By.ID, "form-filter")).select_by_value(form)
+    assert sorted(visible()) == sorted(t for t in ids if form in forms[t])
+    Select(browser.find_element(By.ID, "form-filter")).select_by_value("")
+
+    year_button = browser.find_element(By.CSS_SELECTOR, '#techniques th[data-key="year"] button')
+    year_button.click()
+    years = [small.techniques[t].paper.year for t in visible()]
+    assert years == sorted(years)
+    year_button.click()
+    years = [small.techniques[t].paper.year for t in visible()]
+    assert years == sorted(years, reverse=True)
+    head = browser.find_element(By.CSS_SELECTOR, '#techniques th[data-key="year"]')
+    assert head.get_attribute("aria-sort") == "descending"
+
+    for tid in (ids[3], ids[1]):
+        browser.find_element(By.CSS_SELECTOR, f'#row-{tid} input[type="checkbox"]').click()
+    browser.find_element(By.CSS_SELECTOR, '#index-form button[type="submit"]').click()
+    assert urlsplit(browser.current_url).path.endswith("/compare.html")
+    assert sorted(_shown_columns(browser)) == sorted([ids[1], ids[3]])
+    assert sorted(_ids_in_address(browser)) == sorted([ids[1], ids[3]])
+
+
+def test_pages_fit_a_phone(browser, site) -> None:
+    """At a phone's width the page itself never scrolls sideways: wide tables scroll inside their box."""
+    out, ids, _ = site
+    browser.set_window_size(390, 844)
+    try:
+        for page in ("index.html", f"compare.html?ids={ids[0]},{ids[1]}", f"techniques/{ids[0]}.html", "typology.html",
+                     "models.html", "primitives.html", "schema.html"):
+            path, _, query = page.partition("?")
+            browser.get(_url(out, path) + (f"?{query}" if query else ""))
+            width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
+            assert width <= inner, f"{page}: {width}px wide in a {inner}px window"
+    finally:
+        browser.set_window_size(1280, 900)
