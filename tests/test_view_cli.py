@@ -39,9 +39,9 @@ def test_params_json_and_formula(catalog) -> None:
 
 
 def test_params_is_fast_on_70b(catalog) -> None:
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: load stretches wall time, not this
     pc = count_params(catalog.technique("lora"), catalog.shape("llama-3-70b"), catalog)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 0.5
     assert pc.trainable == 80 * 8 * ((8192 + 8192) + (8192 + 1024))
 
 
