@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pefref's two commands (see README.md):
 #   ./run.sh              set up, then run the main job on the embedded defaults
-#                         (validate the catalog, list it, run the demo)
+#                         (validate the catalog, list it, run the demo, train and
+#                         compare techniques on the real MiniLM: results/)
 #   ./run.sh test [ARGS]  set up, then run the whole test suite (ARGS go to pytest)
 #
 # Setup is idempotent: it creates .venv when missing (python3.11, else python3),
@@ -112,6 +113,25 @@ setup() {
   ensure_package
 }
 
+# The real experiment (README "Experiments"): the pretrained MiniLM on review polarity.
+# One seed by default (8 runs); PEFREF_EXPERIMENT_SEEDS=all runs the three seeds.
+# Finished runs are kept in results/, so a second ./run.sh skips them.
+run_experiment() {
+  local exp=catalog/experiments/minilm_rt_polarity.yaml out=results/minilm_rt_polarity
+  local seeds=(--seed 0)
+  [ "${PEFREF_EXPERIMENT_SEEDS:-0}" = all ] && seeds=()
+  log "pefref run $exp -o $out ${seeds[*]} --jobs 2"
+  "$VENV/bin/pefref" run "$exp" -o "$out" "${seeds[@]}" --jobs 2
+  log "pefref results $out"
+  "$VENV/bin/pefref" results "$out"
+  if "$VENV/bin/pefref" site --help 2>/dev/null | grep -q -- "--results"; then
+    log "pefref site --results $out"
+    "$VENV/bin/pefref" site --results "$out"
+    log "site: site/index.html (results pages included)"
+  fi
+  log "results: $out/results.sqlite, plots: $out/plots/*.svg"
+}
+
 main() {
   local mode="${1:-main}"
   case "$mode" in
@@ -127,6 +147,7 @@ main() {
       else
         warn "'pefref demo' is not available in this version; skipped"
       fi
+      run_experiment
       ;;
     test)
       shift

@@ -185,7 +185,7 @@ def test_validating_the_whole_catalog_is_fast() -> None:
     from pefref.language.catalog import load_catalog
 
     load_catalog()  # warm imports
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a loaded machine stretches wall time, not this
     cat = load_catalog()
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     assert len(cat.techniques) >= 30

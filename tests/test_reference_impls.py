@@ -403,7 +403,7 @@ def _v_out(z: dict[str, int]) -> int:
 CASES = [
     Case("houlsby_adapter", _houlsby, lambda z, hp, f: z["L"] * 2 * _bn(z["d"], hp["r"])),
     Case("compacter", _compacter(("attn.block", "ffn.block")),
-         lambda z, hp, f: 2 * hp["n"] ** 3 + z["L"] * 2 * _phm(hp["n"], z["d"], hp["r"])),
+         lambda z, hp, f: hp["n"] ** 3 + z["L"] * 2 * _phm(hp["n"], z["d"], hp["r"])),  # one set of rule matrices
     Case("tiny_attention_adapter", _tiny_attention, lambda z, hp, f: z["L"] * 4 * z["d"] * hp["r"]),
     Case("pfeiffer_adapter", _pfeiffer, lambda z, hp, f: z["L"] * _bn(z["d"], z["d"] // hp["reduction"])),
     Case("parallel_adapter", _parallel(1.0), lambda z, hp, f: z["L"] * _bn(z["d"], hp["r"])),

@@ -15,7 +15,7 @@ PEFT_REF = {
     "lora": ("attention", "parallel", "scaled addition", "reparameterisation", "low-rank", "fixed", "none", "hidden states", "2L"),
     "houlsby_adapter": ("attention + ffn", "sequential", "direct addition", "addition", "dense", "fixed", "none", "hidden states", "2L"),
     "tiny_attention_adapter": ("attention", "parallel", "direct addition", "addition", "attention", "dynamic", "none", "hidden states", "L"),
-    "compacter": ("attention + ffn", "sequential", "direct addition", "addition", "kronecker/hypercomplex", "fixed", "across layers", "hidden states", "2L"),
+    "compacter": ("attention + ffn", "sequential", "direct addition", "addition", "kronecker/hypercomplex", "fixed", "across layers + across sites", "hidden states", "2L"),
     "ia3": ("attention + ffn", "sequential", "rescaling", "reparameterisation", "none", "fixed", "none", "hidden states", "3L"),
 }
 

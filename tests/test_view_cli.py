@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import resource
 import re
 import subprocess
 import sys
@@ -38,20 +39,22 @@ def test_params_json_and_formula(catalog) -> None:
 
 
 def test_params_is_fast_on_70b(catalog) -> None:
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: load stretches wall time, not this
     pc = count_params(catalog.technique("lora"), catalog.shape("llama-3-70b"), catalog)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 0.5
     assert pc.trainable == 80 * 8 * ((8192 + 8192) + (8192 + 1024))
 
 
 def test_params_cli_in_a_fresh_process() -> None:
     cmd = [sys.executable, "-c", "from pefref.cli.app import app; app()", "params", "lora", "--model", "llama-3-70b", "--json"]
-    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["trainable"] == 16384000
-    assert elapsed < 5.0  # interpreter start-up included (generous for loaded machines); the count is timed above
+    # CPU seconds of the child, interpreter start-up included: a loaded machine stretches wall time, not this
+    assert cpu < 5.0
 
 
 def test_bad_override_is_a_clean_error() -> None:

@@ -450,6 +450,7 @@ def demo(
 import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
 from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
 from pefref.cli import site as _site  # noqa: E402,F401  (registers `pefref site`)
+import pefref.cli.experiments  # noqa: E402,F401  (registers run, results)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

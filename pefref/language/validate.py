@@ -79,6 +79,23 @@ def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
         comps = [f for f in unique if is_composition_file(f)]
         unique = [f for f in unique if f not in comps]
         _compositions(comps, base, problems, report)
+    if unique:  # architecture maps, model shapes, the reference and the interop table by their own schemas
+        from pefref.language.file_kinds import check_other_file, file_kind
+
+        rest = []
+        for f in unique:
+            kind = file_kind(f)
+            if kind is None:
+                rest.append(f)
+                continue
+            found, what = check_other_file(f, kind, base)
+            problems += found
+            report.setdefault("families", [])
+            report.setdefault("models", [])
+            for key, names in what.items():
+                report.setdefault(key, []).extend(names)
+            report["files"] += 1
+        unique = rest
     if unique:
         loaded, _src, _pos, tproblems = load_techniques(unique, base.reference, base.techniques)
         problems += tproblems

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pefref.language.schema.composition import (
     AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
 )
+from pefref.language.schema.experiment import Experiment
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec
 from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
@@ -15,6 +16,7 @@ from pefref.language.schema.technique import (
 )
 
 __all__ = [
+    "Experiment",
     "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
@@ -31,5 +33,6 @@ SCHEMAS = {
     "composition": Composition,
     "interactions": InteractionRules,
     "interop": InteropTable,
+    "experiment": Experiment,
 }
 """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""

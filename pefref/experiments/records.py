@@ -1,0 +1,111 @@
+"""The results database: ``DIR/results.sqlite`` with a ``runs`` table (one row per run) and a ``steps`` table (metrics per step).
+
+``runs.status`` is ``running`` while a run trains, ``interrupted`` when it was
+stopped (its last checkpoint resumes it), ``failed`` on an error and ``done``
+once finished; a rerun skips ``done`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DB_NAME", "RUN_COLUMNS", "Records"]
+
+DB_NAME = "results.sqlite"
+
+RUN_COLUMNS: dict[str, str] = {
+    "id": "TEXT PRIMARY KEY",           # sha256 of the resolved configuration (16 hex digits)
+    "experiment": "TEXT NOT NULL",
+    "label": "TEXT NOT NULL",           # technique / composition / baseline with its varying hyperparameters
+    "technique": "TEXT NOT NULL",       # technique id(s) joined by '+', or the baseline's name
+    "seed": "INTEGER NOT NULL",
+    "lr": "REAL NOT NULL",
+    "config": "TEXT NOT NULL",          # the full resolved configuration, JSON
+    "hyperparameters": "TEXT",          # every technique's hyperparameters with defaults filled in, JSON
+    "status": "TEXT NOT NULL",          # running | interrupted | failed | done
+    "step": "INTEGER DEFAULT 0",        # optimizer steps done
+    "total_steps": "INTEGER",
+    "trainable": "INTEGER",
+    "total_params": "INTEGER",
+    "trainable_pct": "REAL",
+    "main_metric": "TEXT",              # accuracy (classification) or loss (causal LM)
+    "final_metrics": "TEXT",            # JSON
+    "best_metrics": "TEXT",             # JSON
+    "best_step": "INTEGER",
+    "peak_memory": "INTEGER",           # bytes
+    "memory_source": "TEXT",            # cuda (allocator peak) | tensors (weights + grads + optimizer state + saved activations)
+    "step_time": "REAL",                # seconds per optimizer step (mean, first steps excluded)
+    "wall_time": "REAL",                # seconds, summed over resumed sessions
+    "world_size": "INTEGER",
+    "device": "TEXT",
+    "versions": "TEXT",                 # JSON: python, torch, transformers, datasets, pefref
+    "error": "TEXT",
+    "started": "REAL",
+    "finished": "REAL",
+}
+
+
+class Records:
+    """Read and write the results database of one output folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / DB_NAME
+        self.conn = sqlite3.connect(str(self.path), timeout=30)
+        self.conn.row_factory = sqlite3.Row
+        cols = ", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())
+        self.conn.execute("PRAGMA journal_mode=WAL")  # parallel workers write side by side
+        with self.conn:
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS steps (run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, "
+                              "metrics TEXT NOT NULL, time REAL, PRIMARY KEY (run_id, step, split))")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _decode(dict(row)) if row else None
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [_decode(dict(r)) for r in self.conn.execute("SELECT * FROM runs ORDER BY experiment, label, seed, id")]
+
+    def upsert(self, run_id: str, **fields: Any) -> None:
+        """Insert or update one run's row (JSON-encodes dicts and lists)."""
+        vals = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        unknown = set(vals) - set(RUN_COLUMNS)
+        assert not unknown, unknown
+        with self.conn:
+            if self.conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                if vals:
+                    sets = ", ".join(f"{k} = ?" for k in vals)
+                    self.conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*vals.values(), run_id))
+            else:
+                vals["id"] = run_id
+                keys = ", ".join(vals)
+                self.conn.execute(f"INSERT INTO runs ({keys}) VALUES ({', '.join('?' * len(vals))})", tuple(vals.values()))
+
+    def log(self, run_id: str, step: int, split: str, metrics: dict[str, float]) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?)", (run_id, step, split, json.dumps(metrics, sort_keys=True), time.time()))
+
+    def truncate_steps(self, run_id: str, after: int) -> None:
+        """Forget step metrics past ``after`` (a resumed run recomputes them)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM steps WHERE run_id = ? AND step > ?", (run_id, after))
+
+    def steps(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT * FROM steps" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step, split"
+        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in self.conn.execute(q, (run_id,) if run_id else ())]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    for k in ("config", "hyperparameters", "final_metrics", "best_metrics", "versions"):
+        if row.get(k):
+            row[k] = json.loads(row[k])
+    return row

@@ -1,0 +1,67 @@
+"""Which catalog schema a YAML file follows, read from its top-level keys, and its checks.
+
+``pefref validate FILE`` checks architecture maps, model-shape files, the
+reference architecture and the interop table with their own schemas (and the
+cross-checks the catalog makes), not as techniques.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pefref.language.catalog import Catalog
+from pefref.language.check import check_family
+from pefref.language.errors import CatalogError, Problem
+from pefref.language.loader import load_file, suggest
+from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, ReferenceArchitecture
+
+__all__ = ["file_kind", "check_other_file", "KIND_KEYS"]
+
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "family": ("family", "sites", "layers"),
+    "models": ("shapes",),
+    "reference": ("site_kinds", "sites"),
+    "interop": ("peft_version", "methods"),
+}
+"""Top-level keys that together mark a file of each kind (other files are techniques or compositions)."""
+
+
+def file_kind(path: Path) -> str | None:
+    """'family', 'models', 'reference' or 'interop' by the file's top-level keys; None otherwise (or unreadable)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    for kind, keys in KIND_KEYS.items():
+        if all(k in data for k in keys):
+            return kind
+    return None
+
+
+def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem], dict[str, Any]]:
+    """Every problem of a map, model-shape, reference or interop file, and what it holds (for the report)."""
+    model = {"family": ArchitectureMap, "models": ModelShapes, "reference": ReferenceArchitecture, "interop": InteropTable}[kind]
+    try:
+        obj, pos = load_file(model, path)
+    except CatalogError as e:
+        return list(e.problems), {}
+    if kind == "family":
+        return check_family(obj, pos, base.reference), {"families": [obj.family]}
+    if kind == "models":
+        problems = []
+        for i, s in enumerate(obj.shapes):
+            if s.family not in base.families:
+                problems.append(Problem(pos.at(("shapes", i, "family")), f"shapes[{i}].family", f"unknown family {s.family!r}{suggest(s.family, base.families)}"))
+        return problems, {"models": [s.name for s in obj.shapes]}
+    if kind == "interop":
+        problems = []
+        for i, m in enumerate(obj.methods):
+            if m.technique not in base.techniques:
+                problems.append(Problem(pos.at(("methods", i, "technique")), f"methods[{i}].technique", f"unknown technique {m.technique!r}{suggest(m.technique, base.techniques)}"))
+        return problems, {"interop": [m.technique for m in obj.methods]}
+    return [], {"reference": [obj.name]}
