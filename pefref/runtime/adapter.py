@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.language.errors import PefrefError
 from pefref.runtime.patches import Entry
 from pefref.runtime.report import Report
 from pefref.language.schema import ArchitectureMap, Technique
