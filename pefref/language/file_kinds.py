@@ -17,6 +17,7 @@ from pefref.language.check import check_family
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, ReferenceArchitecture
+from pefref.language.yamlsrc import parse_yaml
 
 __all__ = ["file_kind", "check_other_file", "KIND_KEYS"]
 
@@ -31,9 +32,9 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
 
 def file_kind(path: Path) -> str | None:
     """'family', 'models', 'reference' or 'interop' by the file's top-level keys; None otherwise (or unreadable)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    try:  # the bounded reader: deep nesting and huge integers are the loader's located problems, not crashes here
+        data, _pos = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, CatalogError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
