@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"LoRA r={R} on {', '.join(TARGETS)} of {args.shape} ({n_layers} layers, meta device), "
           f"{counts['pefref']:,} trainable parameters; paired round-robin, ratio = pefref/peft per round")
-    print(f"| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
+    print("| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
     print("|---|---:|---:|---:|---:|---:|")
     for mode in ("warm", "cold"):
         if mode not in result:

@@ -95,7 +95,7 @@ def _version(dist: str) -> str | None:
         from importlib.metadata import version
 
         return version(dist)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -119,7 +119,7 @@ def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     assert sorted({p.rsplit(".", 1)[1] for p in pairs}) == sorted(TARGETS), sorted(pairs)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for A, B in pairs.values():  # B non-zero so the update matters
+        for _A, B in pairs.values():  # B non-zero so the update matters
             B.copy_(torch.randn(B.shape, generator=g).to(B.device) * 0.05)
     models["pefref"] = m_a
 

@@ -32,7 +32,7 @@ def catalog():
     return default_catalog()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(shape: str) -> torch.nn.Module:
     return build_model(shape, seed=0)
 

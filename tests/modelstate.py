@@ -30,7 +30,7 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
         w = after[k]
         if isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor):
             assert v[0].dtype == w[0].dtype and v[0].shape == w[0].shape, k
-            assert torch.equal(v[0], w[0]) or torch.equal(v[0].isnan(), w[0].isnan()) and torch.equal(v[0].nan_to_num(), w[0].nan_to_num()), k
+            assert torch.equal(v[0], w[0]) or (torch.equal(v[0].isnan(), w[0].isnan()) and torch.equal(v[0].nan_to_num(), w[0].nan_to_num())), k
             assert v[1:] == w[1:], k
         else:
             assert v == w, k

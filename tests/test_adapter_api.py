@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pefref.runtime.api import apply
 from pefref.language.errors import PefrefError, SiteError
+from pefref.runtime.api import apply
 
 from .conftest import model_inputs, output_of, tiny_model
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -44,7 +42,7 @@ def test_prefix_tuning_shifts_absolute_positions_by_its_length(family: str, embe
     assert seen and seen[0].flatten().tolist() == [3, 4, 5, 6, 7]
 
 
-def test_validate_checks_maps_shapes_and_the_interop_table_by_their_own_schemas(tmp_path) -> None:  # noqa: ANN001
+def test_validate_checks_maps_shapes_and_the_interop_table_by_their_own_schemas(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from pefref.cli.app import app

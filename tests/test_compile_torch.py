@@ -11,19 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
+import transformers
 
-import transformers  # noqa: E402 - a test dependency
+from pefref.compiler.units import Unit
+from pefref.language import expr as pefref_expr
+from pefref.language.catalog import default_catalog
+from pefref.language.check import expand_modules
+from pefref.models.build import applicable
+from pefref.ops import PRIMITIVES
+from pefref.runtime.api import apply
+from pefref.view.params import count_params
 
-from pefref.language import expr as pefref_expr  # noqa: E402
-from pefref.compiler.units import Unit  # noqa: E402
-from pefref.runtime.api import apply  # noqa: E402
-from pefref.language.catalog import default_catalog  # noqa: E402
-from pefref.language.check import expand_modules  # noqa: E402
-from pefref.models.build import applicable  # noqa: E402
-from pefref.ops import PRIMITIVES  # noqa: E402
-from pefref.view.params import count_params  # noqa: E402
-
-from .conftest import TINY, tiny_model  # noqa: E402
+from .conftest import TINY, tiny_model
 
 TOL = 1e-5
 # every technique that runs units (select modules only unfreeze host parameters: nothing is compiled)
@@ -37,7 +36,7 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
-def adapted(seed: int = 0):  # noqa: ANN201
+def adapted(seed: int = 0):
     """tiny-llama with pefref LoRA, B non-zero (so the adapter changes the output)."""
     model = tiny_llama(seed)
     adapter = apply(model, "lora", r=8)
@@ -55,7 +54,7 @@ def input_ids(batch: int = 2, seq: int = 16) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():  # noqa: ANN202
+def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

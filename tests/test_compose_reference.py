@@ -85,7 +85,7 @@ def _perturb(comp: Composition, seed: int = 5) -> None:
         for ad in comp.adapters.values():
             for p in ad.units.parameters():
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
-        for n, p in comp.combiners.named_parameters():
+        for _n, p in comp.combiners.named_parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
@@ -238,7 +238,7 @@ def test_composition_trains(cid: str) -> None:
     assert all(torch.equal(before[n], after[n]) for n in before)  # the base model did not move
 
 
-def test_a_failed_composition_changes_nothing(tmp_path) -> None:  # noqa: ANN001
+def test_a_failed_composition_changes_nothing(tmp_path) -> None:
     p = tmp_path / "half.yaml"
     p.write_text("id: half\nname: Half\ntechniques:\n  - {name: lora, technique: lora}\n  - {name: bias, technique: bitfit}\n", encoding="utf-8")
     model = copy.deepcopy(_base("llama"))  # Llama's projections have no biases: bitfit has nothing to train

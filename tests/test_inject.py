@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pefref.runtime.api import ADAPTERS_ATTR, apply
 from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.models.build import applicable
+from pefref.runtime.api import ADAPTERS_ATTR, apply
 from pefref.view.analysis import module_mergeable
 from pefref.view.params import count_params
 
@@ -154,8 +154,8 @@ def test_analytic_count_equals_counted_on_real_shapes(shape: str) -> None:
 @pytest.mark.parametrize("shape", sorted(_CAT.shapes))
 def test_base_params_formula_equals_the_built_model(shape: str) -> None:
     """Each family's base_params expression counts the real model of every named shape (meta device)."""
-    from pefref.models.build import build_model
     from pefref.language.sizes import eval_scalar, model_sizes
+    from pefref.models.build import build_model
 
     s = _CAT.shape(shape)
     fam = _CAT.family(s.family)

@@ -19,7 +19,7 @@ from pefref.language.catalog import catalog_root, default_catalog, load_techniqu
 from pefref.runtime.api import apply
 from pefref.view.typology import derive_typology
 
-from .test_reference_impls import PATHS, SHAPES, TOL, CAUSAL, Hand, Units, _base, _perturb, family_of, inputs_for, model_sizes, output_of, tiny_attention
+from .test_reference_impls import CAUSAL, PATHS, SHAPES, TOL, Hand, Units, _base, _perturb, family_of, inputs_for, model_sizes, output_of, tiny_attention
 from .test_reference_routing import train_steps
 
 CAT = default_catalog()

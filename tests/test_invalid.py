@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
 from pefref.cli.app import app
+from pefref.language.catalog import catalog_root, default_catalog, load_catalog, load_techniques
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.yamlsrc import MAX_BYTES
 

@@ -23,17 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import peft
 import pytest
 import torch
 from torch import nn
 
-import peft  # noqa: E402 - a test dependency: missing means the install is broken
-
-from pefref.runtime.api import Adapter, apply  # noqa: E402
-from pefref.language.catalog import default_catalog  # noqa: E402
-from pefref.language.schema import Technique  # noqa: E402
-
-from pefref.models.build import build_model  # noqa: E402
+from pefref.language.catalog import default_catalog
+from pefref.language.schema import Technique
+from pefref.models.build import build_model
+from pefref.runtime.api import Adapter, apply
 
 from .parity import max_diff, padded_batch
 

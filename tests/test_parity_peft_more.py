@@ -30,19 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import peft
+import peft.tuners.boft.layer as boft_layer
 import pytest
 import torch
+import transformers  # noqa: F401
 from torch import nn
 
-import peft  # noqa: E402 - a test dependency: missing means the install is broken
-import transformers  # noqa: E402,F401
-
-import peft.tuners.boft.layer as boft_layer  # noqa: E402
-
-from pefref.runtime.api import Adapter, apply  # noqa: E402
-from pefref.language.catalog import default_catalog  # noqa: E402
-from pefref.language.errors import PefrefError  # noqa: E402
-from pefref.models.build import build_model  # noqa: E402
+from pefref.language.catalog import default_catalog
+from pefref.language.errors import PefrefError
+from pefref.models.build import build_model
+from pefref.runtime.api import Adapter, apply
 
 from .conftest import output_of
 from .parity import max_diff, padded_batch
@@ -201,7 +199,7 @@ class _TorchBlockDiag:
 
     @staticmethod
     def backward(grad: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
-        n, d, h, _ = x.shape
+        _n, d, h, _ = x.shape
         return [torch.stack([torch.stack([g[i * h:(i + 1) * h, i * h:(i + 1) * h] for i in range(d)]) for g in grad])]
 
 

@@ -21,7 +21,7 @@ from .conftest import TINY, model_inputs, tiny_model
 TOL = 1e-5
 
 
-def _lora(r: int = 4):  # noqa: ANN202
+def _lora(r: int = 4):
     model = tiny_model("llama")
     adapter = apply(model, "lora", r=r)
     g = torch.Generator().manual_seed(3)
@@ -32,11 +32,11 @@ def _lora(r: int = 4):  # noqa: ANN202
     return model, adapter
 
 
-def _hosts(adapter) -> list[torch.nn.Module]:  # noqa: ANN001
+def _hosts(adapter) -> list[torch.nn.Module]:
     return [patch.host for patch, _e in adapter.entries if isinstance(patch, HostPatch)]
 
 
-def test_one_token_decoding_after_merge_runs_the_base_forward(monkeypatch) -> None:  # noqa: ANN001
+def test_one_token_decoding_after_merge_runs_the_base_forward(monkeypatch) -> None:
     model, adapter = _lora()
     model.eval()
     ids = torch.tensor([[5, 9, 13, 2]])
@@ -80,7 +80,7 @@ def test_a_second_adapter_on_a_merged_host_is_patched_in() -> None:
 
 
 def test_units_of_one_description_share_one_generated_class() -> None:
-    model, adapter = _lora()
+    _model, adapter = _lora()
     units = list(adapter.units.values())
     assert len(units) >= 4
     classes = {type(u) for u in units}

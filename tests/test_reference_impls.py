@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefref.runtime.api import Adapter, apply
 from pefref.language.catalog import default_catalog
 from pefref.models.build import build_model
 from pefref.ops import PRIMITIVES
+from pefref.runtime.api import Adapter, apply
 from pefref.view.analysis import mergeable
 from pefref.view.typology import derive_typology
 
@@ -73,7 +73,7 @@ PATHS: dict[str, dict[str, Any]] = {
 CAUSAL = {"llama": True, "gpt2": True, "bert": False}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(shape: str) -> nn.Module:
     return build_model(shape, seed=0)
 

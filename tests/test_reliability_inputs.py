@@ -174,8 +174,8 @@ def test_huge_integer_is_located(tmp_path: Path) -> None:
 
 
 def test_hyperparameter_named_after_a_size_keeps_its_name(tmp_path: Path, catalog) -> None:
-    from pefref.view.params import count_params
     from pefref.language.catalog import load_techniques
+    from pefref.view.params import count_params
 
     p = _file(tmp_path, """\
     hyperparameters:
@@ -230,9 +230,9 @@ def test_booleans_are_not_numbers(tmp_path: Path) -> None:
 
 
 def test_overrides_keep_their_types() -> None:
-    from pefref.language.hparams import resolve_hyperparameters
     from pefref.language.catalog import default_catalog
     from pefref.language.check import expand_modules
+    from pefref.language.hparams import resolve_hyperparameters
 
     t = default_catalog().technique("lora")
     _m, decl = expand_modules(t, default_catalog().techniques)

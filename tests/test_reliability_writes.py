@@ -91,7 +91,7 @@ def test_schema_out_deletes_only_generated_files(tmp_path: Path) -> None:
     mine = tmp_path / "mine.schema.json"
     mine.write_text('{"title": "a user schema"}\n')
     stale = tmp_path / "old.schema.json"
-    stale.write_text('{"$comment": "%s"}\n' % GENERATED_MARK)
+    stale.write_text(f'{{"$comment": "{GENERATED_MARK}"}}\n')
     assert runner.invoke(app, ["schema", "--check", "--out", str(tmp_path)]).exit_code == 1
     result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -117,7 +117,7 @@ def test_schema_out_to_read_only_folder_is_one_line_error(tmp_path: Path, monkey
     if os.geteuid() == 0:  # root writes anywhere: make the OS refuse as it would for a user
         real = tempfile.mkstemp
 
-        def refuse(*args: object, dir: str | None = None, **kw: object):  # noqa: A002
+        def refuse(*args: object, dir: str | None = None, **kw: object):
             if dir is not None and Path(dir) == ro:
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kw)

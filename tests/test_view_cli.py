@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
-import resource
 import re
+import resource
 import subprocess
 import sys
 import time

@@ -225,9 +225,9 @@ def show(
     sites: Optional[list[str]] = typer.Option(None, "--sites", help=SITES_HELP),
 ) -> None:
     """Show one technique: paper, modules, expressions, and its derived typology, parameters and costs."""
-    from pefref.view.summary import technique_summary
     from pefref.cli.textview import render_summary
     from pefref.view import derived_facts
+    from pefref.view.summary import technique_summary
 
     t, cat = _resolve_technique(technique)
     shape = _lookup(cat.shape, model)
@@ -357,9 +357,9 @@ def apply_(
 
             apply_composition_cli(technique, model, as_json, _echo_json, _wide)
             return
-    from pefref.runtime.api import apply as apply_technique
-    from pefref.models.build import build_model
     from pefref.language.sizes import eval_scalar, model_sizes
+    from pefref.models.build import build_model
+    from pefref.runtime.api import apply as apply_technique
 
     t, cat = _resolve_technique(technique)
     shape = _lookup(cat.shape, model)
@@ -447,10 +447,10 @@ def demo(
     _wide().print(table)
 
 
+import pefref.cli.experiments  # noqa: E402  (registers run, results)
 import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
 from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
 from pefref.cli import site as _site  # noqa: E402,F401  (registers `pefref site`)
-import pefref.cli.experiments  # noqa: E402,F401  (registers run, results)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -24,9 +24,9 @@ def run_demo(catalog: Catalog, shape: str = "tiny-ref") -> list[dict[str, Any]]:
 def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[str, Any] | None:
     import torch
 
-    from pefref.runtime.api import apply
     from pefref.language.check import expand_modules
     from pefref.models.build import applicable, build_model
+    from pefref.runtime.api import apply
     from pefref.view.analysis import module_mergeable
 
     modules, _ = expand_modules(t, catalog.techniques)

@@ -184,7 +184,7 @@ def _run_parallel(path: str | Path, out: Path, runs: list[RunSpec], jobs: int, o
                 outcome.done.append(r.id)
             elif st == "failed":
                 outcome.failed.append((r.id, str((rec.run(r.id) or {}).get("error"))))
-            elif st in ("interrupted", "running") and outcome.interrupted is None or st is None and outcome.interrupted is None and flag.requested:
+            elif (st in ("interrupted", "running") and outcome.interrupted is None) or (st is None and outcome.interrupted is None and flag.requested):
                 outcome.interrupted = r.id
     finally:
         rec.close()

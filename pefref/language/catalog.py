@@ -57,7 +57,7 @@ class Catalog:
             raise KeyError(f"no architecture map {name!r}{suggest(name, self.families)} (known: {', '.join(sorted(self.families))})") from None
 
 
-def _collect(problems: list[Problem], fn, *args):  # noqa: ANN001, ANN202
+def _collect(problems: list[Problem], fn, *args):
     try:
         return fn(*args)
     except CatalogError as e:
@@ -82,7 +82,7 @@ def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: 
         loaded[t.id] = (t, pos, p)
     pool = dict(known or {})
     pool.update({k: v[0] for k, v in loaded.items()})
-    for tid, (t, pos, _p) in loaded.items():
+    for _tid, (t, pos, _p) in loaded.items():
         problems.extend(check_technique(t, pos, reference, pool))
     bad = {pr.location.file for pr in problems}
     good = {k: v for k, v in loaded.items() if str(v[2]) not in bad}

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pefref.language.connections import check_connections
 from pefref.language.errors import Location, PefrefError, Problem
 from pefref.language.expr import Expr, parse_expr
-from pefref.ops.inits import INITS
 from pefref.language.loader import dotted, suggest
-from pefref.language.templates import template_problem
-from pefref.ops import PRIMITIVES
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import PrependModule
-from pefref.language.connections import check_connections
 from pefref.language.shapecheck import check_module_shapes
+from pefref.language.templates import template_problem
 from pefref.language.yamlsrc import Positions
+from pefref.ops import PRIMITIVES
+from pefref.ops.inits import INITS
 
 __all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
@@ -166,7 +166,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
     for name, hp in t.hyperparameters.items():
         p = ("hyperparameters", name)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
-        if lo is not None and hp.default < lo or hi is not None and hp.default > hi:
+        if (lo is not None and hp.default < lo) or (hi is not None and hp.default > hi):
             why = f"below the minimum {lo}" if lo is not None and hp.default < lo else f"above the maximum {hi}"
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
         if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:

@@ -11,6 +11,7 @@ composition's line and field.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -203,7 +204,7 @@ def _check_blocks(res: ResolvedComposition, pos: Positions, rules: InteractionRu
                 out.append(Problem(pos.at(sp), fld, f"a {blk.kind} block combines modules of one stage, but at {s!r} they run in different stages ({desc})"))
             if blk.kind == "stack":
                 seq = [a for a in blk.adapters if a in stages]
-                for a1, a2 in zip(seq, seq[1:]):
+                for a1, a2 in itertools.pairwise(seq):
                     if max(order[x] for x in stages[a1]) > min(order[x] for x in stages[a2]):
                         out.append(Problem(pos.at(bp + ("adapters",)), f"blocks[{b}].adapters",
                                            f"the stack puts {a1!r} ({'/'.join(sorted(stages[a1]))} stage) before {a2!r} ({'/'.join(sorted(stages[a2]))} stage) at {s!r}, "

@@ -53,7 +53,7 @@ class ExprError(PefrefError, ValueError):
 def _check(node: ast.AST) -> None:
     col = getattr(node, "col_offset", 0)
     if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or isinstance(node.value, (int, float)):
+        if isinstance(node.value, (bool, int, float)):
             return
         raise ExprError(f"only numbers and einsum subscripts (letters, ',', '->', '...', as an op's first argument) are allowed as literals, found {node.value!r}", col)
     if isinstance(node, ast.Name):
@@ -194,9 +194,10 @@ def arith(op: type, a: Any, b: Any, column: int = 0) -> Any:
     if not (_number(a) and _number(b)):
         return fn(a, b)
     lim = current()
-    if op is ast.Pow and isinstance(a, int) and isinstance(b, int):
-        if abs(b) > lim.max_exponent or (b > 0 and abs(a) > 1 and b * math.log10(abs(a)) > lim.max_int_digits):
-            raise ExprError(f"{a} ** {b} is too large (exponents up to {lim.max_exponent}, results up to {lim.max_int_digits} digits)", column)
+    if op is ast.Pow and isinstance(a, int) and isinstance(b, int) and (
+        abs(b) > lim.max_exponent or (b > 0 and abs(a) > 1 and b * math.log10(abs(a)) > lim.max_int_digits)
+    ):
+        raise ExprError(f"{a} ** {b} is too large (exponents up to {lim.max_exponent}, results up to {lim.max_int_digits} digits)", column)
     try:
         out = fn(a, b)
     except ZeroDivisionError:

@@ -6,8 +6,8 @@ from typing import Any
 
 from pefref.language.errors import PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
-from pefref.ops import PRIMITIVES
 from pefref.language.schema import ArchitectureMap, LayerRange
+from pefref.ops import PRIMITIVES
 
 __all__ = ["scalar_ops", "eval_scalar", "model_sizes", "select_layers"]
 
@@ -27,7 +27,7 @@ def model_sizes(fam: ArchitectureMap, config: dict[str, Any]) -> dict[str, int]:
     for k, e in fam.sizes.items():
         try:
             out[k] = int(eval_scalar(e, config))
-        except Exception as ex:  # noqa: BLE001 - reported with context
+        except Exception as ex:
             raise PefrefError(f"family {fam.family}: size {k} = {e!r} cannot be read from the model config ({ex})") from None
     return out
 

@@ -108,7 +108,7 @@ class RefTransformer(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> RefOutput:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [b, s, d]
-        b, s, _ = x.shape
+        _b, s, _ = x.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
         x = x + self.pos(torch.arange(s, device=x.device))
         total = past_len + s

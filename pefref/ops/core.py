@@ -225,6 +225,6 @@ def kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum of Kronecker products :math:`\\sum_i A_i \\otimes B_i` over the leading dimension
     (parameterised hypercomplex multiplication, Zhang et al. 2021; Compacter)."""
     import torch
-    n, a1, a2 = a.shape
+    _n, a1, a2 = a.shape
     _, b1, b2 = b.shape
     return torch.einsum("nij,nkl->ikjl", a, b).reshape(a1 * b1, a2 * b2)

@@ -313,7 +313,7 @@ def _einsum(subscripts: str, *ops: Shape) -> Shape:
     for term, s in zip(terms, ops):
         letters = _LETTERS.findall(term)
         if "..." in term:
-            pre, post = term.split("...")
+            pre, _post = term.split("...")
             n_ell = len(s) - len(letters)
             if n_ell < 0:
                 raise ShapeMismatch(f"einsum term {term!r} has more letters than {s} has dimensions")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pefref.ops.inits import initialiser
 from pefref.ops import primitive
+from pefref.ops.inits import initialiser
 
 if TYPE_CHECKING:
     import torch

@@ -73,7 +73,7 @@ def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
         return dims_text(spec.shape)
     try:
         return " × ".join(str(x) for x in shape_of(spec, names))
-    except Exception:  # noqa: BLE001 - a shape that does not resolve is drawn symbolically
+    except Exception:
         return dims_text(spec.shape)
 
 

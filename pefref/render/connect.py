@@ -26,7 +26,7 @@ def _instances(sk: Skeleton, technique: str, module: str, site: str | None = Non
             if a.get("role") == "module" and a.get("technique") == technique and a.get("module") == module and (site is None or a.get("site") == site)]
 
 
-def _source_layer(layer: int | None, which: str, drawn: list[int | None]) -> int | None | str:
+def _source_layer(layer: int | None, which: str, drawn: list[int | None]) -> int | str | None:
     """The layer whose value a reader at ``layer`` gets (``'missing'`` where there is none: the previous layer of the first)."""
     if layer is None or which == "same":
         return layer

@@ -53,7 +53,7 @@ def typology_graph(catalog: Catalog) -> nx.Graph:
     """Bipartite graph: techniques (``bipartite=0``) linked to the typology values they take (``bipartite=1``)."""
     g = nx.Graph(name="typology")
     rows = _typology_rows(catalog)
-    for tid, row in rows.items():
+    for tid in rows:
         t = catalog.techniques[tid]
         g.add_node(tid, kind="technique", label=t.name, year=t.paper.year, bipartite=0)
     for prop in TYPOLOGY_PROPERTIES:
@@ -161,7 +161,7 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
             else:
                 colour = _PALETTE[props.index(a["property"]) % len(_PALETTE)]
                 a.update(html=html_lines([("", a["label"])]), cluster=a["property"], dot={"shape": "box", "style": "filled", "fillcolor": "#ffffff", "color": colour})
-        for u, v, a in d.edges(data=True):
+        for _u, _v, a in d.edges(data=True):
             colour = _PALETTE[props.index(a["property"]) % len(_PALETTE)]
             a["dot"] = {"color": colour + "99", "style": "dashed" if a["declared"] else "solid", "arrowhead": "none"}
         # techniques first (left), grouped by insertion and integration form; values after
@@ -179,16 +179,16 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
     if kind == "similarity":
         d.graph.update(attrs={"layout": "neato", "overlap": "false", "splines": "true", "sep": "+6", "start": "1"},
                        title="<B>Similarity</B>: shared typology values and structural features (thicker = more; colour = cluster)")
-        for n, a in d.nodes(data=True):
+        for _n, a in d.nodes(data=True):
             colour = _PALETTE[a.get("cluster", 0) % len(_PALETTE)]
             a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled", "fillcolor": colour + "33", "color": colour})
-        for u, v, a in d.edges(data=True):
+        for _u, _v, a in d.edges(data=True):
             a["dot"] = {"penwidth": f"{0.5 + 3 * a['jaccard']:.2f}", "color": "#55555588", "len": f"{2.5 - 1.5 * a['jaccard']:.2f}"}
         return d
     d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (grey: extends; dashed blue: reuses modules; solid blue: both; dashed box: designed in pefref)")
-    for n, a in d.nodes(data=True):
+    for _n, a in d.nodes(data=True):
         a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
-    for u, v, a in d.edges(data=True):
+    for _u, _v, a in d.edges(data=True):
         a["dot"] = {"style": "dashed" if a["relation"] == "uses" else "solid", "color": FORM_COLOURS["parallel"] if "uses" in a["relation"] else "#444444"}
         if a["modules"]:
             a["label"] = a["modules"]

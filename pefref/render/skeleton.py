@@ -192,7 +192,7 @@ class Skeleton:
 
     def component_labels(self) -> None:
         """Give every component its label: name, site, widths (numbers with a model) and the family's module path."""
-        for nid, a in self.graph.nodes(data=True):
+        for _nid, a in self.graph.nodes(data=True):
             if a.get("role") != "component":
                 continue
             lines = [("b", a["label"])]

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.language.schema import ArchitectureMap, Technique
 from pefref.runtime.patches import Entry
 from pefref.runtime.report import Report
-from pefref.language.schema import ArchitectureMap, Technique
 
 __all__ = ["Adapter", "ADAPTERS_ATTR"]
 

@@ -89,7 +89,7 @@ def read_verified(path: str | Path, adapter: Any, own: dict[str, torch.Tensor]) 
             tensors = {k: f.get_tensor(k) for k in keys}
     except PefrefError:
         raise
-    except Exception as e:  # noqa: BLE001 - safetensors, OS and decoding errors of a damaged file
+    except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PefrefError(f"{where}: not a readable safetensors adapter file ({reason})") from None
     for k, t in tensors.items():

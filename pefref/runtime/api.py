@@ -14,25 +14,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
 from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.language.composition import is_composition_file
-from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
 from pefref.language.errors import CatalogError, PefrefError
-from pefref.language.placement import retarget
 from pefref.language.expr import evaluate, parse_expr
-from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
+from pefref.language.placement import retarget
+from pefref.language.schema import ArchitectureMap, Technique
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
+from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
+from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
 from pefref.runtime.transaction import Transaction, located
-from pefref.runtime.report import Report, ReportRow, fold_paths
-from pefref.language.schema import ArchitectureMap, Technique
 from pefref.view.analysis import mergeable
 
 __all__ = ["apply", "resolve_technique", "Adapter", "Report", "ReportRow", "fold_paths", "ADAPTERS_ATTR"]

@@ -18,14 +18,14 @@ from torch import nn
 from pefref.language.catalog import Catalog
 from pefref.language.check import check_family
 from pefref.language.errors import CatalogError, PefrefError, SiteError
-from pefref.language.yamlsrc import Positions
 from pefref.language.expr import evaluate, parse_expr
-from pefref.runtime.hosts import HostKind, host_kind
 from pefref.language.loader import load_file, suggest
 from pefref.language.model_classes import bind_class
 from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 from pefref.language.templates import template
+from pefref.language.yamlsrc import Positions
+from pefref.runtime.hosts import HostKind, host_kind
 
 __all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements", "check_host", "HOST_KINDS_FOR"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +95,7 @@ def _disjoint_slices(es: list[Entry]) -> bool:
     if not all(e.size for e in es):
         return False
     s = sorted(es, key=lambda e: e.start)
-    return all(a.start + a.size <= b.start for a, b in zip(s, s[1:]))
+    return all(a.start + a.size <= b.start for a, b in itertools.pairwise(s))
 
 
 def _sliced_rows(W: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:

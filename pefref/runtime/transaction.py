@@ -100,7 +100,7 @@ class Transaction:
             fn = self._undo.pop()
             try:
                 fn()
-            except BaseException as e:  # noqa: BLE001 - keep undoing; reported below
+            except BaseException as e:
                 failures.append(e)
         self._saved.clear()
         return failures
@@ -142,5 +142,5 @@ def located(where: str) -> Iterator[None]:
         raise PefrefError(f"{where}: {e}") from e
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - torch and numeric errors from user-described computations
+    except Exception as e:
         raise PefrefError(f"{where}: {_describe(e)}") from e

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
 from pefref.language.hparams import shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
-from pefref.language.catalog import Catalog
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 
 __all__ = ["ParamCount", "count_params", "host_widths"]

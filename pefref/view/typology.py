@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pefref.language.check import expand_modules
-from pefref.ops import PRIMITIVES
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from pefref.language.schema.reference import WORKSPACES
+from pefref.ops import PRIMITIVES
 from pefref.view.analysis import integration_kind, module_mergeable, ops_used, reads, uses_matmul
 
 __all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 from pefref.language.schema.composition import (
-    AverageBlock, Block, Composition, FusionBlock, InteractionRules, ParallelBlock, StackBlock, TechniqueUse,
+    AverageBlock,
+    Block,
+    Composition,
+    FusionBlock,
+    InteractionRules,
+    ParallelBlock,
+    StackBlock,
+    TechniqueUse,
 )
 from pefref.language.schema.experiment import Experiment
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec
 from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
-    FORMS, TYPOLOGY_PROPERTIES, BoolParam, ChoiceParam, FloatParam, IntParam, LayerRange, Module,
-    Connection, ModuleUse, Paper, ParallelModule, ParamSpec, PrependModule, ReparameteriseModule, RescaleModule,
-    SelectModule, SequentialModule, Technique,
+    FORMS,
+    TYPOLOGY_PROPERTIES,
+    BoolParam,
+    ChoiceParam,
+    Connection,
+    FloatParam,
+    IntParam,
+    LayerRange,
+    Module,
+    ModuleUse,
+    Paper,
+    ParallelModule,
+    ParamSpec,
+    PrependModule,
+    ReparameteriseModule,
+    RescaleModule,
+    SelectModule,
+    SequentialModule,
+    Technique,
 )
 
 __all__ = [

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict, Float, Int, at_least
+from pefref.language.schema.common import SITE_PATTERN, ExprStr, Float, Identifier, Int, Strict, at_least
 
 __all__ = [
     "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
