@@ -35,8 +35,8 @@ def apply_composition_cli(path: str, model: str, as_json: bool, echo_json: Any, 
     for name, ad in comp.adapters.items():
         rep = ad.report.as_dict()  # type: ignore[union-attr]
         rows.append({"adapter": name, "technique": ad.technique.id, "trainable": ad.num_trainable(), "placements": rep["placements"]})
-    blocks = [{"kind": b.kind, "adapters": list(b.adapters), "sites": b.sites} for b in comp.spec.composition.blocks]  # type: ignore[union-attr]
-    out = {"composition": comp.name, "model": model, "family": fam.family, "device": device or "cpu", "adapters": rows, "blocks": blocks,
+    blocks: list[dict[str, Any]] = [{"kind": b.kind, "adapters": list(b.adapters), "sites": b.sites} for b in comp.spec.composition.blocks]  # type: ignore[union-attr]
+    out: dict[str, Any] = {"composition": comp.name, "model": model, "family": fam.family, "device": device or "cpu", "adapters": rows, "blocks": blocks,
            "combiners": sorted(comp.combiners.keys()), "block_parameters": sum(p.numel() for p in comp.combiners.parameters()),
            "trainable": comp.num_trainable()}
     if as_json:

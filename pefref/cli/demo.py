@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pefref.language.catalog import Catalog
 
@@ -46,7 +46,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     if is_merge:
         a.merge()
         merge_diff = float((_logits(model(input_ids=ids))[:, -n:] - adapted).abs().max())
-    rep = a.report
+    rep = cast(Any, a.report)
     a.remove()
     return {
         "id": t.id,

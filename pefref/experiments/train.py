@@ -311,7 +311,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         state["step"] = step + 1
         train_loss = all_sum(loss_sum, d) / count
         if rec and (state["step"] % tr.log_every == 0 or state["step"] == total):
-            rec.log(spec.id, state["step"], "train", {"loss": train_loss, "lr": sched.get_last_lr()[0]})
+            rec.log(spec.id, state["step"], "train", {"loss": train_loss, "lr": sched.get_last_lr()[0]})  # type: ignore[dict-item]
         if tb is not None:
             tb.add_scalar(f"{spec.label}/train_loss", train_loss, state["step"])
         if state["step"] % eval_every == 0 or state["step"] == total:

@@ -271,8 +271,8 @@ def _placement(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], stat
         where[module.name].setdefault(site, set()).add(layer)
     out = []
     for m in modules:
-        mm = maps.get(m.name)
-        if mm is not None and mm.computed is not None:
+        pmap = maps.get(m.name)
+        if pmap is not None and pmap.computed is not None:
             out.append(m)
             continue
         sites = where.get(m.name, {})

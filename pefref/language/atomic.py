@@ -47,7 +47,7 @@ def writable_folder(folder: str | Path, *, create: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:  # type: ignore[type-arg]
+def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on a clean exit flush, fsync and rename it over ``path``.
 
     On an exception inside the block (or while committing) the temporary file

@@ -8,7 +8,7 @@ catalog is reported in one run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pefref.language.connections import check_connections
 from pefref.language.errors import Location, PefrefError, Problem
@@ -169,8 +169,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         if (lo is not None and hp.default < lo) or (hi is not None and hp.default > hi):
             why = f"below the minimum {lo}" if lo is not None and hp.default < lo else f"above the maximum {hi}"
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
-        if getattr(hp, "choices", None) is not None and hp.default not in hp.choices:
-            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {hp.choices}"))
+        if getattr(hp, "choices", None) is not None and hp.default not in cast(Any, hp).choices:
+            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {cast(Any, hp).choices}"))
     defaults_sound = not out  # shapes are inferred on the defaults only when they are valid
     published: dict[str, Any] = {}  # output shapes of the modules checked so far, for connections
     sizes = set(ref.sizes) | set(HOST_SIZES)

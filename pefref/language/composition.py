@@ -49,7 +49,7 @@ class ResolvedComposition:
         out = []
         for name, t in self.techniques.items():
             keep = self.sites[name]
-            modules = [m if keep is None else m.model_copy(update={"sites": [s for s in m.sites if s in keep]}) for m in t.modules]
+            modules = [m if keep is None else m.model_copy(update={"sites": [s for s in m.sites if s in keep]}) for m in t.modules]  # type: ignore[union-attr]
             modules = [m for m in modules if m.sites]
             hps = {k: hp.model_copy(update={"default": self.hyperparameters[name].get(k, hp.default)}) for k, hp in t.hyperparameters.items()}
             tid = name.lower() if name[:1].isalpha() else f"a_{name.lower()}"
@@ -60,7 +60,7 @@ class ResolvedComposition:
         """The concrete modules adapter ``name`` places at ``site``."""
         if self.sites[name] is not None and site not in self.sites[name]:  # type: ignore[operator]
             return []
-        return [m for m in self.techniques[name].modules if site in m.sites]
+        return [m for m in self.techniques[name].modules if site in m.sites]  # type: ignore[operator]
 
 
 def _rules_path(root: Path | None) -> Path:
@@ -104,9 +104,9 @@ def block_sites(res: ResolvedComposition, names: list[str], sites: list[str] | N
     """The sites a block over adapters ``names`` combines them at (its own list, or every site they all use)."""
     if sites is not None:
         return list(sites)
-    used = [{s for m in res.techniques[n].modules for s in m.sites if res.sites[n] is None or s in res.sites[n]} for n in names]  # type: ignore[operator]
+    used = [{s for m in res.techniques[n].modules for s in m.sites if res.sites[n] is None or s in res.sites[n]} for n in names]  # type: ignore[operator, union-attr]
     common = set.intersection(*used) if used else set()
-    order = [s for m in res.techniques[names[0]].modules for s in m.sites]
+    order = [s for m in res.techniques[names[0]].modules for s in m.sites]  # type: ignore[union-attr]
     return [s for s in dict.fromkeys(order) if s in common]
 
 
@@ -141,7 +141,7 @@ def check_composition(comp: Composition, pos: Positions, catalog: Catalog, rules
         except PefrefError as e:
             key = next((k for k in use.hyperparameters if k not in concrete.hyperparameters), None)
             out.append(Problem(pos.key_at(p + ("hyperparameters", key)) if key else pos.at(p + ("hyperparameters",)), f"techniques[{i}].hyperparameters", str(e)))
-        own = [s for m in concrete.modules for s in m.sites]
+        own = [s for m in concrete.modules for s in m.sites]  # type: ignore[union-attr]
         for j, s in enumerate(use.sites or []):
             if s not in own:
                 out.append(Problem(pos.at(p + ("sites", j)), f"techniques[{i}].sites[{j}]", f"technique {tech.id!r} does not use site {s!r}{suggest(s, own)} (its sites: {', '.join(dict.fromkeys(own))})"))
@@ -217,7 +217,7 @@ def _check_pairs(res: ResolvedComposition, pos: Positions, rules: InteractionRul
     names = list(res.techniques)
     for j, b in enumerate(names):
         for a in names[:j]:
-            shared = {s for m in res.techniques[a].modules for s in m.sites} & {s for m in res.techniques[b].modules for s in m.sites}
+            shared = {s for m in res.techniques[a].modules for s in m.sites} & {s for m in res.techniques[b].modules for s in m.sites}  # type: ignore[union-attr]
             clashes: dict[tuple[str, str, str], list[str]] = {}
             for s in sorted(shared):
                 for ma in res.modules_at(a, s):

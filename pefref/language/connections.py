@@ -15,7 +15,7 @@ No torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from pefref.language.errors import Problem
 from pefref.language.loader import dotted, suggest
@@ -49,7 +49,7 @@ def runs_before(order: Sequence[str], a: tuple[str, int], b: tuple[str, int]) ->
 
 
 def _layers(m: Any, site: str, ref: Any) -> list[int | None]:
-    return select_layers(m.layers, EXAMPLE_LAYERS) if ref.sites[site].per_layer else [None]  # type: ignore[list-item]
+    return cast(list[int | None], select_layers(m.layers, EXAMPLE_LAYERS)) if ref.sites[site].per_layer else [None]
 
 
 def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Problem]:
@@ -121,7 +121,7 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
                 if conn.layer == "previous":
                     missing = [li for li in reader_layers if li is not None and li - 1 not in src_layers]
                     if missing and (missing != [0] or conn.fallback is None):
-                        li = missing[0]
+                        li = cast(int, missing[0])
                         what = "the first layer has no previous layer; add a fallback" if li == 0 else f"the source does not run in layer {li - 1}"
                         err(cp + ("layer",), f"{what} (read by {m.name!r} in layer {li})")
                         break

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 from pefref.language.errors import PefrefError
 from pefref.language.limits import current
@@ -137,7 +137,7 @@ def parse_expr(text: str | int | float) -> Expr:
         raise ExprError(f"expected a finite number, found {text!r}")
     if isinstance(text, int) and _too_big(text):
         raise ExprError(f"integer of about {int(text.bit_length() * 0.30103)} digits; at most {current().max_int_digits} are allowed")
-    return _parse(type(text), text)
+    return _parse(type(text), text)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -257,7 +257,7 @@ def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Ca
     if isinstance(node, ast.BinOp):
         return arith(type(node.op), evaluate(node.left, env, ops), evaluate(node.right, env, ops), node.col_offset)
     if isinstance(node, ast.UnaryOp):
-        return _UNARY[type(node.op)](evaluate(node.operand, env, ops))
+        return cast(Callable[[Any], Any], _UNARY[type(node.op)])(evaluate(node.operand, env, ops))
     if isinstance(node, (ast.Tuple, ast.List)):
         return tuple(evaluate(e, env, ops) for e in node.elts)
     if isinstance(node, ast.Call):
@@ -266,6 +266,6 @@ def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Ca
         if fn is None:
             raise ExprError(f"unknown op {name!r}", node.col_offset)
         args = [evaluate(a, env, ops) for a in node.args]
-        kwargs = {k.arg: evaluate(k.value, env, ops) for k in node.keywords}
+        kwargs = cast(dict[str, Any], {k.arg: evaluate(k.value, env, ops) for k in node.keywords})
         return fn(*args, **kwargs)
     raise ExprError(f"{type(node).__name__} is not part of the expression grammar", getattr(node, "col_offset", 0))

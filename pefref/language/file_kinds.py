@@ -46,7 +46,7 @@ def file_kind(path: Path) -> str | None:
 
 def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem], dict[str, Any]]:
     """Every problem of a map, model-shape, reference or interop file, and what it holds (for the report)."""
-    model = {"family": ArchitectureMap, "models": ModelShapes, "reference": ReferenceArchitecture, "interop": InteropTable}[kind]
+    model: type[Any] = {"family": ArchitectureMap, "models": ModelShapes, "reference": ReferenceArchitecture, "interop": InteropTable}[kind]
     try:
         obj, pos = load_file(model, path)
     except CatalogError as e:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from pefref.language.errors import Location, Problem
 from pefref.language.expr import ExprError, arith, parse_expr
@@ -77,7 +77,7 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         if inits is not None and name in inits:
             return inits[name]
         args = [infer_shape(a, env, inits) for a in node.args]
-        kwargs = {k.arg: infer_shape(k.value, env, inits) for k in node.keywords}
+        kwargs = cast(dict[str, Any], {k.arg: infer_shape(k.value, env, inits) for k in node.keywords})
         if any(v is None for v in (*args, *kwargs.values())):
             return None
         prim = PRIMITIVES.get(name)

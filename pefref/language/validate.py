@@ -82,14 +82,14 @@ def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
     if unique:  # architecture maps, model shapes, the reference and the interop table by their own schemas
         from pefref.language.file_kinds import check_other_file, file_kind
 
-        rest = []
+        rest: list[Path] = []
         for f in unique:
             kind = file_kind(f)
             if kind is None:
                 rest.append(f)
                 continue
-            found, what = check_other_file(f, kind, base)
-            problems += found
+            other, what = check_other_file(f, kind, base)
+            problems += other
             report.setdefault("families", [])
             report.setdefault("models", [])
             for key, names in what.items():

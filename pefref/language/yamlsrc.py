@@ -8,7 +8,7 @@ size limit. Nothing read from YAML is ever executed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -35,7 +35,7 @@ class Positions(dict[Path_, Location]):
     def __init__(self, file: str) -> None:
         super().__init__()
         self.file = file
-        self.keys: dict[Path_, Location] = {}
+        self.keys: dict[Path_, Location] = {}  # type: ignore[assignment]
         self.quoted: set[Path_] = set()
 
     def at(self, path: Path_) -> Location:
@@ -61,7 +61,7 @@ def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLo
     pos[path] = _loc(pos.file, node)
     if len(path) > current().max_yaml_depth:
         raise CatalogError([Problem(_loc(pos.file, node), _dotted(path[:8]) + "...", f"nested more than {current().max_yaml_depth} levels deep")])
-    allowed = {yaml.MappingNode: {_STD + "map"}, yaml.SequenceNode: {_STD + "seq"}}.get(type(node), _SCALAR_TAGS)
+    allowed = cast(dict[type[yaml.Node], set[str]], {yaml.MappingNode: {_STD + "map"}, yaml.SequenceNode: {_STD + "seq"}}).get(type(node), _SCALAR_TAGS)
     if node.tag not in allowed:
         raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"tag {node.tag.replace(_STD, '!!', 1)!r} is not allowed; only plain YAML values are accepted")])
     if isinstance(node, yaml.MappingNode):
@@ -80,7 +80,7 @@ def _construct(node: yaml.Node, path: Path_, pos: Positions, loader: yaml.SafeLo
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(n, path + (i,), pos, loader) for i, n in enumerate(node.value)]
-    if node.style in ("'", '"'):
+    if cast(yaml.ScalarNode, node).style in ("'", '"'):
         pos.quoted.add(path)
     if node.tag == _STD + "int" and len(node.value) > current().max_int_digits + 8:
         raise CatalogError([Problem(_loc(pos.file, node), _dotted(path), f"integer of {len(node.value)} characters; at most {current().max_int_digits} digits are allowed")])
@@ -98,7 +98,7 @@ def _dotted(path: Path_) -> str:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             m = event.start_mark

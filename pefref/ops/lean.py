@@ -59,7 +59,7 @@ def _hadamard_function() -> Any:
             """(a1 b1) ⊙ (a2 b2), saving only the four factors; the backward recomputes each product."""
 
             @staticmethod
-            def forward(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            def forward(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
                 return (a1 @ b1) * (a2 @ b2)
 
             @staticmethod
@@ -67,7 +67,7 @@ def _hadamard_function() -> Any:
                 ctx.save_for_backward(*inputs)
 
             @staticmethod
-            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 a1, b1, a2, b2 = ctx.saved_tensors
                 need = ctx.needs_input_grad
                 g1 = grad * (a2 @ b2) if need[0] or need[1] else None

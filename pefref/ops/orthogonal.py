@@ -9,7 +9,7 @@ into a structured ``d × d`` matrix multiplying the host weight.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pefref.ops import primitive
 from pefref.ops.inits import initialiser
@@ -118,7 +118,7 @@ def butterfly(blocks: torch.Tensor) -> torch.Tensor:
         idx = torch.tensor(butterfly_perm(d, n // 2 ** i, b // 2, m), device=blocks.device)
         f = bd[idx][:, idx]  # P B P^T with (P x)_j = x[idx[j]]
         out = f if out is None else out @ f
-    return out
+    return cast(torch.Tensor, out)
 
 
 @primitive(intra="orthogonal", nonlinear=True)

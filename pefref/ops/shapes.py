@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape"]
 
 
-class Shape(tuple):  # type: ignore[type-arg]
+class Shape(tuple):
     """The shape of a tensor (a tuple of ints), told apart from a tuple of numbers written in an expression."""
 
     def __repr__(self) -> str:
@@ -105,7 +105,7 @@ def _t(a: Shape) -> Shape:
 
 
 @shape_rule("kron")
-def _kron(a: Shape, b: Shape) -> Shape:
+def _kron(a: tuple[Any, ...], b: tuple[Any, ...]) -> Shape:
     n = max(len(a), len(b))
     a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
     return Shape(x * y for x, y in zip(a, b))

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from pefref.compiler.units import SharedStore, build_unit, resolve_hyperparameters
+from pefref.compiler.units import SharedStore, Unit, build_unit, resolve_hyperparameters
 from pefref.language.catalog import Catalog, catalog_for, default_catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.language.composition import is_composition_file
@@ -129,14 +129,14 @@ def apply(
 
     # build every unit and host update first: the model is only read until all of them exist
     store = SharedStore()
-    built: list[tuple[Placement, nn.Module | None, str, torch.Tensor | None]] = []
+    built: list[tuple[Placement, Unit | None, str, torch.Tensor | None]] = []
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
     for pl, ctx in zip(places, plan.contexts):
         m = pl.module
         with located(where_of(tech, pl)):
             W = None
             if pl.kind.has_weight and pl.binding.side == "module":
-                W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))
+                W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
                 ctx.W = W[pl.start:pl.start + pl.size] if pl.size else W
             unit = build_unit(m, ctx, hps, store, plan.shared_shapes, publish=wiring.publishes(m))
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
@@ -153,7 +153,7 @@ def apply(
     rows: dict[tuple[str, str], ReportRow] = {}
     merge_ok: dict[tuple[str, str, bool], bool] = {}  # (module, site kind, host has a bias): derived once, not per layer
     with Transaction(f"apply {tech.id} as adapter {name!r}") as txn:
-        selected: list[nn.Parameter] = []
+        selected: list[torch.Tensor] = []
         for pl, unit, _key, _w in built:
             if unit is None:  # select: these host parameters train in place
                 for tname in pl.module.targets:
@@ -176,7 +176,7 @@ def apply(
                 n_saved += p.numel()
             saved_rows[s.label] = ([*paths, s.path], n_saved)
         check_selectable(model, selected, tech.id)
-        base = [p for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")]
+        base: list[torch.Tensor] = [p for n, p in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")]
         freeze(txn, model, adapter, base, selected)  # the base model is frozen (adapters applied earlier keep training)
         for pl, unit, key, new_w in built:
             m = pl.module
@@ -187,7 +187,7 @@ def apply(
                 adapter.unit_modules[key] = m
                 n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
                 if new_w is not None:
-                    check_not_selected(model, [pl.host.weight], f"{where_of(tech, pl)}: host_update")
+                    check_not_selected(model, [cast(torch.Tensor, pl.host.weight)], f"{where_of(tech, pl)}: host_update")
                     led = ledger_of(txn, pl.host, pl.kind)
                     bias = getattr(pl.host, "bias", None)
                     led.push(txn, Layer(adapter, "update", _no_recompute), (new_w, None if bias is None else bias.detach().clone()))  # type: ignore[union-attr]
@@ -250,7 +250,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             entry.inputs = input_cell(model, fam.forward.mask)
             release = _Release(model)
             adapter._hooks.append(release)
-            txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))
+            txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if pl.binding.input_path and not patch.stash_hooks:
             patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.layer)))
             txn.on_undo(lambda: [hk.remove() for hk in patch.stash_hooks] and patch.stash_hooks.clear())
@@ -258,8 +258,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
-    txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),
-                         patch.settle() if patch.entries and isinstance(patch, HostPatch) else None))
+    txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),  # type: ignore[func-returns-value]
+                         patch.settle() if patch.entries and isinstance(patch, HostPatch) else None))  # type: ignore[func-returns-value]
     return entry
 
 

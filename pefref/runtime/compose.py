@@ -320,8 +320,8 @@ class Composition:
 
 def _python_spec(comp: Composition, blk: Any = None) -> ResolvedComposition:
     """A :class:`ResolvedComposition` describing adapters applied from Python (for the rule checks)."""
-    uses = [TechniqueUse(name=n, technique=ad.technique.id) for n, ad in comp.adapters.items()]
-    spec = CompositionSpec(id="python", name=comp.name, techniques=uses, blocks=[blk] if blk is not None else [])
+    uses = [TechniqueUse(name=n, technique=ad.technique.id) for n, ad in comp.adapters.items()]  # type: ignore[call-arg]
+    spec = CompositionSpec(id="python", name=comp.name, techniques=uses, blocks=[blk] if blk is not None else [])  # type: ignore[call-arg]
     techs = {n: ad.technique for n, ad in comp.adapters.items()}
     from pefref.language.check import expand_modules
 

@@ -28,8 +28,8 @@ def with_taps(modules: list[Any]) -> list[Any]:
             if conn.module is None and conn.site is not None:
                 name = tap_name(conn.site, conn.tensor)
                 if name not in taps:
-                    cls = ParallelModule if conn.tensor == "x" else SequentialModule
-                    taps[name] = cls(name=name, sites=[conn.site], form=cls.model_fields["form"].annotation.__args__[0],  # type: ignore[union-attr]
+                    cls: Any = ParallelModule if conn.tensor == "x" else SequentialModule
+                    taps[name] = cls(name=name, sites=[conn.site], form=cls.model_fields["form"].annotation.__args__[0],
                                      compute=conn.tensor, integrate="h", description=f"publishes {conn.tensor} at {conn.site}")
     return [*taps.values(), *modules]
 

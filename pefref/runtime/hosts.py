@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,11 @@ __all__ = ["HostKind", "host_kind", "HOST_KINDS"]
 @dataclass(frozen=True)
 class HostKind:
     name: str
-    matches: Callable[[nn.Module], bool]
-    widths: Callable[[nn.Module], tuple[int, int]]
-    get_weight: Callable[[nn.Module], torch.Tensor] | None = None
-    set_weight: Callable[[nn.Module, torch.Tensor], None] | None = None
-    run: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    matches: Callable[[Any], bool]
+    widths: Callable[[Any], tuple[int, int]]
+    get_weight: Callable[[Any], torch.Tensor] | None = None
+    set_weight: Callable[[Any, torch.Tensor], None] | None = None
+    run: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def has_weight(self) -> bool:

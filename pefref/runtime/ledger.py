@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ class WeightLedger:
         return W, (None if b is None else b.detach().clone())
 
     def _write(self, txn: Transaction, v: Value) -> None:
-        raw = self.host.weight
+        raw = cast(torch.Tensor, self.host.weight)
         txn.save(raw)
         self.kind.set_weight(self.host, v[0])  # type: ignore[misc]
         b = getattr(self.host, "bias", None)
@@ -106,7 +106,7 @@ class WeightLedger:
         out = [self.host.weight]
         if touches_bias and getattr(self.host, "bias", None) is not None:
             out.append(self.host.bias)
-        return out
+        return cast(list[torch.Tensor], out)
 
     # --- layers ---------------------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ def freeze(txn: Transaction, model: nn.Module, owner: Any, base: list[torch.Tens
         for p in base:  # parameters the model gained since the first adapter
             if id(p) not in led.flags:
                 led.flags[id(p)] = (p, p.requires_grad)
-                txn.on_undo(lambda p=p: led.flags.pop(id(p), None))
+                txn.on_undo(lambda p=p: led.flags.pop(id(p), None))  # type: ignore[misc]
     owners = list(led.owners)
     sel = {k: list(v) for k, v in led.selected.items()}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,7 +188,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[Adapter], weights:
         for key in sorted(keys, key=keys.__getitem__):
             here = [(f[key], w) for f, w in zip(facs, weights) if key in f]
             A_new, B_new = _combine(combination_type, here, rank, density, majority_sign_method, svd_clamp)
-            unit = units[key]
+            unit: Any = units[key]
             unit.A.zero_()
             unit.B.zero_()
             unit.A[: A_new.shape[0]] = A_new.to(unit.A.dtype)

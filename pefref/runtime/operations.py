@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def merge(ad: Any) -> list[str]:
             hosts.setdefault(id(patch), (patch, []))[1].append(e)
     paths = _paths(ad.model)
     for patch, _es in hosts.values():
-        check_not_selected(ad.model, [patch.host.weight], f"merge adapter {ad.name!r} into {paths.get(id(patch.host))}")
+        check_not_selected(ad.model, [cast(torch.Tensor, patch.host.weight)], f"merge adapter {ad.name!r} into {paths.get(id(patch.host))}")
     merged: list[str] = []
     with Transaction(f"merge adapter {ad.name!r}") as txn:
         for patch, es in hosts.values():
@@ -91,12 +91,12 @@ def merge(ad: Any) -> list[str]:
                 bias = getattr(patch.host, "bias", None)
                 touches_bias = bias is not None and after[1] is not None and not torch.equal(after[1], bias)
                 if touches_bias:
-                    check_not_selected(ad.model, [bias], f"merge adapter {ad.name!r} into {where}")
-                layer = Layer(ad, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)
+                    check_not_selected(ad.model, [cast(torch.Tensor, bias)], f"merge adapter {ad.name!r} into {where}")
+                layer = Layer(ad, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)  # type: ignore[misc]
                 ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
             merged.append(type(patch.host).__name__)
         settle = [p for p, _es in hosts.values()]
-        txn.on_undo(lambda: [p.settle() for p in settle])  # runs after 'merged' is restored
+        txn.on_undo(lambda: [p.settle() for p in settle])  # type: ignore[func-returns-value]  # runs after 'merged' is restored
         txn.set_attr(ad, "merged", True)
         for p in settle:  # merged means gone: a host whose entries are all merged runs its own forward
             p.settle()
@@ -111,7 +111,7 @@ def unmerge(ad: Any) -> None:
         for led in all_ledgers(ad.model):
             led.remove(txn, ad, ("merge",))
         patches = [p for p, _e in ad.entries if isinstance(p, HostPatch)]
-        txn.on_undo(lambda: [p.settle() for p in patches])
+        txn.on_undo(lambda: [p.settle() for p in patches])  # type: ignore[func-returns-value]
         txn.set_attr(ad, "merged", False)
         for p in patches:
             p.settle()

@@ -15,7 +15,7 @@ import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -116,14 +116,14 @@ class HostPatch:
         self.entries: list[Entry] = []
         self.stash: list[torch.Tensor | None] = [None]
         self.stash_hooks: list[Any] = []
-        host.forward = self.forward  # type: ignore[method-assign]
+        host.forward = self.forward
         setattr(host, _PATCH, self)
 
     suspended: bool = False
 
     def _put_back_forward(self) -> None:
         if self.had_instance_forward:
-            self.host.forward = self.orig  # type: ignore[method-assign]
+            self.host.forward = self.orig
         else:
             del self.host.forward
 
@@ -151,7 +151,7 @@ class HostPatch:
     def resume(self) -> None:
         """Patch the host's forward again (after an unmerge, or when a new entry arrives)."""
         if self.suspended:
-            self.host.forward = self.forward  # type: ignore[method-assign]
+            self.host.forward = self.forward
             self.suspended = False
 
     def stash_input_of(self, module: nn.Module) -> None:
@@ -315,12 +315,12 @@ class RootPatch:
             return self.forward(*args, **kwargs)
 
         # keep the original signature visible: generate() inspects it (position_ids, logits_to_keep)
-        model.forward = functools.update_wrapper(forward, self.orig)  # type: ignore[method-assign]
+        model.forward = functools.update_wrapper(forward, self.orig)
         setattr(model, _ROOT, self)
 
     def restore(self) -> None:
         if self.had_instance_forward:
-            self.model.forward = self.orig  # type: ignore[method-assign]
+            self.model.forward = self.orig
         else:
             del self.model.forward
         delattr(self.model, _ROOT)
@@ -355,7 +355,7 @@ class RootPatch:
         n_tok = sum(e.length for e in tokens)
         n_kv = max([0, *(e.length for e in kvs)])  # no max(default=): dynamo would break the graph
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
-        b = ref.shape[0]
+        b = cast(Any, ref).shape[0]
         training = self.model.training
         if first:
             if tokens:
@@ -452,7 +452,7 @@ def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
-            cell["values"].clear()  # type: ignore[attr-defined]
+            cell["values"].clear()  # type: ignore[index]
 
         cell = {"mask": None, "values": {}, "users": 0}
         cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -38,13 +38,13 @@ class Transaction:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], object]] = []
         self._saved: set[int] = set()
         self.committed = False
 
     # --- recording ------------------------------------------------------------------------------------
 
-    def on_undo(self, fn: Callable[[], None]) -> None:
+    def on_undo(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` if the operation fails (undo actions run last-registered first)."""
         self._undo.append(fn)
 
@@ -108,7 +108,7 @@ class Transaction:
     def __enter__(self) -> Transaction:
         return self
 
-    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+    def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         if exc is None:
             self.committed = True
             self._undo.clear()

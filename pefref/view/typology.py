@@ -158,8 +158,8 @@ def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Te
             vals = [v for r in rows for v in r[prop].split(" + ") if v != "none"]
             values[prop] = _join(sorted(set(vals))) or "none"
         elif prop == "intra_connectivity":
-            vals = {r[prop] for r in rows}
-            values[prop] = next((v for v in INTRA_ORDER if v in vals), "none") if len(vals - {"none"}) <= 1 else _join([v for v in INTRA_ORDER if v in vals and v != "none"])
+            kinds = {r[prop] for r in rows}
+            values[prop] = next((v for v in INTRA_ORDER if v in kinds), "none") if len(kinds - {"none"}) <= 1 else _join([v for v in INTRA_ORDER if v in kinds and v != "none"])
         else:
             values[prop] = _join([r[prop] for r in rows])
     declared = []

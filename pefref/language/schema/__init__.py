@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 from pefref.language.schema.composition import (
     AverageBlock,
     Block,
@@ -48,7 +53,7 @@ __all__ = [
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
-SCHEMAS = {
+SCHEMAS: dict[str, type[BaseModel]] = {
     "technique": Technique,
     "reference": ReferenceArchitecture,
     "family": ArchitectureMap,

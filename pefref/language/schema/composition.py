@@ -168,7 +168,7 @@ class InteractionRules(Strict):
 
     def stage_of(self, form: str, input_side: bool = False) -> str:
         """The stage a module of ``form`` runs in (on the host's input side when ``input_side``)."""
-        r = self.forms[form]  # type: ignore[index]
+        r = self.forms[form]
         return (r.input_side or r.stage) if input_side else r.stage
 
     def pair(self, a: str, b: str) -> PairRule | None:

@@ -70,7 +70,7 @@ class ArchitectureMap(Strict):
     sizes: dict[Identifier, ExprStr] = Field(description="Each reference size as an expression over the config's keys.")
     layers: str = Field(description="Path pattern of one Transformer layer ('{i}' = index).")
     base_params: ExprStr = Field(description="Parameter count of the base model as an expression over the sizes and config keys.")
-    forward: ForwardSpec = Field(default_factory=ForwardSpec)
+    forward: ForwardSpec = Field(default_factory=ForwardSpec)  # type: ignore[arg-type]
     sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding]
 
     @field_validator("classes", mode="before")

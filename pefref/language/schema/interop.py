@@ -29,7 +29,7 @@ class PeftMethod(Strict):
     peft_type: str = Field(description="peft's PeftType value (adapter_config.json 'peft_type').")
     config: dict[str, bool | int | float | str | None] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart).")
     hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field -> the technique's hyperparameter.")
-    hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")
+    hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, model_validator
 
@@ -115,7 +115,7 @@ class ReferenceArchitecture(Strict):
         for name, site in self.sites.items():
             if site.kind not in self.site_kinds:
                 raise ValueError(f"site {name!r} has unknown kind {site.kind!r}; known: {sorted(self.site_kinds)}")
-        carried = [x.site for x in [*self.diagram.components.values(), *self.diagram.groups.values()] if x.site is not None]
+        carried = [cast(Any, x).site for x in [*self.diagram.components.values(), *self.diagram.groups.values()] if cast(Any, x).site is not None]
         for s in carried:
             if s not in self.sites:
                 raise ValueError(f"the diagram names unknown site {s!r}; known: {sorted(self.sites)}")
