@@ -250,7 +250,7 @@ def _rewrite(src: Path, dst: Path, fn=None, meta=None) -> Path:
 
     with safe_open(str(src), "pt") as f:
         md = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     if fn is not None:
         tensors = fn(tensors)
     md.update(meta or {})
