@@ -127,7 +127,7 @@ run_experiment() {
   if "$VENV/bin/pefref" site --help 2>/dev/null | grep -q -- "--results"; then
     log "pefref site --results $out"
     "$VENV/bin/pefref" site --results "$out"
-    log "site: site/index.html (results pages included)"
+    log "site: site/index.html"
   fi
   log "results: $out/results.sqlite, plots: $out/plots/*.svg"
 }
