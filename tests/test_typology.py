@@ -7,7 +7,7 @@ import pytest
 from pefref.language.schema import TYPOLOGY_PROPERTIES
 from pefref.view.typology import derive_typology
 
-# shared/TYPOLOGY.md, "Expected values for the seven techniques in PEFT-Ref", in its words
+# docs/typology.md, "Expected values for the seven techniques in PEFT-Ref", in its words
 # (detail in parentheses dropped; judgement calls (?) as justified in each YAML's notes).
 PEFT_REF = {
     "prompt_tuning": ("embedding", "parallel", "concatenation", "addition", "none", "dynamic", "none", "none", "1"),

@@ -15,7 +15,7 @@ __all__ = ["results", "run"]
 
 @app.command()
 def run(
-    experiment: Path = typer.Argument(..., help="Experiment YAML file (e.g. catalog/experiments/smoke.yaml)."),
+    experiment: Path = typer.Argument(..., help="Experiment YAML file (the bundled ones are in catalog/experiments/)."),
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: results/<experiment file name>)."),
     only: str | None = typer.Option(None, "--only", help="Run only the runs whose label contains this text."),
     seed: list[int] | None = typer.Option(None, "--seed", help="Run only this seed (repeatable); the runs keep their ids, so a later full run skips them."),

@@ -1,6 +1,6 @@
 """The PEFT-Ref typology, derived from a technique's structure.
 
-Every property of shared/TYPOLOGY.md is computed from the modules' forms,
+Every property of docs/typology.md is computed from the modules' forms,
 sites, expressions, primitives and sharing declarations; a technique may
 declare a value only where the structure cannot decide, and the result says
 which values were declared.
