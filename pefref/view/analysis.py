@@ -22,44 +22,7 @@ _LINEAR_SITE_KINDS = ("linear", "activation")
 
 def degree(node: ast.AST | Expr, var: str | set[str]) -> int | None:
     """Degree of an expression in ``var``: 0 (independent), 1 (linear, no offset) or None (anything else)."""
-    if isinstance(node, Expr):
-        node = node.tree
-    vs = {var} if isinstance(var, str) else var
-    if isinstance(node, ast.Name):
-        return 1 if node.id in vs else 0
-    if isinstance(node, ast.Constant):
-        return 0
-    if isinstance(node, ast.UnaryOp):
-        return degree(node.operand, vs)
-    if isinstance(node, (ast.Tuple, ast.List)):
-        ds = [degree(e, vs) for e in node.elts]
-        return 0 if all(d == 0 for d in ds) else None
-    if isinstance(node, ast.BinOp):
-        a, b = degree(node.left, vs), degree(node.right, vs)
-        if a is None or b is None:
-            return None
-        if isinstance(node.op, (ast.Add, ast.Sub)):
-            return a if a == b else None
-        if isinstance(node.op, (ast.Mult, ast.MatMult)):
-            return a + b if a + b <= 1 else None
-        if isinstance(node.op, ast.Div):
-            return a if b == 0 else None
-        return 0 if a == b == 0 else None
-    if isinstance(node, ast.Call):
-        prim = PRIMITIVES.get(node.func.id)  # type: ignore[attr-defined]
-        ds = [degree(a, vs) for a in node.args]
-        kw = {k.arg: degree(k.value, vs) for k in node.keywords}
-        if all(d == 0 for d in ds) and all(d == 0 for d in kw.values()):
-            return 0
-        if prim is None or any(d is None for d in ds) or any(kw.values()):
-            return None
-        lin = [i for i, d in enumerate(ds) if d == 1]
-        if len(lin) != 1 or lin[0] not in prim.linear_in:
-            return None
-        if any(i < len(node.args) and not _is_none(node.args[i]) for i in prim.offset_args):
-            return None
-        return 1
-    return None
+    return _degree(node.tree if isinstance(node, Expr) else node, {var} if isinstance(var, str) else var, offsets=False)
 
 
 def affine(node: ast.AST | Expr, var: str | set[str]) -> int | None:
@@ -69,24 +32,27 @@ def affine(node: ast.AST | Expr, var: str | set[str]) -> int | None:
     linear map with a bias); None: anything else (a product of two terms in
     ``var``, a nonlinear op). :func:`degree` is the stricter test without offsets.
     """
-    if isinstance(node, Expr):
-        node = node.tree
-    vs = {var} if isinstance(var, str) else var
+    return _degree(node.tree if isinstance(node, Expr) else node, {var} if isinstance(var, str) else var, offsets=True)
+
+
+def _degree(node: ast.AST, vs: set[str], offsets: bool) -> int | None:
+    """The walk behind :func:`degree` (``offsets=False``) and :func:`affine` (``offsets=True``)."""
     if isinstance(node, ast.Name):
         return 1 if node.id in vs else 0
     if isinstance(node, ast.Constant):
         return 0
     if isinstance(node, ast.UnaryOp):
-        return affine(node.operand, vs)
+        return _degree(node.operand, vs, offsets)
     if isinstance(node, (ast.Tuple, ast.List)):
-        ds = [affine(e, vs) for e in node.elts]
+        ds = [_degree(e, vs, offsets) for e in node.elts]
         return 0 if all(d == 0 for d in ds) else None
     if isinstance(node, ast.BinOp):
-        a, b = affine(node.left, vs), affine(node.right, vs)
+        a, b = _degree(node.left, vs, offsets), _degree(node.right, vs, offsets)
         if a is None or b is None:
             return None
         if isinstance(node.op, (ast.Add, ast.Sub)):
-            return max(a, b)
+            # a sum with an input-independent term is affine, not linear
+            return max(a, b) if offsets else (a if a == b else None)
         if isinstance(node.op, (ast.Mult, ast.MatMult)):
             return a + b if a + b <= 1 else None
         if isinstance(node.op, ast.Div):
@@ -94,15 +60,19 @@ def affine(node: ast.AST | Expr, var: str | set[str]) -> int | None:
         return 0 if a == b == 0 else None
     if isinstance(node, ast.Call):
         prim = PRIMITIVES.get(node.func.id)  # type: ignore[attr-defined]
-        ds = [affine(a, vs) for a in node.args]
-        kw = {k.arg: affine(k.value, vs) for k in node.keywords}
+        ds = [_degree(a, vs, offsets) for a in node.args]
+        kw = {k.arg: _degree(k.value, vs, offsets) for k in node.keywords}
         if all(d == 0 for d in ds) and all(d == 0 for d in kw.values()):
             return 0
         if prim is None or any(d is None for d in ds) or any(kw.values()):
             return None
         lin = [i for i, d in enumerate(ds) if d == 1]
-        # an op linear in one argument maps an affine argument to an affine result; offsets are constants here
-        return 1 if len(lin) == 1 and lin[0] in prim.linear_in else None
+        if len(lin) != 1 or lin[0] not in prim.linear_in:
+            return None
+        # an op linear in one argument maps an affine argument to an affine result; a bias argument is an offset
+        if not offsets and any(i < len(node.args) and not _is_none(node.args[i]) for i in prim.offset_args):
+            return None
+        return 1
     return None
 
 
