@@ -66,9 +66,8 @@ class Entry:
     reads_mask: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        graph = getattr(self.unit, "graph", None)
-        if graph is not None:
-            used = {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
+        used = getattr(self.unit, "used_inputs", None)  # compiled units: the arguments their code reads
+        if used is not None:
             self.reads_W, self.reads_mask = "W" in used, "mask" in used
 
     def connected(self) -> dict[str, Any]:
@@ -116,8 +115,8 @@ class HostPatch:
         self.entries: list[Entry] = []
         self.stash: list[torch.Tensor | None] = [None]
         self.stash_hooks: list[Any] = []
-        host.forward = self.forward
-        setattr(host, _PATCH, self)
+        host.__dict__["forward"] = self.forward  # plain instance attributes (what nn.Module.__setattr__ does, without its checks)
+        host.__dict__[_PATCH] = self
 
     suspended: bool = False
 
@@ -289,7 +288,7 @@ def _replace_first(args: tuple[Any, ...], kwargs: dict[str, Any], x: Any) -> tup
 
 def patch_of(host: nn.Module, kind: HostKind, first: bool) -> HostPatch:
     """The host's patch, created on first use."""
-    p = getattr(host, _PATCH, None)
+    p = host.__dict__.get(_PATCH)
     if p is None:
         return HostPatch(host, kind, first)
     p.resume()

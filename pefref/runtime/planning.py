@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.compiler.units import SharedStore, SiteContext, shape_of
+from pefref.compiler.units import SharedStore, SiteContext, recipe
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
@@ -47,7 +47,7 @@ class Plan:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return int(dtype.itemsize)
 
 
 def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapping[str, int], flags: Mapping[str, int],
@@ -63,10 +63,9 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             ctx = SiteContext(pl.site, pl.layer, pl.d_in, pl.d_out, sizes, flags,
                               dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
                               device=device or (ref_t.device if ref_t is not None else "cpu"))
-            names = ctx.names(hps)
-            for pname, spec in pl.module.params.items():
+            for tr in recipe(pl.module, ctx.names(hps)).tensors:
+                pname, spec, shp = tr.name, tr.spec, tr.shape
                 key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer)
-                shp = shape_of(spec, names)
                 prev = plan.shared_shapes.get(key, shp)
                 if len(prev) != len(shp):
                     raise PefrefError(f"{pname}: shared tensor has different ranks at different sites")
@@ -84,18 +83,15 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
     return plan
 
 
-def _used_inputs(unit: nn.Module) -> set[str]:
-    graph = getattr(unit, "graph", None)
-    if graph is None:
-        return set()
-    return {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
+def _used_inputs(unit: nn.Module) -> frozenset[str]:
+    return getattr(unit, "used_inputs", frozenset())
 
 
 def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
 
     Units on the meta device (models built without weights) are not run."""
-    if any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]) or str(ctx.device) == "meta":
+    if str(ctx.device) == "meta" or any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]):
         return
     for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -158,6 +154,8 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
 
 def check_selectable(model: nn.Module, selected: list[torch.Tensor], tid: str) -> None:
     """Refuse to train in place a host tensor that another adapter has folded a merge or update into."""
+    if not selected:
+        return
     ids = {id(t) for t in selected}
     for led in all_ledgers(model):
         for t in led.tensors(True):
