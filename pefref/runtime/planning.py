@@ -24,6 +24,7 @@ from pefref.compiler.units import SharedStore, SiteContext, shape_of
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
+from pefref.language.shapecheck import expression_cost
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
 from pefref.runtime.transaction import located
@@ -44,6 +45,8 @@ class Plan:
     contexts: list[SiteContext] = field(default_factory=list)
     shared_shapes: dict[tuple[Any, ...], tuple[int, ...]] = field(default_factory=dict)
     nbytes: int = 0
+    peak: int = 0
+    """Bytes at the peak: what apply keeps plus the largest transient (an initialiser's SVD, an intermediate)."""
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -56,6 +59,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
     plan = Plan()
     dtypes: dict[tuple[Any, ...], torch.dtype] = {}
     extra = 0
+    transient, transient_at = 0, ""
+    walked: set[tuple[Any, ...]] = set()
     for pl in places:
         with located(where_of(tech, pl)):
             W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None  # type: ignore[misc]
@@ -74,13 +79,27 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
                 dtypes.setdefault(key, ctx.dtype)
             if pl.module.host_update is not None and W is not None:
                 extra += 3 * W.numel() * W.element_size()  # the new weight, and the ledger's copies before and after
+            w_shape = None if W is None else (pl.size, *W.shape[1:]) if pl.size else tuple(W.shape)  # a sliced site sees its rows
+            key = (pl.module.name, pl.d_in, pl.d_out, w_shape)  # the other names are the same at every placement
+            if str(ctx.device) != "meta" and key not in walked:  # nothing is computed on the meta device
+                walked.add(key)
+                shapes = {p: shape_of(spec, names) for p, spec in pl.module.params.items()}
+                for fld, tally in expression_cost(pl.module, names, pl.d_in, pl.d_out, w_shape, shapes):
+                    nb = tally.total * max(_itemsize(ctx.dtype), 4)  # initialisers and SVDs work in fp32
+                    if nb > transient:
+                        transient, transient_at = nb, f"{fld} of {where_of(tech, pl)}, largest: {tally.what}"
         plan.contexts.append(ctx)
     total = extra + sum(math.prod(s) * _itemsize(dtypes[k]) for k, s in plan.shared_shapes.items())
     budget = current().alloc_budget()
+    raise_it = "(raise it with pefref.language.limits.limits(max_alloc_bytes=...) or $PEFREF_MAX_ALLOC_BYTES)"
     if total > budget:
         raise PefrefError(f"{tech.id}: applying it would allocate about {format_bytes(total)}, over the allocation budget of "
-                          f"{format_bytes(budget)} (raise it with pefref.language.limits.limits(max_alloc_bytes=...) or $PEFREF_MAX_ALLOC_BYTES)")
-    plan.nbytes = total
+                          f"{format_bytes(budget)} {raise_it}")
+    if total + transient > budget:
+        raise PefrefError(f"{tech.id}: applying it would need about {format_bytes(total + transient)} at its peak "
+                          f"({format_bytes(total)} kept, {format_bytes(transient)} while evaluating {transient_at}), "
+                          f"over the allocation budget of {format_bytes(budget)} {raise_it}")
+    plan.nbytes, plan.peak = total, total + transient
     return plan
 
 
