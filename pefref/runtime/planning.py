@@ -110,37 +110,61 @@ def _used_inputs(unit: nn.Module) -> set[str]:
     return {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
 
 
-def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None:
+def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
+               probes: dict[Any, torch.Tensor] | None = None, reads: Mapping[str, list[Any]] | None = None, publish: Any = None) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
 
-    Units on the meta device (models built without weights) are not run."""
+    The probe is a batch of one sequence of two positions. A unit reading the model's mask gets a mask of
+    ones; a prepend unit must give ``[length, d]`` tokens or ``[length, kv_heads*d_head]`` keys and values;
+    a unit reading connections gets the values its sources' probes published (``probes``, by published key;
+    ``reads``: its connections' keys, first present wins, as :class:`~pefref.runtime.connect.Wiring` gives
+    them; ``publish``: the key this unit's probe output goes under). Two kinds of unit are not probed,
+    because their input cannot be made up here: one that reads ``x`` at an embedding site (token ids,
+    whose valid range and meaning belong to the model), and one reading a connection whose source was
+    not probed (for the same reason). The model's own forward runs them; a failure there raises a
+    :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
     if any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]) or str(ctx.device) == "meta":
         return
     for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
-    if {"mask", "inputs"} & _used_inputs(unit):
-        return  # needs the model's mask or other units' outputs (connections): checked by the model's own forward
+    used = _used_inputs(unit)
     g = torch.Generator().manual_seed(0)
 
     def probe(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype=ctx.dtype, device=ctx.device)
 
+    mask = torch.ones(1, 2, dtype=torch.long, device=ctx.device) if "mask" in used else None
+    inputs: dict[str, torch.Tensor] | None = None
+    if reads:
+        inputs = {}
+        for cname, keys in reads.items():
+            got = next((probes[k] for k in keys if probes is not None and k in probes), None)
+            if got is None:
+                return  # its source was not probed: the model's forward checks it
+            inputs[cname] = got
     form = m.form
     fwd = unit.forward
     with torch.no_grad():
-        if form in ("parallel", "sequential") and pl.kind.name in ("linear", "conv1d") and pl.binding.side == "module" and not pl.binding.input_path:
-            x, h = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out)
-            out = fwd(x, h, ctx.W, False)
-            if isinstance(out, tuple):
-                out = out[0]  # a unit that publishes returns (output, delta)
+        if form in ("parallel", "sequential"):
+            if not (ctx.d_in and ctx.d_out) or (pl.kind.name == "embedding" and "x" in used):
+                return  # x is token ids at an embedding
+            if pl.binding.side == "input":  # the host's input is the unit's h, as the patch passes it
+                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W if form == "parallel" else None
+            else:
+                x, h, w = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out), ctx.W
+            out = fwd(x, h, w, False, mask, inputs)
+            if getattr(unit, "program", (False,))[-1] and isinstance(out, tuple):
+                out, delta = out  # a unit that publishes returns (output, delta)
+                if probes is not None and publish is not None and isinstance(delta, torch.Tensor):
+                    probes[publish] = delta
             _expect(out, tuple(h.shape), f"{form} integrate", "the host's output")
         elif form == "reparameterise" and ctx.W is not None:
-            out = fwd(None, None, ctx.W, False)
+            out = fwd(None, None, ctx.W, False, mask, inputs)
             _expect(out, tuple(ctx.W.shape), "weight", "the host's weight")
         elif form == "rescale":
             width = ctx.d_in if getattr(m, "side", "output") == "input" else ctx.d_out
-            out = fwd(None, None, None, False)
+            out = fwd(None, None, None, False, mask, inputs)
             if not isinstance(out, torch.Tensor):
                 raise PefrefError(f"scale gives {type(out).__name__}, expected a tensor")
             try:
@@ -149,6 +173,22 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None
                 ok = False
             if not ok:
                 raise PefrefError(f"scale gives shape {tuple(out.shape)}, which does not broadcast over the host's width {width}")
+        elif form == "prepend" and hps is not None:
+            from pefref.language.sizes import scalar_ops
+
+            n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
+            out = fwd(None, None, None, False, mask, inputs)
+            if m.tokens is not None:
+                _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
+            else:
+                kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
+                if not isinstance(out, tuple) or len(out) != 2:
+                    raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
+                _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
+                _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
+            for t in out if isinstance(out, tuple) else (out,):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise PefrefError("the prepended positions hold NaN or infinite values")
 
 
 def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:
