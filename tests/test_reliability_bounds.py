@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from pefref.language.errors import PefrefError
-from pefref.language.limits import limits
 from pefref.language.schema import Technique
 from pefref.language.validate import validate_paths
 from pefref.runtime import api
@@ -90,6 +89,8 @@ def test_huge_tensor_in_an_init_expression_is_located(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("op", sorted(HUGE))
 def test_apply_refuses_a_huge_op_before_running_it(tmp_path: Path, op: str) -> None:
+    from pefref.language.limits import limits
+
     # a Technique built in Python skips validate: apply's own inference (on the model's sizes) refuses it
     tech = Technique.model_validate(yaml.safe_load(_file(tmp_path, f"{LOW_RANK} + {HUGE[op]}").read_text()))
     model = tiny_model("llama")
@@ -103,6 +104,8 @@ def test_apply_refuses_a_huge_op_before_running_it(tmp_path: Path, op: str) -> N
 
 
 def test_override_that_makes_an_op_huge_is_refused_at_apply(tmp_path: Path) -> None:
+    from pefref.language.limits import limits
+
     p = _file(tmp_path, f"{LOW_RANK} + 0 * sum(sum(eye(n, A), -1), -1)")
     assert validate_paths([p])[0] == []  # n = 3000 by default: 9 million entries, fine
     model = tiny_model("llama")
@@ -138,6 +141,8 @@ def _plan_of(tid: str, **hps) -> tuple[int, int]:
 
 @pytest.mark.parametrize("tid", ["pissa", "oft"])
 def test_budget_between_kept_and_peak_is_refused_before_anything_changes(tid: str) -> None:
+    from pefref.language.limits import limits
+
     kept, peak = _plan_of(tid)
     assert peak > kept > 0  # PiSSA: an SVD of each host weight; OFT: the Cayley transform's intermediates
     model = tiny_model("llama")
