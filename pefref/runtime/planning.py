@@ -80,7 +80,7 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
                 dtypes.setdefault(key, ctx.dtype)
             if pl.module.host_update is not None and W is not None:
                 extra += 3 * W.numel() * W.element_size()  # the new weight, and the ledger's copies before and after
-            w_shape = None if W is None else (pl.size, *W.shape[1:]) if pl.size else tuple(W.shape)  # a sliced site sees its rows
+            w_shape = None if W is None else (pl.d_out, *W.shape[1:]) if pl.size else tuple(W.shape)  # a sliced site sees its rows
             key = (pl.module.name, pl.d_in, pl.d_out, w_shape)  # the other names are the same at every placement
             if str(ctx.device) != "meta" and key not in walked:  # nothing is computed on the meta device
                 walked.add(key)
