@@ -254,7 +254,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if pl.binding.input_path and not patch.stash_hooks:
-            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.layer)))
+            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.index if pl.index is not None else pl.layer)))
             txn.on_undo(lambda: [hk.remove() for hk in patch.stash_hooks] and patch.stash_hooks.clear())
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
