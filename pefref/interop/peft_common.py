@@ -1,0 +1,83 @@
+"""What peft's export and import share: file names, key prefixes, row selection, tensor layouts."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config",
+           "alpha_for", "pattern_value", "task_type", "slice_range"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PROMPT = "prompt_embeddings"
+
+
+def unit_key(module: str, site: str, layer: int | None) -> str:
+    """The key of a placement's unit in ``Adapter.units``."""
+    return f"{module}__{site.replace('.', '_')}" + ("" if layer is None else f"__{layer}")
+
+
+def to_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
+    """A technique tensor in peft's layout and sign."""
+    layout = mm.layout.get(pname)
+    if layout == "column":
+        t = t.reshape(-1, 1)
+    elif layout == "row":
+        t = t.reshape(1, -1)
+    elif layout == "vector":
+        t = t.reshape(-1)
+    return -t if pname in mm.negate else t
+
+
+def from_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
+    """A peft tensor in the technique's sign (its shape is fitted on assignment)."""
+    return -t if pname in mm.negate else t
+
+
+def fixed_config(method: PeftMethod) -> dict[str, Any]:
+    """The config values a row writes on export (the first of each list of accepted values)."""
+    return {**{k: v[0] if isinstance(v, list) else v for k, v in method.config.items()}, **method.written}
+
+
+def alpha_for(growth: str, alpha: float, k: int) -> float:
+    """The alpha that keeps the scaling of a rank multiplied by k."""
+    return alpha * k if growth == "linear" else alpha * math.sqrt(k)
+
+
+def pattern_value(pattern: Mapping[str, Any] | None, path: str) -> Any:
+    """peft's per-module pattern lookup (its keys match a module name's suffix, as regular expressions)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+def task_type(fam: ArchitectureMap, table: InteropTable) -> str | None:
+    """peft's task_type of the family's model class."""
+    task = next(iter(fam.classes.values())).task if len(fam.classes) == 1 else fam.task
+    return table.tasks.get(task)
+
+
+def slice_range(fam: ArchitectureMap, site: str, sizes: Mapping[str, int]) -> tuple[int, int]:
+    """[start, stop) of a slice site's output features in its fused module."""
+    from pefref.language.expr import evaluate, parse_expr
+    from pefref.language.sizes import scalar_ops
+
+    b = fam.sites[site]
+    assert b.slice is not None
+    extra = set(b.slice.model_dump(exclude_defaults=True)) - {"start", "size"}
+    if extra:
+        from pefref.language.errors import PefrefError
+
+        raise PefrefError(f"site {site!r} of family {fam.family!r} is a slice with {sorted(extra)}: "
+                          "only contiguous slices have a block-structured peft form")
+    start = int(evaluate(parse_expr(b.slice.start), dict(sizes), scalar_ops()))
+    return start, start + int(evaluate(parse_expr(b.slice.size), dict(sizes), scalar_ops()))
