@@ -31,6 +31,7 @@ from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.report import Report, ReportRow, fold_paths
+from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
 from pefref.runtime.transaction import Transaction, located
 from pefref.view.analysis import mergeable
@@ -137,14 +138,14 @@ def apply(
             W = None
             if pl.kind.has_weight and pl.binding.side == "module":
                 W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
-                ctx.W = W[pl.start:pl.start + pl.size] if pl.size else W
+                ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
             unit = build_unit(m, ctx, hps, store, plan.shared_shapes, publish=wiring.publishes(m))
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
             new_w = None
             if unit is not None:
                 check_unit(unit, m, pl, ctx)
                 if m.host_update is not None and W is not None:
-                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size)
+                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
                     pending[id(pl.host)] = new_w
         built.append((pl, unit, key, new_w))
 
@@ -242,7 +243,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         existed = getattr(pl.host, _PATCH, None)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes
             entry.reads = wiring.reads(m, pl.layer)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None

@@ -26,6 +26,7 @@ from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
+from pefref.runtime.rows import replace as replace_rows
 from pefref.runtime.transaction import located
 
 __all__ = ["Plan", "plan_apply", "where_of", "check_unit", "host_update_of", "check_selectable"]
@@ -139,7 +140,7 @@ def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:
         raise PefrefError(f"{what} gives shape {tuple(out.shape)}, expected {shape} ({whose})")
 
 
-def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, Any], W: torch.Tensor, start: int, size: int) -> torch.Tensor:
+def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, Any], W: torch.Tensor, start: int, size: int, period: int = 0) -> torch.Tensor:
     """The host's new weight ([out, in], the whole weight for a sliced site), computed and checked, not written."""
     from pefref.ops import op_table
 
@@ -152,7 +153,7 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
         raise PefrefError("host_update gives NaN or infinite values")
     new_w = new_w.detach().to(W.dtype)
     if size:  # a sliced site (a fused projection) updates its own rows only
-        new_w = torch.cat([W[:start].detach(), new_w, W[start + size:].detach()])
+        new_w = replace_rows(W.detach(), 0, start, size, period, lambda _old: new_w)
     return new_w.contiguous()
 
 
