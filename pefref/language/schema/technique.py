@@ -250,7 +250,7 @@ class Technique(Strict):
     hyperparameters: dict[Identifier, Hyperparameter] = Field(
         default_factory=dict,
         description=("Named, typed values the expressions read (users override them per use). Convention: the inner width of a "
-                     "down/up pair (a LoRA rank, an adapter's bottleneck) is the width itself, named r (r_<part> for a "
+                     "down/up pair (a low-rank update's rank, an adapter's bottleneck) is the width itself, named r (r_<part> for a "
                      "second one, e.g. r_adapter), never a reduction factor of the host width (He et al. 2022's r)."),
     )
     modules: list[Module] = Field(min_length=1)
