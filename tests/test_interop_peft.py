@@ -261,3 +261,22 @@ def test_task_head_saved_with_the_adapter_reads_into_peft(tmp_path: Path) -> Non
     assert max_diff(out(pm, "tiny-llama"), mine) <= TOL
     back = pefref.from_pretrained(copy.deepcopy(clf), tmp_path)
     assert max_diff(out(back.model, "tiny-llama"), mine) <= TOL
+
+
+def test_lora_on_interleaved_slices_is_one_block_structured_lora(tmp_path: Path) -> None:
+    """GPT-NeoX interleaves q, k and v per head in query_key_value: each B goes to its slice's rows in every period."""
+    shape = "tiny-gpt-neox"
+    model = copy.deepcopy(base(shape))
+    a = pefref.apply(model, "lora", r=2, alpha=4)
+    assert {r.site for r in a.report.rows} == {"attn.q", "attn.v"}
+    perturb(a.trainable_parameters())
+    mine = out(model, shape)
+    a.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base(shape)), tmp_path).eval()
+    assert max_diff(out(pm, shape), mine) <= TOL
+    assert max_diff(mine, out(base(shape), shape)) > 1e-3
+    back = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
+    assert sorted(r.site for r in back.report.rows) == ["attn.q", "attn.v"]
+    assert max_diff(out(back.model, shape), mine) <= TOL and back.num_trainable() == a.num_trainable()

@@ -12,7 +12,7 @@ import torch
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config",
-           "alpha_for", "pattern_value", "task_type", "slice_range"]
+           "alpha_for", "pattern_value", "task_type", "slice_rows"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,18 +66,17 @@ def task_type(fam: ArchitectureMap, table: InteropTable) -> str | None:
     return table.tasks.get(task)
 
 
-def slice_range(fam: ArchitectureMap, site: str, sizes: Mapping[str, int]) -> tuple[int, int]:
-    """[start, stop) of a slice site's output features in its fused module."""
+def slice_rows(fam: ArchitectureMap, site: str, sizes: Mapping[str, int], width: int) -> list[int]:
+    """The output features of the fused module (``width`` of them) that a slice site owns, in order."""
     from pefref.language.expr import evaluate, parse_expr
     from pefref.language.sizes import scalar_ops
 
     b = fam.sites[site]
     assert b.slice is not None
-    extra = set(b.slice.model_dump(exclude_defaults=True)) - {"start", "size"}
-    if extra:
-        from pefref.language.errors import PefrefError
 
-        raise PefrefError(f"site {site!r} of family {fam.family!r} is a slice with {sorted(extra)}: "
-                          "only contiguous slices have a block-structured peft form")
-    start = int(evaluate(parse_expr(b.slice.start), dict(sizes), scalar_ops()))
-    return start, start + int(evaluate(parse_expr(b.slice.size), dict(sizes), scalar_ops()))
+    def value(text: str) -> int:
+        return int(evaluate(parse_expr(text), dict(sizes), scalar_ops()))
+
+    start, size = value(b.slice.start), value(b.slice.size)
+    period = value(b.slice.period) if b.slice.period is not None else width
+    return [j * period + start + t for j in range(width // period) for t in range(size)]

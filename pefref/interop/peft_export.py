@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_range, task_type, to_peft, unit_key
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -17,7 +17,7 @@ from pefref.runtime.saved_modules import SAVED_MODULE
 
 __all__ = ["peft_state"]
 
-_Piece = tuple[int, int, nn.Module]  # (first row, stop row, unit) of one slice placement on a fused host
+_Piece = tuple[list[int], nn.Module]  # (the fused module's output features it owns, unit) of one slice placement
 
 
 def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
@@ -99,8 +99,8 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
                     raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
                                       f"{method.peft_type} adapts whole modules and has no exact form of a slice; place it "
                                       f"on the fused site instead (sites=['attn.qkv'])")
-                start, stop = slice_range(fam, row.site, adapter.sizes)
-                pieces.setdefault((row.module, path), []).append((start, stop, unit))
+                rows = slice_rows(fam, row.site, adapter.sizes, host_kind(host).widths(host)[1])
+                pieces.setdefault((row.module, path), []).append((rows, unit))
                 continue
             for pname, tname in mm.tensors.items():
                 put(f"{PREFIX}{path}.{tname}", to_peft(getattr(unit, pname).detach(), mm, pname), path)
@@ -130,20 +130,20 @@ def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, pa
     """Placements on k slices of one fused module as one block-structured module of rank k·r."""
     fused = method.fused
     assert fused is not None
-    parts = sorted(parts, key=lambda p: p[0])
+    parts = sorted(parts, key=lambda p: p[0][0])
     d_out = host_kind(adapter.model.get_submodule(path)).widths(adapter.model.get_submodule(path))[1]
     for pname, tname in mm.tensors.items():
         how = fused.tensors.get(pname)
         if how is None:
             raise PefrefError(f"{adapter.technique.id}: tensor {pname!r} has no block-structured form on the fused {path!r}")
-        values = [getattr(u, pname).detach() for _s, _e, u in parts]
+        values = [getattr(u, pname).detach() for _rows, u in parts]
         if how == "stack":
             out = torch.cat(values, dim=0)
         else:
             out = values[0].new_zeros(d_out, sum(v.shape[1] for v in values))
             col = 0
-            for (start, stop, _u), v in zip(parts, values):
-                out[start:stop, col:col + v.shape[1]] = v
+            for (rows, _u), v in zip(parts, values):
+                out[rows, col:col + v.shape[1]] = v
                 col += v.shape[1]
         put(f"{PREFIX}{path}.{tname}", to_peft(out, mm, pname), path)
     k = len(parts)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_range, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Technique
 from pefref.runtime.adapter import Adapter
@@ -69,7 +69,7 @@ class Plan:
     technique: Technique
     hyperparameters: dict[str, Any]
     saved: list[str]
-    splits: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)  # host -> (site, start, stop, block)
+    splits: dict[str, list[tuple[str, list[int], int]]] = field(default_factory=dict)  # host -> (site, its rows, rank block)
 
 
 def _hosts(method: PeftMethod, state: Mapping[str, torch.Tensor]) -> set[str]:
@@ -104,30 +104,30 @@ def _site_of(path: str, kinds: set[str], fam: ArchitectureMap, kind_of: Mapping[
 
 
 def _split(method: PeftMethod, cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: str, fam: ArchitectureMap,
-           sizes: Mapping[str, int], kinds: set[str], kind_of: Mapping[str, str]) -> tuple[list[tuple[str, int, int, int]], int | None] | None:
+           sizes: Mapping[str, int], kinds: set[str], kind_of: Mapping[str, str]) -> tuple[list[tuple[str, list[int], int]], int | None] | None:
     """The slice placements a block-structured module on a fused host holds, when its blocks say so exactly."""
     fused = method.fused
     if fused is None or pattern_value(cfg.get(fused.rank_pattern), path) is None:
         return None
+    block = next(t for mm in method.modules for p, t in mm.tensors.items() if fused.tensors.get(p) == "block")
+    B = state[f"{path}.{block}"]
     slices = []
     for site, b in fam.sites.items():
         m = _template_match(b.path, path) if b.path and b.slice is not None and kind_of.get(site) in kinds else None
         if m:
-            slices.append((site, *slice_range(fam, site, sizes), int(m.group(1)) if m.groups() else None))
+            slices.append((site, slice_rows(fam, site, sizes, B.shape[0]), int(m.group(1)) if m.groups() else None))
     r0, a0 = cfg[fused.rank], cfg[fused.alpha]
     rank, alpha = _rank_alpha(method, cfg, path)
     if not slices or rank % r0 or not math.isclose(alpha, alpha_for(fused.alpha_growth, a0, rank // r0), rel_tol=1e-6):
         return None
-    block = next(t for mm in method.modules for p, t in mm.tensors.items() if fused.tensors.get(p) == "block")
-    B = state[f"{path}.{block}"]
-    out: list[tuple[str, int, int, int]] = []
+    out: list[tuple[str, list[int], int]] = []
     for j in range(rank // r0):
-        rows = B[:, j * r0:(j + 1) * r0].abs().sum(dim=1).nonzero().flatten().tolist()
-        hit = next((s for s in slices if rows and s[1] <= rows[0] and rows[-1] < s[2] and s[0] not in {o[0] for o in out}), None)
+        rows = set(B[:, j * r0:(j + 1) * r0].abs().sum(dim=1).nonzero().flatten().tolist())
+        hit = next((s for s in slices if rows and rows <= set(s[1]) and s[0] not in {o[0] for o in out}), None)
         if hit is None:
             return None  # a block spans slices (or is zero): the module is a whole-module one
-        out.append((hit[0], hit[1], hit[2], j))
-    return out, slices[0][3]
+        out.append((hit[0], hit[1], j))
+    return out, slices[0][2]
 
 
 def _rank_alpha(method: PeftMethod, cfg: Mapping[str, Any], path: str) -> tuple[Any, Any]:
@@ -147,7 +147,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     kind_of = {s: site.kind for s, site in catalog.reference.sites.items()}
     maps = {mm.module: mm for mm in method.modules}
     where: dict[str, dict[str, set[int | None]]] = {m.name: {} for m in modules}
-    splits: dict[str, list[tuple[str, int, int, int]]] = {}
+    splits: dict[str, list[tuple[str, list[int], int]]] = {}
     whole: set[Any] = set()
     for host in sorted(_hosts(method, state)):
         fields = {f for mm in method.modules for f in mm.targets if _listed(host, cfg.get(f))}
@@ -250,10 +250,10 @@ def _block(method: PeftMethod, pname: str, value: torch.Tensor, site: str, split
     """A slice placement's part of a block-structured tensor."""
     assert method.fused is not None
     r = hps[method.hyperparameters[method.fused.rank]]
-    _site, start, stop, j = next(s for s in split if s[0] == site)
+    _site, rows, j = next(s for s in split if s[0] == site)
     if method.fused.tensors[pname] == "stack":
         return value[j * r:(j + 1) * r]
-    return value[start:stop, j * r:(j + 1) * r]
+    return value[rows, j * r:(j + 1) * r]
 
 
 def _copy_computed(adapter: Adapter, row: Any, module: Any, computed: str, state: Mapping[str, torch.Tensor]) -> str:
