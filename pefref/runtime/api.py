@@ -34,7 +34,7 @@ from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
 from pefref.runtime.transaction import Transaction, located
-from pefref.view.analysis import mergeable
+from pefref.view.analysis import connected_modules, mergeable
 
 __all__ = ["apply", "resolve_technique", "Adapter", "Report", "ReportRow", "fold_paths", "ADAPTERS_ATTR"]
 
@@ -126,6 +126,7 @@ def apply(
     wiring = Wiring(modules, places, name)
     plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
+    connected = connected_modules(modules)  # modules in a connection never fold into a weight
     host_by_path = {id(m): n for n, m in model.named_modules()}
 
     # build every unit and host update first: the model is only read until all of them exist
@@ -195,7 +196,7 @@ def apply(
                 _attach(model, pl, unit, key, adapter, fam, sizes, txn, wiring)
                 mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
                 if mk not in merge_ok:
-                    merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
+                    merge_ok[mk] = mergeable(m, [mk[1]], mk[2], m.name in connected)
                 if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
                     adapter.mergeable_units.add(key)
             row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
