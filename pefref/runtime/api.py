@@ -133,6 +133,7 @@ def apply(
     store = SharedStore()
     built: list[tuple[Placement, Unit | None, str, torch.Tensor | None]] = []
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
+    probes: dict[Any, torch.Tensor] = {}  # what publishing units' probes gave, for the probes of the units reading them
     for pl, ctx in zip(places, plan.contexts):
         m = pl.module
         with located(where_of(tech, pl)):
@@ -144,7 +145,7 @@ def apply(
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
             new_w = None
             if unit is not None:
-                check_unit(unit, m, pl, ctx)
+                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
                 if m.host_update is not None and W is not None:
                     new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
                     pending[id(pl.host)] = new_w
@@ -254,7 +255,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if pl.binding.input_path and not patch.stash_hooks:
-            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.layer)))
+            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.index if pl.index is not None else pl.layer)))
             txn.on_undo(lambda: [hk.remove() for hk in patch.stash_hooks] and patch.stash_hooks.clear())
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
