@@ -191,7 +191,7 @@ class PrependModule(_ModuleBase):
     gate: ExprStr | None = Field(None, description=(
         "Multiplier of the prefix keys and values in each layer, computed when the layer runs from x, the hidden state "
         "entering its attention (the input of site attn.block), and the module's parameters: one value per example "
-        "([batch, 1]), e.g. mean(sigmoid(linear(x, Wg, bg)), dim=1) (UniPELT's prefix gate)."))
+        "([batch, 1]), e.g. mean(sigmoid(linear(x, Wg, bg)), dim=1), a learned gate averaged over the sequence."))
 
     @model_validator(mode="after")
     def _one_kind(self) -> PrependModule:
