@@ -96,6 +96,11 @@ def test_layer_selection_and_model_classes() -> None:
     dec = pefref.apply(model, "lora", layers=[2, 3], r=2)  # the decoder's layers follow the encoder's
     assert all(p.startswith("decoder.") for r in dec.report.rows for p in r.paths)
     dec.remove()
+    named = pefref.apply(model, "lora", layers="encoder", r=2)  # or by the stack's name
+    assert {r.site: r.layers for r in named.report.rows} == {"attn.q": [0, 1], "attn.v": [0, 1]}
+    named.remove()
+    with pytest.raises(pefref.PefrefError, match="no stack 'decodr'.*encoder, decoder"):
+        pefref.apply(model, "lora", layers=["decodr"], r=2)
     from transformers import T5EncoderModel, T5Model
 
     enc = T5EncoderModel(model.config)
@@ -116,3 +121,21 @@ def test_cross_attention_is_drawn_where_it_exists() -> None:
     assert {"xattn.q", "xattn.k", "xattn.v", "xattn.o"} <= sites
     assert not any(str(a.get("site", "")).startswith("xattn") for _n, a in llama.nodes(data=True))
     assert not any("cross-attention" in str(c.get("html", "")) for c in llama.graph["clusters"].values())
+
+
+def test_validate_locates_a_bad_stack(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+    from pefref.language.catalog import catalog_root
+
+    text = (catalog_root() / "families" / "t5.yaml").read_text()
+    bad = tmp_path / "t5.yaml"
+    bad.write_text(text.replace("stacks: [encoder]}", "stacks: [encodr]}").replace("xattn.o: {path", "xattn.oo: {path"))
+    res = CliRunner().invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 1
+    lines = bad.read_text().splitlines()
+    cls = next(i for i, t in enumerate(lines, 1) if "encodr" in t)
+    site = next(i for i, t in enumerate(lines, 1) if "xattn.oo" in t)
+    assert f"t5.yaml:{cls}:" in res.output and "unknown stack 'encodr'" in res.output and "encoder" in res.output, res.output
+    assert f"t5.yaml:{site}:" in res.output and "xattn.oo" in res.output, res.output

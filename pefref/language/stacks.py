@@ -10,9 +10,12 @@ stacks has one implicit stack: every layer binds the site as ``sites`` says.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from pefref.language.errors import SiteError
 from pefref.language.schema import ArchitectureMap, SiteBinding
 
-__all__ = ["stacked", "layer_bindings"]
+__all__ = ["stacked", "layer_bindings", "expand_layers"]
 
 
 def stacked(fam: ArchitectureMap, site: str) -> bool:
@@ -33,4 +36,25 @@ def layer_bindings(fam: ArchitectureMap, site: str, sizes: dict[str, int]) -> li
         if sb is not None:
             out += [(offset + j, j, sb) for j in range(n)]
         offset += n
+    return out
+
+
+def expand_layers(fam: ArchitectureMap, sizes: dict[str, int], layers: Sequence[int | str]) -> list[int]:
+    """A layer selection with stack names (``"decoder"``) replaced by the indices of their layers."""
+    if isinstance(layers, str):  # one stack's name
+        layers = [layers]
+    out: list[int] = []
+    offset = {}
+    k = 0
+    for name in fam.stacks:
+        offset[name] = k
+        k += sizes[f"L_{name}"]
+    for x in layers:
+        if isinstance(x, str):
+            if x not in offset:
+                known = ", ".join(offset) or "none: the map has no stacks"
+                raise SiteError(f"layers: no stack {x!r} in family {fam.family!r} (stacks: {known})")
+            out += range(offset[x], offset[x] + sizes[f"L_{x}"])
+        else:
+            out.append(x)
     return out

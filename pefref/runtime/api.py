@@ -71,7 +71,7 @@ def apply(
     technique: str | Path | Technique,
     *,
     sites: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int | str] | None = None,
     family: str | Path | ArchitectureMap | None = None,
     name: str | None = None,
     dtype: torch.dtype | None = None,
@@ -90,7 +90,7 @@ def apply(
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
-        layers: restrict to some layers (indices, negative from the end).
+        layers: restrict to some layers (indices, negative from the end; in encoder-decoder maps also stack names, e.g. 'decoder').
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).

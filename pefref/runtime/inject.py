@@ -23,7 +23,7 @@ from pefref.language.loader import load_file, suggest
 from pefref.language.model_classes import bind_class
 from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
-from pefref.language.stacks import layer_bindings, stacked
+from pefref.language.stacks import expand_layers, layer_bindings, stacked
 from pefref.language.templates import template
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.hosts import HostKind, host_kind
@@ -124,7 +124,7 @@ def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind
 
 
 def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: Sequence[Any],
-               sites: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+               sites: Sequence[str] | None = None, layers: Sequence[int | str] | None = None,
                reference: ReferenceArchitecture | None = None) -> Iterator[Placement]:
     """Every placement of ``modules`` in ``model`` (optionally restricted to some sites / layers).
 
@@ -147,7 +147,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
             where = {i: (j, bb) for i, j, bb in layer_bindings(fam, site, sizes)} if per_layer else {}
             chosen = [i for i in select_layers(m.layers, L) if i in where] if per_layer else [None]
             if layers is not None and per_layer:
-                keep = set(select_layers(list(layers), L))
+                keep = set(select_layers(expand_layers(fam, sizes, layers), L))
                 chosen = [i for i in chosen if i in keep]
             for i in chosen:
                 if b.cache:
