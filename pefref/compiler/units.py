@@ -347,7 +347,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
         own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
-        gprog = ("gate", (("gate", str(spec.gate)),), consts, shapes, program[4], (), False)
+        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False)
         gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
         unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
     return unit
