@@ -24,7 +24,7 @@ from pefref.experiments.checkpoint import (
     save_tensors,
     set_rng_state,
 )
-from pefref.experiments.data import Examples, collate, epoch_order, load_examples
+from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
 from pefref.experiments.distributed import Dist, all_sum, any_true, wrap
 from pefref.experiments.grid import RunSpec
 from pefref.experiments.records import Records
@@ -149,8 +149,9 @@ def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_si
     model.eval()
     preds: list[int] = []
     total, count = 0.0, 0
+    order = sorted(range(len(ex)), key=lambda j: (-len(ex.ids[j]), j))  # similar lengths share a batch: little padding
     for i in range(0, len(ex), batch_size):
-        b = {k: v.to(device) for k, v in collate(ex, list(range(i, min(i + batch_size, len(ex)))), pad_id, causal).items()}
+        b = {k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}
         with autocast():
             logits = _logits(model, b)
         total += float(_loss_sum(logits, b["labels"], causal))
@@ -162,7 +163,8 @@ def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_si
     if causal:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     assert ex.labels is not None
-    return {"loss": loss, **classification_metrics(preds, ex.labels, len(ex.label_names))}
+    labels = ex.labels
+    return {"loss": loss, **classification_metrics(preds, [labels[j] for j in order], len(ex.label_names))}
 
 
 class _SavedBytes:
@@ -283,7 +285,8 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         step = state["step"]
         epoch, pos = divmod(step, spe)
         if order[0] != epoch:
-            order = (epoch, epoch_order(len(train_ex), spec.seed, epoch))
+            order = (epoch, grouped_order([len(x) for x in train_ex.ids], B, spec.seed, epoch) if tr.group_by_length
+                     else epoch_order(len(train_ex), spec.seed, epoch))
         t0 = time.perf_counter()
         batch = collate(train_ex, order[1][pos * B:(pos + 1) * B], tok.pad_token_id, causal)
         count = _count(batch["labels"], causal)
@@ -315,7 +318,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         if tb is not None:
             tb.add_scalar(f"{spec.label}/train_loss", train_loss, state["step"])
         if state["step"] % eval_every == 0 or state["step"] == total:
-            m = evaluate(model, eval_ex, tok.pad_token_id, causal, B, device, autocast)
+            m = evaluate(model, eval_ex, tok.pad_token_id, causal, tr.eval_batch_size or B, device, autocast)
             state["final"] = m
             if rec:
                 rec.log(spec.id, state["step"], "eval", m)
@@ -374,7 +377,7 @@ def _tensor_memory(model: nn.Module, params: list[nn.Parameter], opt: torch.opti
 def _technique_name(cfg: dict[str, Any], prep: Prepared) -> str:
     if "baseline" in cfg:
         return str(cfg["baseline"])
-    return "+".join(a.technique.id for a in prep.adapters)
+    return "+".join(a.technique.id if hasattr(a, "technique") else a.name for a in prep.adapters)
 
 
 _TB_WARNED: list[bool] = []
