@@ -180,7 +180,7 @@ def expand(exp: Experiment, path: str | Path) -> list[RunSpec]:
     data = {**exp.data.model_dump(exclude_none=True),
             "train": file_digest(root / exp.data.train), "eval": file_digest(root / exp.data.eval)}
     common = {"experiment": exp.id, "model": model, "task": exp.task.model_dump(), "data": data,
-              "training": exp.training.model_dump(mode="json", exclude={"tensorboard", "threads", "log_every", "eval_batch_size"})}
+              "training": exp.training.model_dump(mode="json", exclude={"tensorboard", "threads", "log_every", "eval_batch_size", "distributed"})}
     runs: list[RunSpec] = []
     seen: dict[str, str] = {}
     for entry in exp.grid:

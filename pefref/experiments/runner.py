@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pefref.experiments.distributed import init
+from pefref.experiments.distributed import init, launched
 from pefref.experiments.grid import RunSpec, expand, load_experiment
 from pefref.experiments.records import Records
 from pefref.experiments.train import RunEnv, StopFlag, train_run
@@ -87,7 +87,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     if seeds:
         runs = [r for r in runs if r.seed in seeds]
     out = Path(out) if out is not None else default_output(path)
-    if _worker is None and jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if _worker is None and jobs > 1 and not launched():
         return _run_parallel(path, out, runs, jobs, only, seeds, progress, echo)
     d = init(exp.training.device if exp.training.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if exp.training.threads and not torch.cuda.is_available():

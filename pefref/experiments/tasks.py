@@ -133,7 +133,13 @@ class Prepared:
             raise PefrefError(f"checkpoint does not match the run: missing {missing[:4]}, unexpected {unexpected[:4]}")
         with torch.no_grad():
             for k, t in own.items():
-                t.copy_(state[k])
+                src = state[k].to(t.device)
+                mesh = getattr(t, "device_mesh", None)
+                if mesh is not None:  # sharded by FSDP: each process keeps its own shard of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, mesh, t.placements)  # type: ignore[attr-defined]
+                t.copy_(src)
 
 
 def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: Catalog) -> Prepared:

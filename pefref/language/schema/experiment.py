@@ -104,6 +104,7 @@ class TrainingSpec(Strict):
     log_every: int = Field(1, ge=1, description="Record the training loss every N optimizer steps.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard under DIR/tensorboard (needs the 'tensorboard' extra).")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu' or 'cuda'.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model in every process and reduces the trainable gradients; fsdp shards every tensor, the frozen base included, over the processes with FSDP2 (fully_shard on each transformer block and the root), for a base model that does not fit one device. Both give one process's result with the same global batch.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
 
     @model_validator(mode="after")
