@@ -23,6 +23,7 @@ TINY = {
     "llama": "tiny-llama",
     "mistral": "tiny-mistral",
     "qwen2": "tiny-qwen2",
+    "gpt_neox": "tiny-gpt-neox",
 }
 """The test-size shape of each family."""
 

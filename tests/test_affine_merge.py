@@ -115,3 +115,88 @@ def test_rescale_at_the_embedding(tmp_path: Path, family: str) -> None:
     ad.remove()
     model.eval()
     assert torch.equal(output_of(model, inputs), base)
+
+
+# --- SSF (catalog): the paper's y = γ ⊙ h + β after every projection, against forward hooks ---------
+
+SSF_HOSTS = {  # site -> (module path, output slice) in each family, written here (not read from pefref's maps)
+    "llama": {"attn.q": ("model.layers.{i}.self_attn.q_proj", None), "attn.k": ("model.layers.{i}.self_attn.k_proj", None),
+              "attn.v": ("model.layers.{i}.self_attn.v_proj", None), "attn.o": ("model.layers.{i}.self_attn.o_proj", None),
+              "ffn.up": ("model.layers.{i}.mlp.up_proj", None), "ffn.down": ("model.layers.{i}.mlp.down_proj", None)},
+    "gpt2": {"attn.q": ("transformer.h.{i}.attn.c_attn", (0, 32)), "attn.k": ("transformer.h.{i}.attn.c_attn", (32, 64)),
+             "attn.v": ("transformer.h.{i}.attn.c_attn", (64, 96)), "attn.o": ("transformer.h.{i}.attn.c_proj", None),
+             "ffn.up": ("transformer.h.{i}.mlp.c_fc", None), "ffn.down": ("transformer.h.{i}.mlp.c_proj", None)},
+    "bert": {"attn.q": ("encoder.layer.{i}.attention.self.query", None), "attn.k": ("encoder.layer.{i}.attention.self.key", None),
+             "attn.v": ("encoder.layer.{i}.attention.self.value", None), "attn.o": ("encoder.layer.{i}.attention.output.dense", None),
+             "ffn.up": ("encoder.layer.{i}.intermediate.dense", None), "ffn.down": ("encoder.layer.{i}.output.dense", None)},
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_ssf_matches_plain_torch_merges_where_derived_and_trains(family: str) -> None:
+    from pefref.language.errors import PefrefError
+    from pefref.view.analysis import modules_mergeable
+    from pefref.view.costs import efficiency
+
+    cat = default_catalog()
+    model, ref = tiny_model(family), tiny_model(family)
+    inputs = model_inputs(family)
+    base = output_of(model, inputs)
+    ad = apply(model, "ssf")
+    units = dict(ad.units.items())
+    # hand-written reference: one hook per host, scaling and shifting each site's slice of the output
+    L = 2
+    for i in range(L):
+        per_host: dict[str, list] = {}
+        for site, (path, sl) in SSF_HOSTS[family].items():
+            u = units[f"ssf__{site.replace('.', '_')}__{i}"]
+            per_host.setdefault(path.format(i=i), []).append((sl, u))
+
+        for path, parts in per_host.items():
+            def post(_m, _a, out, parts=parts):
+                pieces, at = [], 0
+                for sl, u in sorted(parts, key=lambda p: (p[0] or (0, 0))[0]):
+                    a, b = sl or (0, out.shape[-1])
+                    pieces.append(out[..., at:a])
+                    pieces.append(out[..., a:b] * u.gamma.detach() + u.beta.detach())
+                    at = b
+                pieces.append(out[..., at:])
+                return torch.cat(pieces, dim=-1)
+            ref.get_submodule(path).register_forward_hook(post)
+    with torch.no_grad():
+        ours, theirs = output_of(model, inputs), output_of(ref, inputs)
+    assert (theirs - base).abs().max() > 1e-3  # γ ~ N(1, 0.02), β ~ N(0, 0.02): not the identity
+    assert (ours - theirs).abs().max() <= 1e-5
+    c = model.config
+    d = c.hidden_size
+    d_ff = 4 * d if family == "gpt2" else c.intermediate_size
+    kv = c.num_key_value_heads * (d // c.num_attention_heads) if family == "llama" else d
+    assert ad.num_trainable() == L * 2 * (d + kv + kv + d + d_ff + d)  # γ and β per output channel
+    # mergeable exactly where the view says so (the hosts have biases), folding into W and b
+    view = modules_mergeable(cat.technique("ssf").modules, cat.reference, cat.family(family))
+    assert view == efficiency(cat.technique("ssf"), cat.shape(TINY_SHAPE[family]), cat).mergeable == (family != "llama")
+    if view:
+        ad.merge()
+        assert (output_of(model, inputs) - theirs).abs().max() <= 1e-5
+        ad.unmerge()
+    else:
+        with pytest.raises(PefrefError):
+            ad.merge()
+    # trains: the loss falls over a few steps
+    model.train()
+    opt = torch.optim.AdamW(ad.trainable_parameters(), lr=1e-2)
+    target = torch.randn(base.shape, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (output_of(model, inputs) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    ad.remove()
+    model.eval()
+    assert torch.equal(output_of(model, inputs), base)
+
+
+TINY_SHAPE = {"llama": "tiny-llama", "gpt2": "tiny-gpt2", "bert": "tiny-bert"}

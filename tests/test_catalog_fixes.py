@@ -58,3 +58,24 @@ def test_validate_checks_maps_shapes_and_the_interop_table_by_their_own_schemas(
     res = runner.invoke(app, ["validate", str(bad)])
     assert res.exit_code == 1
     assert "fam.yaml:" in res.output and "attn.oo" in res.output and "unknown key 'family'" not in res.output
+
+
+def test_every_bottleneck_names_its_width_r() -> None:
+    """The catalog's convention (Technique.hyperparameters): a down/up pair's inner width is a hyperparameter r (or
+    r_<part>), the width itself. Pfeiffer's and UniPELT's adapters once said `d_out // reduction`, Houlsby's `r`."""
+    from pefref.language.check import expand_modules
+
+    hosts = {"d", "d_in", "d_out"}
+    seen = set()
+    for tid, t in CATALOG.techniques.items():
+        modules, hps = expand_modules(t, CATALOG.techniques)
+        for m in modules:
+            if m.form not in ("parallel", "sequential"):
+                continue
+            mats = {k: [str(d) for d in p.shape] for k, p in m.params.items() if len(p.shape) == 2}
+            for down, (k, h_in) in mats.items():
+                ups = [u for u, (h_out, k2) in mats.items() if u != down and k2 == k and h_in in hosts and h_out in hosts]
+                if ups:
+                    seen.add(tid)
+                    assert k == "r" or (k.startswith("r_") and k in hps), f"{tid}.{m.name}: {down}/{ups[0]} inner width {k!r}; name it r (a width)"
+    assert {"houlsby_adapter", "pfeiffer_adapter", "unipelt", "parallel_adapter", "lora"} <= seen

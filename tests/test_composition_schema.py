@@ -106,7 +106,7 @@ def test_compositions_are_drawable() -> None:
     res = load_composition(ROOT / "compositions" / "adapter_fusion.yaml", cat)
     techs = res.drawable()
     assert [t.id for t in techs] == ["task_a", "task_b", "task_c"]
-    assert techs[2].hyperparameters["reduction"].default == 8  # the composition's value
+    assert techs[2].hyperparameters["r"].default == 96  # the composition's value
     g = technique_graph(cat, techs, model="tiny-llama")
     assert g.graph["techniques"] == ["task_a", "task_b", "task_c"]
     res = load_composition(ROOT / "compositions" / "oft_dora_stack.yaml", cat)

@@ -7,9 +7,11 @@ import torch
 
 from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
+from pefref.language.errors import PefrefError
 from pefref.models.build import applicable
 from pefref.runtime.api import ADAPTERS_ATTR, apply
-from pefref.view.analysis import module_mergeable
+from pefref.view.analysis import modules_mergeable
+from pefref.view.costs import efficiency
 from pefref.view.params import count_params
 
 from .conftest import TINY, model_inputs, output_of, tiny_model
@@ -34,6 +36,16 @@ def _perturb(adapter) -> None:
     with torch.no_grad():
         for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "bert"])
+def test_shown_mergeability_is_the_runtime_one(fam: str) -> None:
+    """What `pefref show` says (efficiency on a shape) is the same derivation as above, per technique."""
+    shape = _CAT.shape(TINY[fam])
+    for tid, t in sorted(_CAT.techniques.items()):
+        modules, _ = expand_modules(t, _CAT.techniques)
+        if (tid, fam) in {(c.values[0], c.values[1]) for c in CASES}:
+            assert efficiency(t, shape, _CAT).mergeable == modules_mergeable(modules, _CAT.reference, _CAT.family(fam)), tid
 
 
 @pytest.mark.parametrize("tid,fam", CASES)
@@ -73,12 +85,21 @@ def test_properties(tid: str, fam: str) -> None:
         torch.testing.assert_close(output_of(model, inputs), base_out, atol=1e-6, rtol=0)
     torch.testing.assert_close(output_of(model, inputs), adapted, atol=0, rtol=0)
 
+    # the view's mergeability on this family is what merge() does (one derivation for both)
     modules, _ = expand_modules(t, _CAT.techniques)
-    if all(module_mergeable(m, _CAT.reference) for m in modules):
+    view = modules_mergeable(modules, _CAT.reference, _CAT.family(fam))
+    if view:
         a.merge()
         torch.testing.assert_close(output_of(model, inputs), adapted, atol=1e-5, rtol=0)
         a.unmerge()
         torch.testing.assert_close(output_of(model, inputs), adapted, atol=1e-6, rtol=0)
+    else:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(PefrefError, match="cannot be merged"):
+            a.merge()
+        assert not a.merged
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # refused: nothing changed
+        torch.testing.assert_close(output_of(model, inputs), adapted, atol=0, rtol=0)
 
     # a few optimiser steps change adapter parameters only
     model.train()

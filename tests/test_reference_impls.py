@@ -405,7 +405,7 @@ CASES = [
     Case("compacter", _compacter(("attn.block", "ffn.block")),
          lambda z, hp, f: hp["n"] ** 3 + z["L"] * 2 * _phm(hp["n"], z["d"], hp["r"])),  # one set of rule matrices
     Case("tiny_attention_adapter", _tiny_attention, lambda z, hp, f: z["L"] * 4 * z["d"] * hp["r"]),
-    Case("pfeiffer_adapter", _pfeiffer, lambda z, hp, f: z["L"] * _bn(z["d"], z["d"] // hp["reduction"])),
+    Case("pfeiffer_adapter", _pfeiffer, lambda z, hp, f: z["L"] * _bn(z["d"], hp["r"])),
     Case("parallel_adapter", _parallel(1.0), lambda z, hp, f: z["L"] * _bn(z["d"], hp["r"])),
     Case("scaled_parallel_adapter", lambda h, u, z, hp: _parallel(hp["s"])(h, u, z, hp), lambda z, hp, f: z["L"] * _bn(z["d"], hp["r"])),
     Case("compacter_pp", _compacter(("ffn.block",)), lambda z, hp, f: hp["n"] ** 3 + z["L"] * _phm(hp["n"], z["d"], hp["r"])),
@@ -416,7 +416,7 @@ CASES = [
     Case("mam_adapter", _mam, lambda z, hp, f: _prefix_count(z, hp) + z["L"] * _bn(z["d"], hp["r"]), {"n": 6, "hidden": 16}),
     Case("unipelt", _unipelt, lambda z, hp, f: _prefix_count(z, hp) + z["L"] * (
         sum(hp["r"] * z["d"] + o * hp["r"] + z["d"] + 1 for o in (z["heads"] * z["d_head"], _v_out(z)))
-        + _bn(z["d"], z["d"] // hp["reduction"]) + z["d"] + 1), {"n": 6, "hidden": 16}),
+        + _bn(z["d"], hp["r_adapter"]) + z["d"] + 1), {"n": 6, "hidden": 16}),
     Case("channel_gated_lora", _channel_gated_lora, lambda z, hp, f: z["L"] * sum(
         hp["r"] * z["d"] + o * hp["r"] + o for o in (z["heads"] * z["d_head"], _v_out(z)))),
     Case("kron_prompt", _kron_prompt, lambda z, hp, f: hp["k"] * (hp["n"] * hp["a"] + z["d"] // hp["a"])),

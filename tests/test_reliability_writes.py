@@ -1,7 +1,11 @@
-"""Every file pefref writes is written atomically; `schema --out` deletes only what it generated."""
+"""Every file pefref writes is written atomically; `schema --out` deletes only what it generated.
+
+The tests that exercise behaviour patch the standard library (``os.replace``, ``tempfile.mkstemp``,
+``os.access``) rather than pefref's own modules, so that they run against any version of pefref."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,10 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from pefref.cli.app import app
-from pefref.language import atomic
-from pefref.language.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from pefref.language.errors import PefrefError
-from pefref.language.schemagen import GENERATED_MARK
 from pefref.runtime.api import apply
 
 from .conftest import tiny_model
@@ -26,10 +27,12 @@ def _fail_replace(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
 
 
 def test_atomic_write_replaces_whole_file_and_keeps_mode(tmp_path: Path) -> None:
+    from pefref.language.atomic import atomic_write_bytes, atomic_write_text
+
     p = tmp_path / "f.txt"
     atomic_write_text(p, "one\n")
     assert p.read_text() == "one\n"
@@ -41,6 +44,8 @@ def test_atomic_write_replaces_whole_file_and_keeps_mode(tmp_path: Path) -> None
 
 
 def test_atomic_write_failure_leaves_target_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pefref.language.atomic import atomic_open, atomic_write_text
+
     p = tmp_path / "f.txt"
     p.write_text("old")
     with pytest.raises(RuntimeError), atomic_open(p) as f:
@@ -55,6 +60,8 @@ def test_atomic_write_failure_leaves_target_and_no_temporary(tmp_path: Path, mon
 
 
 def test_atomic_write_refuses_folder_target(tmp_path: Path) -> None:
+    from pefref.language.atomic import atomic_write_text
+
     with pytest.raises(PefrefError, match="is a folder"):
         atomic_write_text(tmp_path, "x")
     (tmp_path / "file").write_text("x")
@@ -88,10 +95,11 @@ def test_save_is_atomic_whatever_safetensors_does(tmp_path: Path, monkeypatch: p
 
 def test_schema_out_deletes_only_generated_files(tmp_path: Path) -> None:
     assert runner.invoke(app, ["schema", "--out", str(tmp_path)]).exit_code == 0
+    mark = json.loads(sorted(tmp_path.glob("*.schema.json"))[0].read_text()).get("$comment", "")  # what generated files carry
     mine = tmp_path / "mine.schema.json"
     mine.write_text('{"title": "a user schema"}\n')
     stale = tmp_path / "old.schema.json"
-    stale.write_text(f'{{"$comment": "{GENERATED_MARK}"}}\n')
+    stale.write_text(json.dumps({"$comment": mark}) + "\n")
     assert runner.invoke(app, ["schema", "--check", "--out", str(tmp_path)]).exit_code == 1
     result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -122,9 +130,9 @@ def test_schema_out_to_read_only_folder_is_one_line_error(tmp_path: Path, monkey
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kw)
 
-        monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
         real_access = os.access
-        monkeypatch.setattr(atomic.os, "access", lambda p, mode, **kw: real_access(p, mode, **kw) and not (Path(p) == ro and mode & os.W_OK))
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: real_access(p, mode, **kw) and not (Path(p) == ro and mode & os.W_OK))
     try:
         result = runner.invoke(app, ["schema", "--out", str(ro)])
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -62,6 +63,16 @@ def test_lineage_from_extends_and_use() -> None:
     assert {"dora", "rslora", "pissa", "vera"} <= set(g.successors("lora"))
     assert g.edges["compacter", "compacter_pp"]["relation"].startswith("extends")
     assert set(g.predecessors("unipelt")) == {"lora", "prefix_tuning", "pfeiffer_adapter"}
+
+
+def test_lineage_of_unvalidated_catalog_skips_unknown_bases() -> None:
+    """A graph of a catalog that was not validated (an ``extends`` naming no technique) is drawn without that edge."""
+    cat = default_catalog()
+    t = cat.techniques["rslora"].model_copy(update={"extends": ["no_such_technique", "lora"]})
+    techniques = {**cat.techniques, "rslora": t}
+    g = lineage_graph(dataclasses.replace(cat, techniques=techniques))
+    assert "no_such_technique" not in g
+    assert g.has_edge("lora", "rslora")
 
 
 @pytest.mark.parametrize("kind", GRAPH_KINDS)

@@ -206,6 +206,19 @@ def _sites(items: Optional[list[str]]) -> list[str] | None:
     return [s.strip() for item in items for s in item.split(",") if s.strip()]
 
 
+def _composition_file(arg: str, sets: Optional[list[str]] = None, sites: Optional[list[str]] = None) -> bool:
+    """Whether ``arg`` is a composition YAML file (then --set and --sites do not apply: it sets them per technique)."""
+    if not (arg.endswith((".yaml", ".yml")) and Path(arg).is_file()):
+        return False
+    from pefref.language.composition import is_composition_file
+
+    if not is_composition_file(Path(arg)):
+        return False
+    if sets or sites:
+        raise PefrefError(f"{_rel(arg)}: --set and --sites apply to techniques; a composition gives each technique's hyperparameters and sites")
+    return True
+
+
 def _placed(t: Any, cat: Catalog, shape: Any, sites: Optional[list[str]]) -> Any:
     """``t`` placed on ``--sites`` for the family of ``shape`` (``t`` itself without --sites)."""
     chosen = _sites(sites)
@@ -218,13 +231,18 @@ def _placed(t: Any, cat: Catalog, shape: Any, sites: Optional[list[str]]) -> Any
 
 @app.command()
 def show(
-    technique: str = typer.Argument(..., help="Technique id (see `pefref list`) or a technique YAML file."),
+    technique: str = typer.Argument(..., help="Technique id (see `pefref list`), a technique YAML file, or a composition YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     model: str = typer.Option("llama-2-7b", "--model", help="Model shape for the derived counts and costs."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
     sites: Optional[list[str]] = typer.Option(None, "--sites", help=SITES_HELP),
 ) -> None:
-    """Show one technique: paper, modules, expressions, and its derived typology, parameters and costs."""
+    """Show one technique (or a composition file): paper, modules, expressions, and its derived typology, parameters and costs."""
+    if _composition_file(technique, sets, sites):
+        from pefref.cli.compose import show_composition_cli
+
+        show_composition_cli(technique, model, as_json, _echo_json, _rel)
+        return
     from pefref.cli.textview import render_summary
     from pefref.view import derived_facts
     from pefref.view.summary import technique_summary
@@ -321,13 +339,18 @@ def _overrides(sets: Optional[list[str]]) -> dict[str, str]:
 
 @app.command()
 def params(
-    technique: str = typer.Argument(..., help="Technique id or YAML file."),
+    technique: str = typer.Argument(..., help="Technique id, technique YAML file, or composition YAML file."),
     model: str = typer.Option(..., "--model", help="Model shape (see `pefref models`)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
     sites: Optional[list[str]] = typer.Option(None, "--sites", help=SITES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (key 'trainable')."),
 ) -> None:
-    """Count a technique's trainable parameters on a model shape, analytically (no weights allocated)."""
+    """Count a technique's (or a composition's, per member and in total) trainable parameters on a model shape, analytically."""
+    if _composition_file(technique, sets, sites):
+        from pefref.cli.compose import params_composition_cli
+
+        params_composition_cli(technique, model, as_json, _echo_json)
+        return
     from pefref.view.params import count_params
 
     t, cat = _resolve_technique(technique)

@@ -27,7 +27,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     from pefref.language.check import expand_modules
     from pefref.models.build import applicable, build_model
     from pefref.runtime.api import apply
-    from pefref.view.analysis import module_mergeable
+    from pefref.view.analysis import modules_mergeable
 
     modules, _ = expand_modules(t, catalog.techniques)
     if not applicable(modules, fam):
@@ -41,7 +41,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     for p in a.trainable_parameters():
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
-    is_merge = all(module_mergeable(m, catalog.reference) for m in modules)
+    is_merge = modules_mergeable(modules, catalog.reference, fam)
     merge_diff = None
     if is_merge:
         a.merge()

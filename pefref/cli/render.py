@@ -51,7 +51,7 @@ def diagram(
     if fmt not in (*FORMATS, "dot"):
         raise PefrefError(f"unknown format {fmt!r}; expected svg, png, pdf or dot")
     _binary_to_terminal(fmt, out)
-    picked, cat = [], None
+    picked, cat, comps = [], None, []
     for arg in techniques:
         if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
             from pefref.language.composition import is_composition_file, load_composition
@@ -60,14 +60,16 @@ def diagram(
                 from pefref.language.catalog import default_catalog
 
                 cat = cat or default_catalog()
-                picked += load_composition(arg, cat).drawable()
+                res = load_composition(arg, cat)
+                comps.append(res)
+                picked += res.drawable()
                 continue
         t, c = _resolve_technique(arg)
         cat = c if cat is None else replace(cat, techniques={**cat.techniques, **c.techniques})
         picked.append(t)
     assert cat is not None
     lay: int | str | None = layers
-    g = technique_graph(cat, picked, model=model, family=family, layers=lay)
+    g = technique_graph(cat, picked, model=model, family=family, layers=lay, compositions=comps)
     text = to_dot(g)
     _write(text.encode("utf-8") if fmt == "dot" else render_dot(text, fmt), out)
 

@@ -16,6 +16,7 @@ from pefref.language.check import check_family, check_technique
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ModuleUse, ReferenceArchitecture, Technique
+from pefref.language.slices import slice_problems
 from pefref.language.yamlsrc import Positions
 
 __all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques"]
@@ -37,6 +38,7 @@ class Catalog:
     techniques: dict[str, Technique]
     sources: dict[str, Path] = field(default_factory=dict)
     positions: dict[str, Positions] = field(default_factory=dict)
+    family_positions: dict[str, Positions] = field(default_factory=dict)
 
     def technique(self, tid: str) -> Technique:
         try:
@@ -102,11 +104,12 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None) -> Cata
         raise CatalogError(problems)
     reference = res[0]
     families: dict[str, ArchitectureMap] = {}
+    family_pos: dict[str, Positions] = {}
     for p in sorted((root / "families").glob("*.yaml")):
         r = _collect(problems, load_file, ArchitectureMap, p)
         if r is not None:
             problems.extend(check_family(r[0], r[1], reference))
-            families[r[0].family] = r[0]
+            families[r[0].family], family_pos[r[0].family] = r
     shapes: dict[str, ModelShape] = {}
     r = _collect(problems, load_file, ModelShapes, root / "models.yaml")
     if r is not None:
@@ -117,12 +120,16 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None) -> Cata
             elif s.name in shapes:
                 problems.append(Problem(r[1].at(("shapes", i, "name")), f"shapes[{i}].name", f"shape {s.name!r} is defined twice"))
             shapes[s.name] = s
+    if not problems:  # slices of fused projections on the sizes of the family's named shapes
+        for name, fam in families.items():
+            configs = {s.name: s.config for s in shapes.values() if s.family == name}
+            problems.extend(slice_problems(fam, family_pos[name], reference, configs))
     paths = sorted((root / "techniques").glob("*.yaml")) if only is None else _used_closure(root / "techniques", only, problems)
     techniques, sources, positions, tproblems = load_techniques(paths, reference)
     problems.extend(tproblems)
     if problems:
         raise CatalogError(problems)
-    return Catalog(reference, families, shapes, techniques, sources, positions)
+    return Catalog(reference, families, shapes, techniques, sources, positions, family_pos)
 
 
 def _used_closure(folder: Path, ids: set[str], problems: list[Problem]) -> list[Path]:

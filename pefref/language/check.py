@@ -235,7 +235,9 @@ def check_family(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitectur
             if bad is not None:
                 out.append(_expr_problem(pos, ("sites", s, fld), bad[1], f"{bad[0]}; found {text!r}"))
         if b.slice is not None:
-            for fld in ("start", "size"):
+            for fld in ("start", "size", "period"):
+                if getattr(b.slice, fld) is None:
+                    continue
                 e = parse_expr(getattr(b.slice, fld))
                 out += _check_names(e, set(ref.sizes), {k for k, p in PRIMITIVES.items() if p.scalar}, pos, ("sites", s, "slice", fld), "a slice")
     bad = template_problem(fam.layers)

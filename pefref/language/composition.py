@@ -52,9 +52,13 @@ class ResolvedComposition:
             modules = [m if keep is None else m.model_copy(update={"sites": [s for s in m.sites if s in keep]}) for m in t.modules]  # type: ignore[union-attr]
             modules = [m for m in modules if m.sites]
             hps = {k: hp.model_copy(update={"default": self.hyperparameters[name].get(k, hp.default)}) for k, hp in t.hyperparameters.items()}
-            tid = name.lower() if name[:1].isalpha() else f"a_{name.lower()}"
-            out.append(t.model_copy(update={"id": tid, "name": f"{name}: {t.name}", "modules": modules, "hyperparameters": hps}))
+            out.append(t.model_copy(update={"id": self.drawn_id(name), "name": f"{name}: {t.name}", "modules": modules, "hyperparameters": hps}))
         return out
+
+    @staticmethod
+    def drawn_id(name: str) -> str:
+        """The id under which :meth:`drawable` gives adapter ``name``'s technique."""
+        return name.lower() if name[:1].isalpha() else f"a_{name.lower()}"
 
     def modules_at(self, name: str, site: str) -> list[Any]:
         """The concrete modules adapter ``name`` places at ``site``."""

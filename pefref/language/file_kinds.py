@@ -17,7 +17,8 @@ from pefref.language.check import check_family
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, ReferenceArchitecture
-from pefref.language.yamlsrc import parse_yaml
+from pefref.language.slices import slice_problems
+from pefref.language.yamlsrc import Positions, parse_yaml
 
 __all__ = ["file_kind", "check_other_file", "KIND_KEYS"]
 
@@ -52,12 +53,19 @@ def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem
     except CatalogError as e:
         return list(e.problems), {}
     if kind == "family":
-        return check_family(obj, pos, base.reference), {"families": [obj.family]}
+        problems = check_family(obj, pos, base.reference)
+        if not problems:  # its slices on the catalog's shapes of the family it names
+            problems = slice_problems(obj, pos, base.reference, {s.name: s.config for s in base.shapes.values() if s.family == obj.family})
+        return problems, {"families": [obj.family]}
     if kind == "models":
         problems = []
         for i, s in enumerate(obj.shapes):
             if s.family not in base.families:
                 problems.append(Problem(pos.at(("shapes", i, "family")), f"shapes[{i}].family", f"unknown family {s.family!r}{suggest(s.family, base.families)}"))
+            else:  # the family's slices on this shape's sizes (located in the family's map)
+                fam = base.families[s.family]
+                fam_pos = base.family_positions.get(s.family, Positions(f"<family {s.family}>"))
+                problems += slice_problems(fam, fam_pos, base.reference, {s.name: s.config})
         return problems, {"models": [s.name for s in obj.shapes]}
     if kind == "interop":
         problems = []

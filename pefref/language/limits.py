@@ -60,6 +60,9 @@ class Limits:
     """Largest exponent of ``**`` on integers (also bounds the size of the result)."""
     max_dim: int = 1 << 31
     """Largest value of one resolved dimension (a shape entry, a width, a length)."""
+    max_elements: int = 1 << 32
+    """Most elements of one tensor an expression's op may give (checked by shape inference at validate time,
+    on the reference sizes, and at apply time on the model's sizes, where the allocation budget applies too)."""
     max_yaml_depth: int = 64
     """Deepest nesting of YAML mappings and lists."""
     max_alloc_bytes: int = -1

@@ -17,18 +17,20 @@ quietly, so it never refuses a sound technique. No torch.
 from __future__ import annotations
 
 import ast
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from pefref.language.errors import Location, Problem
 from pefref.language.expr import ExprError, arith, parse_expr
+from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import INITS
-from pefref.ops.shapes import SHAPE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
+from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
 
-__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env"]
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
 
 EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
 """Representative reference sizes for shape inference (distinct widths: d, d_ff, kv_heads·d_head, vocab)."""
@@ -41,22 +43,50 @@ class _Located(Exception):
         self.message, self.column = message, column
 
 
-def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape] | None = None) -> Any:
+Watch = Callable[[str, Shape, int, int], None]
+"""Told of every tensor an op makes while shapes are inferred: (op, result shape, column, workspace elements)."""
+
+
+def _made(name: str, got: Any, column: int, watch: Watch | None, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Check a tensor an op gives: non-negative integer dimensions, at most ``max_elements`` entries."""
+    if not isinstance(got, Shape):
+        return got
+    if any(isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 or (isinstance(d, float) and not d.is_integer()) for d in got):
+        raise _Located(f"{name} gives shape {got}: dimensions must be non-negative integers", column)
+    got = Shape(int(d) for d in got)
+    n, lim = math.prod(got), current().max_elements
+    if n > lim:
+        raise _Located(f"{name} gives a tensor of shape {got} ({n:,} elements), more than the limit of {lim:,} elements", column)
+    if watch is not None:
+        work = 0
+        rule = WORKSPACE_RULES.get(name)
+        if rule is not None:
+            try:
+                work = int(rule(*args, **(kwargs or {})))
+            except (TypeError, ValueError, IndexError, ArithmeticError):
+                work = 0
+        watch(name, got, column, work)
+    return got
+
+
+def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape] | None = None, watch: Watch | None = None) -> Any:
     """The value of an expression on shapes: a number, a :class:`Shape`, a tuple, a string, or None (unknown).
 
-    ``inits``: initialiser names callable here, each giving the shape bound to it. Raises ``_Located``."""
+    ``inits``: initialiser names callable here, each giving the shape bound to it. Every tensor an op
+    gives is checked (non-negative integer dimensions, at most ``max_elements`` of
+    :mod:`pefref.language.limits`) and reported to ``watch``. Raises ``_Located``."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
         return env.get(node.id)
     if isinstance(node, (ast.Tuple, ast.List)):
-        vals = [infer_shape(e, env, inits) for e in node.elts]
+        vals = [infer_shape(e, env, inits, watch) for e in node.elts]
         return None if any(v is None for v in vals) else tuple(vals)
     if isinstance(node, ast.UnaryOp):
-        v = infer_shape(node.operand, env, inits)
+        v = infer_shape(node.operand, env, inits, watch)
         return v if isinstance(v, Shape) or v is None else (-v if isinstance(node.op, ast.USub) else v)
     if isinstance(node, ast.BinOp):
-        a, b = infer_shape(node.left, env, inits), infer_shape(node.right, env, inits)
+        a, b = infer_shape(node.left, env, inits, watch), infer_shape(node.right, env, inits, watch)
         if a is None or b is None:
             return None
         if not isinstance(a, Shape) and not isinstance(b, Shape):
@@ -66,18 +96,21 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
                 raise _Located(e.message, e.column) from None
             except (ArithmeticError, TypeError):
                 return None
+        op = _OPS.get(type(node.op), "operator")
         try:
             if isinstance(node.op, ast.MatMult):
-                return matmul_shape(a, b) if isinstance(a, Shape) and isinstance(b, Shape) else None
-            return broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
+                got = matmul_shape(a, b) if isinstance(a, Shape) and isinstance(b, Shape) else None
+            else:
+                got = broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
         except ShapeMismatch as e:
-            raise _Located(f"{_OPS.get(type(node.op), 'operator')}: {e}", node.col_offset) from None
+            raise _Located(f"{op}: {e}", node.col_offset) from None
+        return _made(op, got, node.col_offset, watch)
     if isinstance(node, ast.Call):
         name = node.func.id  # type: ignore[attr-defined]
         if inits is not None and name in inits:
-            return inits[name]
-        args = [infer_shape(a, env, inits) for a in node.args]
-        kwargs = cast(dict[str, Any], {k.arg: infer_shape(k.value, env, inits) for k in node.keywords})
+            return _made(name, inits[name], node.col_offset, watch, (inits[name],))
+        args = [infer_shape(a, env, inits, watch) for a in node.args]
+        kwargs = cast(dict[str, Any], {k.arg: infer_shape(k.value, env, inits, watch) for k in node.keywords})
         if any(v is None for v in (*args, *kwargs.values())):
             return None
         prim = PRIMITIVES.get(name)
@@ -90,11 +123,12 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         if rule is None:
             return None
         try:
-            return rule(*args, **kwargs)
+            got = rule(*args, **kwargs)
         except ShapeMismatch as e:
             raise _Located(f"{name}: {e}", node.col_offset) from None
         except (TypeError, IndexError, ValueError, ZeroDivisionError):
             return None
+        return _made(name, got, node.col_offset, watch, tuple(args), kwargs)
     return None
 
 
@@ -174,7 +208,14 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
                         out.append(_problem(pos, pp + ("shape", k), 0, f"dimension {dim!r} is {v!r} at site {s!r}; expected a positive integer (on the reference sizes {_sizes_text()})"))
                     dims = []
                     break
+                if v > current().max_dim:
+                    out.append(_problem(pos, pp + ("shape", k), 0, f"dimension {dim!r} resolves to {v} at site {s!r}, over the limit of {current().max_dim} (on the reference sizes {_sizes_text()})"))
+                    dims = []
+                    break
                 dims.append(v)
+            if dims and math.prod(dims) > current().max_elements:
+                out.append(_problem(pos, pp + ("shape",), 0, f"shape {Shape(dims)} has {math.prod(dims):,} elements at site {s!r}, over the limit of {current().max_elements:,} (on the reference sizes {_sizes_text()})"))
+                dims = []
             if not dims:
                 env[pname] = None
                 continue
@@ -244,4 +285,58 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
                 want("values", run("values"), kv, "[length, kv_heads*d_head]")
     if getattr(m, "host_update", None) is not None and isinstance(env.get("W"), Shape):
         want("host_update", run("host_update"), env["W"], "the host weight W")
+    return out
+
+
+class Tally:
+    """What shape-inference walks made: every tensor's elements added up (a bound on what one evaluation holds at
+    once: nothing is assumed freed), and the largest one with the op that makes it."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.largest = 0
+        self.what = ""
+
+    def __call__(self, op: str, shape: Shape, column: int, work: int) -> None:
+        n = math.prod(shape) + work
+        self.total += n
+        if n > self.largest:
+            self.largest, self.what = n, f"{op} giving {shape}" + (f" (and {work:,} elements of workspace)" if work else "")
+
+
+_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update")
+
+
+def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: tuple[int, ...] | None,
+                    param_shapes: Mapping[str, tuple[int, ...]], batch: int = 1, seq: int = 2) -> list[tuple[str, Tally]]:
+    """The tensors each of a module's expressions makes on real sizes: each parameter's ``init``
+    (``params.NAME.init``), then its output fields and ``host_update``, on ``batch`` sequences of ``seq``
+    positions (apply's probe). Shapes a rule cannot tell are not counted; a tensor over ``max_elements``
+    raises a :class:`PefrefError` naming the field and column."""
+    from pefref.language.errors import PefrefError
+
+    bs = (batch, seq)
+    env: dict[str, Any] = {**names, "x": Shape((*bs, d_in)), "h": Shape((*bs, d_out)), "mask": Shape(bs), "b": Shape((d_out,))}
+    if W is not None:
+        env["W"] = Shape(W)
+    jobs: list[tuple[str, str, Mapping[str, Shape] | None]] = []
+    for pname, shape in param_shapes.items():
+        jobs.append((f"params.{pname}.init", str(m.params[pname].init), {k: Shape(shape) for k in INITS}))
+    jobs += [(f, str(getattr(m, f)), None) for f in _FIELDS if getattr(m, f, None) is not None]
+    out: list[tuple[str, Tally]] = []
+    done = False
+    for fld, text, inits in jobs:
+        if not done and inits is None:  # the output fields read the parameters
+            env.update({p: Shape(s) for p, s in param_shapes.items()})
+            done = True
+        tally = Tally()
+        try:
+            got = infer_shape(parse_expr(text).tree, env, inits, tally)
+        except _Located as e:
+            raise PefrefError(f"{fld}: {e.message} (column {e.column + 1} of {text!r})") from None
+        except ExprError:
+            continue
+        if fld == "compute":
+            env["delta"] = got
+        out.append((fld, tally))
     return out

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape"]
+__all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
 
 
 class Shape(tuple):
@@ -44,6 +44,36 @@ def shape_rule(*names: str) -> Callable[[Rule], Rule]:
         return fn
 
     return deco
+
+
+Workspace = Callable[..., int]
+WORKSPACE_RULES: dict[str, Workspace] = {}
+"""Op (or initialiser) name -> the elements it allocates for itself beyond its result, given its
+arguments as shapes (an initialiser: the parameter's shape): an SVD's fp32 copy and factors, a QR's.
+What apply adds to an expression's transient memory when it estimates the peak (see
+:func:`pefref.language.shapecheck.expression_cost`)."""
+
+
+def workspace_rule(*names: str) -> Callable[[Workspace], Workspace]:
+    """Register ``fn`` as the workspace rule of the ops (or initialisers) ``names``."""
+
+    def deco(fn: Workspace) -> Workspace:
+        for n in names:
+            if n in WORKSPACE_RULES:
+                raise ValueError(f"workspace rule for {n!r} registered twice")
+            WORKSPACE_RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def _count(n: Any, what: str) -> int:
+    """A size argument (``eye(n)``, ``scatter2d(rows, cols)``): a non-negative integer."""
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ShapeMismatch(f"{what} must be a non-negative integer, found {n!r}")
+    return n
 
 
 def _dim(s: Shape, d: int) -> int:
@@ -125,6 +155,7 @@ def _diag(v: Shape) -> Shape:
 
 @shape_rule("eye")
 def _eye(n: int, like: Shape) -> Shape:
+    n = _count(n, "eye's size n")
     return Shape((n, n))
 
 
@@ -173,6 +204,7 @@ def _householder(u: Shape) -> Shape:
 
 @shape_rule("skew")
 def _skew(v: Shape, b: int) -> Shape:
+    b = _count(b, "skew's block size b")
     if v[-1] != b * (b - 1) // 2:
         raise ShapeMismatch(f"skew needs [..., {b * (b - 1) // 2}] for {b}x{b} blocks, found {v}")
     return Shape((*v[:-1], b, b))
@@ -200,7 +232,7 @@ def _weight_norm(v: Shape, g: Shape, detach: Any = False) -> Shape:
 
 @shape_rule("scatter2d")
 def _scatter2d(values: Shape, positions: Shape, rows: int, cols: int) -> Shape:
-    return Shape((int(rows), int(cols)))
+    return Shape((_count(rows, "scatter2d's rows"), _count(cols, "scatter2d's cols")))
 
 
 @shape_rule("kron_linear")
@@ -331,3 +363,24 @@ def _einsum(subscripts: str, *ops: Shape) -> Shape:
     for part in re.split(r"(\.\.\.)", rhs):
         out += list(ell) if part == "..." else [sizes[c] for c in _LETTERS.findall(part)]
     return Shape(out)
+
+
+@workspace_rule("svd_u", "svd_s", "svd_vh")
+def _svd_work(w: Shape, k: Any = 0) -> int:
+    # an fp32 copy of w and the thin factors U [m, p], S [p], Vh [p, n] (p = min(m, n)), and LAPACK's work of about as much
+    m, n = (w[-2], w[-1]) if len(w) >= 2 else (1, math.prod(w))
+    p = min(m, n)
+    return 2 * (m * n + p * (m + n + 1))
+
+
+@workspace_rule("orthogonal")
+def _qr_work(shape: Shape) -> int:
+    # torch.nn.init.orthogonal_: a normal matrix, its QR factors, in fp32 on the host
+    return 3 * math.prod(shape)
+
+
+@workspace_rule("attention")
+def _attention_work(q: Shape, k: Shape, v: Shape, heads: int = 1, *_: Any, **__: Any) -> int:
+    # the scores [..., heads, seq_q, seq_k], softmaxed (two of them) and the mask
+    lead = math.prod(q[:-2]) if len(q) > 2 else 1
+    return 3 * lead * max(int(heads), 1) * (q[-2] if len(q) > 1 else 1) * (k[-2] if len(k) > 1 else 1)

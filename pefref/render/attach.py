@@ -60,7 +60,7 @@ def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
     ref: Site = sk.ref.sites[site]
     b = sk.family.sites[site]
     d_in = ref.in_ if ref.in_ is not None else ref.out
-    d_out = b.slice.size if b.slice is not None else ref.out
+    d_out = b.slice.size if b.slice is not None and b.slice.period is None else ref.out
     names = dict(sk.sizes)
     names["d_in"] = int(eval_scalar(d_in, sk.sizes)) if d_in is not None else 0
     names["d_out"] = int(eval_scalar(d_out, sk.sizes)) if d_out is not None else 0

@@ -19,11 +19,13 @@ import networkx as nx
 
 from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
+from pefref.language.composition import ResolvedComposition
 from pefref.language.errors import PefrefError
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
 from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
+from pefref.render.blocks import BLOCK_COLOUR, BLOCK_MEANING, draw_blocks
 from pefref.render.connect import CONNECTION_COLOUR, draw_connections
 from pefref.render.dot import inline_svg, render_dot
 from pefref.render.dot import to_dot as _to_dot
@@ -83,7 +85,8 @@ def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
 
 
 def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str | None = None,
-                    family: str | Path | ArchitectureMap | None = None, layers: int | str | None = None) -> nx.DiGraph:
+                    family: str | Path | ArchitectureMap | None = None, layers: int | str | None = None,
+                    compositions: list[ResolvedComposition] | None = None) -> nx.DiGraph:
     """The diagram of ``techniques`` composed on one reference Transformer, as a networkx graph.
 
     Args:
@@ -93,6 +96,8 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         family: an architecture map (name, YAML path or object) whose module paths label the components;
             defaults to the model's family when ``model`` is given.
         layers: None draws one layer as "× L"; N unrolls N layers; "all" unrolls every layer of ``model``.
+        compositions: compositions whose adapters are among ``techniques`` (as their ``drawable()``
+            gives them): their blocks are drawn where the adapters meet (:mod:`pefref.render.blocks`).
     """
     if not techniques:
         raise PefrefError("give at least one technique to draw")
@@ -143,16 +148,24 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
                 attach_module(sk, pl, sk.anchor(site, i))
     draw_connections(sk, placed)
     g = sk.finish()
+    widths = None
+    if sizes is not None and fam is not None:
+        from pefref.language.sizes import eval_scalar
+        from pefref.view.params import host_widths
+
+        widths = {s: int(eval_scalar(host_widths(s, fam, catalog)[1], sizes)) for s in fam.sites if s in catalog.reference.sites}
+    for res in compositions or []:
+        draw_blocks(g, res, widths)
     g.graph["attrs"] = {"rankdir": "LR", "nodesep": "0.12", "ranksep": "0.22", "compound": "true"}
     g.graph["techniques"] = [t.id for t in techniques]
     g.graph["model"] = model
     g.graph["family"] = fam.family if fam is not None else None
     g.graph["title"] = ('<TABLE BORDER="0" CELLBORDER="0" CELLPADDING="1"><TR><TD ALIGN="LEFT" BALIGN="LEFT">'
-                        + _title(catalog, techniques, shape) + "</TD></TR><TR><TD ALIGN=\"LEFT\">" + _legend(g) + "</TD></TR></TABLE>")
+                        + _title(catalog, techniques, shape, compositions or []) + "</TD></TR><TR><TD ALIGN=\"LEFT\">" + _legend(g) + "</TD></TR></TABLE>")
     return g
 
 
-def _title(catalog: Catalog, techniques: list[Technique], shape: Any) -> str:
+def _title(catalog: Catalog, techniques: list[Technique], shape: Any, compositions: list[ResolvedComposition]) -> str:
     lines = []
     for t in techniques:
         lines.append(f"<B>{esc(t.name)}</B>  <FONT POINT-SIZE=\"9\">{esc(t.id)} · {esc(t.paper.authors)} {t.paper.year}</FONT>")
@@ -167,6 +180,16 @@ def _title(catalog: Catalog, techniques: list[Technique], shape: Any) -> str:
             if len(techniques) > 1:
                 lines.append(f"<FONT POINT-SIZE=\"9\">{esc(t.id)}: {pc.trainable:,} trainable</FONT>")
         pct = 100.0 * total / base if base else 0.0
+        if compositions:  # the blocks' own parameters, and adapters a fusion freezes
+            from pefref.view.composition import count_composition
+
+            counts = [count_composition(res, shape, catalog) for res in compositions]
+            total += sum(b.params for c in counts for b in c.blocks) - sum(m.params for c in counts for m in c.members if not m.trainable)
+            pct = 100.0 * total / base if base else 0.0
+            for c in counts:
+                for b in c.blocks:
+                    lines.append(f"<FONT POINT-SIZE=\"9\">{esc(c.composition)} blocks[{b.index}]: {esc(b.kind)} over {esc(', '.join(b.adapters))}, "
+                                 f"{b.hosts} host{'s' * (b.hosts != 1)}, {b.params:,} parameters</FONT>")
         lines.append(f"<FONT POINT-SIZE=\"9\">on {esc(shape.name)}: {total:,} trainable parameters ({pct:.4f}% of {base:,})</FONT>")
     return "<BR/>".join(lines)
 
@@ -179,6 +202,10 @@ def _legend(g: nx.DiGraph) -> str:
     for f in forms:
         cells.append(f'<TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}"><FONT POINT-SIZE="9">{f}</FONT><BR/>'
                      f'<FONT POINT-SIZE="7">{esc(FORM_MEANING[f])}</FONT></TD>')
+    for kind in BLOCK_MEANING:
+        if any(a.get("role") == "block" and a.get("kind") == kind for _n, a in g.nodes(data=True)):
+            cells.append(f'<TD BORDER="1" STYLE="rounded" COLOR="{BLOCK_COLOUR}"><FONT POINT-SIZE="9" COLOR="{BLOCK_COLOUR}">{kind} block</FONT><BR/>'
+                         f'<FONT POINT-SIZE="7">{esc(BLOCK_MEANING[kind])}</FONT></TD>')
     if any(a.get("role") == "connection" for _u, _v, a in g.edges(data=True)):
         cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
                      '<FONT POINT-SIZE="7">an input read from another module or site</FONT></TD>')

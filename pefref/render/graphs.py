@@ -115,13 +115,16 @@ def lineage_graph(catalog: Catalog) -> nx.DiGraph:
     for tid in sorted(catalog.techniques):
         t = catalog.techniques[tid]
         for base in t.extends:
-            g.add_edge(base, tid, relation="extends", modules="")
+            if base in catalog.techniques:  # validation reports unknown targets; a graph of unvalidated input skips them
+                g.add_edge(base, tid, relation="extends", modules="")
         used: dict[str, list[str]] = {}
         for m in t.modules:
             if isinstance(m, ModuleUse):
                 src, mod = m.use.split(".")
                 used.setdefault(src, []).append(mod)
         for src, mods in sorted(used.items()):
+            if src not in catalog.techniques:
+                continue
             if g.has_edge(src, tid):
                 g.edges[src, tid]["relation"] = "extends+uses"
                 g.edges[src, tid]["modules"] = ", ".join(mods)

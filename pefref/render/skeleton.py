@@ -182,12 +182,17 @@ class Skeleton:
         if b.side == "input":
             path = f"input of {path}"
         if b.slice is not None:
+            sl = b.slice
             if self.sizes is not None:
-                first = int(eval_scalar(b.slice.start, self.sizes))
-                path += f"[{first}:{first + int(eval_scalar(b.slice.size, self.sizes))}]"
+                first = int(eval_scalar(sl.start, self.sizes))
+                path += f"[{first}:{first + int(eval_scalar(sl.size, self.sizes))}]"
+                if sl.period is not None:
+                    path += f" every {int(eval_scalar(sl.period, self.sizes))}"
             else:
-                start = pretty(b.slice.start)
-                path += f"[{start}:{'' if start == '0' else start + ' + '}{pretty(b.slice.size)}]"
+                start = pretty(sl.start)
+                path += f"[{start}:{'' if start == '0' else start + ' + '}{pretty(sl.size)}]"
+                if sl.period is not None:
+                    path += f" every {pretty(sl.period)}"
         return path
 
     def component_labels(self) -> None:

@@ -31,9 +31,10 @@ from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.report import Report, ReportRow, fold_paths
+from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
 from pefref.runtime.transaction import Transaction, located
-from pefref.view.analysis import mergeable
+from pefref.view.analysis import connected_modules, mergeable
 
 __all__ = ["apply", "resolve_technique", "Adapter", "Report", "ReportRow", "fold_paths", "ADAPTERS_ATTR"]
 
@@ -125,26 +126,28 @@ def apply(
     wiring = Wiring(modules, places, name)
     plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
+    connected = connected_modules(modules)  # modules in a connection never fold into a weight
     host_by_path = {id(m): n for n, m in model.named_modules()}
 
     # build every unit and host update first: the model is only read until all of them exist
     store = SharedStore()
     built: list[tuple[Placement, Unit | None, str, torch.Tensor | None]] = []
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
+    probes: dict[Any, torch.Tensor] = {}  # what publishing units' probes gave, for the probes of the units reading them
     for pl, ctx in zip(places, plan.contexts):
         m = pl.module
         with located(where_of(tech, pl)):
             W = None
             if pl.kind.has_weight and pl.binding.side == "module":
                 W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
-                ctx.W = W[pl.start:pl.start + pl.size] if pl.size else W
+                ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
             unit = build_unit(m, ctx, hps, store, plan.shared_shapes, publish=wiring.publishes(m))
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
             new_w = None
             if unit is not None:
-                check_unit(unit, m, pl, ctx)
+                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
                 if m.host_update is not None and W is not None:
-                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size)
+                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
                     pending[id(pl.host)] = new_w
         built.append((pl, unit, key, new_w))
 
@@ -194,7 +197,7 @@ def apply(
                 _attach(model, pl, unit, key, adapter, fam, sizes, txn, wiring)
                 mk = (m.name, site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
                 if mk not in merge_ok:
-                    merge_ok[mk] = mergeable(m, [mk[1]], mk[2])
+                    merge_ok[mk] = mergeable(m, [mk[1]], mk[2], m.name in connected)
                 if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
                     adapter.mergeable_units.add(key)
             row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
@@ -242,7 +245,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         existed = getattr(pl.host, _PATCH, None)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
-        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, layer=pl.layer, unit_key=key, site=pl.site)
+        entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes
             entry.reads = wiring.reads(m, pl.layer)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None

@@ -272,7 +272,7 @@ class Composition:
         names = [a for a in blk.adapters if any(e.owner.name == a for e in es)]
         if blk.kind == "fusion":
             ad = es[0].owner
-            d = es[0].size or int(evaluate(parse_expr((self.catalog or default_catalog()).reference.sites[site].out or "d"), dict(ad.sizes), scalar_ops()))
+            d = (0 if es[0].period else es[0].size) or int(evaluate(parse_expr((self.catalog or default_catalog()).reference.sites[site].out or "d"), dict(ad.sizes), scalar_ops()))
             ref = next(iter(es[0].unit.parameters()), None)
             return FusionCombiner(names, d, blk.temperature, ref.dtype if ref is not None else torch.float32, ref.device if ref is not None else "cpu")
         weights = None

@@ -26,6 +26,7 @@ from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 from pefref.language.templates import template
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.hosts import HostKind, host_kind
+from pefref.runtime.rows import site_width
 
 __all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements", "check_host", "HOST_KINDS_FOR"]
 
@@ -45,6 +46,7 @@ class Placement:
     d_out: int
     start: int = 0
     size: int = 0
+    period: int = 0
 
 
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
@@ -153,14 +155,14 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                 host = _module(model, path)
                 kind = host_kind(host)
                 d_in, d_out = kind.widths(host)
-                start = size = 0
+                start = size = period = 0
                 if b.slice is not None:
-                    start = int(evaluate(parse_expr(b.slice.start), sizes, scal))
-                    size = int(evaluate(parse_expr(b.slice.size), sizes, scal))
-                    if start < 0 or size <= 0 or start + size > d_out:
-                        raise SiteError(f"family {fam.family!r}: site {site!r}: slice [{start}, {start + size}) is outside "
-                                        f"the {d_out} output features of {path!r}")
-                    d_out = size
+                    start, size, period = (int(evaluate(parse_expr(e), sizes, scal)) if e is not None else 0
+                                           for e in (b.slice.start, b.slice.size, b.slice.period))
+                    try:
+                        d_out = site_width(d_out, start, size, period)
+                    except ValueError as ex:
+                        raise SiteError(f"family {fam.family!r}: site {site!r} on {path!r}: {ex}") from None
                 check_host(fam, site, path, host, kind, reference, sizes, d_in, d_out)
                 if b.side == "input":
                     d_in = d_out = d_in if kind.has_weight else sizes["d"]
@@ -168,4 +170,4 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                     d_in = d_out = sizes["d"]
                 if kind.name == "embedding":
                     d_in, d_out = d_out, d_out
-                yield Placement(m, site, i if per_layer else None, path, host, kind, b, d_in, d_out, start, size)
+                yield Placement(m, site, i if per_layer else None, path, host, kind, b, d_in, d_out, start, size, period)

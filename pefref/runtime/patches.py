@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -22,6 +21,7 @@ from torch import nn
 
 from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
+from pefref.runtime.rows import disjoint, replace, replace_each, take
 
 __all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE"]
 
@@ -54,6 +54,7 @@ class Entry:
     side: str = "output"  # 'output' or 'input'
     start: int = 0
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
+    period: int = 0  # >0: the slice repeats every `period` features (interleaved fused projections)
     layer: int | None = None
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
@@ -84,26 +85,18 @@ class Entry:
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
-    if not e.size:
-        return fn(h)
-    s, n = e.start, e.size
-    return torch.cat([h[..., :s], fn(h[..., s : s + n]), h[..., s + n :]], dim=-1)
+    """``fn`` applied to the output features a sliced site owns (all of them when unsliced)."""
+    return replace(h, -1, e.start, e.size, e.period, fn)
 
 
 def _disjoint_slices(es: list[Entry]) -> bool:
-    """Every entry sees a slice, and no two slices overlap."""
-    if not all(e.size for e in es):
-        return False
-    s = sorted(es, key=lambda e: e.start)
-    return all(a.start + a.size <= b.start for a, b in itertools.pairwise(s))
+    """Every entry sees a slice, all of one period, and no two slices overlap."""
+    return disjoint([(e.start, e.size, e.period) for e in es])
 
 
 def _sliced_rows(W: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
     """``fn`` applied to the rows of a weight [out, in] that a sliced site owns (all rows when unsliced)."""
-    if not e.size:
-        return fn(W)
-    s, n = e.start, e.size
-    return torch.cat([W[:s], fn(W[s : s + n]), W[s + n :]], dim=0)
+    return replace(W, 0, e.start, e.size, e.period, fn)
 
 
 class HostPatch:
@@ -228,16 +221,8 @@ class HostPatch:
 
     def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
-        pieces: list[torch.Tensor] = []
-        pos = 0
-        for e in sorted(es, key=lambda e: e.start):
-            if e.start > pos:
-                pieces.append(h[..., pos : e.start])
-            pieces.append(self._apply(e, x, h[..., e.start : e.start + e.size], training))
-            pos = e.start + e.size
-        if pos < h.shape[-1]:
-            pieces.append(h[..., pos:])
-        return torch.cat(pieces, dim=-1)
+        fns = [lambda t, e=e: self._apply(e, x, t, training) for e in es]
+        return replace_each(h, -1, [(e.start, e.size) for e in es], es[0].period, fns)
 
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
@@ -247,7 +232,7 @@ class HostPatch:
         W = None
         if e.reads_W and self.kind.has_weight and e.form == "parallel":
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
-            W = W[e.start : e.start + e.size] if e.size else W  # a sliced site sees its own rows
+            W = take(W, 0, e.start, e.size, e.period)  # a sliced site sees its own rows
         if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
             out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
             if e.publish is None:

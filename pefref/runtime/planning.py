@@ -24,8 +24,10 @@ from pefref.compiler.units import SharedStore, SiteContext, shape_of
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
+from pefref.language.shapecheck import expression_cost
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
+from pefref.runtime.rows import replace as replace_rows
 from pefref.runtime.transaction import located
 
 __all__ = ["Plan", "plan_apply", "where_of", "check_unit", "host_update_of", "check_selectable"]
@@ -44,6 +46,8 @@ class Plan:
     contexts: list[SiteContext] = field(default_factory=list)
     shared_shapes: dict[tuple[Any, ...], tuple[int, ...]] = field(default_factory=dict)
     nbytes: int = 0
+    peak: int = 0
+    """Bytes at the peak: what apply keeps plus the largest transient (an initialiser's SVD, an intermediate)."""
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -56,6 +60,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
     plan = Plan()
     dtypes: dict[tuple[Any, ...], torch.dtype] = {}
     extra = 0
+    transient, transient_at = 0, ""
+    walked: set[tuple[Any, ...]] = set()
     for pl in places:
         with located(where_of(tech, pl)):
             W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None  # type: ignore[misc]
@@ -74,13 +80,27 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
                 dtypes.setdefault(key, ctx.dtype)
             if pl.module.host_update is not None and W is not None:
                 extra += 3 * W.numel() * W.element_size()  # the new weight, and the ledger's copies before and after
+            w_shape = None if W is None else (pl.d_out, *W.shape[1:]) if pl.size else tuple(W.shape)  # a sliced site sees its rows
+            key = (pl.module.name, pl.d_in, pl.d_out, w_shape)  # the other names are the same at every placement
+            if str(ctx.device) != "meta" and key not in walked:  # nothing is computed on the meta device
+                walked.add(key)
+                shapes = {p: shape_of(spec, names) for p, spec in pl.module.params.items()}
+                for fld, tally in expression_cost(pl.module, names, pl.d_in, pl.d_out, w_shape, shapes):
+                    nb = tally.total * max(_itemsize(ctx.dtype), 4)  # initialisers and SVDs work in fp32
+                    if nb > transient:
+                        transient, transient_at = nb, f"{fld} of {where_of(tech, pl)}, largest: {tally.what}"
         plan.contexts.append(ctx)
     total = extra + sum(math.prod(s) * _itemsize(dtypes[k]) for k, s in plan.shared_shapes.items())
     budget = current().alloc_budget()
+    raise_it = "(raise it with pefref.language.limits.limits(max_alloc_bytes=...) or $PEFREF_MAX_ALLOC_BYTES)"
     if total > budget:
         raise PefrefError(f"{tech.id}: applying it would allocate about {format_bytes(total)}, over the allocation budget of "
-                          f"{format_bytes(budget)} (raise it with pefref.language.limits.limits(max_alloc_bytes=...) or $PEFREF_MAX_ALLOC_BYTES)")
-    plan.nbytes = total
+                          f"{format_bytes(budget)} {raise_it}")
+    if total + transient > budget:
+        raise PefrefError(f"{tech.id}: applying it would need about {format_bytes(total + transient)} at its peak "
+                          f"({format_bytes(total)} kept, {format_bytes(transient)} while evaluating {transient_at}), "
+                          f"over the allocation budget of {format_bytes(budget)} {raise_it}")
+    plan.nbytes, plan.peak = total, total + transient
     return plan
 
 
@@ -91,37 +111,61 @@ def _used_inputs(unit: nn.Module) -> set[str]:
     return {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
 
 
-def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None:
+def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
+               probes: dict[Any, torch.Tensor] | None = None, reads: Mapping[str, list[Any]] | None = None, publish: Any = None) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
 
-    Units on the meta device (models built without weights) are not run."""
+    The probe is a batch of one sequence of two positions. A unit reading the model's mask gets a mask of
+    ones; a prepend unit must give ``[length, d]`` tokens or ``[length, kv_heads*d_head]`` keys and values;
+    a unit reading connections gets the values its sources' probes published (``probes``, by published key;
+    ``reads``: its connections' keys, first present wins, as :class:`~pefref.runtime.connect.Wiring` gives
+    them; ``publish``: the key this unit's probe output goes under). Two kinds of unit are not probed,
+    because their input cannot be made up here: one that reads ``x`` at an embedding site (token ids,
+    whose valid range and meaning belong to the model), and one reading a connection whose source was
+    not probed (for the same reason). The model's own forward runs them; a failure there raises a
+    :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
     if any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]) or str(ctx.device) == "meta":
         return
     for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
-    if {"mask", "inputs"} & _used_inputs(unit):
-        return  # needs the model's mask or other units' outputs (connections): checked by the model's own forward
+    used = _used_inputs(unit)
     g = torch.Generator().manual_seed(0)
 
     def probe(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype=ctx.dtype, device=ctx.device)
 
+    mask = torch.ones(1, 2, dtype=torch.long, device=ctx.device) if "mask" in used else None
+    inputs: dict[str, torch.Tensor] | None = None
+    if reads:
+        inputs = {}
+        for cname, keys in reads.items():
+            got = next((probes[k] for k in keys if probes is not None and k in probes), None)
+            if got is None:
+                return  # its source was not probed: the model's forward checks it
+            inputs[cname] = got
     form = m.form
     fwd = unit.forward
     with torch.no_grad():
-        if form in ("parallel", "sequential") and pl.kind.name in ("linear", "conv1d") and pl.binding.side == "module" and not pl.binding.input_path:
-            x, h = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out)
-            out = fwd(x, h, ctx.W, False)
-            if isinstance(out, tuple):
-                out = out[0]  # a unit that publishes returns (output, delta)
+        if form in ("parallel", "sequential"):
+            if not (ctx.d_in and ctx.d_out) or (pl.kind.name == "embedding" and "x" in used):
+                return  # x is token ids at an embedding
+            if pl.binding.side == "input":  # the host's input is the unit's h, as the patch passes it
+                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W if form == "parallel" else None
+            else:
+                x, h, w = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out), ctx.W
+            out = fwd(x, h, w, False, mask, inputs)
+            if getattr(unit, "program", (False,))[-1] and isinstance(out, tuple):
+                out, delta = out  # a unit that publishes returns (output, delta)
+                if probes is not None and publish is not None and isinstance(delta, torch.Tensor):
+                    probes[publish] = delta
             _expect(out, tuple(h.shape), f"{form} integrate", "the host's output")
         elif form == "reparameterise" and ctx.W is not None:
-            out = fwd(None, None, ctx.W, False)
+            out = fwd(None, None, ctx.W, False, mask, inputs)
             _expect(out, tuple(ctx.W.shape), "weight", "the host's weight")
         elif form == "rescale":
             width = ctx.d_in if getattr(m, "side", "output") == "input" else ctx.d_out
-            out = fwd(None, None, None, False)
+            out = fwd(None, None, None, False, mask, inputs)
             if not isinstance(out, torch.Tensor):
                 raise PefrefError(f"scale gives {type(out).__name__}, expected a tensor")
             try:
@@ -130,6 +174,22 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext) -> None
                 ok = False
             if not ok:
                 raise PefrefError(f"scale gives shape {tuple(out.shape)}, which does not broadcast over the host's width {width}")
+        elif form == "prepend" and hps is not None:
+            from pefref.language.sizes import scalar_ops
+
+            n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
+            out = fwd(None, None, None, False, mask, inputs)
+            if m.tokens is not None:
+                _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
+            else:
+                kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
+                if not isinstance(out, tuple) or len(out) != 2:
+                    raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
+                _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
+                _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
+            for t in out if isinstance(out, tuple) else (out,):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise PefrefError("the prepended positions hold NaN or infinite values")
 
 
 def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:
@@ -139,7 +199,7 @@ def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:
         raise PefrefError(f"{what} gives shape {tuple(out.shape)}, expected {shape} ({whose})")
 
 
-def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, Any], W: torch.Tensor, start: int, size: int) -> torch.Tensor:
+def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, Any], W: torch.Tensor, start: int, size: int, period: int = 0) -> torch.Tensor:
     """The host's new weight ([out, in], the whole weight for a sliced site), computed and checked, not written."""
     from pefref.ops import op_table
 
@@ -152,7 +212,7 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
         raise PefrefError("host_update gives NaN or infinite values")
     new_w = new_w.detach().to(W.dtype)
     if size:  # a sliced site (a fused projection) updates its own rows only
-        new_w = torch.cat([W[:start].detach(), new_w, W[start + size:].detach()])
+        new_w = replace_rows(W.detach(), 0, start, size, period, lambda _old: new_w)
     return new_w.contiguous()
 
 

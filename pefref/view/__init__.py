@@ -22,6 +22,7 @@ def derived_facts(t: Any, catalog: Any, shape: Any, overrides: dict[str, Any] | 
         "parameters": {"formula": pc.formula, "model": shape.name, "trainable": pc.trainable, "base_params": pc.base, "percent": round(pc.percent, 6)},
         "efficiency": {
             "mergeable": eff.mergeable,
+            "mergeability": eff.mergeability,
             "latency_class": eff.latency,
             "extra_tokens": eff.extra_tokens,
             "extra_kv_per_layer": eff.extra_kv_per_layer,

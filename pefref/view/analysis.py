@@ -14,7 +14,8 @@ from pefref.ops import PRIMITIVES
 
 __all__ = [
     "degree", "affine", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input",
-    "affine_in_input", "mergeable", "mergeability", "module_mergeable", "low_rank_factors",
+    "affine_in_input", "mergeable", "mergeability", "module_mergeable", "low_rank_factors", "connected_modules",
+    "technique_mergeability", "modules_mergeable", "mergeable_on",
 ]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
@@ -188,21 +189,61 @@ def mergeability(m: object, site_kinds: Iterable[str]) -> str:
     return "no"
 
 
-def mergeable(m: object, site_kinds: Iterable[str], host_bias: bool = False) -> bool:
+def mergeable(m: object, site_kinds: Iterable[str], host_bias: bool = False, connected: bool = False) -> bool:
     """Whether the module can be folded into the host weights (so it costs nothing at inference).
 
-    ``host_bias``: whether the host is a projection with a bias, which absorbs
-    an affine module's shift (``h' = h * s + t`` folds into ``W' = diag(s) W``,
-    ``b' = b * s + t``); without one only maps linear in the input fold.
+    The one derivation behind both the view (``pefref show``, costs, typology,
+    the site) and the runtime's ``merge()``. ``host_bias``: whether the host is
+    a projection with a bias, which absorbs an affine module's shift
+    (``h' = h * s + t`` folds into ``W' = diag(s) W``, ``b' = b * s + t``);
+    without one only maps linear in the input fold. ``connected``: the module
+    reads another module's output or a hidden state elsewhere, or others read
+    its output (:func:`connected_modules`): folded into a weight, it would
+    neither see nor publish those values, so it never merges.
     """
+    if connected:
+        return False
     m_ = mergeability(m, site_kinds)
     return m_ == "yes" or (host_bias and m_ == "with a host bias")
 
 
-def module_mergeable(m: object, reference: object, host_bias: bool = False) -> bool:
-    """:func:`mergeable` at the module's sites, their kinds read from the reference architecture."""
-    return mergeable(m, [reference.sites[s].kind for s in m.sites], host_bias)  # type: ignore[attr-defined]
+def connected_modules(modules: Iterable[object]) -> set[str]:
+    """Names of the modules that take part in a connection, as reader or as source."""
+    out: set[str] = set()
+    for m in modules:
+        for c in (getattr(m, "inputs", None) or {}).values():
+            out.add(m.name)  # type: ignore[attr-defined]
+            out |= {n for n in (c.module, c.fallback) if n is not None}
+    return out
 
+
+def module_mergeable(m: object, reference: object, host_bias: bool = False, connected: bool = False) -> bool:
+    """:func:`mergeable` at the module's sites, their kinds read from the reference architecture."""
+    return mergeable(m, [reference.sites[s].kind for s in m.sites], host_bias, connected)  # type: ignore[attr-defined]
+
+
+def mergeable_on(m: object, reference: object, family: object, connected: bool = False) -> bool:
+    """:func:`mergeable` at each of the module's sites that ``family`` has, with the host's bias as
+    the family's architecture map records it (what the runtime finds on the real module)."""
+    sites = family.sites  # type: ignore[attr-defined]
+    return all(mergeable(m, [reference.sites[s].kind], bool(sites[s].bias), connected)  # type: ignore[attr-defined]
+               for s in m.sites if s in sites)  # type: ignore[attr-defined]
+
+
+def modules_mergeable(modules: list[object], reference: object, family: object) -> bool:
+    """Whether ``merge()`` folds all of a technique's ``modules`` on a model of ``family``
+    (:func:`mergeable_on` for each; sites the family lacks get no placement)."""
+    conn = connected_modules(modules)
+    return all(mergeable_on(m, reference, family, m.name in conn) for m in modules)  # type: ignore[attr-defined]
+
+
+def technique_mergeability(modules: list[object], reference: object) -> str:
+    """A technique's mergeability on any model: ``"yes"``, ``"with a host bias"`` (every module folds where
+    its hosts have biases, e.g. GPT-2 and BERT projections, not Llama's) or ``"no"``."""
+    conn = connected_modules(modules)
+    vals = {"no" if m.name in conn else mergeability(m, [reference.sites[s].kind for s in m.sites])  # type: ignore[attr-defined]
+            for m in modules}
+    return "no" if "no" in vals else ("with a host bias" if "with a host bias" in vals else "yes")
 
 
 def _call(node: ast.AST, op: str) -> ast.Call | None:

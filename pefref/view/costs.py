@@ -20,7 +20,7 @@ from pefref.language.check import expand_modules
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.schema import ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
-from pefref.view.analysis import module_mergeable
+from pefref.view.analysis import connected_modules, mergeable_on, technique_mergeability
 from pefref.view.params import host_widths
 
 __all__ = ["Efficiency", "efficiency", "latency_class"]
@@ -31,6 +31,7 @@ class Efficiency:
     technique: str
     model: str
     mergeable: bool
+    mergeability: str
     latency: str
     extra_tokens: int
     extra_kv_per_layer: int
@@ -41,9 +42,15 @@ class Efficiency:
         return dict(self.__dict__)
 
 
-def latency_class(modules: list[Any], catalog: Catalog) -> str:
-    """'none once merged', 'sequential' (extra work on the critical path) or 'parallel'."""
-    merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
+def _merge_map(modules: list[Any], catalog: Catalog, family: Any) -> dict[str, bool]:
+    """Whether each module folds into its hosts on ``family`` (the derivation the runtime's merge uses)."""
+    conn = connected_modules(modules)
+    return {m.name: mergeable_on(m, catalog.reference, family, m.name in conn) for m in modules}
+
+
+def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
+    """'none once merged', 'sequential' (extra work on the critical path) or 'parallel', on a model of ``family``."""
+    merge = _merge_map(modules, catalog, family)
     if all(merge.values()):
         return "none once merged"
     if any(m.form in ("sequential", "rescale") and not merge[m.name] for m in modules):
@@ -93,7 +100,7 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
     hps = resolve_hyperparameters(decl, overrides)
     sizes = model_sizes(fam, dict(shape.config))
     flags = {"causal": int(fam.causal)}
-    merge = {m.name: module_mergeable(m, catalog.reference) for m in modules}
+    merge = _merge_map(modules, catalog, fam)
     flops = merged_flops = 0
     extra_tok = extra_kv = 0
     published: dict[str, tuple[int, ...]] = {}  # output widths of modules others read
@@ -133,5 +140,5 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
             if not is_merge:
                 merged_flops += per * n_layers
     attn = 4 * (extra_tok + extra_kv) * sizes["heads"] * sizes["d_head"] * sizes["L"]
-    return Efficiency(t.id, shape.name, all(merge.values()), latency_class(modules, catalog),
+    return Efficiency(t.id, shape.name, all(merge.values()), technique_mergeability(modules, catalog.reference), latency_class(modules, catalog, fam),
                       extra_tok, extra_kv, flops + attn, merged_flops + attn)

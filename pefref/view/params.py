@@ -41,11 +41,12 @@ class ParamCount:
 
 
 def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog) -> tuple[Any, Any]:
-    """(d_in, d_out) of a site as expressions over the sizes (a slice's size replaces d_out)."""
+    """(d_in, d_out) of a site as expressions over the sizes (a one-block slice's size replaces d_out; an
+    interleaved slice owns the site's width, which applying checks)."""
     ref = catalog.reference.sites[site]
     b = fam.sites[site]
     d_in = ref.in_ if ref.in_ is not None else ref.out
-    d_out = b.slice.size if b.slice is not None else ref.out
+    d_out = b.slice.size if b.slice is not None and b.slice.period is None else ref.out
     return d_in, d_out
 
 

@@ -15,7 +15,7 @@ from pefref.language.check import expand_modules
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from pefref.language.schema.reference import WORKSPACES
 from pefref.ops import PRIMITIVES
-from pefref.view.analysis import integration_kind, module_mergeable, ops_used, reads, uses_matmul
+from pefref.view.analysis import connected_modules, integration_kind, module_mergeable, ops_used, reads, uses_matmul
 
 __all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]
 
@@ -129,13 +129,18 @@ def _inter(m: Any) -> str:
     return f"{base}, {', '.join(kinds)}" if kinds else base
 
 
-def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
-    """The typology of one concrete module."""
+def module_typology(m: Any, ref: ReferenceArchitecture, connected: bool = False) -> dict[str, str]:
+    """The typology of one concrete module (``connected``: it takes part in a connection).
+
+    Its parameter adaptation is a reparameterisation when it folds into its
+    hosts' weights where they have what it needs (a bias for an affine shift):
+    the derivation ``merge()`` uses.
+    """
     return {
         "workspace": _join([ref.sites[s].workspace for s in m.sites]),
         "insertion_form": _insertion(m),
         "integration_form": _integration(m),
-        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if module_mergeable(m, ref) else "addition"),
+        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if module_mergeable(m, ref, True, connected) else "addition"),
         "intra_connectivity": _intra(m),
         "inter_connectivity": _inter(m),
         "parameter_sharing": _join(_sharing(m)) or "none",
@@ -146,7 +151,8 @@ def module_typology(m: Any, ref: ReferenceArchitecture) -> dict[str, str]:
 def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> Typology:
     """The technique's typology row (module values joined with ' + ', declared values marked)."""
     modules, _ = expand_modules(t, {**pool, t.id: t})
-    rows = [module_typology(m, ref) for m in modules]
+    conn = connected_modules(modules)
+    rows = [module_typology(m, ref, m.name in conn) for m in modules]
     values: dict[str, str] = {}
     for prop in TYPOLOGY_PROPERTIES:
         if prop == "insertions":

@@ -14,10 +14,17 @@ TASKS = ("causal_lm", "masked_lm", "sequence_classification", "token_classificat
 
 
 class SliceSpec(Strict):
-    """A slice of a fused projection's output features (e.g. q inside GPT-2's c_attn)."""
+    """A slice of a fused projection's output features: one block (q inside GPT-2's c_attn), or one block per
+    period when the fused sites are interleaved (q inside GPT-NeoX's query_key_value, whose features are
+    [h0q, h0k, h0v, h1q, ...]: start 0, size d_head, period 3 * d_head)."""
 
-    start: ExprStr = Field(description="First output feature (expression over sizes).")
-    size: ExprStr = Field(description="Number of output features (expression over sizes).")
+    start: ExprStr = Field(description="First output feature of the block (in each period) (expression over sizes).")
+    size: ExprStr = Field(description="Number of output features of the block (in each period) (expression over sizes).")
+    period: ExprStr | None = Field(
+        None, description=("The block repeats every `period` features (expression over sizes): the site owns features "
+                           "j * period + start + [0, size) for every j, in that order; the module's width must be a "
+                           "multiple of period and start + size at most period. Absent: one block."),
+    )
 
 
 class SiteBinding(Strict):

@@ -247,7 +247,12 @@ class Technique(Strict):
     extends: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
         default_factory=list, description="Ids of catalog techniques this one builds on, as its paper says (drawn in the lineage graph with its `use:` reuse)."
     )
-    hyperparameters: dict[Identifier, Hyperparameter] = Field(default_factory=dict)
+    hyperparameters: dict[Identifier, Hyperparameter] = Field(
+        default_factory=dict,
+        description=("Named, typed values the expressions read (users override them per use). Convention: the inner width of a "
+                     "down/up pair (a low-rank update's rank, an adapter's bottleneck) is the width itself, named r (r_<part> for a "
+                     "second one, e.g. r_adapter), never a reduction factor of the host width (He et al. 2022's r)."),
+    )
     modules: list[Module] = Field(min_length=1)
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
     typology: dict[Literal[TYPOLOGY_PROPERTIES], str | list[str]] = Field(  # type: ignore[valid-type]

@@ -159,7 +159,10 @@ def _typology_cells(t: Technique, catalog: Catalog) -> list[TypologyCell]:
 
     typ = derive_typology(t, catalog.reference, catalog.techniques)
     modules, _ = expand_modules(t, {**catalog.techniques, t.id: t})
-    per_module = [(m, module_typology(m, catalog.reference)) for m in modules]
+    from pefref.view.analysis import connected_modules
+
+    conn = connected_modules(modules)
+    per_module = [(m, module_typology(m, catalog.reference, m.name in conn)) for m in modules]
     cells = []
     for prop in TYPOLOGY_PROPERTIES:
         rows = []
