@@ -213,3 +213,22 @@ def test_random_operation_sequences_with_injected_failures() -> None:
     assert COUNTS["cases"] >= CASES // 2  # hypothesis ran the cases (it stops early only when it has exhausted them)
     assert COUNTS["failed operations"] >= 0.2 * COUNTS["operations"], COUNTS
     assert COUNTS["injected"] > 0, COUNTS
+
+
+# --- failures the fuzzing found (kept as plain tests) ----------------------------------------------------
+
+
+def test_failure_while_re_enabling_gives_back_the_model_as_before_the_block() -> None:
+    # found by the fuzzing: a failure in the transaction that re-enables an adapter at the end of
+    # disable() left it disabled for good (PiSSA's residual host weight stayed replaced by the base)
+    model = tiny_model("gpt2")
+    inputs = model_inputs("gpt2", batch=1, seq=4)
+    a = apply(model, "pissa", r=2)
+    before = model_state(model)
+    out = model(**inputs).logits
+    with failing_after(2), a.disable():  # change 1: the disable's flag; change 2: the re-enable's, at the block's end
+        model(**inputs)
+    assert a.enabled
+    assert_same_state(before, model_state(model))
+    assert torch.equal(model(**inputs).logits, out)
+    a.remove()

@@ -1,155 +1,172 @@
 """peft's adapter format both ways (adapter_config.json + adapter_model.safetensors).
 
-pefref → peft: an applied, perturbed pefref adapter is written with
-``save_pretrained`` and read by ``peft.PeftModel.from_pretrained`` on a copy of
-the same base model; peft → pefref: a perturbed peft adapter saved by peft is
-read by ``pefref.from_pretrained``. Outputs agree within 1e-5 (fp32), and the
-adapter really changes the base model's outputs. GPT-2's q/k/v are slices of
-the fused ``c_attn``; peft adapts whole modules, so there the cases place
-pefref's modules on ``attn.qkv``.
+pefref → peft → pefref: an applied, perturbed pefref adapter is written with
+``save_pretrained``, read by ``peft.PeftModel.from_pretrained`` on a copy of the
+same base model, and read back by ``pefref.from_pretrained``; peft → pefref → peft:
+a perturbed adapter built and saved by peft is read by ``pefref.from_pretrained``
+and written again for peft. Outputs agree within 1e-5 (fp32) at every step and
+the adapter really changes the base model's outputs; trainable counts are equal
+except where the format itself differs (asserted exactly): peft stores prompts
+and prefixes in their inference form, and LoRA on slices of GPT-2's fused c_attn
+as one block-structured LoRA whose zero blocks peft counts as trainable. The
+cases are in :mod:`tests.interop_cases`.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import peft
 import pytest
 import torch
-from torch import nn
 
 import pefref
 from pefref.interop.table import interop_table
 from pefref.language.catalog import default_catalog
+from pefref.language.check import expand_modules
 from pefref.language.errors import PefrefError
-from pefref.models.build import build_model
 
-from .conftest import output_of
-from .parity import max_diff, padded_batch
+from .interop_cases import CASES, SHAPES, base, export_case, import_case, out, peft_kernel, perturb
+from .parity import max_diff
 
 TOL = 1e-5
 CATALOG = default_catalog()
-SHAPES = ["tiny-llama", "tiny-gpt2"]
-GPT2_FUSED = {"lora": ["attn.qkv"], "rslora": ["attn.qkv"], "dora": ["attn.qkv", "ffn.up"], "ia3": ["attn.qkv", "ffn.act"]}
-HPS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 4, "alpha": 8}, "rslora": {"r": 4, "alpha": 8}, "dora": {"r": 4, "alpha": 8}, "ia3": {},
-    "loha": {"r": 2, "alpha": 4}, "lokr": {"r": 2, "alpha": 4}, "hra": {"r": 2},
-    "prompt_tuning": {"n": 3}, "p_tuning": {"n": 3, "hidden": 8}, "p_tuning_lstm": {"n": 3, "hidden": 8},
-    "prefix_tuning": {"n": 3, "hidden": 8},
-}
-LINEAR_ONLY = {m.technique for m in interop_table().methods if "conv1d" not in m.hosts}
-EXPORT = [(s, t) for s in SHAPES for t in HPS if not (s == "tiny-gpt2" and t in LINEAR_ONLY)]
-
-
-@functools.cache
-def base(shape: str) -> nn.Module:
-    return build_model(shape, seed=0)
-
-
-def perturb(params: Any, seed: int = 3) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.3 * torch.randn_like(p))
-
-
-def out(model: Any, shape: str) -> torch.Tensor:
-    with torch.no_grad():
-        return output_of(model, padded_batch(shape))
+COMPUTED = {m.technique for m in interop_table().methods if any(mm.computed for mm in m.modules)}
+FUSED = {m.technique for m in interop_table().methods if m.fused is not None}
+EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only)]
+IMPORT = [(s, n) for s, n in EXPORT if CASES[n].peft is not None]
 
 
 def test_every_row_names_a_catalog_technique_and_its_modules() -> None:
-    from pefref.language.check import expand_modules
-
     for m in interop_table().methods:
         t = CATALOG.technique(m.technique)
-        modules = {x.name: x for x in expand_modules(t, CATALOG.techniques)[0]}
-        assert set(m.hyperparameters.values()) <= set(expand_modules(t, CATALOG.techniques)[1]), m.technique
+        modules, hps = expand_modules(t, CATALOG.techniques)
+        by_name = {x.name: x for x in modules}
+        assert set(m.hyperparameters.values()) | set(m.when) | set(m.from_shapes) <= set(hps), m.technique
         for mm in m.modules:
-            assert mm.module in modules, (m.technique, mm.module)
-            assert set(mm.tensors) <= set(modules[mm.module].params), (m.technique, mm.module)
+            assert mm.module in by_name, (m.technique, mm.module)
+            module = by_name[mm.module]
+            own = set(module.targets) if module.form == "select" else set(module.params)
+            assert set(mm.tensors) | set(mm.shared) | set(mm.negate) <= own, (m.technique, mm.module)
 
 
-@pytest.mark.parametrize(("shape", "technique"), EXPORT)
-def test_pefref_adapter_reads_into_peft(shape: str, technique: str, tmp_path: Path) -> None:
-    model = copy.deepcopy(base(shape))
-    sites = GPT2_FUSED.get(technique) if shape == "tiny-gpt2" else None
-    adapter = pefref.apply(model, technique, sites=sites, **HPS[technique])
-    perturb(adapter.trainable_parameters())
-    mine = out(model, shape)
-    adapter.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+def test_every_catalog_technique_peft_implements_has_a_row() -> None:
+    """The catalog techniques peft 0.21 implements (by its PeftType or a LoraConfig setting) all convert."""
+    implemented = {"lora", "lora_plus", "rslora", "dora", "pissa", "vera", "fourierft", "adalora", "ia3", "loha", "lokr",
+                   "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct"}
+    assert implemented <= set(CATALOG.techniques)
+    assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
+    assert {c.technique for c in CASES.values()} == implemented
+
+
+@pytest.mark.parametrize(("shape", "name"), EXPORT)
+def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    r = export_case(shape, name, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert r.diff <= TOL and r.back is not None and r.back <= TOL
+    assert r.change > 1e-3  # not vacuous
+    assert r.technique == (case.reads_as or case.technique)
+    if case.technique in COMPUTED:  # peft holds what the module computes: its size is the inference form's
+        assert r.counts["back"] == r.counts["peft"]
+        assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct"})
+    elif shape == "tiny-gpt2" and case.technique in FUSED and case.gpt2_sites is None:
+        # q and v slices of c_attn: per layer r·(d + d) twice, versus A [2r, d] and B [3d, 2r] with k's rows zero
+        assert r.counts["peft"] == 2 * r.counts["pefref"] and r.counts["back"] == r.counts["pefref"]
+    else:
+        assert r.counts["pefref"] == r.counts["peft"] == r.counts["back"]
+
+
+@pytest.mark.parametrize(("shape", "name"), IMPORT)
+def test_peft_adapter_reads_into_pefref_and_back(shape: str, name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    r = import_case(shape, name, tmp_path / "a")
+    assert r.diff <= TOL and r.back is not None and r.back <= TOL
+    assert r.change > 1e-3
+    assert r.technique == (case.reads_as or case.technique)
+    assert r.counts["pefref"] == r.counts["peft"]
+
+
+# --- LoRA on slices of a fused projection ---------------------------------------------------------------
+
+
+def test_lora_on_fused_slices_is_one_block_structured_lora(tmp_path: Path) -> None:
+    model = copy.deepcopy(base("tiny-gpt2"))
+    a = pefref.apply(model, "lora", r=2, alpha=6)  # GPT-2: q and v slices of c_attn
+    perturb(a.trainable_parameters())
+    a.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    host = "transformer.h.0.attn.c_attn"
+    assert cfg["target_modules"] == [host, "transformer.h.1.attn.c_attn"]
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"][host], cfg["alpha_pattern"][host]) == (2, 6, 4, 12)
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    B = state[f"base_model.model.{host}.lora_B.weight"]
+    d = 32
+    assert B.shape == (3 * d, 4)
+    assert torch.equal(B[d:2 * d], torch.zeros(d, 4)) and torch.equal(B[:d, 2:], torch.zeros(d, 2))
+    assert torch.equal(B[:d, :2], a.units["lora__attn_q__0"].B.detach())
+    assert torch.equal(B[2 * d:, 2:], a.units["lora__attn_v__0"].B.detach())
+    back = pefref.from_pretrained(copy.deepcopy(base("tiny-gpt2")), tmp_path)
+    assert sorted(r.site for r in back.report.rows) == ["attn.q", "attn.v"]
+    assert back.hyperparameters["r"] == 2 and back.hyperparameters["alpha"] == 6
+
+
+def test_slices_without_a_block_form_are_refused(tmp_path: Path) -> None:
+    model = copy.deepcopy(base("tiny-gpt2"))
+    for technique in ("dora", "adalora", "pissa"):
+        a = pefref.apply(model, technique, r=2)
+        with pytest.raises(PefrefError, match="slice of the fused 'transformer.h.0.attn.c_attn'.*no exact form of a slice"):
+            a.save_pretrained(tmp_path / technique)
+        assert not (tmp_path / technique).exists()
+        a.remove()
+
+
+# --- transforms: PiSSA's conversion, AdaLoRA's rank masks ---------------------------------------------------
+
+
+def test_pissa_converted_to_lora_reads_back_as_lora_on_the_original_weights(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base(shape)), tmp_path).eval()
-    theirs = out(pm, shape)
-    assert max_diff(mine, theirs) <= TOL
-    plain = out(base(shape), shape)
-    assert max_diff(mine[:, -plain.shape[1]:], plain) > 1e-3  # not vacuous
-
-    # and back into pefref (prefixes read back only as what they are: see the table's notes)
-    method = next(m for m in interop_table().methods if m.technique == technique)
-    if method.export_only:
-        with pytest.raises(PefrefError, match="exact catalog counterpart") if method.peft_type != "PROMPT_TUNING" else _nothing():
-            back = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
-            assert max_diff(out(back.model, shape), mine) <= TOL
-        return
-    back = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
-    assert back.technique.id == technique
-    assert max_diff(out(back.model, shape), mine) <= TOL
-    assert back.num_trainable() == adapter.num_trainable()
+        pm = peft.get_peft_model(copy.deepcopy(base("tiny-llama")), CASES["pissa"].peft("llama")).eval()  # type: ignore[misc]
+        pm.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
+        pm.save_pretrained(tmp_path / "init")
+        pm.peft_config["default"].init_lora_weights = "pissa"
+        perturb(p for p in pm.parameters() if p.requires_grad)
+        theirs = out(pm, "tiny-llama")
+        pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    back = pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path / "lora")
+    assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
+    assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-
-# --- peft → pefref ----------------------------------------------------------------------------------
-
-_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-_IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
-
-
-def peft_config(technique: str, family: str) -> Any:
-    t = _TARGETS[family]
-    return {
-        "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t),
-        "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, use_rslora=True),
-        "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, use_dora=True),
-        "ia3": lambda: peft.IA3Config(target_modules=_IA3[family][0], feedforward_modules=_IA3[family][1]),
-        "loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=t),
-        "lokr": lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=t),
-        "hra": lambda: peft.HRAConfig(r=2, target_modules=t),
-        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-    }[technique]()
-
-
-IMPORT = [(s, t) for s in SHAPES for t in ("lora", "rslora", "dora", "ia3", "loha", "lokr", "hra", "prompt_tuning")
-          if not (s == "tiny-gpt2" and t in LINEAR_ONLY)]
-
-
-@pytest.mark.parametrize(("shape", "technique"), IMPORT)
-def test_peft_adapter_reads_into_pefref(shape: str, technique: str, tmp_path: Path) -> None:
-    family = CATALOG.shape(shape).family
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys")
+def test_adalora_pruned_ranks_read_back_as_zero_singular_values(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base(shape)), peft_config(technique, family)).eval()
+        pm = peft.get_peft_model(copy.deepcopy(base("tiny-llama")), CASES["adalora"].peft("llama")).eval()  # type: ignore[misc]
     perturb(p for p in pm.parameters() if p.requires_grad)
-    theirs = out(pm, shape)
+    pattern = {}
+    with torch.no_grad():
+        for n, p in pm.base_model.model.named_parameters():
+            if "lora_E" in n:
+                keep = [i % 2 == 0 or "q_proj" in n for i in range(p.shape[0])]  # prune two ranks of every v_proj
+                p[[not k for k in keep]] = 0.0
+                pattern[n] = keep
+    pm.peft_config["default"].rank_pattern = pattern
+    theirs = out(pm, "tiny-llama")
     pm.save_pretrained(tmp_path)
-    adapter = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
-    assert adapter.technique.id == technique
-    assert max_diff(out(adapter.model, shape), theirs) <= TOL
-    assert adapter.num_trainable() == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert sum(not k for v in saved.values() for k in v) == 4
+    assert max_diff(out(peft.PeftModel.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path).eval(), "tiny-llama"), theirs) <= TOL
+    back = pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path)
+    assert back.technique.id == "adalora" and back.hyperparameters["r"] == 4
+    assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
+    assert int((back.units["adalora__attn_v__0"].E == 0).sum()) == 2
 
 
 # --- refusals and pefref's own format -------------------------------------------------------------------
@@ -157,40 +174,61 @@ def test_peft_adapter_reads_into_pefref(shape: str, technique: str, tmp_path: Pa
 
 def test_refusals_are_clear_and_write_nothing(tmp_path: Path) -> None:
     model = copy.deepcopy(base("tiny-gpt2"))
-    sliced = pefref.apply(model, "lora", r=2)  # on GPT-2: q and v slices of c_attn
-    with pytest.raises(PefrefError, match="slice of the fused 'transformer.h.0.attn.c_attn'"):
-        sliced.save_pretrained(tmp_path / "a")
-    assert not (tmp_path / "a").exists()
-    sliced.remove()
     other = pefref.apply(model, "houlsby_adapter")
     with pytest.raises(PefrefError, match="peft has no exact form"):
         other.save_pretrained(tmp_path / "b")
     other.remove()
-    hra = pefref.apply(model, "hra", sites=["attn.qkv"], r=2)
-    with pytest.raises(PefrefError, match="adapts only linear modules"):
-        hra.save_pretrained(tmp_path / "c")
+    for technique in ("hra", "oft", "boft", "loha", "lokr"):
+        a = pefref.apply(model, technique, sites=["attn.qkv"])
+        with pytest.raises(PefrefError, match="adapts only linear modules"):
+            a.save_pretrained(tmp_path / technique)
+        a.remove()
+    assert not any(tmp_path.iterdir())
 
 
-def test_peft_prefix_and_patterns_are_refused_without_changing_the_model(tmp_path: Path) -> None:
+def _saved(tmp_path: Path, name: str, config: object) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base("tiny-llama")), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    pm.save_pretrained(tmp_path / "prefix")
+        pm = peft.get_peft_model(copy.deepcopy(base("tiny-llama")), config)
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_peft_forms_without_an_exact_catalog_form_are_refused_without_changing_the_model(tmp_path: Path) -> None:
     model = copy.deepcopy(base("tiny-llama"))
-    with pytest.raises(PefrefError, match="PREFIX_TUNING' has no exact catalog counterpart"):
-        pefref.from_pretrained(model, tmp_path / "prefix")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base("tiny-llama")), peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}))
-    pm.save_pretrained(tmp_path / "pattern")
-    with pytest.raises(PefrefError, match="rank_pattern"):
-        pefref.from_pretrained(model, tmp_path / "pattern")
-    cfg = json.loads((tmp_path / "pattern" / "adapter_config.json").read_text())
+    cases = {
+        "rank_pattern": (peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}), "per-module ranks"),
+        "pissa_niter": (peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_2"), "matches no catalog technique exactly"),
+        "vera": (peft.VeraConfig(r=8, target_modules=["q_proj"], save_projection=False), "vera needs save_projection=True"),
+        "coft": (peft.OFTConfig(r=4, oft_block_size=0, coft=True, target_modules=["q_proj"]), "matches no catalog technique exactly"),
+        "fourierft": (peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"], n_frequency_pattern={"q_proj": 10}), "n_frequency_pattern"),
+        "one_layer": (peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]), None),
+    }
+    for name, (config, message) in cases.items():
+        folder = _saved(tmp_path, name, config)
+        if message is None:  # a subset of layers is a placement, not a refusal
+            placed = pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), folder)
+            assert [(r.site, r.layers) for r in placed.report.rows] == [("attn.q", [0])]
+            continue
+        with pytest.raises(PefrefError, match=message):
+            pefref.from_pretrained(model, folder)
+    cfg = json.loads((tmp_path / "rank_pattern" / "adapter_config.json").read_text())
     cfg.update(rank_pattern={}, use_dora=True, lora_dropout=0.1)  # dora has no dropout in the catalog
-    (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "rank_pattern" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(PefrefError, match="matches no catalog technique exactly"):
-        pefref.from_pretrained(model, tmp_path / "pattern")
+        pefref.from_pretrained(model, tmp_path / "rank_pattern")
     assert not hasattr(model, "pefref_adapters") and all(p.requires_grad for p in model.parameters())
+
+
+def test_boft_with_several_factors_needs_peft_kernel(tmp_path: Path) -> None:
+    """On CPU without its kernel peft keeps one butterfly factor; with the torch stand-in it loads m = 2 exactly."""
+    model = copy.deepcopy(base("tiny-llama"))
+    a = pefref.apply(model, "boft", b=8, m=2)
+    perturb(a.trainable_parameters())
+    a.save_pretrained(tmp_path)
+    with peft_kernel("cpu"), pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.PeftModel.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path)
 
 
 def test_pefref_own_file_loads_through_from_pretrained(tmp_path: Path) -> None:
@@ -223,3 +261,22 @@ def test_task_head_saved_with_the_adapter_reads_into_peft(tmp_path: Path) -> Non
     assert max_diff(out(pm, "tiny-llama"), mine) <= TOL
     back = pefref.from_pretrained(copy.deepcopy(clf), tmp_path)
     assert max_diff(out(back.model, "tiny-llama"), mine) <= TOL
+
+
+def test_lora_on_interleaved_slices_is_one_block_structured_lora(tmp_path: Path) -> None:
+    """GPT-NeoX interleaves q, k and v per head in query_key_value: each B goes to its slice's rows in every period."""
+    shape = "tiny-gpt-neox"
+    model = copy.deepcopy(base(shape))
+    a = pefref.apply(model, "lora", r=2, alpha=4)
+    assert {r.site for r in a.report.rows} == {"attn.q", "attn.v"}
+    perturb(a.trainable_parameters())
+    mine = out(model, shape)
+    a.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base(shape)), tmp_path).eval()
+    assert max_diff(out(pm, shape), mine) <= TOL
+    assert max_diff(mine, out(base(shape), shape)) > 1e-3
+    back = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
+    assert sorted(r.site for r in back.report.rows) == ["attn.q", "attn.v"]
+    assert max_diff(out(back.model, shape), mine) <= TOL and back.num_trainable() == a.num_trainable()

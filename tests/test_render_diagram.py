@@ -62,16 +62,28 @@ def _edge_roles(g: nx.DiGraph, u: str, v: str) -> str | None:
 
 
 def test_reference_skeleton_without_modules_is_the_data() -> None:
-    """Every site of the reference architecture is drawn by exactly one component or group; the flow is the data's."""
+    """Every site of the reference architecture is drawn by exactly one component or group; the flow is the data's.
+    An optional group (cross-attention) is drawn where the family binds it, and the flow goes around it elsewhere."""
     cat = default_catalog()
-    g = _g("bitfit")
     d = cat.reference.diagram
-    drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
-    drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}
-    assert drawn == set(cat.reference.sites)
-    flow = {(g.nodes[u]["component"], g.nodes[v]["component"]) for u, v, a in g.edges(data=True) if a["role"] in ("flow", "residual")
-            and g.nodes[u].get("role") == g.nodes[v].get("role") == "component"}
-    assert flow == set(d.flow) | set(d.residual)
+    optional = {gid for gid, grp in d.groups.items() if grp.optional}
+    hidden = {c for c, comp in d.components.items() if comp.group in optional}
+    hidden_sites = ({d.groups[gid].site for gid in optional} | {d.components[c].site for c in hidden}) - {None}
+    assert optional and hidden_sites
+    for model, skipped in ((None, hidden_sites), ("tiny-t5", set())):  # T5 binds the cross-attention sites
+        g = _g("bitfit", model=model)
+        drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
+        drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}
+        assert drawn == set(cat.reference.sites) - skipped
+        flow = {(g.nodes[u]["component"], g.nodes[v]["component"]) for u, v, a in g.edges(data=True) if a["role"] in ("flow", "residual")
+                and g.nodes[u].get("role") == g.nodes[v].get("role") == "component"}
+        data = set(d.flow) | set(d.residual)
+        if skipped:  # around the hidden components: their inputs go where their outputs went
+            assert not {c for e in flow for c in e} & hidden
+            assert {e for e in data if not set(e) & hidden} <= flow
+            assert {(a, b) for a, b in flow if (a, b) not in data} == {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}
+        else:
+            assert flow == data
 
 
 def test_parallel_branch_from_input_to_combine_at_output() -> None:

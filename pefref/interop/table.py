@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pefref.language.catalog import catalog_root
 from pefref.language.loader import load_file
 from pefref.language.schema import InteropTable, PeftMethod
 
-__all__ = ["interop_table", "table_path", "method_for"]
+__all__ = ["interop_table", "table_path", "method_for", "rows_for"]
 
 
 def table_path(root: Path | None = None) -> Path:
@@ -27,7 +29,19 @@ def interop_table(root: Path | None = None) -> InteropTable:
     return _load(str(table_path(root)))
 
 
-def method_for(technique_id: str, table: InteropTable | None = None) -> PeftMethod | None:
-    """The table's row for a technique, or None when peft has no exact form of it."""
+def rows_for(technique_id: str, table: InteropTable | None = None) -> list[PeftMethod]:
+    """The table's export rows for a technique (empty when peft has no exact form of it)."""
     table = table or interop_table()
-    return next((m for m in table.methods if m.technique == technique_id), None)
+    return [m for m in table.methods if m.technique == technique_id and not m.import_only]
+
+
+def method_for(technique_id: str, table: InteropTable | None = None,
+               hyperparameters: Mapping[str, Any] | None = None) -> PeftMethod | None:
+    """The export row for a technique with these hyperparameters (None when peft has no exact form of it).
+
+    Without hyperparameters, the technique's first row.
+    """
+    rows = rows_for(technique_id, table)
+    if hyperparameters is None:
+        return rows[0] if rows else None
+    return next((m for m in rows if all(hyperparameters.get(k) == v for k, v in m.when.items())), None)

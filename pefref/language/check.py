@@ -218,28 +218,49 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
     return out
 
 
+def _check_binding(s: str, b: Any, p: tuple[Any, ...], layers: str, pos: Positions, ref: ReferenceArchitecture) -> list[Problem]:
+    """Problems of one site binding written at ``p`` (``layers``: the path pattern of a layer it sits in)."""
+    out: list[Problem] = []
+    if s not in ref.sites:
+        return [Problem(pos.key_at(p), dotted(p), f"unknown site {s!r}{suggest(s, ref.sites)}")]
+    if b.cache and ref.sites[s].kind != "kv":
+        out.append(Problem(pos.at(p), dotted(p), "only key/value sites are reached through the cache"))
+    if b.path and ref.sites[s].per_layer and "{i}" not in b.path and b.path != layers:
+        out.append(Problem(pos.at(p + ("path",)), dotted(p + ("path",)), f"a per-layer site needs '{{i}}' in its path; found {b.path!r}"))
+    for fld in ("path", "input_path"):
+        text = getattr(b, fld)
+        bad = template_problem(text) if text else None
+        if bad is not None:
+            out.append(_expr_problem(pos, p + (fld,), bad[1], f"{bad[0]}; found {text!r}"))
+    if b.slice is not None:
+        for fld in ("start", "size", "period"):
+            if getattr(b.slice, fld) is None:
+                continue
+            e = parse_expr(getattr(b.slice, fld))
+            out += _check_names(e, set(ref.sizes), {k for k, q in PRIMITIVES.items() if q.scalar}, pos, p + ("slice", fld), "a slice")
+    return out
+
+
 def check_family(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitecture) -> list[Problem]:
     """Problems of one architecture map (unknown sites, size expressions over unknown sizes)."""
     out: list[Problem] = []
+    in_stacks = {s for st in fam.stacks.values() for s in st.sites}
     for s, b in fam.sites.items():
-        if s not in ref.sites:
-            out.append(Problem(pos.key_at(("sites", s)), f"sites.{s}", f"unknown site {s!r}{suggest(s, ref.sites)}"))
-            continue
-        if b.cache and ref.sites[s].kind != "kv":
-            out.append(Problem(pos.at(("sites", s)), f"sites.{s}", "only key/value sites are reached through the cache"))
-        if b.path and ref.sites[s].per_layer and "{i}" not in b.path and b.path != fam.layers:
-            out.append(Problem(pos.at(("sites", s, "path")), f"sites.{s}.path", f"a per-layer site needs '{{i}}' in its path; found {b.path!r}"))
-        for fld in ("path", "input_path"):
-            text = getattr(b, fld)
-            bad = template_problem(text) if text else None
-            if bad is not None:
-                out.append(_expr_problem(pos, ("sites", s, fld), bad[1], f"{bad[0]}; found {text!r}"))
-        if b.slice is not None:
-            for fld in ("start", "size", "period"):
-                if getattr(b.slice, fld) is None:
-                    continue
-                e = parse_expr(getattr(b.slice, fld))
-                out += _check_names(e, set(ref.sizes), {k for k, p in PRIMITIVES.items() if p.scalar}, pos, ("sites", s, "slice", fld), "a slice")
+        if s not in in_stacks:  # a stack's site is checked where it is written, below
+            out += _check_binding(s, b, ("sites", s), fam.layers, pos, ref)
+    for name, st in fam.stacks.items():
+        for s, b in st.sites.items():
+            p = ("stacks", name, "sites", s)
+            if s in ref.sites and not ref.sites[s].per_layer:
+                out.append(Problem(pos.key_at(p), dotted(p), f"site {s!r} is not per layer; bind it under sites, not in a stack"))
+            out += _check_binding(s, b, p, st.layers, pos, ref)
+        bad = template_problem(st.layers)
+        if bad is not None:
+            out.append(_expr_problem(pos, ("stacks", name, "layers"), bad[1], f"{bad[0]}; found {st.layers!r}"))
+    for cls, mc in fam.classes.items():
+        for j, sname in enumerate(mc.stacks or []):
+            if sname not in fam.stacks:
+                out.append(Problem(pos.at(("classes", cls, "stacks", j)), f"classes.{cls}.stacks[{j}]", f"unknown stack {sname!r}{suggest(sname, fam.stacks)}"))
     bad = template_problem(fam.layers)
     if bad is not None:
         out.append(_expr_problem(pos, ("layers",), bad[1], f"{bad[0]}; found {fam.layers!r}"))

@@ -10,7 +10,9 @@ resolve through the same sites.
 
 from __future__ import annotations
 
-from pefref.language.schema import ArchitectureMap, ModelClass
+from typing import Any
+
+from pefref.language.schema import ArchitectureMap, ModelClass, SiteBinding
 
 __all__ = ["bind_class", "head_path"]
 
@@ -49,9 +51,26 @@ def bind_class(fam: ArchitectureMap, cls: str) -> ArchitectureMap:
     head = mc.head if explicit_head else sites.get("head")
     if head is not None:
         sites["head"] = head
-    bound = ModelClass(task=mc.task, backbone=new, head=head)
-    return fam.model_copy(update={"sites": sites, "layers": _move(fam.layers, old, new) or fam.layers,
-                                  "backbone": new, "classes": {cls: bound}})
+    bound = ModelClass(task=mc.task, backbone=new, head=head, stacks=mc.stacks)
+    update: dict[str, Any] = {"sites": sites, "layers": _move(fam.layers, old, new) or fam.layers, "backbone": new, "classes": {cls: bound}}
+    if fam.stacks:
+        update |= _bind_stacks(fam, sites, mc.stacks, old, new)
+    return fam.model_copy(update=update)
+
+
+def _bind_stacks(fam: ArchitectureMap, sites: dict[str, SiteBinding], keep: list[str] | None, old: str, new: str) -> dict[str, Any]:
+    """The class's stacks (all, or those it lists) with their paths moved, the sites only they bind, and L their total."""
+    stacks = {}
+    for name, st in fam.stacks.items():
+        if keep is not None and name not in keep:
+            continue
+        moved = {s: b.model_copy(update={"path": _move(b.path, old, new), "input_path": _move(b.input_path, old, new)}) for s, b in st.sites.items()}
+        stacks[name] = st.model_copy(update={"sites": moved, "layers": _move(st.layers, old, new) or st.layers})
+    own = {s: b for s, b in sites.items() if not any(s in st.sites for st in fam.stacks.values())}
+    for st in stacks.values():
+        for s, b in st.sites.items():
+            own.setdefault(s, b)
+    return {"stacks": stacks, "sites": own, "sizes": {**fam.sizes, "L": " + ".join(f"({st.count})" for st in stacks.values()) or "0"}}
 
 
 def head_path(fam: ArchitectureMap, cls: str | None = None) -> str | None:

@@ -29,6 +29,15 @@ def model_sizes(fam: ArchitectureMap, config: dict[str, Any]) -> dict[str, int]:
             out[k] = int(eval_scalar(e, config))
         except Exception as ex:
             raise PefrefError(f"family {fam.family}: size {k} = {e!r} cannot be read from the model config ({ex})") from None
+    for name, st in fam.stacks.items():  # encoder-decoder: each stack's number of layers, L_<stack>
+        try:
+            out[f"L_{name}"] = int(eval_scalar(st.count, config))
+        except Exception as ex:
+            raise PefrefError(f"family {fam.family}: stack {name}: count = {st.count!r} cannot be read from the model config ({ex})") from None
+    counts = {f"L_{n}": out[f"L_{n}"] for n in fam.stacks}
+    if counts and sum(counts.values()) != out.get("L"):
+        parts = ", ".join(f"{k} = {v}" for k, v in counts.items())
+        raise PefrefError(f"family {fam.family}: L = {out.get('L')} is not the total of its stacks' layers ({parts})")
     return out
 
 

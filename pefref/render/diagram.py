@@ -131,9 +131,10 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
                 raise PefrefError(f"--layers {n}: expected 1..{L if L is not None else 'N'}")
         drawn = list(range(n))
         L_text = str(L if L is not None else n)
-    sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam).build()
-    model_L = L if L is not None else (len(drawn) if drawn != [None] else None)
     placed = [pl for t in techniques for pl in _placed(catalog, t)]
+    used = {s for pl in placed for s in pl.module.sites}
+    sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam, sites_used=used).build()
+    model_L = L if L is not None else (len(drawn) if drawn != [None] else None)
     for pl in placed:
         for site in pl.module.sites:
             per_layer = catalog.reference.sites[site].per_layer

@@ -52,7 +52,10 @@ class Skeleton:
     tail: dict[str, str] = field(default_factory=dict)
     head: dict[str, str] = field(default_factory=dict)
     pending: list[tuple[NodeRef, NodeRef, dict[str, Any]]] = field(default_factory=list)
+    sites_used: set[str] = field(default_factory=set)  # sites modules attach to (optional groups holding one are drawn)
     _site_of: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _dropped: set[str] = field(default_factory=set)  # optional groups and components not drawn
+    _flow: list[tuple[str, str]] = field(default_factory=list)
 
     # --- construction -----------------------------------------------------------
 
@@ -63,10 +66,15 @@ class Skeleton:
         if len(repeat) > 1:
             raise PefrefError(f"the reference diagram repeats more than one group ({', '.join(repeat)}); one layer group is drawn")
         self._repeat = repeat[0] if repeat else None
+        self._dropped = self._absent()
         for gid in d.groups:
+            if gid in self._dropped:
+                continue
             for i in self._instances_of_group(gid):
                 self._add_cluster(gid, i)
         for cid, comp in d.components.items():
+            if cid in self._dropped:
+                continue
             for i in self._instances(cid):
                 nid = self.cid(cid, i)
                 self.graph.add_node(nid, role="component", component=cid, site=comp.site, layer=i, kind=comp.kind,
@@ -75,11 +83,33 @@ class Skeleton:
                 if comp.site:
                     self._site_of[comp.site] = ("component", cid)
         for gid, g in d.groups.items():
-            if g.site:
+            if g.site and gid not in self._dropped:
                 self._site_of[g.site] = ("group", gid)
-        self._wire(d.flow, "flow")
-        self._wire(d.residual, "residual")
+        self._flow = _around(d.flow, self._dropped)
+        self._wire(self._flow, "flow")
+        self._wire(_around(d.residual, self._dropped), "residual")
         return self
+
+    def _within(self, group: str | None, gid: str) -> bool:
+        while group is not None:
+            if group == gid:
+                return True
+            group = self.ref.diagram.groups[group].parent
+        return False
+
+    def _absent(self) -> set[str]:
+        """Optional groups with no site the family binds or a module uses, with everything inside them."""
+        d = self.ref.diagram
+        present = set(self.sites_used) | (set(self.family.sites) if self.family is not None else set())
+        out: set[str] = set()
+        for gid, g in d.groups.items():
+            if not g.optional:
+                continue
+            sites = {g.site} | {c.site for c in d.components.values() if self._within(c.group, gid)}
+            sites |= {x.site for x_id, x in d.groups.items() if self._within(x_id, gid)}
+            if not (sites - {None}) & present:
+                out |= {x for x in d.groups if self._within(x, gid)} | {c for c, comp in d.components.items() if self._within(comp.group, gid)}
+        return out
 
     def in_layer(self, group: str | None) -> bool:
         """Whether a group (or a component's group) lies inside the repeated layer group."""
@@ -122,8 +152,8 @@ class Skeleton:
 
     def _wire(self, edges: list[tuple[str, str]], role: str) -> None:
         d = self.ref.diagram
-        inside = {c for c in d.components if self.in_layer(d.components[c].group)}
-        exits = sorted({a for a, b in d.flow if a in inside and b not in inside})
+        inside = {c for c in d.components if self.in_layer(d.components[c].group) and c not in self._dropped}
+        exits = sorted({a for a, b in self._flow if a in inside and b not in inside})
         if self._repeat and len(self.layers) > 1 and len(exits) != 1:
             raise PefrefError(f"the repeated group needs exactly one component whose output leaves it; found {exits}")
         for a, b in edges:
@@ -148,7 +178,7 @@ class Skeleton:
             g = comp.group
             while g is not None and g != gid:
                 g = d.groups[g].parent
-            if g == gid:
+            if g == gid and cid not in self._dropped:
                 out.add(self.cid(cid, layer if self.in_layer(comp.group) else None))
         return out
 
@@ -241,4 +271,20 @@ def _component_style(kind: str, unbound: bool) -> dict[str, str]:
         out["style"] = style + (",dashed" if unbound else "")
     if kind == "add":
         out.update(width="0.3", height="0.3", fixedsize="false")
+    return out
+
+
+def _around(edges: list[tuple[str, str]], dropped: set[str]) -> list[tuple[str, str]]:
+    """The edges with the dropped components taken out, each one's inputs joined to its outputs in its place."""
+    out: list[tuple[str, str]] = [(a, b) for a, b in edges]
+    for n in sorted(dropped):
+        succ = [b for a, b in out if a == n]
+        new: list[tuple[str, str]] = []
+        for a, b in out:
+            if a == n:
+                continue
+            for e in ([(a, x) for x in succ] if b == n else [(a, b)]):
+                if e not in new:
+                    new.append(e)
+        out = new
     return out

@@ -71,7 +71,7 @@ def apply(
     technique: str | Path | Technique,
     *,
     sites: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int | str] | None = None,
     family: str | Path | ArchitectureMap | None = None,
     name: str | None = None,
     dtype: torch.dtype | None = None,
@@ -90,7 +90,7 @@ def apply(
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
-        layers: restrict to some layers (indices, negative from the end).
+        layers: restrict to some layers (indices, negative from the end; in encoder-decoder maps also stack names, e.g. 'decoder').
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
         dtype, device: for the adapter's tensors (default: the host's).
@@ -255,7 +255,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if pl.binding.input_path and not patch.stash_hooks:
-            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.layer)))
+            patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.index if pl.index is not None else pl.layer)))
             txn.on_undo(lambda: [hk.remove() for hk in patch.stash_hooks] and patch.stash_hooks.clear())
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)

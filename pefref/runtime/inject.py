@@ -23,6 +23,7 @@ from pefref.language.loader import load_file, suggest
 from pefref.language.model_classes import bind_class
 from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
+from pefref.language.stacks import expand_layers, layer_bindings, stacked
 from pefref.language.templates import template
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.hosts import HostKind, host_kind
@@ -47,6 +48,7 @@ class Placement:
     start: int = 0
     size: int = 0
     period: int = 0
+    index: int | None = None  # the layer's index in its module paths (in its stack, for encoder-decoder maps)
 
 
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
@@ -122,7 +124,7 @@ def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind
 
 
 def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: Sequence[Any],
-               sites: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+               sites: Sequence[str] | None = None, layers: Sequence[int | str] | None = None,
                reference: ReferenceArchitecture | None = None) -> Iterator[Placement]:
     """Every placement of ``modules`` in ``model`` (optionally restricted to some sites / layers).
 
@@ -141,17 +143,19 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
             b = fam.sites.get(site)
             if b is None:
                 raise SiteError(f"family {fam.family!r} has no site {site!r} (it binds: {', '.join(fam.sites)})")
-            per_layer = b.cache or "{i}" in (b.path or "")
-            chosen = select_layers(m.layers, L) if per_layer else [None]
+            per_layer = b.cache or "{i}" in (b.path or "") or stacked(fam, site)
+            where = {i: (j, bb) for i, j, bb in layer_bindings(fam, site, sizes)} if per_layer else {}
+            chosen = [i for i in select_layers(m.layers, L) if i in where] if per_layer else [None]
             if layers is not None and per_layer:
-                keep = set(select_layers(list(layers), L))
+                keep = set(select_layers(expand_layers(fam, sizes, layers), L))
                 chosen = [i for i in chosen if i in keep]
             for i in chosen:
                 if b.cache:
                     d = sizes["kv_heads"] * sizes["d_head"]
                     yield Placement(m, site, i, f"<{fam.forward.cache}>[{i}]", model, host_kind(model), b, 0, d)
                     continue
-                path = template(b.path, i)  # type: ignore[arg-type]
+                j, b = where[i] if i is not None else (None, b)  # the layer's index in its stack, and its stack's binding
+                path = template(b.path, j)  # type: ignore[arg-type]
                 host = _module(model, path)
                 kind = host_kind(host)
                 d_in, d_out = kind.widths(host)
@@ -170,4 +174,4 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                     d_in = d_out = sizes["d"]
                 if kind.name == "embedding":
                     d_in, d_out = d_out, d_out
-                yield Placement(m, site, i if per_layer else None, path, host, kind, b, d_in, d_out, start, size, period)
+                yield Placement(m, site, i if per_layer else None, path, host, kind, b, d_in, d_out, start, size, period, j)

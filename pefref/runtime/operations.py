@@ -22,7 +22,7 @@ from pefref.language.errors import PefrefError
 from pefref.runtime.ledger import Layer, Value, all_ledgers, check_not_selected, ledger_of, release
 from pefref.runtime.patches import Entry, HostPatch
 from pefref.runtime.precision import LOW_PRECISION, in_fp32
-from pefref.runtime.transaction import Transaction, located
+from pefref.runtime.transaction import OperationError, Transaction, located
 
 __all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value"]
 
@@ -125,7 +125,8 @@ def disabled(ad: Any) -> Iterator[None]:
         yield
         return
     saved: dict[str, torch.Tensor] = {}
-    with Transaction(f"disable adapter {ad.name!r}") as txn:
+    off = Transaction(f"disable adapter {ad.name!r}", keep=True)  # its undo log stays: the way back if re-enabling fails
+    with off as txn:
         for led in all_ledgers(ad.model):
             led.set_active(txn, ad, False)
         for name, base in ad._host_backup.items():
@@ -133,16 +134,34 @@ def disabled(ad: Any) -> Iterator[None]:
             saved[name] = p.detach().clone()
             txn.write(p, base)
         txn.set_attr(ad, "enabled", False)
+    mark = _fingerprint(ad, saved)
     try:
         yield
     finally:
         if not ad._removed:
-            with Transaction(f"re-enable adapter {ad.name!r}") as txn:
-                for led in all_ledgers(ad.model):
-                    led.set_active(txn, ad, True)
-                for name, value in saved.items():
-                    txn.write(ad.model.get_parameter(name), value)
-                txn.set_attr(ad, "enabled", True)
+            untouched = _fingerprint(ad, saved) == mark  # the block left alone what the disable changed
+            try:
+                with Transaction(f"re-enable adapter {ad.name!r}") as txn:
+                    for led in all_ledgers(ad.model):
+                        led.set_active(txn, ad, True)
+                    for name, value in saved.items():
+                        txn.write(ad.model.get_parameter(name), value)
+                    txn.set_attr(ad, "enabled", True)
+            except PefrefError as e:  # undone: the model is as the block left it, the adapter disabled
+                if not untouched or off.rollback():
+                    raise OperationError(f"{e}; adapter {ad.name!r} stays disabled (the block changed what re-enabling "
+                                         "restores, so it cannot be undone instead)") from e
+                # undoing the disable gave back the model exactly as it was before the block: re-enabled
+            finally:
+                off._undo.clear()  # the kept log is not needed any more
+
+
+def _fingerprint(ad: Any, saved: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:
+    """What the disable's undo log would overwrite: each ledger's layers (and their states) and the version
+    counters of the host weights and the parameters it wrote; equal means nothing touched them since."""
+    leds = tuple((id(led), tuple((id(ly), ly.active) for ly in led.layers), cast(torch.Tensor, led.host.weight)._version,
+                  getattr(getattr(led.host, "bias", None), "_version", None)) for led in all_ledgers(ad.model))
+    return leds, tuple(ad.model.get_parameter(n)._version for n in saved)
 
 
 def remove(ad: Any, container_attr: str) -> nn.Module:

@@ -36,11 +36,13 @@ class OperationError(PefrefError):
 class Transaction:
     """An undo log for one operation on a model (use as a context manager)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, keep: bool = False) -> None:
         self.what = what
         self._undo: list[Callable[[], object]] = []
         self._saved: set[int] = set()
         self.committed = False
+        self.keep = keep
+        """Keep the undo log after success, so that :meth:`rollback` can undo the operation later."""
 
     # --- recording ------------------------------------------------------------------------------------
 
@@ -111,7 +113,8 @@ class Transaction:
     def __exit__(self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> Literal[False]:
         if exc is None:
             self.committed = True
-            self._undo.clear()
+            if not self.keep:
+                self._undo.clear()
             self._saved.clear()
             return False
         failures = self.rollback()

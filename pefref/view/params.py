@@ -18,6 +18,7 @@ from pefref.language.expr import substitute
 from pefref.language.hparams import shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
+from pefref.language.stacks import layer_bindings
 
 __all__ = ["ParamCount", "count_params", "host_widths"]
 
@@ -84,12 +85,15 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                 continue
             ref_site = catalog.reference.sites[site]
             per_layer = ref_site.per_layer
-            layers = select_layers(m.layers, L) if per_layer else [None]
+            layers: list[int | None] = [None]
+            if per_layer:
+                has = {i for i, _j, _b in layer_bindings(fam, site, sizes)}  # an encoder-decoder site: the layers of its stacks
+                layers = [i for i in select_layers(m.layers, L) if i in has]
             if m.form == "select":
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
                 select_total += n * len(layers)
-                mult = _mult_text(len(layers), per_layer, m.layers)
+                mult = _mult_text(len(layers), per_layer, m.layers, L)
                 select_terms += [f"{mult}*{x}" for x in terms]
                 continue
             d_in_e, d_out_e = host_widths(site, fam, catalog)
@@ -110,7 +114,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
                     if sym_key not in sym_terms and spec.trainable:
                         by_layer = spec.shared in ("none", "sites") and per_layer
-                        mult = _mult_text(len(layers), per_layer, m.layers) if by_layer else "1"
+                        mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
                         sym_terms[sym_key] = f"{mult}*{text}"
     total = select_total
     for shp, _p, trainable in scopes.values():
@@ -124,9 +128,9 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     return ParamCount(t.id, shape.name, total, base, formula, hps)
 
 
-def _mult_text(n: int, per_layer: bool, sel: Any) -> str:
+def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:
     """How many copies a per-layer term has: the symbol L for all layers, else the number."""
-    return "L" if per_layer and sel == "all" else str(n)
+    return "L" if per_layer and sel == "all" and n == L else str(n)
 
 
 def _formula(terms: list[str], sizes: dict[str, int], hps: dict[str, Any]) -> str:

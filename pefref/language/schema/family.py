@@ -8,9 +8,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
-__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ModelClass", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
+__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ModelClass", "Stack", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
 
-TASKS = ("causal_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering", "base")
+TASKS = ("causal_lm", "seq2seq_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering", "base")
 
 
 class SliceSpec(Strict):
@@ -62,6 +62,16 @@ class ModelClass(Strict):
     task: Literal[TASKS] = Field("base", description="What the class is for (its head).")  # type: ignore[valid-type]
     backbone: str | None = Field(None, description="Path of the backbone (base model) inside this class ('': the class is the backbone); default: the map's backbone.")
     head: SiteBinding | None = Field(None, description="The 'head' site in this class (its task head); null: the class has no head; absent: the map's own head binding.")
+    stacks: list[Identifier] | None = Field(None, description="The layer stacks this class has (T5EncoderModel: [encoder]); default: all of the map's.")
+
+
+class Stack(Strict):
+    """One stack of layers of an encoder-decoder family (T5's encoder, its decoder)."""
+
+    count: ExprStr = Field(description="Number of layers in the stack (expression over the config's keys); the size L_<stack> in expressions of the map.")
+    layers: str = Field(description="Path pattern of one layer of the stack ('{i}' = index within the stack).")
+    sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding] = Field(
+        description="The per-layer sites of the stack's layers ('{i}': index within the stack); a site a stack lacks (cross-attention in an encoder) is simply absent there.")
 
 
 class ArchitectureMap(Strict):
@@ -78,12 +88,30 @@ class ArchitectureMap(Strict):
     layers: str = Field(description="Path pattern of one Transformer layer ('{i}' = index).")
     base_params: ExprStr = Field(description="Parameter count of the base model as an expression over the sizes and config keys.")
     forward: ForwardSpec = Field(default_factory=ForwardSpec)  # type: ignore[arg-type]
-    sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding]
+    sites: dict[Annotated[str, Field(pattern=SITE_PATTERN)], SiteBinding] = Field(
+        description="Where each site lives ('{i}' = layer index). With stacks: the sites outside them (embedding, final norm, head); each stack's sites are added here as it binds them in its first stack that has them.")
+    stacks: dict[Identifier, Stack] = Field(
+        default_factory=dict,
+        description=("Encoder-decoder families: their layer stacks, in order. The layer index runs over the first stack's layers, "
+                     "then the next's (T5: the encoder's layers are 0..L_encoder-1, the decoder's follow), and the size L is "
+                     "their total; a per-layer site is placed in every layer of every stack that binds it."),
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
     def _class_list(cls, v: Any) -> Any:
         return {name: {} for name in v} if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _stack_sites(self) -> ArchitectureMap:
+        """Each stack's sites are also in ``sites`` (bound as in the first stack that has them): the map binds them."""
+        if self.stacks:
+            merged = dict(self.sites)
+            for st in self.stacks.values():
+                for name, b in st.sites.items():
+                    merged.setdefault(name, b)
+            object.__setattr__(self, "sites", merged)
+        return self
 
 
 class ModelShape(Strict):

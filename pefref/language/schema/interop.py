@@ -9,17 +9,57 @@ from pydantic import Field
 from pefref.language.schema.common import Identifier, Strict
 from pefref.language.schema.family import TASKS
 
-__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable"]
+__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "Scalar"]
+
+Scalar = bool | int | float | str | None
 
 
 class PeftModuleMap(Strict):
     """How one module of a technique is stored by peft."""
 
     module: Identifier = Field(description="The technique's module (after `use:` expansion).")
-    tensors: dict[Identifier, str] = Field(default_factory=dict, description="Per placement: the module's tensor -> peft's tensor name under the host module (e.g. A: lora_A.weight).")
+    tensors: dict[Identifier, str] = Field(default_factory=dict, description="Per placement: the module's tensor -> peft's tensor name under the host module (e.g. A: lora_A.weight). For a module of form 'select', the keys are the host's own parameters it trains (weight, bias).")
     layout: dict[Identifier, Literal["column", "row", "vector"]] = Field(default_factory=dict, description="Tensors peft stores as a column [n, 1], a row [1, n] or a vector [n] (default: the same shape).")
+    negate: list[Identifier] = Field(default_factory=list, description="Tensors peft stores with the opposite sign (its convention is the transpose of the technique's).")
+    shared: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement, stored once under this full key (e.g. A: base_model.vera_A).")
     targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import).")
     computed: Literal["tokens", "prefix"] | None = Field(None, description="Prepend modules: peft stores what the module computes (virtual tokens [n, d], or per-layer keys and values [n, L*2*d_kv]) as 'prompt_embeddings', not its parameters.")
+
+
+class ShapeRef(Strict):
+    """A hyperparameter read off the shape of a stored tensor (e.g. OFT's number of blocks)."""
+
+    module: Identifier = Field(description="The technique's module.")
+    tensor: Identifier = Field(description="The module's tensor (its peft name comes from the module's map).")
+    dim: int = Field(ge=0, description="The dimension whose size is the hyperparameter.")
+
+
+class FusedForm(Strict):
+    """How placements on slices of one fused projection are written as ONE block-structured peft module (LoRA family).
+
+    The slices' down projections are stacked along the rank, their up projections are
+    placed at the slice's output rows and their own rank columns (zero elsewhere), and
+    the host's rank and alpha go into peft's per-module patterns so that the scaling stays
+    exactly the technique's.
+    """
+
+    rank: str = Field(description="peft config field of the rank (r).")
+    alpha: str = Field(description="peft config field of the scaling numerator (lora_alpha).")
+    rank_pattern: str = Field("rank_pattern", description="peft's per-module rank field.")
+    alpha_pattern: str = Field("alpha_pattern", description="peft's per-module alpha field.")
+    alpha_growth: Literal["linear", "sqrt"] = Field(description="How alpha grows with k slices so the scaling is unchanged: alpha·k (scaling alpha/r) or alpha·sqrt(k) (scaling alpha/sqrt(r)).")
+    tensors: dict[Identifier, Literal["stack", "block"]] = Field(description="'stack': the tensor's rows are the rank (concatenated); 'block': its rows are the slice's output features and its columns the rank.")
+
+
+class RankMasks(Strict):
+    """peft's per-module keep-masks over the rank (AdaLoRA's rank_pattern after budget allocation).
+
+    On import the pruned ranks are put back as zeros (the function is unchanged: a pruned
+    singular value is zero), so the adapter has the technique's full rank.
+    """
+
+    pattern: str = Field(description="Config field holding {module: [keep, ...]}.")
+    dims: dict[Identifier, int] = Field(description="The module's tensor -> its rank dimension.")
 
 
 class PeftMethod(Strict):
@@ -27,12 +67,18 @@ class PeftMethod(Strict):
 
     technique: Identifier = Field(description="Catalog technique id.")
     peft_type: str = Field(description="peft's PeftType value (adapter_config.json 'peft_type').")
-    config: dict[str, bool | int | float | str | None] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart).")
+    config: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart); a list gives the values accepted on import, the first one written.")
+    written: dict[str, Scalar] = Field(default_factory=dict, description="Config values written on export and not checked on import (peft needs them to build its config).")
     hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field -> the technique's hyperparameter.")
+    when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
+    from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
     hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
+    fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
+    rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")
+    import_only: bool = Field(False, description="Read this peft form into the technique, but export the technique through its other row.")
     notes: str = ""
 
 

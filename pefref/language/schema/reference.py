@@ -46,6 +46,9 @@ class DiagramGroup(Strict):
     site: Annotated[str, Field(pattern=SITE_PATTERN)] | None = Field(None, description="The block site the box stands for (its input is what enters the box, its output what leaves it).")
     parent: Identifier | None = Field(None, description="The group this one is drawn inside.")
     repeat: bool = Field(False, description="The box repeats once per Transformer layer (drawn once as '× L', or unrolled).")
+    optional: bool = Field(False, description=("The box and what it holds are drawn only where they exist: when the family drawn binds a site "
+                                               "inside it, or a module attaches there (cross-attention, in encoder-decoder models); otherwise "
+                                               "the flow goes around it."))
 
 
 class DiagramComponent(Strict):

@@ -1,0 +1,82 @@
+"""What peft's export and import share: file names, key prefixes, row selection, tensor layouts."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config",
+           "alpha_for", "pattern_value", "task_type", "slice_rows"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PROMPT = "prompt_embeddings"
+
+
+def unit_key(module: str, site: str, layer: int | None) -> str:
+    """The key of a placement's unit in ``Adapter.units``."""
+    return f"{module}__{site.replace('.', '_')}" + ("" if layer is None else f"__{layer}")
+
+
+def to_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
+    """A technique tensor in peft's layout and sign."""
+    layout = mm.layout.get(pname)
+    if layout == "column":
+        t = t.reshape(-1, 1)
+    elif layout == "row":
+        t = t.reshape(1, -1)
+    elif layout == "vector":
+        t = t.reshape(-1)
+    return -t if pname in mm.negate else t
+
+
+def from_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
+    """A peft tensor in the technique's sign (its shape is fitted on assignment)."""
+    return -t if pname in mm.negate else t
+
+
+def fixed_config(method: PeftMethod) -> dict[str, Any]:
+    """The config values a row writes on export (the first of each list of accepted values)."""
+    return {**{k: v[0] if isinstance(v, list) else v for k, v in method.config.items()}, **method.written}
+
+
+def alpha_for(growth: str, alpha: float, k: int) -> float:
+    """The alpha that keeps the scaling of a rank multiplied by k."""
+    return alpha * k if growth == "linear" else alpha * math.sqrt(k)
+
+
+def pattern_value(pattern: Mapping[str, Any] | None, path: str) -> Any:
+    """peft's per-module pattern lookup (its keys match a module name's suffix, as regular expressions)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+def task_type(fam: ArchitectureMap, table: InteropTable) -> str | None:
+    """peft's task_type of the family's model class."""
+    task = next(iter(fam.classes.values())).task if len(fam.classes) == 1 else fam.task
+    return table.tasks.get(task)
+
+
+def slice_rows(fam: ArchitectureMap, site: str, sizes: Mapping[str, int], width: int) -> list[int]:
+    """The output features of the fused module (``width`` of them) that a slice site owns, in order."""
+    from pefref.language.expr import evaluate, parse_expr
+    from pefref.language.sizes import scalar_ops
+
+    b = fam.sites[site]
+    assert b.slice is not None
+
+    def value(text: str) -> int:
+        return int(evaluate(parse_expr(text), dict(sizes), scalar_ops()))
+
+    start, size = value(b.slice.start), value(b.slice.size)
+    period = value(b.slice.period) if b.slice.period is not None else width
+    return [j * period + start + t for j in range(width // period) for t in range(size)]

@@ -1,0 +1,170 @@
+"""pefref → peft: an applied adapter as peft's config and tensors (see :mod:`pefref.interop.peft_format`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
+from pefref.interop.table import method_for, rows_for
+from pefref.language.errors import PefrefError
+from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
+from pefref.runtime.adapter import Adapter
+from pefref.runtime.hosts import host_kind
+from pefref.runtime.saved_modules import SAVED_MODULE
+
+__all__ = ["peft_state"]
+
+_Piece = tuple[list[int], nn.Module]  # (the fused module's output features it owns, unit) of one slice placement
+
+
+def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
+    tech = adapter.technique
+    method = method_for(tech.id, table, adapter.hyperparameters)
+    if method is not None:
+        return method
+    rows = rows_for(tech.id, table)
+    if rows:
+        needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
+        raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
+    known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
+    raise PefrefError(f"{tech.id}: peft has no exact form of this technique (techniques with one: {known})")
+
+
+def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """peft's config and tensors for ``adapter`` (nothing written).
+
+    Raises:
+        PefrefError: the technique has no exact peft form, or a placement cannot be written in it.
+    """
+    from pefref.interop.table import interop_table
+
+    table = table or interop_table()
+    tech = adapter.technique
+    method = _row(adapter, table)
+    if adapter.merged:
+        raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
+    fam = adapter.family
+    cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(fam, table), "inference_mode": True,
+                           "base_model_name_or_path": None, **fixed_config(method)}
+    for field, hp in method.hyperparameters.items():
+        cfg[field] = adapter.hyperparameters[hp]
+    maps = {mm.module: mm for mm in method.modules}
+    forms = {m.name: getattr(m, "form", "") for m in tech.modules}
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, set[str]] = {}
+    pieces: dict[tuple[str, str], list[_Piece]] = {}
+    conv1d = False
+    saved: list[str] = []
+    selected: set[str] = set()  # host parameters written
+
+    def put(key: str, value: torch.Tensor, where: str) -> None:
+        if key in tensors:
+            raise PefrefError(f"{tech.id}: two placements on {where}; peft holds one {method.peft_type} module per host module")
+        tensors[key] = value
+
+    for row in adapter.report.rows if adapter.report else []:
+        if row.module == SAVED_MODULE:
+            saved += row.paths
+            continue
+        mm = maps.get(row.module)
+        if mm is None:
+            raise PefrefError(f"{tech.id}: module {row.module!r} has no counterpart in peft's {method.peft_type}")
+        if mm.computed is not None:
+            continue
+        for field in mm.targets:
+            targets.setdefault(field, set()).update(row.paths)
+        if forms.get(row.module) == "select":
+            for path in row.paths:
+                for target, tname in mm.tensors.items():
+                    if f"{path}.{target}" in adapter.selected:
+                        put(f"{PREFIX}{path}.{tname}", adapter.selected[f"{path}.{target}"].detach(), path)
+                        selected.add(f"{path}.{target}")
+            continue
+        binding = fam.sites[row.site]
+        for path, layer in zip(row.paths, row.layers):
+            unit = adapter.units[unit_key(row.module, row.site, layer)]
+            host = adapter.model.get_submodule(path)
+            kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
+            if kind not in method.hosts:
+                raise PefrefError(f"{tech.id}.{row.module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
+                                  f"adapts only {' and '.join(method.hosts)} modules")
+            conv1d |= kind == "conv1d"
+            for pname, key in mm.shared.items():
+                tensors[key] = to_peft(getattr(unit, pname).detach(), mm, pname)
+            if binding.slice is not None:
+                if method.fused is None:
+                    raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
+                                      f"{method.peft_type} adapts whole modules and has no exact form of a slice; place it "
+                                      f"on the fused site instead (sites=['attn.qkv'])")
+                rows = slice_rows(fam, row.site, adapter.sizes, host_kind(host).widths(host)[1])
+                pieces.setdefault((row.module, path), []).append((rows, unit))
+                continue
+            for pname, tname in mm.tensors.items():
+                put(f"{PREFIX}{path}.{tname}", to_peft(getattr(unit, pname).detach(), mm, pname), path)
+    for (module, path), parts in sorted(pieces.items()):
+        _fuse(adapter, method, maps[module], path, parts, cfg, put)
+    for mm in method.modules:
+        if mm.computed is not None:
+            tensors[PROMPT] = _computed(adapter, mm, tech)
+    for field, paths in targets.items():
+        cfg[field] = sorted(paths)
+    if method.conv1d_flag:
+        cfg[method.conv1d_flag] = conv1d
+    if saved:
+        cfg["modules_to_save"] = sorted(saved)
+        for name, p in adapter.selected.items():
+            if any(name.startswith(s + ".") for s in saved):
+                tensors[f"{PREFIX}{name}"] = p.detach()
+    selected |= {k[len(PREFIX):] for k in tensors if k.startswith(PREFIX)}
+    left = sorted(set(adapter.selected) - selected)
+    if left:
+        raise PefrefError(f"{tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
+    return cfg, {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, parts: list[_Piece], cfg: dict[str, Any],
+          put: Any) -> None:
+    """Placements on k slices of one fused module as one block-structured module of rank k·r."""
+    fused = method.fused
+    assert fused is not None
+    parts = sorted(parts, key=lambda p: p[0][0])
+    d_out = host_kind(adapter.model.get_submodule(path)).widths(adapter.model.get_submodule(path))[1]
+    for pname, tname in mm.tensors.items():
+        how = fused.tensors.get(pname)
+        if how is None:
+            raise PefrefError(f"{adapter.technique.id}: tensor {pname!r} has no block-structured form on the fused {path!r}")
+        values = [getattr(u, pname).detach() for _rows, u in parts]
+        if how == "stack":
+            out = torch.cat(values, dim=0)
+        else:
+            out = values[0].new_zeros(d_out, sum(v.shape[1] for v in values))
+            col = 0
+            for (rows, _u), v in zip(parts, values):
+                out[rows, col:col + v.shape[1]] = v
+                col += v.shape[1]
+        put(f"{PREFIX}{path}.{tname}", to_peft(out, mm, pname), path)
+    k = len(parts)
+    cfg.setdefault(fused.rank_pattern, {})[path] = cfg[fused.rank] * k
+    cfg.setdefault(fused.alpha_pattern, {})[path] = alpha_for(fused.alpha_growth, cfg[fused.alpha], k)
+
+
+def _computed(adapter: Adapter, mm: PeftModuleMap, tech: Technique) -> torch.Tensor:
+    """What a prepend module computes at inference: tokens [n, d], or keys and values of every layer [n, L*2*d_kv]."""
+    rows = [r for r in adapter.report.rows if r.module == mm.module] if adapter.report else []
+    if not rows:
+        raise PefrefError(f"{tech.id}: module {mm.module!r} is not placed")
+    (row,) = rows
+    with torch.no_grad():
+        if mm.computed == "tokens":
+            return adapter.units[unit_key(row.module, row.site, None)](None, None, None, False).detach()
+        L = adapter.sizes["L"]
+        if sorted(row.layers) != list(range(L)):  # type: ignore[type-var]
+            raise PefrefError(f"{tech.id}: peft's prefixes cover every layer; this adapter has them on layers {row.layers}")
+        parts = []
+        for i in range(L):
+            k, v = adapter.units[unit_key(row.module, row.site, i)](None, None, None, False)
+            parts += [k, v]
+        return torch.cat(parts, dim=-1).detach()

@@ -1,0 +1,284 @@
+"""peft → pefref: a peft adapter folder read into its catalog technique (see :mod:`pefref.interop.peft_format`)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
+from pefref.language.errors import PefrefError
+from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Technique
+from pefref.runtime.adapter import Adapter
+from pefref.runtime.saved_modules import SAVED_MODULE
+
+__all__ = ["choose", "Plan", "plan", "copy_in", "unmask_ranks"]
+
+
+def _accepts(want: Any, have: Any) -> bool:
+    return any(have == w for w in want) if isinstance(want, list) else have == want
+
+
+def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
+    """The catalog row that reads this peft config exactly."""
+    rows = [m for m in table.methods if m.peft_type == cfg.get("peft_type") and not m.export_only]
+    if not rows:
+        known = sorted({m.peft_type for m in table.methods if not m.export_only})
+        raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
+    for m in rows:
+        if all(k not in cfg or _accepts(v, cfg[k]) for k, v in m.config.items()):
+            return m
+    diffs = "; ".join(f"{m.technique} needs " + ", ".join(f"{k}={v!r}" for k, v in m.config.items()) for m in rows)
+    raise PefrefError(f"this {cfg['peft_type']} adapter matches no catalog technique exactly ({diffs})")
+
+
+def unmask_ranks(method: PeftMethod, cfg: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Put the ranks a saved rank mask pruned back as zeros (in place), so every module has the full rank."""
+    masks = method.rank_masks
+    pattern = cfg.get(masks.pattern) if masks else None
+    if not masks or not pattern:
+        return
+    names = {pname: tname for mm in method.modules for pname, tname in mm.tensors.items()}
+    for key, keep in pattern.items():
+        host = key.rsplit(".", 1)[0]
+        mask = torch.tensor([bool(k) for k in keep])
+        for pname, dim in masks.dims.items():
+            name = f"{host}.{names[pname]}"
+            if name not in state:
+                raise PefrefError(f"{masks.pattern} names {key!r}, but the adapter has no tensor {name!r}")
+            t = state[name]
+            if t.shape[dim] == mask.numel():
+                continue
+            if t.shape[dim] != int(mask.sum()):
+                raise PefrefError(f"peft tensor {name!r}: {t.shape[dim]} ranks, but {masks.pattern} keeps {int(mask.sum())}")
+            shape = list(t.shape)
+            shape[dim] = mask.numel()
+            full = t.new_zeros(shape)
+            full.index_copy_(dim, mask.nonzero().flatten(), t)
+            state[name] = full
+
+
+@dataclass
+class Plan:
+    """Where peft's modules go: the placed technique, extra hyperparameters and the slices of fused hosts."""
+
+    technique: Technique
+    hyperparameters: dict[str, Any]
+    saved: list[str]
+    splits: dict[str, list[tuple[str, list[int], int]]] = field(default_factory=dict)  # host -> (site, its rows, rank block)
+
+
+def _hosts(method: PeftMethod, state: Mapping[str, torch.Tensor]) -> set[str]:
+    hosts: set[str] = set()
+    for mm in method.modules:
+        for tname in mm.tensors.values():
+            hosts |= {k[: -len(tname) - 1] for k in state if k.endswith("." + tname)}
+    return hosts
+
+
+def _listed(path: str, value: Any) -> bool:
+    """Whether peft's ``target_modules``-style value (names or a regex) selects module ``path``."""
+    if not value:
+        return False
+    if isinstance(value, str):
+        return value == path or re.fullmatch(value, path) is not None
+    return any(path == t or path.endswith("." + t) for t in value)
+
+
+def _template_match(template: str, path: str) -> re.Match[str] | None:
+    return re.match("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$", path)
+
+
+def _site_of(path: str, kinds: set[str], fam: ArchitectureMap, kind_of: Mapping[str, str]) -> tuple[str, int | None]:
+    for site, b in fam.sites.items():
+        if not b.path or b.slice is not None or kind_of.get(site) not in kinds:
+            continue
+        m = _template_match(b.path, path)
+        if m:
+            return site, int(m.group(1)) if m.groups() else None
+    raise PefrefError(f"module {path!r} is no site of family {fam.family!r} that this technique can take")
+
+
+def _split(method: PeftMethod, cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: str, fam: ArchitectureMap,
+           sizes: Mapping[str, int], kinds: set[str], kind_of: Mapping[str, str]) -> tuple[list[tuple[str, list[int], int]], int | None] | None:
+    """The slice placements a block-structured module on a fused host holds, when its blocks say so exactly."""
+    fused = method.fused
+    if fused is None or pattern_value(cfg.get(fused.rank_pattern), path) is None:
+        return None
+    block = next(t for mm in method.modules for p, t in mm.tensors.items() if fused.tensors.get(p) == "block")
+    B = state[f"{path}.{block}"]
+    slices = []
+    for site, b in fam.sites.items():
+        m = _template_match(b.path, path) if b.path and b.slice is not None and kind_of.get(site) in kinds else None
+        if m:
+            slices.append((site, slice_rows(fam, site, sizes, B.shape[0]), int(m.group(1)) if m.groups() else None))
+    r0, a0 = cfg[fused.rank], cfg[fused.alpha]
+    rank, alpha = _rank_alpha(method, cfg, path)
+    if not slices or rank % r0 or not math.isclose(alpha, alpha_for(fused.alpha_growth, a0, rank // r0), rel_tol=1e-6):
+        return None
+    out: list[tuple[str, list[int], int]] = []
+    for j in range(rank // r0):
+        rows = set(B[:, j * r0:(j + 1) * r0].abs().sum(dim=1).nonzero().flatten().tolist())
+        hit = next((s for s in slices if rows and rows <= set(s[1]) and s[0] not in {o[0] for o in out}), None)
+        if hit is None:
+            return None  # a block spans slices (or is zero): the module is a whole-module one
+        out.append((hit[0], hit[1], j))
+    return out, slices[0][2]
+
+
+def _rank_alpha(method: PeftMethod, cfg: Mapping[str, Any], path: str) -> tuple[Any, Any]:
+    fused = method.fused
+    assert fused is not None
+    r = pattern_value(cfg.get(fused.rank_pattern), path)
+    a = pattern_value(cfg.get(fused.alpha_pattern), path)
+    return (cfg[fused.rank] if r is None else r), (cfg[fused.alpha] if a is None else a)
+
+
+def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+         fam: ArchitectureMap, catalog: Any, sizes: Mapping[str, int]) -> Plan:
+    """The technique placed where peft's tensors sit (sites and layers per module), and its hyperparameters."""
+    from pefref.language.check import expand_modules
+
+    modules, decl = expand_modules(tech, {**catalog.techniques, tech.id: tech})
+    kind_of = {s: site.kind for s, site in catalog.reference.sites.items()}
+    maps = {mm.module: mm for mm in method.modules}
+    where: dict[str, dict[str, set[int | None]]] = {m.name: {} for m in modules}
+    splits: dict[str, list[tuple[str, list[int], int]]] = {}
+    whole: set[Any] = set()
+    for host in sorted(_hosts(method, state)):
+        fields = {f for mm in method.modules for f in mm.targets if _listed(host, cfg.get(f))}
+        owner = next((mm for mm in method.modules if set(mm.targets) == fields), None)
+        if owner is None:
+            raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")
+        module = next(m for m in modules if m.name == owner.module)
+        kinds = {kind_of[s] for s in module.sites}
+        split = _split(method, cfg, state, host, fam, sizes, kinds, kind_of)
+        if split is not None:
+            splits[host] = split[0]
+            for site, *_ in split[0]:
+                where[module.name].setdefault(site, set()).add(split[1])
+            continue
+        if method.fused is not None:
+            whole.add(_rank_alpha(method, cfg, host))
+        site, layer = _site_of(host, kinds, fam, kind_of)
+        where[module.name].setdefault(site, set()).add(layer)
+    hps: dict[str, Any] = {}
+    if method.fused is not None:
+        pairs = whole or {(cfg[method.fused.rank], cfg[method.fused.alpha])}
+        if len(pairs) > 1 or (splits and pairs != {(cfg[method.fused.rank], cfg[method.fused.alpha])}):
+            raise PefrefError(f"this {method.peft_type} adapter has per-module ranks or alphas {sorted(pairs)}: "
+                              f"{tech.id} has one rank and one alpha, so it has no exact catalog form")
+        ((r, a),) = pairs
+        hps = {method.hyperparameters[method.fused.rank]: r, method.hyperparameters[method.fused.alpha]: a}
+    out = []
+    for m in modules:
+        pmap = maps.get(m.name)
+        if pmap is not None and pmap.computed is not None:
+            out.append(m)
+            continue
+        sites = where.get(m.name, {})
+        if not sites:
+            continue
+        layer_sets = {frozenset(v) for v in sites.values() if v != {None}} or {frozenset({None})}
+        if len(layer_sets) > 1:
+            raise PefrefError(f"{tech.id}.{m.name}: peft adapts different layers at different sites; one module places on sites x layers")
+        layers = sorted(x for x in next(iter(layer_sets)) if x is not None)
+        out.append(m.model_copy(update={"sites": list(sites), "layers": layers if layers else "all"}))
+    if not out:
+        raise PefrefError(f"the peft adapter holds no tensors of {tech.id}")
+    saved = [s for s in cfg.get("modules_to_save") or [] if any(k.startswith(s + ".") for k in state)]
+    for hp, ref in method.from_shapes.items():
+        tname = maps[ref.module].tensors[ref.tensor]
+        key = next((k for k in sorted(state) if k.endswith("." + tname)), None)
+        if key is not None:
+            hps[hp] = int(state[key].shape[ref.dim])
+    return Plan(tech.model_copy(update={"modules": out, "hyperparameters": decl}), hps, saved, splits)
+
+
+def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tensor], splits: Mapping[str, list[Any]]) -> None:
+    """Copy peft's tensors into the applied adapter; every tensor must find its place."""
+    used: set[str] = set()
+    maps = {mm.module: mm for mm in method.modules}
+    forms = {m.name: getattr(m, "form", "") for m in adapter.technique.modules}
+    with torch.no_grad():
+        for row in adapter.report.rows if adapter.report else []:
+            if row.module == SAVED_MODULE:
+                continue
+            mm = maps[row.module]
+            module = next(m for m in adapter.technique.modules if m.name == row.module)
+            if mm.computed is not None:
+                used.add(_copy_computed(adapter, row, module, mm.computed, state))
+                continue
+            if forms[row.module] == "select":
+                for path in row.paths:
+                    for target, tname in mm.tensors.items():
+                        key = f"{path}.{tname}"
+                        if f"{path}.{target}" in adapter.selected and key in state:
+                            _assign(adapter.selected[f"{path}.{target}"], state[key], key)
+                            used.add(key)
+                continue
+            for path, layer in zip(row.paths, row.layers):
+                unit = adapter.units[unit_key(row.module, row.site, layer)]
+                for pname, key in mm.shared.items():
+                    if key not in state:
+                        raise PefrefError(f"the peft adapter has no shared tensor {key!r}")
+                    _assign(getattr(unit, pname), from_peft(state[key], mm, pname), key)
+                    used.add(key)
+                for pname, tname in mm.tensors.items():
+                    key = f"{path}.{tname}"
+                    if key not in state:
+                        raise PefrefError(f"the peft adapter has no tensor {key!r}")
+                    value = state[key]
+                    if path in splits:
+                        value = _block(method, pname, value, row.site, splits[path], adapter.hyperparameters)
+                    _assign(getattr(unit, pname), from_peft(value, mm, pname), key)
+                    used.add(key)
+        for pname, p in adapter.selected.items():
+            if pname in state:
+                _assign(p, state[pname], pname)
+                used.add(pname)
+    left = sorted(set(state) - used)
+    if left:
+        raise PefrefError(f"the peft adapter holds tensors that {adapter.technique.id} has no place for: {', '.join(left[:4])}")
+
+
+def _block(method: PeftMethod, pname: str, value: torch.Tensor, site: str, split: list[Any], hps: Mapping[str, Any]) -> torch.Tensor:
+    """A slice placement's part of a block-structured tensor."""
+    assert method.fused is not None
+    r = hps[method.hyperparameters[method.fused.rank]]
+    _site, rows, j = next(s for s in split if s[0] == site)
+    if method.fused.tensors[pname] == "stack":
+        return value[j * r:(j + 1) * r]
+    return value[rows, j * r:(j + 1) * r]
+
+
+def _copy_computed(adapter: Adapter, row: Any, module: Any, computed: str, state: Mapping[str, torch.Tensor]) -> str:
+    """peft's prompt (tokens, or every layer's keys and values) into a prepend module's free parameters."""
+    names: list[str] = [getattr(module, f, None) or "" for f in (("tokens",) if computed == "tokens" else ("keys", "values"))]
+    if not all(n in module.params for n in names):
+        raise PefrefError(f"{adapter.technique.id}.{row.module}: its {computed} are computed ({', '.join(map(str, names))}); "
+                          f"peft's {PROMPT} reads only into free parameters")
+    src = state[PROMPT]
+    if computed == "tokens":
+        _assign(getattr(adapter.units[unit_key(row.module, row.site, None)], names[0]), src, PROMPT)
+        return PROMPT
+    L = adapter.sizes["L"]
+    d = src.shape[-1] // (2 * L)
+    if src.shape[-1] != 2 * L * d or sorted(row.layers) != list(range(L)):
+        raise PefrefError(f"peft's {PROMPT} {tuple(src.shape)} is not keys and values of all {L} layers")
+    for i in range(L):
+        unit = adapter.units[unit_key(row.module, row.site, i)]
+        _assign(getattr(unit, names[0]), src[:, 2 * i * d:(2 * i + 1) * d], PROMPT)
+        _assign(getattr(unit, names[1]), src[:, (2 * i + 1) * d:(2 * i + 2) * d], PROMPT)
+    return PROMPT
+
+
+def _assign(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
+    if src.numel() != dst.numel():
+        raise PefrefError(f"peft tensor {key!r}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    dst.copy_(src.reshape(dst.shape).to(dst.dtype))
+

@@ -1,0 +1,201 @@
+"""Round trips through peft's adapter format, as data shared by the tests and the measurement script.
+
+Each case names a catalog technique with its hyperparameters and placement per
+family, and the peft config that builds the same kind of adapter in peft.
+``export_case`` applies and perturbs the pefref adapter, saves it in peft's
+format, loads it with ``peft.PeftModel.from_pretrained`` and back with
+``pefref.from_pretrained``; ``import_case`` builds and perturbs the adapter in
+peft, saves it with peft and loads it with ``pefref.from_pretrained``. Both
+return the max abs differences of the fp32 outputs and the trainable counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import peft.tuners.boft.layer as boft_layer
+import torch
+from torch import nn
+
+import pefref
+from pefref.language.catalog import default_catalog
+from pefref.models.build import build_model
+
+from .conftest import output_of
+from .parity import max_diff, padded_batch
+
+__all__ = ["Case", "CASES", "SHAPES", "export_case", "import_case", "Record", "base", "out", "perturb", "peft_kernel"]
+
+CATALOG = default_catalog()
+SHAPES = ["tiny-llama", "tiny-gpt2"]
+ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+NORMS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"]}
+IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
+GPT2_WHOLE = ["attn.qkv", "attn.o", "ffn.up", "ffn.down"]  # GPT-2's projections as whole modules
+
+
+@dataclass(frozen=True)
+class Case:
+    """A technique, its hyperparameters and GPT-2 sites, and peft's config for the same kind of adapter."""
+
+    technique: str
+    hps: dict[str, Any] = field(default_factory=dict)
+    gpt2_sites: list[str] | None = None  # None: the technique's own sites
+    peft: Callable[[str], Any] | None = None  # family -> peft config (None: pefref -> peft only)
+    reads_as: str | None = None  # the technique peft's form reads back into (default: the same)
+    linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
+    kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
+
+
+def _lora(**kw: Any) -> Callable[[str], Any]:
+    return lambda fam: peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN[fam], **kw)
+
+
+CASES: dict[str, Case] = {
+    "lora": Case("lora", {"r": 4, "alpha": 8}, None, _lora()),
+    "lora_plus": Case("lora_plus", {"r": 4, "alpha": 8}, None, reads_as="lora"),
+    "rslora": Case("rslora", {"r": 4, "alpha": 8}, None, _lora(use_rslora=True)),
+    "dora": Case("dora", {"r": 4, "alpha": 8}, ["attn.qkv", "ffn.up"], _lora(use_dora=True)),
+    "pissa": Case("pissa", {"r": 4, "alpha": 8}, GPT2_WHOLE, _lora(init_lora_weights="pissa", lora_dropout=0.0)),
+    "vera": Case("vera", {"r": 8}, ["attn.qkv"], lambda fam: peft.VeraConfig(r=8, target_modules=ATTN[fam], save_projection=True)),
+    "fourierft": Case("fourierft", {"n": 20, "alpha": 10.0}, ["attn.qkv"],
+                      lambda fam: peft.FourierFTConfig(n_frequency=20, scaling=10.0, target_modules=ATTN[fam])),
+    "adalora": Case("adalora", {"r": 4, "alpha": 8}, GPT2_WHOLE,
+                    lambda fam: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=ATTN[fam])),
+    "ia3": Case("ia3", {}, ["attn.qkv", "ffn.act"], lambda fam: peft.IA3Config(target_modules=IA3[fam][0], feedforward_modules=IA3[fam][1])),
+    "loha": Case("loha", {"r": 2, "alpha": 4}, None, lambda fam: peft.LoHaConfig(r=2, alpha=4, target_modules=ATTN[fam]), linear_only=True),
+    "lokr": Case("lokr", {"r": 2, "alpha": 4}, None, lambda fam: peft.LoKrConfig(r=2, alpha=4, target_modules=ATTN[fam]), linear_only=True),
+    "hra": Case("hra", {"r": 2}, None, lambda fam: peft.HRAConfig(r=2, target_modules=ATTN[fam]), linear_only=True),
+    "oft": Case("oft", {"r": 4, "neumann": 0}, None, lambda fam: peft.OFTConfig(
+        r=4, oft_block_size=0, use_cayley_neumann=False, target_modules=ATTN[fam]), linear_only=True),
+    "oft_neumann": Case("oft", {"r": 4, "neumann": 5}, None, lambda fam: peft.OFTConfig(  # peft's defaults: block size, Neumann
+        oft_block_size=8, target_modules=ATTN[fam]), linear_only=True),
+    "boft": Case("boft", {"b": 8, "m": 1}, None, lambda fam: peft.BOFTConfig(
+        boft_block_size=8, boft_n_butterfly_factor=1, target_modules=ATTN[fam]), linear_only=True),
+    "boft_m2": Case("boft", {"b": 8, "m": 2}, None, lambda fam: peft.BOFTConfig(
+        boft_block_size=8, boft_n_butterfly_factor=2, target_modules=ATTN[fam]), linear_only=True, kernel="torch"),
+    "ln_tuning": Case("ln_tuning", {}, None, lambda fam: peft.LNTuningConfig(target_modules=NORMS[fam])),
+    "prompt_tuning": Case("prompt_tuning", {"n": 3}, None, lambda fam: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "p_tuning": Case("p_tuning", {"n": 3, "hidden": 8}, None, lambda fam: peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8), reads_as="prompt_tuning"),
+    "p_tuning_lstm": Case("p_tuning_lstm", {"n": 3, "hidden": 8}, None, reads_as="prompt_tuning"),
+    "prefix_tuning": Case("prefix_tuning", {"n": 3, "hidden": 8}, None, lambda fam: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8), reads_as="prefix_direct"),
+    "prefix_direct": Case("prefix_direct", {"n": 3}, None, lambda fam: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+}
+
+
+@dataclass
+class Record:
+    """One direction of one case: output differences and trainable counts."""
+
+    diff: float  # pefref vs peft (max abs, fp32)
+    back: float | None  # the round trip's second leg vs the first (None: not read back)
+    change: float  # the adapter vs the base model (not vacuous)
+    counts: dict[str, int]
+    technique: str = ""  # what the second leg read into
+
+
+class _TorchBlockDiag:
+    """A pure-torch stand-in for peft's ``fbd_cuda`` extension: [N, D, H, H] blocks -> [N, D·H, D·H]."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*blocks.unbind(0)) for blocks in x])]
+
+
+@contextlib.contextmanager
+def peft_kernel(kind: str) -> Iterator[None]:
+    """BOFT's butterfly kernel for peft on CPU: none (peft keeps one factor) or the torch stand-in."""
+    old = boft_layer.get_fbd_cuda
+    boft_layer.get_fbd_cuda = (lambda: None) if kind == "cpu" else (lambda: _TorchBlockDiag)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        boft_layer.get_fbd_cuda = old  # type: ignore[assignment]
+
+
+@functools.cache
+def base(shape: str) -> nn.Module:
+    return build_model(shape, seed=0)
+
+
+def perturb(params: Any, seed: int = 3) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn_like(p))
+
+
+def out(model: Any, shape: str) -> torch.Tensor:
+    with torch.no_grad():
+        return output_of(model, padded_batch(shape))
+
+
+def _changed(got: torch.Tensor, shape: str) -> float:
+    plain = out(base(shape), shape)
+    return max_diff(got[:, -plain.shape[1]:], plain)
+
+
+def _peft_load(shape: str, folder: Path, trainable: bool) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base(shape)), folder, is_trainable=trainable).eval()
+
+
+def _peft_count(shape: str, folder: Path) -> int:
+    """peft's trainable count of a saved adapter (prompt learning: the saved prompt, which peft loads frozen)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    if "prompt_embeddings" in state:
+        return state["prompt_embeddings"].numel()
+    pm = _peft_load(shape, folder, trainable=True)
+    return sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def export_case(shape: str, name: str, folder: Path) -> Record:
+    """pefref -> peft -> pefref."""
+    case = CASES[name]
+    model = copy.deepcopy(base(shape))
+    sites = case.gpt2_sites if shape == "tiny-gpt2" else None
+    adapter = pefref.apply(model, case.technique, sites=sites, **case.hps)
+    perturb(adapter.trainable_parameters())
+    mine = out(model, shape)
+    adapter.save_pretrained(folder)
+    with peft_kernel(case.kernel):
+        theirs = out(_peft_load(shape, folder, trainable=False), shape)
+        n_peft = _peft_count(shape, folder)
+    back = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
+    return Record(max_diff(mine, theirs), max_diff(out(back.model, shape), mine), _changed(mine, shape),
+                  {"pefref": adapter.num_trainable(), "peft": n_peft, "back": back.num_trainable()}, back.technique.id)
+
+
+def import_case(shape: str, name: str, folder: Path) -> Record:
+    """peft -> pefref (and on to peft again)."""
+    case = CASES[name]
+    assert case.peft is not None
+    family = CATALOG.shape(shape).family
+    with peft_kernel(case.kernel), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base(shape)), case.peft(family)).eval()
+        perturb(p for p in pm.parameters() if p.requires_grad)
+        theirs = out(pm, shape)
+        pm.save_pretrained(folder)
+        n_peft = _peft_count(shape, folder)
+    adapter = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
+    mine = out(adapter.model, shape)
+    again = folder.parent / (folder.name + "-again")
+    adapter.save_pretrained(again)
+    with peft_kernel(case.kernel):
+        back = out(_peft_load(shape, again, trainable=False), shape)
+    return Record(max_diff(mine, theirs), max_diff(back, mine), _changed(theirs, shape),
+                  {"peft": n_peft, "pefref": adapter.num_trainable()}, adapter.technique.id)
