@@ -121,6 +121,7 @@ class Hand:
     prompt: torch.Tensor | None = None  # [n, d]
     handles: list[Any] = field(default_factory=list)
     mask: torch.Tensor | None = None  # the attention mask of the current run (prepended positions included)
+    cache: Any = None  # the key/value cache of the current run (prefixes)
 
     def path(self, key: str, i: int) -> Any:
         p = PATHS[self.fam][key]
@@ -184,7 +185,7 @@ class Hand:
                 n = k.shape[0]
                 to4 = lambda t: t.reshape(n, sizes["kv_heads"], sizes["d_head"]).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)  # noqa: E731
                 layers.append((to4(k), to4(v)))
-            kw["cache"] = DynamicCache(layers)
+            kw["cache"] = self.cache = DynamicCache(layers)
             extra += self.prefix[0][0].shape[0]
         if extra:
             m = kw["attention_mask"]
@@ -347,6 +348,16 @@ def _mam(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
 
 def _unipelt(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
     _prefix(h, u)
+    for i in range(h.L):  # the prefix gate (authors' code): G_P = mean_t sigmoid(W_gp x_t + b_gp), x the attention's input
+        g = u("prefix", "attn.kv", i)
+
+        def gate(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i, g: Any = g) -> None:
+            x = _first_tensor(args, kwargs)
+            G = torch.sigmoid(x @ g("Wgp").T + g("bgp")).mean(dim=1)[:, :, None, None]  # [batch, 1, 1, 1]
+            layer = h.cache.layers[i]  # this layer's cache holds the prefix only until its attention runs
+            layer.keys, layer.values = G * layer.keys, G * layer.values
+
+        h.handles.append(h.model.get_submodule(PATHS[h.fam]["attn"][0].format(i=i)).register_forward_pre_hook(gate, with_kwargs=True))
     scale = hp["alpha"] / hp["r"]
     for i in range(h.L):
         for key in ("q", "v"):
@@ -414,7 +425,7 @@ CASES = [
     Case("loreft", _loreft, lambda z, hp, f: z["L"] * (2 * hp["r"] * z["d"] + hp["r"])),
     Case("loreft", _loreft, lambda z, hp, f: z["L"] * (2 * hp["r"] * z["d"] + hp["r"]), {"r": 3, "p": 1, "s": 3}),
     Case("mam_adapter", _mam, lambda z, hp, f: _prefix_count(z, hp) + z["L"] * _bn(z["d"], hp["r"]), {"n": 6, "hidden": 16}),
-    Case("unipelt", _unipelt, lambda z, hp, f: _prefix_count(z, hp) + z["L"] * (
+    Case("unipelt", _unipelt, lambda z, hp, f: _prefix_count(z, hp) + z["L"] * (z["d"] + 1) + z["L"] * (
         sum(hp["r"] * z["d"] + o * hp["r"] + z["d"] + 1 for o in (z["heads"] * z["d_head"], _v_out(z)))
         + _bn(z["d"], hp["r_adapter"]) + z["d"] + 1), {"n": 6, "hidden": 16}),
     Case("channel_gated_lora", _channel_gated_lora, lambda z, hp, f: z["L"] * sum(

@@ -16,7 +16,9 @@ output other units read returns ``(output, delta)``):
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
 * reparameterise:  ``weight(W)`` → the weight the host runs with
 * rescale:         ``scale`` → vector multiplying the host output (or input)
-* prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend
+* prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend; a prefix with a ``gate``
+                   also holds ``unit.gate_unit`` (same tensors): ``gate_unit(x, None, None, training)``
+                   → the gate [batch, 1] of ``x``, the hidden state entering a layer's attention
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ OUTPUT_FIELDS = {
     "rescale": ("scale",),
     "prepend": ("tokens", "keys", "values"),
     "select": (),
+    "gate": ("gate",),
 }
 
 
@@ -158,6 +161,8 @@ class _Program(nn.Module):
             if "tokens" in self.exprs:
                 return evaluate(self.exprs["tokens"], env, ops)
             return evaluate(self.exprs["keys"], env, ops), evaluate(self.exprs["values"], env, ops)
+        if f == "gate":  # a prefix's gate, of x (the hidden state entering the layer's attention)
+            return evaluate(self.exprs["gate"], env, ops)
         raise PefrefError(f"form {f!r} has no forward")
 
 
@@ -268,4 +273,11 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     cls = _PROGRAMS.get(program)
     if cls is None:
         cls = _program_class(program, tensors)
-    return cls(tensors, trainable)
+    unit = cls(tensors, trainable)
+    if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
+        # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
+        own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
+        gprog = ("gate", (("gate", str(spec.gate)),), consts, shapes, program[4], (), False)
+        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
+        unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
+    return unit

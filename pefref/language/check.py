@@ -30,7 +30,7 @@ HOST_SIZES = ("d_in", "d_out")
 MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
 
-EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "length", "host_update")
+EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
 
 # which host tensors each expression field may read, before the site kind narrows it
 _FIELD_READS: dict[tuple[str, str], set[str]] = {
@@ -44,7 +44,10 @@ _FIELD_READS: dict[tuple[str, str], set[str]] = {
     ("prepend", "keys"): set(),
     ("prepend", "values"): set(),
     ("prepend", "length"): set(),
+    ("prepend", "gate"): {"x"},  # the hidden state entering the layer's attention, whatever the kv site offers
 }
+_OWN_READS = {("prepend", "gate")}
+"""Fields whose reads are not narrowed by the site kind (they read a tensor of the layer, not of the site)."""
 
 
 def reads_of(form: str, fld: str) -> set[str]:
@@ -202,6 +205,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             if text is None:
                 continue
             allowed = base | set(MODEL_FLAGS) | (reads_of(m.form, fld) & (site_reads | {"delta"}))
+            if (m.form, fld) in _OWN_READS:
+                allowed |= reads_of(m.form, fld)
             if fld == "length":
                 allowed = set(hps) | sizes
             out += _check_names(parse_expr(text), allowed, tensor_ops, pos, mp + (fld,), f"{m.form} {fld}")

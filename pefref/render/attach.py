@@ -193,6 +193,8 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
                 sk.tail[out] = c
         else:
             body = [("", ln) for ln in wrap(f"K = {pretty(m.keys)}")] + [("", ln) for ln in wrap(f"V = {pretty(m.values)}")]
+            if getattr(m, "gate", None) is not None:  # scaled per layer by a gate of the attention's input
+                body += [("", ln) for ln in wrap(f"K, V ← g · K, g · V;  g = {pretty(m.gate)}")]
             nid = _module_node(sk, pl, a, body, names)
             for out in a.outputs:
                 _edge(sk, nid, out, "prefix", f, f"+{n} key/value positions")

@@ -39,6 +39,7 @@ class Adapter:
     report: Report | None = None
     enabled: bool = True
     merged: bool = False
+    merged_by: Any = None  # the composition whose merge folded this adapter (it alone can take it out)
     _host_backup: dict[str, torch.Tensor] = field(default_factory=dict)
     _hooks: list[Any] = field(default_factory=list)
     _removed: bool = False

@@ -28,7 +28,7 @@ from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
-from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.runtime.rows import take as take_rows
@@ -204,6 +204,10 @@ def apply(
             row.paths.append(pl.path)
             row.layers.append(pl.layer)
             row.params += n_params
+        root = getattr(model, _ROOT, None)
+        if root is not None:  # prefixes: every layer gets as many positions (the extended mask is shared)
+            with located(f"apply {tech.id}"):
+                root.kv_length([e for e in root.entries if e.form == "prepend" and e.layer is not None])
         container = getattr(model, ADAPTERS_ATTR, None)
         if len(units):
             if container is None:
@@ -241,6 +245,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if existed is not None:
             txn.on_undo(lambda: setattr(patch, "embed", old_embed))
         entry = Entry(unit, "prepend", adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
+        if getattr(m, "gate", None) is not None:  # a gated prefix: rescaled when its layer's attention runs
+            _gate_hook(model, fam, pl, patch, entry, adapter, txn)
     else:
         existed = getattr(pl.host, _PATCH, None)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
@@ -264,6 +270,18 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
     txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),  # type: ignore[func-returns-value]
                          patch.settle() if patch.entries and isinstance(patch, HostPatch) else None))  # type: ignore[func-returns-value]
     return entry
+
+
+def _gate_hook(model: nn.Module, fam: ArchitectureMap, pl: Placement, root: Any, entry: Entry, adapter: Adapter, txn: Transaction) -> None:
+    """A pre-hook on the layer's attention (site attn.block) that gates ``entry``'s keys and values by its input."""
+    blk = fam.sites.get("attn.block")
+    if blk is None or not blk.path or pl.layer is None:
+        raise PefrefError(f"{where_of(adapter.technique, pl)}: a prefix gate reads the input of the layer's attention (site attn.block), "
+                          f"which the {fam.family} map does not bind")
+    attn = model.get_submodule(template(blk.input_path or blk.path, pl.layer))  # the module whose input is the site's x
+    handle = attn.register_forward_pre_hook(lambda _m, args, kwargs: root.gate_layer(entry, first_tensor(args, kwargs)), with_kwargs=True)
+    adapter._hooks.append(handle)
+    txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
 
 
 class _Release:

@@ -112,6 +112,7 @@ class Composition:
     _order_backup: list[tuple[Any, list[Entry]]] = field(default_factory=list)
     _off: dict[str, contextlib.ExitStack] = field(default_factory=dict)
     _frozen: dict[int, bool] = field(default_factory=dict)
+    merged: bool = False
     _removed: bool = False
 
     def __repr__(self) -> str:
@@ -294,10 +295,25 @@ class Composition:
         self.adapters[name] = new
         return new
 
+    def merge(self) -> list[str]:
+        """Fold every adapter into its hosts' weights as the blocks combine them (stack: composed maps; parallel:
+        summed changes; average: weighted mean); returns the hosts. Refused, changing nothing, when an adapter or a
+        block (a learned fusion) cannot fold (see :mod:`pefref.runtime.compose_merge`)."""
+        from pefref.runtime.compose_merge import merge_composition
+
+        return merge_composition(self)
+
+    def unmerge(self) -> None:
+        """Take the composition's merge out of the hosts' weights; the adapters run again."""
+        from pefref.runtime.compose_merge import unmerge_composition
+
+        unmerge_composition(self)
+
     def remove(self) -> nn.Module:
-        """Undo the blocks and remove every adapter (in reverse order); the base model comes back exactly."""
+        """Undo the merge and the blocks and remove every adapter (in reverse order); the base model comes back exactly."""
         if self._removed:
             return self.model
+        self.unmerge()
         for n in list(self._off):
             self.activate(n)
         for ad in self.adapters.values():

@@ -30,6 +30,15 @@ __all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state"
 def _usable(ad: Any, what: str) -> None:
     if ad._removed:
         raise PefrefError(f"adapter {ad.name!r} was removed; it cannot {what}")
+    _not_merged_by(ad, what)
+
+
+def _not_merged_by(ad: Any, what: str) -> None:
+    """Refuse operations on an adapter that a composition's merge folded (the composition owns that merge)."""
+    by = getattr(ad, "merged_by", None)
+    if by is not None:
+        raise PefrefError(f"adapter {ad.name!r} is merged as part of composition {by.name!r}; it cannot {what} "
+                          "until the composition's unmerge()")
 
 
 def _paths(model: nn.Module) -> dict[int, str]:
@@ -107,6 +116,7 @@ def unmerge(ad: Any) -> None:
     """Take ``ad``'s merged layers out of its hosts (others merged above are re-applied)."""
     if not ad.merged:
         return
+    _not_merged_by(ad, "be unmerged on its own")
     with Transaction(f"unmerge adapter {ad.name!r}") as txn:
         for led in all_ledgers(ad.model):
             led.remove(txn, ad, ("merge",))
@@ -168,6 +178,7 @@ def remove(ad: Any, container_attr: str) -> nn.Module:
     """Detach ``ad`` and give back the host weights, forwards and flags it changed."""
     if ad._removed:
         return ad.model
+    _not_merged_by(ad, "be removed")
     model = ad.model
     with Transaction(f"remove adapter {ad.name!r}") as txn:
         for led in all_ledgers(model):  # tensor writes first: the steps that could fail

@@ -23,7 +23,7 @@ from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE"]
+__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
 
 class _Route:
     """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
@@ -257,6 +257,11 @@ def _steps(es: list[Entry]) -> list[tuple[Entry, list[Entry] | None]]:
     return out
 
 
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The hidden states a module's forward receives (its first tensor argument)."""
+    return _first_tensor(args, kwargs)
+
+
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if args:
         return args[0]
@@ -295,6 +300,7 @@ class RootPatch:
         self.orig = model.forward
         self.sig = inspect.signature(self.orig)
         self.entries: list[Entry] = []
+        self.live: tuple[Any, dict[int, list[tuple[Entry, int]]]] | None = None  # the cache this pass filled, its gated entries
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return self.forward(*args, **kwargs)
@@ -338,7 +344,7 @@ class RootPatch:
         tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
         kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
         n_tok = sum(e.length for e in tokens)
-        n_kv = max([0, *(e.length for e in kvs)])  # no max(default=): dynamo would break the graph
+        n_kv = self.kv_length(kvs) if kvs else 0
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
         b = cast(Any, ref).shape[0]
         training = self.model.training
@@ -373,12 +379,26 @@ class RootPatch:
             cell = self.model.__dict__.get(_INPUTS)
             if cell is not None:  # units reading the mask see the extended one
                 cell["mask"] = a[f.mask]
-        return self.orig(**a)
+        try:
+            return self.orig(**a)
+        finally:
+            self.live = None  # gated prefixes are rescaled only in the pass that filled the cache
+
+    def kv_length(self, kvs: list[Entry]) -> int:
+        """Prefix positions per layer: the same in every layer (the attention mask, extended by them, is shared)."""
+        per = [0] * self.sizes["L"]
+        for e in kvs:
+            per[cast(int, e.layer)] += e.length
+        if len(set(per)) > 1:
+            raise PefrefError("prefix keys and values give the layers different numbers of positions "
+                              f"({', '.join(f'layer {i}: {n}' for i, n in enumerate(per))}); the attention mask, extended by "
+                              "them, is shared by all layers, so every layer needs the same prefix length")
+        return per[0] if per else 0
 
     def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
         kvh, dh = self.sizes["kv_heads"], self.sizes["d_head"]
         layer_ids = [e.layer for e in kvs]
-        if len(set(layer_ids)) == len(kvs) and len({e.length for e in kvs}) == 1:
+        if len(set(layer_ids)) == len(kvs) == self.sizes["L"] and len({e.length for e in kvs}) == 1 and not any(map(_gated, kvs)):
             # one entry per layer, one length: fill every layer's cache at once (one stack, one reshape, one
             # permute, one expand for all layers, instead of those ops and a concatenation per layer and tensor)
             order = sorted(range(len(kvs)), key=lambda i: layer_ids[i])  # type: ignore[arg-type, return-value]
@@ -389,18 +409,40 @@ class RootPatch:
             kv = kv.expand(-1, -1, b, -1, -1, -1)
             layers = [(kv[i, 0], kv[i, 1]) for i in range(n_l)]
             return self._cache_of(cache, layers)
-        per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(self.sizes["L"])}
+        gated: dict[int, list[tuple[Entry, int]]] = {}
         for e in kvs:
             k, v = e.unit(None, None, None, training)  # [n, kvh*dh]
             shape = (k.shape[0], kvh, dh)
             k = k.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
             v = v.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
-            per_layer.setdefault(e.layer, []).append((k, v))  # type: ignore[arg-type]
-        layers = [
-            (torch.cat([k for k, _ in per_layer[i]], dim=2), torch.cat([v for _, v in per_layer[i]], dim=2))
-            for i in sorted(per_layer)
-        ]
-        return self._cache_of(cache, layers)
+            at = per_layer[cast(int, e.layer)]  # the cache of the entry's own layer, not the i-th filled one
+            if _gated(e):
+                gated.setdefault(cast(int, e.layer), []).append((e, sum(t.shape[2] for t, _ in at)))
+            at.append((k, v))
+        layers = [(torch.cat([k for k, _ in per_layer[i]], dim=2), torch.cat([v for _, v in per_layer[i]], dim=2)) for i in sorted(per_layer)]
+        out = self._cache_of(cache, layers)
+        self.live = (out, gated) if gated else None
+        return out
+
+    def gate_layer(self, e: Entry, x: torch.Tensor) -> None:
+        """Scale ``e``'s keys and values in its layer's cache by its gate of ``x`` (the hidden state entering the
+        layer's attention), before the attention reads them; only in the pass that filled the cache."""
+        if self.live is None:
+            return
+        cache, gated = self.live
+        at = next((start for g, start in gated.get(cast(int, e.layer), []) if g is e), None)
+        if at is None:
+            return
+        g = cast(Any, e.unit).gate_unit(x, None, None, self.model.training)  # [batch, 1]
+        g = g.reshape(g.shape[0], 1, 1, 1).to(x.dtype)
+        i = cast(int, e.layer)
+        k, v = (cache.layers[i].keys, cache.layers[i].values) if hasattr(cache, "layers") else cache[i]
+        k, v = (torch.cat([t[:, :, :at], t[:, :, at:at + e.length] * g, t[:, :, at + e.length:]], dim=2) for t in (k, v))
+        if hasattr(cache, "layers"):
+            cache.layers[i].keys, cache.layers[i].values = k, v
+        else:
+            cache[i] = (k, v)
 
     def _cache_of(self, cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         """The model's cache holding ``layers`` (key, value) [batch, kv_heads, n, d_head] per layer."""
@@ -413,6 +455,11 @@ class RootPatch:
         from transformers import DynamicCache
 
         return DynamicCache(layers)
+
+
+def _gated(e: Entry) -> bool:
+    """Whether a prefix entry's unit has a gate (its keys and values are rescaled per layer at run time)."""
+    return "gate_unit" in getattr(e.unit, "__dict__", {})
 
 
 def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.Module | None) -> RootPatch:

@@ -84,7 +84,7 @@ def _is_none(node: ast.AST) -> bool:
 def module_exprs(m: object) -> dict[str, Expr]:
     """The module's expressions by field name."""
     out = {}
-    for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):
+    for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "host_update"):
         v = getattr(m, f, None)
         if v is not None:
             out[f] = parse_expr(v)

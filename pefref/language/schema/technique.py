@@ -188,6 +188,10 @@ class PrependModule(_ModuleBase):
     tokens: ExprStr | None = Field(None, description="[length, d] virtual token embeddings (embedding sites).")
     keys: ExprStr | None = Field(None, description="[length, kv_heads*d_head] prefix keys (attention key/value sites).")
     values: ExprStr | None = Field(None, description="[length, kv_heads*d_head] prefix values (attention key/value sites).")
+    gate: ExprStr | None = Field(None, description=(
+        "Multiplier of the prefix keys and values in each layer, computed when the layer runs from x, the hidden state "
+        "entering its attention (the input of site attn.block), and the module's parameters: one value per example "
+        "([batch, 1]), e.g. mean(sigmoid(linear(x, Wg, bg)), dim=1), a learned gate averaged over the sequence."))
 
     @model_validator(mode="after")
     def _one_kind(self) -> PrependModule:
@@ -195,6 +199,8 @@ class PrependModule(_ModuleBase):
             raise ValueError("give either tokens, or keys and values")
         if (self.keys is None) != (self.values is None):
             raise ValueError("keys and values go together")
+        if self.gate is not None and self.keys is None:
+            raise ValueError("a gate scales prefix keys and values; prepended tokens take none")
         return self
 
 
