@@ -124,12 +124,10 @@ run_experiment() {
   "$VENV/bin/pefref" run "$exp" -o "$out" "${seeds[@]}" --jobs 2
   log "pefref results $out"
   "$VENV/bin/pefref" results "$out"
-  if "$VENV/bin/pefref" site --help 2>/dev/null | grep -q -- "--results"; then
-    log "pefref site --results $out"
-    "$VENV/bin/pefref" site --results "$out"
-    log "site: site/index.html"
-  fi
-  log "results: $out/results.sqlite, plots: $out/plots/*.svg"
+  # the comparison site with the results pages goes beside the results (site/ is the committed catalog site)
+  log "pefref site --results $out -o $out/site"
+  "$VENV/bin/pefref" site --results "$out" -o "$out/site"
+  log "results: $out/results.sqlite, plots: $out/plots/*.svg, site: $out/site/results.html (and $out/site/index.html)"
 }
 
 main() {

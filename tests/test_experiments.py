@@ -63,7 +63,7 @@ training: {{batch_size: 8}}
         load_experiment(p)
     text = str(e.value)
     assert f"{p}:2:" in text and "exactly one of shape, path, package" in text
-    assert f"{p}:6:" in text and "exactly one of technique, compose, baseline" in text
+    assert f"{p}:6:" in text and "exactly one of technique, composition, compose, baseline" in text
     assert f"{p}:8:1: learning_rate: unknown key 'learning_rate'; did you mean 'learning_rates'?" in text
     assert "give epochs or max_steps" in text
 
@@ -80,7 +80,7 @@ def test_grid_expansion_and_stable_ids(tmp_path: Path) -> None:
     exp, _ = load_experiment(SMOKE)
     runs = expand(exp, SMOKE)
     labels = sorted({r.label for r in runs})
-    assert labels == ["full", "head_only", "ia3", "lora r=2", "lora r=4", "lora+bitfit", "prompt_tuning"]
+    assert labels == ["full", "head_only", "ia3", "lora r=2", "lora r=4", "lora_ia3_stack", "prompt_tuning"]
     assert len(runs) == 2 * len(labels) and len({r.id for r in runs}) == len(runs)
     # ids depend on content, not on where the experiment lies
     copy = tmp_path / "smoke.yaml"
@@ -130,7 +130,8 @@ def test_smoke_records_every_run(smoke: Path) -> None:
     assert tech["full"]["trainable_pct"] == 100.0
     assert tech["head_only"]["trainable"] == 32 * 2 + 2  # the classifier alone
     assert tech["lora r=4"]["trainable"] - tech["lora r=2"]["trainable"] == 2 * 2 * (2 * 32 + 2 * 32)  # 2 layers x q,v x (A + B) rows
-    assert tech["lora+bitfit"]["technique"] == "lora+bitfit"
+    assert tech["lora_ia3_stack"]["technique"] == "lora_ia3_stack"
+    assert [h["technique"] for h in json.loads(tech["lora_ia3_stack"]["hyperparameters"])] == ["lora", "ia3"]
     assert tech["head_only"]["peak_memory"] < tech["lora r=2"]["peak_memory"] < tech["full"]["peak_memory"]
 
 
@@ -169,7 +170,7 @@ def test_smoke_rerun_skips_done_runs(smoke: Path) -> None:
 def test_results_cli_text_json_csv_plots(smoke: Path) -> None:
     r = CliRunner().invoke(app, ["results", str(smoke)])
     assert r.exit_code == 0, r.output
-    assert "ranked by accuracy" in r.output and "head_only" in r.output and "lora+bitfit" in r.output
+    assert "ranked by accuracy" in r.output and "head_only" in r.output and "lora_ia3_stack" in r.output
     r = CliRunner().invoke(app, ["results", str(smoke), "--json", "--no-plots"])
     data = json.loads(r.output)
     assert len(data["runs"]) == 14 and len(data["groups"]) == 7
@@ -307,3 +308,47 @@ def test_task_head_modules_and_head_lr(tmp_path: Path) -> None:
     p.write_text(p.read_text().replace("bert.pooler,", "bert.poler,"))
     bad = run_experiment(p, tmp_path / "bad", progress=False)
     assert "task.head: the model has no module 'bert.poler'; did you mean 'bert.pooler'?" in bad.failed[0][1]
+
+
+# --- compositions in the grid, batches grouped by length ---------------------------------------------------------
+
+
+def test_composition_files_and_ids_in_the_grid(tmp_path: Path) -> None:
+    comp = ROOT / "catalog" / "compositions" / "lora_ia3_stack.yaml"
+    grid = (f"  - composition: lora_ia3_stack\n  - technique: {comp}\n    name: as file\n    learning_rates: [2.0e-2]\n"
+            "  - compose: [{technique: lora, hyperparameters: {r: 2}}, {technique: ia3}]")
+    p = write_exp(tmp_path, grid, training=", max_steps: 2")
+    p.write_text(p.read_text().replace("max_steps: 6, ", ""))
+    runs = expand(load_experiment(p)[0], p)
+    assert [r.label for r in runs] == ["lora_ia3_stack", "as file", "lora+ia3"]
+    assert runs[0].config["composition"] == runs[1].config["composition"]  # an id and the file are the same composition
+    assert runs[0].id != runs[1].id  # (they differ by learning rate: the same run twice is refused)
+    out = run_experiment(p, tmp_path / "o", progress=False)
+    assert len(out.done) == 3, out.failed
+    rows = {r.label: r for r in load_results(tmp_path / "o").runs}
+    assert rows["lora_ia3_stack"].technique == "lora_ia3_stack" and rows["lora+ia3"].technique == "lora+ia3"
+    keys = set(load_tensors(tmp_path / "o" / "runs" / runs[0].id / "adapter.safetensors"))
+    assert any(k.startswith("adapter.lora_ia3_stack.lora.") for k in keys) and any(k.startswith("adapter.lora_ia3_stack.ia3.") for k in keys)
+    p.write_text(p.read_text().replace("composition: lora_ia3_stack", "composition: lora_ia3_stak"))
+    with pytest.raises(CatalogError) as e:
+        load_experiment(p)
+    assert f"{p}:6:18:" in str(e.value) and "no composition 'lora_ia3_stak' in the catalog; did you mean 'lora_ia3_stack'?" in str(e.value)
+    p.write_text(p.read_text().replace("stak", "stack").replace("name: as file", "hyperparameters: {r: 4}"))
+    with pytest.raises(CatalogError) as e:
+        load_experiment(p)
+    assert "takes its hyperparameters from its file" in str(e.value)
+
+
+def test_grouped_order_is_a_seeded_permutation_with_less_padding() -> None:
+    from pefref.experiments.data import epoch_order, grouped_order
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (203,), generator=g).tolist()
+    order = grouped_order(lengths, 8, seed=1, epoch=0)
+    assert sorted(order) == list(range(203)) and order == grouped_order(lengths, 8, seed=1, epoch=0)
+    assert order != grouped_order(lengths, 8, seed=1, epoch=1) and order != grouped_order(lengths, 8, seed=2, epoch=0)
+
+    def padded(o: list[int]) -> int:
+        return sum(8 * max(lengths[i] for i in o[b:b + 8]) for b in range(0, 200, 8))
+    assert padded(order) < 0.75 * padded(epoch_order(203, 1, 0))
+    assert order[200:] == [i for i in order[200:]] and len({lengths[i] for i in order[:8]}) <= 8

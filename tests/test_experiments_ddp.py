@@ -1,4 +1,5 @@
-"""Distributed training: ``torchrun --nproc_per_node 2 -m pefref run`` (DDP, gloo on CPU) equals one process with the same global batch."""
+"""Distributed training: ``torchrun --nproc_per_node 2 -m pefref run`` (DDP, or FSDP2 with ``distributed: fsdp``;
+gloo on CPU) equals one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from pefref.experiments.checkpoint import load_tensors
 from pefref.experiments.results import load_results
@@ -15,9 +18,10 @@ from tests.test_experiments import write_exp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_two_processes_equal_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path: Path, kind: str) -> None:
     # no dropout: each process draws its own masks; accumulation on, so no_sync micro-batches are exercised
-    p = write_exp(tmp_path, "  - technique: lora\n    hyperparameters: {r: 2}", training=", grad_accum: 2",
+    p = write_exp(tmp_path, "  - technique: lora\n    hyperparameters: {r: 2}", training=f", grad_accum: 2, distributed: {kind}",
                   model="{shape: tiny-bert, config: {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}")
     single = run_experiment(p, tmp_path / "one", progress=False)
     assert len(single.done) == 1

@@ -1,9 +1,10 @@
 """Local data (jsonl, json, csv) read with Hugging Face ``datasets``, tokenised once, batched deterministically.
 
 The order of the training examples in epoch ``e`` is a permutation drawn from
-``(seed, e)`` alone, so a resumed run sees exactly the batches it would have
-seen, and every process of a distributed run knows the whole global batch (it
-pads to the global batch's longest example and takes its own rows).
+``(seed, e)`` alone (and, when batches are grouped by length, the examples'
+lengths), so a resumed run sees exactly the batches it would have seen, and
+every process of a distributed run knows the whole global batch (it pads to the
+global batch's longest example and takes its own rows).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from pefref.language.errors import PefrefError
 
-__all__ = ["Examples", "collate", "epoch_order", "load_examples", "read_table"]
+__all__ = ["Examples", "collate", "epoch_order", "grouped_order", "load_examples", "read_table"]
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -72,6 +73,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The training order of epoch ``epoch``: a permutation that depends on ``(seed, epoch)`` only."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """An epoch's order whose consecutive batches hold examples of similar length (less padding).
+
+    Like Hugging Face's ``group_by_length``: the epoch's permutation
+    (:func:`epoch_order`) is cut into mega-batches of up to 50 batches, each is
+    sorted by length (longest first, ties by position) and cut into batches, and
+    the full batches are shuffled (a partial last batch stays last). Every
+    example still appears once per epoch; only which examples share a batch and
+    the batch order change, both drawn from ``(seed, epoch)``.
+    """
+    n = len(lengths)
+    perm = epoch_order(n, seed, epoch)
+    mega = batch_size * max(1, min(50, n // (4 * batch_size)))
+    flat: list[int] = []
+    for i in range(0, n, mega):
+        flat += sorted(perm[i:i + mega], key=lambda j: (-lengths[j], j))
+    full = [flat[i:i + batch_size] for i in range(0, n - n % batch_size, batch_size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    order = [x for b in torch.randperm(len(full), generator=g).tolist() for x in full[b]]
+    return order + flat[len(order):]
 
 
 def collate(ex: Examples, idx: list[int], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pefref.language.catalog import catalog_root, default_catalog
+from pefref.language.composition import is_composition_file, load_composition
 from pefref.language.errors import CatalogError, PefrefError, Problem
-from pefref.language.loader import dotted, load_file
+from pefref.language.loader import dotted, load_file, suggest
 from pefref.language.schema import Experiment
 from pefref.language.schema.experiment import GridEntry
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["RunSpec", "config_hash", "expand", "file_digest", "load_experiment"]
+__all__ = ["RunSpec", "composition_file", "config_hash", "expand", "file_digest", "load_experiment"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,65 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
         for loc, t in uses:
             if t.endswith((".yaml", ".yml")) and not (root / t).is_file():
                 problems.append(Problem(pos.at(loc), dotted(loc), f"no such technique file {str(root / t)!r}"))
+        problems += _check_composition(entry, ("grid", i), root, pos)
     if problems:
         raise CatalogError(problems)
     return exp, pos
+
+
+def _catalog_compositions() -> dict[str, Path]:
+    """The catalog's compositions by id (the file stem, or the ``id`` the file declares)."""
+    from pefref.language.yamlsrc import read_yaml
+
+    out: dict[str, Path] = {}
+    for f in sorted((catalog_root() / "compositions").glob("*.y*ml")):
+        try:
+            data, _ = read_yaml(f)
+        except CatalogError:
+            continue
+        out[str(data.get("id", f.stem)) if isinstance(data, dict) else f.stem] = f
+    return out
+
+
+def composition_file(entry: GridEntry, root: Path) -> Path | None:
+    """The composition file a grid entry trains (``composition:``, or a composition file given as ``technique:``), if any.
+
+    Raises:
+        PefrefError: ``composition:`` names neither a file nor a catalog composition.
+    """
+    ref = entry.composition
+    if ref is None:
+        if entry.technique and entry.technique.endswith((".yaml", ".yml")) and (root / entry.technique).is_file() \
+                and is_composition_file(root / entry.technique):
+            return (root / entry.technique).resolve()
+        return None
+    if ref.endswith((".yaml", ".yml")):
+        if not (root / ref).is_file():
+            raise PefrefError(f"no such composition file {str(root / ref)!r}")
+        return (root / ref).resolve()
+    known = _catalog_compositions()
+    if ref not in known:
+        raise PefrefError(f"no composition {ref!r} in the catalog{suggest(ref, known)} (known: {', '.join(sorted(known))})")
+    return known[ref].resolve()
+
+
+def _check_composition(entry: GridEntry, loc: tuple[str | int, ...], root: Path, pos: Positions) -> list[Problem]:
+    """Problems of a composition entry: it must resolve and pass the composition checks (located in its own file)."""
+    key = (*loc, "composition" if entry.composition else "technique")
+    try:
+        path = composition_file(entry, root)
+    except PefrefError as e:
+        return [Problem(pos.at(key), dotted(key), str(e))]
+    if path is None:
+        return []
+    if entry.hyperparameters:
+        return [Problem(pos.at((*loc, "hyperparameters")), dotted((*loc, "hyperparameters")),
+                        "a composition takes its hyperparameters from its file (its techniques' `hyperparameters`)")]
+    try:
+        load_composition(path, default_catalog())
+    except CatalogError as e:
+        return list(e.problems)
+    return []
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -84,6 +142,13 @@ def _entry_variants(entry: GridEntry, root: Path) -> list[tuple[str, dict[str, A
     """(label, technique part of the config) for every hyperparameter combination of one grid entry."""
     if entry.baseline:
         return [(entry.name or entry.baseline, {"baseline": entry.baseline})]
+    comp = composition_file(entry, root)
+    if comp is not None:
+        from pefref.language.yamlsrc import read_yaml
+
+        data, _ = read_yaml(comp)
+        cid = str(data.get("id", comp.stem))
+        return [(entry.name or cid, {"composition": {"id": cid, "file": str(comp), "digest": file_digest(comp)}})]
     if entry.compose:
         uses = [{**_technique_ref(u.technique, root), "hyperparameters": dict(sorted(u.hyperparameters.items()))} for u in entry.compose]
         label = entry.name or "+".join(Path(u.technique).stem for u in entry.compose)
@@ -115,7 +180,7 @@ def expand(exp: Experiment, path: str | Path) -> list[RunSpec]:
     data = {**exp.data.model_dump(exclude_none=True),
             "train": file_digest(root / exp.data.train), "eval": file_digest(root / exp.data.eval)}
     common = {"experiment": exp.id, "model": model, "task": exp.task.model_dump(), "data": data,
-              "training": exp.training.model_dump(mode="json", exclude={"tensorboard", "threads", "log_every"})}
+              "training": exp.training.model_dump(mode="json", exclude={"tensorboard", "threads", "log_every", "eval_batch_size", "distributed"})}
     runs: list[RunSpec] = []
     seen: dict[str, str] = {}
     for entry in exp.grid:

@@ -14,7 +14,7 @@ from typing import Any
 from pefref.experiments.results import Group, Results
 from pefref.language.atomic import atomic_write_bytes
 
-__all__ = ["pareto_front", "plot_svgs", "write_plots"]
+__all__ = ["PLOTS", "experiment_plots", "pareto_front", "plot_svgs", "write_plots"]
 
 
 def pareto_front(points: list[tuple[float, float]], higher: bool = True) -> list[int]:
@@ -111,19 +111,26 @@ def _cost(groups: list[Group]) -> bytes:
     return _svg(fig)
 
 
+PLOTS = {"metric_vs_params": "main metric against trainable parameters, with the Pareto front",
+         "curves": "evaluation metric and training loss against optimizer steps (mean over seeds)",
+         "cost": "time per optimizer step and training memory per run label"}
+"""The plots of one experiment: name → what it shows."""
+
+
+def experiment_plots(res: Results) -> dict[str, dict[str, bytes]]:
+    """Experiment id → plot name (:data:`PLOTS`) → SVG bytes, for every experiment with finished runs."""
+    out: dict[str, dict[str, bytes]] = {}
+    for exp in sorted({g.experiment for g in res.groups}):
+        groups = [g for g in res.groups if g.experiment == exp and (res.main_metric or "") in g.metrics]
+        if groups:
+            out[exp] = {"metric_vs_params": _metric_vs_params(res, groups), "curves": _curves(res, groups), "cost": _cost(groups)}
+    return out
+
+
 def plot_svgs(res: Results) -> dict[str, bytes]:
     """File name → SVG bytes for every plot (one set per experiment in the folder; names are prefixed when there are several)."""
-    out: dict[str, bytes] = {}
-    exps = sorted({g.experiment for g in res.groups})
-    for exp in exps:
-        groups = [g for g in res.groups if g.experiment == exp and (res.main_metric or "") in g.metrics]
-        if not groups:
-            continue
-        pre = f"{exp}-" if len(exps) > 1 else ""
-        out[f"{pre}metric_vs_params.svg"] = _metric_vs_params(res, groups)
-        out[f"{pre}curves.svg"] = _curves(res, groups)
-        out[f"{pre}cost.svg"] = _cost(groups)
-    return out
+    plots = experiment_plots(res)
+    return {f"{exp}-{name}.svg" if len(plots) > 1 else f"{name}.svg": svg for exp, by in plots.items() for name, svg in by.items()}
 
 
 def write_plots(res: Results, folder: Path | None = None) -> list[Path]:

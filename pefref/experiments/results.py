@@ -43,6 +43,7 @@ class RunRow:
     wall_time: float | None
     hyperparameters: Any = None
     curve: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:
@@ -51,6 +52,7 @@ class RunRow:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("curve")
+        d.pop("config")
         return d
 
 
@@ -130,7 +132,7 @@ def load_results(folder: str | Path) -> Results:
         runs = [RunRow(r["id"], r["experiment"], r["label"], r["technique"], r["seed"], r["lr"], r["status"], r["step"] or 0,
                        r["total_steps"], r["trainable"], r["trainable_pct"], r["main_metric"],
                        {"final": r["final_metrics"], "best": r["best_metrics"], "best_step": r["best_step"]},
-                       r["step_time"], r["peak_memory"], r["memory_source"], r["wall_time"], r["hyperparameters"], steps.get(r["id"], []))
+                       r["step_time"], r["peak_memory"], r["memory_source"], r["wall_time"], r["hyperparameters"], steps.get(r["id"], []), r["config"] or {})
                 for r in rec.runs()]
     finally:
         rec.close()

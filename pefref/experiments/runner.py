@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pefref.experiments.distributed import init
+from pefref.experiments.distributed import init, launched
 from pefref.experiments.grid import RunSpec, expand, load_experiment
 from pefref.experiments.records import Records
 from pefref.experiments.train import RunEnv, StopFlag, train_run
@@ -67,7 +67,7 @@ def _sigint(flag: StopFlag) -> Iterator[None]:
 
 def run_experiment(path: str | Path, out: str | Path | None = None, *, progress: bool = True, only: str | None = None,
                    seeds: list[int] | None = None, jobs: int = 1, on_step: Callable[[int], None] | None = None,
-                   echo: Callable[[str], None] | None = None, _worker: tuple[int, int] | None = None) -> Outcome:
+                   echo: Callable[[str], None] | None = None, _worker: tuple[int, int, Any] | None = None) -> Outcome:
     """Run (or continue) every run of the experiment at ``path``, recording into ``out/results.sqlite``.
 
     Args:
@@ -87,9 +87,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     if seeds:
         runs = [r for r in runs if r.seed in seeds]
     out = Path(out) if out is not None else default_output(path)
-    if _worker is not None:
-        runs = runs[_worker[0]::_worker[1]]
-    elif jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if _worker is None and jobs > 1 and not launched():
         return _run_parallel(path, out, runs, jobs, only, seeds, progress, echo)
     d = init(exp.training.device if exp.training.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if exp.training.threads and not torch.cuda.is_available():
@@ -104,7 +102,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     say = echo if (echo and d.main) else (lambda s: None)
     try:
         with _sigint(stop), _progress(progress and d.main, len(runs)) as bar:
-            for i, spec in enumerate(runs):
+            for i, spec in _assigned(runs, _worker[2] if _worker is not None else None):
                 row = records.run(spec.id) if records else None
                 if d.active:
                     row = _broadcast_row(row)
@@ -143,13 +141,22 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     return outcome
 
 
-def _work(path: str, out: str, only: str | None, seeds: list[int] | None, worker: tuple[int, int]) -> None:
+def _assigned(runs: list[RunSpec], queue: Any) -> Iterator[tuple[int, RunSpec]]:
+    """Every run in order, or (a worker of ``--jobs``) the runs whose indices this worker takes from the shared queue."""
+    if queue is None:
+        yield from enumerate(runs)
+        return
+    while (i := queue.get()) is not None:
+        yield i, runs[i]
+
+
+def _work(path: str, out: str, only: str | None, seeds: list[int] | None, worker: tuple[int, int, Any]) -> None:
     run_experiment(path, out, progress=False, only=only, seeds=seeds, _worker=worker)
 
 
 def _run_parallel(path: str | Path, out: Path, runs: list[RunSpec], jobs: int, only: str | None, seeds: list[int] | None,
                   progress: bool, echo: Callable[[str], None] | None) -> Outcome:
-    """Train the runs in ``jobs`` worker processes (run i goes to worker i mod jobs); the database collects them.
+    """Train the runs in ``jobs`` worker processes, each taking the next run not yet taken; the database collects them.
 
     Ctrl-C reaches every worker (one process group); each stops its run at the next step boundary.
     """
@@ -159,7 +166,13 @@ def _run_parallel(path: str | Path, out: Path, runs: list[RunSpec], jobs: int, o
     Records(out).close()  # create the database before the workers race to
     before = _statuses(out, runs)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_work, args=(str(path), str(out), only, seeds, (i, jobs))) for i in range(jobs)]
+    queue = ctx.Queue()
+    for i, r in enumerate(runs):
+        if before.get(r.id) != "done":
+            queue.put(i)
+    for _ in range(jobs):
+        queue.put(None)
+    procs = [ctx.Process(target=_work, args=(str(path), str(out), only, seeds, (i, jobs, queue))) for i in range(jobs)]
     for p in procs:
         p.start()
     flag = StopFlag()
@@ -206,7 +219,7 @@ def _statuses(out: Path, runs: list[RunSpec]) -> dict[str, str]:
 
 def _identity(spec: RunSpec) -> dict[str, Any]:
     cfg = spec.config
-    tech = cfg.get("baseline") or "+".join(Path(u["technique"]).stem for u in cfg.get("compose", []))
+    tech = cfg.get("baseline") or (cfg["composition"]["id"] if "composition" in cfg else "+".join(Path(u["technique"]).stem for u in cfg.get("compose", [])))
     return {"experiment": cfg["experiment"], "label": spec.label, "technique": tech, "seed": spec.seed, "lr": spec.lr, "config": cfg}
 
 

@@ -133,7 +133,13 @@ class Prepared:
             raise PefrefError(f"checkpoint does not match the run: missing {missing[:4]}, unexpected {unexpected[:4]}")
         with torch.no_grad():
             for k, t in own.items():
-                t.copy_(state[k])
+                src = state[k].to(t.device)
+                mesh = getattr(t, "device_mesh", None)
+                if mesh is not None:  # sharded by FSDP: each process keeps its own shard of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, mesh, t.placements)  # type: ignore[attr-defined]
+                t.copy_(src)
 
 
 def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: Catalog) -> Prepared:
@@ -165,6 +171,13 @@ def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: C
         prep.adapters.append(a)
         prep.hyperparameters.append({"technique": a.technique.id, **a.hyperparameters})
         prep.trainable.update({f"adapter.{a.name}.{k}": p for k, p in a.named_trainable_parameters().items()})
+    if "composition" in config:
+        from pefref.runtime.compose import apply_composition
+
+        comp = apply_composition(_family_target(model, family, catalog), config["composition"]["file"], catalog=catalog, family=family)
+        prep.adapters.append(comp)
+        prep.hyperparameters += [{"adapter": n, "technique": a.technique.id, **a.hyperparameters} for n, a in comp.adapters.items()]
+        prep.trainable.update({f"adapter.{comp.name}.{k}": p for k, p in comp.named_trainable_parameters().items()})
     for n, p in head.items():
         p.requires_grad_(True)
         prep.trainable[f"head.{n}"] = p
@@ -193,7 +206,7 @@ def decay_groups(adapters: list[Any], trainable: dict[str, nn.Parameter], lr: fl
     on matrices only outside the adapters' groups; every trainable parameter exactly once."""
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
-    for a in adapters:
+    for a in [x for ad in adapters for x in getattr(ad, "adapters", {ad.name: ad}).values()]:  # a composition: its adapters
         fn = getattr(a, "param_groups", None)
         if callable(fn):
             for g in fn(lr=lr, weight_decay=weight_decay):

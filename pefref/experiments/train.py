@@ -24,8 +24,8 @@ from pefref.experiments.checkpoint import (
     save_tensors,
     set_rng_state,
 )
-from pefref.experiments.data import Examples, collate, epoch_order, load_examples
-from pefref.experiments.distributed import Dist, all_sum, any_true, wrap
+from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
+from pefref.experiments.distributed import Dist, all_sum, any_true, full_tensor, shard, wrap
 from pefref.experiments.grid import RunSpec
 from pefref.experiments.records import Records
 from pefref.experiments.tasks import (
@@ -149,8 +149,9 @@ def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_si
     model.eval()
     preds: list[int] = []
     total, count = 0.0, 0
+    order = sorted(range(len(ex)), key=lambda j: (-len(ex.ids[j]), j))  # similar lengths share a batch: little padding
     for i in range(0, len(ex), batch_size):
-        b = {k: v.to(device) for k, v in collate(ex, list(range(i, min(i + batch_size, len(ex)))), pad_id, causal).items()}
+        b = {k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}
         with autocast():
             logits = _logits(model, b)
         total += float(_loss_sum(logits, b["labels"], causal))
@@ -162,7 +163,8 @@ def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_si
     if causal:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     assert ex.labels is not None
-    return {"loss": loss, **classification_metrics(preds, ex.labels, len(ex.label_names))}
+    labels = ex.labels
+    return {"loss": loss, **classification_metrics(preds, [labels[j] for j in order], len(ex.label_names))}
 
 
 class _SavedBytes:
@@ -223,7 +225,11 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     torch.manual_seed(spec.seed)
     model, tok = build_task_model(cfg["model"], cfg["task"]["type"], _label_count(env, cfg), env.catalog)
     prep: Prepared = prepare_run(model, cfg, env.root, env.catalog)
-    model.to(device)
+    fsdp = d.active and tr.distributed == "fsdp"
+    if fsdp:
+        _shard(model, prep, d)
+    else:
+        model.to(device)
     train_ex, eval_ex = _data(env, cfg, tok)
 
     B, A, W = tr.batch_size, tr.grad_accum, d.world
@@ -245,7 +251,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     if prev and prev["status"] != "done" and (ckdir / "state.pt").is_file():
         prep.load_state(load_tensors(ckdir / "last.safetensors"))
         saved = load_state(ckdir / "state.pt")
-        opt.load_state_dict(saved["optimizer"])
+        opt.load_state_dict(load_state(ckdir / f"optimizer-rank{d.rank}.pt")["optimizer"] if fsdp else saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = saved["progress"]
@@ -262,14 +268,18 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         return best is None or (m[metric] > best[metric] if higher else m[metric] < best[metric])
 
     def checkpoint(name: str = "last") -> None:
+        tensors = {k: full_tensor(v) for k, v in prep.state().items()}  # under FSDP every process takes part
+        if fsdp and name == "last":  # each process keeps its shard of the optimizer state
+            save_state(ckdir / f"optimizer-rank{d.rank}.pt", {"optimizer": opt.state_dict()})
         if not d.main:
             return
         meta = {"run": spec.id, "label": spec.label, "step": state["step"], "hyperparameters": prep.hyperparameters}
-        save_tensors(ckdir / f"{name}.safetensors", prep.state(), meta)
+        save_tensors(ckdir / f"{name}.safetensors", tensors, meta)
         if name == "last":
-            save_state(ckdir / "state.pt", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(), "progress": dict(state)})
+            save_state(ckdir / "state.pt", {"optimizer": None if fsdp else opt.state_dict(), "scheduler": sched.state_dict(),
+                                            "rng": rng_state(), "progress": dict(state)})
 
-    ddp = wrap(model, d)
+    ddp = model if fsdp else wrap(model, d)
     model.train()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -283,17 +293,20 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         step = state["step"]
         epoch, pos = divmod(step, spe)
         if order[0] != epoch:
-            order = (epoch, epoch_order(len(train_ex), spec.seed, epoch))
+            order = (epoch, grouped_order([len(x) for x in train_ex.ids], B, spec.seed, epoch) if tr.group_by_length
+                     else epoch_order(len(train_ex), spec.seed, epoch))
         t0 = time.perf_counter()
         batch = collate(train_ex, order[1][pos * B:(pos + 1) * B], tok.pad_token_id, causal)
         count = _count(batch["labels"], causal)
         local = {k: v[rows].to(device) for k, v in batch.items()}
         mb = (B // W) // A
         loss_sum = 0.0
-        saver = _SavedBytes({p.untyped_storage().data_ptr() for p in model.parameters()}) if not times else None
+        saver = _SavedBytes({_local(p).untyped_storage().data_ptr() for p in model.parameters()}) if not times else None
         for i in range(A):
             micro = {k: v[i * mb:(i + 1) * mb] for k, v in local.items()}
-            sync = contextlib.nullcontext() if (i == A - 1 or not d.active) else ddp.no_sync()  # type: ignore[operator]
+            if fsdp:
+                model.set_requires_gradient_sync(i == A - 1)  # type: ignore[operator]
+            sync = contextlib.nullcontext() if (i == A - 1 or not d.active or fsdp) else ddp.no_sync()  # type: ignore[operator]
             hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
             with sync:
                 with hooks, autocast():
@@ -315,7 +328,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         if tb is not None:
             tb.add_scalar(f"{spec.label}/train_loss", train_loss, state["step"])
         if state["step"] % eval_every == 0 or state["step"] == total:
-            m = evaluate(model, eval_ex, tok.pad_token_id, causal, B, device, autocast)
+            m = evaluate(model, eval_ex, tok.pad_token_id, causal, tr.eval_batch_size or B, device, autocast)
             state["final"] = m
             if rec:
                 rec.log(spec.id, state["step"], "eval", m)
@@ -363,18 +376,43 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     return status
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    local = getattr(t, "to_local", None)  # a sharded DTensor: this process's shard
+    return local() if callable(local) else t
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
 def _tensor_memory(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, saved: int) -> int:
-    """Training memory from the tensors that exist at a step's peak: weights, gradients, optimizer state, saved activations."""
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    grads = sum(p.numel() * p.element_size() for p in params)
-    states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    """Training memory from the tensors that exist at a step's peak in this process: weights, gradients, optimizer state, saved activations."""
+    weights = sum(_nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
+    grads = sum(_nbytes(p) for p in params)
+    states = sum(_nbytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     return weights + grads + states + saved
+
+
+def _shard(model: nn.Module, prep: Prepared, d: Dist) -> None:
+    """FSDP2 on the task model; the run's trainable and head tensors are looked up again (sharding replaces them)."""
+    if any(getattr(a, "selected", None) for a in prep.adapters):
+        raise PefrefError("training.distributed: fsdp does not support techniques that unfreeze the base model's own tensors (select form) yet; use ddp")
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [k for k, p in prep.trainable.items() if id(p) not in names]
+    if missing:
+        raise PefrefError(f"training.distributed: fsdp needs every trained tensor inside the model; {missing[0]} is not")
+    trainable = {k: names[id(p)] for k, p in prep.trainable.items()}
+    head = {k: names[id(p)] for k, p in prep.head.items()}
+    shard(model, d)
+    prep.trainable = {k: model.get_parameter(n) for k, n in trainable.items()}
+    prep.head = {k: model.get_parameter(n) for k, n in head.items()}
 
 
 def _technique_name(cfg: dict[str, Any], prep: Prepared) -> str:
     if "baseline" in cfg:
         return str(cfg["baseline"])
-    return "+".join(a.technique.id for a in prep.adapters)
+    return "+".join(a.technique.id if hasattr(a, "technique") else a.name for a in prep.adapters)
 
 
 _TB_WARNED: list[bool] = []

@@ -65,19 +65,20 @@ class GridEntry(Strict):
     """One line of the grid: a technique, a composition or a baseline, crossed with its hyperparameter lists."""
 
     name: str | None = Field(None, description="Label shown in results (default: derived from the technique(s) or baseline).")
-    technique: str | None = Field(None, description="A catalog technique id, or a technique YAML file relative to the experiment file.")
-    compose: list[TechniqueUse] | None = Field(None, min_length=2, description="Several techniques applied side by side to the same model, trained together.")
+    technique: str | None = Field(None, description="A catalog technique id, or a technique YAML file relative to the experiment file (a composition file given here counts as `composition`).")
+    composition: str | None = Field(None, description="A composition: the id of one in the catalog's compositions/ folder, or a composition YAML file relative to the experiment file; its techniques, hyperparameters and blocks come from that file.")
+    compose: list[TechniqueUse] | None = Field(None, min_length=2, description="Several techniques applied side by side to the same model, trained together (no blocks; prefer a composition file).")
     baseline: Literal["head_only", "full"] | None = Field(None, description="head_only: train only the task head; full: train every parameter (full fine-tuning).")
     hyperparameters: dict[Identifier, Scalar | list[Scalar]] = Field(default_factory=dict, description="Values for `technique`'s hyperparameters; a list is a grid axis.")
     learning_rates: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, description="Learning rates for this entry (default: the experiment's).")
 
     @model_validator(mode="after")
     def _one(self) -> GridEntry:
-        given = [k for k in ("technique", "compose", "baseline") if getattr(self, k)]
+        given = [k for k in ("technique", "composition", "compose", "baseline") if getattr(self, k)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of technique, compose, baseline (found {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of technique, composition, compose, baseline (found {', '.join(given) or 'none'})")
         if self.hyperparameters and not self.technique:
-            raise ValueError("hyperparameters apply to `technique`; give them inside each `compose` item")
+            raise ValueError("hyperparameters apply to `technique`; give them inside each `compose` item, or in the composition file")
         return self
 
 
@@ -95,12 +96,15 @@ class TrainingSpec(Strict):
     warmup: float = Field(0.06, ge=0, le=1, description="Warmup as a fraction of the optimizer steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping by global norm (null: none).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto: bf16 on a GPU that has it, else fp32.")
+    group_by_length: bool = Field(False, description="Batch training examples of similar length together (like Hugging Face's group_by_length): less padding, so faster steps; the order stays a function of the seed and epoch.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (and at the end); default: once per epoch.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Batch size of evaluation (default: batch_size); evaluation batches examples of similar length together.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps (default: at each evaluation).")
     early_stopping: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement of the main metric.")
     log_every: int = Field(1, ge=1, description="Record the training loss every N optimizer steps.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard under DIR/tensorboard (needs the 'tensorboard' extra).")
     device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu' or 'cuda'.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model in every process and reduces the trainable gradients; fsdp shards every tensor, the frozen base included, over the processes with FSDP2 (fully_shard on each transformer block and the root), for a base model that does not fit one device. Both give one process's result with the same global batch.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
 
     @model_validator(mode="after")

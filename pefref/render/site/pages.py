@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pefref.render.site.build import Page, Section, SiteContext
+from pefref.render.site.results import results_pages
 
 __all__ = ["SECTIONS", "index_pages", "technique_pages", "typology_pages", "compare_pages", "models_pages",
            "primitives_pages", "schema_pages", "compare_data", "diagram_files"]
@@ -85,5 +86,6 @@ SECTIONS: list[Section] = [
     Section("models", "Models", "models.html", models_pages),
     Section("primitives", "Primitives", "primitives.html", primitives_pages),
     Section("schema", "Schema", "schema.html", schema_pages),
+    Section("results", "Results", "results.html", results_pages, enabled=lambda ctx: ctx.data.results is not None),
 ]
 """The site's sections, in navigation order."""
