@@ -154,7 +154,7 @@ def init_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus every primitive
     (data-dependent initialisations compute from the host weight ``W``). On the meta device fillers give
     an empty meta tensor. The table is made once per (shape, dtype, device); do not modify it."""
-    return _table(tuple(shape), dtype, str(device))
+    return _table(tuple(shape), dtype, str(device), tuple(INITS.values()))  # the registry's functions are part of the key
 
 
 def _arg_names(fn: Init) -> tuple[str, ...]:
@@ -171,7 +171,7 @@ def _meta_fill(fn: Init, names: tuple[str, ...], shape: tuple[int, ...], dtype: 
 
 
 @functools.lru_cache(maxsize=256)
-def _table(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> dict[str, Callable[..., Any]]:
+def _table(shape: tuple[int, ...], dtype: torch.dtype, device: str, _fns: tuple[Init, ...]) -> dict[str, Callable[..., Any]]:
     from pefref.ops import PRIMITIVES  # here, not at import: primitive modules register initialisers too
 
     table: dict[str, Callable[..., Any]] = {k: p.fn for k, p in PRIMITIVES.items()}
