@@ -8,7 +8,9 @@ per-round ratio pefref/peft (median and interquartile range) and the speed-up
 peft/pefref. Both put LoRA (r=16, alpha=16) on q_proj and v_proj of all 80
 layers (LoRA's catalog sites) and must report the same trainable count.
 
-*warm*: in one process, after a first untimed call of each (imports done).
+*warm*: in one process, after a first untimed call of each (imports done);
+*warm_cpu*: the same calls' CPU time (``time.process_time``: what the call itself
+computed, less sensitive than wall time to other processes on a loaded machine).
 pefref's compiled programs are cleared before each timed call (``--keep-programs``
 keeps them), so every timed apply traces and generates its code anew.
 *cold* (``--cold-rounds``): a fresh process per call, timing the import of the
@@ -53,27 +55,28 @@ def trainable(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
-def run_pefref(model: torch.nn.Module, keep_programs: bool) -> tuple[float, int]:
+def run_pefref(model: torch.nn.Module, keep_programs: bool) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, trainable count) of one apply."""
     from pefref.compiler import units
     from pefref.runtime.api import apply
 
     if not keep_programs:
         units.clear_programs()
     gc.collect()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     apply(model, "lora", r=R, alpha=ALPHA)
-    dt = time.perf_counter() - t0
-    return dt, trainable(model)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return dt, dc, trainable(model)
 
 
-def run_peft(model: torch.nn.Module) -> tuple[float, int]:
+def run_peft(model: torch.nn.Module) -> tuple[float, float, int]:
     from peft import LoraConfig, get_peft_model
 
     gc.collect()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
-    dt = time.perf_counter() - t0
-    return dt, trainable(pm)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return dt, dc, trainable(pm)
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -132,22 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     base = meta_model(args.shape)
     n_layers = base.config.num_hidden_layers
     # first (untimed) call of each: imports, the catalog, lazily built tables
-    counts = {"pefref": run_pefref(copy.deepcopy(base), args.keep_programs)[1], "peft": run_peft(copy.deepcopy(base))[1]}
+    counts = {"pefref": run_pefref(copy.deepcopy(base), args.keep_programs)[2], "peft": run_peft(copy.deepcopy(base))[2]}
     assert counts["pefref"] == counts["peft"], counts
     times: dict[str, list[float]] = {"pefref": [], "peft": []}
+    cpu: dict[str, list[float]] = {"pefref": [], "peft": []}
+    load0 = os.getloadavg()
     for r in range(args.rounds):
         order = ["pefref", "peft"] if r % 2 == 0 else ["peft", "pefref"]
         for tool in order:
             m = copy.deepcopy(base)
-            dt, n = run_pefref(m, args.keep_programs) if tool == "pefref" else run_peft(m)
+            dt, dc, n = run_pefref(m, args.keep_programs) if tool == "pefref" else run_peft(m)
             assert n == counts[tool]
             times[tool].append(dt)
+            cpu[tool].append(dc)
             del m
     result: dict[str, Any] = {
         "config": {"shape": args.shape, "layers": n_layers, "r": R, "alpha": ALPHA, "targets": list(TARGETS), "device": "meta",
                    "rounds": args.rounds, "keep_programs": args.keep_programs, "trainable": counts["pefref"],
-                   "torch": torch.__version__, "transformers": transformers.__version__},
+                   "torch": torch.__version__, "transformers": transformers.__version__,
+                   "load_average": {"start": load0, "end": os.getloadavg()}},
         "warm": summary(times),
+        "warm_cpu": summary(cpu),
     }
     if args.cold_rounds:
         config = base.config.to_dict()
@@ -161,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"LoRA r={R} on {', '.join(TARGETS)} of {args.shape} ({n_layers} layers, meta device), "
           f"{counts['pefref']:,} trainable parameters; paired round-robin, ratio = pefref/peft per round")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load0)} at the start, "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     print("| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode in ("warm", "cold"):
+    for mode in ("warm", "warm_cpu", "cold"):
         if mode not in result:
             continue
         s = result[mode]

@@ -23,6 +23,12 @@ time; the running sum's maximum is the peak). This counts activations kept for
 backward, gradients, temporaries and the optimizer's own work; it is
 deterministic for a given input, and the median of ``--mem-reps`` runs is kept.
 
+*Devices*: ``--device cuda --dtype bf16`` runs every model (base, pefref, peft)
+on the GPU in that dtype; steps are timed with CUDA events after a synchronize and
+the peak is ``torch.cuda.max_memory_allocated`` during the step, above the bytes
+allocated before it. peft keeps its adapters in the model's dtype there
+(``autocast_adapter_dtype=False``), as pefref does.
+
 *Compiled*: with ``--compile`` (default: LoRA only in ``--quick``, every technique
 otherwise) pefref's step with ``torch.compile`` (inductor) is timed against its
 eager step in the same round-robin.
@@ -32,7 +38,8 @@ with one object per technique: ``technique``, ``time_ratio`` and
 ``memory_ratio`` (pefref/peft medians), their IQRs, absolute times and peaks,
 the trainable counts and ``time_over_frozen``.
 
-Run: ``python benchmarks/bench_techniques.py --quick --json OUT`` (a few minutes).
+Run: ``python benchmarks/bench_techniques.py --quick --json OUT`` (a few minutes);
+on a GPU: ``python benchmarks/bench_techniques.py --quick --device cuda --dtype bf16 --json OUT``.
 """
 
 from __future__ import annotations
@@ -108,12 +115,20 @@ def _peft_cases() -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
 # --- models and steps --------------------------------------------------------------------------
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def base_model(args: argparse.Namespace) -> nn.Module:
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                                   max_position_embeddings=512, tie_word_embeddings=False)
+                                   max_position_embeddings=max(512, getattr(args, "seq", 0) or 0), tie_word_embeddings=False)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).float().train()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    return model.to(device=getattr(args, "device", "cpu"), dtype=DTYPES[getattr(args, "dtype", "fp32")]).train()
+
+
+def on_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
 
 
 def trainable(m: nn.Module) -> list[nn.Parameter]:
@@ -151,11 +166,19 @@ def frozen_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Ca
     return step
 
 
-def peak_step_bytes(step: Callable[[], None]) -> int:
-    """Peak bytes allocated during one step above the bytes allocated before it (torch.profiler memory events)."""
+def peak_step_bytes(step: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes allocated during one step above the bytes allocated before it: on CPU from the allocator
+    events of torch.profiler, on CUDA from torch.cuda.max_memory_allocated."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
+    if on_cuda(device):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -166,8 +189,31 @@ def peak_step_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: int, warmup: int) -> dict[str, list[float]]:
+def clock(device: str) -> Callable[[Callable[[], None]], float]:
+    """Seconds one call takes: perf_counter on CPU; CUDA events recorded around it, after a synchronize, on CUDA."""
+    if on_cuda(device):
+        def cuda_time(fn: Callable[[], None]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], None]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return cpu_time
+
+
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
     names = list(steps)
+    timed = clock(device)
     for _ in range(warmup):
         for n in names:
             steps[n]()
@@ -175,12 +221,7 @@ def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: in
     for r in range(rounds):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                steps[n]()
-                best = min(best, time.perf_counter() - t0)
-            out[n].append(best)
+            out[n].append(min(timed(steps[n]) for _ in range(reps)))
     return out
 
 
@@ -209,7 +250,7 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
     m_pefref = copy.deepcopy(base)
     apply(m_pefref, tid, **hps)
     torch.manual_seed(1)
-    m_peft = get_peft_model(copy.deepcopy(base), config())
+    m_peft = get_peft_model(copy.deepcopy(base), config(), autocast_adapter_dtype=False)  # adapters in the model's dtype, as pefref's
     n_pefref, n_peft = sum(p.numel() for p in trainable(m_pefref)), sum(p.numel() for p in trainable(m_peft))
     m_pefref.train()
     m_peft.train()
@@ -221,8 +262,8 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
         t0 = time.perf_counter()
         steps["pefref+compile"]()
         compile_s = time.perf_counter() - t0
-    times = time_round_robin(steps, args.rounds, args.reps, args.warmup)
-    mem = {n: statistics.median(peak_step_bytes(steps[n]) for _ in range(args.mem_reps)) for n in ("pefref", "peft", "frozen")}
+    times = time_round_robin(steps, args.rounds, args.reps, args.warmup, args.device)
+    mem = {n: statistics.median(peak_step_bytes(steps[n], args.device) for _ in range(args.mem_reps)) for n in ("pefref", "peft", "frozen")}
     t = paired(times["pefref"], times["peft"])
     row: dict[str, Any] = {
         "technique": tid,
@@ -242,6 +283,11 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
     del steps, m_pefref, m_peft
     gc.collect()
     return row
+
+
+def where(device: str) -> str:
+    """The device in words: the GPU's name, or the CPU's architecture."""
+    return f"{torch.cuda.get_device_name()} (CUDA)" if on_cuda(device) else f"CPU ({platform.machine()})"
 
 
 def markdown(rows: list[dict[str, Any]], frozen: dict[str, Any] | None) -> str:
@@ -276,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timing with CUDA events, memory from torch.cuda.max_memory_allocated)")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the models")
     ap.add_argument("--json", help="write the JSON list here")
     ap.add_argument("--markdown", help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -300,30 +348,39 @@ def main(argv: list[str] | None = None) -> int:
 
     base = base_model(args)
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    load0 = os.getloadavg()
     print(f"Llama d={args.hidden} ff={args.intermediate} L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab}; "
           f"batch {args.batch} x seq {args.seq}; {args.rounds} rounds x {args.reps} reps (min), threads={args.threads}, "
-          f"torch {torch.__version__}, CPU ({platform.machine()})", flush=True)
+          f"torch {torch.__version__}, {args.dtype} on {where(args.device)}; load average {' '.join(f'{x:.2f}' for x in load0)}", flush=True)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for tid in chosen:
         hps, config = cases[tid]
-        row = run_technique(tid, hps, config, base, ids, labels, args, tid in compiled)
+        try:
+            row = run_technique(tid, hps, config, base, ids, labels, args, tid in compiled)
+        except Exception as e:  # one failing technique (e.g. an op without a kernel for the dtype) does not end the run
+            failed.append({"technique": tid, "error": f"{type(e).__name__}: {e}"[:500], "device": args.device, "dtype": args.dtype})
+            print(f"  {tid:<14} FAILED: {failed[-1]['error']}", flush=True)
+            gc.collect()
+            continue
+        row["device"], row["dtype"] = args.device, args.dtype
         rows.append(row)
         print(f"  {tid:<14} time {row['time_ratio']:.3f} [{row['time_ratio_q1']:.3f}-{row['time_ratio_q3']:.3f}]  "
               f"memory {row['memory_ratio']:.3f}  over frozen {row['time_over_frozen']['median']:.3f}  "
               f"({time.perf_counter() - t_start:.0f}s)", flush=True)
     frozen = {"time_s": statistics.median(r["time_s"]["frozen"] for r in rows),
               "bytes": statistics.median(r["peak_step_bytes"]["frozen"] for r in rows)} if rows else None
-    table = markdown(rows, frozen)
+    table = markdown(rows, frozen) + "".join(f"\n| {f['technique']} | failed: {f['error'][:120]} | | | | | |" for f in failed)
     print()
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(rows + failed, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -176,3 +176,39 @@ def test_apply_on_meta_then_load_real_weights() -> None:
     with torch.no_grad():
         got = meta(**inputs).logits
     assert (got - expected).abs().max().item() <= TOL
+
+
+def test_meta_fillers_give_the_real_shapes_and_dtypes_without_drawing() -> None:
+    """On the meta device a filler initialiser makes an empty tensor of the shape and dtype the real path
+    makes (no random draw: the global generator is untouched); its arguments are still checked."""
+    from pefref.ops.inits import FILLERS, init_table
+
+    real, meta = init_table((6, 4), torch.float32, "cpu"), init_table((6, 4), torch.float32, "meta")
+    assert {"zeros", "normal", "kaiming_uniform", "orthogonal"} <= FILLERS and "random_positions" not in FILLERS
+    for name in sorted(FILLERS):
+        want = real[name]()
+        state = torch.get_rng_state()
+        got = meta[name]()
+        assert torch.equal(state, torch.get_rng_state()), name
+        assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype, name
+    with pytest.raises(TypeError):
+        meta["normal"](stdev=1.0)
+    with pytest.raises(TypeError):
+        meta["kaiming_uniform"](1.0, 2.0)
+
+
+@pytest.mark.parametrize("tid", ["dora", "oft", "p_tuning_lstm"])
+def test_meta_apply_has_the_real_apply_s_tensors(tid: str) -> None:
+    """apply on the meta device (fillers skipped) gives tensors of the real apply's names, shapes and dtypes."""
+    import transformers
+
+    from pefref.models.build import build_model
+
+    real = build_model("tiny-llama", seed=0)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(real.config)
+    a, b = apply(real, tid), apply(meta, tid)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sb[k].is_meta and sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype, k

@@ -12,9 +12,14 @@ from pefref.ops import PRIMITIVES
 __all__ = ["scalar_ops", "eval_scalar", "model_sizes", "select_layers"]
 
 
+_SCALAR: list[Any] = [-1, {}]  # (number of primitives it was made from, the table)
+
+
 def scalar_ops() -> dict[str, Any]:
-    """The scalar primitives (sqrt, min, max, log2) for shape and size expressions."""
-    return {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}
+    """The scalar primitives (sqrt, min, max, log2) for shape and size expressions (one shared table: do not modify it)."""
+    if _SCALAR[0] != len(PRIMITIVES):
+        _SCALAR[:] = [len(PRIMITIVES), {k: p.fn for k, p in PRIMITIVES.items() if p.scalar}]
+    return _SCALAR[1]
 
 
 def eval_scalar(text: str | int, names: dict[str, Any]) -> Any:

@@ -6,10 +6,18 @@ of their topic in :mod:`pefref.ops`.
 An initialiser receives the parameter's resolved shape and the host's dtype and
 device (bound by :func:`init_table`), plus the keyword arguments written in
 YAML. Data-dependent initialisers read the host weight ``W`` ([out, in]).
+
+A *filler* (``@initialiser(filler=True)``) makes a floating tensor of exactly the
+bound shape and dtype whose values alone depend on it. On the meta device
+(a model built without weights, loaded later) there are no values to make, so
+:func:`init_table` binds fillers to an empty meta tensor: no random draw, no
+decomposition of ``uniform_`` and friends, the same shapes and dtypes. Every other
+device runs the filler itself (bit-identical results).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,19 +26,30 @@ if TYPE_CHECKING:
 
 
 
-__all__ = ["INITS", "initialiser", "init_table"]
+__all__ = ["INITS", "FILLERS", "initialiser", "init_table"]
 
 Init = Callable[..., Any]
 INITS: dict[str, Init] = {}
+FILLERS: set[str] = set()
+"""Initialisers whose result is a floating tensor of the bound shape and dtype (values only depend on them)."""
 
 
-def initialiser(fn: Init) -> Init:
-    """Register an initialiser ``fn(shape, dtype, device, **kwargs)`` under its name."""
-    key = fn.__name__.rstrip("_")
-    if key in INITS:
-        raise ValueError(f"initialiser {key!r} registered twice")
-    INITS[key] = fn
-    return fn
+def initialiser(fn: Init | None = None, *, filler: bool = False) -> Any:
+    """Register an initialiser ``fn(shape, dtype, device, **kwargs)`` under its name.
+
+    ``filler=True``: ``fn`` returns a floating tensor of exactly ``shape`` and ``dtype`` (its values are all it
+    decides), so on the meta device an empty tensor stands for it (see the module's docstring)."""
+
+    def register(f: Init) -> Init:
+        key = f.__name__.rstrip("_")
+        if key in INITS:
+            raise ValueError(f"initialiser {key!r} registered twice")
+        INITS[key] = f
+        if filler:
+            FILLERS.add(key)
+        return f
+
+    return register if fn is None else register(fn)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -38,56 +57,56 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@initialiser
+@initialiser(filler=True)
 def zeros(shape, dtype, device) -> torch.Tensor:
     """All zeros (makes a parallel update vanish at initialisation)."""
     import torch
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-@initialiser
+@initialiser(filler=True)
 def ones(shape, dtype, device) -> torch.Tensor:
     """All ones (the neutral rescaling)."""
     import torch
     return torch.ones(shape, dtype=dtype, device=device)
 
 
-@initialiser
+@initialiser(filler=True)
 def constant(shape, dtype, device, value: float = 0.0) -> torch.Tensor:
     """Every entry equal to ``value``."""
     import torch
     return torch.full(shape, float(value), dtype=dtype, device=device)
 
 
-@initialiser
+@initialiser(filler=True)
 def normal(shape, dtype, device, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
     """:math:`\\mathcal{N}(\\mu, \\sigma^2)` entries."""
     import torch
     return torch.nn.init.normal_(_empty(shape, dtype, device), mean, std)
 
 
-@initialiser
+@initialiser(filler=True)
 def uniform(shape, dtype, device, a: float = -1.0, b: float = 1.0) -> torch.Tensor:
     """:math:`\\mathcal{U}(a, b)` entries."""
     import torch
     return torch.nn.init.uniform_(_empty(shape, dtype, device), a, b)
 
 
-@initialiser
+@initialiser(filler=True)
 def kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor:
     """He et al. (2015) uniform init with negative slope ``a`` (torch.nn.Linear's default is a=sqrt(5))."""
     import torch
     return torch.nn.init.kaiming_uniform_(_empty(shape, dtype, device), a=a)
 
 
-@initialiser
+@initialiser(filler=True)
 def xavier_uniform(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """Glorot & Bengio (2010) uniform init."""
     import torch
     return torch.nn.init.xavier_uniform_(_empty(shape, dtype, device), gain=gain)
 
 
-@initialiser
+@initialiser(filler=True)
 def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """A (semi-)orthogonal matrix (Saxe et al. 2014)."""
     import torch
@@ -95,7 +114,7 @@ def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     return t.to(dtype=dtype, device=device)
 
 
-@initialiser
+@initialiser(filler=True)
 def eye(shape, dtype, device) -> torch.Tensor:
     """Identity matrix (or a stack of identities over leading dimensions)."""
     import torch
@@ -133,12 +152,33 @@ def sampled_rows(shape, dtype, device, W: torch.Tensor, high: int = 0) -> torch.
 
 def init_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> dict[str, Callable[..., Any]]:
     """Ops for evaluating one ``init`` expression: initialisers bound to this shape, plus every primitive
-    (data-dependent initialisations compute from the host weight ``W``)."""
+    (data-dependent initialisations compute from the host weight ``W``). On the meta device fillers give
+    an empty meta tensor. The table is made once per (shape, dtype, device); do not modify it."""
+    return _table(tuple(shape), dtype, str(device))
+
+
+def _arg_names(fn: Init) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(fn).parameters)[3:]  # after shape, dtype, device
+
+
+def _meta_fill(fn: Init, names: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype, *a: Any, **kw: Any) -> torch.Tensor:
+    """A filler on the meta device: an empty tensor (arguments it does not take go to ``fn``, which reports them)."""
+    if len(a) > len(names) or not set(kw) <= set(names[len(a):]):
+        return fn(shape, dtype, "meta", *a, **kw)
+    return _empty(shape, dtype, "meta")
+
+
+@functools.lru_cache(maxsize=256)
+def _table(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> dict[str, Callable[..., Any]]:
     from pefref.ops import PRIMITIVES  # here, not at import: primitive modules register initialisers too
 
     table: dict[str, Callable[..., Any]] = {k: p.fn for k, p in PRIMITIVES.items()}
+    meta = device == "meta"
     for k, fn in INITS.items():
-        table[k] = lambda *a, _fn=fn, **kw: _fn(shape, dtype, device, *a, **kw)
+        if meta and k in FILLERS:
+            table[k] = functools.partial(_meta_fill, fn, _arg_names(fn), shape, dtype)
+        else:
+            table[k] = lambda *a, _fn=fn, **kw: _fn(shape, dtype, device, *a, **kw)
     return table
-
-

@@ -139,7 +139,7 @@ def householder(u: torch.Tensor) -> torch.Tensor:
     return h
 
 
-@initialiser
+@initialiser(filler=True)
 def paired_kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor:
     """Kaiming-uniform columns in equal consecutive pairs, ``[d, r]`` (r even): each pair of equal
     Householder reflections cancels, so :func:`householder` of it is the identity (HRA's symmetric

@@ -101,7 +101,7 @@ def ifft2_real(a: torch.Tensor) -> torch.Tensor:
     sparse spectrum to a weight update with it (Gao et al. 2024, arXiv 2405.03003)."""
     import torch
 
-    return torch.fft.ifft2(a.float()).real.to(a.dtype)
+    return torch.fft.ifft2(a.float()).real.to(a.dtype).contiguous()  # its own real storage: a view would keep the complex result alive
 
 
 # --- factorised dimensions (Kronecker products) --------------------------------------------------------

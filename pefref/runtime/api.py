@@ -55,15 +55,9 @@ def resolve_technique(technique: str | Path | Technique, catalog: Catalog) -> Te
         raise PefrefError(e.args[0]) from None
 
 
-def _base_param_count(model: nn.Module, adapters: nn.Module | None) -> int:
-    own = {id(p) for p in adapters.parameters()} if adapters is not None else set()
-    seen: set[int] = set()
-    n = 0
-    for p in model.parameters():
-        if id(p) not in own and id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
+def _base_param_count(base: list[torch.Tensor]) -> int:
+    """Elements of the base model's parameters (``base``: each once, no adapter's)."""
+    return sum(p.numel() for p in base)
 
 
 def apply(
@@ -127,7 +121,7 @@ def apply(
     plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
     connected = connected_modules(modules)  # modules in a connection never fold into a weight
-    host_by_path = {id(m): n for n, m in model.named_modules()}
+    host_by_path: dict[int, str] = {}  # filled on first use (select modules only)
 
     # build every unit and host update first: the model is only read until all of them exist
     store = SharedStore()
@@ -162,6 +156,8 @@ def apply(
                 for tname in pl.module.targets:
                     p = getattr(pl.host, tname, None)
                     if isinstance(p, nn.Parameter):
+                        if not host_by_path:
+                            host_by_path.update((id(mod), n) for n, mod in model.named_modules())
                         full = f"{host_by_path[id(pl.host)]}.{tname}"
                         adapter.selected[full] = p
                         adapter._host_backup.setdefault(full, p.detach().clone())  # disable()/remove() give the base values
@@ -218,10 +214,10 @@ def apply(
             txn.on_undo(lambda: container.__delitem__(name))
         for label, (paths, n) in saved_rows.items():
             rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
-        if adapter.num_trainable() == 0:
+        n_trainable = adapter.num_trainable()
+        if n_trainable == 0:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {fam.family} modules do not have)")
-        n_base = _base_param_count(model, container)
-        adapter.report = Report(tech.id, fam.family, list(rows.values()), adapter.num_trainable(), n_base)
+        adapter.report = Report(tech.id, fam.family, list(rows.values()), n_trainable, _base_param_count(base))
     return adapter
 
 
@@ -248,7 +244,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if getattr(m, "gate", None) is not None:  # a gated prefix: rescaled when its layer's attention runs
             _gate_hook(model, fam, pl, patch, entry, adapter, txn)
     else:
-        existed = getattr(pl.host, _PATCH, None)
+        existed = pl.host.__dict__.get(_PATCH)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
         side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, m.form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)

@@ -103,8 +103,9 @@ HOST_KINDS_FOR: dict[str, frozenset[str]] = {
 
 
 def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind: HostKind, ref: ReferenceArchitecture | None,
-               sizes: dict[str, int], d_in: int, d_out: int) -> None:
-    """The module found at ``path`` must be of a kind the site accepts, with the site's widths."""
+               sizes: dict[str, int], d_in: int, d_out: int, widths: dict[str, list[int | None]] | None = None) -> None:
+    """The module found at ``path`` must be of a kind the site accepts, with the site's widths
+    (``widths``: the sites' widths worked out by earlier calls with the same ``sizes``, by site; filled here)."""
     if ref is None or site not in ref.sites:
         return
     skind = ref.sites[site].kind
@@ -116,7 +117,11 @@ def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind
                         f"a {skind} site needs a {' or '.join(sorted(allowed))} module")
     if skind == "linear":
         spec = ref.sites[site]
-        want = [int(evaluate(parse_expr(e), sizes, scalar_ops())) if e is not None else None for e in (spec.in_, spec.out)]
+        want = widths.get(site) if widths is not None else None
+        if want is None:
+            want = [int(evaluate(parse_expr(e), sizes, scalar_ops())) if e is not None else None for e in (spec.in_, spec.out)]
+            if widths is not None:
+                widths[site] = want
         for what, got, exp in (("input", d_in, want[0]), ("output", d_out, want[1])):
             if exp is not None and got != exp:
                 raise SiteError(f"family {fam.family!r}: site {site!r} is bound to {path!r}, whose {what} width is {got}; "
@@ -131,6 +136,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
     With ``reference``, each module found is checked against its site (kind and widths)."""
     scal = scalar_ops()
     L = sizes["L"]
+    widths: dict[str, list[int | None]] = {}  # each site's widths, worked out once
     if sites is not None:
         used = {s for m in modules for s in m.sites}
         for s in sites:
@@ -167,7 +173,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                         d_out = site_width(d_out, start, size, period)
                     except ValueError as ex:
                         raise SiteError(f"family {fam.family!r}: site {site!r} on {path!r}: {ex}") from None
-                check_host(fam, site, path, host, kind, reference, sizes, d_in, d_out)
+                check_host(fam, site, path, host, kind, reference, sizes, d_in, d_out, widths)
                 if b.side == "input":
                     d_in = d_out = d_in if kind.has_weight else sizes["d"]
                 if kind.name == "block" or b.input_path:  # a sublayer's input and output (bound through one of its projections)

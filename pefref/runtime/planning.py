@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.compiler.units import SharedStore, SiteContext, shape_of
+from pefref.compiler.units import SharedStore, SiteContext, recipe
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
@@ -51,7 +51,7 @@ class Plan:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return int(dtype.itemsize)
 
 
 def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapping[str, int], flags: Mapping[str, int],
@@ -70,9 +70,10 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
                               dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
                               device=device or (ref_t.device if ref_t is not None else "cpu"))
             names = ctx.names(hps)
-            for pname, spec in pl.module.params.items():
+            rec = recipe(pl.module, names)
+            for tr in rec.tensors:
+                pname, spec, shp = tr.name, tr.spec, tr.shape
                 key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer)
-                shp = shape_of(spec, names)
                 prev = plan.shared_shapes.get(key, shp)
                 if len(prev) != len(shp):
                     raise PefrefError(f"{pname}: shared tensor has different ranks at different sites")
@@ -84,7 +85,7 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             key = (pl.module.name, pl.d_in, pl.d_out, w_shape)  # the other names are the same at every placement
             if str(ctx.device) != "meta" and key not in walked:  # nothing is computed on the meta device
                 walked.add(key)
-                shapes = {p: shape_of(spec, names) for p, spec in pl.module.params.items()}
+                shapes = {tr.name: tr.shape for tr in rec.tensors}
                 for fld, tally in expression_cost(pl.module, names, pl.d_in, pl.d_out, w_shape, shapes):
                     nb = tally.total * max(_itemsize(ctx.dtype), 4)  # initialisers and SVDs work in fp32
                     if nb > transient:
@@ -104,11 +105,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
     return plan
 
 
-def _used_inputs(unit: nn.Module) -> set[str]:
-    graph = getattr(unit, "graph", None)
-    if graph is None:
-        return set()
-    return {n.target for n in graph.nodes if n.op == "placeholder" and n.users}
+def _used_inputs(unit: nn.Module) -> frozenset[str]:
+    return getattr(unit, "used_inputs", frozenset())
 
 
 def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
@@ -124,7 +122,7 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
     whose valid range and meaning belong to the model), and one reading a connection whose source was
     not probed (for the same reason). The model's own forward runs them; a failure there raises a
     :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
-    if any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]) or str(ctx.device) == "meta":
+    if str(ctx.device) == "meta" or any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]):
         return
     for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -218,6 +216,8 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
 
 def check_selectable(model: nn.Module, selected: list[torch.Tensor], tid: str) -> None:
     """Refuse to train in place a host tensor that another adapter has folded a merge or update into."""
+    if not selected:
+        return
     ids = {id(t) for t in selected}
     for led in all_ledgers(model):
         for t in led.tensors(True):
