@@ -57,5 +57,8 @@ def lstm(
     unbatched = x.dim() == 2
     xb = x.unsqueeze(0) if unbatched else x
     h0 = xb.new_zeros(layers * dirs, xb.shape[0], h)
-    out, _, _ = torch._VF.lstm(xb, (h0, h0), flat, True, layers, 0.0, False, dirs == 2, True)
+    # ``train`` only switches dropout (0 here), but cuDNN keeps what its backward needs only in
+    # training mode: an adapter trained with the model in eval() mode failed on CUDA
+    # ("cudnn RNN backward can only be called in training mode"; found by the H200 benchmark)
+    out, _, _ = torch._VF.lstm(xb, (h0, h0), flat, True, layers, 0.0, torch.is_grad_enabled(), dirs == 2, True)
     return out.squeeze(0) if unbatched else out
