@@ -19,15 +19,13 @@ host's input), no host tensor trained in place.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
-import torch
+from typing import Any
 
 from pefref.language.errors import PefrefError
-from pefref.runtime.ledger import Layer, all_ledgers, check_not_selected, ledger_of
-from pefref.runtime.operations import merged_value
+from pefref.runtime.ledger import all_ledgers
+from pefref.runtime.operations import check_hosts_free, push_merge_layers
 from pefref.runtime.patches import Entry, HostPatch
-from pefref.runtime.transaction import Transaction, located
+from pefref.runtime.transaction import Transaction
 
 __all__ = ["merge_composition", "unmerge_composition", "merge_problems"]
 
@@ -75,21 +73,11 @@ def merge_composition(comp: Any) -> list[str]:
     for patch, es in hosts.values():  # every entry of the composition at the host, in the host's own order
         es += [e for e in patch.entries if any(e.owner is ad for ad in comp.adapters.values())]
     paths = {id(m): n for n, m in comp.model.named_modules()}
-    for patch, _es in hosts.values():
-        check_not_selected(comp.model, [cast(torch.Tensor, patch.host.weight)], f"merge composition {comp.name!r} into {paths.get(id(patch.host))}")
-    merged: list[str] = []
-    with Transaction(f"merge composition {comp.name!r}") as txn:
-        for patch, es in hosts.values():
-            where = paths.get(id(patch.host), type(patch.host).__name__)
-            with located(f"merge composition {comp.name!r} into {where}"):
-                after = merged_value(patch, es)
-                bias = getattr(patch.host, "bias", None)
-                touches_bias = bias is not None and after[1] is not None and not torch.equal(after[1], bias)
-                if touches_bias:
-                    check_not_selected(comp.model, [cast(torch.Tensor, bias)], f"merge composition {comp.name!r} into {where}")
-                layer = Layer(comp, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)  # type: ignore[misc]
-                ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
-            merged.append(where)
+    label = f"merge composition {comp.name!r}"
+    check_hosts_free(comp.model, hosts, paths, label)
+    with Transaction(label) as txn:
+        push_merge_layers(txn, comp, label, comp.model, hosts, paths)
+        merged = [paths.get(id(patch.host), type(patch.host).__name__) for patch, _es in hosts.values()]
         settle = [p for p, _es in hosts.values()]
         txn.on_undo(lambda: [p.settle() for p in settle])  # type: ignore[func-returns-value]
         for ad in comp.adapters.values():

@@ -24,7 +24,7 @@ from pefref.runtime.patches import Entry, HostPatch
 from pefref.runtime.precision import LOW_PRECISION, in_fp32
 from pefref.runtime.transaction import OperationError, Transaction, located
 
-__all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value"]
+__all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value", "check_hosts_free", "push_merge_layers"]
 
 
 def _usable(ad: Any, what: str) -> None:
@@ -74,6 +74,26 @@ def merged_value(patch: HostPatch, entries: list[Entry]) -> Value:
     return W_new.contiguous(), b_new.to(bias.dtype)
 
 
+def check_hosts_free(model: nn.Module, hosts: Mapping[int, tuple[HostPatch, list[Entry]]], paths: Mapping[int, str], label: str) -> None:
+    """Refuse, before anything changes, to fold into a host weight that a per-example selection reads."""
+    for patch, _es in hosts.values():
+        check_not_selected(model, [cast(torch.Tensor, patch.host.weight)], f"{label} into {paths.get(id(patch.host))}")
+
+
+def push_merge_layers(txn: Transaction, owner: Any, label: str, model: nn.Module, hosts: Mapping[int, tuple[HostPatch, list[Entry]]], paths: Mapping[int, str]) -> None:
+    """Fold each host's entries into its weight (and bias) as one ``merge`` layer of ``owner`` in the host's ledger."""
+    for patch, es in hosts.values():
+        where = paths.get(id(patch.host), type(patch.host).__name__)
+        with located(f"{label} into {where}"):
+            after = merged_value(patch, es)
+            bias = getattr(patch.host, "bias", None)
+            touches_bias = bias is not None and after[1] is not None and not torch.equal(after[1], bias)
+            if touches_bias:
+                check_not_selected(model, [cast(torch.Tensor, bias)], f"{label} into {where}")
+            layer = Layer(owner, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)  # type: ignore[misc]
+            ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
+
+
 def merge(ad: Any) -> list[str]:
     """Fold every mergeable unit of ``ad`` into its host; returns the class names of the hosts merged."""
     _usable(ad, "be merged")
@@ -89,21 +109,11 @@ def merge(ad: Any) -> list[str]:
         if isinstance(patch, HostPatch) and e.unit_key in ad.mergeable_units:
             hosts.setdefault(id(patch), (patch, []))[1].append(e)
     paths = _paths(ad.model)
-    for patch, _es in hosts.values():
-        check_not_selected(ad.model, [cast(torch.Tensor, patch.host.weight)], f"merge adapter {ad.name!r} into {paths.get(id(patch.host))}")
-    merged: list[str] = []
-    with Transaction(f"merge adapter {ad.name!r}") as txn:
-        for patch, es in hosts.values():
-            where = paths.get(id(patch.host), type(patch.host).__name__)
-            with located(f"merge adapter {ad.name!r} into {where}"):
-                after = merged_value(patch, es)
-                bias = getattr(patch.host, "bias", None)
-                touches_bias = bias is not None and after[1] is not None and not torch.equal(after[1], bias)
-                if touches_bias:
-                    check_not_selected(ad.model, [cast(torch.Tensor, bias)], f"merge adapter {ad.name!r} into {where}")
-                layer = Layer(ad, "merge", lambda patch=patch, es=es: merged_value(patch, es), touches_bias)  # type: ignore[misc]
-                ledger_of(txn, patch.host, patch.kind).push(txn, layer, after)  # type: ignore[union-attr]
-            merged.append(type(patch.host).__name__)
+    label = f"merge adapter {ad.name!r}"
+    check_hosts_free(ad.model, hosts, paths, label)
+    with Transaction(label) as txn:
+        push_merge_layers(txn, ad, label, ad.model, hosts, paths)
+        merged = [type(patch.host).__name__ for patch, _es in hosts.values()]
         settle = [p for p, _es in hosts.values()]
         txn.on_undo(lambda: [p.settle() for p in settle])  # type: ignore[func-returns-value]  # runs after 'merged' is restored
         txn.set_attr(ad, "merged", True)
