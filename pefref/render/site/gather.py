@@ -17,9 +17,10 @@ from pefref.language.check import expand_modules
 from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
 from pefref.language.sizes import eval_scalar, model_sizes
+from pefref.view.costs import Efficiency, efficiency
 
 __all__ = [
-    "ShapeCount", "EfficiencyView", "TypologyCell", "Related", "TechniqueView", "ShapeView", "SiteData",
+    "ShapeCount", "TypologyCell", "Related", "TechniqueView", "ShapeView", "SiteData",
     "gather", "property_label", "similar_techniques", "builds_on",
 ]
 
@@ -43,19 +44,6 @@ class ShapeCount:
     percent: float = 0.0
     formula: str = ""
     error: str = ""
-
-
-@dataclass
-class EfficiencyView:
-    """Efficiency facts of one technique on one model shape (from :func:`pefref.view.costs.efficiency`)."""
-
-    shape: str
-    mergeable: bool
-    latency: str
-    extra_tokens: int
-    extra_kv_per_layer: int
-    flops_per_token: int
-    flops_per_token_merged: int
 
 
 @dataclass
@@ -95,7 +83,7 @@ class TechniqueView:
     yaml: str
     typology: list[TypologyCell]
     counts: list[ShapeCount]
-    efficiency: list[EfficiencyView]
+    efficiency: list[Efficiency]
     builds_on: list[Related] = field(default_factory=list)
     used_by: list[Related] = field(default_factory=list)
     similar: list[Related] = field(default_factory=list)
@@ -108,8 +96,8 @@ class TechniqueView:
     def count_on(self, shape: str) -> ShapeCount | None:
         return next((c for c in self.counts if c.shape == shape), None)
 
-    def efficiency_on(self, shape: str) -> EfficiencyView | None:
-        return next((e for e in self.efficiency if e.shape == shape), None)
+    def efficiency_on(self, shape: str) -> Efficiency | None:
+        return next((e for e in self.efficiency if e.model == shape), None)
 
 
 @dataclass
@@ -189,15 +177,8 @@ def _counts(t: Technique, catalog: Catalog) -> list[ShapeCount]:
     return out
 
 
-def _efficiency(t: Technique, catalog: Catalog, models: list[str]) -> list[EfficiencyView]:
-    from pefref.view.costs import efficiency
-
-    out = []
-    for name in models:
-        e = efficiency(t, catalog.shapes[name], catalog)
-        out.append(EfficiencyView(name, e.mergeable, e.latency, e.extra_tokens, e.extra_kv_per_layer,
-                                  e.flops_per_token, e.flops_per_token_merged))
-    return out
+def _efficiency(t: Technique, catalog: Catalog, models: list[str]) -> list[Efficiency]:
+    return [efficiency(t, catalog.shapes[name], catalog) for name in models]
 
 
 def builds_on(t: Technique) -> list[tuple[str, str]]:
