@@ -80,13 +80,18 @@ def merge_composition(comp: Any) -> list[str]:
         merged = [paths.get(id(patch.host), type(patch.host).__name__) for patch, _es in hosts.values()]
         settle = [p for p, _es in hosts.values()]
         txn.on_undo(lambda: [p.settle() for p in settle])  # type: ignore[func-returns-value]
-        for ad in comp.adapters.values():
-            txn.set_attr(ad, "merged", True)
-            txn.set_attr(ad, "merged_by", comp)
-        txn.set_attr(comp, "merged", True)
+        _mark_merged(txn, comp, True)
         for p in settle:
             p.settle()
     return merged
+
+
+def _mark_merged(txn: Transaction, comp: Any, merged: bool) -> None:
+    """Record (undoably) that ``comp`` and each of its adapters is merged by ``comp``, or no longer."""
+    for ad in comp.adapters.values():
+        txn.set_attr(ad, "merged", merged)
+        txn.set_attr(ad, "merged_by", comp if merged else None)
+    txn.set_attr(comp, "merged", merged)
 
 
 def unmerge_composition(comp: Any) -> None:
@@ -98,9 +103,6 @@ def unmerge_composition(comp: Any) -> None:
             led.remove(txn, comp, ("merge",))
         patches = [p for ad in comp.adapters.values() for p, _e in ad.entries if isinstance(p, HostPatch)]
         txn.on_undo(lambda: [p.settle() for p in patches])  # type: ignore[func-returns-value]
-        for ad in comp.adapters.values():
-            txn.set_attr(ad, "merged", False)
-            txn.set_attr(ad, "merged_by", None)
-        txn.set_attr(comp, "merged", False)
+        _mark_merged(txn, comp, False)
         for p in patches:
             p.settle()

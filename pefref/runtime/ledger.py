@@ -205,6 +205,18 @@ class FreezeLedger:
     def selectors(self, t: torch.Tensor) -> list[Any]:
         return list(self.selected.get(id(t), []))
 
+    def snapshot(self) -> Callable[[], None]:
+        """A function that puts ``owners`` and ``selected`` back as they are now (for a transaction's undo)."""
+        owners = list(self.owners)
+        sel = {k: list(v) for k, v in self.selected.items()}
+
+        def restore() -> None:
+            self.owners[:] = owners
+            self.selected.clear()
+            self.selected.update(sel)
+
+        return restore
+
 
 def freeze_ledger(model: nn.Module) -> FreezeLedger | None:
     return model.__dict__.get(_FREEZE)
@@ -222,15 +234,7 @@ def freeze(txn: Transaction, model: nn.Module, owner: Any, base: list[torch.Tens
             if id(p) not in led.flags:
                 led.flags[id(p)] = (p, p.requires_grad)
                 txn.on_undo(lambda p=p: led.flags.pop(id(p), None))  # type: ignore[misc]
-    owners = list(led.owners)
-    sel = {k: list(v) for k, v in led.selected.items()}
-
-    def restore() -> None:
-        led.owners[:] = owners
-        led.selected.clear()
-        led.selected.update(sel)
-
-    txn.on_undo(restore)
+    txn.on_undo(led.snapshot())
     led.owners.append(owner)
     for p in base:
         txn.set_requires_grad(p, bool(led.selected.get(id(p))))
@@ -244,13 +248,10 @@ def release(txn: Transaction, model: nn.Module, owner: Any) -> None:
     led: FreezeLedger | None = model.__dict__.get(_FREEZE)
     if led is None or owner not in led.owners:
         return
-    owners = list(led.owners)
-    sel = {k: list(v) for k, v in led.selected.items()}
+    undo = led.snapshot()
 
     def restore() -> None:
-        led.owners[:] = owners
-        led.selected.clear()
-        led.selected.update(sel)
+        undo()
         model.__dict__[_FREEZE] = led
 
     txn.on_undo(restore)
