@@ -77,13 +77,19 @@ class SiteContext:
 
 
 class SharedStore:
-    """Tensors shared across layers and/or sites, keyed by module, name and sharing scope."""
+    """Tensors shared across layers and/or sites, keyed by module, name and sharing scope.
+
+    A tensor stored ``stacked`` (per-layer copies kept in one tensor [layers, *shape]) has one key per
+    module, name and site; ``picks`` counts the slices handed out so far (each unit takes the next)."""
 
     def __init__(self) -> None:
         self.tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.picks: dict[tuple[Any, ...], int] = {}
 
     @staticmethod
-    def key(module: str, pname: str, shared: str, site: str, layer: int | None) -> tuple[Any, ...]:
+    def key(module: str, pname: str, shared: str, site: str, layer: int | None, stacked: str = "none") -> tuple[Any, ...]:
+        if stacked != "none":
+            return (module, pname, "stacked", site)
         scope = {"none": (site, layer), "layers": (site,), "sites": (layer,), "all": ()}[shared]
         return (module, pname, shared, *scope)
 
@@ -127,9 +133,9 @@ class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
     def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
-                 input_names: tuple[str, ...] = (), publish: bool = False) -> None:
+                 input_names: tuple[str, ...] = (), publish: bool = False, picks: dict[str, int] | None = None) -> None:
         super().__init__()
-        self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
+        self.form, self.exprs, self.consts, self.views, self.picks = form, exprs, consts, views, picks or {}
         self.input_names, self.publish = input_names, publish
         for name, t in tensors.items():
             if isinstance(t, nn.Parameter):
@@ -146,6 +152,8 @@ class _Program(nn.Module):
         env = dict(self.consts)
         for n in self.tensor_names:
             t = getattr(self, n)
+            if n in self.picks:  # a stacked tensor: this layer's slice
+                t = t[self.picks[n]]
             view = self.views.get(n)
             env[n] = t[tuple(slice(0, s) for s in view)] if view else t
         env.update(x=x, h=h, W=W, mask=mask)
@@ -178,8 +186,9 @@ class Unit(nn.Module):
     with :mod:`torch.fx` and turned into Python code once, whatever the number
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
-    generated source), ``used_inputs`` (the forward's arguments the code reads)
-    and ``program`` (what it was compiled from).
+    generated source), ``used_inputs`` (the forward's arguments the code reads),
+    ``program`` (what it was compiled from) and ``picks`` (the stacked tensors it
+    holds whole, each with the index of this unit's slice).
     """
 
     form: str
@@ -187,6 +196,7 @@ class Unit(nn.Module):
     used_inputs: frozenset[str]
     code: str
     program: tuple[Any, ...]
+    picks: Mapping[str, int] = {}
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, bool]) -> None:
         super().__init__()
@@ -204,6 +214,15 @@ class Unit(nn.Module):
                 self._buffers[name] = t
             else:
                 self.register_buffer(name, t)
+
+    def own(self, name: str) -> torch.Tensor:
+        """The unit's own value of tensor ``name``: its slice of a stacked tensor, else the tensor as held."""
+        t = cast(torch.Tensor, getattr(self, name))
+        return t[self.picks[name]] if name in self.picks else t
+
+    def own_numel(self, trainable_only: bool = True) -> int:
+        """Elements of this unit's tensors (of its slices of stacked ones), trainable ones only by default."""
+        return sum(self.own(n).numel() for n, p in self.named_parameters(recurse=False) if p.requires_grad or not trainable_only)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class cannot be found by name: pickle the program it comes from
@@ -233,18 +252,18 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
-    form, exprs, consts, _shapes, views, input_names, publish = program
-    clash = sorted(n for n in tensors if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program"))
+    form, exprs, consts, _shapes, views, input_names, publish, picks = program
+    clash = sorted(n for n in tensors if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "picks"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
-    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish)
+    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, dict(picks))
     tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
     tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
     graph = tracer.trace(prog)
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
     same = _BY_CODE.get(pc.src)  # other constants, same code (e.g. widths the code never reads)
-    if same is not None:
+    if same is not None and same.picks == dict(picks):
         _PROGRAMS[program] = same
         return same
     filename = f"<pefref generated {name}>"
@@ -253,7 +272,7 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     exec(compile(pc.src, filename, "exec"), glb)  # code generated by torch.fx from the checked expression tree, never YAML text
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
     cls = type(name, (Unit,), {"forward": glb["forward"], "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-                               "program": program, "__module__": __name__})
+                               "program": program, "picks": dict(picks), "__module__": __name__})
     _PROGRAMS[program] = _BY_CODE[pc.src] = cls
     return cls
 
@@ -313,33 +332,55 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     rec = recipe(spec, names)
     tensors: dict[str, torch.Tensor] = {}
     views: dict[str, tuple[int, ...]] = {}
+    picks: dict[str, int] = {}
     trainable: dict[str, bool] = {}
     env: dict[str, Any] | None = None
     meta = str(ctx.device) == "meta"
+
+    def init(tr: TensorRecipe, shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal env
+        if meta and tr.filler and tr.name in rec.meta_checked:  # shapes only: the values come with the weights loaded later
+            return torch.empty(shape, dtype=ctx.dtype, device="meta")
+        if env is None:
+            env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
+        t = evaluate(tr.init, env, init_table(shape, ctx.dtype, ctx.device))
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PefrefError(f"{spec.name}.{tr.name}: init {tr.spec.init!r} gave {got}, expected shape {shape}")
+        t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
+        if meta and tr.filler:
+            rec.meta_checked.add(tr.name)
+        return t
+
     for tr in rec.tensors:
         pname, pspec, local = tr.name, tr.spec, tr.shape
-        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer)
-        full = (shared_shapes or {}).get(key, local)
-        if key not in store.tensors:
-            if meta and tr.filler and pname in rec.meta_checked:  # shapes only: the values come with the weights loaded later
-                t = torch.empty(full, dtype=ctx.dtype, device="meta")
-            else:
-                if env is None:
-                    env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
-                t = evaluate(tr.init, env, init_table(full, ctx.dtype, ctx.device))
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != full:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise PefrefError(f"{spec.name}.{pname}: init {pspec.init!r} gave {got}, expected shape {full}")
-                t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
-                if meta and tr.filler:
-                    rec.meta_checked.add(pname)
+        stacked = pspec.stacked != "none"
+        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
+        full = (shared_shapes or {}).get(key, (1, *local) if stacked else local)
+        if stacked:  # per-layer copies in one tensor: this unit initialises (and then reads) the next slice
+            i = store.picks.get(key, 0)
+            if i >= full[0]:
+                raise PefrefError(f"{spec.name}.{pname}: more placements than the {full[0]} slices planned for the stacked tensor")
+            part = init(tr, full[1:])
+            if key not in store.tensors:
+                t = (torch.empty if meta else torch.zeros)(full, dtype=part.dtype, device=part.device)  # slices filled unit by unit
+                store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+            if not meta:
+                with torch.no_grad():
+                    store.tensors[key][i].copy_(part)
+            store.picks[key] = i + 1
+            picks[pname] = i
+            full = full[1:]
+        elif key not in store.tensors:
+            t = init(tr, full)
             store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if full != local:
             views[pname] = local
     shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
-    program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish)
+    program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish,
+               tuple(sorted(picks.items())))
     cls = _PROGRAMS.get(program)
     if cls is None:
         cls = _program_class(program, tensors)
@@ -347,7 +388,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
         own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
-        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False)
+        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False, program[7])
         gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
         unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
     return unit

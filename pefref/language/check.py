@@ -200,6 +200,12 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
+            if spec.stacked != "none" and spec.shared != "none":
+                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                                   f"stacked: {spec.stacked} stores the per-layer copies of an unshared tensor together; this one is shared: {spec.shared}"))
+            if spec.stacked != "none" and any(s in ref.sites and not ref.sites[s].per_layer for s in m.sites):
+                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                                   "stacked: layers needs per-layer sites; this module also attaches once per model"))
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:
