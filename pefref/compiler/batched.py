@@ -80,7 +80,7 @@ class _V:
 def batchable(units: Sequence[Unit]) -> bool:
     """Whether ``units`` can run as one layer-batched program: one program up to the slice each unit
     reads, the same tensors, at least one of them stacked, and every slice of the stacked ones read once."""
-    if len(units) < 2 or not units[0].picks:
+    if len(units) < 2 or not units[0].picks or units[0].tensor_of:  # (split tensors are held as pieces)
         return False
     first = units[0]
     head = first.program[:7]

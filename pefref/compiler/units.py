@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -34,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from pefref.compiler import parts
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.hparams import resolve_hyperparameters, shape_of
@@ -83,7 +85,7 @@ class SharedStore:
     module, name and site; ``picks`` counts the slices handed out so far (each unit takes the next)."""
 
     def __init__(self) -> None:
-        self.tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.tensors: dict[tuple[Any, ...], Any] = {}  # a tensor, or a split tensor's pieces (nested lists)
         self.picks: dict[tuple[Any, ...], int] = {}
 
     @staticmethod
@@ -104,6 +106,17 @@ def _value_key(a: Any) -> Any:
     return (type(a).__name__, a)
 
 
+def _proxy_in(a: Any) -> fx.Proxy | None:
+    """``a`` if it is a proxy, else the first proxy among the pieces of a split tensor (nested lists)."""
+    if isinstance(a, fx.Proxy):
+        return a
+    if isinstance(a, list):
+        for x in a:
+            if (p := _proxy_in(x)) is not None:
+                return p
+    return None
+
+
 def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """Record ``fn`` as one call in the traced graph when any argument is a proxy.
 
@@ -113,8 +126,8 @@ def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, fx.Proxy):
+        for arg in (*args, *kwargs.values()):
+            if (a := _proxy_in(arg)) is not None:
                 if memo is None:
                     return a.tracer.create_proxy("call_function", fn, args, kwargs)
                 try:
@@ -137,12 +150,13 @@ class _Program(nn.Module):
         super().__init__()
         self.form, self.exprs, self.consts, self.views, self.picks = form, exprs, consts, views, picks or {}
         self.input_names, self.publish = input_names, publish
-        for name, t in tensors.items():
+        for name, t in parts.flatten(tensors).items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
             else:
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
+        self.splits = {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}
 
     def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
         memo: dict[Any, Any] = {}  # common subexpressions (an op called twice on the same values) become one node
@@ -150,12 +164,12 @@ class _Program(nn.Module):
         drop = PRIMITIVES["dropout"].fn  # random: never shared
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
         env = dict(self.consts)
-        for n in self.tensor_names:
-            t = getattr(self, n)
-            if n in self.picks:  # a stacked tensor: this layer's slice
-                t = t[self.picks[n]]
-            view = self.views.get(n)
-            env[n] = t[tuple(slice(0, s) for s in view)] if view else t
+        piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
+        whole = [n for n in self.tensor_names if n not in self.picks]
+        env.update(parts.env_values(self, self.splits, whole, self.views, piecewise, _leaf(parts.join)))
+        for n, i in self.picks.items():  # a stacked tensor: this layer's slice
+            v = self.views.get(n)
+            env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
         env.update(x=x, h=h, W=W, mask=mask)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
@@ -187,7 +201,8 @@ class Unit(nn.Module):
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
     generated source), ``used_inputs`` (the forward's arguments the code reads),
-    ``program`` (what it was compiled from) and ``picks`` (the stacked tensors it
+    ``program`` (what it was compiled from), ``tensor_of`` (the attribute holding a piece of a split
+    tensor -> the declared tensor; :mod:`pefref.compiler.parts`) and ``picks`` (the stacked tensors it
     holds whole, each with the index of this unit's slice).
     """
 
@@ -196,6 +211,7 @@ class Unit(nn.Module):
     used_inputs: frozenset[str]
     code: str
     program: tuple[Any, ...]
+    tensor_of: dict[str, str] = {}
     picks: Mapping[str, int] = {}
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, bool]) -> None:
@@ -203,6 +219,9 @@ class Unit(nn.Module):
         # the names were checked when the class was made (no clash with its attributes), so without global
         # registration hooks the tensors go straight into the module's tables (register_* costs ~15 us each)
         fast = not _torch_module._global_parameter_registration_hooks and not _torch_module._global_buffer_registration_hooks
+        if any(isinstance(t, list) for t in tensors.values()):  # split tensors: their pieces (compiler.parts)
+            trainable = {a: trainable[n] for a, n in parts.owners(tensors).items()}
+            tensors = parts.flatten(tensors)
         for name, t in tensors.items():
             if trainable[name]:
                 p = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
@@ -246,14 +265,17 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
     cls = _PROGRAMS.get(program)
     if cls is None:
         shapes = program[3]
-        cls = _program_class(program, {n: torch.empty(s, device="meta") for n, s in shapes})
+        cls = _program_class(program, {n: parts.example(s, k) for n, s, k in shapes})
     return cls.__new__(cls)
 
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
     form, exprs, consts, _shapes, views, input_names, publish, picks = program
-    clash = sorted(n for n in tensors if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "picks"))
+    own = parts.owners(tensors)
+    if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
+        raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
+    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "picks"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
     prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, dict(picks))
@@ -263,7 +285,7 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
     same = _BY_CODE.get(pc.src)  # other constants, same code (e.g. widths the code never reads)
-    if same is not None and same.picks == dict(picks):
+    if same is not None:
         _PROGRAMS[program] = same
         return same
     filename = f"<pefref generated {name}>"
@@ -272,7 +294,7 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     exec(compile(pc.src, filename, "exec"), glb)  # code generated by torch.fx from the checked expression tree, never YAML text
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
     cls = type(name, (Unit,), {"forward": glb["forward"], "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-                               "program": program, "picks": dict(picks), "__module__": __name__})
+                               "program": program, "tensor_of": {a: n for a, n in own.items() if a != n}, "picks": dict(picks), "__module__": __name__})
     _PROGRAMS[program] = _BY_CODE[pc.src] = cls
     return cls
 
@@ -330,7 +352,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         return None
     names = ctx.names(hps)
     rec = recipe(spec, names)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     views: dict[str, tuple[int, ...]] = {}
     picks: dict[str, int] = {}
     trainable: dict[str, bool] = {}
@@ -373,12 +395,13 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             full = full[1:]
         elif key not in store.tensors:
             t = init(tr, full)
-            store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+            k = getattr(pspec, "split", 0)
+            store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if full != local:
             views[pname] = local
-    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
+    shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
     program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish,
                tuple(sorted(picks.items())))
     cls = _PROGRAMS.get(program)
@@ -387,8 +410,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     unit = cls(tensors, trainable)
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
-        own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
         gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False, program[7])
-        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
-        unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
+        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, tensors)
+        unit.__dict__["gate_unit"] = gcls(tensors, trainable)
     return unit
