@@ -180,13 +180,13 @@ def test_index_filter_sort_and_compare_selection(browser, site) -> None:
     assert sorted(_ids_in_address(browser)) == sorted([ids[1], ids[3]])
 
 
-def test_pages_fit_a_phone(browser, site) -> None:
+def test_pages_fit_a_phone(browser, site, composition) -> None:
     """At a phone's width the page itself never scrolls sideways: wide tables scroll inside their box."""
     out, ids, _ = site
     browser.set_window_size(390, 844)
     try:
         for page in ("index.html", f"compare.html?ids={ids[0]},{ids[1]}", f"techniques/{ids[0]}.html", "typology.html",
-                     "models.html", "primitives.html", "schema.html", "compositions.html"):
+                     "models.html", "primitives.html", "schema.html", "compositions.html", f"compositions/{composition[0]}.html"):
             path, _, query = page.partition("?")
             browser.get(_url(out, path) + (f"?{query}" if query else ""))
             width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
