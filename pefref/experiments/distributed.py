@@ -80,7 +80,8 @@ def launched() -> bool:
 
 
 def shard(model: nn.Module, d: Dist) -> list[str]:
-    """FSDP2 on ``model`` in place: each transformer block, then the root; returns the classes sharded as blocks.
+    """FSDP2 on ``model`` in place: each transformer block (and an input embedding inside one), then the root;
+    returns the classes sharded as blocks.
 
     The parameters become DTensors sharded over the processes (moved to ``d.device``
     block by block, so the whole model never sits on one device).
@@ -95,10 +96,22 @@ def shard(model: nn.Module, d: Dist) -> list[str]:
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not blocks:
         raise PefrefError(f"training.distributed: fsdp needs the model's transformer blocks ({type(model).__name__} lists no _no_split_modules)")
-    for b in blocks:
+    # prompts are prepended by calling the input embedding directly, outside its block's forward (BERT's
+    # embeddings are a block): such an embedding is its own unit, so it gathers its weight when called
+    embed = _input_embeddings(model)
+    inner = [embed] if embed is not None and any(embed is not b and any(m is embed for m in b.modules()) for b in blocks) else []
+    for b in inner + blocks:
         fully_shard(b, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return sorted({type(b).__name__ for b in blocks})
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    fn = getattr(model, "get_input_embeddings", None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

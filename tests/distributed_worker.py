@@ -1,11 +1,11 @@
-"""Started by ``tests/test_experiments_ddp.py`` under torchrun with 2 processes (gloo, CPU): one launch, three FSDP2 checks.
+"""Started by ``tests/test_experiments_ddp.py`` under torchrun with 2 processes (gloo, CPU): one launch, three checks.
 
-``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py EXPERIMENT OUT``
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py EXPERIMENT OUT``
 
 1. ``pefref run EXPERIMENT -o OUT/straight`` through the command line, uninterrupted;
-2. the same experiment into ``OUT/resumed``, stopped by a Ctrl-C (SIGINT) in rank 0 after step 3 (its
+2. the experiment's first run (LoRA) into ``OUT/resumed``, stopped by a Ctrl-C (SIGINT) in rank 0 after step 3 (its
    checkpoint is copied to ``OUT/interrupted-state.pt``), then the same call again, which resumes it;
-3. the run's model built and sharded again as training shards it: every rank's parameter bytes, and the
+3. with ``training.distributed: fsdp``, that run's model built and sharded again as training shards it: every rank's parameter bytes, and the
    logits of the sharded model with ``OUT/straight``'s adapter checkpoint loaded (rank 0 writes them to
    ``OUT/shards.pt``).
 """
@@ -70,14 +70,16 @@ def main(exp_path: Path, out: Path) -> None:
         if step == 3 and rank == 0:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, in one process only: every process stops after this step
 
-    first = run_experiment(exp_path, out / "resumed", progress=False, on_step=interrupt)
+    first = run_experiment(exp_path, out / "resumed", progress=False, on_step=interrupt, only="lora")
     assert first.interrupted is not None and not first.done, first
     if rank == 0:  # the checkpoint the Ctrl-C wrote (the resumed run overwrites it)
         shutil.copy(out / "resumed" / "runs" / first.interrupted / "state.pt", out / "interrupted-state.pt")
-    second = run_experiment(exp_path, out / "resumed", progress=False)
+    second = run_experiment(exp_path, out / "resumed", progress=False, only="lora")
     assert len(second.done) == 1, second
 
     d = init("cpu")
+    if load_experiment(exp_path)[0].training.distributed != "fsdp":
+        return
     model, prep, tok, spec = run_model(exp_path)
     _shard(model, prep, d)
     local, full = parameter_bytes(model)
