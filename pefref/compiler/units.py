@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from pefref.compiler import parts
 from pefref.compiler.activation import NoLinearRule, linear_forward
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
@@ -83,7 +85,7 @@ class SharedStore:
     """Tensors shared across layers and/or sites, keyed by module, name and sharing scope."""
 
     def __init__(self) -> None:
-        self.tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.tensors: dict[tuple[Any, ...], Any] = {}  # a tensor, or a split tensor's pieces (nested lists)
 
     @staticmethod
     def key(module: str, pname: str, shared: str, site: str, layer: int | None) -> tuple[Any, ...]:
@@ -101,6 +103,17 @@ def _value_key(a: Any) -> Any:
     return (type(a).__name__, a)
 
 
+def _proxy_in(a: Any) -> fx.Proxy | None:
+    """``a`` if it is a proxy, else the first proxy among the pieces of a split tensor (nested lists)."""
+    if isinstance(a, fx.Proxy):
+        return a
+    if isinstance(a, list):
+        for x in a:
+            if (p := _proxy_in(x)) is not None:
+                return p
+    return None
+
+
 def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """Record ``fn`` as one call in the traced graph when any argument is a proxy.
 
@@ -110,8 +123,8 @@ def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, fx.Proxy):
+        for arg in (*args, *kwargs.values()):
+            if (a := _proxy_in(arg)) is not None:
                 if memo is None:
                     return a.tracer.create_proxy("call_function", fn, args, kwargs)
                 try:
@@ -134,13 +147,14 @@ class _Program(nn.Module):
         super().__init__()
         self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
         self.input_names, self.publish, self.lean = input_names, publish, lean
-        self.shapes = {n: tuple(views.get(n, t.shape)) for n, t in tensors.items()}
-        for name, t in tensors.items():
+        self.shapes = {n: tuple(views.get(n, t.shape)) for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
+        for name, t in parts.flatten(tensors).items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
             else:
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
+        self.splits = {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}
 
     def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
         memo: dict[Any, Any] = {}  # common subexpressions (an op called twice on the same values) become one node
@@ -148,10 +162,8 @@ class _Program(nn.Module):
         drop = PRIMITIVES["dropout"].fn  # random: never shared
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
         env = dict(self.consts)
-        for n in self.tensor_names:
-            t = getattr(self, n)
-            view = self.views.get(n)
-            env[n] = t[tuple(slice(0, s) for s in view)] if view else t
+        piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
+        env.update(parts.env_values(self, self.splits, self.tensor_names, self.views, piecewise, _leaf(parts.join)))
         env.update(x=x, h=h, W=W, mask=mask)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
@@ -185,7 +197,8 @@ class Unit(nn.Module):
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
     generated source), ``used_inputs`` (the forward's arguments the code reads)
-    and ``program`` (what it was compiled from).
+    ``program`` (what it was compiled from) and ``tensor_of`` (the attribute holding a piece of a split
+    tensor -> the declared tensor; :mod:`pefref.compiler.parts`).
     """
 
     form: str
@@ -193,6 +206,7 @@ class Unit(nn.Module):
     used_inputs: frozenset[str]
     code: str
     program: tuple[Any, ...]
+    tensor_of: dict[str, str] = {}
     linear_forward: Any = None  # reparameterise: x W'^T without forming W' (generated), or None
     lean_code: str = ""
 
@@ -201,6 +215,9 @@ class Unit(nn.Module):
         # the names were checked when the class was made (no clash with its attributes), so without global
         # registration hooks the tensors go straight into the module's tables (register_* costs ~15 us each)
         fast = not _torch_module._global_parameter_registration_hooks and not _torch_module._global_buffer_registration_hooks
+        if any(isinstance(t, list) for t in tensors.values()):  # split tensors: their pieces (compiler.parts)
+            trainable = {a: trainable[n] for a, n in parts.owners(tensors).items()}
+            tensors = parts.flatten(tensors)
         for name, t in tensors.items():
             if trainable[name]:
                 p = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
@@ -235,14 +252,17 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
     cls = _PROGRAMS.get(program)
     if cls is None:
         shapes = program[3]
-        cls = _program_class(program, {n: torch.empty(s, device="meta") for n, s in shapes})
+        cls = _program_class(program, {n: parts.example(s, k) for n, s, k in shapes})
     return cls.__new__(cls)
 
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
     form, exprs, consts, _shapes, views, input_names, publish = program
-    clash = sorted(n for n in tensors if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "linear_forward", "lean_code"))
+    own = parts.owners(tensors)
+    if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
+        raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
+    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
     prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish)
@@ -265,7 +285,7 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
         return same
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
     attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-             "program": program, "__module__": __name__, "lean_code": lean_src}
+             "program": program, "tensor_of": {a: n for a, n in own.items() if a != n}, "__module__": __name__, "lean_code": lean_src}
     if lpc is not None:
         attrs["linear_forward"] = _generated(lpc, name + "_linear")
     cls = type(name, (Unit,), attrs)
@@ -341,7 +361,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         return None
     names = ctx.names(hps)
     rec = recipe(spec, names)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     views: dict[str, tuple[int, ...]] = {}
     trainable: dict[str, bool] = {}
     env: dict[str, Any] | None = None
@@ -363,12 +383,13 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
                 t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
                 if meta and tr.filler:
                     rec.meta_checked.add(pname)
-            store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+            k = getattr(pspec, "split", 0)
+            store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if full != local:
             views[pname] = local
-    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
+    shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
     program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish)
     cls = _PROGRAMS.get(program)
     if cls is None:
@@ -376,8 +397,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     unit = cls(tensors, trainable)
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
-        own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
         gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False)
-        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
-        unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
+        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, tensors)
+        unit.__dict__["gate_unit"] = gcls(tensors, trainable)
     return unit
