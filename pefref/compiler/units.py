@@ -198,7 +198,8 @@ class Unit(nn.Module):
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
     generated source), ``used_inputs`` (the forward's arguments the code reads)
     ``program`` (what it was compiled from) and ``tensor_of`` (the attribute holding a piece of a split
-    tensor -> the declared tensor; :mod:`pefref.compiler.parts`).
+    tensor -> the declared tensor) and ``splits`` (a split tensor -> its split dimensions;
+    :mod:`pefref.compiler.parts`, whose ``read``/``write`` take a declared tensor by name).
     """
 
     form: str
@@ -207,6 +208,7 @@ class Unit(nn.Module):
     code: str
     program: tuple[Any, ...]
     tensor_of: dict[str, str] = {}
+    splits: dict[str, tuple[int, ...]] = {}
     linear_forward: Any = None  # reparameterise: x W'^T without forming W' (generated), or None
     lean_code: str = ""
 
@@ -285,7 +287,8 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
         return same
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
     attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-             "program": program, "tensor_of": {a: n for a, n in own.items() if a != n}, "__module__": __name__, "lean_code": lean_src}
+             "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
+             "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "__module__": __name__, "lean_code": lean_src}
     if lpc is not None:
         attrs["linear_forward"] = _generated(lpc, name + "_linear")
     cls = type(name, (Unit,), attrs)
