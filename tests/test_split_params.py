@@ -31,10 +31,11 @@ modules:
 """
 
 
-def _technique(tmp_path: Path, split: bool):
+def _technique(tmp_path: Path, split: bool, host_update: bool = False):
     tid = "split_probe" if split else "whole_probe"
     p = tmp_path / f"{tid}.yaml"
-    p.write_text(LOW_RANK.format(tid=tid, split=", split: 1" if split else ""), encoding="utf-8")
+    p.write_text(LOW_RANK.format(tid=tid, split=", split: 1" if split else "") + ("    host_update: W - 0.5 * B @ A\n" if host_update else ""),
+                 encoding="utf-8")
     cat = default_catalog()
     loaded, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
     assert not problems, "\n".join(map(str, problems))
@@ -42,9 +43,9 @@ def _technique(tmp_path: Path, split: bool):
 
 
 def test_a_split_tensor_is_stored_per_piece_and_computes_what_the_whole_one_does(tmp_path: Path) -> None:
-    """linear() takes no pieces: they are stacked back, and the adapter computes exactly what the unsplit one does
-    (same initial values: the initialiser fills the whole tensor, then it is split)."""
-    whole, split = _technique(tmp_path, False), _technique(tmp_path, True)
+    """linear() and the host update take no pieces: they are stacked back, and the adapter computes exactly what
+    the unsplit one does (same initial values: the initialiser fills the whole tensor, then it is split)."""
+    whole, split = _technique(tmp_path, False, True), _technique(tmp_path, True, True)
     cat = default_catalog()
     shape = cat.shape(TINY["llama"])
     assert count_params(split, shape, cat).trainable == count_params(whole, shape, cat).trainable
@@ -104,3 +105,21 @@ def test_lstm_weights_are_torch_lstm_s_tensors_ordered_layer_by_layer() -> None:
     assert len(pieces) == len(list(ref.parameters()))
     assert all(a != b for a, b in itertools.pairwise(pieces))
     assert names[:3] == ["E", "Wih_0", "Wih_rest_0_0"] and names[-4:] == ["W1", "b1", "W2", "b2"]
+
+
+def test_a_split_tensor_reads_writes_and_merges_as_one(tmp_path: Path) -> None:
+    from pefref.compiler.parts import read, write
+
+    model = tiny_model("llama")
+    adapter = apply(model, _technique(tmp_path, True))
+    unit = next(iter(adapter.units.values()))
+    assert type(unit).splits == {"A": (3,)}
+    a = read(unit, "A")
+    assert a.shape == (3, model.config.hidden_size)
+    write(unit, "A", a.flip(0))
+    assert torch.equal(read(unit, "A"), a.flip(0)) and torch.equal(unit.A_0, a[2])
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        before = output_of(model, inputs)
+        adapter.merge()
+        assert (output_of(model, inputs) - before).abs().max().item() <= 1e-5

@@ -37,7 +37,7 @@ from torch import nn
 from pefref.language.errors import PefrefError
 from pefref.ops import PRIMITIVES
 
-__all__ = ["MAX_PARTS", "split", "piece_name", "flatten", "owners", "nest", "entry", "lead", "example", "view", "join", "piecewise_names", "env_values"]
+__all__ = ["MAX_PARTS", "split", "piece_name", "flatten", "owners", "nest", "entry", "lead", "example", "view", "join", "piecewise_names", "env_values", "read", "write"]
 
 MAX_PARTS = 4096
 """Most pieces one split parameter may have (each is a module attribute and an optimizer tensor)."""
@@ -163,3 +163,21 @@ def env_values(module: nn.Module, splits: Mapping[str, tuple[int, ...]], names: 
             t = view(t, v)
         out[n] = stack(t) if lead and n not in piecewise else t
     return out
+
+
+def read(unit: nn.Module, name: str) -> torch.Tensor:
+    """A unit's declared tensor ``name``: the stored tensor, or a split one's pieces stacked (a new tensor:
+    write with :func:`write`)."""
+    lead = getattr(type(unit), "splits", {}).get(name)
+    return join(nest(lambda a: getattr(unit, a), name, lead)) if lead else getattr(unit, name)
+
+
+def write(unit: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Copy ``value`` (the declared shape) into a unit's tensor ``name``, piece by piece for a split one (no autograd)."""
+    lead = getattr(type(unit), "splits", {}).get(name)
+    with torch.no_grad():
+        if not lead:
+            getattr(unit, name).copy_(value)
+            return
+        for idx in itertools.product(*map(range, lead)):
+            getattr(unit, piece_name(name, idx)).copy_(value[idx])
