@@ -14,7 +14,9 @@ output other units read returns ``(output, delta)``):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
-* reparameterise:  ``weight(W)`` → the weight the host runs with
+* reparameterise:  ``weight(W)`` → the weight the host runs with; where the weight expression has an
+                   activation-space reading (:mod:`pefref.compiler.activation`), the class also has
+                   ``linear_forward(x, None, W, training)`` → :math:`x W'^\\top` without forming ``W'``
 * rescale:         ``scale`` → vector multiplying the host output (or input)
 * prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend; a prefix with a ``gate``
                    also holds ``unit.gate_unit`` (same tensors): ``gate_unit(x, None, None, training)``
@@ -36,6 +38,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from pefref.compiler import parts
+from pefref.compiler.activation import NoLinearRule, linear_forward
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.hparams import resolve_hyperparameters, shape_of
@@ -146,10 +149,12 @@ class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
     def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
-                 input_names: tuple[str, ...] = (), publish: bool = False, picks: dict[str, int] | None = None) -> None:
+                 input_names: tuple[str, ...] = (), publish: bool = False, lean: bool = False, picks: dict[str, int] | None = None) -> None:
         super().__init__()
         self.form, self.exprs, self.consts, self.views, self.picks = form, exprs, consts, views, picks or {}
-        self.input_names, self.publish = input_names, publish
+        self.input_names, self.publish, self.lean = input_names, publish, lean
+        self.shapes = {n: tuple(views.get(n, t.shape[1:] if n in self.picks else t.shape))  # a stacked tensor: one layer's slice
+                       for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
         for name, t in parts.flatten(tensors).items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -179,6 +184,8 @@ class _Program(nn.Module):
             out = evaluate(self.exprs["integrate"], env, ops)
             return (out, env["delta"]) if self.publish else out
         if f == "reparameterise":
+            if self.lean:  # x W'^T read in activation space (NoLinearRule where it has no such reading)
+                return linear_forward(self.exprs["weight"], env, ops, x, self.shapes, (self.consts["d_out"], self.consts["d_in"]))
             return evaluate(self.exprs["weight"], env, ops)
         if f == "rescale":
             return evaluate(self.exprs["scale"], env, ops)
@@ -201,10 +208,10 @@ class Unit(nn.Module):
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
     generated source), ``used_inputs`` (the forward's arguments the code reads),
-    ``program`` (what it was compiled from), ``tensor_of`` (the attribute holding a piece of a split
-    tensor -> the declared tensor), ``splits`` (a split tensor -> its split dimensions;
-    :mod:`pefref.compiler.parts`, whose ``read``/``write`` take a declared tensor by name) and ``picks``
-    (the stacked tensors it holds whole, each with the index of this unit's slice).
+    ``picks`` (the stacked tensors it holds whole, each with the index of this unit's slice),
+    ``program`` (what it was compiled from) and ``tensor_of`` (the attribute holding a piece of a split
+    tensor -> the declared tensor) and ``splits`` (a split tensor -> its split dimensions;
+    :mod:`pefref.compiler.parts`, whose ``read``/``write`` take a declared tensor by name).
     """
 
     form: str
@@ -213,8 +220,10 @@ class Unit(nn.Module):
     code: str
     program: tuple[Any, ...]
     tensor_of: dict[str, str] = {}
-    splits: dict[str, tuple[int, ...]] = {}
     picks: Mapping[str, int] = {}
+    splits: dict[str, tuple[int, ...]] = {}
+    linear_forward: Any = None  # reparameterise: x W'^T without forming W' (generated), or None
+    lean_code: str = ""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, bool]) -> None:
         super().__init__()
@@ -277,30 +286,52 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     own = parts.owners(tensors)
     if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
         raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
-    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "picks"))
+    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code", "picks"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
-    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, dict(picks))
-    tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
-    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
-    graph = tracer.trace(prog)
+    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, picks=dict(picks))
+    graph = _trace(prog)
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
-    same = _BY_CODE.get(pc.src)  # other constants, same code (e.g. widths the code never reads)
+    lpc = None
+    if form == "reparameterise":
+        lean = _Program(form, prog.exprs, dict(consts), dict(tensors), dict(views), input_names, publish, lean=True, picks=dict(picks))
+        try:
+            lpc = _trace(lean).python_code(root_module="self")
+        except NoLinearRule:  # a node without an activation-space reading: the host runs with the formed weight
+            pass
+        except Exception:  # an optimisation only: whatever the reading cannot trace runs with the formed weight
+            lpc = None
+    lean_src = "" if lpc is None else lpc.src
+    same = _BY_CODE.get(pc.src + lean_src)  # other constants, same code (e.g. widths the code never reads)
     if same is not None:
         _PROGRAMS[program] = same
         return same
+    used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
+    attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
+             "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
+             "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "picks": dict(picks), "__module__": __name__,
+             "lean_code": lean_src}
+    if lpc is not None:
+        attrs["linear_forward"] = _generated(lpc, name + "_linear")
+    cls = type(name, (Unit,), attrs)
+    _PROGRAMS[program] = _BY_CODE[pc.src + lean_src] = cls
+    return cls
+
+
+def _trace(prog: _Program) -> fx.Graph:
+    tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
+    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
+    return tracer.trace(prog)
+
+
+def _generated(pc: Any, name: str) -> Any:
+    """The ``forward`` function of generated code (``pc``: torch.fx's PythonCode), its source kept for tracebacks."""
     filename = f"<pefref generated {name}>"
     linecache.cache[filename] = (len(pc.src), None, pc.src.splitlines(True), filename)  # tracebacks show the code
     glb = dict(pc.globals)
     exec(compile(pc.src, filename, "exec"), glb)  # code generated by torch.fx from the checked expression tree, never YAML text
-    used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
-    cls = type(name, (Unit,), {"forward": glb["forward"], "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-                               "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
-                               "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "picks": dict(picks),
-                               "__module__": __name__})
-    _PROGRAMS[program] = _BY_CODE[pc.src] = cls
-    return cls
+    return glb["forward"]
 
 
 @dataclass(frozen=True)

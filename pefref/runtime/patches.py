@@ -203,7 +203,9 @@ class HostPatch:
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
         weights = [e for e in entries if e.form == "reparameterise"]
-        if weights:
+        if weights and self._lean(weights):
+            out = self._run_lean(weights, x, training)
+        elif weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             for e, grp in _steps(weights):
                 if grp:
@@ -222,6 +224,32 @@ class HostPatch:
             for e, grp in _steps(outs):
                 h = _sliced(h, e, self._fn(e, grp, x_site, training))
         return (h, *out[1:]) if self.first else h
+
+    def _lean(self, weights: list[Entry]) -> bool:
+        """Whether the reparameterised weights can act on the input without being formed: a linear host, units whose
+        weight has an activation-space reading, each on its own rows (one unsliced unit, or disjoint slices)."""
+        if self.kind.bias is None or any(e.group is not None or getattr(e.unit, "linear_forward", None) is None for e in weights):
+            return False
+        return (len(weights) == 1 and not weights[0].size) or _disjoint_slices(weights)
+
+    def _run_lean(self, weights: list[Entry], x: torch.Tensor, training: bool) -> torch.Tensor:
+        """The host's output with each unit's weight read in activation space (``x W'^T + b``, no ``W'`` formed);
+        a sliced unit replaces its features of the host's own output."""
+        W = self.kind.get_weight(self.host)  # type: ignore[misc]
+        b = self.kind.bias(self.host)  # type: ignore[misc]
+
+        def own(e: Entry) -> torch.Tensor:
+            y = cast(Any, e.unit).linear_forward(x, None, take(W, 0, e.start, e.size, e.period), training)
+            return y if b is None else y + take(b, 0, e.start, e.size, e.period)
+
+        if len(weights) == 1 and not weights[0].size:
+            return own(weights[0])
+        base = self.kind.run(self.host, x, W)  # type: ignore[misc]
+
+        def part(e: Entry) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda _h: own(e)  # the features of the host's own output are replaced, not read
+
+        return replace_each(base, -1, [(e.start, e.size) for e in weights], weights[0].period, [part(e) for e in weights])
 
     def _fn(self, e: Entry, grp: list[Entry] | None, x: torch.Tensor | None, training: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """The step of one entry, or of a block's entries combined by their group."""
@@ -421,18 +449,18 @@ class RootPatch:
         layer_ids = [e.layer for e in kvs]
         batched = self._batches(kvs, training)  # the layer-batched programs whose entries are all here, run once each
         if len(set(layer_ids)) == len(kvs) == n_l and len({e.length for e in kvs}) == 1 and not any(map(_gated, kvs)):
-            # one entry per layer, one length: fill every layer's cache at once (one stack, one reshape, one
-            # permute, one expand for all layers, instead of those ops and a concatenation per layer and tensor)
+            # one entry per layer, one length: fill every layer's cache at once: keys and values of all layers
+            # [L, n, kvh*dh] each take one reshape, permute and expand, and one unbind hands out the layers (its
+            # backward is one stack; indexing layer by layer would give each layer a backward the size of all)
             order = sorted(range(len(kvs)), key=lambda i: layer_ids[i])  # type: ignore[arg-type, return-value]
             whole = batched[0] if len(batched) == 1 else None
-            if whole is not None and [kvs[i].pick if kvs[i].batch is whole[0] else -1 for i in order] == list(range(n_l)):  # one program gives every layer, in order
-                kv = torch.stack(whole[1], dim=1)  # [L, 2, n, kvh*dh]
+            if whole is not None and [kvs[i].pick if kvs[i].batch is whole[0] else -1 for i in order] == list(range(n_l)):
+                keys, values = whole[1]  # one program gives every layer, in order
             else:
                 pairs = [self._kv_of(kvs[i], batched, training) for i in order]
-                kv = torch.stack([t for pair in pairs for t in pair])  # [2L, n, kvh*dh]: k0, v0, k1, v1, ...
-            kv = kv.reshape(n_l, 2, kv.shape[-2], kvh, dh).permute(0, 1, 3, 2, 4).unsqueeze(2)  # [L, 2, 1, kvh, n, dh]
-            kv = kv.expand(-1, -1, b, -1, -1, -1)
-            layers = [(kv[i, 0], kv[i, 1]) for i in range(n_l)]
+                keys, values = torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+            per = [t.unflatten(-1, (kvh, dh)).permute(0, 2, 1, 3).unsqueeze(1).expand(-1, b, -1, -1, -1).unbind(0) for t in (keys, values)]
+            layers = list(zip(*per))  # [(keys, values) [batch, kvh, n, dh] of each layer]
             return self._cache_of(cache, layers)
         per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(n_l)}
         gated: dict[int, list[tuple[Entry, int]]] = {}
