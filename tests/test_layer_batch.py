@@ -219,3 +219,17 @@ def test_stacking_a_shared_tensor_is_a_located_error(tmp_path: Path, param: str,
     p.write_text(text, encoding="utf-8")
     _l, _s, _p, problems = load_techniques([p], CAT.reference, CAT.techniques)
     assert any(message in str(pr) and "params.S.stacked" in str(pr) and ":" in str(pr) for pr in problems), problems
+
+
+def test_prefixes_batch_on_a_second_model_of_other_sizes() -> None:
+    """A unit class can come from a model of other sizes whose code is the same: the group still runs as one program."""
+    import transformers
+
+    apply(tiny_model("llama"), "prefix_tuning", n=4, hidden=16)  # 2 layers
+    base = tiny_model("llama")
+    cfg = transformers.LlamaConfig(**{**base.config.to_dict(), "num_hidden_layers": 3})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    apply(model, "prefix_tuning", n=4, hidden=16)
+    entries = _root_entries(model)
+    assert len(entries) == 3 and entries[0].batch is not None and all(e.batch is entries[0].batch for e in entries)

@@ -83,14 +83,18 @@ def batchable(units: Sequence[Unit]) -> bool:
     if len(units) < 2 or not units[0].picks or units[0].tensor_of:  # (split tensors are held as pieces)
         return False
     first = units[0]
-    head = first.program[:7]
+
+    def head(u: Unit) -> tuple[Any, ...]:  # the program but its constants and shapes: a class may come from a model of
+        form, exprs, _consts, _shapes, views, inputs, publish, _picks = u.program  # other sizes whose code is the same
+        return form, exprs, views, inputs, publish
+
     own = {n: t for n, t in [*first.named_parameters(recurse=False), *first.named_buffers(recurse=False)]}
     n_layers = {own[n].shape[0] for n in first.picks}
     if len(n_layers) != 1 or n_layers.pop() != len(units):
         return False
     seen: set[int] = set()
     for u in units:
-        if u.program[:7] != head or set(u.picks) != set(first.picks) or len(set(u.picks.values())) != 1:
+        if head(u) != head(first) or set(u.picks) != set(first.picks) or len(set(u.picks.values())) != 1:
             return False
         mine = {n: t for n, t in [*u.named_parameters(recurse=False), *u.named_buffers(recurse=False)]}
         if mine.keys() != own.keys() or any(mine[n] is not own[n] for n in own):
