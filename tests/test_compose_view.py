@@ -12,7 +12,8 @@ from pefref.cli.app import app
 from pefref.language.catalog import default_catalog
 from pefref.language.composition import load_composition
 from pefref.runtime.compose import apply_composition
-from pefref.view.composition import count_composition
+from pefref.runtime.compose_merge import merge_problems
+from pefref.view.composition import composition_merge_problems, count_composition
 
 from .conftest import tiny_model
 
@@ -39,6 +40,8 @@ def test_counts_equal_the_applied_composition(path: Path, family: str) -> None:
             assert b.params == sum(p.numel() for k in mine for p in comp.combiners[k].parameters())
         assert counts.trainable == comp.num_trainable()
         assert counts.total == sum(ad.report.trainable for ad in comp.adapters.values()) + sum(p.numel() for p in comp.combiners.parameters())  # type: ignore[union-attr]
+        derived, found = composition_merge_problems(res, CAT.shape(f"tiny-{family}"), CAT), merge_problems(comp)
+        assert len(derived) == len(found) and all(f.startswith(d) for d, f in zip(derived, found)), (derived, found)
     finally:
         comp.remove()
 

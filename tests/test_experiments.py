@@ -76,6 +76,38 @@ def test_missing_data_file_is_located(tmp_path: Path) -> None:
     assert f"{p}:4:" in str(e.value) and "data.eval: no such file" in str(e.value)
 
 
+def test_grid_references_are_checked_before_training(tmp_path: Path) -> None:
+    """Unknown shapes, techniques, hyperparameter names and out-of-range values are located problems, found up front."""
+    p = write_exp(tmp_path, """  - technique: lorra
+  - technique: ia3
+    hyperparameters: {rank: 3}
+  - technique: lora
+    hyperparameters: {r: [4, 0]}
+  - compose:
+      - {technique: lora}
+      - {technique: bitfitt}""", model="{shape: tiny-bertt}")
+    with pytest.raises(CatalogError) as e:
+        load_experiment(p)
+    text = str(e.value)
+    assert f"{p}:2:" in text and "model.shape: no model shape 'tiny-bertt'; did you mean 'tiny-bert'?" in text
+    assert f"{p}:6:" in text and "grid[0].technique: no technique 'lorra' in the catalog; did you mean 'lora'?" in text
+    assert f"{p}:8:" in text and "grid[1].hyperparameters.rank: ia3: unknown hyperparameter 'rank'" in text
+    assert f"{p}:10:" in text and "grid[2].hyperparameters.r: lora: hyperparameter 'r' = 0 is below its minimum 1" in text
+    assert "grid[3].compose[1].technique: no technique 'bitfitt'" in text
+    assert len(e.value.problems) == 5
+
+
+def test_validate_checks_an_experiment_file_as_one(tmp_path: Path) -> None:
+    """`pefref validate` reads an experiment with the experiment schema and run's checks, not as a technique."""
+    from pefref.language.validate import validate_paths
+
+    problems, report = validate_paths([SMOKE])
+    assert problems == [] and report["experiments"] == ["smoke"] and report["techniques"] == []
+    bad = write_exp(tmp_path, "  - technique: lorra")
+    problems, _ = validate_paths([bad])
+    assert [pr.field for pr in problems] == ["grid[0].technique"]
+
+
 def test_grid_expansion_and_stable_ids(tmp_path: Path) -> None:
     exp, _ = load_experiment(SMOKE)
     runs = expand(exp, SMOKE)
@@ -261,9 +293,12 @@ def test_cli_run_exit_status_and_message(tmp_path: Path) -> None:
 
 
 def test_failed_run_is_recorded_and_others_go_on(tmp_path: Path) -> None:
-    p = write_exp(tmp_path, "  - technique: lora\n    hyperparameters: {rank: 2}\n  - baseline: head_only")
+    # a valid technique whose only site (cross-attention) BERT does not have: it passes the checks and fails to apply
+    lora = (ROOT / "catalog" / "techniques" / "lora.yaml").read_text()
+    (tmp_path / "xlora.yaml").write_text(lora.replace("id: lora", "id: xlora").replace("sites: [attn.q, attn.v]", "sites: [xattn.q]"))
+    p = write_exp(tmp_path, "  - technique: xlora.yaml\n  - baseline: head_only")
     out = run_experiment(p, tmp_path / "o", progress=False)
-    assert len(out.failed) == 1 and "rank" in out.failed[0][1] and len(out.done) == 1
+    assert len(out.failed) == 1 and "xattn" in out.failed[0][1] and len(out.done) == 1, out.failed
     assert {r.status for r in load_results(tmp_path / "o").runs} == {"failed", "done"}
 
 

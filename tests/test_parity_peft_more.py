@@ -136,20 +136,20 @@ def _copy_prompt_mlp(model: nn.Module, pm: Any, adapter: Adapter, family: str) -
 
 
 def _copy_prompt_lstm(model: nn.Module, pm: Any, adapter: Adapter, family: str) -> None:
-    """torch.nn.LSTM's weight_ih_l{k}{_reverse} etc. are the slices [k, direction] of pefref's stacks."""
+    """torch.nn.LSTM's weight_ih_l{k}{_reverse} etc. are the pieces [k, direction] of pefref's split tensors
+    (attributes Wih_{direction}, Wih_rest_{k-1}_{direction}, Whh_{k}_{direction}, ...), the same shapes."""
     (unit,) = adapter.units.values()
     enc = pm.prompt_encoder["default"]
     lstm = enc.lstm_head
     unit.E.copy_(enc.embedding.weight)
     for k in range(lstm.num_layers):
         for j, sfx in enumerate(("", "_reverse")):
-            if k == 0:
-                unit.Wih[j].copy_(getattr(lstm, f"weight_ih_l0{sfx}"))
-            else:
-                unit.Wih_rest[k - 1, j].copy_(getattr(lstm, f"weight_ih_l{k}{sfx}"))
-            unit.Whh[k, j].copy_(getattr(lstm, f"weight_hh_l{k}{sfx}"))
-            unit.bih[k, j].copy_(getattr(lstm, f"bias_ih_l{k}{sfx}"))
-            unit.bhh[k, j].copy_(getattr(lstm, f"bias_hh_l{k}{sfx}"))
+            pieces = {"Wih_rest": (f"weight_ih_l{k}{sfx}", (k - 1, j))} if k else {"Wih": (f"weight_ih_l0{sfx}", (j,))}
+            pieces.update({t: (f"{peft_name}_l{k}{sfx}", (k, j)) for t, peft_name in (("Whh", "weight_hh"), ("bih", "bias_ih"), ("bhh", "bias_hh"))})
+            for t, (peft_name, idx) in pieces.items():
+                mine, theirs = getattr(unit, "_".join((t, *map(str, idx)))), getattr(lstm, peft_name)
+                assert mine.shape == theirs.shape, (t, idx)
+                mine.copy_(theirs)
     for i, j in ((1, 0), (2, 2)):
         getattr(unit, f"W{i}").copy_(enc.mlp_head[j].weight)
         getattr(unit, f"b{i}").copy_(enc.mlp_head[j].bias)

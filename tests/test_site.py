@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from markupsafe import escape
 from typer.testing import CliRunner
 
 from pefref.cli.app import app
@@ -43,7 +44,7 @@ def test_committed_site_is_current() -> None:
 
 def test_every_page_is_there(full, catalog) -> None:
     for page in ("index.html", "typology.html", "compare.html", "models.html", "primitives.html", "schema.html",
-                 "assets/site.css", "assets/site.js"):
+                 "compositions.html", "assets/site.css", "assets/site.js"):
         assert page in full
     for tid in [*catalog.techniques, PROBE]:
         assert f"techniques/{tid}.html" in full
@@ -252,3 +253,65 @@ def test_cli_builds_and_checks(tmp_path, monkeypatch, catalog) -> None:
         assert result.exit_code == 1 and "not a folder" in result.output
     finally:
         _cached.cache_clear()
+
+
+def _compositions(catalog):
+    from pefref.language.catalog import catalog_root
+    from pefref.language.composition import load_composition
+
+    return [load_composition(f, catalog) for f in sorted((catalog_root() / "compositions").glob("*.yaml"))]
+
+
+def test_compositions_index_links_every_composition_page(full, catalog) -> None:
+    comps = _compositions(catalog)
+    assert comps
+    index = scan(full["compositions.html"].decode())
+    for res in comps:
+        cid = res.composition.id
+        assert ("a", f"compositions/{cid}.html") in index.links, cid
+        assert f"compositions/{cid}.html" in full and f"diagrams/compositions/{cid}.svg" in full, cid
+        page = scan(full[f"compositions/{cid}.html"].decode())
+        assert {"diagram", "members", "blocks", "parameters", "merging", "source"} <= page.ids, cid
+        for name, t in res.techniques.items():
+            assert ("a", f"../techniques/{t.id}.html") in page.links, (cid, name)
+
+
+def test_every_page_links_the_compositions_in_its_nav(full) -> None:
+    for page, html in _pages(full).items():
+        nav = html[html.index('<nav aria-label="Site">'):]
+        nav = nav[: nav.index("</nav>")]
+        assert f'href="{"../" * page.count("/")}compositions.html"' in nav, page
+
+
+def test_composition_counts_are_pefref_params(full, catalog) -> None:
+    from pefref.view.composition import composition_merge_problems, count_composition
+
+    for res in _compositions(catalog):
+        cid = res.composition.id
+        html = full[f"compositions/{cid}.html"].decode()
+        cli = runner.invoke(app, ["params", str(res.source), "--model", "llama-2-7b", "--json"])
+        assert cli.exit_code == 0, cli.output
+        for name, shape in catalog.shapes.items():
+            counts = count_composition(res, shape, catalog)
+            if name == "llama-2-7b":
+                assert counts.as_dict() == json.loads(cli.output)
+            row = html[html.index(f'<tr id="count-{name}">'):]
+            row = row[: row.index("</tr>")]
+            expected = [*(m.params for m in counts.members), *(b.params for b in counts.blocks), counts.total, counts.trainable]
+            assert [int(n) for n in re.findall(r'data-n="(\d+)"', row)] == expected, (cid, name)
+        merging = html[html.index('<section id="merging">'):]
+        merging = merging[: merging.index("</section>")]
+        problems = composition_merge_problems(res, catalog.shapes["llama-2-7b"], catalog)
+        assert ("Does not merge" in merging) == bool(problems), cid
+        for p in problems:
+            assert str(escape(p)) in merging, (cid, p)
+
+
+def test_technique_pages_link_back_to_their_compositions(full, catalog) -> None:
+    comps = _compositions(catalog)
+    for res in comps:
+        for t in res.techniques.values():
+            assert f'href="../compositions/{res.composition.id}.html"' in full[f"techniques/{t.id}.html"].decode(), (t.id, res.composition.id)
+    users = {t.id for res in comps for t in res.techniques.values()}
+    unused = next(tid for tid in sorted(catalog.techniques) if tid not in users)
+    assert "Used in compositions" not in full[f"techniques/{unused}.html"].decode()

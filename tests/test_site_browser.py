@@ -23,9 +23,32 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
+def _composition_with_standalone_techniques(catalog) -> tuple[str, list[str]]:
+    """The first catalog composition whose techniques stand alone (so a small catalog can hold them), and those ids."""
+    from pefref.language.catalog import catalog_root
+    from pefref.language.loader import load_file
+    from pefref.language.schema import Composition
+
+    alone = set(pick(catalog, len(catalog.techniques)))
+    for f in sorted((catalog_root() / "compositions").glob("*.yaml")):
+        comp, _ = load_file(Composition, f)
+        techs = sorted({u.technique for u in comp.techniques})
+        if set(techs) <= alone and len(techs) <= 4:
+            return comp.id, techs
+    pytest.fail("no catalog composition uses only standalone techniques")
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, catalog) -> tuple[Path, list[str], dict]:
-    ids = pick(catalog, 4)
+def composition(catalog) -> tuple[str, list[str]]:
+    return _composition_with_standalone_techniques(catalog)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, catalog, composition) -> tuple[Path, list[str], dict]:
+    """A site of four techniques: those of one composition (which gets its page) and standalone ones."""
+    ids = list(composition[1])
+    ids += [k for k in pick(catalog, 8) if k not in ids][: 4 - len(ids)]
+    ids.sort()
     small = replace(catalog, techniques={k: catalog.techniques[k] for k in ids})
     out = tmp_path_factory.mktemp("site")
     build_site(out, catalog=small)
@@ -157,16 +180,37 @@ def test_index_filter_sort_and_compare_selection(browser, site) -> None:
     assert sorted(_ids_in_address(browser)) == sorted([ids[1], ids[3]])
 
 
-def test_pages_fit_a_phone(browser, site) -> None:
+def test_pages_fit_a_phone(browser, site, composition) -> None:
     """At a phone's width the page itself never scrolls sideways: wide tables scroll inside their box."""
     out, ids, _ = site
     browser.set_window_size(390, 844)
     try:
         for page in ("index.html", f"compare.html?ids={ids[0]},{ids[1]}", f"techniques/{ids[0]}.html", "typology.html",
-                     "models.html", "primitives.html", "schema.html"):
+                     "models.html", "primitives.html", "schema.html", "compositions.html", f"compositions/{composition[0]}.html"):
             path, _, query = page.partition("?")
             browser.get(_url(out, path) + (f"?{query}" if query else ""))
             width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
             assert width <= inner, f"{page}: {width}px wide in a {inner}px window"
     finally:
         browser.set_window_size(1280, 900)
+
+
+def test_composition_page_draws_its_diagram(browser, site, composition) -> None:
+    """A composition's page renders its architecture diagram (inline SVG with a nonzero size), reachable from the nav."""
+    from selenium.webdriver.common.by import By
+
+    out, _, _ = site
+    cid, techs = composition
+    browser.get(_url(out, "compositions.html"))
+    browser.find_element(By.CSS_SELECTOR, f'#row-{cid} a[href="compositions/{cid}.html"]').click()
+    assert urlsplit(browser.current_url).path.endswith(f"/compositions/{cid}.html")
+    size = browser.execute_script(
+        "var s = document.querySelector('#diagram svg'); if (!s) return null;"
+        "var r = s.getBoundingClientRect(); return [r.width, r.height, s.querySelectorAll('g.node').length];")
+    assert size is not None, "no diagram SVG on the composition page"
+    width, height, nodes = size
+    assert width > 0 and height > 0 and nodes > 0, size
+    nav = browser.find_element(By.CSS_SELECTOR, 'header nav a[aria-current="page"]')
+    assert nav.text == "Compositions"
+    members = {a.get_attribute("href").rsplit("/", 1)[-1] for a in browser.find_elements(By.CSS_SELECTOR, "#member-table a")}
+    assert {f"{t}.html" for t in techs} <= members

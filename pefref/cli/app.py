@@ -148,8 +148,10 @@ def validate(
         what = [_plural(len(report["techniques"]), "technique")]
         if report.get("compositions"):
             what.append(_plural(len(report["compositions"]), "composition"))
-        if "families" in report:
+        if report.get("families") or report.get("models"):
             what += [_plural(len(report["families"]), "architecture map"), _plural(len(report["models"]), "model shape")]
+        if report.get("experiments"):
+            what.append(_plural(len(report["experiments"]), "experiment"))
         Console(highlight=False).print(Text("OK ", style="bold green") + Text(f"{_plural(report['files'], 'file')}: {', '.join(what)}"))
     if problems:
         if not as_json:

@@ -23,7 +23,7 @@ def site(
     results: Path | None = typer.Option(None, "--results", help="A folder of experiment results to show (for sections that present them)."),
     check: bool = typer.Option(False, "--check", help="Exit 1 when the folder differs from a fresh build, instead of writing it."),
 ) -> None:
-    """Build the comparison site: every technique, the typology, comparisons, model shapes, primitives and the schema."""
+    """Build the comparison site: every technique and composition, the typology, comparisons, model shapes, primitives and the schema."""
     from pefref.render.site.build import build_site, check_site, site_root
 
     root = out or site_root()

@@ -14,7 +14,9 @@ output other units read returns ``(output, delta)``):
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
-* reparameterise:  ``weight(W)`` → the weight the host runs with
+* reparameterise:  ``weight(W)`` → the weight the host runs with; where the weight expression has an
+                   activation-space reading (:mod:`pefref.compiler.activation`), the class also has
+                   ``linear_forward(x, None, W, training)`` → :math:`x W'^\\top` without forming ``W'``
 * rescale:         ``scale`` → vector multiplying the host output (or input)
 * prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend; a prefix with a ``gate``
                    also holds ``unit.gate_unit`` (same tensors): ``gate_unit(x, None, None, training)``
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import linecache
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -34,6 +37,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from pefref.compiler import parts
+from pefref.compiler.activation import NoLinearRule, linear_forward
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.hparams import resolve_hyperparameters, shape_of
@@ -80,7 +85,7 @@ class SharedStore:
     """Tensors shared across layers and/or sites, keyed by module, name and sharing scope."""
 
     def __init__(self) -> None:
-        self.tensors: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.tensors: dict[tuple[Any, ...], Any] = {}  # a tensor, or a split tensor's pieces (nested lists)
 
     @staticmethod
     def key(module: str, pname: str, shared: str, site: str, layer: int | None) -> tuple[Any, ...]:
@@ -98,6 +103,17 @@ def _value_key(a: Any) -> Any:
     return (type(a).__name__, a)
 
 
+def _proxy_in(a: Any) -> fx.Proxy | None:
+    """``a`` if it is a proxy, else the first proxy among the pieces of a split tensor (nested lists)."""
+    if isinstance(a, fx.Proxy):
+        return a
+    if isinstance(a, list):
+        for x in a:
+            if (p := _proxy_in(x)) is not None:
+                return p
+    return None
+
+
 def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """Record ``fn`` as one call in the traced graph when any argument is a proxy.
 
@@ -107,8 +123,8 @@ def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, fx.Proxy):
+        for arg in (*args, *kwargs.values()):
+            if (a := _proxy_in(arg)) is not None:
                 if memo is None:
                     return a.tracer.create_proxy("call_function", fn, args, kwargs)
                 try:
@@ -127,16 +143,18 @@ class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
     def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
-                 input_names: tuple[str, ...] = (), publish: bool = False) -> None:
+                 input_names: tuple[str, ...] = (), publish: bool = False, lean: bool = False) -> None:
         super().__init__()
         self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
-        self.input_names, self.publish = input_names, publish
-        for name, t in tensors.items():
+        self.input_names, self.publish, self.lean = input_names, publish, lean
+        self.shapes = {n: tuple(views.get(n, t.shape)) for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
+        for name, t in parts.flatten(tensors).items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
             else:
                 self.register_buffer(name, t)
         self.tensor_names = list(tensors)
+        self.splits = {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}
 
     def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
         memo: dict[Any, Any] = {}  # common subexpressions (an op called twice on the same values) become one node
@@ -144,10 +162,8 @@ class _Program(nn.Module):
         drop = PRIMITIVES["dropout"].fn  # random: never shared
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
         env = dict(self.consts)
-        for n in self.tensor_names:
-            t = getattr(self, n)
-            view = self.views.get(n)
-            env[n] = t[tuple(slice(0, s) for s in view)] if view else t
+        piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
+        env.update(parts.env_values(self, self.splits, self.tensor_names, self.views, piecewise, _leaf(parts.join)))
         env.update(x=x, h=h, W=W, mask=mask)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
@@ -157,6 +173,8 @@ class _Program(nn.Module):
             out = evaluate(self.exprs["integrate"], env, ops)
             return (out, env["delta"]) if self.publish else out
         if f == "reparameterise":
+            if self.lean:  # x W'^T read in activation space (NoLinearRule where it has no such reading)
+                return linear_forward(self.exprs["weight"], env, ops, x, self.shapes, (self.consts["d_out"], self.consts["d_in"]))
             return evaluate(self.exprs["weight"], env, ops)
         if f == "rescale":
             return evaluate(self.exprs["scale"], env, ops)
@@ -179,7 +197,9 @@ class Unit(nn.Module):
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
     generated source), ``used_inputs`` (the forward's arguments the code reads)
-    and ``program`` (what it was compiled from).
+    ``program`` (what it was compiled from) and ``tensor_of`` (the attribute holding a piece of a split
+    tensor -> the declared tensor) and ``splits`` (a split tensor -> its split dimensions;
+    :mod:`pefref.compiler.parts`, whose ``read``/``write`` take a declared tensor by name).
     """
 
     form: str
@@ -187,12 +207,19 @@ class Unit(nn.Module):
     used_inputs: frozenset[str]
     code: str
     program: tuple[Any, ...]
+    tensor_of: dict[str, str] = {}
+    splits: dict[str, tuple[int, ...]] = {}
+    linear_forward: Any = None  # reparameterise: x W'^T without forming W' (generated), or None
+    lean_code: str = ""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], trainable: Mapping[str, bool]) -> None:
         super().__init__()
         # the names were checked when the class was made (no clash with its attributes), so without global
         # registration hooks the tensors go straight into the module's tables (register_* costs ~15 us each)
         fast = not _torch_module._global_parameter_registration_hooks and not _torch_module._global_buffer_registration_hooks
+        if any(isinstance(t, list) for t in tensors.values()):  # split tensors: their pieces (compiler.parts)
+            trainable = {a: trainable[n] for a, n in parts.owners(tensors).items()}
+            tensors = parts.flatten(tensors)
         for name, t in tensors.items():
             if trainable[name]:
                 p = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
@@ -227,35 +254,61 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
     cls = _PROGRAMS.get(program)
     if cls is None:
         shapes = program[3]
-        cls = _program_class(program, {n: torch.empty(s, device="meta") for n, s in shapes})
+        cls = _program_class(program, {n: parts.example(s, k) for n, s, k in shapes})
     return cls.__new__(cls)
 
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
     form, exprs, consts, _shapes, views, input_names, publish = program
-    clash = sorted(n for n in tensors if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program"))
+    own = parts.owners(tensors)
+    if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
+        raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
+    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
     prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish)
-    tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
-    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
-    graph = tracer.trace(prog)
+    graph = _trace(prog)
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
-    same = _BY_CODE.get(pc.src)  # other constants, same code (e.g. widths the code never reads)
+    lpc = None
+    if form == "reparameterise":
+        lean = _Program(form, prog.exprs, dict(consts), dict(tensors), dict(views), input_names, publish, lean=True)
+        try:
+            lpc = _trace(lean).python_code(root_module="self")
+        except NoLinearRule:  # a node without an activation-space reading: the host runs with the formed weight
+            pass
+        except Exception:  # an optimisation only: whatever the reading cannot trace runs with the formed weight
+            lpc = None
+    lean_src = "" if lpc is None else lpc.src
+    same = _BY_CODE.get(pc.src + lean_src)  # other constants, same code (e.g. widths the code never reads)
     if same is not None:
         _PROGRAMS[program] = same
         return same
+    used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
+    attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
+             "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
+             "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "__module__": __name__, "lean_code": lean_src}
+    if lpc is not None:
+        attrs["linear_forward"] = _generated(lpc, name + "_linear")
+    cls = type(name, (Unit,), attrs)
+    _PROGRAMS[program] = _BY_CODE[pc.src + lean_src] = cls
+    return cls
+
+
+def _trace(prog: _Program) -> fx.Graph:
+    tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
+    tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
+    return tracer.trace(prog)
+
+
+def _generated(pc: Any, name: str) -> Any:
+    """The ``forward`` function of generated code (``pc``: torch.fx's PythonCode), its source kept for tracebacks."""
     filename = f"<pefref generated {name}>"
     linecache.cache[filename] = (len(pc.src), None, pc.src.splitlines(True), filename)  # tracebacks show the code
     glb = dict(pc.globals)
     exec(compile(pc.src, filename, "exec"), glb)  # code generated by torch.fx from the checked expression tree, never YAML text
-    used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
-    cls = type(name, (Unit,), {"forward": glb["forward"], "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
-                               "program": program, "__module__": __name__})
-    _PROGRAMS[program] = _BY_CODE[pc.src] = cls
-    return cls
+    return glb["forward"]
 
 
 @dataclass(frozen=True)
@@ -311,7 +364,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         return None
     names = ctx.names(hps)
     rec = recipe(spec, names)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}
     views: dict[str, tuple[int, ...]] = {}
     trainable: dict[str, bool] = {}
     env: dict[str, Any] | None = None
@@ -333,12 +386,13 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
                 t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
                 if meta and tr.filler:
                     rec.meta_checked.add(pname)
-            store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+            k = getattr(pspec, "split", 0)
+            store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if full != local:
             views[pname] = local
-    shapes = tuple((n, tuple(t.shape)) for n, t in tensors.items())
+    shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
     program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish)
     cls = _PROGRAMS.get(program)
     if cls is None:
@@ -346,8 +400,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     unit = cls(tensors, trainable)
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
-        own = {**dict(unit.named_parameters(recurse=False)), **dict(unit.named_buffers(recurse=False))}
         gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False)
-        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, own)
-        unit.__dict__["gate_unit"] = gcls({n: own[n] for n in tensors}, trainable)
+        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, tensors)
+        unit.__dict__["gate_unit"] = gcls(tensors, trainable)
     return unit

@@ -15,17 +15,28 @@ root: each process keeps 1/N of every tensor, frozen base included, and
 gathers a block's weights only while it runs. Gradients (only the trainable
 tensors have any) are reduce-scattered; the result equals DDP's and one
 process's with the same global batch (a test checks it with gloo on CPU).
+Checkpoints gather the adapter's tensors (:func:`full_tensor`) and the
+optimizer's state (:func:`optimizer_state`) to rank 0, which writes them; a
+resumed run loads both back into every process's shards, so an interrupted
+FSDP run resumes exactly (a test checks it too, and :func:`parameter_bytes`
+shows each of 2 processes holding half of the model's parameter bytes).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["Dist", "all_sum", "any_true", "full_tensor", "init", "shard", "wrap"]
+T = TypeVar("T")
+
+__all__ = [
+    "Dist", "all_sum", "any_true", "broadcast", "full_tensor", "init", "load_optimizer_state", "local_shard", "optimizer_state",
+    "parameter_bytes", "shard", "wrap",
+]
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,8 @@ def launched() -> bool:
 
 
 def shard(model: nn.Module, d: Dist) -> list[str]:
-    """FSDP2 on ``model`` in place: each transformer block, then the root; returns the classes sharded as blocks.
+    """FSDP2 on ``model`` in place: each transformer block (and an input embedding inside one), then the root;
+    returns the classes sharded as blocks.
 
     The parameters become DTensors sharded over the processes (moved to ``d.device``
     block by block, so the whole model never sits on one device).
@@ -84,16 +96,67 @@ def shard(model: nn.Module, d: Dist) -> list[str]:
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not blocks:
         raise PefrefError(f"training.distributed: fsdp needs the model's transformer blocks ({type(model).__name__} lists no _no_split_modules)")
-    for b in blocks:
+    # prompts are prepended by calling the input embedding directly, outside its block's forward (BERT's
+    # embeddings are a block): such an embedding is its own unit, so it gathers its weight when called
+    embed = _input_embeddings(model)
+    inner = [embed] if embed is not None and any(embed is not b and any(m is embed for m in b.modules()) for b in blocks) else []
+    for b in inner + blocks:
         fully_shard(b, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return sorted({type(b).__name__ for b in blocks})
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    fn = getattr(model, "get_input_embeddings", None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (a collective: every process must call it), or ``t`` itself."""
     fn = getattr(t, "full_tensor", None)
     return fn() if callable(fn) else t
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's whole state of a sharded model, keyed by parameter name (a collective: every process
+    must call it; rank 0 gets the full tensors, on the CPU, the others an empty state).
+
+    The model must be sharded (``model.reshard()`` after a forward without backward: FSDP2 leaves the
+    root's tensors gathered then, as plain tensors that are not the optimizer's parameters).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return dict(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state made by :func:`optimizer_state` (every process passes the whole state and keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded DTensor, or ``t`` itself."""
+    fn = getattr(t, "to_local", None)
+    return fn() if callable(fn) else t
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of the parameters this process holds (a sharded DTensor's local shard) and of the whole model's.
+
+    Under FSDP2 with N processes the first is about 1/N of the second (a tensor whose first
+    dimension does not divide by N gives the processes shards that differ by at most one row).
+    """
+    local = full = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        own = local_shard(p)
+        local += own.numel() * own.element_size()
+        full += p.numel() * p.element_size()
+    return local, full
 
 
 def wrap(model: nn.Module, d: Dist) -> nn.Module:
@@ -104,6 +167,17 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
 
     return DDP(model, device_ids=[int(d.device.split(":")[1])] if d.device.startswith("cuda") else None,
                broadcast_buffers=False)
+
+
+def broadcast(obj: T, d: Dist) -> T:
+    """Rank 0's ``obj`` in every process (picklable objects; ``obj`` itself when not distributed)."""
+    if not d.active:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_sum(x: float, d: Dist) -> float:

@@ -9,13 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pefref.language.catalog import catalog_root, default_catalog
-from pefref.language.composition import is_composition_file, load_composition
-from pefref.language.errors import CatalogError, PefrefError, Problem
-from pefref.language.loader import dotted, load_file, suggest
+from pefref.language.errors import PefrefError
+from pefref.language.experiment_file import composition_file, load_experiment
 from pefref.language.schema import Experiment
 from pefref.language.schema.experiment import GridEntry
-from pefref.language.yamlsrc import Positions
 
 __all__ = ["RunSpec", "composition_file", "config_hash", "expand", "file_digest", "load_experiment"]
 
@@ -35,86 +32,6 @@ class RunSpec:
     @property
     def lr(self) -> float:
         return float(self.config["lr"])
-
-
-def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
-    """Read and validate an experiment YAML file (located errors), and check that its files exist."""
-    exp, pos = load_file(Experiment, path)
-    root = Path(path).resolve().parent
-    problems: list[Problem] = []
-    for key in ("train", "eval"):
-        f = root / getattr(exp.data, key)
-        if not f.is_file():
-            problems.append(Problem(pos.at(("data", key)), f"data.{key}", f"no such file {str(f)!r}"))
-        elif f.suffix not in (".jsonl", ".json", ".csv"):
-            problems.append(Problem(pos.at(("data", key)), f"data.{key}", f"unsupported file type {f.suffix!r} (jsonl, json or csv)"))
-    if exp.model.path and not (root / exp.model.path / "config.json").is_file():
-        problems.append(Problem(pos.at(("model", "path")), "model.path", f"no Hugging Face checkpoint (config.json) in {str(root / exp.model.path)!r}"))
-    for i, entry in enumerate(exp.grid):
-        uses: list[tuple[tuple[str | int, ...], str]] = [(("grid", i, "technique"), entry.technique)] if entry.technique else []
-        uses += [(("grid", i, "compose", j, "technique"), u.technique) for j, u in enumerate(entry.compose or [])]
-        for loc, t in uses:
-            if t.endswith((".yaml", ".yml")) and not (root / t).is_file():
-                problems.append(Problem(pos.at(loc), dotted(loc), f"no such technique file {str(root / t)!r}"))
-        problems += _check_composition(entry, ("grid", i), root, pos)
-    if problems:
-        raise CatalogError(problems)
-    return exp, pos
-
-
-def _catalog_compositions() -> dict[str, Path]:
-    """The catalog's compositions by id (the file stem, or the ``id`` the file declares)."""
-    from pefref.language.yamlsrc import read_yaml
-
-    out: dict[str, Path] = {}
-    for f in sorted((catalog_root() / "compositions").glob("*.y*ml")):
-        try:
-            data, _ = read_yaml(f)
-        except CatalogError:
-            continue
-        out[str(data.get("id", f.stem)) if isinstance(data, dict) else f.stem] = f
-    return out
-
-
-def composition_file(entry: GridEntry, root: Path) -> Path | None:
-    """The composition file a grid entry trains (``composition:``, or a composition file given as ``technique:``), if any.
-
-    Raises:
-        PefrefError: ``composition:`` names neither a file nor a catalog composition.
-    """
-    ref = entry.composition
-    if ref is None:
-        if entry.technique and entry.technique.endswith((".yaml", ".yml")) and (root / entry.technique).is_file() \
-                and is_composition_file(root / entry.technique):
-            return (root / entry.technique).resolve()
-        return None
-    if ref.endswith((".yaml", ".yml")):
-        if not (root / ref).is_file():
-            raise PefrefError(f"no such composition file {str(root / ref)!r}")
-        return (root / ref).resolve()
-    known = _catalog_compositions()
-    if ref not in known:
-        raise PefrefError(f"no composition {ref!r} in the catalog{suggest(ref, known)} (known: {', '.join(sorted(known))})")
-    return known[ref].resolve()
-
-
-def _check_composition(entry: GridEntry, loc: tuple[str | int, ...], root: Path, pos: Positions) -> list[Problem]:
-    """Problems of a composition entry: it must resolve and pass the composition checks (located in its own file)."""
-    key = (*loc, "composition" if entry.composition else "technique")
-    try:
-        path = composition_file(entry, root)
-    except PefrefError as e:
-        return [Problem(pos.at(key), dotted(key), str(e))]
-    if path is None:
-        return []
-    if entry.hyperparameters:
-        return [Problem(pos.at((*loc, "hyperparameters")), dotted((*loc, "hyperparameters")),
-                        "a composition takes its hyperparameters from its file (its techniques' `hyperparameters`)")]
-    try:
-        load_composition(path, default_catalog())
-    except CatalogError as e:
-        return list(e.problems)
-    return []
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pefref.experiments.distributed import init, launched
+from pefref.experiments.distributed import broadcast, init, launched
 from pefref.experiments.grid import RunSpec, expand, load_experiment
 from pefref.experiments.records import Records
 from pefref.experiments.train import RunEnv, StopFlag, train_run
@@ -104,8 +104,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
         with _sigint(stop), _progress(progress and d.main, len(runs)) as bar:
             for i, spec in _assigned(runs, _worker[2] if _worker is not None else None):
                 row = records.run(spec.id) if records else None
-                if d.active:
-                    row = _broadcast_row(row)
+                row = broadcast(row, d)
                 if row and row["status"] == "done":
                     outcome.skipped.append(spec.id)
                     bar.skip(spec)
@@ -221,14 +220,6 @@ def _identity(spec: RunSpec) -> dict[str, Any]:
     cfg = spec.config
     tech = cfg.get("baseline") or (cfg["composition"]["id"] if "composition" in cfg else "+".join(Path(u["technique"]).stem for u in cfg.get("compose", [])))
     return {"experiment": cfg["experiment"], "label": spec.label, "technique": tech, "seed": spec.seed, "lr": spec.lr, "config": cfg}
-
-
-def _broadcast_row(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    import torch.distributed as dist
-
-    box = [row]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class _NoBar:

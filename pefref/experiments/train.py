@@ -25,7 +25,18 @@ from pefref.experiments.checkpoint import (
     set_rng_state,
 )
 from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
-from pefref.experiments.distributed import Dist, all_sum, any_true, full_tensor, shard, wrap
+from pefref.experiments.distributed import (
+    Dist,
+    all_sum,
+    any_true,
+    broadcast,
+    full_tensor,
+    load_optimizer_state,
+    local_shard,
+    optimizer_state,
+    shard,
+    wrap,
+)
 from pefref.experiments.grid import RunSpec
 from pefref.experiments.records import Records
 from pefref.experiments.tasks import (
@@ -248,10 +259,14 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "final": None, "wall": 0.0}
-    if prev and prev["status"] != "done" and (ckdir / "state.pt").is_file():
+    # only rank 0 keeps the records: it decides, and every process resumes (or none does)
+    if broadcast(bool(prev and prev["status"] != "done" and (ckdir / "state.pt").is_file()), d):
         prep.load_state(load_tensors(ckdir / "last.safetensors"))
         saved = load_state(ckdir / "state.pt")
-        opt.load_state_dict(load_state(ckdir / f"optimizer-rank{d.rank}.pt")["optimizer"] if fsdp else saved["optimizer"])
+        if fsdp:
+            load_optimizer_state(model, opt, saved["optimizer"])
+        else:
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = saved["progress"]
@@ -268,15 +283,16 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         return best is None or (m[metric] > best[metric] if higher else m[metric] < best[metric])
 
     def checkpoint(name: str = "last") -> None:
+        if fsdp:  # evaluation (forward only) leaves the root's tensors gathered; shard them again first
+            model.reshard()  # type: ignore[operator]
         tensors = {k: full_tensor(v) for k, v in prep.state().items()}  # under FSDP every process takes part
-        if fsdp and name == "last":  # each process keeps its shard of the optimizer state
-            save_state(ckdir / f"optimizer-rank{d.rank}.pt", {"optimizer": opt.state_dict()})
+        optim = optimizer_state(model, opt) if fsdp and name == "last" else None  # FSDP: gathered on rank 0, by name
         if not d.main:
             return
         meta = {"run": spec.id, "label": spec.label, "step": state["step"], "hyperparameters": prep.hyperparameters}
         save_tensors(ckdir / f"{name}.safetensors", tensors, meta)
         if name == "last":
-            save_state(ckdir / "state.pt", {"optimizer": None if fsdp else opt.state_dict(), "scheduler": sched.state_dict(),
+            save_state(ckdir / "state.pt", {"optimizer": optim if fsdp else opt.state_dict(), "scheduler": sched.state_dict(),
                                             "rng": rng_state(), "progress": dict(state)})
 
     ddp = model if fsdp else wrap(model, d)
@@ -301,7 +317,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         local = {k: v[rows].to(device) for k, v in batch.items()}
         mb = (B // W) // A
         loss_sum = 0.0
-        saver = _SavedBytes({_local(p).untyped_storage().data_ptr() for p in model.parameters()}) if not times else None
+        saver = _SavedBytes({local_shard(p).untyped_storage().data_ptr() for p in model.parameters()}) if not times else None
         for i in range(A):
             micro = {k: v[i * mb:(i + 1) * mb] for k, v in local.items()}
             if fsdp:
@@ -376,13 +392,8 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
     return status
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    local = getattr(t, "to_local", None)  # a sharded DTensor: this process's shard
-    return local() if callable(local) else t
-
-
 def _nbytes(t: torch.Tensor) -> int:
-    t = _local(t)
+    t = local_shard(t)
     return t.numel() * t.element_size()
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.compiler.parts import read
 from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
@@ -93,7 +94,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
                                   f"adapts only {' and '.join(method.hosts)} modules")
             conv1d |= kind == "conv1d"
             for pname, key in mm.shared.items():
-                tensors[key] = to_peft(getattr(unit, pname).detach(), mm, pname)
+                tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
             if binding.slice is not None:
                 if method.fused is None:
                     raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
@@ -103,7 +104,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
                 pieces.setdefault((row.module, path), []).append((rows, unit))
                 continue
             for pname, tname in mm.tensors.items():
-                put(f"{PREFIX}{path}.{tname}", to_peft(getattr(unit, pname).detach(), mm, pname), path)
+                put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
     for (module, path), parts in sorted(pieces.items()):
         _fuse(adapter, method, maps[module], path, parts, cfg, put)
     for mm in method.modules:
@@ -136,7 +137,7 @@ def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, pa
         how = fused.tensors.get(pname)
         if how is None:
             raise PefrefError(f"{adapter.technique.id}: tensor {pname!r} has no block-structured form on the fused {path!r}")
-        values = [getattr(u, pname).detach() for _rows, u in parts]
+        values = [read(u, pname).detach() for _rows, u in parts]
         if how == "stack":
             out = torch.cat(values, dim=0)
         else:

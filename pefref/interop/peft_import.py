@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pefref.compiler.parts import read, write
 from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Technique
@@ -226,7 +227,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                 for pname, key in mm.shared.items():
                     if key not in state:
                         raise PefrefError(f"the peft adapter has no shared tensor {key!r}")
-                    _assign(getattr(unit, pname), from_peft(state[key], mm, pname), key)
+                    _assign_unit(unit, pname, from_peft(state[key], mm, pname), key)
                     used.add(key)
                 for pname, tname in mm.tensors.items():
                     key = f"{path}.{tname}"
@@ -235,7 +236,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                     value = state[key]
                     if path in splits:
                         value = _block(method, pname, value, row.site, splits[path], adapter.hyperparameters)
-                    _assign(getattr(unit, pname), from_peft(value, mm, pname), key)
+                    _assign_unit(unit, pname, from_peft(value, mm, pname), key)
                     used.add(key)
         for pname, p in adapter.selected.items():
             if pname in state:
@@ -272,8 +273,8 @@ def _copy_computed(adapter: Adapter, row: Any, module: Any, computed: str, state
         raise PefrefError(f"peft's {PROMPT} {tuple(src.shape)} is not keys and values of all {L} layers")
     for i in range(L):
         unit = adapter.units[unit_key(row.module, row.site, i)]
-        _assign(getattr(unit, names[0]), src[:, 2 * i * d:(2 * i + 1) * d], PROMPT)
-        _assign(getattr(unit, names[1]), src[:, (2 * i + 1) * d:(2 * i + 2) * d], PROMPT)
+        _assign_unit(unit, names[0], src[:, 2 * i * d:(2 * i + 1) * d], PROMPT)
+        _assign_unit(unit, names[1], src[:, (2 * i + 1) * d:(2 * i + 2) * d], PROMPT)
     return PROMPT
 
 
@@ -281,4 +282,12 @@ def _assign(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
     if src.numel() != dst.numel():
         raise PefrefError(f"peft tensor {key!r}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
     dst.copy_(src.reshape(dst.shape).to(dst.dtype))
+
+
+def _assign_unit(unit: Any, pname: str, src: torch.Tensor, key: str) -> None:
+    """:func:`_assign` into a unit's declared tensor (into a split one's pieces)."""
+    dst = read(unit, pname)
+    if src.numel() != dst.numel():
+        raise PefrefError(f"peft tensor {key!r}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    write(unit, pname, src.reshape(dst.shape).to(dst.dtype))
 

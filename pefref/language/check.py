@@ -200,6 +200,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
+            if spec.split >= len(spec.shape):
+                out.append(Problem(pos.at(pp + ("split",)), dotted(pp + ("split",)), f"split: {spec.split} must be below the number of dimensions ({len(spec.shape)}): each piece keeps at least one"))
         for fld in EXPR_FIELDS:
             text = getattr(m, fld, None)
             if text is None:

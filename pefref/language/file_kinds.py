@@ -1,8 +1,9 @@
 """Which catalog schema a YAML file follows, read from its top-level keys, and its checks.
 
 ``pefref validate FILE`` checks architecture maps, model-shape files, the
-reference architecture and the interop table with their own schemas (and the
-cross-checks the catalog makes), not as techniques.
+reference architecture, the interop table and experiment files with their own
+schemas (and the cross-checks the catalog and ``pefref run`` make), not as
+techniques.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from pefref.language.catalog import Catalog
 from pefref.language.check import check_family
 from pefref.language.errors import CatalogError, Problem
+from pefref.language.experiment_file import load_experiment
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, ReferenceArchitecture
 from pefref.language.slices import slice_problems
@@ -27,12 +29,13 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("shapes",),
     "reference": ("site_kinds", "sites"),
     "interop": ("peft_version", "methods"),
+    "experiment": ("model", "task", "data", "grid"),
 }
 """Top-level keys that together mark a file of each kind (other files are techniques or compositions)."""
 
 
 def file_kind(path: Path) -> str | None:
-    """'family', 'models', 'reference' or 'interop' by the file's top-level keys; None otherwise (or unreadable)."""
+    """'family', 'models', 'reference', 'interop' or 'experiment' by the file's top-level keys; None otherwise (or unreadable)."""
     try:  # the bounded reader: deep nesting and huge integers are the loader's located problems, not crashes here
         data, _pos = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, CatalogError, ValueError, RecursionError):
@@ -46,7 +49,13 @@ def file_kind(path: Path) -> str | None:
 
 
 def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem], dict[str, Any]]:
-    """Every problem of a map, model-shape, reference or interop file, and what it holds (for the report)."""
+    """Every problem of a map, model-shape, reference, interop or experiment file, and what it holds (for the report)."""
+    if kind == "experiment":  # the checks `pefref run` makes before training (schema, files, grid references)
+        try:
+            exp, _pos = load_experiment(path)
+        except CatalogError as e:
+            return list(e.problems), {}
+        return [], {"experiments": [exp.id]}
     model: type[Any] = {"family": ArchitectureMap, "models": ModelShapes, "reference": ReferenceArchitecture, "interop": InteropTable}[kind]
     try:
         obj, pos = load_file(model, path)

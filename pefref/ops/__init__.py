@@ -9,7 +9,12 @@ facts the view derives typology from:
 * ``linear_in``: indices of the arguments the op is linear in, given the other
   arguments do not depend on the input (mergeability analysis);
 * ``dynamic``: True when it mixes positions of the sequence (attention);
-* ``offset_args``: arguments that add an input-independent offset (a bias).
+* ``offset_args``: arguments that add an input-independent offset (a bias);
+* ``parts``: True when the op also takes a *split* tensor (a parameter declared
+  with ``split: k``, stored as one tensor per index of its first ``k``
+  dimensions) as its pieces, nested lists indexed like the tensor's leading
+  dimensions, instead of one stacked tensor (the compiler passes the pieces
+  as they are; any other op gets them stacked).
 
 Primitives live in the modules of this package, grouped by topic; every module
 here is imported (found by listing the package), so adding a primitive means
@@ -42,6 +47,7 @@ class Primitive:
     scalar: bool = False
     offset_args: tuple[int, ...] = ()
     tags: frozenset[str] = field(default_factory=frozenset)
+    parts: bool = False
 
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -61,6 +67,7 @@ def primitive(
     leaf: bool = False,
     scalar: bool = False,
     offset_args: tuple[int, ...] = (),
+    parts: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -68,7 +75,7 @@ def primitive(
         key = name or fn.__name__.rstrip("_")
         if key in PRIMITIVES:
             raise ValueError(f"primitive {key!r} registered twice")
-        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar, offset_args)
+        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar, offset_args, parts=parts)
         return fn
 
     return deco

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pefref.ops import TORCH_SETUP, primitive
+from pefref.ops.linear_maps import LinearMap, Mapped, NoLinearRule, Ops, as_map, dense, linear_rule
 from pefref.ops.shapes import Shape, ShapeMismatch, shape_rule
 
 if TYPE_CHECKING:
@@ -44,6 +45,23 @@ def _blockdiag_matmul(a: Shape, blocks: Shape) -> Shape:
     if len(blocks) != 3 or not a or a[-1] != blocks[0] * blocks[1]:
         raise ShapeMismatch(f"blockdiag_matmul needs a [..., n*b] and blocks [n, b, c], found {a} and {blocks}")
     return Shape((*a[:-1], blocks[0] * blocks[2]))
+
+
+@linear_rule("blockdiag_matmul")
+def _blockdiag_matmul_map(ops: Ops, a: Any, blocks: Any) -> LinearMap:
+    """:math:`x (M \\operatorname{diag}(B_i))^\\top = (x \\operatorname{diag}(B_i^\\top)) M^\\top`: the input is
+    transformed block by block (rotated, for orthogonal blocks), then ``M`` acts on it; the product is never formed."""
+    m = as_map(a)
+    if isinstance(blocks, LinearMap) and blocks.involves_w:
+        raise NoLinearRule("blocks that depend on W")
+    r = dense(ops, blocks)
+    rows = m.shape[0] if m.shape is not None and len(m.shape) == 2 else None
+    return Mapped(
+        (rows, None), m.involves_w,
+        apply=lambda x: m.apply(ops, ops["blockdiag_matmul"](x, ops["t"](r))),
+        apply_t=lambda y: ops["blockdiag_matmul"](m.apply_t(ops, y), r),
+        value=lambda detached: ops["blockdiag_matmul"](m.value(ops, detached), ops["detach"](r) if detached else r),
+    )
 
 
 _HADAMARD: Any = None

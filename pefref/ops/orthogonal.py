@@ -20,6 +20,21 @@ if TYPE_CHECKING:
 __all__ = ["skew", "cayley", "block_diag", "butterfly", "butterfly_perm", "householder", "paired_kaiming_uniform"]
 
 
+_TRIU: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _triu(b: int, device: torch.device) -> torch.Tensor:
+    """The strict upper triangle's (row, column) indices of a ``b × b`` matrix, made once per size and device: the
+    backward pass of :func:`skew` keeps them, and a copy made on every forward would be kept once per unit."""
+    key = (b, str(device))
+    idx = _TRIU.get(key)
+    if idx is None:
+        import torch
+
+        idx = _TRIU[key] = torch.triu_indices(b, b, 1, device=device)
+    return idx
+
+
 @primitive(linear_in=(0,))
 def skew(v: torch.Tensor, b: int) -> torch.Tensor:
     """Skew-symmetric matrices from vectors of their strict upper triangles.
@@ -30,10 +45,8 @@ def skew(v: torch.Tensor, b: int) -> torch.Tensor:
     ``[..., b, b]``. Orthogonal finetuning (Qiu et al. 2023,
     https://arxiv.org/abs/2306.07280) learns ``Q`` in this form.
     """
-    import torch
-
     b = int(b)
-    rows, cols = torch.triu_indices(b, b, 1, device=v.device)
+    rows, cols = _triu(b, v.device)
     u = v.new_zeros(*v.shape[:-1], b, b)
     u[..., rows, cols] = v
     return u - u.transpose(-2, -1)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pefref.ops import primitive
 from pefref.ops.inits import initialiser
+from pefref.ops.linear_maps import LinearMap, Mapped, NoLinearRule, Ops, as_map, dense, linear_rule
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,25 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, detach: bool = False) -> torch
     if detach:
         norm = norm.detach()
     return g.reshape(-1, 1) * (v / norm)
+
+
+@linear_rule("weight_norm")
+def _weight_norm_map(ops: Ops, v: Any, g: Any, detach: bool = False) -> LinearMap:
+    """With a detached norm, :math:`x W'^\\top = (x V^\\top) \\odot (g / \\lVert V \\rVert_{row})`: the rows' norms
+    are computed from a constant copy of ``V`` (formed, used and freed at once, no graph), the output of ``V`` acting
+    on ``x`` is rescaled; nothing ``V``-sized is kept for backward. A norm with gradients needs ``V`` itself: formed."""
+    if detach is not True:
+        raise NoLinearRule("weight_norm with a differentiated norm")
+    m = as_map(v)
+    if isinstance(g, LinearMap) and g.involves_w:
+        raise NoLinearRule("a magnitude that depends on W")
+    gv = dense(ops, g)
+
+    def apply(x: Any) -> Any:
+        norm = ops["row_norm"](m.value(ops, True))  # [out, 1], a constant
+        return m.apply(ops, x) * (gv.reshape(-1, 1) / norm).reshape(-1)
+
+    return Mapped(m.shape, m.involves_w, apply=apply)
 
 
 # --- truncated SVD (data-dependent initialisation) ------------------------------------------------

@@ -100,7 +100,7 @@ class Adapter:
         for key, unit in self.units.items():
             spec = self.unit_modules.get(key)
             for pname, p in unit.named_parameters():
-                ps = spec.params.get(pname) if spec is not None else None
+                ps = spec.params.get(getattr(unit, "tensor_of", {}).get(pname, pname)) if spec is not None else None  # a split tensor's piece: its tensor's
                 scale = 1.0 if ps is None else eval_scalar(ps.lr_scale, dict(self.hyperparameters)) if isinstance(ps.lr_scale, str) else ps.lr_scale
                 add(f"{key}.{pname}", p, scale, None if ps is None else ps.weight_decay)
         for name, p in self.selected.items():

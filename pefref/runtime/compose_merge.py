@@ -26,12 +26,9 @@ from pefref.runtime.ledger import all_ledgers
 from pefref.runtime.operations import check_hosts_free, push_merge_layers
 from pefref.runtime.patches import Entry, HostPatch
 from pefref.runtime.transaction import Transaction
+from pefref.view.composition import FOLDING_BLOCKS, block_merge_problem, member_merge_problem
 
 __all__ = ["merge_composition", "unmerge_composition", "merge_problems"]
-
-FOLDING_BLOCKS = ("stack", "parallel", "average")
-"""Block kinds whose combination is a linear function of the members' maps (so it folds)."""
-
 
 def merge_problems(comp: Any) -> list[str]:
     """Why ``comp`` cannot be merged (empty: it can), each naming the adapter or block at fault."""
@@ -43,8 +40,7 @@ def merge_problems(comp: Any) -> list[str]:
         b = key.split("__")[0][1:]
         if grp.kind not in FOLDING_BLOCKS and b not in seen:
             seen.add(b)
-            out.append(f"blocks[{b}] ({grp.kind} over {', '.join(grp.names)}) cannot be merged: "
-                       "a learned attention over the adapters' outputs is not a linear map of the host's input")
+            out.append(block_merge_problem(b, grp.kind, list(grp.names)))
     for n, ad in comp.adapters.items():
         if n in comp._off:
             out.append(f"adapter {n!r} is deactivated; activate it (or remove it) before merging the composition")
@@ -55,8 +51,7 @@ def merge_problems(comp: Any) -> list[str]:
         bad = [k for k in ad.units if k not in ad.mergeable_units]
         if bad:
             mods = sorted({ad.unit_modules[k].name for k in bad if k in ad.unit_modules})
-            out.append(f"adapter {n!r} ({ad.technique.id}): module{'s' * (len(mods) != 1)} {', '.join(mods)} cannot be merged "
-                       f"(e.g. at {bad[0]})")
+            out.append(f"{member_merge_problem(n, ad.technique.id, mods)} (e.g. at {bad[0]})")
     return out
 
 

@@ -28,6 +28,7 @@ class HostKind:
     get_weight: Callable[[Any], torch.Tensor] | None = None
     set_weight: Callable[[Any, torch.Tensor], None] | None = None
     run: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    bias: Callable[[Any], torch.Tensor | None] | None = None  # linear hosts (h = x W^T + b): their bias
 
     @property
     def has_weight(self) -> bool:
@@ -57,6 +58,7 @@ HOST_KINDS: list[HostKind] = [
         lambda m: m.weight,
         lambda m, w: _copy_into(m.weight, w),
         lambda m, x, w: F.linear(x, w, m.bias),
+        lambda m: m.bias,
     ),
     HostKind(
         "conv1d",
@@ -65,6 +67,7 @@ HOST_KINDS: list[HostKind] = [
         lambda m: m.weight.t(),
         lambda m, w: _copy_into(m.weight, w.t()),
         lambda m, x, w: F.linear(x, w, m.bias),
+        lambda m: m.bias,
     ),
     HostKind(
         "embedding",

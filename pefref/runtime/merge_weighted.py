@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.compiler.parts import read
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.schema import Technique
@@ -119,7 +120,7 @@ def _factors(ad: Adapter) -> dict[tuple[str, int | None], tuple[torch.Tensor, to
                               "(a parallel module computing linear(linear(x, A), B), integrated as h + c * delta)")
         a, b, scale = lr
         c = float(evaluate(parse_expr(scale), {**ad.sizes, **ad.hyperparameters}, scalar_ops()))
-        out[(e.site, e.layer)] = (getattr(e.unit, a).detach(), getattr(e.unit, b).detach(), c)
+        out[(e.site, e.layer)] = (read(e.unit, a).detach(), read(e.unit, b).detach(), c)
     if ad.selected:
         raise PefrefError(f"adapter {ad.name!r} also selects host tensors; only low-rank updates can be merged")
     return out

@@ -201,7 +201,9 @@ class HostPatch:
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
         weights = [e for e in entries if e.form == "reparameterise"]
-        if weights:
+        if weights and self._lean(weights):
+            out = self._run_lean(weights, x, training)
+        elif weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             for e, grp in _steps(weights):
                 if grp:
@@ -220,6 +222,32 @@ class HostPatch:
             for e, grp in _steps(outs):
                 h = _sliced(h, e, self._fn(e, grp, x_site, training))
         return (h, *out[1:]) if self.first else h
+
+    def _lean(self, weights: list[Entry]) -> bool:
+        """Whether the reparameterised weights can act on the input without being formed: a linear host, units whose
+        weight has an activation-space reading, each on its own rows (one unsliced unit, or disjoint slices)."""
+        if self.kind.bias is None or any(e.group is not None or getattr(e.unit, "linear_forward", None) is None for e in weights):
+            return False
+        return (len(weights) == 1 and not weights[0].size) or _disjoint_slices(weights)
+
+    def _run_lean(self, weights: list[Entry], x: torch.Tensor, training: bool) -> torch.Tensor:
+        """The host's output with each unit's weight read in activation space (``x W'^T + b``, no ``W'`` formed);
+        a sliced unit replaces its features of the host's own output."""
+        W = self.kind.get_weight(self.host)  # type: ignore[misc]
+        b = self.kind.bias(self.host)  # type: ignore[misc]
+
+        def own(e: Entry) -> torch.Tensor:
+            y = cast(Any, e.unit).linear_forward(x, None, take(W, 0, e.start, e.size, e.period), training)
+            return y if b is None else y + take(b, 0, e.start, e.size, e.period)
+
+        if len(weights) == 1 and not weights[0].size:
+            return own(weights[0])
+        base = self.kind.run(self.host, x, W)  # type: ignore[misc]
+
+        def part(e: Entry) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda _h: own(e)  # the features of the host's own output are replaced, not read
+
+        return replace_each(base, -1, [(e.start, e.size) for e in weights], weights[0].period, [part(e) for e in weights])
 
     def _fn(self, e: Entry, grp: list[Entry] | None, x: torch.Tensor | None, training: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         """The step of one entry, or of a block's entries combined by their group."""

@@ -202,7 +202,9 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
     from pefref.ops import op_table
 
     assert ctx.W is not None
-    env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: getattr(unit, n) for n in m.params}}
+    from pefref.compiler.parts import read
+
+    env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: read(unit, n) for n in m.params}}
     with torch.no_grad():
         new_w = evaluate(parse_expr(m.host_update), env, op_table())
     _expect(new_w, tuple(ctx.W.shape), "host_update", "the host's weight")

@@ -17,10 +17,15 @@ from pefref.language.catalog import Catalog
 from pefref.language.composition import ResolvedComposition, block_sites
 from pefref.language.schema import ModelShape
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
+from pefref.view.analysis import connected_modules, mergeable_on
 from pefref.view.params import count_params, host_widths
 from pefref.view.summary import layers_text, paper_link
 
-__all__ = ["MemberCount", "BlockCount", "CompositionCount", "count_composition", "composition_summary", "block_hosts"]
+__all__ = ["MemberCount", "BlockCount", "CompositionCount", "count_composition", "composition_summary", "block_hosts",
+           "frozen_adapters", "FOLDING_BLOCKS", "block_merge_problem", "member_merge_problem", "composition_merge_problems"]
+
+FOLDING_BLOCKS = ("stack", "parallel", "average")
+"""Block kinds whose combination is a linear function of the members' maps (so it folds into the weights)."""
 
 
 @dataclass
@@ -88,11 +93,16 @@ def block_hosts(res: ResolvedComposition, b: int, shape: ModelShape, catalog: Ca
     return out
 
 
+def frozen_adapters(res: ResolvedComposition) -> set[str]:
+    """The adapters a fusion block freezes (``train_adapters: false``): parameters, but not trainable."""
+    return {a for blk in res.composition.blocks if blk.kind == "fusion" and not blk.train_adapters for a in blk.adapters}
+
+
 def count_composition(res: ResolvedComposition, shape: ModelShape, catalog: Catalog) -> CompositionCount:
     """Per-member and per-block parameter counts of ``res`` on ``shape``, and the totals."""
     fam = catalog.family(shape.family)
     sizes = model_sizes(fam, dict(shape.config))
-    frozen = {a for blk in res.composition.blocks if blk.kind == "fusion" and not blk.train_adapters for a in blk.adapters}
+    frozen = frozen_adapters(res)
     members = []
     for name, t in zip(res.techniques, res.drawable()):  # drawable(): one technique per adapter, in order
         pc = count_params(t, shape, catalog)
@@ -138,4 +148,35 @@ def composition_summary(res: ResolvedComposition) -> dict[str, Any]:
                            "techniques": techniques, "blocks": blocks, "notes": comp.notes}
     if res.source is not None:
         out["file"] = str(res.source)
+    return out
+
+
+def block_merge_problem(index: int | str, kind: str, adapters: list[str]) -> str:
+    """Why block ``index`` (of a kind not in :data:`FOLDING_BLOCKS`) keeps a composition from merging."""
+    return (f"blocks[{index}] ({kind} over {', '.join(adapters)}) cannot be merged: "
+            "a learned attention over the adapters' outputs is not a linear map of the host's input")
+
+
+def member_merge_problem(name: str, technique: str, modules: list[str]) -> str:
+    """Why adapter ``name`` keeps a composition from merging: its ``modules`` do not fold into their hosts."""
+    return f"adapter {name!r} ({technique}): module{'s' * (len(modules) != 1)} {', '.join(modules)} cannot be merged"
+
+
+def composition_merge_problems(res: ResolvedComposition, shape: ModelShape, catalog: Catalog) -> list[str]:
+    """Why ``Composition.merge()`` refuses ``res`` on a model of ``shape`` (empty: it merges), without building it.
+
+    The runtime's checks on structure alone: every block that meets at a host
+    folds (:data:`FOLDING_BLOCKS`), and every member's modules fold at their
+    hosts on the shape's family (:func:`pefref.view.analysis.mergeable_on`, the
+    derivation the runtime's merge uses).
+    """
+    fam = catalog.family(shape.family)
+    out = [block_merge_problem(b, blk.kind, list(blk.adapters)) for b, blk in enumerate(res.composition.blocks)
+           if blk.kind not in FOLDING_BLOCKS and block_hosts(res, b, shape, catalog)]
+    for name, drawn in zip(res.techniques, res.drawable()):
+        conn = connected_modules(res.techniques[name].modules)
+        bad = sorted({str(m.name) for m in drawn.modules if any(s in fam.sites for s in m.sites)  # type: ignore[union-attr]
+                      and not mergeable_on(m, catalog.reference, fam, m.name in conn)})
+        if bad:
+            out.append(member_merge_problem(name, res.techniques[name].id, bad))
     return out

@@ -145,5 +145,21 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = str(sympy.factor(sympy.expand(expr)))
+    s = str(_positive_lead(sympy.factor(sympy.expand(expr))))
+    s = s.replace("Min(", "min(").replace("Max(", "max(")  # the expression language's spelling
     return s.replace("**", "^").replace("*", "·")
+
+
+def _positive_lead(f: Any) -> Any:
+    """A factored count with its minus sign moved into a difference: 2·L·d·(d - r)/r, not -2·L·d·(-d + r)/r."""
+    import sympy
+
+    c, rest = f.as_coeff_Mul()
+    if c >= 0:
+        return f
+    factors = list(sympy.Mul.make_args(rest))
+    for i, a in enumerate(factors):
+        if isinstance(a, sympy.Add):
+            factors[i] = sympy.expand(-a)
+            return sympy.Mul(*([] if -c == 1 else [-c]), *factors, evaluate=False)
+    return f

@@ -54,7 +54,7 @@ def primitive_docs() -> list[PrimitiveDoc]:
     for name in sorted(PRIMITIVES):
         p = PRIMITIVES[name]
         facts = {"intra": p.intra, "nonlinear": p.nonlinear, "linear_in": list(p.linear_in), "dynamic": p.dynamic,
-                 "scalar": p.scalar, "offset_args": list(p.offset_args)}
+                 "scalar": p.scalar, "offset_args": list(p.offset_args), "parts": p.parts}
         out.append(PrimitiveDoc(name, "op", _signature(name, p.fn, drop=("training",) if p.leaf else ()), inspect.getdoc(p.fn) or "", facts))
     for name in sorted(INITS):
         fn = INITS[name]

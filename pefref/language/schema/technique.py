@@ -94,6 +94,12 @@ class ParamSpec(Strict):
     weight_decay: at_least(0, float) | None = Field(  # type: ignore[valid-type]
         None, description="Weight decay for this tensor; None uses the optimizer's (the value given to Adapter.param_groups)."
     )
+    split: at_least(0) = Field(  # type: ignore[valid-type]
+        0,
+        description="Store the tensor as separate tensors, one per index of its first `split` dimensions (state-dict keys name.i, name.i.j, ...); "
+        "its shape, count and initialisation are unchanged and expressions still see one value. Ops that take pieces (e.g. lstm) read them "
+        "as they are; any other use stacks them. Each piece is its own optimizer tensor (an LSTM's weights per layer and direction, as torch.nn.LSTM holds them).",
+    )
     description: str = ""
 
 

@@ -154,6 +154,7 @@ def site_files(
     include: Sequence[Path] = (),
     results: Path | None = None,
     sections: Sequence[Section] | None = None,
+    compositions: Sequence[Path] | None = None,
 ) -> dict[str, bytes]:
     """Every file of the site, path → bytes (sorted by path); nothing is written.
 
@@ -163,16 +164,24 @@ def site_files(
         include: folders of the user's own technique files; their pages are marked as not from the catalog.
         results: a folder of experiment results, for sections that show them.
         sections: the sections to build (default: :data:`pefref.render.site.pages.SECTIONS`).
+        compositions: composition files to show (default: the bundled catalog's ``compositions/``); those
+            naming a technique the catalog lacks are left out.
     """
-    from pefref.language.catalog import default_catalog
+    from pefref.language.catalog import catalog_root, default_catalog
+    from pefref.render.site.compositions import catalog_compositions
     from pefref.render.site.pages import SECTIONS
 
     catalog = catalog or default_catalog()
     catalog, included = with_included(catalog, include)
-    with Pictures(catalog) as pictures:  # dot draws in the background while the view gathers
-        data = gather(catalog, _models(catalog, models), included, results)
+    if compositions is None:
+        compositions = sorted((catalog_root() / "compositions").glob("*.yaml"))
+    resolved = catalog_compositions(catalog, list(compositions))
+    with Pictures(catalog, resolved) as pictures:  # dot draws in the background while the view gathers
+        data = gather(catalog, _models(catalog, models), included, results, resolved)
         for t in data.techniques:
             t.diagram = labelled(pictures.diagram(t.id), f"Architecture diagram of {t.name}")
+        for c in data.compositions:
+            c.diagram = labelled(pictures.composition(c.id), f"Architecture diagram of {c.name}")
         data.extra["graphs"] = pictures.graphs()
         ctx = SiteContext(data, catalog, _environment(), pictures=pictures)
     active = [s for s in (SECTIONS if sections is None else sections) if s.enabled(ctx)]

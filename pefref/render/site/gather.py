@@ -14,9 +14,11 @@ from typing import Any
 
 from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
+from pefref.language.composition import ResolvedComposition
 from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
 from pefref.language.sizes import eval_scalar, model_sizes
+from pefref.render.site.compositions import CompositionView, composition_views
 from pefref.view.costs import Efficiency, efficiency
 
 __all__ = [
@@ -87,6 +89,7 @@ class TechniqueView:
     builds_on: list[Related] = field(default_factory=list)
     used_by: list[Related] = field(default_factory=list)
     similar: list[Related] = field(default_factory=list)
+    compositions: list[Related] = field(default_factory=list)  # the compositions that use it (id, name, as which adapters)
     diagram: str | None = None
 
     @property
@@ -123,9 +126,13 @@ class SiteData:
     properties: list[tuple[str, str]]
     results: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    compositions: list[CompositionView] = field(default_factory=list)
 
     def technique(self, tid: str) -> TechniqueView:
         return next(t for t in self.techniques if t.id == tid)
+
+    def composition(self, cid: str) -> CompositionView:
+        return next(c for c in self.compositions if c.id == cid)
 
 
 def _source_label(path: Path | None, tid: str, catalog_root: Path, from_catalog: bool) -> str:
@@ -216,7 +223,8 @@ def _shape_view(s: ModelShape, catalog: Catalog) -> ShapeView:
     return ShapeView(s.name, s.family, s.description, s.source or "", dict(sorted(sizes.items())), base, dict(s.config))
 
 
-def gather(catalog: Catalog, models: list[str], included: frozenset[str] = frozenset(), results: Path | None = None) -> SiteData:
+def gather(catalog: Catalog, models: list[str], included: frozenset[str] = frozenset(), results: Path | None = None,
+           compositions: list[ResolvedComposition] | None = None) -> SiteData:
     """Assemble the view models of the whole site (the first phase of :func:`pefref.render.site.build.build_site`).
 
     Args:
@@ -224,6 +232,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
         models: the model shapes the index, costs and comparisons are shown on.
         included: ids of techniques that do not come from the catalog.
         results: a folder of experiment results, handed to extra page builders.
+        compositions: the compositions to show (their techniques link back to them).
     """
     from pefref.language.catalog import catalog_root
     from pefref.view.summary import technique_row, technique_summary
@@ -255,6 +264,14 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
                 by_id[tid].used_by.append(Related(v.id, v.name, why))
         for tid, shared in similar_techniques(v.id, values):
             v.similar.append(Related(tid, by_id[tid].name, ", ".join(property_label(p) for p in shared)))
+    comps = composition_views(compositions or [], catalog, set(by_id), lambda path, cid: _source_label(path, cid, root, True))
+    for c in comps:
+        names: dict[str, list[str]] = {}
+        for member in c.members:
+            if member.linked:
+                names.setdefault(member.technique, []).append(member.name)
+        for tid, ns in names.items():
+            by_id[tid].compositions.append(Related(c.id, c.name, f"as adapter{'s' * (len(ns) > 1)} {', '.join(ns)}"))
     shapes = [_shape_view(catalog.shapes[n], catalog) for n in catalog.shapes]
     props = [(p, property_label(p)) for p in TYPOLOGY_PROPERTIES]
-    return SiteData(views, shapes, list(models), props, results)
+    return SiteData(views, shapes, list(models), props, results, compositions=comps)

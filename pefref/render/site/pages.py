@@ -15,7 +15,7 @@ from typing import Any
 from pefref.render.site.build import Page, Section, SiteContext
 from pefref.render.site.results import results_pages
 
-__all__ = ["SECTIONS", "index_pages", "technique_pages", "typology_pages", "compare_pages", "models_pages",
+__all__ = ["SECTIONS", "index_pages", "technique_pages", "composition_pages", "typology_pages", "compare_pages", "models_pages",
            "primitives_pages", "schema_pages", "compare_data", "diagram_files"]
 
 
@@ -31,12 +31,26 @@ def technique_pages(ctx: SiteContext) -> Iterable[Page]:
         yield ctx.render("technique.html", f"techniques/{t.id}.html", title=t.name, section="index", t=t)
 
 
+def composition_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``compositions.html``: every composition and the rules of its blocks; ``compositions/<id>.html``: one page each."""
+    from pefref.language.composition import load_rules
+    from pefref.render.site.compositions import rules_view
+
+    yield ctx.render("compositions.html", "compositions.html", title="Compositions", section="compositions",
+                     rules=rules_view(load_rules()), wide=True)
+    for c in ctx.data.compositions:
+        yield ctx.render("composition.html", f"compositions/{c.id}.html", title=c.name, section="compositions", c=c)
+
+
 def diagram_files(ctx: SiteContext) -> Iterable[Page]:
-    """``diagrams/<id>.svg``: each technique's diagram as a file (the compare page shows them as images)."""
+    """``diagrams/<id>.svg`` and ``diagrams/compositions/<id>.svg``: each technique's and composition's diagram as a file
+    (the compare page shows the techniques' as images; the pages link to them)."""
     if ctx.pictures is None:
         return
     for t in ctx.data.techniques:
         yield Page(f"diagrams/{t.id}.svg", ctx.pictures.diagram_file(t.id))
+    for c in ctx.data.compositions:
+        yield Page(f"diagrams/compositions/{c.id}.svg", ctx.pictures.composition_file(c.id))
 
 
 def typology_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -80,6 +94,7 @@ def schema_pages(ctx: SiteContext) -> Iterable[Page]:
 SECTIONS: list[Section] = [
     Section("index", "Techniques", "index.html", index_pages),
     Section("technique", None, "techniques/", technique_pages),
+    Section("compositions", "Compositions", "compositions.html", composition_pages),
     Section("diagrams", None, "diagrams/", diagram_files),
     Section("typology", "Typology", "typology.html", typology_pages),
     Section("compare", "Compare", "compare.html", compare_pages),

@@ -1,4 +1,4 @@
-"""The site's pictures: every technique's architecture diagram and the typology graphs.
+"""The site's pictures: every technique's and composition's architecture diagram and the typology graphs.
 
 The drawings are :mod:`pefref.render.diagram`'s and :mod:`pefref.render.graphs`'s
 (DOT built from networkx graphs); this module only schedules them. Their DOT
@@ -15,6 +15,7 @@ from typing import Any
 from markupsafe import escape
 
 from pefref.language.catalog import Catalog
+from pefref.language.composition import ResolvedComposition
 
 __all__ = ["Pictures", "GRAPH_TITLES", "labelled"]
 
@@ -39,10 +40,11 @@ class Pictures:
 
     Args:
         catalog: the catalog (with included techniques) whose techniques are drawn.
+        compositions: compositions to draw, each with its adapters and its blocks on one model.
         workers: ``dot`` processes at a time (default: one per CPU).
     """
 
-    def __init__(self, catalog: Catalog, workers: int | None = None) -> None:
+    def __init__(self, catalog: Catalog, compositions: list[ResolvedComposition] | None = None, workers: int | None = None) -> None:
         import os
 
         from pefref.render.diagram import technique_graph, to_dot
@@ -52,9 +54,13 @@ class Pictures:
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1))
         self._diagrams: dict[str, Future[bytes]] = {}
         self._graphs: dict[str, Future[bytes]] = {}
+        self._compositions: dict[str, Future[bytes]] = {}
         for tid in sorted(catalog.techniques):
             text = to_dot(technique_graph(catalog, [catalog.techniques[tid]]))
             self._diagrams[tid] = self._pool.submit(render_dot, text, "svg")
+        for res in compositions or []:
+            text = to_dot(technique_graph(catalog, res.drawable(), compositions=[res]))
+            self._compositions[res.composition.id] = self._pool.submit(render_dot, text, "svg")
         for kind in GRAPH_TITLES:
             self._graphs[kind] = self._pool.submit(render_dot, graph_dot(kind, catalog), "svg")
         self._pool.shutdown(wait=False)
@@ -71,7 +77,19 @@ class Pictures:
 
     def diagram_file(self, tid: str) -> bytes:
         """The technique's diagram as a standalone ``.svg`` file (an XML prolog, no DOCTYPE)."""
-        return ('<?xml version="1.0" encoding="UTF-8"?>\n' + self.diagram(tid)).encode("utf-8")
+        return self._file(self.diagram(tid))
+
+    def composition(self, cid: str) -> str:
+        """The composition's diagram (its adapters and blocks), an inline ``<svg>`` element."""
+        return self._svg(self._compositions[cid])
+
+    def composition_file(self, cid: str) -> bytes:
+        """The composition's diagram as a standalone ``.svg`` file."""
+        return self._file(self.composition(cid))
+
+    @staticmethod
+    def _file(svg: str) -> bytes:
+        return ('<?xml version="1.0" encoding="UTF-8"?>\n' + svg).encode("utf-8")
 
     def graphs(self) -> list[tuple[str, str, str]]:
         """``(kind, title, inline svg)`` of each typology graph."""
@@ -79,7 +97,7 @@ class Pictures:
 
     def close(self) -> None:
         """Wait for every ``dot`` process (errors are raised by the accessors, not here)."""
-        for f in [*self._diagrams.values(), *self._graphs.values()]:
+        for f in [*self._diagrams.values(), *self._graphs.values(), *self._compositions.values()]:
             f.exception()
 
     def __enter__(self) -> Pictures:
