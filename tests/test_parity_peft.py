@@ -142,15 +142,12 @@ def _copy_prefix(unit: nn.Module, pm: Any, at: Place) -> None:
     enc = pm.prompt_encoder["default"]
     W2, b2 = enc.transform[2].weight, enc.transform[2].bias
     d_kv = enc.embedding.weight.shape[1]
-    keys = slice(2 * at.layer * d_kv, (2 * at.layer + 1) * d_kv)
-    values = slice((2 * at.layer + 1) * d_kv, (2 * at.layer + 2) * d_kv)
+    rows = slice(2 * at.layer * d_kv, (2 * at.layer + 2) * d_kv)  # this layer's keys then values: its slice of the stacked heads
     unit.E.copy_(enc.embedding.weight)
     unit.W1.copy_(enc.transform[0].weight)
     unit.b1.copy_(enc.transform[0].bias)
-    unit.Wk.copy_(W2[keys])
-    unit.bk.copy_(b2[keys])
-    unit.Wv.copy_(W2[values])
-    unit.bv.copy_(b2[values])
+    unit.own("Wkv").copy_(W2[rows])
+    unit.own("bkv").copy_(b2[rows])
 
 
 COPY: dict[str, Callable[[nn.Module, Any, Place], None]] = {

@@ -212,7 +212,7 @@ class Units:
     def __call__(self, module: str, site: str, layer: int | None = None) -> Callable[[str], torch.Tensor]:
         key = f"{module}__{site.replace('.', '_')}" + ("" if layer is None else f"__{layer}")
         unit = self.a.units[key]
-        return lambda name: getattr(unit, name).detach()
+        return lambda name: unit.own(name).detach()  # a stacked tensor's slice of this layer
 
 
 # --- the papers' equations, in plain torch ----------------------------------------------------
@@ -272,9 +272,12 @@ def loreft(h: torch.Tensor, g: Callable[[str], torch.Tensor], p: int, s: int) ->
 
 
 def prefix_kv(g: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Li & Liang's reparameterised prefix: an MLP over the prefix matrix, one key and one value head per layer."""
+    """Li & Liang's reparameterised prefix: an MLP over the prefix matrix, one key and one value head per layer
+    (stored as one [2*d_kv, hidden] head per layer, keys first)."""
     hidden = torch.tanh(g("E") @ g("W1").T + g("b1"))
-    return hidden @ g("Wk").T + g("bk"), hidden @ g("Wv").T + g("bv")
+    d_kv = g("Wkv").shape[0] // 2
+    Wk, Wv, bk, bv = g("Wkv")[:d_kv], g("Wkv")[d_kv:], g("bkv")[:d_kv], g("bkv")[d_kv:]
+    return hidden @ Wk.T + bk, hidden @ Wv.T + bv
 
 
 def lora_delta(x: torch.Tensor, g: Callable[[str], torch.Tensor]) -> torch.Tensor:

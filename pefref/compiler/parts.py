@@ -166,10 +166,13 @@ def env_values(module: nn.Module, splits: Mapping[str, tuple[int, ...]], names: 
 
 
 def read(unit: nn.Module, name: str) -> torch.Tensor:
-    """A unit's declared tensor ``name``: the stored tensor, or a split one's pieces stacked (a new tensor:
-    write with :func:`write`)."""
+    """A unit's declared tensor ``name``: the stored tensor, its slice of a tensor stacked over layers
+    (``stacked: layers``, a view), or a split one's pieces stacked (a new tensor: write with :func:`write`)."""
     lead = getattr(type(unit), "splits", {}).get(name)
-    return join(nest(lambda a: getattr(unit, a), name, lead)) if lead else getattr(unit, name)
+    if lead:
+        return join(nest(lambda a: getattr(unit, a), name, lead))
+    pick = getattr(type(unit), "picks", {}).get(name)
+    return getattr(unit, name) if pick is None else getattr(unit, name)[pick]
 
 
 def write(unit: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -177,7 +180,7 @@ def write(unit: nn.Module, name: str, value: torch.Tensor) -> None:
     lead = getattr(type(unit), "splits", {}).get(name)
     with torch.no_grad():
         if not lead:
-            getattr(unit, name).copy_(value)
+            read(unit, name).copy_(value)  # a stacked tensor: this unit's slice
             return
         for idx in itertools.product(*map(range, lead)):
             getattr(unit, piece_name(name, idx)).copy_(value[idx])

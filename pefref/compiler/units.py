@@ -82,13 +82,19 @@ class SiteContext:
 
 
 class SharedStore:
-    """Tensors shared across layers and/or sites, keyed by module, name and sharing scope."""
+    """Tensors shared across layers and/or sites, keyed by module, name and sharing scope.
+
+    A tensor stored ``stacked`` (per-layer copies kept in one tensor [layers, *shape]) has one key per
+    module, name and site; ``picks`` counts the slices handed out so far (each unit takes the next)."""
 
     def __init__(self) -> None:
         self.tensors: dict[tuple[Any, ...], Any] = {}  # a tensor, or a split tensor's pieces (nested lists)
+        self.picks: dict[tuple[Any, ...], int] = {}
 
     @staticmethod
-    def key(module: str, pname: str, shared: str, site: str, layer: int | None) -> tuple[Any, ...]:
+    def key(module: str, pname: str, shared: str, site: str, layer: int | None, stacked: str = "none") -> tuple[Any, ...]:
+        if stacked != "none":
+            return (module, pname, "stacked", site)
         scope = {"none": (site, layer), "layers": (site,), "sites": (layer,), "all": ()}[shared]
         return (module, pname, shared, *scope)
 
@@ -143,11 +149,12 @@ class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
     def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
-                 input_names: tuple[str, ...] = (), publish: bool = False, lean: bool = False) -> None:
+                 input_names: tuple[str, ...] = (), publish: bool = False, lean: bool = False, picks: dict[str, int] | None = None) -> None:
         super().__init__()
-        self.form, self.exprs, self.consts, self.views = form, exprs, consts, views
+        self.form, self.exprs, self.consts, self.views, self.picks = form, exprs, consts, views, picks or {}
         self.input_names, self.publish, self.lean = input_names, publish, lean
-        self.shapes = {n: tuple(views.get(n, t.shape)) for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
+        self.shapes = {n: tuple(views.get(n, t.shape[1:] if n in self.picks else t.shape))  # a stacked tensor: one layer's slice
+                       for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
         for name, t in parts.flatten(tensors).items():
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -163,7 +170,11 @@ class _Program(nn.Module):
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
         env = dict(self.consts)
         piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
-        env.update(parts.env_values(self, self.splits, self.tensor_names, self.views, piecewise, _leaf(parts.join)))
+        whole = [n for n in self.tensor_names if n not in self.picks]
+        env.update(parts.env_values(self, self.splits, whole, self.views, piecewise, _leaf(parts.join)))
+        for n, i in self.picks.items():  # a stacked tensor: this layer's slice
+            v = self.views.get(n)
+            env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
         env.update(x=x, h=h, W=W, mask=mask)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
@@ -196,7 +207,8 @@ class Unit(nn.Module):
     with :mod:`torch.fx` and turned into Python code once, whatever the number
     of units (a 70B model's 160 LoRA units share one class). Class attributes:
     ``form``, ``graph`` (the traced :class:`torch.fx.Graph`), ``code`` (its
-    generated source), ``used_inputs`` (the forward's arguments the code reads)
+    generated source), ``used_inputs`` (the forward's arguments the code reads),
+    ``picks`` (the stacked tensors it holds whole, each with the index of this unit's slice),
     ``program`` (what it was compiled from) and ``tensor_of`` (the attribute holding a piece of a split
     tensor -> the declared tensor) and ``splits`` (a split tensor -> its split dimensions;
     :mod:`pefref.compiler.parts`, whose ``read``/``write`` take a declared tensor by name).
@@ -208,6 +220,7 @@ class Unit(nn.Module):
     code: str
     program: tuple[Any, ...]
     tensor_of: dict[str, str] = {}
+    picks: Mapping[str, int] = {}
     splits: dict[str, tuple[int, ...]] = {}
     linear_forward: Any = None  # reparameterise: x W'^T without forming W' (generated), or None
     lean_code: str = ""
@@ -231,6 +244,15 @@ class Unit(nn.Module):
                 self._buffers[name] = t
             else:
                 self.register_buffer(name, t)
+
+    def own(self, name: str) -> torch.Tensor:
+        """The unit's own value of tensor ``name`` (a declared tensor or a piece of a split one): its slice of a
+        stacked tensor (a view), a split tensor's pieces stacked, else the tensor as held (:func:`parts.read`)."""
+        return parts.read(self, name)
+
+    def own_numel(self, trainable_only: bool = True) -> int:
+        """Elements of this unit's tensors (of its slices of stacked ones), trainable ones only by default."""
+        return sum(self.own(n).numel() for n, p in self.named_parameters(recurse=False) if p.requires_grad or not trainable_only)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class cannot be found by name: pickle the program it comes from
@@ -260,20 +282,20 @@ def _unit_of_program(program: tuple[Any, ...]) -> Unit:
 
 def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
-    form, exprs, consts, _shapes, views, input_names, publish = program
+    form, exprs, consts, _shapes, views, input_names, publish, picks = program
     own = parts.owners(tensors)
     if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
         raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
-    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code"))
+    clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code", "picks"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
-    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish)
+    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, picks=dict(picks))
     graph = _trace(prog)
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
     lpc = None
     if form == "reparameterise":
-        lean = _Program(form, prog.exprs, dict(consts), dict(tensors), dict(views), input_names, publish, lean=True)
+        lean = _Program(form, prog.exprs, dict(consts), dict(tensors), dict(views), input_names, publish, lean=True, picks=dict(picks))
         try:
             lpc = _trace(lean).python_code(root_module="self")
         except NoLinearRule:  # a node without an activation-space reading: the host runs with the formed weight
@@ -288,7 +310,8 @@ def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
     attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
              "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
-             "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "__module__": __name__, "lean_code": lean_src}
+             "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "picks": dict(picks), "__module__": __name__,
+             "lean_code": lean_src}
     if lpc is not None:
         attrs["linear_forward"] = _generated(lpc, name + "_linear")
     cls = type(name, (Unit,), attrs)
@@ -366,26 +389,47 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     rec = recipe(spec, names)
     tensors: dict[str, Any] = {}
     views: dict[str, tuple[int, ...]] = {}
+    picks: dict[str, int] = {}
     trainable: dict[str, bool] = {}
     env: dict[str, Any] | None = None
     meta = str(ctx.device) == "meta"
+
+    def init(tr: TensorRecipe, shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal env
+        if meta and tr.filler and tr.name in rec.meta_checked:  # shapes only: the values come with the weights loaded later
+            return torch.empty(shape, dtype=ctx.dtype, device="meta")
+        if env is None:
+            env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
+        t = evaluate(tr.init, env, init_table(shape, ctx.dtype, ctx.device))
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PefrefError(f"{spec.name}.{tr.name}: init {tr.spec.init!r} gave {got}, expected shape {shape}")
+        t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
+        if meta and tr.filler:
+            rec.meta_checked.add(tr.name)
+        return t
+
     for tr in rec.tensors:
         pname, pspec, local = tr.name, tr.spec, tr.shape
-        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer)
-        full = (shared_shapes or {}).get(key, local)
-        if key not in store.tensors:
-            if meta and tr.filler and pname in rec.meta_checked:  # shapes only: the values come with the weights loaded later
-                t = torch.empty(full, dtype=ctx.dtype, device="meta")
-            else:
-                if env is None:
-                    env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
-                t = evaluate(tr.init, env, init_table(full, ctx.dtype, ctx.device))
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != full:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise PefrefError(f"{spec.name}.{pname}: init {pspec.init!r} gave {got}, expected shape {full}")
-                t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
-                if meta and tr.filler:
-                    rec.meta_checked.add(pname)
+        stacked = pspec.stacked != "none"
+        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
+        full = (shared_shapes or {}).get(key, (1, *local) if stacked else local)
+        if stacked:  # per-layer copies in one tensor: this unit initialises (and then reads) the next slice
+            i = store.picks.get(key, 0)
+            if i >= full[0]:
+                raise PefrefError(f"{spec.name}.{pname}: more placements than the {full[0]} slices planned for the stacked tensor")
+            part = init(tr, full[1:])
+            if key not in store.tensors:
+                t = (torch.empty if meta else torch.zeros)(full, dtype=part.dtype, device=part.device)  # slices filled unit by unit
+                store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
+            if not meta:
+                with torch.no_grad():
+                    store.tensors[key][i].copy_(part)
+            store.picks[key] = i + 1
+            picks[pname] = i
+            full = full[1:]
+        elif key not in store.tensors:
+            t = init(tr, full)
             k = getattr(pspec, "split", 0)
             store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
@@ -393,14 +437,15 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
-    program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish)
+    program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish,
+               tuple(sorted(picks.items())))
     cls = _PROGRAMS.get(program)
     if cls is None:
         cls = _program_class(program, tensors)
     unit = cls(tensors, trainable)
     if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
         # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
-        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False)
+        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False, program[7])
         gcls = _PROGRAMS.get(gprog) or _program_class(gprog, tensors)
         unit.__dict__["gate_unit"] = gcls(tensors, trainable)
     return unit

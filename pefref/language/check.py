@@ -200,6 +200,14 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
+            if spec.stacked != "none" and spec.shared != "none":
+                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                                   f"stacked: {spec.stacked} stores the per-layer copies of an unshared tensor together; this one is shared: {spec.shared}"))
+            if spec.stacked != "none" and spec.split:
+                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)), "a tensor is either stacked over layers or split into pieces, not both"))
+            if spec.stacked != "none" and any(s in ref.sites and not ref.sites[s].per_layer for s in m.sites):
+                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                                   "stacked: layers needs per-layer sites; this module also attaches once per model"))
             if spec.split >= len(spec.shape):
                 out.append(Problem(pos.at(pp + ("split",)), dotted(pp + ("split",)), f"split: {spec.split} must be below the number of dimensions ({len(spec.shape)}): each piece keeps at least one"))
         for fld in EXPR_FIELDS:

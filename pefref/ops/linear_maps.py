@@ -257,11 +257,16 @@ class Scaled(LinearMap):
         self.c, self.m = c, m
         self.shape, self.involves_w = m.shape, m.involves_w
 
+    def _inner(self) -> bool:
+        """Scale the narrower side: the input when the map widens it (e.g. the rank-r input of ``c * B``)."""
+        sh = self.shape
+        return sh is not None and len(sh) == 2 and sh[0] is not None and sh[1] is not None and sh[1] < sh[0]
+
     def apply(self, ops: Ops, x: Any) -> Any:
-        return self.c * self.m.apply(ops, x)
+        return self.m.apply(ops, self.c * x) if self._inner() else self.c * self.m.apply(ops, x)
 
     def apply_t(self, ops: Ops, y: Any) -> Any:
-        return self.c * self.m.apply_t(ops, y)
+        return self.c * self.m.apply_t(ops, y) if self._inner() else self.m.apply_t(ops, self.c * y)
 
     def value(self, ops: Ops, detached: bool) -> Any:
         self._formable(detached)

@@ -27,6 +27,7 @@ from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
+from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
@@ -184,7 +185,7 @@ def apply(
             else:
                 units[key] = unit
                 adapter.unit_modules[key] = m
-                n_params = sum(p.numel() for n, p in unit.named_parameters() if p.requires_grad)
+                n_params = unit.own_numel()
                 if new_w is not None:
                     check_not_selected(model, [cast(torch.Tensor, pl.host.weight)], f"{where_of(tech, pl)}: host_update")
                     led = ledger_of(txn, pl.host, pl.kind)
@@ -204,6 +205,7 @@ def apply(
         if root is not None:  # prefixes: every layer gets as many positions (the extended mask is shared)
             with located(f"apply {tech.id}"):
                 root.kv_length([e for e in root.entries if e.form == "prepend" and e.layer is not None])
+            link_layer_batches([e for _p, e in adapter.entries if _p is root])  # prefixes of every layer computed at once
         container = getattr(model, ADAPTERS_ATTR, None)
         if len(units):
             if container is None:

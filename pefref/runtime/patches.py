@@ -63,6 +63,8 @@ class Entry:
     inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
     reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
     publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
+    batch: Any = field(default=None, repr=False)  # prepend: a layer-batched program computing this entry's keys and values with its group's
+    pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
 
@@ -443,22 +445,27 @@ class RootPatch:
 
     def _fill_cache(self, cache: Any, kvs: list[Entry], b: int, training: bool) -> Any:
         kvh, dh = self.sizes["kv_heads"], self.sizes["d_head"]
+        n_l = self.sizes["L"]
         layer_ids = [e.layer for e in kvs]
-        if len(set(layer_ids)) == len(kvs) == self.sizes["L"] and len({e.length for e in kvs}) == 1 and not any(map(_gated, kvs)):
-            # one entry per layer, one length: fill every layer's cache at once (one stack, one reshape, one
-            # permute, one expand for all layers, instead of those ops and a concatenation per layer and tensor)
+        batched = self._batches(kvs, training)  # the layer-batched programs whose entries are all here, run once each
+        if len(set(layer_ids)) == len(kvs) == n_l and len({e.length for e in kvs}) == 1 and not any(map(_gated, kvs)):
+            # one entry per layer, one length: fill every layer's cache at once: keys and values of all layers
+            # [L, n, kvh*dh] each take one reshape, permute and expand, and one unbind hands out the layers (its
+            # backward is one stack; indexing layer by layer would give each layer a backward the size of all)
             order = sorted(range(len(kvs)), key=lambda i: layer_ids[i])  # type: ignore[arg-type, return-value]
-            pairs = [kvs[i].unit(None, None, None, training) for i in order]
-            n_l = len(pairs)
-            kv = torch.stack([t for pair in pairs for t in pair])  # [2L, n, kvh*dh]: k0, v0, k1, v1, ...
-            kv = kv.reshape(n_l, 2, kv.shape[1], kvh, dh).permute(0, 1, 3, 2, 4).unsqueeze(2)  # [L, 2, 1, kvh, n, dh]
-            kv = kv.expand(-1, -1, b, -1, -1, -1)
-            layers = [(kv[i, 0], kv[i, 1]) for i in range(n_l)]
+            whole = batched[0] if len(batched) == 1 else None
+            if whole is not None and [kvs[i].pick if kvs[i].batch is whole[0] else -1 for i in order] == list(range(n_l)):
+                keys, values = whole[1]  # one program gives every layer, in order
+            else:
+                pairs = [self._kv_of(kvs[i], batched, training) for i in order]
+                keys, values = torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+            per = [t.unflatten(-1, (kvh, dh)).permute(0, 2, 1, 3).unsqueeze(1).expand(-1, b, -1, -1, -1).unbind(0) for t in (keys, values)]
+            layers = list(zip(*per))  # [(keys, values) [batch, kvh, n, dh] of each layer]
             return self._cache_of(cache, layers)
-        per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(self.sizes["L"])}
+        per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(n_l)}
         gated: dict[int, list[tuple[Entry, int]]] = {}
         for e in kvs:
-            k, v = e.unit(None, None, None, training)  # [n, kvh*dh]
+            k, v = self._kv_of(e, batched, training)  # [n, kvh*dh]
             shape = (k.shape[0], kvh, dh)
             k = k.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
             v = v.reshape(shape).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)
@@ -470,6 +477,26 @@ class RootPatch:
         out = self._cache_of(cache, layers)
         self.live = (out, gated) if gated else None
         return out
+
+    @staticmethod
+    def _batches(kvs: list[Entry], training: bool) -> list[tuple[Any, Any]]:
+        """(program, its outputs) for each layer-batched program all of whose entries are in ``kvs``."""
+        out: list[tuple[Any, Any]] = []
+        for e in kvs:
+            bt = e.batch
+            if bt is None or any(bt is seen for seen, _ in out):
+                continue
+            if sum(1 for f in kvs if f.batch is bt) == bt.size:
+                out.append((bt, bt(training)))
+        return out
+
+    @staticmethod
+    def _kv_of(e: Entry, batched: list[tuple[Any, Any]], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """An entry's keys and values [n, kv_heads*d_head]: its slice of its program's outputs, else its unit's own."""
+        for bt, (keys, values) in batched:
+            if e.batch is bt:
+                return keys[e.pick], values[e.pick]
+        return cast(tuple[torch.Tensor, torch.Tensor], e.unit(None, None, None, training))
 
     def gate_layer(self, e: Entry, x: torch.Tensor) -> None:
         """Scale ``e``'s keys and values in its layer's cache by its gate of ``x`` (the hidden state entering the

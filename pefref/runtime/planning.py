@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefref.compiler.units import SharedStore, SiteContext, recipe
+from pefref.compiler.units import SharedStore, SiteContext, Unit, recipe
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
@@ -73,7 +73,12 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             rec = recipe(pl.module, names)
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
-                key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer)
+                key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer, spec.stacked)
+                if spec.stacked != "none":  # one slice per placement at this site
+                    prev = plan.shared_shapes.get(key)
+                    plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))
+                    dtypes.setdefault(key, ctx.dtype)
+                    continue
                 prev = plan.shared_shapes.get(key, shp)
                 if len(prev) != len(shp):
                     raise PefrefError(f"{pname}: shared tensor has different ranks at different sites")
@@ -124,7 +129,8 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
     :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
     if str(ctx.device) == "meta" or any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]):
         return
-    for name, t in [*unit.named_parameters(), *unit.named_buffers()]:
+    for name, _t in [*unit.named_parameters(), *unit.named_buffers()]:
+        t = unit.own(name) if isinstance(unit, Unit) else _t  # a stacked tensor: this unit's slice (the later ones are not filled yet)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
     used = _used_inputs(unit)
@@ -153,7 +159,7 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             else:
                 x, h, w = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out), ctx.W
             out = fwd(x, h, w, False, mask, inputs)
-            if getattr(unit, "program", (False,))[-1] and isinstance(out, tuple):
+            if getattr(unit, "program", (False,) * 7)[6] and isinstance(out, tuple):  # (form, exprs, consts, shapes, views, inputs, publish, picks)
                 out, delta = out  # a unit that publishes returns (output, delta)
                 if probes is not None and publish is not None and isinstance(delta, torch.Tensor):
                     probes[publish] = delta

@@ -88,6 +88,12 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    stacked: Literal["none", "layers"] = Field(
+        "none", description="Storage only, for unshared tensors: 'layers' keeps the copies of every layer at one site in one tensor "
+        "[layers, *shape] (the optimizer sees one tensor; each layer's unit reads its slice), so that units evaluated together "
+        "(the key/value prefixes of every layer, filling the cache at once) run one batched op instead of one per layer. "
+        "Values, counts and typology are those of per-layer copies."
+    )
     lr_scale: Float | ExprStr = Field(
         1.0, description="Multiplier of the optimizer's learning rate for this tensor (a number or an expression over hyperparameters, e.g. a ratio between two tensors' rates); read by Adapter.param_groups."
     )
