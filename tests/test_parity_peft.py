@@ -299,3 +299,28 @@ def test_generate_matches_peft_generate(shape: str, technique: str) -> None:
     theirs, their_logits = generate(pair.peft_model, padded_batch(shape))
     assert torch.equal(mine, theirs)
     assert max_diff(mine_logits, their_logits) <= TOL
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_prompt_tuning_sequence_classification_reads_the_first_virtual_token_as_peft(n: int) -> None:
+    """BERT classification with prompt tuning (peft SEQ_CLS: the classifier trains with the prompt): the pooler
+    reads position 0, the first virtual token, in both; logits agree and the trainable counts are equal."""
+    import transformers
+
+    cfg = transformers.BertConfig(**{"pad_token_id": 0, **CATALOG.shape("tiny-bert").config, "num_labels": 2})
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n)).eval()
+    model = copy.deepcopy(base)
+    adapter = apply(model, "prompt_tuning", n=n, modules_to_save=["head"])
+    with torch.no_grad():
+        (unit,) = adapter.units.values()
+        unit.P.copy_(pm.prompt_encoder["default"].embedding.weight)
+        model.classifier.weight.add_(0.5)  # a trained head: both sides train and save the classifier
+        pm.base_model.classifier.modules_to_save["default"].weight.copy_(model.classifier.weight)
+    inputs = padded_batch("tiny-bert")
+    with torch.no_grad():
+        want, got, plain = (m(**inputs).logits for m in (pm, model, base))
+    assert max_diff(got, want) <= TOL and max_diff(got, plain) > 1e-3
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert adapter.report.trainable == n_peft == n * cfg.hidden_size + sum(p.numel() for p in base.classifier.parameters())
