@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pefref.ops.rules import registrar
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,17 +31,8 @@ OVER_LAYERS: dict[str, Rule] = {}
 """Primitive name → rule: given which positional arguments are stacked, the function computing every layer at once (or None)."""
 
 
-def over_layers(*names: str) -> Callable[[Rule], Rule]:
-    """Register a rule for the primitives ``names``."""
-
-    def deco(rule: Rule) -> Rule:
-        for n in names:
-            if n in OVER_LAYERS:
-                raise ValueError(f"rule over layers for {n!r} registered twice")
-            OVER_LAYERS[n] = rule
-        return rule
-
-    return deco
+over_layers = registrar(OVER_LAYERS, "rule over layers")
+"""``@over_layers(*names)``: register a rule for the primitives ``names``."""
 
 
 def rule_for(name: str, stacked: tuple[bool, ...]) -> Callable[..., Any] | None:

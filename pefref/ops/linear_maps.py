@@ -37,6 +37,8 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pefref.ops.rules import registrar
+
 __all__ = ["LinearMap", "Leaf", "NoLinearRule", "LINEAR_RULES", "linear_rule", "dense", "as_map"]
 
 Ops = Mapping[str, Callable[..., Any]]
@@ -54,17 +56,8 @@ LINEAR_RULES: dict[str, LinearRule] = {}
 :class:`LinearMap` of the op's result, or raises :class:`NoLinearRule`."""
 
 
-def linear_rule(*names: str) -> Callable[[LinearRule], LinearRule]:
-    """Register ``fn`` as the activation-space rule of the ops ``names`` (see :data:`LINEAR_RULES`)."""
-
-    def deco(fn: LinearRule) -> LinearRule:
-        for n in names:
-            if n in LINEAR_RULES:
-                raise ValueError(f"linear rule for {n!r} registered twice")
-            LINEAR_RULES[n] = fn
-        return fn
-
-    return deco
+linear_rule = registrar(LINEAR_RULES, "linear rule")
+"""``@linear_rule(*names)``: register a function as the activation-space rule of the ops ``names`` (see :data:`LINEAR_RULES`)."""
 
 
 def _number(v: Any) -> bool:

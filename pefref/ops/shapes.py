@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from pefref.ops.rules import registrar
+
 __all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
 
 
@@ -33,17 +35,8 @@ Rule = Callable[..., Any]
 SHAPE_RULES: dict[str, Rule] = {}
 
 
-def shape_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register ``fn`` as the shape rule of the ops ``names``."""
-
-    def deco(fn: Rule) -> Rule:
-        for n in names:
-            if n in SHAPE_RULES:
-                raise ValueError(f"shape rule for {n!r} registered twice")
-            SHAPE_RULES[n] = fn
-        return fn
-
-    return deco
+shape_rule = registrar(SHAPE_RULES, "shape rule")
+"""``@shape_rule(*names)``: register a function as the shape rule of the ops ``names``."""
 
 
 Workspace = Callable[..., int]
@@ -54,17 +47,8 @@ What apply adds to an expression's transient memory when it estimates the peak (
 :func:`pefref.language.shapecheck.expression_cost`)."""
 
 
-def workspace_rule(*names: str) -> Callable[[Workspace], Workspace]:
-    """Register ``fn`` as the workspace rule of the ops (or initialisers) ``names``."""
-
-    def deco(fn: Workspace) -> Workspace:
-        for n in names:
-            if n in WORKSPACE_RULES:
-                raise ValueError(f"workspace rule for {n!r} registered twice")
-            WORKSPACE_RULES[n] = fn
-        return fn
-
-    return deco
+workspace_rule = registrar(WORKSPACE_RULES, "workspace rule")
+"""``@workspace_rule(*names)``: register a function as the workspace rule of the ops (or initialisers) ``names``."""
 
 
 def _count(n: Any, what: str) -> int:
