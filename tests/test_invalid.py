@@ -45,6 +45,7 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("wrong_compute_shape", 15, 21, "modules[0].compute", ("linear: input width 512 does not match weight [4, 128]",)),
     ("wrong_integrate_shape", 16, 16, "modules[0].integrate", ("+: shapes [2, 9, 128] and [2, 9, 512] do not broadcast",)),
     ("split_too_deep", 13, 51, "modules[0].params.A.split", ("split: 2 must be below the number of dimensions (2)",)),
+    ("wrong_gate_shape", 16, 11, "modules[0].gate", ("gate gives [2, 9, 1]; one value per example, [batch, 1] = [2, 1]",)),
 ]
 
 def _problems(*paths: Path) -> list[Problem]:

@@ -283,6 +283,12 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
                 kv = Shape((int(n), sizes["kv_heads"] * sizes["d_head"]))
                 want("keys", run("keys"), kv, "[length, kv_heads*d_head]")
                 want("values", run("values"), kv, "[length, kv_heads*d_head]")
+                if getattr(m, "gate", None) is not None:  # read from the hidden state entering the attention, whatever the site's x
+                    env["x"] = Shape((BATCH, SEQ, sizes["d"]))
+                    got = run("gate")
+                    if isinstance(got, Shape) and not (got[:1] == (BATCH,) and math.prod(got[1:]) == 1):
+                        out.append(_problem(pos, mpath + ("gate",), 0, f"gate gives {got}; one value per example, [batch, 1] "
+                                            f"= {Shape((BATCH, 1))} for x {env['x']}, is needed at site {site!r}"))
     if getattr(m, "host_update", None) is not None and isinstance(env.get("W"), Shape):
         want("host_update", run("host_update"), env["W"], "the host weight W")
     return out
