@@ -48,6 +48,16 @@ def _ids(model: torch.nn.Module) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
 
 
+Step = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+def _lean_and_formed(model: torch.nn.Module, ad: pefref.Adapter, ids: torch.Tensor) -> tuple[Step, Step]:
+    """One step read in activation space, and the same step with the weights formed."""
+    lean = _step(model, ad, ids)
+    with _formed():
+        return lean, _step(model, ad, ids)
+
+
 @pytest.mark.parametrize("tid", ["oft", "dora"])
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gpt2", "tiny-gpt-neox"])
 def test_activation_space_equals_formed_weight(shape: str, tid: str) -> None:
@@ -58,9 +68,7 @@ def test_activation_space_equals_formed_weight(shape: str, tid: str) -> None:
     assert all(type(u).linear_forward is not None for u in ad.units.values())
     _perturb(ad)
     ids = _ids(model)
-    lean = _step(model, ad, ids)
-    with _formed():
-        formed = _step(model, ad, ids)
+    lean, formed = _lean_and_formed(model, ad, ids)
     assert _diff(lean, formed) <= 1e-5
     assert (lean[0] - build_model(shape, seed=0)(input_ids=ids).logits).abs().max().item() > 1e-3  # the adapter acts
 
@@ -70,9 +78,7 @@ def test_activation_space_in_bf16() -> None:
     ad = pefref.apply(model, "dora")
     _perturb(ad)
     ids = _ids(model)
-    lean = _step(model, ad, ids)
-    with _formed():
-        formed = _step(model, ad, ids)
+    lean, formed = _lean_and_formed(model, ad, ids)
     assert lean[0].dtype == torch.bfloat16
     scale = formed[0].float().abs().max().item()
     assert _diff(lean, formed) <= 2e-2 * max(scale, 1.0)
@@ -155,8 +161,6 @@ def test_linear_rules_compose(tmp_path: Path, case: str) -> None:
     assert all(type(u).linear_forward is not None for u in ad.units.values())
     _perturb(ad)
     ids = _ids(model)
-    lean = _step(model, ad, ids)
-    with _formed():
-        formed = _step(model, ad, ids)
+    lean, formed = _lean_and_formed(model, ad, ids)
     assert _diff(lean, formed) <= 1e-5
     assert _weight_sized_saved(model, ad, ids) == []
