@@ -283,6 +283,18 @@ def test_cli_diagram_formats_and_missing_dot(tmp_path: Path, monkeypatch: pytest
     assert r.exit_code == 1 and "did you mean 'lora'" in r.output
 
 
+def test_cli_diagram_format_from_the_suffix(tmp_path: Path) -> None:
+    """``-o x.png`` writes PNG without --format; a --format that contradicts the suffix is refused, nothing written."""
+    runner = CliRunner()
+    for name, magic in (("x.png", b"\x89PNG"), ("x.pdf", b"%PDF"), ("x.svg", b"<?xml"), ("x.dot", b"digraph")):
+        r = runner.invoke(app, ["diagram", "lora", "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    r = runner.invoke(app, ["diagram", "lora", "--format", "svg", "-o", str(tmp_path / "y.png")])
+    assert r.exit_code == 1 and "does not match" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "y.png").exists()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("ab ,(x_)"), max_size=120), st.integers(min_value=4, max_value=60))
 def test_wrap_ends_and_keeps_the_text(text: str, width: int) -> None:
