@@ -141,7 +141,7 @@ def _shared_tensors(sk: Skeleton, pl: Placed, user: str, a: Anchor, names: dict[
             text = f"{pname}: {_shape_text(spec, names)}"
             lines = [("b" if spec.trainable else "frozen", text), ("small", f"{m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
             sk.graph.add_node(tid, role="tensor", technique=pl.technique, module=m.name, param=pname, shared=spec.shared,
-                              trainable=spec.trainable, label=text, html=html_lines(lines), cluster=None,
+                              trainable=spec.trainable, label=text, html=html_lines(lines), cluster=sk.graph.nodes[user].get("cluster"),
                               dot={"shape": "box", "style": "filled" if spec.trainable else "filled,dashed",
                                    "fillcolor": FORM_FILLS[m.form] if spec.trainable else "#ffffff",
                                    "color": FORM_COLOURS[m.form] if spec.trainable else FROZEN})
