@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import pefref
 from pefref.language.catalog import default_catalog
+from pefref.language.errors import PefrefError
 from pefref.models.build import build_model
 from pefref.runtime.api import Adapter, apply
 
@@ -236,3 +241,82 @@ def test_lily_shares_up_projections_across_layers_and_mixes_over_the_batch() -> 
         both = output_of(pair.model, batch)
         alone = output_of(pair.model, {k: v[1:] for k, v in batch.items()})
     assert max_diff(both[1:], alone) > 1e-6
+
+
+# --- peft's format: what has no exact catalog form is refused ------------------------------------------
+
+
+def _saved(tmp_path: Path, name: str, shape: str, config: Any, perturb: bool = True) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base_model(shape)), config)
+    if perturb:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def _unchanged(model: nn.Module, shape: str) -> bool:
+    want = base_model(shape).state_dict()
+    return not hasattr(model, "pefref_adapters") and all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_forms_of_these_methods_without_a_catalog_form_are_refused(tmp_path: Path) -> None:
+    cases = {
+        "glora_bias_paths": ("tiny-bert", peft.GloraConfig(r=2, target_modules=["query", "value"]), "no place for: .*glora_C"),
+        "gralora_hybrid": ("tiny-llama", peft.GraloraConfig(r=4, hybrid_r=2, target_modules=["q_proj"]), "gralora needs .*hybrid_r=0"),
+        "miss_bat": ("tiny-llama", peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj"]), "miss needs .*init_weights=True"),
+        "lily_stride": ("tiny-llama", peft.LilyConfig(r=2, stride_A=2, target_modules=["q_proj"]), "lily needs stride_A=1"),
+        "delora_pattern": ("tiny-llama", peft.DeloraConfig(r=2, target_modules=["q_proj"], lambda_pattern={"q_proj": 3}), "lambda_pattern"),
+    }
+    for name, (shape, config, message) in cases.items():
+        folder = _saved(tmp_path, name, shape, config)
+        model = copy.deepcopy(base_model(shape))
+        with pytest.raises(PefrefError, match=message):
+            pefref.from_pretrained(model, folder)
+        assert _unchanged(model, shape), name
+
+
+def test_glora_reads_peft_defaults_on_bias_free_hosts_and_refuses_a_nonzero_disabled_path(tmp_path: Path) -> None:
+    """On Llama peft's default GLoRA keeps its bias paths as zero buffers: that is the catalog technique exactly."""
+    folder = _saved(tmp_path, "glora", "tiny-llama", peft.GloraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    zeros = sorted(k for k in state if k.endswith(".zeros"))
+    assert len(zeros) == 3 * 4 and not any(state[k].count_nonzero() for k in zeros)
+    assert pefref.from_pretrained(copy.deepcopy(base_model("tiny-llama")), folder).technique.id == "glora"
+    state[zeros[0]] = torch.ones_like(state[zeros[0]])
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    model = copy.deepcopy(base_model("tiny-llama"))
+    with pytest.raises(PefrefError, match="is not zero"):
+        pefref.from_pretrained(model, folder)
+    assert _unchanged(model, "tiny-llama")
+
+
+def test_lily_keeps_its_sharing_across_layers_in_peft_format(tmp_path: Path) -> None:
+    """Targets are written by module name, so peft shares the up projections too; per-layer up projections are refused."""
+    model = copy.deepcopy(base_model("tiny-llama"))
+    adapter = pefref.apply(model, "lily", r=2)
+    adapter.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base_model("tiny-llama")), tmp_path / "a", is_trainable=True)
+    layers = pm.get_base_model().model.layers
+    assert layers[0].self_attn.q_proj.lily_B["default"] is layers[1].self_attn.q_proj.lily_B["default"]
+    assert n_trainable(pm) == adapter.report.trainable
+    adapter.remove()
+    one = pefref.apply(model, "lily", r=2, layers=[0])
+    with pytest.raises(PefrefError, match="only placements on all layers convert"):
+        one.save_pretrained(tmp_path / "b")
+    one.remove()
+    # peft shares within one target entry: listed by full path, each layer has its own up projection
+    paths = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    folder = _saved(tmp_path, "per_layer", "tiny-llama", peft.LilyConfig(r=2, target_modules=paths))
+    with pytest.raises(PefrefError, match="differ, but 'B' is one tensor shared"):
+        pefref.from_pretrained(model, folder)
+    assert _unchanged(model, "tiny-llama")
