@@ -22,13 +22,22 @@ from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import INITS
 
-__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "HOST_TENSORS", "INIT_SEED", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
 HOST_SIZES = ("d_in", "d_out")
 """Widths of the host a module is attached to, usable in shapes and expressions."""
 
 MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
+
+INIT_SEED = "init_seed"
+"""A name initialisers may read: an integer drawn once per unit from torch's global generator (only when some
+initialiser of the module reads it), the seed of the unit's shared draws (:mod:`pefref.ops.draws`)."""
+
+HOST_TENSORS = ("x", "h", "W", "b", "mask")
+"""The host tensors a unit binds (the compiled forward's arguments of these names): what expression fields may
+read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
+(a test checks the compiled forward's signature against this list)."""
 
 EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
 
@@ -196,7 +205,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             for k, dim in enumerate(spec.shape):
                 if isinstance(dim, str):
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
-            init_reads = {"W"} & site_reads
+            init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:list(m.params).index(pname)])  # tensors declared before
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
