@@ -26,7 +26,7 @@ from pefref.language.expr import ExprError, arith, parse_expr
 from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
-from pefref.ops import PRIMITIVES, SUPPLIED, call_problem
+from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, word_problem
 from pefref.ops.inits import INITS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
 
@@ -138,10 +138,17 @@ def _check_call(node: ast.Call, name: str, init: bool) -> None:
     kw = tuple(k.arg for k in node.keywords if k.arg is not None)
     if init:
         why = call_problem(INITS[name], len(node.args), kw, skip=3)
+        if why is None and any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in (*node.args, *(k.value for k in node.keywords))):
+            why = "an initialiser takes no word arguments"
         if why is not None and name in PRIMITIVES:
             why += f"; in an init, {name}() is the initialiser (the op {name}() is not callable there)"
     elif (prim := PRIMITIVES.get(name)) is not None:
         why = call_problem(prim.fn, len(node.args), kw, supplied=SUPPLIED if prim.leaf else ())
+        words = [(i, a) for i, a in enumerate(node.args) if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        words += [(k.arg, k.value) for k in node.keywords if isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
+        for at, lit in words:
+            if why is None:
+                why = word_problem(prim, at, cast(str, lit.value))
     else:
         return
     if why is not None:

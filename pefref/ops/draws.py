@@ -94,7 +94,7 @@ def randint(shape, dtype, device, high: int, low: int = 0) -> torch.Tensor:
 # --- stochastic ops (sample in training, deterministic in eval) ------------------------------------------------
 
 
-@primitive(nonlinear=True, stochastic=True)
+@primitive(nonlinear=True, stochastic=True, linear_in=(0,), eval_args=(0,))
 def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, training: bool = False) -> torch.Tensor:
     """The reparameterised Gaussian sample (Kingma & Welling 2014, https://arxiv.org/abs/1312.6114),
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pefref.ops import primitive
+from pefref.ops.wavelet_filters import WAVELETS, filters
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +82,7 @@ def circulant_matrix(w: torch.Tensor) -> torch.Tensor:
     return torch.fft.fft(y).real.flatten(start_dim=1).T.contiguous().to(w.dtype)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), choices={"wavelet": WAVELETS})
 def idwt2(a: torch.Tensor, wavelet: Any = "db1") -> torch.Tensor:
     """One level of the inverse 2-D discrete wavelet transform over the last two dimensions, as peft's WaveFT
     applies it (Bilican et al. 2025, https://arxiv.org/abs/2505.12532; PyWavelets' ``waverec2d``): ``a`` [..., H, W]
@@ -96,8 +97,6 @@ def idwt2(a: torch.Tensor, wavelet: Any = "db1") -> torch.Tensor:
     back. Linear in ``a``."""
     import torch
     import torch.nn.functional as F
-
-    from pefref.ops.wavelet_filters import filters
 
     lo_, hi_ = filters(str(wavelet))
     lo = torch.tensor(lo_, dtype=torch.float32, device=a.device)

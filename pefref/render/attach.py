@@ -32,6 +32,7 @@ from pefref.render.style import (
     pretty,
     wrap,
 )
+from pefref.view.analysis import stochastic_ops
 
 __all__ = ["Placed", "attach_module"]
 
@@ -92,6 +93,8 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
     nid = f"m_{pl.technique}_{m.name}_{a.site.replace('.', '_')}" + ("" if a.layer is None else f"_L{a.layer}")
     head = f"{m.name}  ·  {m.form}"
     lines: list[tuple[str, str]] = [("b", head)]
+    if stochastic_ops(m):  # it samples while training (deterministic in eval)
+        lines.append(("i", f"stochastic: {', '.join(stochastic_ops(m))}"))
     if pl.source:
         lines.append(("i", f"from {pl.source}"))
     if pl.layers_note:
