@@ -144,8 +144,8 @@ def _check_call(node: ast.Call, name: str, init: bool) -> None:
             why += f"; in an init, {name}() is the initialiser (the op {name}() is not callable there)"
     elif (prim := PRIMITIVES.get(name)) is not None:
         why = call_problem(prim.fn, len(node.args), kw, supplied=SUPPLIED if prim.leaf else ())
-        words = [(i, a) for i, a in enumerate(node.args) if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-        words += [(k.arg, k.value) for k in node.keywords if isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
+        words: list[tuple[int | str, ast.Constant]] = [(i, a) for i, a in enumerate(node.args) if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        words += [(k.arg, k.value) for k in node.keywords if k.arg is not None and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
         for at, lit in words:
             if why is None:
                 why = word_problem(prim, at, cast(str, lit.value))
