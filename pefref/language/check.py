@@ -237,8 +237,38 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
             if m.keys is not None and kinds - {"kv"}:
                 out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
+    out += _check_groups(modules, pos)
     if not out:
         out += check_connections(modules, ref, pos)
+    return out
+
+
+_GROUP_FIELDS = ("shape", "init", "trainable", "shared", "lr_scale", "weight_decay")
+
+
+def _check_groups(modules: list[Any], pos: Positions) -> list[Problem]:
+    """A ``group`` tensor is one tensor: its declarations agree (shape, init, trainable, shared, training metadata),
+    and it is neither stacked nor split (per-module storage)."""
+    out: list[Problem] = []
+    first: dict[str, tuple[Any, str, Any]] = {}
+    for i, m in enumerate(modules):
+        for pname, spec in m.params.items():
+            if not spec.group:
+                continue
+            pp = ("modules", i, "params", pname)
+            if spec.stacked != "none" or spec.split:
+                out.append(Problem(pos.at(pp + ("group",)), dotted(pp + ("group",)), f"a group tensor ({spec.group!r}) is neither stacked nor split"))
+                continue
+            if spec.group not in first:
+                first[spec.group] = (m, pname, spec)
+                continue
+            m0, p0, s0 = first[spec.group]
+            for fld in _GROUP_FIELDS:
+                if getattr(spec, fld) != getattr(s0, fld):
+                    out.append(Problem(pos.at(pp + (fld,)), dotted(pp + (fld,)),
+                                       f"group {spec.group!r} is one tensor: its {fld} here ({getattr(spec, fld)!r}) differs from "
+                                       f"{m0.name}.{p0}'s ({getattr(s0, fld)!r})"))
+                    break
     return out
 
 

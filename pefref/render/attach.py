@@ -49,7 +49,7 @@ class Placed:
     users: dict[str, list[str]] = field(default_factory=dict)
 
 
-_SHARED_NOTE = {"layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
+_SHARED_NOTE = {"none": "one per placement", "layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
 
 
 def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
@@ -115,13 +115,15 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
 def _shared_tensors(sk: Skeleton, pl: Placed, user: str, a: Anchor, names: dict[str, Any] | None) -> None:
     m = pl.module
     for pname, spec in m.params.items():
-        if spec.shared == "none":
+        if spec.shared == "none" and not spec.group:
             continue
-        scope = {"layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}", "all": ""}[spec.shared]
-        tid = f"t_{pl.technique}_{m.name}_{pname}" + (f"_{scope}" if scope else "")
+        scope = {"none": f"{a.site.replace('.', '_')}_L{a.layer}", "layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}",
+                 "all": ""}[spec.shared]
+        owner, tname = spec.owner(m.name, pname)
+        tid = f"t_{pl.technique}_{owner.replace(':', '_')}_{tname}" + (f"_{scope}" if scope else "")
         if tid not in sk.graph:
             text = f"{pname}: {_shape_text(spec, names)}"
-            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
+            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{'group ' + spec.group if spec.group else m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
             sk.graph.add_node(tid, role="tensor", technique=pl.technique, module=m.name, param=pname, shared=spec.shared,
                               trainable=spec.trainable, label=text, html=html_lines(lines), cluster=None,
                               dot={"shape": "box", "style": "filled" if spec.trainable else "filled,dashed",
