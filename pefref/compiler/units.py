@@ -427,7 +427,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     for tr in rec.tensors:
         pname, pspec, local = tr.name, tr.spec, tr.shape
         stacked = pspec.stacked != "none"
-        key = SharedStore.key(*pspec.owner(spec.name, pname), pspec.shared, ctx.site, ctx.layer, pspec.stacked)
+        owner, tname = pspec.owner(spec.name, pname)
+        key = SharedStore.key(owner, tname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
         full = (shared_shapes or {}).get(key, (1, *local) if stacked else local)
         if stacked:  # per-layer copies in one tensor: this unit initialises (and then reads) the next slice
             i = store.picks.get(key, 0)

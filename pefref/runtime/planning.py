@@ -75,7 +75,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             rec = recipe(pl.module, names)
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
-                key = SharedStore.key(*spec.owner(pl.module.name, pname), spec.shared, pl.site, pl.layer, spec.stacked)
+                owner, tname = spec.owner(pl.module.name, pname)
+                key = SharedStore.key(owner, tname, spec.shared, pl.site, pl.layer, spec.stacked)
                 if spec.stacked != "none":  # one slice per placement at this site
                     prev = plan.shared_shapes.get(key)
                     plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))
