@@ -388,6 +388,13 @@ def recipe(spec: Any, names: dict[str, Any]) -> Recipe:
     return out
 
 
+def _initial_value(held: torch.Tensor, pick: int | None, local: tuple[int, ...]) -> torch.Tensor:
+    """What a later initialiser of the unit reads of a tensor: its slice of a stacked one, its leading block of a
+    shared one larger than it needs, detached (an initial value, no graph)."""
+    own = held[pick] if pick is not None else held
+    return (own[tuple(slice(0, n) for n in local)] if tuple(own.shape) != tuple(local) else own).detach()
+
+
 def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None,
                publish: bool = False) -> Unit | None:
     """One module description at one site as a :class:`Unit` (None for select modules); its program is compiled on first use.
@@ -450,10 +457,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
-        held = store.tensors[key]
-        if not isinstance(held, list):  # a split tensor's pieces are not read by initialisers
-            own = held[picks[pname]] if pname in picks else held
-            initial[pname] = (own[tuple(slice(0, n) for n in local)] if tuple(own.shape) != tuple(local) else own).detach()
+        if not isinstance(store.tensors[key], list):  # a split tensor's pieces are not read by initialisers
+            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local)
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
