@@ -179,13 +179,13 @@ class _Program(nn.Module):
             if p.stochastic:
                 ops[k] = _supplied(p.fn, training)
         env = dict(self.consts)
+        env.update(x=x, h=h, W=W, mask=mask, b=b)  # host tensors first: a parameter of the same name (VeRA's b) shadows them
         piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
         whole = [n for n in self.tensor_names if n not in self.picks]
         env.update(parts.env_values(self, self.splits, whole, self.views, piecewise, _leaf(parts.join)))
         for n, i in self.picks.items():  # a stacked tensor: this layer's slice
             v = self.views.get(n)
             env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
-        env.update(x=x, h=h, W=W, mask=mask, b=b)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
         f = self.form
