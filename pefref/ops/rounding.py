@@ -7,7 +7,7 @@ from typing import Any
 
 from pefref.ops import primitive
 
-__all__ = ["floor"]
+__all__ = ["floor", "ceil"]
 
 
 @primitive(scalar=True)
@@ -16,3 +16,10 @@ def floor(v: Any) -> int:
     fraction, e.g. ``floor(d_in * d_out * (1 - sparsity))`` entries, which Python's ``int()`` gives for a
     positive number)."""
     return math.floor(v)
+
+
+@primitive(scalar=True)
+def ceil(v: Any) -> int:
+    """The smallest integer not below a number, :math:`\\lceil v \\rceil`, as an integer (how many pieces of
+    size ``r`` cover ``n``: ``ceil(n / r)``)."""
+    return math.ceil(v)

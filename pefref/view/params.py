@@ -8,6 +8,8 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -145,9 +147,33 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = str(_positive_lead(sympy.factor(sympy.expand(expr))))
-    s = s.replace("Min(", "min(").replace("Max(", "max(")  # the expression language's spelling
+    s = _Printer().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
     return s.replace("**", "^").replace("*", "·")
+
+
+def _printer_class() -> type:
+    """sympy's printer in the expression language's spelling: min/max of two arguments (nested), ceil."""
+    from sympy.printing.str import StrPrinter
+
+    class Printer(StrPrinter):  # type: ignore[misc]
+        def _pair(self, name: str, args: Any) -> str:
+            *rest, last = (self._print(a) for a in args)
+            return functools.reduce(lambda acc, a: f"{name}({a}, {acc})", reversed(rest), last)
+
+        def _print_Min(self, e: Any) -> str:
+            return self._pair("min", e.args)
+
+        def _print_Max(self, e: Any) -> str:
+            return self._pair("max", e.args)
+
+        def _print_ceiling(self, e: Any) -> str:
+            return f"ceil({self._print(e.args[0])})"
+
+    return Printer
+
+
+def _Printer() -> Any:  # noqa: N802 (a class made on first use: sympy is imported lazily)
+    return _printer_class()()
 
 
 def _positive_lead(f: Any) -> Any:
