@@ -8,10 +8,8 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, reduce
 from typing import Any
 
 from pefref.language.catalog import Catalog
@@ -147,18 +145,19 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = _Printer().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
+    s = _printer_class()().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
     return s.replace("**", "^").replace("*", "·")
 
 
-def _printer_class() -> type:
+@lru_cache(maxsize=1)
+def _printer_class() -> Any:
     """sympy's printer in the expression language's spelling: min/max of two arguments (nested), ceil."""
     from sympy.printing.str import StrPrinter
 
-    class Printer(StrPrinter):  # type: ignore[misc]
+    class Printer(StrPrinter):
         def _pair(self, name: str, args: Any) -> str:
             *rest, last = (self._print(a) for a in args)
-            return functools.reduce(lambda acc, a: f"{name}({a}, {acc})", reversed(rest), last)
+            return reduce(lambda acc, a: f"{name}({a}, {acc})", reversed(rest), last)
 
         def _print_Min(self, e: Any) -> str:
             return self._pair("min", e.args)
@@ -171,9 +170,6 @@ def _printer_class() -> type:
 
     return Printer
 
-
-def _Printer() -> Any:  # noqa: N802 (a class made on first use: sympy is imported lazily)
-    return _printer_class()()
 
 
 def _positive_lead(f: Any) -> Any:
