@@ -257,3 +257,51 @@ def test_pefref_initialisation_equals_peft(shape: str, name: str) -> None:
             theirs, _ = SAME_SET[name](layer, None)
             flat = fresh["loc"][0] * layer.in_features + fresh["loc"][1] if "loc" in fresh else fresh["idx"]
             assert {int(i) for i in flat} == theirs, key
+
+
+# --- peft's format: forms without an exact catalog counterpart are refused, and change nothing ---------------
+
+
+def _saved(tmp_path: Any, name: str, config: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base_model("tiny-llama")), config)
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_peft_forms_without_a_catalog_form_are_refused(tmp_path: Any) -> None:
+    import pefref
+    from pefref.language.errors import PefrefError
+
+    qv = QV["llama"]
+    cases = {
+        "tied": (peft.TinyLoraConfig(r=2, u=4, weight_tying=1.0, target_modules=qv), "tinylora needs weight_tying=0.0"),
+        "topk_only": (peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=8, save_only_topk_weights=True, target_modules=qv),
+                      "vblora needs save_only_topk_weights=False"),
+        "deep": (peft.PeanutConfig(r=4, depth=1, target_modules=qv), "peanut needs depth=0"),
+        "bottom": (peft.SupertuningConfig(sparsity=0.9, select_top=False, target_modules=qv), "supertuning needs select_top=True"),
+        "supra": (peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=qv), "supertuning needs"),
+        "neumann": (peft.PsoftConfig(r=4, use_cayley_neumann=True, target_modules=qv), "psoft needs"),
+        "sparse": (peft.RandLoraConfig(r=8, sparse=True, target_modules=qv), "randlora needs"),
+        "two_tasks": (peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=2),
+                      "multitask_prompt_tuning needs num_tasks=1"),
+    }
+    model = copy.deepcopy(base_model("tiny-llama"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, (config, message) in cases.items():
+        with pytest.raises(PefrefError, match=message):
+            pefref.from_pretrained(model, _saved(tmp_path, name, config))
+    assert not hasattr(model, "pefref_adapters")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("technique", ["shira", "psoft", "peanut", "supertuning"])
+def test_linear_only_methods_are_refused_on_conv1d_and_write_nothing(technique: str, tmp_path: Any) -> None:
+    import pefref
+    from pefref.language.errors import PefrefError
+
+    a = pefref.apply(copy.deepcopy(base_model("tiny-gpt2")), technique, sites=["attn.qkv"])
+    with pytest.raises(PefrefError, match="adapts only linear modules"):
+        a.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
