@@ -237,10 +237,10 @@ SAME_INIT: dict[str, Callable[[nn.Module], dict[str, torch.Tensor]]] = {
     "tinylora": lambda layer: {"A": layer.tinylora_A["default"], "B": layer.tinylora_B["default"]},
     "psoft": lambda layer: dict(zip("AB", layer._get_psoft_ab_cache_buffers("default"))),
 }
-SAME_SET: dict[str, Callable[[nn.Module, nn.Module], tuple[set[int], set[int]]]] = {
-    # positions (as flat indices) peft and pefref draw or select; their order differs, the set does not
-    "shira": lambda layer, _w: ({int(i) * layer.in_features + int(j) for i, j in layer.shira_indices["default"].t()}, set()),
-    "supertuning": lambda layer, _w: ({int(i) for i in layer.supertuning_indices["default"]}, set()),
+SAME_SET: dict[str, Callable[[nn.Module], set[int]]] = {
+    # positions (flat indices into the weight) that peft and pefref draw or select: their order differs, the set does not
+    "shira": lambda layer: {int(i) * layer.in_features + int(j) for i, j in layer.shira_indices["default"].t()},
+    "supertuning": lambda layer: {int(i) for i in layer.supertuning_indices["default"]},
 }
 
 
@@ -254,9 +254,8 @@ def test_pefref_initialisation_equals_peft(shape: str, name: str) -> None:
             for tname, theirs in SAME_INIT[name](layer).items():
                 assert max_diff(fresh[tname], theirs) <= 1e-6, (key, tname)
         else:
-            theirs, _ = SAME_SET[name](layer, None)
             flat = fresh["loc"][0] * layer.in_features + fresh["loc"][1] if "loc" in fresh else fresh["idx"]
-            assert {int(i) for i in flat} == theirs, key
+            assert {int(i) for i in flat} == SAME_SET[name](layer), key
 
 
 # --- peft's format: forms without an exact catalog counterpart are refused, and change nothing ---------------
