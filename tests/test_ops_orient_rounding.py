@@ -1,4 +1,4 @@
-"""The primitives orient (a [max, min] matrix laid on [out, in]), floor and ceil (counts in shapes)."""
+"""The primitives orient (a [max, min] matrix laid on [out, in]), floor and ceil (counts in shapes), abs."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ def test_floor_and_ceil_give_integers_in_size_expressions() -> None:
     assert eval_scalar("ceil(n / r)", names) == 3
     assert eval_scalar("ceil(d_in / r)", names) == 4
     assert PRIMITIVES["floor"].scalar and PRIMITIVES["ceil"].scalar
+
+
+def test_abs_is_the_entrywise_magnitude() -> None:
+    a = torch.tensor([[-2.0, 0.5], [0.0, -0.25]])
+    assert torch.equal(PRIMITIVES["abs"].fn(a), a.abs())
+    assert SHAPE_RULES["abs"](Shape((2, 2))) == (2, 2)
+    assert PRIMITIVES["abs"].nonlinear
