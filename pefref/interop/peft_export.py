@@ -87,6 +87,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
         binding = fam.sites[row.site]
         for path, layer in zip(row.paths, row.layers):
             unit = adapter.units[unit_key(row.module, row.site, layer)]
+            host = adapter.model.get_submodule(path)
             conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
             for pname, key in mm.shared.items():
                 tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
@@ -96,7 +97,6 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
                     raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
                                       f"{method.peft_type} adapts whole modules and has no exact form of a slice; place it "
                                       f"on the fused site instead (sites=['attn.qkv'])")
-                host = adapter.model.get_submodule(path)
                 rows = slice_rows(fam, row.site, adapter.sizes, host_kind(host).widths(host)[1])
                 pieces.setdefault((row.module, path), []).append((rows, unit))
                 continue
