@@ -29,6 +29,15 @@ SITE_DIR = "site"
 # ---------------------------------------------------------------- text helpers
 
 
+_LITERAL = re.compile(r"(`[^`]*`|\$[^$]+\$)")
+
+
+def escape_text(text: str) -> str:
+    """``<``, ``>`` and ``&`` escaped outside code spans and math (descriptions say ``<id>.yaml``)."""
+    parts = _LITERAL.split(text)
+    return "".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
+
+
 def _cell(text: str) -> str:
     """Text for one markdown table cell: one line, pipes escaped."""
     return " ".join(text.split()).replace("|", "\\|")
@@ -47,7 +56,7 @@ def rst_to_md(doc: str) -> str:
             return "$" + " ".join(m.group(2).split()) + "$"
         return f"`{m.group(3)}`"
 
-    return _ROLE.sub(sub, doc)
+    return escape_text(_ROLE.sub(sub, doc))
 
 
 # ---------------------------------------------------------------- generated pages
@@ -79,7 +88,7 @@ def schema_page() -> str:
             for f in o.fields:
                 typ = "".join(f"[{p.text}](#{d.key}-{p.ref.lower()})" if p.ref else p.text for p in f.type)
                 need = "required" if f.required else (f"`{f.default}`" if f.default is not None else "optional")
-                cons = [f"matches `{c[8:]}`" if c.startswith("matches ") else c for c in f.constraints]
+                cons = [re.sub(r"matches (\S+)", r"matches `\1`", c) for c in f.constraints]
                 desc = f.description + ("" if not cons else f" ({'; '.join(cons)})")
                 out.append(f"| `{f.name}` | {_cell(typ)} | {_cell(need)} | {_cell(rst_to_md(desc))} |")
             out.append("")
