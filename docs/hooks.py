@@ -21,7 +21,8 @@ import inspect
 import re
 from typing import Any
 
-_GENERATED = ("reference/schema.md", "reference/primitives.md", "reference/cli.md")
+GENERATED = ("reference/schema.md", "reference/primitives.md", "reference/cli.md")
+"""The pages made at build time (the tests that check links know them)."""
 SITE_DIR = "site"
 """Where the comparison site goes inside the built docs."""
 
@@ -194,6 +195,7 @@ def cli_page() -> str:
 # ---------------------------------------------------------------- math
 
 
+_OPERATORS = {"\\arg": "arg"}
 _MATH = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.S)
 
 
@@ -205,6 +207,8 @@ def _mathml(m: re.Match[str]) -> str:
         if body.startswith(open_) and body.endswith(close):
             body = body[len(open_):len(body) - len(close)]
             break
+    for command, name in _OPERATORS.items():  # operator names latex2mathml does not know
+        body = re.sub(re.escape(command) + r"(?![A-Za-z])", "\\\\operatorname{" + name + "}", body)
     return convert(body.strip(), display="block" if tag == "div" else "inline")
 
 
@@ -215,7 +219,7 @@ def on_files(files: Any, config: Any) -> Any:
     """Add the generated reference pages and the comparison site to the build."""
     from mkdocs.structure.files import File
 
-    pages = {"reference/schema.md": schema_page, "reference/primitives.md": primitives_page, "reference/cli.md": cli_page}
+    pages = dict(zip(GENERATED, (schema_page, primitives_page, cli_page)))
     for uri, make in pages.items():
         if files.get_file_from_path(uri) is None:
             files.append(File.generated(config, uri, content=make()))

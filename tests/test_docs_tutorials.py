@@ -1,6 +1,6 @@
-"""Every tutorial runs as written: its files are written, its ``bash`` and ``python`` blocks run in order.
+"""The README, the tutorials and the how-to guides run as written: files written, ``bash`` and ``python`` blocks run in order.
 
-Conventions of the tutorials (docs/tutorials/*.md): a block with ``title="PATH"`` is a
+Conventions of these pages: a block with ``title="PATH"`` is a
 file the reader saves (written to PATH); a ``bash`` block is run (each must exit 0);
 a ``python`` block is run in one Python process per page (one namespace), in the page's order; ``console``
 and ``text`` blocks show output or commands too costly for the tests and are not run.
@@ -34,14 +34,14 @@ for line in sys.stdin:
 """
 """Runs the python blocks of one page in a process of their own (a page may register a primitive, say)."""
 
-PAGES = sorted((DOCS / "tutorials").glob("*.md")) + sorted((DOCS / "how-to").glob("*.md"))
+PAGES = [ROOT / "README.md", *sorted((DOCS / "tutorials").glob("*.md")), *sorted((DOCS / "how-to").glob("*.md"))]
 
 
 def _runnable(page: Path) -> bool:
     return any(b.lang in ("bash", "python") or b.title for b in blocks(page))
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if _runnable(p)], ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("page", [p for p in PAGES if _runnable(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_page_runs_as_written(page: Path, tmp_path: Path) -> None:
     (tmp_path / "catalog").symlink_to(ROOT / "catalog")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
