@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pefref.experiments.checkpoint import (
@@ -37,7 +36,9 @@ from pefref.experiments.distributed import (
     shard,
     wrap,
 )
+from pefref.experiments.evaluation import MAIN_METRIC, evaluate, loss_sum, model_logits, target_count
 from pefref.experiments.grid import RunSpec
+from pefref.experiments.memory import SavedBytes, tensor_memory
 from pefref.experiments.records import Records
 from pefref.experiments.tasks import (
     Prepared,
@@ -49,10 +50,7 @@ from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.language.schema.experiment import DataSpec, TaskSpec, TrainingSpec
 
-__all__ = ["MAIN_METRIC", "RunConfig", "RunEnv", "StopFlag", "TrainState", "classification_metrics", "train_run", "versions"]
-
-MAIN_METRIC = {"sequence_classification": ("accuracy", True), "causal_lm": ("loss", False)}
-"""Each task's main metric and whether higher is better."""
+__all__ = ["RunConfig", "RunEnv", "StopFlag", "TrainState", "train_run", "versions"]
 
 
 class StopFlag:
@@ -102,6 +100,7 @@ class RunConfig:
 
     @staticmethod
     def of(spec: RunSpec, training: TrainingSpec) -> RunConfig:
+        """The typed view of ``spec`` (its task validated again by the schema), trained with ``training``."""
         cfg = spec.config
         return RunConfig(spec.id, spec.label, str(cfg["experiment"]), spec.seed, spec.lr, dict(cfg["model"]),
                          TaskSpec.model_validate(cfg["task"]), training, cfg.get("baseline"), cfg)
@@ -155,19 +154,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-averaged F1 (a class absent from both predictions and labels is left out)."""
-    acc = sum(p == t for p, t in zip(preds, labels)) / max(len(labels), 1)
-    f1s = []
-    for c in range(n_classes):
-        tp = sum(p == c and t == c for p, t in zip(preds, labels))
-        fp = sum(p == c and t != c for p, t in zip(preds, labels))
-        fn = sum(p != c and t == c for p, t in zip(preds, labels))
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": acc, "f1": sum(f1s) / max(len(f1s), 1)}
-
-
 def _device(training: TrainingSpec, d: Dist) -> str:
     if d.device.startswith("cuda"):
         return d.device
@@ -194,68 +180,6 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         frac = (step - warmup) / max(total - warmup, 1)
         return max(0.0, 1.0 - frac) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
     return f
-
-
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits
-
-
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    if not causal:
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    logits = logits[:, -labels.shape[1]:]  # modules that prepend positions leave them in front
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-
-
-def _count(labels: torch.Tensor, causal: bool) -> int:
-    return int((labels[:, 1:] != -100).sum()) if causal else int(labels.shape[0])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_size: int, device: str, autocast: Any) -> dict[str, float]:
-    """Metrics on the evaluation set (every process computes them on all of it)."""
-    was = model.training
-    model.eval()
-    preds: list[int] = []
-    total, count = 0.0, 0
-    order = sorted(range(len(ex)), key=lambda j: (-len(ex.ids[j]), j))  # similar lengths share a batch: little padding
-    for i in range(0, len(ex), batch_size):
-        b = {k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}
-        with autocast():
-            logits = _logits(model, b)
-        total += float(_loss_sum(logits, b["labels"], causal))
-        count += _count(b["labels"], causal)
-        if not causal:
-            preds += logits.argmax(-1).tolist()
-    model.train(was)
-    loss = total / max(count, 1)
-    if causal:
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    assert ex.labels is not None
-    labels = ex.labels
-    return {"loss": loss, **classification_metrics(preds, [labels[j] for j in order], len(ex.label_names))}
-
-
-class _SavedBytes:
-    """Bytes of the activations autograd saves for backward (parameters excluded), counted once per storage."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.params = params
-        self.seen: set[int] = set()
-        self.bytes = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            s = t.untyped_storage()
-            key = s.data_ptr()
-            if key not in self.params and key not in self.seen:
-                self.seen.add(key)
-                self.bytes += s.nbytes()
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
-            pass
-        return t
 
 
 def _data(env: RunEnv, cfg: RunConfig, tok: Any) -> tuple[Examples, Examples]:
@@ -434,11 +358,11 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
                       else epoch_order(len(run.train_ex), cfg.seed, epoch))
     t0 = time.perf_counter()
     batch = collate(run.train_ex, loop.order[pos * B:(pos + 1) * B], run.tok.pad_token_id, cfg.causal)
-    count = _count(batch["labels"], cfg.causal)
+    count = target_count(batch["labels"], cfg.causal)
     local = {k: v[loop.rows].to(run.device) for k, v in batch.items()}
     mb = (B // W) // A
-    loss_sum = 0.0
-    saver = _SavedBytes({local_shard(p).untyped_storage().data_ptr() for p in run.model.parameters()}) if not loop.times else None
+    summed = 0.0
+    saver = SavedBytes({local_shard(p).untyped_storage().data_ptr() for p in run.model.parameters()}) if not loop.times else None
     for i in range(A):
         micro = {k: v[i * mb:(i + 1) * mb] for k, v in local.items()}
         if run.fsdp:
@@ -447,9 +371,9 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
         hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
         with sync:
             with hooks, run.autocast():
-                ls = _loss_sum(_logits(loop.ddp, micro), micro["labels"], cfg.causal)
+                ls = loss_sum(model_logits(loop.ddp, micro), micro["labels"], cfg.causal)
             (ls * W / count).backward()
-        loss_sum += float(ls.detach())
+        summed += float(ls.detach())
     if tr.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.params, tr.max_grad_norm)
     run.opt.step()
@@ -457,9 +381,9 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
     run.opt.zero_grad(set_to_none=True)
     loop.times.append(time.perf_counter() - t0)
     if saver is not None:
-        loop.memory = _tensor_memory(run.model, run.params, run.opt, saver.bytes)
+        loop.memory = tensor_memory(run.model, run.params, run.opt, saver.bytes)
     state.step += 1
-    train_loss = all_sum(loss_sum, d) / count
+    train_loss = all_sum(summed, d) / count
     if run.env.records and (state.step % tr.log_every == 0 or state.step == run.total):
         run.env.records.log(cfg.id, state.step, "train", {"loss": train_loss, "lr": run.sched.get_last_lr()[0]})  # type: ignore[dict-item]
     if loop.tb is not None:
@@ -529,19 +453,6 @@ def _finish(run: _Run, loop: _Loop, state: TrainState, status: str) -> str:
     if loop.tb is not None:
         loop.tb.close()
     return status
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    t = local_shard(t)
-    return t.numel() * t.element_size()
-
-
-def _tensor_memory(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, saved: int) -> int:
-    """Training memory from the tensors that exist at a step's peak in this process: weights, gradients, optimizer state, saved activations."""
-    weights = sum(_nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
-    grads = sum(_nbytes(p) for p in params)
-    states = sum(_nbytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    return weights + grads + states + saved
 
 
 def _shard(model: nn.Module, prep: Prepared, d: Dist) -> None:
