@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pefref"
 
@@ -127,6 +129,21 @@ def test_the_order_matches_the_readme_layout() -> None:
         for b in rows:
             if rows[a] == rows[b]:
                 assert LEVEL[a] == LEVEL[b], f"the README puts {a} and {b} in one layer ({rows[a]}); ORDER does not"
+
+
+def test_the_runtime_reaches_interop_through_the_registered_writer() -> None:
+    """``Adapter.save_pretrained`` finds peft's writer in the runtime's hook, where the facade put it; an unknown
+    format is a clear error that lists the registered ones."""
+    import pefref
+    from pefref.interop.peft_format import save_pretrained
+    from pefref.language.errors import PefrefError
+    from pefref.runtime.formats import PRETRAINED, adapter_format
+
+    fmt = adapter_format(PRETRAINED)
+    assert fmt.name == "peft" and fmt.write is pefref._write_peft
+    assert pefref.save_pretrained is save_pretrained
+    with pytest.raises(PefrefError, match=r"no adapter format 'onnx' is registered \(registered: peft\)"):
+        adapter_format("onnx")
 
 
 SNIPPET = '''

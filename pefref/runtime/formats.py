@@ -20,7 +20,7 @@ from pefref.language.errors import PefrefError
 if TYPE_CHECKING:
     from pefref.runtime.adapter import Adapter
 
-__all__ = ["PRETRAINED", "AdapterFormat", "AdapterWriter", "adapter_format", "adapter_formats", "register_format"]
+__all__ = ["PRETRAINED", "AdapterFormat", "AdapterWriter", "adapter_format", "register_format"]
 
 PRETRAINED = "peft"
 """The format :meth:`~pefref.runtime.adapter.Adapter.save_pretrained` writes (the ecosystem's ``save_pretrained``)."""
@@ -60,7 +60,3 @@ def adapter_format(name: str) -> AdapterFormat:
         raise PefrefError(f"no adapter format {name!r} is registered (registered: {known})")
     return _FORMATS[name]
 
-
-def adapter_formats() -> list[AdapterFormat]:
-    """Every registered format, by name."""
-    return [_FORMATS[n] for n in sorted(_FORMATS)]
