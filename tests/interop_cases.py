@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,6 +91,17 @@ CASES: dict[str, Case] = {
     "prefix_tuning": Case("prefix_tuning", {"n": 3, "hidden": 8}, None, lambda fam: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8), reads_as="prefix_direct"),
     "prefix_direct": Case("prefix_direct", {"n": 3}, None, lambda fam: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    # peft 0.21 breadth (a)
+    "beft": Case("beft", {}, None, lambda fam: peft.BeftConfig(target_modules=["v_proj"]), linear_only=True),
+    "cartridge": Case("cartridge", {"n": 3, "f": 1}, None, lambda fam: peft.CartridgeConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_frozen_tokens=1)),
+    "delora": Case("delora", {"r": 2}, None, lambda fam: peft.DeloraConfig(r=2, target_modules=ATTN[fam]), linear_only=True),
+    "glora": Case("glora", {"r": 2}, None, lambda fam: peft.GloraConfig(r=2, target_modules=ATTN[fam]), linear_only=True),
+    "gralora": Case("gralora", {"r": 4, "alpha": 8.0, "k": 2}, ["attn.qkv"], lambda fam: peft.GraloraConfig(
+        r=4, alpha=8, gralora_k=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "hira": Case("hira", {"r": 2}, ["attn.qkv"], lambda fam: peft.HiraConfig(r=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "lily": Case("lily", {"r": 2, "num_B": 2}, None, lambda fam: peft.LilyConfig(r=2, num_B=2, target_modules=ATTN[fam]), linear_only=True),
+    "miss": Case("miss", {"r": 8}, None, lambda fam: peft.MissConfig(r=8, target_modules=ATTN[fam]), linear_only=True),
 }
 
 
@@ -157,7 +169,9 @@ def _peft_count(shape: str, folder: Path) -> int:
 
     state = load_file(str(folder / "adapter_model.safetensors"))
     if "prompt_embeddings" in state:
-        return state["prompt_embeddings"].numel()
+        emb = state["prompt_embeddings"]
+        frozen = json.loads((folder / "adapter_config.json").read_text()).get("num_frozen_tokens") or 0  # Cartridges' frozen rows
+        return (emb.shape[0] - frozen) * emb.shape[1]
     pm = _peft_load(shape, folder, trainable=True)
     return sum(p.numel() for p in pm.parameters() if p.requires_grad)
 

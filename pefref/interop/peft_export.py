@@ -97,7 +97,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
         if mm.computed is not None:
             continue
         for field_name in mm.targets:
-            ex.targets.setdefault(field_name, set()).update(row.paths)
+            ex.targets.setdefault(field_name, set()).update(_target_names(adapter, method, row) if method.targets_by_name else row.paths)
         if forms.get(row.module) == "select":
             _export_selected(ex, row, mm)
         else:
@@ -140,6 +140,8 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
             continue
         for pname, tname in mm.tensors.items():
             ex.put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
+        for tname, value in _zero_tensors(mm, host, unit).items():
+            ex.put(f"{PREFIX}{path}.{tname}", value, path)
 
 
 def _complete(ex: _Export) -> PeftState:
@@ -161,7 +163,44 @@ def _complete(ex: _Export) -> PeftState:
     left = sorted(set(adapter.selected) - selected)
     if left:
         raise PefrefError(f"{ex.tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
-    return PeftState(cfg, {k: v.contiguous() for k, v in tensors.items()})
+    return PeftState(cfg, _own_storage(tensors))
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a tensor shared by several placements copied once per key (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _zero_tensors(mm: PeftModuleMap, host: nn.Module, unit: nn.Module) -> dict[str, torch.Tensor]:
+    """The constant-zero tensors peft keeps under ``host`` for this module (the row's ``zeros``), in the unit's dtype."""
+    from pefref.language.expr import evaluate, parse_expr
+    from pefref.language.sizes import scalar_ops
+
+    if not mm.zeros:
+        return {}
+    d_in, d_out = host_kind(host).widths(host)
+    names = {"d_in": d_in, "d_out": d_out}
+    dtype = next((p.dtype for p in unit.parameters()), torch.float32)
+    return {tname: torch.zeros([d if isinstance(d, int) else int(evaluate(parse_expr(d), names, scalar_ops())) for d in shape], dtype=dtype)
+            for tname, shape in mm.zeros.items()}
+
+
+def _target_names(adapter: Adapter, method: PeftMethod, row: ReportRow) -> list[str]:
+    """A placement row's targets as module names within a layer (one per site), for rows that write ``targets_by_name``."""
+    binding = adapter.family.sites[row.site]
+    if binding.slice is not None or binding.path is None or "{i}." not in binding.path:
+        return list(row.paths)
+    if sorted(row.layers) != list(range(adapter.sizes["L"])):
+        raise PefrefError(f"{adapter.technique.id}.{row.module} on {row.site} covers layers {row.layers}: peft's {method.peft_type} "
+                          f"targets a module name in every layer (it shares tensors by target), so only placements on all layers convert")
+    return [binding.path.split("{i}.", 1)[1]]
 
 
 def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, parts: list[_Piece], cfg: dict[str, Any],

@@ -8,7 +8,7 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -31,6 +31,9 @@ class ParamCount:
     base: int
     formula: str
     hyperparameters: dict[str, Any]
+    dropped: list[str] = field(default_factory=list)
+    """What could not be placed on this model: ``"module at site: why"`` (the family binds no such site, a
+    selected host has no such tensor, no layer holds the site); empty when everything was placed."""
 
     @property
     def percent(self) -> float:
@@ -79,9 +82,11 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]] = {}
     sym_terms: dict[tuple[Any, ...], str] = {}
     select_total, select_terms = 0, []
+    dropped: list[str] = []
     for m in modules:
         for site in m.sites:
             if site not in fam.sites:
+                dropped.append(f"{m.name} at {site}: {fam.family} binds no {site}")
                 continue
             ref_site = catalog.reference.sites[site]
             per_layer = ref_site.per_layer
@@ -89,9 +94,13 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             if per_layer:
                 has = {i for i, _j, _b in layer_bindings(fam, site, sizes)}  # an encoder-decoder site: the layers of its stacks
                 layers = [i for i in select_layers(m.layers, L) if i in has]
+                if not layers:
+                    dropped.append(f"{m.name} at {site}: no layer of {shape.name} holds it")
             if m.form == "select":
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
+                if n == 0:
+                    dropped.append(f"{m.name} at {site}: {fam.family}'s host has no {', '.join(m.targets)}")
                 select_total += n * len(layers)
                 mult = _mult_text(len(layers), per_layer, m.layers, L)
                 select_terms += [f"{mult}*{x}" for x in terms]
@@ -125,7 +134,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             total += n
     formula = _formula(list(sym_terms.values()) + select_terms, sizes, hps)
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
-    return ParamCount(t.id, shape.name, total, base, formula, hps)
+    return ParamCount(t.id, shape.name, total, base, formula, hps, dropped)
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pefref.language.schema.common import Identifier, Strict
+from pefref.language.schema.common import ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
 __all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "Scalar"]
@@ -24,6 +24,12 @@ class PeftModuleMap(Strict):
     shared: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement, stored once under this full key (e.g. A: base_model.vera_A).")
     targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import).")
     computed: Literal["tokens", "prefix"] | None = Field(None, description="Prepend modules: peft stores what the module computes (virtual tokens [n, d], or per-layer keys and values [n, L*2*d_kv]) as 'prompt_embeddings', not its parameters.")
+    pieces: dict[Literal["tokens", "keys", "values"], list[Identifier]] = Field(
+        default_factory=dict, description="Computed prepend modules whose tokens, keys or values are these free tensors concatenated along the positions "
+        "(e.g. frozen leading positions, then trained ones): peft's rows are split into them in order on import, and the module must then compute them back exactly.")
+    zeros: dict[str, list[Int | ExprStr]] = Field(
+        default_factory=dict, description="peft tensors under the host module that hold constant zeros (buffers standing for a path the technique does not have), "
+        "with their shapes over the host's d_in and d_out: written as zeros on export, and on import accepted only when all zero.")
 
 
 class ShapeRef(Strict):
@@ -73,6 +79,9 @@ class PeftMethod(Strict):
     when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
     from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
     hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
+    targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "
+                                  "instead of full paths: peft groups the modules one target entry matches and shares tensors within a group (Lily's up "
+                                  "projections), so a tensor the technique shares across layers stays shared. A site placed on only some layers is refused.")
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")
