@@ -197,7 +197,7 @@ def _target_names(adapter: Adapter, method: PeftMethod, row: ReportRow) -> list[
     binding = adapter.family.sites[row.site]
     if binding.slice is not None or binding.path is None or "{i}." not in binding.path:
         return list(row.paths)
-    if sorted(row.layers) != list(range(adapter.sizes["L"])):
+    if sorted(row.layers) != list(range(adapter.sizes["L"])):  # type: ignore[type-var]
         raise PefrefError(f"{adapter.technique.id}.{row.module} on {row.site} covers layers {row.layers}: peft's {method.peft_type} "
                           f"targets a module name in every layer (it shares tensors by target), so only placements on all layers convert")
     return [binding.path.split("{i}.", 1)[1]]
