@@ -22,13 +22,22 @@ from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import INITS
 
-__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "HOST_TENSORS", "INIT_SEED", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
 HOST_SIZES = ("d_in", "d_out")
 """Widths of the host a module is attached to, usable in shapes and expressions."""
 
 MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
+
+INIT_SEED = "init_seed"
+"""A name initialisers may read: an integer drawn once per unit from torch's global generator (only when some
+initialiser of the module reads it), the seed of the unit's shared draws (:mod:`pefref.ops.draws`)."""
+
+HOST_TENSORS = ("x", "h", "W", "b", "mask")
+"""The host tensors a unit binds (the compiled forward's arguments of these names): what expression fields may
+read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
+(a test checks the compiled forward's signature against this list)."""
 
 EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
 
@@ -163,6 +172,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         if defaults_sound and not found:  # names and sites sound: infer shapes
             found += check_module_shapes(m, ("modules", i), {k: v.default for k, v in hps.items()}, ref, pos, published)
         out += found + _check_prepend(m, ("modules", i), ref, pos)
+    out += _check_groups(modules, pos)
     if not out:
         out += check_connections(modules, ref, pos)
     return out
@@ -211,8 +221,9 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
         if m.form not in kind.forms:
             out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
     site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
-    for pname, spec in m.params.items():
-        out += _check_param(m, spec, mp + ("params", pname), set(hps), site_reads, ref, pos)
+    for k, (pname, spec) in enumerate(m.params.items()):
+        init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:k])  # tensors declared before
+        out += _check_param(m, spec, mp + ("params", pname), set(hps), init_reads, ref, pos)
     base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
     for fld in EXPR_FIELDS:
         text = getattr(m, fld, None)
@@ -227,11 +238,11 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
     return out
 
 
-def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], site_reads: set[str], ref: ReferenceArchitecture,
+def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], init_reads: set[str], ref: ReferenceArchitecture,
                  pos: Positions) -> list[Problem]:
     """One tensor of a module (at ``pp``): names in its shape, initialiser and learning-rate scale; stacking and splitting.
 
-    ``hps``: the technique's hyperparameters; ``site_reads``: what every site of the module lets it read.
+    ``hps``: the technique's hyperparameters; ``init_reads``: what its initialiser may read besides them and the sizes.
     """
     out: list[Problem] = []
     scalars = hps | set(ref.sizes) | set(HOST_SIZES)
@@ -239,7 +250,7 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], si
     for k, dim in enumerate(spec.shape):
         if isinstance(dim, str):
             out += _check_names(parse_expr(dim), scalars, scalar_ops, pos, pp + ("shape", k), "a shape")
-    out += _check_names(parse_expr(spec.init), scalars | ({"W"} & site_reads), set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
+    out += _check_names(parse_expr(spec.init), scalars | init_reads, set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
     if isinstance(spec.lr_scale, str):
         out += _check_names(parse_expr(spec.lr_scale), hps, scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
     if spec.stacked != "none" and spec.shared != "none":
@@ -265,6 +276,35 @@ def _check_prepend(m: Any, mp: tuple[Any, ...], ref: ReferenceArchitecture, pos:
         out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
     if m.keys is not None and kinds - {"kv"}:
         out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
+    return out
+
+
+_GROUP_FIELDS = ("shape", "init", "trainable", "shared", "lr_scale", "weight_decay")
+
+
+def _check_groups(modules: list[Any], pos: Positions) -> list[Problem]:
+    """A ``group`` tensor is one tensor: its declarations agree (shape, init, trainable, shared, training metadata),
+    and it is neither stacked nor split (per-module storage)."""
+    out: list[Problem] = []
+    first: dict[str, tuple[Any, str, Any]] = {}
+    for i, m in enumerate(modules):
+        for pname, spec in m.params.items():
+            if not spec.group:
+                continue
+            pp = ("modules", i, "params", pname)
+            if spec.stacked != "none" or spec.split:
+                out.append(Problem(pos.at(pp + ("group",)), dotted(pp + ("group",)), f"a group tensor ({spec.group!r}) is neither stacked nor split"))
+                continue
+            if spec.group not in first:
+                first[spec.group] = (m, pname, spec)
+                continue
+            m0, p0, s0 = first[spec.group]
+            for fld in _GROUP_FIELDS:
+                if getattr(spec, fld) != getattr(s0, fld):
+                    out.append(Problem(pos.at(pp + (fld,)), dotted(pp + (fld,)),
+                                       f"group {spec.group!r} is one tensor: its {fld} here ({getattr(spec, fld)!r}) differs from "
+                                       f"{m0.name}.{p0}'s ({getattr(s0, fld)!r})"))
+                    break
     return out
 
 

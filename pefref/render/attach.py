@@ -32,6 +32,7 @@ from pefref.render.style import (
     html_lines,
     pretty,
 )
+from pefref.view.analysis import stochastic_ops
 
 __all__ = ["Placed", "attach_module"]
 
@@ -61,7 +62,7 @@ def _in_box(spec: Any, layer: int | None) -> bool:
     return spec.shared == "none" or (spec.shared == "layers" and layer is None)
 
 
-_SHARED_NOTE = {"layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
+_SHARED_NOTE = {"none": "one per placement", "layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
 
 
 def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
@@ -105,6 +106,8 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
     nid = f"m_{pl.technique}_{m.name}_{a.site.replace('.', '_')}" + ("" if a.layer is None else f"_L{a.layer}")
     head = f"{m.name}  ·  {m.form}"
     lines: list[tuple[str, str]] = [("b", head)]
+    if stochastic_ops(m):  # it samples while training (deterministic in eval)
+        lines.append(("i", f"stochastic: {', '.join(stochastic_ops(m))}"))
     if pl.source:
         lines.append(("i", f"from {pl.source}"))
     if pl.layers_note:
@@ -133,13 +136,15 @@ def _tooltip(m: Any) -> str:
 def _shared_tensors(sk: Skeleton, pl: Placed, user: str, a: Anchor, names: dict[str, Any] | None) -> None:
     m = pl.module
     for pname, spec in m.params.items():
-        if _in_box(spec, a.layer):
+        if not spec.group and _in_box(spec, a.layer):
             continue
-        scope = {"layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}", "all": ""}[spec.shared]
-        tid = f"t_{pl.technique}_{m.name}_{pname}" + (f"_{scope}" if scope else "")
+        scope = {"none": f"{a.site.replace('.', '_')}_L{a.layer}", "layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}",
+                 "all": ""}[spec.shared]
+        owner, tname = spec.owner(m.name, pname)
+        tid = f"t_{pl.technique}_{owner.replace(':', '_')}_{tname}" + (f"_{scope}" if scope else "")
         if tid not in sk.graph:
             text = f"{pname}: {_shape_text(spec, names)}"
-            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
+            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{'group ' + spec.group if spec.group else m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
             sk.graph.add_node(tid, role="tensor", technique=pl.technique, module=m.name, param=pname, shared=spec.shared,
                               trainable=spec.trainable, label=text, html=html_lines(lines), cluster=sk.graph.nodes[user].get("cluster"),
                               dot={"shape": "box", "style": "filled" if spec.trainable else "filled,dashed",

@@ -25,9 +25,11 @@ from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current, format_bytes
 from pefref.language.shapecheck import expression_cost
+from pefref.runtime.hosts import bias_of
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
 from pefref.runtime.rows import replace as replace_rows
+from pefref.runtime.rows import take as take_rows
 from pefref.runtime.transaction import located
 
 __all__ = ["Plan", "plan_apply", "where_of", "check_unit", "host_update_of", "check_selectable"]
@@ -73,7 +75,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             rec = recipe(pl.module, names)
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
-                key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer, spec.stacked)
+                owner, tname = spec.owner(pl.module.name, pname)
+                key = SharedStore.key(owner, tname, spec.shared, pl.site, pl.layer, spec.stacked)
                 if spec.stacked != "none":  # one slice per placement at this site
                     prev = plan.shared_shapes.get(key)
                     plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))
@@ -114,6 +117,14 @@ def _used_inputs(unit: nn.Module) -> frozenset[str]:
     return getattr(unit, "used_inputs", frozenset())
 
 
+def _check_finite(unit: nn.Module) -> None:
+    """The unit's initial tensors hold no NaN or infinite entries."""
+    for name, _t in [*unit.named_parameters(), *unit.named_buffers()]:
+        t = unit.own(name) if isinstance(unit, Unit) else _t  # a stacked tensor: this unit's slice (the later ones are not filled yet)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
+
+
 def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
                probes: dict[Any, torch.Tensor] | None = None, reads: Mapping[str, list[Any]] | None = None, publish: Any = None) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
@@ -129,10 +140,7 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
     :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
     if str(ctx.device) == "meta" or any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]):
         return
-    for name, _t in [*unit.named_parameters(), *unit.named_buffers()]:
-        t = unit.own(name) if isinstance(unit, Unit) else _t  # a stacked tensor: this unit's slice (the later ones are not filled yet)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
+    _check_finite(unit)
     used = _used_inputs(unit)
     g = torch.Generator().manual_seed(0)
 
@@ -155,10 +163,13 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             if not (ctx.d_in and ctx.d_out) or (pl.kind.name == "embedding" and "x" in used):
                 return  # x is token ids at an embedding
             if pl.binding.side == "input":  # the host's input is the unit's h, as the patch passes it
-                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W if form == "parallel" else None
+                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W
             else:
                 x, h, w = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out), ctx.W
-            out = fwd(x, h, w, False, mask, inputs)
+            b = bias_of(pl.kind, pl.host) if "b" in used else None  # zeros where the host has none
+            if b is not None:
+                b = take_rows(b, 0, pl.start, pl.size, pl.period)
+            out = fwd(x, h, w, False, mask, inputs, b=b) if b is not None else fwd(x, h, w, False, mask, inputs)
             if getattr(unit, "program", (False,) * 7)[6] and isinstance(out, tuple):  # (form, exprs, consts, shapes, views, inputs, publish, picks)
                 out, delta = out  # a unit that publishes returns (output, delta)
                 if probes is not None and publish is not None and isinstance(delta, torch.Tensor):

@@ -111,7 +111,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             for i in layers:
                 for pname, spec in m.params.items():
                     scope = {"none": (site, i), "layers": (site,), "sites": (i,), "all": ()}[spec.shared]
-                    key = (m.name, pname, spec.shared, *scope)
+                    key = (*spec.owner(m.name, pname), spec.shared, *scope)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
                     if prev is not None:
@@ -120,7 +120,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     # symbolic: the dims with host widths written in model sizes, once per scope without layer
                     widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
                     text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
-                    sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
+                    sym_key = (*spec.owner(m.name, pname), spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
                     if sym_key not in sym_terms and spec.trainable:
                         by_layer = spec.shared in ("none", "sites") and per_layer
                         mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
