@@ -50,13 +50,14 @@ def test_every_row_names_a_catalog_technique_and_its_modules() -> None:
             assert mm.module in by_name, (m.technique, mm.module)
             module = by_name[mm.module]
             own = set(module.targets) if module.form == "select" else set(module.params)
-            assert set(mm.tensors) | set(mm.shared) | set(mm.negate) <= own, (m.technique, mm.module)
+            assert set(mm.tensors) | set(mm.shared) | set(mm.repeated) | set(mm.indexed) | set(mm.negate) <= own, (m.technique, mm.module)
 
 
 def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     """The catalog techniques peft 0.21 implements (by its PeftType or a LoraConfig setting) all convert."""
     implemented = {"lora", "lora_plus", "rslora", "dora", "pissa", "vera", "fourierft", "adalora", "ia3", "loha", "lokr",
-                   "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct"}
+                   "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct",
+                   "randlora", "shira", "tinylora", "vblora", "psoft", "peanut", "supertuning", "multitask_prompt_tuning"}
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pefref.compiler.parts import read
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -123,13 +123,10 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
     for path, layer in zip(row.paths, row.layers):
         unit = adapter.units[unit_key(row.module, row.site, layer)]
         host = adapter.model.get_submodule(path)
-        kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
-        if kind not in method.hosts:
-            raise PefrefError(f"{tech.id}.{row.module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
-                              f"adapts only {' and '.join(method.hosts)} modules")
-        ex.conv1d |= kind == "conv1d"
+        ex.conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
         for pname, key in mm.shared.items():
             ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+        _put_apart(adapter, mm, row.module, path, unit, ex.put)
         if binding.slice is not None:
             if method.fused is None:
                 raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
@@ -201,6 +198,33 @@ def _target_names(adapter: Adapter, method: PeftMethod, row: ReportRow) -> list[
         raise PefrefError(f"{adapter.technique.id}.{row.module} on {row.site} covers layers {row.layers}: peft's {method.peft_type} "
                           f"targets a module name in every layer (it shares tensors by target), so only placements on all layers convert")
     return [binding.path.split("{i}.", 1)[1]]
+
+
+def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: str, path: str) -> str:
+    """'linear', 'conv1d' or the class name of the host at ``path``; refused where peft stores the module's
+    tensors under a host module it does not adapt."""
+    host = adapter.model.get_submodule(path)
+    kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
+    if kind not in method.hosts and not stored_apart(mm):
+        raise PefrefError(f"{adapter.technique.id}.{module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
+                          f"adapts only {' and '.join(method.hosts)} modules")
+    return kind
+
+
+def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any) -> None:
+    """A placement's tensors that peft keys by host and name (``repeated``: a shared tensor whole under every host)
+    or by the host's position among the module's hosts (``indexed``)."""
+    for pname, tname in mm.repeated.items():  # a copy per host (safetensors refuses tensors sharing memory)
+        put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname).clone(), path)
+    if mm.indexed:
+        index = host_order(adapter.model, _paths(adapter, module))[path]
+        for pname, template in mm.indexed.items():
+            put(template.format(index=index), to_peft(read(unit, pname).detach(), mm, pname), path)
+
+
+def _paths(adapter: Adapter, module: str) -> list[str]:
+    """Every host path of a module's placements."""
+    return [p for r in (adapter.report.rows if adapter.report else []) if r.module == module for p in r.paths]
 
 
 def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, parts: list[_Piece], cfg: dict[str, Any],

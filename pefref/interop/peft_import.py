@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
@@ -178,7 +178,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     out = []
     for m in modules:
         pmap = maps.get(m.name)
-        if pmap is not None and pmap.computed is not None:
+        if pmap is not None and (pmap.computed is not None or stored_apart(pmap)):  # placed where the technique says
             out.append(m)
             continue
         sites = where.get(m.name, {})
@@ -204,10 +204,12 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     """Copy peft's tensors into the applied adapter; every tensor must find its place."""
     used: set[str] = set()
     copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}  # a unit tensor's storage -> the peft tensor copied into it
+    seen: dict[str, torch.Tensor] = {}  # the first copy of each repeated tensor
     maps = {mm.module: mm for mm in method.modules}
     forms = {m.name: getattr(m, "form", "") for m in adapter.technique.modules}
     with torch.no_grad():
-        for row in adapter.report.rows if adapter.report else []:
+        rows = adapter.report.rows if adapter.report else []
+        for row in rows:
             if row.module == SAVED_MODULE:
                 continue
             mm = maps[row.module]
@@ -223,12 +225,19 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                             _assign(adapter.selected[f"{path}.{target}"], state[key], key)
                             used.add(key)
                 continue
+            index = host_order(adapter.model, [p for r in rows if r.module == row.module for p in r.paths]) if mm.indexed else {}
             for path, layer in zip(row.paths, row.layers):
                 unit = adapter.units[unit_key(row.module, row.site, layer)]
-                for pname, key in mm.shared.items():
+                apart = {**mm.shared, **{p: t.format(index=index[path]) for p, t in mm.indexed.items()}}
+                for pname, key in [*apart.items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
                     if key not in state:
-                        raise PefrefError(f"the peft adapter has no shared tensor {key!r}")
-                    _assign_unit(unit, pname, from_peft(state[key], mm, pname), key)
+                        raise PefrefError(f"the peft adapter has no tensor {key!r}")
+                    value = from_peft(state[key], mm, pname)
+                    if pname in mm.repeated and pname in seen and not torch.equal(seen[pname], value):
+                        raise PefrefError(f"peft tensor {key!r} differs from the other placements' copies of {pname!r}, "
+                                          f"which {adapter.technique.id} shares: no exact catalog form")
+                    seen[pname] = value
+                    _assign_unit(unit, pname, value, key)
                     used.add(key)
                 for pname, tname in mm.tensors.items():
                     key = f"{path}.{tname}"

@@ -9,7 +9,7 @@ shape among its users) makes the count equal to what runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, reduce
 from typing import Any
 
 from pefref.language.catalog import Catalog
@@ -154,9 +154,31 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = str(_positive_lead(sympy.factor(sympy.expand(expr))))
-    s = s.replace("Min(", "min(").replace("Max(", "max(")  # the expression language's spelling
+    s = _printer_class()().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
     return s.replace("**", "^").replace("*", "·")
+
+
+@lru_cache(maxsize=1)
+def _printer_class() -> Any:
+    """sympy's printer in the expression language's spelling: min/max of two arguments (nested), ceil."""
+    from sympy.printing.str import StrPrinter
+
+    class Printer(StrPrinter):
+        def _pair(self, name: str, args: Any) -> str:
+            *rest, last = (self._print(a) for a in args)
+            return reduce(lambda acc, a: f"{name}({a}, {acc})", reversed(rest), last)
+
+        def _print_Min(self, e: Any) -> str:
+            return self._pair("min", e.args)
+
+        def _print_Max(self, e: Any) -> str:
+            return self._pair("max", e.args)
+
+        def _print_ceiling(self, e: Any) -> str:
+            return f"ceil({self._print(e.args[0])})"
+
+    return Printer
+
 
 
 def _positive_lead(f: Any) -> Any:

@@ -19,9 +19,11 @@ class PeftModuleMap(Strict):
 
     module: Identifier = Field(description="The technique's module (after `use:` expansion).")
     tensors: dict[Identifier, str] = Field(default_factory=dict, description="Per placement: the module's tensor -> peft's tensor name under the host module (e.g. A: lora_A.weight). For a module of form 'select', the keys are the host's own parameters it trains (weight, bias).")
-    layout: dict[Identifier, Literal["column", "row", "vector"]] = Field(default_factory=dict, description="Tensors peft stores as a column [n, 1], a row [1, n] or a vector [n] (default: the same shape).")
+    layout: dict[Identifier, Literal["column", "row", "vector", "batch"]] = Field(default_factory=dict, description="Tensors peft stores as a column [n, 1], a row [1, n], a vector [n] or with a leading dimension of one, [1, *shape] (one member of a per-task stack), instead of their own shape.")
     negate: list[Identifier] = Field(default_factory=list, description="Tensors peft stores with the opposite sign (its convention is the transpose of the technique's).")
     shared: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement, stored once under this full key (e.g. A: base_model.vera_A).")
+    repeated: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement that peft nevertheless stores whole under each host module, under this name (e.g. A: randlora_A); on import every copy must be the same.")
+    indexed: dict[Identifier, str] = Field(default_factory=dict, description="Per placement, stored outside the host module under this full key, where '{index}' is the placement's position among the module's hosts in the model's module order (e.g. v: 'base_model.tinylora_v.{index}').")
     targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import).")
     computed: Literal["tokens", "prefix"] | None = Field(None, description="Prepend modules: peft stores what the module computes (virtual tokens [n, d], or per-layer keys and values [n, L*2*d_kv]) as 'prompt_embeddings', not its parameters.")
     pieces: dict[Literal["tokens", "keys", "values"], list[Identifier]] = Field(
