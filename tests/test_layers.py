@@ -1,6 +1,7 @@
 """Layers are enforced: no module of ``pefref/`` imports one of a higher layer.
 
-The order comes from the README's "Layout" section: its table names the layer of
+The order comes from the documentation's "The package's layers" section
+(docs/explanation/compilation.md; the README's layout row repeats it): its table names the layer of
 every package and its text says that data flows one way and a lower layer never
 imports a higher one, with the CLI on top. Lowest first (packages on one level
 may import each other):
@@ -13,8 +14,8 @@ imports resolved against the importing module. The package root's modules
 (``pefref/__init__.py``, ``pefref/__main__.py``) are the public facade and may
 import anything; a layer's module importing that facade counts as importing
 the top. :func:`test_the_checker_finds_upward_imports` shows that the check can
-fail; :func:`test_the_order_matches_the_readme_layout` that the order below and
-the README's table name the same packages.
+fail; :func:`test_the_order_matches_the_documented_layers` that the order below and
+the documented table name the same packages.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PACKAGE = ROOT / "pefref"
 ORDER: list[tuple[str, ...]] = [
     ("ops",), ("language",), ("compiler",), ("view",), ("models", "runtime"), ("interop", "render"), ("experiments",), ("cli",),
 ]
-"""The layers, lowest first (from the README's Layout section; one tuple: one level)."""
+"""The layers, lowest first (from the documented layer table; one tuple: one level)."""
 
 LEVEL = {pkg: i for i, level in enumerate(ORDER) for pkg in level}
 FACADE = len(ORDER)
@@ -119,10 +120,10 @@ def test_every_package_has_a_layer() -> None:
     assert packages == set(LEVEL), f"packages without a layer: {sorted(packages - set(LEVEL))}; layers without a package: {sorted(set(LEVEL) - packages)}"
 
 
-def test_the_order_matches_the_readme_layout() -> None:
-    """The README's Layout table lists the same packages, and packages it puts in one layer share a level here."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_order_matches_the_documented_layers() -> None:
+    """The docs' layer table lists the same packages, and packages it puts in one layer share a level here."""
+    text = (ROOT / "docs" / "explanation" / "compilation.md").read_text(encoding="utf-8")
+    layout = text.split("## The package's layers", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `pefref/(\w+)/` \| ([^|]+?) \|", layout, flags=re.M))
     assert set(rows) == set(LEVEL), f"README table: {sorted(rows)}; ORDER: {sorted(LEVEL)}"
     for a in rows:
