@@ -58,8 +58,14 @@ def diagram_files(ctx: SiteContext) -> Iterable[Page]:
 
 def typology_pages(ctx: SiteContext) -> Iterable[Page]:
     """``typology.html``: the PEFT-Ref table of the whole catalog (and its graphs, when available)."""
+    from pefref.render.graphs import similarity_legend
+
     graphs: list[tuple[str, str]] = ctx.data.extra.get("graphs", [])
-    yield ctx.render("typology.html", "typology.html", title="Typology", section="typology", graphs=graphs, wide=True)
+    names = {t.id: t.name for t in ctx.data.techniques}
+    legend = [(colour, shared.replace("_", " ").replace("=", ": "), [(m, names.get(m, m)) for m in members])
+              for colour, shared, members in similarity_legend(ctx.catalog)]
+    yield ctx.render("typology.html", "typology.html", title="Typology", section="typology", graphs=graphs,
+                     legend=legend, wide=True)
 
 
 def compare_data(ctx: SiteContext) -> dict[str, Any]:
