@@ -264,10 +264,16 @@
     var fmt = new Intl.NumberFormat("en-US");
     form.hidden = false;
 
+    var labels = Array.prototype.map.call(table.tHead.rows[0].cells, function (th) { return th.textContent.trim(); });
+
     function cell(row, text, cls) {
       var td = document.createElement("td");
       td.textContent = text;
       if (cls) td.className = cls;
+      var at = 0;
+      Array.prototype.forEach.call(row.cells, function (c) { at += c.colSpan; });
+      var label = labels[at];
+      if (label) td.setAttribute("data-label", label);
       row.appendChild(td);
       return td;
     }
