@@ -66,3 +66,31 @@ def test_matched_counts_equal_the_view_count(catalog) -> None:
     assert got[("q, k, v, o", 4)] == count_params(t, shape, catalog, overrides={"r": 4}, sites=["attn.q", "attn.k", "attn.v", "attn.o"]).trainable
     prompt = {(m.sites, m.value): m for m in matched_counts(catalog.technique("prompt_tuning"), shape, catalog, values=(4,))}
     assert prompt[("q, v", 4)].trainable is None and prompt[("q, v", 4)].why  # n/a with its reason, never 0
+
+
+def test_pareto_axis_ticks_span_the_runs() -> None:
+    from pefref.experiments.plots import _compact, _ema, _log_ticks
+
+    for lo, hi in ((1.5e5, 2.6e5), (60, 25000), (5, 5.5), (60, 2.5e7)):
+        ticks = _log_ticks(lo, hi)
+        assert len(ticks) <= 8 and ticks == sorted(ticks)
+        assert ticks[0] <= lo * 1.5 and ticks[-1] >= hi / 1.5  # the ticks reach the runs at both ends
+    assert [_compact(t) for t in _log_ticks(1.5e5 / 1.05, 2.6e5 * 1.05)] == ["100k", "150k", "200k", "250k", "300k"]
+    assert _ema([1.0, 0.0, 0.0]) == [1.0, 0.6, 0.36]
+
+
+def test_one_seed_shows_no_spread(tmp_path) -> None:
+    """With one seed the results page writes the value alone (n=1), never '± 0.000'."""
+    import jinja2
+
+    from pefref.render.site.build import _environment
+
+    env: jinja2.Environment = _environment()
+    macro = env.get_template("macros.html").module.spread  # type: ignore[attr-defined]
+
+    class M:
+        def __init__(self, mean: float, std: float, n: int) -> None:
+            self.mean, self.std, self.n = mean, std, n
+
+    assert str(macro(M(0.375, 0.0, 1), "%.3f")) == "0.375"
+    assert str(macro(M(0.4, 0.05, 3), "%.3f")) == "0.400 ± 0.050"
