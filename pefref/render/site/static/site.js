@@ -372,7 +372,24 @@
     });
   }
 
+  /* A Copy button on each peft config (the text stays selectable without the script). */
+  function setupCopy() {
+    Array.prototype.forEach.call(document.querySelectorAll("details.peft pre.code"), function (pre) {
+      if (!navigator.clipboard) return;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "zoom copy";
+      button.textContent = "Copy";
+      button.addEventListener("click", function () {
+        navigator.clipboard.writeText(pre.textContent).then(function () { button.textContent = "Copied"; },
+                                                            function () { button.textContent = "Select the text to copy"; });
+      });
+      pre.parentNode.insertBefore(button, pre.nextSibling);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    setupCopy();
     setupDiagrams();
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), makeSortable);
     setupIndex();
