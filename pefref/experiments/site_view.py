@@ -36,7 +36,7 @@ def _setup(cfg: dict[str, Any], seeds: list[int]) -> list[Fact]:
 
 
 def _spread(m: Mean | None) -> Spread | None:
-    return None if m is None else Spread(m.mean, m.std)
+    return None if m is None else Spread(m.mean, m.std, m.n)
 
 
 def _group_line(g: Group, metric: str, other: str) -> GroupLine:

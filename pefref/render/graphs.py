@@ -30,7 +30,8 @@ from pefref.language.schema import TYPOLOGY_PROPERTIES, ModuleUse
 from pefref.render.dot import inline_svg, render_dot, to_dot
 from pefref.render.style import FORM_COLOURS, html_lines
 
-__all__ = ["GRAPH_KINDS", "build_graph", "export_graph", "graph_dot", "graph_svg", "lineage_graph", "similarity_graph", "typology_graph"]
+__all__ = ["GRAPH_KINDS", "build_graph", "export_graph", "graph_dot", "graph_svg", "lineage_graph", "similarity_graph",
+           "similarity_legend", "typology_graph"]
 
 GRAPH_KINDS = ("typology", "similarity", "lineage")
 
@@ -181,16 +182,22 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
         return _oriented(ordered, lambda n: ordered.nodes[n]["kind"] == "technique")
     if kind == "similarity":
         d.graph.update(attrs={"layout": "neato", "overlap": "false", "splines": "true", "sep": "+6", "start": "1"},
-                       title="<B>Similarity</B>: shared typology values and structural features (thicker = more; colour = cluster)")
+                       title="<B>Similarity</B>: shared typology values and structural features<BR/>(thicker = more; colour = cluster)")
         for _n, a in d.nodes(data=True):
             colour = _PALETTE[a.get("cluster", 0) % len(_PALETTE)]
             a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled", "fillcolor": colour + "33", "color": colour})
         for _u, _v, a in d.edges(data=True):
             a["dot"] = {"penwidth": f"{0.5 + 3 * a['jaccard']:.2f}", "color": "#55555588", "len": f"{2.5 - 1.5 * a['jaccard']:.2f}"}
         return d
-    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.5", "nodesep": "0.15"}, title="<B>Lineage</B>: which technique builds on which (grey: extends; dashed blue: reuses modules; solid blue: both; dashed box: designed in pefref)")
+    # a time axis: one column per publication year, oldest on the left
+    d.graph.update(attrs={"rankdir": "LR", "ranksep": "0.6", "nodesep": "0.12", "newrank": "true"},
+                   title="<B>Lineage</B>: which technique builds on which, by year<BR/>(grey: extends; dashed blue: reuses modules; solid blue: both; dashed box: designed in pefref)",
+                   clusters={f"y{y}": {"html": html_lines([("b", str(y))]), "parent": None,
+                                       "dot": {"rank": "same", "style": "rounded", "color": "#d0d0d0", "labeljust": "c"}}
+                             for y in sorted({a["year"] for _n, a in d.nodes(data=True)})})
     for _n, a in d.nodes(data=True):
-        a.update(html=_tech_html(a), dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
+        a.update(html=_tech_html(a), cluster=f"y{a['year']}",
+                 dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
     for _u, _v, a in d.edges(data=True):
         a["dot"] = {"style": "dashed" if a["relation"] == "uses" else "solid", "color": FORM_COLOURS["parallel"] if "uses" in a["relation"] else "#444444"}
         if a["modules"]:
@@ -209,9 +216,33 @@ def _oriented(d: nx.Graph, first: Any) -> nx.DiGraph:
     return out
 
 
-def graph_dot(kind: str, catalog: Catalog) -> str:
-    """DOT source of the graph of ``kind``."""
-    return to_dot(_drawable(kind, build_graph(kind, catalog)), name=kind)
+def graph_dot(kind: str, catalog: Catalog, link: str | None = None, titled: bool = True) -> str:
+    """DOT source of the graph of ``kind``; ``link`` (e.g. ``techniques/{id}.html``) makes each technique a link,
+    ``titled=False`` leaves the title out (a page that heads the drawing itself)."""
+    d = _drawable(kind, build_graph(kind, catalog))
+    if not titled:
+        d.graph.pop("title", None)
+    if link is not None:
+        for n, a in d.nodes(data=True):
+            if a.get("kind") == "technique":
+                a["dot"] = {**a.get("dot", {}), "URL": link.format(id=n), "target": "_top", "tooltip": f"{a['label']} ({a.get('year', '')})"}
+    return to_dot(d, name=kind)
+
+
+def similarity_legend(catalog: Catalog, top: int = 3) -> list[tuple[str, str, list[str]]]:
+    """Each similarity cluster as ``(colour, what its members share most, member ids)``, in cluster order."""
+    g = similarity_graph(catalog)
+    rows = _typology_rows(catalog)
+    out = []
+    for k in sorted({a["cluster"] for _n, a in g.nodes(data=True)}):
+        members = sorted(n for n, a in g.nodes(data=True) if a["cluster"] == k)
+        counts: dict[str, int] = {}
+        for tid in members:
+            for f in _features(catalog, tid, rows[tid]):
+                counts[f] = counts.get(f, 0) + 1
+        common = sorted(counts, key=lambda f: (-counts[f], f))[:top]
+        out.append((_PALETTE[k % len(_PALETTE)], ", ".join(common), members))
+    return out
 
 
 def graph_svg(kind: str, catalog: Catalog) -> str:

@@ -67,8 +67,9 @@ def _select_terms(m: Any, site: str, fam: ArchitectureMap, catalog: Catalog) -> 
 
 
 def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None,
-                 sites: list[str] | None = None) -> ParamCount:
-    """Trainable parameters of ``t`` on ``shape`` (placed on ``sites`` when given), with a formula in the model's sizes."""
+                 sites: list[str] | None = None, formula: bool = True) -> ParamCount:
+    """Trainable parameters of ``t`` on ``shape`` (placed on ``sites`` when given), with a formula in the model's sizes
+    (``formula=False``: the number alone, without the symbolic sum, which is the slow part)."""
     from pefref.language.hparams import resolve_hyperparameters
     from pefref.language.placement import retarget
 
@@ -118,10 +119,10 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                         shp = tuple(max(a, b) for a, b in zip(prev[0], shp))
                     scopes[key] = (shp, pname, spec.trainable)
                     # symbolic: the dims with host widths written in model sizes, once per scope without layer
-                    widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
-                    text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
                     sym_key = (*spec.owner(m.name, pname), spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
-                    if sym_key not in sym_terms and spec.trainable:
+                    if formula and sym_key not in sym_terms and spec.trainable:
+                        widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
+                        text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
                         by_layer = spec.shared in ("none", "sites") and per_layer
                         mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
                         sym_terms[sym_key] = f"{mult}*{text}"
@@ -132,9 +133,9 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             for d in shp:
                 n *= d
             total += n
-    formula = _formula(list(sym_terms.values()) + select_terms, sizes, hps)
+    text = _formula(list(sym_terms.values()) + select_terms, sizes, hps) if formula else ""
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
-    return ParamCount(t.id, shape.name, total, base, formula, hps, dropped)
+    return ParamCount(t.id, shape.name, total, base, text, hps, dropped)
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:

@@ -98,4 +98,5 @@ class InteropTable(Strict):
 
     peft_version: str = Field(description="The peft version the table was checked against.")
     tasks: dict[Literal[TASKS], str | None] = Field(description="peft task_type for each model-class task.")  # type: ignore[valid-type]
+    config_classes: dict[str, str] = Field(default_factory=dict, description="peft_type -> the name of peft's config class (for the config a reader copies, e.g. LORA: LoraConfig).")
     methods: list[PeftMethod]

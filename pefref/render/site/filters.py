@@ -59,11 +59,14 @@ def yes_no(v: bool) -> str:
     return "yes" if v else "no"
 
 
-_CODE = re.compile(r"``(.+?)``|:math:`(.+?)`|`([^`]+?)`")
+_CODE = re.compile(r"``(.+?)``|:math:`(.+?)`|:(?:func|class|meth|attr|mod|data|obj):`~?([^`]+?)`|`([^`]+?)`", re.S)
 
 
 def doc_html(text: str) -> Markup:
-    """A docstring as HTML: paragraphs, ````code```` and ``:math:`...``` as code; everything escaped."""
+    """A docstring as HTML: paragraphs; ````code```` and reST cross-references (``:func:`x```) as code;
+    ``:math:`...``` as MathML (:mod:`pefref.render.texmath`, converted at build time); everything else escaped."""
+    from pefref.render.texmath import tex_to_mathml
+
     paras = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
     out = []
     for p in paras:
@@ -71,11 +74,11 @@ def doc_html(text: str) -> Markup:
         pos = 0
         for m in _CODE.finditer(p):
             parts.append(str(escape(p[pos:m.start()])))
-            code = m.group(1) or m.group(3)
-            if code is not None:
-                parts.append(f"<code>{escape(code)}</code>")
+            if m.group(2) is not None:
+                parts.append(f'<span class="math">{tex_to_mathml(m.group(2))}</span>')
             else:
-                parts.append(f'<code class="math">{escape(m.group(2))}</code>')
+                code = m.group(1) or m.group(4) or m.group(3).rsplit(".", 1)[-1]
+                parts.append(f"<code>{escape(code)}</code>")
             pos = m.end()
         parts.append(str(escape(p[pos:])))
         out.append("<p>" + "".join(parts) + "</p>")

@@ -18,8 +18,10 @@ from pefref.language.composition import ResolvedComposition
 from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
 from pefref.language.sizes import eval_scalar, model_sizes
+from pefref.interop.peft_snippet import PeftSnippet, SiteModule, peft_snippets, site_modules
 from pefref.render.site.compositions import CompositionView, composition_views
 from pefref.render.site.resultsview import ResultsView
+from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.costs import Efficiency, efficiency
 
 __all__ = [
@@ -98,6 +100,12 @@ class TechniqueView:
     similar: list[Related] = field(default_factory=list)
     compositions: list[Related] = field(default_factory=list)  # the compositions that use it (id, name, as which adapters)
     diagram: str | None = None
+    peft: list[PeftSnippet] = field(default_factory=list)  # the peft config on each family (empty: no peft equivalent)
+    modules_on: dict[str, list[SiteModule]] = field(default_factory=dict)  # family -> the technique's sites there
+    size_hyperparameters: list[str] = field(default_factory=list)
+    families: list[FamilyFacts] = field(default_factory=list)
+    backbone_backward: bool = True
+    matched: list[MatchedCount] = field(default_factory=list)  # counts at the compare page's settings, on the first model
 
     @property
     def typology_values(self) -> dict[str, str]:
@@ -205,6 +213,20 @@ def _grouped(dropped: list[str]) -> str:
     return "; ".join(f"{m} at {', '.join(sites)}: {why}" for (m, why), sites in groups.items())
 
 
+def _choice_facts(t: Technique, catalog: Catalog, model: str) -> dict[str, Any]:
+    """What the chooser, the compare page's settings and the peft section need (all from the view and the interop table)."""
+    shape = catalog.shapes[model]
+    L = model_sizes(catalog.family(shape.family), dict(shape.config))["L"]
+    return {
+        "peft": peft_snippets(t, catalog),
+        "modules_on": {f: site_modules(t, catalog.families[f], catalog) for f in sorted(catalog.families)},
+        "size_hyperparameters": size_hyperparameters(t, catalog),
+        "families": family_facts(t, catalog),
+        "backbone_backward": backbone_backward(t, catalog, L),
+        "matched": matched_counts(t, shape, catalog),
+    }
+
+
 def _efficiency(t: Technique, catalog: Catalog, models: list[str]) -> list[Efficiency]:
     return [efficiency(t, catalog.shapes[name], catalog) for name in models]
 
@@ -275,6 +297,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             from_catalog=tid not in included, source=_source_label(src, tid, root, tid not in included),
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
             typology=_typology_cells(t, catalog), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
+            **_choice_facts(t, catalog, models[0]),
         ))
     by_id = {v.id: v for v in views}
     values = {v.id: v.typology_values for v in views}

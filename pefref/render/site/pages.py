@@ -16,7 +16,7 @@ from pefref.render.site.build import Page, Section, SiteContext
 from pefref.render.site.results import results_pages
 
 __all__ = ["SECTIONS", "index_pages", "technique_pages", "composition_pages", "typology_pages", "compare_pages", "models_pages",
-           "primitives_pages", "schema_pages", "compare_data", "diagram_files"]
+           "primitives_pages", "schema_pages", "compare_data", "diagram_files", "choose_pages", "choose_data"]
 
 
 def index_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -27,8 +27,11 @@ def index_pages(ctx: SiteContext) -> Iterable[Page]:
 
 def technique_pages(ctx: SiteContext) -> Iterable[Page]:
     """``techniques/<id>.html``: one page per technique."""
+    from pefref.interop.table import interop_table
+
+    version = interop_table().peft_version
     for t in ctx.data.techniques:
-        yield ctx.render("technique.html", f"techniques/{t.id}.html", title=t.name, section="index", t=t)
+        yield ctx.render("technique.html", f"techniques/{t.id}.html", title=t.name, section="index", t=t, peft_version=version)
 
 
 def composition_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -55,13 +58,61 @@ def diagram_files(ctx: SiteContext) -> Iterable[Page]:
 
 def typology_pages(ctx: SiteContext) -> Iterable[Page]:
     """``typology.html``: the PEFT-Ref table of the whole catalog (and its graphs, when available)."""
+    from pefref.render.graphs import similarity_legend
+
     graphs: list[tuple[str, str]] = ctx.data.extra.get("graphs", [])
-    yield ctx.render("typology.html", "typology.html", title="Typology", section="typology", graphs=graphs, wide=True)
+    names = {t.id: t.name for t in ctx.data.techniques}
+    legend = [(colour, shared.replace("_", " ").replace("=", ": "), [(m, names.get(m, m)) for m in members])
+              for colour, shared, members in similarity_legend(ctx.catalog)]
+    yield ctx.render("typology.html", "typology.html", title="Typology", section="typology", graphs=graphs,
+                     legend=legend, wide=True)
 
 
 def compare_data(ctx: SiteContext) -> dict[str, Any]:
-    """What the compare page's script needs: every technique's id and name, in table order."""
-    return {"techniques": [{"id": t.id, "name": t.name} for t in ctx.data.techniques]}
+    """What the compare page's script needs: every technique's id and name, in table order, and its counts on the
+    first model at the page's settings (size hyperparameter value x sites, counted at build time)."""
+    from pefref.view.choose import SITE_SETS, SIZE_VALUES
+
+    def matched(t: Any) -> dict[str, Any]:
+        return {f"{m.sites}|{'' if m.value is None else m.value}": [m.trainable, m.why] for m in t.matched}
+
+    return {"techniques": [{"id": t.id, "name": t.name, "knob": (t.size_hyperparameters or [""])[0], "counts": matched(t)}
+                           for t in ctx.data.techniques],
+            "values": list(SIZE_VALUES), "sites": list(SITE_SETS), "model": ctx.data.models[0]}
+
+
+def choose_data(ctx: SiteContext) -> dict[str, Any]:
+    """What the chooser's script needs: the model shapes, and each technique's count on each (null: n/a),
+    mergeability and latency per family and whether it back-propagates through the backbone (all from the view)."""
+    from pefref.render.site.filters import percent
+
+    shapes = [{"name": s.name, "family": s.family, "base": s.base, "test": s.name.startswith("tiny-")} for s in ctx.data.shapes]
+    techniques = []
+    for t in ctx.data.techniques:
+        techniques.append({
+            "id": t.id, "name": t.name, "year": t.row["year"],
+            "counts": {c.shape: None if c.error else [c.trainable, c.percent, percent(c.percent)] for c in t.counts},
+            "why": {c.shape: c.error for c in t.counts if c.error},
+            "mergeable": {f.family: f.mergeable for f in t.families},
+            "no_latency": {f.family: f.no_added_latency for f in t.families},
+            "latency": {f.family: f.latency for f in t.families},
+            "less_memory": not t.backbone_backward,
+        })
+    return {"shapes": shapes, "techniques": techniques, "model": ctx.data.models[0]}
+
+
+def choose_pages(ctx: SiteContext) -> Iterable[Page]:
+    """``choose.html``: pick a model shape, a budget and constraints; the techniques that fit, smallest first."""
+    model = ctx.data.models[0]
+    shape = next(s for s in ctx.data.shapes if s.name == model)
+
+    def footprint(t: Any) -> tuple[int, int, str]:
+        c = t.count_on(model)
+        return (1, 0, t.name.lower()) if c is None or c.error else (0, c.trainable, t.name.lower())
+
+    ranked = sorted(ctx.data.techniques, key=footprint)
+    yield ctx.render("choose.html", "choose.html", title="Choose a technique", section="choose", ranked=ranked,
+                     model=model, family=shape.family, choose=choose_data(ctx), wide=True)
 
 
 def compare_pages(ctx: SiteContext) -> Iterable[Page]:
@@ -97,6 +148,7 @@ SECTIONS: list[Section] = [
     Section("compositions", "Compositions", "compositions.html", composition_pages),
     Section("diagrams", None, "diagrams/", diagram_files),
     Section("typology", "Typology", "typology.html", typology_pages),
+    Section("choose", "Choose", "choose.html", choose_pages),
     Section("compare", "Compare", "compare.html", compare_pages),
     Section("models", "Models", "models.html", models_pages),
     Section("primitives", "Primitives", "primitives.html", primitives_pages),

@@ -20,11 +20,11 @@ from pefref.language.composition import ResolvedComposition
 __all__ = ["Pictures", "GRAPH_TITLES", "labelled"]
 
 GRAPH_TITLES = {
-    "typology": "Techniques and their typology values",
     "similarity": "Similarity: techniques linked by the values and features they share",
     "lineage": "Lineage: which techniques build on which",
 }
-"""The heading of each typology graph on the typology page, in page order."""
+"""The heading of each graph on the typology page, in page order (the typology itself is the page's matrix;
+``pefref graph typology`` still draws it as a bipartite graph)."""
 
 
 def labelled(svg: str, label: str) -> str:
@@ -62,7 +62,7 @@ class Pictures:
             text = to_dot(technique_graph(catalog, res.drawable(), compositions=[res]))
             self._compositions[res.composition.id] = self._pool.submit(render_dot, text, "svg")
         for kind in GRAPH_TITLES:
-            self._graphs[kind] = self._pool.submit(render_dot, graph_dot(kind, catalog), "svg")
+            self._graphs[kind] = self._pool.submit(render_dot, graph_dot(kind, catalog, link="techniques/{id}.html", titled=False), "svg")
         self._pool.shutdown(wait=False)
 
     @staticmethod

@@ -15,10 +15,11 @@ __all__ = ["Fact", "GroupLine", "ExperimentView", "Plot", "ResultsView", "RunLin
 
 @dataclass(frozen=True)
 class Spread:
-    """A mean over seeds and its sample standard deviation."""
+    """A mean over ``n`` seeds and its sample standard deviation (no spread to show with one seed)."""
 
     mean: float
     std: float
+    n: int
 
 
 @dataclass(frozen=True)
