@@ -88,7 +88,9 @@ def is_composition_file(path: Path) -> bool:
         data, _pos = read_yaml(path)
     except CatalogError:
         return False
-    return isinstance(data, dict) and "techniques" in data and "modules" not in data
+    from pefref.language.file_kinds import kind_of_keys  # the one table of file kinds (it imports this module's catalog)
+
+    return kind_of_keys(data) == "composition"
 
 
 def module_stage(m: Any, rules: InteractionRules) -> str:

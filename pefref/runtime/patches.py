@@ -14,16 +14,17 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from pefref.language.errors import PefrefError
+from pefref.language.forms import Form, Integration
 from pefref.runtime.hosts import HostKind
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
+__all__ = ["Entry", "Owner", "Group", "LayerBatch", "PublishKey", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
 
 class _Route:
     """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
@@ -44,13 +45,42 @@ _ROOT = "_pefref_root_patch"
 _INPUTS = "_pefref_inputs"
 
 
+class Owner(Protocol):
+    """What an entry needs of the adapter it belongs to (:class:`pefref.runtime.adapter.Adapter`)."""
+
+    name: str
+    merged: bool
+
+    @property
+    def active(self) -> bool: ...
+
+
+class Group(Protocol):
+    """A combiner shared by the entries a composition block combines at one host (:mod:`pefref.runtime.compose`)."""
+
+    def combine(self, t: torch.Tensor, fns: Sequence[Any], members: Sequence[Entry]) -> torch.Tensor: ...
+
+
+class LayerBatch(Protocol):
+    """A layer-batched program computing the keys and values of a group of prefix entries at once
+    (:mod:`pefref.runtime.layer_batches`)."""
+
+    size: int
+
+    def __call__(self, training: bool) -> Any: ...
+
+
+PublishKey = tuple[Any, ...]
+"""Where a unit's output is published for other units: (adapter, module, site, layer)."""
+
+
 @dataclass(eq=False)
 class Entry:
     """One unit attached at one host."""
 
     unit: nn.Module
-    form: str
-    owner: Any = field(repr=False)  # the Adapter handle: .active tells whether the entry runs
+    form: Form
+    owner: Owner = field(repr=False)  # whether the entry runs: owner.active
     side: str = "output"  # 'output' or 'input'
     start: int = 0
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
@@ -59,11 +89,11 @@ class Entry:
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
     site: str = ""  # the reference site it is placed at
-    group: Any = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
+    group: Group | None = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
     inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
-    reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
-    publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
-    batch: Any = field(default=None, repr=False)  # prepend: a layer-batched program computing this entry's keys and values with its group's
+    reads: dict[str, list[PublishKey]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
+    publish: PublishKey | None = None  # key under which the unit's output (delta) is published for other units, or None
+    batch: LayerBatch | None = field(default=None, repr=False)  # prefixes: a layer-batched program computing this entry's keys and values with its group's
     pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
@@ -202,14 +232,14 @@ class HostPatch:
             x = _sliced(x, e, self._fn(e, grp, None, training)) if grp else self._apply(e, None, x, training)
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
-        weights = [e for e in entries if e.form == "reparameterise"]
+        weights = [e for e in entries if e.form.integration is Integration.WEIGHT]
         if weights and self._lean(weights):
             out = self._run_lean(weights, x, training)
         elif weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             for e, grp in _steps(weights):
                 if grp:
-                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: e.group.combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
+                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: cast(Group, e.group).combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
                 else:
                     W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
             out = self.kind.run(self.host, x, W)  # type: ignore[misc]
@@ -217,7 +247,7 @@ class HostPatch:
             out = self.orig(*args, **kwargs)
         h = out[0] if self.first else out
         x_site = self.stash[0] if self.stash_hooks else x
-        outs = [e for e in entries if e.side == "output" and e.form != "reparameterise"]
+        outs = [e for e in entries if e.side == "output" and e.form.integration is not Integration.WEIGHT]
         if len(outs) > 1 and _disjoint_slices(outs):
             h = self._apply_slices(outs, x_site, h, training)
         else:
@@ -255,7 +285,7 @@ class HostPatch:
         """The step of one entry, or of a block's entries combined by their group."""
         if not grp:
             return lambda t: self._apply(e, x, t, training)
-        return lambda t: e.group.combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
+        return lambda t: cast(Group, e.group).combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
 
     def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
@@ -265,10 +295,10 @@ class HostPatch:
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
-        if e.form == "rescale":
+        if e.form.integration is Integration.SCALE:
             return h * e.unit.forward(None, None, None, training)
         W = None
-        if e.reads_W and self.kind.has_weight and e.form == "parallel":
+        if e.reads_W and self.kind.has_weight and e.form.host_weight:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = take(W, 0, e.start, e.size, e.period)  # a sliced site sees its own rows
         if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
@@ -282,13 +312,10 @@ class HostPatch:
         return e.unit.forward(x, h, W, training)
 
 
-_PLAIN_FORMS = frozenset({"parallel", "sequential"})
-
-
 def _plain_output(e: Entry) -> bool:
     """An entry that adds to its host's whole output on its own (no slice, group or connection):
     :meth:`HostPatch.run` would call just ``_apply(e, x, h)`` for it."""
-    return (e.side == "output" and e.form in _PLAIN_FORMS and not e.size and e.group is None and not e.reads
+    return (e.side == "output" and e.form.integration is Integration.HIDDEN and not e.size and e.group is None and not e.reads
             and e.publish is None)
 
 
@@ -389,8 +416,8 @@ class RootPatch:
         cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
         cache = a.get(cache_key)
         first = self._cache_len(cache) == 0
-        tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
-        kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
+        tokens = [e for e in entries if e.form.integration is Integration.POSITIONS and e.layer is None]
+        kvs = [e for e in entries if e.form.integration is Integration.POSITIONS and e.layer is not None]
         n_tok = sum(e.length for e in tokens)
         n_kv = self.kv_length(kvs) if kvs else 0
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
