@@ -13,6 +13,7 @@ import torch
 from pefref.compiler.parts import read, write
 from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
 from pefref.language.errors import PefrefError
+from pefref.language.forms import form_of
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.saved_modules import SAVED_MODULE
@@ -204,7 +205,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     """Copy peft's tensors into the applied adapter; every tensor must find its place."""
     used: set[str] = set()
     maps = {mm.module: mm for mm in method.modules}
-    forms = {m.name: getattr(m, "form", "") for m in adapter.technique.modules}
+    in_place = {m.name for m in adapter.technique.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     with torch.no_grad():
         for row in adapter.report.rows if adapter.report else []:
             if row.module == SAVED_MODULE:
@@ -214,7 +215,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
             if mm.computed is not None:
                 used.add(_copy_computed(adapter, row, module, mm.computed, state))
                 continue
-            if forms[row.module] == "select":
+            if row.module in in_place:
                 for path in row.paths:
                     for target, tname in mm.tensors.items():
                         key = f"{path}.{tname}"

@@ -75,10 +75,11 @@ def apply(
         modules_to_save: whole modules trained and saved with the adapter (peft's
             ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
     """
-    is_file = not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml")
+    path = None if isinstance(technique, Technique) else Path(technique)
+    is_file = path is not None and path.suffix in (".yaml", ".yml")
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not is_file else default_catalog()
-    if is_file and file_kind(Path(technique)) == "composition":  # told apart once, from the table of file kinds
+    if path is not None and is_file and file_kind(path) == "composition":  # told apart once, from the table of file kinds
         if not isinstance(technique, Path):
             raise PefrefError(f"{technique}: a composition file; pass it as a pathlib.Path (apply then returns its Composition) "
                               "or call pefref.runtime.compose.apply_composition")

@@ -291,7 +291,13 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         if pl.binding.input_path and not patch.stash_hooks:
             host_patch = patch
             host_patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.index if pl.index is not None else pl.layer)))
-            txn.on_undo(lambda: [hk.remove() for hk in host_patch.stash_hooks] and host_patch.stash_hooks.clear())
+
+            def unstash() -> None:
+                for hk in host_patch.stash_hooks:
+                    hk.remove()
+                host_patch.stash_hooks.clear()
+
+            txn.on_undo(unstash)
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
     patch.entries.append(entry)

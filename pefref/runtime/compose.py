@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -255,7 +255,7 @@ class Composition:
                     for e in es:
                         e.group = grp
                 hosts.append(f"{site}[{layer}]" if layer is not None else site)
-        if block_of(blk).combine is Combine.ATTENTION and not blk.train_adapters:
+        if block_of(blk).combine is Combine.ATTENTION and not getattr(blk, "train_adapters", True):
             for an in blk.adapters:
                 for p in self.adapters[an].trainable_parameters():
                     self._frozen.setdefault(id(p), p.requires_grad)
@@ -275,7 +275,7 @@ class Composition:
         names = [a for a in blk.adapters if any(e.owner.name == a for e in es)]
         kind = block_of(blk)
         if kind.combine is Combine.ATTENTION:
-            ad = es[0].owner
+            ad = cast(Adapter, es[0].owner)
             d = (0 if es[0].period else es[0].size) or int(evaluate(parse_expr((self.catalog or default_catalog()).reference.sites[site].out or "d"), dict(ad.sizes), scalar_ops()))
             ref = next(iter(es[0].unit.parameters()), None)
             return FusionCombiner(names, d, blk.temperature, ref.dtype if ref is not None else torch.float32, ref.device if ref is not None else "cpu")

@@ -15,6 +15,7 @@ from typing import Any
 from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
+from pefref.language.forms import form_of
 from pefref.language.hparams import shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
@@ -89,7 +90,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             if per_layer:
                 has = {i for i, _j, _b in layer_bindings(fam, site, sizes)}  # an encoder-decoder site: the layers of its stacks
                 layers = [i for i in select_layers(m.layers, L) if i in has]
-            if m.form == "select":
+            if not form_of(m).has_unit:
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
                 select_total += n * len(layers)
