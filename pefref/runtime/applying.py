@@ -84,9 +84,9 @@ class ApplyPlan:
     wiring: Wiring
     shapes: Plan
     """Site contexts of the placements, shapes of shared tensors, the bytes apply allocates."""
-    site_kinds: dict[str, str]
-    connected: set[str]
-    """Modules in a connection (they never fold into a weight)."""
+    mergeable: list[bool]
+    """For each placement: whether ``merge()`` folds its unit into the host's weight (derived from the module's
+    structure at the site's kind, with the host's bias, by :func:`pefref.view.analysis.mergeable`)."""
 
 
 @dataclass
@@ -98,6 +98,7 @@ class BuiltUnit:
     unit: Unit | None
     key: str
     host_weight: torch.Tensor | None = field(default=None, repr=False)
+    mergeable: bool = False
 
 
 def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *, sites: Sequence[str] | None = None,
@@ -125,8 +126,21 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
     shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
-    site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
-    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, site_kinds, connected_modules(modules))
+    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, _merges(places, modules, catalog))
+
+
+def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> list[bool]:
+    """Whether each placement's unit folds into its host's weight (derived once per module, site kind and host bias)."""
+    connected = connected_modules(modules)  # modules in a connection never fold into a weight
+    memo: dict[tuple[str, str, bool], bool] = {}
+    out = []
+    for pl in places:
+        m = pl.module
+        mk = (m.name, catalog.reference.sites[pl.site].kind, isinstance(getattr(pl.host, "bias", None), torch.Tensor))
+        if mk not in memo:
+            memo[mk] = mergeable(m, [mk[1]], mk[2], m.name in connected)
+        out.append(memo[mk] and pl.kind.name in ("linear", "conv1d"))
+    return out
 
 
 def build(p: ApplyPlan) -> list[BuiltUnit]:
@@ -136,7 +150,7 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
     probes: dict[Any, torch.Tensor] = {}  # what publishing units' probes gave, for the probes of the units reading them
     wiring, hps = p.wiring, p.hyperparameters
-    for pl, ctx in zip(p.places, p.shapes.contexts):
+    for pl, ctx, merges in zip(p.places, p.shapes.contexts, p.mergeable):
         m = pl.module
         with located(where_of(p.technique, pl)):
             W = None
@@ -151,7 +165,7 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
                 if m.host_update is not None and W is not None:
                     new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
                     pending[id(pl.host)] = new_w
-        built.append(BuiltUnit(pl, unit, key, new_w))
+        built.append(BuiltUnit(pl, unit, key, new_w, merges))
     return built
 
 
@@ -236,7 +250,6 @@ def _attach_units(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit], adapte
                   txn: Transaction) -> dict[tuple[str, str], ReportRow]:
     """Attach every built unit (its host update first), mark the mergeable ones; the report's rows."""
     rows: dict[tuple[str, str], ReportRow] = {}
-    merge_ok: dict[tuple[str, str, bool], bool] = {}  # (module, site kind, host has a bias): derived once, not per layer
     for b in built:
         pl, unit, key, m = b.placement, b.unit, b.key, b.placement.module
         if unit is None:
@@ -251,10 +264,7 @@ def _attach_units(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit], adapte
                 bias = getattr(pl.host, "bias", None)
                 led.push(txn, Layer(adapter, "update", _no_recompute), (b.host_weight, None if bias is None else bias.detach().clone()))  # type: ignore[union-attr]
             _attach(model, pl, unit, key, adapter, p.family, p.sizes, txn, p.wiring)
-            mk = (m.name, p.site_kinds[pl.site], isinstance(getattr(pl.host, "bias", None), torch.Tensor))
-            if mk not in merge_ok:
-                merge_ok[mk] = mergeable(m, [mk[1]], mk[2], m.name in p.connected)
-            if merge_ok[mk] and pl.kind.name in ("linear", "conv1d"):
+            if b.mergeable:
                 adapter.mergeable_units.add(key)
         row = rows.setdefault((m.name, pl.site), ReportRow(pl.site, m.name, [], [], n_params, 0))
         row.paths.append(pl.path)

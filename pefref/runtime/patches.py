@@ -24,7 +24,7 @@ from pefref.language.forms import Form, Integration
 from pefref.runtime.hosts import HostKind
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
-__all__ = ["Entry", "Owner", "Group", "LayerBatch", "PublishKey", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
+__all__ = ["Entry", "InputCell", "Owner", "Group", "LayerBatch", "PublishKey", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
 
 class _Route:
     """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
@@ -75,6 +75,21 @@ PublishKey = tuple[Any, ...]
 
 
 @dataclass(eq=False)
+class InputCell:
+    """The model's input cell: what units read besides their host's tensors in the current forward pass.
+
+    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
+    ``values``: outputs units publish for the connections of other units, by :data:`PublishKey`;
+    ``users``: entries using the cell (the last one to go removes ``hook``, the model's pre-hook that
+    sets the mask and empties the values at every pass)."""
+
+    mask: torch.Tensor | None = None
+    values: dict[PublishKey, torch.Tensor] = field(default_factory=dict)
+    users: int = 0
+    hook: Any = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
 class Entry:
     """One unit attached at one host."""
 
@@ -90,7 +105,7 @@ class Entry:
     unit_key: str = ""  # the unit's name in its adapter
     site: str = ""  # the reference site it is placed at
     group: Group | None = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
-    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
+    inputs: InputCell | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
     reads: dict[str, list[PublishKey]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
     publish: PublishKey | None = None  # key under which the unit's output (delta) is published for other units, or None
     batch: LayerBatch | None = field(default=None, repr=False)  # prefixes: a layer-batched program computing this entry's keys and values with its group's
@@ -105,7 +120,7 @@ class Entry:
 
     def connected(self) -> dict[str, Any]:
         """The values this entry's connections read in the current forward pass."""
-        values = self.inputs["values"]  # type: ignore[index]
+        values = cast(InputCell, self.inputs).values
         out = {}
         for name, keys in self.reads.items():
             key = next((k for k in keys if k in values), None)
@@ -302,13 +317,14 @@ class HostPatch:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = take(W, 0, e.start, e.size, e.period)  # a sliced site sees its own rows
         if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
-            out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
+            cell = cast(InputCell, e.inputs)
+            out = e.unit.forward(x, h, W, training, cell.mask, e.connected())
             if e.publish is None:
                 return out
-            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            cell.values[e.publish] = out[1]
             return out[0]
         if e.reads_mask:
-            return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
+            return e.unit.forward(x, h, W, training, e.inputs.mask if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
 
 
@@ -453,7 +469,7 @@ class RootPatch:
             a[f.mask] = torch.cat([torch.ones(b, n_tok + n_kv, dtype=m.dtype, device=m.device), m], dim=1)
             cell = self.model.__dict__.get(_INPUTS)
             if cell is not None:  # units reading the mask see the extended one
-                cell["mask"] = a[f.mask]
+                cell.mask = a[f.mask]
         try:
             return self.orig(**a)
         finally:
@@ -571,25 +587,20 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
     return p
 
 
-def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
-    """The model's input cell: what units read besides their host's tensors in the current forward pass.
-
-    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
-    ``values``: outputs units publish for the connections of other units, keyed by (adapter, module,
-    site, layer). A forward pre-hook on the model sets the mask and empties the values at every pass.
-    """
+def input_cell(model: nn.Module, mask_name: str) -> InputCell:
+    """The model's :class:`InputCell`, created with its forward pre-hook on first use; one more user of it."""
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         sig = inspect.signature(model.forward)
+        c = InputCell()
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
-            cell["values"].clear()  # type: ignore[index]
+            c.mask = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)
+            c.values.clear()
 
-        cell = {"mask": None, "values": {}, "users": 0}
-        cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
-        model.__dict__[_INPUTS] = cell
-    cell["users"] += 1
+        c.hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        model.__dict__[_INPUTS] = cell = c
+    cell.users += 1
     return cell
 
 
@@ -598,8 +609,8 @@ def release_input_cell(model: nn.Module) -> None:
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         return
-    cell["users"] -= 1
-    if cell["users"] <= 0:
-        cell["hook"].remove()
+    cell.users -= 1
+    if cell.users <= 0:
+        cell.hook.remove()
         del model.__dict__[_INPUTS]
 

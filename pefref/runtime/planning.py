@@ -181,21 +181,25 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             if not ok:
                 raise PefrefError(f"scale gives shape {tuple(out.shape)}, which does not broadcast over the host's width {width}")
         elif how is Integration.POSITIONS and hps is not None:
-            from pefref.language.sizes import scalar_ops
+            _check_positions(fwd(None, None, None, False, mask, inputs), m, ctx, hps)
 
-            n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
-            out = fwd(None, None, None, False, mask, inputs)
-            if m.tokens is not None:
-                _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
-            else:
-                kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
-                if not isinstance(out, tuple) or len(out) != 2:
-                    raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
-                _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
-                _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
-            for t in out if isinstance(out, tuple) else (out,):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise PefrefError("the prepended positions hold NaN or infinite values")
+
+def _check_positions(out: Any, m: Any, ctx: SiteContext, hps: Mapping[str, Any]) -> None:
+    """A prepending unit's probe output: ``[length, d]`` tokens, or ``[length, kv_heads*d_head]`` keys and values, finite."""
+    from pefref.language.sizes import scalar_ops
+
+    n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
+    if m.tokens is not None:
+        _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
+    else:
+        kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
+        _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
+        _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
+    for t in out if isinstance(out, tuple) else (out,):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PefrefError("the prepended positions hold NaN or infinite values")
 
 
 def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:
