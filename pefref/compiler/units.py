@@ -10,7 +10,9 @@ interpretation). The tracing and code generation happen once per *program*
 units of that program: injecting 160 units costs one trace. Every unit has the same signature
 ``forward(x, h, W, training, mask=None, inputs=None)`` (``mask``: the model's key padding mask [batch, seq],
 for modules that read it; ``inputs``: the values of the module's connections, by name; a unit whose
-output other units read returns ``(output, delta)``):
+output other units read returns ``(output, delta)``). What the forward computes is the form's
+:class:`~pefref.language.forms.Rule` (the forms' registry): its fields in order, bound values visible to the
+later ones, the present results returned; the code never names a form. For the registered forms:
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
@@ -20,7 +22,10 @@ output other units read returns ``(output, delta)``):
 * rescale:         ``scale`` → vector multiplying the host output (or input)
 * prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend; a prefix with a ``gate``
                    also holds ``unit.gate_unit`` (same tensors): ``gate_unit(x, None, None, training)``
-                   → the gate [batch, 1] of ``x``, the hidden state entering a layer's attention
+                   → the gate [batch, 1] of ``x``, the hidden state entering a layer's attention (a form's
+                   ``side_rules``: one more program over the unit's tensors per given field)
+
+A program is a :class:`Program` (printable, hashable: equal programs share one generated class).
 """
 
 from __future__ import annotations

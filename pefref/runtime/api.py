@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from pefref.language.catalog import Catalog, catalog_for, default_catalog
-from pefref.language.errors import PefrefError
 from pefref.language.file_kinds import file_kind
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
@@ -28,14 +27,14 @@ __all__ = ["apply", "apply_technique", "resolve_technique", "Adapter", "Report",
 
 
 @overload
-def apply(model: nn.Module, technique: str | Technique, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
+def apply(model: nn.Module, technique: Technique, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
           modules_to_save: Sequence[str] | None = ..., **hyperparameters: Any) -> Adapter: ...
 
 
 @overload
-def apply(model: nn.Module, technique: Path, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
+def apply(model: nn.Module, technique: str | Path, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
           modules_to_save: Sequence[str] | None = ..., **hyperparameters: Any) -> Adapter | Composition: ...
@@ -61,9 +60,10 @@ def apply(
     Args:
         model: a torch model of a family with an architecture map (or pass ``family``).
         technique: a catalog id, a :class:`Technique`, or a YAML path; a composition file
-            (``catalog/compositions/``), given as a :class:`~pathlib.Path`, gives a
-            :class:`~pefref.runtime.compose.Composition` instead (the typed entry points:
-            :func:`~pefref.runtime.applying.apply_technique`, :func:`~pefref.runtime.compose.apply_composition`).
+            (``catalog/compositions/``) gives a :class:`~pefref.runtime.compose.Composition` instead
+            (so a name or path is typed ``Adapter | Composition``, a :class:`Technique` ``Adapter``; the
+            entry points typed for one of them: :func:`~pefref.runtime.applying.apply_technique`,
+            :func:`~pefref.runtime.compose.apply_composition`).
         sites: where the modules go: the technique's own sites narrow it; other sites, patterns
             (``attn.*``) and selectors (``all-linear``) place its modules on every compatible site
             (see :mod:`pefref.language.placement`).
@@ -80,11 +80,8 @@ def apply(
     if catalog is None:  # a catalog id loads only what it needs
         catalog = catalog_for(technique) if isinstance(technique, str) and not is_file else default_catalog()
     if path is not None and is_file and file_kind(path) == "composition":  # told apart once, from the table of file kinds
-        if not isinstance(technique, Path):
-            raise PefrefError(f"{technique}: a composition file; pass it as a pathlib.Path (apply then returns its Composition) "
-                              "or call pefref.runtime.compose.apply_composition")
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
-        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)
+        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device)
     return apply_technique(model, technique, catalog, sites=sites, layers=layers, family=family, name=name, dtype=dtype, device=device,
                            hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save)

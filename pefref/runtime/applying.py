@@ -20,7 +20,7 @@ from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -288,7 +288,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
     else:
         existed = pl.host.__dict__.get(_PATCH)
         patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
-        side = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
+        side: Literal["output", "input"] = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes
             entry.reads = wiring.reads(m, pl.layer)

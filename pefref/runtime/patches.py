@@ -14,7 +14,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -96,7 +96,7 @@ class Entry:
     unit: nn.Module
     form: Form
     owner: Owner = field(repr=False)  # whether the entry runs: owner.active
-    side: str = "output"  # 'output' or 'input'
+    side: Literal["output", "input"] = "output"
     start: int = 0
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
     period: int = 0  # >0: the slice repeats every `period` features (interleaved fused projections)
