@@ -31,7 +31,8 @@ HOST_SIZES = ("d_in", "d_out")
 MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
 
-EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
+EXPR_FIELDS = (*dict.fromkeys(fld for f in FORMS.values() for fld in f.reads), "host_update")
+"""Every expression field a module may declare (the forms' fields, in the registry's order, and host_update)."""
 
 # which host tensors each expression field may read, before the site kind narrows it (the forms' registry)
 _FIELD_READS: dict[tuple[str, str], set[str]] = {(f.name, fld): set(r) for f in FORMS.values() for fld, r in f.reads.items()}

@@ -152,7 +152,7 @@ FORMS: Mapping[str, Form] = MappingProxyType({f.name: f for f in (
          serial=True, integration_form="rescaling", input_type="hidden states"),
     Form("prepend", "positions prepended at the model's root (prompts) or in the key/value cache (prefixes)", Integration.POSITIONS,
          Rule(("tokens", "keys", "values"), ("tokens", "keys", "values")),
-         _reads(tokens=set(), keys=set(), values=set(), length=set(), gate={"x"}), "positions", Merge.NEVER, "parallel",
+         _reads(tokens=set(), keys=set(), values=set(), gate={"x"}, length=set()), "positions", Merge.NEVER, "parallel",
          "#12939f", "#d5f2f4", "extra positions: tokens at the embeddings, keys/values at attention",
          own_reads=frozenset({"gate"}),  # the hidden state entering the layer's attention, whatever the kv site offers
          side_rules=MappingProxyType({"gate": Rule(("gate",), ("gate",))}),

@@ -253,7 +253,7 @@ Module = Annotated[
         Annotated[SelectModule, Tag("select")],
         Annotated[ModuleUse, Tag("use")],
     ],
-    Discriminator(_module_tag, custom_error_type="form", custom_error_message="expected 'form' (one of parallel, sequential, reparameterise, rescale, prepend, select) or 'use'"),
+    Discriminator(_module_tag, custom_error_type="form", custom_error_message=f"expected 'form' (one of {', '.join(FORMS)}) or 'use'"),
 ]
 
 
