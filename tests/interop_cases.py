@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Case:
     reads_as: str | None = None  # the technique peft's form reads back into (default: the same)
     linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
+    task_ids: bool = False  # peft's forward takes task ids (multitask prompt tuning: task 0)
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
@@ -90,6 +92,32 @@ CASES: dict[str, Case] = {
     "prefix_tuning": Case("prefix_tuning", {"n": 3, "hidden": 8}, None, lambda fam: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8), reads_as="prefix_direct"),
     "prefix_direct": Case("prefix_direct", {"n": 3}, None, lambda fam: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    # peft 0.21 breadth (a)
+    "beft": Case("beft", {}, None, lambda fam: peft.BeftConfig(target_modules=["v_proj"]), linear_only=True),
+    "cartridge": Case("cartridge", {"n": 3, "f": 1}, None, lambda fam: peft.CartridgeConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_frozen_tokens=1)),
+    "delora": Case("delora", {"r": 2}, None, lambda fam: peft.DeloraConfig(r=2, target_modules=ATTN[fam]), linear_only=True),
+    "glora": Case("glora", {"r": 2}, None, lambda fam: peft.GloraConfig(r=2, target_modules=ATTN[fam]), linear_only=True),
+    "gralora": Case("gralora", {"r": 4, "alpha": 8.0, "k": 2}, ["attn.qkv"], lambda fam: peft.GraloraConfig(
+        r=4, alpha=8, gralora_k=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "hira": Case("hira", {"r": 2}, ["attn.qkv"], lambda fam: peft.HiraConfig(r=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "lily": Case("lily", {"r": 2, "num_B": 2}, None, lambda fam: peft.LilyConfig(r=2, num_B=2, target_modules=ATTN[fam]), linear_only=True),
+    "miss": Case("miss", {"r": 8}, None, lambda fam: peft.MissConfig(r=8, target_modules=ATTN[fam]), linear_only=True),
+    # peft 0.21 breadth (b)
+    "randlora": Case("randlora", {"r": 8, "alpha": 16.0}, ["attn.qkv"],
+                     lambda fam: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=ATTN[fam])),
+    "shira": Case("shira", {"r": 2}, None, lambda fam: peft.ShiraConfig(r=2, random_seed=5, target_modules=ATTN[fam]), linear_only=True),
+    "tinylora": Case("tinylora", {"r": 2, "u": 4}, ["attn.qkv"], lambda fam: peft.TinyLoraConfig(r=2, u=4, target_modules=ATTN[fam])),
+    "vblora": Case("vblora", {"r": 2, "nv": 6, "vl": 8, "k": 2}, ["attn.qkv"], lambda fam: peft.VBLoRAConfig(
+        r=2, num_vectors=6, vector_length=8, topk=2, target_modules=ATTN[fam])),
+    "psoft": Case("psoft", {"r": 4, "alpha": 8.0}, None, lambda fam: peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=ATTN[fam]),
+                  linear_only=True),
+    "peanut": Case("peanut", {"r": 4, "scaling": 2.0}, None, lambda fam: peft.PeanutConfig(r=4, scaling=2.0, target_modules=ATTN[fam]),
+                   linear_only=True),
+    "supertuning": Case("supertuning", {"sparsity": 0.9}, None, lambda fam: peft.SupertuningConfig(
+        sparsity=0.9, target_modules=ATTN[fam]), linear_only=True),
+    "multitask_prompt_tuning": Case("multitask_prompt_tuning", {"n": 3, "k": 2}, None, lambda fam: peft.MultitaskPromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_ranks=2), task_ids=True),
 }
 
 
@@ -135,9 +163,12 @@ def perturb(params: Any, seed: int = 3) -> None:
             p.add_(0.3 * torch.randn_like(p))
 
 
-def out(model: Any, shape: str) -> torch.Tensor:
+def out(model: Any, shape: str, task_ids: bool = False) -> torch.Tensor:
+    """fp32 outputs on the padded batch (with ``task_ids``: task 0 for every example, for peft's multitask prompt)."""
+    batch = padded_batch(shape)
+    extra = {"task_ids": torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)} if task_ids else {}
     with torch.no_grad():
-        return output_of(model, padded_batch(shape))
+        return output_of(model, {**batch, **extra})
 
 
 def _changed(got: torch.Tensor, shape: str) -> float:
@@ -157,7 +188,9 @@ def _peft_count(shape: str, folder: Path) -> int:
 
     state = load_file(str(folder / "adapter_model.safetensors"))
     if "prompt_embeddings" in state:
-        return state["prompt_embeddings"].numel()
+        emb = state["prompt_embeddings"]
+        frozen = json.loads((folder / "adapter_config.json").read_text()).get("num_frozen_tokens") or 0  # Cartridges' frozen rows
+        return sum(t.numel() for t in state.values()) - frozen * emb.shape[1]
     pm = _peft_load(shape, folder, trainable=True)
     return sum(p.numel() for p in pm.parameters() if p.requires_grad)
 
@@ -172,7 +205,7 @@ def export_case(shape: str, name: str, folder: Path) -> Record:
     mine = out(model, shape)
     adapter.save_pretrained(folder)
     with peft_kernel(case.kernel):
-        theirs = out(_peft_load(shape, folder, trainable=False), shape)
+        theirs = out(_peft_load(shape, folder, trainable=False), shape, case.task_ids)
         n_peft = _peft_count(shape, folder)
     back = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
     return Record(max_diff(mine, theirs), max_diff(out(back.model, shape), mine), _changed(mine, shape),
@@ -188,7 +221,7 @@ def import_case(shape: str, name: str, folder: Path) -> Record:
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(base(shape)), case.peft(family)).eval()
         perturb(p for p in pm.parameters() if p.requires_grad)
-        theirs = out(pm, shape)
+        theirs = out(pm, shape, case.task_ids)
         pm.save_pretrained(folder)
         n_peft = _peft_count(shape, folder)
     adapter = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
@@ -196,6 +229,6 @@ def import_case(shape: str, name: str, folder: Path) -> Record:
     again = folder.parent / (folder.name + "-again")
     adapter.save_pretrained(again)
     with peft_kernel(case.kernel):
-        back = out(_peft_load(shape, again, trainable=False), shape)
+        back = out(_peft_load(shape, again, trainable=False), shape, case.task_ids)
     return Record(max_diff(mine, theirs), max_diff(back, mine), _changed(theirs, shape),
                   {"peft": n_peft, "pefref": adapter.num_trainable()}, adapter.technique.id)

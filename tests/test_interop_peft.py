@@ -50,13 +50,15 @@ def test_every_row_names_a_catalog_technique_and_its_modules() -> None:
             assert mm.module in by_name, (m.technique, mm.module)
             module = by_name[mm.module]
             own = set(module.targets) if module.form == "select" else set(module.params)
-            assert set(mm.tensors) | set(mm.shared) | set(mm.negate) <= own, (m.technique, mm.module)
+            assert set(mm.tensors) | set(mm.shared) | set(mm.repeated) | set(mm.indexed) | set(mm.negate) <= own, (m.technique, mm.module)
 
 
 def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     """The catalog techniques peft 0.21 implements (by its PeftType or a LoraConfig setting) all convert."""
     implemented = {"lora", "lora_plus", "rslora", "dora", "pissa", "vera", "fourierft", "adalora", "ia3", "loha", "lokr",
-                   "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct"}
+                   "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct",
+                   "randlora", "shira", "tinylora", "vblora", "psoft", "peanut", "supertuning", "multitask_prompt_tuning"}
+    implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
@@ -72,7 +74,7 @@ def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path
     assert r.technique == (case.reads_as or case.technique)
     if case.technique in COMPUTED:  # peft holds what the module computes: its size is the inference form's
         assert r.counts["back"] == r.counts["peft"]
-        assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct"})
+        assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct", "cartridge"})
     elif shape == "tiny-gpt2" and case.technique in FUSED and case.gpt2_sites is None:
         # q and v slices of c_attn: per layer r·(d + d) twice, versus A [2r, d] and B [3d, 2r] with k's rows zero
         assert r.counts["peft"] == 2 * r.counts["pefref"] and r.counts["back"] == r.counts["pefref"]

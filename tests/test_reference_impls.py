@@ -236,17 +236,20 @@ def compacter_delta(h: torch.Tensor, g: Callable[[str], torch.Tensor]) -> torch.
 
 def tiny_attention(x: torch.Tensor, g: Callable[[str], torch.Tensor], heads: int, causal: bool, mask: torch.Tensor) -> torch.Tensor:
     """Zhao et al.: multi-head attention with tiny heads over the sublayer input, then an output map.
-    Padded keys (mask 0) are not attended to, except by their own (padded) query."""
+    Padded keys (mask 0) are never attended to, not even by their own (padded) query; a query left with no key
+    (padding before any real token under a causal mask) gives zeros."""
     q, k, v = x @ g("Wq").T, x @ g("Wk").T, x @ g("Wv").T  # [b, s, r]
     b, s, r = q.shape
     dh = r // heads
     split = lambda t: t.reshape(b, s, heads, dh).transpose(1, 2)  # noqa: E731
     scores = split(q) @ split(k).transpose(-1, -2) / dh ** 0.5  # [b, H, s, s]
-    blocked = ~mask.bool()[:, None, None, :] & ~torch.eye(s, dtype=torch.bool)  # [b, 1, s, s]
+    blocked = ~mask.bool()[:, None, None, :]  # [b, 1, 1, s]
     if causal:
         blocked = blocked | torch.ones(s, s, dtype=torch.bool).triu(1)
-    scores = scores.masked_fill(blocked, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ split(v)
+    blocked = blocked.expand(b, 1, s, s)
+    none = blocked.all(-1, keepdim=True)  # queries with no key: zeros
+    scores = scores.masked_fill(blocked, float("-inf")).masked_fill(none, 0.0)
+    out = (torch.softmax(scores, dim=-1) @ split(v)).masked_fill(none, 0.0)
     return out.transpose(1, 2).reshape(b, s, r) @ g("Wo").T
 
 

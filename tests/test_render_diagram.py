@@ -71,7 +71,7 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
     hidden_sites = ({d.groups[gid].site for gid in optional} | {d.components[c].site for c in hidden}) - {None}
     assert optional and hidden_sites
     for model, skipped in ((None, hidden_sites), ("tiny-t5", set())):  # T5 binds the cross-attention sites
-        g = _g("bitfit", model=model)
+        g = _g("bitfit", model=model, fold=False)
         drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
         drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}
         assert drawn == set(cat.reference.sites) - skipped
@@ -93,7 +93,9 @@ def test_parallel_branch_from_input_to_combine_at_output() -> None:
     c = _one(g, role="combine", module="lora", site="attn.q")
     assert _edge_roles(g, norm, m) == "x" and _edge_roles(g, m, c) == "delta" and _edge_roles(g, q, c) == "h"
     assert _edge_roles(g, c, core) == "flow" and not g.has_edge(q, core)
-    assert g.nodes[c]["label"] == "h + (α / r)·δ"
+    assert g.nodes[c]["label"] == "h + (alpha / r) * delta"  # the expression; the box shows it as math
+    assert "h + (α/r)·δ" in g.nodes[c]["html"]
+    assert _nodes(g, role="component", kind="band", site="ffn.block")  # the feed-forward sublayer LoRA leaves alone: one band
     assert "A: r × d_in" in g.nodes[m]["html"] and "B: d_out × r" in g.nodes[m]["html"]
     assert _nodes(g, role="module", site="attn.k") == []
 
@@ -115,7 +117,8 @@ def test_reparameterise_badge_rescale_node_prepend_and_select() -> None:
     for site in ("attn.q", "attn.k", "attn.v", "ffn.up", "ffn.down"):
         m = _one(g, role="module", site=site)
         assert _edge_roles(g, m, _comp(g, site)) == "weight" and g.nodes[_comp(g, site)]["reparameterised"]
-        assert "W&#39; = weight_norm(W + (α / r)·B @ A, m, detach=True)" in g.nodes[m]["html"].replace("<BR/>  ", " ")
+        assert "W′ = weight_norm(W + (α/r)·B·A, m)" in g.nodes[m]["html"].replace("<BR/>  ", " ")
+        assert "weight_norm(W + (alpha / r) * B @ A, m, detach=True)" in g.nodes[m]["dot"]["tooltip"]
     g = _g("ia3")
     k, core = _comp(g, "attn.k"), _comp(g, "attn.kv")
     m = _one(g, role="module", module="kv", site="attn.k")
@@ -185,7 +188,7 @@ def test_model_resolves_shapes_and_counts() -> None:
 
 
 def test_family_labels_paths_without_a_model() -> None:
-    g = _g("lora", family="gpt2")
+    g = _g("lora", family="gpt2", fold=False)
     assert "transformer.h.{i}.attn.c_attn[0:d]" in g.nodes[_comp(g, "attn.q")]["html"]
     assert g.nodes[_comp(g, "ffn.gate")].get("unbound")
     from pefref.language.catalog import catalog_root
@@ -281,6 +284,18 @@ def test_cli_diagram_formats_and_missing_dot(tmp_path: Path, monkeypatch: pytest
     assert len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["diagram", "lroa"])
     assert r.exit_code == 1 and "did you mean 'lora'" in r.output
+
+
+def test_cli_diagram_format_from_the_suffix(tmp_path: Path) -> None:
+    """``-o x.png`` writes PNG without --format; a --format that contradicts the suffix is refused, nothing written."""
+    runner = CliRunner()
+    for name, magic in (("x.png", b"\x89PNG"), ("x.pdf", b"%PDF"), ("x.svg", b"<?xml"), ("x.dot", b"digraph")):
+        r = runner.invoke(app, ["diagram", "lora", "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    r = runner.invoke(app, ["diagram", "lora", "--format", "svg", "-o", str(tmp_path / "y.png")])
+    assert r.exit_code == 1 and "does not match" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "y.png").exists()
 
 
 @settings(max_examples=300, deadline=None)

@@ -28,6 +28,22 @@ def _write(data: bytes, out: Path | None) -> None:
     typer.echo(f"wrote {out}", err=True)
 
 
+def _format(fmt: str | None, out: Path | None, known: tuple[str, ...]) -> str:
+    """The output format: ``--format`` if given, else the suffix of ``-o`` (``x.png`` → png), else svg.
+
+    A ``--format`` that contradicts a known suffix is refused, so that ``-o x.png`` never holds SVG bytes."""
+    suffix = out.suffix.lower().lstrip(".") if out is not None else ""
+    suffix = {"gv": "dot", "xml": "graphml"}.get(suffix, suffix)
+    if fmt is None:
+        fmt = suffix if suffix in known else "svg"
+    if fmt not in known:
+        raise PefrefError(f"unknown format {fmt!r}; expected {', '.join(known)}")
+    if suffix in known and suffix != fmt:
+        raise PefrefError(f"--format {fmt} does not match the output file {out} (a .{out.suffix.lstrip('.')} file); "  # type: ignore[union-attr]
+                          f"drop --format or name the file .{fmt}")
+    return fmt
+
+
 def _binary_to_terminal(fmt: str, out: Path | None) -> None:
     if out is None and fmt in ("png", "pdf") and sys.stdout.isatty():
         raise PefrefError(f"--format {fmt} writes binary data; give -o PATH")
@@ -36,7 +52,7 @@ def _binary_to_terminal(fmt: str, out: Path | None) -> None:
 @app.command()
 def diagram(
     techniques: list[str] = typer.Argument(..., help="Technique ids, technique or composition YAML files; several are composed on one model."),
-    fmt: str = typer.Option("svg", "--format", help="svg, png, pdf (through graphviz's dot) or dot."),
+    fmt: str | None = typer.Option(None, "--format", help="svg, png, pdf (through graphviz's dot) or dot; default: the suffix of -o, else svg."),
     out: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: standard output)."),
     model: str | None = typer.Option(None, "--model", help="Model shape: numeric shapes and parameter counts."),
     family: str | None = typer.Option(None, "--family", help="Architecture map (name or YAML file): label real module paths."),
@@ -48,8 +64,7 @@ def diagram(
     from pefref.render.diagram import technique_graph, to_dot
     from pefref.render.dot import FORMATS, render_dot
 
-    if fmt not in (*FORMATS, "dot"):
-        raise PefrefError(f"unknown format {fmt!r}; expected svg, png, pdf or dot")
+    fmt = _format(fmt, out, (*FORMATS, "dot"))
     _binary_to_terminal(fmt, out)
     picked, cat, comps = [], None, []
     for arg in techniques:
@@ -77,7 +92,7 @@ def diagram(
 @app.command()
 def graph(
     kind: str = typer.Argument(..., help="typology, similarity or lineage."),
-    fmt: str = typer.Option("svg", "--format", help="svg, png, pdf, dot, json (networkx node-link) or graphml."),
+    fmt: str | None = typer.Option(None, "--format", help="svg, png, pdf, dot, json (networkx node-link) or graphml; default: the suffix of -o, else svg."),
     out: Path | None = typer.Option(None, "-o", "--output", help="Output file (default: standard output)."),
 ) -> None:
     """Draw or export a graph of the catalog: typology (bipartite), similarity (weighted) or lineage."""
@@ -85,8 +100,7 @@ def graph(
     from pefref.render.dot import FORMATS, render_dot
     from pefref.render.graphs import build_graph, export_graph, graph_dot
 
-    if fmt not in (*FORMATS, "dot", "json", "graphml"):
-        raise PefrefError(f"unknown format {fmt!r}; expected svg, png, pdf, dot, json or graphml")
+    fmt = _format(fmt, out, (*FORMATS, "dot", "json", "graphml"))
     _binary_to_terminal(fmt, out)
     cat = _catalog()
     if fmt in ("json", "graphml"):

@@ -169,7 +169,11 @@ class _BatchProgram(nn.Module):
 
             return call
 
-        ops: dict[str, Any] = {k: (p.fn if p.scalar else op(k, p.fn)) for k, p in PRIMITIVES.items()}
+        def scalar(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            traced = op(name, fn)  # a scalar op of numbers runs at once; of tensors it is traced like any op
+            return lambda *a, **kw: traced(*a, **kw) if any(isinstance(v, _V) for v in (*a, *kw.values())) else fn(*a, **kw)
+
+        ops: dict[str, Any] = {k: (scalar(k, p.fn) if p.scalar else op(k, p.fn)) for k, p in PRIMITIVES.items()}
         drop = PRIMITIVES["dropout"].fn  # random, elementwise: one mask over a stacked value is one per layer
 
         def dropout(a: Any, p: Any) -> Any:

@@ -8,7 +8,8 @@ straight-line code calling the registered primitives (no per-call
 interpretation). The tracing and code generation happen once per *program*
 (a description with its constants) and the generated class is shared by all
 units of that program: injecting 160 units costs one trace. Every unit has the same signature
-``forward(x, h, W, training, mask=None, inputs=None)`` (``mask``: the model's key padding mask [batch, seq],
+``forward(x, h, W, training, mask=None, inputs=None, b=None)`` (``mask``: the model's key padding mask [batch, seq],
+``b``: the host's bias, zeros where it has none (:func:`pefref.runtime.hosts.bias_of`), for modules that read it;
 for modules that read it; ``inputs``: the values of the module's connections, by name; a unit whose
 output other units read returns ``(output, delta)``). What the forward computes is the form's
 :class:`~pefref.language.forms.Rule` (the forms' registry): its fields in order, bound values visible to the
@@ -44,6 +45,7 @@ from torch.nn.modules import module as _torch_module
 
 from pefref.compiler import parts
 from pefref.compiler.activation import NoLinearRule, linear_forward
+from pefref.language.check import INIT_SEED
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import FORMS, Integration, Rule, form_of
@@ -167,6 +169,11 @@ def _leaf(fn: Any, memo: dict[Any, Any] | None = None) -> Any:
     return call
 
 
+def _supplied(fn: Any, training: Any) -> Any:
+    """A stochastic op with the unit's ``training`` flag passed (recorded unshared: each call draws anew)."""
+    return lambda *a, **kw: _leaf(fn)(*a, training=training, **kw)
+
+
 class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
@@ -186,19 +193,22 @@ class _Program(nn.Module):
         self.tensor_names = list(tensors)
         self.splits = {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}
 
-    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None) -> Any:
+    def forward(self, x: Any, h: Any, W: Any, training: Any, mask: Any = None, inputs: Any = None, b: Any = None) -> Any:
         memo: dict[Any, Any] = {}  # common subexpressions (an op called twice on the same values) become one node
-        ops: dict[str, Any] = {k: (p.fn if p.scalar else _leaf(p.fn, memo)) for k, p in PRIMITIVES.items()}
+        ops: dict[str, Any] = {k: _leaf(p.fn, memo) for k, p in PRIMITIVES.items()}  # a scalar op of numbers runs at once
         drop = PRIMITIVES["dropout"].fn  # random: never shared
         ops["dropout"] = lambda a, p: _leaf(drop)(a, p, training) if p > 0 else a
+        for k, p in PRIMITIVES.items():  # stochastic ops: the compiler supplies training; random, never shared
+            if p.stochastic:
+                ops[k] = _supplied(p.fn, training)
         env = dict(self.consts)
+        env.update(x=x, h=h, W=W, mask=mask, b=b)  # host tensors first: a parameter of the same name (VeRA's b) shadows them
         piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
         whole = [n for n in self.tensor_names if n not in self.picks]
         env.update(parts.env_values(self, self.splits, whole, self.views, piecewise, _leaf(parts.join)))
         for n, i in self.picks.items():  # a stacked tensor: this layer's slice
             v = self.views.get(n)
             env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
-        env.update(x=x, h=h, W=W, mask=mask)
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
         return self._run(env, ops, x)
@@ -378,6 +388,7 @@ class Recipe:
     exprs: tuple[tuple[str, str], ...]
     consts: tuple[tuple[str, Any], ...]
     meta_checked: set[str] = field(default_factory=set)  # filler inits already run once on the meta device (arguments checked)
+    seeded: bool = False  # some init reads init_seed (drawn once per unit from torch's global generator)
 
 
 def recipe(spec: Any, names: dict[str, Any]) -> Recipe:
@@ -394,11 +405,18 @@ def recipe(spec: Any, names: dict[str, Any]) -> Recipe:
         filler = isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id in FILLERS
         tensors.append(TensorRecipe(pname, pspec, shape_of(pspec, names), init, filler))
     exprs = tuple((f, str(getattr(spec, f))) for f in form_of(spec).fields if getattr(spec, f, None) is not None)
-    out = Recipe(tuple(tensors), exprs, consts)
+    out = Recipe(tuple(tensors), exprs, consts, seeded=any(INIT_SEED in tr.init.names for tr in tensors))
     if len(_RECIPES) > 4096:
         _RECIPES.clear()
     _RECIPES[key] = (spec, out)
     return out
+
+
+def _initial_value(held: torch.Tensor, pick: int | None, local: tuple[int, ...]) -> torch.Tensor:
+    """What a later initialiser of the unit reads of a tensor: its slice of a stacked one, its leading block of a
+    shared one larger than it needs, detached (an initial value, no graph)."""
+    own = held[pick] if pick is not None else held
+    return (own[tuple(slice(0, n) for n in local)] if tuple(own.shape) != tuple(local) else own).detach()
 
 
 def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None,
@@ -417,6 +435,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     picks: dict[str, int] = {}
     trainable: dict[str, bool] = {}
     env: dict[str, Any] | None = None
+    initial: dict[str, Any] = {}  # tensor name -> its initial value (this unit's part), for later initialisers
     meta = str(ctx.device) == "meta"
 
     def init(tr: TensorRecipe, shape: tuple[int, ...]) -> torch.Tensor:
@@ -425,6 +444,9 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             return torch.empty(shape, dtype=ctx.dtype, device="meta")
         if env is None:
             env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
+            if rec.seeded:  # one integer per unit from torch's global generator: its seeded draws share it
+                env[INIT_SEED] = int(torch.randint(0, 2**62, ()).item())
+        env.update(initial)  # the initial values of the tensors declared before this one
         t = evaluate(tr.init, env, init_table(shape, ctx.dtype, ctx.device))
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -437,7 +459,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
     for tr in rec.tensors:
         pname, pspec, local = tr.name, tr.spec, tr.shape
         stacked = pspec.stacked != "none"
-        key = SharedStore.key(spec.name, pname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
+        owner, tname = pspec.owner(spec.name, pname)
+        key = SharedStore.key(owner, tname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
         full = (shared_shapes or {}).get(key, (1, *local) if stacked else local)
         if stacked:  # per-layer copies in one tensor: this unit initialises (and then reads) the next slice
             i = store.picks.get(key, 0)
@@ -459,6 +482,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             store.tensors[key] = parts.split(t, k, pspec.trainable, f"{spec.name}.{pname}") if k else nn.Parameter(t, requires_grad=True) if pspec.trainable else t
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
+        if not isinstance(store.tensors[key], list):  # a split tensor's pieces are not read by initialisers
+            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local)
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())

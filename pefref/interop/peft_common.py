@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config",
-           "alpha_for", "pattern_value", "task_type", "slice_rows"]
+           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,7 +34,20 @@ def to_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
         t = t.reshape(1, -1)
     elif layout == "vector":
         t = t.reshape(-1)
+    elif layout == "batch":
+        t = t.unsqueeze(0)
     return -t if pname in mm.negate else t
+
+
+def host_order(model: torch.nn.Module, paths: Iterable[str]) -> dict[str, int]:
+    """Each of ``paths``' position among them in the model's module order (peft's numbering of its target modules)."""
+    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
+    return {p: j for j, p in enumerate(sorted(set(paths), key=order.__getitem__))}
+
+
+def stored_apart(mm: PeftModuleMap) -> bool:
+    """Whether peft stores nothing of the module under its host modules (its tensors are shared or computed)."""
+    return not (mm.tensors or mm.repeated or mm.indexed)
 
 
 def from_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:

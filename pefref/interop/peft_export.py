@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pefref.compiler.parts import read
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -76,7 +76,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
         if mm.computed is not None:
             continue
         for field in mm.targets:
-            targets.setdefault(field, set()).update(row.paths)
+            targets.setdefault(field, set()).update(_target_names(adapter, method, row) if method.targets_by_name else row.paths)
         if forms.get(row.module) == "select":
             for path in row.paths:
                 for target, tname in mm.tensors.items():
@@ -88,13 +88,10 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
         for path, layer in zip(row.paths, row.layers):
             unit = adapter.units[unit_key(row.module, row.site, layer)]
             host = adapter.model.get_submodule(path)
-            kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
-            if kind not in method.hosts:
-                raise PefrefError(f"{tech.id}.{row.module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
-                                  f"adapts only {' and '.join(method.hosts)} modules")
-            conv1d |= kind == "conv1d"
+            conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
             for pname, key in mm.shared.items():
                 tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+            _put_apart(adapter, mm, row.module, path, unit, put)
             if binding.slice is not None:
                 if method.fused is None:
                     raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
@@ -105,6 +102,8 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
                 continue
             for pname, tname in mm.tensors.items():
                 put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
+            for tname, value in _zero_tensors(mm, host, unit).items():
+                put(f"{PREFIX}{path}.{tname}", value, path)
     for (module, path), parts in sorted(pieces.items()):
         _fuse(adapter, method, maps[module], path, parts, cfg, put)
     for mm in method.modules:
@@ -123,7 +122,71 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
     left = sorted(set(adapter.selected) - selected)
     if left:
         raise PefrefError(f"{tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
-    return cfg, {k: v.contiguous() for k, v in tensors.items()}
+    return cfg, _own_storage(tensors)
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a tensor shared by several placements copied once per key (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _zero_tensors(mm: PeftModuleMap, host: nn.Module, unit: nn.Module) -> dict[str, torch.Tensor]:
+    """The constant-zero tensors peft keeps under ``host`` for this module (the row's ``zeros``), in the unit's dtype."""
+    from pefref.language.expr import evaluate, parse_expr
+    from pefref.language.sizes import scalar_ops
+
+    if not mm.zeros:
+        return {}
+    d_in, d_out = host_kind(host).widths(host)
+    names = {"d_in": d_in, "d_out": d_out}
+    dtype = next((p.dtype for p in unit.parameters()), torch.float32)
+    return {tname: torch.zeros([d if isinstance(d, int) else int(evaluate(parse_expr(d), names, scalar_ops())) for d in shape], dtype=dtype)
+            for tname, shape in mm.zeros.items()}
+
+
+def _target_names(adapter: Adapter, method: PeftMethod, row: Any) -> list[str]:
+    """A placement row's targets as module names within a layer (one per site), for rows that write ``targets_by_name``."""
+    binding = adapter.family.sites[row.site]
+    if binding.slice is not None or binding.path is None or "{i}." not in binding.path:
+        return list(row.paths)
+    if sorted(row.layers) != list(range(adapter.sizes["L"])):
+        raise PefrefError(f"{adapter.technique.id}.{row.module} on {row.site} covers layers {row.layers}: peft's {method.peft_type} "
+                          f"targets a module name in every layer (it shares tensors by target), so only placements on all layers convert")
+    return [binding.path.split("{i}.", 1)[1]]
+
+
+def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: str, path: str) -> str:
+    """'linear', 'conv1d' or the class name of the host at ``path``; refused where peft stores the module's
+    tensors under a host module it does not adapt."""
+    host = adapter.model.get_submodule(path)
+    kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
+    if kind not in method.hosts and not stored_apart(mm):
+        raise PefrefError(f"{adapter.technique.id}.{module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
+                          f"adapts only {' and '.join(method.hosts)} modules")
+    return kind
+
+
+def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any) -> None:
+    """A placement's tensors that peft keys by host and name (``repeated``: a shared tensor whole under every host)
+    or by the host's position among the module's hosts (``indexed``)."""
+    for pname, tname in mm.repeated.items():  # a copy per host (safetensors refuses tensors sharing memory)
+        put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname).clone(), path)
+    if mm.indexed:
+        index = host_order(adapter.model, _paths(adapter, module))[path]
+        for pname, template in mm.indexed.items():
+            put(template.format(index=index), to_peft(read(unit, pname).detach(), mm, pname), path)
+
+
+def _paths(adapter: Adapter, module: str) -> list[str]:
+    """Every host path of a module's placements."""
+    return [p for r in (adapter.report.rows if adapter.report else []) if r.module == module for p in r.paths]
 
 
 def _fuse(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, path: str, parts: list[_Piece], cfg: dict[str, Any],

@@ -8,7 +8,10 @@ from the interop table (``catalog/interop/peft.yaml``): the peft type, fixed
 config values, which config fields carry which hyperparameters, each tensor's
 name, layout and sign, tensors shared by all placements, hyperparameters read
 off tensor shapes, the block-structured form of placements on slices of a
-fused projection, and rank masks. Only exact conversions are made; anything
+fused projection, rank masks, buffers peft keeps as constant zeros, the free
+tensors a computed prefix concatenates, and targets written by module name
+(so that peft shares what the technique shares). Tensors a technique shares
+across placements must come from peft with equal values. Only exact conversions are made; anything
 else (a technique without a peft form, a placement peft cannot express, a
 per-module setting the catalog technique cannot hold) raises
 :class:`PefrefError` and writes or changes nothing.

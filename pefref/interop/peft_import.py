@@ -6,15 +6,15 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
-from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Technique
+from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.saved_modules import SAVED_MODULE
 
@@ -179,7 +179,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     out = []
     for m in modules:
         pmap = maps.get(m.name)
-        if pmap is not None and pmap.computed is not None:
+        if pmap is not None and (pmap.computed is not None or stored_apart(pmap)):  # placed where the technique says
             out.append(m)
             continue
         sites = where.get(m.name, {})
@@ -204,16 +204,19 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
 def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tensor], splits: Mapping[str, list[Any]]) -> None:
     """Copy peft's tensors into the applied adapter; every tensor must find its place."""
     used: set[str] = set()
+    copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}  # a unit tensor's storage -> the peft tensor copied into it
+    seen: dict[str, torch.Tensor] = {}  # the first copy of each repeated tensor
     maps = {mm.module: mm for mm in method.modules}
     in_place = {m.name for m in adapter.technique.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     with torch.no_grad():
-        for row in adapter.report.rows if adapter.report else []:
+        rows = adapter.report.rows if adapter.report else []
+        for row in rows:
             if row.module == SAVED_MODULE:
                 continue
             mm = maps[row.module]
             module = next(m for m in adapter.technique.modules if m.name == row.module)
             if mm.computed is not None:
-                used.add(_copy_computed(adapter, row, module, mm.computed, state))
+                used.add(_copy_computed(adapter, row, module, mm, state))
                 continue
             if row.module in in_place:
                 for path in row.paths:
@@ -223,12 +226,19 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                             _assign(adapter.selected[f"{path}.{target}"], state[key], key)
                             used.add(key)
                 continue
+            index = host_order(adapter.model, [p for r in rows if r.module == row.module for p in r.paths]) if mm.indexed else {}
             for path, layer in zip(row.paths, row.layers):
                 unit = adapter.units[unit_key(row.module, row.site, layer)]
-                for pname, key in mm.shared.items():
+                apart = {**mm.shared, **{p: t.format(index=index[path]) for p, t in mm.indexed.items()}}
+                for pname, key in [*apart.items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
                     if key not in state:
-                        raise PefrefError(f"the peft adapter has no shared tensor {key!r}")
-                    _assign_unit(unit, pname, from_peft(state[key], mm, pname), key)
+                        raise PefrefError(f"the peft adapter has no tensor {key!r}")
+                    value = from_peft(state[key], mm, pname)
+                    if pname in mm.repeated and pname in seen and not torch.equal(seen[pname], value):
+                        raise PefrefError(f"peft tensor {key!r} differs from the other placements' copies of {pname!r}, "
+                                          f"which {adapter.technique.id} shares: no exact catalog form")
+                    seen[pname] = value
+                    _assign_unit(unit, pname, value, key)
                     used.add(key)
                 for pname, tname in mm.tensors.items():
                     key = f"{path}.{tname}"
@@ -237,8 +247,9 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                     value = state[key]
                     if path in splits:
                         value = _block(method, pname, value, row.site, splits[path], adapter.hyperparameters)
-                    _assign_unit(unit, pname, from_peft(value, mm, pname), key)
+                    _assign_once(unit, pname, from_peft(value, mm, pname), key, copied)
                     used.add(key)
+                used |= _zeros_read(mm, path, state)
         for pname, p in adapter.selected.items():
             if pname in state:
                 _assign(p, state[pname], pname)
@@ -246,6 +257,29 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     left = sorted(set(state) - used)
     if left:
         raise PefrefError(f"the peft adapter holds tensors that {adapter.technique.id} has no place for: {', '.join(left[:4])}")
+
+
+def _assign_once(unit: Any, pname: str, src: torch.Tensor, key: str, copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]]) -> None:
+    """:func:`_assign_unit`, refusing two different peft tensors for one tensor the technique shares across placements."""
+    dst = read(unit, pname)
+    where = (dst.data_ptr(), tuple(dst.shape))
+    if where in copied:
+        first, value = copied[where]
+        if not torch.equal(value, src.reshape(value.shape)):
+            raise PefrefError(f"peft tensors {first!r} and {key!r} differ, but {pname!r} is one tensor shared by their placements "
+                              f"in this technique: the adapter has no exact catalog form")
+        return
+    _assign_unit(unit, pname, src, key)
+    copied[where] = (key, src.reshape(dst.shape))
+
+
+def _zeros_read(mm: PeftModuleMap, path: str, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """The constant-zero peft tensors (the row's ``zeros``) present under ``path``; any nonzero one is refused."""
+    keys = {f"{path}.{tname}" for tname in mm.zeros} & set(state)
+    for key in sorted(keys):
+        if state[key].count_nonzero():
+            raise PefrefError(f"peft tensor {key!r} is not zero: it is a path the technique does not have, so the adapter has no exact catalog form")
+    return keys
 
 
 def _block(method: PeftMethod, pname: str, value: torch.Tensor, site: str, split: list[Any], hps: Mapping[str, Any]) -> torch.Tensor:
@@ -258,15 +292,17 @@ def _block(method: PeftMethod, pname: str, value: torch.Tensor, site: str, split
     return value[rows, j * r:(j + 1) * r]
 
 
-def _copy_computed(adapter: Adapter, row: Any, module: Any, computed: str, state: Mapping[str, torch.Tensor]) -> str:
-    """peft's prompt (tokens, or every layer's keys and values) into a prepend module's free parameters."""
-    names: list[str] = [getattr(module, f, None) or "" for f in (("tokens",) if computed == "tokens" else ("keys", "values"))]
-    if not all(n in module.params for n in names):
-        raise PefrefError(f"{adapter.technique.id}.{row.module}: its {computed} are computed ({', '.join(map(str, names))}); "
-                          f"peft's {PROMPT} reads only into free parameters")
+def _copy_computed(adapter: Adapter, row: Any, module: Any, mm: PeftModuleMap, state: Mapping[str, torch.Tensor]) -> str:
+    """peft's prompt (tokens, or every layer's keys and values) into a prepend module's free parameters
+    (or, with the row's ``pieces``, split along the positions into the free tensors they concatenate)."""
+    fields: tuple[Literal["tokens", "keys", "values"], ...] = ("tokens",) if mm.computed == "tokens" else ("keys", "values")
+    names = {f: mm.pieces.get(f) or [getattr(module, f, None) or ""] for f in fields}
+    if not all(n in module.params for f in fields for n in names[f]):
+        raise PefrefError(f"{adapter.technique.id}.{row.module}: its {mm.computed} are computed ({', '.join(str(getattr(module, f)) for f in fields)}); "
+                          f"peft's {PROMPT} reads only into free parameters (or the pieces the interop table names)")
     src = state[PROMPT]
-    if computed == "tokens":
-        _assign(getattr(adapter.units[unit_key(row.module, row.site, None)], names[0]), src, PROMPT)
+    if mm.computed == "tokens":
+        _assign_pieces(adapter.units[unit_key(row.module, row.site, None)], names["tokens"], [src])
         return PROMPT
     L = adapter.sizes["L"]
     d = src.shape[-1] // (2 * L)
@@ -274,9 +310,26 @@ def _copy_computed(adapter: Adapter, row: Any, module: Any, computed: str, state
         raise PefrefError(f"peft's {PROMPT} {tuple(src.shape)} is not keys and values of all {L} layers")
     for i in range(L):
         unit = adapter.units[unit_key(row.module, row.site, i)]
-        _assign_unit(unit, names[0], src[:, 2 * i * d:(2 * i + 1) * d], PROMPT)
-        _assign_unit(unit, names[1], src[:, (2 * i + 1) * d:(2 * i + 2) * d], PROMPT)
+        _assign_pieces(unit, names["keys"] + names["values"], [src[:, 2 * i * d:(2 * i + 1) * d], src[:, (2 * i + 1) * d:(2 * i + 2) * d]],
+                       split=len(names["keys"]))
     return PROMPT
+
+
+def _assign_pieces(unit: Any, names: list[str], parts: list[torch.Tensor], split: int | None = None) -> None:
+    """Each part's rows, in order, into the unit's tensors ``names`` (the first ``split`` names take the first part);
+    with more than one tensor per part, the unit must compute the parts back exactly."""
+    groups = [names] if split is None else [names[:split], names[split:]]
+    for group, src in zip(groups, parts):
+        sizes = [read(unit, n).shape[0] for n in group]
+        if sum(sizes) != src.shape[0]:
+            raise PefrefError(f"peft's {PROMPT} has {src.shape[0]} positions; {' + '.join(group)} hold {sum(sizes)}")
+        for n, piece in zip(group, src.split(sizes, dim=0)):
+            _assign_unit(unit, n, piece, PROMPT)
+    if any(len(g) > 1 for g in groups):
+        out = unit(None, None, None, False)
+        back = out if isinstance(out, tuple) else (out,)
+        if not all(torch.equal(b.reshape(p.shape), p.to(b.dtype)) for b, p in zip(back, parts)):
+            raise PefrefError(f"{', '.join(names)} do not concatenate into peft's {PROMPT}: the interop table's pieces do not match the technique")
 
 
 def _assign(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:

@@ -23,13 +23,22 @@ from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import INITS
 
-__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "HOST_TENSORS", "INIT_SEED", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
 HOST_SIZES = ("d_in", "d_out")
 """Widths of the host a module is attached to, usable in shapes and expressions."""
 
 MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
+
+INIT_SEED = "init_seed"
+"""A name initialisers may read: an integer drawn once per unit from torch's global generator (only when some
+initialiser of the module reads it), the seed of the unit's shared draws (:mod:`pefref.ops.draws`)."""
+
+HOST_TENSORS = ("x", "h", "W", "b", "mask")
+"""The host tensors a unit binds (the compiled forward's arguments of these names): what expression fields may
+read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
+(a test checks the compiled forward's signature against this list)."""
 
 EXPR_FIELDS = (*dict.fromkeys(fld for f in FORMS.values() for fld in f.reads), "host_update")
 """Every expression field a module may declare (the forms' fields, in the registry's order, and host_update)."""
@@ -186,7 +195,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             for k, dim in enumerate(spec.shape):
                 if isinstance(dim, str):
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
-            init_reads = {"W"} & site_reads
+            init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:list(m.params).index(pname)])  # tensors declared before
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
@@ -218,8 +227,38 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
             if m.keys is not None and kinds - {"kv"}:
                 out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
+    out += _check_groups(modules, pos)
     if not out:
         out += check_connections(modules, ref, pos)
+    return out
+
+
+_GROUP_FIELDS = ("shape", "init", "trainable", "shared", "lr_scale", "weight_decay")
+
+
+def _check_groups(modules: list[Any], pos: Positions) -> list[Problem]:
+    """A ``group`` tensor is one tensor: its declarations agree (shape, init, trainable, shared, training metadata),
+    and it is neither stacked nor split (per-module storage)."""
+    out: list[Problem] = []
+    first: dict[str, tuple[Any, str, Any]] = {}
+    for i, m in enumerate(modules):
+        for pname, spec in m.params.items():
+            if not spec.group:
+                continue
+            pp = ("modules", i, "params", pname)
+            if spec.stacked != "none" or spec.split:
+                out.append(Problem(pos.at(pp + ("group",)), dotted(pp + ("group",)), f"a group tensor ({spec.group!r}) is neither stacked nor split"))
+                continue
+            if spec.group not in first:
+                first[spec.group] = (m, pname, spec)
+                continue
+            m0, p0, s0 = first[spec.group]
+            for fld in _GROUP_FIELDS:
+                if getattr(spec, fld) != getattr(s0, fld):
+                    out.append(Problem(pos.at(pp + (fld,)), dotted(pp + (fld,)),
+                                       f"group {spec.group!r} is one tensor: its {fld} here ({getattr(spec, fld)!r}) differs from "
+                                       f"{m0.name}.{p0}'s ({getattr(s0, fld)!r})"))
+                    break
     return out
 
 

@@ -50,12 +50,21 @@ class ExprError(PefrefError, ValueError):
         self.column = column
 
 
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def _is_word(node: ast.AST) -> bool:
+    """A short word literal (``'db2'``) given to an op: one of the op's declared choices for that argument
+    (``choices`` in :mod:`pefref.ops`; validate checks it is one), never a name looked up or executed."""
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and _WORD.fullmatch(node.value) is not None
+
+
 def _check(node: ast.AST) -> None:
     col = getattr(node, "col_offset", 0)
     if isinstance(node, ast.Constant):
         if isinstance(node.value, (bool, int, float)):
             return
-        raise ExprError(f"only numbers and einsum subscripts (letters, ',', '->', '...', as an op's first argument) are allowed as literals, found {node.value!r}", col)
+        raise ExprError(f"only numbers, einsum subscripts (letters, ',', '->', '...', as an op's first argument) and words an op declares as choices (as its arguments) are allowed as literals, found {node.value!r}", col)
     if isinstance(node, ast.Name):
         return
     if isinstance(node, ast.BinOp):
@@ -81,11 +90,14 @@ def _check(node: ast.AST) -> None:
                 raise ExprError("*args is not allowed", a.col_offset)
             if i == 0 and isinstance(a, ast.Constant) and isinstance(a.value, str) and _SUBSCRIPTS.fullmatch(a.value):
                 continue  # einsum subscripts: data, never executed
+            if _is_word(a):
+                continue  # a name among an op's declared choices (checked against them at validate): data
             _check(a)
         for k in node.keywords:
             if k.arg is None:
                 raise ExprError("**kwargs is not allowed", col)
-            _check(k.value)
+            if not _is_word(k.value):
+                _check(k.value)
         return
     if isinstance(node, ast.Attribute):
         raise ExprError("attribute access is not allowed", col)

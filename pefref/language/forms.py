@@ -142,7 +142,7 @@ FORMS: Mapping[str, Form] = MappingProxyType({f.name: f for f in (
     Form("sequential", "transforms the host's output h (or its input at input-side sites)", Integration.HIDDEN, _HIDDEN_RULE,
          _reads(compute={"h", "W", "b", "mask"}, integrate={"x", "h", "delta"}), "output", Merge.DERIVED, "sequential",
          "#2e8b2e", "#ddf0da", "on the output path: reads h, its δ is combined with h",
-         reads_input="h", publishes=True, serial=True),
+         reads_input="h", host_weight=True, publishes=True, serial=True),
     Form("reparameterise", "the host runs with W' = f(W): before the host, on its weight", Integration.WEIGHT,
          Rule(("weight",), ("weight",)), _reads(weight={"W"}), "weight", Merge.ON_LINEAR, "in-place",
          "#d9700b", "#fde6cf", "weight badge: the host runs with W' instead of W", integration_form="weight update"),

@@ -27,7 +27,7 @@ from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
-from pefref.ops import PRIMITIVES
+from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, word_problem
 from pefref.ops.inits import INITS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
 
@@ -39,9 +39,9 @@ BATCH, SEQ = 2, 9
 
 
 class _Located(Exception):
-    def __init__(self, message: str, column: int) -> None:
+    def __init__(self, message: str, column: int, on_sizes: bool = True) -> None:
         super().__init__(message)
-        self.message, self.column = message, column
+        self.message, self.column, self.on_sizes = message, column, on_sizes  # on_sizes: found on the example sizes
 
 
 Watch = Callable[[str, Shape, int, int], None]
@@ -108,6 +108,7 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         return _made(op, got, node.col_offset, watch)
     if isinstance(node, ast.Call):
         name = node.func.id  # type: ignore[attr-defined]
+        _check_call(node, name, inits is not None and name in inits)
         if inits is not None and name in inits:
             return _made(name, inits[name], node.col_offset, watch, (inits[name],))
         args = [infer_shape(a, env, inits, watch) for a in node.args]
@@ -131,6 +132,28 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
             return None
         return _made(name, got, node.col_offset, watch, tuple(args), kwargs)
     return None
+
+
+def _check_call(node: ast.Call, name: str, init: bool) -> None:
+    """The call's arguments bind to the signature of what it calls (an initialiser in an ``init``, else an op)."""
+    kw = tuple(k.arg for k in node.keywords if k.arg is not None)
+    if init:
+        why = call_problem(INITS[name], len(node.args), kw, skip=3)
+        if why is None and any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in (*node.args, *(k.value for k in node.keywords))):
+            why = "an initialiser takes no word arguments"
+        if why is not None and name in PRIMITIVES:
+            why += f"; in an init, {name}() is the initialiser (the op {name}() is not callable there)"
+    elif (prim := PRIMITIVES.get(name)) is not None:
+        why = call_problem(prim.fn, len(node.args), kw, supplied=SUPPLIED if prim.leaf else ())
+        words: list[tuple[int | str, ast.Constant]] = [(i, a) for i, a in enumerate(node.args) if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        words += [(k.arg, k.value) for k in node.keywords if k.arg is not None and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
+        for at, lit in words:
+            if why is None:
+                why = word_problem(prim, at, cast(str, lit.value))
+    else:
+        return
+    if why is not None:
+        raise _Located(f"{name}: {why}", node.col_offset, on_sizes=False)
 
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.MatMult: "@", ast.Pow: "**"}
@@ -159,7 +182,7 @@ def _run(text: str, env: Mapping[str, Any], pos: Positions, path: tuple[Any, ...
     try:
         return infer_shape(parse_expr(text).tree, env, inits), []
     except _Located as e:
-        return None, [_problem(pos, path, e.column, f"{e.message} (shapes on the reference sizes {_sizes_text()})")]
+        return None, [_problem(pos, path, e.column, f"{e.message} (shapes on the reference sizes {_sizes_text()})" if e.on_sizes else e.message)]
     except ExprError:
         return None, []
 
@@ -222,7 +245,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
                 continue
             shape = Shape(dims)
             env[pname] = shape
-            got, probs = _run(spec.init, env, pos, pp + ("init",), {k: shape for k in INITS})
+            got, probs = _run(spec.init, {**env, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
             if isinstance(got, Shape) and got != shape:
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))

@@ -10,6 +10,15 @@ facts the view derives typology from:
   arguments do not depend on the input (mergeability analysis);
 * ``dynamic``: True when it mixes positions of the sequence (attention);
 * ``offset_args``: arguments that add an input-independent offset (a bias);
+* ``stochastic``: True when it draws random numbers: it samples only in training mode (the compiler
+  supplies its ``training`` argument; expressions never pass it), from torch's global generator (so a
+  seeded run is reproducible), and is deterministic in eval (dropout: the identity; a reparameterised
+  Gaussian: its mean; a relaxed Bernoulli: its probabilities). Mergeability reads a stochastic op as its
+  eval map (what a merged model computes: merging is for inference; a merged module no longer samples, so
+  train it unmerged); ``eval_args``: the arguments that eval map reads (the mean of a Gaussian sample, not
+  its variance), its ``linear_in`` counted among them. Diagrams mark a module that uses one;
+* ``choices``: arguments that take a word from a closed set (``idwt2(a, 'db2')``): the expression language
+  admits a word literal only there, and validate checks it is one of them;
 * ``parts``: True when the op also takes a *split* tensor (a parameter declared
   with ``split: k``, stored as one tensor per index of its first ``k``
   dimensions) as its pieces, nested lists indexed like the tensor's leading
@@ -25,13 +34,15 @@ available without torch.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Primitive", "PRIMITIVES", "TORCH_SETUP", "primitive", "op_table"]
+__all__ = ["Primitive", "PRIMITIVES", "TORCH_SETUP", "SUPPLIED", "primitive", "op_table", "call_problem", "word_problem"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class Primitive:
     offset_args: tuple[int, ...] = ()
     tags: frozenset[str] = field(default_factory=frozenset)
     parts: bool = False
+    stochastic: bool = False
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    eval_args: tuple[int, ...] | None = None
 
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -68,6 +82,9 @@ def primitive(
     scalar: bool = False,
     offset_args: tuple[int, ...] = (),
     parts: bool = False,
+    stochastic: bool = False,
+    choices: dict[str, tuple[str, ...]] | None = None,
+    eval_args: tuple[int, ...] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -75,7 +92,9 @@ def primitive(
         key = name or fn.__name__.rstrip("_")
         if key in PRIMITIVES:
             raise ValueError(f"primitive {key!r} registered twice")
-        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf, scalar, offset_args, parts=parts)
+        PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf or stochastic, scalar, offset_args,
+                                    parts=parts, stochastic=stochastic,
+                                    choices=tuple(sorted((choices or {}).items())), eval_args=eval_args)
         return fn
 
     return deco
@@ -86,6 +105,47 @@ def op_table() -> dict[str, Callable[..., Any]]:
     return {k: p.fn for k, p in PRIMITIVES.items()}
 
 
+
+SUPPLIED = ("training",)
+"""Arguments the compiler supplies to a stochastic (or ``leaf``) op; an expression never writes them."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def call_problem(fn: Callable[..., Any], nargs: int, kwnames: tuple[str, ...], skip: int = 0, supplied: tuple[str, ...] = ()) -> str | None:
+    """Why a call of ``fn`` with ``nargs`` positional arguments and the keywords ``kwnames`` cannot bind to its
+    signature (the first ``skip`` parameters are bound by the caller: an initialiser's shape, dtype and device;
+    ``supplied``: parameters the compiler passes, never written), or None when it binds. No call is made."""
+    sig = _signature(fn)
+    params = [p for p in list(sig.parameters.values())[skip:] if p.name not in supplied]
+    written = [n for n in kwnames if n in supplied]
+    if written:
+        return f"argument {written[0]!r} is supplied by the compiler, not written"
+    try:
+        sig.replace(parameters=params).bind(*range(nargs), **{k: 0 for k in kwnames})
+    except TypeError as e:
+        shown = ", ".join(str(p) for p in params)
+        return f"{e} (its arguments: ({shown}))"
+    return None
+
+
+def word_problem(prim: Primitive, position: int | str, word: str) -> str | None:
+    """Why the word literal ``word``, given as argument ``position`` (an index or a keyword), is not one of the
+    choices ``prim`` declares for that argument, or None when it is."""
+    names = [p for p in _signature(prim.fn).parameters if p not in SUPPLIED]
+    arg = position if isinstance(position, str) else names[position] if position < len(names) else None
+    if arg == "subscripts":  # einsum's subscripts: checked by the grammar and the shape rule
+        return None
+    allowed = dict(prim.choices).get(arg) if arg is not None else None
+    if allowed is None:
+        takes = ", ".join(f"{a} ({', '.join(c)})" for a, c in prim.choices) or "none"
+        return f"a word ({word!r}) is not an argument {prim.name}() takes here (its word arguments: {takes})"
+    if word not in allowed:
+        return f"{word!r} is not one of {prim.name}()'s {arg} choices: {', '.join(allowed)}"
+    return None
 
 
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):

@@ -10,34 +10,56 @@ from pefref.ops import primitive
 if TYPE_CHECKING:
     import torch
 
-# --- scalars (usable in shapes, scales and initialisers) -------------------
+# --- scalars (usable in shapes, scales and initialisers; entrywise on tensors) -------------------
+# ``scalar=True``: callable in shapes (numbers only there); on tensors each works entrywise. Not marked
+# ``nonlinear``: that flag means an activation between projections (typology), and these mostly compute
+# scales (``alpha / sqrt(r)``); mergeability reads ``linear_in`` (empty: not linear), so it stays right.
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @primitive(scalar=True)
 def sqrt(v: Any) -> Any:
-    """Square root :math:`\\sqrt{v}` (of a number or a tensor)."""
-    if isinstance(v, (int, float)):
+    """Square root :math:`\\sqrt{v}`, of a number (shapes, scales: no torch) or entrywise of a tensor."""
+    if _number(v):
         return math.sqrt(v)  # numbers (shapes, scales) never import torch
     import torch
-    return torch.sqrt(v) if isinstance(v, torch.Tensor) else math.sqrt(v)
+    return torch.sqrt(v)
 
 
 @primitive(scalar=True)
 def min_(a: Any, b: Any) -> Any:
-    """The smaller of two numbers."""
-    return min(a, b)
+    """The smaller of two numbers, or entrywise :math:`\\min(a, b)` of tensors (broadcast)."""
+    if _number(a) and _number(b):
+        return min(a, b)
+    import torch
+    if _number(a) or _number(b):
+        t, n = (b, a) if _number(a) else (a, b)
+        return t.clamp(max=n)
+    return torch.minimum(a, b)
 
 
 @primitive(scalar=True)
 def max_(a: Any, b: Any) -> Any:
-    """The larger of two numbers."""
-    return max(a, b)
+    """The larger of two numbers, or entrywise :math:`\\max(a, b)` of tensors (broadcast)."""
+    if _number(a) and _number(b):
+        return max(a, b)
+    import torch
+    if _number(a) or _number(b):
+        t, n = (b, a) if _number(a) else (a, b)
+        return t.clamp(min=n)
+    return torch.maximum(a, b)
 
 
 @primitive(scalar=True)
 def log2(v: Any) -> Any:
-    """Base-2 logarithm of a number."""
-    return math.log2(v)
+    """Base-2 logarithm :math:`\\log_2 v` of a number, or entrywise of a tensor."""
+    if _number(v):
+        return math.log2(v)
+    import torch
+    return torch.log2(v)
 
 
 # --- linear algebra --------------------------------------------------------
@@ -198,7 +220,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
     """Multi-head scaled dot-product attention over the sequence:
     :math:`\\mathrm{softmax}(q k^\\top / \\sqrt{d_h}) v` per head, inputs [..., seq, heads*d_h].
     ``causal``: each position attends to itself and earlier ones; ``mask`` [batch, seq_k]: keys
-    with 0 are not attended to (padding)."""
+    with 0 are never attended to (padding), not even by their own position; a query left with no key
+    to attend to (a padded query before any real token under ``causal``, or a row of padding only)
+    gives zeros."""
     import torch
     import torch.nn.functional as F
 
@@ -214,9 +238,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
     if mask is not None:
         keys = mask[..., -sk:].bool()[:, None, None, :]  # [b, 1, 1, sk]
         allowed = keys if allowed is None else keys & allowed
-        # every query keeps its own position, so a padded query (all its keys masked) stays finite
-        allowed = allowed | torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(sk - s).triu(sk - s)
+    has = None
+    if allowed is not None:
+        has = allowed.any(-1, keepdim=True)  # [b|1, 1, s, 1]: the query has a key to attend to
+        allowed = allowed | ~has  # a query with none attends nowhere: its output is set to zero below (no NaN)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
+    if has is not None:
+        out = out * has.to(out.dtype)
     return out.transpose(-3, -2).reshape(*lead, s, dv)
 
 

@@ -92,10 +92,17 @@ def matmul_shape(a: Shape, b: Shape) -> Shape:
     return Shape(out)
 
 
-@shape_rule("sqrt", "detach", "exp", "gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh", "softmax", "dropout", "zeros_like",
+@shape_rule("sqrt", "log2", "detach", "exp", "gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh", "softmax", "dropout", "zeros_like",
             "cayley", "ifft2_real", "orthonormal_rows")
 def _same(a: Shape, *_: Any, **__: Any) -> Shape:
     return a
+
+
+@shape_rule("min", "max")
+def _entrywise2(a: Any, b: Any) -> Any:
+    if not isinstance(a, Shape) and not isinstance(b, Shape):
+        return None
+    return broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
 
 
 @shape_rule("linear")
@@ -195,17 +202,17 @@ def _skew(v: Shape, b: int) -> Shape:
 
 
 @shape_rule("svd_u")
-def _svd_u(w: Shape, k: int) -> Shape:
+def _svd_u(w: Shape, k: int, niter: int = 0, seed: Any = 0) -> Shape:
     return Shape((w[0], k))
 
 
 @shape_rule("svd_s")
-def _svd_s(w: Shape, k: int) -> Shape:
+def _svd_s(w: Shape, k: int, niter: int = 0, seed: Any = 0) -> Shape:
     return Shape((k,))
 
 
 @shape_rule("svd_vh")
-def _svd_vh(w: Shape, k: int) -> Shape:
+def _svd_vh(w: Shape, k: int, niter: int = 0, seed: Any = 0) -> Shape:
     return Shape((k, w[1]))
 
 
@@ -350,7 +357,7 @@ def _einsum(subscripts: str, *ops: Shape) -> Shape:
 
 
 @workspace_rule("svd_u", "svd_s", "svd_vh")
-def _svd_work(w: Shape, k: Any = 0) -> int:
+def _svd_work(w: Shape, k: Any = 0, *_: Any, **__: Any) -> int:
     # an fp32 copy of w and the thin factors U [m, p], S [p], Vh [p, n] (p = min(m, n)), and LAPACK's work of about as much
     m, n = (w[-2], w[-1]) if len(w) >= 2 else (1, math.prod(w))
     p = min(m, n)
@@ -368,3 +375,108 @@ def _attention_work(q: Shape, k: Shape, v: Shape, heads: int = 1, *_: Any, **__:
     # the scores [..., heads, seq_q, seq_k], softmaxed (two of them) and the mask
     lead = math.prod(q[:-2]) if len(q) > 2 else 1
     return 3 * lead * max(int(heads), 1) * (q[-2] if len(q) > 1 else 1) * (k[-2] if len(k) > 1 else 1)
+
+
+# --- pointwise, spectral, decompositions, draws ---------------------------------------------------------------
+
+
+@shape_rule("sin", "cos", "clamp", "fft", "ifft", "real", "gaussian_sample", "relaxed_bernoulli", "randint_like")
+def _entrywise(a: Shape, *_: Any, **__: Any) -> Shape:
+    return a
+
+
+@shape_rule("layer_norm")
+def _layer_norm(a: Shape, weight: Shape | None = None, bias: Shape | None = None, eps: Any = 1e-5) -> Shape:
+    for what, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p) != (a[-1],):
+            raise ShapeMismatch(f"layer_norm's {what} must be [{a[-1]}] (the last dimension of {a}), found {p}")
+    return a
+
+
+@shape_rule("flatten")
+def _flatten(a: Shape, start: int = -2, end: int = -1) -> Shape:
+    s, e = _dim(a, start), _dim(a, end)
+    if s > e:
+        raise ShapeMismatch(f"flatten: start {start} comes after end {end} in {a}")
+    return Shape((*a[:s], math.prod(a[s:e + 1]), *a[e + 1:]))
+
+
+@shape_rule("take")
+def _take(a: Shape, index: Shape) -> Shape:
+    if not a:
+        raise ShapeMismatch("take reads rows of a tensor, not of a scalar")
+    return Shape((*index, *a[1:]))
+
+
+@shape_rule("strided")
+def _strided(a: Shape, dim: int, start: int, step: int) -> Shape:
+    d = _dim(a, dim)
+    step, start = _count(step, "strided's step"), _count(start, "strided's start")
+    if step < 1:
+        raise ShapeMismatch("strided's step must be at least 1")
+    return Shape((*a[:d], max(0, -(-(a[d] - start) // step)), *a[d + 1:]))
+
+
+@shape_rule("block_circulant")
+def _block_circulant(x: Shape, w: Shape) -> Shape:
+    if len(w) != 3:
+        raise ShapeMismatch(f"block_circulant's kernels must be [m, n, b], found {w}")
+    if x[-1] != w[1] * w[2]:
+        raise ShapeMismatch(f"block_circulant: input width {x[-1]} is not n*b = {w[1]}*{w[2]} for kernels {w}")
+    return Shape((*x[:-1], w[0] * w[2]))
+
+
+@shape_rule("circulant_matrix")
+def _circulant_matrix(w: Shape) -> Shape:
+    if len(w) != 3:
+        raise ShapeMismatch(f"circulant_matrix's kernels must be [m, n, b], found {w}")
+    return Shape((w[0] * w[2], w[1] * w[2]))
+
+
+@shape_rule("idwt2")
+def _idwt2(a: Shape, wavelet: Any = "db1") -> Shape:
+    from pefref.ops.wavelet_filters import REC_LO
+
+    if not isinstance(wavelet, str) or wavelet not in REC_LO:
+        raise ShapeMismatch(f"unknown wavelet {wavelet!r} (known: {', '.join(REC_LO)})")
+    if len(a) < 2 or a[-1] % 2 or a[-2] % 2:
+        raise ShapeMismatch(f"idwt2 needs [..., H, W] with H and W even (four quadrants), found {a}")
+    f = len(REC_LO[wavelet])
+    h, w = a[-2] + 2 - f, a[-1] + 2 - f
+    if h < 1 or w < 1:
+        raise ShapeMismatch(f"idwt2 of {a} with the {f}-tap wavelet {wavelet!r} leaves nothing")
+    return Shape((*a[:-2], h, w))
+
+
+@shape_rule("qr_q")
+def _qr_q(a: Shape, k: int = 0) -> Shape:
+    if len(a) < 2:
+        raise ShapeMismatch(f"qr_q needs a matrix, found {a}")
+    p = min(a[-2], a[-1])
+    return Shape((*a[:-1], min(_count(k, "qr_q's k"), p) if k else p))
+
+
+@shape_rule("qr_r")
+def _qr_r(a: Shape, k: int = 0) -> Shape:
+    if len(a) < 2:
+        raise ShapeMismatch(f"qr_r needs a matrix, found {a}")
+    p = min(a[-2], a[-1])
+    return Shape((*a[:-2], min(_count(k, "qr_r's k"), p) if k else p, a[-1]))
+
+
+@shape_rule("gaussian")
+def _gaussian(shape: Any, seed: Any = 0) -> Shape:
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    return Shape(_count(d, "gaussian's shape") for d in dims)
+
+
+@shape_rule("random_orthogonal")
+def _random_orthogonal(n: Any, seed: Any = 0) -> Shape:
+    n = _count(n, "random_orthogonal's n")
+    return Shape((n, n))
+
+
+@workspace_rule("qr_q", "qr_r")
+def _qr_factors_work(a: Shape, *_: Any, **__: Any) -> int:
+    # an fp32 copy of a and both factors
+    return 3 * math.prod(a)

@@ -70,31 +70,43 @@ def _weight_norm_map(ops: Ops, v: Any, g: Any, detach: bool = False) -> LinearMa
 # --- truncated SVD (data-dependent initialisation) ------------------------------------------------
 
 
-def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _svd(w: torch.Tensor, k: int = 0, niter: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of ``w`` in fp32: the thin SVD, or with ``niter`` > 0 the randomised one of rank ``k``
+    (:func:`torch.svd_lowrank`, Halko et al. 2011) drawn from a generator seeded with ``seed`` (torch's global
+    generator is left as it was), so the three factors of one seed come from one draw."""
     import torch
 
-    return torch.linalg.svd(w.float(), full_matrices=False)  # thin SVD in fp32
+    if not niter:
+        return torch.linalg.svd(w.float(), full_matrices=False)  # thin SVD in fp32
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        u, s, v = torch.svd_lowrank(w.float(), q=int(k), niter=int(niter))
+    return u, s, v.T
 
 
 @primitive()
-def svd_u(w: torch.Tensor, k: int) -> torch.Tensor:
+def svd_u(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tensor:
     """The leading ``k`` left singular vectors of ``w`` ([out, in] → [out, k]), from the thin SVD
     :math:`W = U \\operatorname{diag}(S) V^\\top` computed in fp32 (singular values descending).
-    PiSSA (Meng et al. 2024, arXiv 2404.02948) initialises from them."""
-    return _svd(w)[0][:, :k]
+    PiSSA (Meng et al. 2024, arXiv 2404.02948) initialises from them. ``niter`` > 0: the randomised SVD with
+    that many subspace iterations instead (peft's ``pissa_niter_{niter}``), drawn from ``seed``: the calls of one
+    seed (``svd_u``, ``svd_s``, ``svd_vh`` of one unit, e.g. ``seed=init_seed``) share one draw."""
+    return _svd(w, k, niter, seed)[0][:, :k]
 
 
 @primitive()
-def svd_s(w: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest singular values of ``w`` (a vector [k], descending), fp32 thin SVD."""
-    return _svd(w)[1][:k]
+def svd_s(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tensor:
+    """The ``k`` largest singular values of ``w`` (a vector [k], descending), fp32 thin SVD (randomised with
+    ``niter`` > 0, see :func:`svd_u`)."""
+    return _svd(w, k, niter, seed)[1][:k]
 
 
 @primitive()
-def svd_vh(w: torch.Tensor, k: int) -> torch.Tensor:
+def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tensor:
     """The leading ``k`` right singular vectors of ``w`` as rows, :math:`V_{:, :k}^\\top` ([k, in]),
-    fp32 thin SVD."""
-    return _svd(w)[2][:k]
+    fp32 thin SVD (randomised with ``niter`` > 0, see :func:`svd_u`)."""
+    return _svd(w, k, niter, seed)[2][:k]
 
 
 # --- sparse spectra ----------------------------------------------------------------------------------

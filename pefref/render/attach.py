@@ -23,6 +23,7 @@ from pefref.language.expr import parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.hparams import shape_of
 from pefref.language.sizes import eval_scalar
+from pefref.render.mathtext import math_of
 from pefref.render.skeleton import Anchor, Skeleton
 from pefref.render.style import (
     FORM_COLOURS,
@@ -31,8 +32,8 @@ from pefref.render.style import (
     dims_text,
     html_lines,
     pretty,
-    wrap,
 )
+from pefref.view.analysis import stochastic_ops
 
 __all__ = ["Placed", "attach_module"]
 
@@ -49,7 +50,20 @@ class Placed:
     users: dict[str, list[str]] = field(default_factory=dict)
 
 
-_SHARED_NOTE = {"layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
+def _math(prefix: str, expr: object, style: str = "markup") -> list[tuple[str, str]]:
+    """Lines of a box: ``prefix`` and the expression as math (``B·A·x``), broken at spaces."""
+    lines = [("markup", ln.dot()) for ln in math_of(expr).lines(34, prefix)]
+    if style == "small":
+        lines = [("markup", f'<FONT POINT-SIZE="8" COLOR="#555555">{t}</FONT>') for _s, t in lines]
+    return lines
+
+
+def _in_box(spec: Any, layer: int | None) -> bool:
+    """Whether a tensor is listed in its module's box: its own, or shared across layers when one layer stands for all."""
+    return spec.shared == "none" or (spec.shared == "layers" and layer is None)
+
+
+_SHARED_NOTE = {"none": "one per placement", "layers": "shared across layers", "sites": "shared across sites", "all": "shared by all sites and layers"}
 
 
 def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
@@ -78,12 +92,12 @@ def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
         return dims_text(spec.shape)
 
 
-def _param_lines(m: Any, names: dict[str, Any] | None, own_only: bool) -> list[tuple[str, str]]:
+def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None) -> list[tuple[str, str]]:
     out = []
     for pname, spec in m.params.items():
-        if own_only and spec.shared != "none":
+        if not _in_box(spec, layer):
             continue
-        text = f"{pname}: {_shape_text(spec, names)}"
+        text = f"{pname}: {_shape_text(spec, names)}" + ("  (one for all layers)" if spec.shared == "layers" else "")
         out.append(("", text) if spec.trainable else ("frozen", text + " (frozen)"))
     return out
 
@@ -93,35 +107,47 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
     nid = f"m_{pl.technique}_{m.name}_{a.site.replace('.', '_')}" + ("" if a.layer is None else f"_L{a.layer}")
     head = f"{m.name}  ·  {m.form}"
     lines: list[tuple[str, str]] = [("b", head)]
+    if stochastic_ops(m):  # it samples while training (deterministic in eval)
+        lines.append(("i", f"stochastic: {', '.join(stochastic_ops(m))}"))
     if pl.source:
         lines.append(("i", f"from {pl.source}"))
     if pl.layers_note:
         lines.append(("small", pl.layers_note))
     lines += body
-    lines += _param_lines(m, names, own_only=True)
+    lines += _param_lines(m, names, a.layer)
     unbound = sk.family is not None and a.site not in sk.family.sites
     if unbound:
         lines.append(("small", f"(not placed: {sk.family.family} has no {a.site})"))  # type: ignore[union-attr]
     colour = FORM_COLOURS[m.form]
     sk.graph.add_node(nid, role="module", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
                       source=pl.source, label=head, html=html_lines(lines), cluster=a.cluster,
-                      dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour})
+                      dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour,
+                           "tooltip": _tooltip(m)})
     _shared_tensors(sk, pl, nid, a, names)
     return nid
+
+
+def _tooltip(m: Any) -> str:
+    """The module's expressions as written in its YAML (the SVG's hover text)."""
+    fields = ("compute", "integrate", "weight", "host_update", "scale", "tokens", "keys", "values", "gate")
+    parts = [f"{f}: {' '.join(str(getattr(m, f)).split())}" for f in fields if getattr(m, f, None) is not None]
+    return f"{m.name} ({m.form})" + "".join("\n" + p for p in parts)
 
 
 def _shared_tensors(sk: Skeleton, pl: Placed, user: str, a: Anchor, names: dict[str, Any] | None) -> None:
     m = pl.module
     for pname, spec in m.params.items():
-        if spec.shared == "none":
+        if not spec.group and _in_box(spec, a.layer):
             continue
-        scope = {"layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}", "all": ""}[spec.shared]
-        tid = f"t_{pl.technique}_{m.name}_{pname}" + (f"_{scope}" if scope else "")
+        scope = {"none": f"{a.site.replace('.', '_')}_L{a.layer}", "layers": a.site.replace(".", "_"), "sites": "" if a.layer is None else f"L{a.layer}",
+                 "all": ""}[spec.shared]
+        owner, tname = spec.owner(m.name, pname)
+        tid = f"t_{pl.technique}_{owner.replace(':', '_')}_{tname}" + (f"_{scope}" if scope else "")
         if tid not in sk.graph:
             text = f"{pname}: {_shape_text(spec, names)}"
-            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
+            lines = [("b" if spec.trainable else "frozen", text), ("small", f"{'group ' + spec.group if spec.group else m.name} · {_SHARED_NOTE[spec.shared]}" + ("" if spec.trainable else " · frozen"))]
             sk.graph.add_node(tid, role="tensor", technique=pl.technique, module=m.name, param=pname, shared=spec.shared,
-                              trainable=spec.trainable, label=text, html=html_lines(lines), cluster=None,
+                              trainable=spec.trainable, label=text, html=html_lines(lines), cluster=sk.graph.nodes[user].get("cluster"),
                               dot={"shape": "box", "style": "filled" if spec.trainable else "filled,dashed",
                                    "fillcolor": FORM_FILLS[m.form] if spec.trainable else "#ffffff",
                                    "color": FORM_COLOURS[m.form] if spec.trainable else FROZEN})
@@ -132,7 +158,7 @@ def _combine(sk: Skeleton, nid: str, pl: Placed, text: str, a: Anchor, out: str)
     cid = f"{nid}_at_{out}"
     m = pl.module
     sk.graph.add_node(cid, role="combine", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
-                      label=text, html=html_lines([("", text)]), cluster=a.cluster,
+                      label=text, html=html_lines([("markup", math_of(text).dot())] if text == getattr(m, "integrate", None) else [("", text)]), cluster=a.cluster,
                       dot={"shape": "box", "style": "rounded", "color": FORM_COLOURS[m.form], "penwidth": "1.5"})
     return cid
 
@@ -150,23 +176,25 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
     form = form_of(m)
     how = form.integration
     if how is Integration.HIDDEN:
-        body = [("", ln) for ln in wrap(f"δ = {pretty(m.compute)}")]
-        nid = _module_node(sk, pl, a, body, names)
-        reads = parse_expr(m.integrate).names
-        if form.reads_input == "x":  # a branch from the site's input
-            for src in a.inputs:
-                sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
-        for out in a.outputs:
-            c = _combine(sk, nid, pl, pretty(m.integrate), a, out)
-            h = sk.tail[out]
-            if form.reads_input == "h":
-                _edge(sk, h, nid, "h", f, "h")
-            if "h" in reads or form.reads_input == "x":
-                _edge(sk, h, c, "h", f, "h")
-            _edge(sk, nid, c, "delta", f, "δ")
-            sk.tail[out] = c
+        nid = _module_node(sk, pl, a, _math("δ = ", m.compute), names)
+        if _side(m):
+            _side_module(sk, pl, a, nid)
+        else:
+            reads = parse_expr(m.integrate).names
+            if form.reads_input == "x":  # a branch from the site's input
+                for src in a.inputs:
+                    sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
+            for out in a.outputs:
+                c = _combine(sk, nid, pl, m.integrate, a, out)
+                h = sk.tail[out]
+                if form.reads_input == "h":
+                    _edge(sk, h, nid, "h", f, "h")
+                if "h" in reads or form.reads_input == "x":
+                    _edge(sk, h, c, "h", f, "h")
+                _edge(sk, nid, c, "delta", f, "δ")
+                sk.tail[out] = c
     elif how is Integration.SCALE:
-        nid = _module_node(sk, pl, a, [("", f"⊙ {pretty(m.scale)}" + ("  (input side)" if m.side == "input" else ""))], names)
+        nid = _module_node(sk, pl, a, _math("⊙ ", m.scale) + ([("small", "(input side)")] if m.side == "input" else []), names)
         sk.graph.nodes[nid]["dot"]["shape"] = "box"
         if m.side == "input":
             for e in a.entries:
@@ -177,9 +205,9 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
                 _edge(sk, sk.tail[out], nid, "flow", f)
                 sk.tail[out] = nid
     elif how is Integration.WEIGHT:
-        body = [("", ln) for ln in wrap(f"W' = {pretty(m.weight)}")]
+        body = _math("W′ = ", m.weight)
         if m.host_update:
-            body += [("small", ln) for ln in wrap(f"at apply: W ← {pretty(m.host_update)}")]
+            body += _math("at apply: W ← ", m.host_update, "small")
         nid = _module_node(sk, pl, a, body, names)
         for out in a.outputs:
             _edge(sk, nid, out, "weight", f, "W'", style="dashed", arrowhead="diamond")
@@ -188,16 +216,16 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
     elif how is Integration.POSITIONS:
         n = pretty(m.length)
         if m.tokens is not None:
-            nid = _module_node(sk, pl, a, [("", ln) for ln in wrap(f"tokens = {pretty(m.tokens)}")], names)
+            nid = _module_node(sk, pl, a, _math("tokens = ", m.tokens), names)
             for out in a.outputs:
                 c = _combine(sk, nid, pl, f"[prompt; h]  (+{n} positions)", a, out)
                 _edge(sk, sk.tail[out], c, "h", f, "h")
                 _edge(sk, nid, c, "tokens", f, f"{n} tokens")
                 sk.tail[out] = c
         else:
-            body = [("", ln) for ln in wrap(f"K = {pretty(m.keys)}")] + [("", ln) for ln in wrap(f"V = {pretty(m.values)}")]
+            body = _math("K = ", m.keys) + _math("V = ", m.values)
             if getattr(m, "gate", None) is not None:  # scaled per layer by a gate of the attention's input
-                body += [("", ln) for ln in wrap(f"K, V ← g · K, g · V;  g = {pretty(m.gate)}")]
+                body += [("", "K, V ← g·K, g·V")] + _math("g = ", m.gate)
             nid = _module_node(sk, pl, a, body, names)
             for out in a.outputs:
                 _edge(sk, nid, out, "prefix", f, f"+{n} key/value positions")
@@ -210,3 +238,30 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
             node.setdefault("dot", {}).update(fillcolor=FORM_FILLS[f], color=FORM_COLOURS[f], penwidth="2")
             _edge(sk, nid, out, "unfreeze", f, "unfreezes " + what, style="dashed", arrowhead="odot")
     pl.users.setdefault(a.site, []).append(nid)
+
+
+def _side(m: Any) -> bool:
+    """A module whose integration leaves the host's output as it is (``integrate: h``): it only reads the backbone."""
+    return " ".join(str(m.integrate).split()) == "h"
+
+
+SIDE_CLUSTER = "side_network"
+"""The box that holds a technique's side modules, beside the backbone."""
+
+
+def _side_module(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
+    """A side module: drawn in the side network's box, with an edge from the backbone only for what it reads (x or h)."""
+    m = pl.module
+    cid = f"{SIDE_CLUSTER}_{pl.technique}"
+    sk.graph.graph["clusters"].setdefault(cid, {
+        "html": html_lines([("b", "side network"), ("small", "reads the backbone; writes to it only where a module integrates")]),
+        "parent": None, "dot": {"style": "rounded,dashed", "color": FORM_COLOURS[m.form], "labeljust": "l"}})
+    node = sk.graph.nodes[nid]
+    node["cluster"], node["side"] = cid, True
+    reads = parse_expr(m.compute).names
+    if "x" in reads:
+        for src in a.inputs:
+            sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[m.form], "fontcolor": FORM_COLOURS[m.form], "style": "dashed"}}))
+    if "h" in reads:
+        for out in a.outputs:
+            _edge(sk, sk.tail[out], nid, "h", m.form, "h", style="dashed")

@@ -86,7 +86,7 @@ def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
 
 def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str | None = None,
                     family: str | Path | ArchitectureMap | None = None, layers: int | str | None = None,
-                    compositions: list[ResolvedComposition] | None = None) -> nx.DiGraph:
+                    compositions: list[ResolvedComposition] | None = None, fold: bool = True) -> nx.DiGraph:
     """The diagram of ``techniques`` composed on one reference Transformer, as a networkx graph.
 
     Args:
@@ -98,6 +98,7 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         layers: None draws one layer as "× L"; N unrolls N layers; "all" unrolls every layer of ``model``.
         compositions: compositions whose adapters are among ``techniques`` (as their ``drawable()``
             gives them): their blocks are drawn where the adapters meet (:mod:`pefref.render.blocks`).
+        fold: draw a sublayer no module attaches to (or reads) as one band box naming what it holds.
     """
     if not techniques:
         raise PefrefError("give at least one technique to draw")
@@ -133,7 +134,8 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         L_text = str(L if L is not None else n)
     placed = [pl for t in techniques for pl in _placed(catalog, t)]
     used = {s for pl in placed for s in pl.module.sites}
-    sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam, sites_used=used).build()
+    used |= {c.site for pl in placed for c in (getattr(pl.module, "inputs", None) or {}).values() if getattr(c, "site", None)}
+    sk = Skeleton(catalog.reference, drawn, L_text, sizes, fam, sites_used=used, fold=fold).build()
     model_L = L if L is not None else (len(drawn) if drawn != [None] else None)
     for pl in placed:
         for site in pl.module.sites:
@@ -157,7 +159,7 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         widths = {s: int(eval_scalar(host_widths(s, fam, catalog)[1], sizes)) for s in fam.sites if s in catalog.reference.sites}
     for res in compositions or []:
         draw_blocks(g, res, widths)
-    g.graph["attrs"] = {"rankdir": "LR", "nodesep": "0.12", "ranksep": "0.22", "compound": "true"}
+    g.graph["attrs"] = {"rankdir": "TB", "nodesep": "0.15", "ranksep": "0.25", "compound": "true"}
     g.graph["techniques"] = [t.id for t in techniques]
     g.graph["model"] = model
     g.graph["family"] = fam.family if fam is not None else None
@@ -202,19 +204,24 @@ def _legend(g: nx.DiGraph) -> str:
     cells = []
     for f in forms:
         cells.append(f'<TD BGCOLOR="{FORM_FILLS[f]}" BORDER="1" COLOR="{FORM_COLOURS[f]}"><FONT POINT-SIZE="9">{f}</FONT><BR/>'
-                     f'<FONT POINT-SIZE="7">{esc(FORM_MEANING[f])}</FONT></TD>')
+                     f'<FONT POINT-SIZE="8">{esc(FORM_MEANING[f])}</FONT></TD>')
     for kind in BLOCK_MEANING:
         if any(a.get("role") == "block" and a.get("kind") == kind for _n, a in g.nodes(data=True)):
             cells.append(f'<TD BORDER="1" STYLE="rounded" COLOR="{BLOCK_COLOUR}"><FONT POINT-SIZE="9" COLOR="{BLOCK_COLOUR}">{kind} block</FONT><BR/>'
-                         f'<FONT POINT-SIZE="7">{esc(BLOCK_MEANING[kind])}</FONT></TD>')
+                         f'<FONT POINT-SIZE="8">{esc(BLOCK_MEANING[kind])}</FONT></TD>')
     if any(a.get("role") == "connection" for _u, _v, a in g.edges(data=True)):
         cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
-                     '<FONT POINT-SIZE="7">an input read from another module or site</FONT></TD>')
-    cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="7">frozen component, with its site</FONT></TD>')
-    cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="7">trainable tensor, shape</FONT></TD>')
-    cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="7">stored, not trained</FONT></TD>')
-    cells.append('<TD BORDER="1" STYLE="dashed"><FONT POINT-SIZE="9">shared tensor</FONT><BR/><FONT POINT-SIZE="7">drawn once, linked to every user</FONT></TD>')
-    return '<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="2"><TR>' + "".join(cells) + "</TR></TABLE>"
+                     '<FONT POINT-SIZE="8">an input read from another module or site</FONT></TD>')
+    cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="8">frozen component, with its site</FONT></TD>')
+    cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="8">trainable tensor, shape</FONT></TD>')
+    cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="8">stored, not trained</FONT></TD>')
+    cells.append('<TD BORDER="1" STYLE="dashed"><FONT POINT-SIZE="9">shared tensor</FONT><BR/><FONT POINT-SIZE="8">drawn once, linked to every user</FONT></TD>')
+    rows = ["<TR>" + "".join(cells[i:i + _LEGEND_ROW]) + "</TR>" for i in range(0, len(cells), _LEGEND_ROW)]
+    return '<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="2">' + "".join(rows) + "</TABLE>"
+
+
+_LEGEND_ROW = 4
+"""Legend cells per row: the legend stays narrower than the diagram under it."""
 
 
 def to_dot(graph: nx.DiGraph) -> str:

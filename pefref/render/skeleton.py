@@ -22,6 +22,9 @@ from pefref.render.style import HOST_FILL, HOST_LINE, dims_text, html_lines, pre
 
 __all__ = ["Anchor", "NodeRef", "Skeleton"]
 
+_BAND = "band__"
+"""The prefix of a folded group's node: ``band__ffn`` is the feed-forward sublayer drawn as one box."""
+
 NodeRef = tuple[str, str]
 """A lazily resolved end of an edge: ('out', component instance), ('in', component instance) or ('node', node id)."""
 
@@ -52,7 +55,8 @@ class Skeleton:
     tail: dict[str, str] = field(default_factory=dict)
     head: dict[str, str] = field(default_factory=dict)
     pending: list[tuple[NodeRef, NodeRef, dict[str, Any]]] = field(default_factory=list)
-    sites_used: set[str] = field(default_factory=set)  # sites modules attach to (optional groups holding one are drawn)
+    sites_used: set[str] = field(default_factory=set)  # sites modules attach to or read (optional groups holding one are drawn)
+    fold: bool = True  # a group holding no site of sites_used is drawn as one band node
     _site_of: dict[str, tuple[str, str]] = field(default_factory=dict)
     _dropped: set[str] = field(default_factory=set)  # optional groups and components not drawn
     _flow: list[tuple[str, str]] = field(default_factory=list)
@@ -67,13 +71,14 @@ class Skeleton:
             raise PefrefError(f"the reference diagram repeats more than one group ({', '.join(repeat)}); one layer group is drawn")
         self._repeat = repeat[0] if repeat else None
         self._dropped = self._absent()
+        self._fold = self._folded() if self.fold else {}
         for gid in d.groups:
-            if gid in self._dropped:
+            if gid in self._dropped or gid in self._fold:
                 continue
             for i in self._instances_of_group(gid):
                 self._add_cluster(gid, i)
         for cid, comp in d.components.items():
-            if cid in self._dropped:
+            if cid in self._dropped or cid in self._fold:
                 continue
             for i in self._instances(cid):
                 nid = self.cid(cid, i)
@@ -82,13 +87,64 @@ class Skeleton:
                 self.tail[nid] = self.head[nid] = nid
                 if comp.site:
                     self._site_of[comp.site] = ("component", cid)
+        for gid in sorted(set(self._fold.values()), key=list(d.groups).index):
+            self._add_band(gid)
         for gid, g in d.groups.items():
-            if g.site and gid not in self._dropped:
+            if g.site and gid not in self._dropped and gid not in self._fold:
                 self._site_of[g.site] = ("group", gid)
-        self._flow = _around(d.flow, self._dropped)
+        self._flow = self._folded_edges(_around(d.flow, self._dropped))
         self._wire(self._flow, "flow")
-        self._wire(_around(d.residual, self._dropped), "residual")
+        self._wire(self._folded_edges(_around(d.residual, self._dropped)), "residual")
         return self
+
+    # --- folding: a sublayer no module touches is one band -----------------------
+
+    def _sites_within(self, gid: str) -> set[str]:
+        d = self.ref.diagram
+        sites = {d.groups[gid].site} | {c.site for c in d.components.values() if self._within(c.group, gid)}
+        sites |= {x.site for x_id, x in d.groups.items() if self._within(x_id, gid)}
+        return {s for s in sites if s}
+
+    def _folded(self) -> dict[str, str]:
+        """Component ids and group ids inside a group no module touches → that (outermost) group's id.
+
+        The repeated layer group is never folded; a folded group is drawn as one band node."""
+        d = self.ref.diagram
+        foldable = [g for g, spec in d.groups.items()
+                    if not spec.repeat and g not in self._dropped and not (self._sites_within(g) & self.sites_used)]
+        outer = [g for g in foldable if d.groups[g].parent not in foldable]
+        out: dict[str, str] = {}
+        for g in outer:
+            out.update({c: g for c, comp in d.components.items() if self._within(comp.group, g) and c not in self._dropped})
+            out.update({x: g for x in d.groups if self._within(x, g)})
+        return out
+
+    def _add_band(self, gid: str) -> None:
+        g = self.ref.diagram.groups[gid]
+        inside = [c.label for cid, c in self.ref.diagram.components.items() if self._fold.get(cid) == gid]
+        for i in self._instances_of_group(gid):
+            nid = self.cid(_BAND + gid, i)
+            parent = g.parent
+            self.graph.add_node(nid, role="component", component=_BAND + gid, site=g.site, layer=i, kind="band", label=g.label,
+                                folded=inside, folded_sites=sorted(self._sites_within(gid)), cluster=self.gid(parent, i if self.in_layer(parent) else None) if parent else None)
+            self.tail[nid] = self.head[nid] = nid
+            if g.site:
+                self._site_of[g.site] = ("component", _BAND + gid)
+
+    def _folded_edges(self, edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for a, b in edges:
+            a2 = _BAND + self._fold[a] if a in self._fold else a
+            b2 = _BAND + self._fold[b] if b in self._fold else b
+            if a2 != b2 and (a2, b2) not in out:
+                out.append((a2, b2))
+        return out
+
+    def group_of(self, cid: str) -> str | None:
+        """The group a component (or a folded band) is drawn in."""
+        if cid.startswith(_BAND):
+            return self.ref.diagram.groups[cid[len(_BAND):]].parent
+        return self.ref.diagram.components[cid].group
 
     def _within(self, group: str | None, gid: str) -> bool:
         while group is not None:
@@ -121,7 +177,7 @@ class Skeleton:
         return False
 
     def _instances(self, cid: str) -> list[int | None]:
-        return list(self.layers) if self.in_layer(self.ref.diagram.components[cid].group) else [None]
+        return list(self.layers) if self.in_layer(self.group_of(cid)) else [None]
 
     def _instances_of_group(self, gid: str) -> list[int | None]:
         return list(self.layers) if self.in_layer(gid) else [None]
@@ -152,7 +208,8 @@ class Skeleton:
 
     def _wire(self, edges: list[tuple[str, str]], role: str) -> None:
         d = self.ref.diagram
-        inside = {c for c in d.components if self.in_layer(d.components[c].group) and c not in self._dropped}
+        comps = [c for c in d.components if c not in self._dropped and c not in self._fold] + sorted({_BAND + g for g in self._fold.values()})
+        inside = {c for c in comps if self.in_layer(self.group_of(c))}
         exits = sorted({a for a, b in self._flow if a in inside and b not in inside})
         if self._repeat and len(self.layers) > 1 and len(exits) != 1:
             raise PefrefError(f"the repeated group needs exactly one component whose output leaves it; found {exits}")
@@ -179,7 +236,8 @@ class Skeleton:
             while g is not None and g != gid:
                 g = d.groups[g].parent
             if g == gid and cid not in self._dropped:
-                out.add(self.cid(cid, layer if self.in_layer(comp.group) else None))
+                name = _BAND + self._fold[cid] if cid in self._fold else cid
+                out.add(self.cid(name, layer if self.in_layer(self.group_of(name)) else None))
         return out
 
     def anchor(self, site: str, layer: int | None) -> Anchor:
@@ -187,10 +245,10 @@ class Skeleton:
         what, name = self._site_of[site]
         flow = [(a[1], b[1]) for a, b, attrs in self.pending if attrs["role"] == "flow"]
         if what == "component":
-            comp = self.ref.diagram.components[name]
-            nid = self.cid(name, layer if self.in_layer(comp.group) else None)
+            group = self.group_of(name)
+            nid = self.cid(name, layer if self.in_layer(group) else None)
             inputs = [a for a, b in flow if b == nid]
-            return Anchor(site, layer, [nid], inputs, [nid], nid, self.gid(comp.group, layer) if comp.group and self.in_layer(comp.group) else (self.gid(comp.group, None) if comp.group else None))
+            return Anchor(site, layer, [nid], inputs, [nid], nid, self.gid(group, layer) if group and self.in_layer(group) else (self.gid(group, None) if group else None))
         members = self.members(name, layer)
         inputs = sorted({a for a, b in flow if b in members and a not in members})
         entries = sorted({b for a, b in flow if b in members and a not in members})
@@ -232,7 +290,9 @@ class Skeleton:
                 continue
             lines = [("b", a["label"])]
             site = a["site"]
-            if site:
+            if a["kind"] == "band":
+                lines += [("small", site or ""), ("small", "unchanged: " + ", ".join(a["folded"]))]
+            elif site:
                 lines.append(("small", site))
                 s = self.ref.sites[site]
                 dims = [x for x in (s.in_, s.out) if x is not None] if a["kind"] in ("linear",) else []
@@ -264,8 +324,8 @@ class Skeleton:
 
 
 def _component_style(kind: str, unbound: bool) -> dict[str, str]:
-    shape = {"io": "plaintext", "add": "circle", "op": "box", "norm": "box", "embedding": "box", "linear": "box"}[kind]
-    style = {"io": "", "add": "filled", "op": "rounded,filled", "norm": "rounded,filled"}.get(kind, "filled")
+    shape = {"io": "plaintext", "add": "circle", "op": "box", "norm": "box", "embedding": "box", "linear": "box", "band": "box"}[kind]
+    style = {"io": "", "add": "filled", "op": "rounded,filled", "norm": "rounded,filled", "band": "rounded,filled,dashed"}.get(kind, "filled")
     out = {"shape": shape, "fillcolor": HOST_FILL, "color": HOST_LINE}
     if style:
         out["style"] = style + (",dashed" if unbound else "")

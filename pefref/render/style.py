@@ -98,10 +98,11 @@ def wrap(text: str, width: int = 34) -> list[str]:
 
 
 def html_lines(lines: Iterable[tuple[str, str]]) -> str:
-    """An HTML-like label from (style, text) lines; style is '', 'b' (bold), 'small', 'mono', 'i' or 'frozen'."""
+    """An HTML-like label from (style, text) lines; style is '', 'b' (bold), 'small', 'mono', 'i', 'frozen'
+    or 'markup' (text already an HTML-like label fragment, escaped by its maker: rendered math)."""
     parts = []
     for style, text in lines:
-        t = esc(text)
+        t = text if style == "markup" else esc(text)
         if style == "b":
             t = f"<B>{t}</B>"
         elif style == "small":

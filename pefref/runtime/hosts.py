@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HostKind", "host_kind", "HOST_KINDS"]
+__all__ = ["HostKind", "host_kind", "HOST_KINDS", "bias_of"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,22 @@ HOST_KINDS: list[HostKind] = [
 def host_kind(m: nn.Module) -> HostKind:
     """The kind of a real module (the first that matches)."""
     return next(k for k in HOST_KINDS if k.matches(m))
+
+
+def bias_of(kind: HostKind, host: nn.Module) -> torch.Tensor | None:
+    """The host's bias ``b`` as an expression reads it: a linear host's bias (``h = x W^T + b``), a norm's shift,
+    and zeros of the output width where the host has none (nn.Linear(bias=False), RMSNorm): the host then computes
+    exactly ``h = x W^T + 0``, so a module reading ``b`` means the same on every family. None for other kinds."""
+    if kind.bias is not None:
+        b = kind.bias(host)
+    elif kind.name == "norm":
+        b = getattr(host, "bias", None)
+        b = b if isinstance(b, torch.Tensor) else None
+    else:
+        return None
+    if b is not None:
+        return b
+    w = kind.get_weight(host) if kind.get_weight is not None else None
+    if w is None:
+        return None
+    return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)

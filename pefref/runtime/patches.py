@@ -21,7 +21,7 @@ from torch import nn
 
 from pefref.language.errors import PefrefError
 from pefref.language.forms import Form, Integration
-from pefref.runtime.hosts import HostKind
+from pefref.runtime.hosts import HostKind, bias_of
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
 __all__ = ["Entry", "InputCell", "Owner", "Group", "LayerBatch", "PublishKey", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
@@ -112,11 +112,12 @@ class Entry:
     pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
+    reads_b: bool = field(init=False, default=False)  # the unit's code reads the host's bias b
 
     def __post_init__(self) -> None:
         used = getattr(self.unit, "used_inputs", None)  # compiled units: the arguments their code reads
         if used is not None:
-            self.reads_W, self.reads_mask = "W" in used, "mask" in used
+            self.reads_W, self.reads_mask, self.reads_b = "W" in used, "mask" in used, "b" in used
 
     def connected(self) -> dict[str, Any]:
         """The values this entry's connections read in the current forward pass."""
@@ -316,6 +317,11 @@ class HostPatch:
         if e.reads_W and self.kind.has_weight and e.form.host_weight:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = take(W, 0, e.start, e.size, e.period)  # a sliced site sees its own rows
+        if e.reads_b:  # the host's bias (zeros where it has none), its own slice of it
+            b = bias_of(self.kind, self.host)
+            b = None if b is None else take(b, 0, e.start, e.size, e.period)
+            mask = e.inputs.mask if e.inputs is not None else None
+            return self._with_b(e, x, h, W, training, mask, b)
         if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
             cell = cast(InputCell, e.inputs)
             out = e.unit.forward(x, h, W, training, cell.mask, e.connected())
@@ -326,6 +332,16 @@ class HostPatch:
         if e.reads_mask:
             return e.unit.forward(x, h, W, training, e.inputs.mask if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
+
+    def _with_b(self, e: Entry, x: Any, h: torch.Tensor, W: Any, training: bool, mask: Any, b: Any) -> torch.Tensor:
+        """A unit reading the host's bias: the same calls as :meth:`_apply`, with ``b``."""
+        if e.reads or e.publish is not None:
+            out = e.unit.forward(x, h, W, training, mask, e.connected(), b=b)
+            if e.publish is None:
+                return out
+            cast(InputCell, e.inputs).values[e.publish] = out[1]
+            return out[0]
+        return e.unit.forward(x, h, W, training, mask, b=b)
 
 
 def _plain_output(e: Entry) -> bool:

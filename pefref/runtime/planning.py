@@ -26,9 +26,11 @@ from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current, format_bytes
 from pefref.language.shapecheck import expression_cost
+from pefref.runtime.hosts import bias_of
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
 from pefref.runtime.rows import replace as replace_rows
+from pefref.runtime.rows import take as take_rows
 from pefref.runtime.transaction import located
 
 __all__ = ["Plan", "plan_apply", "where_of", "check_unit", "host_update_of", "check_selectable"]
@@ -74,7 +76,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             rec = recipe(pl.module, names)
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
-                key = SharedStore.key(pl.module.name, pname, spec.shared, pl.site, pl.layer, spec.stacked)
+                owner, tname = spec.owner(pl.module.name, pname)
+                key = SharedStore.key(owner, tname, spec.shared, pl.site, pl.layer, spec.stacked)
                 if spec.stacked != "none":  # one slice per placement at this site
                     prev = plan.shared_shapes.get(key)
                     plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))
@@ -157,10 +160,13 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             if not (ctx.d_in and ctx.d_out) or (pl.kind.name == "embedding" and "x" in used):
                 return  # x is token ids at an embedding
             if pl.binding.side == "input":  # the host's input is the unit's h, as the patch passes it
-                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W if form.host_weight else None
+                x, h, w = None, probe(1, 2, ctx.d_in), ctx.W
             else:
                 x, h, w = probe(1, 2, ctx.d_in), probe(1, 2, ctx.d_out), ctx.W
-            out = fwd(x, h, w, False, mask, inputs)
+            b = bias_of(pl.kind, pl.host) if "b" in used else None  # zeros where the host has none
+            if b is not None:
+                b = take_rows(b, 0, pl.start, pl.size, pl.period)
+            out = fwd(x, h, w, False, mask, inputs, b=b) if b is not None else fwd(x, h, w, False, mask, inputs)
             if getattr(getattr(unit, "program", None), "publish", False) and isinstance(out, tuple):
                 out, delta = out  # a unit that publishes returns (output, delta)
                 if probes is not None and publish is not None and isinstance(delta, torch.Tensor):

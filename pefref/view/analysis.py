@@ -16,7 +16,7 @@ from pefref.ops import PRIMITIVES
 __all__ = [
     "degree", "affine", "integration_kind", "module_exprs", "ops_used", "uses_matmul", "reads", "linear_in_input",
     "affine_in_input", "mergeable", "mergeability", "module_mergeable", "low_rank_factors", "connected_modules",
-    "technique_mergeability", "modules_mergeable", "mergeable_on",
+    "technique_mergeability", "modules_mergeable", "mergeable_on", "stochastic_ops",
 ]
 
 _LINEAR_SITE_KINDS = ("linear", "activation")
@@ -62,8 +62,13 @@ def _degree(node: ast.AST, vs: set[str], offsets: bool) -> int | None:
         return 0 if a == b == 0 else None
     if isinstance(node, ast.Call):
         prim = PRIMITIVES.get(node.func.id)  # type: ignore[attr-defined]
-        ds = [_degree(a, vs, offsets) for a in node.args]
-        kw = {k.arg: _degree(k.value, vs, offsets) for k in node.keywords}
+        args, kws = node.args, node.keywords
+        if prim is not None and prim.eval_args is not None:  # a stochastic op, read as its eval map
+            names = _param_names(prim)
+            args = [a if i in prim.eval_args else ast.Constant(0) for i, a in enumerate(args)]
+            kws = [k for k in kws if k.arg in {names[i] for i in prim.eval_args if i < len(names)}]
+        ds = [_degree(a, vs, offsets) for a in args]
+        kw = {k.arg: _degree(k.value, vs, offsets) for k in kws}
         if all(d == 0 for d in ds) and all(d == 0 for d in kw.values()):
             return 0
         if prim is None or any(d is None for d in ds) or any(kw.values()):
@@ -76,6 +81,17 @@ def _degree(node: ast.AST, vs: set[str], offsets: bool) -> int | None:
             return None
         return 1
     return None
+
+
+def _param_names(prim: object) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(prim.fn).parameters)  # type: ignore[attr-defined]
+
+
+def stochastic_ops(m: object) -> list[str]:
+    """The stochastic ops a module's expressions call (they sample while training, see :mod:`pefref.ops`), sorted."""
+    return sorted(o for o in ops_used(m) if o in PRIMITIVES and PRIMITIVES[o].stochastic)
 
 
 def _is_none(node: ast.AST) -> bool:

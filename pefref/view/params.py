@@ -8,8 +8,8 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache, reduce
 from typing import Any
 
 from pefref.language.catalog import Catalog
@@ -32,6 +32,9 @@ class ParamCount:
     base: int
     formula: str
     hyperparameters: dict[str, Any]
+    dropped: list[str] = field(default_factory=list)
+    """What could not be placed on this model: ``"module at site: why"`` (the family binds no such site, a
+    selected host has no such tensor, no layer holds the site); empty when everything was placed."""
 
     @property
     def percent(self) -> float:
@@ -80,9 +83,11 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]] = {}
     sym_terms: dict[tuple[Any, ...], str] = {}
     select_total, select_terms = 0, []
+    dropped: list[str] = []
     for m in modules:
         for site in m.sites:
             if site not in fam.sites:
+                dropped.append(f"{m.name} at {site}: {fam.family} binds no {site}")
                 continue
             ref_site = catalog.reference.sites[site]
             per_layer = ref_site.per_layer
@@ -90,9 +95,13 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             if per_layer:
                 has = {i for i, _j, _b in layer_bindings(fam, site, sizes)}  # an encoder-decoder site: the layers of its stacks
                 layers = [i for i in select_layers(m.layers, L) if i in has]
+                if not layers:
+                    dropped.append(f"{m.name} at {site}: no layer of {shape.name} holds it")
             if not form_of(m).has_unit:
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
+                if n == 0:
+                    dropped.append(f"{m.name} at {site}: {fam.family}'s host has no {', '.join(m.targets)}")
                 select_total += n * len(layers)
                 mult = _mult_text(len(layers), per_layer, m.layers, L)
                 select_terms += [f"{mult}*{x}" for x in terms]
@@ -103,7 +112,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             for i in layers:
                 for pname, spec in m.params.items():
                     scope = {"none": (site, i), "layers": (site,), "sites": (i,), "all": ()}[spec.shared]
-                    key = (m.name, pname, spec.shared, *scope)
+                    key = (*spec.owner(m.name, pname), spec.shared, *scope)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
                     if prev is not None:
@@ -112,7 +121,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     # symbolic: the dims with host widths written in model sizes, once per scope without layer
                     widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
                     text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
-                    sym_key = (m.name, pname, spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
+                    sym_key = (*spec.owner(m.name, pname), spec.shared, *(() if spec.shared in ("sites", "all") else (site,)))
                     if sym_key not in sym_terms and spec.trainable:
                         by_layer = spec.shared in ("none", "sites") and per_layer
                         mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
@@ -126,7 +135,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             total += n
     formula = _formula(list(sym_terms.values()) + select_terms, sizes, hps)
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
-    return ParamCount(t.id, shape.name, total, base, formula, hps)
+    return ParamCount(t.id, shape.name, total, base, formula, hps, dropped)
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:
@@ -146,9 +155,31 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = str(_positive_lead(sympy.factor(sympy.expand(expr))))
-    s = s.replace("Min(", "min(").replace("Max(", "max(")  # the expression language's spelling
+    s = _printer_class()().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
     return s.replace("**", "^").replace("*", "·")
+
+
+@lru_cache(maxsize=1)
+def _printer_class() -> Any:
+    """sympy's printer in the expression language's spelling: min/max of two arguments (nested), ceil."""
+    from sympy.printing.str import StrPrinter
+
+    class Printer(StrPrinter):
+        def _pair(self, name: str, args: Any) -> str:
+            *rest, last = (self._print(a) for a in args)
+            return reduce(lambda acc, a: f"{name}({a}, {acc})", reversed(rest), last)
+
+        def _print_Min(self, e: Any) -> str:
+            return self._pair("min", e.args)
+
+        def _print_Max(self, e: Any) -> str:
+            return self._pair("max", e.args)
+
+        def _print_ceiling(self, e: Any) -> str:
+            return f"ceil({self._print(e.args[0])})"
+
+    return Printer
+
 
 
 def _positive_lead(f: Any) -> Any:

@@ -76,6 +76,8 @@ def _sharing(m: Any) -> list[str]:
             out.append("across layers")
         if p.shared == "sites" or (p.shared == "all" and len(m.sites) > 1):
             out.append("across sites")
+        if p.group:
+            out.append("across modules")
     return out
 
 

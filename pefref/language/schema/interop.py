@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pefref.language.schema.common import Identifier, Strict
+from pefref.language.schema.common import ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
 __all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "Scalar"]
@@ -19,11 +19,19 @@ class PeftModuleMap(Strict):
 
     module: Identifier = Field(description="The technique's module (after `use:` expansion).")
     tensors: dict[Identifier, str] = Field(default_factory=dict, description="Per placement: the module's tensor -> peft's tensor name under the host module (e.g. A: lora_A.weight). For a module of form 'select', the keys are the host's own parameters it trains (weight, bias).")
-    layout: dict[Identifier, Literal["column", "row", "vector"]] = Field(default_factory=dict, description="Tensors peft stores as a column [n, 1], a row [1, n] or a vector [n] (default: the same shape).")
+    layout: dict[Identifier, Literal["column", "row", "vector", "batch"]] = Field(default_factory=dict, description="Tensors peft stores as a column [n, 1], a row [1, n], a vector [n] or with a leading dimension of one, [1, *shape] (one member of a per-task stack), instead of their own shape.")
     negate: list[Identifier] = Field(default_factory=list, description="Tensors peft stores with the opposite sign (its convention is the transpose of the technique's).")
     shared: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement, stored once under this full key (e.g. A: base_model.vera_A).")
+    repeated: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement that peft nevertheless stores whole under each host module, under this name (e.g. A: randlora_A); on import every copy must be the same.")
+    indexed: dict[Identifier, str] = Field(default_factory=dict, description="Per placement, stored outside the host module under this full key, where '{index}' is the placement's position among the module's hosts in the model's module order (e.g. v: 'base_model.tinylora_v.{index}').")
     targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import).")
     computed: Literal["tokens", "prefix"] | None = Field(None, description="Prepend modules: peft stores what the module computes (virtual tokens [n, d], or per-layer keys and values [n, L*2*d_kv]) as 'prompt_embeddings', not its parameters.")
+    pieces: dict[Literal["tokens", "keys", "values"], list[Identifier]] = Field(
+        default_factory=dict, description="Computed prepend modules whose tokens, keys or values are these free tensors concatenated along the positions "
+        "(e.g. frozen leading positions, then trained ones): peft's rows are split into them in order on import, and the module must then compute them back exactly.")
+    zeros: dict[str, list[Int | ExprStr]] = Field(
+        default_factory=dict, description="peft tensors under the host module that hold constant zeros (buffers standing for a path the technique does not have), "
+        "with their shapes over the host's d_in and d_out: written as zeros on export, and on import accepted only when all zero.")
 
 
 class ShapeRef(Strict):
@@ -73,6 +81,9 @@ class PeftMethod(Strict):
     when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
     from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
     hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
+    targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "
+                                  "instead of full paths: peft groups the modules one target entry matches and shares tensors within a group (Lily's up "
+                                  "projections), so a tensor the technique shares across layers stays shared. A site placed on only some layers is refused.")
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")

@@ -91,6 +91,13 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    group: Identifier | None = Field(
+        None, description="One tensor shared by several modules of the technique: every tensor declared with the same group name "
+        "(in any module, under any name) is the same tensor, shared within the scope `shared` gives (all: one for the whole "
+        "technique, e.g. a bank every module reads; sites: one per layer; layers: one per site; none: one per placement, e.g. "
+        "two modules at one site). Its declarations must agree (shape, init, trainable, shared); the first module placed "
+        "initialises it, and it is counted and saved once."
+    )
     stacked: Literal["none", "layers"] = Field(
         "none", description="Storage only, for unshared tensors: 'layers' keeps the copies of every layer at one site in one tensor "
         "[layers, *shape] (the optimizer sees one tensor; each layer's unit reads its slice), so that units evaluated together "
@@ -110,6 +117,11 @@ class ParamSpec(Strict):
         "as they are; any other use stacks them. Each piece is its own optimizer tensor (an LSTM's weights per layer and direction, as torch.nn.LSTM holds them).",
     )
     description: str = ""
+
+    def owner(self, module: str, pname: str) -> tuple[str, str]:
+        """Whose tensor this is, for storing and counting it once: (module, name), or ('group:NAME', NAME) for a
+        tensor of a ``group`` (the same tensor whichever module declares it, under whatever name)."""
+        return (f"group:{self.group}", self.group) if self.group else (module, pname)
 
 
 class LayerRange(Strict):

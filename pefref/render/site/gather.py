@@ -46,6 +46,12 @@ class ShapeCount:
     percent: float = 0.0
     formula: str = ""
     error: str = ""
+    dropped: list[str] = field(default_factory=list)  # parts not placed on this model (the count leaves them out)
+
+    @property
+    def test_shape(self) -> bool:
+        """A small shape made for tests (``tiny-*``): hidden from tables unless asked for."""
+        return self.shape.startswith("tiny-")
 
 
 @dataclass
@@ -180,8 +186,22 @@ def _counts(t: Technique, catalog: Catalog) -> list[ShapeCount]:
         except PefrefError as e:
             out.append(ShapeCount(name, shape.family, error=str(e)))
             continue
-        out.append(ShapeCount(name, shape.family, pc.trainable, pc.base, pc.percent, pc.formula))
+        why = _grouped(pc.dropped)
+        if pc.trainable == 0 and pc.dropped:  # nothing placed: not applicable, not "0 parameters"
+            out.append(ShapeCount(name, shape.family, error=why, dropped=[why]))
+            continue
+        out.append(ShapeCount(name, shape.family, pc.trainable, pc.base, pc.percent, pc.formula, dropped=[why] if why else []))
     return out
+
+
+def _grouped(dropped: list[str]) -> str:
+    """``"m at a: why"`` notes joined per module and reason: ``"m at a, b: why"`` (a site named in the reason becomes "it")."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for note in dropped:
+        where, _, why = note.partition(": ")
+        module, _, site = where.partition(" at ")
+        groups.setdefault((module, why.replace(site, "it") if site else why), []).append(site)
+    return "; ".join(f"{m} at {', '.join(sites)}: {why}" for (m, why), sites in groups.items())
 
 
 def _efficiency(t: Technique, catalog: Catalog, models: list[str]) -> list[Efficiency]:

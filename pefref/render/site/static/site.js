@@ -164,7 +164,40 @@
     render();
   }
 
+  /* Diagrams: scaled to their column; a button shows one at its own size inside its frame (scroll or drag to pan). */
+  function setupDiagrams() {
+    Array.prototype.forEach.call(document.querySelectorAll("figure.diagram"), function (fig) {
+      var frame = fig.querySelector(".frame");
+      var caption = fig.querySelector("figcaption");
+      if (!frame || !caption) return;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "zoom";
+      button.setAttribute("aria-pressed", "false");
+      button.textContent = "Full size";
+      button.addEventListener("click", function () {
+        var full = !frame.classList.contains("full");
+        frame.classList.toggle("full", full);
+        button.setAttribute("aria-pressed", full ? "true" : "false");
+        button.textContent = full ? "Fit to width" : "Full size";
+      });
+      caption.appendChild(button);
+      var drag = null;
+      frame.addEventListener("pointerdown", function (e) {
+        if (!frame.classList.contains("full")) return;
+        drag = { x: e.clientX, y: e.clientY, left: frame.scrollLeft, top: frame.scrollTop };
+      });
+      window.addEventListener("pointermove", function (e) {
+        if (!drag) return;
+        frame.scrollLeft = drag.left - (e.clientX - drag.x);
+        frame.scrollTop = drag.top - (e.clientY - drag.y);
+      });
+      window.addEventListener("pointerup", function () { drag = null; });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    setupDiagrams();
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), makeSortable);
     setupIndex();
     setupCompare();

@@ -1,0 +1,55 @@
+"""Expressions written as math in diagrams and pages (pefref.render.mathtext), and side networks drawn beside the backbone."""
+
+from __future__ import annotations
+
+import pytest
+
+from pefref.language.catalog import default_catalog
+from pefref.render.diagram import technique_graph
+from pefref.render.mathtext import math_of
+
+
+@pytest.mark.parametrize(("expr", "plain"), [
+    ("linear(linear(dropout(x, dropout), A), B)", "B·A·x"),
+    ("h + (alpha / r) * delta", "h + (α/r)·δ"),
+    ("h + sigmoid(linear(x, Wg, bg)) * delta", "h + σ(W_g·x + b_g)·δ"),
+    ("linear(relu(linear(h, Wd, bd)), Wu, bu)", "W_u·ReLU(W_d·h + b_d) + b_u"),
+    ("einsum('...e,eor,...er->...o', softmax(linear(x, Wg), dim=-1), B, unflatten(linear(x, A), -1, (E, r)))",
+     "Σ_e,r softmax(W_g·x)_e·B_eor·(A·x)_er"),
+    ("narrow(linear(tanh(linear(E, W1, b1)), Wkv, bkv), -1, 0, d_out)", "(W_kv·tanh(W_1·E + b_1) + b_kv)[…, 0 : d_out]"),
+    ("W - (alpha / r) * B @ A", "W − (α/r)·B·A"),
+    ("linear(x, kron(w1, w2a @ w2b))", "(w_1 ⊗ w_2a·w_2b)·x"),
+    ("s * (W @ t(R))", "s·(W·R⊤)"),
+])
+def test_expressions_read_as_math(expr: str, plain: str) -> None:
+    assert math_of(expr).plain() == plain
+
+
+def test_markup_is_escaped_and_subscripted() -> None:
+    m = math_of("linear(x, Wg) + alpha")
+    assert m.html() == "W<sub>g</sub>·x + α"
+    assert math_of("linear(x, Wg) + W1 + Wkv").dot() == "W_g·x + W₁ + Wₖᵥ"
+    assert math_of("a <").plain() == "a <" and math_of("a <").dot() == "a &lt;"  # not an expression: kept, escaped
+
+
+def test_lines_never_break_inside_a_name() -> None:
+    m = math_of("linear(relu(linear(lstm(E, Wih, Whh, bih, bhh, Wih_rest), W1, b1)), W2, b2)")
+    lines = m.lines(20, "tokens = ")
+    assert len(lines) > 1
+    assert "".join(ln.plain() for ln in lines).replace(" ", "") == ("tokens = " + m.plain()).replace(" ", "")
+
+
+def test_side_network_only_reads_the_backbone() -> None:
+    """Ladder side tuning: modules with ``integrate: h`` sit in the side-network box, get no combine node and write
+    nothing into the backbone; the module that integrates (side_out) is the one combine on the backbone's path."""
+    cat = default_catalog()
+    g = technique_graph(cat, [cat.technique("ladder_side_tuning")])
+    side = [n for n, a in g.nodes(data=True) if a.get("side")]
+    assert {g.nodes[n]["module"] for n in side} == {"side_in", "ladder", "side_attn", "side_ffn"}
+    assert all(g.nodes[n]["cluster"].startswith("side_network") for n in side)
+    combines = [n for n, a in g.nodes(data=True) if a.get("role") == "combine"]
+    assert [g.nodes[n]["module"] for n in combines] == ["side_out"]
+    for n in side:
+        assert all(a["role"] in ("connection", "param") for _u, _v, a in g.out_edges(n, data=True))
+    attn = next(n for n, a in g.nodes(data=True) if a.get("module") == "side_attn")
+    assert not any(a["role"] == "h" for _u, _v, a in g.in_edges(attn, data=True))  # it reads z only

@@ -1,0 +1,159 @@
+"""The whole site in a real browser (headless chromium): every technique page's diagram fits its column with
+text of at least 10 px at 1440 px, no page scrolls sideways at 1440 or 390 px, the Full size control, and
+honest applicability (n/a with its reason, test shapes hidden until asked for).
+
+One browser session and one full site build serve the module; every technique page is checked in one loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pefref.render.site.build import build_site
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+MIN_TEXT_PX = 10.0
+
+_DIAGRAM = """
+var fig = document.querySelector('figure.diagram'); if (!fig) return null;
+var frame = fig.querySelector('.frame'), svg = frame.querySelector('svg');
+var box = svg.getBoundingClientRect(), inner = frame.getBoundingClientRect();
+var scale = box.width / svg.viewBox.baseVal.width, least = 1e9, smallest = '';
+svg.querySelectorAll('text').forEach(function (t) {
+  if (!t.textContent.trim()) return;
+  var px = parseFloat(t.getAttribute('font-size') || getComputedStyle(t).fontSize) * scale;
+  if (px < least) { least = px; smallest = t.textContent; }
+});
+return {svg: box.width, frame: inner.width, least: least, smallest: smallest, texts: svg.querySelectorAll('text').length};
+"""
+
+
+@pytest.fixture(scope="module")
+def full_site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fullsite")
+    build_site(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            pytest.fail(f"{path} is missing: install Debian's chromium and chromium-driver (./run.sh does, as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="pefref-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1440,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _phone(driver, on: bool) -> None:
+    """A 390 px wide viewport (headless chromium's windows are at least 500 px wide, so the metrics are emulated)."""
+    if on:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    else:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _overflow(driver) -> int:
+    return driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+
+
+def test_every_technique_diagram_fits_with_readable_text(browser, full_site) -> None:
+    """At 1440 px: each technique page's diagram is within its frame, its smallest text is >= 10 px, the page does not
+    scroll sideways; at 390 px the page does not either (the diagram shrinks; Full size pans inside the frame)."""
+    pages = sorted(p.name for p in (full_site / "techniques").glob("*.html"))
+    assert len(pages) > 30
+    problems, least = [], (1e9, "")
+    browser.set_window_size(1440, 900)
+    for page in pages:
+        browser.get((full_site / "techniques" / page).as_uri())
+        d = browser.execute_script(_DIAGRAM)
+        assert d is not None and d["texts"] > 5, page
+        if d["svg"] > d["frame"] + 0.5:
+            problems.append(f"{page}: diagram {d['svg']:.0f}px in a {d['frame']:.0f}px frame")
+        if d["least"] < MIN_TEXT_PX:
+            problems.append(f"{page}: text {d['smallest']!r} at {d['least']:.1f}px")
+        least = min(least, (d["least"], page))
+        if _overflow(browser) > 0:
+            problems.append(f"{page}: the page is {_overflow(browser)}px too wide at 1440")
+    _phone(browser, True)
+    try:
+        for page in pages:
+            browser.get((full_site / "techniques" / page).as_uri())
+            if _overflow(browser) > 0:
+                problems.append(f"{page}: the page is {_overflow(browser)}px too wide at 390")
+            d = browser.execute_script(_DIAGRAM)
+            if d["svg"] > d["frame"] + 0.5:
+                problems.append(f"{page}: diagram {d['svg']:.0f}px in a {d['frame']:.0f}px frame at 390")
+        assert browser.execute_script("return window.innerWidth") == 390
+    finally:
+        _phone(browser, False)
+    assert not problems, "\n".join(problems)
+    assert least[0] >= MIN_TEXT_PX
+
+
+def test_full_size_control_pans_inside_the_frame(browser, full_site) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _phone(browser, True)
+    try:
+        browser.get((full_site / "techniques" / "unipelt.html").as_uri())
+        button = browser.find_element(By.CSS_SELECTOR, "figure.diagram button.zoom")
+        fit = browser.execute_script(_DIAGRAM)
+        button.click()
+        WebDriverWait(browser, 10).until(lambda d: button.get_attribute("aria-pressed") == "true")
+        full = browser.execute_script(_DIAGRAM)
+        assert full["svg"] > 2 * fit["svg"] and full["svg"] > full["frame"]  # its own size, scrolled inside the frame
+        assert _overflow(browser) <= 0
+        assert browser.execute_script("return document.querySelector('figure.diagram .frame').scrollWidth") > full["frame"]
+        button.click()
+        WebDriverWait(browser, 10).until(lambda d: button.get_attribute("aria-pressed") == "false")
+    finally:
+        _phone(browser, False)
+
+
+def test_not_applicable_says_why_and_test_shapes_hide(browser, full_site) -> None:
+    """BitFit on Llama (no biases) and prefix tuning on T5 (no attn.kv) read n/a with the reason, never 0; UniPELT on
+    T5 says what it leaves out; tiny-* rows are hidden until the toggle shows them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get((full_site / "techniques" / "bitfit.html").as_uri())
+    row = browser.find_element(By.CSS_SELECTOR, '#parameters tr:has(a[href$="#model-llama-2-7b"])')
+    assert row.find_element(By.CSS_SELECTOR, "td.na").text == "n/a"
+    assert "no bias" in row.text and " 0" not in row.text
+    eff = browser.find_element(By.CSS_SELECTOR, "#efficiency tbody tr")
+    assert "n/a" in eff.text and "Yes" not in eff.text
+    tiny = browser.find_elements(By.CSS_SELECTOR, "#parameters tr.test-shape")
+    assert tiny and not any(r.is_displayed() for r in tiny)
+    browser.find_element(By.CSS_SELECTOR, "#parameters input.show-tests").click()
+    WebDriverWait(browser, 10).until(lambda d: all(r.is_displayed() for r in tiny))
+    browser.get((full_site / "techniques" / "prefix_tuning.html").as_uri())
+    row = browser.find_element(By.CSS_SELECTOR, '#parameters tr:has(a[href$="#model-t5-base"])')
+    assert "n/a" in row.text and "attn.kv" in row.text
+    browser.get((full_site / "techniques" / "unipelt.html").as_uri())
+    row = browser.find_element(By.CSS_SELECTOR, '#parameters tr:has(a[href$="#model-t5-base"])')
+    assert "partial: leaves out prefix" in row.text
+    browser.get((full_site / "index.html").as_uri())
+    cell = browser.find_element(By.CSS_SELECTOR, "#row-bitfit td.na")
+    assert cell.text == "n/a" and "no bias" in cell.get_attribute("title")
+    browser.get((full_site / "models.html").as_uri())
+    assert not any(c.is_displayed() for c in browser.find_elements(By.CSS_SELECTOR, ".test-shape"))
