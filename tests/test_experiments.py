@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from pefref.cli.app import app
 from pefref.experiments.checkpoint import load_tensors
+from pefref.experiments.evaluation import classification_metrics
 from pefref.experiments.grid import expand, load_experiment
 from pefref.experiments.plots import pareto_front
 from pefref.experiments.results import load_results
 from pefref.experiments.runner import run_experiment
-from pefref.experiments.train import classification_metrics
 from pefref.language.errors import CatalogError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_smoke_checkpoints_are_adapter_only_and_reload(smoke: Path) -> None:
     assert any(k.startswith("model.bert.encoder") for k in load_tensors(smoke / "runs" / full.id / "adapter.safetensors"))
     # a fresh model with the saved adapter and head gives the recorded metrics
     from pefref.experiments.data import load_examples
-    from pefref.experiments.train import evaluate
+    from pefref.experiments.evaluation import evaluate
 
     con = sqlite3.connect(smoke / "results.sqlite")
     cfg = json.loads(con.execute("SELECT config FROM runs WHERE id = ?", (run.id,)).fetchone()[0])

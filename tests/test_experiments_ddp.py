@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from pefref.experiments.checkpoint import load_state, load_tensors
+from pefref.experiments.evaluation import evaluate
 from pefref.experiments.results import load_results
 from pefref.experiments.runner import run_experiment
-from pefref.experiments.train import evaluate
 from tests.distributed_worker import eval_examples, logits, run_model
 from tests.test_experiments import write_exp
 

@@ -12,6 +12,7 @@ import pytest
 
 from pefref.experiments.results import load_results
 from pefref.experiments.runner import run_experiment
+from pefref.experiments.site_view import results_view
 from pefref.render.site.build import build_site, site_files
 
 from .site_util import scan
@@ -48,7 +49,7 @@ def small(catalog):
 
 @pytest.fixture(scope="module")
 def files(small, results) -> dict[str, bytes]:
-    return site_files(small, results=results)
+    return site_files(small, results=results_view(results))
 
 
 def test_results_pages_and_plots_exist(files, results) -> None:
@@ -89,7 +90,7 @@ def test_without_results_there_is_no_results_page(small) -> None:
 
 
 def test_a_browser_renders_the_results_page(browser, small, results, tmp_path) -> None:  # noqa: F811
-    build_site(tmp_path, catalog=small, results=results)
+    build_site(tmp_path, catalog=small, results=results_view(results))
     browser.get((tmp_path / "results.html").as_uri())
     loaded = browser.execute_script(
         "return Array.from(document.images).map(function (i) { return [i.getAttribute('src'), i.complete && i.naturalWidth > 0]; });")

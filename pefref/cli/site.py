@@ -27,7 +27,12 @@ def site(
     from pefref.render.site.build import build_site, check_site, site_root
 
     root = out or site_root()
-    kwargs = {"catalog": _catalog(), "models": list(model or []), "include": list(include or []), "results": results}
+    view = None
+    if results is not None:
+        from pefref.experiments.site_view import results_view
+
+        view = results_view(results)
+    kwargs = {"catalog": _catalog(), "models": list(model or []), "include": list(include or []), "results": view}
     con = Console(highlight=False)
     if check:
         differ = check_site(root, **kwargs)

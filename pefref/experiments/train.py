@@ -8,12 +8,11 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pefref.experiments.checkpoint import (
@@ -37,7 +36,9 @@ from pefref.experiments.distributed import (
     shard,
     wrap,
 )
+from pefref.experiments.evaluation import MAIN_METRIC, evaluate, loss_sum, model_logits, target_count
 from pefref.experiments.grid import RunSpec
+from pefref.experiments.memory import SavedBytes, tensor_memory
 from pefref.experiments.records import Records
 from pefref.experiments.tasks import (
     Prepared,
@@ -47,12 +48,9 @@ from pefref.experiments.tasks import (
 )
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
-from pefref.language.schema.experiment import DataSpec, TrainingSpec
+from pefref.language.schema.experiment import DataSpec, TaskSpec, TrainingSpec
 
-__all__ = ["MAIN_METRIC", "RunEnv", "StopFlag", "classification_metrics", "train_run", "versions"]
-
-MAIN_METRIC = {"sequence_classification": ("accuracy", True), "causal_lm": ("loss", False)}
-"""Each task's main metric and whether higher is better."""
+__all__ = ["RunConfig", "RunEnv", "StopFlag", "TrainState", "train_run", "versions"]
 
 
 class StopFlag:
@@ -82,6 +80,67 @@ class RunEnv:
     cache: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """One run, typed: what training reads of its resolved configuration (:class:`RunSpec`) and the experiment's settings.
+
+    ``config`` is the resolved configuration itself (its hash is ``id``), as the records keep it.
+    """
+
+    id: str
+    label: str
+    experiment: str
+    seed: int
+    lr: float
+    model: dict[str, Any]  # the model as the configuration names it: shape, package, or checkpoint path and digest
+    task: TaskSpec
+    training: TrainingSpec
+    baseline: str | None
+    config: dict[str, Any] = field(repr=False)
+
+    @staticmethod
+    def of(spec: RunSpec, training: TrainingSpec) -> RunConfig:
+        """The typed view of ``spec`` (its task validated again by the schema), trained with ``training``."""
+        cfg = spec.config
+        return RunConfig(spec.id, spec.label, str(cfg["experiment"]), spec.seed, spec.lr, dict(cfg["model"]),
+                         TaskSpec.model_validate(cfg["task"]), training, cfg.get("baseline"), cfg)
+
+    @property
+    def causal(self) -> bool:
+        return self.task.type == "causal_lm"
+
+    @property
+    def metric(self) -> str:
+        """The task's main metric (:data:`MAIN_METRIC`)."""
+        return MAIN_METRIC[self.task.type][0]
+
+    @property
+    def higher(self) -> bool:
+        """Whether a higher main metric is better."""
+        return MAIN_METRIC[self.task.type][1]
+
+
+@dataclass
+class TrainState:
+    """A run's progress: saved with every resumable checkpoint (``state.pt``) and restored on resume."""
+
+    step: int = 0
+    best: dict[str, float] | None = None  # the metrics of the best evaluation so far
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    final: dict[str, float] | None = None  # the metrics of the latest evaluation
+    wall: float = 0.0  # seconds of wall time over every session
+
+    def saved(self) -> dict[str, Any]:
+        """The progress as a checkpoint holds it (plain values: ``torch.load(weights_only=True)`` reads them)."""
+        return asdict(self)
+
+    @staticmethod
+    def of(saved: dict[str, Any]) -> TrainState:
+        """The progress of a checkpoint (:meth:`saved`)."""
+        return TrainState(**saved)
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries a result depends on."""
     from importlib import metadata
@@ -93,19 +152,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "-"
     return out
-
-
-def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-averaged F1 (a class absent from both predictions and labels is left out)."""
-    acc = sum(p == t for p, t in zip(preds, labels)) / max(len(labels), 1)
-    f1s = []
-    for c in range(n_classes):
-        tp = sum(p == c and t == c for p, t in zip(preds, labels))
-        fp = sum(p == c and t != c for p, t in zip(preds, labels))
-        fn = sum(p != c and t == c for p, t in zip(preds, labels))
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": acc, "f1": sum(f1s) / max(len(f1s), 1)}
 
 
 def _device(training: TrainingSpec, d: Dist) -> str:
@@ -136,82 +182,19 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits
-
-
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    if not causal:
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    logits = logits[:, -labels.shape[1]:]  # modules that prepend positions leave them in front
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-
-
-def _count(labels: torch.Tensor, causal: bool) -> int:
-    return int((labels[:, 1:] != -100).sum()) if causal else int(labels.shape[0])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_size: int, device: str, autocast: Any) -> dict[str, float]:
-    """Metrics on the evaluation set (every process computes them on all of it)."""
-    was = model.training
-    model.eval()
-    preds: list[int] = []
-    total, count = 0.0, 0
-    order = sorted(range(len(ex)), key=lambda j: (-len(ex.ids[j]), j))  # similar lengths share a batch: little padding
-    for i in range(0, len(ex), batch_size):
-        b = {k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}
-        with autocast():
-            logits = _logits(model, b)
-        total += float(_loss_sum(logits, b["labels"], causal))
-        count += _count(b["labels"], causal)
-        if not causal:
-            preds += logits.argmax(-1).tolist()
-    model.train(was)
-    loss = total / max(count, 1)
-    if causal:
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    assert ex.labels is not None
-    labels = ex.labels
-    return {"loss": loss, **classification_metrics(preds, [labels[j] for j in order], len(ex.label_names))}
-
-
-class _SavedBytes:
-    """Bytes of the activations autograd saves for backward (parameters excluded), counted once per storage."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.params = params
-        self.seen: set[int] = set()
-        self.bytes = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            s = t.untyped_storage()
-            key = s.data_ptr()
-            if key not in self.params and key not in self.seen:
-                self.seen.add(key)
-                self.bytes += s.nbytes()
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
-            pass
-        return t
-
-
-def _data(env: RunEnv, config: dict[str, Any], tok: Any) -> tuple[Examples, Examples]:
-    key = repr((config["model"], config["task"]["max_length"]))
+def _data(env: RunEnv, cfg: RunConfig, tok: Any) -> tuple[Examples, Examples]:
+    key = repr((cfg.model, cfg.task.max_length))
     if key not in env.cache:
-        causal = config["task"]["type"] == "causal_lm"
-        label = None if causal else env.data.label
-        ml = config["task"]["max_length"]
+        label = None if cfg.causal else env.data.label
+        ml = cfg.task.max_length
         tr = load_examples(env.root / env.data.train, env.data.text, label, tok, ml, env.data.limit_train)
         ev = load_examples(env.root / env.data.eval, env.data.text, label, tok, ml, env.data.limit_eval, tr.label_names or None)
         env.cache[key] = (tr, ev)
     return env.cache[key]
 
 
-def _label_count(env: RunEnv, config: dict[str, Any]) -> int:
-    if config["task"]["type"] != "sequence_classification":
+def _label_count(env: RunEnv, cfg: RunConfig) -> int:
+    if cfg.task.type != "sequence_classification":
         return 0
     from pefref.experiments.data import read_table
 
@@ -221,21 +204,91 @@ def _label_count(env: RunEnv, config: dict[str, Any]) -> int:
     return int(env.cache[key])
 
 
+@dataclass
+class _Run:
+    """What :func:`_setup` builds for one run: the model and what it trains, data, optimizer, schedule, lengths."""
+
+    cfg: RunConfig
+    env: RunEnv
+    device: str
+    autocast: Callable[[], Any]
+    model: nn.Module
+    tok: Any
+    prep: Prepared
+    fsdp: bool
+    train_ex: Examples
+    eval_ex: Examples
+    steps_per_epoch: int
+    total: int
+    eval_every: int
+    checkpoint_every: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    params: list[nn.Parameter]
+    folder: Path  # the run's checkpoints
+    previous: dict[str, Any] | None  # the run's record from an earlier session (rank 0)
+    clock: float  # when this session's share of the wall time started
+
+    @property
+    def dist(self) -> Dist:
+        return self.env.dist
+
+
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step in this session (a resumed run starts it afresh)."""
+
+    ddp: nn.Module  # the model as the step calls it (wrapped by DDP; itself under FSDP or in one process)
+    tb: Any
+    rows: slice  # this process's rows of each global batch
+    times: list[float] = field(default_factory=list)
+    memory: int = 0
+    epoch: int = -1  # the epoch ``order`` belongs to
+    order: list[int] = field(default_factory=list)
+
+
 def train_run(spec: RunSpec, env: RunEnv) -> str:
-    """Train one run to the end (or until stopped); returns its status: done, interrupted or stopped early (done)."""
-    cfg, tr = spec.config, env.training
-    d, rec = env.dist, env.records
-    causal = cfg["task"]["type"] == "causal_lm"
-    metric, higher = MAIN_METRIC[cfg["task"]["type"]]
+    """Train one run to the end (or until stopped); returns its status: done, interrupted or stopped early (done).
+
+    Setup builds the model, data and optimizer; a run interrupted before resumes
+    from its last checkpoint; each optimizer step may evaluate (keeping the best
+    adapter, counting evaluations without improvement) and write a resumable
+    checkpoint; the end records the metrics and costs.
+    """
+    run = _setup(RunConfig.of(spec, env.training), env)
+    state = _resume(run)
+    loop = _start(run, state)
+    status = "done"
+    while state.step < run.total:
+        _train_step(run, loop, state)
+        due = state.step % run.eval_every == 0 or state.step == run.total
+        stopped_early = _evaluate_run(run, loop, state) if due else False
+        if env.progress:
+            env.progress(state.step, run.total)
+        if env.on_step:
+            env.on_step(state.step)
+        stop = any_true(env.stop.requested, run.dist)
+        if stopped_early or stop or state.step % run.checkpoint_every == 0:
+            _add_wall(run, state)
+            _checkpoint(run, state)
+        if stop and state.step < run.total and not stopped_early:
+            status = "interrupted"
+            break
+        if stopped_early:
+            break
+    return _finish(run, loop, state, status)
+
+
+def _setup(cfg: RunConfig, env: RunEnv) -> _Run:
+    """The seeded task model with the run's techniques applied (sharded or on its device), data, optimizer, schedule."""
+    tr, d = cfg.training, env.dist
     device = _device(tr, d)
     autocast, _ = _autocast(tr.precision, device)
-    t_session = time.perf_counter()
-    ckdir = env.out / "runs" / spec.id
-    prev = rec.run(spec.id) if rec else None
-
-    torch.manual_seed(spec.seed)
-    model, tok = build_task_model(cfg["model"], cfg["task"]["type"], _label_count(env, cfg), env.catalog)
-    prep: Prepared = prepare_run(model, cfg, env.root, env.catalog)
+    clock = time.perf_counter()
+    previous = env.records.run(cfg.id) if env.records else None
+    torch.manual_seed(cfg.seed)
+    model, tok = build_task_model(cfg.model, cfg.task.type, _label_count(env, cfg), env.catalog)
+    prep: Prepared = prepare_run(model, cfg.config, env.root, env.catalog)
     fsdp = d.active and tr.distributed == "fsdp"
     if fsdp:
         _shard(model, prep, d)
@@ -251,158 +304,155 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
         raise PefrefError(f"{len(train_ex)} training examples are fewer than one batch of {B}")
     total = tr.max_steps or math.ceil((tr.epochs or 1) * spe)
     eval_every = tr.eval_every or spe
-    ck_every = tr.checkpoint_every or eval_every
-    opt = torch.optim.AdamW(decay_groups(prep.adapters, prep.trainable, spec.lr, tr.weight_decay, prep.head, tr.head_lr), lr=spec.lr, betas=tr.betas)
+    opt = torch.optim.AdamW(decay_groups(prep.adapters, prep.trainable, cfg.lr, tr.weight_decay, prep.head, tr.head_lr), lr=cfg.lr, betas=tr.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, round(tr.warmup * total), total))
-    params = list(prep.trainable.values())
-    n_train = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return _Run(cfg, env, device, autocast, model, tok, prep, fsdp, train_ex, eval_ex, spe, total, eval_every,
+                tr.checkpoint_every or eval_every, opt, sched, list(prep.trainable.values()), env.out / "runs" / cfg.id, previous, clock)
 
-    state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "final": None, "wall": 0.0}
-    # only rank 0 keeps the records: it decides, and every process resumes (or none does)
-    if broadcast(bool(prev and prev["status"] != "done" and (ckdir / "state.pt").is_file()), d):
-        prep.load_state(load_tensors(ckdir / "last.safetensors"))
-        saved = load_state(ckdir / "state.pt")
-        if fsdp:
-            load_optimizer_state(model, opt, saved["optimizer"])
-        else:
-            opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        state = saved["progress"]
+
+def _resume(run: _Run) -> TrainState:
+    """The run's progress: restored with the adapter, optimizer, schedule and RNG from the last checkpoint of an
+    unfinished run, else a fresh start. Only rank 0 keeps the records: it decides, and every process resumes (or none does)."""
+    prev = run.previous
+    if not broadcast(bool(prev and prev["status"] != "done" and (run.folder / "state.pt").is_file()), run.dist):
+        return TrainState()
+    run.prep.load_state(load_tensors(run.folder / "last.safetensors"))
+    saved = load_state(run.folder / "state.pt")
+    if run.fsdp:
+        load_optimizer_state(run.model, run.opt, saved["optimizer"])
+    else:
+        run.opt.load_state_dict(saved["optimizer"])
+    run.sched.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainState.of(saved["progress"])
+
+
+def _start(run: _Run, state: TrainState) -> _Loop:
+    """Record the run as running (its configuration, sizes, versions), open TensorBoard, wrap the model for DDP."""
+    cfg, d, rec = run.cfg, run.dist, run.env.records
     if rec:
-        rec.truncate_steps(spec.id, state["step"])
-        rec.upsert(spec.id, experiment=cfg["experiment"], label=spec.label, technique=_technique_name(cfg, prep), seed=spec.seed, lr=spec.lr,
-                   config=cfg, hyperparameters=prep.hyperparameters, status="running", step=state["step"], total_steps=total,
-                   trainable=n_train, total_params=n_total, trainable_pct=100.0 * n_train / n_total, main_metric=metric,
-                   world_size=W, device=device, versions=versions(), error=None, started=(prev or {}).get("started") or time.time())
-    tb = _tensorboard(env, spec) if tr.tensorboard and d.main else None
+        n_train = sum(p.numel() for p in run.params)
+        n_total = sum(p.numel() for p in {id(p): p for p in run.model.parameters()}.values())
+        rec.truncate_steps(cfg.id, state.step)
+        rec.upsert(cfg.id, experiment=cfg.experiment, label=cfg.label, technique=_technique_name(cfg, run.prep), seed=cfg.seed, lr=cfg.lr,
+                   config=cfg.config, hyperparameters=run.prep.hyperparameters, status="running", step=state.step, total_steps=run.total,
+                   trainable=n_train, total_params=n_total, trainable_pct=100.0 * n_train / n_total, main_metric=cfg.metric,
+                   world_size=d.world, device=run.device, versions=versions(), error=None, started=(run.previous or {}).get("started") or time.time())
+    tb = _tensorboard(run.env, cfg) if cfg.training.tensorboard and d.main else None
+    ddp = run.model if run.fsdp else wrap(run.model, d)
+    run.model.train()
+    if run.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(run.device)
+    per = cfg.training.batch_size // d.world
+    return _Loop(ddp, tb, slice(d.rank * per, (d.rank + 1) * per))
 
-    def better(m: dict[str, float]) -> bool:
-        best = state["best"]
-        return best is None or (m[metric] > best[metric] if higher else m[metric] < best[metric])
 
-    def checkpoint(name: str = "last") -> None:
-        if fsdp:  # evaluation (forward only) leaves the root's tensors gathered; shard them again first
-            model.reshard()  # type: ignore[operator]
-        tensors = {k: full_tensor(v) for k, v in prep.state().items()}  # under FSDP every process takes part
-        optim = optimizer_state(model, opt) if fsdp and name == "last" else None  # FSDP: gathered on rank 0, by name
-        if not d.main:
-            return
-        meta = {"run": spec.id, "label": spec.label, "step": state["step"], "hyperparameters": prep.hyperparameters}
-        save_tensors(ckdir / f"{name}.safetensors", tensors, meta)
-        if name == "last":
-            save_state(ckdir / "state.pt", {"optimizer": optim if fsdp else opt.state_dict(), "scheduler": sched.state_dict(),
-                                            "rng": rng_state(), "progress": dict(state)})
+def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
+    """One optimizer step over the next global batch (accumulated in micro-batches), clipped; logs the training loss."""
+    cfg, tr, d = run.cfg, run.cfg.training, run.dist
+    B, A, W = tr.batch_size, tr.grad_accum, d.world
+    epoch, pos = divmod(state.step, run.steps_per_epoch)
+    if loop.epoch != epoch:
+        loop.epoch = epoch
+        loop.order = (grouped_order([len(x) for x in run.train_ex.ids], B, cfg.seed, epoch) if tr.group_by_length
+                      else epoch_order(len(run.train_ex), cfg.seed, epoch))
+    t0 = time.perf_counter()
+    batch = collate(run.train_ex, loop.order[pos * B:(pos + 1) * B], run.tok.pad_token_id, cfg.causal)
+    count = target_count(batch["labels"], cfg.causal)
+    local = {k: v[loop.rows].to(run.device) for k, v in batch.items()}
+    mb = (B // W) // A
+    summed = 0.0
+    saver = SavedBytes({local_shard(p).untyped_storage().data_ptr() for p in run.model.parameters()}) if not loop.times else None
+    for i in range(A):
+        micro = {k: v[i * mb:(i + 1) * mb] for k, v in local.items()}
+        if run.fsdp:
+            run.model.set_requires_gradient_sync(i == A - 1)  # type: ignore[operator]
+        sync = contextlib.nullcontext() if (i == A - 1 or not d.active or run.fsdp) else loop.ddp.no_sync()  # type: ignore[operator]
+        hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
+        with sync:
+            with hooks, run.autocast():
+                ls = loss_sum(model_logits(loop.ddp, micro), micro["labels"], cfg.causal)
+            (ls * W / count).backward()
+        summed += float(ls.detach())
+    if tr.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, tr.max_grad_norm)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    loop.times.append(time.perf_counter() - t0)
+    if saver is not None:
+        loop.memory = tensor_memory(run.model, run.params, run.opt, saver.bytes)
+    state.step += 1
+    train_loss = all_sum(summed, d) / count
+    if run.env.records and (state.step % tr.log_every == 0 or state.step == run.total):
+        run.env.records.log(cfg.id, state.step, "train", {"loss": train_loss, "lr": run.sched.get_last_lr()[0]})  # type: ignore[dict-item]
+    if loop.tb is not None:
+        loop.tb.add_scalar(f"{cfg.label}/train_loss", train_loss, state.step)
 
-    ddp = model if fsdp else wrap(model, d)
-    model.train()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    times: list[float] = []
-    mem = 0
-    rows = slice(d.rank * (B // W), (d.rank + 1) * (B // W))
-    order: tuple[int, list[int]] = (-1, [])
-    status = "done"
-    stopped_early = False
-    while state["step"] < total:
-        step = state["step"]
-        epoch, pos = divmod(step, spe)
-        if order[0] != epoch:
-            order = (epoch, grouped_order([len(x) for x in train_ex.ids], B, spec.seed, epoch) if tr.group_by_length
-                     else epoch_order(len(train_ex), spec.seed, epoch))
-        t0 = time.perf_counter()
-        batch = collate(train_ex, order[1][pos * B:(pos + 1) * B], tok.pad_token_id, causal)
-        count = _count(batch["labels"], causal)
-        local = {k: v[rows].to(device) for k, v in batch.items()}
-        mb = (B // W) // A
-        loss_sum = 0.0
-        saver = _SavedBytes({local_shard(p).untyped_storage().data_ptr() for p in model.parameters()}) if not times else None
-        for i in range(A):
-            micro = {k: v[i * mb:(i + 1) * mb] for k, v in local.items()}
-            if fsdp:
-                model.set_requires_gradient_sync(i == A - 1)  # type: ignore[operator]
-            sync = contextlib.nullcontext() if (i == A - 1 or not d.active or fsdp) else ddp.no_sync()  # type: ignore[operator]
-            hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
-            with sync:
-                with hooks, autocast():
-                    ls = _loss_sum(_logits(ddp, micro), micro["labels"], causal)
-                (ls * W / count).backward()
-            loss_sum += float(ls.detach())
-        if tr.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        if saver is not None:
-            mem = _tensor_memory(model, params, opt, saver.bytes)
-        state["step"] = step + 1
-        train_loss = all_sum(loss_sum, d) / count
-        if rec and (state["step"] % tr.log_every == 0 or state["step"] == total):
-            rec.log(spec.id, state["step"], "train", {"loss": train_loss, "lr": sched.get_last_lr()[0]})  # type: ignore[dict-item]
-        if tb is not None:
-            tb.add_scalar(f"{spec.label}/train_loss", train_loss, state["step"])
-        if state["step"] % eval_every == 0 or state["step"] == total:
-            m = evaluate(model, eval_ex, tok.pad_token_id, causal, tr.eval_batch_size or B, device, autocast)
-            state["final"] = m
-            if rec:
-                rec.log(spec.id, state["step"], "eval", m)
-            if tb is not None:
-                for k, v in m.items():
-                    tb.add_scalar(f"{spec.label}/eval_{k}", v, state["step"])
-            if better(m):
-                state.update(best=m, best_step=state["step"], bad_evals=0)
-                checkpoint("best")
-            else:
-                state["bad_evals"] += 1
-                stopped_early = tr.early_stopping is not None and state["bad_evals"] >= tr.early_stopping
-        if env.progress:
-            env.progress(state["step"], total)
-        if env.on_step:
-            env.on_step(state["step"])
-        stop = any_true(env.stop.requested, d)
-        if stopped_early or stop or state["step"] % ck_every == 0:
-            state["wall"] = state.get("wall", 0.0) + time.perf_counter() - t_session
-            t_session = time.perf_counter()
-            checkpoint()
-        if stop and state["step"] < total and not stopped_early:
-            status = "interrupted"
-            break
-        if stopped_early:
-            break
+
+def _evaluate_run(run: _Run, loop: _Loop, state: TrainState) -> bool:
+    """Evaluate, log, keep the best adapter (checkpoint ``best``); True when early stopping ends the run here."""
+    cfg, tr = run.cfg, run.cfg.training
+    m = evaluate(run.model, run.eval_ex, run.tok.pad_token_id, cfg.causal, tr.eval_batch_size or tr.batch_size, run.device, run.autocast)
+    state.final = m
+    if run.env.records:
+        run.env.records.log(cfg.id, state.step, "eval", m)
+    if loop.tb is not None:
+        for k, v in m.items():
+            loop.tb.add_scalar(f"{cfg.label}/eval_{k}", v, state.step)
+    if state.best is None or (m[cfg.metric] > state.best[cfg.metric] if cfg.higher else m[cfg.metric] < state.best[cfg.metric]):
+        state.best, state.best_step, state.bad_evals = m, state.step, 0
+        _checkpoint(run, state, "best")
+        return False
+    state.bad_evals += 1
+    return tr.early_stopping is not None and state.bad_evals >= tr.early_stopping
+
+
+def _add_wall(run: _Run, state: TrainState) -> None:
+    """Add this session's wall time since the last checkpoint to the run's."""
+    now = time.perf_counter()
+    state.wall += now - run.clock
+    run.clock = now
+
+
+def _checkpoint(run: _Run, state: TrainState, name: str = "last") -> None:
+    """Write the run's tensors as ``name.safetensors`` (on rank 0); ``last`` also saves what resuming needs."""
+    if run.fsdp:  # evaluation (forward only) leaves the root's tensors gathered; shard them again first
+        run.model.reshard()  # type: ignore[operator]
+    tensors = {k: full_tensor(v) for k, v in run.prep.state().items()}  # under FSDP every process takes part
+    optim = optimizer_state(run.model, run.opt) if run.fsdp and name == "last" else None  # FSDP: gathered on rank 0, by name
+    if not run.dist.main:
+        return
+    meta = {"run": run.cfg.id, "label": run.cfg.label, "step": state.step, "hyperparameters": run.prep.hyperparameters}
+    save_tensors(run.folder / f"{name}.safetensors", tensors, meta)
+    if name == "last":
+        save_state(run.folder / "state.pt", {"optimizer": optim if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                                             "rng": rng_state(), "progress": state.saved()})
+
+
+def _finish(run: _Run, loop: _Loop, state: TrainState, status: str) -> str:
+    """Save the finished adapter, record the status, metrics, step time and memory; returns ``status``."""
     if status == "done":
-        state["wall"] = state.get("wall", 0.0) + time.perf_counter() - t_session
-        checkpoint("adapter")
-    if device.startswith("cuda"):
-        mem, source = int(torch.cuda.max_memory_allocated(device)), "cuda"
+        _add_wall(run, state)
+        _checkpoint(run, state, "adapter")
+    mem = loop.memory
+    if run.device.startswith("cuda"):
+        mem, source = int(torch.cuda.max_memory_allocated(run.device)), "cuda"
     else:
         source = "tensors"
+    times = loop.times
     skip = min(2, len(times) - 1) if times else 0
     step_time = sum(times[skip:]) / max(len(times) - skip, 1) if times else None
-    if rec:
-        fields: dict[str, Any] = {"status": status, "step": state["step"], "wall_time": state["wall"]}
+    if run.env.records:
+        fields: dict[str, Any] = {"status": status, "step": state.step, "wall_time": state.wall}
         if status == "done":
-            fields.update(final_metrics=state["final"], best_metrics=state["best"], best_step=state["best_step"], finished=time.time())
+            fields.update(final_metrics=state.final, best_metrics=state.best, best_step=state.best_step, finished=time.time())
         if times:
             fields.update(step_time=step_time, peak_memory=mem or None, memory_source=source)
-        rec.upsert(spec.id, **fields)
-    if tb is not None:
-        tb.close()
+        run.env.records.upsert(run.cfg.id, **fields)
+    if loop.tb is not None:
+        loop.tb.close()
     return status
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    t = local_shard(t)
-    return t.numel() * t.element_size()
-
-
-def _tensor_memory(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, saved: int) -> int:
-    """Training memory from the tensors that exist at a step's peak in this process: weights, gradients, optimizer state, saved activations."""
-    weights = sum(_nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
-    grads = sum(_nbytes(p) for p in params)
-    states = sum(_nbytes(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    return weights + grads + states + saved
 
 
 def _shard(model: nn.Module, prep: Prepared, d: Dist) -> None:
@@ -420,16 +470,16 @@ def _shard(model: nn.Module, prep: Prepared, d: Dist) -> None:
     prep.head = {k: model.get_parameter(n) for k, n in head.items()}
 
 
-def _technique_name(cfg: dict[str, Any], prep: Prepared) -> str:
-    if "baseline" in cfg:
-        return str(cfg["baseline"])
+def _technique_name(cfg: RunConfig, prep: Prepared) -> str:
+    if cfg.baseline is not None:
+        return cfg.baseline
     return "+".join(a.technique.id if hasattr(a, "technique") else a.name for a in prep.adapters)
 
 
 _TB_WARNED: list[bool] = []
 
 
-def _tensorboard(env: RunEnv, spec: RunSpec) -> Any:
+def _tensorboard(env: RunEnv, cfg: RunConfig) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -437,4 +487,4 @@ def _tensorboard(env: RunEnv, spec: RunSpec) -> Any:
             _TB_WARNED.append(True)
             print("warning: training.tensorboard is set but tensorboard is not installed (pip install 'pefref[tensorboard]'); not logging to it", file=sys.stderr)
         return None
-    return SummaryWriter(log_dir=str(env.out / "tensorboard" / spec.id))
+    return SummaryWriter(log_dir=str(env.out / "tensorboard" / cfg.id))

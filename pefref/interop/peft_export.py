@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,9 +15,10 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
+from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
 
-__all__ = ["peft_state"]
+__all__ = ["PeftState", "peft_state"]
 
 _Piece = tuple[list[int], nn.Module]  # (the fused module's output features it owns, unit) of one slice placement
 
@@ -34,7 +36,39 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     raise PefrefError(f"{tech.id}: peft has no exact form of this technique (techniques with one: {known})")
 
 
-def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class PeftState:
+    """An adapter in peft's terms: ``adapter_config.json``'s content and ``adapter_model.safetensors``' tensors."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class _Export:
+    """What :func:`peft_state` gathers while it walks the adapter's placements."""
+
+    adapter: Adapter
+    method: PeftMethod
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: dict[str, set[str]] = field(default_factory=dict)  # config field -> module paths it lists
+    pieces: dict[tuple[str, str], list[_Piece]] = field(default_factory=dict)  # (module, fused path) -> its slice placements
+    conv1d: bool = False
+    saved: list[str] = field(default_factory=list)  # modules to save whole
+    selected: set[str] = field(default_factory=set)  # host parameters written
+
+    @property
+    def tech(self) -> Technique:
+        return self.adapter.technique
+
+    def put(self, key: str, value: torch.Tensor, where: str) -> None:
+        if key in self.tensors:
+            raise PefrefError(f"{self.tech.id}: two placements on {where}; peft holds one {self.method.peft_type} module per host module")
+        self.tensors[key] = value
+
+
+def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState:
     """peft's config and tensors for ``adapter`` (nothing written).
 
     Raises:
@@ -43,86 +77,90 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
     from pefref.interop.table import interop_table
 
     table = table or interop_table()
-    tech = adapter.technique
     method = _row(adapter, table)
     if adapter.merged:
         raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
-    fam = adapter.family
-    cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(fam, table), "inference_mode": True,
+    cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
-    for field, hp in method.hyperparameters.items():
-        cfg[field] = adapter.hyperparameters[hp]
+    for field_name, hp in method.hyperparameters.items():
+        cfg[field_name] = adapter.hyperparameters[hp]
+    ex = _Export(adapter, method, cfg)
     maps = {mm.module: mm for mm in method.modules}
-    forms = {m.name: getattr(m, "form", "") for m in tech.modules}
-    tensors: dict[str, torch.Tensor] = {}
-    targets: dict[str, set[str]] = {}
-    pieces: dict[tuple[str, str], list[_Piece]] = {}
-    conv1d = False
-    saved: list[str] = []
-    selected: set[str] = set()  # host parameters written
-
-    def put(key: str, value: torch.Tensor, where: str) -> None:
-        if key in tensors:
-            raise PefrefError(f"{tech.id}: two placements on {where}; peft holds one {method.peft_type} module per host module")
-        tensors[key] = value
-
+    forms = {m.name: getattr(m, "form", "") for m in ex.tech.modules}
     for row in adapter.report.rows if adapter.report else []:
         if row.module == SAVED_MODULE:
-            saved += row.paths
+            ex.saved += row.paths
             continue
         mm = maps.get(row.module)
         if mm is None:
-            raise PefrefError(f"{tech.id}: module {row.module!r} has no counterpart in peft's {method.peft_type}")
+            raise PefrefError(f"{ex.tech.id}: module {row.module!r} has no counterpart in peft's {method.peft_type}")
         if mm.computed is not None:
             continue
-        for field in mm.targets:
-            targets.setdefault(field, set()).update(_target_names(adapter, method, row) if method.targets_by_name else row.paths)
+        for field_name in mm.targets:
+            ex.targets.setdefault(field_name, set()).update(_target_names(adapter, method, row) if method.targets_by_name else row.paths)
         if forms.get(row.module) == "select":
-            for path in row.paths:
-                for target, tname in mm.tensors.items():
-                    if f"{path}.{target}" in adapter.selected:
-                        put(f"{PREFIX}{path}.{tname}", adapter.selected[f"{path}.{target}"].detach(), path)
-                        selected.add(f"{path}.{target}")
+            _export_selected(ex, row, mm)
+        else:
+            _export_units(ex, row, mm)
+    for (module, path), parts in sorted(ex.pieces.items()):
+        _fuse(adapter, method, maps[module], path, parts, cfg, ex.put)
+    return _complete(ex)
+
+
+def _export_selected(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
+    """A select placement: the host parameters it unfroze, under peft's names."""
+    for path in row.paths:
+        for target, tname in mm.tensors.items():
+            if f"{path}.{target}" in ex.adapter.selected:
+                ex.put(f"{PREFIX}{path}.{tname}", ex.adapter.selected[f"{path}.{target}"].detach(), path)
+                ex.selected.add(f"{path}.{target}")
+
+
+def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
+    """A row's units, one per host module, as peft's tensors (slices of a fused module are kept to be fused)."""
+    adapter, method, tech = ex.adapter, ex.method, ex.tech
+    binding = adapter.family.sites[row.site]
+    for path, layer in zip(row.paths, row.layers):
+        unit = adapter.units[unit_key(row.module, row.site, layer)]
+        host = adapter.model.get_submodule(path)
+        ex.conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
+        for pname, key in mm.shared.items():
+            ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+        _put_apart(adapter, mm, row.module, path, unit, ex.put)
+        if binding.slice is not None:
+            if method.fused is None:
+                raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
+                                  f"{method.peft_type} adapts whole modules and has no exact form of a slice; place it "
+                                  f"on the fused site instead (sites=['attn.qkv'])")
+            rows = slice_rows(adapter.family, row.site, adapter.sizes, host_kind(host).widths(host)[1])
+            ex.pieces.setdefault((row.module, path), []).append((rows, unit))
             continue
-        binding = fam.sites[row.site]
-        for path, layer in zip(row.paths, row.layers):
-            unit = adapter.units[unit_key(row.module, row.site, layer)]
-            host = adapter.model.get_submodule(path)
-            conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
-            for pname, key in mm.shared.items():
-                tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
-            _put_apart(adapter, mm, row.module, path, unit, put)
-            if binding.slice is not None:
-                if method.fused is None:
-                    raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
-                                      f"{method.peft_type} adapts whole modules and has no exact form of a slice; place it "
-                                      f"on the fused site instead (sites=['attn.qkv'])")
-                rows = slice_rows(fam, row.site, adapter.sizes, host_kind(host).widths(host)[1])
-                pieces.setdefault((row.module, path), []).append((rows, unit))
-                continue
-            for pname, tname in mm.tensors.items():
-                put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
-            for tname, value in _zero_tensors(mm, host, unit).items():
-                put(f"{PREFIX}{path}.{tname}", value, path)
-    for (module, path), parts in sorted(pieces.items()):
-        _fuse(adapter, method, maps[module], path, parts, cfg, put)
+        for pname, tname in mm.tensors.items():
+            ex.put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
+        for tname, value in _zero_tensors(mm, host, unit).items():
+            ex.put(f"{PREFIX}{path}.{tname}", value, path)
+
+
+def _complete(ex: _Export) -> PeftState:
+    """Computed prompts, target lists, the Conv1D flag and modules to save; every selected host parameter must be written."""
+    adapter, method, cfg, tensors = ex.adapter, ex.method, ex.config, ex.tensors
     for mm in method.modules:
         if mm.computed is not None:
-            tensors[PROMPT] = _computed(adapter, mm, tech)
-    for field, paths in targets.items():
-        cfg[field] = sorted(paths)
+            tensors[PROMPT] = _computed(adapter, mm, ex.tech)
+    for field_name, paths in ex.targets.items():
+        cfg[field_name] = sorted(paths)
     if method.conv1d_flag:
-        cfg[method.conv1d_flag] = conv1d
-    if saved:
-        cfg["modules_to_save"] = sorted(saved)
+        cfg[method.conv1d_flag] = ex.conv1d
+    if ex.saved:
+        cfg["modules_to_save"] = sorted(ex.saved)
         for name, p in adapter.selected.items():
-            if any(name.startswith(s + ".") for s in saved):
+            if any(name.startswith(s + ".") for s in ex.saved):
                 tensors[f"{PREFIX}{name}"] = p.detach()
-    selected |= {k[len(PREFIX):] for k in tensors if k.startswith(PREFIX)}
+    selected = ex.selected | {k[len(PREFIX):] for k in tensors if k.startswith(PREFIX)}
     left = sorted(set(adapter.selected) - selected)
     if left:
-        raise PefrefError(f"{tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
-    return cfg, _own_storage(tensors)
+        raise PefrefError(f"{ex.tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
+    return PeftState(cfg, _own_storage(tensors))
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,12 +189,12 @@ def _zero_tensors(mm: PeftModuleMap, host: nn.Module, unit: nn.Module) -> dict[s
             for tname, shape in mm.zeros.items()}
 
 
-def _target_names(adapter: Adapter, method: PeftMethod, row: Any) -> list[str]:
+def _target_names(adapter: Adapter, method: PeftMethod, row: ReportRow) -> list[str]:
     """A placement row's targets as module names within a layer (one per site), for rows that write ``targets_by_name``."""
     binding = adapter.family.sites[row.site]
     if binding.slice is not None or binding.path is None or "{i}." not in binding.path:
         return list(row.paths)
-    if sorted(row.layers) != list(range(adapter.sizes["L"])):
+    if sorted(row.layers) != list(range(adapter.sizes["L"])):  # type: ignore[type-var]
         raise PefrefError(f"{adapter.technique.id}.{row.module} on {row.site} covers layers {row.layers}: peft's {method.peft_type} "
                           f"targets a module name in every layer (it shares tensors by target), so only placements on all layers convert")
     return [binding.path.split("{i}.", 1)[1]]

@@ -26,12 +26,12 @@ from typing import Any
 from torch import nn
 
 from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from pefref.interop.peft_export import peft_state
+from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
 from pefref.runtime.adapter import Adapter
 
-__all__ = ["save_pretrained", "from_pretrained", "peft_state", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_pretrained", "from_pretrained", "PeftState", "peft_state", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 
 def save_pretrained(adapter: Adapter, directory: str | Path) -> Path:
@@ -43,10 +43,10 @@ def save_pretrained(adapter: Adapter, directory: str | Path) -> Path:
 
     from pefref.language.atomic import atomic_write_bytes, atomic_write_text, writable_folder
 
-    cfg, tensors = peft_state(adapter)
+    state = peft_state(adapter)
     folder = writable_folder(directory)
-    atomic_write_bytes(folder / WEIGHTS_NAME, save_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(folder / WEIGHTS_NAME, save_bytes(state.tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(state.config, indent=2, sort_keys=True) + "\n")
     return folder
 
 

@@ -16,7 +16,7 @@ from pefref.language.expr import Expr, parse_expr
 from pefref.language.forms import FORMS
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
-from pefref.language.schema.technique import PrependModule
+from pefref.language.schema.technique import ParamSpec, PrependModule
 from pefref.language.shapecheck import check_module_shapes
 from pefref.language.templates import template_problem
 from pefref.language.yamlsrc import Positions
@@ -144,6 +144,32 @@ def _check_names(e: Expr, allowed: set[str], ops: set[str], pos: Positions, path
 
 def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, pool: dict[str, Technique]) -> list[Problem]:
     """Cross-reference problems of one technique (empty when it is sound)."""
+    out = _check_references(t, pos, pool)
+    if out:
+        return out
+    cycle = use_cycle(t, pool)
+    if cycle:
+        uses = [i for i, m in enumerate(t.modules) if isinstance(m, ModuleUse)]
+        i = next((i for i in uses if t.modules[i].use.split(".")[0] in cycle[1:]), uses[0])  # type: ignore[union-attr]
+        what = "uses itself" if len(cycle) == 2 else f"is part of a use: cycle {' -> '.join(cycle)}"
+        return [Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {t.id!r} {what}")]
+    modules, hps = expand_modules(t, pool)
+    out = _check_defaults(t, pos)
+    defaults_sound = not out  # shapes are inferred on the defaults only when they are valid
+    published: dict[str, Any] = {}  # output shapes of the modules checked so far, for connections
+    for i, m in enumerate(modules):
+        found = _check_module(m, ("modules", i), hps, ref, pos)
+        if defaults_sound and not found:  # names and sites sound: infer shapes
+            found += check_module_shapes(m, ("modules", i), {k: v.default for k, v in hps.items()}, ref, pos, published)
+        out += found + _check_prepend(m, ("modules", i), ref, pos)
+    out += _check_groups(modules, pos)
+    if not out:
+        out += check_connections(modules, ref, pos)
+    return out
+
+
+def _check_references(t: Technique, pos: Positions, pool: dict[str, Technique]) -> list[Problem]:
+    """Techniques named by ``extends`` and modules named by ``use`` must exist."""
     out: list[Problem] = []
     for i, tid in enumerate(t.extends):
         if tid not in pool or tid == t.id:
@@ -156,15 +182,12 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
                 out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"unknown technique {tid!r}{suggest(tid, pool)}"))
             elif mname not in (names := _module_names(pool[tid], pool)):
                 out.append(Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {tid!r} has no module {mname!r}{suggest(mname, names)} (modules: {', '.join(names)})"))
-    if out:
-        return out
-    cycle = use_cycle(t, pool)
-    if cycle:
-        uses = [i for i, m in enumerate(t.modules) if isinstance(m, ModuleUse)]
-        i = next((i for i in uses if t.modules[i].use.split(".")[0] in cycle[1:]), uses[0])  # type: ignore[union-attr]
-        what = "uses itself" if len(cycle) == 2 else f"is part of a use: cycle {' -> '.join(cycle)}"
-        return [Problem(pos.at(("modules", i, "use")), f"modules[{i}].use", f"technique {t.id!r} {what}")]
-    modules, hps = expand_modules(t, pool)
+    return out
+
+
+def _check_defaults(t: Technique, pos: Positions) -> list[Problem]:
+    """Each hyperparameter's default lies within its bounds and among its choices."""
+    out: list[Problem] = []
     for name, hp in t.hyperparameters.items():
         p = ("hyperparameters", name)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
@@ -173,63 +196,76 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
         if getattr(hp, "choices", None) is not None and hp.default not in cast(Any, hp).choices:
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {cast(Any, hp).choices}"))
-    defaults_sound = not out  # shapes are inferred on the defaults only when they are valid
-    published: dict[str, Any] = {}  # output shapes of the modules checked so far, for connections
+    return out
+
+
+def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: ReferenceArchitecture, pos: Positions) -> list[Problem]:
+    """Sites and the names in every expression of one expanded module (at ``mp``)."""
+    out: list[Problem] = []
     sizes = set(ref.sizes) | set(HOST_SIZES)
+    for j, s in enumerate(m.sites):
+        if s not in ref.sites:
+            out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"unknown site {s!r}{suggest(s, ref.sites)} (sites: {', '.join(ref.sites)})"))
+            continue
+        kind = ref.site_kinds[ref.sites[s].kind]
+        if m.form not in kind.forms:
+            out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
+    site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
+    for k, (pname, spec) in enumerate(m.params.items()):
+        init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:k])  # tensors declared before
+        out += _check_param(m, spec, mp + ("params", pname), set(hps), init_reads, ref, pos)
+    base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
+    for fld in EXPR_FIELDS:
+        text = getattr(m, fld, None)
+        if text is None:
+            continue
+        allowed = base | set(MODEL_FLAGS) | (reads_of(m.form, fld) & (site_reads | {"delta"}))
+        if (m.form, fld) in _OWN_READS:
+            allowed |= reads_of(m.form, fld)
+        if fld == "length":
+            allowed = set(hps) | sizes
+        out += _check_names(parse_expr(text), allowed, set(PRIMITIVES), pos, mp + (fld,), f"{m.form} {fld}")
+    return out
+
+
+def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], init_reads: set[str], ref: ReferenceArchitecture,
+                 pos: Positions) -> list[Problem]:
+    """One tensor of a module (at ``pp``): names in its shape, initialiser and learning-rate scale; stacking and splitting.
+
+    ``hps``: the technique's hyperparameters; ``init_reads``: what its initialiser may read besides them and the sizes.
+    """
+    out: list[Problem] = []
+    scalars = hps | set(ref.sizes) | set(HOST_SIZES)
     scalar_ops = {k for k, p in PRIMITIVES.items() if p.scalar}
-    tensor_ops = set(PRIMITIVES)
-    for i, m in enumerate(modules):
-        mp = ("modules", i)
-        n_before = len(out)
-        for j, s in enumerate(m.sites):
-            if s not in ref.sites:
-                out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"unknown site {s!r}{suggest(s, ref.sites)} (sites: {', '.join(ref.sites)})"))
-                continue
-            kind = ref.site_kinds[ref.sites[s].kind]
-            if m.form not in kind.forms:
-                out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
-        site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
-        base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
-        for pname, spec in m.params.items():
-            pp = mp + ("params", pname)
-            for k, dim in enumerate(spec.shape):
-                if isinstance(dim, str):
-                    out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
-            init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:list(m.params).index(pname)])  # tensors declared before
-            out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
-            if isinstance(spec.lr_scale, str):
-                out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
-            if spec.stacked != "none" and spec.shared != "none":
-                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
-                                   f"stacked: {spec.stacked} stores the per-layer copies of an unshared tensor together; this one is shared: {spec.shared}"))
-            if spec.stacked != "none" and spec.split:
-                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)), "a tensor is either stacked over layers or split into pieces, not both"))
-            if spec.stacked != "none" and any(s in ref.sites and not ref.sites[s].per_layer for s in m.sites):
-                out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
-                                   "stacked: layers needs per-layer sites; this module also attaches once per model"))
-            if spec.split >= len(spec.shape):
-                out.append(Problem(pos.at(pp + ("split",)), dotted(pp + ("split",)), f"split: {spec.split} must be below the number of dimensions ({len(spec.shape)}): each piece keeps at least one"))
-        for fld in EXPR_FIELDS:
-            text = getattr(m, fld, None)
-            if text is None:
-                continue
-            allowed = base | set(MODEL_FLAGS) | (reads_of(m.form, fld) & (site_reads | {"delta"}))
-            if (m.form, fld) in _OWN_READS:
-                allowed |= reads_of(m.form, fld)
-            if fld == "length":
-                allowed = set(hps) | sizes
-            out += _check_names(parse_expr(text), allowed, tensor_ops, pos, mp + (fld,), f"{m.form} {fld}")
-        if defaults_sound and len(out) == n_before:  # names and sites sound: infer shapes
-            out += check_module_shapes(m, mp, {k: v.default for k, v in hps.items()}, ref, pos, published)
-        if isinstance(m, PrependModule):
-            kinds = {ref.sites[s].kind for s in m.sites if s in ref.sites}
-            if m.tokens is not None and kinds - {"embedding"}:
-                out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
-            if m.keys is not None and kinds - {"kv"}:
-                out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
-    out += _check_groups(modules, pos)
-    if not out:
-        out += check_connections(modules, ref, pos)
+    for k, dim in enumerate(spec.shape):
+        if isinstance(dim, str):
+            out += _check_names(parse_expr(dim), scalars, scalar_ops, pos, pp + ("shape", k), "a shape")
+    out += _check_names(parse_expr(spec.init), scalars | init_reads, set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
+    if isinstance(spec.lr_scale, str):
+        out += _check_names(parse_expr(spec.lr_scale), hps, scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
+    if spec.stacked != "none" and spec.shared != "none":
+        out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                           f"stacked: {spec.stacked} stores the per-layer copies of an unshared tensor together; this one is shared: {spec.shared}"))
+    if spec.stacked != "none" and spec.split:
+        out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)), "a tensor is either stacked over layers or split into pieces, not both"))
+    if spec.stacked != "none" and any(s in ref.sites and not ref.sites[s].per_layer for s in m.sites):
+        out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
+                           "stacked: layers needs per-layer sites; this module also attaches once per model"))
+    if spec.split >= len(spec.shape):
+        out.append(Problem(pos.at(pp + ("split",)), dotted(pp + ("split",)), f"split: {spec.split} must be below the number of dimensions ({len(spec.shape)}): each piece keeps at least one"))
+    return out
+
+
+def _check_prepend(m: Any, mp: tuple[Any, ...], ref: ReferenceArchitecture, pos: Positions) -> list[Problem]:
+    """A prepend module's tokens go to embedding sites, its keys and values to attention key/value sites."""
+    if not isinstance(m, PrependModule):
+        return []
+    out: list[Problem] = []
+    kinds = {ref.sites[s].kind for s in m.sites if s in ref.sites}
+    if m.tokens is not None and kinds - {"embedding"}:
+        out.append(Problem(pos.at(mp + ("tokens",)), dotted(mp + ("tokens",)), "tokens are prepended at embedding sites only; use keys and values at attention key/value sites"))
+    if m.keys is not None and kinds - {"kv"}:
+        out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
     return out
 
 

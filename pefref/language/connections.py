@@ -15,6 +15,7 @@ No torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pefref.language.errors import Problem
@@ -54,92 +55,136 @@ def _layers(m: Any, site: str, ref: Any) -> list[int | None]:
     return cast(list[int | None], select_layers(m.layers, EXAMPLE_LAYERS)) if ref.sites[site].per_layer else [None]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What a connection reads: a site, and the module there (its declaration index; -1 and None: the site's hidden state)."""
+
+    site: str
+    index: int = -1
+    module: Any = None
+
+
+@dataclass
+class _Check:
+    """The modules of one technique under check, and the problems found so far."""
+
+    modules: list[Any]
+    ref: Any
+    pos: Positions
+    out: list[Problem] = field(default_factory=list)
+
+    @property
+    def by_name(self) -> dict[str, tuple[int, Any]]:
+        return {m.name: (i, m) for i, m in enumerate(self.modules)}
+
+    def err(self, path: tuple[Any, ...], msg: str) -> None:
+        self.out.append(Problem(self.pos.at(path), dotted(path), msg))
+
+
 def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Problem]:
     """Located problems of every module's connections (empty when all are sound)."""
-    out: list[Problem] = []
-    by_name = {m.name: (i, m) for i, m in enumerate(modules)}
-    order = list(ref.order)
-
-    def err(path: tuple[Any, ...], msg: str) -> None:
-        out.append(Problem(pos.at(path), dotted(path), msg))
-
+    ck = _Check(modules, ref, pos)
     for i, m in enumerate(modules):
         for name, conn in getattr(m, "inputs", {}).items():
-            cp = ("modules", i, "inputs", name)
-            if m.form not in OUTPUT_FORMS:
-                err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
-                continue
-            if conn.module is None:
-                if conn.site not in ref.sites:
-                    err(cp + ("site",), f"unknown site {conn.site!r}{suggest(conn.site or '', ref.sites)}")
-                    continue
-                if conn.tensor not in ref.site_kinds[ref.sites[conn.site].kind].reads:
-                    err(cp + ("tensor",), f"site {conn.site!r} offers no {conn.tensor!r} (a {ref.sites[conn.site].kind} site offers: {', '.join(ref.site_kinds[ref.sites[conn.site].kind].reads)})")
-                    continue
-                sources = [(conn.site, -1, None)]  # a site's hidden state: available wherever the site has run
-            else:
-                sources = []
-                for key, nm in (("module", conn.module), ("fallback", conn.fallback)):
-                    if nm is None:
-                        continue
-                    if nm not in by_name:
-                        err(cp + (key,), f"unknown module {nm!r}{suggest(nm, by_name)} (modules: {', '.join(by_name)})")
-                        continue
-                    j, src = by_name[nm]
-                    if src.form not in OUTPUT_FORMS:
-                        err(cp + (key,), f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
-                        continue
-                    s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
-                    if s is None:
-                        err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with site:")
-                        continue
-                    sources.append((s, j, src))
-                if len(sources) < 1 + (conn.fallback is not None):
-                    continue
-            if conn.fallback is not None and conn.layer != "previous":
-                err(cp + ("fallback",), "a fallback is read where the previous layer does not exist; use it with layer: previous")
-                continue
-            for site in m.sites:
-                if site not in ref.sites:
-                    continue
-                reader_layers = _layers(m, site, ref)
-                s0, j0, src0 = sources[0]
-                src_per_layer = ref.sites[s0].per_layer
-                src_layers = set(_layers(src0, s0, ref)) if src0 is not None else set(range(EXAMPLE_LAYERS)) if src_per_layer else {None}
-                if conn.layer == "same" and src_per_layer and reader_layers == [None]:
-                    err(cp + ("layer",), f"{m.name!r} at {site!r} is model-level; read a per-layer source with layer: last")
-                    break
-                if conn.layer in ("previous", "last") and not src_per_layer:
-                    err(cp + ("layer",), f"the source at {s0!r} is model-level; it has no {conn.layer} layer (use layer: same)")
-                    break
-                if conn.layer == "previous" and reader_layers == [None]:
-                    err(cp + ("layer",), f"{m.name!r} at {site!r} is model-level; it has no previous layer")
-                    break
-                if conn.layer == "same" and src_per_layer:
-                    missing = [li for li in reader_layers if li not in src_layers]
-                    if missing:
-                        err(cp + ("layer",), f"the source does not run in layer {missing[0]} where {m.name!r} reads it (of {EXAMPLE_LAYERS} layers)")
-                        break
-                if conn.layer == "previous":
-                    missing = [li for li in reader_layers if li is not None and li - 1 not in src_layers]
-                    if missing and (missing != [0] or conn.fallback is None):
-                        li = cast(int, missing[0])
-                        what = "the first layer has no previous layer; add a fallback" if li == 0 else f"the source does not run in layer {li - 1}"
-                        err(cp + ("layer",), f"{what} (read by {m.name!r} in layer {li})")
-                        break
-                checks = [(s0, j0, conn.layer)]
-                if conn.fallback is not None:
-                    checks.append((sources[1][0], sources[1][1], "same"))
-                for s, j, layer in checks:
-                    if layer != "same" and ref.sites[s].per_layer:
-                        continue  # an earlier layer (or the last one, read by a model-level module after the layers) has run
-                    if not ref.sites[s].per_layer and ref.sites[site].per_layer and runs_before(order, (s, j), (site, i)):
-                        continue
-                    if not runs_before(order, (s, j), (site, i)):
-                        cyc = " (the two read each other: a cycle)" if j >= 0 and any(
-                            c.module == m.name for c in getattr(modules[j], "inputs", {}).values()) else ""
-                        who = f"module {modules[j].name!r} at {s!r}" if j >= 0 else f"site {s!r}"
-                        err(cp, f"{who} runs after {m.name!r} at {site!r} in a layer, so its value is not there yet{cyc}; "
-                                f"read an earlier site, declare the source first, or read the previous layer")
-                        break
-    return out
+            _check_connection(ck, i, m, ("modules", i, "inputs", name), conn)
+    return ck.out
+
+
+def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
+    """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
+    if m.form not in OUTPUT_FORMS:
+        ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
+        return
+    sources = _sources(ck, cp, conn)
+    if sources is None:
+        return
+    if conn.fallback is not None and conn.layer != "previous":
+        ck.err(cp + ("fallback",), "a fallback is read where the previous layer does not exist; use it with layer: previous")
+        return
+    for site in m.sites:
+        if site not in ck.ref.sites:
+            continue
+        why = _layer_problem(ck.ref, m, site, conn, sources[0])
+        if why is not None:
+            ck.err(cp + ("layer",), why)
+            break
+        why = _order_problem(ck, i, m, site, conn, sources)
+        if why is not None:
+            ck.err(cp, why)
+            break
+
+
+def _sources(ck: _Check, cp: tuple[Any, ...], conn: Any) -> list[_Source] | None:
+    """The connection's source and its fallback, if any (None, with the problems reported, when one is unsound)."""
+    ref = ck.ref
+    if conn.module is None:
+        if conn.site not in ref.sites:
+            ck.err(cp + ("site",), f"unknown site {conn.site!r}{suggest(conn.site or '', ref.sites)}")
+            return None
+        if conn.tensor not in ref.site_kinds[ref.sites[conn.site].kind].reads:
+            ck.err(cp + ("tensor",), f"site {conn.site!r} offers no {conn.tensor!r} (a {ref.sites[conn.site].kind} site offers: {', '.join(ref.site_kinds[ref.sites[conn.site].kind].reads)})")
+            return None
+        return [_Source(conn.site)]  # a site's hidden state: available wherever the site has run
+    by_name = ck.by_name
+    sources: list[_Source] = []
+    for key, nm in (("module", conn.module), ("fallback", conn.fallback)):
+        if nm is None:
+            continue
+        if nm not in by_name:
+            ck.err(cp + (key,), f"unknown module {nm!r}{suggest(nm, by_name)} (modules: {', '.join(by_name)})")
+            continue
+        j, src = by_name[nm]
+        if src.form not in OUTPUT_FORMS:
+            ck.err(cp + (key,), f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
+            continue
+        s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
+        if s is None:
+            ck.err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with site:")
+            continue
+        sources.append(_Source(s, j, src))
+    return sources if len(sources) >= 1 + (conn.fallback is not None) else None
+
+
+def _layer_problem(ref: Any, m: Any, site: str, conn: Any, src: _Source) -> str | None:
+    """Why the source does not exist in a layer where ``m`` at ``site`` reads it (None: it does)."""
+    reader_layers = _layers(m, site, ref)
+    src_per_layer = ref.sites[src.site].per_layer
+    src_layers = set(_layers(src.module, src.site, ref)) if src.module is not None else set(range(EXAMPLE_LAYERS)) if src_per_layer else {None}
+    if conn.layer == "same" and src_per_layer and reader_layers == [None]:
+        return f"{m.name!r} at {site!r} is model-level; read a per-layer source with layer: last"
+    if conn.layer in ("previous", "last") and not src_per_layer:
+        return f"the source at {src.site!r} is model-level; it has no {conn.layer} layer (use layer: same)"
+    if conn.layer == "previous" and reader_layers == [None]:
+        return f"{m.name!r} at {site!r} is model-level; it has no previous layer"
+    if conn.layer == "same" and src_per_layer:
+        missing = [li for li in reader_layers if li not in src_layers]
+        if missing:
+            return f"the source does not run in layer {missing[0]} where {m.name!r} reads it (of {EXAMPLE_LAYERS} layers)"
+    if conn.layer == "previous":
+        missing = [li for li in reader_layers if li is not None and li - 1 not in src_layers]
+        if missing and (missing != [0] or conn.fallback is None):
+            li = cast(int, missing[0])
+            what = "the first layer has no previous layer; add a fallback" if li == 0 else f"the source does not run in layer {li - 1}"
+            return f"{what} (read by {m.name!r} in layer {li})"
+    return None
+
+
+def _order_problem(ck: _Check, i: int, m: Any, site: str, conn: Any, sources: list[_Source]) -> str | None:
+    """Why a source (or the fallback) has not run yet when ``m`` at ``site`` reads it within a layer (None: it has)."""
+    ref, order = ck.ref, list(ck.ref.order)
+    checks = [(sources[0], conn.layer)]
+    if conn.fallback is not None:
+        checks.append((sources[1], "same"))
+    for src, layer in checks:
+        s, j = src.site, src.index
+        if layer != "same" and ref.sites[s].per_layer:
+            continue  # an earlier layer (or the last one, read by a model-level module after the layers) has run
+        if not ref.sites[s].per_layer and ref.sites[site].per_layer and runs_before(order, (s, j), (site, i)):
+            continue
+        if not runs_before(order, (s, j), (site, i)):
+            cyc = " (the two read each other: a cycle)" if j >= 0 and any(
+                c.module == m.name for c in getattr(ck.modules[j], "inputs", {}).values()) else ""
+            who = f"module {ck.modules[j].name!r} at {s!r}" if j >= 0 else f"site {s!r}"
+            return (f"{who} runs after {m.name!r} at {site!r} in a layer, so its value is not there yet{cyc}; "
+                    f"read an earlier site, declare the source first, or read the previous layer")
+    return None

@@ -115,23 +115,7 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         fam = catalog.family(shape.family)
     sizes = model_sizes(fam, dict(shape.config)) if shape is not None and fam is not None else None
     L = sizes["L"] if sizes else None
-    if layers is None:
-        drawn: list[int | None] = [None]
-        L_text = str(L) if L is not None else "L"
-    else:
-        if layers == "all":
-            if L is None:
-                raise PefrefError("--layers all needs a model (--model SHAPE); give a number of layers instead")
-            n = L
-        else:
-            try:
-                n = int(layers)
-            except ValueError:
-                raise PefrefError(f"--layers expects a number or 'all', found {layers!r}") from None
-            if n < 1 or (L is not None and n > L):
-                raise PefrefError(f"--layers {n}: expected 1..{L if L is not None else 'N'}")
-        drawn = list(range(n))
-        L_text = str(L if L is not None else n)
+    drawn, L_text = _drawn_layers(layers, L)
     placed = [pl for t in techniques for pl in _placed(catalog, t)]
     used = {s for pl in placed for s in pl.module.sites}
     used |= {c.site for pl in placed for c in (getattr(pl.module, "inputs", None) or {}).values() if getattr(c, "site", None)}
@@ -166,6 +150,24 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
     g.graph["title"] = ('<TABLE BORDER="0" CELLBORDER="0" CELLPADDING="1"><TR><TD ALIGN="LEFT" BALIGN="LEFT">'
                         + _title(catalog, techniques, shape, compositions or []) + "</TD></TR><TR><TD ALIGN=\"LEFT\">" + _legend(g) + "</TD></TR></TABLE>")
     return g
+
+
+def _drawn_layers(layers: int | str | None, L: int | None) -> tuple[list[int | None], str]:
+    """The layers to draw (``[None]``: one layer standing for all) and the text of the layer count."""
+    if layers is None:
+        return [None], str(L) if L is not None else "L"
+    if layers == "all":
+        if L is None:
+            raise PefrefError("--layers all needs a model (--model SHAPE); give a number of layers instead")
+        n = L
+    else:
+        try:
+            n = int(layers)
+        except ValueError:
+            raise PefrefError(f"--layers expects a number or 'all', found {layers!r}") from None
+        if n < 1 or (L is not None and n > L):
+            raise PefrefError(f"--layers {n}: expected 1..{L if L is not None else 'N'}")
+    return list(range(n)), str(L if L is not None else n)
 
 
 def _title(catalog: Catalog, techniques: list[Technique], shape: Any, compositions: list[ResolvedComposition]) -> str:

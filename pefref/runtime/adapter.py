@@ -140,10 +140,13 @@ class Adapter:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``),
-        so that ``peft.PeftModel.from_pretrained(base, directory)`` computes the same; see :mod:`pefref.interop`."""
-        from pefref.interop.peft_format import save_pretrained  # the interop layer builds on this handle
+        so that ``peft.PeftModel.from_pretrained(base, directory)`` computes the same; see :mod:`pefref.interop`.
 
-        return save_pretrained(self, directory)
+        The interop layer, above this one, writes it: :mod:`pefref` registers its writer with
+        :mod:`pefref.runtime.formats`, where this method finds it (the runtime never imports interop)."""
+        from pefref.runtime.formats import PRETRAINED, adapter_format
+
+        return adapter_format(PRETRAINED).write(self, directory)
 
     def load(self, path: str | Path) -> None:
         """Load adapter state saved by :meth:`save`, after verifying technique, hyperparameters, family and tensors."""

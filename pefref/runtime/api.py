@@ -1,7 +1,7 @@
 """The Python API: apply a technique to a model and get a handle with peft's operations.
 
 >>> handle = pefref.apply(model, technique_id, r=16)      # doctest: +SKIP
->>> handle.report.total, handle.merge(), handle.remove()  # doctest: +SKIP
+>>> handle.report.trainable, handle.merge(), handle.remove()  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -118,6 +118,14 @@ def _used_inputs(unit: nn.Module) -> frozenset[str]:
     return getattr(unit, "used_inputs", frozenset())
 
 
+def _check_finite(unit: nn.Module) -> None:
+    """The unit's initial tensors hold no NaN or infinite entries."""
+    for name, _t in [*unit.named_parameters(), *unit.named_buffers()]:
+        t = unit.own(name) if isinstance(unit, Unit) else _t  # a stacked tensor: this unit's slice (the later ones are not filled yet)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
+
+
 def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
                probes: dict[Any, torch.Tensor] | None = None, reads: Mapping[str, list[Any]] | None = None, publish: Any = None) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
@@ -133,10 +141,7 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
     :class:`PefrefError` and changes nothing. Units on the meta device are not run."""
     if str(ctx.device) == "meta" or any(t.is_meta for t in [*unit.parameters(), *unit.buffers()]):
         return
-    for name, _t in [*unit.named_parameters(), *unit.named_buffers()]:
-        t = unit.own(name) if isinstance(unit, Unit) else _t  # a stacked tensor: this unit's slice (the later ones are not filled yet)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
+    _check_finite(unit)
     used = _used_inputs(unit)
     g = torch.Generator().manual_seed(0)
 

@@ -1,7 +1,7 @@
 """Build the static site: gather view models, render every page, write the files.
 
 The build is a pure function from the catalog (plus included technique
-folders and, later, experiment results) to a mapping ``path -> bytes``
+folders and experiment results given as their view model) to a mapping ``path -> bytes``
 (:func:`site_files`); :func:`build_site` writes that mapping atomically and
 :func:`check_site` compares it with a folder. Pages come from *sections*
 (:data:`pefref.render.site.pages.SECTIONS`): each names its entry in the
@@ -21,6 +21,7 @@ from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.render.site.gather import SiteData, gather
 from pefref.render.site.pictures import Pictures, labelled
+from pefref.render.site.resultsview import ResultsView
 
 __all__ = [
     "Page", "NavItem", "Section", "SiteContext", "DEFAULT_MODELS", "MANIFEST",
@@ -152,7 +153,7 @@ def site_files(
     *,
     models: Sequence[str] | None = None,
     include: Sequence[Path] = (),
-    results: Path | None = None,
+    results: ResultsView | None = None,
     sections: Sequence[Section] | None = None,
     compositions: Sequence[Path] | None = None,
 ) -> dict[str, bytes]:
@@ -162,7 +163,8 @@ def site_files(
         catalog: the catalog (default: the bundled one).
         models: model shapes for the index's counts, the costs and the comparison (default: :data:`DEFAULT_MODELS`).
         include: folders of the user's own technique files; their pages are marked as not from the catalog.
-        results: a folder of experiment results, for sections that show them.
+        results: experiment results to show (:func:`pefref.experiments.site_view.results_view` builds them
+            from a results folder), for sections that show them.
         sections: the sections to build (default: :data:`pefref.render.site.pages.SECTIONS`).
         compositions: composition files to show (default: the bundled catalog's ``compositions/``); those
             naming a technique the catalog lacks are left out.

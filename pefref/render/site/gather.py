@@ -19,6 +19,7 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
 from pefref.language.sizes import eval_scalar, model_sizes
 from pefref.render.site.compositions import CompositionView, composition_views
+from pefref.render.site.resultsview import ResultsView
 from pefref.view.costs import Efficiency, efficiency
 
 __all__ = [
@@ -130,7 +131,7 @@ class SiteData:
     shapes: list[ShapeView]
     models: list[str]
     properties: list[tuple[str, str]]
-    results: Path | None = None
+    results: ResultsView | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     compositions: list[CompositionView] = field(default_factory=list)
 
@@ -243,7 +244,7 @@ def _shape_view(s: ModelShape, catalog: Catalog) -> ShapeView:
     return ShapeView(s.name, s.family, s.description, s.source or "", dict(sorted(sizes.items())), base, dict(s.config))
 
 
-def gather(catalog: Catalog, models: list[str], included: frozenset[str] = frozenset(), results: Path | None = None,
+def gather(catalog: Catalog, models: list[str], included: frozenset[str] = frozenset(), results: ResultsView | None = None,
            compositions: list[ResolvedComposition] | None = None) -> SiteData:
     """Assemble the view models of the whole site (the first phase of :func:`pefref.render.site.build.build_site`).
 
@@ -251,7 +252,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
         catalog: the catalog, with any included techniques already added to it.
         models: the model shapes the index, costs and comparisons are shown on.
         included: ids of techniques that do not come from the catalog.
-        results: a folder of experiment results, handed to extra page builders.
+        results: the experiment results to show (built by the caller), handed to the results section.
         compositions: the compositions to show (their techniques link back to them).
     """
     from pefref.language.catalog import catalog_root
