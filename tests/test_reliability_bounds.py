@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.language.schema import Technique
 from pefref.language.validate import validate_paths
-from pefref.runtime import api
 from pefref.runtime.api import apply
+from pefref.runtime.applying import plan
 
 from .conftest import tiny_model
 from .modelstate import assert_same_state, model_state
@@ -122,21 +123,9 @@ def test_override_that_makes_an_op_huge_is_refused_at_apply(tmp_path: Path) -> N
 
 
 def _plan_of(tid: str, **hps) -> tuple[int, int]:
-    """(kept, peak) bytes apply planned for ``tid`` on a fresh tiny model."""
-    seen = []
-    real = api.plan_apply
-
-    def spy(*a, **k):
-        plan = real(*a, **k)
-        seen.append(plan)
-        return plan
-
-    api.plan_apply = spy
-    try:
-        apply(tiny_model("llama"), tid, **hps).remove()
-    finally:
-        api.plan_apply = real
-    return seen[0].nbytes, seen[0].peak
+    """(kept, peak) bytes apply plans for ``tid`` on a fresh tiny model (its plan, read before anything is built)."""
+    planned = plan(tiny_model("llama"), tid, default_catalog(), hyperparameters=hps).shapes
+    return planned.nbytes, planned.peak
 
 
 @pytest.mark.parametrize("tid", ["pissa", "oft"])

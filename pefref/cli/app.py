@@ -393,7 +393,7 @@ def apply_(
     device = "meta" if base > 200_000_000 else None
     m = build_model(shape, cat, device=device)
     adapter = apply_technique(m, t, catalog=cat, sites=_sites(sites), overrides=_overrides(sets))
-    rep = adapter.report.as_dict()  # type: ignore[union-attr]
+    rep = adapter.report.as_dict()
     rep["model"] = model
     rep["device"] = device or "cpu"
     if as_json:
@@ -402,7 +402,7 @@ def apply_(
     from pefref.runtime.api import fold_paths
 
     table = Table("site", "module", "matched modules", "params each", "params", title=f"{t.id} on {model} ({fam.family}{', meta device' if device else ''})")
-    for r in adapter.report.rows:  # type: ignore[union-attr]
+    for r in adapter.report.rows:
         table.add_row(Text(r.site), Text(r.module), Text("\n".join(fold_paths(r.paths))), f"{r.params_per_placement:,}", f"{r.params:,}")
     con = _wide()
     con.print(table)

@@ -35,6 +35,7 @@ from torch import nn
 
 from pefref.compiler.units import Unit, _leaf
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.forms import FORMS, Integration
 from pefref.ops import PRIMITIVES
 from pefref.ops.layered import rule_for
 
@@ -85,8 +86,8 @@ def batchable(units: Sequence[Unit]) -> bool:
     first = units[0]
 
     def head(u: Unit) -> tuple[Any, ...]:  # the program but its constants and shapes: a class may come from a model of
-        form, exprs, _consts, _shapes, views, inputs, publish, _picks = u.program  # other sizes whose code is the same
-        return form, exprs, views, inputs, publish
+        p = u.program  # other sizes whose code is the same
+        return p.form, p.exprs, p.views, p.inputs, p.publish
 
     own = {n: t for n, t in [*first.named_parameters(recurse=False), *first.named_buffers(recurse=False)]}
     n_layers = {own[n].shape[0] for n in first.picks}
@@ -108,9 +109,12 @@ class _BatchProgram(nn.Module):
 
     def __init__(self, unit: Unit) -> None:
         super().__init__()
-        form, exprs, consts, _shapes, views, _inputs, _publish, picks = unit.program
-        self.form, self.exprs, self.consts = form, {f: parse_expr(t) for f, t in exprs}, dict(consts)
-        self.views, self.stacked = dict(views), {n for n, _ in picks}
+        prog = unit.program
+        self.form, self.exprs, self.consts = prog.form, {f: parse_expr(t) for f, t in prog.exprs}, dict(prog.consts)
+        self.results = [f for f in prog.rule.results if f in self.exprs]
+        form = FORMS.get(prog.form)
+        self.positions = form is not None and form.integration is Integration.POSITIONS
+        self.views, self.stacked = dict(prog.views), {n for n, _ in prog.picks}
         self.tensor_names: list[str] = []
         for name, t in [*unit.named_parameters(recurse=False), *unit.named_buffers(recurse=False)]:
             if isinstance(t, nn.Parameter):
@@ -185,8 +189,8 @@ class _BatchProgram(nn.Module):
             else:
                 env[n] = _V(t[tuple(slice(0, s) for s in view)] if view else t, False, per_layer)
         env.update(x=None, h=None, W=None, mask=None)
-        if self.form == "prepend" and "keys" in self.exprs:
-            return tuple(self._whole(evaluate(self.exprs[f], env, ops)) for f in ("keys", "values"))
+        if self.positions and len(self.results) > 1:  # keys and values of every layer at once
+            return tuple(self._whole(evaluate(self.exprs[f], env, ops)) for f in self.results)
         raise ValueError(f"no layer-batched program for form {self.form!r}")
 
     def _whole(self, v: Any) -> Any:

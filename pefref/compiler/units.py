@@ -11,7 +11,9 @@ units of that program: injecting 160 units costs one trace. Every unit has the s
 ``forward(x, h, W, training, mask=None, inputs=None, b=None)`` (``mask``: the model's key padding mask [batch, seq],
 ``b``: the host's bias, zeros where it has none (:func:`pefref.runtime.hosts.bias_of`), for modules that read it;
 for modules that read it; ``inputs``: the values of the module's connections, by name; a unit whose
-output other units read returns ``(output, delta)``):
+output other units read returns ``(output, delta)``). What the forward computes is the form's
+:class:`~pefref.language.forms.Rule` (the forms' registry): its fields in order, bound values visible to the
+later ones, the present results returned; the code never names a form. For the registered forms:
 
 * parallel:        ``integrate(h, delta=compute(x))`` → new host output
 * sequential:      ``integrate(h, delta=compute(h))`` → new host output
@@ -21,7 +23,10 @@ output other units read returns ``(output, delta)``):
 * rescale:         ``scale`` → vector multiplying the host output (or input)
 * prepend:         ``tokens`` or ``(keys, values)`` → positions to prepend; a prefix with a ``gate``
                    also holds ``unit.gate_unit`` (same tensors): ``gate_unit(x, None, None, training)``
-                   → the gate [batch, 1] of ``x``, the hidden state entering a layer's attention
+                   → the gate [batch, 1] of ``x``, the hidden state entering a layer's attention (a form's
+                   ``side_rules``: one more program over the unit's tensors per given field)
+
+A program is a :class:`Program` (printable, hashable: equal programs share one generated class).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pefref.compiler.activation import NoLinearRule, linear_forward
 from pefref.language.check import INIT_SEED
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.forms import FORMS, Integration, Rule, form_of
 from pefref.language.hparams import resolve_hyperparameters, shape_of
 from pefref.language.limits import current
 from pefref.ops import PRIMITIVES, TORCH_SETUP
@@ -51,17 +57,33 @@ from pefref.ops.inits import FILLERS, init_table
 for _setup in TORCH_SETUP:  # torch-side definitions of primitives, made before any traced call
     _setup()
 
-__all__ = ["SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS", "Unit", "clear_programs", "Recipe", "TensorRecipe", "recipe"]
+__all__ = ["Program", "SiteContext", "resolve_hyperparameters", "shape_of", "build_unit", "SharedStore", "OUTPUT_FIELDS", "Unit", "clear_programs", "Recipe", "TensorRecipe", "recipe"]
 
-OUTPUT_FIELDS = {
-    "parallel": ("compute", "integrate"),
-    "sequential": ("compute", "integrate"),
-    "reparameterise": ("weight",),
-    "rescale": ("scale",),
-    "prepend": ("tokens", "keys", "values"),
-    "select": (),
-    "gate": ("gate",),
-}
+OUTPUT_FIELDS = {**{f.name: f.fields for f in FORMS.values()}, **{fld: r.fields for f in FORMS.values() for fld, r in f.side_rules.items()}}
+"""The expression fields a program of each form (or side program, e.g. a prefix's ``gate``) evaluates."""
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one generated unit class is compiled from: a module description under one set of constants.
+
+    ``form``: the form's name (a side program, e.g. a prefix's gate, is named by its field); ``rule``: how
+    the forward evaluates ``exprs`` (field -> expression text); ``consts``: sizes, host widths, flags and
+    hyperparameters; ``shapes``: (name, *entry) of each tensor (:func:`parts.entry`); ``views``: tensors
+    read through a smaller view; ``inputs``: connection names; ``publish``: also return the published
+    value; ``picks``: stacked tensors and the index of this unit's slice; ``lean``: try an activation-space
+    reading of the weight (:mod:`pefref.compiler.activation`). Hashable: equal programs share one class."""
+
+    form: str
+    rule: Rule
+    exprs: tuple[tuple[str, str], ...]
+    consts: tuple[tuple[str, Any], ...]
+    shapes: tuple[tuple[Any, ...], ...]
+    views: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    inputs: tuple[str, ...] = ()
+    publish: bool = False
+    picks: tuple[tuple[str, int], ...] = ()
+    lean: bool = False
 
 
 @dataclass
@@ -155,11 +177,12 @@ def _supplied(fn: Any, training: Any) -> Any:
 class _Program(nn.Module):
     """Holds example tensors of a unit; its forward walks the expressions (traced once per program)."""
 
-    def __init__(self, form: str, exprs: dict[str, Any], consts: dict[str, Any], tensors: dict[str, torch.Tensor], views: dict[str, tuple[int, ...]],
-                 input_names: tuple[str, ...] = (), publish: bool = False, lean: bool = False, picks: dict[str, int] | None = None) -> None:
+    def __init__(self, program: Program, tensors: dict[str, torch.Tensor], lean: bool = False) -> None:
         super().__init__()
-        self.form, self.exprs, self.consts, self.views, self.picks = form, exprs, consts, views, picks or {}
-        self.input_names, self.publish, self.lean = input_names, publish, lean
+        self.rule, self.exprs, self.consts = program.rule, {f: parse_expr(t) for f, t in program.exprs}, dict(program.consts)
+        self.views, self.picks = dict(program.views), dict(program.picks)
+        views = self.views
+        self.input_names, self.publish, self.lean = program.inputs, program.publish, lean
         self.shapes = {n: tuple(views.get(n, t.shape[1:] if n in self.picks else t.shape))  # a stacked tensor: one layer's slice
                        for n, t in tensors.items() if not isinstance(t, list)}  # split tensors: unknown
         for name, t in parts.flatten(tensors).items():
@@ -188,24 +211,27 @@ class _Program(nn.Module):
             env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
-        f = self.form
-        if f in ("parallel", "sequential"):
-            env["delta"] = evaluate(self.exprs["compute"], env, ops)
-            out = evaluate(self.exprs["integrate"], env, ops)
-            return (out, env["delta"]) if self.publish else out
-        if f == "reparameterise":
-            if self.lean:  # x W'^T read in activation space (NoLinearRule where it has no such reading)
-                return linear_forward(self.exprs["weight"], env, ops, x, self.shapes, (self.consts["d_out"], self.consts["d_in"]))
-            return evaluate(self.exprs["weight"], env, ops)
-        if f == "rescale":
-            return evaluate(self.exprs["scale"], env, ops)
-        if f == "prepend":
-            if "tokens" in self.exprs:
-                return evaluate(self.exprs["tokens"], env, ops)
-            return evaluate(self.exprs["keys"], env, ops), evaluate(self.exprs["values"], env, ops)
-        if f == "gate":  # a prefix's gate, of x (the hidden state entering the layer's attention)
-            return evaluate(self.exprs["gate"], env, ops)
-        raise PefrefError(f"form {f!r} has no forward")
+        return self._run(env, ops, x)
+
+    def _run(self, env: dict[str, Any], ops: dict[str, Any], x: Any) -> Any:
+        """The form's rule: its fields in order (bound values visible to later ones), then its results."""
+        rule, binds = self.rule, dict(self.rule.binds)
+        results: list[Any] = []
+        for fld in rule.fields:
+            if fld not in self.exprs:
+                continue
+            if self.lean and fld in rule.results:  # x W'^T read in activation space (NoLinearRule where it has no such reading)
+                v = linear_forward(self.exprs[fld], env, ops, x, self.shapes, (self.consts["d_out"], self.consts["d_in"]))
+            else:
+                v = evaluate(self.exprs[fld], env, ops)
+            if fld in binds:
+                env[binds[fld]] = v
+            if fld in rule.results:
+                results.append(v)
+        if not results:
+            raise PefrefError(f"a unit of {self.rule} computes nothing")
+        out = results[0] if len(results) == 1 else tuple(results)
+        return (out, env[rule.published]) if self.publish and rule.published else out
 
 
 class Unit(nn.Module):
@@ -228,7 +254,7 @@ class Unit(nn.Module):
     graph: fx.Graph
     used_inputs: frozenset[str]
     code: str
-    program: tuple[Any, ...]
+    program: Program
     tensor_of: dict[str, str] = {}
     picks: Mapping[str, int] = {}
     splits: dict[str, tuple[int, ...]] = {}
@@ -269,7 +295,7 @@ class Unit(nn.Module):
         return (_unit_of_program, (self.program,), self.__getstate__())
 
 
-_PROGRAMS: dict[tuple[Any, ...], type[Unit]] = {}
+_PROGRAMS: dict[Program, type[Unit]] = {}
 _BY_CODE: dict[str, type[Unit]] = {}
 _RECIPES: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
@@ -281,31 +307,29 @@ def clear_programs() -> None:
     _RECIPES.clear()
 
 
-def _unit_of_program(program: tuple[Any, ...]) -> Unit:
+def _unit_of_program(program: Program) -> Unit:
     """An empty instance of a program's class (unpickling fills its state)."""
     cls = _PROGRAMS.get(program)
     if cls is None:
-        shapes = program[3]
-        cls = _program_class(program, {n: parts.example(s, k) for n, s, k in shapes})
+        cls = _program_class(program, {n: parts.example(s, k) for n, s, k in program.shapes})
     return cls.__new__(cls)
 
 
-def _program_class(program: tuple[Any, ...], tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
+def _program_class(program: Program, tensors: Mapping[str, torch.Tensor]) -> type[Unit]:
     """Trace the program once with example tensors and generate its class."""
-    form, exprs, consts, _shapes, views, input_names, publish, picks = program
+    form, picks = program.form, program.picks
     own = parts.owners(tensors)
     if len(own) < sum(math.prod(parts.lead(t)) for t in tensors.values()):
         raise PefrefError(f"the pieces of split tensors ({', '.join(n for n, t in tensors.items() if isinstance(t, list))}) clash with other tensor names; rename them")
     clash = sorted(n for n in own if hasattr(Unit, n) or n in ("form", "graph", "code", "used_inputs", "program", "tensor_of", "linear_forward", "lean_code", "picks"))
     if clash:
         raise PefrefError(f"tensor names {clash} clash with attributes of a compiled unit; rename them")
-    prog = _Program(form, {f: parse_expr(t) for f, t in exprs}, dict(consts), dict(tensors), dict(views), input_names, publish, picks=dict(picks))
-    graph = _trace(prog)
+    graph = _trace(_Program(program, dict(tensors)))
     name = f"Unit_{form}_{len(_BY_CODE)}"
     pc = graph.python_code(root_module="self")
     lpc = None
-    if form == "reparameterise":
-        lean = _Program(form, prog.exprs, dict(consts), dict(tensors), dict(views), input_names, publish, lean=True, picks=dict(picks))
+    if program.lean:
+        lean = _Program(program, dict(tensors), lean=True)
         try:
             lpc = _trace(lean).python_code(root_module="self")
         except NoLinearRule:  # a node without an activation-space reading: the host runs with the formed weight
@@ -380,7 +404,7 @@ def recipe(spec: Any, names: dict[str, Any]) -> Recipe:
         tree = init.tree
         filler = isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id in FILLERS
         tensors.append(TensorRecipe(pname, pspec, shape_of(pspec, names), init, filler))
-    exprs = tuple((f, str(getattr(spec, f))) for f in OUTPUT_FIELDS[spec.form] if getattr(spec, f, None) is not None)
+    exprs = tuple((f, str(getattr(spec, f))) for f in form_of(spec).fields if getattr(spec, f, None) is not None)
     out = Recipe(tuple(tensors), exprs, consts, seeded=any(INIT_SEED in tr.init.names for tr in tensors))
     if len(_RECIPES) > 4096:
         _RECIPES.clear()
@@ -401,7 +425,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
 
     A module with connections (``inputs``) reads them from the unit's ``inputs`` argument (a dict);
     with ``publish`` the unit returns ``(output, delta)`` so that other units can read its ``delta``."""
-    if spec.form == "select":
+    form = form_of(spec)
+    if not form.has_unit:
         return None
     names = ctx.names(hps)
     rec = recipe(spec, names)
@@ -462,15 +487,16 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())
-    program = (spec.form, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}), publish,
-               tuple(sorted(picks.items())))
+    program = Program(form.name, form.rule, rec.exprs, rec.consts, shapes, tuple(sorted(views.items())), tuple(getattr(spec, "inputs", None) or {}),
+                      publish, tuple(sorted(picks.items())), lean=form.integration is Integration.WEIGHT)
     cls = _PROGRAMS.get(program)
     if cls is None:
         cls = _program_class(program, tensors)
     unit = cls(tensors, trainable)
-    if spec.form == "prepend" and getattr(spec, "gate", None) is not None:
-        # the gate is its own program over the same tensors, kept off the module tree (no second copy in state_dict)
-        gprog = ("gate", (("gate", str(spec.gate)),), rec.consts, shapes, program[4], (), False, program[7])
-        gcls = _PROGRAMS.get(gprog) or _program_class(gprog, tensors)
-        unit.__dict__["gate_unit"] = gcls(tensors, trainable)
+    for fld, rule in form.side_rules.items():  # e.g. a prefix's gate
+        if getattr(spec, fld, None) is not None:
+            # its own program over the same tensors, kept off the module tree (no second copy in state_dict)
+            side = Program(fld, rule, ((fld, str(getattr(spec, fld))),), rec.consts, shapes, program.views, picks=program.picks)
+            scls = _PROGRAMS.get(side) or _program_class(side, tensors)
+            unit.__dict__[f"{fld}_unit"] = scls(tensors, trainable)
     return unit

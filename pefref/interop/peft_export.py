@@ -12,6 +12,7 @@ from pefref.compiler.parts import read
 from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
+from pefref.language.forms import form_of
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
@@ -86,7 +87,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
         cfg[field_name] = adapter.hyperparameters[hp]
     ex = _Export(adapter, method, cfg)
     maps = {mm.module: mm for mm in method.modules}
-    forms = {m.name: getattr(m, "form", "") for m in ex.tech.modules}
+    in_place = {m.name for m in ex.tech.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     for row in adapter.report.rows if adapter.report else []:
         if row.module == SAVED_MODULE:
             ex.saved += row.paths
@@ -98,7 +99,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
             continue
         for field_name in mm.targets:
             ex.targets.setdefault(field_name, set()).update(_target_names(adapter, method, row) if method.targets_by_name else row.paths)
-        if forms.get(row.module) == "select":
+        if row.module in in_place:
             _export_selected(ex, row, mm)
         else:
             _export_units(ex, row, mm)

@@ -13,6 +13,7 @@ import torch
 from pefref.compiler.parts import read, write
 from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
 from pefref.language.errors import PefrefError
+from pefref.language.forms import form_of
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.saved_modules import SAVED_MODULE
@@ -206,7 +207,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}  # a unit tensor's storage -> the peft tensor copied into it
     seen: dict[str, torch.Tensor] = {}  # the first copy of each repeated tensor
     maps = {mm.module: mm for mm in method.modules}
-    forms = {m.name: getattr(m, "form", "") for m in adapter.technique.modules}
+    in_place = {m.name for m in adapter.technique.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     with torch.no_grad():
         rows = adapter.report.rows if adapter.report else []
         for row in rows:
@@ -217,7 +218,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
             if mm.computed is not None:
                 used.add(_copy_computed(adapter, row, module, mm, state))
                 continue
-            if forms[row.module] == "select":
+            if row.module in in_place:
                 for path in row.paths:
                     for target, tname in mm.tensors.items():
                         key = f"{path}.{tname}"

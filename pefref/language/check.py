@@ -13,6 +13,7 @@ from typing import Any, cast
 from pefref.language.connections import check_connections
 from pefref.language.errors import Location, PefrefError, Problem
 from pefref.language.expr import Expr, parse_expr
+from pefref.language.forms import FORMS
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import ParamSpec, PrependModule
@@ -39,23 +40,12 @@ HOST_TENSORS = ("x", "h", "W", "b", "mask")
 read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
 (a test checks the compiled forward's signature against this list)."""
 
-EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
+EXPR_FIELDS = (*dict.fromkeys(fld for f in FORMS.values() for fld in f.reads), "host_update")
+"""Every expression field a module may declare (the forms' fields, in the registry's order, and host_update)."""
 
-# which host tensors each expression field may read, before the site kind narrows it
-_FIELD_READS: dict[tuple[str, str], set[str]] = {
-    ("parallel", "compute"): {"x", "W", "b", "mask"},
-    ("parallel", "integrate"): {"x", "h", "delta"},
-    ("sequential", "compute"): {"h", "W", "b", "mask"},
-    ("sequential", "integrate"): {"x", "h", "delta"},
-    ("reparameterise", "weight"): {"W"},
-    ("rescale", "scale"): set(),
-    ("prepend", "tokens"): set(),
-    ("prepend", "keys"): set(),
-    ("prepend", "values"): set(),
-    ("prepend", "length"): set(),
-    ("prepend", "gate"): {"x"},  # the hidden state entering the layer's attention, whatever the kv site offers
-}
-_OWN_READS = {("prepend", "gate")}
+# which host tensors each expression field may read, before the site kind narrows it (the forms' registry)
+_FIELD_READS: dict[tuple[str, str], set[str]] = {(f.name, fld): set(r) for f in FORMS.values() for fld, r in f.reads.items()}
+_OWN_READS = {(f.name, fld) for f in FORMS.values() for fld in f.own_reads}
 """Fields whose reads are not narrowed by the site kind (they read a tensor of the layer, not of the site)."""
 
 

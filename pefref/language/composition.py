@@ -20,6 +20,7 @@ from typing import Any
 from pefref.language.catalog import Catalog, catalog_root, load_techniques
 from pefref.language.check import expand_modules
 from pefref.language.errors import CatalogError, PefrefError, Problem
+from pefref.language.forms import Combine, block_of
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import Composition, InteractionRules, Technique
@@ -88,7 +89,9 @@ def is_composition_file(path: Path) -> bool:
         data, _pos = read_yaml(path)
     except CatalogError:
         return False
-    return isinstance(data, dict) and "techniques" in data and "modules" not in data
+    from pefref.language.file_kinds import kind_of_keys  # the one table of file kinds (it imports this module's catalog)
+
+    return kind_of_keys(data) == "composition"
 
 
 def module_stage(m: Any, rules: InteractionRules) -> str:
@@ -206,7 +209,7 @@ def _check_blocks(res: ResolvedComposition, pos: Positions, rules: InteractionRu
             if rule.same_stage and len({st for v in stages.values() for st in v}) > 1:
                 desc = "; ".join(f"{a}: {', '.join(sorted(v))}" for a, v in stages.items())
                 out.append(Problem(pos.at(sp), fld, f"a {blk.kind} block combines modules of one stage, but at {s!r} they run in different stages ({desc})"))
-            if blk.kind == "stack":
+            if block_of(blk).combine is Combine.ORDER:
                 seq = [a for a in blk.adapters if a in stages]
                 for a1, a2 in itertools.pairwise(seq):
                     if max(order[x] for x in stages[a1]) > min(order[x] for x in stages[a2]):

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pefref.language.errors import Problem
+from pefref.language.forms import FORMS
 from pefref.language.loader import dotted, suggest
 from pefref.language.sizes import select_layers
 from pefref.language.yamlsrc import Positions
 
 __all__ = ["OUTPUT_FORMS", "check_connections", "source_site", "tap_name", "runs_before", "EXAMPLE_LAYERS"]
 
-OUTPUT_FORMS = ("parallel", "sequential")
+OUTPUT_FORMS = tuple(f.name for f in FORMS.values() if f.publishes)
+"""Forms with an output other modules may read (and that may read connections themselves)."""
 """Forms whose output (``delta``) other modules may read, and which may read connections."""
 EXAMPLE_LAYERS = 4
 

@@ -22,7 +22,7 @@ from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, R
 from pefref.language.slices import slice_problems
 from pefref.language.yamlsrc import Positions, parse_yaml
 
-__all__ = ["file_kind", "check_other_file", "KIND_KEYS"]
+__all__ = ["file_kind", "kind_of_keys", "check_other_file", "KIND_KEYS", "KIND_EXCLUDES"]
 
 KIND_KEYS: dict[str, tuple[str, ...]] = {
     "family": ("family", "sites", "layers"),
@@ -30,20 +30,32 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "reference": ("site_kinds", "sites"),
     "interop": ("peft_version", "methods"),
     "experiment": ("model", "task", "data", "grid"),
+    "composition": ("techniques",),
 }
-"""Top-level keys that together mark a file of each kind (other files are techniques or compositions)."""
+"""Top-level keys that together mark a file of each kind (other files are techniques)."""
+
+KIND_EXCLUDES: dict[str, tuple[str, ...]] = {"composition": ("modules",)}
+"""Top-level keys a file of the kind never has (a technique's ``modules``)."""
 
 
 def file_kind(path: Path) -> str | None:
-    """'family', 'models', 'reference', 'interop' or 'experiment' by the file's top-level keys; None otherwise (or unreadable)."""
+    """'family', 'models', 'reference', 'interop', 'experiment' or 'composition' by the file's top-level keys; None otherwise
+    (a technique, or unreadable)."""
     try:  # the bounded reader: deep nesting and huge integers are the loader's located problems, not crashes here
         data, _pos = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, CatalogError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
+    return kind_of_keys(data)
+
+
+def kind_of_keys(data: object) -> str | None:
+    """The kind of a file whose top-level mapping is ``data`` (:data:`KIND_KEYS`), or None (a technique or not a catalog file)."""
+    if not isinstance(data, dict):
+        return None
     for kind, keys in KIND_KEYS.items():
-        if all(k in data for k in keys):
+        if all(k in data for k in keys) and not any(k in data for k in KIND_EXCLUDES.get(kind, ())):
             return kind
     return None
 

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from pefref.language.errors import Location, Problem
 from pefref.language.expr import ExprError, arith, parse_expr
+from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
@@ -267,7 +268,7 @@ def _width(text: str | None, sizes: Mapping[str, int]) -> int | None:
 
 def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[str, int], site: str, pos: Positions) -> list[Problem]:
     out: list[Problem] = []
-    form = m.form
+    how = form_of(m).integration
 
     def want(fld: str, got: Any, shape: Shape, what: str, broadcast_ok: bool = False) -> None:
         if not isinstance(got, Shape):
@@ -287,17 +288,17 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
         out.extend(probs)
         return got
 
-    if form in ("parallel", "sequential"):
+    if how is Integration.HIDDEN:
         delta = run("compute")
         env["delta"] = delta
         if delta is not None and not out:
             want("integrate", run("integrate"), env["h"], "the host output h")
-    elif form == "reparameterise" and isinstance(env.get("W"), Shape):
+    elif how is Integration.WEIGHT and isinstance(env.get("W"), Shape):
         want("weight", run("weight"), env["W"], "the host weight W")
-    elif form == "rescale":
+    elif how is Integration.SCALE:
         target = env["x"] if getattr(m, "side", "output") == "input" else env["h"]
         want("scale", run("scale"), Shape(target[-1:]), "the width it scales", broadcast_ok=True)
-    elif form == "prepend":
+    elif how is Integration.POSITIONS:
         n = _run(m.length, env, pos, mpath + ("length",))[0]
         if isinstance(n, (int, float)) and float(n).is_integer():
             if m.tokens is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pefref.language.expr import parse_expr
+from pefref.language.forms import Integration, form_of
 from pefref.language.hparams import shape_of
 from pefref.language.sizes import eval_scalar
 from pefref.render.mathtext import math_of
@@ -172,25 +173,27 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
     m = pl.module
     names = _names(sk, a.site, pl)
     f = m.form
-    if f in ("parallel", "sequential"):
+    form = form_of(m)
+    how = form.integration
+    if how is Integration.HIDDEN:
         nid = _module_node(sk, pl, a, _math("δ = ", m.compute), names)
         if _side(m):
             _side_module(sk, pl, a, nid)
         else:
             reads = parse_expr(m.integrate).names
-            if f == "parallel":
+            if form.reads_input == "x":  # a branch from the site's input
                 for src in a.inputs:
                     sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
             for out in a.outputs:
                 c = _combine(sk, nid, pl, m.integrate, a, out)
                 h = sk.tail[out]
-                if f == "sequential":
+                if form.reads_input == "h":
                     _edge(sk, h, nid, "h", f, "h")
-                if "h" in reads or f == "parallel":
+                if "h" in reads or form.reads_input == "x":
                     _edge(sk, h, c, "h", f, "h")
                 _edge(sk, nid, c, "delta", f, "δ")
                 sk.tail[out] = c
-    elif f == "rescale":
+    elif how is Integration.SCALE:
         nid = _module_node(sk, pl, a, _math("⊙ ", m.scale) + ([("small", "(input side)")] if m.side == "input" else []), names)
         sk.graph.nodes[nid]["dot"]["shape"] = "box"
         if m.side == "input":
@@ -201,7 +204,7 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
             for out in a.outputs:
                 _edge(sk, sk.tail[out], nid, "flow", f)
                 sk.tail[out] = nid
-    elif f == "reparameterise":
+    elif how is Integration.WEIGHT:
         body = _math("W′ = ", m.weight)
         if m.host_update:
             body += _math("at apply: W ← ", m.host_update, "small")
@@ -210,7 +213,7 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
             _edge(sk, nid, out, "weight", f, "W'", style="dashed", arrowhead="diamond")
             sk.graph.nodes[out].setdefault("dot", {}).update(color=FORM_COLOURS[f], penwidth="2")
             sk.graph.nodes[out]["reparameterised"] = True
-    elif f == "prepend":
+    elif how is Integration.POSITIONS:
         n = pretty(m.length)
         if m.tokens is not None:
             nid = _module_node(sk, pl, a, _math("tokens = ", m.tokens), names)
@@ -226,7 +229,7 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
             nid = _module_node(sk, pl, a, body, names)
             for out in a.outputs:
                 _edge(sk, nid, out, "prefix", f, f"+{n} key/value positions")
-    elif f == "select":
+    elif how is Integration.PARAMETERS:
         what = ", ".join(m.targets)
         nid = _module_node(sk, pl, a, [("", f"trains the host's {what}")], names)
         for out in a.outputs:

@@ -16,17 +16,13 @@ from typing import Any
 import networkx as nx
 
 from pefref.language.composition import ResolvedComposition, block_sites
+from pefref.language.forms import BLOCKS, Combine, block_of
 from pefref.render.style import html_lines
 
 __all__ = ["BLOCK_COLOUR", "BLOCK_MEANING", "draw_blocks", "block_nodes"]
 
 BLOCK_COLOUR = "#6a3d9a"
-BLOCK_MEANING = {
-    "stack": "in the declared order: h → f_n(… f_1(h))",
-    "parallel": "changes added: h + Σ_i δ_i",
-    "average": "weighted mean of changes: h + Σ_i w_i δ_i",
-    "fusion": "attention over the changes: h + Σ_i softmax_i(q·k_i / T) δ_i Vᵀ",
-}
+BLOCK_MEANING = {b.name: b.meaning for b in BLOCKS.values()}
 _OUTPUT_ROLES = ("delta", "weight", "flow", "tokens", "prefix", "unfreeze")
 
 
@@ -41,12 +37,13 @@ def _modules(g: nx.DiGraph, technique: str, site: str) -> dict[int | None, list[
 
 def _label(blk: Any, d: int | None) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = [("b", f"{blk.kind} block"), ("small", BLOCK_MEANING[blk.kind])]
-    if blk.kind == "stack":
+    how = block_of(blk).combine
+    if how is Combine.ORDER:
         lines.append(("", " → ".join(blk.adapters)))
-    elif blk.kind == "average":
+    elif how is Combine.MEAN:
         w = blk.weights or [1.0 / len(blk.adapters)] * len(blk.adapters)
         lines.append(("", ", ".join(f"{a}: {x:g}" for a, x in zip(blk.adapters, w))))
-    elif blk.kind == "fusion":
+    elif how is Combine.ATTENTION:
         dim = str(d) if d is not None else "d"
         lines.append(("", f"Q, K, V: {dim} × {dim}; T = {blk.temperature:g}"))
         if not blk.train_adapters:
@@ -55,9 +52,10 @@ def _label(blk: Any, d: int | None) -> list[tuple[str, str]]:
 
 
 def _edge_label(blk: Any, k: int, name: str) -> str:
-    if blk.kind == "stack":
+    how = block_of(blk).combine
+    if how is Combine.ORDER:
         return f"{k + 1}. {name}"
-    if blk.kind == "average":
+    if how is Combine.MEAN:
         w = blk.weights or [1.0 / len(blk.adapters)] * len(blk.adapters)
         return f"{w[blk.adapters.index(name)]:g} · δ({name})"
     return f"δ({name})"

@@ -28,14 +28,14 @@ from pefref.language.check import expand_modules
 from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModuleUse
 from pefref.render.dot import inline_svg, render_dot, to_dot
-from pefref.render.style import FORM_COLOURS, html_lines
+from pefref.render.style import INSERTION_FILLS, USES_COLOUR, html_lines
 
 __all__ = ["GRAPH_KINDS", "build_graph", "export_graph", "graph_dot", "graph_svg", "lineage_graph", "similarity_graph",
            "similarity_legend", "typology_graph"]
 
 GRAPH_KINDS = ("typology", "similarity", "lineage")
 
-_INSERTION_FILL = {"parallel": "#dceaf7", "sequential": "#ddf0da", "in-place": "#fde6cf"}
+_INSERTION_FILL = INSERTION_FILLS
 
 _PALETTE = ("#1f6fb4", "#2e8b2e", "#d9700b", "#8a4fbf", "#12939f", "#c62828", "#8c6d31", "#d6616b", "#637939", "#7b4173", "#3182bd", "#636363")
 
@@ -199,7 +199,7 @@ def _drawable(kind: str, g: nx.Graph) -> nx.Graph:
         a.update(html=_tech_html(a), cluster=f"y{a['year']}",
                  dot={"shape": "box", "style": "rounded,filled" + (",dashed" if a.get("original") else ""), "fillcolor": "#f4f4f4"})
     for _u, _v, a in d.edges(data=True):
-        a["dot"] = {"style": "dashed" if a["relation"] == "uses" else "solid", "color": FORM_COLOURS["parallel"] if "uses" in a["relation"] else "#444444"}
+        a["dot"] = {"style": "dashed" if a["relation"] == "uses" else "solid", "color": USES_COLOUR if "uses" in a["relation"] else "#444444"}
         if a["modules"]:
             a["label"] = a["modules"]
     return d

@@ -11,7 +11,11 @@ import html
 import re
 from collections.abc import Iterable
 
+from pefref.language.forms import FORMS
+
 __all__ = [
+    "INSERTION_FILLS",
+    "USES_COLOUR",
     "FONT",
     "FORM_COLOURS",
     "FORM_FILLS",
@@ -28,35 +32,22 @@ __all__ = [
 
 FONT = "Helvetica"
 
-FORM_COLOURS: dict[str, str] = {
-    "parallel": "#1f6fb4",
-    "sequential": "#2e8b2e",
-    "reparameterise": "#d9700b",
-    "rescale": "#8a4fbf",
-    "prepend": "#12939f",
-    "select": "#c62828",
-}
-"""The line colour of each form (modules, their combine nodes and their edges)."""
+FORM_COLOURS: dict[str, str] = {f.name: f.colour for f in FORMS.values()}
+"""The line colour of each form (modules, their combine nodes and their edges; the forms' registry)."""
 
-FORM_FILLS: dict[str, str] = {
-    "parallel": "#dceaf7",
-    "sequential": "#ddf0da",
-    "reparameterise": "#fde6cf",
-    "rescale": "#ece1f5",
-    "prepend": "#d5f2f4",
-    "select": "#f9dada",
-}
+FORM_FILLS: dict[str, str] = {f.name: f.fill for f in FORMS.values()}
 """The fill colour of each form."""
 
-FORM_MEANING: dict[str, str] = {
-    "parallel": "branch from the site's input x, combined with its output h",
-    "sequential": "on the output path: reads h, its δ is combined with h",
-    "reparameterise": "weight badge: the host runs with W' instead of W",
-    "rescale": "elementwise ⊙ on the output (or input) path",
-    "prepend": "extra positions: tokens at the embeddings, keys/values at attention",
-    "select": "existing host parameters unfrozen (highlighted)",
-}
+FORM_MEANING: dict[str, str] = {f.name: f.legend for f in FORMS.values()}
 """One line per form for the legend."""
+
+INSERTION_FILLS: dict[str, str] = {}
+"""The fill of each typology insertion form: that of the first form with it."""
+for _f in FORMS.values():
+    INSERTION_FILLS.setdefault(_f.insertion, _f.fill)
+
+USES_COLOUR = next(iter(FORMS.values())).colour
+"""The colour of a lineage edge for reused modules."""
 
 HOST_FILL = "#f4f4f4"
 HOST_LINE = "#8c8c8c"

@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,11 +36,13 @@ from pefref.language.composition import (
 )
 from pefref.language.errors import CatalogError, PefrefError
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.forms import BLOCKS, BlockKind, Combine, block_of
 from pefref.language.schema import Block, TechniqueUse
 from pefref.language.schema import Composition as CompositionSpec
 from pefref.language.sizes import scalar_ops
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.applying import apply_technique
 from pefref.runtime.patches import ROUTE, Entry
 
 __all__ = ["Combiner", "Composition", "apply_composition", "compose", "BASE"]
@@ -56,15 +58,15 @@ class Combiner(nn.Module):
     or weight) and each running member's function of it.
     """
 
-    def __init__(self, kind: str, names: Sequence[str], weights: Sequence[float] | None = None) -> None:
+    def __init__(self, kind: BlockKind, names: Sequence[str], weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.kind, self.names = kind, list(names)
         self.weights = dict(zip(self.names, weights if weights is not None else [1.0 / len(self.names)] * len(self.names)))
 
     def combine(self, t: torch.Tensor, fns: Sequence[Any], members: Sequence[Entry]) -> torch.Tensor:
-        if self.kind == "parallel":  # h + Σ_i (f_i(h) − h)
+        if self.kind.combine is Combine.SUM:  # h + Σ_i (f_i(h) − h)
             return t + sum(f(t) - t for f in fns)
-        if self.kind == "average":  # h + Σ_i w_i (f_i(h) − h)
+        if self.kind.combine is Combine.MEAN:  # h + Σ_i w_i (f_i(h) − h)
             return t + sum(self.weights[m.owner.name] * (f(t) - t) for f, m in zip(fns, members))
         raise PefrefError(f"unknown block kind {self.kind!r}")
 
@@ -81,7 +83,7 @@ class FusionCombiner(Combiner):
     """
 
     def __init__(self, names: Sequence[str], d: int, temperature: float, dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__("fusion", names)
+        super().__init__(next(b for b in BLOCKS.values() if b.combine is Combine.ATTENTION), names)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.T = float(temperature)
         self.Q = nn.Parameter(torch.randn(d, d, **kw) * 0.02)
@@ -245,7 +247,7 @@ class Composition:
             for (_pid, layer), (patch, es) in by_host.items():
                 if len({id(e.owner) for e in es}) < 2:
                     continue  # only one of the adapters is placed here: it runs alone
-                if blk.kind == "stack":
+                if block_of(blk).combine is Combine.ORDER:
                     self._reorder(patch, es, list(blk.adapters))
                 else:
                     grp = self._combiner(blk, es, site, patch)
@@ -253,7 +255,7 @@ class Composition:
                     for e in es:
                         e.group = grp
                 hosts.append(f"{site}[{layer}]" if layer is not None else site)
-        if blk.kind == "fusion" and not blk.train_adapters:
+        if block_of(blk).combine is Combine.ATTENTION and not getattr(blk, "train_adapters", True):
             for an in blk.adapters:
                 for p in self.adapters[an].trainable_parameters():
                     self._frozen.setdefault(id(p), p.requires_grad)
@@ -271,17 +273,18 @@ class Composition:
 
     def _combiner(self, blk: Any, es: list[Entry], site: str, patch: Any) -> Combiner:
         names = [a for a in blk.adapters if any(e.owner.name == a for e in es)]
-        if blk.kind == "fusion":
-            ad = es[0].owner
+        kind = block_of(blk)
+        if kind.combine is Combine.ATTENTION:
+            ad = cast(Adapter, es[0].owner)
             d = (0 if es[0].period else es[0].size) or int(evaluate(parse_expr((self.catalog or default_catalog()).reference.sites[site].out or "d"), dict(ad.sizes), scalar_ops()))
             ref = next(iter(es[0].unit.parameters()), None)
             return FusionCombiner(names, d, blk.temperature, ref.dtype if ref is not None else torch.float32, ref.device if ref is not None else "cpu")
         weights = None
-        if blk.kind == "average" and blk.weights is not None:
+        if kind.combine is Combine.MEAN and blk.weights is not None:
             weights = [blk.weights[blk.adapters.index(a)] for a in names]
-        elif blk.kind == "average":
+        elif kind.combine is Combine.MEAN:
             weights = [1.0 / len(blk.adapters)] * len(names)
-        return Combiner(blk.kind, names, weights)
+        return Combiner(kind, names, weights)
 
     # --- merging and removal -----------------------------------------------------------
 
@@ -364,8 +367,6 @@ def apply_composition(model: nn.Module, composition: str | Path | ResolvedCompos
 
     A failure at any step removes what was applied: the model comes back exactly.
     """
-    from pefref.runtime.api import apply
-
     catalog = catalog or default_catalog()
     res = composition if isinstance(composition, ResolvedComposition) else load_composition(composition, catalog)
     name = name or res.composition.id
@@ -377,8 +378,8 @@ def apply_composition(model: nn.Module, composition: str | Path | ResolvedCompos
     comp = Composition(model, name, {}, res, catalog)
     try:
         for use in res.composition.techniques:
-            comp.adapters[use.name] = apply(model, res.techniques[use.name], name=use.name, sites=res.sites[use.name],
-                                            catalog=catalog, overrides=res.hyperparameters[use.name], **apply_kwargs)
+            comp.adapters[use.name] = apply_technique(model, res.techniques[use.name], catalog, name=use.name, sites=res.sites[use.name],
+                                                      hyperparameters=res.hyperparameters[use.name], **apply_kwargs)
         for b, blk in enumerate(res.composition.blocks):
             comp.combine(blk, index=b)
     except BaseException:

@@ -26,7 +26,7 @@ from pefref.runtime.ledger import all_ledgers
 from pefref.runtime.operations import check_hosts_free, push_merge_layers
 from pefref.runtime.patches import Entry, HostPatch
 from pefref.runtime.transaction import Transaction
-from pefref.view.composition import FOLDING_BLOCKS, block_merge_problem, member_merge_problem
+from pefref.view.composition import block_merge_problem, member_merge_problem
 
 __all__ = ["merge_composition", "unmerge_composition", "merge_problems"]
 
@@ -38,9 +38,9 @@ def merge_problems(comp: Any) -> list[str]:
     seen: set[str] = set()
     for key, grp in comp.combiners.items():  # the blocks as realised at the hosts (keys: b<index>__<site>[__<layer>])
         b = key.split("__")[0][1:]
-        if grp.kind not in FOLDING_BLOCKS and b not in seen:
+        if not grp.kind.folds and b not in seen:  # (FOLDING_BLOCKS)
             seen.add(b)
-            out.append(block_merge_problem(b, grp.kind, list(grp.names)))
+            out.append(block_merge_problem(b, grp.kind.name, list(grp.names)))
     for n, ad in comp.adapters.items():
         if n in comp._off:
             out.append(f"adapter {n!r} is deactivated; activate it (or remove it) before merging the composition")

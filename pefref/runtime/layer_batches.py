@@ -17,6 +17,7 @@ from typing import Any
 
 from pefref.compiler.batched import batchable, layer_batch
 from pefref.compiler.units import Unit
+from pefref.language.forms import Integration
 from pefref.runtime.patches import Entry
 
 __all__ = ["LayerBatch", "link_layer_batches"]
@@ -41,7 +42,7 @@ def link_layer_batches(entries: Sequence[Entry]) -> int:
     groups: dict[tuple[int, ...], list[Entry]] = {}
     for e in entries:
         u = e.unit
-        if e.form != "prepend" or e.layer is None or not isinstance(u, Unit) or not u.picks:
+        if e.form.integration is not Integration.POSITIONS or e.layer is None or not isinstance(u, Unit) or not u.picks:
             continue
         key = tuple(id(t) for _, t in [*u.named_parameters(recurse=False), *u.named_buffers(recurse=False)])
         groups.setdefault(key, []).append(e)

@@ -34,6 +34,7 @@ from torch import nn
 from pefref.compiler.parts import read
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.forms import DELTA_FORM
 from pefref.language.schema import Technique
 from pefref.language.sizes import scalar_ops
 from pefref.runtime.adapter import Adapter
@@ -131,7 +132,7 @@ def _technique_for(name: str, hosts: dict[str, list[int | None]], template: Tech
     modules = []
     for site, layers in hosts.items():
         modules.append({
-            "name": "merged_" + site.replace(".", "_"), "sites": [site], "form": "parallel",
+            "name": "merged_" + site.replace(".", "_"), "sites": [site], "form": DELTA_FORM.name,
             "layers": "all" if layers == [None] else sorted(int(i) for i in layers if i is not None),
             "params": {"A": {"shape": ["r", "d_in"], "init": "zeros()"}, "B": {"shape": ["d_out", "r"], "init": "zeros()"}},
             "compute": "linear(linear(x, A), B)", "integrate": "h + delta",
@@ -155,7 +156,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[Adapter], weights:
     magnitude pruning; ``svd_rank``: rank of an SVD merge (default: the
     largest rank); ``svd_clamp``: a quantile at which the SVD factors are clamped.
     """
-    from pefref.runtime.api import apply
+    from pefref.language.catalog import default_catalog
+    from pefref.runtime.applying import apply_technique
 
     if combination_type not in COMBINATIONS:
         raise PefrefError(f"unknown combination_type {combination_type!r} (one of {', '.join(COMBINATIONS)})")
@@ -183,7 +185,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[Adapter], weights:
     hosts: dict[str, list[int | None]] = {}
     for site, layer in sorted(keys, key=keys.__getitem__):
         hosts.setdefault(site, []).append(layer)
-    new = apply(model, _technique_for(name, hosts, adapters[0].technique, rank), name=name, family=adapters[0].family)
+    new = apply_technique(model, _technique_for(name, hosts, adapters[0].technique, rank), default_catalog(), name=name, family=adapters[0].family)
     units = {(e.site, e.layer): e.unit for _p, e in new.entries}
     with torch.no_grad():
         for key in sorted(keys, key=keys.__getitem__):

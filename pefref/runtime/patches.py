@@ -14,16 +14,17 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
 
 from pefref.language.errors import PefrefError
+from pefref.language.forms import Form, Integration
 from pefref.runtime.hosts import HostKind, bias_of
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
-__all__ = ["Entry", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
+__all__ = ["Entry", "InputCell", "Owner", "Group", "LayerBatch", "PublishKey", "HostPatch", "RootPatch", "patch_of", "root_patch_of", "input_cell", "release_input_cell", "ROUTE", "first_tensor"]
 
 class _Route:
     """Per-example adapter selection: ``current`` holds, for each example of the batch, the adapter
@@ -44,14 +45,58 @@ _ROOT = "_pefref_root_patch"
 _INPUTS = "_pefref_inputs"
 
 
+class Owner(Protocol):
+    """What an entry needs of the adapter it belongs to (:class:`pefref.runtime.adapter.Adapter`)."""
+
+    name: str
+    merged: bool
+
+    @property
+    def active(self) -> bool: ...
+
+
+class Group(Protocol):
+    """A combiner shared by the entries a composition block combines at one host (:mod:`pefref.runtime.compose`)."""
+
+    def combine(self, t: torch.Tensor, fns: Sequence[Any], members: Sequence[Entry]) -> torch.Tensor: ...
+
+
+class LayerBatch(Protocol):
+    """A layer-batched program computing the keys and values of a group of prefix entries at once
+    (:mod:`pefref.runtime.layer_batches`)."""
+
+    size: int
+
+    def __call__(self, training: bool) -> Any: ...
+
+
+PublishKey = tuple[Any, ...]
+"""Where a unit's output is published for other units: (adapter, module, site, layer)."""
+
+
+@dataclass(eq=False)
+class InputCell:
+    """The model's input cell: what units read besides their host's tensors in the current forward pass.
+
+    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
+    ``values``: outputs units publish for the connections of other units, by :data:`PublishKey`;
+    ``users``: entries using the cell (the last one to go removes ``hook``, the model's pre-hook that
+    sets the mask and empties the values at every pass)."""
+
+    mask: torch.Tensor | None = None
+    values: dict[PublishKey, torch.Tensor] = field(default_factory=dict)
+    users: int = 0
+    hook: Any = field(default=None, repr=False)
+
+
 @dataclass(eq=False)
 class Entry:
     """One unit attached at one host."""
 
     unit: nn.Module
-    form: str
-    owner: Any = field(repr=False)  # the Adapter handle: .active tells whether the entry runs
-    side: str = "output"  # 'output' or 'input'
+    form: Form
+    owner: Owner = field(repr=False)  # whether the entry runs: owner.active
+    side: Literal["output", "input"] = "output"
     start: int = 0
     size: int = 0  # 0: the whole output; else a slice [start, start+size)
     period: int = 0  # >0: the slice repeats every `period` features (interleaved fused projections)
@@ -59,11 +104,11 @@ class Entry:
     length: int = 0  # prepend: number of positions
     unit_key: str = ""  # the unit's name in its adapter
     site: str = ""  # the reference site it is placed at
-    group: Any = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
-    inputs: dict[str, Any] | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
-    reads: dict[str, list[Any]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
-    publish: Any = None  # key under which the unit's output (delta) is published for other units, or None
-    batch: Any = field(default=None, repr=False)  # prepend: a layer-batched program computing this entry's keys and values with its group's
+    group: Group | None = field(default=None, repr=False)  # a combiner shared by the entries a block combines at this host
+    inputs: InputCell | None = field(default=None, repr=False)  # the model's input cell: its mask, and the values units publish
+    reads: dict[str, list[PublishKey]] = field(default_factory=dict)  # connection name -> keys of the published values it reads (first present)
+    publish: PublishKey | None = None  # key under which the unit's output (delta) is published for other units, or None
+    batch: LayerBatch | None = field(default=None, repr=False)  # prefixes: a layer-batched program computing this entry's keys and values with its group's
     pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
@@ -76,7 +121,7 @@ class Entry:
 
     def connected(self) -> dict[str, Any]:
         """The values this entry's connections read in the current forward pass."""
-        values = self.inputs["values"]  # type: ignore[index]
+        values = cast(InputCell, self.inputs).values
         out = {}
         for name, keys in self.reads.items():
             key = next((k for k in keys if k in values), None)
@@ -203,14 +248,14 @@ class HostPatch:
             x = _sliced(x, e, self._fn(e, grp, None, training)) if grp else self._apply(e, None, x, training)
         if x is not x_in:
             args, kwargs = _replace_first(args, kwargs, x)
-        weights = [e for e in entries if e.form == "reparameterise"]
+        weights = [e for e in entries if e.form.integration is Integration.WEIGHT]
         if weights and self._lean(weights):
             out = self._run_lean(weights, x, training)
         elif weights:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             for e, grp in _steps(weights):
                 if grp:
-                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: e.group.combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
+                    W = _sliced_rows(W, e, lambda w, e=e, grp=grp: cast(Group, e.group).combine(w, [lambda t, m=m: m.unit(None, None, t, training) for m in grp], grp))
                 else:
                     W = _sliced_rows(W, e, lambda w, e=e: e.unit(None, None, w, training))
             out = self.kind.run(self.host, x, W)  # type: ignore[misc]
@@ -218,7 +263,7 @@ class HostPatch:
             out = self.orig(*args, **kwargs)
         h = out[0] if self.first else out
         x_site = self.stash[0] if self.stash_hooks else x
-        outs = [e for e in entries if e.side == "output" and e.form != "reparameterise"]
+        outs = [e for e in entries if e.side == "output" and e.form.integration is not Integration.WEIGHT]
         if len(outs) > 1 and _disjoint_slices(outs):
             h = self._apply_slices(outs, x_site, h, training)
         else:
@@ -256,7 +301,7 @@ class HostPatch:
         """The step of one entry, or of a block's entries combined by their group."""
         if not grp:
             return lambda t: self._apply(e, x, t, training)
-        return lambda t: e.group.combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
+        return lambda t: cast(Group, e.group).combine(t, [lambda u, m=m: self._apply(m, x, u, training) for m in grp], grp)
 
     def _apply_slices(self, es: list[Entry], x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         """Entries on disjoint slices of the output (q and v of a fused qkv): each on its slice, one torch.cat."""
@@ -266,25 +311,26 @@ class HostPatch:
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
-        if e.form == "rescale":
+        if e.form.integration is Integration.SCALE:
             return h * e.unit.forward(None, None, None, training)
         W = None
-        if e.reads_W and self.kind.has_weight and e.form in _PLAIN_FORMS:
+        if e.reads_W and self.kind.has_weight and e.form.host_weight:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
             W = take(W, 0, e.start, e.size, e.period)  # a sliced site sees its own rows
         if e.reads_b:  # the host's bias (zeros where it has none), its own slice of it
             b = bias_of(self.kind, self.host)
             b = None if b is None else take(b, 0, e.start, e.size, e.period)
-            mask = e.inputs["mask"] if e.inputs is not None else None
+            mask = e.inputs.mask if e.inputs is not None else None
             return self._with_b(e, x, h, W, training, mask, b)
         if e.reads or e.publish is not None:  # connections: inputs from the cell, the output published to it
-            out = e.unit.forward(x, h, W, training, e.inputs["mask"], e.connected())  # type: ignore[index]
+            cell = cast(InputCell, e.inputs)
+            out = e.unit.forward(x, h, W, training, cell.mask, e.connected())
             if e.publish is None:
                 return out
-            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            cell.values[e.publish] = out[1]
             return out[0]
         if e.reads_mask:
-            return e.unit.forward(x, h, W, training, e.inputs["mask"] if e.inputs is not None else None)
+            return e.unit.forward(x, h, W, training, e.inputs.mask if e.inputs is not None else None)
         return e.unit.forward(x, h, W, training)
 
     def _with_b(self, e: Entry, x: Any, h: torch.Tensor, W: Any, training: bool, mask: Any, b: Any) -> torch.Tensor:
@@ -293,18 +339,15 @@ class HostPatch:
             out = e.unit.forward(x, h, W, training, mask, e.connected(), b=b)
             if e.publish is None:
                 return out
-            e.inputs["values"][e.publish] = out[1]  # type: ignore[index]
+            cast(InputCell, e.inputs).values[e.publish] = out[1]
             return out[0]
         return e.unit.forward(x, h, W, training, mask, b=b)
-
-
-_PLAIN_FORMS = frozenset({"parallel", "sequential"})
 
 
 def _plain_output(e: Entry) -> bool:
     """An entry that adds to its host's whole output on its own (no slice, group or connection):
     :meth:`HostPatch.run` would call just ``_apply(e, x, h)`` for it."""
-    return (e.side == "output" and e.form in _PLAIN_FORMS and not e.size and e.group is None and not e.reads
+    return (e.side == "output" and e.form.integration is Integration.HIDDEN and not e.size and e.group is None and not e.reads
             and e.publish is None)
 
 
@@ -405,8 +448,8 @@ class RootPatch:
         cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
         cache = a.get(cache_key)
         first = self._cache_len(cache) == 0
-        tokens = [e for e in entries if e.form == "prepend" and e.layer is None]
-        kvs = [e for e in entries if e.form == "prepend" and e.layer is not None]
+        tokens = [e for e in entries if e.form.integration is Integration.POSITIONS and e.layer is None]
+        kvs = [e for e in entries if e.form.integration is Integration.POSITIONS and e.layer is not None]
         n_tok = sum(e.length for e in tokens)
         n_kv = self.kv_length(kvs) if kvs else 0
         ref = a.get(f.ids) if a.get(f.ids) is not None else a.get(f.embeds)
@@ -442,7 +485,7 @@ class RootPatch:
             a[f.mask] = torch.cat([torch.ones(b, n_tok + n_kv, dtype=m.dtype, device=m.device), m], dim=1)
             cell = self.model.__dict__.get(_INPUTS)
             if cell is not None:  # units reading the mask see the extended one
-                cell["mask"] = a[f.mask]
+                cell.mask = a[f.mask]
         try:
             return self.orig(**a)
         finally:
@@ -560,25 +603,20 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
     return p
 
 
-def input_cell(model: nn.Module, mask_name: str) -> dict[str, Any]:
-    """The model's input cell: what units read besides their host's tensors in the current forward pass.
-
-    ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
-    ``values``: outputs units publish for the connections of other units, keyed by (adapter, module,
-    site, layer). A forward pre-hook on the model sets the mask and empties the values at every pass.
-    """
+def input_cell(model: nn.Module, mask_name: str) -> InputCell:
+    """The model's :class:`InputCell`, created with its forward pre-hook on first use; one more user of it."""
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         sig = inspect.signature(model.forward)
+        c = InputCell()
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            cell["mask"] = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)  # type: ignore[index]
-            cell["values"].clear()  # type: ignore[index]
+            c.mask = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)
+            c.values.clear()
 
-        cell = {"mask": None, "values": {}, "users": 0}
-        cell["hook"] = model.register_forward_pre_hook(hook, with_kwargs=True)
-        model.__dict__[_INPUTS] = cell
-    cell["users"] += 1
+        c.hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        model.__dict__[_INPUTS] = cell = c
+    cell.users += 1
     return cell
 
 
@@ -587,8 +625,8 @@ def release_input_cell(model: nn.Module) -> None:
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         return
-    cell["users"] -= 1
-    if cell["users"] <= 0:
-        cell["hook"].remove()
+    cell.users -= 1
+    if cell.users <= 0:
+        cell.hook.remove()
         del model.__dict__[_INPUTS]
 

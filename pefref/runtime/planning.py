@@ -23,6 +23,7 @@ from torch import nn
 from pefref.compiler.units import SharedStore, SiteContext, Unit, recipe
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
+from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current, format_bytes
 from pefref.language.shapecheck import expression_cost
 from pefref.runtime.hosts import bias_of
@@ -156,10 +157,11 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             if got is None:
                 return  # its source was not probed: the model's forward checks it
             inputs[cname] = got
-    form = m.form
+    form = form_of(m)
+    how = form.integration
     fwd = unit.forward
     with torch.no_grad():
-        if form in ("parallel", "sequential"):
+        if how is Integration.HIDDEN:
             if not (ctx.d_in and ctx.d_out) or (pl.kind.name == "embedding" and "x" in used):
                 return  # x is token ids at an embedding
             if pl.binding.side == "input":  # the host's input is the unit's h, as the patch passes it
@@ -170,15 +172,15 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
             if b is not None:
                 b = take_rows(b, 0, pl.start, pl.size, pl.period)
             out = fwd(x, h, w, False, mask, inputs, b=b) if b is not None else fwd(x, h, w, False, mask, inputs)
-            if getattr(unit, "program", (False,) * 7)[6] and isinstance(out, tuple):  # (form, exprs, consts, shapes, views, inputs, publish, picks)
+            if getattr(getattr(unit, "program", None), "publish", False) and isinstance(out, tuple):
                 out, delta = out  # a unit that publishes returns (output, delta)
                 if probes is not None and publish is not None and isinstance(delta, torch.Tensor):
                     probes[publish] = delta
             _expect(out, tuple(h.shape), f"{form} integrate", "the host's output")
-        elif form == "reparameterise" and ctx.W is not None:
+        elif how is Integration.WEIGHT and ctx.W is not None:
             out = fwd(None, None, ctx.W, False, mask, inputs)
             _expect(out, tuple(ctx.W.shape), "weight", "the host's weight")
-        elif form == "rescale":
+        elif how is Integration.SCALE:
             width = ctx.d_in if getattr(m, "side", "output") == "input" else ctx.d_out
             out = fwd(None, None, None, False, mask, inputs)
             if not isinstance(out, torch.Tensor):
@@ -189,22 +191,26 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
                 ok = False
             if not ok:
                 raise PefrefError(f"scale gives shape {tuple(out.shape)}, which does not broadcast over the host's width {width}")
-        elif form == "prepend" and hps is not None:
-            from pefref.language.sizes import scalar_ops
+        elif how is Integration.POSITIONS and hps is not None:
+            _check_positions(fwd(None, None, None, False, mask, inputs), m, ctx, hps)
 
-            n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
-            out = fwd(None, None, None, False, mask, inputs)
-            if m.tokens is not None:
-                _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
-            else:
-                kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
-                if not isinstance(out, tuple) or len(out) != 2:
-                    raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
-                _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
-                _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
-            for t in out if isinstance(out, tuple) else (out,):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise PefrefError("the prepended positions hold NaN or infinite values")
+
+def _check_positions(out: Any, m: Any, ctx: SiteContext, hps: Mapping[str, Any]) -> None:
+    """A prepending unit's probe output: ``[length, d]`` tokens, or ``[length, kv_heads*d_head]`` keys and values, finite."""
+    from pefref.language.sizes import scalar_ops
+
+    n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
+    if m.tokens is not None:
+        _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
+    else:
+        kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise PefrefError(f"keys and values give {type(out).__name__}, expected two tensors of shape {kv}")
+        _expect(out[0], kv, "keys", "[length, kv_heads*d_head]")
+        _expect(out[1], kv, "values", "[length, kv_heads*d_head]")
+    for t in out if isinstance(out, tuple) else (out,):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PefrefError("the prepended positions hold NaN or infinite values")
 
 
 def _expect(out: Any, shape: tuple[int, ...], what: str, whose: str) -> None:

@@ -10,6 +10,7 @@ import ast
 from collections.abc import Iterable
 
 from pefref.language.expr import Expr, parse_expr
+from pefref.language.forms import DELTA_FORM, FORMS, Merge, form_of
 from pefref.ops import PRIMITIVES
 
 __all__ = [
@@ -161,7 +162,7 @@ def integration_kind(integrate: str, params: Iterable[str]) -> str | None:
 def linear_in_input(m: object) -> bool:
     """Whether the module's output is linear in the host's input (parallel) or output (sequential)."""
     exprs = module_exprs(m)
-    var = "x" if m.form == "parallel" else "h"  # type: ignore[attr-defined]
+    var = form_of(m).reads_input or "h"
     if degree(exprs["compute"], var) != 1:
         return False
     kind = integration_kind(m.integrate, m.params)  # type: ignore[attr-defined]
@@ -182,27 +183,25 @@ def affine_in_input(m: object) -> bool:
     ``x`` and ``delta`` (a gate that depends only on parameters is a constant).
     """
     exprs = module_exprs(m)
-    var = "x" if m.form == "parallel" else "h"  # type: ignore[attr-defined]
+    var = form_of(m).reads_input or "h"
     return affine(exprs["compute"], var) is not None and affine(exprs["integrate"], {"h", "x", "delta"}) is not None
 
 
 def mergeability(m: object, site_kinds: Iterable[str]) -> str:
     """``"yes"``, ``"with a host bias"`` (an affine module: its shift folds into the host's bias) or ``"no"``."""
-    form = m.form  # type: ignore[attr-defined]
+    form = form_of(m)
     kinds = set(site_kinds)
-    if form == "select":
+    if form.merge is Merge.ALWAYS:
         return "yes"
-    if form == "prepend" or not kinds <= set(_LINEAR_SITE_KINDS):
+    if form.merge is Merge.NEVER or not kinds <= set(_LINEAR_SITE_KINDS):
         return "no"
-    if form in ("reparameterise", "rescale"):
+    if form.merge is Merge.ON_LINEAR:
         return "yes"
-    if form == "parallel" and "activation" in kinds:
+    if not form.merges_at_activation and "activation" in kinds:
         return "no"
-    if form in ("parallel", "sequential"):
-        if linear_in_input(m):
-            return "yes"
-        return "with a host bias" if affine_in_input(m) else "no"
-    return "no"
+    if linear_in_input(m):
+        return "yes"
+    return "with a host bias" if affine_in_input(m) else "no"
 
 
 def mergeable(m: object, site_kinds: Iterable[str], host_bias: bool = False, connected: bool = False) -> bool:
@@ -274,7 +273,7 @@ def low_rank_factors(m: object) -> tuple[str, str, str] | None:
     integrated as ``h + delta``, ``h + c * delta`` or ``h + delta * c`` with ``c`` an
     expression of hyperparameters and constants (returned as text, ``"1"`` when absent).
     """
-    if getattr(m, "form", None) != "parallel":
+    if FORMS.get(getattr(m, "form", None)) is not DELTA_FORM:  # type: ignore[arg-type]
         return None
     params = set(m.params)  # type: ignore[attr-defined]
     outer = _call(parse_expr(m.compute).tree, "linear")  # type: ignore[attr-defined]

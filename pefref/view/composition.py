@@ -15,6 +15,7 @@ from typing import Any
 
 from pefref.language.catalog import Catalog
 from pefref.language.composition import ResolvedComposition, block_sites
+from pefref.language.forms import BLOCKS, Combine, block_of
 from pefref.language.schema import ModelShape
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.view.analysis import connected_modules, mergeable_on
@@ -24,7 +25,7 @@ from pefref.view.summary import layers_text, paper_link
 __all__ = ["MemberCount", "BlockCount", "CompositionCount", "count_composition", "composition_summary", "block_hosts",
            "frozen_adapters", "FOLDING_BLOCKS", "block_merge_problem", "member_merge_problem", "composition_merge_problems"]
 
-FOLDING_BLOCKS = ("stack", "parallel", "average")
+FOLDING_BLOCKS = tuple(b.name for b in BLOCKS.values() if b.folds)
 """Block kinds whose combination is a linear function of the members' maps (so it folds into the weights)."""
 
 
@@ -95,7 +96,7 @@ def block_hosts(res: ResolvedComposition, b: int, shape: ModelShape, catalog: Ca
 
 def frozen_adapters(res: ResolvedComposition) -> set[str]:
     """The adapters a fusion block freezes (``train_adapters: false``): parameters, but not trainable."""
-    return {a for blk in res.composition.blocks if blk.kind == "fusion" and not blk.train_adapters for a in blk.adapters}
+    return {a for blk in res.composition.blocks if block_of(blk).combine is Combine.ATTENTION and not getattr(blk, "train_adapters", True) for a in blk.adapters}
 
 
 def count_composition(res: ResolvedComposition, shape: ModelShape, catalog: Catalog) -> CompositionCount:
@@ -111,7 +112,7 @@ def count_composition(res: ResolvedComposition, shape: ModelShape, catalog: Cata
     for b, blk in enumerate(res.composition.blocks):
         hosts = block_hosts(res, b, shape, catalog)
         n = 0
-        if blk.kind == "fusion":
+        if block_of(blk).combine is Combine.ATTENTION:  # Q, K [d, d] with biases and V [d, d] per host
             for site, _i in hosts:
                 d = int(eval_scalar(host_widths(site, fam, catalog)[1], sizes))
                 n += 3 * d * d + 2 * d

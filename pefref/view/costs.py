@@ -17,6 +17,7 @@ from typing import Any
 
 from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
+from pefref.language.forms import CONCURRENT, SERIAL, Integration, form_of
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.schema import ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
@@ -53,9 +54,9 @@ def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
     merge = _merge_map(modules, catalog, family)
     if all(merge.values()):
         return "none once merged"
-    if any(m.form in ("sequential", "rescale") and not merge[m.name] for m in modules):
-        return "sequential"
-    return "parallel"
+    if any(form_of(m).serial and not merge[m.name] for m in modules):
+        return SERIAL
+    return CONCURRENT
 
 
 def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any, inputs: dict[str, tuple[int, ...]] | None = None,
@@ -110,14 +111,15 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
             if site not in fam.sites:
                 continue
             n_layers = len(select_layers(m.layers, sizes["L"])) if catalog.reference.sites[site].per_layer else 1
-            if m.form == "prepend":
+            how = form_of(m).integration
+            if how is Integration.POSITIONS:
                 n = int(eval_scalar(m.length, {**sizes, **hps}))
                 if m.tokens is not None:
                     extra_tok += n
                 else:
                     extra_kv = max(extra_kv, n)
                 continue
-            if m.form in ("select", "reparameterise"):
+            if how in (Integration.PARAMETERS, Integration.WEIGHT):
                 continue  # no work per token (a new weight is computed once per step, not per token)
             d_in_e, d_out_e = host_widths(site, fam, catalog)
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
@@ -133,7 +135,7 @@ def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dic
                 elif c.module is None:
                     w_in, w_out = host_widths(c.site, fam, catalog)
                     inputs[k] = (int(eval_scalar((w_in or w_out) if c.tensor == "x" else w_out, sizes)),)
-            unit = build_unit(m, ctx, hps, SharedStore(), publish=m.form in ("parallel", "sequential"))
+            unit = build_unit(m, ctx, hps, SharedStore(), publish=form_of(m).publishes)
             per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name)
                    - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs))
             flops += per * n_layers

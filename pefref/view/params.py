@@ -15,6 +15,7 @@ from typing import Any
 from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
+from pefref.language.forms import form_of
 from pefref.language.hparams import shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
@@ -97,7 +98,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                 layers = [i for i in select_layers(m.layers, L) if i in has]
                 if not layers:
                     dropped.append(f"{m.name} at {site}: no layer of {shape.name} holds it")
-            if m.form == "select":
+            if not form_of(m).has_unit:
                 terms = _select_terms(m, site, fam, catalog)
                 n = sum(int(eval_scalar(x, sizes)) for x in terms)
                 if n == 0:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pefref.language.check import expand_modules
+from pefref.language.forms import form_of
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from pefref.language.schema.reference import WORKSPACES
 from pefref.ops import PRIMITIVES
@@ -44,13 +45,12 @@ def _join(values: list[str]) -> str:
 
 
 def _insertion(m: Any) -> str:
-    return {"parallel": "parallel", "prepend": "parallel", "sequential": "sequential", "rescale": "sequential"}.get(m.form, "in-place")
+    return form_of(m).insertion
 
 
 def _integration(m: Any) -> str:
-    if m.form in ("parallel", "sequential"):
-        return integration_kind(m.integrate, m.params) or "other"
-    return {"rescale": "rescaling", "reparameterise": "weight update", "prepend": "concatenation", "select": "selection"}[m.form]
+    fixed = form_of(m).integration_form
+    return fixed if fixed is not None else integration_kind(m.integrate, m.params) or "other"
 
 
 def _intra(m: Any) -> str:
@@ -82,10 +82,9 @@ def _sharing(m: Any) -> list[str]:
 
 
 def _input(m: Any) -> str:
-    if m.form == "prepend" or m.form == "select":
-        return "none"
-    if m.form == "rescale":
-        return "hidden states"
+    fixed = form_of(m).input_type
+    if fixed is not None:
+        return fixed
     r = reads(m)
     if r & {"x", "h"}:
         return "hidden states"
@@ -118,7 +117,7 @@ def _insertions(modules: list[Any], ref: ReferenceArchitecture) -> str:
 def _inter(m: Any) -> str:
     """Fixed or dynamic (attention-mediated) mixing with the model's states, plus the module's connections:
     reading another module of the same layer, a state carried from the previous layer, or another site."""
-    base = "dynamic" if m.form == "prepend" or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed"
+    base = "dynamic" if form_of(m).dynamic or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed"
     kinds = []
     for c in (getattr(m, "inputs", None) or {}).values():
         if c.module is None:
@@ -142,7 +141,7 @@ def module_typology(m: Any, ref: ReferenceArchitecture, connected: bool = False)
         "workspace": _join([ref.sites[s].workspace for s in m.sites]),
         "insertion_form": _insertion(m),
         "integration_form": _integration(m),
-        "parameter_adaptation": "selection" if m.form == "select" else ("reparameterisation" if module_mergeable(m, ref, True, connected) else "addition"),
+        "parameter_adaptation": form_of(m).adaptation or ("reparameterisation" if module_mergeable(m, ref, True, connected) else "addition"),
         "intra_connectivity": _intra(m),
         "inter_connectivity": _inter(m),
         "parameter_sharing": _join(_sharing(m)) or "none",

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from pefref.language.forms import BLOCKS
 from pefref.language.schema.common import SITE_PATTERN, Identifier, Strict
 from pefref.language.schema.technique import FORMS, Layers, Paper
 
@@ -23,7 +24,8 @@ __all__ = [
     "BLOCK_KINDS", "STAGES", "StageRule", "BlockRule", "PairRule", "InteractionRules",
 ]
 
-BLOCK_KINDS = ("stack", "parallel", "average", "fusion")
+BLOCK_KINDS = tuple(BLOCKS)
+"""The block kinds' names (:data:`pefref.language.forms.BLOCKS`; the ``Literal`` tags below agree with it, as a test asserts)."""
 STAGES = ("parameters", "positions", "input", "weight", "output")
 """When a module takes part in a host's computation (see :class:`StageRule`)."""
 

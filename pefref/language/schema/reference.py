@@ -7,11 +7,12 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import Field, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
+from pefref.language.schema.technique import FormName
 
 __all__ = ["SizeSpec", "SiteKind", "Site", "SiteSelector", "DiagramGroup", "DiagramComponent", "ReferenceDiagram", "ReferenceArchitecture", "WORKSPACES"]
 
 WORKSPACES = ("embedding", "attention", "ffn", "layer", "head")
-_FORM = Literal["parallel", "sequential", "reparameterise", "rescale", "prepend", "select"]
+_FORM = FormName
 
 
 class SizeSpec(Strict):

@@ -6,16 +6,19 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
+from pefref.language.forms import FORMS as _REGISTRY
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Float, Identifier, Int, Strict, at_least
 
 __all__ = [
     "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
     "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
-    "Module", "Technique", "FORMS", "TYPOLOGY_PROPERTIES",
+    "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
 ]
 
-FORMS = ("parallel", "sequential", "reparameterise", "rescale", "prepend", "select")
+FORMS = tuple(_REGISTRY)
+"""The forms' names (:data:`pefref.language.forms.FORMS`; the ``Literal`` tags below agree with it, as a test asserts)."""
+FormName = Literal["parallel", "sequential", "reparameterise", "rescale", "prepend", "select"]
 TYPOLOGY_PROPERTIES = (
     "workspace", "insertion_form", "integration_form", "parameter_adaptation",
     "intra_connectivity", "inter_connectivity", "parameter_sharing", "input_type", "insertions",
@@ -262,7 +265,7 @@ Module = Annotated[
         Annotated[SelectModule, Tag("select")],
         Annotated[ModuleUse, Tag("use")],
     ],
-    Discriminator(_module_tag, custom_error_type="form", custom_error_message="expected 'form' (one of parallel, sequential, reparameterise, rescale, prepend, select) or 'use'"),
+    Discriminator(_module_tag, custom_error_type="form", custom_error_message=f"expected 'form' (one of {', '.join(FORMS)}) or 'use'"),
 ]
 
 
