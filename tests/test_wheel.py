@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # about a minute and a half on a quiet 2-core machine, most of it `pefref site`
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pefref", "catalog", "schemas", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md")
 """What a build reads (pyproject.toml names README.md as the long description)."""
