@@ -300,3 +300,14 @@ def test_a_valid_user_map_still_works(tmp_path: Path, catalog) -> None:
     x = torch.randint(3, 100, (1, 4))
     model(input_ids=x)
     a.remove()
+
+
+def test_an_op_called_with_the_wrong_arguments_is_located(tmp_path: Path) -> None:
+    """Found by the input fuzzer: ``sqrt()`` in a shape validated, then counting its parameters raised a TypeError."""
+    from pefref.language.expr import ExprError, evaluate, parse_expr
+    from pefref.language.hparams import _scalar_ops
+
+    problems = _problems(_lora(tmp_path, dim="sqrt()"))
+    assert any("sqrt: missing a required argument" in pr.message and pr.field.endswith("shape[0]") for pr in problems), problems
+    with pytest.raises(ExprError, match="sqrt: too many positional arguments"):
+        evaluate(parse_expr("sqrt(4, 9)"), {}, _scalar_ops())
