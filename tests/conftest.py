@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import random
 
 import pytest
 import torch
@@ -26,6 +27,13 @@ TINY = {
     "gpt_neox": "tiny-gpt-neox",
 }
 """The test-size shape of each family."""
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds() -> None:
+    """Every test starts from the same random state, whichever tests ran before it in this worker."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

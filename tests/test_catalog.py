@@ -178,14 +178,9 @@ def test_kitchen_sink_cli(tmp_path: Path) -> None:
     assert "reused_lora" in result.output and "lora.lora" in result.output
 
 
-def test_validating_the_whole_catalog_is_fast() -> None:
-    """Issue budget: `pefref validate` on the whole catalog in under 2 s (here: loading and checking, uncached)."""
-    import time
-
+def test_loading_the_whole_catalog_uncached() -> None:
+    """Loading and checking the whole catalog, uncached (its time: benchmarks/bench_budgets.py)."""
     from pefref.language.catalog import load_catalog
 
-    load_catalog()  # warm imports
-    t0 = time.process_time()  # CPU time: a loaded machine stretches wall time, not this
     cat = load_catalog()
-    assert time.process_time() - t0 < 2.0
-    assert len(cat.techniques) >= 30
+    assert len(cat.techniques) >= 30 and cat.techniques.keys() == default_catalog().techniques.keys()

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,8 +34,6 @@ from .conftest import model_inputs, tiny_model
 from .modelstate import assert_same_state, model_state
 
 CASES = 30
-CASE_CPU_SECONDS = 20.0  # CPU seconds of this process per case: a loaded machine slows the wall clock, not this
-CASE_WALL_SECONDS = 600.0  # and a wait that never ends (a deadlock) is caught by the wall clock
 TECHS = ["lora", "ia3", "bitfit", "pissa", "dora", "prefix_tuning", "oft"]
 BAD_APPLY = [{"r": 0}, {"r": -2}, {"r": math.nan}, {"r": True}, {"r": 64}, {"zz": 1}, {"sites": ["no.such.site"]},
              {"layers": [99]}, {"alpha": math.inf}, {"r": "4"}]
@@ -178,7 +177,7 @@ def _run_op(model: Any, inputs: dict[str, torch.Tensor], live: list[Any], dead: 
 @settings(deadline=None, max_examples=CASES, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 @given(ops=st.lists(st.tuples(OPS, INJECT), min_size=2, max_size=10))
 def _sequences(ops: list[tuple[tuple[str, Any, int], int | None]]) -> None:
-    t0, c0 = time.perf_counter(), time.process_time()
+    c0 = time.process_time()  # reported (FUZZ_COUNTS), never asserted: a hang is caught by the test's timeout
     model = tiny_model("gpt2")
     inputs = model_inputs("gpt2", batch=1, seq=4)
     base = model_state(model)
@@ -199,14 +198,13 @@ def _sequences(ops: list[tuple[tuple[str, Any, int], int | None]]) -> None:
                 del live[n_live:]  # nothing was added
                 assert_same_state(before, model_state(model))
                 model(**inputs)  # the model still runs
-            assert time.process_time() - c0 < CASE_CPU_SECONDS, f"case over {CASE_CPU_SECONDS} CPU seconds at operation {n} ({op})"
-            assert time.perf_counter() - t0 < CASE_WALL_SECONDS, f"case over {CASE_WALL_SECONDS} s at operation {n} ({op})"
     for a in reversed(live) if len(ops) % 2 else list(live):
         a.remove()
     assert_same_state(base, model_state(model))
     COUNTS["cpu seconds"] += time.process_time() - c0
 
 
+@pytest.mark.timeout(600)  # a deadlock fails the test instead of hanging the suite; no time is asserted
 def test_random_operation_sequences_with_injected_failures() -> None:
     _sequences()
     print("FUZZ_COUNTS", COUNTS)

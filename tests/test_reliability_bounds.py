@@ -9,7 +9,6 @@ transient: an SVD, a QR, an intermediate) over the allocation budget, before the
 from __future__ import annotations
 
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,8 @@ from pefref.runtime.applying import plan
 
 from .conftest import tiny_model
 from .modelstate import assert_same_state, model_state
+
+pytestmark = pytest.mark.timeout(600)  # per test: an op that is not refused before it runs would hang; that fails the test (no time is asserted)
 
 HEAD = """\
 id: probe
@@ -63,9 +64,7 @@ HUGE = {
 def test_huge_op_result_is_a_located_problem_at_validate(tmp_path: Path, op: str) -> None:
     compute = f"{LOW_RANK} + {HUGE[op]}"
     p = _file(tmp_path, compute)
-    t0 = time.perf_counter()
     problems, _ = validate_paths([p])
-    assert time.perf_counter() - t0 < 30
     hits = [pr for pr in problems if "more than the limit" in pr.message]
     assert hits, problems
     assert hits[0].field.endswith("compute") and hits[0].location.line == 14
@@ -96,10 +95,8 @@ def test_apply_refuses_a_huge_op_before_running_it(tmp_path: Path, op: str) -> N
     tech = Technique.model_validate(yaml.safe_load(_file(tmp_path, f"{LOW_RANK} + {HUGE[op]}").read_text()))
     model = tiny_model("llama")
     before = model_state(model)
-    t0 = time.perf_counter()
     with limits(max_alloc_bytes=1 << 30), pytest.raises(PefrefError, match=r"attn\.q|budget") as e:
         apply(model, tech)
-    assert time.perf_counter() - t0 < 30
     assert "more than the limit" in str(e.value) or "over the allocation budget" in str(e.value)
     assert_same_state(before, model_state(model))
 

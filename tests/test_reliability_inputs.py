@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from .conftest import tiny_model
 from .modelstate import assert_same_state, model_state
 
 runner = CliRunner()
+pytestmark = pytest.mark.timeout(600)  # per test: an input that hangs pefref fails the test (no time is asserted)
 
 HEAD = """\
 id: {tid}
@@ -53,17 +53,13 @@ def _lora(tmp_path: Path, dim: str = "r", integrate: str = "h + (alpha / r) * de
     return _file(tmp_path, LORA_LIKE.format(dim=dim, integrate=integrate, alpha=alpha), tid)
 
 
-def _problems(path: Path, budget: float = 60.0) -> list:
-    t0 = time.perf_counter()
+def _problems(path: Path) -> list:
     problems, _ = validate_paths([path])
-    assert time.perf_counter() - t0 < budget, "validate took too long"
     return problems
 
 
 def _cli(*args: str) -> str:
-    t0 = time.perf_counter()
     res = runner.invoke(app, list(args))
-    assert time.perf_counter() - t0 < 120  # bounded (a hang would be forever); generous for loaded machines
     assert res.exit_code == 1, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in res.output
@@ -143,10 +139,10 @@ def test_long_expression_is_a_located_problem(tmp_path: Path, terms: int) -> Non
 def test_deep_yaml_is_a_located_problem(tmp_path: Path) -> None:
     p = tmp_path / "deep.yaml"
     p.write_text("a: " + "[" * 10000 + "]" * 10000 + "\n")
-    problems = _problems(p, budget=30.0)
+    problems = _problems(p)
     assert problems and "nested" in problems[0].message and problems[0].location.line == 1
     p.write_text("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 300)))
-    problems = _problems(p, budget=30.0)
+    problems = _problems(p)
     assert problems and "nested" in problems[0].message
 
 
@@ -304,3 +300,14 @@ def test_a_valid_user_map_still_works(tmp_path: Path, catalog) -> None:
     x = torch.randint(3, 100, (1, 4))
     model(input_ids=x)
     a.remove()
+
+
+def test_an_op_called_with_the_wrong_arguments_is_located(tmp_path: Path) -> None:
+    """Found by the input fuzzer: ``sqrt()`` in a shape validated, then counting its parameters raised a TypeError."""
+    from pefref.language.expr import ExprError, evaluate, parse_expr
+    from pefref.language.hparams import _scalar_ops
+
+    problems = _problems(_lora(tmp_path, dim="sqrt()"))
+    assert any("sqrt: missing a required argument" in pr.message and pr.field.endswith("shape[0]") for pr in problems), problems
+    with pytest.raises(ExprError, match="sqrt: too many positional arguments"):
+        evaluate(parse_expr("sqrt(4, 9)"), {}, _scalar_ops())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import resource
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -204,23 +202,12 @@ def test_family_labels_paths_without_a_model() -> None:
 # --- every technique; speed; escaping; determinism -------------------------------------
 
 
-def test_every_catalog_technique_and_the_kitchen_sink_draw_every_module_fast() -> None:
-    """Issue budget: the diagrams of the whole catalog (graph, DOT and SVG through dot) in under 10 s.
-
-    Timed as CPU seconds of this process and its ``dot`` children, so that a machine shared with
-    other jobs does not fail it; on a quiet machine the wall time is about the same."""
+def test_every_catalog_technique_and_the_kitchen_sink_draw_every_module() -> None:
+    """The diagrams of the whole catalog: graph, DOT and SVG through dot (their time: benchmarks/bench_budgets.py)."""
     cat = default_catalog()
     techniques = [cat.techniques[k] for k in sorted(cat.techniques)] + [_kitchen_sink()]
-
-    def cpu() -> float:
-        child = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return time.process_time() + child.ru_utime + child.ru_stime
-
-    t0 = cpu()
     graphs = [technique_graph(cat, [t]) for t in techniques]
     svgs = render_many([to_dot(g) for g in graphs], "svg")
-    elapsed = cpu() - t0
-    assert elapsed < 10.0, f"{elapsed:.1f} CPU s"
     for t, g, svg in zip(techniques, graphs, svgs):
         modules, _ = expand_modules(t, {**cat.techniques, t.id: t})
         for m in modules:
@@ -298,7 +285,7 @@ def test_cli_diagram_format_from_the_suffix(tmp_path: Path) -> None:
     assert not (tmp_path / "y.png").exists()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.text(alphabet=st.sampled_from("ab ,(x_)"), max_size=120), st.integers(min_value=4, max_value=60))
 def test_wrap_ends_and_keeps_the_text(text: str, width: int) -> None:
     lines = wrap(text, width)

@@ -241,7 +241,9 @@ def test_cli_builds_and_checks(tmp_path, monkeypatch, catalog) -> None:
     from pefref.language.catalog import _cached
 
     root = small_catalog_dir(tmp_path / "catalog", pick(catalog, 2))
-    monkeypatch.setenv("PEFREF_CATALOG", str(root))
+    from pefref.language.bundled import BundledData
+
+    monkeypatch.setattr("pefref.language.sources.bundled_data", lambda: BundledData(root, root / "schemas", None))  # the small catalog in place of the bundled one
     _cached.cache_clear()
     try:
         out = tmp_path / "site"

@@ -7,6 +7,7 @@ Chromium missing is a failure, not a skip: ``run.sh`` installs it (``ensure_chro
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import replace
@@ -82,6 +83,38 @@ def _url(out: Path, page: str) -> str:
     return (out / page).as_uri()
 
 
+WAIT_S = 60
+"""How long a condition may take to hold (generous for a loaded machine); tests wait for conditions, never for time."""
+
+
+def _until(driver, value, expected):
+    """``value(driver)`` once it equals ``expected`` (or, after :data:`WAIT_S`, whatever it is then, for the assert)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(driver, WAIT_S).until(lambda d: value(d) == expected)
+    return value(driver)
+
+
+def _navigate(driver, go) -> None:
+    """Run ``go`` (which navigates) and wait until a new document has loaded and its scripts have run.
+
+    The page being left is marked first; the wait ends when the current document lacks the mark and is
+    complete (deferred scripts and DOMContentLoaded handlers run before that). Without it, a reload of
+    the same address could be read while the new document was still parsing: every column shown.
+    """
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script("window.pefrefLeaving = true;")
+    go()
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return !window.pefrefLeaving && document.readyState === 'complete';"))
+
+
+def _open(driver, url: str) -> None:
+    _navigate(driver, lambda: driver.get(url))
+
+
 def _shown_columns(driver) -> list[str]:
     return driver.execute_script(
         "return Array.from(document.querySelectorAll('#comparison thead th[data-col]'))"
@@ -101,7 +134,7 @@ def test_compare_picker_adds_drops_and_keeps_the_address(browser, site) -> None:
 
     out, ids, _ = site
     a, b, _c, d = ids
-    browser.get(_url(out, "compare.html") + f"?ids={b},{a},nonexistent")
+    _open(browser, _url(out, "compare.html") + f"?ids={b},{a},nonexistent")
     assert _shown_columns(browser) == [b, a]
     assert _ids_in_address(browser) == [b, a]
     assert "nonexistent" in browser.find_element(By.ID, "compare-status").text
@@ -115,21 +148,21 @@ def test_compare_picker_adds_drops_and_keeps_the_address(browser, site) -> None:
 
     Select(browser.find_element(By.ID, "pick")).select_by_value(d)
     browser.find_element(By.ID, "pick-add").click()
-    assert _shown_columns(browser) == [b, a, d]
+    assert _until(browser, _shown_columns, [b, a, d]) == [b, a, d]
     assert _ids_in_address(browser) == [b, a, d]
 
     browser.find_element(By.CSS_SELECTOR, f'#chosen button[data-id="{a}"]').click()
-    assert _shown_columns(browser) == [b, d]
+    assert _until(browser, _shown_columns, [b, d]) == [b, d]
     assert _ids_in_address(browser) == [b, d]
     chips = [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "#chosen li")]
     assert chips == [b, d]
 
-    shared = browser.current_url  # the address alone reproduces the comparison
-    browser.get(shared)
+    shared = browser.current_url  # the address alone reproduces the comparison: a new document, loaded from it
+    _open(browser, shared)
     assert _shown_columns(browser) == [b, d]
 
     browser.find_element(By.ID, "pick-clear").click()
-    assert _shown_columns(browser) == ids
+    assert _until(browser, _shown_columns, ids) == ids
     assert _ids_in_address(browser) == []
 
 
@@ -138,7 +171,7 @@ def test_index_filter_sort_and_compare_selection(browser, site) -> None:
     from selenium.webdriver.support.ui import Select
 
     out, ids, small = site
-    browser.get(_url(out, "index.html"))
+    _open(browser, _url(out, "index.html"))
 
     def visible() -> list[str]:
         return browser.execute_script(
@@ -174,7 +207,7 @@ def test_index_filter_sort_and_compare_selection(browser, site) -> None:
 
     for tid in (ids[3], ids[1]):
         browser.find_element(By.CSS_SELECTOR, f'#row-{tid} input[type="checkbox"]').click()
-    browser.find_element(By.CSS_SELECTOR, '#index-form button[type="submit"]').click()
+    _navigate(browser, browser.find_element(By.CSS_SELECTOR, '#index-form button[type="submit"]').click)
     assert urlsplit(browser.current_url).path.endswith("/compare.html")
     assert sorted(_shown_columns(browser)) == sorted([ids[1], ids[3]])
     assert sorted(_ids_in_address(browser)) == sorted([ids[1], ids[3]])
@@ -190,7 +223,7 @@ def test_pages_fit_a_phone(browser, site, composition) -> None:
                      "choose.html", "models.html", "primitives.html", "schema.html", "compositions.html",
                      f"compositions/{composition[0]}.html"):
             path, _, query = page.partition("?")
-            browser.get(_url(out, path) + (f"?{query}" if query else ""))
+            _open(browser, _url(out, path) + (f"?{query}" if query else ""))
             width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
             assert inner == 390, f"{page}: the viewport is {inner}px, not the emulated 390px"
             assert width <= inner, f"{page}: {width}px wide in a {inner}px window"
@@ -204,8 +237,8 @@ def test_composition_page_draws_its_diagram(browser, site, composition) -> None:
 
     out, _, _ = site
     cid, techs = composition
-    browser.get(_url(out, "compositions.html"))
-    browser.find_element(By.CSS_SELECTOR, f'#row-{cid} a[href="compositions/{cid}.html"]').click()
+    _open(browser, _url(out, "compositions.html"))
+    _navigate(browser, browser.find_element(By.CSS_SELECTOR, f'#row-{cid} a[href="compositions/{cid}.html"]').click)
     assert urlsplit(browser.current_url).path.endswith(f"/compositions/{cid}.html")
     size = browser.execute_script(
         "var s = document.querySelector('#diagram svg'); if (!s) return null;"

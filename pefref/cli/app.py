@@ -9,8 +9,11 @@ field: message`` lines and exit with status 1, never with a traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -268,11 +271,14 @@ def show(
 @app.command()
 def schema(
     check: bool = typer.Option(False, "--check", help="Exit 1 when the files differ from the models, instead of writing them."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the schema files (default: the repository's schemas/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the schema files (default: the repository's schemas/; installed: the package's, for --check)."),
 ) -> None:
     """Regenerate the JSON Schema files in schemas/ from the models (--check: only compare)."""
+    from pefref.language.bundled import bundled_data
     from pefref.language.schemagen import check_schemas, schemas_root, write_schemas
 
+    if out is None and not check and bundled_data().checkout is None:
+        raise PefrefError("pefref is installed, not run from its repository: give --out DIR to write the schema files (or --check the bundled ones)")
     root = out or schemas_root()
     con = Console(highlight=False)
     if check:
@@ -476,6 +482,40 @@ import pefref.cli.experiments  # noqa: E402  (registers run, results)
 import pefref.cli.render  # noqa: E402,F401  (registers diagram, graph)
 from pefref.cli import ops as _ops  # noqa: E402,F401  (registers `pefref ops`)
 from pefref.cli import site as _site  # noqa: E402,F401  (registers `pefref site`)
+
+# --- --catalog on every command that reads the catalog ------------------------------
+
+NO_CATALOG = frozenset({"schema", "ops", "results"})
+"""The commands that read no catalog; every other one takes ``--catalog DIR`` (given below, in one place)."""
+
+CATALOG_OPTION = typer.Option(None, "--catalog", metavar="DIR", show_default=False, help=(
+    "A folder of your own catalog (techniques/, families/, models.yaml, compositions/) added to the bundled one "
+    "(repeatable; $PEFREF_CATALOG and installed packages add theirs too)."))
+
+
+def _with_catalog_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a ``--catalog`` option: the folders are added to the catalog for the duration of the command."""
+    from pefref.language.sources import use_cli_catalogs
+
+    sig = inspect.signature(fn, eval_str=True)
+    extra = inspect.Parameter("catalog_folders", inspect.Parameter.KEYWORD_ONLY, default=CATALOG_OPTION, annotation=Optional[list[Path]])
+
+    @functools.wraps(fn)
+    def command(*args: Any, catalog_folders: Optional[list[Path]] = None, **kwargs: Any) -> Any:
+        use_cli_catalogs(catalog_folders or [])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            use_cli_catalogs(())
+
+    command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
+    command.__annotations__ = {**fn.__annotations__, "catalog_folders": Optional[list[Path]]}
+    return command
+
+
+for _info in app.registered_commands:
+    if _info.callback is not None and (_info.name or _info.callback.__name__.replace("_", "-")) not in NO_CATALOG:
+        _info.callback = _with_catalog_option(_info.callback)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -17,7 +17,7 @@ __all__ = ["site"]
 
 @app.command()
 def site(
-    out: Path | None = typer.Option(None, "-o", "--out", help="Folder to write the site to (default: the repository's site/)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Folder to write the site to (default: the repository's site/; installed: ./site)."),
     include: list[Path] | None = typer.Option(None, "--include", help="A folder of your own technique YAML files to add (repeatable); their pages are marked as not from the catalog."),
     model: list[str] | None = typer.Option(None, "--model", help="Model shape for the index's counts, the costs and the comparison (repeatable; default llama-2-7b)."),
     results: Path | None = typer.Option(None, "--results", help="A folder of experiment results to show (for sections that present them)."),

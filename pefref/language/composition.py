@@ -70,7 +70,7 @@ class ResolvedComposition:
 
 def _rules_path(root: Path | None) -> Path:
     p = (root or catalog_root()) / "reference" / "interactions.yaml"
-    return p if p.is_file() else Path(__file__).resolve().parents[2] / "catalog" / "reference" / "interactions.yaml"
+    return p if p.is_file() else catalog_root() / "reference" / "interactions.yaml"
 
 
 @lru_cache(maxsize=4)

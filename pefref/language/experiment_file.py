@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pefref.language.catalog import catalog_root, default_catalog, load_techniques
+from pefref.language.catalog import default_catalog, load_techniques
 from pefref.language.composition import is_composition_file, load_composition
 from pefref.language.errors import CatalogError, PefrefError, Problem
 from pefref.language.hparams import resolve_hyperparameters
@@ -102,17 +102,8 @@ def _technique_problems(loc: tuple[str | int, ...], ref: str, hps: dict[str, Any
 
 
 def _catalog_compositions() -> dict[str, Path]:
-    """The catalog's compositions by id (the file stem, or the ``id`` the file declares)."""
-    from pefref.language.yamlsrc import read_yaml
-
-    out: dict[str, Path] = {}
-    for f in sorted((catalog_root() / "compositions").glob("*.y*ml")):
-        try:
-            data, _ = read_yaml(f)
-        except CatalogError:
-            continue
-        out[str(data.get("id", f.stem)) if isinstance(data, dict) else f.stem] = f
-    return out
+    """The compositions of every catalog by id (a composition's id is its file's stem)."""
+    return dict(default_catalog().compositions)
 
 
 def composition_file(entry: GridEntry, root: Path) -> Path | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import math
 import operator
 import re
@@ -24,7 +25,7 @@ from typing import Any, cast
 from pefref.language.errors import PefrefError
 from pefref.language.limits import current
 
-__all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "arith", "substitute", "BINOPS"]
+__all__ = ["Expr", "ExprError", "parse_expr", "evaluate", "arith", "substitute", "BINOPS", "bad_call"]
 
 BINOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -256,6 +257,26 @@ def _check_offset(tree: ast.expr, lead: int) -> None:
         raise ExprError(e.message, e.column + lead) from None
 
 
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: its own error stands
+        return None
+
+
+def bad_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Why op ``name`` cannot take these arguments (too few, too many, an unknown keyword), or None when it can."""
+    sig = _signature(fn)
+    if sig is None:
+        return None
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        return f"{name}: {e}"
+    return None
+
+
 def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Callable[..., Any]]) -> Any:
     """Walk a checked expression with ``env`` for names and ``ops`` for calls."""
     node = expr.tree if isinstance(expr, Expr) else expr
@@ -279,5 +300,8 @@ def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Ca
             raise ExprError(f"unknown op {name!r}", node.col_offset)
         args = [evaluate(a, env, ops) for a in node.args]
         kwargs = cast(dict[str, Any], {k.arg: evaluate(k.value, env, ops) for k in node.keywords})
+        why = bad_call(name, fn, args, kwargs)
+        if why is not None:
+            raise ExprError(why, node.col_offset)
         return fn(*args, **kwargs)
     raise ExprError(f"{type(node).__name__} is not part of the expression grammar", getattr(node, "col_offset", 0))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from pefref.language.errors import Location, Problem
-from pefref.language.expr import ExprError, arith, parse_expr
+from pefref.language.expr import ExprError, arith, bad_call, parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current
 from pefref.language.loader import dotted
@@ -117,6 +117,9 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
             return None
         prim = PRIMITIVES.get(name)
         if prim is not None and prim.scalar and not any(isinstance(v, Shape) for v in (*args, *kwargs.values())):
+            why = bad_call(name, prim.fn, args, kwargs)
+            if why is not None:
+                raise _Located(why, node.col_offset)
             try:
                 return prim.fn(*args, **kwargs)
             except (ArithmeticError, TypeError, ValueError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pefref.language.catalog import Catalog, catalog_root, default_catalog, load_catalog, load_techniques
+from pefref.language.catalog import Catalog, default_catalog, load_catalog, load_techniques
 from pefref.language.errors import CatalogError, Location, Problem
+from pefref.language.sources import CatalogSource, catalog_sources
 
 __all__ = ["validate_paths"]
 
@@ -30,11 +31,39 @@ def _compositions(files: list[Path], cat: Catalog, problems: list[Problem], repo
     report["files"] += len(files)
 
 
+def _is_user_catalog(p: Path) -> bool:
+    """Whether folder ``p`` is laid out like a user's catalog (techniques/, families/, compositions/ or models.yaml)."""
+    return any((p / d).is_dir() for d in ("techniques", "families", "compositions")) or (p / "models.yaml").is_file()
+
+
+def _whole(cat_or_error: Catalog | CatalogError, problems: list[Problem], report: dict[str, Any], root: Path | None = None) -> None:
+    """Report a loaded catalog (its techniques, maps, shapes and files) and check its compositions."""
+    if isinstance(cat_or_error, CatalogError):
+        problems += cat_or_error.problems
+        return
+    cat = cat_or_error
+    report["techniques"] += sorted(cat.techniques)
+    shape_files = sum((s.root / "models.yaml").is_file() for s in cat.catalogs)
+    report["files"] += 2 + shape_files + len(cat.families) + len(cat.techniques)  # with the reference and the interaction rules
+    report.setdefault("families", []).extend(sorted(cat.families))
+    report.setdefault("models", []).extend(cat.shapes)
+    _compositions(list(cat.compositions.values()), cat, problems, report, root)
+
+
+def _load(root: Path | None = None, extra: tuple[CatalogSource, ...] = ()) -> Catalog | CatalogError:
+    try:
+        return load_catalog(root, extra=extra) if root is not None or extra else default_catalog()
+    except CatalogError as e:
+        return e
+
+
 def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
-    """Validate the bundled catalog (no paths), or technique and composition files, folders of them and catalog folders.
+    """Validate the catalogs (no paths: the bundled one and the user's), or files, folders of them and catalog folders.
 
     A folder holding ``reference/transformer.yaml`` is loaded as a whole catalog
-    (its compositions and interaction rules included); other folders contribute
+    (its compositions and interaction rules included); a folder laid out like a
+    user's catalog (``techniques/``, ``families/``, ``compositions/``,
+    ``models.yaml``) is loaded with the bundled catalog it adds to; other folders contribute
     their ``*.yaml`` files, which are checked as techniques, or as compositions
     when they hold a ``techniques`` list, against the bundled reference
     architecture, techniques and interaction rules. Returns every problem found
@@ -44,23 +73,19 @@ def validate_paths(paths: list[Path]) -> tuple[list[Problem], dict[str, Any]]:
     problems: list[Problem] = []
     report: dict[str, Any] = {"techniques": [], "compositions": [], "files": 0}
     if not paths:
-        paths = [catalog_root()]
+        _whole(_load(), problems, report)
+        return problems, report
     files: list[Path] = []
     for p in paths:
         if not p.exists():
             problems.append(Problem(Location(str(p)), "", "no such file or folder"))
         elif p.is_dir() and (p / "reference" / "transformer.yaml").is_file():
-            try:
-                cat = load_catalog(p)
-            except CatalogError as e:
-                problems += e.problems
-                continue
-            report["techniques"] += sorted(cat.techniques)
-            report["files"] += 2 + len(cat.families) + len(cat.techniques)
-            report.setdefault("families", []).extend(sorted(cat.families))
-            report.setdefault("models", []).extend(cat.shapes)
-            report["files"] += 1  # the interaction rules
-            _compositions(sorted((p / "compositions").glob("*.yaml")), cat, problems, report, p)
+            _whole(_load(p), problems, report, p)
+        elif p.is_dir() and _is_user_catalog(p):
+            known, more = catalog_sources()
+            problems += more
+            mine = () if p.resolve() in {s.root for s in known} else (CatalogSource(p.resolve().name, p.resolve(), "argument"),)
+            _whole(_load(known[0].root, (*known[1:], *mine)), problems, report)
         elif p.is_dir():
             found = sorted([*p.glob("*.yaml"), *p.glob("*.yml")])
             if not found:

@@ -36,8 +36,11 @@ MANIFEST = ".pefref-site"
 
 
 def site_root() -> Path:
-    """The repository's ``site/`` folder (beside the bundled catalog)."""
-    return Path(__file__).resolve().parents[3] / "site"
+    """Where ``pefref site`` writes by default: the repository's ``site/`` in a checkout, ``./site`` when installed."""
+    from pefref.language.bundled import bundled_data
+
+    checkout = bundled_data().checkout
+    return checkout / "site" if checkout is not None else Path("site")
 
 
 @dataclass(frozen=True)
@@ -166,17 +169,17 @@ def site_files(
         results: experiment results to show (:func:`pefref.experiments.site_view.results_view` builds them
             from a results folder), for sections that show them.
         sections: the sections to build (default: :data:`pefref.render.site.pages.SECTIONS`).
-        compositions: composition files to show (default: the bundled catalog's ``compositions/``); those
+        compositions: composition files to show (default: those of the catalog's folders); those
             naming a technique the catalog lacks are left out.
     """
-    from pefref.language.catalog import catalog_root, default_catalog
+    from pefref.language.catalog import default_catalog
     from pefref.render.site.compositions import catalog_compositions
     from pefref.render.site.pages import SECTIONS
 
     catalog = catalog or default_catalog()
     catalog, included = with_included(catalog, include)
     if compositions is None:
-        compositions = sorted((catalog_root() / "compositions").glob("*.yaml"))
+        compositions = list(catalog.compositions.values())
     resolved = catalog_compositions(catalog, list(compositions))
     with Pictures(catalog, resolved) as pictures:  # dot draws in the background while the view gathers
         data = gather(catalog, _models(catalog, models), included, results, resolved)

@@ -106,6 +106,7 @@ class TechniqueView:
     families: list[FamilyFacts] = field(default_factory=list)
     backbone_backward: bool = True
     matched: list[MatchedCount] = field(default_factory=list)  # counts at the compare page's settings, on the first model
+    origin: str | None = None  # the name of the user's catalog it comes from (None: the bundled catalog or an included folder)
 
     @property
     def typology_values(self) -> dict[str, str]:
@@ -150,16 +151,15 @@ class SiteData:
         return next(c for c in self.compositions if c.id == cid)
 
 
-def _source_label(path: Path | None, tid: str, catalog_root: Path, from_catalog: bool) -> str:
-    """Where the YAML came from, without absolute paths (the site must not depend on the checkout's place)."""
+def _source_label(path: Path | None, tid: str, catalog: Catalog, from_catalog: bool) -> str:
+    """Where the YAML came from, without absolute paths (the site must not depend on the checkout's place):
+    relative to the folder above its catalog folder (``catalog/techniques/lora.yaml``)."""
     if path is None:
         return f"{tid}.yaml"
     path = Path(path)
-    if from_catalog:
-        try:
-            return path.resolve().relative_to(catalog_root.resolve().parent).as_posix()
-        except ValueError:
-            pass
+    home = catalog.catalog_of(path) if from_catalog else None
+    if home is not None:
+        return path.resolve().relative_to(home.root.resolve().parent).as_posix()
     return f"{path.parent.name}/{path.name}"
 
 
@@ -277,7 +277,6 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
         results: the experiment results to show (built by the caller), handed to the results section.
         compositions: the compositions to show (their techniques link back to them).
     """
-    from pefref.language.catalog import catalog_root
     from pefref.view.summary import technique_row, technique_summary
 
     for m in models:
@@ -285,7 +284,6 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             catalog.shape(m)
         except KeyError as e:  # the message suggests a name
             raise PefrefError(str(e.args[0])) from None
-    root = catalog_root()
     views: list[TechniqueView] = []
     for tid in sorted(catalog.techniques):
         t = catalog.techniques[tid]
@@ -294,7 +292,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
         summary.pop("file", None)
         views.append(TechniqueView(
             id=tid, name=t.name, summary=summary, row=technique_row(t, catalog.techniques),
-            from_catalog=tid not in included, source=_source_label(src, tid, root, tid not in included),
+            from_catalog=tid not in included, source=_source_label(src, tid, catalog, tid not in included), origin=catalog.origin(tid),
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
             typology=_typology_cells(t, catalog), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
             **_choice_facts(t, catalog, models[0]),
@@ -308,7 +306,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
                 by_id[tid].used_by.append(Related(v.id, v.name, why))
         for tid, shared in similar_techniques(v.id, values):
             v.similar.append(Related(tid, by_id[tid].name, ", ".join(property_label(p) for p in shared)))
-    comps = composition_views(compositions or [], catalog, set(by_id), lambda path, cid: _source_label(path, cid, root, True))
+    comps = composition_views(compositions or [], catalog, set(by_id), lambda path, cid: _source_label(path, cid, catalog, True))
     for c in comps:
         names: dict[str, list[str]] = {}
         for member in c.members:
