@@ -102,6 +102,13 @@ CASES: dict[str, Case] = {
     "hira": Case("hira", {"r": 2}, ["attn.qkv"], lambda fam: peft.HiraConfig(r=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "lily": Case("lily", {"r": 2, "num_B": 2}, None, lambda fam: peft.LilyConfig(r=2, num_B=2, target_modules=ATTN[fam]), linear_only=True),
     "miss": Case("miss", {"r": 8}, None, lambda fam: peft.MissConfig(r=8, target_modules=ATTN[fam]), linear_only=True),
+    # LoRA's variants (LoraConfig flags)
+    "olora": Case("olora", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="olora", lora_dropout=0.0), linear_only=True),
+    "lora_orthogonal": Case("lora_orthogonal", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="orthogonal")),
+    "lora_gaussian": Case("lora_gaussian", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="gaussian")),
+    "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
+    "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
+    "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),
 }
 
 

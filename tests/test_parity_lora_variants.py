@@ -213,3 +213,30 @@ def test_outputs_gradients_and_counts_match_peft(shape: str, technique: str) -> 
             assert max_diff(mine.grad, theirs.grad.reshape(mine.shape)) <= GRAD_TOL, (key, name)
             compared += 1
     assert compared >= len(pair.hosts)
+
+
+def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> None:
+    """PiSSA's fast SVD is not written (peft redraws it on load); VeLoRA's compression buffer and BD-LoRA's
+    block-diagonal factors have no place in a catalog technique: peft adapters with them are refused, the model
+    unchanged."""
+    from pefref import from_pretrained
+    from pefref.language.errors import PefrefError
+
+    model = copy.deepcopy(base_model("tiny-llama"))
+    adapter = apply(model, "pissa", r=R, alpha=ALPHA, niter=2)
+    with pytest.raises(PefrefError, match="niter=0"):
+        adapter.save_pretrained(tmp_path / "pissa")
+    targets = ["q_proj", "v_proj"]
+    refused = {
+        "velora": (peft.LoraConfig(r=R, target_modules=targets, velora_config=peft.VeloraConfig(num_groups=4)), "lora_velora_embed"),
+        "bdlora": (peft.LoraConfig(r=R, target_modules=targets, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+            target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)), "does not fit"),
+        "bias_all": (peft.LoraConfig(r=R, target_modules=targets, bias="all"), "matches no catalog technique exactly"),
+    }
+    for name, (config, message) in refused.items():
+        peft.get_peft_model(copy.deepcopy(base_model("tiny-llama")), config).save_pretrained(tmp_path / name)
+        fresh = copy.deepcopy(base_model("tiny-llama"))
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(PefrefError, match=message):
+            from_pretrained(fresh, tmp_path / name)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), name

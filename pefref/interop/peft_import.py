@@ -21,6 +21,8 @@ __all__ = ["choose", "Plan", "plan", "copy_in", "unmask_ranks"]
 
 
 def _accepts(want: Any, have: Any) -> bool:
+    if isinstance(want, dict):  # a sub-config: set, with the listed values
+        return isinstance(have, Mapping) and all(have.get(k) == v for k, v in want.items())
     return any(have == w for w in want) if isinstance(want, list) else have == want
 
 

@@ -73,7 +73,7 @@ class PeftMethod(Strict):
 
     technique: Identifier = Field(description="Catalog technique id.")
     peft_type: str = Field(description="peft's PeftType value (adapter_config.json 'peft_type').")
-    config: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart); a list gives the values accepted on import, the first one written.")
+    config: dict[str, Scalar | list[Scalar] | dict[str, Scalar]] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart); a list gives the values accepted on import, the first one written; a mapping is a sub-config (e.g. LoraConfig's kasa_config), written as given (peft fills in its defaults) and on import required to be set, with the values it lists.")
     written: dict[str, Scalar] = Field(default_factory=dict, description="Config values written on export and not checked on import (peft needs them to build its config).")
     hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field -> the technique's hyperparameter.")
     when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
