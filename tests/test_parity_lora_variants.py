@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ class Case:
     """pefref hyperparameters, peft's LoraConfig arguments, tensor names, and how peft's draws are seeded."""
 
     hps: dict[str, Any]
-    config: dict[str, Any]
+    config: dict[str, Any] | Callable[[dict[str, list[str]]], dict[str, Any]]  # or: of the host paths of each module
     tensors: dict[str, str] = field(default_factory=lambda: dict(LORA_AB))
     draws: str = ""  # '', 'randn' (orthogonal), 'normal' (gaussian), 'svd_lowrank' (pissa_niter)
     rewrites_host: bool = False  # peft replaces the host weight at initialisation
@@ -61,6 +61,8 @@ CASES: dict[str, Case] = {
     "lora_bias": Case({"r": R, "alpha": ALPHA, "dropout": 0.0}, {"lora_bias": True}, {**LORA_AB, "c": "lora_B.default.bias"}, free=("A",)),
     "kasa": Case({"r": R, "alpha": ALPHA, "dropout": 0.0}, {"kasa_config": peft.KasaConfig()}, {**LORA_AB, "d": "lora_diag.default"},
                  rewrites_host=True, free=("A", "d")),
+    "bdlora": Case({"r": R, "alpha": ALPHA, "dropout": 0.0, "nblocks": 2}, lambda by: {"use_bdlora": peft.tuners.lora.config.BdLoraConfig(
+        target_modules_bd_a=by["bd_a"], target_modules_bd_b=by["bd_b"], nblocks=2)}, free=("A",)),
 }
 TECHNIQUES = list(CASES)
 
@@ -142,8 +144,12 @@ def build(shape: str, technique: str) -> Pair:
     assert set(hosts) == set(adapter.units)
     torch.manual_seed(11)  # each unit drew its seed, in build order, from torch's generator
     unit_seeds = {k: int(torch.randint(0, 2**62, ()).item()) for k in adapter.units}
+    by_module: dict[str, list[str]] = {}
+    for (module, _site, _layer), path in sorted(paths.items()):
+        by_module.setdefault(module, []).append(path)
+    flags = case.config(by_module) if callable(case.config) else case.config
     config = peft.LoraConfig(task_type=TASK[family], target_modules=sorted(set(paths.values())), r=R, lora_alpha=ALPHA,
-                             lora_dropout=0.0, **case.config)
+                             lora_dropout=0.0, **flags)
     with seeded_peft_draws(case.draws, peft_seeds(case.draws, hosts, unit_seeds, base)):
         pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
     at_init = {
