@@ -109,6 +109,9 @@ CASES: dict[str, Case] = {
     "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
     "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
     "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),
+    "bdlora": Case("bdlora", {"r": 4, "alpha": 8, "nblocks": 2}, None, lambda fam: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "o_proj", "down_proj"], use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+            target_modules_bd_a=["q_proj", "k_proj", "v_proj", "up_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)), linear_only=True),
 }
 
 

@@ -63,6 +63,8 @@ CASES: dict[str, Case] = {
                  rewrites_host=True, free=("A", "d")),
     "bdlora": Case({"r": R, "alpha": ALPHA, "dropout": 0.0, "nblocks": 2}, lambda by: {"use_bdlora": peft.tuners.lora.config.BdLoraConfig(
         target_modules_bd_a=by["bd_a"], target_modules_bd_b=by["bd_b"], nblocks=2)}, free=("A",)),
+    "velora": Case({"r": R, "alpha": ALPHA, "num_groups": 4, "scale": 0.5}, {"velora_config": peft.VeloraConfig(
+        num_groups=4, scale=0.5, init_type="random")}, {**LORA_AB, "v": "lora_velora_embed.default"}, free=("A", "v")),
 }
 TECHNIQUES = list(CASES)
 
@@ -205,6 +207,8 @@ def test_outputs_gradients_and_counts_match_peft(shape: str, technique: str) -> 
     assert sum(p.numel() for p in pair.adapter.trainable_parameters()) == n_peft
 
     target = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    for path in pair.hosts.values():  # peft's LoRA layers in training mode (VeLoRA's backward); no dropout anywhere
+        pair.peft_model.get_base_model().get_submodule(path).train()
     (output(pair.peft_model, pair.output, inputs) * target).sum().backward()
     (output(pair.model, pair.output, inputs) * target).sum().backward()
     compared = 0
@@ -222,9 +226,9 @@ def test_outputs_gradients_and_counts_match_peft(shape: str, technique: str) -> 
 
 
 def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> None:
-    """PiSSA's fast SVD is not written (peft redraws it on load); VeLoRA's compression buffer and BD-LoRA's
-    block-diagonal factors have no place in a catalog technique: peft adapters with them are refused, the model
-    unchanged."""
+    """PiSSA's fast SVD is not written (peft redraws it on load); VeLoRA's compression buffer, a BD-LoRA mixed with
+    plain LoRA modules (match_strict false) and trained host biases have no place in a catalog technique: peft
+    adapters with them are refused, the model unchanged."""
     from pefref import from_pretrained
     from pefref.language.errors import PefrefError
 
@@ -235,8 +239,8 @@ def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> 
     targets = ["q_proj", "v_proj"]
     refused = {
         "velora": (peft.LoraConfig(r=R, target_modules=targets, velora_config=peft.VeloraConfig(num_groups=4)), "lora_velora_embed"),
-        "bdlora": (peft.LoraConfig(r=R, target_modules=targets, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
-            target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)), "does not fit"),
+        "bdlora_mixed": (peft.LoraConfig(r=R, target_modules=targets, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+            target_modules_bd_a=["q_proj"], nblocks=2, match_strict=False)), "matches no catalog technique exactly"),
         "bias_all": (peft.LoraConfig(r=R, target_modules=targets, bias="all"), "matches no catalog technique exactly"),
     }
     for name, (config, message) in refused.items():
@@ -246,3 +250,18 @@ def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> 
         with pytest.raises(PefrefError, match=message):
             from_pretrained(fresh, tmp_path / name)
         assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), name
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_velora_trains_a_from_the_compressed_inputs(shape: str) -> None:
+    """The projection vector is a unit vector, and A's gradient is VeLoRA's, not LoRA's (peft in eval mode)."""
+    pair = build(shape, "velora")
+    inputs = padded_batch(shape)
+    for key in pair.hosts:
+        assert abs(pair.at_init["pefref"][key]["v"].norm().item() - 1.0) < 1e-5
+    target = torch.randn(output(pair.model, pair.output, inputs).shape, generator=torch.Generator().manual_seed(5))
+    (output(pair.peft_model, pair.output, inputs) * target).sum().backward()  # eval: peft's plain LoRA backward
+    (output(pair.model, pair.output, inputs) * target).sum().backward()
+    key, path = next(iter(pair.hosts.items()))
+    plain = _tensor(pair.peft_model.get_base_model().get_submodule(path), "lora_A.default.weight").grad
+    assert plain is not None and max_diff(pair.adapter.units[key].A.grad, plain) > 1e-3

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pefref.compiler.parts import read
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, slice_rows, task_type, to_peft, unit_key
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, config_set, fixed_config, slice_rows, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -51,7 +51,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(fam, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field, hp in method.hyperparameters.items():
-        cfg[field] = adapter.hyperparameters[hp]
+        config_set(cfg, field, adapter.hyperparameters[hp])
     maps = {mm.module: mm for mm in method.modules}
     forms = {m.name: getattr(m, "form", "") for m in tech.modules}
     tensors: dict[str, torch.Tensor] = {}
@@ -113,7 +113,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> tuple[dic
         if mm.computed is not None:
             tensors[PROMPT] = _computed(adapter, mm, tech)
     for field, paths in targets.items():
-        cfg[field] = sorted(paths)
+        config_set(cfg, field, sorted(paths))
     if method.conv1d_flag:
         cfg[method.conv1d_flag] = conv1d
     if saved:

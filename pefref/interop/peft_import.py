@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, pattern_value, slice_rows, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, config_get, from_peft, pattern_value, slice_rows, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
@@ -153,7 +153,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     splits: dict[str, list[tuple[str, list[int], int]]] = {}
     whole: set[Any] = set()
     for host in sorted(_hosts(method, state)):
-        fields = {f for mm in method.modules for f in mm.targets if _listed(host, cfg.get(f))}
+        fields = {f for mm in method.modules for f in mm.targets if _listed(host, config_get(cfg, f))}
         owner = next((mm for mm in method.modules if set(mm.targets) == fields), None)
         if owner is None:
             raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")
