@@ -112,6 +112,8 @@ CASES: dict[str, Case] = {
     "bdlora": Case("bdlora", {"r": 4, "alpha": 8, "nblocks": 2}, None, lambda fam: peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "o_proj", "down_proj"], use_bdlora=peft.tuners.lora.config.BdLoraConfig(
             target_modules_bd_a=["q_proj", "k_proj", "v_proj", "up_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)), linear_only=True),
+    "velora": Case("velora", {"r": 4, "alpha": 8, "num_groups": 4, "scale": 0.5}, None, _lora(
+        lora_dropout=0.0, velora_config=peft.VeloraConfig(num_groups=4, scale=0.5, init_type="random")), linear_only=True),
 }
 
 

@@ -226,7 +226,7 @@ def test_outputs_gradients_and_counts_match_peft(shape: str, technique: str) -> 
 
 
 def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> None:
-    """PiSSA's fast SVD is not written (peft redraws it on load); VeLoRA's compression buffer, a BD-LoRA mixed with
+    """PiSSA's fast SVD is not written (peft redraws it on load); VeLoRA's batch-average projection, a BD-LoRA mixed with
     plain LoRA modules (match_strict false) and trained host biases have no place in a catalog technique: peft
     adapters with them are refused, the model unchanged."""
     from pefref import from_pretrained
@@ -238,7 +238,7 @@ def test_lora_flags_without_an_exact_catalog_form_are_refused(tmp_path: Any) -> 
         adapter.save_pretrained(tmp_path / "pissa")
     targets = ["q_proj", "v_proj"]
     refused = {
-        "velora": (peft.LoraConfig(r=R, target_modules=targets, velora_config=peft.VeloraConfig(num_groups=4)), "lora_velora_embed"),
+        "velora": (peft.LoraConfig(r=R, target_modules=targets, velora_config=peft.VeloraConfig(num_groups=4)), "matches no catalog technique exactly"),
         "bdlora_mixed": (peft.LoraConfig(r=R, target_modules=targets, use_bdlora=peft.tuners.lora.config.BdLoraConfig(
             target_modules_bd_a=["q_proj"], nblocks=2, match_strict=False)), "matches no catalog technique exactly"),
         "bias_all": (peft.LoraConfig(r=R, target_modules=targets, bias="all"), "matches no catalog technique exactly"),

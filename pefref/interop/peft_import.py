@@ -33,7 +33,7 @@ def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
         known = sorted({m.peft_type for m in table.methods if not m.export_only})
         raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
     for m in rows:
-        if all(k not in cfg or _accepts(v, cfg[k]) for k, v in m.config.items()):
+        if all(_accepts(v, cfg.get(k)) for k, v in m.config.items() if k in cfg or isinstance(v, dict)):  # a sub-config must be set
             return m
     diffs = "; ".join(f"{m.technique} needs " + ", ".join(f"{k}={v!r}" for k, v in m.config.items()) for m in rows)
     raise PefrefError(f"this {cfg['peft_type']} adapter matches no catalog technique exactly ({diffs})")
