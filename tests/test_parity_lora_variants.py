@@ -265,3 +265,25 @@ def test_velora_trains_a_from_the_compressed_inputs(shape: str) -> None:
     key, path = next(iter(pair.hosts.items()))
     plain = _tensor(pair.peft_model.get_base_model().get_submodule(path), "lora_A.default.weight").grad
     assert plain is not None and max_diff(pair.adapter.units[key].A.grad, plain) > 1e-3
+
+
+def test_an_eva_adapter_reads_as_lora(tmp_path: Any) -> None:
+    """EVA initialises A from calibration activations and leaves the host alone: its saved adapter is a LoRA."""
+    from pefref import from_pretrained
+
+    base = base_model("tiny-llama")
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], init_lora_weights="eva", eva_config=peft.EvaConfig())
+    pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "eva")
+    model = copy.deepcopy(base)
+    adapter = from_pretrained(model, tmp_path / "eva")
+    assert adapter.technique.id == "lora"
+    inputs = padded_batch("tiny-llama")
+    with torch.no_grad():
+        want, got, plain = (output(m, "logits", inputs) for m in (pm, model, base))
+    assert max_diff(got, want) <= TOL and max_diff(plain, want) > 1e-3
