@@ -118,6 +118,18 @@ CASES: dict[str, Case] = {
         sparsity=0.9, target_modules=ATTN[fam]), linear_only=True),
     "multitask_prompt_tuning": Case("multitask_prompt_tuning", {"n": 3, "k": 2}, None, lambda fam: peft.MultitaskPromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, num_ranks=2), task_ids=True),
+    # LoRA's variants (LoraConfig flags)
+    "olora": Case("olora", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="olora", lora_dropout=0.0), linear_only=True),
+    "lora_orthogonal": Case("lora_orthogonal", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="orthogonal")),
+    "lora_gaussian": Case("lora_gaussian", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="gaussian")),
+    "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
+    "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
+    "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),
+    "bdlora": Case("bdlora", {"r": 4, "alpha": 8, "nblocks": 2}, None, lambda fam: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "o_proj", "down_proj"], use_bdlora=peft.tuners.lora.config.BdLoraConfig(
+            target_modules_bd_a=["q_proj", "k_proj", "v_proj", "up_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)), linear_only=True),
+    "velora": Case("velora", {"r": 4, "alpha": 8, "num_groups": 4, "scale": 0.5}, None, _lora(
+        lora_dropout=0.0, velora_config=peft.VeloraConfig(num_groups=4, scale=0.5, init_type="random")), linear_only=True),
 }
 
 

@@ -59,7 +59,8 @@ def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
             assert isinstance(env[name], Shape), (m.name, name)
         for p, spec in m.params.items():
             env[p] = Shape(shape_of(spec, names))
-            assert infer_shape(parse_expr(spec.init).tree, env, {k: env[p] for k in INITS}) == env[p], (p, spec.init)
+            init_env = {**env, "init_seed": 0}  # initialisers see the unit's seed, as validate gives it
+            assert infer_shape(parse_expr(spec.init).tree, init_env, {k: env[p] for k in INITS}) == env[p], (p, spec.init)
         for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):
             text = getattr(m, f, None)
             if text is None:

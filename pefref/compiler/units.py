@@ -451,7 +451,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise PefrefError(f"{spec.name}.{tr.name}: init {tr.spec.init!r} gave {got}, expected shape {shape}")
-        t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device)  # integer tensors (indices) keep their dtype
+        t = t.to(dtype=ctx.dtype if t.is_floating_point() else t.dtype, device=ctx.device).contiguous()  # integer tensors (indices) keep their dtype; stored dense (a slice of a decomposition is a strided view)
         if meta and tr.filler:
             rec.meta_checked.add(tr.name)
         return t

@@ -11,7 +11,7 @@ import torch
 
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
            "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,8 +56,26 @@ def from_peft(t: torch.Tensor, mm: PeftModuleMap, pname: str) -> torch.Tensor:
 
 
 def fixed_config(method: PeftMethod) -> dict[str, Any]:
-    """The config values a row writes on export (the first of each list of accepted values)."""
-    return {**{k: v[0] if isinstance(v, list) else v for k, v in method.config.items()}, **method.written}
+    """The config values a row writes on export (the first of each list of accepted values; a sub-config copied)."""
+    return {**{k: v[0] if isinstance(v, list) else dict(v) if isinstance(v, dict) else v for k, v in method.config.items()}, **method.written}
+
+
+def config_get(cfg: Mapping[str, Any], field: str) -> Any:
+    """A config value by its field name, or ``sub.field`` inside a sub-config (e.g. ``use_bdlora.nblocks``); None if unset."""
+    value: Any = cfg
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def config_set(cfg: dict[str, Any], field: str, value: Any) -> None:
+    """Sets a config value by its field name, or ``sub.field`` inside a sub-config (created when unset)."""
+    *subs, last = field.split(".")
+    for part in subs:
+        if not isinstance(cfg.get(part), dict):
+            cfg[part] = {}
+        cfg = cfg[part]
+    cfg[last] = value
 
 
 def alpha_for(growth: str, alpha: float, k: int) -> float:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pefref.compiler.parts import read
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
+from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, config_set, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
 from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
@@ -84,7 +84,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
-        cfg[field_name] = adapter.hyperparameters[hp]
+        config_set(cfg, field_name, adapter.hyperparameters[hp])
     ex = _Export(adapter, method, cfg)
     maps = {mm.module: mm for mm in method.modules}
     in_place = {m.name for m in ex.tech.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
@@ -149,7 +149,7 @@ def _complete(ex: _Export) -> PeftState:
         if mm.computed is not None:
             tensors[PROMPT] = _computed(adapter, mm, ex.tech)
     for field_name, paths in ex.targets.items():
-        cfg[field_name] = sorted(paths)
+        config_set(cfg, field_name, sorted(paths))
     if method.conv1d_flag:
         cfg[method.conv1d_flag] = ex.conv1d
     if ex.saved:

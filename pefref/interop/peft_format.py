@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get
 from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
@@ -104,7 +104,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     unmask_ranks(method, cfg, state)
     fam = resolve_family(model, catalog, family)
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
-    hps = {hp: cfg[field] for field, hp in method.hyperparameters.items() if cfg.get(field) is not None}
+    hps = {hp: config_get(cfg, field) for field, hp in method.hyperparameters.items() if config_get(cfg, field) is not None}
     hps.update(method.when)
     hps.update(placed.hyperparameters)
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, config_get, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -22,6 +22,8 @@ __all__ = ["choose", "Plan", "plan", "copy_in", "unmask_ranks"]
 
 
 def _accepts(want: Any, have: Any) -> bool:
+    if isinstance(want, dict):  # a sub-config: set, with the listed values
+        return isinstance(have, Mapping) and all(have.get(k) == v for k, v in want.items())
     return any(have == w for w in want) if isinstance(want, list) else have == want
 
 
@@ -32,7 +34,7 @@ def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
         known = sorted({m.peft_type for m in table.methods if not m.export_only})
         raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
     for m in rows:
-        if all(k not in cfg or _accepts(v, cfg[k]) for k, v in m.config.items()):
+        if all(_accepts(v, cfg.get(k)) for k, v in m.config.items() if k in cfg or isinstance(v, dict)):  # a sub-config must be set
             return m
     diffs = "; ".join(f"{m.technique} needs " + ", ".join(f"{k}={v!r}" for k, v in m.config.items()) for m in rows)
     raise PefrefError(f"this {cfg['peft_type']} adapter matches no catalog technique exactly ({diffs})")
@@ -152,7 +154,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     splits: dict[str, list[tuple[str, list[int], int]]] = {}
     whole: set[Any] = set()
     for host in sorted(_hosts(method, state)):
-        fields = {f for mm in method.modules for f in mm.targets if _listed(host, cfg.get(f))}
+        fields = {f for mm in method.modules for f in mm.targets if _listed(host, config_get(cfg, f))}
         owner = next((mm for mm in method.modules if set(mm.targets) == fields), None)
         if owner is None:
             raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")

@@ -24,7 +24,7 @@ class PeftModuleMap(Strict):
     shared: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement, stored once under this full key (e.g. A: base_model.vera_A).")
     repeated: dict[Identifier, str] = Field(default_factory=dict, description="Tensors shared by every placement that peft nevertheless stores whole under each host module, under this name (e.g. A: randlora_A); on import every copy must be the same.")
     indexed: dict[Identifier, str] = Field(default_factory=dict, description="Per placement, stored outside the host module under this full key, where '{index}' is the placement's position among the module's hosts in the model's module order (e.g. v: 'base_model.tinylora_v.{index}').")
-    targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import).")
+    targets: list[str] = Field(default_factory=lambda: ["target_modules"], description="Config fields that list this module's host modules (the most specific set identifies the module on import); sub.field names a field of a sub-config (e.g. use_bdlora.target_modules_bd_a).")
     computed: Literal["tokens", "prefix"] | None = Field(None, description="Prepend modules: peft stores what the module computes (virtual tokens [n, d], or per-layer keys and values [n, L*2*d_kv]) as 'prompt_embeddings', not its parameters.")
     pieces: dict[Literal["tokens", "keys", "values"], list[Identifier]] = Field(
         default_factory=dict, description="Computed prepend modules whose tokens, keys or values are these free tensors concatenated along the positions "
@@ -75,9 +75,9 @@ class PeftMethod(Strict):
 
     technique: Identifier = Field(description="Catalog technique id.")
     peft_type: str = Field(description="peft's PeftType value (adapter_config.json 'peft_type').")
-    config: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart); a list gives the values accepted on import, the first one written.")
+    config: dict[str, Scalar | list[Scalar] | dict[str, Scalar]] = Field(default_factory=dict, description="Fixed config values written on export and required on import (they tell techniques sharing a peft type apart); a list gives the values accepted on import, the first one written; a mapping is a sub-config (e.g. LoraConfig's kasa_config), written as given (peft fills in its defaults) and on import required to be set, with the values it lists.")
     written: dict[str, Scalar] = Field(default_factory=dict, description="Config values written on export and not checked on import (peft needs them to build its config).")
-    hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field -> the technique's hyperparameter.")
+    hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field (sub.field inside a sub-config, e.g. use_bdlora.nblocks) -> the technique's hyperparameter.")
     when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
     from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
     hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
