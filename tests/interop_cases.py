@@ -54,6 +54,7 @@ class Case:
     reads_as: str | None = None  # the technique peft's form reads back into (default: the same)
     linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
+    task_ids: bool = False  # Poly: peft's forward takes every example's task id (all 0: one task)
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
@@ -102,6 +103,18 @@ CASES: dict[str, Case] = {
     "hira": Case("hira", {"r": 2}, ["attn.qkv"], lambda fam: peft.HiraConfig(r=2, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "lily": Case("lily", {"r": 2, "num_B": 2}, None, lambda fam: peft.LilyConfig(r=2, num_B=2, target_modules=ATTN[fam]), linear_only=True),
     "miss": Case("miss", {"r": 8}, None, lambda fam: peft.MissConfig(r=8, target_modules=ATTN[fam]), linear_only=True),
+    # peft 0.21 breadth (c)
+    "c3a": Case("c3a", {"block_size": 8}, None, lambda fam: peft.C3AConfig(block_size=8, target_modules=ATTN[fam]), linear_only=True),
+    "deft": Case("deft", {"r": 4}, ["attn.qkv"], lambda fam: peft.DeftConfig(r=4, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "poly": Case("poly", {"r": 2, "n_skills": 3, "n_splits": 2}, None, lambda fam: peft.PolyConfig(
+        task_type="CAUSAL_LM", r=2, n_tasks=1, n_skills=3, n_splits=2, target_modules=ATTN[fam]), linear_only=True, task_ids=True),
+    "pvera": Case("pvera", {"r": 4}, ["attn.qkv"], lambda fam: peft.PveraConfig(
+        r=4, target_modules=ATTN[fam], save_projection=True, fan_in_fan_out=fam == "gpt2")),
+    "road": Case("road", {"group_size": 8}, None, lambda fam: peft.RoadConfig(group_size=8, target_modules=ATTN[fam]), linear_only=True),
+    "unilora": Case("unilora", {"r": 2, "theta_d_length": 32}, ["attn.qkv"], lambda fam: peft.UniLoraConfig(
+        r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
+        n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
 }
 
 
@@ -147,9 +160,12 @@ def perturb(params: Any, seed: int = 3) -> None:
             p.add_(0.3 * torch.randn_like(p))
 
 
-def out(model: Any, shape: str) -> torch.Tensor:
+def out(model: Any, shape: str, task_ids: bool = False) -> torch.Tensor:
+    batch = padded_batch(shape)
+    if task_ids:
+        batch["task_ids"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
     with torch.no_grad():
-        return output_of(model, padded_batch(shape))
+        return output_of(model, batch)
 
 
 def _changed(got: torch.Tensor, shape: str) -> float:
@@ -186,7 +202,7 @@ def export_case(shape: str, name: str, folder: Path) -> Record:
     mine = out(model, shape)
     adapter.save_pretrained(folder)
     with peft_kernel(case.kernel):
-        theirs = out(_peft_load(shape, folder, trainable=False), shape)
+        theirs = out(_peft_load(shape, folder, trainable=False), shape, case.task_ids)
         n_peft = _peft_count(shape, folder)
     back = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
     return Record(max_diff(mine, theirs), max_diff(out(back.model, shape), mine), _changed(mine, shape),
@@ -202,7 +218,7 @@ def import_case(shape: str, name: str, folder: Path) -> Record:
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(base(shape)), case.peft(family)).eval()
         perturb(p for p in pm.parameters() if p.requires_grad)
-        theirs = out(pm, shape)
+        theirs = out(pm, shape, case.task_ids)
         pm.save_pretrained(folder)
         n_peft = _peft_count(shape, folder)
     adapter = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
@@ -210,6 +226,6 @@ def import_case(shape: str, name: str, folder: Path) -> Record:
     again = folder.parent / (folder.name + "-again")
     adapter.save_pretrained(again)
     with peft_kernel(case.kernel):
-        back = out(_peft_load(shape, again, trainable=False), shape)
+        back = out(_peft_load(shape, again, trainable=False), shape, case.task_ids)
     return Record(max_diff(mine, theirs), max_diff(back, mine), _changed(theirs, shape),
                   {"peft": n_peft, "pefref": adapter.num_trainable()}, adapter.technique.id)

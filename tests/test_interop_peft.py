@@ -58,6 +58,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented = {"lora", "lora_plus", "rslora", "dora", "pissa", "vera", "fourierft", "adalora", "ia3", "loha", "lokr",
                    "hra", "oft", "boft", "ln_tuning", "prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_direct"}
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
+    implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented

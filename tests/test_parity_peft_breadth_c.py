@@ -276,3 +276,40 @@ def test_poly_samples_each_example_separately() -> None:
         pair.model.train()
         tr = output_of(pair.model, batch)
     assert torch.equal(ev[0], ev[1]) and max_diff(tr[0], tr[1]) > 1e-5
+
+
+# --- peft's format: what has no exact catalog form is refused ------------------------------------------
+
+
+def _unchanged(model: nn.Module, shape: str) -> bool:
+    want = base_model(shape).state_dict()
+    return not hasattr(model, "pefref_adapters") and all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+REFUSED = {
+    "deft_qr": (peft.DeftConfig(r=2, decomposition_method="qr", target_modules=["q_proj"]), "deft needs .*decomposition_method='relu'"),
+    "deft_para": (peft.DeftConfig(r=2, para=True, target_modules=["q_proj"]), "deft needs .*para=False"),
+    "deft_alpha": (peft.DeftConfig(r=2, alpha=4, target_modules=["q_proj"]), "deft needs .*alpha=None"),
+    "poly_tasks": (peft.PolyConfig(task_type="CAUSAL_LM", r=2, n_tasks=2, target_modules=["q_proj"]), "poly needs .*n_tasks=1"),
+    "pvera_sampled": (peft.PveraConfig(r=2, sample_at_inference=True, target_modules=["q_proj"]), "pvera needs .*sample_at_inference=False"),
+    "road_2": (peft.RoadConfig(variant="road_2", group_size=8, target_modules=["q_proj"]), "road needs .*variant='road_1'"),
+    "unilora_no_indices": (peft.UniLoraConfig(r=2, theta_d_length=16, target_modules=["q_proj"]), "unilora needs .*save_indices=True"),
+    "waveft_db2": (peft.WaveFTConfig(n_frequency=10, wavelet_family="db2", target_modules=["q_proj"]), "waveft needs .*wavelet_family='db1'"),
+    "waveft_sparse": (peft.WaveFTConfig(n_frequency=10, use_idwt=False, target_modules=["q_proj"]), "waveft needs .*use_idwt=True"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_peft_forms_without_a_catalog_form_are_refused(tmp_path: Any, name: str) -> None:
+    import pefref
+    from pefref.language.errors import PefrefError
+
+    config, message = REFUSED[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base_model("tiny-llama")), config)
+    pm.save_pretrained(tmp_path / name)
+    model = copy.deepcopy(base_model("tiny-llama"))
+    with pytest.raises(PefrefError, match=message):
+        pefref.from_pretrained(model, tmp_path / name)
+    assert _unchanged(model, "tiny-llama")
