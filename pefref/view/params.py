@@ -154,9 +154,29 @@ def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
 
     names = {n: sympy.Symbol(n) for n in symbols}
     expr = sum((sympy.sympify(t.replace("//", "/"), locals=names) for t in terms), sympy.Integer(0))
-    s = str(_positive_lead(sympy.factor(sympy.expand(expr))))
-    s = s.replace("Min(", "min(").replace("Max(", "max(")  # the expression language's spelling
+    s = _binary_minmax_printer().doprint(_positive_lead(sympy.factor(sympy.expand(expr))))
     return s.replace("**", "^").replace("*", "·")
+
+
+def _binary_minmax_printer() -> Any:
+    """sympy's str printer with Min and Max written as the expression language's two-argument min and max
+    (sympy flattens min(a, min(b, c)) to Min(a, b, c); it prints back as nested pairs)."""
+    from sympy.printing.str import StrPrinter
+
+    class _Printer(StrPrinter):  # type: ignore[misc]
+        def _nested(self, name: str, args: Any) -> str:
+            out = self._print(args[-1])
+            for a in reversed(args[:-1]):
+                out = f"{name}({self._print(a)}, {out})"
+            return out
+
+        def _print_Min(self, e: Any) -> str:
+            return self._nested("min", list(e.args))
+
+        def _print_Max(self, e: Any) -> str:
+            return self._nested("max", list(e.args))
+
+    return _Printer()
 
 
 def _positive_lead(f: Any) -> Any:
