@@ -163,7 +163,7 @@ def _binary_minmax_printer() -> Any:
     (sympy flattens min(a, min(b, c)) to Min(a, b, c); it prints back as nested pairs)."""
     from sympy.printing.str import StrPrinter
 
-    class _Printer(StrPrinter):  # type: ignore[misc]
+    class _Printer(StrPrinter):
         def _nested(self, name: str, args: Any) -> str:
             out = self._print(args[-1])
             for a in reversed(args[:-1]):
