@@ -19,6 +19,7 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peft
@@ -313,3 +314,27 @@ def test_peft_forms_without_a_catalog_form_are_refused(tmp_path: Any, name: str)
     with pytest.raises(PefrefError, match=message):
         pefref.from_pretrained(model, tmp_path / name)
     assert _unchanged(model, "tiny-llama")
+
+
+# --- a connection to a module at several sites reads it at the reader's own site ---------------------------
+
+
+def test_a_reader_placed_with_its_source_reads_it_at_its_own_site(tmp_path: Any) -> None:
+    """Poly's skills read the router of their own projection (the parity above depends on it); a reader at a site
+    its source does not attach to must name the source's site."""
+    from pefref.language.catalog import load_techniques
+
+    poly = (Path(__file__).parents[1] / "catalog" / "techniques" / "poly.yaml").read_text(encoding="utf-8")
+    bad = tmp_path / "poly.yaml"
+    bad.write_text(poly.replace("    sites: [attn.q, attn.v]\n    form: parallel\n    inputs:", "    sites: [attn.q, attn.k]\n    form: parallel\n    inputs:"),
+                   encoding="utf-8")
+    others = {k: v for k, v in CATALOG.techniques.items() if k != "poly"}
+    _loaded, _s, _p, problems = load_techniques([bad], CATALOG.reference, others)
+    assert len(problems) == 1 and "name one of them with site:" in problems[0].message and problems[0].field.endswith("inputs.z.module")
+    pair = build("tiny-llama", "poly")
+    reads = {k: e.reads for k, e in ((k, e) for k, e in _entries(pair.adapter)) if k.startswith("skills")}
+    assert reads["skills__attn_v__1"]["z"][0][1:] == ("router", "attn.v", 1)
+
+
+def _entries(adapter: Adapter) -> list[tuple[str, Any]]:
+    return [(e.unit_key, e) for _patch, e in adapter.entries]

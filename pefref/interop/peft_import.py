@@ -139,11 +139,10 @@ def _rank_alpha(method: PeftMethod, cfg: Mapping[str, Any], path: str) -> tuple[
     return (cfg[fused.rank] if r is None else r), (cfg[fused.alpha] if a is None else a)
 
 
-def _owners(tech: Technique, method: PeftMethod, modules: list[Any], cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-            fam: ArchitectureMap, kind_of: Mapping[str, str]) -> list[tuple[str, Any]]:
+def _owners(tech: Technique, method: PeftMethod, modules: list[Any], cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[tuple[str, Any]]:
     """(host, module) for each module placed on each peft host: the modules whose target fields list the host (the most
-    specific set) and whose tensors sit under it; modules naming the same peft tensors (one per site, e.g. a router's
-    readers) are told apart by the sites they declare."""
+    specific set) and whose tensors sit under it (several modules may share a host, e.g. a router and the mixture that
+    reads it)."""
     out: list[tuple[str, Any]] = []
     for host in sorted(_hosts(method, state)):
         fields = {f for mm in method.modules for f in mm.targets if _listed(host, cfg.get(f))}
@@ -151,16 +150,7 @@ def _owners(tech: Technique, method: PeftMethod, modules: list[Any], cfg: Mappin
         if not owners:
             raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")
         held = [mm for mm in owners if mm.tensors and all(f"{host}.{t}" in state for t in mm.tensors.values())] or owners[:1]
-        picked = []
-        for mm in held:
-            module = next(m for m in modules if m.name == mm.module)
-            twins = [o for o in held if o is not mm and set(o.tensors.values()) == set(mm.tensors.values())]
-            if twins:
-                site, _layer = _site_of(host, {kind_of[s] for s in module.sites}, fam, kind_of)
-                if site not in module.sites:
-                    continue
-            picked.append((host, module))
-        out += picked or [(host, next(m for m in modules if m.name == held[0].module))]
+        out += [(host, next(m for m in modules if m.name == mm.module)) for mm in held]
     return out
 
 
@@ -175,7 +165,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     where: dict[str, dict[str, set[int | None]]] = {m.name: {} for m in modules}
     splits: dict[str, list[tuple[str, list[int], int]]] = {}
     whole: set[Any] = set()
-    for host, module in _owners(tech, method, modules, cfg, state, fam, kind_of):
+    for host, module in _owners(tech, method, modules, cfg, state):
         kinds = {kind_of[s] for s in module.sites}
         split = _split(method, cfg, state, host, fam, sizes, kinds, kind_of)
         if split is not None:

@@ -34,11 +34,18 @@ def tap_name(site: str, tensor: str) -> str:
     return f"tap_{site.replace('.', '_')}_{tensor}"
 
 
-def source_site(src: Any, conn: Any) -> str | None:
-    """The site of the source module a connection reads (None when ambiguous)."""
+SAME = "<the reader's site>"  # a source at several sites, read at the reader's own site
+
+
+def source_site(src: Any, conn: Any, reader_site: str | None = None) -> str | None:
+    """The site of the source module a connection reads (None when ambiguous): the named one, the source's only
+    one, or, for a source at several sites, the reader's own site when the source attaches there too (a companion
+    module at each site, e.g. a router its site's mixture reads)."""
     if conn.site is not None:
         return conn.site if conn.site in src.sites else None
-    return src.sites[0] if len(src.sites) == 1 else None
+    if len(src.sites) == 1:
+        return src.sites[0]
+    return reader_site if reader_site in src.sites else None
 
 
 def runs_before(order: Sequence[str], a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -88,8 +95,11 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
                         err(cp + (key,), f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
                         continue
                     s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
+                    if s is None and key == "module" and conn.site is None and set(m.sites) <= set(src.sites):
+                        s = SAME
                     if s is None:
-                        err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with site:")
+                        err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with "
+                            f"site:, or place {m.name!r} only at sites {nm!r} attaches to (it then reads {nm!r} at its own site)")
                         continue
                     sources.append((s, j, src))
                 if len(sources) < 1 + (conn.fallback is not None):
@@ -102,6 +112,7 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
                     continue
                 reader_layers = _layers(m, site, ref)
                 s0, j0, src0 = sources[0]
+                s0 = site if s0 == SAME else s0
                 src_per_layer = ref.sites[s0].per_layer
                 src_layers = set(_layers(src0, s0, ref)) if src0 is not None else set(range(EXAMPLE_LAYERS)) if src_per_layer else {None}
                 if conn.layer == "same" and src_per_layer and reader_layers == [None]:
