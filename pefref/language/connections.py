@@ -14,7 +14,8 @@ No torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from pefref.language.errors import Problem
@@ -59,6 +60,36 @@ def _layers(m: Any, site: str, ref: Any) -> list[int | None]:
     return cast(list[int | None], select_layers(m.layers, EXAMPLE_LAYERS)) if ref.sites[site].per_layer else [None]
 
 
+def _err_at(err: Callable[[tuple[Any, ...], str], None], path: tuple[Any, ...], field: str, msg: str) -> None:
+    err(path + (field,), msg)
+
+
+def _module_sources(m: Any, conn: Any, by_name: Mapping[str, tuple[int, Any]], err: Callable[[str, str], None]) -> list[tuple[str, int, Any]]:
+    """(site, declaration index, module) of a connection's source module and its fallback, each reported (by the
+    field at fault) when it does not resolve; a source at several sites read without a site resolves to the
+    reader's own site (:data:`SAME`) when the reader is placed only where the source is."""
+    sources = []
+    for key, nm in (("module", conn.module), ("fallback", conn.fallback)):
+        if nm is None:
+            continue
+        if nm not in by_name:
+            err(key, f"unknown module {nm!r}{suggest(nm, by_name)} (modules: {', '.join(by_name)})")
+            continue
+        j, src = by_name[nm]
+        if src.form not in OUTPUT_FORMS:
+            err(key, f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
+            continue
+        s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
+        if s is None and key == "module" and conn.site is None and set(m.sites) <= set(src.sites):
+            s = SAME
+        if s is None:
+            err("site" if conn.site else key, f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with "
+                f"site:, or place {m.name!r} only at sites {nm!r} attaches to (it then reads {nm!r} at its own site)")
+            continue
+        sources.append((s, j, src))
+    return sources
+
+
 def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Problem]:
     """Located problems of every module's connections (empty when all are sound)."""
     out: list[Problem] = []
@@ -83,25 +114,7 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
                     continue
                 sources = [(conn.site, -1, None)]  # a site's hidden state: available wherever the site has run
             else:
-                sources = []
-                for key, nm in (("module", conn.module), ("fallback", conn.fallback)):
-                    if nm is None:
-                        continue
-                    if nm not in by_name:
-                        err(cp + (key,), f"unknown module {nm!r}{suggest(nm, by_name)} (modules: {', '.join(by_name)})")
-                        continue
-                    j, src = by_name[nm]
-                    if src.form not in OUTPUT_FORMS:
-                        err(cp + (key,), f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
-                        continue
-                    s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
-                    if s is None and key == "module" and conn.site is None and set(m.sites) <= set(src.sites):
-                        s = SAME
-                    if s is None:
-                        err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with "
-                            f"site:, or place {m.name!r} only at sites {nm!r} attaches to (it then reads {nm!r} at its own site)")
-                        continue
-                    sources.append((s, j, src))
+                sources = _module_sources(m, conn, by_name, functools.partial(_err_at, err, cp))
                 if len(sources) < 1 + (conn.fallback is not None):
                     continue
             if conn.fallback is not None and conn.layer != "previous":
