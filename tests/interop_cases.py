@@ -55,6 +55,7 @@ class Case:
     linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
     task_ids: bool = False  # peft's forward takes task ids (multitask prompt tuning: task 0)
+    task_ids: bool = False  # Poly: peft's forward takes every example's task id (all 0: one task)
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
@@ -130,6 +131,18 @@ CASES: dict[str, Case] = {
             target_modules_bd_a=["q_proj", "k_proj", "v_proj", "up_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)), linear_only=True),
     "velora": Case("velora", {"r": 4, "alpha": 8, "num_groups": 4, "scale": 0.5}, None, _lora(
         lora_dropout=0.0, velora_config=peft.VeloraConfig(num_groups=4, scale=0.5, init_type="random")), linear_only=True),
+    # peft 0.21 breadth (c)
+    "c3a": Case("c3a", {"block_size": 8}, None, lambda fam: peft.C3AConfig(block_size=8, target_modules=ATTN[fam]), linear_only=True),
+    "deft": Case("deft", {"r": 4}, ["attn.qkv"], lambda fam: peft.DeftConfig(r=4, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "poly": Case("poly", {"r": 2, "n_skills": 3, "n_splits": 2}, None, lambda fam: peft.PolyConfig(
+        task_type="CAUSAL_LM", r=2, n_tasks=1, n_skills=3, n_splits=2, target_modules=ATTN[fam]), linear_only=True, task_ids=True),
+    "pvera": Case("pvera", {"r": 4}, ["attn.qkv"], lambda fam: peft.PveraConfig(
+        r=4, target_modules=ATTN[fam], save_projection=True, fan_in_fan_out=fam == "gpt2")),
+    "road": Case("road", {"group_size": 8}, None, lambda fam: peft.RoadConfig(group_size=8, target_modules=ATTN[fam]), linear_only=True),
+    "unilora": Case("unilora", {"r": 2, "theta_d_length": 32}, ["attn.qkv"], lambda fam: peft.UniLoraConfig(
+        r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
+        n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
 }
 
 
@@ -181,6 +194,11 @@ def out(model: Any, shape: str, task_ids: bool = False) -> torch.Tensor:
     extra = {"task_ids": torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)} if task_ids else {}
     with torch.no_grad():
         return output_of(model, {**batch, **extra})
+    batch = padded_batch(shape)
+    if task_ids:
+        batch["task_ids"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    with torch.no_grad():
+        return output_of(model, batch)
 
 
 def _changed(got: torch.Tensor, shape: str) -> float:

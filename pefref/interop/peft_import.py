@@ -142,6 +142,21 @@ def _rank_alpha(method: PeftMethod, cfg: Mapping[str, Any], path: str) -> tuple[
     return (cfg[fused.rank] if r is None else r), (cfg[fused.alpha] if a is None else a)
 
 
+def _owners(tech: Technique, method: PeftMethod, modules: list[Any], cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[tuple[str, Any]]:
+    """(host, module) for each module placed on each peft host: the modules whose target fields list the host (the most
+    specific set) and whose tensors sit under it (several modules may share a host, e.g. a router and the mixture that
+    reads it)."""
+    out: list[tuple[str, Any]] = []
+    for host in sorted(_hosts(method, state)):
+        fields = {f for mm in method.modules for f in mm.targets if _listed(host, config_get(cfg, f))}
+        owners = [mm for mm in method.modules if set(mm.targets) == fields]
+        if not owners:
+            raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")
+        held = [mm for mm in owners if mm.tensors and all(f"{host}.{t}" in state for t in mm.tensors.values())] or owners[:1]
+        out += [(host, next(m for m in modules if m.name == mm.module)) for mm in held]
+    return out
+
+
 def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor],
          fam: ArchitectureMap, catalog: Any, sizes: Mapping[str, int]) -> Plan:
     """The technique placed where peft's tensors sit (sites and layers per module), and its hyperparameters."""
@@ -153,12 +168,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     where: dict[str, dict[str, set[int | None]]] = {m.name: {} for m in modules}
     splits: dict[str, list[tuple[str, list[int], int]]] = {}
     whole: set[Any] = set()
-    for host in sorted(_hosts(method, state)):
-        fields = {f for mm in method.modules for f in mm.targets if _listed(host, config_get(cfg, f))}
-        owner = next((mm for mm in method.modules if set(mm.targets) == fields), None)
-        if owner is None:
-            raise PefrefError(f"peft module {host!r} is listed in {sorted(fields)}, which no module of {tech.id} matches")
-        module = next(m for m in modules if m.name == owner.module)
+    for host, module in _owners(tech, method, modules, cfg, state):
         kinds = {kind_of[s] for s in module.sites}
         split = _split(method, cfg, state, host, fam, sizes, kinds, kind_of)
         if split is not None:

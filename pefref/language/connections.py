@@ -37,11 +37,18 @@ def tap_name(site: str, tensor: str) -> str:
     return f"tap_{site.replace('.', '_')}_{tensor}"
 
 
-def source_site(src: Any, conn: Any) -> str | None:
-    """The site of the source module a connection reads (None when ambiguous)."""
+SAME = "<the reader's site>"  # a source at several sites, read at the reader's own site
+
+
+def source_site(src: Any, conn: Any, reader_site: str | None = None) -> str | None:
+    """The site of the source module a connection reads (None when ambiguous): the named one, the source's only
+    one, or, for a source at several sites, the reader's own site when the source attaches there too (a companion
+    module at each site, e.g. a router its site's mixture reads)."""
     if conn.site is not None:
         return conn.site if conn.site in src.sites else None
-    return src.sites[0] if len(src.sites) == 1 else None
+    if len(src.sites) == 1:
+        return src.sites[0]
+    return reader_site if reader_site in src.sites else None
 
 
 def runs_before(order: Sequence[str], a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -95,8 +102,8 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
     if m.form not in OUTPUT_FORMS:
         ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
         return
-    sources = _sources(ck, cp, conn)
-    if sources is None:
+    found = _sources(ck, cp, conn, m)
+    if found is None:
         return
     if conn.fallback is not None and conn.layer != "previous":
         ck.err(cp + ("fallback",), "a fallback is read where the previous layer does not exist; use it with layer: previous")
@@ -104,6 +111,7 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
     for site in m.sites:
         if site not in ck.ref.sites:
             continue
+        sources = [_Source(site, src.index, src.module) if src.site == SAME else src for src in found]
         why = _layer_problem(ck.ref, m, site, conn, sources[0])
         if why is not None:
             ck.err(cp + ("layer",), why)
@@ -114,8 +122,10 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
             break
 
 
-def _sources(ck: _Check, cp: tuple[Any, ...], conn: Any) -> list[_Source] | None:
-    """The connection's source and its fallback, if any (None, with the problems reported, when one is unsound)."""
+def _sources(ck: _Check, cp: tuple[Any, ...], conn: Any, m: Any) -> list[_Source] | None:
+    """The connection's source and its fallback, if any (None, with the problems reported, when one is unsound); a
+    source at several sites read without a site resolves to the reader's own site (:data:`SAME`) when the reader
+    ``m`` is placed only where the source is."""
     ref = ck.ref
     if conn.module is None:
         if conn.site not in ref.sites:
@@ -138,8 +148,11 @@ def _sources(ck: _Check, cp: tuple[Any, ...], conn: Any) -> list[_Source] | None
             ck.err(cp + (key,), f"module {nm!r} is {src.form}; only {', '.join(OUTPUT_FORMS)} modules have an output to read")
             continue
         s = source_site(src, conn) if key == "module" else (src.sites[0] if len(src.sites) == 1 else None)
+        if s is None and key == "module" and conn.site is None and set(m.sites) <= set(src.sites):
+            s = SAME
         if s is None:
-            ck.err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with site:")
+            ck.err(cp + ("site" if conn.site else key,), f"module {nm!r} attaches to {', '.join(src.sites)}; name one of them with "
+                   f"site:, or place {m.name!r} only at sites {nm!r} attaches to (it then reads {nm!r} at its own site)")
             continue
         sources.append(_Source(s, j, src))
     return sources if len(sources) >= 1 + (conn.fallback is not None) else None

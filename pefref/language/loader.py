@@ -31,9 +31,23 @@ def dotted(path: tuple[Any, ...]) -> str:
 
 
 def suggest(word: str, choices: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' when a close match exists."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """' (did you mean 'x'?)' when a close match exists: among the closest by similarity, the fewest edits away
+    (a swap of two neighbouring letters counts as one, so 'lroa' means 'lora', not 'road')."""
+    close = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {min(close, key=lambda c: _edits(word, c))!r}?"
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _unwrap(t: Any) -> Any:

@@ -101,7 +101,7 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, training: bool = Fal
     :math:`z = \\mu + \\epsilon \\odot e^{\\frac{1}{2}\\log\\sigma^2}`, :math:`\\epsilon \\sim \\mathcal{N}(0, I)`,
 
     in training (``epsilon`` from torch's global generator, :func:`torch.randn_like`); :math:`\\mu` in eval, as PVeRA
-    samples its latent code (Fein-Ashley et al. 2025; peft's ``PVeRA``)."""
+    samples its latent code (Fillioux et al. 2025, https://arxiv.org/abs/2512.07703; peft's ``PVeRA``)."""
     import torch
     if not training:
         return mu

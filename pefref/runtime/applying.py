@@ -161,7 +161,7 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
             key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
             new_w = None
             if unit is not None:
-                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
+                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
                 if m.host_update is not None and W is not None:
                     new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
                     pending[id(pl.host)] = new_w
@@ -291,7 +291,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         side: Literal["output", "input"] = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes
-            entry.reads = wiring.reads(m, pl.layer)
+            entry.reads = wiring.reads(m, pl.layer, pl.site)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
         if entry.reads_mask or entry.reads or entry.publish is not None:
             entry.inputs = input_cell(model, fam.forward.mask)

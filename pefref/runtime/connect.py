@@ -69,14 +69,14 @@ class Wiring:
             return self.key(name, s, None if layer is None else layer - 1)
         return self.key(name, s, layer)
 
-    def reads(self, module: Any, layer: int | None) -> dict[str, list[tuple[Any, ...]]]:
-        """For each connection of ``module`` placed at ``layer``: the keys it reads, the first present wins."""
+    def reads(self, module: Any, layer: int | None, site: str | None = None) -> dict[str, list[tuple[Any, ...]]]:
+        """For each connection of ``module`` placed at ``site`` and ``layer``: the keys it reads, the first present wins."""
         out: dict[str, list[tuple[Any, ...]]] = {}
         for name, conn in (getattr(module, "inputs", None) or {}).items():
             if conn.module is None:
                 keys = [self._source(tap_name(conn.site, conn.tensor), conn.site, layer, conn.layer)]
             else:
-                keys = [self._source(conn.module, source_site(self.by_name[conn.module], conn), layer, conn.layer)]
+                keys = [self._source(conn.module, source_site(self.by_name[conn.module], conn, site), layer, conn.layer)]
             if conn.fallback is not None:
                 keys.append(self._source(conn.fallback, None, layer, "same"))
             out[name] = keys
