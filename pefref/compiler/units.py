@@ -419,6 +419,17 @@ def _initial_value(held: torch.Tensor, pick: int | None, local: tuple[int, ...])
     return (own[tuple(slice(0, n) for n in local)] if tuple(own.shape) != tuple(local) else own).detach()
 
 
+def _fill_slice(store: SharedStore, key: tuple[Any, ...], full: tuple[int, ...], i: int, part: torch.Tensor, trainable: bool, meta: bool) -> None:
+    """Slice ``i`` of the stacked tensor ``key`` (created on first use, filled unit by unit) takes ``part``."""
+    if key not in store.tensors:
+        t = (torch.empty if meta else torch.zeros)(full, dtype=part.dtype, device=part.device)
+        store.tensors[key] = nn.Parameter(t, requires_grad=True) if trainable else t
+    if not meta:
+        with torch.no_grad():
+            store.tensors[key][i].copy_(part)
+    store.picks[key] = i + 1
+
+
 def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: SharedStore, shared_shapes: Mapping[tuple[Any, ...], tuple[int, ...]] | None = None,
                publish: bool = False) -> Unit | None:
     """One module description at one site as a :class:`Unit` (None for select modules); its program is compiled on first use.
@@ -466,14 +477,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             i = store.picks.get(key, 0)
             if i >= full[0]:
                 raise PefrefError(f"{spec.name}.{pname}: more placements than the {full[0]} slices planned for the stacked tensor")
-            part = init(tr, full[1:])
-            if key not in store.tensors:
-                t = (torch.empty if meta else torch.zeros)(full, dtype=part.dtype, device=part.device)  # slices filled unit by unit
-                store.tensors[key] = nn.Parameter(t, requires_grad=True) if pspec.trainable else t
-            if not meta:
-                with torch.no_grad():
-                    store.tensors[key][i].copy_(part)
-            store.picks[key] = i + 1
+            _fill_slice(store, key, full, i, init(tr, full[1:]), pspec.trainable, meta)
             picks[pname] = i
             full = full[1:]
         elif key not in store.tensors:
