@@ -82,7 +82,7 @@ class PeftMethod(Strict):
     from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
     hosts: list[Literal["linear", "conv1d"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2).")  # type: ignore[arg-type]
     targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "
-                                  "instead of full paths: peft groups the modules one target entry matches and shares tensors within a group (Lily's up "
+                                  "instead of full paths: peft groups the modules one target entry matches and shares tensors within a group (e.g. up "
                                   "projections), so a tensor the technique shares across layers stays shared. A site placed on only some layers is refused.")
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
