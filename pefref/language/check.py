@@ -238,6 +238,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             if m.keys is not None and kinds - {"kv"}:
                 out.append(Problem(pos.at(mp + ("keys",)), dotted(mp + ("keys",)), "keys and values are prepended at attention key/value sites only"))
     out += _check_groups(modules, pos)
+    if modules and not any(p.trainable for m in modules for p in m.params.values()) and not any(m.form == "select" for m in modules):
+        out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train"))
     if not out:
         out += check_connections(modules, ref, pos)
     return out
