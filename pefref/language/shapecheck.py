@@ -28,7 +28,7 @@ from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, word_problem
 from pefref.ops.inits import INITS
-from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
+from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
 __all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
 
@@ -53,7 +53,7 @@ def _made(name: str, got: Any, column: int, watch: Watch | None, args: tuple[Any
         return got
     if any(isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 or (isinstance(d, float) and not d.is_integer()) for d in got):
         raise _Located(f"{name} gives shape {got}: dimensions must be non-negative integers", column)
-    got = Shape(int(d) for d in got)
+    got = type(got)(int(d) for d in got)  # a complex shape stays complex
     n, lim = math.prod(got), current().max_elements
     if n > lim:
         raise _Located(f"{name} gives a tensor of shape {got} ({n:,} elements), more than the limit of {lim:,} elements", column)
@@ -97,6 +97,9 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
             except (ArithmeticError, TypeError):
                 return None
         op = _OPS.get(type(node.op), "operator")
+        cplx = isinstance(a, ComplexShape) or isinstance(b, ComplexShape)
+        if cplx and not isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            raise _Located(f"{op} of a complex tensor (from fft/ifft): take real() first", node.col_offset, on_sizes=False)
         try:
             if isinstance(node.op, ast.MatMult):
                 got = matmul_shape(a, b) if isinstance(a, Shape) and isinstance(b, Shape) else None
@@ -104,7 +107,7 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
                 got = broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
         except ShapeMismatch as e:
             raise _Located(f"{op}: {e}", node.col_offset) from None
-        return _made(op, got, node.col_offset, watch)
+        return _made(op, ComplexShape(got) if cplx and got is not None else got, node.col_offset, watch)
     if isinstance(node, ast.Call):
         name = node.func.id  # type: ignore[attr-defined]
         _check_call(node, name, inits is not None and name in inits)
@@ -123,6 +126,8 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         rule = SHAPE_RULES.get(name)
         if rule is None:
             return None
+        if prim is not None and not prim.complex_in and any(isinstance(v, ComplexShape) for v in (*args, *kwargs.values())):
+            raise _Located(f"{name} takes real tensors; this one is complex (from fft/ifft): take real() first", node.col_offset, on_sizes=False)
         try:
             got = rule(*args, **kwargs)
         except ShapeMismatch as e:
@@ -246,7 +251,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
             env[pname] = shape
             got, probs = _run(spec.init, {**env, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
-            if isinstance(got, Shape) and got != shape:
+            if isinstance(got, Shape) and (got != shape or isinstance(got, ComplexShape)):
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
         out += _fields(m, mpath, env, sizes, s, pos)
         published.setdefault(m.name, env.get("delta"))
@@ -271,6 +276,9 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
 
     def want(fld: str, got: Any, shape: Shape, what: str, broadcast_ok: bool = False) -> None:
         if not isinstance(got, Shape):
+            return
+        if isinstance(got, ComplexShape):
+            out.append(_problem(pos, mpath + (fld,), 0, f"{fld} gives a complex tensor {got}; take real() of it"))
             return
         if broadcast_ok:
             try:

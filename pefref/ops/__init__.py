@@ -19,6 +19,8 @@ facts the view derives typology from:
   its variance), its ``linear_in`` counted among them. Diagrams mark a module that uses one;
 * ``choices``: arguments that take a word from a closed set (``idwt2(a, 'db2')``): the expression language
   admits a word literal only there, and validate checks it is one of them;
+* ``complex_in``: True when it takes complex tensors (``fft``, ``ifft``, ``real``); validate tracks which tensors
+  are complex and refuses any other op of one (elementwise arithmetic excepted), and a complex result;
 * ``parts``: True when the op also takes a *split* tensor (a parameter declared
   with ``split: k``, stored as one tensor per index of its first ``k``
   dimensions) as its pieces, nested lists indexed like the tensor's leading
@@ -62,6 +64,7 @@ class Primitive:
     stochastic: bool = False
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     eval_args: tuple[int, ...] | None = None
+    complex_in: bool = False
 
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -85,6 +88,7 @@ def primitive(
     stochastic: bool = False,
     choices: dict[str, tuple[str, ...]] | None = None,
     eval_args: tuple[int, ...] | None = None,
+    complex_in: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -94,7 +98,8 @@ def primitive(
             raise ValueError(f"primitive {key!r} registered twice")
         PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf or stochastic, scalar, offset_args,
                                     parts=parts, stochastic=stochastic,
-                                    choices=tuple(sorted((choices or {}).items())), eval_args=eval_args)
+                                    choices=tuple(sorted((choices or {}).items())), eval_args=eval_args,
+                                    complex_in=complex_in)
         return fn
 
     return deco
