@@ -14,6 +14,7 @@ longer hunt: ``PEFREF_PROPERTY_EXAMPLES=500``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from hypothesis import strategies as st
 
 from pefref.language.catalog import default_catalog, load_techniques
 from pefref.language.check import HOST_TENSORS, reads_of
+from pefref.ops import PRIMITIVES, SUPPLIED
+from pefref.ops.shapes import SHAPE_RULES
 from pefref.runtime.api import apply
 from tests.conftest import model_inputs, output_of, tiny_model
 
@@ -101,6 +104,37 @@ def _expr(g: Gen, src: str, src_w: str, want: str, depth: int) -> str:
     return _expr(g, src, src_w, want, depth - 1)
 
 
+OPS = sorted(n for n, p in PRIMITIVES.items() if n in SHAPE_RULES)
+NUMBERS = ["0", "1", "2", "-1", "0.5", "r", "(2, r / 2)", "(r, r)"]
+
+
+def _registry_expr(g: Gen, src: str, src_w: str) -> str:
+    """A call of any registered op with as many arguments as its signature requires, each drawn from tensors of
+    the module (the input, tensors of rank-r shapes), numbers, tuples and the op's declared words."""
+    name = g.data.draw(st.sampled_from(OPS))
+    prim = PRIMITIVES[name]
+    sig = inspect.signature(prim.fn)
+    words = dict(prim.choices)
+    args = []
+    for pn, par in sig.parameters.items():
+        if pn in SUPPLIED or par.kind is par.VAR_KEYWORD:
+            continue
+        if par.default is not par.empty and g.data.draw(st.booleans()):
+            continue
+        if pn in words:
+            args.append(repr(g.data.draw(st.sampled_from(words[pn]))))
+        elif pn == "subscripts":
+            args.append(repr(g.data.draw(st.sampled_from(["...i->...i", "...i,...i->...i", "ij->ji"]))))
+        elif g.data.draw(st.integers(0, 2)):
+            shape = g.data.draw(st.sampled_from([[src_w], ["r"], ["r", "r"], ["r", src_w], [src_w, "r"], [2, "r"], [1, 1, "r"], ["r", 1]]))
+            args.append(src if shape == [src_w] and g.data.draw(st.booleans()) else g.param(shape))
+        else:
+            args.append(g.data.draw(st.sampled_from(NUMBERS)))
+        if par.kind is par.VAR_POSITIONAL:
+            break
+    return f"{name}({', '.join(args)})"
+
+
 def _module(data: Any, i: int) -> tuple[dict[str, Any], bool]:
     """One module description, and whether it was broken on purpose."""
     form = data.draw(st.sampled_from(list(SITES)))
@@ -112,6 +146,8 @@ def _module(data: Any, i: int) -> tuple[dict[str, Any], bool]:
     if form in ("parallel", "sequential"):
         src, src_w = ("x", "d_in") if form == "parallel" else ("h", "d_out")  # what every site of the form offers
         m["compute"] = _expr(g, src, src_w, "d_out", data.draw(st.integers(1, 3)))
+        if data.draw(st.integers(0, 2)) == 0:  # any registered op, reduced to a number that scales a map of the input
+            m["compute"] = f"{g.param(['d_out'], 'ones()')} * mean(flatten({_registry_expr(g, src, src_w)}, 0, -1)) + {m['compute']}"
         m["integrate"] = data.draw(st.sampled_from(["h + delta", "h + alpha * delta", "h + delta * 0.5"]))
     elif form == "reparameterise":
         if "W" not in reads:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pefref.ops.rules import registrar
 
-__all__ = ["Shape", "ComplexShape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
+__all__ = ["Shape", "ComplexShape", "IntShape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
 
 
 class Shape(tuple):
@@ -33,6 +33,14 @@ class ComplexShape(Shape):
 
     def __repr__(self) -> str:
         return "complex" + super().__repr__()
+
+
+class IntShape(Shape):
+    """The shape of an integer tensor (indices: ``argmax``, ``randint``): only arguments an op declares in
+    ``int_args`` take it (``gather``'s index, ``take``'s index)."""
+
+    def __repr__(self) -> str:
+        return "int" + super().__repr__()
 
 
 class ShapeMismatch(ValueError):
