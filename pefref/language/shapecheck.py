@@ -27,8 +27,7 @@ from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_problem
-from pefref.ops.inits import INTEGER, MIN_DIMS
-from pefref.ops.inits import INITS
+from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
 __all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
