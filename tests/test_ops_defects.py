@@ -120,3 +120,18 @@ def test_attention_never_attends_to_a_padded_key_not_even_its_own(causal: bool) 
     v2 = v.clone()
     v2[1, 4] += 100.0
     assert torch.allclose(PRIMITIVES["attention"].fn(q, k, v2, heads=1, causal=causal, mask=mask)[1, 4], got[1, 4])
+
+
+@pytest.mark.parametrize(("compute", "init", "needle"), [
+    ("g * mean(argmax(x), dim=-1)", "normal(std=0.1)", "integer tensor"),        # indices where values are needed
+    ("g * relu(2)", "normal(std=0.1)", "is a tensor, found 2"),                   # a number where the op takes a tensor
+    ("g * narrow(x, 0, 0, g)", "normal(std=0.1)", "is a number"),                 # a tensor where it takes a number
+    ("g * 1.0", "kaiming_uniform(a=1.0)", "at least 2 dimensions"),              # fan in and out of a vector
+    ("g * 1.0", "randint(5)", "cannot train"),                                    # integer tensors cannot train
+    ("g * take(x, g)", "normal(std=0.1)", "integer tensor"),                      # a floating index
+])
+def test_validate_refuses_what_apply_would_fail_on(tmp_path: Path, compute: str, init: str, needle: str) -> None:
+    """Cases the property test (test_property_validate.py) found validating and failing in apply."""
+    _t, problems = _load(tmp_path, compute, init=init)
+    assert problems and needle in problems[0].message, problems
+    assert problems[0].location.line is not None
