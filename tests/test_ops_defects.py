@@ -135,3 +135,33 @@ def test_validate_refuses_what_apply_would_fail_on(tmp_path: Path, compute: str,
     _t, problems = _load(tmp_path, compute, init=init)
     assert problems and needle in problems[0].message, problems
     assert problems[0].location.line is not None
+
+
+def test_a_whole_float_size_is_an_integer_at_run_time(tmp_path: Path) -> None:
+    """``r / 2`` is 2.0: shape inference takes it as a size, so the ops get it as the integer 2 (torch's unflatten refused)."""
+    t, problems = _load(tmp_path, "g * flatten(unflatten(linear(x, W), -1, (2, d_out / 2)))")
+    assert not problems, problems
+    model = tiny_model("gpt2")
+    apply(model, t)
+    output_of(model, model_inputs("gpt2"))
+
+
+def test_a_module_tensor_named_like_a_host_tensor_shadows_it(tmp_path: Path) -> None:
+    t, problems = _load(tmp_path, "g * b * 0 + linear(x, W) * 0", tid="shadow")
+    assert not problems
+    p = tmp_path / "shadow2.yaml"
+    p.write_text(PROBE.format(tid="shadow2", site="attn.q", form="parallel", compute="b * 1.0", init="ones()").replace("      g:", "      b:"), encoding="utf-8")
+    cat = default_catalog()
+    loaded, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
+    assert not problems
+    model = tiny_model("gpt2")
+    inputs = model_inputs("gpt2")
+    base = output_of(model, inputs)
+    ad = apply(model, loaded["shadow2"])
+    unit = ad.units["m__attn_q__0"]
+    assert "b" not in unit.used_inputs  # the module's own b, not the host's
+    with torch.no_grad():
+        for k, v in ad.state_dict().items():
+            if k.endswith(".b"):
+                v.zero_()
+    assert torch.allclose(output_of(model, inputs), base, atol=1e-6)

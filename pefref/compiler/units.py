@@ -185,7 +185,8 @@ class _Program(nn.Module):
         for n, i in self.picks.items():  # a stacked tensor: this layer's slice
             v = self.views.get(n)
             env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
-        env.update(x=x, h=h, W=W, mask=mask, b=b)
+        host = {"x": x, "h": h, "W": W, "b": b, "mask": mask}  # HOST_TENSORS; a module's own tensor of one of these names shadows it
+        env.update({k: v for k, v in host.items() if k not in self.tensor_names})
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
         f = self.form

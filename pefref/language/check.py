@@ -37,7 +37,8 @@ initialiser of the module reads it), the seed of the unit's shared draws (:mod:`
 HOST_TENSORS = ("x", "h", "W", "b", "mask")
 """The host tensors a unit binds (the compiled forward's arguments of these names): what expression fields may
 read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
-(a test checks the compiled forward's signature against this list)."""
+(a test checks the compiled forward's signature against this list). A module's own tensor of one of these names
+shadows the host's (a scaling vector named ``b``), in validation and in the compiled code alike."""
 
 EXPR_FIELDS = ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "gate", "length", "host_update")
 
