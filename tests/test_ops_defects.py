@@ -147,7 +147,7 @@ def test_a_whole_float_size_is_an_integer_at_run_time(tmp_path: Path) -> None:
 
 
 def test_a_module_tensor_named_like_a_host_tensor_shadows_it(tmp_path: Path) -> None:
-    t, problems = _load(tmp_path, "g * b * 0 + linear(x, W) * 0", tid="shadow")
+    _t, problems = _load(tmp_path, "g * b * 0 + linear(x, W) * 0", tid="shadow")
     assert not problems
     p = tmp_path / "shadow2.yaml"
     p.write_text(PROBE.format(tid="shadow2", site="attn.q", form="parallel", compute="b * 1.0", init="ones()").replace("      g:", "      b:"), encoding="utf-8")

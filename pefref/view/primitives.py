@@ -59,6 +59,6 @@ def primitive_docs() -> list[PrimitiveDoc]:
         out.append(PrimitiveDoc(name, "op", _signature(name, p.fn, drop=("training",) if p.leaf else ()), inspect.getdoc(p.fn) or "", facts))
     for name in sorted(INITS):
         fn = INITS[name]
-        facts = {"min_dims": MIN_DIMS.get(name, 0), "integer": name in INTEGER}
+        facts = {"min_dims": str(MIN_DIMS[name]) if name in MIN_DIMS else None, "integer": name in INTEGER}
         out.append(PrimitiveDoc(name, "initialiser", _signature(name, fn, skip=_INIT_BOUND), inspect.getdoc(fn) or "", facts))
     return out
