@@ -165,3 +165,19 @@ def test_a_module_tensor_named_like_a_host_tensor_shadows_it(tmp_path: Path) -> 
             if k.endswith(".b"):
                 v.zero_()
     assert torch.allclose(output_of(model, inputs), base, atol=1e-6)
+
+
+def test_validate_refuses_a_gaussian_sample_whose_variance_does_not_fit_its_mean(tmp_path: Path) -> None:
+    _t, problems = _load(tmp_path, "g * mean(gaussian_sample(unsqueeze(linear(x, W), -1), unsqueeze(g, 0)), -1)")
+    assert problems and "log-variance" in problems[0].message, problems
+
+
+def test_an_initialiser_reads_only_tensors_shared_as_it_is(tmp_path: Path) -> None:
+    """A shared tensor starts once at its largest shape over the sites; reading an unshared one (one site's size) would not fit."""
+    p = tmp_path / "mixed.yaml"
+    p.write_text(PROBE.format(tid="mixed", site="attn.q", form="parallel", compute="g * G", init="normal(std=0.1)")
+                 .replace("      g: {shape: [d_out], init: \"normal(std=0.1)\"}", "      g: {shape: [d_out], init: \"normal(std=0.1)\"}\n      G: {shape: [d_out], init: \"0.5 * g\", shared: sites}"),
+                 encoding="utf-8")
+    cat = default_catalog()
+    _l, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
+    assert len(problems) == 1 and "reads only tensors shared as this one is" in problems[0].message, problems

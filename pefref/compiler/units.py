@@ -459,7 +459,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if not isinstance(store.tensors[key], list):  # a split tensor's pieces are not read by initialisers
-            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local)
+            # a shared tensor is read whole (its readers are shared alike and start at their largest shape too)
+            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local if pspec.shared == "none" else full)
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())

@@ -206,8 +206,15 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             for k, dim in enumerate(spec.shape):
                 if isinstance(dim, str):
                     out += _check_names(parse_expr(dim), set(hps) | sizes, scalar_ops, pos, pp + ("shape", k), "a shape")
-            init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:list(m.params).index(pname)])  # tensors declared before
+            earlier = list(m.params)[:list(m.params).index(pname)]  # tensors declared before: their initial values
+            init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(earlier)
             out += _check_names(parse_expr(spec.init), set(hps) | sizes | init_reads, tensor_ops | set(INITS), pos, pp + ("init",), "an initialiser")
+            for read in sorted(parse_expr(spec.init).names & set(earlier)):
+                other = m.params[read]
+                if (other.shared, other.group) != (spec.shared, spec.group):  # a shared tensor starts once, at its largest shape
+                    out.append(Problem(pos.at(pp + ("init",)), dotted(pp + ("init",)), f"the init reads {read!r}, shared {other.shared!r}"
+                                       f"{' in group ' + repr(other.group) if other.group else ''}; an initialiser reads only tensors shared "
+                                       f"as this one is ({spec.shared!r}{' in group ' + repr(spec.group) if spec.group else ''})"))
             if isinstance(spec.lr_scale, str):
                 out += _check_names(parse_expr(spec.lr_scale), set(hps), scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
             if spec.stacked != "none" and spec.shared != "none":

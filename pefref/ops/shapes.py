@@ -396,9 +396,16 @@ def _attention_work(q: Shape, k: Shape, v: Shape, heads: int = 1, *_: Any, **__:
 # --- pointwise, spectral, decompositions, draws ---------------------------------------------------------------
 
 
-@shape_rule("sin", "cos", "clamp", "gaussian_sample", "relaxed_bernoulli", "randint_like")
+@shape_rule("sin", "cos", "clamp", "relaxed_bernoulli", "randint_like")
 def _entrywise(a: Shape, *_: Any, **__: Any) -> Shape:
     return a
+
+
+@shape_rule("gaussian_sample")
+def _gaussian_sample(mu: Shape, logvar: Shape) -> Shape:
+    if broadcast(mu, logvar) != mu:  # the sample has the mean's shape, in training as in eval
+        raise ShapeMismatch(f"the log-variance {logvar} must broadcast to the mean's shape {mu}")
+    return mu
 
 
 @shape_rule("fft", "ifft")
