@@ -142,3 +142,14 @@ def test_an_integer_index_tensor_reads_a_shared_bank(tmp_path: Path) -> None:
     output_of(model, inputs).sum().backward()
     theta = next(p for p in ad.units.parameters() if p.requires_grad)
     assert theta.grad is not None and theta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("compute", "needle"), [("linear(fft(x), W)", "linear takes real tensors"), ("fft(linear(x, W))", "complex"),
+                                                 ("fft(x) @ t(W)", "@ of a complex tensor"), ("real(ifft(fft(linear(x, W)))) * 2", None)])
+def test_validate_tracks_complex_tensors(tmp_path: Path, compute: str, needle: str | None) -> None:
+    """fft/ifft give complex tensors: only real(), fft/ifft and elementwise arithmetic take them; a field may not give one."""
+    _t, problems = _load(tmp_path, "      g: {shape: [d_out], init: 'ones()'}\n", f"    compute: g * {compute}\n    integrate: h + delta\n")
+    if needle is None:
+        assert not problems, problems
+    else:
+        assert len(problems) == 1 and needle in problems[0].message, problems

@@ -120,3 +120,64 @@ def test_attention_never_attends_to_a_padded_key_not_even_its_own(causal: bool) 
     v2 = v.clone()
     v2[1, 4] += 100.0
     assert torch.allclose(PRIMITIVES["attention"].fn(q, k, v2, heads=1, causal=causal, mask=mask)[1, 4], got[1, 4])
+
+
+@pytest.mark.parametrize(("compute", "init", "needle"), [
+    ("g * mean(argmax(x), dim=-1)", "normal(std=0.1)", "integer tensor"),        # indices where values are needed
+    ("g * relu(2)", "normal(std=0.1)", "is a tensor, found 2"),                   # a number where the op takes a tensor
+    ("g * narrow(x, 0, 0, g)", "normal(std=0.1)", "is a number"),                 # a tensor where it takes a number
+    ("g * 1.0", "kaiming_uniform(a=1.0)", "at least 2 dimensions"),              # fan in and out of a vector
+    ("g * 1.0", "randint(5)", "cannot train"),                                    # integer tensors cannot train
+    ("g * take(x, g)", "normal(std=0.1)", "integer tensor"),                      # a floating index
+])
+def test_validate_refuses_what_apply_would_fail_on(tmp_path: Path, compute: str, init: str, needle: str) -> None:
+    """Cases the property test (test_property_validate.py) found validating and failing in apply."""
+    _t, problems = _load(tmp_path, compute, init=init)
+    assert problems and needle in problems[0].message, problems
+    assert problems[0].location.line is not None
+
+
+def test_a_whole_float_size_is_an_integer_at_run_time(tmp_path: Path) -> None:
+    """``r / 2`` is 2.0: shape inference takes it as a size, so the ops get it as the integer 2 (torch's unflatten refused)."""
+    t, problems = _load(tmp_path, "g * flatten(unflatten(linear(x, W), -1, (2, d_out / 2)))")
+    assert not problems, problems
+    model = tiny_model("gpt2")
+    apply(model, t)
+    output_of(model, model_inputs("gpt2"))
+
+
+def test_a_module_tensor_named_like_a_host_tensor_shadows_it(tmp_path: Path) -> None:
+    _t, problems = _load(tmp_path, "g * b * 0 + linear(x, W) * 0", tid="shadow")
+    assert not problems
+    p = tmp_path / "shadow2.yaml"
+    p.write_text(PROBE.format(tid="shadow2", site="attn.q", form="parallel", compute="b * 1.0", init="ones()").replace("      g:", "      b:"), encoding="utf-8")
+    cat = default_catalog()
+    loaded, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
+    assert not problems
+    model = tiny_model("gpt2")
+    inputs = model_inputs("gpt2")
+    base = output_of(model, inputs)
+    ad = apply(model, loaded["shadow2"])
+    unit = ad.units["m__attn_q__0"]
+    assert "b" not in unit.used_inputs  # the module's own b, not the host's
+    with torch.no_grad():
+        for k, v in ad.state_dict().items():
+            if k.endswith(".b"):
+                v.zero_()
+    assert torch.allclose(output_of(model, inputs), base, atol=1e-6)
+
+
+def test_validate_refuses_a_gaussian_sample_whose_variance_does_not_fit_its_mean(tmp_path: Path) -> None:
+    _t, problems = _load(tmp_path, "g * mean(gaussian_sample(unsqueeze(linear(x, W), -1), unsqueeze(g, 0)), -1)")
+    assert problems and "log-variance" in problems[0].message, problems
+
+
+def test_an_initialiser_reads_only_tensors_shared_as_it_is(tmp_path: Path) -> None:
+    """A shared tensor starts once at its largest shape over the sites; reading an unshared one (one site's size) would not fit."""
+    p = tmp_path / "mixed.yaml"
+    p.write_text(PROBE.format(tid="mixed", site="attn.q", form="parallel", compute="g * G", init="normal(std=0.1)")
+                 .replace("      g: {shape: [d_out], init: \"normal(std=0.1)\"}", "      g: {shape: [d_out], init: \"normal(std=0.1)\"}\n      G: {shape: [d_out], init: \"0.5 * g\", shared: sites}"),
+                 encoding="utf-8")
+    cat = default_catalog()
+    _l, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
+    assert len(problems) == 1 and "reads only tensors shared as this one is" in problems[0].message, problems

@@ -12,7 +12,7 @@ from pefref.language.expr import parse_expr
 from pefref.language.shapecheck import infer_shape
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import init_table
-from pefref.ops.shapes import SHAPE_RULES, Shape
+from pefref.ops.shapes import SHAPE_RULES, ComplexShape, IntShape, Shape
 
 P = {k: p.fn for k, p in PRIMITIVES.items()}
 G = torch.Generator().manual_seed(0)
@@ -24,7 +24,10 @@ def rand(*shape: int) -> torch.Tensor:
 
 def _shape_of(text: str, **env: torch.Tensor | int) -> Shape:
     """The shape rule's answer for an expression over tensors (by their shapes) and numbers."""
-    return infer_shape(parse_expr(text).tree, {k: Shape(v.shape) if isinstance(v, torch.Tensor) else v for k, v in env.items()})
+    def kind(v: torch.Tensor) -> Shape:
+        return ComplexShape(v.shape) if v.is_complex() else Shape(v.shape) if v.is_floating_point() else IntShape(v.shape)
+
+    return infer_shape(parse_expr(text).tree, {k: kind(v) if isinstance(v, torch.Tensor) else v for k, v in env.items()})
 
 
 def _agree(text: str, **env: torch.Tensor | int) -> torch.Tensor:

@@ -60,7 +60,9 @@ def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
         for p, spec in m.params.items():
             env[p] = Shape(shape_of(spec, names))
             init_env = {**env, "init_seed": 0}  # initialisers see the unit's seed, as validate gives it
-            assert infer_shape(parse_expr(spec.init).tree, init_env, {k: env[p] for k in INITS}) == env[p], (p, spec.init)
+            got = infer_shape(parse_expr(spec.init).tree, init_env, {k: env[p] for k in INITS})
+            assert got == env[p], (p, spec.init)
+            env[p] = got  # an integer tensor (indices) stays one
         for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):
             text = getattr(m, f, None)
             if text is None:

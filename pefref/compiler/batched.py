@@ -180,6 +180,9 @@ class _BatchProgram(nn.Module):
             return _V(_leaf(drop)(a.p, p, training), a.stacked, per_layer) if p > 0 else a
 
         ops["dropout"] = dropout
+        for k, p in PRIMITIVES.items():  # stochastic ops: the compiler supplies training, as in a unit's own program
+            if p.stochastic:
+                ops[k] = (lambda call: lambda *a, **kw: call(*a, training=training, **kw))(op(k, p.fn))
         env: dict[str, Any] = dict(self.consts)
         for n in self.tensor_names:
             t = getattr(self, n)

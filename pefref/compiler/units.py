@@ -202,13 +202,14 @@ class _Program(nn.Module):
             if p.stochastic:
                 ops[k] = _supplied(p.fn, training)
         env = dict(self.consts)
-        env.update(x=x, h=h, W=W, mask=mask, b=b)  # host tensors first: a parameter of the same name (VeRA's b) shadows them
         piecewise = parts.piecewise_names(self.exprs.values(), self.splits)
         whole = [n for n in self.tensor_names if n not in self.picks]
         env.update(parts.env_values(self, self.splits, whole, self.views, piecewise, _leaf(parts.join)))
         for n, i in self.picks.items():  # a stacked tensor: this layer's slice
             v = self.views.get(n)
             env[n] = getattr(self, n)[i][tuple(slice(0, s) for s in v)] if v else getattr(self, n)[i]
+        host = {"x": x, "h": h, "W": W, "b": b, "mask": mask}  # HOST_TENSORS; a module's own tensor of one of these names shadows it
+        env.update({k: v for k, v in host.items() if k not in self.tensor_names})
         for n in self.input_names:  # connections: values other units published in this forward pass
             env[n] = inputs[n]
         return self._run(env, ops, x)
@@ -487,7 +488,8 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         tensors[pname] = store.tensors[key]
         trainable[pname] = pspec.trainable
         if not isinstance(store.tensors[key], list):  # a split tensor's pieces are not read by initialisers
-            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local)
+            # a shared tensor is read whole (its readers are shared alike and start at their largest shape too)
+            initial[pname] = _initial_value(store.tensors[key], picks.get(pname), local if pspec.shared == "none" else full)
         if full != local:
             views[pname] = local
     shapes = tuple((n, *parts.entry(t)) for n, t in tensors.items())

@@ -13,7 +13,7 @@ from typing import Any, cast
 from pefref.language.connections import check_connections
 from pefref.language.errors import Location, PefrefError, Problem
 from pefref.language.expr import Expr, parse_expr
-from pefref.language.forms import FORMS
+from pefref.language.forms import FORMS, form_of
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.schema.technique import ParamSpec, PrependModule
@@ -38,7 +38,8 @@ initialiser of the module reads it), the seed of the unit's shared draws (:mod:`
 HOST_TENSORS = ("x", "h", "W", "b", "mask")
 """The host tensors a unit binds (the compiled forward's arguments of these names): what expression fields may
 read, narrowed by the field (:func:`reads_of`) and the site kind's ``reads``. The compiler binds exactly these
-(a test checks the compiled forward's signature against this list)."""
+(a test checks the compiled forward's signature against this list). A module's own tensor of one of these names
+shadows the host's (a scaling vector named ``b``), in validation and in the compiled code alike."""
 
 EXPR_FIELDS = (*dict.fromkeys(fld for f in FORMS.values() for fld in f.reads), "host_update")
 """Every expression field a module may declare (the forms' fields, in the registry's order, and host_update)."""
@@ -163,6 +164,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             found += check_module_shapes(m, ("modules", i), {k: v.default for k, v in hps.items()}, ref, pos, published)
         out += found + _check_prepend(m, ("modules", i), ref, pos)
     out += _check_groups(modules, pos)
+    if modules and not any(p.trainable for m in modules for p in m.params.values()) and all(form_of(m).has_unit for m in modules):
+        out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train"))
     if not out:
         out += check_connections(modules, ref, pos)
     return out
@@ -241,6 +244,7 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], in
         if isinstance(dim, str):
             out += _check_names(parse_expr(dim), scalars, scalar_ops, pos, pp + ("shape", k), "a shape")
     out += _check_names(parse_expr(spec.init), scalars | init_reads, set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
+    out += _check_init_reads(m, spec, pp, pos)
     if isinstance(spec.lr_scale, str):
         out += _check_names(parse_expr(spec.lr_scale), hps, scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
     if spec.stacked != "none" and spec.shared != "none":
@@ -253,6 +257,18 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], in
                            "stacked: layers needs per-layer sites; this module also attaches once per model"))
     if spec.split >= len(spec.shape):
         out.append(Problem(pos.at(pp + ("split",)), dotted(pp + ("split",)), f"split: {spec.split} must be below the number of dimensions ({len(spec.shape)}): each piece keeps at least one"))
+    return out
+
+
+def _check_init_reads(m: Any, spec: ParamSpec, pp: tuple[Any, ...], pos: Positions) -> list[Problem]:
+    """An initialiser reads only earlier tensors shared as its own is (a shared tensor starts once, at its largest shape)."""
+    out: list[Problem] = []
+    for read in sorted(parse_expr(spec.init).names & set(m.params)):
+        other = m.params[read]
+        if (other.shared, other.group) != (spec.shared, spec.group):
+            out.append(Problem(pos.at(pp + ("init",)), dotted(pp + ("init",)), f"the init reads {read!r}, shared {other.shared!r}"
+                               f"{' in group ' + repr(other.group) if other.group else ''}; an initialiser reads only tensors shared "
+                               f"as this one is ({spec.shared!r}{' in group ' + repr(spec.group) if spec.group else ''})"))
     return out
 
 

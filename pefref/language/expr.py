@@ -277,6 +277,15 @@ def bad_call(name: str, fn: Callable[..., Any], args: list[Any], kwargs: Mapping
     return None
 
 
+def _integral(v: Any) -> Any:
+    """An op's argument with whole floats as integers (``r / 2`` is a size where shape inference takes it as one)."""
+    if type(v) is float and v.is_integer() and abs(v) < 2**53:
+        return int(v)
+    if type(v) is tuple:
+        return tuple(_integral(e) for e in v)
+    return v
+
+
 def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Callable[..., Any]]) -> Any:
     """Walk a checked expression with ``env`` for names and ``ops`` for calls."""
     node = expr.tree if isinstance(expr, Expr) else expr
@@ -298,8 +307,8 @@ def evaluate(expr: Expr | ast.expr, env: Mapping[str, Any], ops: Mapping[str, Ca
         fn = ops.get(name)
         if fn is None:
             raise ExprError(f"unknown op {name!r}", node.col_offset)
-        args = [evaluate(a, env, ops) for a in node.args]
-        kwargs = cast(dict[str, Any], {k.arg: evaluate(k.value, env, ops) for k in node.keywords})
+        args = [_integral(evaluate(a, env, ops)) for a in node.args]
+        kwargs = cast(dict[str, Any], {k.arg: _integral(evaluate(k.value, env, ops)) for k in node.keywords})
         why = bad_call(name, fn, args, kwargs)
         if why is not None:
             raise ExprError(why, node.col_offset)

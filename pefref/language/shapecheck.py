@@ -27,9 +27,9 @@ from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current
 from pefref.language.loader import dotted
 from pefref.language.yamlsrc import Positions
-from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, word_problem
-from pefref.ops.inits import INITS
-from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, Shape, ShapeMismatch, broadcast, matmul_shape
+from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_problem
+from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
+from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
 __all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
 
@@ -54,7 +54,7 @@ def _made(name: str, got: Any, column: int, watch: Watch | None, args: tuple[Any
         return got
     if any(isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0 or (isinstance(d, float) and not d.is_integer()) for d in got):
         raise _Located(f"{name} gives shape {got}: dimensions must be non-negative integers", column)
-    got = Shape(int(d) for d in got)
+    got = type(got)(int(d) for d in got)  # a complex shape stays complex
     n, lim = math.prod(got), current().max_elements
     if n > lim:
         raise _Located(f"{name} gives a tensor of shape {got} ({n:,} elements), more than the limit of {lim:,} elements", column)
@@ -98,6 +98,11 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
             except (ArithmeticError, TypeError):
                 return None
         op = _OPS.get(type(node.op), "operator")
+        if isinstance(a, IntShape) or isinstance(b, IntShape):
+            raise _Located(f"{op} of an integer tensor (indices, from {', '.join(_INT_SOURCES)}): use it as an index (gather, take, ...)", node.col_offset, on_sizes=False)
+        cplx = isinstance(a, ComplexShape) or isinstance(b, ComplexShape)
+        if cplx and not isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            raise _Located(f"{op} of a complex tensor (from fft/ifft): take real() first", node.col_offset, on_sizes=False)
         try:
             if isinstance(node.op, ast.MatMult):
                 got = matmul_shape(a, b) if isinstance(a, Shape) and isinstance(b, Shape) else None
@@ -105,12 +110,15 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
                 got = broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
         except ShapeMismatch as e:
             raise _Located(f"{op}: {e}", node.col_offset) from None
-        return _made(op, got, node.col_offset, watch)
+        return _made(op, ComplexShape(got) if cplx and got is not None else got, node.col_offset, watch)
     if isinstance(node, ast.Call):
         name = node.func.id  # type: ignore[attr-defined]
         _check_call(node, name, inits is not None and name in inits)
         if inits is not None and name in inits:
-            return _made(name, inits[name], node.col_offset, watch, (inits[name],))
+            if len(inits[name]) < MIN_DIMS.get(name, 0):
+                raise _Located(f"{name}() makes tensors of at least {MIN_DIMS[name]} dimensions, not {inits[name]}", node.col_offset, on_sizes=False)
+            made = IntShape(inits[name]) if name in INTEGER else inits[name]
+            return _made(name, made, node.col_offset, watch, (inits[name],))
         args = [infer_shape(a, env, inits, watch) for a in node.args]
         kwargs = cast(dict[str, Any], {k.arg: infer_shape(k.value, env, inits, watch) for k in node.keywords})
         if any(v is None for v in (*args, *kwargs.values())):
@@ -127,14 +135,46 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         rule = SHAPE_RULES.get(name)
         if rule is None:
             return None
+        if prim is not None:
+            _check_kinds(prim, args, kwargs, node.col_offset)
         try:
             got = rule(*args, **kwargs)
         except ShapeMismatch as e:
             raise _Located(f"{name}: {e}", node.col_offset) from None
-        except (TypeError, IndexError, ValueError, ZeroDivisionError):
-            return None
+        except (TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError) as e:  # every argument known: they do not go together
+            shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            raise _Located(f"{name} cannot take ({shown}): {e}", node.col_offset) from None
+        if prim is not None and prim.int_out and isinstance(got, Shape):
+            got = IntShape(got)
         return _made(name, got, node.col_offset, watch, tuple(args), kwargs)
     return None
+
+
+_NUMBER_KINDS = ("int", "float", "bool")
+_INT_SOURCES = sorted({n for n, p in PRIMITIVES.items() if p.int_out} | INTEGER)
+
+
+def _check_kinds(prim: Any, args: list[Any], kwargs: dict[str, Any], col: int) -> None:
+    """Each argument is of the kind the op's signature annotates: a tensor where it says ``torch.Tensor``, a number
+    where it says int, float or bool; a real tensor unless the op takes complex ones (``complex_in``)."""
+    if not prim.complex_in and any(isinstance(v, ComplexShape) for v in (*args, *kwargs.values())):
+        raise _Located(f"{prim.name} takes real tensors; this one is complex (from fft/ifft): take real() first", col, on_sizes=False)
+    params = [p for p in signature_of(prim.fn).parameters.values() if p.name not in SUPPLIED]
+    bound = list(zip(params, args)) + [(next((p for p in params if p.name == k), None), v) for k, v in kwargs.items()]
+    for p, v in bound:
+        if p is None or p.kind is p.VAR_POSITIONAL:
+            continue
+        if isinstance(v, IntShape) and p.name not in prim.int_args:
+            raise _Located(f"{prim.name}: its argument {p.name} takes floating values, found an integer tensor {v} (indices, from "
+                           f"{', '.join(_INT_SOURCES)}); integer tensors go where an op takes indices", col, on_sizes=False)
+        if p.name in prim.int_args and isinstance(v, Shape) and not isinstance(v, IntShape):
+            raise _Located(f"{prim.name}: its argument {p.name} takes an integer tensor (indices), found a floating one {v}", col, on_sizes=False)
+        ann = str(p.annotation).replace(" ", "")
+        kinds = set(ann.split("|"))
+        if "torch.Tensor" in kinds and not isinstance(v, Shape) and not ("None" in kinds and v is None):
+            raise _Located(f"{prim.name}: its argument {p.name} is a tensor, found {v!r}", col, on_sizes=False)
+        if kinds and kinds <= {*_NUMBER_KINDS, "None"} and isinstance(v, (Shape, tuple)):
+            raise _Located(f"{prim.name}: its argument {p.name} is a number, found {'a tensor ' if isinstance(v, Shape) else 'a tuple '}{v!r}", col, on_sizes=False)
 
 
 def _check_call(node: ast.Call, name: str, init: bool) -> None:
@@ -250,8 +290,12 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
             env[pname] = shape
             got, probs = _run(spec.init, {**env, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
-            if isinstance(got, Shape) and got != shape:
+            if isinstance(got, Shape) and (got != shape or isinstance(got, ComplexShape)):
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
+            elif isinstance(got, IntShape):
+                env[pname] = IntShape(shape)  # indices: expressions may use them only as such
+                if spec.trainable:
+                    out.append(_problem(pos, pp + ("init",), 0, f"init gives an integer tensor {got} (indices), which cannot train: declare it trainable: false"))
         out += _fields(m, mpath, env, sizes, s, pos)
         published.setdefault(m.name, env.get("delta"))
         if out:
@@ -275,6 +319,12 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
 
     def want(fld: str, got: Any, shape: Shape, what: str, broadcast_ok: bool = False) -> None:
         if not isinstance(got, Shape):
+            return
+        if isinstance(got, ComplexShape):
+            out.append(_problem(pos, mpath + (fld,), 0, f"{fld} gives a complex tensor {got}; take real() of it"))
+            return
+        if isinstance(got, IntShape):
+            out.append(_problem(pos, mpath + (fld,), 0, f"{fld} gives an integer tensor {got} (indices); it must give floating values"))
             return
         if broadcast_ok:
             try:
@@ -358,9 +408,10 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
     jobs += [(f, str(getattr(m, f)), None) for f in _FIELDS if getattr(m, f, None) is not None]
     out: list[tuple[str, Tally]] = []
     done = False
+    integer: set[str] = set()  # parameters whose init makes indices
     for fld, text, inits in jobs:
         if not done and inits is None:  # the output fields read the parameters
-            env.update({p: Shape(s) for p, s in param_shapes.items()})
+            env.update({p: (IntShape if p in integer else Shape)(s) for p, s in param_shapes.items()})
             done = True
         tally = Tally()
         try:
@@ -371,5 +422,7 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
             continue
         if fld == "compute":
             env["delta"] = got
+        if inits is not None and isinstance(got, IntShape):
+            integer.add(fld.split(".")[1])
         out.append((fld, tally))
     return out

@@ -19,6 +19,10 @@ facts the view derives typology from:
   its variance), its ``linear_in`` counted among them. Diagrams mark a module that uses one;
 * ``choices``: arguments that take a word from a closed set (``idwt2(a, 'db2')``): the expression language
   admits a word literal only there, and validate checks it is one of them;
+* ``complex_in``: True when it takes complex tensors (``fft``, ``ifft``, ``real``); validate tracks which tensors
+  are complex and refuses any other op of one (elementwise arithmetic excepted), and a complex result;
+* ``int_out``: its result holds integers (indices); ``int_args``: the arguments that take such a tensor (an index).
+  Validate tracks integer tensors and refuses them anywhere else (a mean of indices, a field's result);
 * ``parts``: True when the op also takes a *split* tensor (a parameter declared
   with ``split: k``, stored as one tensor per index of its first ``k``
   dimensions) as its pieces, nested lists indexed like the tensor's leading
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Primitive", "PRIMITIVES", "TORCH_SETUP", "SUPPLIED", "primitive", "op_table", "call_problem", "word_problem"]
+__all__ = ["Primitive", "PRIMITIVES", "TORCH_SETUP", "SUPPLIED", "primitive", "op_table", "call_problem", "word_problem", "signature_of"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Primitive:
     stochastic: bool = False
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     eval_args: tuple[int, ...] | None = None
+    complex_in: bool = False
+    int_args: tuple[str, ...] = ()
+    int_out: bool = False
 
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -85,6 +92,9 @@ def primitive(
     stochastic: bool = False,
     choices: dict[str, tuple[str, ...]] | None = None,
     eval_args: tuple[int, ...] | None = None,
+    complex_in: bool = False,
+    int_args: tuple[str, ...] = (),
+    int_out: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -94,7 +104,8 @@ def primitive(
             raise ValueError(f"primitive {key!r} registered twice")
         PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf or stochastic, scalar, offset_args,
                                     parts=parts, stochastic=stochastic,
-                                    choices=tuple(sorted((choices or {}).items())), eval_args=eval_args)
+                                    choices=tuple(sorted((choices or {}).items())), eval_args=eval_args,
+                                    complex_in=complex_in, int_args=int_args, int_out=int_out)
         return fn
 
     return deco
@@ -111,7 +122,8 @@ SUPPLIED = ("training",)
 
 
 @functools.lru_cache(maxsize=1024)
-def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, cached (validate binds every call to its op's signature)."""
     return inspect.signature(fn)
 
 
@@ -119,7 +131,7 @@ def call_problem(fn: Callable[..., Any], nargs: int, kwnames: tuple[str, ...], s
     """Why a call of ``fn`` with ``nargs`` positional arguments and the keywords ``kwnames`` cannot bind to its
     signature (the first ``skip`` parameters are bound by the caller: an initialiser's shape, dtype and device;
     ``supplied``: parameters the compiler passes, never written), or None when it binds. No call is made."""
-    sig = _signature(fn)
+    sig = signature_of(fn)
     params = [p for p in list(sig.parameters.values())[skip:] if p.name not in supplied]
     written = [n for n in kwnames if n in supplied]
     if written:
@@ -135,7 +147,7 @@ def call_problem(fn: Callable[..., Any], nargs: int, kwnames: tuple[str, ...], s
 def word_problem(prim: Primitive, position: int | str, word: str) -> str | None:
     """Why the word literal ``word``, given as argument ``position`` (an index or a keyword), is not one of the
     choices ``prim`` declares for that argument, or None when it is."""
-    names = [p for p in _signature(prim.fn).parameters if p not in SUPPLIED]
+    names = [p for p in signature_of(prim.fn).parameters if p not in SUPPLIED]
     arg = position if isinstance(position, str) else names[position] if position < len(names) else None
     if arg == "subscripts":  # einsum's subscripts: checked by the grammar and the shape rule
         return None

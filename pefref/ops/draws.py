@@ -78,7 +78,7 @@ def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(gaussian((int(n), int(n)), seed))[0]
 
 
-@initialiser
+@initialiser(integer=True)
 def randint(shape, dtype, device, high: int, low: int = 0) -> torch.Tensor:
     """Integers drawn uniformly from :math:`\\{\\text{low}, \\ldots, \\text{high} - 1\\}` (int64, torch's global
     generator: :func:`torch.randint`), e.g. the positions at which UniLoRA's modules read one shared vector
@@ -122,7 +122,7 @@ def relaxed_bernoulli(logits: torch.Tensor, temperature: float = 1.0, training: 
     return torch.distributions.RelaxedBernoulli(torch.tensor(float(temperature), device=logits.device), logits=logits).rsample()
 
 
-@primitive(nonlinear=True, stochastic=True)
+@primitive(nonlinear=True, stochastic=True, int_out=True)
 def randint_like(a: torch.Tensor, high: int, fixed: int = 0, training: bool = False) -> torch.Tensor:
     """Integers of ``a``'s shape drawn uniformly from :math:`\\{0, \\ldots, \\text{high} - 1\\}` in training
     (:func:`torch.randint`, torch's global generator; int64 on ``a``'s device), the fixed choice ``fixed``

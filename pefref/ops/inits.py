@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 
-__all__ = ["INITS", "FILLERS", "initialiser", "init_table"]
+__all__ = ["INITS", "FILLERS", "MIN_DIMS", "INTEGER", "initialiser", "init_table"]
 
 Init = Callable[..., Any]
 INITS: dict[str, Init] = {}
@@ -34,11 +34,21 @@ FILLERS: set[str] = set()
 """Initialisers whose result is a floating tensor of the bound shape and dtype (values only depend on them)."""
 
 
-def initialiser(fn: Init | None = None, *, filler: bool = False) -> Any:
+MIN_DIMS: dict[str, int] = {}
+"""Initialisers that need a tensor of at least so many dimensions (fan in and out, a matrix), checked at validate."""
+
+
+INTEGER: set[str] = set()
+"""Initialisers that make integer tensors (indices; stored ``trainable: false``)."""
+
+
+def initialiser(fn: Init | None = None, *, filler: bool = False, min_dims: int = 0, integer: bool = False) -> Any:
     """Register an initialiser ``fn(shape, dtype, device, **kwargs)`` under its name.
 
     ``filler=True``: ``fn`` returns a floating tensor of exactly ``shape`` and ``dtype`` (its values are all it
-    decides), so on the meta device an empty tensor stands for it (see the module's docstring)."""
+    decides), so on the meta device an empty tensor stands for it (see the module's docstring).
+    ``min_dims``: the fewest dimensions the parameter may have (validate refuses fewer); ``integer``: it makes an
+    integer tensor (validate tracks it as indices, and refuses it trainable)."""
 
     def register(f: Init) -> Init:
         key = f.__name__.rstrip("_")
@@ -47,6 +57,10 @@ def initialiser(fn: Init | None = None, *, filler: bool = False) -> Any:
         INITS[key] = f
         if filler:
             FILLERS.add(key)
+        if min_dims:
+            MIN_DIMS[key] = min_dims
+        if integer:
+            INTEGER.add(key)
         return f
 
     return register if fn is None else register(fn)
@@ -92,21 +106,21 @@ def uniform(shape, dtype, device, a: float = -1.0, b: float = 1.0) -> torch.Tens
     return torch.nn.init.uniform_(_empty(shape, dtype, device), a, b)
 
 
-@initialiser(filler=True)
+@initialiser(filler=True, min_dims=2)
 def kaiming_uniform(shape, dtype, device, a: float = 0.0) -> torch.Tensor:
     """He et al. (2015) uniform init with negative slope ``a`` (torch.nn.Linear's default is a=sqrt(5))."""
     import torch
     return torch.nn.init.kaiming_uniform_(_empty(shape, dtype, device), a=a)
 
 
-@initialiser(filler=True)
+@initialiser(filler=True, min_dims=2)
 def xavier_uniform(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """Glorot & Bengio (2010) uniform init."""
     import torch
     return torch.nn.init.xavier_uniform_(_empty(shape, dtype, device), gain=gain)
 
 
-@initialiser(filler=True)
+@initialiser(filler=True, min_dims=2)
 def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     """A (semi-)orthogonal matrix (Saxe et al. 2014)."""
     import torch
@@ -114,7 +128,7 @@ def orthogonal(shape, dtype, device, gain: float = 1.0) -> torch.Tensor:
     return t.to(dtype=dtype, device=device)
 
 
-@initialiser(filler=True)
+@initialiser(filler=True, min_dims=2)
 def eye(shape, dtype, device) -> torch.Tensor:
     """Identity matrix (or a stack of identities over leading dimensions)."""
     import torch

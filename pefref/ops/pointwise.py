@@ -57,7 +57,7 @@ def flatten(a: torch.Tensor, start: int = -2, end: int = -1) -> torch.Tensor:
     return a.flatten(start, end)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), int_args=("index",))
 def take(a: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of ``a`` picked by an integer tensor of any shape, :math:`y[i_1..i_k] = a[\\mathrm{index}[i_1..i_k]]`
     (``a[index]``; shape ``index.shape + a.shape[1:]``): a shared bank read at stored positions, as UniLoRA builds

@@ -17,7 +17,7 @@ from typing import Any
 
 from pefref.ops.rules import registrar
 
-__all__ = ["Shape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
+__all__ = ["Shape", "ComplexShape", "IntShape", "ShapeMismatch", "SHAPE_RULES", "shape_rule", "broadcast", "matmul_shape", "WORKSPACE_RULES", "workspace_rule"]
 
 
 class Shape(tuple):
@@ -25,6 +25,22 @@ class Shape(tuple):
 
     def __repr__(self) -> str:
         return "[" + ", ".join(map(str, self)) + "]"
+
+
+class ComplexShape(Shape):
+    """The shape of a complex tensor (what :func:`~pefref.ops.spectral.fft` gives): only the ops that declare
+    ``complex_in`` and elementwise arithmetic take it; ``real`` brings it back."""
+
+    def __repr__(self) -> str:
+        return "complex" + super().__repr__()
+
+
+class IntShape(Shape):
+    """The shape of an integer tensor (indices: ``argmax``, ``randint``): only arguments an op declares in
+    ``int_args`` take it (``gather``'s index, ``take``'s index)."""
+
+    def __repr__(self) -> str:
+        return "int" + super().__repr__()
 
 
 class ShapeMismatch(ValueError):
@@ -380,9 +396,27 @@ def _attention_work(q: Shape, k: Shape, v: Shape, heads: int = 1, *_: Any, **__:
 # --- pointwise, spectral, decompositions, draws ---------------------------------------------------------------
 
 
-@shape_rule("sin", "cos", "clamp", "fft", "ifft", "real", "gaussian_sample", "relaxed_bernoulli", "randint_like")
+@shape_rule("sin", "cos", "clamp", "relaxed_bernoulli", "randint_like")
 def _entrywise(a: Shape, *_: Any, **__: Any) -> Shape:
     return a
+
+
+@shape_rule("gaussian_sample")
+def _gaussian_sample(mu: Shape, logvar: Shape) -> Shape:
+    if broadcast(mu, logvar) != mu:  # the sample has the mean's shape, in training as in eval
+        raise ShapeMismatch(f"the log-variance {logvar} must broadcast to the mean's shape {mu}")
+    return mu
+
+
+@shape_rule("fft", "ifft")
+def _transform(a: Shape, dim: int = -1) -> Shape:
+    _dim(a, dim)
+    return ComplexShape(a)
+
+
+@shape_rule("real")
+def _real(a: Shape, like: Any = None) -> Shape:
+    return Shape(a)
 
 
 @shape_rule("layer_norm")

@@ -58,7 +58,7 @@ def einsum(subscripts: str, *operands: torch.Tensor) -> torch.Tensor:
     return torch.einsum(subscripts, *operands)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), int_args=("index",))
 def gather(a: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """:math:`y[\\ldots i \\ldots] = a[\\ldots \\mathrm{index}[\\ldots i \\ldots] \\ldots]` along ``dim``
     (:func:`torch.gather`: ``index`` has ``a``'s rank; other dimensions must fit ``a``'s)."""
@@ -66,7 +66,7 @@ def gather(a: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(a, dim, index)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), int_args=("index",))
 def index_select(a: torch.Tensor, dim: int, index: Any) -> torch.Tensor:
     """The entries of ``a`` at positions ``index`` (a 1-D tensor or a tuple of integers) along ``dim``."""
     import torch
@@ -89,21 +89,21 @@ def topk(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     return torch.topk(a, k, dim=dim).values
 
 
-@primitive(nonlinear=True)
+@primitive(nonlinear=True, int_out=True)
 def topk_indices(a: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """Positions (int64) of the ``k`` largest values along ``dim``, in the order :func:`topk` returns them."""
     import torch
     return torch.topk(a, k, dim=dim).indices
 
 
-@primitive(nonlinear=True)
+@primitive(nonlinear=True, int_out=True)
 def argmax(a: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """Position (int64) of the largest value along ``dim``, :math:`\\arg\\max_j a_{\\ldots j}`."""
     import torch
     return torch.argmax(a, dim=dim, keepdim=keepdim)
 
 
-@primitive(nonlinear=True)
+@primitive(nonlinear=True, int_args=("index",))
 def scatter(a: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """A copy of ``a`` with ``src`` written at ``index`` along ``dim`` (out-of-place :func:`torch.scatter`):
     ``scatter(zeros_like(l), -1, topk_indices(l, k), softmax(topk(l, k)))`` is a top-k gate over all of ``l``'s entries."""

@@ -25,7 +25,7 @@ def _complex(a: torch.Tensor) -> torch.Tensor:
     return a if a.is_complex() else a.float()
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), complex_in=True)
 def fft(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Discrete Fourier transform along ``dim``, :math:`\\hat a_k = \\sum_j a_j e^{-2\\pi i jk/n}`
     (:func:`torch.fft.fft`; a real input is taken in fp32 and the result is complex). Linear in ``a``.
@@ -34,7 +34,7 @@ def fft(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.fft.fft(_complex(a), dim=dim)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), complex_in=True)
 def ifft(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Inverse discrete Fourier transform along ``dim``, :math:`a_j = \\frac{1}{n}\\sum_k \\hat a_k e^{2\\pi i jk/n}`
     (:func:`torch.fft.ifft`; complex result). Linear in ``a``."""
@@ -42,7 +42,7 @@ def ifft(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.fft.ifft(_complex(a), dim=dim)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), complex_in=True)
 def real(a: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     """Real part :math:`\\Re\\, a` of a complex tensor (a real one unchanged), in ``like``'s dtype when given
     (so a module's output returns to the host's precision). Real-linear in ``a``."""

@@ -112,7 +112,7 @@ def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tens
 # --- sparse spectra ----------------------------------------------------------------------------------
 
 
-@primitive(intra="sparse", linear_in=(0,))
+@primitive(intra="sparse", linear_in=(0,), int_args=("positions",))
 def scatter2d(values: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """A dense [rows, cols] matrix, zero except at the ``positions`` ([2, n] integer row and column
     indices), which hold ``values`` ([n]): :math:`M_{p_{0j}, p_{1j}} = v_j`. Linear in ``values``
@@ -177,7 +177,7 @@ def factor_right(dim: Any, factor: Any = -1) -> int:
 # --- seeded random positions (initialiser) ----------------------------------------------------------
 
 
-@initialiser
+@initialiser(integer=True)
 def random_positions(shape, dtype, device, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """``n = shape[-1]`` distinct positions of a [rows, cols] matrix drawn uniformly without
     replacement, as a [2, n] int64 tensor of (row, column) indices: the first ``n`` entries of a

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pefref.ops import PRIMITIVES
-from pefref.ops.inits import INITS
+from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 
 __all__ = ["PrimitiveDoc", "primitive_docs"]
 
@@ -54,9 +54,11 @@ def primitive_docs() -> list[PrimitiveDoc]:
     for name in sorted(PRIMITIVES):
         p = PRIMITIVES[name]
         facts = {"intra": p.intra, "nonlinear": p.nonlinear, "linear_in": list(p.linear_in), "dynamic": p.dynamic,
-                 "scalar": p.scalar, "offset_args": list(p.offset_args), "parts": p.parts}
+                 "scalar": p.scalar, "offset_args": list(p.offset_args), "parts": p.parts, "stochastic": p.stochastic,
+                 "choices": {k: list(v) for k, v in p.choices}, "complex_in": p.complex_in, "int_args": list(p.int_args), "int_out": p.int_out}
         out.append(PrimitiveDoc(name, "op", _signature(name, p.fn, drop=("training",) if p.leaf else ()), inspect.getdoc(p.fn) or "", facts))
     for name in sorted(INITS):
         fn = INITS[name]
-        out.append(PrimitiveDoc(name, "initialiser", _signature(name, fn, skip=_INIT_BOUND), inspect.getdoc(fn) or "", {}))
+        facts = {"min_dims": str(MIN_DIMS[name]) if name in MIN_DIMS else None, "integer": name in INTEGER}
+        out.append(PrimitiveDoc(name, "initialiser", _signature(name, fn, skip=_INIT_BOUND), inspect.getdoc(fn) or "", facts))
     return out
