@@ -181,3 +181,16 @@ def test_an_initialiser_reads_only_tensors_shared_as_it_is(tmp_path: Path) -> No
     cat = default_catalog()
     _l, _s, _p, problems = load_techniques([p], cat.reference, cat.techniques)
     assert len(problems) == 1 and "reads only tensors shared as this one is" in problems[0].message, problems
+
+
+def test_indices_pass_through_a_rearrangement_and_stay_indices(tmp_path: Path) -> None:
+    """A layout op (reshape, flatten, narrow, ...) takes an integer tensor and gives one: indices reshaped before they
+    index validate and run; the reshaped indices are still refused where values are needed."""
+    ok = "g * 0 + linear(x, W) * 0 + mean(index_select(g, 0, reshape(argmax(unsqueeze(g, 0), dim=0), (-1,))), dim=-1)"
+    t, problems = _load(tmp_path, ok, tid="reshaped")
+    assert not problems, problems
+    model = tiny_model("gpt2")
+    apply(model, t)
+    output_of(model, model_inputs("gpt2"))
+    _t, problems = _load(tmp_path, "g * mean(reshape(argmax(x), (-1,)), dim=-1)", tid="stillint")
+    assert problems and "integer tensor" in problems[0].message, problems

@@ -144,7 +144,7 @@ def infer_shape(node: ast.AST, env: Mapping[str, Any], inits: Mapping[str, Shape
         except (TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError) as e:  # every argument known: they do not go together
             shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
             raise _Located(f"{name} cannot take ({shown}): {e}", node.col_offset) from None
-        if prim is not None and prim.int_out and isinstance(got, Shape):
+        if prim is not None and (prim.int_out or (prim.layout and args and isinstance(args[0], IntShape))) and isinstance(got, Shape):
             got = IntShape(got)
         return _made(name, got, node.col_offset, watch, tuple(args), kwargs)
     return None
@@ -164,7 +164,7 @@ def _check_kinds(prim: Any, args: list[Any], kwargs: dict[str, Any], col: int) -
     for p, v in bound:
         if p is None or p.kind is p.VAR_POSITIONAL:
             continue
-        if isinstance(v, IntShape) and p.name not in prim.int_args:
+        if isinstance(v, IntShape) and p.name not in prim.int_args and not (prim.layout and p is params[0]):
             raise _Located(f"{prim.name}: its argument {p.name} takes floating values, found an integer tensor {v} (indices, from "
                            f"{', '.join(_INT_SOURCES)}); integer tensors go where an op takes indices", col, on_sizes=False)
         if p.name in prim.int_args and isinstance(v, Shape) and not isinstance(v, IntShape):

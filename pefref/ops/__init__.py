@@ -23,6 +23,8 @@ facts the view derives typology from:
   are complex and refuses any other op of one (elementwise arithmetic excepted), and a complex result;
 * ``int_out``: its result holds integers (indices); ``int_args``: the arguments that take such a tensor (an index).
   Validate tracks integer tensors and refuses them anywhere else (a mean of indices, a field's result);
+* ``layout``: True for a pure rearrangement of its first argument (reshape, flatten, narrow, ...): an integer
+  tensor passes through it and stays one (indices reshaped before they index);
 * ``parts``: True when the op also takes a *split* tensor (a parameter declared
   with ``split: k``, stored as one tensor per index of its first ``k``
   dimensions) as its pieces, nested lists indexed like the tensor's leading
@@ -69,6 +71,7 @@ class Primitive:
     complex_in: bool = False
     int_args: tuple[str, ...] = ()
     int_out: bool = False
+    layout: bool = False
 
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -95,6 +98,7 @@ def primitive(
     complex_in: bool = False,
     int_args: tuple[str, ...] = (),
     int_out: bool = False,
+    layout: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a primitive op under ``name`` (default: the function's name)."""
 
@@ -105,7 +109,7 @@ def primitive(
         PRIMITIVES[key] = Primitive(key, fn, (fn.__doc__ or "").strip(), intra, nonlinear, linear_in, dynamic, leaf or stochastic, scalar, offset_args,
                                     parts=parts, stochastic=stochastic,
                                     choices=tuple(sorted((choices or {}).items())), eval_args=eval_args,
-                                    complex_in=complex_in, int_args=int_args, int_out=int_out)
+                                    complex_in=complex_in, int_args=int_args, int_out=int_out, layout=layout)
         return fn
 
     return deco

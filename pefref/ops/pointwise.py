@@ -50,7 +50,7 @@ def layer_norm(a: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     return F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def flatten(a: torch.Tensor, start: int = -2, end: int = -1) -> torch.Tensor:
     """Dimensions ``start`` .. ``end`` (inclusive) merged into one, the others kept: [..., E, r] becomes [..., E·r]
     with the defaults, the inverse of ``unflatten(a, -1, (E, r))`` (:func:`torch.flatten`). Linear in ``a``."""

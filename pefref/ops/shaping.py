@@ -24,26 +24,26 @@ __all__ = ["reshape", "unflatten", "unsqueeze", "squeeze", "einsum", "gather", "
            "argmax", "scatter", "zeros_like", "mean", "cat"]
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def reshape(a: torch.Tensor, shape: Any) -> torch.Tensor:
     """The same entries in a new shape (a tuple; one dimension may be -1), as :func:`torch.reshape`."""
     return a.reshape(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def unflatten(a: torch.Tensor, dim: int, sizes: Any) -> torch.Tensor:
     """Dimension ``dim`` split into ``sizes`` (a tuple whose product is its length), the others kept:
     [..., E·r] becomes [..., E, r] for ``unflatten(a, -1, (E, r))`` whatever the leading (batch, sequence) sizes."""
     return a.unflatten(dim, tuple(sizes))
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def unsqueeze(a: torch.Tensor, dim: int) -> torch.Tensor:
     """A new dimension of size 1 at ``dim``: shape [..., n] becomes [..., 1, n] for ``dim=-2``."""
     return a.unsqueeze(dim)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def squeeze(a: torch.Tensor, dim: int) -> torch.Tensor:
     """Drops dimension ``dim`` of size 1 (the inverse of :func:`unsqueeze`)."""
     return a.squeeze(dim)
@@ -75,7 +75,7 @@ def index_select(a: torch.Tensor, dim: int, index: Any) -> torch.Tensor:
     return torch.index_select(a, dim, index)
 
 
-@primitive(linear_in=(0,))
+@primitive(linear_in=(0,), layout=True)
 def narrow(a: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
     """The slice ``a[..., start:start+length, ...]`` along ``dim`` (the expression language has no subscripts)."""
     return a.narrow(dim, start, length)
