@@ -116,6 +116,8 @@ def _same(a: Shape, *_: Any, **__: Any) -> Shape:
 
 @shape_rule("min", "max")
 def _entrywise2(a: Any, b: Any) -> Any:
+    if any(isinstance(v, tuple) and not isinstance(v, Shape) for v in (a, b)):
+        raise ShapeMismatch("takes numbers or tensors, not a tuple")
     if not isinstance(a, Shape) and not isinstance(b, Shape):
         return None
     return broadcast(a if isinstance(a, Shape) else Shape(()), b if isinstance(b, Shape) else Shape(()))
@@ -500,6 +502,8 @@ def _qr_r(a: Shape, k: int = 0) -> Shape:
 
 @shape_rule("gaussian")
 def _gaussian(shape: Any, seed: Any = 0) -> Shape:
+    if isinstance(shape, Shape):
+        raise ShapeMismatch(f"gaussian's shape is a tuple of sizes, not a tensor {shape}")
     dims = shape if isinstance(shape, tuple) else (shape,)
     return Shape(_count(d, "gaussian's shape") for d in dims)
 
