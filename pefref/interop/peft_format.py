@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME
@@ -50,17 +51,22 @@ def save_pretrained(adapter: Adapter, directory: str | Path) -> Path:
     return folder
 
 
-def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family: Any) -> Adapter:
+def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family: Any, adapter_dtype: str = "auto") -> Adapter:
     from safetensors import safe_open
 
     from pefref.runtime.api import apply
 
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "technique" not in meta:
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        hps = json.loads(meta.get("hyperparameters", "{}"))
+    except Exception as e:  # truncated, not safetensors, or metadata that is not JSON
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{p}: not a readable pefref adapter file ({reason})") from None
+    if "technique" not in meta or not isinstance(hps, dict):
         raise PefrefError(f"{p}: not a pefref adapter file (no technique in its metadata)")
-    adapter = apply(model, meta["technique"], name=name, catalog=catalog, family=family,
-                    **json.loads(meta.get("hyperparameters", "{}")))
+    adapter = apply(model, meta["technique"], name=name, catalog=catalog, family=family, adapter_dtype=adapter_dtype,  # type: ignore[arg-type]
+                    **hps)
     try:
         adapter.load(p)
     except Exception:
@@ -70,12 +76,13 @@ def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family:
 
 
 def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = None, catalog: Any = None,
-                    family: Any = None) -> Adapter:
+                    family: Any = None, adapter_dtype: str = "auto") -> Adapter:
     """Load an adapter saved by peft (a folder with ``adapter_config.json``) or by pefref (``Adapter.save``).
 
     The peft method is matched to its catalog technique through the interop table; the
     technique is placed exactly where peft's modules were and its tensors are copied in.
-    On any failure the model is left as it was.
+    On any failure the model is left as it was. ``adapter_dtype`` as in :func:`pefref.apply` (peft's
+    ``autocast_adapter_dtype``): on a bf16/fp16 model the adapter's tensors are fp32 by default.
     """
     from safetensors.torch import load_file
 
@@ -88,11 +95,16 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     catalog = catalog or default_catalog()
     p = Path(path)
     if p.is_file():  # pefref's own file: technique and hyperparameters in its metadata
-        return _own_file(model, p, name, catalog, family)
+        return _own_file(model, p, name, catalog, family, adapter_dtype)
     cfg_file = p / CONFIG_NAME
     if not cfg_file.is_file():
         raise PefrefError(f"{p}: no {CONFIG_NAME} (not a peft adapter folder) and not a pefref adapter file")
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PefrefError(f"{cfg_file}: not a JSON adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PefrefError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     method = choose(cfg, interop_table())
     handled = {method.fused.rank_pattern, method.fused.alpha_pattern} if method.fused else set()
     handled |= {method.rank_masks.pattern} if method.rank_masks else set()
@@ -100,7 +112,14 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
         if key.endswith("_pattern") and value and key not in handled:
             raise PefrefError(f"{p}: per-module {key} has no exact catalog form in {method.technique}")
     tech = catalog.technique(method.technique)
-    state = {k.removeprefix(PREFIX): v for k, v in load_file(str(p / WEIGHTS_NAME)).items()}
+    try:
+        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(p / WEIGHTS_NAME)).items()}
+    except Exception as e:  # absent, truncated or not safetensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{p / WEIGHTS_NAME}: not a readable safetensors file ({reason})") from None
+    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PefrefError(f"{p / WEIGHTS_NAME}: tensor {PREFIX}{k} holds NaN or infinite values")
     unmask_ranks(method, cfg, state)
     fam = resolve_family(model, catalog, family)
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
@@ -108,7 +127,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     hps.update(method.when)
     hps.update(placed.hyperparameters)
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,
-                    modules_to_save=placed.saved or None, **hps)
+                    modules_to_save=placed.saved or None, adapter_dtype=adapter_dtype, **hps)
     try:
         copy_in(adapter, method, state, placed.splits)
     except Exception:

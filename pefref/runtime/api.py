@@ -30,6 +30,7 @@ from pefref.runtime.inject import Placement, model_config, model_sizes, placemen
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
+from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.runtime.rows import take as take_rows
@@ -74,6 +75,7 @@ def apply(
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
     modules_to_save: Sequence[str] | None = None,
+    adapter_dtype: AdapterDtype = "auto",
     **hyperparameters: Any,
 ) -> Adapter:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
@@ -88,7 +90,10 @@ def apply(
         layers: restrict to some layers (indices, negative from the end; in encoder-decoder maps also stack names, e.g. 'decoder').
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
-        dtype, device: for the adapter's tensors (default: the host's).
+        dtype, device: for the adapter's tensors (default: the host's device; the dtype by ``adapter_dtype``).
+        adapter_dtype: ``"auto"`` (default, peft's ``autocast_adapter_dtype=True``): on a bf16/fp16 host the
+            adapter's tensors are fp32 and it computes in fp32, rounding its result once to the host's dtype;
+            ``"host"``: the adapter's tensors in the host's dtype.
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
         modules_to_save: whole modules trained and saved with the adapter (peft's
             ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
@@ -98,7 +103,8 @@ def apply(
     if not isinstance(technique, Technique) and Path(technique).suffix in (".yaml", ".yml") and is_composition_file(Path(technique)):
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
-        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device)  # type: ignore[return-value]
+        return apply_composition(model, technique, catalog=catalog, name=name, family=family, dtype=dtype, device=device,  # type: ignore[return-value]
+                                 adapter_dtype=adapter_dtype)
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
@@ -119,7 +125,7 @@ def apply(
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
-    plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
+    plan = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
     site_kinds = {s: catalog.reference.sites[s].kind for s in catalog.reference.sites}
     connected = connected_modules(modules)  # modules in a connection never fold into a weight
     host_by_path: dict[int, str] = {}  # filled on first use (select modules only)
