@@ -30,8 +30,8 @@ from pefref.runtime.inject import Placement, model_config, model_sizes, placemen
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
-from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.planning import check_selectable, check_unit, host_update_of, plan_apply, where_of
+from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.report import Report, ReportRow, fold_paths
 from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, resolve_saved
