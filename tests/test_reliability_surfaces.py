@@ -19,6 +19,7 @@ from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.models.build import build_model
 from pefref.render.site.build import MANIFEST, build_site
+from pefref.runtime.compose import compose
 
 CATALOG = default_catalog()
 
@@ -109,3 +110,32 @@ def test_damaged_peft_folder_is_a_pefref_error(tmp_path: Path, damage: str) -> N
     model = build_model("tiny-llama", seed=0)
     with pytest.raises(PefrefError, match=str(folder)):
         pefref.from_pretrained(model, folder)
+
+
+def _llama_logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("bad", [
+    {"kind": "parallel", "adapters": ["a", "absent"]},  # an absent adapter (was a bare KeyError)
+    {"kind": "parallel", "adapters": ["a", "d"]},  # a stage-order violation (LoRA and DoRA run in different stages)
+    {"kind": "no-such-kind", "adapters": ["a", "b"]},  # a malformed block
+    "not a block",
+])
+def test_compose_is_a_transaction(bad: object) -> None:
+    """A later invalid block takes out the earlier ones: the model computes what it did before compose()."""
+    model = build_model("tiny-llama", seed=0)
+    torch.manual_seed(0)
+    ads = [pefref.apply(model, "lora", name=n) for n in ("a", "b")] + [pefref.apply(model, "dora", name="d")]
+    with torch.no_grad():
+        for ad in ads:
+            for p in ad.trainable_parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    before = _llama_logits(model)
+    with pytest.raises(PefrefError):
+        compose(model, ads, blocks=[{"kind": "average", "adapters": ["a", "b"], "weights": [0.2, 0.8]}, bad])  # type: ignore[list-item]
+    assert torch.equal(_llama_logits(model), before)
+    assert "composition" not in getattr(model, "pefref_adapters")
+    assert all(e.group is None for ad in ads for _p, e in ad.entries)
