@@ -72,7 +72,7 @@ def test_non_finite_peft_adapter_is_refused(tmp_path: Path, poison: float) -> No
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PefrefError, match="NaN or infinite"):
         pefref.from_pretrained(model, folder)
-    assert not hasattr(model, "pefref_adapters") or not getattr(model, "pefref_adapters")
+    assert not hasattr(model, "pefref_adapters") or not model.pefref_adapters
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -81,8 +81,8 @@ def test_non_finite_own_adapter_file_is_refused(tmp_path: Path) -> None:
     a = pefref.apply(model, "lora")
     a.save(tmp_path / "a.safetensors")
     a.remove()
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -137,5 +137,61 @@ def test_compose_is_a_transaction(bad: object) -> None:
     with pytest.raises(PefrefError):
         compose(model, ads, blocks=[{"kind": "average", "adapters": ["a", "b"], "weights": [0.2, 0.8]}, bad])  # type: ignore[list-item]
     assert torch.equal(_llama_logits(model), before)
-    assert "composition" not in getattr(model, "pefref_adapters")
+    assert "composition" not in model.pefref_adapters
     assert all(e.group is None for ad in ads for _p, e in ad.entries)
+
+
+HOSTILE = "Lo\x1b[2J\x1b]0;pwned\x07RA\r\u202eevil\x9b"
+
+
+def _hostile_yaml(tmp_path: Path) -> Path:
+    src = (Path(__file__).parent.parent / "catalog" / "techniques" / "lora.yaml").read_text(encoding="utf-8")
+    p = tmp_path / "hostile.yaml"
+    name = json.dumps(HOSTILE)  # a YAML double-quoted scalar with \\x1b, \\u202e... escapes
+    p.write_text(src.replace("name: LoRA", f"name: {name}").replace("id: lora", "id: hostile"), encoding="utf-8")
+    return p
+
+
+def _raw_controls(s: str) -> list[str]:
+    return [c for c in s if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F or c == "\u202e"]
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+
+    res = CliRunner().invoke(app, ["show", str(_hostile_yaml(tmp_path))], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "\\x1b[2J" in res.output and "\\u202e" in res.output
+    assert _raw_controls(res.output) == []
+
+
+def test_safe_console_keeps_its_own_styles() -> None:
+    import io
+
+    from rich.text import Text
+
+    from pefref.cli.safe import SafeConsole
+
+    buf = io.StringIO()
+    SafeConsole(file=buf, force_terminal=True, color_system="standard", width=200).print(Text(HOSTILE, style="bold red"))
+    out = buf.getvalue()
+    assert "\\x1b]0;pwned" in out and "\\x9b" in out  # (rich drops BEL and CR itself)
+    assert out.count("\x1b[") >= 1  # rich's own style codes stay
+    assert "\x1b[2J" not in out and "\x07" not in out and "\u202e" not in out
+
+
+def test_control_characters_never_reach_the_site(tmp_path: Path) -> None:
+    from pefref.render.site.build import site_files, with_included
+
+    folder = tmp_path / "inc"
+    folder.mkdir()
+    _hostile_yaml(folder)
+    cat, _ids = with_included(_small_catalog(), [folder])
+    files = site_files(cat)
+    page = files["techniques/hostile.html"].decode("utf-8")
+    assert "\\x1b[2J" in page
+    for rel, content in files.items():
+        if rel.endswith((".html", ".svg", ".json")):
+            assert _raw_controls(content.decode("utf-8")) == [], rel

@@ -49,11 +49,29 @@ class RunRow:
     def final(self) -> dict[str, float]:
         return dict(self.metrics.get("final") or {})
 
+    @property
+    def diverged(self) -> bool:
+        """Whether a metric of the run (final, or any point of its curve) is NaN or infinite."""
+        values = [*_floats(self.metrics), *(v for _s, _split, ms in self.curve for v in _floats(ms))]
+        return any(not math.isfinite(v) for v in values)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("curve")
         d.pop("config")
+        d["diverged"] = self.diverged
         return d
+
+
+def _floats(obj: Any) -> list[float]:
+    """Every float in nested dicts and lists."""
+    if isinstance(obj, float):
+        return [obj]
+    if isinstance(obj, dict):
+        return [f for v in obj.values() for f in _floats(v)]
+    if isinstance(obj, (list, tuple)):
+        return [f for v in obj for f in _floats(v)]
+    return []
 
 
 @dataclass

@@ -103,6 +103,7 @@ def _environment() -> Any:
         keep_trailing_newline=True,
     )
     env.filters.update(filters.FILTERS)
+    env.finalize = filters.neutral  # every value a template shows: control characters written out visibly
     return env
 
 
