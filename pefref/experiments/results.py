@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sqlite3
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,7 +143,7 @@ def load_results(folder: str | Path) -> Results:
     folder = Path(folder)
     if not (folder / DB_NAME).is_file():
         raise PefrefError(f"no {DB_NAME} in {str(folder)!r}: run an experiment with `pefref run EXPERIMENT.yaml -o {folder}` first")
-    rec = Records(folder)
+    rec = Records(folder, read_only=True)  # reading writes nothing (no table, no journal mode)
     try:
         steps: dict[str, list[tuple[int, str, dict[str, float]]]] = {}
         for s in rec.steps():
@@ -152,6 +153,8 @@ def load_results(folder: str | Path) -> Results:
                        {"final": r["final_metrics"], "best": r["best_metrics"], "best_step": r["best_step"]},
                        r["step_time"], r["peak_memory"], r["memory_source"], r["wall_time"], r["hyperparameters"], steps.get(r["id"], []), r["config"] or {})
                 for r in rec.runs()]
+    except sqlite3.DatabaseError as e:
+        raise PefrefError(f"{folder / DB_NAME}: the results database is damaged ({e}); move it away and rerun the experiment") from None
     finally:
         rec.close()
     return Results(folder, runs, _groups(runs))
