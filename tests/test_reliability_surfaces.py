@@ -195,3 +195,31 @@ def test_control_characters_never_reach_the_site(tmp_path: Path) -> None:
     for rel, content in files.items():
         if rel.endswith((".html", ".svg", ".json")):
             assert _raw_controls(content.decode("utf-8")) == [], rel
+
+
+def _cli(*args: str) -> tuple[int, str, BaseException | None]:
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.output, res.exception
+
+
+def test_diagram_layers_are_bounded(tmp_path: Path) -> None:
+    code, out, exc = _cli("diagram", "lora", "--layers", "100000", "--format", "dot", "-o", str(tmp_path / "d.dot"))
+    assert code == 1 and "--layers 100000" in out and isinstance(exc, SystemExit), (out, exc)  # a pefref error, no traceback
+    assert not (tmp_path / "d.dot").exists()
+
+
+def test_params_and_apply_agree_on_empty_sites() -> None:
+    """`--sites ''` places nothing: params refuses it as apply does, instead of counting the default placement."""
+    p_code, p_out, _ = _cli("params", "lora", "--model", "tiny-llama", "--sites", "")
+    a_code, a_out, _ = _cli("apply", "lora", "--model", "tiny-llama", "--sites", "")
+    assert p_code != 0 and a_code != 0, (p_out, a_out)
+    assert "nothing of lora is placed" in p_out and "nothing of lora is placed" in a_out
+
+
+def test_jobs_are_bounded(tmp_path: Path) -> None:
+    code, out, _ = _cli("run", str(tmp_path / "x.yaml"), "-j", "100000")
+    assert code == 2 and "256" in out  # typer's usage error
