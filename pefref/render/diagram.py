@@ -168,7 +168,7 @@ def _drawn_layers(layers: int | str | None, L: int | None) -> tuple[list[int | N
             raise PefrefError(f"--layers expects a number or 'all', found {layers!r}") from None
         most = min(L, current().max_layers) if L is not None else current().max_layers
         if n < 1 or n > most:
-            raise PefrefError(f"--layers {n}: expected 1..{most}" + ("" if L is not None and L <= most else " (limits.max_layers)"))
+            raise PefrefError(f"--layers {n}: expected 1..{most}" + ("" if L is not None and most >= L else " (limits.max_layers)"))
     return list(range(n)), str(L if L is not None else n)
 
 
