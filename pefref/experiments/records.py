@@ -56,7 +56,13 @@ SCHEMA_VERSION = 1  # PRAGMA user_version
 _TABLES = frozenset({"runs", "steps"})
 
 
-def _damaged(path: Path, e: Exception) -> PefrefError:
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, not even a journal: immutable while no write-ahead log holds newer pages."""
+    wal = path.with_name(path.name + "-wal").exists()
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=30)
+
+
+def _damaged(path: Path, e: object) -> PefrefError:
     return PefrefError(f"{path}: the results database is damaged or not an SQLite database ({e}); move it away "
                        f"(runs recorded in it cannot be read) and rerun the experiment into this folder or another")
 
@@ -69,7 +75,7 @@ def check_owned(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size == 0:
         return False
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        conn = _read_only(path)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -100,7 +106,7 @@ class Records:
         check_owned(self.path)  # before anything is written: pefref's own database, and readable
         try:
             if read_only:
-                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+                self.conn = _read_only(self.path)
             else:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 self.conn = sqlite3.connect(str(self.path), timeout=30)

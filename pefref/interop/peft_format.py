@@ -84,13 +84,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     On any failure the model is left as it was. ``adapter_dtype`` as in :func:`pefref.apply` (peft's
     ``autocast_adapter_dtype``): on a bf16/fp16 model the adapter's tensors are fp32 by default.
     """
-    from safetensors.torch import load_file
-
-    from pefref.interop.table import interop_table
     from pefref.language.catalog import default_catalog
-    from pefref.language.sizes import model_sizes
-    from pefref.runtime.api import apply
-    from pefref.runtime.inject import model_config, resolve_family
 
     catalog = catalog or default_catalog()
     p = Path(path)
@@ -99,12 +93,49 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     cfg_file = p / CONFIG_NAME
     if not cfg_file.is_file():
         raise PefrefError(f"{p}: no {CONFIG_NAME} (not a peft adapter folder) and not a pefref adapter file")
+    cfg, state = _read_config(cfg_file), _read_state(p / WEIGHTS_NAME)
+    try:
+        return _import(model, p, cfg, state, name, catalog, family, adapter_dtype)
+    except PefrefError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a config whose values are not peft's
+        raise PefrefError(f"{cfg_file}: does not describe an adapter pefref can read ({type(e).__name__}: {e}); "
+                          "check it against the peft version that saved it") from None
+
+
+def _read_config(cfg_file: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PefrefError(f"{cfg_file}: not a JSON adapter config ({e})") from None
     if not isinstance(cfg, dict):
         raise PefrefError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors (peft's prefix taken off), refused when unreadable or not finite."""
+    from safetensors.torch import load_file
+
+    try:
+        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # absent, truncated or not safetensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{weights}: not a readable safetensors file ({reason})") from None
+    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PefrefError(f"{weights}: tensor {PREFIX}{k} holds NaN or infinite values")
+    return state
+
+
+def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor], name: str | None, catalog: Any,
+            family: Any, adapter_dtype: str) -> Adapter:
+    """Place the technique where peft's modules were and copy the tensors in (the model unchanged on failure)."""
+    from pefref.interop.table import interop_table
+    from pefref.language.sizes import model_sizes
+    from pefref.runtime.api import apply
+    from pefref.runtime.inject import model_config, resolve_family
+
     method = choose(cfg, interop_table())
     handled = {method.fused.rank_pattern, method.fused.alpha_pattern} if method.fused else set()
     handled |= {method.rank_masks.pattern} if method.rank_masks else set()
@@ -112,14 +143,6 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
         if key.endswith("_pattern") and value and key not in handled:
             raise PefrefError(f"{p}: per-module {key} has no exact catalog form in {method.technique}")
     tech = catalog.technique(method.technique)
-    try:
-        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(p / WEIGHTS_NAME)).items()}
-    except Exception as e:  # absent, truncated or not safetensors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PefrefError(f"{p / WEIGHTS_NAME}: not a readable safetensors file ({reason})") from None
-    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise PefrefError(f"{p / WEIGHTS_NAME}: tensor {PREFIX}{k} holds NaN or infinite values")
     unmask_ranks(method, cfg, state)
     fam = resolve_family(model, catalog, family)
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
@@ -127,7 +150,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     hps.update(method.when)
     hps.update(placed.hyperparameters)
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,
-                    modules_to_save=placed.saved or None, adapter_dtype=adapter_dtype, **hps)
+                    modules_to_save=placed.saved or None, adapter_dtype=adapter_dtype, **hps)  # type: ignore[arg-type]
     try:
         copy_in(adapter, method, state, placed.splits)
     except Exception:
