@@ -223,3 +223,32 @@ def test_params_and_apply_agree_on_empty_sites() -> None:
 def test_jobs_are_bounded(tmp_path: Path) -> None:
     code, out, _ = _cli("run", str(tmp_path / "x.yaml"), "-j", "100000")
     assert code == 2 and "256" in out  # typer's usage error
+
+
+def test_a_failing_combine_takes_out_its_own_changes() -> None:
+    """Composition.combine from Python: a block that fails half-way leaves the earlier blocks as they were."""
+    model = build_model("tiny-llama", seed=0)
+    torch.manual_seed(0)
+    ads = [pefref.apply(model, "lora", name=n) for n in ("a", "b")]
+    with torch.no_grad():
+        for ad in ads:
+            for p in ad.trainable_parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    comp = compose(model, ads, blocks=[{"kind": "average", "adapters": ["a", "b"], "weights": [0.2, 0.8]}])
+    before = _llama_logits(model)
+    groups = [e.group for ad in ads for _p, e in ad.entries]
+
+    real, calls = comp._combiner, []
+
+    def boom(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    comp._combiner = boom  # type: ignore[method-assign]  # fails at the third host, two already grouped
+    with pytest.raises(RuntimeError, match="injected"):
+        comp.combine({"kind": "parallel", "adapters": ["a", "b"]})
+    assert len(calls) == 3
+    assert [e.group for ad in ads for _p, e in ad.entries] == groups
+    assert torch.equal(_llama_logits(model), before)

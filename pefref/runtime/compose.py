@@ -224,8 +224,27 @@ class Composition:
     def combine(self, block: Block | Mapping[str, Any], index: int | None = None) -> list[str]:
         """Realise one block (a schema object or a plain dict) at every host its adapters share; returns the hosts.
 
-        The block is first checked against the interaction rules (as ``pefref validate`` does).
-        """
+        The block is first checked against the interaction rules (as ``pefref validate`` does). On a failure
+        whatever this block changed is taken out again (groups, orders, combiners, frozen adapters)."""
+        groups = {id(e): (e, e.group) for ad in self.adapters.values() for _p, e in ad.entries}
+        n_order, names, frozen = len(self._order_backup), set(self.combiners), dict(self._frozen)
+        try:
+            return self._combine(block, index)
+        except BaseException:
+            for e, g in groups.values():
+                e.group = g
+            for patch, entries in reversed(self._order_backup[n_order:]):
+                patch.entries[:] = [e for e in entries if e in patch.entries] + [e for e in patch.entries if e not in entries]
+            del self._order_backup[n_order:]
+            for k in [k for k in self.combiners if k not in names]:
+                del self.combiners[k]
+            for ad in self.adapters.values():
+                for p in ad.units.parameters():
+                    if id(p) in self._frozen and id(p) not in frozen:
+                        p.requires_grad_(self._frozen.pop(id(p)))
+            raise
+
+    def _combine(self, block: Block | Mapping[str, Any], index: int | None) -> list[str]:
         from pydantic import TypeAdapter
 
         blk = block if not isinstance(block, Mapping) else TypeAdapter(Block).validate_python(dict(block))
