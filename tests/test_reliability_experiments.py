@@ -170,3 +170,17 @@ def test_diverged_run_gives_valid_json() -> None:
 
     text = json.dumps(json_safe(row.as_dict()), allow_nan=False)
     assert json.loads(text)["metrics"]["final"]["loss"] is None and json.loads(text)["diverged"] is True
+
+
+def test_garbled_json_in_the_database_is_a_pefref_error(tmp_path: Path) -> None:
+    from pefref.experiments.records import Records
+
+    rec = Records(tmp_path)
+    rec.upsert("r1", experiment="e", label="l", technique="t", seed=0, lr=1e-3, config={"x": 1}, status="done")
+    rec.log("r1", 1, "train", {"loss": 0.5})
+    rec.conn.execute("UPDATE runs SET config = '{broken'")
+    rec.conn.execute("UPDATE steps SET metrics = 'nan]'")
+    rec.conn.commit()
+    rec.close()
+    with pytest.raises(PefrefError, match="not JSON"):
+        load_results(tmp_path)

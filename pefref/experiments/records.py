@@ -162,11 +162,24 @@ class Records:
 
     def steps(self, run_id: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM steps" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step, split"
-        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in self.conn.execute(q, (run_id,) if run_id else ())]
+        return [{**dict(r), "metrics": _metrics(r)} for r in self.conn.execute(q, (run_id,) if run_id else ())]
+
+
+def _metrics(r: Any) -> dict[str, float]:
+    try:
+        out = json.loads(r["metrics"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise PefrefError(f"run {r['run_id']!r}, step {r['step']}: its metrics in the results database are not JSON ({e}); "
+                          "the database is damaged: move it away and rerun") from None
+    return out if isinstance(out, dict) else {}
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
     for k in ("config", "hyperparameters", "final_metrics", "best_metrics", "versions"):
         if row.get(k):
-            row[k] = json.loads(row[k])
+            try:
+                row[k] = json.loads(row[k])
+            except (TypeError, json.JSONDecodeError) as e:
+                raise PefrefError(f"run {row.get('id')!r}: its {k} in the results database is not JSON ({e}); "
+                                  "the database is damaged: move it away and rerun") from None
     return row
