@@ -86,12 +86,15 @@ def test_gpt2_slices_touch_only_their_part() -> None:
     torch.testing.assert_close(after[..., 32:], before[..., 32:], atol=0, rtol=0)
 
 
-def test_adapter_follows_host_dtype() -> None:
+def test_adapter_dtype_policy() -> None:
+    """peft's autocast_adapter_dtype: fp32 adapters on a bf16 host; adapter_dtype="host" or dtype= otherwise."""
     model = tiny_model("llama").to(torch.bfloat16)
     a = apply(model, "lora")
-    assert {p.dtype for p in a.trainable_parameters()} == {torch.bfloat16}
-    b = apply(tiny_model("llama").to(torch.bfloat16), "lora", dtype=torch.float32)
-    assert {p.dtype for p in b.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for p in a.trainable_parameters()} == {torch.float32}
+    h = apply(tiny_model("llama").to(torch.bfloat16), "lora", adapter_dtype="host")
+    assert {p.dtype for p in h.trainable_parameters()} == {torch.bfloat16}
+    b = apply(tiny_model("llama").to(torch.bfloat16), "lora", dtype=torch.float16)
+    assert {p.dtype for p in b.trainable_parameters()} == {torch.float16}
 
 
 def test_unknown_technique_suggests() -> None:

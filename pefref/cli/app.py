@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from pefref.cli.safe import SafeConsole, safe_echo
 from pefref.language.errors import CatalogError, Location, PefrefError, Problem
+from pefref.language.printable import neutral_text
 
 if TYPE_CHECKING:
     from pefref.language.catalog import Catalog
@@ -57,7 +60,7 @@ def _problem_json(p: Problem) -> dict[str, Any]:
 
 
 def _err() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
+    return SafeConsole(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _print_problems(problems: list[Problem]) -> None:
@@ -93,12 +96,23 @@ app = typer.Typer(
 
 def _wide() -> Console:
     """A console for wide tables: the terminal's width, or 160 columns when output is piped."""
-    con = Console(highlight=False)
-    return con if con.is_terminal else Console(highlight=False, width=160)
+    con = SafeConsole(highlight=False)
+    return con if con.is_terminal else SafeConsole(highlight=False, width=160)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON can hold it: NaN and infinities become null (``--json`` output stays parseable)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+    typer.echo(json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def _catalog() -> Catalog:
@@ -155,7 +169,7 @@ def validate(
             what += [_plural(len(report["families"]), "architecture map"), _plural(len(report["models"]), "model shape")]
         if report.get("experiments"):
             what.append(_plural(len(report["experiments"]), "experiment"))
-        Console(highlight=False).print(Text("OK ", style="bold green") + Text(f"{_plural(report['files'], 'file')}: {', '.join(what)}"))
+        SafeConsole(highlight=False).print(Text("OK ", style="bold green") + Text(f"{_plural(report['files'], 'file')}: {', '.join(what)}"))
     if problems:
         if not as_json:
             _print_problems(problems)
@@ -180,7 +194,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print a JSON list 
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(Text(r["id"]), Text(r["name"]), str(r["year"]), Text(", ".join(r["forms"])), Text(", ".join(r["sites"])))
-    Console().print(table)
+    SafeConsole().print(table)
 
 
 def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
@@ -280,7 +294,7 @@ def schema(
     if out is None and not check and bundled_data().checkout is None:
         raise PefrefError("pefref is installed, not run from its repository: give --out DIR to write the schema files (or --check the bundled ones)")
     root = out or schemas_root()
-    con = Console(highlight=False)
+    con = SafeConsole(highlight=False)
     if check:
         differ = check_schemas(root)
         if differ:
@@ -312,7 +326,7 @@ def models(
         if as_json:
             _echo_json(row)
             return
-        con = Console()
+        con = SafeConsole()
         con.print(Text(f"{row['name']} ({row['family']})", style="bold"))
         if row["description"]:
             con.print(Text(row["description"]))
@@ -329,7 +343,7 @@ def models(
     table = Table("name", "family", "description", title=f"{len(rows)} model shapes")
     for r in rows:
         table.add_row(Text(r["name"]), Text(r["family"]), Text(r["description"]))
-    Console().print(table)
+    SafeConsole().print(table)
 
 
 # --- params / apply / typology / demo ---------------------------------------------
@@ -366,7 +380,7 @@ def params(
     if as_json:
         _echo_json(pc.as_dict())
         return
-    con = Console(highlight=False)
+    con = SafeConsole(highlight=False)
     con.print(Text(f"{t.id} on {model}: ", style="bold") + Text(f"{pc.trainable:,} trainable parameters ({pc.percent:.4f}% of {pc.base:,})"))
     con.print(Text("formula: ", style="bold") + Text(pc.formula))
 
@@ -442,12 +456,12 @@ def typology(
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
         for r in rows:
-            w.writerow([cell(r, c) for c in cols])
+            w.writerow([neutral_text(cell(r, c)) for c in cols])
     elif fmt == "markdown":
         typer.echo("| " + " | ".join(cols) + " |")
         typer.echo("|" + "---|" * len(cols))
         for r in rows:
-            typer.echo("| " + " | ".join(cell(r, c) for c in cols) + " |")
+            safe_echo("| " + " | ".join(cell(r, c) for c in cols) + " |")
         typer.echo("\n\\* declared in the technique's YAML rather than derived")
     elif fmt == "table":
         table = Table(*[c.replace("_", " ") for c in cols], title="PEFT-Ref typology (derived; * = declared)")

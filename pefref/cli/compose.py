@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.text import Text
 
+from pefref.cli.safe import SafeConsole
+
 __all__ = ["apply_composition_cli", "show_composition_cli", "params_composition_cli"]
 
 
@@ -86,7 +88,6 @@ def _counts_table(counts: Any) -> Any:
 
 def show_composition_cli(path: str, model: str, as_json: bool, echo_json: Any, rel: Any) -> None:
     """``pefref show COMPOSITION.yaml``: its techniques, blocks and counts per member and in total on ``model``."""
-    from rich.console import Console
 
     from pefref.view.composition import composition_summary, count_composition
 
@@ -99,7 +100,7 @@ def show_composition_cli(path: str, model: str, as_json: bool, echo_json: Any, r
     if as_json:
         echo_json(summary)
         return
-    con = Console(highlight=False)
+    con = SafeConsole(highlight=False)
     con.print(Text(summary["name"], style="bold") + Text(f"  ({summary['id']}, composition)"))
     for p in summary["papers"]:
         con.print(Text(f"{p['authors']} ({p['year']}). {p['title']}. {p['link']}"))
@@ -127,7 +128,6 @@ def show_composition_cli(path: str, model: str, as_json: bool, echo_json: Any, r
 
 def params_composition_cli(path: str, model: str, as_json: bool, echo_json: Any) -> None:
     """``pefref params COMPOSITION.yaml --model SHAPE``: per-member, per-block and total counts, analytically."""
-    from rich.console import Console
 
     from pefref.view.composition import count_composition
 
@@ -136,7 +136,7 @@ def params_composition_cli(path: str, model: str, as_json: bool, echo_json: Any)
     if as_json:
         echo_json(counts.as_dict())
         return
-    con = Console(highlight=False)
+    con = SafeConsole(highlight=False)
     con.print(_counts_table(counts))
     con.print(Text(f"{counts.composition} on {model}: ", style="bold")
               + Text(f"{counts.total:,} parameters, {counts.trainable:,} trainable ({counts.percent:.4f}% of {counts.base:,})"))

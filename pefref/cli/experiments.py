@@ -19,7 +19,7 @@ def run(
     out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: results/<experiment file name>)."),
     only: str | None = typer.Option(None, "--only", help="Run only the runs whose label contains this text."),
     seed: list[int] | None = typer.Option(None, "--seed", help="Run only this seed (repeatable); the runs keep their ids, so a later full run skips them."),
-    jobs: int = typer.Option(1, "-j", "--jobs", min=1, help="Train this many runs at once, each in its own process (CPU cores / jobs threads each)."),
+    jobs: int = typer.Option(1, "-j", "--jobs", min=1, max=256, help="Train this many runs at once, each in its own process (CPU cores / jobs threads each)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train every run of an experiment into OUT/results.sqlite; a rerun skips finished runs and resumes an interrupted one.

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from pefref.cli.app import _catalog, _err, _rel, app
+from pefref.cli.safe import SafeConsole
 
 __all__ = ["site"]
 
@@ -33,7 +33,7 @@ def site(
 
         view = results_view(results)
     kwargs = {"catalog": _catalog(), "models": list(model or []), "include": list(include or []), "results": view}
-    con = Console(highlight=False)
+    con = SafeConsole(highlight=False)
     if check:
         differ = check_site(root, **kwargs)
         if differ:

@@ -10,6 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from pefref.cli.safe import SafeConsole
 from pefref.view.summary import layers_text
 
 __all__ = ["render_summary", "kv_table"]
@@ -79,7 +80,7 @@ def _render_module(con: Console, m: dict[str, Any]) -> None:
 
 def render_summary(summary: dict[str, Any], con: Console | None = None) -> None:
     """Print a :func:`pefref.summary.technique_summary` dict; entries without a dedicated layout are rendered generically."""
-    con = con or Console()
+    con = con or SafeConsole()
     s = dict(summary)
     p = s.pop("paper")
     con.print(Text(s.pop("name"), style="bold") + Text(f"  ({s.pop('id')})" + ("  [original]" if s.pop("original", False) else "")))

@@ -99,6 +99,7 @@ class SiteContext:
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
     W: torch.Tensor | None = None
+    host_dtype: torch.dtype | None = None  # the host's dtype where it differs from the adapter's (the unit casts at its boundary)
 
     def names(self, hps: Mapping[str, Any]) -> dict[str, Any]:
         """Scalars visible to expressions: model sizes, host widths, flags, hyperparameters."""
@@ -343,12 +344,13 @@ def _program_class(program: Program, tensors: Mapping[str, torch.Tensor]) -> typ
         _PROGRAMS[program] = same
         return same
     used = frozenset(str(n.target) for n in graph.nodes if n.op == "placeholder" and n.users)
-    attrs = {"forward": _generated(pc, name), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
+    scales = form in FORMS and FORMS[form].integration is Integration.SCALE  # a product with the host: rounded by the caller
+    attrs = {"forward": _at_boundary(_generated(pc, name), not scales), "form": form, "graph": graph, "code": pc.src, "used_inputs": used,
              "program": program, "tensor_of": {a: n for a, n in own.items() if a != n},
              "splits": {n: parts.lead(t) for n, t in tensors.items() if isinstance(t, list)}, "picks": dict(picks), "__module__": __name__,
              "lean_code": lean_src}
     if lpc is not None:
-        attrs["linear_forward"] = _generated(lpc, name + "_linear")
+        attrs["linear_forward"] = _at_boundary(_generated(lpc, name + "_linear"), True)
     cls = type(name, (Unit,), attrs)
     _PROGRAMS[program] = _BY_CODE[pc.src + lean_src] = cls
     return cls
@@ -358,6 +360,55 @@ def _trace(prog: _Program) -> fx.Graph:
     tracer = fx.Tracer(autowrap_modules=cast(Any, ()), autowrap_functions=())  # primitives are recorded as leaves (_leaf): nothing to patch
     tracer.proxy_buffer_attributes = True  # frozen tensors stay named attributes of the unit, also when a view of them is taken
     return tracer.trace(prog)
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors (also inside tuples, lists and dicts) in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _replaced_dtype(args: tuple[Any, ...], kwargs: Mapping[str, Any], default: torch.dtype) -> torch.dtype:
+    """The dtype of the host tensor a unit's result takes the place of (forward arguments ``x, h, W, ...``)."""
+    for i, n in ((1, "h"), (2, "W"), (0, "x")):
+        t = args[i] if len(args) > i else kwargs.get(n)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return default
+
+
+def _at_boundary(fwd: Any, casts_output: bool) -> Any:
+    """``fwd`` computing in the unit's own dtype: a unit with a ``boundary`` (compute dtype, host dtype) casts the
+    host's tensors it receives to its dtype and rounds its result once to the dtype of the host tensor it
+    replaces (``h``, else ``W``, else ``x``; the host's dtype when it receives none): peft's input cast and
+    ``result.to(previous_dtype)``. A product with the host (``casts_output`` False) is rounded by the caller."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bd = self.__dict__.get("boundary")
+        if bd is None:
+            return fwd(self, *args, **kwargs)
+        back = _replaced_dtype(args, kwargs, bd[1])
+        out = fwd(self, *cast_floats(args, bd[0]), **cast_floats(kwargs, bd[0]))
+        return cast_floats(out, back) if casts_output else out
+
+    forward.__wrapped__ = fwd  # type: ignore[attr-defined]
+    return forward
+
+
+def set_boundary(unit: nn.Module, compute: torch.dtype, host: torch.dtype | None) -> None:
+    """Make ``unit`` (and its gate) compute in ``compute`` on a host held in ``host`` (no casting when they agree)."""
+    for u in (unit, unit.__dict__.get("gate_unit")):
+        if u is None:
+            continue
+        if host is None or host == compute:
+            u.__dict__.pop("boundary", None)
+        else:
+            u.__dict__["boundary"] = (compute, host)
 
 
 def _generated(pc: Any, name: str) -> Any:
@@ -455,7 +506,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if meta and tr.filler and tr.name in rec.meta_checked:  # shapes only: the values come with the weights loaded later
             return torch.empty(shape, dtype=ctx.dtype, device="meta")
         if env is None:
-            env = {**names, "W": None if ctx.W is None else ctx.W.detach()}
+            env = {**names, "W": None if ctx.W is None else ctx.W.detach().to(ctx.dtype)}  # read in the adapter's dtype
             if rec.seeded:  # one integer per unit from torch's global generator: its seeded draws share it
                 env[INIT_SEED] = int(torch.randint(0, 2**62, ()).item())
         env.update(initial)  # the initial values of the tensors declared before this one
@@ -505,4 +556,5 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             side = Program(fld, rule, ((fld, str(getattr(spec, fld))),), rec.consts, shapes, program.views, picks=program.picks)
             scls = _PROGRAMS.get(side) or _program_class(side, tensors)
             unit.__dict__[f"{fld}_unit"] = scls(tensors, trainable)
+    set_boundary(unit, ctx.dtype, ctx.host_dtype)
     return unit

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pefref.language.datafile import check_data
 from pefref.language.errors import PefrefError
 
 __all__ = ["Examples", "collate", "epoch_order", "grouped_order", "load_examples", "read_table"]
@@ -46,7 +47,10 @@ def read_table(path: Path) -> Any:
 
 def load_examples(path: Path, text: str, label: str | None, tokenizer: Any, max_length: int, limit: int | None = None,
                   label_names: list[str] | None = None) -> Examples:
-    """Read, check columns, tokenise; labels map to ``label_names`` (default: the sorted distinct labels)."""
+    """Read, check columns, tokenise; labels map to ``label_names`` (default: the sorted distinct labels).
+
+    The file is first checked as ``pefref validate`` checks it (:func:`pefref.language.datafile.check_data`)."""
+    check_data(path, text, label, limit, training=label_names is None)
     table = read_table(path)
     cols = set(table.column_names)
     for col in [text] + ([label] if label else []):

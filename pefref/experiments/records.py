@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DB_NAME", "RUN_COLUMNS", "Records"]
+from pefref.language.errors import PefrefError
+
+__all__ = ["APPLICATION_ID", "DB_NAME", "RUN_COLUMNS", "SCHEMA_VERSION", "Records", "check_owned"]
 
 DB_NAME = "results.sqlite"
 
@@ -49,21 +51,80 @@ RUN_COLUMNS: dict[str, str] = {
 }
 
 
-class Records:
-    """Read and write the results database of one output folder."""
+APPLICATION_ID = 0x70656672  # 'pefr': PRAGMA application_id of pefref's results databases
+SCHEMA_VERSION = 1  # PRAGMA user_version
+_TABLES = frozenset({"runs", "steps"})
 
-    def __init__(self, folder: str | Path) -> None:
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, not even a journal: immutable while no write-ahead log holds newer pages."""
+    wal = path.with_name(path.name + "-wal").exists()
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=30)
+
+
+def _damaged(path: Path, e: object) -> PefrefError:
+    return PefrefError(f"{path}: the results database is damaged or not an SQLite database ({e}); move it away "
+                       f"(runs recorded in it cannot be read) and rerun the experiment into this folder or another")
+
+
+def check_owned(path: Path) -> bool:
+    """Whether ``path`` is a pefref results database (False: absent or empty, a new one may be made there).
+
+    Read only: nothing is written to a database that is not pefref's, or that is damaged; both are a
+    :class:`PefrefError` saying why and what to do."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        conn = _read_only(path)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            cols = {r[1] for r in conn.execute("PRAGMA table_info(runs)")} if "runs" in tables else set()
+            bad = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        raise _damaged(path, e) from None
+    if bad != "ok":
+        raise _damaged(path, bad)
+    legacy = app_id == 0 and version == 0 and tables <= _TABLES and cols <= set(RUN_COLUMNS)  # written before the stamp
+    if app_id != APPLICATION_ID and not legacy:
+        raise PefrefError(f"{path}: not a pefref results database (tables: {', '.join(sorted(tables)) or 'none'}); "
+                          "pefref leaves it untouched: choose another output folder (-o)")
+    if version > SCHEMA_VERSION:
+        raise PefrefError(f"{path}: written by a newer pefref (results schema {version}, this one reads {SCHEMA_VERSION}); upgrade pefref")
+    return True
+
+
+class Records:
+    """Read and write the results database of one output folder (``read_only``: reads an existing one, writes nothing)."""
+
+    def __init__(self, folder: str | Path, read_only: bool = False) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / DB_NAME
-        self.conn = sqlite3.connect(str(self.path), timeout=30)
-        self.conn.row_factory = sqlite3.Row
+        check_owned(self.path)  # before anything is written: pefref's own database, and readable
+        try:
+            if read_only:
+                self.conn = _read_only(self.path)
+            else:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(str(self.path), timeout=30)
+            self.conn.row_factory = sqlite3.Row
+            if not read_only:
+                self._create()
+        except sqlite3.DatabaseError as e:
+            raise _damaged(self.path, e) from None
+
+    def _create(self) -> None:
         cols = ", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())
         self.conn.execute("PRAGMA journal_mode=WAL")  # parallel workers write side by side
         with self.conn:
             self.conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
             self.conn.execute("CREATE TABLE IF NOT EXISTS steps (run_id TEXT NOT NULL, step INTEGER NOT NULL, split TEXT NOT NULL, "
                               "metrics TEXT NOT NULL, time REAL, PRIMARY KEY (run_id, step, split))")
+            self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
@@ -101,11 +162,24 @@ class Records:
 
     def steps(self, run_id: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM steps" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step, split"
-        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in self.conn.execute(q, (run_id,) if run_id else ())]
+        return [{**dict(r), "metrics": _metrics(r)} for r in self.conn.execute(q, (run_id,) if run_id else ())]
+
+
+def _metrics(r: Any) -> dict[str, float]:
+    try:
+        out = json.loads(r["metrics"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise PefrefError(f"run {r['run_id']!r}, step {r['step']}: its metrics in the results database are not JSON ({e}); "
+                          "the database is damaged: move it away and rerun") from None
+    return out if isinstance(out, dict) else {}
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
     for k in ("config", "hyperparameters", "final_metrics", "best_metrics", "versions"):
         if row.get(k):
-            row[k] = json.loads(row[k])
+            try:
+                row[k] = json.loads(row[k])
+            except (TypeError, json.JSONDecodeError) as e:
+                raise PefrefError(f"run {row.get('id')!r}: its {k} in the results database is not JSON ({e}); "
+                                  "the database is damaged: move it away and rerun") from None
     return row

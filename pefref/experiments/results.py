@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sqlite3
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,11 +50,29 @@ class RunRow:
     def final(self) -> dict[str, float]:
         return dict(self.metrics.get("final") or {})
 
+    @property
+    def diverged(self) -> bool:
+        """Whether a metric of the run (final, or any point of its curve) is NaN or infinite."""
+        values = [*_floats(self.metrics), *(v for _s, _split, ms in self.curve for v in _floats(ms))]
+        return any(not math.isfinite(v) for v in values)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("curve")
         d.pop("config")
+        d["diverged"] = self.diverged
         return d
+
+
+def _floats(obj: Any) -> list[float]:
+    """Every float in nested dicts and lists."""
+    if isinstance(obj, float):
+        return [obj]
+    if isinstance(obj, dict):
+        return [f for v in obj.values() for f in _floats(v)]
+    if isinstance(obj, (list, tuple)):
+        return [f for v in obj for f in _floats(v)]
+    return []
 
 
 @dataclass
@@ -124,7 +143,7 @@ def load_results(folder: str | Path) -> Results:
     folder = Path(folder)
     if not (folder / DB_NAME).is_file():
         raise PefrefError(f"no {DB_NAME} in {str(folder)!r}: run an experiment with `pefref run EXPERIMENT.yaml -o {folder}` first")
-    rec = Records(folder)
+    rec = Records(folder, read_only=True)  # reading writes nothing (no table, no journal mode)
     try:
         steps: dict[str, list[tuple[int, str, dict[str, float]]]] = {}
         for s in rec.steps():
@@ -134,6 +153,8 @@ def load_results(folder: str | Path) -> Results:
                        {"final": r["final_metrics"], "best": r["best_metrics"], "best_step": r["best_step"]},
                        r["step_time"], r["peak_memory"], r["memory_source"], r["wall_time"], r["hyperparameters"], steps.get(r["id"], []), r["config"] or {})
                 for r in rec.runs()]
+    except sqlite3.DatabaseError as e:
+        raise PefrefError(f"{folder / DB_NAME}: the results database is damaged ({e}); move it away and rerun the experiment") from None
     finally:
         rec.close()
     return Results(folder, runs, _groups(runs))

@@ -25,6 +25,7 @@ from pefref.experiments.grid import RunSpec, expand, load_experiment
 from pefref.experiments.records import Records
 from pefref.experiments.train import RunEnv, StopFlag, train_run
 from pefref.language.catalog import default_catalog
+from pefref.language.errors import PefrefError
 
 __all__ = ["Outcome", "default_output", "run_experiment"]
 
@@ -89,6 +90,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, *, progress:
     out = Path(out) if out is not None else default_output(path)
     if _worker is None and jobs > 1 and not launched():
         return _run_parallel(path, out, runs, jobs, only, seeds, progress, echo)
+    _check_device(path, exp.training.device)  # before anything is recorded
     d = init(exp.training.device if exp.training.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if exp.training.threads and not torch.cuda.is_available():
         torch.set_num_threads(exp.training.threads)
@@ -151,6 +153,17 @@ def _assigned(runs: list[RunSpec], queue: Any) -> Iterator[tuple[int, RunSpec]]:
 
 def _work(path: str, out: str, only: str | None, seeds: list[int] | None, worker: tuple[int, int, Any]) -> None:
     run_experiment(path, out, progress=False, only=only, seeds=seeds, _worker=worker)
+
+
+def _check_device(path: str | Path, device: str) -> None:
+    """A device the experiment names must exist on this machine."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (index and int(index) >= n):
+            raise PefrefError(f"{path}: training.device: {device!r}: this machine has {n} CUDA device(s); use 'auto' or 'cpu'")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PefrefError(f"{path}: training.device: 'mps' is not available on this machine; use 'auto' or 'cpu'")
 
 
 def _run_parallel(path: str | Path, out: Path, runs: list[RunSpec], jobs: int, only: str | None, seeds: list[int] | None,

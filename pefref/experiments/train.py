@@ -316,8 +316,16 @@ def _resume(run: _Run) -> TrainState:
     prev = run.previous
     if not broadcast(bool(prev and prev["status"] != "done" and (run.folder / "state.pt").is_file()), run.dist):
         return TrainState()
-    run.prep.load_state(load_tensors(run.folder / "last.safetensors"))
-    saved = load_state(run.folder / "state.pt")
+    try:  # both files read and checked before anything is restored: a damaged checkpoint restarts the run
+        tensors, saved = load_tensors(run.folder / "last.safetensors"), load_state(run.folder / "state.pt")
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng", "progress"} <= set(saved):
+            raise ValueError("state.pt lacks the optimizer, schedule, random or progress state")
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"warning: run {run.cfg.id}: its last checkpoint in {run.folder} is damaged ({type(e).__name__}: {reason}); "
+              "restarting it from scratch", file=sys.stderr)
+        return TrainState()
+    run.prep.load_state(tensors)
     if run.fsdp:
         load_optimizer_state(run.model, run.opt, saved["optimizer"])
     else:

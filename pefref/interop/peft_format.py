@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get
@@ -30,6 +31,7 @@ from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
 from pefref.runtime.adapter import Adapter
+from pefref.runtime.precision import AdapterDtype
 
 __all__ = ["save_pretrained", "from_pretrained", "PeftState", "peft_state", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -50,17 +52,21 @@ def save_pretrained(adapter: Adapter, directory: str | Path) -> Path:
     return folder
 
 
-def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family: Any) -> Adapter:
+def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family: Any, adapter_dtype: str = "auto") -> Adapter:
     from safetensors import safe_open
 
     from pefref.runtime.api import apply
 
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "technique" not in meta:
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        hps = json.loads(meta.get("hyperparameters", "{}"))
+    except Exception as e:  # truncated, not safetensors, or metadata that is not JSON
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{p}: not a readable pefref adapter file ({reason})") from None
+    if "technique" not in meta or not isinstance(hps, dict):
         raise PefrefError(f"{p}: not a pefref adapter file (no technique in its metadata)")
-    adapter = apply(model, meta["technique"], name=name, catalog=catalog, family=family,
-                    **json.loads(meta.get("hyperparameters", "{}")))
+    adapter = apply(model, meta["technique"], name=name, catalog=catalog, family=family, adapter_dtype=cast(AdapterDtype, adapter_dtype), **hps)
     try:
         adapter.load(p)
     except Exception:
@@ -70,29 +76,66 @@ def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family:
 
 
 def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = None, catalog: Any = None,
-                    family: Any = None) -> Adapter:
+                    family: Any = None, adapter_dtype: str = "auto") -> Adapter:
     """Load an adapter saved by peft (a folder with ``adapter_config.json``) or by pefref (``Adapter.save``).
 
     The peft method is matched to its catalog technique through the interop table; the
     technique is placed exactly where peft's modules were and its tensors are copied in.
-    On any failure the model is left as it was.
+    On any failure the model is left as it was. ``adapter_dtype`` as in :func:`pefref.apply` (peft's
+    ``autocast_adapter_dtype``): on a bf16/fp16 model the adapter's tensors are fp32 by default.
     """
-    from safetensors.torch import load_file
-
-    from pefref.interop.table import interop_table
     from pefref.language.catalog import default_catalog
-    from pefref.language.sizes import model_sizes
-    from pefref.runtime.api import apply
-    from pefref.runtime.inject import model_config, resolve_family
 
     catalog = catalog or default_catalog()
     p = Path(path)
     if p.is_file():  # pefref's own file: technique and hyperparameters in its metadata
-        return _own_file(model, p, name, catalog, family)
+        return _own_file(model, p, name, catalog, family, adapter_dtype)
     cfg_file = p / CONFIG_NAME
     if not cfg_file.is_file():
         raise PefrefError(f"{p}: no {CONFIG_NAME} (not a peft adapter folder) and not a pefref adapter file")
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg, state = _read_config(cfg_file), _read_state(p / WEIGHTS_NAME)
+    try:
+        return _import(model, p, cfg, state, name, catalog, family, adapter_dtype)
+    except PefrefError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a config whose values are not peft's
+        raise PefrefError(f"{cfg_file}: does not describe an adapter pefref can read ({type(e).__name__}: {e}); "
+                          "check it against the peft version that saved it") from None
+
+
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PefrefError(f"{cfg_file}: not a JSON adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PefrefError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors (peft's prefix taken off), refused when unreadable or not finite."""
+    from safetensors.torch import load_file
+
+    try:
+        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # absent, truncated or not safetensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{weights}: not a readable safetensors file ({reason})") from None
+    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PefrefError(f"{weights}: tensor {PREFIX}{k} holds NaN or infinite values")
+    return state
+
+
+def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor], name: str | None, catalog: Any,
+            family: Any, adapter_dtype: str) -> Adapter:
+    """Place the technique where peft's modules were and copy the tensors in (the model unchanged on failure)."""
+    from pefref.interop.table import interop_table
+    from pefref.language.sizes import model_sizes
+    from pefref.runtime.api import apply
+    from pefref.runtime.inject import model_config, resolve_family
+
     method = choose(cfg, interop_table())
     handled = {method.fused.rank_pattern, method.fused.alpha_pattern} if method.fused else set()
     handled |= {method.rank_masks.pattern} if method.rank_masks else set()
@@ -100,7 +143,6 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
         if key.endswith("_pattern") and value and key not in handled:
             raise PefrefError(f"{p}: per-module {key} has no exact catalog form in {method.technique}")
     tech = catalog.technique(method.technique)
-    state = {k.removeprefix(PREFIX): v for k, v in load_file(str(p / WEIGHTS_NAME)).items()}
     unmask_ranks(method, cfg, state)
     fam = resolve_family(model, catalog, family)
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
@@ -108,7 +150,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     hps.update(method.when)
     hps.update(placed.hyperparameters)
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,
-                    modules_to_save=placed.saved or None, **hps)
+                    modules_to_save=placed.saved or None, adapter_dtype=cast(AdapterDtype, adapter_dtype), **hps)
     try:
         copy_in(adapter, method, state, placed.splits)
     except Exception:

@@ -6,20 +6,24 @@ file the way ``pefref run`` does, without importing the training code.
 
 from __future__ import annotations
 
+import json
+import math
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pefref.language.catalog import default_catalog, load_techniques
 from pefref.language.composition import is_composition_file, load_composition
+from pefref.language.datafile import check_data
 from pefref.language.errors import CatalogError, PefrefError, Problem
 from pefref.language.hparams import resolve_hyperparameters
+from pefref.language.limits import current
 from pefref.language.loader import dotted, load_file, suggest
 from pefref.language.schema import Experiment
 from pefref.language.schema.experiment import GridEntry
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["composition_file", "load_experiment"]
+__all__ = ["composition_file", "grid_size", "load_experiment"]
 
 
 def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
@@ -33,9 +37,15 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
             problems.append(Problem(pos.at(("data", key)), f"data.{key}", f"no such file {str(f)!r}"))
         elif f.suffix not in (".jsonl", ".json", ".csv"):
             problems.append(Problem(pos.at(("data", key)), f"data.{key}", f"unsupported file type {f.suffix!r} (jsonl, json or csv)"))
-    if exp.model.path and not (root / exp.model.path / "config.json").is_file():
-        problems.append(Problem(pos.at(("model", "path")), "model.path", f"no Hugging Face checkpoint (config.json) in {str(root / exp.model.path)!r}"))
+        else:  # read as training will read it: decodable, non-empty, texts and labels present, labels of one type
+            label = exp.data.label if exp.task.type == "sequence_classification" else None
+            try:
+                check_data(f, exp.data.text, label, getattr(exp.data, f"limit_{key}"), training=key == "train")
+            except PefrefError as e:
+                problems.append(Problem(pos.at(("data", key)), f"data.{key}", str(e)))
+    problems += _checkpoint_problems(exp, root, pos)
     problems += _model_problems(exp, pos)
+    problems += _grid_size_problems(exp, pos)
     for i, entry in enumerate(exp.grid):
         uses: list[tuple[tuple[str | int, ...], str, dict[str, Any]]] = \
             [(("grid", i), entry.technique, dict(entry.hyperparameters))] if entry.technique else []
@@ -46,6 +56,40 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
     if problems:
         raise CatalogError(problems)
     return exp, pos
+
+
+def _checkpoint_problems(exp: Experiment, root: Path, pos: Positions) -> list[Problem]:
+    """A checkpoint folder's config.json must be a JSON object naming its model_type (what transformers reads first)."""
+    if not exp.model.path:
+        return []
+    cfg = root / exp.model.path / "config.json"
+    at = pos.at(("model", "path"))
+    if not cfg.is_file():
+        return [Problem(at, "model.path", f"no Hugging Face checkpoint (config.json) in {str(root / exp.model.path)!r}")]
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [Problem(at, "model.path", f"{cfg}: not a readable JSON model config ({e})")]
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        return [Problem(at, "model.path", f"{cfg}: a model config needs a 'model_type' (a JSON object as transformers writes it)")]
+    return []
+
+
+def grid_size(exp: Experiment) -> int:
+    """How many runs the grid expands to (entries × hyperparameter axes × learning rates × seeds)."""
+    total = 0
+    for entry in exp.grid:
+        axes = math.prod(len(v) if isinstance(v, list) else 1 for v in entry.hyperparameters.values()) if entry.technique else 1
+        total += axes * len(entry.learning_rates or exp.learning_rates) * len(exp.seeds)
+    return total
+
+
+def _grid_size_problems(exp: Experiment, pos: Positions) -> list[Problem]:
+    n, most = grid_size(exp), current().max_runs
+    if n <= most:
+        return []
+    return [Problem(pos.at(("grid",)), "grid", f"the grid expands to {n:,} runs, over the limit of {most:,} "
+                    "(narrow its axes, or raise it with pefref.language.limits.limits(max_runs=...))")]
 
 
 def _model_problems(exp: Experiment, pos: Positions) -> list[Problem]:

@@ -65,6 +65,10 @@ class Limits:
     on the reference sizes, and at apply time on the model's sizes, where the allocation budget applies too)."""
     max_yaml_depth: int = 64
     """Deepest nesting of YAML mappings and lists."""
+    max_runs: int = 10_000
+    """Most runs one experiment's grid may expand to (entries × hyperparameter axes × learning rates × seeds)."""
+    max_layers: int = 4096
+    """Most layers a command's ``--layers`` may ask to draw or count."""
     max_alloc_bytes: int = -1
     """Largest total allocation one operation may make (-1: the machine's available memory, read when used)."""
 

@@ -22,6 +22,7 @@ from pefref.language.check import expand_modules
 from pefref.language.composition import ResolvedComposition
 from pefref.language.errors import PefrefError
 from pefref.language.hparams import resolve_hyperparameters
+from pefref.language.limits import current
 from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
 from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
@@ -165,8 +166,9 @@ def _drawn_layers(layers: int | str | None, L: int | None) -> tuple[list[int | N
             n = int(layers)
         except ValueError:
             raise PefrefError(f"--layers expects a number or 'all', found {layers!r}") from None
-        if n < 1 or (L is not None and n > L):
-            raise PefrefError(f"--layers {n}: expected 1..{L if L is not None else 'N'}")
+        most = min(L, current().max_layers) if L is not None else current().max_layers
+        if n < 1 or n > most:
+            raise PefrefError(f"--layers {n}: expected 1..{most}" + ("" if L is not None and most >= L else " (limits.max_layers)"))
     return list(range(n)), str(L if L is not None else n)
 
 

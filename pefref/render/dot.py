@@ -21,6 +21,7 @@ import graphviz
 import networkx as nx
 
 from pefref.language.errors import PefrefError
+from pefref.language.printable import neutral_text
 from pefref.render.style import FONT, esc
 
 __all__ = ["FORMATS", "dot_available", "inline_svg", "render_dot", "render_many", "to_dot"]
@@ -32,7 +33,7 @@ _INSTALL = "graphviz's `dot` program is not installed; install it (Debian/Ubuntu
 
 
 def _html(body: str) -> str:
-    return f"<{body}>"
+    return f"<{neutral_text(body)}>"  # every label passes here: control characters written out visibly
 
 
 def _node_label(attrs: dict[str, Any]) -> str:
@@ -73,14 +74,14 @@ def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
                 emit(sub, cid)
         for n in members.get(cluster, []):
             a = graph.nodes[n]
-            target.node(str(n), label=_node_label(a), **_attrs(a.get("dot", {})))
+            target.node(neutral_text(str(n)), label=_node_label(a), **_attrs(a.get("dot", {})))
 
     emit(g, None)
     for u, v, a in graph.edges(data=True):
         extra = dict(a.get("dot", {}))
         if a.get("label"):
             extra["label"] = _html(esc(a["label"]))
-        g.edge(str(u), str(v), **_attrs(extra))
+        g.edge(neutral_text(str(u)), neutral_text(str(v)), **_attrs(extra))
     return g.source
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pefref.language.errors import PefrefError
+from pefref.runtime.precision import loads_exactly
 
 __all__ = ["metadata_of", "read_verified", "SAFETENSORS_DTYPES"]
 
@@ -84,7 +85,7 @@ def read_verified(path: str | Path, adapter: Any, own: dict[str, torch.Tensor]) 
                 shape, dt = tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype())
                 if shape != tuple(own[k].shape):
                     raise PefrefError(f"{where}: tensor {k}: shape {shape} in the file, {tuple(own[k].shape)} in the adapter")
-                if dt != own[k].dtype:
+                if not loads_exactly(dt, own[k].dtype):
                     raise PefrefError(f"{where}: tensor {k}: dtype {sl.get_dtype()} in the file, {own[k].dtype} in the adapter (convert it explicitly)")
             tensors = {k: f.get_tensor(k) for k in keys}
     except PefrefError:

@@ -18,6 +18,7 @@ from pefref.language.file_kinds import file_kind
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.applying import apply_technique, resolve_technique
+from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.report import Report, ReportRow, fold_paths
 
 if TYPE_CHECKING:
@@ -30,14 +31,14 @@ __all__ = ["apply", "apply_technique", "resolve_technique", "Adapter", "Report",
 def apply(model: nn.Module, technique: Technique, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
-          modules_to_save: Sequence[str] | None = ..., **hyperparameters: Any) -> Adapter: ...
+          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ..., **hyperparameters: Any) -> Adapter: ...
 
 
 @overload
 def apply(model: nn.Module, technique: str | Path, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
-          modules_to_save: Sequence[str] | None = ..., **hyperparameters: Any) -> Adapter | Composition: ...
+          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ..., **hyperparameters: Any) -> Adapter | Composition: ...
 
 
 def apply(
@@ -53,6 +54,7 @@ def apply(
     catalog: Catalog | None = None,
     overrides: Mapping[str, Any] | None = None,
     modules_to_save: Sequence[str] | None = None,
+    adapter_dtype: AdapterDtype = "auto",
     **hyperparameters: Any,
 ) -> Adapter | Composition:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
@@ -70,7 +72,10 @@ def apply(
         layers: restrict to some layers (indices, negative from the end; in encoder-decoder maps also stack names, e.g. 'decoder').
         family: architecture map name, object or YAML path (default: found from the model's class).
         name: adapter name (default: the technique id); several adapters may coexist.
-        dtype, device: for the adapter's tensors (default: the host's).
+        dtype, device: for the adapter's tensors (default: the host's device; the dtype by ``adapter_dtype``).
+        adapter_dtype: ``"auto"`` (default, peft's ``autocast_adapter_dtype=True``): on a bf16/fp16 host the
+            adapter's tensors are fp32 and it computes in fp32, rounding its result once to the host's dtype;
+            ``"host"``: the adapter's tensors in the host's dtype.
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
         modules_to_save: whole modules trained and saved with the adapter (peft's
             ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
@@ -82,6 +87,6 @@ def apply(
     if path is not None and is_file and file_kind(path) == "composition":  # told apart once, from the table of file kinds
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
-        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device)
+        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device, adapter_dtype=adapter_dtype)
     return apply_technique(model, technique, catalog, sites=sites, layers=layers, family=family, name=name, dtype=dtype, device=device,
-                           hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save)
+                           hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save, adapter_dtype=adapter_dtype)

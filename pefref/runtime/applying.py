@@ -42,6 +42,7 @@ from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import Plan, check_selectable, check_unit, host_update_of, plan_apply, where_of
+from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.report import Report, ReportRow
 from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, SavedModule, resolve_saved
@@ -104,8 +105,9 @@ class BuiltUnit:
 def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *, sites: Sequence[str] | None = None,
          layers: Sequence[int | str] | None = None, family: str | Path | ArchitectureMap | None = None, name: str | None = None,
          dtype: torch.dtype | None = None, device: torch.device | str | None = None, hyperparameters: Mapping[str, Any] | None = None,
-         modules_to_save: Sequence[str] | None = None) -> ApplyPlan:
-    """Placements, shapes, budget and everything else :func:`build` needs; the model is only read."""
+         modules_to_save: Sequence[str] | None = None, adapter_dtype: AdapterDtype = "auto") -> ApplyPlan:
+    """Placements, shapes, budget and everything else :func:`build` needs; the model is only read (``adapter_dtype``:
+    :func:`~pefref.runtime.precision.adapter_dtype_for`)."""
     tech = resolve_technique(technique, catalog)
     fam = resolve_family(model, catalog, family)
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
@@ -125,7 +127,7 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
-    shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device)
+    shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
     return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, _merges(places, modules, catalog))
 
 

@@ -93,12 +93,14 @@ class FusionCombiner(Combiner):
         self.V = nn.Parameter(torch.eye(d, **kw))
 
     def combine(self, t: torch.Tensor, fns: Sequence[Any], members: Sequence[Entry]) -> torch.Tensor:
+        host = t.dtype  # computed in the fusion's dtype (fp32 adapters on a bf16 host), rounded once at the end
+        t = t.to(self.Q.dtype)
         D = torch.stack([f(t) - t for f in fns], dim=-2)  # [..., n, d]
         q = torch.nn.functional.linear(t, self.Q, self.bQ)  # [..., d]
         k = torch.nn.functional.linear(D, self.K, self.bK)  # [..., n, d]
         a = torch.softmax((k * q.unsqueeze(-2)).sum(-1) / self.T, dim=-1)  # [..., n]
         v = torch.nn.functional.linear(D, self.V)  # [..., n, d]
-        return t + (a.unsqueeze(-1) * v).sum(-2)
+        return (t + (a.unsqueeze(-1) * v).sum(-2)).to(host)
 
 
 @dataclass(eq=False, repr=False)
@@ -224,11 +226,32 @@ class Composition:
     def combine(self, block: Block | Mapping[str, Any], index: int | None = None) -> list[str]:
         """Realise one block (a schema object or a plain dict) at every host its adapters share; returns the hosts.
 
-        The block is first checked against the interaction rules (as ``pefref validate`` does).
-        """
+        The block is first checked against the interaction rules (as ``pefref validate`` does). On a failure
+        whatever this block changed is taken out again (groups, orders, combiners, frozen adapters)."""
+        groups = {id(e): (e, e.group) for ad in self.adapters.values() for _p, e in ad.entries}
+        n_order, names, frozen = len(self._order_backup), set(self.combiners), dict(self._frozen)
+        try:
+            return self._combine(block, index)
+        except BaseException:
+            for e, g in groups.values():
+                e.group = g
+            for patch, entries in reversed(self._order_backup[n_order:]):
+                patch.entries[:] = [e for e in entries if e in patch.entries] + [e for e in patch.entries if e not in entries]
+            del self._order_backup[n_order:]
+            for k in [k for k in self.combiners if k not in names]:
+                del self.combiners[k]
+            for ad in self.adapters.values():
+                for p in ad.units.parameters():
+                    if id(p) in self._frozen and id(p) not in frozen:
+                        p.requires_grad_(self._frozen.pop(id(p)))
+            raise
+
+    def _combine(self, block: Block | Mapping[str, Any], index: int | None) -> list[str]:
         from pydantic import TypeAdapter
 
         blk = block if not isinstance(block, Mapping) else TypeAdapter(Block).validate_python(dict(block))
+        for an in blk.adapters:  # every name first: an absent one is a pefref error before anything is looked up
+            self._adapter(an)
         b = len(self.combiners) if index is None else index
         spec = self.spec
         if spec is None or index is None:  # a block given from Python: checked here
@@ -319,22 +342,30 @@ class Composition:
         self.unmerge()
         for n in list(self._off):
             self.activate(n)
+        self.undo_blocks()
+        for ad in reversed(list(self.adapters.values())):
+            ad.remove()
+        self._removed = True
+        return self.model
+
+
+    def undo_blocks(self) -> None:
+        """Take every block out (groups, stack orders, frozen adapters, combiners); the adapters stay applied."""
         for ad in self.adapters.values():
             for _patch, e in ad.entries:
                 e.group = None
         for patch, entries in reversed(self._order_backup):
             patch.entries[:] = [e for e in entries if e in patch.entries] + [e for e in patch.entries if e not in entries]
+        self._order_backup.clear()
         for ad in self.adapters.values():
             for p in ad.units.parameters():
                 if id(p) in self._frozen:
                     p.requires_grad_(self._frozen[id(p)])
+        self._frozen.clear()
         container = getattr(self.model, ADAPTERS_ATTR, None)
-        if container is not None and self.name in container:
+        if container is not None and self.name in container and container[self.name] is self.combiners:
             del container[self.name]
-        for ad in reversed(list(self.adapters.values())):
-            ad.remove()
-        self._removed = True
-        return self.model
+        self.combiners = nn.ModuleDict()
 
 
 def _python_spec(comp: Composition, blk: Any = None) -> ResolvedComposition:
@@ -355,9 +386,21 @@ def compose(model: nn.Module, adapters: Sequence[Adapter] | Mapping[str, Adapter
     for n, a in ads.items():
         if a.name != n:
             raise PefrefError(f"adapter {a.name!r} is given under the name {n!r}; use its own name")
+    container = getattr(model, ADAPTERS_ATTR, None)
+    if container is not None and name in container:
+        raise PefrefError(f"an adapter or composition named {name!r} is already applied; pass name=")
     comp = Composition(model, name, ads)
-    for blk in blocks:
-        comp.combine(blk)
+    try:  # a transaction: a block that fails takes out the blocks before it
+        for i, blk in enumerate(blocks):
+            try:
+                comp.combine(blk)
+            except PefrefError:
+                raise
+            except Exception as e:  # a malformed block (pydantic's errors, a wrong type): located, as pefref's
+                raise PefrefError(f"composition {name!r}, block {i + 1}: {type(e).__name__}: {e}") from None
+    except BaseException:
+        comp.undo_blocks()
+        raise
     return comp
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from pefref.language.errors import PefrefError
 from pefref.runtime.ledger import Layer, Value, all_ledgers, check_not_selected, ledger_of, release
 from pefref.runtime.patches import Entry, HostPatch
-from pefref.runtime.precision import LOW_PRECISION, in_fp32
+from pefref.runtime.precision import LOW_PRECISION, in_fp32, loads_exactly
 from pefref.runtime.transaction import OperationError, Transaction, located
 
 __all__ = ["merge", "unmerge", "disabled", "remove", "load_state", "check_state", "merged_value", "check_hosts_free", "push_merge_layers"]
@@ -237,7 +237,7 @@ def check_state(where: str, state: Mapping[str, torch.Tensor], own: Mapping[str,
             raise PefrefError(f"{where}: {k} is a {type(v).__name__}, not a tensor")
         if tuple(v.shape) != tuple(t.shape):
             raise PefrefError(f"{where}: {k}: shape {tuple(v.shape)} != {tuple(t.shape)}")
-        if v.dtype != t.dtype:
+        if not loads_exactly(v.dtype, t.dtype):
             raise PefrefError(f"{where}: {k}: dtype {v.dtype} != {t.dtype} (convert it explicitly)")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise PefrefError(f"{where}: {k} holds NaN or infinite values")

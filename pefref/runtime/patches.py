@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, cast
 import torch
 from torch import nn
 
+from pefref.compiler.units import cast_floats
 from pefref.language.errors import PefrefError
 from pefref.language.forms import Form, Integration
 from pefref.runtime.hosts import HostKind, bias_of
@@ -311,8 +312,8 @@ class HostPatch:
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
-        if e.form.integration is Integration.SCALE:
-            return h * e.unit.forward(None, None, None, training)
+        if e.form.integration is Integration.SCALE:  # the product in the unit's dtype, rounded once to the host's (as peft's (IA)^3)
+            return (h * e.unit.forward(None, None, None, training)).to(h.dtype)
         W = None
         if e.reads_W and self.kind.has_weight and e.form.host_weight:
             W = self.kind.get_weight(self.host)  # type: ignore[misc]
@@ -546,7 +547,8 @@ class RootPatch:
             if bt is None or any(bt is seen for seen, _ in out):
                 continue
             if sum(1 for f in kvs if f.batch is bt) == bt.size:
-                out.append((bt, bt(training)))
+                bd = e.unit.__dict__.get("boundary")  # an adapter computing in its own dtype: the host's dtype in the cache
+                out.append((bt, bt(training) if bd is None else cast_floats(bt(training), bd[1])))
         return out
 
     @staticmethod

@@ -29,6 +29,7 @@ from pefref.language.shapecheck import expression_cost
 from pefref.runtime.hosts import bias_of
 from pefref.runtime.inject import Placement
 from pefref.runtime.ledger import all_ledgers
+from pefref.runtime.precision import adapter_dtype_for
 from pefref.runtime.rows import replace as replace_rows
 from pefref.runtime.rows import take as take_rows
 from pefref.runtime.transaction import located
@@ -58,8 +59,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapping[str, int], flags: Mapping[str, int],
-               hps: Mapping[str, Any], dtype: torch.dtype | None, device: torch.device | str | None) -> Plan:
-    """Contexts and shapes of every placement, checked against the allocation budget (nothing allocated)."""
+               hps: Mapping[str, Any], dtype: torch.dtype | None, device: torch.device | str | None, adapter_dtype: str = "auto") -> Plan:
+    """Contexts and shapes of every placement, checked against the allocation budget (nothing allocated);
+    the adapter's dtype follows :func:`~pefref.runtime.precision.adapter_dtype_for`."""
     plan = Plan()
     dtypes: dict[tuple[Any, ...], torch.dtype] = {}
     extra = 0
@@ -69,8 +71,9 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
         with located(where_of(tech, pl)):
             W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None  # type: ignore[misc]
             ref_t = W if W is not None else next(pl.host.parameters(), None)
+            host_dt = ref_t.dtype if ref_t is not None and ref_t.is_floating_point() else torch.float32
             ctx = SiteContext(pl.site, pl.layer, pl.d_in, pl.d_out, sizes, flags,
-                              dtype=dtype or (ref_t.dtype if ref_t is not None else torch.float32),
+                              dtype=adapter_dtype_for(host_dt, adapter_dtype, dtype), host_dtype=host_dt,
                               device=device or (ref_t.device if ref_t is not None else "cpu"))
             names = ctx.names(hps)
             rec = recipe(pl.module, names)
@@ -227,7 +230,7 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
     assert ctx.W is not None
     from pefref.compiler.parts import read
 
-    env = {**ctx.names(hps), "W": ctx.W.detach(), **{n: read(unit, n) for n in m.params}}
+    env = {**ctx.names(hps), "W": ctx.W.detach().to(ctx.dtype), **{n: read(unit, n) for n in m.params}}  # in the adapter's dtype
     with torch.no_grad():
         new_w = evaluate(parse_expr(m.host_update), env, op_table())
     _expect(new_w, tuple(ctx.W.shape), "host_update", "the host's weight")

@@ -75,7 +75,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     from pefref.language.placement import retarget
 
     fam = catalog.family(shape.family)
-    if sites:
+    if sites is not None:  # an empty list places nothing (as apply refuses it), not the default placement
         t = retarget(t, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(t, {**catalog.techniques, t.id: t})
     hps = resolve_hyperparameters(decl, overrides)

@@ -70,7 +70,7 @@ class GridEntry(Strict):
     compose: list[TechniqueUse] | None = Field(None, min_length=2, description="Several techniques applied side by side to the same model, trained together (no blocks; prefer a composition file).")
     baseline: Literal["head_only", "full"] | None = Field(None, description="head_only: train only the task head; full: train every parameter (full fine-tuning).")
     hyperparameters: dict[Identifier, Scalar | list[Scalar]] = Field(default_factory=dict, description="Values for `technique`'s hyperparameters; a list is a grid axis.")
-    learning_rates: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, description="Learning rates for this entry (default: the experiment's).")
+    learning_rates: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(None, min_length=1, description="Learning rates for this entry (default: the experiment's).")
 
     @model_validator(mode="after")
     def _one(self) -> GridEntry:
@@ -85,25 +85,25 @@ class GridEntry(Strict):
 class TrainingSpec(Strict):
     """Optimisation settings shared by every run."""
 
-    batch_size: int = Field(16, ge=1, description="Global batch size per optimizer step (split over processes and accumulation steps).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    epochs: float | None = Field(None, gt=0, description="Training length in passes over the data (or give max_steps).")
-    max_steps: int | None = Field(None, ge=1, description="Training length in optimizer steps (wins over epochs).")
-    head_lr: float | None = Field(None, gt=0, description="Learning rate of the task head (default: the run's learning rate); the same head rate makes techniques comparable.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only; biases, norms and vectors get none).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    batch_size: int = Field(16, ge=1, le=1_000_000, description="Global batch size per optimizer step (split over processes and accumulation steps).")
+    grad_accum: int = Field(1, ge=1, le=1_000_000, description="Micro-batches accumulated per optimizer step.")
+    epochs: float | None = Field(None, gt=0, le=1_000_000, description="Training length in passes over the data (or give max_steps).")
+    max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Training length in optimizer steps (wins over epochs).")
+    head_lr: float | None = Field(None, gt=0, le=10, description="Learning rate of the task head (default: the run's learning rate); the same head rate makes techniques comparable.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay (matrices only; biases, norms and vectors get none).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
     warmup: float = Field(0.06, ge=0, le=1, description="Warmup as a fraction of the optimizer steps.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping by global norm (null: none).")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Gradient clipping by global norm (null: none).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto: bf16 on a GPU that has it, else fp32.")
     group_by_length: bool = Field(False, description="Batch training examples of similar length together (like Hugging Face's group_by_length): less padding, so faster steps; the order stays a function of the seed and epoch.")
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (and at the end); default: once per epoch.")
+    eval_every: int | None = Field(None, ge=1, le=100_000_000, description="Evaluate every N optimizer steps (and at the end); default: once per epoch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Batch size of evaluation (default: batch_size); evaluation batches examples of similar length together.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps (default: at each evaluation).")
     early_stopping: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement of the main metric.")
     log_every: int = Field(1, ge=1, description="Record the training loss every N optimizer steps.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard under DIR/tensorboard (needs the 'tensorboard' extra).")
-    device: str = Field("auto", description="'auto' (cuda when available, else cpu), 'cpu' or 'cuda'.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$", description="'auto' (cuda when available, else cpu), 'cpu', 'mps', 'cuda' or 'cuda:N'; a device this machine lacks is refused before anything is recorded.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model in every process and reduces the trainable gradients; fsdp shards every tensor, the frozen base included, over the processes with FSDP2 (fully_shard on each transformer block and the root), for a base model that does not fit one device. Both give one process's result with the same global batch.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
 
@@ -125,6 +125,6 @@ class Experiment(Strict):
     task: TaskSpec
     data: DataSpec
     grid: list[GridEntry] = Field(min_length=1, description="Techniques, compositions and baselines to compare.")
-    learning_rates: list[Annotated[float, Field(gt=0)]] = Field([1e-3], min_length=1, description="Default learning rates (an entry may give its own).")
+    learning_rates: list[Annotated[float, Field(gt=0, le=10)]] = Field([1e-3], min_length=1, description="Default learning rates (an entry may give its own).")
     seeds: list[int] = Field([0], min_length=1, description="Each run is repeated for every seed (results give mean ± std).")
     training: TrainingSpec

@@ -106,6 +106,7 @@ def _environment() -> Any:
         keep_trailing_newline=True,
     )
     env.filters.update(filters.FILTERS)
+    env.finalize = filters.neutral  # every value a template shows: control characters written out visibly
     return env
 
 
@@ -227,16 +228,35 @@ def build_site(out: Path | None = None, **kwargs: Any) -> tuple[list[Path], list
     written: list[Path] = []
     for rel, content in files.items():
         p = out / rel
+        if not _inside(out, rel):
+            raise PefrefError(f"{p}: refusing to write through a link out of the site folder {out}")
         if p.is_file() and p.read_bytes() == content:
             continue
         write_atomic(p, content)
         written.append(p)
     removed: list[Path] = []
-    for rel in previous:
-        if rel and rel not in files and ".." not in Path(rel).parts and (out / rel).is_file():
+    for rel in previous:  # the manifest is only a hint: a name outside the folder, or reached through a link, is skipped
+        if rel and rel not in files and _inside(out, rel) and (out / rel).is_file():
             (out / rel).unlink()
             removed.append(out / rel)
     return written, removed
+
+
+def _inside(out: Path, rel: str) -> bool:
+    """Whether ``rel`` names a file of the folder ``out`` itself: relative, without ``..``, no link on the way,
+    and resolving inside ``out`` (the site builder deletes nothing else)."""
+    r = Path(rel)
+    if r.is_absolute() or r.drive or ".." in r.parts or any(c in rel for c in "\x00\\"):
+        return False
+    p = out
+    for part in r.parts:
+        p = p / part
+        if p.is_symlink():
+            return False
+    try:
+        return p.resolve().is_relative_to(out.resolve())
+    except (OSError, RuntimeError):
+        return False
 
 
 def check_site(out: Path | None = None, **kwargs: Any) -> list[str]:

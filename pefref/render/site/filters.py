@@ -12,9 +12,21 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from pefref.language.printable import neutral_text
+
 __all__ = ["FILTERS", "script_json", "count", "percent", "compact", "doc_html", "yes_no"]
 
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def neutral(value: Any) -> Any:
+    """A value a template shows, with the control characters of its text written out (``\\x1b``); markup
+    stays markup (the escapes add no HTML)."""
+    if isinstance(value, Markup):
+        return Markup(neutral_text(str(value)))
+    if isinstance(value, str):
+        return neutral_text(value)
+    return value
 
 
 def script_json(value: Any) -> Markup:
