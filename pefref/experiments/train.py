@@ -24,6 +24,7 @@ from pefref.experiments.checkpoint import (
     save_tensors,
     set_rng_state,
 )
+from pefref.experiments.compiled import compile_model, mark_dynamic, use_compile
 from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
 from pefref.experiments.distributed import (
     Dist,
@@ -296,6 +297,7 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
                                             "rng": rng_state(), "progress": dict(state)})
 
     ddp = model if fsdp else wrap(model, d)
+    fwd = compile_model(ddp) if use_compile(tr.compile, device) else ddp  # the one place the step is compiled
     model.train()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -325,8 +327,10 @@ def train_run(spec: RunSpec, env: RunEnv) -> str:
             sync = contextlib.nullcontext() if (i == A - 1 or not d.active or fsdp) else ddp.no_sync()  # type: ignore[operator]
             hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
             with sync:
+                if fwd is not ddp:
+                    mark_dynamic(micro)
                 with hooks, autocast():
-                    ls = _loss_sum(_logits(ddp, micro), micro["labels"], causal)
+                    ls = _loss_sum(_logits(fwd, micro), micro["labels"], causal)
                 (ls * W / count).backward()
             loss_sum += float(ls.detach())
         if tr.max_grad_norm is not None:
