@@ -147,3 +147,32 @@ def test_old_entries_are_pruned(cache, tmp_path, monkeypatch):
         f.write_text(f"id: t{i}\n", encoding="utf-8")
         read_yaml(f)
     assert len(_entries(cache)) == 3
+
+
+def test_memo_keeps_a_result_across_calls_and_recomputes_a_damaged_one(cache):
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"flops": 12, "name": "x"}
+
+    assert catalog_cache.memo("t", {"k": [1, 2]}, compute) == {"flops": 12, "name": "x"}
+    assert catalog_cache.memo("t", {"k": [1, 2]}, compute) == {"flops": 12, "name": "x"}
+    assert len(calls) == 1
+    assert catalog_cache.memo("t", {"k": [1, 3]}, compute) and len(calls) == 2  # another key
+    for entry in (cache.parent / "derived").glob("*.json"):
+        entry.write_bytes(b"{}\n[]")
+    assert catalog_cache.memo("t", {"k": [1, 2]}, compute) == {"flops": 12, "name": "x"} and len(calls) == 3
+
+
+def test_derived_facts_are_the_same_from_the_memo(cache, catalog, monkeypatch):
+    from pefref.view import derived_facts
+
+    t, shape = catalog.technique("lora"), catalog.shape("llama-2-7b")
+    first = derived_facts(t, catalog, shape, {"r": 4})
+    assert list((cache.parent / "derived").glob("*.json"))
+    again = derived_facts(t, catalog, shape, {"r": 4})
+    monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+    fresh = derived_facts(t, catalog, shape, {"r": 4})
+    assert first == again == fresh
+    assert first["efficiency"]["extra_flops_per_token"] > 0

@@ -18,10 +18,10 @@ from torch import nn
 __all__ = ["CPU_AUTO", "use_compile", "compile_model", "mark_dynamic"]
 
 CPU_AUTO = False
-"""Whether ``compile: auto`` compiles on CPU. Measured on the MiniLM experiment's LoRA run (2 shared
-cores, paired rounds; docs/explanation/performance.md): the compiled step is faster, but compiling
-the forward and backward graphs costs tens of seconds, more than a catalog experiment's short runs
-save, so ``auto`` stays eager on CPU and ``compile: true`` turns it on for long runs."""
+"""Whether ``compile: auto`` compiles on CPU: no. Measured (``benchmarks/bench_compile.py``, the MiniLM
+experiment's first run, 2 shared cores, paired rounds): the compiled step takes about 0.94 of the eager
+one, but compiling the forward and backward graphs takes about 32 s, which the faster steps earn back
+only after some 670 steps, nine times the experiment's 75; ``compile: true`` is for long CPU runs."""
 
 
 def use_compile(setting: str | bool, device: str) -> bool:

@@ -21,6 +21,11 @@ located at file:line:column) as JSON, one file per source text, under
 * Only successful parses are stored: a file with an error is parsed again, and
   reports its error, every time.
 
+:func:`memo` keeps, next to it (``derived/``), results that are pure functions of
+plain data and of pefref's code (a parameter formula factored by sympy, FLOPs
+counted on the meta device), so ``pefref show`` and ``params`` need neither sympy
+nor torch once they have run.
+
 ``$PEFREF_CACHE_DIR`` sets the folder; ``$PEFREF_NO_CACHE`` (any value but
 ``""`` or ``0``) turns the cache off.
 """
@@ -32,15 +37,18 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pefref.language.errors import Location
 from pefref.language.limits import current
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["cache_dir", "enabled", "load", "store", "FORMAT", "MAX_ENTRIES"]
+__all__ = ["cache_dir", "enabled", "load", "store", "memo", "FORMAT", "MAX_ENTRIES"]
+
+T = TypeVar("T")
 
 FORMAT = 1
 """Version of the entry layout; part of every key."""
@@ -176,3 +184,50 @@ def _int(v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError("bad position")
     return v
+
+
+@lru_cache(maxsize=1)
+def _package_digest() -> bytes:
+    """Size and modification time of every module of the installed pefref: derived facts computed by
+    another pefref are not reused."""
+    h = hashlib.sha256(f"pefref-memo/{FORMAT}".encode())
+    pkg = Path(__file__).resolve().parents[1]
+    for f in sorted(pkg.rglob("*.py")):
+        st = f.stat()
+        h.update(f"{f.relative_to(pkg)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.digest()
+
+
+def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
+    """``compute()``, or its result kept from an earlier process: a pure function of ``key`` (plain JSON
+    data: everything the result depends on) and of pefref's own code. The result must be plain JSON data
+    too (a dict, list or scalar); a damaged entry is computed again."""
+    if not enabled():
+        return compute()
+    h = hashlib.sha256(_package_digest())
+    h.update(kind.encode() + b"\0" + json.dumps(key, sort_keys=True, separators=(",", ":")).encode())
+    digest = h.hexdigest()
+    path = cache_dir().parent / "derived" / f"{digest}.json"
+    try:
+        head, _, payload = path.read_bytes().partition(b"\n")
+        if json.loads(head) == {"format": FORMAT, "key": digest, "sha256": hashlib.sha256(payload).hexdigest()}:
+            return json.loads(payload)
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        payload = json.dumps(value, separators=(",", ":")).encode()
+        head = json.dumps({"format": FORMAT, "key": digest, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(head + b"\n" + payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _prune(path.parent)
+    except (OSError, ValueError, TypeError):
+        pass
+    return value
