@@ -14,9 +14,17 @@ computed, less sensitive than wall time to other processes on a loaded machine).
 pefref's compiled programs are cleared before each timed call (``--keep-programs``
 keeps them), so every timed apply traces and generates its code anew.
 *cold* (``--cold-rounds``): a fresh process per call, timing the import of the
-tool, its catalog (pefref) and the call, after the model is built.
+tool, its catalog (pefref) and the call, after the model is built (torch and
+transformers are imported before the clock starts, for both). Python runs as
+installed packages do, with bytecode caching on (``PYTHONDONTWRITEBYTECODE`` is
+removed from the children's environment), and one untimed fresh process of each
+tool runs first, so bytecode and pefref's parsed-catalog cache
+(:mod:`pefref.language.catalog_cache`) are written. *cold_no_cache*: the same with
+``PEFREF_NO_CACHE=1`` (every catalog file parsed again), in the same rotation.
+``--before DIR``: also time another pefref checkout (e.g. ``git worktree add
+/tmp/before HEAD~3``) in the same rotation, as *cold_before*.
 
-Run: ``python benchmarks/bench_inject.py [--rounds 15] [--cold-rounds 3] [--json OUT]``.
+Run: ``python benchmarks/bench_inject.py [--rounds 15] [--cold-rounds 5] [--before DIR] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -114,18 +122,42 @@ print(time.perf_counter() - t0)
 """
 
 
-def run_cold(tool: str, config: dict[str, Any]) -> float:
-    code = _COLD.format(root=str(ROOT), config=config, tool=tool, r=R, alpha=ALPHA, targets=list(TARGETS))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+def run_cold(tool: str, config: dict[str, Any], root: Path = ROOT, no_cache: bool = False) -> float:
+    code = _COLD.format(root=str(root), config=config, tool=tool, r=R, alpha=ALPHA, targets=list(TARGETS))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "PEFREF_NO_CACHE")}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    if no_cache:
+        env["PEFREF_NO_CACHE"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def cold_rounds(config: dict[str, Any], rounds: int, before: Path | None) -> dict[str, Any]:
+    """Fresh-process rounds of every side, in a rotating order; ratios against peft's round."""
+    sides: dict[str, Any] = {"pefref": lambda: run_cold("pefref", config), "peft": lambda: run_cold("peft", config),
+                             "pefref_no_cache": lambda: run_cold("pefref", config, no_cache=True)}
+    if before is not None:
+        sides["pefref_before"] = lambda: run_cold("pefref", config, root=before)
+    for fn in sides.values():  # untimed: bytecode and the parsed-catalog cache are written
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(sides[k]())
+    out = {"cold": summary({"pefref": times["pefref"], "peft": times["peft"]}),
+           "cold_no_cache": summary({"pefref": times["pefref_no_cache"], "peft": times["peft"]})}
+    if before is not None:
+        out["cold_before"] = summary({"pefref": times["pefref_before"], "peft": times["peft"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3-70b", help="a llama model shape of the catalog")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--cold-rounds", type=int, default=3, help="fresh-process rounds (0: skip)")
+    ap.add_argument("--cold-rounds", type=int, default=5, help="fresh-process rounds (0: skip)")
+    ap.add_argument("--before", type=Path, help="another pefref checkout to time in the cold rounds")
     ap.add_argument("--keep-programs", action="store_true", help="let pefref reuse programs compiled by earlier calls")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -161,11 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         config = base.config.to_dict()
         config = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                          "num_attention_heads", "num_key_value_heads")}
-        cold: dict[str, list[float]] = {"pefref": [], "peft": []}
-        for r in range(args.cold_rounds):
-            for tool in (["pefref", "peft"] if r % 2 == 0 else ["peft", "pefref"]):
-                cold[tool].append(run_cold(tool, config))
-        result["cold"] = summary(cold)
+        result.update(cold_rounds(config, args.cold_rounds, args.before))
+    result["config"]["load_average"]["end"] = os.getloadavg()
 
     print(f"LoRA r={R} on {', '.join(TARGETS)} of {args.shape} ({n_layers} layers, meta device), "
           f"{counts['pefref']:,} trainable parameters; paired round-robin, ratio = pefref/peft per round")
@@ -173,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     print("| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode in ("warm", "warm_cpu", "cold"):
+    for mode in ("warm", "warm_cpu", "cold", "cold_no_cache", "cold_before"):
         if mode not in result:
             continue
         s = result[mode]

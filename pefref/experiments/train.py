@@ -23,6 +23,7 @@ from pefref.experiments.checkpoint import (
     save_tensors,
     set_rng_state,
 )
+from pefref.experiments.compiled import compile_model, mark_dynamic, use_compile
 from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
 from pefref.experiments.distributed import (
     Dist,
@@ -240,6 +241,7 @@ class _Loop:
 
     ddp: nn.Module  # the model as the step calls it (wrapped by DDP; itself under FSDP or in one process)
     tb: Any
+    fwd: nn.Module  # what the step's forward calls: ``ddp``, or ``ddp`` compiled (training.compile)
     rows: slice  # this process's rows of each global batch
     times: list[float] = field(default_factory=list)
     memory: int = 0
@@ -348,11 +350,12 @@ def _start(run: _Run, state: TrainState) -> _Loop:
                    world_size=d.world, device=run.device, versions=versions(), error=None, started=(run.previous or {}).get("started") or time.time())
     tb = _tensorboard(run.env, cfg) if cfg.training.tensorboard and d.main else None
     ddp = run.model if run.fsdp else wrap(run.model, d)
+    fwd = compile_model(ddp) if use_compile(cfg.training.compile, run.device) else ddp  # the one place the step is compiled
     run.model.train()
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
     per = cfg.training.batch_size // d.world
-    return _Loop(ddp, tb, slice(d.rank * per, (d.rank + 1) * per))
+    return _Loop(ddp, tb, fwd, slice(d.rank * per, (d.rank + 1) * per))
 
 
 def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
@@ -378,8 +381,10 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
         sync = contextlib.nullcontext() if (i == A - 1 or not d.active or run.fsdp) else loop.ddp.no_sync()  # type: ignore[operator]
         hooks = torch.autograd.graph.saved_tensors_hooks(saver.pack, lambda t: t) if saver else contextlib.nullcontext()
         with sync:
+            if loop.fwd is not loop.ddp:
+                mark_dynamic(micro)
             with hooks, run.autocast():
-                ls = loss_sum(model_logits(loop.ddp, micro), micro["labels"], cfg.causal)
+                ls = loss_sum(model_logits(loop.fwd, micro), micro["labels"], cfg.causal)
             (ls * W / count).backward()
         summed += float(ls.detach())
     if tr.max_grad_norm is not None:

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pefref.language.catalog import Catalog, catalog_root, load_techniques
 from pefref.language.check import expand_modules
@@ -23,8 +23,11 @@ from pefref.language.errors import CatalogError, PefrefError, Problem
 from pefref.language.forms import Combine, block_of
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.loader import load_file, suggest
-from pefref.language.schema import Composition, InteractionRules, Technique
+from pefref.language.schema import Technique
 from pefref.language.yamlsrc import Positions, read_yaml
+
+if TYPE_CHECKING:  # the composition models are built on first use: applying a technique needs none
+    from pefref.language.schema import Composition, InteractionRules
 
 __all__ = ["ResolvedComposition", "rules_markdown", "load_rules", "load_composition", "check_composition", "is_composition_file", "block_sites", "module_stage"]
 
@@ -75,6 +78,8 @@ def _rules_path(root: Path | None) -> Path:
 
 @lru_cache(maxsize=4)
 def _rules(path: str) -> InteractionRules:
+    from pefref.language.schema import InteractionRules
+
     return load_file(InteractionRules, path)[0]
 
 
@@ -241,6 +246,8 @@ def _check_pairs(res: ResolvedComposition, pos: Positions, rules: InteractionRul
 def load_composition(path: str | Path, catalog: Catalog, rules: InteractionRules | None = None) -> ResolvedComposition:
     """Load, resolve and check a composition file; raise :class:`CatalogError` with every located problem."""
     path = Path(path)
+    from pefref.language.schema import Composition
+
     comp, pos = load_file(Composition, path)
     problems: list[Problem] = []
     if path.suffix in (".yaml", ".yml") and path.stem != comp.id:

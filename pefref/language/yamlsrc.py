@@ -176,7 +176,8 @@ def parse_yaml(text: str, file: str = "<string>") -> tuple[Any, Positions]:
 
 
 def read_yaml(path: str | Path) -> tuple[Any, Positions]:
-    """Read a YAML file safely (see module docstring)."""
+    """Read a YAML file safely (see module docstring); an unchanged file's parse comes from
+    :mod:`pefref.language.catalog_cache`."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -184,8 +185,19 @@ def read_yaml(path: str | Path) -> tuple[Any, Positions]:
         raise CatalogError([Problem(Location(str(p)), "", f"cannot read file: {e.strerror}")]) from None
     if size > MAX_BYTES:
         raise CatalogError([Problem(Location(str(p)), "", f"file is {size} bytes, larger than the {MAX_BYTES}-byte limit")])
+    from pefref.language import catalog_cache  # imports this module
+
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise CatalogError([Problem(Location(str(p)), "", f"cannot read file: {e.strerror}")]) from None
+    hit = catalog_cache.load(raw, str(p))
+    if hit is not None:
+        return hit
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
     except UnicodeDecodeError as e:
         raise CatalogError([Problem(Location(str(p)), "", f"not UTF-8 text: {e.reason}")]) from None
-    return parse_yaml(text, str(p))
+    data, pos = parse_yaml(text, str(p))
+    catalog_cache.store(raw, data, pos)
+    return data, pos

@@ -91,7 +91,17 @@ def _ordered(modules: list[Any]) -> list[Any]:
 
 
 def efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None = None) -> Efficiency:
-    """Efficiency facts of ``t`` on ``shape`` (FLOPs counted on the meta device)."""
+    """Efficiency facts of ``t`` on ``shape`` (FLOPs counted on the meta device; the facts are kept across
+    processes by :func:`~pefref.language.catalog_cache.memo`, keyed by everything they are derived from)."""
+    from pefref.language.catalog_cache import memo
+
+    fam = catalog.family(shape.family)
+    key = [t.model_dump(mode="json"), shape.model_dump(mode="json"), fam.model_dump(mode="json"), catalog.reference.model_dump(mode="json"),
+           {k: v.model_dump(mode="json") for k, v in sorted(catalog.techniques.items())}, repr(sorted((overrides or {}).items()))]
+    return Efficiency(**memo("efficiency", key, lambda: _efficiency(t, shape, catalog, overrides).as_dict()))
+
+
+def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: dict[str, Any] | None) -> Efficiency:
     import torch
 
     from pefref.compiler.units import SharedStore, SiteContext, build_unit

@@ -151,7 +151,14 @@ def _formula(terms: list[str], sizes: dict[str, int], hps: dict[str, Any]) -> st
 
 @lru_cache(maxsize=4096)
 def _formula_of(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
-    """:func:`_formula` on hashable arguments: many techniques and shapes share their terms (sympy is slow)."""
+    """:func:`_formula` on hashable arguments: many techniques and shapes share their terms (sympy is slow,
+    and slow to import: the result is also kept across processes by :func:`~pefref.language.catalog_cache.memo`)."""
+    from pefref.language.catalog_cache import memo
+
+    return str(memo("formula", [list(terms), list(symbols)], lambda: _factored(terms, symbols)))
+
+
+def _factored(terms: tuple[str, ...], symbols: tuple[str, ...]) -> str:
     import sympy
 
     names = {n: sympy.Symbol(n) for n in symbols}

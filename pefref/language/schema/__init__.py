@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-from pefref.language.schema.composition import (
-    AverageBlock,
-    Block,
-    Composition,
-    FusionBlock,
-    InteractionRules,
-    ParallelBlock,
-    StackBlock,
-    TechniqueUse,
-)
-from pefref.language.schema.experiment import Experiment
+    from pefref.language.schema.composition import (
+        AverageBlock,
+        Block,
+        Composition,
+        FusionBlock,
+        InteractionRules,
+        ParallelBlock,
+        StackBlock,
+        TechniqueUse,
+    )
+    from pefref.language.schema.experiment import Experiment
+    from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
+
 from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec, Stack
-from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS,
@@ -53,14 +55,34 @@ __all__ = [
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
-SCHEMAS: dict[str, type[BaseModel]] = {
-    "technique": Technique,
-    "reference": ReferenceArchitecture,
-    "family": ArchitectureMap,
-    "models": ModelShapes,
-    "composition": Composition,
-    "interactions": InteractionRules,
-    "interop": InteropTable,
-    "experiment": Experiment,
+_LAZY = {
+    **dict.fromkeys(("AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse"), "composition"),
+    "Experiment": "experiment",
+    **dict.fromkeys(("InteropTable", "PeftMethod", "PeftModuleMap"), "interop"),
 }
-"""Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""
+"""Models imported on first use: applying a technique builds no composition, experiment or interop model."""
+
+
+def _schemas() -> dict[str, type[BaseModel]]:
+    """Each generated JSON Schema file (schemas/<key>.schema.json) and its model."""
+    return {
+        "technique": Technique,
+        "reference": ReferenceArchitecture,
+        "family": ArchitectureMap,
+        "models": ModelShapes,
+        "composition": __getattr__("Composition"),
+        "interactions": __getattr__("InteractionRules"),
+        "interop": __getattr__("InteropTable"),
+        "experiment": __getattr__("Experiment"),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SCHEMAS":
+        value: Any = _schemas()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

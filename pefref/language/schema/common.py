@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import ast
+import inspect
+import sys
+from functools import cache
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -13,9 +17,52 @@ __all__ = ["Strict", "ExprStr", "Identifier", "SITE_PATTERN", "Int", "Float", "a
 
 
 class Strict(BaseModel):
-    """Frozen, extra keys forbidden: a typo in a YAML key fails loudly."""
+    """Frozen, extra keys forbidden: a typo in a YAML key fails loudly.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+    A field's description is the docstring under it (what pydantic's
+    ``use_attribute_docstrings`` does, read here from one parse of each schema
+    module instead of a source search per class), and a model's validator is
+    built on its first use (``defer_build``), so importing the schema builds
+    nothing that a call does not use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        docs = _attribute_docs(cls.__module__).get(cls.__qualname__, {})
+        for name, info in cls.__pydantic_fields__.items():
+            if info.description is None and name in docs:
+                info.description = docs[name]
+
+
+@cache
+def _attribute_docs(module: str) -> dict[str, dict[str, str]]:
+    """``{class qualname: {field: docstring}}`` for the classes of ``module``: a string statement right
+    after an annotated assignment documents that field."""
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return {}
+    out: dict[str, dict[str, str]] = {}
+
+    def walk(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                attrs: dict[str, str] = {}
+                for prev, stmt in zip(node.body, node.body[1:]):
+                    if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(stmt, ast.Expr)
+                            and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
+                        attrs[prev.target.id] = inspect.cleandoc(stmt.value.value)
+                out[prefix + node.name] = attrs
+                walk(node.body, prefix + node.name + ".")
+
+    walk(tree.body, "")
+    return out
 
 
 def _check_expr(value: str | int | float) -> str:

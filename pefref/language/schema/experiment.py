@@ -106,6 +106,7 @@ class TrainingSpec(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$", description="'auto' (cuda when available, else cpu), 'cpu', 'mps', 'cuda' or 'cuda:N'; a device this machine lacks is refused before anything is recorded.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp replicates the model in every process and reduces the trainable gradients; fsdp shards every tensor, the frozen base included, over the processes with FSDP2 (fully_shard on each transformer block and the root), for a base model that does not fit one device. Both give one process's result with the same global batch.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    compile: Literal["auto"] | bool = Field("auto", description="Run the training forward and backward under torch.compile (inductor; the sequence length is marked dynamic, so length-grouped batches do not recompile). auto: on CUDA; on CPU off, where compiling costs more than a short run saves (measured in the performance notes); true: also on CPU, for long runs.")
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
