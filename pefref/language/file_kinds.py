@@ -16,9 +16,8 @@ import yaml
 from pefref.language.catalog import Catalog
 from pefref.language.check import check_family
 from pefref.language.errors import CatalogError, Problem
-from pefref.language.experiment_file import load_experiment
 from pefref.language.loader import load_file, suggest
-from pefref.language.schema import ArchitectureMap, InteropTable, ModelShapes, ReferenceArchitecture
+from pefref.language.schema import ArchitectureMap, ModelShapes, ReferenceArchitecture
 from pefref.language.slices import slice_problems
 from pefref.language.yamlsrc import Positions, parse_yaml
 
@@ -62,6 +61,9 @@ def kind_of_keys(data: object) -> str | None:
 
 def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem], dict[str, Any]]:
     """Every problem of a map, model-shape, reference, interop or experiment file, and what it holds (for the report)."""
+    from pefref.language.experiment_file import load_experiment  # the experiment and interop schemas: loaded when a file needs them
+    from pefref.language.schema import InteropTable
+
     if kind == "experiment":  # the checks `pefref run` makes before training (schema, files, grid references)
         try:
             exp, _pos = load_experiment(path)
