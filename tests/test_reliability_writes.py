@@ -141,3 +141,22 @@ def test_schema_out_to_read_only_folder_is_one_line_error(tmp_path: Path, monkey
     assert "not writable" in result.output or "Permission denied" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert list(ro.iterdir()) == []
+
+
+def test_saving_an_adapter_on_the_meta_device_is_a_pefref_error(tmp_path: Path) -> None:
+    """An adapter applied to a meta-device model has no values: save() says so, writes nothing, and torch's
+    'Cannot copy out of meta tensor' never reaches the user."""
+    import transformers
+
+    import pefref
+    from pefref.language.errors import PefrefError
+
+    cfg = transformers.AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    adapter = pefref.apply(model, "lora", r=2)
+    out = tmp_path / "a.safetensors"
+    with pytest.raises(PefrefError, match="meta device"):
+        adapter.save(out)
+    assert not out.exists()

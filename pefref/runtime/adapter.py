@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.runtime.patches import Entry
 from pefref.runtime.report import Report
@@ -135,7 +136,13 @@ class Adapter:
         from pefref.runtime.adapterfile import metadata_of
 
         meta = metadata_of(self)
-        data = save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, metadata=meta)
+        state = self.state_dict()
+        on_meta = sorted(k for k, v in state.items() if v.is_meta)
+        if on_meta:
+            raise PefrefError(f"{self.name}: the adapter's tensors are on the meta device (no values: {', '.join(on_meta[:3])}"
+                              f"{', ...' if len(on_meta) > 3 else ''}); load real weights (e.g. model.to_empty(device=...) and "
+                              f"initialise, or apply to a model on a real device) before saving")
+        data = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
         atomic_write_bytes(path, data)
 
     def save_pretrained(self, directory: str | Path) -> Path:
