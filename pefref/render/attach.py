@@ -34,6 +34,7 @@ from pefref.render.style import (
     esc,
     html_lines,
     pretty,
+    wrap,
 )
 from pefref.view.analysis import stochastic_ops
 
@@ -100,8 +101,13 @@ def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: 
         if not _in_box(spec, layer) or pname in skip:
             continue
         text = f"{pname}: {_shape_text(spec, names)}" + ("  (one for all layers)" if spec.shared == "layers" else "")
-        out.append(("", text) if spec.trainable else ("frozen", text + " (frozen)"))
+        style = "" if spec.trainable else "frozen"
+        out += [(style, ln) for ln in wrap(text if spec.trainable else text + " (frozen)", _PARAM_WIDTH)]
     return out
+
+
+_PARAM_WIDTH = 36
+"""Characters of a tensor's line in a box before it wraps (a long shape expression keeps the drawing narrow)."""
 
 
 def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]], names: dict[str, Any] | None,
@@ -285,7 +291,7 @@ def _router(sk: Skeleton, pl: Placed, a: Anchor, r: Routing, experts: str, names
     lines += [("markup", ln.dot()) for ln in r.gates.lines(34, "s = ")]
     scope = f"the {r.sparse} largest of {r.count or 'the'} experts' scores, 0 elsewhere" if r.sparse else f"softmax over the {r.count or ''} experts".replace("  ", " ")
     lines.append(("small", scope))
-    lines += [ln for ln in _param_lines(m, names, a.layer) if ln[1].split(":")[0] in r.router_params]
+    lines += _param_lines(m, names, a.layer, frozenset(m.params) - r.router_params)
     router = f"{experts}_router"
     sk.graph.add_node(router, role="router", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
                       label="router", html=html_lines(lines), cluster=a.cluster,
@@ -296,6 +302,7 @@ def _router(sk: Skeleton, pl: Placed, a: Anchor, r: Routing, experts: str, names
                       label="weighted sum", html=html_lines([("markup", "δ = " + Math(tuple(total), "").dot()), ("small", "weighted sum")]),
                       cluster=a.cluster, dot={"shape": "box", "style": "rounded,filled", "fillcolor": fill, "color": colour})
     _edge(sk, router, mix, "gate", m.form, "s (gates)", style="dashed")
+    sk.graph.add_edge(router, experts, role="layout", dot={"style": "invis"})  # the router above its experts: a narrower drawing
     _edge(sk, experts, mix, "delta", m.form, Math((("δ", ""), (k, "sub")), "").dot())
     return router, mix
 
