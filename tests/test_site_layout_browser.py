@@ -75,30 +75,65 @@ def _overflow(driver) -> int:
     return driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
 
 
+def _open(driver, url: str) -> None:
+    """Load a page and wait until it is laid out: the document complete, its fonts loaded, its images decoded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "return document.readyState === 'complete' && document.fonts.status === 'loaded'"
+        " && Array.prototype.every.call(document.images, function (i) { return i.loading === 'lazy' || i.complete; });"))
+
+
+_CAPTION_CROSSINGS = """
+var svg = document.querySelector('figure.diagram svg'), out = [];
+var captions = [];
+svg.querySelectorAll('g.node, g.cluster').forEach(function (g) {
+  var title = (g.querySelector('title') || {}).textContent || '';
+  if (g.classList.contains('cluster') || title.indexOf('caption__') === 0)
+    g.querySelectorAll('text').forEach(function (t) { if (t.textContent.trim()) captions.push([t.textContent, t.getBBox()]); });
+});
+svg.querySelectorAll('g.edge path').forEach(function (p) {
+  var n = p.getTotalLength(), title = p.parentNode.querySelector('title').textContent;
+  for (var s = 0; s <= n; s += 2) {
+    var pt = p.getPointAtLength(s);
+    captions.forEach(function (c) {
+      var b = c[1];
+      if (pt.x > b.x + 1 && pt.x < b.x + b.width - 1 && pt.y > b.y + 1 && pt.y < b.y + b.height - 1) out.push(title + ' through ' + c[0]);
+    });
+  }
+});
+return Array.from(new Set(out));
+"""
+
+
 def test_every_technique_diagram_fits_with_readable_text(browser, full_site) -> None:
-    """At 1440 px: each technique page's diagram is within its frame, its smallest text is >= 10 px, the page does not
-    scroll sideways; at 390 px the page does not either (the diagram shrinks; Full size pans inside the frame)."""
+    """At 1440 px: each technique page's diagram is within its frame, its smallest text is >= 10 px, no edge runs
+    through a box's caption (real text boxes, paths sampled every 2 units), the page does not scroll sideways; at 390 px the page does not either (the diagram shrinks; Full size pans inside the frame)."""
     pages = sorted(p.name for p in (full_site / "techniques").glob("*.html"))
     assert len(pages) > 30
     problems, least = [], (1e9, "")
     browser.set_window_size(1440, 900)
     for page in pages:
-        browser.get((full_site / "techniques" / page).as_uri())
+        _open(browser, (full_site / "techniques" / page).as_uri())
         d = browser.execute_script(_DIAGRAM)
         assert d is not None and d["texts"] > 5, page
+        problems += [f"{page}: edge {c}" for c in browser.execute_script(_CAPTION_CROSSINGS)]
         if d["svg"] > d["frame"] + 0.5:
             problems.append(f"{page}: diagram {d['svg']:.0f}px in a {d['frame']:.0f}px frame")
         if d["least"] < MIN_TEXT_PX:
             problems.append(f"{page}: text {d['smallest']!r} at {d['least']:.1f}px")
         least = min(least, (d["least"], page))
-        if _overflow(browser) > 0:
-            problems.append(f"{page}: the page is {_overflow(browser)}px too wide at 1440")
+        wide = _overflow(browser)
+        if wide > 0:
+            problems.append(f"{page}: the page is {wide}px too wide at 1440")
     _phone(browser, True)
     try:
         for page in pages:
-            browser.get((full_site / "techniques" / page).as_uri())
-            if _overflow(browser) > 0:
-                problems.append(f"{page}: the page is {_overflow(browser)}px too wide at 390")
+            _open(browser, (full_site / "techniques" / page).as_uri())
+            wide = _overflow(browser)
+            if wide > 0:
+                problems.append(f"{page}: the page is {wide}px too wide at 390")
             d = browser.execute_script(_DIAGRAM)
             if d["svg"] > d["frame"] + 0.5:
                 problems.append(f"{page}: diagram {d['svg']:.0f}px in a {d['frame']:.0f}px frame at 390")
@@ -115,7 +150,7 @@ def test_full_size_control_pans_inside_the_frame(browser, full_site) -> None:
 
     _phone(browser, True)
     try:
-        browser.get((full_site / "techniques" / "unipelt.html").as_uri())
+        _open(browser, (full_site / "techniques" / "unipelt.html").as_uri())
         button = browser.find_element(By.CSS_SELECTOR, "figure.diagram button.zoom")
         fit = browser.execute_script(_DIAGRAM)
         button.click()
@@ -157,3 +192,60 @@ def test_not_applicable_says_why_and_test_shapes_hide(browser, full_site) -> Non
     assert cell.text == "n/a" and "no bias" in cell.get_attribute("title")
     browser.get((full_site / "models.html").as_uri())
     assert not any(c.is_displayed() for c in browser.find_elements(By.CSS_SELECTOR, ".test-shape"))
+
+
+def test_index_table_fits_at_1440_with_more_columns_behind_a_toggle(browser, full_site) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(1440, 900)
+    _open(browser, (full_site / "index.html").as_uri())
+    box = "var s = document.querySelector('#techniques').closest('.scroll'); return s.scrollWidth - s.clientWidth;"
+    assert browser.execute_script(box) <= 0
+    more = browser.find_elements(By.CSS_SELECTOR, "#techniques thead th.more")
+    assert len(more) == 3 and not any(th.is_displayed() for th in more)
+    browser.find_element(By.CSS_SELECTOR, "label[for=more-columns]").click()
+    WebDriverWait(browser, 10).until(lambda d: all(th.is_displayed() for th in more))
+    assert browser.execute_script(box) > 0  # the three columns are back (the box scrolls again, as it did)
+    _phone(browser, True)
+    try:
+        _open(browser, (full_site / "index.html").as_uri())
+        cells = browser.find_elements(By.CSS_SELECTOR, "#row-lora td.more")
+        assert len(cells) == 3 and all(c.is_displayed() for c in cells)  # the cards show every column
+        assert _overflow(browser) <= 0
+    finally:
+        _phone(browser, False)
+
+
+def test_compare_diagrams_fit_their_columns_with_full_size(browser, full_site) -> None:
+    """compare.html: each diagram is scaled to its column (no page overflow), has an 'open full size' link to its SVG
+    and the Full size control, which shows it at its own size inside its frame."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(1440, 900)
+    _open(browser, (full_site / "compare.html").as_uri() + "?ids=lora,molora_topk")
+    cells = [c for c in browser.find_elements(By.CSS_SELECTOR, "td.diagram-cell") if c.is_displayed()]
+    assert len(cells) == 2
+    for cell in cells:
+        img = cell.find_element(By.CSS_SELECTOR, "figure.diagram .frame img")
+        WebDriverWait(browser, 20).until(lambda d, i=img: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i))
+        sizes = browser.execute_script(
+            "var i = arguments[0], f = i.closest('.frame'); return [i.getBoundingClientRect().width, f.clientWidth, i.naturalWidth];", img)
+        assert sizes[0] <= sizes[1] + 0.5 and sizes[0] >= 0.9 * sizes[1]  # scaled to its column
+        assert sizes[2] > sizes[0]  # the drawing is larger than its column: the link and the control matter
+        link = cell.find_element(By.CSS_SELECTOR, "a.open-full")
+        assert link.get_attribute("href").endswith(".svg") and link.is_displayed()
+    assert _overflow(browser) <= 0
+    button = cells[1].find_element(By.CSS_SELECTOR, "button.zoom")
+    button.click()
+    WebDriverWait(browser, 10).until(lambda d: button.get_attribute("aria-pressed") == "true")
+    img = cells[1].find_element(By.CSS_SELECTOR, "img")
+    full = browser.execute_script("var i = arguments[0]; return [i.getBoundingClientRect().width, i.naturalWidth, i.closest('.frame').clientWidth];", img)
+    assert abs(full[0] - full[1]) <= 1 and full[0] > full[2]
+
+
+def test_a_mixture_of_experts_is_drawn_as_router_experts_and_sum(browser, full_site) -> None:
+    _open(browser, (full_site / "techniques" / "molora.html").as_uri())
+    texts = browser.execute_script("return Array.from(document.querySelectorAll('figure.diagram svg text')).map(function (t) { return t.textContent; });")
+    assert "router" in texts and "expert 1" in texts and "weighted sum" in texts

@@ -23,15 +23,18 @@ from pefref.language.expr import parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.hparams import shape_of
 from pefref.language.sizes import eval_scalar
-from pefref.render.mathtext import math_of
+from pefref.render.mathtext import Math, math_of
+from pefref.render.routing import Routing, find_routing
 from pefref.render.skeleton import Anchor, Skeleton
 from pefref.render.style import (
     FORM_COLOURS,
     FORM_FILLS,
     FROZEN,
     dims_text,
+    esc,
     html_lines,
     pretty,
+    wrap,
 )
 from pefref.view.analysis import stochastic_ops
 
@@ -92,17 +95,24 @@ def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
         return dims_text(spec.shape)
 
 
-def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None) -> list[tuple[str, str]]:
+def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     out = []
     for pname, spec in m.params.items():
-        if not _in_box(spec, layer):
+        if not _in_box(spec, layer) or pname in skip:
             continue
         text = f"{pname}: {_shape_text(spec, names)}" + ("  (one for all layers)" if spec.shared == "layers" else "")
-        out.append(("", text) if spec.trainable else ("frozen", text + " (frozen)"))
+        style = "" if spec.trainable else "frozen"
+        out += [(style, ln) for ln in wrap(text if spec.trainable else text + " (frozen)", _PARAM_WIDTH)]
     return out
 
 
-def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]], names: dict[str, Any] | None) -> str:
+_PARAM_WIDTH = 36
+"""Characters of a tensor's line in a box before it wraps (a long shape expression keeps the drawing narrow)."""
+
+
+def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]], names: dict[str, Any] | None,
+                 skip: frozenset[str] = frozenset(), stack: str | None = None) -> str:
+    """The module's box (``skip``: tensors drawn elsewhere; ``stack``: a count of experts drawn as a row of boxes)."""
     m = pl.module
     nid = f"m_{pl.technique}_{m.name}_{a.site.replace('.', '_')}" + ("" if a.layer is None else f"_L{a.layer}")
     head = f"{m.name}  ·  {m.form}"
@@ -114,17 +124,28 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
     if pl.layers_note:
         lines.append(("small", pl.layers_note))
     lines += body
-    lines += _param_lines(m, names, a.layer)
+    lines += _param_lines(m, names, a.layer, skip)
     unbound = sk.family is not None and a.site not in sk.family.sites
     if unbound:
         lines.append(("small", f"(not placed: {sk.family.family} has no {a.site})"))  # type: ignore[union-attr]
     colour = FORM_COLOURS[m.form]
     sk.graph.add_node(nid, role="module", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
-                      source=pl.source, label=head, html=html_lines(lines), cluster=a.cluster,
+                      source=pl.source, label=head, html=_stacked(html_lines(lines), stack, FORM_COLOURS[m.form]), cluster=a.cluster,
                       dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour,
                            "tooltip": _tooltip(m)})
     _shared_tensors(sk, pl, nid, a, names)
     return nid
+
+
+def _stacked(text: str, count: str | None, colour: str) -> str:
+    """A box's label with, under it, a row of expert boxes (1, 2, …, count) where ``count`` is given."""
+    if count is None:
+        return text
+    names = ["1", "2", "…", count] if count not in ("1", "2", "3") else [str(i + 1) for i in range(int(count))]
+    cells = "".join(f'<TD BORDER="1" COLOR="{colour}" BGCOLOR="#ffffff"><FONT POINT-SIZE="9">{esc("expert " + n if n != "…" else n)}</FONT></TD>'
+                    for n in names)
+    return (f'<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0" CELLPADDING="1"><TR><TD>{text}</TD></TR>'
+            f'<TR><TD><TABLE BORDER="0" CELLSPACING="3" CELLPADDING="3"><TR>{cells}</TR></TABLE></TD></TR></TABLE>')
 
 
 def _tooltip(m: Any) -> str:
@@ -176,23 +197,7 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
     form = form_of(m)
     how = form.integration
     if how is Integration.HIDDEN:
-        nid = _module_node(sk, pl, a, _math("δ = ", m.compute), names)
-        if _side(m):
-            _side_module(sk, pl, a, nid)
-        else:
-            reads = parse_expr(m.integrate).names
-            if form.reads_input == "x":  # a branch from the site's input
-                for src in a.inputs:
-                    sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
-            for out in a.outputs:
-                c = _combine(sk, nid, pl, m.integrate, a, out)
-                h = sk.tail[out]
-                if form.reads_input == "h":
-                    _edge(sk, h, nid, "h", f, "h")
-                if "h" in reads or form.reads_input == "x":
-                    _edge(sk, h, c, "h", f, "h")
-                _edge(sk, nid, c, "delta", f, "δ")
-                sk.tail[out] = c
+        nid = _attach_hidden(sk, pl, a, names)
     elif how is Integration.SCALE:
         nid = _module_node(sk, pl, a, _math("⊙ ", m.scale) + ([("small", "(input side)")] if m.side == "input" else []), names)
         sk.graph.nodes[nid]["dot"]["shape"] = "box"
@@ -238,6 +243,68 @@ def attach_module(sk: Skeleton, pl: Placed, a: Anchor) -> None:
             node.setdefault("dot", {}).update(fillcolor=FORM_FILLS[f], color=FORM_COLOURS[f], penwidth="2")
             _edge(sk, nid, out, "unfreeze", f, "unfreezes " + what, style="dashed", arrowhead="odot")
     pl.users.setdefault(a.site, []).append(nid)
+
+
+def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | None) -> str:
+    """A module whose output ``δ`` is combined with the host's ``h``; a routed mixture as router, experts and their sum."""
+    m = pl.module
+    f = m.form
+    form = form_of(m)
+    routing = None if _side(m) else find_routing(m.compute, m.params)
+    if routing is None:
+        nid = _module_node(sk, pl, a, _math("δ = ", m.compute), names)
+    else:
+        body = [("markup", ln.dot()) for ln in Math((("δ", ""), (routing.letter, "sub"), (" = ", ""), *routing.experts.segments), "").lines(34)]
+        nid = _module_node(sk, pl, a, body, names, skip=routing.router_params, stack=routing.count or "E")
+    if _side(m):
+        _side_module(sk, pl, a, nid)
+        return nid
+    reads = parse_expr(m.integrate).names
+    readers = [nid]
+    delta = nid
+    if routing is not None:
+        router, delta = _router(sk, pl, a, routing, nid, names)
+        readers.append(router)
+    if form.reads_input == "x":  # a branch from the site's input
+        for src in a.inputs:
+            for r in readers:
+                sk.pending.append((("out", src), ("node", r), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
+    for out in a.outputs:
+        c = _combine(sk, nid, pl, m.integrate, a, out)
+        h = sk.tail[out]
+        if form.reads_input == "h":
+            for r in readers:
+                _edge(sk, h, r, "h", f, "h")
+        if "h" in reads or form.reads_input == "x":
+            _edge(sk, h, c, "h", f, "h")
+        _edge(sk, delta, c, "delta", f, "δ")
+        sk.tail[out] = c
+    return nid
+
+
+def _router(sk: Skeleton, pl: Placed, a: Anchor, r: Routing, experts: str, names: dict[str, Any] | None) -> tuple[str, str]:
+    """The router (its gates ``s``) and the weighted sum of the experts' outputs; returns both node ids."""
+    m = pl.module
+    colour, fill = FORM_COLOURS[m.form], FORM_FILLS[m.form]
+    k = r.letter
+    lines: list[tuple[str, str]] = [("b", "router")]
+    lines += [("markup", ln.dot()) for ln in r.gates.lines(34, "s = ")]
+    scope = f"the {r.sparse} largest of {r.count or 'the'} experts' scores, 0 elsewhere" if r.sparse else f"softmax over the {r.count or ''} experts".replace("  ", " ")
+    lines.append(("small", scope))
+    lines += _param_lines(m, names, a.layer, frozenset(m.params) - r.router_params)
+    router = f"{experts}_router"
+    sk.graph.add_node(router, role="router", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
+                      label="router", html=html_lines(lines), cluster=a.cluster,
+                      dot={"shape": "box", "style": "rounded,filled", "fillcolor": "#ffffff", "color": colour, "penwidth": "1.5"})
+    mix = f"{experts}_mix"
+    total = [("Σ", ""), (k, "sub"), (" s", ""), (k, "sub"), ("·δ", ""), (k, "sub")]
+    sk.graph.add_node(mix, role="mix", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
+                      label="weighted sum", html=html_lines([("markup", "δ = " + Math(tuple(total), "").dot()), ("small", "weighted sum")]),
+                      cluster=a.cluster, dot={"shape": "box", "style": "rounded,filled", "fillcolor": fill, "color": colour})
+    _edge(sk, router, mix, "gate", m.form, "s (gates)", style="dashed")
+    sk.graph.add_edge(router, experts, role="layout", dot={"style": "invis"})  # the router above its experts: a narrower drawing
+    _edge(sk, experts, mix, "delta", m.form, Math((("δ", ""), (k, "sub")), "").dot())
+    return router, mix
 
 
 def _side(m: Any) -> bool:

@@ -144,7 +144,8 @@ def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str
         widths = {s: int(eval_scalar(host_widths(s, fam, catalog)[1], sizes)) for s in fam.sites if s in catalog.reference.sites}
     for res in compositions or []:
         draw_blocks(g, res, widths)
-    g.graph["attrs"] = {"rankdir": "TB", "nodesep": "0.15", "ranksep": "0.25", "compound": "true"}
+    g.graph["attrs"] = {"rankdir": "TB", "nodesep": "0.15", "ranksep": "0.25", "compound": "true", "newrank": "true", "pad": "0.02"}
+    g.graph["caption_nodes"] = True  # edges never run through a box's caption
     g.graph["techniques"] = [t.id for t in techniques]
     g.graph["model"] = model
     g.graph["family"] = fam.family if fam is not None else None

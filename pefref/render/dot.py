@@ -4,7 +4,10 @@ The graphs pefref draws carry their drawing as data: ``graph.graph`` holds
 ``attrs`` (graph-level DOT attributes), ``title`` (an HTML-like label body)
 and ``clusters`` (id → ``html``, ``parent``); each node an ``html`` label body
 (or a plain ``label``, escaped here), a ``cluster`` and a ``dot`` dict of
-attributes; each edge a ``label`` and a ``dot`` dict. DOT source is written
+attributes; each edge a ``label`` and a ``dot`` dict. With ``caption_nodes``
+set on the graph, each cluster's caption is a node on its own rank at the top
+of the cluster (invisible edges hold it above the cluster's contents), so that
+``dot`` routes edges around captions instead of through them. DOT source is written
 with the ``graphviz`` package; labels are always HTML-like labels built from
 escaped text, so user text cannot break out of them.
 """
@@ -66,23 +69,69 @@ def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
     for cid, spec in clusters.items():
         children.setdefault(spec.get("parent"), []).append(cid)
 
+    as_nodes = bool(graph.graph.get("caption_nodes"))
+
     def emit(target: Any, cluster: str | None) -> None:
         for cid in children.get(cluster, []):
             spec = clusters[cid]
+            caption = _html(spec.get("html", esc(spec.get("label", ""))))
             with target.subgraph(name=f"cluster_{cid}") as sub:
-                sub.attr(label=_html(spec.get("html", esc(spec.get("label", "")))), **_attrs(spec.get("dot", {"style": "rounded", "color": "#b0b0b0", "labeljust": "l"})))
+                style = spec.get("dot", {"style": "rounded", "color": "#b0b0b0", "labeljust": "l"})
+                if as_nodes:
+                    sub.attr(label="", **_attrs({k: v for k, v in style.items() if k != "labeljust"}))
+                    sub.node(_caption(cid), label=caption, shape="plaintext", margin="0")
+                else:
+                    sub.attr(label=caption, **_attrs(style))
                 emit(sub, cid)
         for n in members.get(cluster, []):
             a = graph.nodes[n]
             target.node(neutral_text(str(n)), label=_node_label(a), **_attrs(a.get("dot", {})))
 
     emit(g, None)
+    if as_nodes:
+        _caption_edges(g, graph, members, children)
     for u, v, a in graph.edges(data=True):
         extra = dict(a.get("dot", {}))
         if a.get("label"):
             extra["label"] = _html(esc(a["label"]))
         g.edge(neutral_text(str(u)), neutral_text(str(v)), **_attrs(extra))
     return g.source
+
+
+def _caption(cid: str) -> str:
+    return f"caption__{cid}"
+
+
+def _within(cid: str, members: dict[str | None, list[str]], children: dict[str | None, list[str]]) -> list[str]:
+    """The node ids drawn in cluster ``cid``: its own nodes, and its sub-clusters' captions."""
+    return [str(n) for n in members.get(cid, [])] + [_caption(c) for c in children.get(cid, [])]
+
+
+def _caption_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]], children: dict[str | None, list[str]]) -> None:
+    """Invisible edges that put each caption on a rank of its own at the top of its cluster: below whatever enters
+    the cluster, above everything inside it (``dot`` then routes edges around it, never through it)."""
+    clusters: dict[str, dict[str, Any]] = graph.graph.get("clusters", {})
+    home = {str(n): c for c, ns in members.items() for n in ns}
+
+    def chain(n: str) -> list[str]:
+        out, c = [], home.get(n)
+        while c is not None:
+            out.append(c)
+            c = clusters[c].get("parent")
+        return out
+
+    added: set[tuple[str, str]] = set()
+    for u, v, a in graph.edges(data=True):
+        if str(a.get("dot", {}).get("constraint", "true")) == "false":
+            continue
+        outside = set(chain(str(u)))
+        for c in chain(str(v)):
+            if c not in outside and (str(u), c) not in added:
+                added.add((str(u), c))
+                g.edge(str(u), _caption(c), style="invis", weight="0")
+    for cid in clusters:
+        for n in _within(cid, members, children):
+            g.edge(_caption(cid), n, style="invis", weight="0")
 
 
 def dot_available() -> bool:

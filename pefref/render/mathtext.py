@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pefref.language.expr import parse_expr
 
-__all__ = ["Math", "math_of"]
+__all__ = ["Math", "einsum_math", "math_of", "tree_math"]
 
 _GREEK = {
     "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "eta": "η", "theta": "θ",
@@ -256,3 +256,13 @@ def _einsum(subscripts: str, operands: list[ast.AST]) -> list[Seg]:
             f = f + [(tm, "sub")]
         factors.append(f)
     return segs + _join(factors, "·")
+
+
+def tree_math(node: ast.AST) -> Math:
+    """A checked expression's subtree rendered as math."""
+    return Math(tuple(_merge(_node(node))), ast.unparse(node))
+
+
+def einsum_math(subscripts: str, operands: list[ast.AST]) -> Math:
+    """``einsum(subscripts, *operands)`` rendered as a sum of indexed products (as :func:`math_of` writes it)."""
+    return Math(tuple(_merge(_einsum(subscripts, operands))), subscripts)
