@@ -77,6 +77,8 @@ def test_hooks_validate_and_derive_into_the_typology(tmp_path: Path) -> None:
     ("  - {kind: schedule, name: r, value: step}", "training[0].name", 1, 28, "already the name of a hyperparameter"),
     ("  - {kind: schedule, name: s, value: \"A * step\"}", "training[0].value", 1, 39, "unknown name 'A'"),
     ("  - {kind: aux_loss, module: lora, value: \"sum(dropout(B, 0.1), -1)\"}", "training[0].value", 1, 48, "op 'dropout' cannot be used"),
+    ("  - {kind: grad_projection, tensor: lora.A, value: grad}\n  - {kind: schedule, name: s, value: step, tensor: lora.Z}", "training[1].tensor", 2, 52,
+     "module 'lora' has no tensor 'Z'"),
     ("  - {kind: after_step, tensor: lora.B, value: B, when: 3}", "training[0].when", 1, 50, "unknown key 'when'"),
     ("  - {kind: warmup, value: step}", "training[0]", 1, 5, "kind"),
 ])

@@ -68,6 +68,8 @@ def _module_of(hook: Any, modules: dict[str, Any], hp: tuple[Any, ...], pos: Pos
                                      f"(tensors: {', '.join(m.params) or 'none'})")]
     if isinstance(hook, GradProjectionHook) and tname is not None and not m.params[tname].trainable:
         return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is not trainable: it has no gradient to project")]
+    if isinstance(hook, GradProjectionHook) and tname is not None and (m.params[tname].split or m.params[tname].stacked != "none"):
+        return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is stored split or stacked: a gradient projection needs it whole")]
     return m, tname, []
 
 
