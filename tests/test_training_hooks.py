@@ -299,3 +299,27 @@ def test_trainer_callback_gives_the_parameters_of_the_hand_written_loop(tmp_path
     diff = max(float((getattr(a, n) - getattr(b, n)).detach().abs().max()) for a, b in zip(_units(ad), twin_ad.units.values()) for n in ("A", "B", "M"))
     assert diff <= 1e-5
     assert max(float(u.B.abs().max()) for u in _units(ad)) > 1e-3  # trained
+
+
+def test_the_trainer_callback_is_not_imported_by_import_pefref() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, pefref; print('pefref.experiments.trainer' in sys.modules, 'pefref.runtime.training' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"
+
+
+def test_a_composition_member_runs_its_hooks(tmp_path: Path) -> None:
+    from pefref.runtime.training import aux_loss_of, hooked
+
+    _model, ad = _hooked(tmp_path)
+
+    class Members:  # what a composition exposes: its adapters by name
+        adapters = {"one": ad, "plain": apply(build_model("tiny-llama", seed=0), "lora")}
+
+    assert hooked([Members()]) == [ad]
+    with torch.no_grad():
+        for u in _units(ad):
+            u.B.fill_(0.5)
+    assert float(aux_loss_of([Members()]).detach()) == pytest.approx(float(ad.aux_loss().detach())) and float(ad.aux_loss().detach()) > 0

@@ -26,7 +26,7 @@ from pefref.ops import PRIMITIVES
 if TYPE_CHECKING:
     from pefref.runtime.adapter import Adapter
 
-__all__ = ["TrainingHooks", "HOOKS_UNUSED", "aux_loss_of", "before_step_of", "after_step_of"]
+__all__ = ["TrainingHooks", "HOOKS_UNUSED", "hooked", "aux_loss_of", "before_step_of", "after_step_of"]
 
 HOOKS_UNUSED = ("technique {tid!r} (adapter {name!r}) declares training-time behaviour ({kinds}) that this training loop "
                 "does not run: call adapter.aux_loss(), adapter.before_optimizer_step(step) and adapter.after_optimizer_step(step) "
@@ -169,21 +169,31 @@ def _set_grad(p: torch.Tensor, g: Any) -> None:
     p.grad.copy_(torch.as_tensor(g, dtype=p.grad.dtype, device=p.grad.device).expand_as(p.grad))
 
 
+def hooked(adapters: list[Any]) -> list[Any]:
+    """The adapters among ``adapters`` (a composition's members included) whose technique declares training-time behaviour."""
+    out: list[Any] = []
+    for a in adapters:
+        members = getattr(a, "adapters", None)
+        if isinstance(members, dict):
+            out += hooked(list(members.values()))
+        elif getattr(getattr(a, "technique", None), "training", None):
+            out.append(a)
+    return out
+
+
 def aux_loss_of(adapters: list[Any]) -> torch.Tensor | float:
     """The auxiliary losses of every adapter that declares training-time behaviour (0 when none does)."""
-    terms = [a.aux_loss() for a in adapters if getattr(getattr(a, "technique", None), "training", None)]
+    terms = [a.aux_loss() for a in hooked(adapters)]
     return sum(terms[1:], terms[0]) if terms else 0.0
 
 
 def before_step_of(adapters: list[Any], step: int) -> None:
     """``before_optimizer_step(step)`` of every adapter that declares training-time behaviour."""
-    for a in adapters:
-        if getattr(getattr(a, "technique", None), "training", None):
-            a.before_optimizer_step(step)
+    for a in hooked(adapters):
+        a.before_optimizer_step(step)
 
 
 def after_step_of(adapters: list[Any], step: int) -> None:
     """``after_optimizer_step(step)`` of every adapter that declares training-time behaviour."""
-    for a in adapters:
-        if getattr(getattr(a, "technique", None), "training", None):
-            a.after_optimizer_step(step)
+    for a in hooked(adapters):
+        a.after_optimizer_step(step)
