@@ -79,6 +79,9 @@ def test_hooks_validate_and_derive_into_the_typology(tmp_path: Path) -> None:
     ("  - {kind: aux_loss, module: lora, value: \"sum(dropout(B, 0.1), -1)\"}", "training[0].value", 1, 48, "op 'dropout' cannot be used"),
     ("  - {kind: grad_projection, tensor: lora.A, value: grad}\n  - {kind: schedule, name: s, value: step, tensor: lora.Z}", "training[1].tensor", 2, 52,
      "module 'lora' has no tensor 'Z'"),
+    ("  - {kind: grad_projection, tensor: lora.A, value: \"matmul(grad, t(U))\"}", "training[0].value", 1, 52, "the value has shape [4, 2]; the tensor 'lora.A' is [4, 512]"),
+    ("  - {kind: aux_loss, module: lora, value: \"sum(B ** 2, -1)\"}", "training[0].value", 1, 43, "an aux loss gives one value"),
+    ("  - {kind: after_step, tensor: lora.B, value: \"matmul(B, U)\"}", "training[0].value", 1, 48, "matmul"),
     ("  - {kind: after_step, tensor: lora.B, value: B, when: 3}", "training[0].when", 1, 50, "unknown key 'when'"),
     ("  - {kind: warmup, value: step}", "training[0]", 1, 5, "kind"),
 ])

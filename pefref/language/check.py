@@ -169,7 +169,7 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train"))
     if not out:
         out += check_connections(modules, ref, pos)
-    return out + check_training(t.training, modules, set(hps), pos)
+    return out + check_training(t.training, modules, {k: v.default for k, v in hps.items()}, pos, ref if defaults_sound else None)
 
 
 def _check_references(t: Technique, pos: Positions, pool: dict[str, Technique]) -> list[Problem]:

@@ -12,8 +12,10 @@ from pefref.language.errors import Location, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, ScheduleHook
+from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
+from pefref.ops.shapes import Shape
 
 __all__ = ["check_training", "hook_names", "HOOK_OPS", "STEP", "GRAD", "INITIAL"]
 
@@ -73,8 +75,40 @@ def _module_of(hook: Any, modules: dict[str, Any], hp: tuple[Any, ...], pos: Pos
     return m, tname, []
 
 
-def check_training(training: list[Any], modules: list[Any], hps: set[str], pos: Positions) -> list[Problem]:
-    """Located problems of the training hooks (modules and tensors named, names and ops read, schedule names)."""
+def _param_shapes(m: Any, hps: dict[str, Any], ref: Any, pos: Positions) -> dict[str, Any]:
+    """The shapes of a module's tensors at its first site, on the reference sizes (None where one does not resolve)."""
+    sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+    site = next((ref.sites[s] for s in m.sites if s in ref.sites), None)
+    if site is None:
+        return {}
+    d_out = _width(site.out, sizes) or 0
+    names: dict[str, Any] = {**sizes, "d_in": _width(site.in_, sizes) or d_out, "d_out": d_out, "causal": 1, **hps}
+    out: dict[str, Any] = {}
+    for pname, spec in m.params.items():
+        dims = [d if isinstance(d, int) else _run(d, names, pos, ())[0] for d in spec.shape]
+        out[pname] = Shape(int(d) for d in dims) if all(isinstance(d, (int, float)) for d in dims) else None
+    return {**names, **out}
+
+
+def _check_shape(hook: Any, tname: str | None, env: dict[str, Any], pos: Positions, hp: tuple[Any, ...]) -> list[Problem]:
+    """What the hook's value gives, on shapes: the tensor's own shape (projections), one value (losses, schedules)."""
+    got, out = _run(hook.value, env, pos, hp + ("value",))
+    if out or got is None:
+        return out
+    scalar = not isinstance(got, Shape) or len(got) == 0 or got == Shape((1,))
+    if tname is not None and not isinstance(hook, ScheduleHook):
+        want = env.get(tname)
+        if want is not None and isinstance(got, Shape) and got != want:
+            return [_problem(pos, hp + ("value",), f"the value has shape {got}; the tensor {hook.tensor!r} is {want}")]
+    elif not scalar:
+        what = "an aux loss" if isinstance(hook, AuxLossHook) else "a schedule"
+        return [_problem(pos, hp + ("value",), f"the value has shape {got}; {what} gives one value (reduce it, e.g. with sum)")]
+    return []
+
+
+def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None) -> list[Problem]:
+    """Located problems of the training hooks (modules and tensors named, names and ops read, schedule names, and with
+    ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults."""
     out: list[Problem] = []
     by_name = {m.name: m for m in modules}
     schedules: set[str] = set()
@@ -91,11 +125,18 @@ def check_training(training: list[Any], modules: list[Any], hps: set[str], pos: 
         if found:
             continue
         params = set(m.params) if m is not None else set()
-        allowed = hook_names(hook, params, hps, every)
+        allowed = hook_names(hook, params, set(hps), every)
         if isinstance(hook, AfterStepHook) and tname is not None:
             allowed["value"] |= {tname}
+        found = []
         for fld, names in allowed.items():
             text = getattr(hook, fld)
             if isinstance(text, str):
-                out += _names(parse_expr(text), names, pos, hp + (fld,), f"the {hook.kind} {fld}")
+                found += _names(parse_expr(text), names, pos, hp + (fld,), f"the {hook.kind} {fld}")
+        out += found
+        if not found and ref is not None:
+            env = {**(_param_shapes(m, hps, ref, pos) if m is not None else hps), **{n: 1.0 for n in every}, STEP: 1, GRAD: None}
+            if tname is not None:
+                env[GRAD] = env[INITIAL] = env.get(tname)
+            out += _check_shape(hook, tname, env, pos, hp)
     return out
