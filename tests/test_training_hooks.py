@@ -200,6 +200,7 @@ def test_aux_loss_is_zero_without_hooks_and_the_unused_hooks_warn_once(tmp_path:
             model2(**batch).loss.backward()
             ad2.before_optimizer_step(step)
     assert not [w for w in caught if "declares training-time behaviour" in str(w.message)]
+    assert not [h for h in model2._forward_pre_hooks.values() if type(h).__name__ == "_Watch"]  # off the model once the loop calls it
     base = {k: v.clone() for k, v in build_model("tiny-llama", seed=0).state_dict().items()}
     back = ad2.remove().state_dict()
     assert all(torch.equal(base[k], back[k]) for k in base)  # removing takes the watch and the units out

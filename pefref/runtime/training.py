@@ -70,6 +70,15 @@ class TrainingHooks:
             warnings.warn(HOOKS_UNUSED.format(tid=self.adapter.technique.id, name=self.adapter.name, kinds=kinds), UserWarning, stacklevel=2)
             self.called = True  # once
 
+    def _called(self) -> None:
+        """A hook method ran: the loop runs the hooks, and the watch comes off the model (no cost per forward after)."""
+        self.called = True
+        if self.handle is not None:
+            self.handle.remove()
+            if self.handle in self.adapter._hooks:
+                self.adapter._hooks.remove(self.handle)
+            self.handle = None
+
     def _units(self, module: str) -> list[tuple[str, nn.Module]]:
         return [(k, u) for k, u in self.adapter.units.items() if getattr(self.adapter.unit_modules.get(k), "name", None) == module]
 
@@ -95,7 +104,7 @@ class TrainingHooks:
 
     def aux_loss(self) -> torch.Tensor:
         """The sum of the auxiliary loss terms (a scalar tensor; 0 when there are none)."""
-        self.called = True
+        self._called()
         total: torch.Tensor | None = None
         for h in self.adapter.technique.training:
             if not isinstance(h, AuxLossHook):
@@ -114,7 +123,7 @@ class TrainingHooks:
 
     def before_step(self, step: int) -> None:
         """Schedules at ``step``, then every gradient projection (after the backward pass, before the optimiser step)."""
-        self.called = True
+        self._called()
         self.set_schedules(step)
         for h in self.adapter.technique.training:
             if isinstance(h, GradProjectionHook):
@@ -122,7 +131,7 @@ class TrainingHooks:
 
     def after_step(self, step: int) -> None:
         """Every after-step projection, assigned back without gradient."""
-        self.called = True
+        self._called()
         for h in self.adapter.technique.training:
             if isinstance(h, AfterStepHook):
                 tname = h.tensor.split(".")[1]
