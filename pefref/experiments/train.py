@@ -50,6 +50,7 @@ from pefref.experiments.tasks import (
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.language.schema.experiment import DataSpec, TaskSpec, TrainingSpec
+from pefref.runtime.training import after_step_of, aux_loss_of, before_step_of
 
 __all__ = ["RunConfig", "RunEnv", "StopFlag", "TrainState", "train_run", "versions"]
 
@@ -385,11 +386,13 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
                 mark_dynamic(micro)
             with hooks, run.autocast():
                 ls = loss_sum(model_logits(loop.fwd, micro), micro["labels"], cfg.causal)
-            (ls * W / count).backward()
+            (ls * W / count + aux_loss_of(run.prep.adapters) / A).backward()  # the techniques' auxiliary losses, once per step
         summed += float(ls.detach())
     if tr.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.params, tr.max_grad_norm)
+    before_step_of(run.prep.adapters, state.step)  # training hooks: schedules, gradient projections (after clipping, as Trainer's on_pre_optimizer_step)
     run.opt.step()
+    after_step_of(run.prep.adapters, state.step)  # training hooks: after-step projections
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     loop.times.append(time.perf_counter() - t0)

@@ -44,6 +44,7 @@ class Adapter:
     _host_backup: dict[str, torch.Tensor] = field(default_factory=dict)
     _hooks: list[Any] = field(default_factory=list)
     _removed: bool = False
+    _training: Any = None  # TrainingHooks, when the technique declares training-time behaviour
 
     def __repr__(self) -> str:
         n = self.report.trainable if self.report else 0
@@ -107,6 +108,30 @@ class Adapter:
         for name, p in self.selected.items():
             add(f"host.{name}", p, 1.0, None)
         return list(groups.values())
+
+    # --- training-time behaviour ------------------------------------------------
+
+    def _training_hooks(self) -> Any:
+        if self._training is None:
+            from pefref.runtime.training import TrainingHooks
+
+            self._training = TrainingHooks(self)
+            if self.technique.training:
+                self._training.start()
+        return self._training
+
+    def aux_loss(self) -> torch.Tensor:
+        """The technique's auxiliary loss terms (``training: aux_loss``), to add to the task loss; a scalar 0 when it has none."""
+        return self._training_hooks().aux_loss()
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Call after the backward pass, before ``optimizer.step()``: sets the schedules at ``step`` (0-based optimiser
+        step) and projects the gradients (``training: schedule, grad_projection``)."""
+        self._training_hooks().before_step(step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Call after ``optimizer.step()``: projects the tensors (``training: after_step``), without gradient."""
+        self._training_hooks().after_step(step)
 
     # --- state --------------------------------------------------------------
 

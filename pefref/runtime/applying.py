@@ -202,6 +202,8 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
         if n_trainable == 0:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {p.family.family} modules do not have)")
         adapter.report = Report(tech.id, p.family.family, list(rows.values()), n_trainable, sum(q.numel() for q in base))
+        if tech.training:  # training-time behaviour: initial values snapshot, the unused-hooks watch (undone on failure)
+            txn.on_undo(adapter._training_hooks().handle.remove)
     return adapter
 
 

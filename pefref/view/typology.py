@@ -18,10 +18,16 @@ from pefref.language.schema.reference import WORKSPACES
 from pefref.ops import PRIMITIVES
 from pefref.view.analysis import connected_modules, integration_kind, module_mergeable, ops_used, reads, uses_matmul
 
-__all__ = ["Typology", "derive_typology", "module_typology", "INTRA_ORDER"]
+__all__ = ["Typology", "derive_typology", "module_typology", "training_time", "INTRA_ORDER", "TRAINING_TIME", "HOOK_LABELS"]
 
 INTRA_ORDER = ("attention", "kronecker/hypercomplex", "orthogonal", "sparse", "dense", "low-rank", "none")
 """When a module combines several structures, the first in this order names it."""
+
+TRAINING_TIME = "training_time"
+"""The derived value naming a technique's training-time behaviour (its ``training:`` hook kinds), beside the
+PEFT-Ref properties: 'none', or the kinds' labels joined with ' + ' in the order of :data:`HOOK_LABELS`."""
+HOOK_LABELS = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after-step projection",
+               "aux_loss": "auxiliary loss"}
 
 
 @dataclass
@@ -169,8 +175,15 @@ def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Te
             values[prop] = next((v for v in INTRA_ORDER if v in kinds), "none") if len(kinds - {"none"}) <= 1 else _join([v for v in INTRA_ORDER if v in kinds and v != "none"])
         else:
             values[prop] = _join([r[prop] for r in rows])
+    values[TRAINING_TIME] = training_time(t)
     declared = []
     for prop, v in t.typology.items():
         values[prop] = v if isinstance(v, str) else " + ".join(v)
         declared.append(prop)
     return Typology(t.id, values, declared)
+
+
+def training_time(t: Technique) -> str:
+    """The technique's training-time behaviour from its ``training:`` hooks (kinds in a fixed order), or 'none'."""
+    kinds = {h.kind for h in t.training}
+    return " + ".join(label for k, label in HOOK_LABELS.items() if k in kinds) or "none"

@@ -14,6 +14,7 @@ __all__ = [
     "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
+    "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "TrainingHook", "HOOK_KINDS",
 ]
 
 FORMS = tuple(_REGISTRY)
@@ -269,6 +270,60 @@ Module = Annotated[
 ]
 
 
+HOOK_KINDS = ("schedule", "grad_projection", "after_step", "aux_loss")
+"""The closed set of training-time behaviours a technique may declare (``training:``)."""
+TensorRef = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class _HookBase(Strict):
+    description: str = Field("", description="What the training-time behaviour does and why (the paper's equation).")
+
+
+class ScheduleHook(_HookBase):
+    """A value over optimiser steps (a budget, a rate, a mask): an expression of ``step``, recomputed before each step."""
+
+    kind: Literal["schedule"]
+    name: Identifier = Field(description="The schedule's name: the other hooks' expressions read its current value under it.")
+    value: ExprStr = Field(description="The value at optimiser step `step` (0 before the first), from step and the hyperparameters, "
+                           "e.g. a cubic decay of a rank budget after a warm-up.")
+    tensor: TensorRef | None = Field(None, description="'module.tensor': also write the value into this tensor of every unit of the "
+                                     "module before each step (a mask over ranks), broadcast to its shape, without gradient.")
+
+
+class GradProjectionHook(_HookBase):
+    """A projection of a tensor's gradient, applied after the backward pass and before the optimiser step."""
+
+    kind: Literal["grad_projection"]
+    tensor: TensorRef = Field(description="'module.tensor': the trainable tensor whose gradient is projected, in every unit of the module.")
+    value: ExprStr = Field(description="The new gradient, from `grad` (the current one), the module's tensors, the hyperparameters and "
+                           "the schedules, e.g. grad - matmul(matmul(grad, t(U)), U) (remove the component in a frozen subspace).")
+
+
+class AfterStepHook(_HookBase):
+    """A projection of a tensor after each optimiser step, assigned back without gradient."""
+
+    kind: Literal["after_step"]
+    tensor: TensorRef = Field(description="'module.tensor': the tensor projected, in every unit of the module.")
+    value: ExprStr = Field(description="The tensor's new value, from its current value (its own name), `initial` (its value when the "
+                           "adapter was applied), the module's tensors, the hyperparameters and the schedules, e.g. "
+                           "initial + clamp(P - initial, min=-eps, max=eps) (back into an eps-ball around the initial value).")
+
+
+class AuxLossHook(_HookBase):
+    """An auxiliary loss term added to the task loss (a regulariser of the adapter's tensors)."""
+
+    kind: Literal["aux_loss"]
+    module: Identifier = Field(description="The module whose units the term is computed on.")
+    value: ExprStr = Field(description="The term of one unit (a scalar), from the module's tensors and the hyperparameters, e.g. an "
+                           "orthogonality penalty sqrt(sum(sum((matmul(A, t(A)) - eye(r, A)) ** 2, -1), -1)).")
+    reduce: Literal["mean", "sum"] = Field("mean", description="How the units' terms combine: their mean or their sum.")
+    weight: Float | ExprStr = Field(1.0, description="Multiplier of the combined term (a number or an expression over the hyperparameters "
+                                    "and the schedules), e.g. a regulariser weight hyperparameter.")
+
+
+TrainingHook = Annotated[Union[ScheduleHook, GradProjectionHook, AfterStepHook, AuxLossHook], Field(discriminator="kind")]
+
+
 class Technique(Strict):
     """A PEFT technique: the components it adds and how they meet the frozen Transformer."""
 
@@ -287,6 +342,12 @@ class Technique(Strict):
                      "second one, e.g. r_adapter), never a reduction factor of the host width (He et al. 2022's r)."),
     )
     modules: list[Module] = Field(min_length=1)
+    training: list[TrainingHook] = Field(
+        default_factory=list,
+        description=("Training-time behaviour beyond the forward pass, from a closed set of kinds: schedules over optimiser steps, "
+                     "gradient projections, projections after each step and auxiliary losses. Adapter.aux_loss, "
+                     "before_optimizer_step and after_optimizer_step run them (pefref run and the Trainer callback call them)."),
+    )
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
     typology: dict[Literal[TYPOLOGY_PROPERTIES], str | list[str]] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Typology values declared where the structure cannot determine them (shown as declared)."

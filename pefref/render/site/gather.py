@@ -23,6 +23,7 @@ from pefref.render.site.compositions import CompositionView, composition_views
 from pefref.render.site.resultsview import ResultsView
 from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.costs import Efficiency, efficiency
+from pefref.view.typology import training_time
 
 __all__ = [
     "ShapeCount", "TypologyCell", "Related", "TechniqueView", "ShapeView", "SiteData",
@@ -93,6 +94,7 @@ class TechniqueView:
     source: str
     yaml: str
     typology: list[TypologyCell]
+    training_time: str  # "none", or its training: hook kinds (pefref.view.typology.training_time)
     counts: list[ShapeCount]
     efficiency: list[Efficiency]
     builds_on: list[Related] = field(default_factory=list)
@@ -294,7 +296,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             id=tid, name=t.name, summary=summary, row=technique_row(t, catalog.techniques),
             from_catalog=tid not in included, source=_source_label(src, tid, catalog, tid not in included), origin=catalog.origin(tid),
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
-            typology=_typology_cells(t, catalog), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
+            typology=_typology_cells(t, catalog), training_time=training_time(t), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
             **_choice_facts(t, catalog, models[0]),
         ))
     by_id = {v.id: v for v in views}

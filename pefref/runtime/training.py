@@ -1,0 +1,208 @@
+"""A technique's training-time behaviour at run time: schedules, gradient projections, after-step projections,
+auxiliary losses (the ``training:`` hooks of its YAML, checked by :mod:`pefref.language.training`).
+
+:class:`TrainingHooks` evaluates each hook's expression on every unit of the module it names, with the names
+validation allowed it. A training loop calls ``Adapter.aux_loss`` (added to the task loss),
+``Adapter.before_optimizer_step`` (after the backward pass) and ``Adapter.after_optimizer_step``; a loop that
+calls none of them trains the forward pass alone, and the first such training forward warns once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pefref.compiler import parts
+from pefref.language.errors import PefrefError
+from pefref.language.expr import evaluate, parse_expr
+from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, ScheduleHook
+from pefref.language.training import GRAD, HOOK_OPS, INITIAL, STEP
+from pefref.ops import PRIMITIVES
+
+if TYPE_CHECKING:
+    from pefref.runtime.adapter import Adapter
+
+__all__ = ["TrainingHooks", "HOOKS_UNUSED", "hooked", "aux_loss_of", "before_step_of", "after_step_of"]
+
+HOOKS_UNUSED = ("technique {tid!r} (adapter {name!r}) declares training-time behaviour ({kinds}) that this training loop "
+                "does not run: call adapter.aux_loss(), adapter.before_optimizer_step(step) and adapter.after_optimizer_step(step) "
+                "(pefref run does; for transformers.Trainer use pefref.experiments.trainer.TrainingHooksCallback), "
+                "or the adapter trains its forward pass alone")
+"""The one-time warning of a training loop that calls no hook method while the technique declares hooks."""
+
+_OPS: dict[str, Any] = {k: PRIMITIVES[k].fn for k in HOOK_OPS}
+
+
+@dataclass
+class TrainingHooks:
+    """The state of one adapter's training hooks: current schedule values and the tensors' initial values."""
+
+    adapter: Adapter
+    schedules: dict[str, Any] = field(default_factory=dict)
+    initial: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    called: bool = False
+    forwards: int = 0
+    handle: Any = None
+
+    def start(self) -> None:
+        """Snapshot what after-step projections read as ``initial``, set the schedules at step 0 and watch for a loop
+        that never calls the hooks (a forward pre-hook on the model, removed with the adapter)."""
+        for h in self.adapter.technique.training:
+            if isinstance(h, AfterStepHook):
+                mod, tname = h.tensor.split(".")
+                for key, unit in self._units(mod):
+                    self.initial[(key, tname)] = parts.read(unit, tname).detach().clone()
+        self.set_schedules(0)
+        self.handle = self.adapter.model.register_forward_pre_hook(_Watch(self))
+        self.adapter._hooks.append(self.handle)
+
+    def watch(self, module: nn.Module) -> None:
+        """Count a forward pass of the model; the second in training mode with no hook method called warns (once)."""
+        if not module.training or self.called:
+            return
+        self.forwards += 1
+        if self.forwards >= 2:  # a loop that ran a training step without calling any hook method
+            kinds = ", ".join(dict.fromkeys(h.kind for h in self.adapter.technique.training))
+            warnings.warn(HOOKS_UNUSED.format(tid=self.adapter.technique.id, name=self.adapter.name, kinds=kinds), UserWarning, stacklevel=2)
+            self.called = True  # once
+
+    def _called(self) -> None:
+        """A hook method ran: the loop runs the hooks, and the watch comes off the model (no cost per forward after)."""
+        self.called = True
+        if self.handle is not None:
+            self.handle.remove()
+            if self.handle in self.adapter._hooks:
+                self.adapter._hooks.remove(self.handle)
+            self.handle = None
+
+    def _units(self, module: str) -> list[tuple[str, nn.Module]]:
+        return [(k, u) for k, u in self.adapter.units.items() if getattr(self.adapter.unit_modules.get(k), "name", None) == module]
+
+    def _env(self, unit: nn.Module, key: str) -> dict[str, Any]:
+        spec = self.adapter.unit_modules[key]
+        env: dict[str, Any] = dict(self.adapter.hyperparameters)
+        env.update(self.schedules)
+        env.update({n: parts.read(unit, n) for n in spec.params})
+        return env
+
+    def set_schedules(self, step: int) -> None:
+        """Every schedule's value at ``step``, written into its tensor where it names one."""
+        for h in self.adapter.technique.training:
+            if not isinstance(h, ScheduleHook):
+                continue
+            v = evaluate(parse_expr(h.value), {**self.adapter.hyperparameters, STEP: step}, _OPS)
+            self.schedules[h.name] = v
+            if h.tensor is not None:
+                mod, tname = h.tensor.split(".")
+                for _key, unit in self._units(mod):
+                    t = parts.read(unit, tname)
+                    parts.write(unit, tname, torch.as_tensor(v, dtype=t.dtype, device=t.device).expand_as(t))
+
+    def aux_loss(self) -> torch.Tensor:
+        """The sum of the auxiliary loss terms (a scalar tensor; 0 when there are none)."""
+        self._called()
+        total: torch.Tensor | None = None
+        for h in self.adapter.technique.training:
+            if not isinstance(h, AuxLossHook):
+                continue
+            terms = [evaluate(parse_expr(h.value), self._env(u, k), _OPS) for k, u in self._units(h.module)]
+            if not terms:
+                continue
+            term = torch.stack([torch.as_tensor(t).reshape(()) for t in terms])
+            term = term.mean() if h.reduce == "mean" else term.sum()
+            w = h.weight if not isinstance(h.weight, str) else evaluate(parse_expr(h.weight), {**self.adapter.hyperparameters, **self.schedules}, _OPS)
+            total = term * w if total is None else total + term * w
+        if total is None:
+            p = next(iter(self.adapter.trainable_parameters()), None)
+            return torch.zeros((), device=None if p is None else p.device)
+        return total
+
+    def before_step(self, step: int) -> None:
+        """Schedules at ``step``, then every gradient projection (after the backward pass, before the optimiser step)."""
+        self._called()
+        self.set_schedules(step)
+        for h in self.adapter.technique.training:
+            if isinstance(h, GradProjectionHook):
+                self._each(h, lambda p, env, _h=h: _set_grad(p, evaluate(parse_expr(_h.value), {**env, GRAD: p.grad}, _OPS)))
+
+    def after_step(self, step: int) -> None:
+        """Every after-step projection, assigned back without gradient."""
+        self._called()
+        for h in self.adapter.technique.training:
+            if isinstance(h, AfterStepHook):
+                tname = h.tensor.split(".")[1]
+                for key, unit in self._units(h.tensor.split(".")[0]):
+                    with torch.no_grad():
+                        v = evaluate(parse_expr(h.value), {**self._env(unit, key), INITIAL: self.initial[(key, tname)]}, _OPS)
+                        parts.write(unit, tname, v)
+
+    def _each(self, h: GradProjectionHook, fn: Any) -> None:
+        """Run ``fn(parameter, env)`` once per distinct tensor the hook names that has a gradient."""
+        mod, tname = h.tensor.split(".")
+        seen: set[int] = set()
+        for key, unit in self._units(mod):
+            p = unit._parameters.get(tname)
+            if p is None:
+                raise PefrefError(f"training hook on {h.tensor!r}: the tensor is stored stacked or split; gradient projections need it whole")
+            if id(p) in seen or p.grad is None:
+                continue
+            seen.add(id(p))
+            with torch.no_grad():
+                fn(p, self._env(unit, key))
+
+
+class _Watch:
+    """The model's forward pre-hook that watches for a loop not calling the hooks (it keeps the adapter's hooks alive:
+    a model applied without keeping the adapter still warns); a copy of the model (deepcopy, pickle) gets an inert one."""
+
+    def __init__(self, hooks: TrainingHooks | None) -> None:
+        self.hooks = hooks
+
+    def __call__(self, module: nn.Module, _args: Any) -> None:
+        if self.hooks is not None:
+            self.hooks.watch(module)
+
+    def __deepcopy__(self, memo: Any) -> _Watch:
+        return _Watch(None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Watch, (None,))
+
+
+def _set_grad(p: torch.Tensor, g: Any) -> None:
+    assert p.grad is not None
+    p.grad.copy_(torch.as_tensor(g, dtype=p.grad.dtype, device=p.grad.device).expand_as(p.grad))
+
+
+def hooked(adapters: list[Any]) -> list[Any]:
+    """The adapters among ``adapters`` (a composition's members included) whose technique declares training-time behaviour."""
+    out: list[Any] = []
+    for a in adapters:
+        members = getattr(a, "adapters", None)
+        if isinstance(members, dict):
+            out += hooked(list(members.values()))
+        elif getattr(getattr(a, "technique", None), "training", None):
+            out.append(a)
+    return out
+
+
+def aux_loss_of(adapters: list[Any]) -> torch.Tensor | float:
+    """The auxiliary losses of every adapter that declares training-time behaviour (0 when none does)."""
+    terms = [a.aux_loss() for a in hooked(adapters)]
+    return sum(terms[1:], terms[0]) if terms else 0.0
+
+
+def before_step_of(adapters: list[Any], step: int) -> None:
+    """``before_optimizer_step(step)`` of every adapter that declares training-time behaviour."""
+    for a in hooked(adapters):
+        a.before_optimizer_step(step)
+
+
+def after_step_of(adapters: list[Any], step: int) -> None:
+    """``after_optimizer_step(step)`` of every adapter that declares training-time behaviour."""
+    for a in hooked(adapters):
+        a.after_optimizer_step(step)
