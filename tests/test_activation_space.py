@@ -87,7 +87,7 @@ def test_activation_space_in_bf16() -> None:
 def _adapted_weights(ad: pefref.Adapter, model: torch.nn.Module) -> set[tuple[int, int]]:
     shapes = set()
     for u in ad.units.values():
-        d_out, d_in = dict(u.program[2])["d_out"], dict(u.program[2])["d_in"]
+        d_out, d_in = dict(u.program.consts)["d_out"], dict(u.program.consts)["d_in"]
         shapes |= {(d_out, d_in), (d_in, d_out)}
     return shapes
 

@@ -145,19 +145,19 @@ def test_cli_import_is_light() -> None:
     assert proc.stdout.strip() == "[]"
 
 
-def test_readme_tour(tmp_path: Path) -> None:
-    """The README's example technique validates, and its error example is what pefref prints."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_first_tutorial_tour(tmp_path: Path) -> None:
+    """The first tutorial's example technique validates, and its error example is what pefref prints."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "tutorials" / "first-technique.md").read_text(encoding="utf-8")
+    example = page.split("```yaml title=", 1)[1].split("\n", 1)[1].split("```", 1)[0]
     good = tmp_path / "ffn_lora.yaml"
     good.write_text(example, encoding="utf-8")
     assert "OK 1 file: 1 technique" in _ok("validate", str(good))
     bad = tmp_path / "bad" / "ffn_lora.yaml"
     bad.parent.mkdir()
-    bad.write_text(example.replace("ffn.down]", "ffn.donw]").replace("linear(linear(x, A), B)", "linear(linear(x, A), b2)"), encoding="utf-8")
+    bad.write_text(example.replace("ffn.down]", "ffn.donw]").replace("linear(linear(x, A), B)", "linear(linear(x, A), B2)"), encoding="utf-8")
     result = runner.invoke(app, ["validate", str(bad)])
     assert result.exit_code == 1
-    for line in readme.split("2 problems in 1 file")[0].splitlines()[-2:]:
+    for line in page.split("2 problems in 1 file")[0].splitlines()[-2:]:
         where, _, rest = line.partition(" ")
         assert f"{bad}:{where.split(':', 1)[1]} {rest.split('...')[0]}" in result.output
     assert "2 problems in 1 file" in result.output

@@ -115,8 +115,8 @@ def test_compositions_are_drawable() -> None:
     assert r.exit_code == 0 and "digraph" in r.output
 
 
-def test_readme_shows_the_rules() -> None:
+def test_docs_show_the_rules() -> None:
     from pefref.language.composition import rules_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert rules_markdown(load_rules()) in readme, "README's Compose section is out of date: paste rules_markdown(load_rules())"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "explanation" / "composition.md").read_text(encoding="utf-8")
+    assert rules_markdown(load_rules()) in page, "docs/explanation/composition.md is out of date: paste rules_markdown(load_rules())"

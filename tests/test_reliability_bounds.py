@@ -55,7 +55,7 @@ LOW_RANK = "linear(linear(x, A), B)"
 HUGE = {
     "eye": "0 * sum(sum(eye(10**6, A), -1), -1)",
     "kron_square": "0 * sum(sum(kron(kron(B, t(B)), kron(B, t(B))), -1), -1)",
-    "scatter2d": "0 * sum(sum(scatter2d(sum(A, -1), A, 10**5, 10**5), -1), -1)",
+    "scatter2d": "0 * sum(sum(scatter2d(sum(A, 0), topk_indices(A, 2, 0), 10**5, 10**5), -1), -1)",  # positions: integer indices
     "outer": "0 * sum(sum(unsqueeze(unsqueeze(x, -1), -1) * unsqueeze(eye(4096, A), 0), -1), -1)",  # broadcasting: an outer product
 }
 
@@ -73,7 +73,7 @@ def test_huge_op_result_is_a_located_problem_at_validate(tmp_path: Path, op: str
     assert text_col < hits[0].location.column <= text_col + len(compute)
 
 
-@pytest.mark.parametrize("bad", ["eye(-3, A)", "eye(2.5, A)", "scatter2d(sum(A, -1), A, -1, 4)"])
+@pytest.mark.parametrize("bad", ["eye(-3, A)", "eye(2.5, A)", "scatter2d(sum(A, 0), topk_indices(A, 2, 0), -1, 4)"])
 def test_negative_or_fractional_sizes_are_located(tmp_path: Path, bad: str) -> None:
     p = _file(tmp_path, f"{LOW_RANK} + 0 * sum(sum({bad}, -1), -1)")
     problems, _ = validate_paths([p])

@@ -71,7 +71,7 @@ def block_circulant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @primitive(intra="dense", linear_in=(0,))
 def circulant_matrix(w: torch.Tensor) -> torch.Tensor:
-    """The [m·b, n·b] matrix :math:`C` that :func:`block_circulant` applies (``block_circulant(x, w) = x C^\\top``),
+    """The [m·b, n·b] matrix :math:`C` that :func:`block_circulant` applies (``block_circulant(x, w) == x @ C.mT``),
     formed from the kernels ``w`` [m, n, b] as peft's ``get_circulant_fast`` forms it (for merging, for a
     weight update). Linear in ``w``."""
     import torch

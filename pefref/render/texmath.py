@@ -25,7 +25,12 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     "tanh": ("fn", "tanh"), "max": ("fn", "max"), "arg": ("fn", "arg"), "bmod": ("mo", "mod"), "exp": ("fn", "exp"),
     "log": ("fn", "log"), "alpha": ("mi", "α"), "beta": ("mi", "β"), "gamma": ("mi", "γ"), "lambda": ("mi", "λ"),
     "infty": ("mi", "∞"), "to": ("mo", "→"), "neq": ("mo", "≠"), "pm": ("mo", "±"),
+    "sin": ("fn", "sin"), "cos": ("fn", "cos"), "min": ("fn", "min"), "ell": ("mi", "ℓ"), "epsilon": ("mi", "ε"),
+    "tau": ("mi", "τ"), "star": ("mo", "⋆"), "sim": ("mo", "∼"), "uparrow": ("mo", "↑"),
+    "lceil": ("mo", "⌈"), "rceil": ("mo", "⌉"), "lfloor": ("mo", "⌊"), "rfloor": ("mo", "⌋"),
 }
+_SIZING = ("textstyle", "displaystyle", "big", "Big", "bigl", "bigr", "left", "right")
+"""Commands that only size or style what follows: dropped (MathML sizes its own delimiters)."""
 _UPRIGHT = ("operatorname", "mathrm", "text")
 _CAL = {"N": "𝒩", "U": "𝒰", "F": "ℱ", "L": "ℒ", "O": "𝒪"}
 _BB = {"R": "ℝ", "N": "ℕ", "Z": "ℤ", "C": "ℂ"}
@@ -89,6 +94,8 @@ def _atom(r: _Reader, unknown: list[str]) -> str:
         return _el("mo", "′")
     if tok == "-":
         return _el("mo", "−")
+    if tok == "&":  # a column break in an environment's row
+        return _el("mo", ",")
     return _el("mo", escape(tok))
 
 
@@ -112,6 +119,13 @@ def _command(name: str, r: _Reader, unknown: list[str]) -> str:
         return _el("msqrt", _argument(r, unknown))
     if name == "hat":
         return _el("mover", _argument(r, unknown) + _el("mo", "^"), accent="true")
+    if name in _SIZING:
+        return ""
+    if name in ("begin", "end"):  # an environment (a matrix): its name is dropped, its rows read inline
+        r.raw_group()
+        return ""
+    if name == "\\":
+        return _el("mo", ";")
     if name in SYMBOLS:
         tag, text = SYMBOLS[name]
         return _el("mi", text, mathvariant="normal") if tag == "fn" else _el(tag, text)
