@@ -8,6 +8,7 @@ layers, and yields one :class:`Placement` per module × site × layer.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,18 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, dict) else {}
 
 
+def _cache_arg(fam: ArchitectureMap, model: nn.Module) -> str:
+    """The name of the key/value cache argument of ``model``'s forward (the installed transformers chooses among the
+    family's names), or a refusal: prefix keys and values reach no layer of a model whose forward takes none of them."""
+    params = inspect.signature(model.forward).parameters
+    name = fam.forward.cache_arg(params)
+    if name is None:
+        raise SiteError(f"family {fam.family!r}: the forward of {type(model).__name__} takes no key/value cache argument under any "
+                        f"of the names the map gives ({', '.join(fam.forward.cache)}), so prefix keys and values (site attn.kv) "
+                        "cannot reach its layers with the installed transformers")
+    return name
+
+
 def _module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
@@ -158,7 +171,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
             for i in chosen:
                 if b.cache:
                     d = sizes["kv_heads"] * sizes["d_head"]
-                    yield Placement(m, site, i, f"<{fam.forward.cache}>[{i}]", model, host_kind(model), b, 0, d)
+                    yield Placement(m, site, i, f"<{_cache_arg(fam, model)}>[{i}]", model, host_kind(model), b, 0, d)
                     continue
                 j, b = where[i] if i is not None else (None, b)  # the layer's index in its stack, and its stack's binding
                 path = template(b.path, j)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -51,9 +52,25 @@ class ForwardSpec(Strict):
     ids: str = "input_ids"
     embeds: str = "inputs_embeds"
     mask: str = "attention_mask"
-    cache: str = "past_key_values"
+    cache: list[str] = Field(
+        default_factory=lambda: ["past_key_values"],
+        description=("The names the key/value cache argument has had across transformers versions (transformers 5: `cache`, "
+                     "4.x: `past_key_values`); the first one the model's forward names as a parameter of its own is the one "
+                     "used, so the installed version chooses; a model whose forward names none of them refuses prefix keys "
+                     "and values. A single name is a list of one."),
+        min_length=1,
+    )
     extend: dict[str, int] = Field(default_factory=dict, description="Per-token arguments to extend when positions are prepended, with their fill value (e.g. labels: -100).")
     cache_format: Literal["hf", "tuples"] = Field("hf", description="'hf': a transformers DynamicCache; 'tuples': a list of (key, value) per layer.")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    def cache_arg(self, params: Collection[str]) -> str | None:
+        """The cache argument's name among a forward's own parameters ``params`` (the first of :attr:`cache` there), or None."""
+        return next((n for n in self.cache if n in params), None)
 
 
 class ModelClass(Strict):
