@@ -88,3 +88,32 @@ def test_a_single_cache_name_is_a_list_of_one() -> None:
     assert ForwardSpec().cache_arg(["input_ids", "past_key_values"]) == "past_key_values"
     with pytest.raises(ValueError):
         ForwardSpec.model_validate({"cache": []})
+
+
+def test_a_versioned_path_or_output_is_chosen_by_the_installed_version() -> None:
+    from pefref.language.schema import SiteBinding, installed_transformers
+
+    v5 = (installed_transformers() or (0,)) >= (5,)
+    b = SiteBinding.model_validate({"path": [{"path": "old", "until": "5.0"}, {"path": "new", "since": "5.0"}],
+                                    "output": [{"form": "first", "until": "5.0"}, {"form": "tensor", "since": "5.0"}]})
+    assert b.path == ("new" if v5 else "old")
+    assert b.output_form(installed_transformers()) == ("tensor" if v5 else "first")
+    assert b.output_form((4, 57, 6)) == "first" and b.output_form((5, 0, 0)) == "tensor"
+    with pytest.raises(ValueError, match="no path for the installed transformers"):
+        SiteBinding.model_validate({"path": [{"path": "x", "until": "1.0"}]})
+    # the maps: GPT-NeoX's causal LM head is embed_out in 4.x, lm_head in 5.x; BERT's layers return a tuple in 4.x
+    assert CATALOG.family("gpt_neox").sites["head"].path == ("lm_head" if v5 else "embed_out")
+    assert CATALOG.family("bert").sites["layer"].output_form(installed_transformers()) == ("tensor" if v5 else "first")
+
+
+def test_a_layer_output_the_map_gives_no_form_for_is_refused() -> None:
+    from pefref.language.schema import SiteBinding
+
+    fam = CATALOG.family("gpt2")
+    layer = SiteBinding.model_validate({"path": "transformer.h.{i}", "output": [{"form": "first", "until": "1.0"}]})
+    fam = fam.model_copy(update={"sites": {**fam.sites, "layer": layer}})
+    model = tiny_model("gpt2")
+    before = model_state(model)
+    with pytest.raises(PefrefError, match=r"site 'layer': the map says what its module returns only for other transformers versions"):
+        apply(model, "loreft", family=fam)
+    assert_same_state(before, model_state(model))
