@@ -14,6 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV="${PEFREF_VENV:-.venv}"
 TORCH_VERSION="2.13.0"
+# an extra pip constraint on transformers for this venv (CI's second environment: 'transformers>=4.57,<4.58')
+TRANSFORMERS_PIN="${PEFREF_TRANSFORMERS:-}"
 STAMP="$VENV/.pefref-install"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -87,7 +89,7 @@ install_hash() {
   "$VENV/bin/python" - <<EOF
 import hashlib
 h = hashlib.sha256(open("pyproject.toml", "rb").read())
-h.update(b"torch==$TORCH_VERSION")
+h.update(b"torch==$TORCH_VERSION $TRANSFORMERS_PIN")
 print(h.hexdigest())
 EOF
 }
@@ -101,6 +103,7 @@ ensure_package() {
   fi
   log "installing pefref with its test extras (pip install -e '.[test]')"
   printf 'torch==%s\n' "$TORCH_VERSION" > "$VENV/constraints.txt"
+  if [ -n "$TRANSFORMERS_PIN" ]; then printf '%s\n' "$TRANSFORMERS_PIN" >> "$VENV/constraints.txt"; fi
   "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" -e '.[test]'
   echo "$want" > "$STAMP"
 }

@@ -238,7 +238,7 @@ def test_lora_merged_weights_match_peft(shape: str) -> None:
 
 NEW_TOKENS = 4
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
-# peft 0.21.2's generate() is no reference for prompt learning under transformers 5.24: its
+# peft 0.21.2's generate() is no reference for prompt learning under transformers 5.x: its
 # prepare_inputs_for_generation reads and writes `past_key_values`, but generate() passes the cache as
 # `cache`, so the prefix is dropped and the prompt is re-prepended every step. For those two techniques
 # the reference is greedy decoding by peft's forward (the two tests above); peft's generate() is compared

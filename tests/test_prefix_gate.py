@@ -19,6 +19,7 @@ from pefref.render.diagram import technique_graph
 from pefref.runtime.api import apply
 
 from .conftest import model_inputs, output_of, tiny_model
+from .parity import cache_kw
 
 CAT = default_catalog()
 
@@ -81,8 +82,8 @@ def test_prefixes_on_a_subset_of_layers_go_to_their_layers(tmp_path: Path, famil
             k, v = (t.reshape(3, kvh, dh).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1) for t in (u.K, u.V))
             layers.append((k, v))
         mask = torch.cat([torch.ones(b, 3, dtype=inputs["attention_mask"].dtype), inputs["attention_mask"]], dim=1)
-        theirs = output_of(ref, {**inputs, "attention_mask": mask, "cache": DynamicCache(layers)})
-        swapped = output_of(tiny_model(family), {**inputs, "attention_mask": mask, "cache": DynamicCache(layers[::-1])})
+        theirs = output_of(ref, {**inputs, "attention_mask": mask, cache_kw(ref): DynamicCache(layers)})
+        swapped = output_of(tiny_model(family), {**inputs, "attention_mask": mask, cache_kw(ref): DynamicCache(layers[::-1])})
     assert (ours - theirs).abs().max() <= 1e-5
     assert (ours - swapped).abs().max() > 1e-3  # the layer assignment matters: the check is not vacuous
 

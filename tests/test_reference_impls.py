@@ -33,6 +33,8 @@ from pefref.runtime.api import Adapter, apply
 from pefref.view.analysis import mergeable
 from pefref.view.typology import derive_typology
 
+from .parity import cache_kw
+
 TOL = 1e-5
 CATALOG = default_catalog()
 SHAPES = ["tiny-llama", "tiny-gpt2", "tiny-bert"]
@@ -185,7 +187,7 @@ class Hand:
                 n = k.shape[0]
                 to4 = lambda t: t.reshape(n, sizes["kv_heads"], sizes["d_head"]).permute(1, 0, 2).unsqueeze(0).expand(b, -1, -1, -1)  # noqa: E731
                 layers.append((to4(k), to4(v)))
-            kw["cache"] = self.cache = DynamicCache(layers)
+            kw[cache_kw(self.model)] = self.cache = DynamicCache(layers)
             extra += self.prefix[0][0].shape[0]
         if extra:
             m = kw["attention_mask"]

@@ -263,7 +263,7 @@ class Skeleton:
         if b is None:
             return ""
         if b.cache:
-            return f"<{self.family.forward.cache}>[{'{i}' if layer is None else layer}]"
+            return f"<{self.family.forward.cache[0]}>[{'{i}' if layer is None else layer}]"
         path = b.path or ""
         if layer is not None:
             path = path.replace("{i}", str(layer))

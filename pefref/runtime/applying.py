@@ -37,7 +37,7 @@ from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
-from pefref.runtime.inject import Placement, model_config, model_sizes, placements, resolve_family
+from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
@@ -291,7 +291,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
         patch, existed, entry = _root_entry(model, pl, unit, key, adapter, fam, sizes, txn)
     else:
         existed = pl.host.__dict__.get(_PATCH)
-        patch = patch_of(pl.host, pl.kind, pl.binding.output == "first")
+        patch = patch_of(pl.host, pl.kind, output_form(fam, pl.site, pl.binding) == "first")
         side: Literal["output", "input"] = "input" if pl.binding.side == "input" or getattr(m, "side", "output") == "input" else "output"
         entry = Entry(unit, form, adapter, side=side, start=pl.start, size=pl.size, period=pl.period, layer=pl.layer, unit_key=key, site=pl.site)
         if wiring is not None:  # connections: what the unit reads, and where its output goes

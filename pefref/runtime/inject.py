@@ -8,6 +8,7 @@ layers, and yields one :class:`Placement` per module × site × layer.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pefref.language.errors import CatalogError, PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.loader import load_file, suggest
 from pefref.language.model_classes import bind_class
-from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding
+from pefref.language.schema import ArchitectureMap, ReferenceArchitecture, SiteBinding, installed_transformers
 from pefref.language.sizes import model_sizes, scalar_ops, select_layers
 from pefref.language.stacks import expand_layers, layer_bindings, stacked
 from pefref.language.templates import template
@@ -84,6 +85,29 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)  # type: ignore[arg-type]
     return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+def _cache_arg(fam: ArchitectureMap, model: nn.Module) -> str:
+    """The name of the key/value cache argument of ``model``'s forward (the installed transformers chooses among the
+    family's names), or a refusal: prefix keys and values reach no layer of a model whose forward takes none of them."""
+    params = inspect.signature(model.forward).parameters
+    name = fam.forward.cache_arg(params)
+    if name is None:
+        raise SiteError(f"family {fam.family!r}: the forward of {type(model).__name__} takes no key/value cache argument under any "
+                        f"of the names the map gives ({', '.join(fam.forward.cache)}), so prefix keys and values (site attn.kv) "
+                        "cannot reach its layers with the installed transformers")
+    return name
+
+
+def output_form(fam: ArchitectureMap, site: str, b: SiteBinding) -> str:
+    """What the module bound to ``site`` returns with the installed transformers, or a refusal where the map gives
+    no form for that version (the module's output would be read wrongly)."""
+    form = b.output_form(installed_transformers())
+    if form is None:
+        v = ".".join(map(str, installed_transformers() or ()))
+        raise SiteError(f"family {fam.family!r}: site {site!r}: the map says what its module returns only for other transformers "
+                        f"versions than the installed {v} ({', '.join(o.model_dump_json(exclude_none=True) for o in b.output)})")  # type: ignore[union-attr]
+    return form
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -158,7 +182,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
             for i in chosen:
                 if b.cache:
                     d = sizes["kv_heads"] * sizes["d_head"]
-                    yield Placement(m, site, i, f"<{fam.forward.cache}>[{i}]", model, host_kind(model), b, 0, d)
+                    yield Placement(m, site, i, f"<{_cache_arg(fam, model)}>[{i}]", model, host_kind(model), b, 0, d)
                     continue
                 j, b = where[i] if i is not None else (None, b)  # the layer's index in its stack, and its stack's binding
                 path = template(b.path, j)  # type: ignore[arg-type]
@@ -174,6 +198,7 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                     except ValueError as ex:
                         raise SiteError(f"family {fam.family!r}: site {site!r} on {path!r}: {ex}") from None
                 check_host(fam, site, path, host, kind, reference, sizes, d_in, d_out, widths)
+                output_form(fam, site, b)
                 if b.side == "input":
                     d_in = d_out = d_in if kind.has_weight else sizes["d"]
                 if kind.name == "block" or b.input_path:  # a sublayer's input and output (bound through one of its projections)

@@ -407,6 +407,7 @@ class RootPatch:
         self.had_instance_forward = "forward" in model.__dict__
         self.orig = model.forward
         self.sig = inspect.signature(self.orig)
+        self.cache_arg = fwd.cache_arg(self.sig.parameters) or fwd.cache[0]  # placement refuses prefixes when it names none
         self.entries: list[Entry] = []
         self.live: tuple[Any, dict[int, list[tuple[Entry, int]]]] | None = None  # the cache this pass filled, its gated entries
 
@@ -446,7 +447,8 @@ class RootPatch:
             raise PefrefError("per-example adapter selection does not cover prepended positions (prompts, prefixes): they change the sequence of the whole batch")
         a = self._bind(args, kwargs)
         f = self.fwd
-        cache_key = f.cache if a.get(f.cache) is not None or "past_key_values" not in a else "past_key_values"
+        # the cache as the caller passed it (under any of its names: a deprecated one too), else the forward's own name
+        cache_key = next((n for n in f.cache if a.get(n) is not None), None) or next((n for n in f.cache if n in a), None) or self.cache_arg
         cache = a.get(cache_key)
         first = self._cache_len(cache) == 0
         tokens = [e for e in entries if e.form.integration is Integration.POSITIONS and e.layer is None]

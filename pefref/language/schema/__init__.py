@@ -21,7 +21,21 @@ if TYPE_CHECKING:
     from pefref.language.schema.experiment import Experiment
     from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap
 
-from pefref.language.schema.family import ArchitectureMap, ForwardSpec, ModelClass, ModelShape, ModelShapes, SiteBinding, SliceSpec, Stack
+from pefref.language.schema.family import (
+    ArchitectureMap,
+    ForwardSpec,
+    ModelClass,
+    ModelShape,
+    ModelShapes,
+    SiteBinding,
+    SliceSpec,
+    Stack,
+    VersionedOutput,
+    VersionedPath,
+    VersionRange,
+    installed_transformers,
+    version_tuple,
+)
 from pefref.language.schema.reference import ReferenceArchitecture, Site, SiteKind, SiteSelector, SizeSpec
 from pefref.language.schema.technique import (
     FORMS,
@@ -47,7 +61,7 @@ from pefref.language.schema.technique import (
 
 __all__ = [
     "Experiment",
-    "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec", "Stack",
+    "ArchitectureMap", "ForwardSpec", "ModelClass", "ModelShape", "ModelShapes", "SiteBinding", "SliceSpec", "Stack", "VersionRange", "VersionedOutput", "VersionedPath", "version_tuple", "installed_transformers",
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "Connection", "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
-__all__ = ["SliceSpec", "SiteBinding", "ForwardSpec", "ModelClass", "Stack", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
+__all__ = ["SliceSpec", "VersionRange", "VersionedOutput", "VersionedPath", "version_tuple", "installed_transformers", "SiteBinding", "ForwardSpec", "ModelClass", "Stack", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
 
 TASKS = ("causal_lm", "seq2seq_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering", "base")
 
@@ -27,22 +31,99 @@ class SliceSpec(Strict):
     )
 
 
+VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+OutputForm = Literal["tensor", "first"]
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string ('4.57.6' -> (4, 57, 6); '5.0.0.dev0' -> (5, 0, 0))."""
+    m = re.match(r"[0-9]+(\.[0-9]+)*", version)
+    return tuple(int(p) for p in m.group(0).split(".")) if m else ()
+
+
+@functools.cache
+def installed_transformers() -> tuple[int, ...] | None:
+    """The installed transformers version's numbers (it chooses among a map's per-version forms and paths), or None."""
+    try:
+        return version_tuple(importlib.metadata.version("transformers"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class VersionRange(Strict):
+    """A range of transformers versions: ``since`` inclusive, ``until`` exclusive (absent: unbounded)."""
+
+    since: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(None, description="First transformers version of the range (absent: every earlier one).")
+    until: Annotated[str, Field(pattern=VERSION_PATTERN)] | None = Field(None, description="First transformers version after the range (absent: every later one).")
+
+    def holds(self, version: tuple[int, ...]) -> bool:
+        return ((self.since is None or version >= version_tuple(self.since))
+                and (self.until is None or version < version_tuple(self.until)))
+
+
+class VersionedOutput(VersionRange):
+    """What a module returns in a range of transformers versions."""
+
+    form: OutputForm = Field(description="'tensor' or 'first' (a tuple whose first element is the hidden states).")
+
+
+class VersionedPath(VersionRange):
+    """A module's path in a range of transformers versions (a module renamed between them)."""
+
+    path: str
+
+
+_PATH_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "minItems": 1, "items": VersionedPath.model_json_schema()}]}
+
+
 class SiteBinding(Strict):
     """Where a reference site lives in a real model."""
 
-    path: str | None = Field(None, description="Module path; '{i}' stands for the layer index.")
+    path: Annotated[str | None, WithJsonSchema(_PATH_SCHEMA)] = Field(
+        None, description=("Module path; '{i}' stands for the layer index. A module renamed between transformers versions: one "
+                           "path per version range ([{path: embed_out, until: '5.0'}, {path: lm_head, since: '5.0'}]), the "
+                           "installed version chooses when the map is read."))
     input_path: str | None = Field(None, description="Module whose input is the site's input x, when it differs from path (default: path).")
     side: Literal["module", "input"] = Field("module", description="'input': the site is the tensor entering the module (e.g. the FFN activation entering the down projection).")
-    output: Literal["tensor", "first"] = Field("tensor", description="'first': the module returns a tuple whose first element is the hidden states.")
+    output: OutputForm | list[VersionedOutput] = Field(
+        "tensor", description=("'first': the module returns a tuple whose first element is the hidden states. Where that changed "
+                               "between transformers versions, one form per version range ([{form: first, until: '5.0'}, "
+                               "{form: tensor, since: '5.0'}]): the installed version chooses."))
     slice: SliceSpec | None = Field(None, description="The site is a slice of the module's output features.")
     cache: bool = Field(False, description="The site is reached through the model's key/value cache argument (prefix keys and values).")
     bias: bool = Field(True, description="Whether the module has a bias (for analytic counts of selected biases).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _versioned_path(cls, v: Any) -> Any:
+        if not (isinstance(v, dict) and isinstance(v.get("path"), list)):
+            return v
+        paths = [VersionedPath.model_validate(p) for p in v["path"]]
+        if not paths:
+            raise ValueError("path: give at least one path")
+        version = installed_transformers()
+        chosen = paths[-1].path if version is None else next((p.path for p in paths if p.holds(version)), None)
+        if chosen is None:
+            raise ValueError(f"path: no path for the installed transformers {'.'.join(map(str, version or ()))} "
+                             f"(the map gives {', '.join(p.model_dump_json(exclude_none=True) for p in paths)})")
+        return {**v, "path": chosen}
 
     @model_validator(mode="after")
     def _where(self) -> SiteBinding:
         if not self.cache and not self.path:
             raise ValueError("give a path, or cache: true")
+        if isinstance(self.output, list) and not self.output:
+            raise ValueError("output: give at least one form")
         return self
+
+    def output_form(self, version: tuple[int, ...] | None) -> OutputForm | None:
+        """What the module returns with transformers ``version`` installed (None: not installed, the newest range's
+        form), or None where no range of the map's covers it."""
+        if isinstance(self.output, str):
+            return self.output
+        if version is None:
+            return self.output[-1].form
+        return next((o.form for o in self.output if o.holds(version)), None)
 
 
 class ForwardSpec(Strict):
@@ -51,9 +132,25 @@ class ForwardSpec(Strict):
     ids: str = "input_ids"
     embeds: str = "inputs_embeds"
     mask: str = "attention_mask"
-    cache: str = "past_key_values"
+    cache: list[str] = Field(
+        default_factory=lambda: ["past_key_values"],
+        description=("The names the key/value cache argument has had across transformers versions (transformers 5: `cache`, "
+                     "4.x: `past_key_values`); the first one the model's forward names as a parameter of its own is the one "
+                     "used, so the installed version chooses; a model whose forward names none of them refuses prefix keys "
+                     "and values. A single name is a list of one."),
+        min_length=1,
+    )
     extend: dict[str, int] = Field(default_factory=dict, description="Per-token arguments to extend when positions are prepended, with their fill value (e.g. labels: -100).")
     cache_format: Literal["hf", "tuples"] = Field("hf", description="'hf': a transformers DynamicCache; 'tuples': a list of (key, value) per layer.")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    def cache_arg(self, params: Collection[str]) -> str | None:
+        """The cache argument's name among a forward's own parameters ``params`` (the first of :attr:`cache` there), or None."""
+        return next((n for n in self.cache if n in params), None)
 
 
 class ModelClass(Strict):
