@@ -129,4 +129,4 @@ def test_the_gate_is_drawn() -> None:
     g = technique_graph(CAT, [CAT.technique("unipelt")])
     prefix = [a for _n, a in g.nodes(data=True) if a.get("role") == "module" and a.get("module") == "prefix"]
     text = prefix[0]["html"].replace("<BR/>  ", "").replace("<BR/>", " ") if prefix else ""
-    assert "K, V ← g · K, g · V;" in text and "mean(sigmoid(linear(x, Wgp," in text
+    assert "K, V ← g·K, g·V" in text and "g = mean(σ(W_gp·x + b_gp))" in text  # drawn as math (the YAML is the box's title)

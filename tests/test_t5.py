@@ -115,10 +115,12 @@ def test_layer_selection_and_model_classes() -> None:
 def test_cross_attention_is_drawn_where_it_exists() -> None:
     from pefref.render.diagram import technique_graph
 
-    t5 = technique_graph(CATALOG, [CATALOG.technique("lora")], model="tiny-t5")
-    llama = technique_graph(CATALOG, [CATALOG.technique("lora")], model="tiny-llama")
+    t5 = technique_graph(CATALOG, [CATALOG.technique("lora")], model="tiny-t5", fold=False)
+    llama = technique_graph(CATALOG, [CATALOG.technique("lora")], model="tiny-llama", fold=False)
     sites = {a.get("site") for _n, a in t5.nodes(data=True)}
     assert {"xattn.q", "xattn.k", "xattn.v", "xattn.o"} <= sites
+    folded = technique_graph(CATALOG, [CATALOG.technique("lora")], model="tiny-t5")  # untouched: one labelled band
+    assert "xattn.block" in {a.get("site") for _n, a in folded.nodes(data=True)}
     assert not any(str(a.get("site", "")).startswith("xattn") for _n, a in llama.nodes(data=True))
     assert not any("cross-attention" in str(c.get("html", "")) for c in llama.graph["clusters"].values())
 
