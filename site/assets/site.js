@@ -57,7 +57,7 @@
       var wanted = form.value;
       var shown = 0;
       rows.forEach(function (r) {
-        var text = r.textContent.toLowerCase() + " " + r.getAttribute("data-id");
+        var text = r.textContent.toLowerCase() + " " + r.getAttribute("data-id") + " " + (r.getAttribute("data-search") || "");
         var ok = words.every(function (w) { return text.indexOf(w) >= 0; });
         if (ok && wanted) ok = (" " + r.getAttribute("data-forms") + " ").indexOf(" " + wanted + " ") >= 0;
         r.hidden = !ok;
@@ -67,6 +67,13 @@
     }
     input.addEventListener("input", apply);
     form.addEventListener("change", apply);
+    var picked = document.getElementById("selected-count");
+    if (picked) {
+      table.addEventListener("change", function () {
+        var n = table.querySelectorAll('input[name="ids"]:checked').length;
+        picked.textContent = n ? n + " selected" : "";
+      });
+    }
     var q = new URLSearchParams(window.location.search).get("q");
     if (q) input.value = q;
     apply();
@@ -133,6 +140,7 @@
         drop.setAttribute("data-id", id);
         drop.textContent = "×";
         drop.addEventListener("click", function () {
+          unknown = [];
           chosen = chosen.filter(function (x) { return x !== id; });
           updateUrl();
           render();
@@ -145,9 +153,12 @@
       var msg = chosen.length ? "Comparing " + chosen.length + " of " + order.length + " techniques." : "Showing all " + order.length + " techniques; add some to compare them.";
       if (unknown.length) msg += " Unknown: " + unknown.join(", ") + ".";
       status.textContent = msg;
+      applySettings(data, table);
+      markDiffering(table, visible);
     }
 
     function add() {
+      unknown = [];
       var id = select.value;
       if (id && chosen.indexOf(id) < 0) chosen.push(id);
       select.value = "";
@@ -156,17 +167,233 @@
     }
     document.getElementById("pick-add").addEventListener("click", add);
     document.getElementById("pick-clear").addEventListener("click", function () {
+      unknown = [];
       chosen = [];
       updateUrl();
       render();
     });
     if (requested.length) updateUrl();
+    ["set-size", "set-sites", "only-differ"].forEach(function (id) {
+      var el = document.getElementById(id);
+      if (el) el.addEventListener("change", render);
+    });
     render();
   }
 
+  /* The compare page's matched settings: every column counted with its size hyperparameter at one value and on one set
+     of sites (the counts were made at build time); the column headers say the settings each technique has. */
+  function applySettings(data, table) {
+    var size = document.getElementById("set-size");
+    var sites = document.getElementById("set-sites");
+    var row = document.getElementById("matched-row");
+    if (!size || !sites || !row) return;
+    var fmt = new Intl.NumberFormat("en-US");
+    data.techniques.forEach(function (t) {
+      var head = table.tHead.querySelector('th[data-col="' + t.id + '"]');
+      var cell = row.querySelector('td[data-col="' + t.id + '"]');
+      var value = t.knob ? size.value : "";
+      var got = t.counts[sites.value + "|" + value] || [null, "not counted"];
+      cell.textContent = "";
+      if (got[0] === null) {
+        var na = document.createElement("span");
+        na.textContent = "n/a";
+        na.title = got[1];
+        cell.appendChild(na);
+      } else {
+        cell.textContent = fmt.format(got[0]);
+      }
+      if (!head) return;
+      var spans = head.querySelectorAll("span.settings");
+      var text = spans[0].getAttribute("data-default");
+      if (t.knob && value) text = text.replace(new RegExp("(^|, )" + t.knob + "=[^,]*"), "$1" + t.knob + "=" + value);
+      spans[0].textContent = text;
+      spans[0].classList.toggle("changed", !!(t.knob && value));
+      spans[1].textContent = "sites: " + (sites.value === "default" ? spans[1].getAttribute("data-default") : sites.value);
+      spans[1].classList.toggle("changed", sites.value !== "default");
+    });
+  }
+
+  /* Rows whose shown cells are not all the same are marked (and, when asked, the others hidden). */
+  function markDiffering(table, visible) {
+    var only = document.getElementById("only-differ");
+    Array.prototype.forEach.call(table.tBodies[0].rows, function (row) {
+      if (row.classList.contains("group")) return;
+      var seen = {};
+      var n = 0;
+      visible.forEach(function (id) {
+        var c = row.querySelector('td[data-col="' + id + '"]');
+        if (!c) return;
+        var v = c.textContent.trim();
+        if (!(v in seen)) { seen[v] = true; n += 1; }
+      });
+      var differs = n > 1;
+      row.classList.toggle("differs", differs);
+      row.hidden = !!(only && only.checked && !differs);
+    });
+  }
+
+
+  /* The chooser: a model, a budget (count or %) and constraints; the techniques that fit, smallest first. */
+  function parseBudget(text, base) {
+    var t = text.replace(/[,_\s]/g, "").toLowerCase();
+    if (!t) return null;
+    var pct = /%$/.test(t);
+    if (pct) t = t.slice(0, -1);
+    var unit = { k: 1e3, m: 1e6, g: 1e9, b: 1e9 }[t.slice(-1)];
+    if (unit) t = t.slice(0, -1);
+    if (!/^\d*\.?\d+(e[+-]?\d+)?$/.test(t)) return NaN;
+    var v = parseFloat(t) * (unit || 1);
+    return pct ? v / 100 * base : v;
+  }
+
+  function setupChooser() {
+    var form = document.getElementById("chooser");
+    var dataEl = document.getElementById("choose-data");
+    var table = document.getElementById("choices");
+    if (!form || !dataEl || !table) return;
+    var data = JSON.parse(dataEl.textContent);
+    var shapes = {};
+    data.shapes.forEach(function (s) { shapes[s.name] = s; });
+    var model = document.getElementById("choose-model");
+    var budget = document.getElementById("choose-budget");
+    var merge = document.getElementById("choose-mergeable");
+    var latency = document.getElementById("choose-latency");
+    var memory = document.getElementById("choose-memory");
+    var status = document.getElementById("choose-status");
+    var body = table.tBodies[0];
+    var fmt = new Intl.NumberFormat("en-US");
+    form.hidden = false;
+
+    var labels = Array.prototype.map.call(table.tHead.rows[0].cells, function (th) { return th.textContent.trim(); });
+
+    function cell(row, text, cls) {
+      var td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      var at = 0;
+      Array.prototype.forEach.call(row.cells, function (c) { at += c.colSpan; });
+      var label = labels[at];
+      if (label) td.setAttribute("data-label", label);
+      row.appendChild(td);
+      return td;
+    }
+
+    function apply() {
+      var shape = shapes[model.value];
+      var limit = parseBudget(budget.value, shape.base);
+      budget.setAttribute("aria-invalid", limit !== null && isNaN(limit) ? "true" : "false");
+      var fits = [], na = [];
+      data.techniques.forEach(function (t) {
+        var c = t.counts[shape.name];
+        if (merge.checked && !t.mergeable[shape.family]) return;
+        if (latency.checked && !t.no_latency[shape.family]) return;
+        if (memory.checked && !t.less_memory) return;
+        if (!c) { na.push(t); return; }
+        if (limit !== null && !isNaN(limit) && c[0] > limit) return;
+        fits.push(t);
+      });
+      fits.sort(function (a, b) { return a.counts[shape.name][0] - b.counts[shape.name][0] || (a.name < b.name ? -1 : 1); });
+      body.textContent = "";
+      var shown = limit !== null && !isNaN(limit) ? fits : fits.concat(na);
+      shown.forEach(function (t, i) {
+        var c = t.counts[shape.name];
+        var row = document.createElement("tr");
+        row.setAttribute("data-id", t.id);
+        cell(row, String(i + 1), "num rank");
+        var th = document.createElement("th");
+        th.scope = "row";
+        var a = document.createElement("a");
+        a.href = "techniques/" + t.id + ".html";
+        a.textContent = t.name;
+        th.appendChild(a);
+        var id = document.createElement("span");
+        id.className = "id";
+        id.textContent = " " + t.id;
+        th.appendChild(id);
+        row.appendChild(th);
+        if (c) {
+          cell(row, fmt.format(c[0]), "num");
+          cell(row, c[2] + "%", "num");
+        } else {
+          var td = cell(row, "n/a ", "na");
+          td.colSpan = 2;
+          td.title = "not applicable: " + t.why[shape.name];
+          var why = document.createElement("span");
+          why.className = "na-why";
+          why.textContent = t.why[shape.name];
+          td.appendChild(why);
+        }
+        cell(row, t.mergeable[shape.family] ? "yes" : "no");
+        cell(row, t.latency[shape.family]);
+        cell(row, t.less_memory ? "yes" : "no");
+        body.appendChild(row);
+      });
+      document.getElementById("choose-shape").textContent = shape.name;
+      var msg = fits.length + " of " + data.techniques.length + " techniques fit " + shape.name;
+      if (limit !== null && isNaN(limit)) msg += " (the budget is not a number: write e.g. 5M, 2e6 or 0.1%)";
+      else if (limit !== null) msg += " within " + fmt.format(Math.floor(limit)) + " trainable parameters";
+      status.textContent = msg + ".";
+    }
+    [model, merge, latency, memory].forEach(function (el) { el.addEventListener("change", apply); });
+    budget.addEventListener("input", apply);
+    form.addEventListener("submit", function (e) { e.preventDefault(); });
+    apply();
+  }
+
+  /* Diagrams: scaled to their column; a button shows one at its own size inside its frame (scroll or drag to pan). */
+  function setupDiagrams() {
+    Array.prototype.forEach.call(document.querySelectorAll("figure.diagram"), function (fig) {
+      var frame = fig.querySelector(".frame");
+      var caption = fig.querySelector("figcaption");
+      if (!frame || !caption) return;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "zoom";
+      button.setAttribute("aria-pressed", "false");
+      button.textContent = "Full size";
+      button.addEventListener("click", function () {
+        var full = !frame.classList.contains("full");
+        frame.classList.toggle("full", full);
+        button.setAttribute("aria-pressed", full ? "true" : "false");
+        button.textContent = full ? "Fit to width" : "Full size";
+      });
+      caption.appendChild(button);
+      var drag = null;
+      frame.addEventListener("pointerdown", function (e) {
+        if (!frame.classList.contains("full")) return;
+        drag = { x: e.clientX, y: e.clientY, left: frame.scrollLeft, top: frame.scrollTop };
+      });
+      window.addEventListener("pointermove", function (e) {
+        if (!drag) return;
+        frame.scrollLeft = drag.left - (e.clientX - drag.x);
+        frame.scrollTop = drag.top - (e.clientY - drag.y);
+      });
+      window.addEventListener("pointerup", function () { drag = null; });
+    });
+  }
+
+  /* A Copy button on each peft config (the text stays selectable without the script). */
+  function setupCopy() {
+    Array.prototype.forEach.call(document.querySelectorAll("details.peft pre.code"), function (pre) {
+      if (!navigator.clipboard) return;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "zoom copy";
+      button.textContent = "Copy";
+      button.addEventListener("click", function () {
+        navigator.clipboard.writeText(pre.textContent).then(function () { button.textContent = "Copied"; },
+                                                            function () { button.textContent = "Select the text to copy"; });
+      });
+      pre.parentNode.insertBefore(button, pre.nextSibling);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    setupCopy();
+    setupDiagrams();
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), makeSortable);
     setupIndex();
     setupCompare();
+    setupChooser();
   });
 })();
