@@ -313,7 +313,7 @@ def _side(m: Any) -> bool:
 
 
 SIDE_CLUSTER = "side_network"
-"""The box that holds a technique's side modules, beside the backbone."""
+"""The box that holds a technique's side modules: beside the backbone, or above the layer box (:func:`_place_side`)."""
 
 
 def _side_module(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
