@@ -313,7 +313,7 @@ def _side(m: Any) -> bool:
 
 
 SIDE_CLUSTER = "side_network"
-"""The box that holds a technique's side modules, beside the backbone."""
+"""The box that holds a technique's side modules: beside the backbone, or above the layer box (:func:`_place_side`)."""
 
 
 def _side_module(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
@@ -326,9 +326,35 @@ def _side_module(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
     node = sk.graph.nodes[nid]
     node["cluster"], node["side"] = cid, True
     reads = parse_expr(m.compute).names
+    _place_side(sk, cid, a, "h" in reads)
     if "x" in reads:
         for src in a.inputs:
             sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[m.form], "fontcolor": FORM_COLOURS[m.form], "style": "dashed"}}))
     if "h" in reads:
         for out in a.outputs:
             _edge(sk, sk.tail[out], nid, "h", m.form, "h", style="dashed")
+
+
+def _outermost(sk: Skeleton, cluster: str | None) -> str | None:
+    """The outermost group box around ``cluster`` (the layer box for a site in a layer)."""
+    clusters = sk.graph.graph["clusters"]
+    while cluster is not None and clusters.get(cluster, {}).get("parent") is not None:
+        cluster = clusters[cluster]["parent"]
+    return cluster
+
+
+def _place_side(sk: Skeleton, cid: str, a: Anchor, reads_h: bool) -> None:
+    """Where the side network's box goes: above the layer box while its modules read only what enters their sites
+    (``x``): their results flow down into the layer, and the drawing stays as narrow as the layer box; beside it
+    once one reads a site's output ``h`` (state that runs alongside the backbone)."""
+    spec = sk.graph.graph["clusters"][cid]
+    if reads_h or spec.get("beside"):
+        spec["beside"] = True
+        spec.pop("above", None)
+        return
+    top = _outermost(sk, a.cluster)
+    if top is not None and spec.get("above", top) == top:
+        spec["above"] = top
+    else:  # modules at sites in different top-level boxes: beside them
+        spec["beside"] = True
+        spec.pop("above", None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pefref.language.connections import source_site
 from pefref.render.attach import Placed
 from pefref.render.skeleton import Skeleton
 
@@ -60,7 +61,7 @@ def draw_connections(sk: Skeleton, placed: list[Placed]) -> None:
                     if getattr(conn, "fallback", None) is None:
                         continue
                     module = conn.fallback
-                sources = _instances(sk, pl.technique, module, None if fallback else getattr(conn, "site", None))
+                sources = _instances(sk, pl.technique, module, None if fallback else _source_site(placed, pl.technique, module, conn, ra["site"]))
                 sources = [(n, a) for n, a in sources if fallback or a["layer"] == want or a["layer"] is None]
                 for src, _a in sources:
                     sk.graph.add_edge(src, reader, role="connection", connection=name, layer_of_source=which,
@@ -69,6 +70,15 @@ def draw_connections(sk: Skeleton, placed: list[Placed]) -> None:
                     for src, _a in _instances(sk, pl.technique, conn.fallback):
                         sk.graph.add_edge(src, reader, role="connection", connection=name, layer_of_source="fallback",
                                           label=f"{name} (first layer)", dot={**dot, "constraint": "true"})
+
+
+def _source_site(placed: list[Placed], technique: str, module: str, conn: Any, reader_site: str) -> str | None:
+    """The site of the source module's instance a reader at ``reader_site`` reads (as the compiler resolves it:
+    a source at several sites is read at the reader's own site)."""
+    src = next((p.module for p in placed if p.technique == technique and p.module.name == module), None)
+    if src is None:
+        return getattr(conn, "site", None)
+    return source_site(src, conn, reader_site)
 
 
 def _site_read(sk: Skeleton, reader: str, ra: dict[str, Any], conn: Any, label: str, dot: dict[str, str]) -> None:

@@ -88,10 +88,13 @@ def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
             target.node(neutral_text(str(n)), label=_node_label(a), **_attrs(a.get("dot", {})))
 
     emit(g, None)
+    loose = _above_edges(g, graph, members, children, as_nodes)
     if as_nodes:
-        _caption_edges(g, graph, members, children)
+        _caption_edges(g, graph, members, children, loose)
     for u, v, a in graph.edges(data=True):
         extra = dict(a.get("dot", {}))
+        if (u, v) in loose:
+            extra["constraint"] = "false"
         if a.get("label"):
             extra["label"] = _html(esc(a["label"]))
         g.edge(neutral_text(str(u)), neutral_text(str(v)), **_attrs(extra))
@@ -107,7 +110,27 @@ def _within(cid: str, members: dict[str | None, list[str]], children: dict[str |
     return [str(n) for n in members.get(cid, [])] + [_caption(c) for c in children.get(cid, [])]
 
 
-def _caption_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]], children: dict[str | None, list[str]]) -> None:
+def _above_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]], children: dict[str | None, list[str]],
+                 as_nodes: bool) -> set[tuple[Any, Any]]:
+    """A cluster whose spec names another in ``above`` is drawn above that one: invisible edges from its nodes to the
+    other's top (its caption, or its nodes), and the edges entering it from outside leave the ranks alone. Returns those edges."""
+    clusters: dict[str, dict[str, Any]] = graph.graph.get("clusters", {})
+    loose: set[tuple[Any, Any]] = set()
+    for cid, spec in clusters.items():
+        below = spec.get("above")
+        if below not in clusters:
+            continue
+        inside = set(members.get(cid, []))
+        targets = [_caption(below)] if as_nodes else [str(n) for n in members.get(below, [])]
+        for n in sorted(inside, key=str):
+            for t in targets:
+                g.edge(str(n), t, style="invis")
+        loose |= {(u, v) for u, v in graph.edges() if v in inside and u not in inside}
+    return loose
+
+
+def _caption_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]], children: dict[str | None, list[str]],
+                   loose: set[tuple[Any, Any]] | None = None) -> None:
     """Invisible edges that put each caption on a rank of its own at the top of its cluster: below whatever enters
     the cluster, above everything inside it (``dot`` then routes edges around it, never through it)."""
     clusters: dict[str, dict[str, Any]] = graph.graph.get("clusters", {})
@@ -122,7 +145,7 @@ def _caption_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]]
 
     added: set[tuple[str, str]] = set()
     for u, v, a in graph.edges(data=True):
-        if str(a.get("dot", {}).get("constraint", "true")) == "false":
+        if str(a.get("dot", {}).get("constraint", "true")) == "false" or (u, v) in (loose or set()):
             continue
         outside = set(chain(str(u)))
         for c in chain(str(v)):
