@@ -38,9 +38,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pefref
-from pefref.interop.table import interop_table
 from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
+from pefref.language.interop_table import interop_table
 from pefref.language.schema import PeftMethod
 from tests.interop_cases import CASES, SHAPES, Case, base, export_case, import_case
 

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 import pefref
-from pefref.interop.table import interop_table
 from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.language.errors import PefrefError
+from pefref.language.interop_table import interop_table
 
 from .interop_cases import CASES, SHAPES, base, export_case, import_case, out, peft_kernel, perturb
 from .parity import max_diff

@@ -185,5 +185,5 @@ def test_the_checker_finds_upward_imports() -> None:
     assert upward_imports("from pefref.cli.app import app\n", "pefref", is_package=True) == []
     assert [v.imported for v in upward_imports("import pefref\n", "pefref.ops.core")] == ["pefref"]
     # the same level, and lower ones, are allowed
-    assert upward_imports("from pefref.render.dot import to_dot\nimport pefref.ops\n", "pefref.interop.table") == []
+    assert upward_imports("from pefref.render.dot import to_dot\nimport pefref.ops\n", "pefref.interop.peft_format") == []
     assert upward_imports("from pefref.runtime.api import apply\n", "pefref.models.build") == []

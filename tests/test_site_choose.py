@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pefref.interop.peft_snippet import module_name, peft_snippets, site_modules
-from pefref.interop.table import interop_table
 from pefref.language.catalog import default_catalog
+from pefref.language.interop_table import interop_table
 from pefref.view.choose import backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.params import count_params
+from pefref.view.peft_config import module_name, peft_snippets, site_modules
 
 
 @pytest.fixture(scope="module")

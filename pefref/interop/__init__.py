@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from pefref.interop.peft_format import from_pretrained, save_pretrained
-from pefref.interop.table import interop_table
+from pefref.language.interop_table import interop_table
 
 __all__ = ["from_pretrained", "save_pretrained", "interop_table"]

@@ -10,9 +10,9 @@ from torch import nn
 
 from pefref.compiler.parts import read
 from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, config_set, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
-from pefref.interop.table import method_for, rows_for
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
+from pefref.language.interop_table import method_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
@@ -75,7 +75,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     Raises:
         PefrefError: the technique has no exact peft form, or a placement cannot be written in it.
     """
-    from pefref.interop.table import interop_table
+    from pefref.language.interop_table import interop_table
 
     table = table or interop_table()
     method = _row(adapter, table)

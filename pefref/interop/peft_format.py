@@ -131,7 +131,7 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
 def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor], name: str | None, catalog: Any,
             family: Any, adapter_dtype: str) -> Adapter:
     """Place the technique where peft's modules were and copy the tensors in (the model unchanged on failure)."""
-    from pefref.interop.table import interop_table
+    from pefref.language.interop_table import interop_table
     from pefref.language.sizes import model_sizes
     from pefref.runtime.api import apply
     from pefref.runtime.inject import model_config, resolve_family

@@ -32,7 +32,7 @@ def dotted(path: tuple[Any, ...]) -> str:
 
 def suggest(word: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a close match exists: among the closest by similarity, the fewest edits away
-    (a swap of two neighbouring letters counts as one, so 'lroa' means 'lora', not 'road')."""
+    (a swap of two neighbouring letters counts as one, so 'fomr' means 'form', not 'from')."""
     close = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
     if not close:
         return ""

@@ -72,7 +72,7 @@ def gaussian(shape: Any, seed: int) -> torch.Tensor:
 @primitive(intra="orthogonal")
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
     """A random orthogonal [n, n] matrix, the :math:`Q` of the QR decomposition of a seeded standard normal matrix
-    (as peft's orthogonal LoRA initialisation draws one; https://datta0.github.io/posts/rethink-lora-init/).
+    (as peft's orthogonal low-rank initialisation draws one).
     Initialisers that call it with one seed (e.g. ``init_seed``) share the draw."""
     import torch
     return torch.linalg.qr(gaussian((int(n), int(n)), seed))[0]

@@ -18,7 +18,7 @@ from pefref.language.composition import ResolvedComposition
 from pefref.language.errors import PefrefError
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ModelShape, ModuleUse, Technique
 from pefref.language.sizes import eval_scalar, model_sizes
-from pefref.interop.peft_snippet import PeftSnippet, SiteModule, peft_snippets, site_modules
+from pefref.view.peft_config import PeftSnippet, SiteModule, peft_snippets, site_modules
 from pefref.render.site.compositions import CompositionView, composition_views
 from pefref.render.site.resultsview import ResultsView
 from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
@@ -155,7 +155,7 @@ class SiteData:
 
 def _source_label(path: Path | None, tid: str, catalog: Catalog, from_catalog: bool) -> str:
     """Where the YAML came from, without absolute paths (the site must not depend on the checkout's place):
-    relative to the folder above its catalog folder (``catalog/techniques/lora.yaml``)."""
+    relative to the folder above its catalog folder (``catalog/techniques/<id>.yaml``)."""
     if path is None:
         return f"{tid}.yaml"
     path = Path(path)

@@ -27,7 +27,7 @@ def index_pages(ctx: SiteContext) -> Iterable[Page]:
 
 def technique_pages(ctx: SiteContext) -> Iterable[Page]:
     """``techniques/<id>.html``: one page per technique."""
-    from pefref.interop.table import interop_table
+    from pefref.language.interop_table import interop_table
 
     version = interop_table().peft_version
     for t in ctx.data.techniques:

@@ -138,7 +138,7 @@ def _snippet(method: PeftMethod, t: Technique, fam: ArchitectureMap, catalog: Ca
 
 def peft_snippets(t: Technique, catalog: Catalog, table: InteropTable | None = None) -> list[PeftSnippet]:
     """The technique's peft config on every family that binds all its sites (empty: peft has no equivalent)."""
-    from pefref.interop.table import interop_table, method_for
+    from pefref.language.interop_table import interop_table, method_for
 
     table = table or interop_table()
     _, decl = expand_modules(t, {**catalog.techniques, t.id: t})
