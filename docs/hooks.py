@@ -9,7 +9,7 @@ At every build (so the pages cannot drift from the code):
 * ``reference/cli.md``: every ``pefref`` command with its arguments and options,
   walked from the typer application;
 * math written ``$...$`` / ``$$...$$`` (pymdownx.arithmatex, generic mode) becomes
-  MathML at build time (latex2mathml): no script and no font from the network;
+  MathML at build time (pefref's own converter, as on the comparison site): no script and no font from the network;
 * the comparison site (``pefref site``) is built into ``site/`` of the docs, with a
   link back to the docs in its navigation.
 """
@@ -195,21 +195,19 @@ def cli_page() -> str:
 # ---------------------------------------------------------------- math
 
 
-_OPERATORS = {"\\arg": "arg"}
 _MATH = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.S)
 
 
 def _mathml(m: re.Match[str]) -> str:
-    from latex2mathml.converter import convert
+    """One ``$...$`` / ``$$...$$`` as MathML, by the converter the comparison site uses (one converter for both)."""
+    from pefref.render.texmath import tex_to_mathml
 
     tag, body = m.group(1), html.unescape(m.group(2)).strip()
     for open_, close in (("\\(", "\\)"), ("\\[", "\\]"), ("$$", "$$"), ("$", "$")):
         if body.startswith(open_) and body.endswith(close):
             body = body[len(open_):len(body) - len(close)]
             break
-    for command, name in _OPERATORS.items():  # operator names latex2mathml does not know
-        body = re.sub(re.escape(command) + r"(?![A-Za-z])", "\\\\operatorname{" + name + "}", body)
-    return convert(body.strip(), display="block" if tag == "div" else "inline")
+    return tex_to_mathml(body.strip(), display=tag == "div")
 
 
 # ---------------------------------------------------------------- mkdocs events

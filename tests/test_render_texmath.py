@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 from pefref.render.site.filters import doc_html
 from pefref.render.texmath import tex_to_mathml, unknown_commands
@@ -43,3 +44,22 @@ def test_primitives_docs_render_without_raw_tex_or_roles() -> None:
     text = "".join(parser.text)
     assert not re.search(r"\\[A-Za-z]+", text), re.search(r".{20}\\[A-Za-z]+.{20}", text)
     assert not re.search(r":(math|func|class|meth):`", text)
+
+
+def _docs_formulas() -> list[str]:
+    """The ``$...$`` / ``$$...$$`` formulas of the documentation's pages, outside code blocks and code spans."""
+    root = Path(__file__).resolve().parents[1] / "docs"
+    out: list[str] = []
+    for page in sorted(root.rglob("*.md")):
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        text = re.sub(r"`[^`\n]*`", "", text)
+        out += [m.group(1) or m.group(2) for m in re.finditer(r"\$\$(.+?)\$\$|\$([^$\n]+)\$", text, re.S)]
+    return out
+
+
+def test_every_docs_formula_is_known_and_display_math_is_a_block() -> None:
+    """The docs and the comparison site share this converter: the docs' formulas use only what it knows."""
+    formulas = _docs_formulas()
+    assert len(formulas) > 5
+    assert {c for f in formulas for c in unknown_commands(f)} == set()
+    assert tex_to_mathml("x", display=True).startswith('<math display="block">')

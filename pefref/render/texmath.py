@@ -171,15 +171,16 @@ def _sequence(r: _Reader, unknown: list[str], end: str | None = None) -> list[st
     return out
 
 
-def _convert(tex: str) -> tuple[str, list[str]]:
+def _convert(tex: str, display: bool = False) -> tuple[str, list[str]]:
     unknown: list[str] = []
     items = _sequence(_Reader(_TOKEN.findall(tex)), unknown)
-    return _el("math", _row(items or [_el("mrow", "")])), unknown
+    attrs = {"display": "block"} if display else {}
+    return _el("math", _row(items or [_el("mrow", "")]), **attrs), unknown
 
 
-def tex_to_mathml(tex: str) -> str:
-    """``tex`` (the subset above) as an inline ``<math>`` element."""
-    return _convert(tex)[0]
+def tex_to_mathml(tex: str, display: bool = False) -> str:
+    """``tex`` (the subset above) as a ``<math>`` element: inline, or a displayed block with ``display``."""
+    return _convert(tex, display)[0]
 
 
 def unknown_commands(tex: str) -> list[str]:
