@@ -79,6 +79,7 @@ def main(exp_path: Path, out: Path) -> None:
 
     d = init("cpu")
     if load_experiment(exp_path)[0].training.distributed != "fsdp":
+        dist.barrier()  # every process leaves together (the group is destroyed at exit)
         return
     model, prep, tok, spec = run_model(exp_path)
     _shard(model, prep, d)
@@ -96,5 +97,5 @@ def main(exp_path: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     faulthandler.enable()
-    faulthandler.dump_traceback_later(int(os.environ.get("PEFREF_TEST_HANG_S", "240")), exit=True)  # a hung collective: stacks, then exit
+    faulthandler.dump_traceback_later(int(os.environ.get("PEFREF_TEST_HANG_S", "1080")), exit=True)  # a hung collective: stacks, then exit
     main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -24,11 +24,21 @@ NO_DROPOUT = "{shape: tiny-bert, config: {hidden_dropout_prob: 0.0, attention_pr
 """No dropout: each process draws its own masks for its slice of the batch."""
 
 
+FAILURE_MARKS = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")
+"""Where a worker's own failure starts in torchrun's output (the agent's summary comes after it)."""
+
+
 def _torchrun(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert r.returncode == 0, _first_failure(r.stdout + r.stderr)
+
+
+def _first_failure(out: str) -> str:
+    """The output from the first worker failure on (its stack), not only the agent's summary at the end."""
+    starts = [i for i in (out.find(m) for m in FAILURE_MARKS) if i >= 0]
+    return out[min(starts):][:8000] if starts else out[-6000:]
 
 
 def _same_run(one_dir: Path, two_dir: Path, *, world: int) -> float:

@@ -24,6 +24,7 @@ shows each of 2 processes holding half of the model's parameter bytes).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,12 +67,22 @@ def init(device: str) -> Dist:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(_leave)
     rank = dist.get_rank()
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     return Dist(rank, dist.get_world_size(), device, launched=True)
+
+
+def _leave() -> None:
+    """Destroy the process group this process joined, before the interpreter tears down: a group left to the
+    interpreter's teardown may abort the process (gloo's connections closed while a peer is still leaving)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched() -> bool:
