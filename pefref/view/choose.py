@@ -78,13 +78,13 @@ def size_hyperparameters(t: Technique, catalog: Catalog) -> list[str]:
 
 def family_facts(t: Technique, catalog: Catalog) -> list[FamilyFacts]:
     """Mergeability and latency class on every family (sorted by family)."""
-    from pefref.view.costs import _merge_map, latency_class
+    from pefref.view.costs import latency_class, merge_map
 
     modules, _ = expand_modules(t, {**catalog.techniques, t.id: t})
     out = []
     for name in sorted(catalog.families):
         fam = catalog.families[name]
-        merge = _merge_map(modules, catalog, fam)
+        merge = merge_map(modules, catalog, fam)
         latency = latency_class(modules, catalog, fam)
         out.append(FamilyFacts(name, all(merge.values()), latency, latency == "none once merged"))
     return out

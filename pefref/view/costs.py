@@ -24,7 +24,7 @@ from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.view.analysis import connected_modules, mergeable_on, technique_mergeability
 from pefref.view.params import host_widths
 
-__all__ = ["Efficiency", "efficiency", "latency_class"]
+__all__ = ["Efficiency", "efficiency", "latency_class", "merge_map"]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Efficiency:
         return dict(self.__dict__)
 
 
-def _merge_map(modules: list[Any], catalog: Catalog, family: Any) -> dict[str, bool]:
+def merge_map(modules: list[Any], catalog: Catalog, family: Any) -> dict[str, bool]:
     """Whether each module folds into its hosts on ``family`` (the derivation the runtime's merge uses)."""
     conn = connected_modules(modules)
     return {m.name: mergeable_on(m, catalog.reference, family, m.name in conn) for m in modules}
@@ -51,7 +51,7 @@ def _merge_map(modules: list[Any], catalog: Catalog, family: Any) -> dict[str, b
 
 def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
     """'none once merged', 'sequential' (extra work on the critical path) or 'parallel', on a model of ``family``."""
-    merge = _merge_map(modules, catalog, family)
+    merge = merge_map(modules, catalog, family)
     if all(merge.values()):
         return "none once merged"
     if any(form_of(m).serial and not merge[m.name] for m in modules):
@@ -111,7 +111,7 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
     hps = resolve_hyperparameters(decl, overrides)
     sizes = model_sizes(fam, dict(shape.config))
     flags = {"causal": int(fam.causal)}
-    merge = _merge_map(modules, catalog, fam)
+    merge = merge_map(modules, catalog, fam)
     flops = merged_flops = 0
     extra_tok = extra_kv = 0
     published: dict[str, tuple[int, ...]] = {}  # output widths of modules others read
