@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pefref.ops import PRIMITIVES
-from pefref.ops.quantise import NF4_CODE, int8, int8_dequantise, int8_quantise, loftq, nf4, nf4_dequantise, nf4_quantise, quantise
+from pefref.ops.quantise import NF4_CODE, int8, int8_dequantise, int8_quantise, nf4, nf4_dequantise, nf4_quantise, quant_svd, quantise
 from pefref.ops.shapes import SHAPE_RULES, Shape, ShapeMismatch
 
 from .parity import max_diff
@@ -48,7 +48,7 @@ def test_int8_matches_bitsandbytes(name: str) -> None:
 @pytest.mark.parametrize("tag", LOFTQ)
 def test_loftq_matches_peft_loftq_init(tag: str) -> None:
     name, r, bits, iters = tag.split(".")
-    out = loftq(REF[f"w.{name}"], int(r[1:]), int(bits[1:]), int(iters[1:]))
+    out = quant_svd(REF[f"w.{name}"], int(r[1:]), int(bits[1:]), int(iters[1:]))
     assert max_diff(out.Q, REF[f"loftq_q.{tag}"]) <= TOL
     assert max_diff(out.A, REF[f"loftq_a.{tag}"]) <= TOL
     assert max_diff(out.B, REF[f"loftq_b.{tag}"]) <= TOL
@@ -70,23 +70,23 @@ def test_nf4_blocks_and_edge_values() -> None:
     assert nf4(torch.tensor([1.0, mid + 1e-4]))[1] == pytest.approx(NF4_CODE[9])
 
 
-def test_loftq_reuses_one_computation_and_refuses_bad_ranks() -> None:
+def test_quant_svd_reuses_one_computation_and_refuses_bad_ranks() -> None:
     w = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
-    first = loftq(w, 2)
-    assert loftq(w.clone(), 2) is first  # the same weight: A, B and Q of one unit from one run
+    first = quant_svd(w, 2)
+    assert quant_svd(w.clone(), 2) is first  # the same weight: A, B and Q of one unit from one run
     w2 = w.clone()
     w2[0, 0] += 1
-    assert loftq(w2, 2) is not first
+    assert quant_svd(w2, 2) is not first
     with pytest.raises(ValueError, match="r <= 16"):
-        loftq(w, 17)
+        quant_svd(w, 17)
     with pytest.raises(ValueError, match="bits"):
         quantise(w, 3)
 
 
 def test_registered_with_shape_rules() -> None:
-    for op in ("nf4", "int8", "quantise", "loftq_a", "loftq_b", "loftq_base"):
+    for op in ("nf4", "int8", "quantise", "quant_svd_a", "quant_svd_b", "quant_svd_base"):
         assert op in PRIMITIVES and op in SHAPE_RULES, op
-    assert SHAPE_RULES["loftq_a"](Shape((32, 48)), 4) == (4, 48)
-    assert SHAPE_RULES["loftq_b"](Shape((32, 48)), 4) == (32, 4)
+    assert SHAPE_RULES["quant_svd_a"](Shape((32, 48)), 4) == (4, 48)
+    assert SHAPE_RULES["quant_svd_b"](Shape((32, 48)), 4) == (32, 4)
     with pytest.raises(ShapeMismatch):
-        SHAPE_RULES["loftq_a"](Shape((32, 48)), 40)
+        SHAPE_RULES["quant_svd_a"](Shape((32, 48)), 40)

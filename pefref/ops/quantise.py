@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["NF4_CODE", "Quantised", "nf4_quantise", "nf4_dequantise", "int8_quantise", "int8_dequantise",
-           "nf4", "int8", "quantise", "loftq", "LoftQ", "loftq_a", "loftq_b", "loftq_base"]
+           "nf4", "int8", "quantise", "quant_svd", "QuantSVD", "quant_svd_a", "quant_svd_b", "quant_svd_base"]
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -60,9 +60,12 @@ class Quantised:
     blocksize: int
 
 
-def _blocks(flat: torch.Tensor, blocksize: int) -> list[torch.Tensor]:
-    """``flat`` cut into consecutive blocks of ``blocksize`` (the last one may be shorter)."""
-    return list(flat.split(blocksize))
+def _blocked(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``flat`` as rows of ``blocksize`` elements, the last row padded with zeros (they change no block's absmax)."""
+    import torch
+
+    pad = -flat.numel() % blocksize
+    return torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize) if pad else flat.view(-1, blocksize)
 
 
 def nf4_quantise(w: torch.Tensor, blocksize: int = 64) -> Quantised:
@@ -74,11 +77,10 @@ def nf4_quantise(w: torch.Tensor, blocksize: int = 64) -> Quantised:
         raise ValueError(f"nf4: blocksize must be positive, found {blocksize}")
     flat = w.detach().reshape(-1).float()
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
-    mids = (code[:-1] + code[1:]) / 2
-    absmax = torch.stack([b.abs().max() for b in _blocks(flat, blocksize)]) if flat.numel() else flat.new_zeros(0)
-    per = absmax.clamp(min=1e-38).repeat_interleave(torch.tensor([len(b) for b in _blocks(flat, blocksize)], device=w.device))
-    scaled = torch.clamp(flat * (1.0 / per), -1, 1)
-    codes = torch.bucketize(scaled, mids).to(torch.uint8)
+    blocks = _blocked(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(-1), -1, 1).reshape(-1)[:flat.numel()]
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
     return Quantised(codes, absmax, tuple(w.shape), w.dtype, int(blocksize))
 
 
@@ -87,9 +89,8 @@ def nf4_dequantise(q: Quantised) -> torch.Tensor:
     import torch
 
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=q.codes.device)
-    sizes = torch.tensor([len(b) for b in _blocks(q.codes, q.blocksize)], device=q.codes.device)
-    out = code[q.codes.long()] * q.absmax.repeat_interleave(sizes)
-    return out.reshape(q.shape).to(q.dtype)
+    values = _blocked(code[q.codes.long()], q.blocksize) * q.absmax.unsqueeze(-1)
+    return values.reshape(-1)[:q.codes.numel()].reshape(q.shape).to(q.dtype)
 
 
 def int8_quantise(w: torch.Tensor) -> Quantised:
@@ -136,7 +137,7 @@ def quantise(w: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LoftQ:
+class QuantSVD:
     """LoftQ's result for one weight: the dequantised base ``Q`` (the host's new weight, in the weight's dtype) and
     the low-rank pair ``A`` [r, in], ``B`` [out, r] (fp32) with :math:`Q + BA \\approx W`."""
 
@@ -145,32 +146,34 @@ class LoftQ:
     B: torch.Tensor
 
 
-_LAST: list[tuple[tuple[int, int, int], torch.Tensor, LoftQ]] = []  # the last result and the weight it came from
+_LAST: list[tuple[tuple[int, int, int], torch.Tensor, QuantSVD]] = []  # the last result and the weight it came from
 
 
-def loftq(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> LoftQ:
+def quant_svd(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> QuantSVD:
     """LoftQ's alternating quantisation and rank-``r`` SVD of ``w`` [out, in] for ``iters`` rounds (the module's
     docstring). The last result is kept with a copy of its weight, so the three primitives of one unit
-    (:func:`loftq_a`, :func:`loftq_b`, :func:`loftq_base`) run the procedure once; a different weight (compared
+    (:func:`quant_svd_a`, :func:`quant_svd_b`, :func:`quant_svd_base`) run the procedure once; a different weight (compared
     elementwise) or arguments recompute it."""
     import torch
 
     key = (int(r), int(bits), int(iters))
+    if w.is_meta:  # no values: nothing to keep
+        return _quant_svd(w, *key)
     if _LAST and _LAST[0][0] == key and _LAST[0][1].shape == w.shape and _LAST[0][1].device == w.device \
             and torch.equal(_LAST[0][1], w.detach().float()):
         return _LAST[0][2]
-    out = _loftq(w, *key)
+    out = _quant_svd(w, *key)
     _LAST[:] = [(key, w.detach().float().clone(), out)]
     return out
 
 
-def _loftq(w: torch.Tensor, r: int, bits: int, iters: int) -> LoftQ:
+def _quant_svd(w: torch.Tensor, r: int, bits: int, iters: int) -> QuantSVD:
     import torch
 
     if w.dim() != 2:
-        raise ValueError(f"loftq: takes a matrix, found {w.dim()} dimensions")
+        raise ValueError(f"quant_svd: takes a matrix, found {w.dim()} dimensions")
     if iters < 1 or not 0 < r <= min(w.shape):
-        raise ValueError(f"loftq: needs iters >= 1 and 0 < r <= {min(w.shape)}, found iters={iters}, r={r}")
+        raise ValueError(f"quant_svd: needs iters >= 1 and 0 < r <= {min(w.shape)}, found iters={iters}, r={r}")
     weight = w.detach().float()
     res = weight
     for i in range(iters):
@@ -180,26 +183,26 @@ def _loftq(w: torch.Tensor, r: int, bits: int, iters: int) -> LoftQ:
         b, a = u[:, :r] * root, root.unsqueeze(-1) * vh[:r]
         if i + 1 < iters:
             res = weight - b @ a
-    return LoftQ(q.to(w.dtype), a, b)
+    return QuantSVD(q.to(w.dtype), a, b)
 
 
 @primitive()
-def loftq_a(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
-    """LoftQ's down projection :math:`A_T = S_r^{1/2} V_r^\\top` ([r, in], fp32) for ``w`` [out, in] (:func:`loftq`)."""
-    return loftq(w, r, bits, iters).A
+def quant_svd_a(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
+    """LoftQ's down projection :math:`A_T = S_r^{1/2} V_r^\\top` ([r, in], fp32) for ``w`` [out, in] (:func:`quant_svd`)."""
+    return quant_svd(w, r, bits, iters).A
 
 
 @primitive()
-def loftq_b(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
-    """LoftQ's up projection :math:`B_T = U_r S_r^{1/2}` ([out, r], fp32) for ``w`` [out, in] (:func:`loftq`)."""
-    return loftq(w, r, bits, iters).B
+def quant_svd_b(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
+    """LoftQ's up projection :math:`B_T = U_r S_r^{1/2}` ([out, r], fp32) for ``w`` [out, in] (:func:`quant_svd`)."""
+    return quant_svd(w, r, bits, iters).B
 
 
 @primitive()
-def loftq_base(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
+def quant_svd_base(w: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> torch.Tensor:
     """LoftQ's quantised base :math:`Q_T` (dequantised, ``w``'s shape and dtype): the host weight LoftQ trains on
-    (:func:`loftq`)."""
-    return loftq(w, r, bits, iters).Q
+    (:func:`quant_svd`)."""
+    return quant_svd(w, r, bits, iters).Q
 
 
 # --- shapes and workspace -----------------------------------------------------------------------------------
@@ -215,21 +218,21 @@ def _same(w: Shape, *_: Any, **__: Any) -> Shape:
     return w
 
 
-@shape_rule("int8", "loftq_base")
+@shape_rule("int8", "quant_svd_base")
 def _same_matrix(w: Shape, *_: Any, **__: Any) -> Shape:
-    _matrix(w, "int8 (row-wise) / loftq_base")
+    _matrix(w, "int8 (row-wise) / quant_svd_base")
     return w
 
 
-@shape_rule("loftq_a")
-def _loftq_a(w: Shape, r: int, *_: Any, **__: Any) -> Shape:
-    _matrix(w, "loftq_a")
+@shape_rule("quant_svd_a")
+def _quant_svd_a(w: Shape, r: int, *_: Any, **__: Any) -> Shape:
+    _matrix(w, "quant_svd_a")
     return Shape((_rank(r, w), w[1]))
 
 
-@shape_rule("loftq_b")
-def _loftq_b(w: Shape, r: int, *_: Any, **__: Any) -> Shape:
-    _matrix(w, "loftq_b")
+@shape_rule("quant_svd_b")
+def _quant_svd_b(w: Shape, r: int, *_: Any, **__: Any) -> Shape:
+    _matrix(w, "quant_svd_b")
     return Shape((w[0], _rank(r, w)))
 
 
@@ -237,7 +240,7 @@ def _rank(r: Any, w: Shape) -> int:
     if isinstance(r, float) and r.is_integer():
         r = int(r)
     if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= min(w):
-        raise ShapeMismatch(f"loftq's rank r must be an integer in 1..{min(w)} for a {w} weight, found {r!r}")
+        raise ShapeMismatch(f"quant_svd's rank r must be an integer in 1..{min(w)} for a {w} weight, found {r!r}")
     return r
 
 
@@ -247,8 +250,8 @@ def _quant_work(w: Shape, *_: Any, **__: Any) -> int:
     return 3 * math.prod(w)
 
 
-@workspace_rule("loftq_a", "loftq_b", "loftq_base")
-def _loftq_work(w: Shape, *_: Any, **__: Any) -> int:
+@workspace_rule("quant_svd_a", "quant_svd_b", "quant_svd_base")
+def _quant_svd_work(w: Shape, *_: Any, **__: Any) -> int:
     # fp32 copies of w, the residual, the quantised weight and the one kept for reuse, the thin SVD's factors
     m, n = (w[-2], w[-1]) if len(w) >= 2 else (1, math.prod(w))
     p = min(m, n)
