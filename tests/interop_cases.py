@@ -23,6 +23,7 @@ from typing import Any
 
 import peft
 import peft.tuners.boft.layer as boft_layer
+import peft.tuners.lora.layer as lora_layer
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ from pefref.language.catalog import default_catalog
 from pefref.models.build import build_model
 
 from .conftest import output_of
+from .loftq_standin import peft_loftq_init
 from .parity import max_diff, padded_batch
 
 __all__ = ["Case", "CASES", "SHAPES", "export_case", "import_case", "Record", "base", "out", "perturb", "peft_kernel"]
@@ -123,6 +125,8 @@ CASES: dict[str, Case] = {
     "olora": Case("olora", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="olora", lora_dropout=0.0), linear_only=True),
     "lora_orthogonal": Case("lora_orthogonal", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="orthogonal")),
     "lora_gaussian": Case("lora_gaussian", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="gaussian")),
+    "loftq": Case("loftq", {"r": 4, "alpha": 8, "bits": 4, "iters": 2}, None, _lora(
+        init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=2), lora_dropout=0.0), linear_only=True),
     "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
     "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
     "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),
@@ -167,13 +171,16 @@ class _TorchBlockDiag:
 
 @contextlib.contextmanager
 def peft_kernel(kind: str) -> Iterator[None]:
-    """BOFT's butterfly kernel for peft on CPU: none (peft keeps one factor) or the torch stand-in."""
-    old = boft_layer.get_fbd_cuda
+    """BOFT's butterfly kernel for peft on CPU: none (peft keeps one factor) or the torch stand-in; LoftQ's
+    initialisation on the CPU without bitsandbytes (tests/loftq_standin.py)."""
+    old, old_loftq = boft_layer.get_fbd_cuda, lora_layer.loftq_init
     boft_layer.get_fbd_cuda = (lambda: None) if kind == "cpu" else (lambda: _TorchBlockDiag)  # type: ignore[assignment]
+    lora_layer.loftq_init = peft_loftq_init()
     try:
         yield
     finally:
         boft_layer.get_fbd_cuda = old  # type: ignore[assignment]
+        lora_layer.loftq_init = old_loftq
 
 
 @functools.cache
