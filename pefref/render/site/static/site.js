@@ -418,7 +418,10 @@
       if (size && t.textContent.trim()) least = Math.min(least, size);
     });
     if (svg.width.baseVal.value > fig.parentNode.clientWidth) fig.classList.add("wide");
-    if (least * frame.clientWidth / svg.viewBox.baseVal.width < MIN_TEXT_PX) show(true);
+    if (least * frame.clientWidth / svg.viewBox.baseVal.width < MIN_TEXT_PX) {
+      show(true);
+      frame.scrollLeft = (frame.scrollWidth - frame.clientWidth) / 2;  // the middle of the drawing, where the layer is
+    }
   }
 
   /* A Copy button on each peft config (the text stays selectable without the script). */
