@@ -1,7 +1,7 @@
 """Geometry read from a graphviz SVG: edge paths sampled to points, text boxes approximated from their font size.
 
 Used by the diagram tests to check that no edge runs through a caption or a label: a text's box is its
-anchor, width ``0.5 × font-size`` per character and height one font size; an edge's cubic Béziers are
+anchor, width ``0.5 × font-size`` per character (a node's text clipped to its drawn box) and height one font size; an edge's cubic Béziers are
 sampled at 24 points each. Only the edge's own label is exempt.
 """
 
@@ -52,6 +52,17 @@ def _path_points(d: str) -> list[tuple[float, float]]:
     return _bezier(pts) if len(pts) >= 4 else pts
 
 
+def _shape_box(g: ET.Element) -> tuple[float, float] | None:
+    """The left and right of a node's drawn shape (its first path or polygon), where it has one."""
+    for el in g.iter():
+        tag = el.tag.removeprefix(SVG)
+        data = el.get("d") if tag == "path" else el.get("points") if tag == "polygon" else None
+        if data:
+            xs = [float(v) for v in _NUM.findall(data)][0::2]
+            return (min(xs), max(xs)) if xs else None
+    return None
+
+
 def read(svg: str) -> tuple[list[TextBox], list[EdgePath]]:
     """The text boxes and edge paths of one SVG drawing (in the drawing's own coordinates)."""
     root = ET.fromstring(svg)
@@ -65,6 +76,7 @@ def read(svg: str) -> tuple[list[TextBox], list[EdgePath]]:
         if kind == "edge":
             for p in g.findall(f"{SVG}path"):
                 edges.append(EdgePath(title, _path_points(p.get("d", ""))))
+        shape = _shape_box(g) if kind == "node" else None
         for t in g.iter(f"{SVG}text") if kind != "graph" else g.findall(f"{SVG}text"):
             content = "".join(t.itertext()).strip()
             if not content:
@@ -74,7 +86,10 @@ def read(svg: str) -> tuple[list[TextBox], list[EdgePath]]:
             w = 0.5 * fs * len(content)
             anchor = t.get("text-anchor", "start")
             x0 = x - w / 2 if anchor == "middle" else x - w if anchor == "end" else x
-            texts.append(TextBox(content, title, kind, x0, y - 0.8 * fs, x0 + w, y + 0.2 * fs))
+            x1 = x0 + w
+            if shape is not None:  # a node's text lies inside its drawn box (the estimate can run past it)
+                x0, x1 = max(x0, shape[0]), min(x1, shape[1])
+            texts.append(TextBox(content, title, kind, x0, y - 0.8 * fs, x1, y + 0.2 * fs))
     return texts, edges
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pefref.language.catalog import default_catalog
-from pefref.render.diagram import technique_graph, to_dot
+from pefref.render.diagram import technique_graph
 from pefref.render.mathtext import math_of
 
 
@@ -55,19 +55,24 @@ def test_side_network_only_reads_the_backbone() -> None:
     assert not any(a["role"] == "h" for _u, _v, a in g.in_edges(attn, data=True))  # it reads z only
 
 
-def test_a_router_read_at_each_site_sits_above_the_layer() -> None:
+def test_a_module_read_as_weights_over_a_stack_is_drawn_as_a_router() -> None:
     """Poly: each site's skill mixture reads the router at its own site (one connection each, as the compiler reads
-    it); the routers read only x, so their side network is drawn above the layer box (the drawing stays as narrow
-    as the layer) while ladder side tuning's, which reads h, stays beside it."""
+    it) as the weights of its stack of skills, so the router is drawn as a router at its site, fed by x, above its
+    skills (not as a side network); ladder side tuning's side modules, which no module reads that way, keep their
+    side network beside the layer."""
     cat = default_catalog()
     g = technique_graph(cat, [cat.technique("poly")])
     conns = sorted((g.nodes[u]["site"], g.nodes[v]["site"]) for u, v, a in g.edges(data=True) if a["role"] == "connection")
     assert conns == [("attn.q", "attn.q"), ("attn.v", "attn.v")]
-    side = next(c for c in g.graph["clusters"] if c.startswith("side_network"))
-    assert g.graph["clusters"][side]["above"] == "g_layer"
-    text = to_dot(g)
-    assert "m_poly_router_attn_q -> caption__g_layer [style=invis]" in text
-    assert "constraint=false" in next(ln for ln in text.splitlines() if "-> m_poly_router_attn_q [" in ln and "label=<x>" in ln)
+    assert not any(c.startswith("side_network") for c in g.graph["clusters"])
+    routers = sorted(n for n, a in g.nodes(data=True) if a.get("router"))
+    assert routers == ["m_poly_router_attn_q", "m_poly_router_attn_v"]
+    for r in routers:
+        node = g.nodes[r]
+        assert node["router"] == "skills" and node["cluster"] == "g_qkv" and node["html"].startswith("<B>router</B>")
+        assert "s = " in node["html"] and "δ = " not in node["html"]
+        assert {a["role"] for _u, _v, a in g.in_edges(r, data=True)} == {"x"}
+        assert [g.nodes[v]["module"] for _u, v, a in g.out_edges(r, data=True) if a["role"] == "connection"] == ["skills"]
     ladder = technique_graph(cat, [cat.technique("ladder_side_tuning")])
     spec = next(s for c, s in ladder.graph["clusters"].items() if c.startswith("side_network"))
     assert "above" not in spec and spec["beside"]

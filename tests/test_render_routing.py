@@ -63,3 +63,13 @@ def test_every_softmax_mixture_in_the_catalog_draws_router_experts_and_sum() -> 
 def test_a_plain_low_rank_branch_has_no_router() -> None:
     g = _g(default_catalog().technique("lora"))
     assert not _routed(g) and not [n for n, a in g.nodes(data=True) if a.get("role") == "mix"]
+
+
+def test_weights_over_a_stack_are_found_in_an_einsum() -> None:
+    from pefref.render.routing import mixes_by
+
+    params = {"A": object()}
+    assert mixes_by("einsum('bqs,qsdr->bqdr', z / sum(z, -1), A)", "z", params)
+    assert not mixes_by("einsum('bqs,qsdr->bqsdr', z, A)", "z", params)  # s kept: no mixture over it
+    assert not mixes_by("einsum('bd,dr->br', x, A)", "z", params)  # z not read
+    assert not mixes_by("einsum('bqs,qsdr->bqdr', z, W)", "z", params)  # the other operand is no tensor of the module

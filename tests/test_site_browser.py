@@ -250,3 +250,33 @@ def test_composition_page_draws_its_diagram(browser, site, composition) -> None:
     assert nav.text == "Compositions"
     members = {a.get_attribute("href").rsplit("/", 1)[-1] for a in browser.find_elements(By.CSS_SELECTOR, "#member-table a")}
     assert {f"{t}.html" for t in techs} <= members
+
+
+def test_cards_keep_a_sort_menu_on_a_phone(browser, site) -> None:
+    """Under 600 px the index's rows are cards (the header row hidden): a "Sort by" menu sorts them instead."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out, _ids, small = site
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        _open(browser, _url(out, "index.html"))
+        menu = browser.find_element(By.CSS_SELECTOR, "select.card-sort")
+        assert menu.is_displayed()
+        assert not browser.find_element(By.CSS_SELECTOR, '#techniques th[data-key="year"]').is_displayed()
+
+        def years() -> list[int]:
+            shown = browser.execute_script("return Array.from(document.querySelectorAll('#techniques tbody tr'))"
+                                           ".map(function (r) { return r.getAttribute('data-id'); });")
+            return [small.techniques[t].paper.year for t in shown]
+
+        for label, order in (("Year ↓", sorted(years(), reverse=True)), ("Year ↑", sorted(years()))):
+            Select(menu).select_by_visible_text(label)
+            assert _until(browser, lambda _d: years(), order) == order
+        head = browser.find_element(By.CSS_SELECTOR, '#techniques th[data-key="year"]')
+        assert head.get_attribute("aria-sort") == "ascending"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.set_window_size(1280, 900)
+    _open(browser, _url(out, "index.html"))
+    assert not browser.find_element(By.CSS_SELECTOR, "select.card-sort").is_displayed()  # wide: the header's buttons

@@ -98,3 +98,20 @@ def test_a_browser_renders_the_results_page(browser, small, results, tmp_path) -
     rows = browser.execute_script("return document.querySelectorAll('#ranking-tiny tbody tr').length;")
     assert rows == 3
     assert browser.get_screenshot_as_png()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_results_page_fits_at_390_and_1440(browser, small, results, tmp_path) -> None:  # noqa: F811
+    """The results page never scrolls sideways (its tables scroll or become cards, its plots pan in their frames)."""
+    from .test_site_browser import _open
+
+    build_site(tmp_path, catalog=small, results=results_view(results))
+    wide = "return [document.documentElement.scrollWidth - window.innerWidth, window.innerWidth];"
+    metrics = {"width": 1440, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    try:
+        for width in (1440, 390):
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "width": width, "mobile": width < 600})
+            _open(browser, (tmp_path / "results.html").as_uri())
+            over, inner = browser.execute_script(wide)
+            assert inner == width and over <= 0, f"results.html is {over}px too wide at {width}"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -62,7 +62,7 @@ def diagram(
     from dataclasses import replace
 
     from pefref.render.diagram import technique_graph, to_dot
-    from pefref.render.dot import FORMATS, render_dot
+    from pefref.render.dot import FORMATS, render_graph
 
     fmt = _format(fmt, out, (*FORMATS, "dot"))
     _binary_to_terminal(fmt, out)
@@ -85,8 +85,7 @@ def diagram(
     assert cat is not None
     lay: int | str | None = layers
     g = technique_graph(cat, picked, model=model, family=family, layers=lay, compositions=comps)
-    text = to_dot(g)
-    _write(text.encode("utf-8") if fmt == "dot" else render_dot(text, fmt), out)
+    _write(to_dot(g).encode("utf-8") if fmt == "dot" else render_graph(g, fmt), out)
 
 
 @app.command()

@@ -51,6 +51,9 @@ class Placed:
     hps: dict[str, Any]
     layers_note: str = ""
     users: dict[str, list[str]] = field(default_factory=dict)
+    routes: str | None = None
+    """The module this one routes: one that writes nothing to the backbone, read by that module as the weights of a
+    stack of its tensors (:func:`pefref.render.routing.mixes_by`); drawn as a router beside it."""
 
 
 def _math(prefix: str, expr: object, style: str = "markup") -> list[tuple[str, str]]:
@@ -252,10 +255,13 @@ def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | 
     form = form_of(m)
     routing = None if _side(m) else find_routing(m.compute, m.params)
     if routing is None:
-        nid = _module_node(sk, pl, a, _math("δ = ", m.compute), names)
+        nid = _module_node(sk, pl, a, _math("s = " if _side(m) and pl.routes else "δ = ", m.compute), names)
     else:
         body = [("markup", ln.dot()) for ln in Math((("δ", ""), (routing.letter, "sub"), (" = ", ""), *routing.experts.segments), "").lines(34)]
         nid = _module_node(sk, pl, a, body, names, skip=routing.router_params, stack=routing.count or "E")
+    if _side(m) and pl.routes:
+        _routing_module(sk, pl, a, nid)
+        return nid
     if _side(m):
         _side_module(sk, pl, a, nid)
         return nid
@@ -305,6 +311,18 @@ def _router(sk: Skeleton, pl: Placed, a: Anchor, r: Routing, experts: str, names
     sk.graph.add_edge(router, experts, role="layout", dot={"style": "invis"})  # the router above its experts: a narrower drawing
     _edge(sk, experts, mix, "delta", m.form, Math((("δ", ""), (k, "sub")), "").dot())
     return router, mix
+
+
+def _routing_module(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
+    """A module that routes another (:attr:`Placed.routes`): drawn at its site as a router, fed by what it reads."""
+    m = pl.module
+    node = sk.graph.nodes[nid]
+    node.update(router=pl.routes, label="router")
+    node["html"] = html_lines([("b", "router"), ("small", f"weights over {pl.routes}'s stack")]) + "<BR/>" + node["html"]
+    node["dot"].update(fillcolor="#ffffff", penwidth="1.5")
+    if "x" in parse_expr(m.compute).names:
+        for src in a.inputs:
+            sk.pending.append((("out", src), ("node", nid), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[m.form], "fontcolor": FORM_COLOURS[m.form]}}))
 
 
 def _side(m: Any) -> bool:

@@ -28,8 +28,9 @@ from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
 from pefref.render.blocks import BLOCK_COLOUR, BLOCK_MEANING, draw_blocks
 from pefref.render.connect import CONNECTION_COLOUR, draw_connections
-from pefref.render.dot import inline_svg, render_dot
+from pefref.render.dot import inline_svg, render_graph
 from pefref.render.dot import to_dot as _to_dot
+from pefref.render.routing import mixes_by
 from pefref.render.skeleton import Skeleton
 from pefref.render.style import (
     FORM_COLOURS,
@@ -81,8 +82,20 @@ def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
     out = []
     for raw, m in zip(t.modules, modules):
         source = raw.use if isinstance(raw, ModuleUse) else None
-        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers)))
+        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers), routes=_routed(m, modules)))
     return out
+
+
+def _routed(m: Any, modules: list[Any]) -> str | None:
+    """The module ``m`` routes: one that reads ``m``'s output as weights over a stack of its tensors, where ``m``
+    writes nothing to the backbone (``integrate: h``)."""
+    if " ".join(str(getattr(m, "integrate", "")).split()) != "h":
+        return None
+    for n in modules:
+        for name, conn in (getattr(n, "inputs", None) or {}).items():
+            if getattr(conn, "module", None) == m.name and mixes_by(n.compute, name, n.params):
+                return str(n.name)
+    return None
 
 
 def technique_graph(catalog: Catalog, techniques: list[Technique], *, model: str | None = None,
@@ -236,4 +249,4 @@ def to_dot(graph: nx.DiGraph) -> str:
 
 def technique_svg(catalog: Catalog, technique: Technique, *, model: str | None = None) -> str:
     """One technique's diagram as an SVG element (no XML prolog or DOCTYPE), safe to inline in HTML."""
-    return inline_svg(render_dot(to_dot(technique_graph(catalog, [technique], model=model)), "svg"), id_prefix=f"diagram-{technique.id}")
+    return inline_svg(render_graph(technique_graph(catalog, [technique], model=model), "svg"), id_prefix=f"diagram-{technique.id}")

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 import graphviz
@@ -27,7 +28,7 @@ from pefref.language.errors import PefrefError
 from pefref.language.printable import neutral_text
 from pefref.render.style import FONT, esc
 
-__all__ = ["FORMATS", "dot_available", "inline_svg", "render_dot", "render_many", "to_dot"]
+__all__ = ["FORMATS", "dot_available", "inline_svg", "render_dot", "render_graph", "render_many", "to_dot"]
 
 FORMATS = ("svg", "png", "pdf")
 """Formats ``dot`` renders here (``dot`` text itself needs no program)."""
@@ -70,6 +71,7 @@ def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
         children.setdefault(spec.get("parent"), []).append(cid)
 
     as_nodes = bool(graph.graph.get("caption_nodes"))
+    fans = _fan_labels(graph)
 
     def emit(target: Any, cluster: str | None) -> None:
         for cid in children.get(cluster, []):
@@ -86,19 +88,78 @@ def to_dot(graph: nx.Graph, name: str = "pefref") -> str:
         for n in members.get(cluster, []):
             a = graph.nodes[n]
             target.node(neutral_text(str(n)), label=_node_label(a), **_attrs(a.get("dot", {})))
+        for fan in sorted({f for f in fans.values() if f.cluster == cluster}, key=lambda f: f.name):
+            target.node(fan.name, label=_html(fan.html), shape="plaintext", margin="0.02", width="0", height="0")
 
     emit(g, None)
     loose = _above_edges(g, graph, members, children, as_nodes)
     if as_nodes:
         _caption_edges(g, graph, members, children, loose)
+    led: set[str] = set()
     for u, v, a in graph.edges(data=True):
         extra = dict(a.get("dot", {}))
         if (u, v) in loose:
             extra["constraint"] = "false"
+        fan = fans.get((u, v))
+        if fan is not None:
+            first = {k: val for k, val in extra.items() if k not in ("arrowhead", "lhead", "label")}
+            if fan.name not in led:  # the tail's one edge into the label, then one edge from it to each head
+                led.add(fan.name)
+                g.edge(neutral_text(str(u)), fan.name, **_attrs({**first, "arrowhead": "none"}))
+            g.edge(fan.name, neutral_text(str(v)), **_attrs({k: val for k, val in extra.items() if k != "ltail"}))
+            continue
         if a.get("label"):
             extra["label"] = _html(esc(a["label"]))
         g.edge(neutral_text(str(u)), neutral_text(str(v)), **_attrs(extra))
     return g.source
+
+
+@dataclass(frozen=True)
+class _Fan:
+    """One label shared by several edges from one tail (the same tensor read by several modules), drawn once as a
+    node on the way: the tail → the label → each head. ``cluster``: the innermost cluster holding the tail and every head."""
+
+    name: str
+    html: str
+    cluster: str | None
+
+
+def _fan_labels(graph: nx.Graph) -> dict[tuple[Any, Any], _Fan]:
+    """The shared label of each edge whose tail sends the same label, in the same style, to more than one head.
+
+    Drawn on each edge, such labels sit side by side where the edges leave their tail and each edge runs through its
+    neighbours' labels; one label node is routed around like any node."""
+    clusters: dict[str, dict[str, Any]] = graph.graph.get("clusters", {})
+
+    def chain(c: str | None) -> list[str | None]:
+        out: list[str | None] = []
+        while c in clusters:
+            out.append(c)
+            c = clusters[c].get("parent")
+        return [*out, None]
+
+    alone = graph.graph.get("label_nodes", set())
+    groups: dict[tuple[str, str, str], list[tuple[Any, Any]]] = {}
+    for u, v, a in graph.edges(data=True):
+        cv = graph.nodes[v].get("cluster")
+        free = str(a.get("dot", {}).get("constraint", "true")) == "false" or (
+            clusters.get(cv, {}).get("above") in clusters and graph.nodes[u].get("cluster") != cv)  # see _above_edges
+        if a.get("label") and not free:
+            own = f"{v}" if (neutral_text(str(u)), neutral_text(str(v))) in alone else ""  # a label of its own
+            groups.setdefault((str(u), a["label"], repr(_attrs(a.get("dot", {}))) + own), []).append((u, v))
+    fans: dict[tuple[Any, Any], _Fan] = {}
+    for i, ((_u, label, _style), edges) in enumerate(sorted(groups.items())):
+        if len(edges) < 2 and (neutral_text(str(edges[0][0])), neutral_text(str(edges[0][1]))) not in alone:
+            continue
+        u = edges[0][0]
+        common = chain(graph.nodes[u].get("cluster"))
+        for _, v in edges:
+            common = [c for c in common if c in chain(graph.nodes[v].get("cluster"))]
+        dot = graph.edges[edges[0]].get("dot", {})
+        colour = dot.get("fontcolor", dot.get("color", "#000000"))
+        fan = _Fan(f"label__{i}", f'<FONT POINT-SIZE="8" COLOR="{colour}">{esc(label)}</FONT>', common[0])
+        fans.update({e: fan for e in edges})
+    return fans
 
 
 def _caption(cid: str) -> str:
@@ -155,6 +216,27 @@ def _caption_edges(g: Any, graph: nx.Graph, members: dict[str | None, list[str]]
     for cid in clusters:
         for n in _within(cid, members, children):
             g.edge(_caption(cid), n, style="invis", weight="0")
+
+
+def render_graph(graph: nx.Graph, fmt: str = "svg") -> bytes:
+    """Render a graph of :func:`to_dot`'s kind; where an edge runs through another edge's label
+    (:func:`pefref.render.geometry.crossed_labels`), those labels become nodes on their edges and the drawing is
+    laid out again (``dot`` routes edges around nodes). Edge labels stay on their edges where nothing crosses them."""
+    from pefref.render.geometry import crossed_labels
+
+    text = to_dot(graph)
+    svg = render_dot(text, "svg")
+    inline: set[tuple[str, str]] = set()
+    for _ in range(3):  # each layout may route an edge through another label; a few rounds settle it
+        crossed = crossed_labels(svg) - inline
+        if not crossed:
+            break
+        inline |= crossed
+        again = graph.copy()
+        again.graph["label_nodes"] = inline
+        text = to_dot(again)
+        svg = render_dot(text, "svg")
+    return svg if fmt == "svg" else render_dot(text, fmt)
 
 
 def dot_available() -> bool:

@@ -18,7 +18,7 @@ from pefref.language.expr import parse_expr
 from pefref.render.mathtext import Math, einsum_math, tree_math
 from pefref.render.style import pretty
 
-__all__ = ["Routing", "find_routing"]
+__all__ = ["Routing", "find_routing", "mixes_by"]
 
 _SHAPING = {"unflatten", "reshape", "unsqueeze", "squeeze", "dropout"}
 
@@ -123,3 +123,27 @@ def find_routing(expr: object, params: dict[str, Any]) -> Routing | None:
                        count=_count(letter, rest_terms, rest_ops, params),
                        router_params=frozenset((_names(op) - set().union(*map(_names, rest_ops))) & set(params)))
     return None
+
+
+def mixes_by(expr: object, name: str, params: dict[str, Any]) -> bool:
+    """Whether ``expr`` mixes a stack of its own tensors by ``name``: an einsum one of whose operands reads ``name`` and
+    sums over a letter that also indexes an operand reading one of ``params`` (weights over experts). A module whose
+    output another reads this way is that module's router."""
+    try:
+        tree = parse_expr(str(expr)).tree
+    except Exception:
+        return False
+    for call in _calls(tree, "einsum"):
+        if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+            continue
+        ins, arrow, out = call.args[0].value.replace(" ", "").partition("->")
+        terms, ops = ins.split(","), call.args[1:]
+        if not arrow or len(terms) != len(ops):
+            continue
+        for term, op in zip(terms, ops):
+            if name not in _names(op):
+                continue
+            for letter in set(_letters(term)[0]) - set(out):
+                if any(letter in t and _names(o) & set(params) for t, o in zip(terms, ops) if o is not op):
+                    return True
+    return False

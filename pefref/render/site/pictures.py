@@ -47,8 +47,8 @@ class Pictures:
     def __init__(self, catalog: Catalog, compositions: list[ResolvedComposition] | None = None, workers: int | None = None) -> None:
         import os
 
-        from pefref.render.diagram import technique_graph, to_dot
-        from pefref.render.dot import render_dot
+        from pefref.render.diagram import technique_graph
+        from pefref.render.dot import render_dot, render_graph
         from pefref.render.graphs import graph_dot
 
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1))
@@ -56,11 +56,10 @@ class Pictures:
         self._graphs: dict[str, Future[bytes]] = {}
         self._compositions: dict[str, Future[bytes]] = {}
         for tid in sorted(catalog.techniques):
-            text = to_dot(technique_graph(catalog, [catalog.techniques[tid]]))
-            self._diagrams[tid] = self._pool.submit(render_dot, text, "svg")
+            self._diagrams[tid] = self._pool.submit(render_graph, technique_graph(catalog, [catalog.techniques[tid]]), "svg")
         for res in compositions or []:
-            text = to_dot(technique_graph(catalog, res.drawable(), compositions=[res]))
-            self._compositions[res.composition.id] = self._pool.submit(render_dot, text, "svg")
+            self._compositions[res.composition.id] = self._pool.submit(
+                render_graph, technique_graph(catalog, res.drawable(), compositions=[res]), "svg")
         for kind in GRAPH_TITLES:
             self._graphs[kind] = self._pool.submit(render_dot, graph_dot(kind, catalog, link="techniques/{id}.html", titled=False), "svg")
         self._pool.shutdown(wait=False)
