@@ -46,6 +46,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'pefref' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names (tab completion lists these, not the facade's own imports)."""
+    return sorted(__all__)
+
+
 def _write_peft(adapter: Adapter, directory: str | Path) -> Path:
     from pefref.interop.peft_format import save_pretrained
 

@@ -122,3 +122,26 @@ def test_a_new_form_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(unit.forward(None, None, None, False), torch.full((4,), 2.0))
     assert (_insertion(Spec()), _integration(Spec()), _input(Spec())) == ("parallel", "toy rescaling", "hidden states")
     assert mergeability(Spec(), ["linear"]) == "yes"
+
+
+def test_an_adapted_model_deep_copies_as_an_independent_model() -> None:
+    """Registry entries copy as themselves, so ``copy.deepcopy`` of an adapted model (an EMA copy, a second run
+    from the same start) gives an equal model whose adapter trains on its own."""
+    import copy
+
+    import torch
+
+    from tests.test_compile_torch import tiny_llama
+
+    assert copy.deepcopy(FORMS["parallel"]) is FORMS["parallel"] and copy.copy(BLOCKS["stack"]) is BLOCKS["stack"]
+    model = tiny_llama()
+    pefref.apply(model, "lora")
+    x = torch.randint(0, 100, (2, 5))
+    y = model(x).logits
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x).logits, y)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    assert torch.equal(model(x).logits, y) and not torch.allclose(twin(x).logits, y)

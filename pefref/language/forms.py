@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "Integration", "Merge", "Rule", "Form", "FORMS", "form_of", "DELTA_FORM", "SERIAL", "CONCURRENT",
@@ -126,6 +127,11 @@ class Form:
     def __str__(self) -> str:
         return self.name
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """A form is a registry entry: copied or pickled (an adapted model deep-copied, ``torch.save``d), it stays the
+        registry's own object."""
+        return form_of, (self.name,)
+
 
 def _reads(**fields: set[str]) -> Mapping[str, frozenset[str]]:
     return MappingProxyType({k: frozenset(v) for k, v in fields.items()})
@@ -206,6 +212,10 @@ class BlockKind:
 
     def __str__(self) -> str:
         return self.name
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """A registry entry, copied or pickled as itself (as :meth:`Form.__reduce__`)."""
+        return block_of, (self.name,)
 
 
 BLOCKS: Mapping[str, BlockKind] = MappingProxyType({b.name: b for b in (
