@@ -40,6 +40,7 @@ SHAPES = ["tiny-llama", "tiny-gpt2"]
 ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 NORMS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"]}
 IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
+OSF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # the osf technique's sites on Llama
 GPT2_WHOLE = ["attn.qkv", "attn.o", "ffn.up", "ffn.down"]  # GPT-2's projections as whole modules
 
 
@@ -143,6 +144,8 @@ CASES: dict[str, Case] = {
         r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
         n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    # training-time behaviour (pefref's training hooks)
+    "osf": Case("osf", {"frac": 0.125}, None, lambda fam: peft.OSFConfig(effective_rank=0.125, target_modules=OSF_TARGETS), linear_only=True),
 }
 
 
