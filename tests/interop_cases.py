@@ -146,6 +146,9 @@ CASES: dict[str, Case] = {
         n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     # training-time behaviour (pefref's training hooks)
     "osf": Case("osf", {"frac": 0.125}, None, lambda fam: peft.OSFConfig(effective_rank=0.125, target_modules=OSF_TARGETS), linear_only=True),
+    # GPT-2 ties its head to the embedding: refused (peft would patch the head's rows too)
+    "trainable_tokens": Case("trainable_tokens", {"rows": [3, 47, 111]}, None, lambda fam: peft.TrainableTokensConfig(
+        token_indices=[3, 47, 111], target_modules=["embed_tokens"]), linear_only=True),
 }
 
 

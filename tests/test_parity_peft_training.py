@@ -1,4 +1,5 @@
-"""Numerical parity with HF peft 0.21 for techniques whose training-time behaviour is part of the method: OSF.
+"""Numerical parity with HF peft 0.21 for techniques whose training-time behaviour is part of the method (OSF) or
+that train a part of a host tensor (trainable tokens: chosen rows of the token embedding).
 
 One seeded tiny model is deep-copied into a peft model and a pefref model; what
 peft trains is perturbed and copied into pefref's units, and both run the same
@@ -38,6 +39,9 @@ LINEAR = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_pro
           "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]}
 
 
+EMBED = {"llama": "embed_tokens", "bert": "word_embeddings"}
+
+
 def family_of(shape: str) -> str:
     return CATALOG.shape(shape).family
 
@@ -60,7 +64,11 @@ class Case:
 CASES: dict[str, Case] = {
     "osf": Case("osf", {"frac": 0.125}, lambda fam: peft.OSFConfig(task_type=task(fam), target_modules=LINEAR[fam], effective_rank=0.125),
                 {"U": "osf_svd_params.default.U_low", "S": "osf_svd_params.default.S_low", "V": "osf_svd_params.default.V_low"}),
+    # BERT's base model has no output head: peft patches the embedding alone there too (a tied head is refused by interop)
+    "trainable_tokens": Case("trainable_tokens", {"rows": [3, 47, 111]}, lambda fam: peft.TrainableTokensConfig(
+        task_type=task(fam), token_indices=[3, 47, 111], target_modules=[EMBED[fam]]), {"R": "trainable_tokens_delta.default"}),
 }
+HOOKED = [n for n in CASES if CATALOG.technique(CASES[n].technique).training]
 
 
 @functools.cache
@@ -77,10 +85,11 @@ class Pair:
 
 
 def _host(pm: Any, unit_key: str, family: str) -> nn.Module:
-    """The peft layer at the host of a pefref unit ('<module>__<site>__<layer>')."""
-    _module, site_key, layer = unit_key.split("__")
+    """The peft layer at the host of a pefref unit ('<module>__<site>__<layer>', or '<module>__<site>' once per model)."""
+    _module, site_key, *layer = unit_key.split("__")
     site = next(s for s in CATALOG.reference.sites if s.replace(".", "_") == site_key)
-    return pm.get_base_model().get_submodule(CATALOG.family(family).sites[site].path.format(i=int(layer)))
+    path = CATALOG.family(family).sites[site].path
+    return pm.get_base_model().get_submodule(path.format(i=int(layer[0])) if layer else path)
 
 
 def build(shape: str, name: str, perturb: bool = True) -> Pair:
@@ -167,7 +176,7 @@ def test_training_steps_match_peft(shape: str, name: str) -> None:
     assert train_both(build(shape, name), shape) <= TOL
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", HOOKED)
 def test_training_without_the_hooks_departs_from_peft(name: str) -> None:
     """Not vacuous: the same steps without the technique's training hooks end elsewhere."""
     assert train_both(build(SHAPES[0], name), SHAPES[0], hooks=False) > 1e-4
@@ -180,3 +189,54 @@ def test_osf_gradients_stay_orthogonal_to_the_frozen_subspace() -> None:
     assert all(u.U.grad is not None and float((u.Uh.T @ u.U.grad).abs().max()) > 1e-6 for u in units)  # not vacuous
     pair.adapter.before_optimizer_step(0)
     assert all(float((u.Uh.T @ u.U.grad).abs().max()) < 1e-6 and float((u.V.grad @ u.Vh.T).abs().max()) < 1e-6 for u in units)
+
+
+def test_trainable_tokens_train_only_their_rows() -> None:
+    """After training, the model's embedding equals the base's except at the chosen rows, which hold the trained copy."""
+    pair = build(SHAPES[0], "trainable_tokens")
+    train_both(pair, SHAPES[0])
+    unit = next(iter(pair.adapter.units.values()))
+    base_w = base_model(SHAPES[0]).get_input_embeddings().weight
+    assert torch.equal(pair.model.get_input_embeddings().weight, base_w)  # the host's own table is untouched
+    rows = [3, 47, 111]
+    with torch.no_grad():
+        merged = pair.model.get_input_embeddings()(torch.arange(base_w.shape[0]))  # the table the adapted embedding runs with
+    keep = torch.ones(merged.shape[0], dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(merged[keep], base_w[keep]) and torch.equal(merged[rows], unit.R.detach())
+    assert max_diff(merged[rows], base_w[rows]) > 1e-2
+
+
+# --- the language pieces trainable tokens needs: an `ints` hyperparameter, count() and index_copy() ------------
+
+
+def test_ints_hyperparameters_convert_and_bound_every_entry() -> None:
+    from pefref.language.errors import PefrefError
+    from pefref.language.hparams import resolve_hyperparameters
+
+    decl = CATALOG.technique("trainable_tokens").hyperparameters
+    assert resolve_hyperparameters(decl)["rows"] == (28, 58, 70)
+    assert resolve_hyperparameters(decl, {"rows": [3, 9]})["rows"] == (3, 9)
+    assert resolve_hyperparameters(decl, {"rows": "[4, 7, 11]"})["rows"] == (4, 7, 11)  # --set rows=4,7,11
+    for bad, said in (([3, -1], "below its minimum 0"), ([], "non-empty list"), ([1.5], "list of integers"), ("a,b", "list of integers"),
+                      (3, "list of integers"), ([True], "list of integers")):
+        with pytest.raises(PefrefError, match=said):
+            resolve_hyperparameters(decl, {"rows": bad})
+
+
+@pytest.mark.parametrize(("rows", "message"), [([3, 3], "distinct positions"), ([3, 100000], "run past dimension 0")])
+def test_bad_rows_are_refused_before_anything_changes(rows: list[int], message: str) -> None:
+    from pefref.language.errors import PefrefError
+
+    model = copy.deepcopy(base_model(SHAPES[0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PefrefError, match=message):
+        apply(model, "trainable_tokens", rows=rows)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainable_tokens_parameters_are_count_of_rows_times_d() -> None:
+    from pefref.view.params import count_params
+
+    tech = CATALOG.technique("trainable_tokens")
+    assert count_params(tech, CATALOG.shape(SHAPES[0]), CATALOG).trainable == 3 * base_model(SHAPES[0]).config.hidden_size
