@@ -149,6 +149,9 @@ CASES: dict[str, Case] = {
     # GPT-2 ties its head to the embedding: refused (peft would patch the head's rows too)
     "trainable_tokens": Case("trainable_tokens", {"rows": [3, 47, 111]}, None, lambda fam: peft.TrainableTokensConfig(
         token_indices=[3, 47, 111], target_modules=["embed_tokens"]), linear_only=True),
+    "cpt": Case("cpt", {"ids": [28, 58, 70, 32], "types": [1, 2, 3, 4], "eps": 0.5, "format_eps": 0.3}, None, lambda fam: peft.CPTConfig(
+        task_type="CAUSAL_LM", cpt_token_ids=[28, 58, 70, 32], cpt_tokens_type_mask=[1, 2, 3, 4], opt_projection_epsilon=0.5,
+        opt_projection_format_epsilon=0.3), reads_as="prompt_tuning"),
 }
 
 

@@ -1,12 +1,12 @@
-"""Numerical parity with HF peft 0.21 for techniques whose training-time behaviour is part of the method (OSF) or
-that train a part of a host tensor (trainable tokens: chosen rows of the token embedding).
+"""Numerical parity with HF peft 0.21 for techniques whose training-time behaviour is part of the method (OSF, CPT)
+or that train a part of a host tensor (trainable tokens: chosen rows of the token embedding).
 
 One seeded tiny model is deep-copied into a peft model and a pefref model; what
 peft trains is perturbed and copied into pefref's units, and both run the same
 batch in fp32. Checked: outputs within 1e-5 (and different from the base
 model's), equal trainable counts, and the trained tensors after several SGD
 steps of the same loop within 1e-5, where peft runs its own training-time
-behaviour (OSF: gradient hooks) and pefref the technique's ``training:`` hooks
+behaviour (OSF: gradient hooks; CPT: a gradient mask and the prompt's projection into its eps-ball) and pefref the technique's ``training:`` hooks
 (``adapter.before_optimizer_step`` / ``after_optimizer_step``). Each check is
 shown not vacuous: the same pefref loop without the hooks ends elsewhere.
 """
@@ -58,7 +58,8 @@ class Case:
     technique: str
     hps: dict[str, Any]
     config: Callable[[str], Any]
-    tensors: dict[str, str]
+    tensors: dict[str, str]  # a name starting with '/' is peft's full parameter name (a prompt encoder's)
+    shapes: tuple[str, ...] = ("tiny-llama", "tiny-bert")
 
 
 CASES: dict[str, Case] = {
@@ -68,6 +69,10 @@ CASES: dict[str, Case] = {
     "trainable_tokens": Case("trainable_tokens", {"rows": [3, 47, 111]}, lambda fam: peft.TrainableTokensConfig(
         task_type=task(fam), token_indices=[3, 47, 111], target_modules=[EMBED[fam]]), {"R": "trainable_tokens_delta.default"}),
 }
+CPT = {"ids": [28, 58, 70, 32], "types": [1, 2, 3, 4], "eps": 0.5, "format_eps": 0.3}
+CASES["cpt"] = Case("cpt", CPT, lambda fam: peft.CPTConfig(
+    task_type="CAUSAL_LM", cpt_token_ids=CPT["ids"], cpt_tokens_type_mask=CPT["types"], opt_projection_epsilon=CPT["eps"],
+    opt_projection_format_epsilon=CPT["format_eps"]), {"D": "/prompt_encoder.default.delta_embedding.weight"}, ("tiny-llama",))
 HOOKED = [n for n in CASES if CATALOG.technique(CASES[n].technique).training]
 
 
@@ -100,13 +105,15 @@ def build(shape: str, name: str, perturb: bool = True) -> Pair:
         pm = peft.get_peft_model(copy.deepcopy(base_model(shape)), case.config(family)).eval()
     model = copy.deepcopy(base_model(shape))
     adapter = apply(model, case.technique, **case.hps)
-    tensors = {(key, n): (getattr(unit, n), _host(pm, key, family).get_parameter(pn))
+    tensors = {(key, n): (getattr(unit, n), pm.get_parameter(pn[1:]) if pn.startswith("/") else _host(pm, key, family).get_parameter(pn))
                for key, unit in adapter.units.items() for n, pn in case.tensors.items()}
     torch.manual_seed(1)
     with torch.no_grad():
-        for mine, theirs in tensors.values():
+        for _mine, theirs in tensors.values():
             if perturb:
                 theirs.add_(0.3 * torch.randn_like(theirs))
+        output_of(pm, _batch(shape))  # peft's CPT projects its prompt change when it computes the prompt
+        for mine, theirs in tensors.values():
             mine.copy_(theirs)
     return Pair(pm, model, adapter, tensors)
 
@@ -143,10 +150,12 @@ def train_both(pair: Pair, shape: str, steps: int = 4, lr: float = 0.5, hooks: b
         if hooks:
             ad.after_optimizer_step(step)
         opt.zero_grad()
+    with torch.no_grad():
+        output_of(pm, _batch(shape))  # what peft holds between steps (CPT: projected when the prompt is computed)
     return max(max_diff(a.detach(), b.detach()) for a, b in pair.tensors.values())
 
 
-PAIRS = [(s, n) for n in CASES for s in SHAPES]
+PAIRS = [(s, n) for n in CASES for s in CASES[n].shapes]
 
 
 @pytest.mark.parametrize(("shape", "name"), PAIRS)
@@ -155,20 +164,17 @@ def test_outputs_and_trainable_counts_match_peft(shape: str, name: str) -> None:
     with torch.no_grad():
         want, got, base = (output_of(m, _batch(shape)) for m in (pair.peft_model, pair.model, base_model(shape)))
     assert max_diff(got, want) <= TOL
-    assert max_diff(want, base) > 1e-3  # the adapter changes the output
+    assert max_diff(want[:, -base.shape[1]:], base) > 1e-3  # the adapter changes the output (at the input's positions)
     assert pair.adapter.report is not None
     assert pair.adapter.report.trainable == n_trainable(pair.model) == n_trainable(pair.peft_model)
 
 
 @pytest.mark.parametrize(("shape", "name"), PAIRS)
 def test_initialisation_matches_peft(shape: str, name: str) -> None:
-    """Unperturbed, pefref's initial tensors are peft's (OSF: the same SVD of each weight)."""
+    """Unperturbed, pefref's initial tensors are peft's (OSF: the same SVD of each weight; CPT: D at zero)."""
     pair = build(shape, name, perturb=False)
-    case = CASES[name]
-    for key, unit in pair.adapter.units.items():
-        layer = _host(pair.peft_model, key, family_of(shape))
-        for n, pn in case.tensors.items():
-            assert max_diff(getattr(unit, n).detach(), layer.get_parameter(pn).detach()) <= TOL, (key, n)
+    for (key, n), (mine, theirs) in pair.tensors.items():
+        assert max_diff(mine.detach(), theirs.detach()) <= TOL, (key, n)
 
 
 @pytest.mark.parametrize(("shape", "name"), PAIRS)
@@ -240,3 +246,16 @@ def test_trainable_tokens_parameters_are_count_of_rows_times_d() -> None:
 
     tech = CATALOG.technique("trainable_tokens")
     assert count_params(tech, CATALOG.shape(SHAPES[0]), CATALOG).trainable == 3 * base_model(SHAPES[0]).config.hidden_size
+
+
+def test_cpt_keeps_its_frozen_examples_and_its_ball() -> None:
+    """CPT after training: E is peft's frozen example embeddings, D = 0 on the label token (its gradient masked) and
+    every row of D within its radius (the ball was reached: lr pushes D beyond it)."""
+    pair = build("tiny-llama", "cpt")
+    train_both(pair, "tiny-llama", lr=5.0)
+    unit = next(iter(pair.adapter.units.values()))
+    enc = pair.peft_model.prompt_encoder["default"]
+    assert torch.equal(unit.E, enc.embedding.weight)
+    norms = unit.D.detach().norm(dim=1)
+    assert float(norms[3]) <= 1e-9 and bool((norms <= unit.R.flatten() * (1 + 1e-5)).all())
+    assert float(norms[1]) == pytest.approx(float(unit.R[1]), rel=1e-4)

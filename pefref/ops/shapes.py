@@ -303,6 +303,11 @@ def _narrow(a: Shape, dim: int, start: int, length: int) -> Shape:
     return Shape((*a[:d], length, *a[d + 1:]))
 
 
+@shape_rule("as_values")
+def _as_values(v: Any, like: Shape) -> Shape:
+    return Shape((len(v) if isinstance(v, (tuple, list)) else 1,))
+
+
 @shape_rule("index_copy")
 def _index_copy(a: Shape, dim: int, index: Any, src: Shape) -> Shape:
     d = _dim(a, dim)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["reshape", "unflatten", "unsqueeze", "squeeze", "einsum", "gather", "index_select", "narrow", "topk", "topk_indices",
-           "argmax", "scatter", "zeros_like", "mean", "cat", "index_copy", "count"]
+           "argmax", "scatter", "zeros_like", "mean", "cat", "index_copy", "count", "as_values"]
 
 
 @primitive(linear_in=(0,), layout=True)
@@ -76,6 +76,14 @@ def index_copy(a: torch.Tensor, dim: int, index: Any, src: torch.Tensor) -> torc
     if not isinstance(index, torch.Tensor):
         index = torch.tensor(list(index) if isinstance(index, (tuple, list)) else [index], dtype=torch.long, device=a.device)
     return a.index_copy(dim, index, src.to(a.dtype))
+
+
+@primitive()
+def as_values(v: Any, like: torch.Tensor) -> torch.Tensor:
+    """A list of integers (an ``ints`` hyperparameter) as a [n] tensor with ``like``'s dtype and device, e.g. per-token
+    types that arithmetic turns into per-token masks or bounds: ``min(as_values(types, W) % 4, 1)``."""
+    import torch
+    return torch.tensor(list(v) if isinstance(v, (tuple, list)) else [v], dtype=like.dtype, device=like.device)
 
 
 @primitive(scalar=True)
