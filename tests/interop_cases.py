@@ -42,6 +42,7 @@ SHAPES = ["tiny-llama", "tiny-gpt2"]
 ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 NORMS = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"]}
 IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}
+OSF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # the osf technique's sites on Llama
 GPT2_WHOLE = ["attn.qkv", "attn.o", "ffn.up", "ffn.down"]  # GPT-2's projections as whole modules
 
 
@@ -147,6 +148,14 @@ CASES: dict[str, Case] = {
         r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
         n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    # training-time behaviour (pefref's training hooks)
+    "osf": Case("osf", {"frac": 0.125}, None, lambda fam: peft.OSFConfig(effective_rank=0.125, target_modules=OSF_TARGETS), linear_only=True),
+    # GPT-2 ties its head to the embedding: refused (peft would patch the head's rows too)
+    "trainable_tokens": Case("trainable_tokens", {"rows": [3, 47, 111]}, None, lambda fam: peft.TrainableTokensConfig(
+        token_indices=[3, 47, 111], target_modules=["embed_tokens"]), linear_only=True),
+    "cpt": Case("cpt", {"ids": [28, 58, 70, 32], "types": [1, 2, 3, 4], "eps": 0.5, "format_eps": 0.3}, None, lambda fam: peft.CPTConfig(
+        task_type="CAUSAL_LM", cpt_token_ids=[28, 58, 70, 32], cpt_tokens_type_mask=[1, 2, 3, 4], opt_projection_epsilon=0.5,
+        opt_projection_format_epsilon=0.3), reads_as="prompt_tuning"),
 }
 
 

@@ -62,6 +62,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"olora", "lora_orthogonal", "lora_gaussian", "mica", "lora_bias", "kasa", "bdlora", "velora"}  # LoRA's variants (LoraConfig flags)
     implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
     implemented |= {"loftq"}
+    implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
@@ -77,7 +78,7 @@ def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path
     assert r.technique == (case.reads_as or case.technique)
     if case.technique in COMPUTED:  # peft holds what the module computes: its size is the inference form's
         assert r.counts["back"] == r.counts["peft"]
-        assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct", "cartridge"})
+        assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct", "cartridge", "cpt"})
     elif shape == "tiny-gpt2" and case.technique in FUSED and case.gpt2_sites is None:
         # q and v slices of c_attn: per layer r·(d + d) twice, versus A [2r, d] and B [3d, 2r] with k's rows zero
         assert r.counts["peft"] == 2 * r.counts["pefref"] and r.counts["back"] == r.counts["pefref"]

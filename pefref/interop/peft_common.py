@@ -12,7 +12,7 @@ import torch
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
-           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart"]
+           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -111,3 +111,16 @@ def slice_rows(fam: ArchitectureMap, site: str, sizes: Mapping[str, int], width:
     start, size = value(b.slice.start), value(b.slice.size)
     period = value(b.slice.period) if b.slice.period is not None else width
     return [j * period + start + t for j in range(width // period) for t in range(size)]
+
+
+def refuse_tied(method: PeftMethod, model: Any) -> None:
+    """Raise where the row converts only untied models and ``model``'s output head shares its input embedding's weight."""
+    from pefref.language.errors import PefrefError
+
+    if not method.untied_only:
+        return
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, head = (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+    if emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None):
+        raise PefrefError(f"{method.technique}: this model ties its output head to the input embedding; peft's {method.peft_type} "
+                          f"changes the head's rows too, which {method.technique} does not, so only untied models convert")

@@ -9,7 +9,20 @@ import torch
 from torch import nn
 
 from pefref.compiler.parts import read
-from pefref.interop.peft_common import PREFIX, PROMPT, alpha_for, config_set, fixed_config, host_order, slice_rows, stored_apart, task_type, to_peft, unit_key
+from pefref.interop.peft_common import (
+    PREFIX,
+    PROMPT,
+    alpha_for,
+    config_set,
+    fixed_config,
+    host_order,
+    refuse_tied,
+    slice_rows,
+    stored_apart,
+    task_type,
+    to_peft,
+    unit_key,
+)
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
 from pefref.language.interop_table import method_for, rows_for
@@ -81,6 +94,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     method = _row(adapter, table)
     if adapter.merged:
         raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
+    refuse_tied(method, adapter.model)
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
@@ -205,7 +219,8 @@ def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: 
     """'linear', 'conv1d' or the class name of the host at ``path``; refused where peft stores the module's
     tensors under a host module it does not adapt."""
     host = adapter.model.get_submodule(path)
-    kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else type(host).__name__
+    kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else \
+        "embedding" if isinstance(host, nn.Embedding) else type(host).__name__
     if kind not in method.hosts and not stored_apart(mm):
         raise PefrefError(f"{adapter.technique.id}.{module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
                           f"adapts only {' and '.join(method.hosts)} modules")

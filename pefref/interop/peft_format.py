@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get
+from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get, refuse_tied
 from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
@@ -137,6 +137,7 @@ def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, tor
     from pefref.runtime.inject import model_config, resolve_family
 
     method = choose(cfg, interop_table())
+    refuse_tied(method, model)
     handled = {method.fused.rank_pattern, method.fused.alpha_pattern} if method.fused else set()
     handled |= {method.rank_masks.pattern} if method.rank_masks else set()
     for key, value in cfg.items():

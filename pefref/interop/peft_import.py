@@ -207,7 +207,7 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
     saved = [s for s in cfg.get("modules_to_save") or [] if any(k.startswith(s + ".") for k in state)]
     for hp, ref in method.from_shapes.items():
         tname = maps[ref.module].tensors[ref.tensor]
-        key = next((k for k in sorted(state) if k.endswith("." + tname)), None)
+        key = next((k for k in sorted(state) if k == tname or k.endswith("." + tname)), None)
         if key is not None:
             hps[hp] = int(state[key].shape[ref.dim])
     return Plan(tech.model_copy(update={"modules": out, "hyperparameters": decl}), hps, saved, splits)

@@ -195,9 +195,11 @@ def _check_defaults(t: Technique, pos: Positions) -> list[Problem]:
     for name, hp in t.hyperparameters.items():
         p = ("hyperparameters", name)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
-        if (lo is not None and hp.default < lo) or (hi is not None and hp.default > hi):
-            why = f"below the minimum {lo}" if lo is not None and hp.default < lo else f"above the maximum {hi}"
-            out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
+        for v in hp.default if isinstance(hp.default, list) else [hp.default]:
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                why = f"below the minimum {lo}" if lo is not None and v < lo else f"above the maximum {hi}"
+                out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is {why}"))
+                break
         if getattr(hp, "choices", None) is not None and hp.default not in cast(Any, hp).choices:
             out.append(Problem(pos.at(p + ("default",)), dotted(p + ("default",)), f"default {hp.default} is not one of the choices {cast(Any, hp).choices}"))
     return out

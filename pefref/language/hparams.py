@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from pefref.language.errors import PefrefError
@@ -17,21 +18,38 @@ __all__ = ["resolve_hyperparameters", "shape_of"]
 
 def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults with overrides applied, type-converted and bounds-checked."""
-    out = {k: v.default for k, v in decl.items()}
+    out = {k: tuple(v.default) if isinstance(v.default, list) else v.default for k, v in decl.items()}
     for k, raw in (overrides or {}).items():
         if k not in decl:
             raise PefrefError(f"unknown hyperparameter {k!r}{suggest(k, decl)} (declared: {', '.join(decl) or 'none'})")
         hp = decl[k]
-        v = _convert(k, hp, raw)
+        v = _convert_list(k, hp, raw) if hp.type == "ints" else _convert(k, hp, raw)
         lo, hi = getattr(hp, "min", None), getattr(hp, "max", None)
-        if lo is not None and v < lo:
-            raise PefrefError(f"hyperparameter {k!r} = {v} is below its minimum {lo}")
-        if hi is not None and v > hi:
-            raise PefrefError(f"hyperparameter {k!r} = {v} is above its maximum {hi}")
+        for e in v if isinstance(v, tuple) else (v,):
+            if lo is not None and e < lo:
+                raise PefrefError(f"hyperparameter {k!r} = {_shown(v)} is below its minimum {lo}")
+            if hi is not None and e > hi:
+                raise PefrefError(f"hyperparameter {k!r} = {_shown(v)} is above its maximum {hi}")
         if getattr(hp, "choices", None) is not None and v not in hp.choices:
             raise PefrefError(f"hyperparameter {k!r} = {v} is not one of {hp.choices}")
         out[k] = v
     return out
+
+
+def _shown(v: Any) -> str:
+    return ", ".join(map(str, v)).join("[]") if isinstance(v, tuple) else str(v)
+
+
+def _convert_list(k: str, hp: Any, raw: Any) -> tuple[int, ...]:
+    """``raw`` (a list or tuple of integers, or text '3, 7, 12' from the command line) as a tuple of integers."""
+    items = [t for t in raw.strip().strip("[]").split(",") if t.strip()] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not items:
+        raise PefrefError(f"hyperparameter {k!r} must be a non-empty list of integers, found {raw!r}")
+    one = SimpleNamespace(type="int")
+    try:
+        return tuple(_convert(k, one, e) for e in items)
+    except PefrefError:
+        raise PefrefError(f"hyperparameter {k!r} must be a non-empty list of integers, found {raw!r}") from None
 
 
 _SCALAR_OPS: dict[str, Any] = {}

@@ -303,10 +303,29 @@ def _narrow(a: Shape, dim: int, start: int, length: int) -> Shape:
     return Shape((*a[:d], length, *a[d + 1:]))
 
 
+@shape_rule("as_values")
+def _as_values(v: Any, like: Shape) -> Shape:
+    return Shape((len(v) if isinstance(v, (tuple, list)) else 1,))
+
+
+@shape_rule("index_copy")
+def _index_copy(a: Shape, dim: int, index: Any, src: Shape) -> Shape:
+    d = _dim(a, dim)
+    index = tuple(index) if isinstance(index, list) else index
+    n = index[0] if isinstance(index, Shape) else len(index) if isinstance(index, tuple) else 1
+    if len(src) != len(a) or src[d] != n or any(x != y for i, (x, y) in enumerate(zip(a, src)) if i != d):
+        raise ShapeMismatch(f"index_copy of {n} entries along dimension {dim} of {a} needs a source of that shape there, found {src}")
+    if isinstance(index, tuple) and len(set(index)) != len(index):
+        raise ShapeMismatch(f"index_copy needs distinct positions, found {list(index)}")
+    if isinstance(index, tuple) and isinstance(a[d], int) and any(not 0 <= i < a[d] for i in index):
+        raise ShapeMismatch(f"index_copy positions {list(index)} run past dimension {dim} of {a}")
+    return a
+
+
 @shape_rule("index_select")
 def _index_select(a: Shape, dim: int, index: Any) -> Shape:
     d = _dim(a, dim)
-    n = index[0] if isinstance(index, Shape) else len(index) if isinstance(index, tuple) else 1
+    n = index[0] if isinstance(index, Shape) else len(index) if isinstance(index, (tuple, list)) else 1
     return Shape((*a[:d], n, *a[d + 1:]))
 
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["reshape", "unflatten", "unsqueeze", "squeeze", "einsum", "gather", "index_select", "narrow", "topk", "topk_indices",
-           "argmax", "scatter", "zeros_like", "mean", "cat"]
+           "argmax", "scatter", "zeros_like", "mean", "cat", "index_copy", "count", "as_values"]
 
 
 @primitive(linear_in=(0,), layout=True)
@@ -64,6 +64,33 @@ def gather(a: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     (:func:`torch.gather`: ``index`` has ``a``'s rank; other dimensions must fit ``a``'s)."""
     import torch
     return torch.gather(a, dim, index)
+
+
+@primitive(linear_in=(0, 3), int_args=("index",))
+def index_copy(a: torch.Tensor, dim: int, index: Any, src: torch.Tensor) -> torch.Tensor:
+    """A copy of ``a`` whose entries at positions ``index`` (a 1-D tensor or a tuple of distinct integers) along ``dim``
+    are ``src``'s, in order (out-of-place :func:`torch.index_copy`): ``index_copy(W, 0, rows, R)`` is the table ``W``
+    with the rows ``rows`` replaced by ``R`` (training a subset of an embedding's rows, as peft's trainable tokens
+    do). Linear in ``a`` and ``src`` together."""
+    import torch
+    if not isinstance(index, torch.Tensor):
+        index = torch.tensor(list(index) if isinstance(index, (tuple, list)) else [index], dtype=torch.long, device=a.device)
+    return a.index_copy(dim, index, src.to(a.dtype))
+
+
+@primitive()
+def as_values(v: Any, like: torch.Tensor) -> torch.Tensor:
+    """A list of integers (an ``ints`` hyperparameter) as a [n] tensor with ``like``'s dtype and device, e.g. per-token
+    types that arithmetic turns into per-token masks or bounds: ``min(as_values(types, W) % 4, 1)``."""
+    import torch
+    return torch.tensor(list(v) if isinstance(v, (tuple, list)) else [v], dtype=like.dtype, device=like.device)
+
+
+@primitive(scalar=True)
+def count(v: Any) -> int:
+    """The number of entries of a list of integers (an ``ints`` hyperparameter), e.g. the rows of a table a module
+    trains: ``shape: [count(rows), d]``."""
+    return len(v) if isinstance(v, (tuple, list)) else 1
 
 
 @primitive(linear_in=(0,), int_args=("index",))

@@ -10,7 +10,7 @@ from pefref.language.forms import FORMS as _REGISTRY
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Float, Identifier, Int, Strict, at_least
 
 __all__ = [
-    "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
+    "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "IntsParam", "Hyperparameter",
     "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
@@ -80,7 +80,17 @@ class ChoiceParam(_HP):
     choices: list[Int | Float] = Field(min_length=1)
 
 
-Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam], Field(discriminator="type")]
+class IntsParam(_HP):
+    """A list of integers (e.g. the rows of a table to train); expressions read it as a tuple, ``count(v)`` its length;
+    ``min`` and ``max`` bound every entry."""
+
+    type: Literal["ints"]
+    default: list[Int] = Field(min_length=1)
+    min: Int | None = None
+    max: Int | None = None
+
+
+Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam, IntsParam], Field(discriminator="type")]
 
 
 class ParamSpec(Strict):
