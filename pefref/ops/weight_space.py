@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "weight_norm", "svd_u", "svd_s", "svd_vh", "scatter2d", "ifft2_real",
-    "factor_left", "factor_right", "random_positions",
+    "factor_left", "factor_right", "random_positions", "damped", "inv",
 ]
 
 
@@ -107,6 +107,39 @@ def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tens
     """The leading ``k`` right singular vectors of ``w`` as rows, :math:`V_{:, :k}^\\top` ([k, in]),
     fp32 thin SVD (randomised with ``niter`` > 0, see :func:`svd_u`)."""
     return _svd(w, k, niter, seed)[2][:k]
+
+
+# --- covariances (initialisation from calibration statistics) ---------------------------------------
+
+
+@primitive(nonlinear=True)
+def damped(c: torch.Tensor, damp: float = 0.01, tol: float = 0.05) -> torch.Tensor:
+    """A covariance ``c`` ([n, n]) made safely invertible by Tikhonov damping relative to its mean variance,
+
+    :math:`C_\\lambda = C + \\lambda \\, \\overline{\\operatorname{diag} C} \\, I`,
+
+    starting at :math:`\\lambda` = ``damp`` and doubling it until :math:`\\lVert C_\\lambda C_\\lambda^{-1} - I \\rVert_F`
+    < ``tol`` (fp32), as the reference implementation of CorDA (Yang et al. 2024, arXiv 2406.05223) does before
+    weighting a weight by the covariance of its inputs."""
+    import torch
+
+    c = c.float()
+    eye_n = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lam = float(damp)
+    for _ in range(64):
+        fixed = c + torch.diag(torch.ones(c.shape[0], device=c.device) * torch.mean(torch.diag(c)) * lam)
+        if torch.dist(fixed @ torch.linalg.inv(fixed), eye_n).item() < tol:
+            return fixed
+        lam *= 2
+    raise ValueError(f"damped: the covariance stays singular after damping it by {lam:g} times its mean variance")
+
+
+@primitive(nonlinear=True)
+def inv(a: torch.Tensor) -> torch.Tensor:
+    """The inverse :math:`A^{-1}` of a square matrix ([n, n], fp32 :func:`torch.linalg.inv`), e.g. of a damped covariance."""
+    import torch
+
+    return torch.linalg.inv(a.float())
 
 
 # --- sparse spectra ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ once per member).
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -36,6 +36,7 @@ from pefref.language.schema import ArchitectureMap, Technique
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.calibration import declares_calibration, gather, refuse_without
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
@@ -49,7 +50,7 @@ from pefref.runtime.saved_modules import SAVED_MODULE, SavedModule, resolve_save
 from pefref.runtime.transaction import Transaction, located
 from pefref.view.analysis import connected_modules, mergeable
 
-__all__ = ["ApplyPlan", "BuiltUnit", "plan", "build", "commit", "apply_technique", "resolve_technique"]
+__all__ = ["ApplyPlan", "BuiltUnit", "plan", "calibrate", "build", "commit", "apply_technique", "resolve_technique"]
 
 
 def resolve_technique(technique: str | Path | Technique, catalog: Catalog) -> Technique:
@@ -88,6 +89,8 @@ class ApplyPlan:
     mergeable: list[bool]
     """For each placement: whether ``merge()`` folds its unit into the host's weight (derived from the module's
     structure at the site's kind, with the host's bias, by :func:`pefref.view.analysis.mergeable`)."""
+    stats: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+    """For each placement: the calibration statistics its module declares, by name (filled by :func:`calibrate`)."""
 
 
 @dataclass
@@ -155,6 +158,8 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
     for pl, ctx, merges in zip(p.places, p.shapes.contexts, p.mergeable):
         m = pl.module
         with located(where_of(p.technique, pl)):
+            if p.stats:
+                ctx.stats = p.stats[len(built)]
             W = None
             if pl.kind.has_weight and pl.binding.side == "module":
                 W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
@@ -207,9 +212,24 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
     return adapter
 
 
-def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, **options: Any) -> Adapter:
-    """:func:`plan`, :func:`build` and :func:`commit` one technique (``options``: :func:`plan`'s keywords)."""
+def calibrate(model: nn.Module, p: ApplyPlan, calibration: Iterable[Mapping[str, Any]] | None) -> None:
+    """Gather the calibration statistics the plan's modules declare (:func:`pefref.runtime.calibration.gather`)
+    into ``p.stats``, in one pass over ``calibration``; refused without batches where some are declared. The
+    model is only read."""
+    if not declares_calibration(p.modules):
+        return
+    if calibration is None:
+        refuse_without(p.technique.id, p.modules)
+    with located(f"calibrate {p.technique.id}"):
+        p.stats = gather(model, p.places, cast(Iterable[Mapping[str, Any]], calibration))
+
+
+def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *,
+                    calibration: Iterable[Mapping[str, Any]] | None = None, **options: Any) -> Adapter:
+    """:func:`plan`, :func:`calibrate`, :func:`build` and :func:`commit` one technique (``options``: :func:`plan`'s
+    keywords; ``calibration``: batches for the statistics its modules declare)."""
     p = plan(model, technique, catalog, **options)
+    calibrate(model, p, calibration)
     return commit(model, p, build(p))
 
 
