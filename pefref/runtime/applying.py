@@ -36,7 +36,7 @@ from pefref.language.schema import ArchitectureMap, Technique
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
-from pefref.runtime.calibration import declares_calibration, gather, refuse_without
+from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
@@ -215,8 +215,12 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
 def calibrate(model: nn.Module, p: ApplyPlan, calibration: Iterable[Mapping[str, Any]] | None) -> None:
     """Gather the calibration statistics the plan's modules declare (:func:`pefref.runtime.calibration.gather`)
     into ``p.stats``, in one pass over ``calibration``; refused without batches where some are declared. The
-    model is only read."""
+    model is only read (on the meta device the statistics are empty meta tensors of their shapes)."""
     if not declares_calibration(p.modules):
+        return
+    meta = meta_statistics(p.places)
+    if meta is not None:  # a model without weights: statistics of the right shapes, no values
+        p.stats = meta
         return
     if calibration is None:
         refuse_without(p.technique.id, p.modules)

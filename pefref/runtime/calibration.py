@@ -27,7 +27,7 @@ from pefref.runtime.inject import Placement
 from pefref.runtime.patches import first_tensor
 from pefref.runtime.rows import take
 
-__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without"]
+__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "meta_statistics"]
 
 
 @dataclass
@@ -146,3 +146,25 @@ def _add_grads(out: Any, places: list[Placement], accs: list[dict[str, Accumulat
         assert pl.kind.get_weight is not None
         w = pl.kind.get_weight(SimpleNamespace(weight=g.detach().float()))  # in the [out, in] layout of the host's weight
         accs[i][n].add(take(w, 0, pl.start, pl.size, pl.period), 0)
+
+
+def meta_statistics(places: list[Placement]) -> list[dict[str, torch.Tensor]] | None:
+    """On a model whose declaring hosts are all on the meta device (built without weights, loaded later) there is
+    nothing to gather: each statistic is an empty meta tensor of its shape, as the initialisers' fillers are.
+    None where some declaring host holds values."""
+    declaring = [pl for pl in places if getattr(pl.module, "calibration", None)]
+    if not declaring or any(not pl.host.weight.is_meta for pl in declaring):  # type: ignore[union-attr]
+        return None
+    dims = {"input_cov": lambda pl: (pl.d_in, pl.d_in), "output_cov": lambda pl: (pl.d_out, pl.d_out), "weight_grad": lambda pl: (pl.d_out, pl.d_in)}
+    return [{n: torch.empty(dims[st.kind](pl), device="meta") for n, st in (getattr(pl.module, "calibration", None) or {}).items()}
+            for pl in places]
+
+
+def random_batches(model: nn.Module, n: int, seq: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of one sequence of ``seq`` random token ids (from a generator seeded with ``seed``, on the
+    model's device): calibration for a model with random weights (the CLI's ``apply`` and ``demo``, tests)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, max(vocab, 4), (1, seq), generator=g) for _ in range(n)]
+    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device)} for t in ids]
