@@ -172,8 +172,9 @@ def test_refusals_leave_the_model_unchanged() -> None:
 
 
 def _probe():
-    from pefref.language.schema import Technique
     import yaml
+
+    from pefref.language.schema import Technique
 
     return Technique.model_validate(yaml.safe_load(_STATS))
 

@@ -153,7 +153,7 @@ def meta_statistics(places: list[Placement]) -> list[dict[str, torch.Tensor]] | 
     nothing to gather: each statistic is an empty meta tensor of its shape, as the initialisers' fillers are.
     None where some declaring host holds values."""
     declaring = [pl for pl in places if getattr(pl.module, "calibration", None)]
-    if not declaring or any(not pl.host.weight.is_meta for pl in declaring):  # type: ignore[union-attr]
+    if not declaring or any(not pl.host.weight.is_meta for pl in declaring):
         return None
     dims = {"input_cov": lambda pl: (pl.d_in, pl.d_in), "output_cov": lambda pl: (pl.d_out, pl.d_out), "weight_grad": lambda pl: (pl.d_out, pl.d_in)}
     return [{n: torch.empty(dims[st.kind](pl), device="meta") for n, st in (getattr(pl.module, "calibration", None) or {}).items()}
