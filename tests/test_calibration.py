@@ -197,5 +197,5 @@ def test_typology_shows_initialisation_from_data() -> None:
 
     row = derive_typology(CATALOG.technique("corda"), CATALOG.reference, CATALOG.techniques)
     assert row.values["initialisation"] == "calibration data"
-    assert derive_typology(CATALOG.technique("pissa"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "weights"
-    assert derive_typology(CATALOG.technique("lora"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "random"
+    assert derive_typology(CATALOG.technique("pissa"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "host weights"
+    assert derive_typology(CATALOG.technique("lora"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "data-free"
