@@ -35,6 +35,7 @@ from pefref.language.placement import retarget
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
+from pefref.ops.weight_space import forget_decompositions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
 from pefref.runtime.connect import Wiring, with_taps
@@ -154,26 +155,34 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
     built: list[BuiltUnit] = []
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
     probes: dict[Any, torch.Tensor] = {}  # what publishing units' probes gave, for the probes of the units reading them
-    wiring, hps = p.wiring, p.hyperparameters
-    for pl, ctx, merges in zip(p.places, p.shapes.contexts, p.mergeable):
-        m = pl.module
-        with located(where_of(p.technique, pl)):
+    try:
+        for i, (pl, ctx, merges) in enumerate(zip(p.places, p.shapes.contexts, p.mergeable)):
             if p.stats:
-                ctx.stats = p.stats[len(built)]
-            W = None
-            if pl.kind.has_weight and pl.binding.side == "module":
-                W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
-                ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
-            unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
-            key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
-            new_w = None
-            if unit is not None:
-                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
-                if m.host_update is not None and W is not None:
-                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
-                    pending[id(pl.host)] = new_w
-        built.append(BuiltUnit(pl, unit, key, new_w, merges))
+                ctx.stats = p.stats[i]  # the calibration statistics gathered at this placement
+            built.append(_build_one(p, pl, ctx, merges, store, pending, probes))
+    finally:
+        forget_decompositions()  # memoised SVDs and inverses of this apply's matrices
     return built
+
+
+def _build_one(p: ApplyPlan, pl: Placement, ctx: Any, merges: bool, store: SharedStore, pending: dict[int, torch.Tensor],
+               probes: dict[Any, torch.Tensor]) -> BuiltUnit:
+    """One placement's unit, probed, and its host update (``pending``: host weights as earlier updates leave them)."""
+    wiring, hps, m = p.wiring, p.hyperparameters, pl.module
+    with located(where_of(p.technique, pl)):
+        W = None
+        if pl.kind.has_weight and pl.binding.side == "module":
+            W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
+            ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
+        unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
+        key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+        new_w = None
+        if unit is not None:
+            check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
+            if m.host_update is not None and W is not None:
+                new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
+                pending[id(pl.host)] = new_w
+    return BuiltUnit(pl, unit, key, new_w, merges)
 
 
 def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
