@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pefref.cli.app import app
 from pefref.experiments.grid import expand, load_experiment
+from pefref.language.errors import CatalogError
 
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = ROOT / "catalog" / "experiments" / "minilm_rt_polarity.yaml"
@@ -48,8 +49,9 @@ def test_pefref_run_trains_corda_on_minilm_from_calibration_batches(tmp_path: Pa
     assert steps >= 2
 
 
-@pytest.mark.given_calibration
-def test_a_run_without_calibration_batches_fails_clearly(tmp_path: Path) -> None:
+def test_an_experiment_without_calibration_batches_is_refused_at_validate(tmp_path: Path) -> None:
     path = _minilm(tmp_path, None)
+    with pytest.raises(CatalogError, match=r"corda initialises from calibration statistics: give the experiment a calibration: section"):
+        load_experiment(path)
     r = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
-    assert "calibration" in r.output and "failed" in r.output, r.output
+    assert r.exit_code != 0 and "calibration: section" in r.output, r.output
