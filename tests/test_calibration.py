@@ -199,3 +199,17 @@ def test_typology_shows_initialisation_from_data() -> None:
     assert row.values["initialisation"] == "calibration data"
     assert derive_typology(CATALOG.technique("pissa"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "host weights"
     assert derive_typology(CATALOG.technique("lora"), CATALOG.reference, CATALOG.techniques).values["initialisation"] == "data-free"
+
+
+@pytest.mark.given_calibration
+def test_a_composition_passes_calibration_batches_to_its_members(tmp_path: Path) -> None:
+    p = tmp_path / "corda_ia3.yaml"
+    p.write_text("id: corda_ia3\nname: CorDA and IA3\ntechniques:\n  - {name: corda, technique: corda, hyperparameters: {r: 2}}\n"
+                 "  - {name: ia3, technique: ia3}\nblocks: []\n")
+    model = build_model(SHAPE, seed=0)
+    before = _state(model)
+    with pytest.raises(PefrefError, match="calibration=batches"):
+        apply(model, p)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    comp = apply(model, p, calibration=_batches(2))
+    assert set(comp.adapters) == {"corda", "ia3"}  # type: ignore[union-attr]

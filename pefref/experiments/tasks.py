@@ -180,7 +180,9 @@ def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: C
     if "composition" in config:
         from pefref.runtime.compose import apply_composition
 
-        comp = apply_composition(_family_target(model, family, catalog), config["composition"]["file"], catalog=catalog, family=family)
+        target = _family_target(model, family, catalog)
+        extra: dict[str, Any] = {"calibration": calibration(target)} if calibration is not None else {}
+        comp = apply_composition(target, config["composition"]["file"], catalog=catalog, family=family, **extra)
         prep.adapters.append(comp)
         prep.hyperparameters += [{"adapter": n, "technique": a.technique.id, **a.hyperparameters} for n, a in comp.adapters.items()]
         prep.trainable.update({f"adapter.{comp.name}.{k}": p for k, p in comp.named_trainable_parameters().items()})

@@ -85,6 +85,7 @@ def apply(
         calibration: batches (an iterable of model input dicts, with labels where a loss gradient is declared)
             from which a technique whose modules declare calibration statistics (``calibration:``) initialises;
             gathered in one pass, the model left as it was. Refused when such a technique is applied without them.
+            A composition passes them to each member (give a list: each member that declares statistics reads it).
     """
     path = None if isinstance(technique, Technique) else Path(technique)
     is_file = path is not None and path.suffix in (".yaml", ".yml")
@@ -93,7 +94,8 @@ def apply(
     if path is not None and is_file and file_kind(path) == "composition":  # told apart once, from the table of file kinds
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
-        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device, adapter_dtype=adapter_dtype)
+        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device, adapter_dtype=adapter_dtype,
+                                 **({"calibration": calibration} if calibration is not None else {}))
     return apply_technique(model, technique, catalog, sites=sites, layers=layers, family=family, name=name, dtype=dtype, device=device,
                            hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save, adapter_dtype=adapter_dtype,
                            calibration=calibration)
