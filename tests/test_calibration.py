@@ -51,13 +51,19 @@ def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def _out(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**x)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
 @pytest.mark.given_calibration
-@pytest.mark.parametrize("mode", ["ipm", "kpm"])
-def test_corda_matches_peft(mode: str) -> None:
-    base = build_model(SHAPE, seed=0)
+@pytest.mark.parametrize(("shape", "mode"), [("tiny-llama", "ipm"), ("tiny-llama", "kpm"), ("tiny-bert", "ipm"), ("tiny-qwen2", "kpm")])
+def test_corda_matches_peft(shape: str, mode: str) -> None:
+    base = build_model(shape, seed=0)
     batches = _batches()
-    paths = host_paths("corda", SHAPE)
-    cfg = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=sorted(set(paths.values())), r=4, lora_alpha=8.0, lora_dropout=0.0,
+    paths = host_paths("corda", shape)
+    task = "FEATURE_EXTRACTION" if "bert" in shape else "CAUSAL_LM"
+    cfg = peft.LoraConfig(task_type=task, target_modules=sorted(set(paths.values())), r=4, lora_alpha=8.0, lora_dropout=0.0,
                           init_lora_weights="corda", corda_config=CordaConfig(corda_method=mode))
     theirs = copy.deepcopy(base)
     preprocess_corda(theirs, cfg, run_model=lambda: [theirs(**b) for b in batches])
@@ -70,18 +76,18 @@ def test_corda_matches_peft(mode: str) -> None:
         assert max_diff(unit.B, layer.lora_B["default"].weight) <= TOL, path
         assert max_diff(mine.get_submodule(path).weight, layer.base_layer.weight) <= TOL, path  # the residual
         assert max_diff(mine.get_submodule(path).weight, base.get_submodule(path).weight) > 1e-4, path
-    x = padded_batch(SHAPE)
+    x = padded_batch(shape)
     with torch.no_grad():
-        assert max_diff(mine(**x).logits, base(**x).logits) <= TOL  # the base function at initialisation
+        assert max_diff(_out(mine, x), _out(base, x)) <= TOL  # the base function at initialisation
         torch.manual_seed(1)
         for k, path in paths.items():  # randomise peft's adapter and copy it in
             layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
             for name, lora in (("A", layer.lora_A["default"].weight), ("B", layer.lora_B["default"].weight)):
                 lora.add_(0.3 * torch.randn_like(lora))
                 getattr(unit, name).copy_(lora)
-        want, got = pm(**x).logits, mine(**x).logits
-    assert max_diff(got, want) <= TOL
-    assert max_diff(got, base(**x).logits) > 1e-3  # the adapter changes the output
+        want, got = _out(pm, x), _out(mine, x)
+        assert max_diff(got, want) <= TOL
+        assert max_diff(got, _out(base, x)) > 1e-3  # the adapter changes the output
     assert a.report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     a.remove()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mine.state_dict().items())  # the base weights come back exactly
