@@ -219,3 +219,18 @@ def test_a_composition_passes_calibration_batches_to_its_members(tmp_path: Path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     comp = apply(model, p, calibration=_batches(2))
     assert set(comp.adapters) == {"corda", "ia3"}  # type: ignore[union-attr]
+
+
+def test_show_derives_costs_of_a_technique_initialised_from_data() -> None:
+    """Counts and per-token costs are derived on the meta device: statistics there are empty tensors of their shapes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+
+    r = CliRunner().invoke(app, ["show", "corda", "--json", "--model", "tiny-llama"])
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.output)
+    assert facts["parameters"]["trainable"] == 6656 and facts["efficiency"]["mergeable"] is True
+    assert facts["typology"]["initialisation"] == "calibration data"
