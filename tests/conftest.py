@@ -66,3 +66,22 @@ def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
         if t is not None:
             return t
     raise AssertionError("model output has neither logits nor last_hidden_state")
+
+
+@pytest.fixture(autouse=True)
+def _random_calibration(request, monkeypatch) -> None:
+    """Catalog-wide tests apply every technique without data: a technique initialised from calibration statistics
+    gathers them on a few batches of random tokens there (tests marked ``given_calibration`` pass their own, or none)."""
+    if request.node.get_closest_marker("given_calibration"):
+        return
+    from pefref.runtime import applying
+    from pefref.runtime.calibration import random_batches
+
+    real = applying.calibrate
+
+    def calibrate(model, p, calibration):
+        if calibration is None:
+            calibration = random_batches(model, 2, seq=8)
+        real(model, p, calibration)
+
+    monkeypatch.setattr(applying, "calibrate", calibrate)

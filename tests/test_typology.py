@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pefref.language.schema import TYPOLOGY_PROPERTIES
-from pefref.view.typology import TRAINING_TIME, derive_typology
+from pefref.view.typology import INITIALISATION, TRAINING_TIME, derive_typology
 
 # docs/typology.md, "Expected values for the seven techniques in PEFT-Ref", in its words
 # (detail in parentheses dropped; judgement calls (?) as justified in each YAML's notes).
@@ -30,7 +30,7 @@ def test_peft_ref_rows(catalog, tid: str) -> None:
 def test_every_technique_has_every_property(catalog) -> None:
     for t in catalog.techniques.values():
         row = derive_typology(t, catalog.reference, catalog.techniques)
-        assert set(row.values) == {*TYPOLOGY_PROPERTIES, TRAINING_TIME}  # and the derived training-time behaviour
+        assert set(row.values) == {*TYPOLOGY_PROPERTIES, TRAINING_TIME, INITIALISATION}  # and the derived training-time behaviour, initialisation
         assert all(row.values[p] for p in TYPOLOGY_PROPERTIES), t.id
 
 

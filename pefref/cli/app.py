@@ -392,6 +392,8 @@ def apply_(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override k=v (repeatable)."),
     sites: Optional[list[str]] = typer.Option(None, "--sites", "--site", help=SITES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the placement report as JSON (key 'trainable')."),
+    calibration: int = typer.Option(4, "--calibration", min=0, help="Batches of random tokens a technique initialised from data "
+                                    "(calibration statistics) gathers them on; 0: none (such a technique is then refused)."),
 ) -> None:
     """Build a model, apply a technique (or a composition file) and print the placement report (what went where)."""
     if technique.endswith((".yaml", ".yml")) and Path(technique).is_file():
@@ -412,7 +414,10 @@ def apply_(
     base = int(eval_scalar(fam.base_params, {**model_sizes(fam, dict(shape.config)), **shape.config}))
     device = "meta" if base > 200_000_000 else None
     m = build_model(shape, cat, device=device)
-    adapter = apply_technique(m, t, catalog=cat, sites=_sites(sites), overrides=_overrides(sets))
+    from pefref.runtime.calibration import random_batches
+
+    batches = random_batches(m, calibration) if calibration and device is None else None
+    adapter = apply_technique(m, t, catalog=cat, sites=_sites(sites), overrides=_overrides(sets), calibration=batches)
     rep = adapter.report.as_dict()
     rep["model"] = model
     rep["device"] = device or "cpu"

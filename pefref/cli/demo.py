@@ -27,6 +27,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     from pefref.language.check import expand_modules
     from pefref.models.build import applicable, build_model
     from pefref.runtime.api import apply
+    from pefref.runtime.calibration import random_batches
     from pefref.view.analysis import modules_mergeable
 
     modules, _ = expand_modules(t, catalog.techniques)
@@ -35,7 +36,7 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     model = build_model(shape, catalog)
     n = ids.shape[1]
     base = _logits(model(input_ids=ids))
-    a = apply(model, t, catalog=catalog)
+    a = apply(model, t, catalog=catalog, calibration=random_batches(model, 4))  # data-initialised techniques: random tokens
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
     for p in a.trainable_parameters():

@@ -100,6 +100,7 @@ class SiteContext:
     device: torch.device | str = "cpu"
     W: torch.Tensor | None = None
     host_dtype: torch.dtype | None = None  # the host's dtype where it differs from the adapter's (the unit casts at its boundary)
+    stats: Mapping[str, torch.Tensor] = field(default_factory=dict)  # calibration statistics gathered at this placement, by name
 
     def names(self, hps: Mapping[str, Any]) -> dict[str, Any]:
         """Scalars visible to expressions: model sizes, host widths, flags, hyperparameters."""
@@ -506,7 +507,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         if meta and tr.filler and tr.name in rec.meta_checked:  # shapes only: the values come with the weights loaded later
             return torch.empty(shape, dtype=ctx.dtype, device="meta")
         if env is None:
-            env = {**names, "W": None if ctx.W is None else ctx.W.detach().to(ctx.dtype)}  # read in the adapter's dtype
+            env = {**names, "W": None if ctx.W is None else ctx.W.detach().to(ctx.dtype), **ctx.stats}  # read in the adapter's dtype
             if rec.seeded:  # one integer per unit from torch's global generator: its seeded draws share it
                 env[INIT_SEED] = int(torch.randint(0, 2**62, ()).item())
         env.update(initial)  # the initial values of the tensors declared before this one

@@ -119,3 +119,17 @@ def collate(ex: Examples, idx: list[int], pad_id: int, causal: bool) -> dict[str
         assert ex.labels is not None
         labels = torch.tensor([ex.labels[i] for i in idx], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def calibration_batches(ex: Examples, batches: int, batch_size: int, pad_id: int, keep: set[str]) -> list[dict[str, torch.Tensor]]:
+    """The first ``batches`` × ``batch_size`` examples of ``ex`` in order, as model inputs restricted to ``keep``
+    (input_ids and attention_mask; labels where the model computes a loss): calibration for techniques initialised
+    from data."""
+    n = min(len(ex), batches * batch_size)
+    if n == 0:
+        raise PefrefError("calibration: the split has no examples")
+    out = []
+    for i in range(0, n, batch_size):
+        b = collate(ex, list(range(i, min(i + batch_size, n))), pad_id, ex.labels is None)
+        out.append({k: v for k, v in b.items() if k in keep})
+    return out

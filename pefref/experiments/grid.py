@@ -98,6 +98,8 @@ def expand(exp: Experiment, path: str | Path) -> list[RunSpec]:
             "train": file_digest(root / exp.data.train), "eval": file_digest(root / exp.data.eval)}
     common = {"experiment": exp.id, "model": model, "task": exp.task.model_dump(), "data": data,
               "training": exp.training.model_dump(mode="json", exclude={"tensorboard", "threads", "log_every", "eval_batch_size", "distributed"})}
+    if exp.calibration is not None:  # only where given: the ids of runs without it are unchanged
+        common["calibration"] = exp.calibration.model_dump()
     runs: list[RunSpec] = []
     seen: dict[str, str] = {}
     for entry in exp.grid:

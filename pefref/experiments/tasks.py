@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -142,8 +143,12 @@ class Prepared:
                 t.copy_(src)
 
 
-def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: Catalog) -> Prepared:
-    """Freeze the base model and apply the run's techniques (or set up a baseline); the head trains with classification."""
+def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: Catalog,
+                calibration: Callable[[nn.Module], list[dict[str, Any]]] | None = None) -> Prepared:
+    """Freeze the base model and apply the run's techniques (or set up a baseline); the head trains with classification.
+
+    ``calibration``: the batches (made for the module a technique is applied to) from which a technique initialised
+    from data gathers its statistics (the experiment's ``calibration:`` section)."""
     from pefref.runtime.api import apply
 
     task = config["task"]["type"]
@@ -167,14 +172,17 @@ def prepare_run(model: nn.Module, config: dict[str, Any], root: Path, catalog: C
     family = config["model"].get("family")
     for i, use in enumerate(config.get("compose", [])):
         target = _family_target(model, family, catalog)
-        a = apply(target, use["technique"], family=family, catalog=catalog, name=f"a{i}", overrides=use["hyperparameters"])
+        a = apply(target, use["technique"], family=family, catalog=catalog, name=f"a{i}", overrides=use["hyperparameters"],
+                  calibration=calibration(target) if calibration is not None else None)
         prep.adapters.append(a)
         prep.hyperparameters.append({"technique": a.technique.id, **a.hyperparameters})
         prep.trainable.update({f"adapter.{a.name}.{k}": p for k, p in a.named_trainable_parameters().items()})
     if "composition" in config:
         from pefref.runtime.compose import apply_composition
 
-        comp = apply_composition(_family_target(model, family, catalog), config["composition"]["file"], catalog=catalog, family=family)
+        target = _family_target(model, family, catalog)
+        extra: dict[str, Any] = {"calibration": calibration(target)} if calibration is not None else {}
+        comp = apply_composition(target, config["composition"]["file"], catalog=catalog, family=family, **extra)
         prep.adapters.append(comp)
         prep.hyperparameters += [{"adapter": n, "technique": a.technique.id, **a.hyperparameters} for n, a in comp.adapters.items()]
         prep.trainable.update({f"adapter.{comp.name}.{k}": p for k, p in comp.named_trainable_parameters().items()})

@@ -24,7 +24,7 @@ from pefref.experiments.checkpoint import (
     set_rng_state,
 )
 from pefref.experiments.compiled import compile_model, mark_dynamic, use_compile
-from pefref.experiments.data import Examples, collate, epoch_order, grouped_order, load_examples
+from pefref.experiments.data import Examples, calibration_batches, collate, epoch_order, grouped_order, load_examples
 from pefref.experiments.distributed import (
     Dist,
     all_sum,
@@ -291,13 +291,13 @@ def _setup(cfg: RunConfig, env: RunEnv) -> _Run:
     previous = env.records.run(cfg.id) if env.records else None
     torch.manual_seed(cfg.seed)
     model, tok = build_task_model(cfg.model, cfg.task.type, _label_count(env, cfg), env.catalog)
-    prep: Prepared = prepare_run(model, cfg.config, env.root, env.catalog)
+    train_ex, eval_ex = _data(env, cfg, tok)
+    prep: Prepared = prepare_run(model, cfg.config, env.root, env.catalog, _calibration(cfg, train_ex, tok))
     fsdp = d.active and tr.distributed == "fsdp"
     if fsdp:
         _shard(model, prep, d)
     else:
         model.to(device)
-    train_ex, eval_ex = _data(env, cfg, tok)
 
     B, A, W = tr.batch_size, tr.grad_accum, d.world
     if B % (A * W):
@@ -311,6 +311,22 @@ def _setup(cfg: RunConfig, env: RunEnv) -> _Run:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tr.schedule, round(tr.warmup * total), total))
     return _Run(cfg, env, device, autocast, model, tok, prep, fsdp, train_ex, eval_ex, spe, total, eval_every,
                 tr.checkpoint_every or eval_every, opt, sched, list(prep.trainable.values()), env.out / "runs" / cfg.id, previous, clock)
+
+
+def _calibration(cfg: RunConfig, train_ex: Examples, tok: Any) -> Callable[[nn.Module], list[dict[str, torch.Tensor]]] | None:
+    """The experiment's calibration batches (``calibration:``), made for the module a technique is applied to: labels
+    only where its forward takes them (a loss to differentiate). None without the section."""
+    spec = cfg.config.get("calibration")
+    if spec is None:
+        return None
+
+    def make(target: nn.Module) -> list[dict[str, torch.Tensor]]:
+        import inspect
+
+        keep = {"input_ids", "attention_mask"} | ({"labels"} if "labels" in inspect.signature(target.forward).parameters else set())
+        return calibration_batches(train_ex, spec["batches"], spec["batch_size"], tok.pad_token_id, keep)
+
+    return make
 
 
 def _resume(run: _Run) -> TrainState:

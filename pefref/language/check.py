@@ -217,8 +217,10 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
         if m.form not in kind.forms:
             out.append(Problem(pos.at(mp + ("sites", j)), dotted(mp + ("sites", j)), f"form {m.form!r} cannot attach to site {s!r} (a {ref.sites[s].kind} site accepts: {', '.join(kind.forms)})"))
     site_reads = set.intersection(*[set(ref.site_kinds[ref.sites[s].kind].reads) for s in m.sites if s in ref.sites] or [set()])
+    stats = set(getattr(m, "calibration", None) or {})
+    out += _check_calibration(m, mp, set(hps) | sizes, site_reads, pos)
     for k, (pname, spec) in enumerate(m.params.items()):
-        init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:k])  # tensors declared before
+        init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:k]) | stats  # tensors declared before, statistics
         out += _check_param(m, spec, mp + ("params", pname), set(hps), init_reads, ref, pos)
     base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
     for fld in EXPR_FIELDS:
@@ -228,9 +230,34 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
         allowed = base | set(MODEL_FLAGS) | (reads_of(m.form, fld) & (site_reads | {"delta"}))
         if (m.form, fld) in _OWN_READS:
             allowed |= reads_of(m.form, fld)
+        if fld == "host_update":
+            allowed |= stats
         if fld == "length":
             allowed = set(hps) | sizes
         out += _check_names(parse_expr(text), allowed, set(PRIMITIVES), pos, mp + (fld,), f"{m.form} {fld}")
+    return out
+
+
+_STAT_READS = {"input_cov": "x", "output_cov": "h", "weight_grad": "W"}
+"""The host tensor each calibration statistic is gathered from (the module's sites must let it read it)."""
+
+
+def _check_calibration(m: Any, mp: tuple[Any, ...], scalars: set[str], site_reads: set[str], pos: Positions) -> list[Problem]:
+    """Calibration statistics: names free (not a tensor, host tensor, size or hyperparameter), gathered from a host
+    tensor every site of the module has, from a module that has a unit to initialise."""
+    out: list[Problem] = []
+    for name, st in (getattr(m, "calibration", None) or {}).items():
+        p = mp + ("calibration", name)
+        taken = ("a tensor of the module" if name in m.params else "a host tensor" if name in HOST_TENSORS
+                 else "a size or hyperparameter" if name in scalars else "a connection" if name in (getattr(m, "inputs", None) or {}) else "")
+        if taken:
+            out.append(Problem(pos.at(p), dotted(p), f"statistic {name!r}: the name is already {taken}"))
+        need = _STAT_READS[st.kind]
+        if need not in site_reads or not form_of(m).has_unit:
+            out.append(Problem(pos.at(p + ("kind",)), dotted(p + ("kind",)), f"statistic {name!r} ({st.kind}) reads the host's {need}, "
+                               f"which a {m.form} module at {', '.join(m.sites)} does not have"))
+        if st.kind == "weight_grad" and st.normalise != "none":
+            out.append(Problem(pos.at(p + ("normalise",)), dotted(p + ("normalise",)), "normalise applies to covariances, not to weight_grad"))
     return out
 
 

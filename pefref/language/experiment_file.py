@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pefref.language.catalog import default_catalog, load_techniques
+from pefref.language.check import expand_modules
 from pefref.language.composition import is_composition_file, load_composition
 from pefref.language.datafile import check_data
 from pefref.language.errors import CatalogError, PefrefError, Problem
@@ -51,7 +52,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Positions]:
             [(("grid", i), entry.technique, dict(entry.hyperparameters))] if entry.technique else []
         uses += [(("grid", i, "compose", j), u.technique, dict(u.hyperparameters)) for j, u in enumerate(entry.compose or [])]
         for loc, t, hps in uses:
-            problems += _technique_problems(loc, t, hps, root, pos)
+            problems += _technique_problems(loc, t, hps, root, pos, exp.calibration is not None)
         problems += _check_composition(entry, ("grid", i), root, pos)
     if problems:
         raise CatalogError(problems)
@@ -111,8 +112,10 @@ def _model_problems(exp: Experiment, pos: Positions) -> list[Problem]:
     return problems
 
 
-def _technique_problems(loc: tuple[str | int, ...], ref: str, hps: dict[str, Any], root: Path, pos: Positions) -> list[Problem]:
-    """A grid's technique must exist (a catalog id, or a file that passes the technique checks) and take its hyperparameters.
+def _technique_problems(loc: tuple[str | int, ...], ref: str, hps: dict[str, Any], root: Path, pos: Positions,
+                        calibrated: bool = True) -> list[Problem]:
+    """A grid's technique must exist (a catalog id, or a file that passes the technique checks) and take its hyperparameters;
+    one initialised from data (its modules declare calibration statistics) needs the experiment's ``calibration:`` section.
 
     Every value of a hyperparameter axis is checked (name, type, bounds) as
     ``apply`` would check it, so a typo fails before any training starts.
@@ -134,6 +137,9 @@ def _technique_problems(loc: tuple[str | int, ...], ref: str, hps: dict[str, Any
     else:
         tech = cat.techniques[ref]
     out: list[Problem] = []
+    if not calibrated and any(getattr(m, "calibration", None) for m in expand_modules(tech, {**cat.techniques, tech.id: tech})[0]):
+        out.append(Problem(pos.at(key), dotted(key), f"{tech.id} initialises from calibration statistics: give the experiment a "
+                           "calibration: section (e.g. calibration: {batches: 8})"))
     for name, values in hps.items():
         for v in values if isinstance(values, list) else [values]:
             try:

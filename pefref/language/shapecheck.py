@@ -31,7 +31,7 @@ from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_pr
 from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
-__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "stat_shapes", "Watch", "Tally", "expression_cost"]
 
 EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
 """Representative reference sizes for shape inference (distinct widths: d, d_ff, kv_heads·d_head, vocab)."""
@@ -215,6 +215,12 @@ def site_env(kind: str, d_in: int, d_out: int, sizes: Mapping[str, int]) -> dict
     return env
 
 
+def stat_shapes(m: Any, d_in: int, d_out: int) -> dict[str, Shape]:
+    """Shapes of a module's calibration statistics at a site of widths ``d_in``, ``d_out``."""
+    dims = {"input_cov": (d_in, d_in), "output_cov": (d_out, d_out), "weight_grad": (d_out, d_in)}
+    return {name: Shape(dims[st.kind]) for name, st in (getattr(m, "calibration", None) or {}).items()}
+
+
 def _problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
     loc = pos.at(path)
     col = column + (1 if path in pos.quoted else 0)
@@ -261,7 +267,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
         if kind == "kv":
             d_in = 0
         names: dict[str, Any] = {**sizes, "d_in": d_in, "d_out": d_out, "causal": 1, **hps}
-        env: dict[str, Any] = {**names, **site_env(kind, d_in, d_out, sizes), **(extra or {})}
+        env: dict[str, Any] = {**names, **site_env(kind, d_in, d_out, sizes), **(extra or {}), **stat_shapes(m, d_in, d_out)}
         for pname, spec in m.params.items():
             pp = mpath + ("params", pname)
             dims: list[int] = []
@@ -402,6 +408,7 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
     env: dict[str, Any] = {**names, "x": Shape((*bs, d_in)), "h": Shape((*bs, d_out)), "mask": Shape(bs), "b": Shape((d_out,))}
     if W is not None:
         env["W"] = Shape(W)
+    env.update(stat_shapes(m, d_in, d_out))
     jobs: list[tuple[str, str, Mapping[str, Shape] | None]] = []
     for pname, shape in param_shapes.items():
         jobs.append((f"params.{pname}.init", str(m.params[pname].init), {k: Shape(shape) for k in INITS}))

@@ -234,6 +234,13 @@ def _svd_vh(w: Shape, k: int, niter: int = 0, seed: Any = 0) -> Shape:
     return Shape((k, w[1]))
 
 
+@shape_rule("damped", "inv")
+def _square(c: Shape, *_: Any, **__: Any) -> Shape:
+    if len(c) != 2 or c[0] != c[1]:
+        raise ShapeMismatch(f"needs a square matrix [n, n], found {c}")
+    return c
+
+
 @shape_rule("weight_norm")
 def _weight_norm(v: Shape, g: Shape, detach: Any = False) -> Shape:
     return v

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "weight_norm", "svd_u", "svd_s", "svd_vh", "scatter2d", "ifft2_real",
-    "factor_left", "factor_right", "random_positions",
+    "factor_left", "factor_right", "random_positions", "damped", "inv", "forget_decompositions",
 ]
 
 
@@ -70,10 +70,45 @@ def _weight_norm_map(ops: Ops, v: Any, g: Any, detach: bool = False) -> LinearMa
 # --- truncated SVD (data-dependent initialisation) ------------------------------------------------
 
 
+_MEMO: list[tuple[str, torch.Tensor, tuple[Any, ...], Any]] = []
+"""The last few decompositions (op, input, arguments, result): an initialiser's expressions call one op on the same
+matrix several times (``svd_u``, ``svd_s`` and ``svd_vh`` of one weight; a damped covariance read by each factor)."""
+
+
+def _memo(op: str, a: torch.Tensor, args: tuple[Any, ...], fn: Any) -> Any:
+    """``fn()``, or the result of an earlier call of ``op`` on a tensor equal to ``a`` with ``args`` (deterministic ops only)."""
+    import torch
+
+    if a.is_meta:
+        return fn()
+    for name, t, targs, out in _MEMO:
+        if name == op and targs == args and t.shape == a.shape and t.dtype == a.dtype and t.device == a.device and torch.equal(t, a):
+            return _copy(out)
+    out = fn()
+    _MEMO.append((op, a.detach().clone(), args, out))
+    del _MEMO[:-4]
+    return _copy(out)
+
+
+def _copy(out: Any) -> Any:
+    """A result handed out of the memo is the caller's own (it may become a parameter, trained in place)."""
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
+def forget_decompositions() -> None:
+    """Drop the memoised decompositions (apply calls it when its units are built: their inputs may be large)."""
+    _MEMO.clear()
+
+
 def _svd(w: torch.Tensor, k: int = 0, niter: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vh) of ``w`` in fp32: the thin SVD, or with ``niter`` > 0 the randomised one of rank ``k``
     (:func:`torch.svd_lowrank`, Halko et al. 2011) drawn from a generator seeded with ``seed`` (torch's global
-    generator is left as it was), so the three factors of one seed come from one draw."""
+    generator is left as it was), so the three factors of one seed come from one draw. Memoised on the last few
+    inputs (the factors of one matrix are read by several calls)."""
+    return _memo("svd", w, (int(k), int(niter), int(seed)), lambda: _svd_now(w, k, niter, seed))
+
+
+def _svd_now(w: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import torch
 
     if not niter:
@@ -107,6 +142,44 @@ def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tens
     """The leading ``k`` right singular vectors of ``w`` as rows, :math:`V_{:, :k}^\\top` ([k, in]),
     fp32 thin SVD (randomised with ``niter`` > 0, see :func:`svd_u`)."""
     return _svd(w, k, niter, seed)[2][:k]
+
+
+# --- covariances (initialisation from calibration statistics) ---------------------------------------
+
+
+@primitive(nonlinear=True)
+def damped(c: torch.Tensor, damp: float = 0.01, tol: float = 0.05) -> torch.Tensor:
+    """A covariance ``c`` ([n, n]) made safely invertible by Tikhonov damping relative to its mean variance,
+
+    :math:`C_\\lambda = C + \\lambda \\, \\overline{\\operatorname{diag} C} \\, I`,
+
+    starting at :math:`\\lambda` = ``damp`` and doubling it until :math:`\\lVert C_\\lambda C_\\lambda^{-1} - I \\rVert_F`
+    < ``tol`` (fp32), as the reference implementation of CorDA (Yang et al. 2024, arXiv 2406.05223) does before
+    weighting a weight by the covariance of its inputs."""
+    return _memo("damped", c, (float(damp), float(tol)), lambda: _damped_now(c.float(), float(damp), float(tol)))
+
+
+def _damped_now(c: torch.Tensor, damp: float, tol: float) -> torch.Tensor:
+    import torch
+
+    if c.is_meta:  # shapes only (a model built without weights)
+        return c.clone()
+    eye_n = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    lam = float(damp)
+    for _ in range(64):
+        fixed = c + torch.diag(torch.ones(c.shape[0], device=c.device) * torch.mean(torch.diag(c)) * lam)
+        if torch.dist(fixed @ torch.linalg.inv(fixed), eye_n).item() < tol:
+            return fixed
+        lam *= 2
+    raise ValueError(f"damped: the covariance stays singular after damping it by {lam:g} times its mean variance")
+
+
+@primitive(nonlinear=True)
+def inv(a: torch.Tensor) -> torch.Tensor:
+    """The inverse :math:`A^{-1}` of a square matrix ([n, n], fp32 :func:`torch.linalg.inv`), e.g. of a damped covariance."""
+    import torch
+
+    return _memo("inv", a, (), lambda: torch.linalg.inv(a.float()))
 
 
 # --- sparse spectra ----------------------------------------------------------------------------------

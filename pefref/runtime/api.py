@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -31,14 +31,16 @@ __all__ = ["apply", "apply_technique", "resolve_technique", "Adapter", "Report",
 def apply(model: nn.Module, technique: Technique, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
-          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ..., **hyperparameters: Any) -> Adapter: ...
+          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ...,
+          calibration: Iterable[Mapping[str, Any]] | None = ..., **hyperparameters: Any) -> Adapter: ...
 
 
 @overload
 def apply(model: nn.Module, technique: str | Path, *, sites: Sequence[str] | None = ..., layers: Sequence[int | str] | None = ...,
           family: str | Path | ArchitectureMap | None = ..., name: str | None = ..., dtype: torch.dtype | None = ...,
           device: torch.device | str | None = ..., catalog: Catalog | None = ..., overrides: Mapping[str, Any] | None = ...,
-          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ..., **hyperparameters: Any) -> Adapter | Composition: ...
+          modules_to_save: Sequence[str] | None = ..., adapter_dtype: AdapterDtype = ...,
+          calibration: Iterable[Mapping[str, Any]] | None = ..., **hyperparameters: Any) -> Adapter | Composition: ...
 
 
 def apply(
@@ -55,6 +57,7 @@ def apply(
     overrides: Mapping[str, Any] | None = None,
     modules_to_save: Sequence[str] | None = None,
     adapter_dtype: AdapterDtype = "auto",
+    calibration: Iterable[Mapping[str, Any]] | None = None,
     **hyperparameters: Any,
 ) -> Adapter | Composition:
     """Apply a technique to ``model`` and return its :class:`Adapter` handle.
@@ -79,6 +82,10 @@ def apply(
         overrides / **hyperparameters: hyperparameter values, e.g. ``r=16``.
         modules_to_save: whole modules trained and saved with the adapter (peft's
             ``modules_to_save``): sites such as ``head`` (the class's task head) or module paths.
+        calibration: batches (an iterable of model input dicts, with labels where a loss gradient is declared)
+            from which a technique whose modules declare calibration statistics (``calibration:``) initialises;
+            gathered in one pass, the model left as it was. Refused when such a technique is applied without them.
+            A composition passes them to each member (give a list: each member that declares statistics reads it).
     """
     path = None if isinstance(technique, Technique) else Path(technique)
     is_file = path is not None and path.suffix in (".yaml", ".yml")
@@ -87,6 +94,8 @@ def apply(
     if path is not None and is_file and file_kind(path) == "composition":  # told apart once, from the table of file kinds
         from pefref.runtime.compose import apply_composition  # a composition file: several adapters and their blocks
 
-        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device, adapter_dtype=adapter_dtype)
+        return apply_composition(model, path, catalog=catalog, name=name, family=family, dtype=dtype, device=device, adapter_dtype=adapter_dtype,
+                                 **({"calibration": calibration} if calibration is not None else {}))
     return apply_technique(model, technique, catalog, sites=sites, layers=layers, family=family, name=name, dtype=dtype, device=device,
-                           hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save, adapter_dtype=adapter_dtype)
+                           hyperparameters={**(overrides or {}), **hyperparameters}, modules_to_save=modules_to_save, adapter_dtype=adapter_dtype,
+                           calibration=calibration)

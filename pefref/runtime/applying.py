@@ -17,7 +17,7 @@ once per member).
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -35,7 +35,9 @@ from pefref.language.placement import retarget
 from pefref.language.schema import ArchitectureMap, Technique
 from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
+from pefref.ops.weight_space import forget_decompositions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
+from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
 from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
@@ -49,7 +51,7 @@ from pefref.runtime.saved_modules import SAVED_MODULE, SavedModule, resolve_save
 from pefref.runtime.transaction import Transaction, located
 from pefref.view.analysis import connected_modules, mergeable
 
-__all__ = ["ApplyPlan", "BuiltUnit", "plan", "build", "commit", "apply_technique", "resolve_technique"]
+__all__ = ["ApplyPlan", "BuiltUnit", "plan", "calibrate", "build", "commit", "apply_technique", "resolve_technique"]
 
 
 def resolve_technique(technique: str | Path | Technique, catalog: Catalog) -> Technique:
@@ -88,6 +90,8 @@ class ApplyPlan:
     mergeable: list[bool]
     """For each placement: whether ``merge()`` folds its unit into the host's weight (derived from the module's
     structure at the site's kind, with the host's bias, by :func:`pefref.view.analysis.mergeable`)."""
+    stats: list[dict[str, torch.Tensor]] = field(default_factory=list, repr=False)
+    """For each placement: the calibration statistics its module declares, by name (filled by :func:`calibrate`)."""
 
 
 @dataclass
@@ -151,24 +155,34 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
     built: list[BuiltUnit] = []
     pending: dict[int, torch.Tensor] = {}  # host weights as this apply's host updates leave them
     probes: dict[Any, torch.Tensor] = {}  # what publishing units' probes gave, for the probes of the units reading them
-    wiring, hps = p.wiring, p.hyperparameters
-    for pl, ctx, merges in zip(p.places, p.shapes.contexts, p.mergeable):
-        m = pl.module
-        with located(where_of(p.technique, pl)):
-            W = None
-            if pl.kind.has_weight and pl.binding.side == "module":
-                W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
-                ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
-            unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
-            key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
-            new_w = None
-            if unit is not None:
-                check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
-                if m.host_update is not None and W is not None:
-                    new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
-                    pending[id(pl.host)] = new_w
-        built.append(BuiltUnit(pl, unit, key, new_w, merges))
+    try:
+        for i, (pl, ctx, merges) in enumerate(zip(p.places, p.shapes.contexts, p.mergeable)):
+            if p.stats:
+                ctx.stats = p.stats[i]  # the calibration statistics gathered at this placement
+            built.append(_build_one(p, pl, ctx, merges, store, pending, probes))
+    finally:
+        forget_decompositions()  # memoised SVDs and inverses of this apply's matrices
     return built
+
+
+def _build_one(p: ApplyPlan, pl: Placement, ctx: Any, merges: bool, store: SharedStore, pending: dict[int, torch.Tensor],
+               probes: dict[Any, torch.Tensor]) -> BuiltUnit:
+    """One placement's unit, probed, and its host update (``pending``: host weights as earlier updates leave them)."""
+    wiring, hps, m = p.wiring, p.hyperparameters, pl.module
+    with located(where_of(p.technique, pl)):
+        W = None
+        if pl.kind.has_weight and pl.binding.side == "module":
+            W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
+            ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
+        unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
+        key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+        new_w = None
+        if unit is not None:
+            check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
+            if m.host_update is not None and W is not None:
+                new_w = host_update_of(m, unit, ctx, hps, W, pl.start, pl.size, pl.period)
+                pending[id(pl.host)] = new_w
+    return BuiltUnit(pl, unit, key, new_w, merges)
 
 
 def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
@@ -207,9 +221,28 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
     return adapter
 
 
-def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, **options: Any) -> Adapter:
-    """:func:`plan`, :func:`build` and :func:`commit` one technique (``options``: :func:`plan`'s keywords)."""
+def calibrate(model: nn.Module, p: ApplyPlan, calibration: Iterable[Mapping[str, Any]] | None) -> None:
+    """Gather the calibration statistics the plan's modules declare (:func:`pefref.runtime.calibration.gather`)
+    into ``p.stats``, in one pass over ``calibration``; refused without batches where some are declared. The
+    model is only read (on the meta device the statistics are empty meta tensors of their shapes)."""
+    if not declares_calibration(p.modules):
+        return
+    meta = meta_statistics(p.places)
+    if meta is not None:  # a model without weights: statistics of the right shapes, no values
+        p.stats = meta
+        return
+    if calibration is None:
+        refuse_without(p.technique.id, p.modules)
+    with located(f"calibrate {p.technique.id}"):
+        p.stats = gather(model, p.places, cast(Iterable[Mapping[str, Any]], calibration))
+
+
+def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *,
+                    calibration: Iterable[Mapping[str, Any]] | None = None, **options: Any) -> Adapter:
+    """:func:`plan`, :func:`calibrate`, :func:`build` and :func:`commit` one technique (``options``: :func:`plan`'s
+    keywords; ``calibration``: batches for the statistics its modules declare)."""
     p = plan(model, technique, catalog, **options)
+    calibrate(model, p, calibration)
     return commit(model, p, build(p))
 
 

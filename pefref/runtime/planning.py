@@ -230,7 +230,7 @@ def host_update_of(m: Any, unit: nn.Module, ctx: SiteContext, hps: Mapping[str, 
     assert ctx.W is not None
     from pefref.compiler.parts import read
 
-    env = {**ctx.names(hps), "W": ctx.W.detach().to(ctx.dtype), **{n: read(unit, n) for n in m.params}}  # in the adapter's dtype
+    env = {**ctx.names(hps), "W": ctx.W.detach().to(ctx.dtype), **ctx.stats, **{n: read(unit, n) for n in m.params}}  # in the adapter's dtype
     with torch.no_grad():
         new_w = evaluate(parse_expr(m.host_update), env, op_table())
     _expect(new_w, tuple(ctx.W.shape), "host_update", "the host's weight")

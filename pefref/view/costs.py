@@ -20,6 +20,7 @@ from pefref.language.check import expand_modules
 from pefref.language.forms import CONCURRENT, SERIAL, Integration, form_of
 from pefref.language.hparams import resolve_hyperparameters
 from pefref.language.schema import ModelShape, Technique
+from pefref.language.shapecheck import stat_shapes
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.view.analysis import connected_modules, mergeable_on, technique_mergeability
 from pefref.view.params import host_widths
@@ -135,7 +136,8 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
             d_in = int(eval_scalar(d_in_e, sizes)) if d_in_e else 0
             d_out = int(eval_scalar(d_out_e, sizes))
             ctx = SiteContext(site, 0, d_in, d_out, sizes, flags, torch.float32, "meta",
-                              W=torch.empty(d_out, d_in, device="meta") if d_in else None)
+                              W=torch.empty(d_out, d_in, device="meta") if d_in else None,
+                              stats={n: torch.empty(tuple(sh), device="meta") for n, sh in stat_shapes(m, d_in or d_out, d_out).items()})
             conns = getattr(m, "inputs", None) or {}
             inputs = {}
             for k, c in conns.items():

@@ -18,7 +18,8 @@ from pefref.language.schema.reference import WORKSPACES
 from pefref.ops import PRIMITIVES
 from pefref.view.analysis import connected_modules, integration_kind, module_mergeable, ops_used, reads, uses_matmul
 
-__all__ = ["Typology", "derive_typology", "module_typology", "training_time", "INTRA_ORDER", "TRAINING_TIME", "HOOK_LABELS"]
+__all__ = ["Typology", "derive_typology", "module_typology", "training_time", "initialisation", "INTRA_ORDER", "TRAINING_TIME",
+           "HOOK_LABELS", "INITIALISATION"]
 
 INTRA_ORDER = ("attention", "kronecker/hypercomplex", "orthogonal", "sparse", "dense", "low-rank", "none")
 """When a module combines several structures, the first in this order names it."""
@@ -26,6 +27,10 @@ INTRA_ORDER = ("attention", "kronecker/hypercomplex", "orthogonal", "sparse", "d
 TRAINING_TIME = "training_time"
 """The derived value naming a technique's training-time behaviour (its ``training:`` hook kinds), beside the
 PEFT-Ref properties: 'none', or the kinds' labels joined with ' + ' in the order of :data:`HOOK_LABELS`."""
+INITIALISATION = "initialisation"
+"""The derived value naming what a technique's initialisation reads, beside the PEFT-Ref properties: 'calibration
+data' (some module declares calibration statistics), 'host weights' (an initialiser or host update reads ``W``),
+or 'data-free'."""
 HOOK_LABELS = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after-step projection",
                "aux_loss": "auxiliary loss"}
 
@@ -176,6 +181,7 @@ def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Te
         else:
             values[prop] = _join([r[prop] for r in rows])
     values[TRAINING_TIME] = training_time(t)
+    values[INITIALISATION] = initialisation(modules)
     declared = []
     for prop, v in t.typology.items():
         values[prop] = v if isinstance(v, str) else " + ".join(v)
@@ -187,3 +193,14 @@ def training_time(t: Technique) -> str:
     """The technique's training-time behaviour from its ``training:`` hooks (kinds in a fixed order), or 'none'."""
     kinds = {h.kind for h in t.training}
     return " + ".join(label for k, label in HOOK_LABELS.items() if k in kinds) or "none"
+
+
+def initialisation(modules: list[Any]) -> str:
+    """What the concrete modules' initialisation reads: 'calibration data', 'host weights' or 'data-free'."""
+    from pefref.language.expr import parse_expr
+
+    if any(getattr(m, "calibration", None) for m in modules):
+        return "calibration data"
+    if any(getattr(m, "host_update", None) or any("W" in parse_expr(p.init).names for p in m.params.values()) for m in modules):
+        return "host weights"
+    return "data-free"

@@ -117,6 +117,16 @@ class TrainingSpec(Strict):
         return self
 
 
+class CalibrationSpec(Strict):
+    """Batches of training examples from which a technique initialised from data (its modules declare calibration
+    statistics) gathers them before training: the first ``batches`` × ``batch_size`` examples of the split, in file
+    order (the same in every run and seed). Techniques that declare none ignore it."""
+
+    split: Literal["train"] = Field("train", description="The split the batches come from.")
+    batches: int = Field(8, ge=1, le=100_000, description="Number of calibration batches.")
+    batch_size: int = Field(1, ge=1, le=100_000, description="Examples per batch (CorDA's reference implementation reads one sequence per batch).")
+
+
 class Experiment(Strict):
     """A comparison of techniques on one model, task and data set."""
 
@@ -129,3 +139,5 @@ class Experiment(Strict):
     learning_rates: list[Annotated[float, Field(gt=0, le=10)]] = Field([1e-3], min_length=1, description="Default learning rates (an entry may give its own).")
     seeds: list[int] = Field([0], min_length=1, description="Each run is repeated for every seed (results give mean ± std).")
     training: TrainingSpec
+    calibration: CalibrationSpec | None = Field(None, description="Calibration batches for techniques initialised from data; "
+                                                "such a technique is refused in an experiment without them.")

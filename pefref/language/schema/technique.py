@@ -15,6 +15,7 @@ __all__ = [
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
     "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "TrainingHook", "HOOK_KINDS",
+    "Statistic", "STATISTIC_KINDS",
 ]
 
 FORMS = tuple(_REGISTRY)
@@ -175,6 +176,32 @@ class Connection(Strict):
         return self
 
 
+STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad")
+"""The closed set of calibration statistics a module may declare (``calibration:``)."""
+
+
+class Statistic(Strict):
+    """A statistic gathered at each of the module's placements on calibration batches before its tensors are
+    initialised (``pefref.apply(..., calibration=batches)``, an experiment's ``calibration:`` section); the module's
+    initialisers and ``host_update`` read it under its name.
+
+    * ``input_cov``: :math:`\\sum_b X_b^\\top X_b` over the batches' inputs of the host ``X_b`` ([tokens, d_in]), [d_in, d_in];
+    * ``output_cov``: the same over the host's outputs, [d_out, d_out];
+    * ``weight_grad``: :math:`\\sum_b \\partial \\mathcal{L}_b / \\partial W` of the model's loss on each batch with respect
+      to the host weight, [d_out, d_in] (the batches carry labels; gathered with gradients, the others under no_grad).
+    """
+
+    kind: Literal["input_cov", "output_cov", "weight_grad"] = Field(description="Which statistic: the covariance of the host's "
+                                                                    "input or output activations, or the loss gradient of its weight.")
+    normalise: Literal["none", "batch_max"] = Field(
+        "none", description="Covariances: 'batch_max' divides each batch's activations by their largest value (its absolute value) "
+        "before the product, as CorDA's reference implementation does.")
+    average: Literal["batches", "tokens", "none"] = Field(
+        "batches", description="The sum over batches divided by the number of batches, by the number of tokens (rows of X; "
+        "for weight_grad, batches), or kept as the sum.")
+    description: str = ""
+
+
 class _ModuleBase(Strict):
     name: Identifier = Field(description="Name of the module, unique within the technique.")
     sites: list[Annotated[str, Field(pattern=SITE_PATTERN)]] = Field(min_length=1, description="Sites of the reference architecture the module attaches to.")
@@ -183,6 +210,9 @@ class _ModuleBase(Strict):
     inputs: dict[Identifier, Connection] = Field(
         default_factory=dict, description="Connections: names the module's expressions read from other modules' outputs or other sites' hidden states."
     )
+    calibration: dict[Identifier, Statistic] = Field(
+        default_factory=dict, description="Statistics gathered at each placement on calibration batches (activations' covariances, "
+        "the loss gradient of the host weight), read by name in the initialisers and host_update: the module is initialised from data.")
     host_update: ExprStr | None = Field(None, description="Expression for a new host weight written once at apply time (e.g. a residual after an SVD initialisation); remove() restores the original.")
     description: str = ""
 

@@ -23,7 +23,7 @@ from pefref.render.site.compositions import CompositionView, composition_views
 from pefref.render.site.resultsview import ResultsView
 from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.costs import Efficiency, efficiency
-from pefref.view.typology import training_time
+from pefref.view.typology import initialisation, training_time
 
 __all__ = [
     "ShapeCount", "TypologyCell", "Related", "TechniqueView", "ShapeView", "SiteData",
@@ -95,6 +95,7 @@ class TechniqueView:
     yaml: str
     typology: list[TypologyCell]
     training_time: str  # "none", or its training: hook kinds (pefref.view.typology.training_time)
+    initialisation: str  # "calibration data", "host weights" or "data-free" (pefref.view.typology.initialisation)
     counts: list[ShapeCount]
     efficiency: list[Efficiency]
     builds_on: list[Related] = field(default_factory=list)
@@ -296,7 +297,8 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             id=tid, name=t.name, summary=summary, row=technique_row(t, catalog.techniques),
             from_catalog=tid not in included, source=_source_label(src, tid, catalog, tid not in included), origin=catalog.origin(tid),
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
-            typology=_typology_cells(t, catalog), training_time=training_time(t), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
+            typology=_typology_cells(t, catalog), training_time=training_time(t),
+            initialisation=initialisation(expand_modules(t, {**catalog.techniques, t.id: t})[0]), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
             **_choice_facts(t, catalog, models[0]),
         ))
     by_id = {v.id: v for v in views}

@@ -1,0 +1,170 @@
+"""Calibration: the statistics a technique's modules declare (``calibration:``), gathered on batches.
+
+:func:`gather` runs the model once over the calibration batches (an iterable of model input dicts), with a
+forward hook on the host of every placement whose module declares statistics, and returns each placement's
+statistics by name (fp32), for its initialisers and ``host_update`` to read. Memory stays bounded: a
+covariance is a running sum of :math:`X_b^\\top X_b` ([d, d] per placement), never the activations; a
+weight's gradient a running sum of [out, in]. The pass runs in eval mode (no dropout) under
+``torch.no_grad()`` unless a ``weight_grad`` is declared (then the model's loss is differentiated with
+respect to the host weights only, with ``torch.autograd.grad``: no ``.grad`` is written). Hooks, modes
+and ``requires_grad`` flags are restored afterwards, whatever happens: gathering changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from pefref.language.errors import PefrefError
+from pefref.language.schema.technique import Statistic
+from pefref.runtime.inject import Placement
+from pefref.runtime.patches import first_tensor
+from pefref.runtime.rows import take
+
+__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "meta_statistics"]
+
+
+@dataclass
+class Accumulator:
+    """The running sum of one statistic at one placement, with the batches and tokens it has seen."""
+
+    stat: Statistic
+    total: torch.Tensor | None = field(default=None, repr=False)
+    batches: int = 0
+    tokens: int = 0
+
+    def add(self, value: torch.Tensor, tokens: int) -> None:
+        self.total = value if self.total is None else self.total + value
+        self.batches += 1
+        self.tokens += tokens
+
+    def value(self) -> torch.Tensor:
+        assert self.total is not None
+        n = {"batches": self.batches, "tokens": self.tokens if self.stat.kind != "weight_grad" else self.batches, "none": 1}[self.stat.average]
+        return self.total / n
+
+
+def declares_calibration(modules: Iterable[Any]) -> list[str]:
+    """The names of the modules that declare calibration statistics (their initialisation reads data)."""
+    return [m.name for m in modules if getattr(m, "calibration", None)]
+
+
+def refuse_without(tid: str, modules: Iterable[Any]) -> None:
+    """A clear error for a technique that initialises from data applied without calibration batches."""
+    names = declares_calibration(modules)
+    if names:
+        stats = sorted({f"{n} ({st.kind})" for m in modules if m.name in names for n, st in m.calibration.items()})
+        raise PefrefError(f"{tid}: module(s) {', '.join(names)} initialise from calibration statistics {', '.join(stats)}; "
+                          "pass calibration=batches (an iterable of model input dicts; in an experiment, a calibration: section)")
+
+
+def _covariance(t: torch.Tensor, st: Statistic) -> tuple[torch.Tensor, int]:
+    x = t.detach().reshape(-1, t.shape[-1]).float()  # [tokens, d]
+    if st.normalise == "batch_max":
+        x = x / torch.max(x).abs()
+    return x.T @ x, x.shape[0]
+
+
+def _hook(pl: Placement, accs: Mapping[str, Accumulator]) -> Any:
+    """A forward hook on ``pl.host`` adding its input's and output's covariances to ``accs``."""
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        with torch.no_grad():
+            for acc in accs.values():
+                if acc.stat.kind == "input_cov":
+                    acc.add(*_covariance(first_tensor(args, kwargs), acc.stat))
+                elif acc.stat.kind == "output_cov":
+                    h = output[0] if isinstance(output, tuple) else output
+                    acc.add(*_covariance(take(h, h.dim() - 1, pl.start, pl.size, pl.period), acc.stat))
+
+    return hook
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+    """Eval mode and gradients on ``weights`` for the pass; every module's mode and every flag restored after."""
+    modes = [(mod, mod.training) for mod in model.modules()]
+    flags = [(w, w.requires_grad) for w in weights]
+    try:
+        model.eval()
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for mod, training in modes:
+            mod.training = training
+        for w, flag in flags:
+            w.requires_grad_(flag)
+
+
+def gather(model: nn.Module, places: list[Placement], batches: Iterable[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """Each placement's declared statistics (fp32, by name; empty for a module that declares none), gathered in
+    one pass over ``batches``; the model is left as it was."""
+    accs: list[dict[str, Accumulator]] = [{n: Accumulator(st) for n, st in (getattr(pl.module, "calibration", None) or {}).items()} for pl in places]
+    grads = [(i, n) for i, a in enumerate(accs) for n, acc in a.items() if acc.stat.kind == "weight_grad"]
+    for i, a in enumerate(accs):
+        if a and not (places[i].kind.has_weight and places[i].binding.side == "module"):
+            raise PefrefError(f"{places[i].module.name} at {places[i].path}: calibration statistics are gathered at hosts with a weight")
+    params: list[torch.Tensor] = list({id(w): w for w in (cast(torch.Tensor, places[i].host.weight) for i, _n in grads)}.values())
+    handles = [pl.host.register_forward_hook(_hook(pl, a), with_kwargs=True) for pl, a in zip(places, accs) if a]
+    seen = 0
+    try:
+        with _calibrating(model, params), torch.set_grad_enabled(bool(grads)):
+            for batch in batches:
+                if not isinstance(batch, Mapping):
+                    raise PefrefError(f"a calibration batch is a dict of model inputs, found {type(batch).__name__}")
+                out = model(**batch)
+                seen += 1
+                if grads:
+                    _add_grads(out, places, accs, grads, params)
+    finally:
+        for hd in handles:
+            hd.remove()
+    if not seen:
+        raise PefrefError("the calibration batches are empty: nothing to gather statistics from")
+    return [{n: acc.value() for n, acc in a.items()} for a in accs]
+
+
+def _add_grads(out: Any, places: list[Placement], accs: list[dict[str, Accumulator]], grads: list[tuple[int, str]],
+               params: list[torch.Tensor]) -> None:
+    """Add the gradient of the batch's loss with respect to each declaring placement's host weight ([out, in])."""
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise PefrefError("weight_grad statistics differentiate the model's loss: give calibration batches with labels")
+    got = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
+    for i, n in grads:
+        pl = places[i]
+        g = got[id(pl.host.weight)]
+        if g is None:
+            g = torch.zeros_like(pl.host.weight)
+        assert pl.kind.get_weight is not None
+        w = pl.kind.get_weight(SimpleNamespace(weight=g.detach().float()))  # in the [out, in] layout of the host's weight
+        accs[i][n].add(take(w, 0, pl.start, pl.size, pl.period), 0)
+
+
+def meta_statistics(places: list[Placement]) -> list[dict[str, torch.Tensor]] | None:
+    """On a model whose declaring hosts are all on the meta device (built without weights, loaded later) there is
+    nothing to gather: each statistic is an empty meta tensor of its shape, as the initialisers' fillers are.
+    None where some declaring host holds values."""
+    declaring = [pl for pl in places if getattr(pl.module, "calibration", None)]
+    if not declaring or any(not pl.host.weight.is_meta for pl in declaring):
+        return None
+    dims = {"input_cov": lambda pl: (pl.d_in, pl.d_in), "output_cov": lambda pl: (pl.d_out, pl.d_out), "weight_grad": lambda pl: (pl.d_out, pl.d_in)}
+    return [{n: torch.empty(dims[st.kind](pl), device="meta") for n, st in (getattr(pl.module, "calibration", None) or {}).items()}
+            for pl in places]
+
+
+def random_batches(model: nn.Module, n: int, seq: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of one sequence of ``seq`` random token ids (from a generator seeded with ``seed``, on the
+    model's device): calibration for a model with random weights (the CLI's ``apply`` and ``demo``, tests)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, max(vocab, 4), (1, seq), generator=g) for _ in range(n)]
+    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device)} for t in ids]
