@@ -143,6 +143,9 @@ CASES: dict[str, Case] = {
         r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
         n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    # reads beyond the hidden state (peft wraps Llama's attention; GPT-2 has no rotary queries, so pefref refuses it)
+    "adaption_prompt": Case("adaption_prompt", {"n": 3}, None, lambda fam: peft.AdaptionPromptConfig(
+        task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2), linear_only=True),
 }
 
 

@@ -110,3 +110,12 @@ def test_families_without_rotary_positions_refuse(shape: str) -> None:
     with pytest.raises(PefrefError, match="attn.q_rot"):
         apply(model, "adaption_prompt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_refuses_layers_peft_cannot_name(tmp_path: Any) -> None:
+    """peft's adapter_layers counts layers from the last: a prompt on the first layer only has no peft form."""
+    model = build_model("tiny-llama", seed=0)
+    adapter = apply(model, "adaption_prompt", layers=[0], n=2)
+    with pytest.raises(PefrefError, match="last"):
+        adapter.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
