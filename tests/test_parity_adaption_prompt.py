@@ -119,3 +119,17 @@ def test_export_refuses_layers_peft_cannot_name(tmp_path: Any) -> None:
     with pytest.raises(PefrefError, match="last"):
         adapter.save_pretrained(tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_generation_with_the_cache_matches_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding token by token: each new query is rotated at its own position (the cell follows the cache)."""
+    base = build_model("tiny-llama", seed=0)
+    pm = _peft_model(base, 3, 2, monkeypatch)
+    model = copy.deepcopy(base)
+    _copy_from_peft(apply(model, "adaption_prompt", n=3), pm)
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    kw: dict[str, Any] = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        want, got = pm.generate(input_ids=ids, **kw), model.generate(input_ids=ids, **kw)
+    assert torch.equal(want.sequences, got.sequences)
+    assert max(max_diff(a, b) for a, b in zip(got.scores, want.scores)) <= TOL
