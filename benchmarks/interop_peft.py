@@ -86,8 +86,8 @@ def refusal(shape: str, case: Case) -> str | None:
     """The converter's error when it refuses this case's pefref adapter on this model, else None."""
     model = copy.deepcopy(base(shape))
     sites = case.gpt2_sites if shape == "tiny-gpt2" else None
-    adapter = pefref.apply(model, case.technique, sites=sites, **case.hps)
     try:
+        adapter = pefref.apply(model, case.technique, sites=sites, **case.hps)  # a family without a site it needs refuses here
         with tempfile.TemporaryDirectory() as tmp:
             adapter.save_pretrained(Path(tmp) / "a")
     except PefrefError as e:

@@ -68,7 +68,14 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
     hidden = {c for c, comp in d.components.items() if comp.group in optional}
     hidden_sites = ({d.groups[gid].site for gid in optional} | {d.components[c].site for c in hidden}) - {None}
     assert optional and hidden_sites
-    for model, skipped in ((None, hidden_sites), ("tiny-t5", set())):  # T5 binds the cross-attention sites
+    rotary = {d.components[c].site for c in hidden if d.components[c].group == "rotary"}
+    xattn = hidden_sites - rotary
+    around = {"rotary": {("q", "core"), ("k", "core")}, "xattn": {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}}
+    # T5 binds the cross-attention sites, Llama the rotary ones
+    for model, skipped in ((None, hidden_sites), ("tiny-t5", rotary), ("tiny-llama", xattn)):
+        hidden_now = {c for c in hidden if (d.components[c].group == "rotary" and skipped & rotary)
+                      or (d.components[c].group != "rotary" and skipped & xattn)}
+        bypass = (around["rotary"] if skipped & rotary else set()) | (around["xattn"] if skipped & xattn else set())
         g = _g("bitfit", model=model, fold=False)
         drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
         drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}
@@ -76,12 +83,9 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
         flow = {(g.nodes[u]["component"], g.nodes[v]["component"]) for u, v, a in g.edges(data=True) if a["role"] in ("flow", "residual")
                 and g.nodes[u].get("role") == g.nodes[v].get("role") == "component"}
         data = set(d.flow) | set(d.residual)
-        if skipped:  # around the hidden components: their inputs go where their outputs went
-            assert not {c for e in flow for c in e} & hidden
-            assert {e for e in data if not set(e) & hidden} <= flow
-            assert {(a, b) for a, b in flow if (a, b) not in data} == {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}
-        else:
-            assert flow == data
+        assert not {c for e in flow for c in e} & hidden_now  # around the hidden components: their inputs go where their outputs went
+        assert {e for e in data if not set(e) & hidden_now} <= flow
+        assert {(a, b) for a, b in flow if (a, b) not in data} == bypass
 
 
 def test_parallel_branch_from_input_to_combine_at_output() -> None:

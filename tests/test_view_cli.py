@@ -107,8 +107,14 @@ def test_efficiency_facts(catalog) -> None:
 
 
 def test_demo_runs_every_technique(catalog) -> None:
+    from pefref.language.check import expand_modules
+    from pefref.models.build import applicable
+
     rows = _json(["demo", "--json"])
-    assert {r["id"] for r in rows} == set(catalog.techniques)
+    ref = catalog.family(catalog.shape("tiny-ref").family)
+    left_out = {tid for tid, t in catalog.techniques.items() if not applicable(expand_modules(t, catalog.techniques)[0], ref)}
+    assert left_out == {"adaption_prompt"}  # it reads queries after a rotary embedding, which the reference model has not
+    assert {r["id"] for r in rows} == set(catalog.techniques) - left_out
     for r in rows:
         assert r["removed_diff"] == 0.0
         assert r["adapted_diff"] > 0

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
+__all__ = ["stored_at", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
            "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -43,6 +44,17 @@ def host_order(model: torch.nn.Module, paths: Iterable[str]) -> dict[str, int]:
     """Each of ``paths``' position among them in the model's module order (peft's numbering of its target modules)."""
     order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
     return {p: j for j, p in enumerate(sorted(set(paths), key=order.__getitem__))}
+
+
+def stored_at(fam: ArchitectureMap, mm: PeftModuleMap, path: str, layer: int | None) -> str:
+    """The module path peft keeps a placement's tensors under: its host's ``path``, or the module bound at the
+    map's ``under`` site in the same layer."""
+    if mm.under is None:
+        return path
+    b = fam.sites.get(mm.under)
+    if b is None or not b.path:
+        raise PefrefError(f"peft keeps {mm.module}'s tensors under site {mm.under!r}, which the {fam.family} map does not bind to a module")
+    return b.path.replace("{i}", str(layer))
 
 
 def stored_apart(mm: PeftModuleMap) -> bool:

@@ -19,10 +19,12 @@ from pefref.interop.peft_common import (
     refuse_tied,
     slice_rows,
     stored_apart,
+    stored_at,
     task_type,
     to_peft,
     unit_key,
 )
+from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
 from pefref.language.interop_table import method_for, rows_for
@@ -106,6 +108,8 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
         if row.module == SAVED_MODULE:
             ex.saved += row.paths
             continue
+        if is_tap(row.module, row.site):  # what a connection reads: no tensors
+            continue
         mm = maps.get(row.module)
         if mm is None:
             raise PefrefError(f"{ex.tech.id}: module {row.module!r} has no counterpart in peft's {method.peft_type}")
@@ -119,7 +123,19 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
             _export_units(ex, row, mm)
     for (module, path), parts in sorted(ex.pieces.items()):
         _fuse(adapter, method, maps[module], path, parts, cfg, ex.put)
+    if method.top_layers is not None:
+        cfg[method.top_layers] = _top_layers(adapter, method)
     return _complete(ex)
+
+
+def _top_layers(adapter: Adapter, method: PeftMethod) -> int:
+    """How many layers, counted from the last, the technique's modules sit on (they must sit on those only)."""
+    L = adapter.sizes["L"]
+    held = sorted({li for r in (adapter.report.rows if adapter.report else []) if not is_tap(r.module, r.site) for li in r.layers if li is not None})
+    if not held or held != list(range(L - len(held), L)):
+        raise PefrefError(f"{adapter.technique.id} sits on layers {held}: peft's {method.peft_type} adapts the last "
+                          f"{method.top_layers} layers, so only placements on the last layers of the model convert")
+    return len(held)
 
 
 def _export_selected(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
@@ -150,8 +166,9 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
             rows = slice_rows(adapter.family, row.site, adapter.sizes, host_kind(host).widths(host)[1])
             ex.pieces.setdefault((row.module, path), []).append((rows, unit))
             continue
+        at = stored_at(adapter.family, mm, path, layer)
         for pname, tname in mm.tensors.items():
-            ex.put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), path)
+            ex.put(f"{PREFIX}{at}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), at)
         for tname, value in _zero_tensors(mm, host, unit).items():
             ex.put(f"{PREFIX}{path}.{tname}", value, path)
 

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, config_get, from_peft, host_order, pattern_value, slice_rows, stored_apart, unit_key
+from pefref.interop.peft_common import PROMPT, alpha_for, config_get, from_peft, host_order, pattern_value, slice_rows, stored_apart, stored_at, unit_key
+from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
@@ -107,6 +108,19 @@ def _site_of(path: str, kinds: set[str], fam: ArchitectureMap, kind_of: Mapping[
     raise PefrefError(f"module {path!r} is no site of family {fam.family!r} that this technique can take")
 
 
+def _placed_at(host: str, mm: PeftModuleMap, module: Any, fam: ArchitectureMap, kinds: set[str], kind_of: Mapping[str, str]) -> list[tuple[str, int | None]]:
+    """The (site, layer) placements peft's tensors under ``host`` stand for: the host's own site, or, for tensors peft
+    keeps under the module at another site (``under``), the module's sites in that module's layer."""
+    if mm.under is None:
+        return [_site_of(host, kinds, fam, kind_of)]
+    b = fam.sites.get(mm.under)
+    m = _template_match(b.path, host) if b is not None and b.path else None
+    if m is None:
+        raise PefrefError(f"module {host!r} is not the {mm.under} of family {fam.family!r}, where peft keeps {mm.module}'s tensors")
+    layer = int(m.group(1)) if m.groups() else None
+    return [(s, layer) for s in module.sites]
+
+
 def _split(method: PeftMethod, cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: str, fam: ArchitectureMap,
            sizes: Mapping[str, int], kinds: set[str], kind_of: Mapping[str, str]) -> tuple[list[tuple[str, list[int], int]], int | None] | None:
     """The slice placements a block-structured module on a fused host holds, when its blocks say so exactly."""
@@ -178,8 +192,8 @@ def plan(tech: Technique, method: PeftMethod, cfg: Mapping[str, Any], state: Map
             continue
         if method.fused is not None:
             whole.add(_rank_alpha(method, cfg, host))
-        site, layer = _site_of(host, kinds, fam, kind_of)
-        where[module.name].setdefault(site, set()).add(layer)
+        for site, layer in _placed_at(host, maps[module.name], module, fam, kinds, kind_of):
+            where[module.name].setdefault(site, set()).add(layer)
     hps: dict[str, Any] = {}
     if method.fused is not None:
         pairs = whole or {(cfg[method.fused.rank], cfg[method.fused.alpha])}
@@ -223,7 +237,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     with torch.no_grad():
         rows = adapter.report.rows if adapter.report else []
         for row in rows:
-            if row.module == SAVED_MODULE:
+            if row.module == SAVED_MODULE or is_tap(row.module, row.site):  # generated taps hold nothing
                 continue
             mm = maps[row.module]
             module = next(m for m in adapter.technique.modules if m.name == row.module)
@@ -252,8 +266,9 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
                     seen[pname] = value
                     _assign_unit(unit, pname, value, key)
                     used.add(key)
+                at = stored_at(adapter.family, mm, path, layer)
                 for pname, tname in mm.tensors.items():
-                    key = f"{path}.{tname}"
+                    key = f"{at}.{tname}"
                     if key not in state:
                         raise PefrefError(f"the peft adapter has no tensor {key!r}")
                     value = state[key]

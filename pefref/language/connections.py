@@ -24,7 +24,7 @@ from pefref.language.loader import dotted, suggest
 from pefref.language.sizes import select_layers
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["OUTPUT_FORMS", "check_connections", "source_site", "tap_name", "runs_before", "EXAMPLE_LAYERS"]
+__all__ = ["OUTPUT_FORMS", "check_connections", "sites_read", "is_tap", "source_site", "tap_name", "runs_before", "EXAMPLE_LAYERS"]
 
 OUTPUT_FORMS = tuple(f.name for f in FORMS.values() if f.publishes)
 """Forms with an output other modules may read (and that may read connections themselves)."""
@@ -35,6 +35,17 @@ EXAMPLE_LAYERS = 4
 def tap_name(site: str, tensor: str) -> str:
     """Name of the tap that publishes the hidden state ``tensor`` at ``site`` (a generated module)."""
     return f"tap_{site.replace('.', '_')}_{tensor}"
+
+
+def is_tap(module: str, site: str) -> bool:
+    """Whether ``module`` placed at ``site`` is a generated tap (it holds no tensors), by :func:`tap_name`."""
+    return module in {tap_name(site, t) for t in ("x", "h", "W", "b")}
+
+
+def sites_read(m: Any) -> list[str]:
+    """The sites a module needs a family to bind: those it attaches to, then those its connections read a tensor of."""
+    read = [c.site for c in (getattr(m, "inputs", None) or {}).values() if c.module is None and c.site is not None]
+    return [*m.sites, *(s for s in dict.fromkeys(read) if s not in m.sites)]
 
 
 SAME = "<the reader's site>"  # a source at several sites, read at the reader's own site

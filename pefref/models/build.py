@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pefref.language.catalog import Catalog, default_catalog
+from pefref.language.connections import sites_read
 from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, ModelShape
 
@@ -66,5 +67,5 @@ class _nullctx:
 
 
 def applicable(modules: list[Any], fam: ArchitectureMap) -> bool:
-    """Whether a family binds every site the modules use."""
-    return all(s in fam.sites for m in modules for s in m.sites)
+    """Whether a family binds every site the modules use (attach to, or read through a connection)."""
+    return all(s in fam.sites for m in modules for s in sites_read(m))

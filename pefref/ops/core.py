@@ -222,16 +222,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1,
     ``causal``: each position attends to itself and earlier ones; ``mask`` [batch, seq_k]: keys
     with 0 are never attended to (padding), not even by their own position; a query left with no key
     to attend to (a padded query before any real token under ``causal``, or a row of padding only)
-    gives zeros."""
+    gives zeros. Grouped-query attention: keys of fewer heads (``k`` narrower than ``q``, heads of the
+    same width) each serve ``heads / kv_heads`` consecutive query heads, their values with them; keys and
+    values without the queries' leading dimensions (e.g. a learned prompt [n, kv_heads*d_h]) are the same
+    for every example."""
     import torch
     import torch.nn.functional as F
 
     *lead, s, dq = q.shape
-    dv = v.shape[-1]
+    dh = dq // heads
+    kvh = k.shape[-1] // dh
+    dv = v.shape[-1] // kvh * heads
     sk = k.shape[-2]
-    qh = q.reshape(*lead, s, heads, dq // heads).transpose(-3, -2)
-    kh = k.reshape(*lead, sk, heads, dq // heads).transpose(-3, -2)
-    vh = v.reshape(*lead, sk, heads, dv // heads).transpose(-3, -2)
+    qh = q.reshape(*lead, s, heads, dh).transpose(-3, -2)
+    kh = k.reshape(*k.shape[:-2], sk, kvh, dh).transpose(-3, -2)
+    vh = v.reshape(*v.shape[:-2], sk, kvh, v.shape[-1] // kvh).transpose(-3, -2)
+    if kvh != heads:
+        kh, vh = kh.repeat_interleave(heads // kvh, dim=-3), vh.repeat_interleave(heads // kvh, dim=-3)
+    if kh.dim() < qh.dim():
+        kh, vh = kh.expand(*lead, *kh.shape[-3:]), vh.expand(*lead, *vh.shape[-3:])
     allowed = None
     if causal:
         allowed = torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(sk - s)

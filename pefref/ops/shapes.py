@@ -191,9 +191,12 @@ def _col_norm(w: Shape) -> Shape:
 
 @shape_rule("attention")
 def _attention(q: Shape, k: Shape, v: Shape, heads: int = 1, causal: Any = False, mask: Any = None) -> Shape:
-    if q[-1] != k[-1] or k[-2] != v[-2] or q[-1] % heads or v[-1] % heads:
+    dh = q[-1] // heads if heads and not q[-1] % heads else 0
+    kvh = k[-1] // dh if dh and not k[-1] % dh else 0
+    if (not kvh or heads % kvh or k[-2] != v[-2] or v[-1] % kvh
+            or (len(k) > 2 and tuple(k[:-2]) != tuple(q[:-2]))):
         raise ShapeMismatch(f"attention over q {q}, k {k}, v {v} with {heads} heads")
-    return Shape((*q[:-1], v[-1]))
+    return Shape((*q[:-1], v[-1] // kvh * heads))
 
 
 @shape_rule("block_diag")

@@ -291,7 +291,7 @@ class Skeleton:
             lines = [("b", a["label"])]
             site = a["site"]
             if a["kind"] == "band":
-                lines += [("small", site or ""), ("small", "unchanged: " + ", ".join(a["folded"]))]
+                lines += [*([("small", site)] if site else []), ("small", "unchanged: " + ", ".join(a["folded"]))]
             elif site:
                 lines.append(("small", site))
                 s = self.ref.sites[site]

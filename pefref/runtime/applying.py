@@ -46,6 +46,7 @@ from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, f
 from pefref.runtime.planning import Plan, check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.precision import AdapterDtype
 from pefref.runtime.report import Report, ReportRow
+from pefref.runtime.rotary import RotaryCell, keep_rotary
 from pefref.runtime.rows import take as take_rows
 from pefref.runtime.saved_modules import SAVED_MODULE, SavedModule, resolve_saved
 from pefref.runtime.transaction import Transaction, located
@@ -335,6 +336,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             release = _Release(model)
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
+        if pl.binding.rotary is not None:
+            _rotary_hook(model, pl, entry, adapter, sizes, txn)
         if pl.binding.input_path and not patch.stash_hooks:
             host_patch = patch
             host_patch.stash_input_of(model.get_submodule(template(pl.binding.input_path, pl.index if pl.index is not None else pl.layer)))
@@ -383,6 +386,19 @@ def _gate_hook(model: nn.Module, fam: ArchitectureMap, pl: Placement, root: Any,
                           f"which the {fam.family} map does not bind")
     attn = model.get_submodule(template(blk.input_path or blk.path, pl.layer))  # the module whose input is the site's x
     handle = attn.register_forward_pre_hook(lambda _m, args, kwargs: root.gate_layer(entry, first_tensor(args, kwargs)), with_kwargs=True)
+    adapter._hooks.append(handle)
+    txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
+
+
+def _rotary_hook(model: nn.Module, pl: Placement, entry: Entry, adapter: Adapter, sizes: dict[str, int], txn: Transaction) -> None:
+    """A pre-hook on the module the layer calls with its rotary embedding, from which ``entry`` at a site after
+    the embedding rotates its host's output (:mod:`pefref.runtime.rotary`)."""
+    spec = pl.binding.rotary
+    assert spec is not None
+    path = template(spec.of, pl.index if pl.index is not None else pl.layer)
+    cell = RotaryCell(sizes["d_head"], path)
+    entry.rotary = cell
+    handle = keep_rotary(model.get_submodule(path), spec.argument, cell)
     adapter._hooks.append(handle)
     txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
 

@@ -4,7 +4,7 @@ A connection is one more input of a unit (see :mod:`pefref.compiler.units`): the
 reader's patch takes the value from the model's input cell (where the source's
 patch put it earlier in the same forward pass, see :mod:`pefref.runtime.patches`)
 and passes it to the unit by name. Reading a site's hidden state is reading the
-output of a *tap*: a generated module ``compute: x`` (or ``h``), ``integrate: h`` at
+output of a *tap*: a generated module ``compute: x`` (or ``h``, or the host's own ``W`` or ``b``), ``integrate: h`` at
 that site, compiled and attached like any other module, which leaves the host
 unchanged.
 """
@@ -28,7 +28,7 @@ def with_taps(modules: list[Any]) -> list[Any]:
             if conn.module is None and conn.site is not None:
                 name = tap_name(conn.site, conn.tensor)
                 if name not in taps:
-                    cls: Any = ParallelModule if conn.tensor == "x" else SequentialModule
+                    cls: Any = ParallelModule if conn.tensor == "x" else SequentialModule  # W, b: read where the host runs
                     taps[name] = cls(name=name, sites=[conn.site], form=cls.model_fields["form"].annotation.__args__[0],
                                      compute=conn.tensor, integrate="h", description=f"publishes {conn.tensor} at {conn.site}")
     return [*taps.values(), *modules]

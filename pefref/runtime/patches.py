@@ -111,6 +111,7 @@ class Entry:
     publish: PublishKey | None = None  # key under which the unit's output (delta) is published for other units, or None
     batch: LayerBatch | None = field(default=None, repr=False)  # prefixes: a layer-batched program computing this entry's keys and values with its group's
     pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
+    rotary: Any = field(default=None, repr=False)  # a site after the rotary embedding: the RotaryCell that rotates h for the unit
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
     reads_b: bool = field(init=False, default=False)  # the unit's code reads the host's bias b
@@ -312,6 +313,12 @@ class HostPatch:
     def _apply(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         # the unit's generated forward, called directly: nn.Module.__call__ costs ~1 us
         # a call, and units carry no hooks (a hook a user registers on a unit would not run)
+        if e.rotary is not None:  # a site after the rotary embedding: the unit reads the rotated h; the host's output stays
+            self._apply_unit(e, x, e.rotary.rotate(h), training)
+            return h
+        return self._apply_unit(e, x, h, training)
+
+    def _apply_unit(self, e: Entry, x: torch.Tensor | None, h: torch.Tensor, training: bool) -> torch.Tensor:
         if e.form.integration is Integration.SCALE:  # the product in the unit's dtype, rounded once to the host's (as peft's (IA)^3)
             return (h * e.unit.forward(None, None, None, training)).to(h.dtype)
         W = None

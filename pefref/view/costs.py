@@ -61,19 +61,31 @@ def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
 
 
 def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any, inputs: dict[str, tuple[int, ...]] | None = None,
-           published: dict[str, tuple[int, ...]] | None = None, name: str = "") -> int:
-    """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections.
+           published: dict[str, tuple[int, ...]] | None = None, name: str = "", fixed: frozenset[str] = frozenset()) -> int:
+    """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections (``fixed``:
+    those that are whole tensors, a neighbouring host's weight or bias, not sequences).
     A publishing unit's output width is recorded in ``published`` under ``name``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    seq = {k: torch.empty(1, tokens, *v, device="meta") for k, v in (inputs or {}).items()}
+    seq = {k: torch.empty(*v, device="meta") if k in fixed else torch.empty(1, tokens, *v, device="meta") for k, v in (inputs or {}).items()}
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         out = unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False, None, seq)
     if published is not None and isinstance(out, tuple):
         published[name] = tuple(out[1].shape[2:])
     return int(counter.get_total_flops())
+
+
+def _site_tensor(c: Any, fam: Any, catalog: Catalog, sizes: dict[str, int]) -> tuple[int, ...]:
+    """The shape a connection reads at a site: a hidden state's width (per position), or its host's W [out, in] or b [out]."""
+    w_in, w_out = host_widths(c.site, fam, catalog)
+    out = int(eval_scalar(w_out, sizes))
+    if c.tensor == "W":
+        return (out, int(eval_scalar(w_in or w_out, sizes)))
+    if c.tensor == "b":
+        return (out,)
+    return (int(eval_scalar(w_in or w_out, sizes)),) if c.tensor == "x" else (out,)
 
 
 def _ordered(modules: list[Any]) -> list[Any]:
@@ -145,11 +157,11 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
                 if src in published:
                     inputs[k] = published[src]
                 elif c.module is None:
-                    w_in, w_out = host_widths(c.site, fam, catalog)
-                    inputs[k] = (int(eval_scalar((w_in or w_out) if c.tensor == "x" else w_out, sizes)),)
+                    inputs[k] = _site_tensor(c, fam, catalog, sizes)
+            fixed = frozenset(k for k, c in conns.items() if c.module is None and c.tensor in ("W", "b"))
             unit = build_unit(m, ctx, hps, SharedStore(), publish=form_of(m).publishes)
-            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name)
-                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs))
+            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name, fixed)
+                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs, fixed=fixed))
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers

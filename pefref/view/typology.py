@@ -16,7 +16,7 @@ from pefref.language.forms import form_of
 from pefref.language.schema import TYPOLOGY_PROPERTIES, ReferenceArchitecture, Technique
 from pefref.language.schema.reference import WORKSPACES
 from pefref.ops import PRIMITIVES
-from pefref.view.analysis import connected_modules, integration_kind, module_mergeable, ops_used, reads, uses_matmul
+from pefref.view.analysis import connected_modules, integration_kind, module_exprs, module_mergeable, ops_used, reads, uses_matmul
 
 __all__ = ["Typology", "derive_typology", "module_typology", "training_time", "initialisation", "INTRA_ORDER", "TRAINING_TIME",
            "HOOK_LABELS", "INITIALISATION"]
@@ -92,12 +92,22 @@ def _sharing(m: Any) -> list[str]:
     return out
 
 
+def _hidden_connections(m: Any) -> set[str]:
+    """Connections of ``m`` its computation reads that carry hidden states (another module's output, a site's x or h)."""
+    hidden = {n for n, c in (getattr(m, "inputs", None) or {}).items() if c.module is not None or c.tensor in ("x", "h")}
+    used: set[str] = set()
+    for f, e in module_exprs(m).items():
+        if f not in ("integrate", "host_update"):
+            used |= e.names
+    return hidden & used
+
+
 def _input(m: Any) -> str:
     fixed = form_of(m).input_type
     if fixed is not None:
         return fixed
     r = reads(m)
-    if r & {"x", "h"}:
+    if r & {"x", "h"} or _hidden_connections(m):
         return "hidden states"
     if "W" in r:
         return "weights"

@@ -12,7 +12,7 @@ from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
-__all__ = ["SliceSpec", "VersionRange", "VersionedOutput", "VersionedPath", "version_tuple", "installed_transformers", "SiteBinding", "ForwardSpec", "ModelClass", "Stack", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
+__all__ = ["SliceSpec", "RotarySpec", "VersionRange", "VersionedOutput", "VersionedPath", "version_tuple", "installed_transformers", "SiteBinding", "ForwardSpec", "ModelClass", "Stack", "ArchitectureMap", "ModelShape", "ModelShapes", "TASKS"]
 
 TASKS = ("causal_lm", "seq2seq_lm", "masked_lm", "sequence_classification", "token_classification", "question_answering", "base")
 
@@ -29,6 +29,18 @@ class SliceSpec(Strict):
                            "j * period + start + [0, size) for every j, in that order; the module's width must be a "
                            "multiple of period and start + size at most period. Absent: one block."),
     )
+
+
+class RotarySpec(Strict):
+    """A site that is a projection's output after the rotary position embedding (Su et al. 2021,
+    https://arxiv.org/abs/2104.09864): the projection (the binding's path) gives ``h``, and the module ``of``
+    receives the embedding's ``(cos, sin)`` [batch, seq, d_head] as its argument ``argument``; the site's value
+    is ``h`` per head of ``d_head`` features rotated as the family does (``half``: the two halves of a head
+    are the pair, ``h cos + rotate_half(h) sin``)."""
+
+    of: str = Field(description="Path of the module called with the rotary embedding ('{i}' = layer index), e.g. the layer's attention.")
+    argument: str = Field(description="Name of that module's forward argument carrying (cos, sin) (by keyword, or by position through its signature).")
+    style: Literal["half"] = Field("half", description="How a head's features pair up: 'half' (the first half with the second, as Llama's rotate_half).")
 
 
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
@@ -91,6 +103,7 @@ class SiteBinding(Strict):
                                "{form: tensor, since: '5.0'}]): the installed version chooses."))
     slice: SliceSpec | None = Field(None, description="The site is a slice of the module's output features.")
     cache: bool = Field(False, description="The site is reached through the model's key/value cache argument (prefix keys and values).")
+    rotary: RotarySpec | None = Field(None, description="The site is the module's output after the rotary position embedding (post-RoPE queries or keys).")
     bias: bool = Field(True, description="Whether the module has a bias (for analytic counts of selected biases).")
 
     @model_validator(mode="before")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pefref.language.schema.common import ExprStr, Identifier, Int, Strict
+from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
 __all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "Scalar"]
@@ -29,6 +29,9 @@ class PeftModuleMap(Strict):
     pieces: dict[Literal["tokens", "keys", "values"], list[Identifier]] = Field(
         default_factory=dict, description="Computed prepend modules whose tokens, keys or values are these free tensors concatenated along the positions "
         "(e.g. frozen leading positions, then trained ones): peft's rows are split into them in order on import, and the module must then compute them back exactly.")
+    under: Annotated[str, Field(pattern=SITE_PATTERN)] | None = Field(
+        None, description="peft keeps the module's tensors under the module bound at this site in the same layer, not under its host "
+        "(e.g. attn.block: the attention peft wraps, for a module attached to its output projection).")
     zeros: dict[str, list[Int | ExprStr]] = Field(
         default_factory=dict, description="peft tensors under the host module that hold constant zeros (buffers standing for a path the technique does not have), "
         "with their shapes over the host's d_in and d_out: written as zeros on export, and on import accepted only when all zero.")
@@ -86,6 +89,9 @@ class PeftMethod(Strict):
     targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "
                                   "instead of full paths: peft groups the modules one target entry matches and shares tensors within a group (e.g. up "
                                   "projections), so a tensor the technique shares across layers stays shared. A site placed on only some layers is refused.")
+    top_layers: str | None = Field(
+        None, description="Config field holding how many layers are adapted, counted from the last (peft's adapter_layers): written on export, "
+        "where every module must sit on the last layers only; on import the modules are placed where the tensors are.")
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")

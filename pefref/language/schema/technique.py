@@ -152,8 +152,10 @@ class Connection(Strict):
 
     Either another module's output (its ``compute`` result, ``delta``) — in the same
     layer, the previous layer (state carried layer to layer, e.g. a side network) or
-    the last layer — or the hidden state (host input ``x`` or output ``h``) at a site
-    the module does not attach to. The name it is given is visible to the module's
+    the last layer — or a tensor of a site the module does not attach to: its hidden
+    state (host input ``x`` or output ``h``) or its host's own frozen weight ``W`` or
+    bias ``b`` (a neighbouring projection's, e.g. the key projection's weight read at
+    the output projection). The name it is given is visible to the module's
     expressions like ``x`` or ``h``.
     """
 
@@ -161,7 +163,8 @@ class Connection(Strict):
     site: Annotated[str, Field(pattern=SITE_PATTERN)] | None = Field(
         None, description="With module: which of its sites (needed when it has several). Without: read the hidden state at this site."
     )
-    tensor: Literal["x", "h"] = Field("h", description="Without module: the host's input x or output h at the site.")
+    tensor: Literal["x", "h", "W", "b"] = Field(
+        "h", description="Without module: the host's input x or output h at the site, or its host's frozen weight W or bias b (the site's kind must offer it).")
     layer: Literal["same", "previous", "last"] = Field(
         "same", description="Which layer's value: this layer's, the previous layer's (carried state), or the last layer's (for model-level readers)."
     )
