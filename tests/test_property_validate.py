@@ -105,6 +105,9 @@ def _expr(g: Gen, src: str, src_w: str, want: str, depth: int) -> str:
 
 
 OPS = sorted(n for n, p in PRIMITIVES.items() if n in SHAPE_RULES)
+POSITIVE_DOMAIN = {"sqrt", "log2"}
+"""Ops defined on positive numbers only: their tensor arguments are drawn as x * x + 1 (a NaN from sqrt(-1) is maths,
+not a defect of validate)."""
 NUMBERS = ["0", "1", "2", "-1", "0.5", "r", "(2, r / 2)", "(r, r)"]
 
 
@@ -127,7 +130,8 @@ def _registry_expr(g: Gen, src: str, src_w: str) -> str:
             args.append(repr(g.data.draw(st.sampled_from(["...i->...i", "...i,...i->...i", "ij->ji"]))))
         elif g.data.draw(st.integers(0, 2)):
             shape = g.data.draw(st.sampled_from([[src_w], ["r"], ["r", "r"], ["r", src_w], [src_w, "r"], [2, "r"], [1, 1, "r"], ["r", 1]]))
-            args.append(src if shape == [src_w] and g.data.draw(st.booleans()) else g.param(shape))
+            arg = src if shape == [src_w] and g.data.draw(st.booleans()) else g.param(shape)
+            args.append(f"({arg} * {arg} + 1)" if name in POSITIVE_DOMAIN else arg)
         else:
             args.append(g.data.draw(st.sampled_from(NUMBERS)))
         if par.kind is par.VAR_POSITIONAL:
