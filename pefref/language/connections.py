@@ -8,7 +8,8 @@ named site), it exists in the layers it is read from (the previous layer of a
 module's first layer needs a ``fallback``), and the source runs before the
 reader: at an earlier site in the reference architecture's ``order``, or at the
 same site and declared before it (so no two modules of one layer wait for each
-other). Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
+other). An input of the model's call (``call``: task ids, token ids) is there for
+every module. Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
 No torch.
 """
 
@@ -102,6 +103,8 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
     if m.form not in OUTPUT_FORMS:
         ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
         return
+    if conn.call is not None:
+        return  # an input of the model's call: there from the start of every forward pass
     found = _sources(ck, cp, conn, m)
     if found is None:
         return

@@ -244,7 +244,9 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
     published = {} if published is None else published
     extra: dict[str, Any] = {}
     for name, conn in getattr(m, "inputs", {}).items():
-        if conn.module is not None:
+        if conn.call is not None:
+            extra[name] = IntShape((BATCH,) if conn.call == "task_ids" else (BATCH, SEQ))
+        elif conn.module is not None:
             extra[name] = published.get(conn.module)
         elif conn.site in ref.sites:
             site = ref.sites[conn.site]

@@ -298,7 +298,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             entry.reads = wiring.reads(m, pl.layer, pl.site)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
         if entry.reads_mask or entry.reads or entry.publish is not None:
-            entry.inputs = input_cell(model, fam.forward.mask)
+            entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids)
             release = _Release(model)
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]

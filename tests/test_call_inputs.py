@@ -1,0 +1,122 @@
+"""Inputs of the model's call that modules read: per-example task ids and token ids.
+
+Poly with several tasks equals peft 0.21's (each example's task id picks its
+task's skill allocation): fp32 outputs within 1e-5, in eval and training mode
+(the same seed gives the same draws), equal trainable counts, and the adapter
+changes the output. Task ids come as ``task_ids=`` on the model's call or from
+``adapter.inputs(task_ids=...)``; a module that needs them and gets none is
+refused with a message saying how to pass them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from pefref.language.errors import PefrefError
+from pefref.models.build import build_model
+from pefref.runtime.api import apply
+
+from .conftest import output_of
+from .parity import max_diff, padded_batch
+
+TOL = 1e-5
+SHAPE = "tiny-llama"
+TASKS = torch.tensor([2, 1])
+
+
+def _poly_pair() -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    base = build_model(SHAPE, seed=0)
+    cfg = peft.PolyConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, n_tasks=3, n_skills=3, n_splits=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model = copy.deepcopy(base)
+    adapter = apply(model, "poly", r=4, n_tasks=3, n_skills=3, n_splits=2)
+    with torch.no_grad():
+        for key, unit in adapter.units.items():
+            module, site, layer = key.split("__")
+            host = pm.get_base_model().model.layers[int(layer)].self_attn
+            peft_layer = host.q_proj if site == "attn_q" else host.v_proj
+            if module == "router":
+                unit.logits.copy_(peft_layer.poly_router["default"].module_logits)
+            else:
+                unit.A.copy_(peft_layer.poly_lora_A["default"])
+                unit.B.copy_(peft_layer.poly_lora_B["default"])
+    return pm, model, adapter
+
+
+def _out(model: torch.nn.Module, **extra: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return output_of(model, {**padded_batch(SHAPE), **extra})
+
+
+def test_poly_with_several_tasks_matches_peft() -> None:
+    pm, model, adapter = _poly_pair()
+    want = _out(pm, task_ids=TASKS)
+    assert max_diff(_out(model, task_ids=TASKS), want) <= TOL
+    with adapter.inputs(task_ids=TASKS):  # the same, given for the calls that pass none
+        assert max_diff(_out(model), want) <= TOL
+    assert max_diff(_out(model, task_ids=torch.tensor([0, 0])), _out(model)) == 0  # no task ids: task 0 (the default)
+    assert max_diff(want, _out(pm, task_ids=torch.tensor([0, 0]))) > 1e-4  # the task ids matter
+    assert max_diff(want, _out(build_model(SHAPE, seed=0))) > 1e-3  # the adapter changes the output
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert adapter.report is not None and adapter.report.trainable == n_peft
+
+
+def test_poly_with_several_tasks_draws_as_peft_in_training() -> None:
+    pm, model, _adapter = _poly_pair()
+    pm.train()
+    model.train()
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        want = _out(pm, task_ids=TASKS)
+        torch.manual_seed(seed)
+        assert max_diff(_out(model, task_ids=TASKS), want) <= TOL
+
+
+NEEDS_TASKS = """
+id: per_task_bias
+name: A bias per task
+paper: {title: t, authors: a, year: 2024, url: "https://example.org"}
+hyperparameters: {n_tasks: {type: int, default: 3, min: 1}}
+modules:
+  - name: bias
+    sites: [attn.o]
+    form: parallel
+    inputs:
+      task: {call: task_ids}
+      ids: {call: input_ids}
+    params:
+      t: {shape: [n_tasks, d_out], init: "normal(std=0.5)"}
+      E: {shape: [vocab, d_out], init: "normal(std=0.5)"}
+    compute: unsqueeze(index_select(t, 0, task), -2) + take(E, ids)
+"""
+
+
+def test_a_module_needing_task_ids_refuses_a_call_without_them(tmp_path: Path) -> None:
+    path = tmp_path / "per_task_bias.yaml"
+    path.write_text(NEEDS_TASKS)
+    model = build_model(SHAPE, seed=0)
+    base = _out(model)
+    adapter = apply(model, str(path))
+    with pytest.raises(PefrefError, match="task_ids=.*adapter.inputs"):
+        _out(model)
+    a, b = _out(model, task_ids=torch.tensor([0, 2])), _out(model, task_ids=torch.tensor([1, 2]))
+    assert max_diff(a[1], b[1]) == 0 and max_diff(a[0], b[0]) > 1e-4  # each example reads its own task's row
+    with torch.no_grad():
+        adapter.units["bias__attn_o__0"].E.zero_()
+    assert max_diff(_out(model, task_ids=torch.tensor([0, 2])), a) > 1e-4  # and its tokens' rows
+    assert max_diff(a, base) > 1e-4
+    adapter.remove()
+    assert torch.equal(_out(model), base)
