@@ -120,3 +120,20 @@ def test_a_module_needing_task_ids_refuses_a_call_without_them(tmp_path: Path) -
     assert max_diff(a, base) > 1e-4
     adapter.remove()
     assert torch.equal(_out(model), base)
+
+
+def test_poly_with_several_tasks_reads_from_peft_and_back(tmp_path: Path) -> None:
+    """peft's save of a three-task Poly reads into pefref (same outputs per task id), and pefref's save into peft."""
+    import pefref
+
+    pm, _model, _adapter = _poly_pair()
+    want = _out(pm, task_ids=TASKS)
+    pm.save_pretrained(tmp_path / "peft")
+    back = pefref.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "peft")
+    assert back.hyperparameters["n_tasks"] == 3
+    assert max_diff(_out(back.model, task_ids=TASKS), want) <= TOL
+    back.save_pretrained(tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "again").eval()
+    assert max_diff(_out(again, task_ids=TASKS), want) <= TOL
