@@ -137,3 +137,74 @@ def test_poly_with_several_tasks_reads_from_peft_and_back(tmp_path: Path) -> Non
         warnings.simplefilter("ignore")
         again = peft.PeftModel.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "again").eval()
     assert max_diff(_out(again, task_ids=TASKS), want) <= TOL
+
+
+INVOKE = (5, 7)
+
+
+def _invoked_batch() -> dict[str, torch.Tensor]:
+    """The padded batch with the invocation twice in the first row (the last one counts) and not in the second."""
+    batch = padded_batch(SHAPE)
+    ids = batch["input_ids"].clone()
+    ids[ids == 5] = 6
+    ids[0, 2:4] = torch.tensor(INVOKE)
+    ids[0, 4:6] = torch.tensor(INVOKE)
+    return {**batch, "input_ids": ids}
+
+
+def _alora_pair() -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    base = build_model(SHAPE, seed=0)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, alora_invocation_tokens=list(INVOKE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model = copy.deepcopy(base)
+    adapter = apply(model, "alora", r=4, alpha=8, tokens=list(INVOKE))
+    with torch.no_grad():
+        for key, unit in adapter.units.items():
+            _m, site, layer = key.split("__")
+            host = pm.get_base_model().model.layers[int(layer)].self_attn
+            peft_layer = host.q_proj if site == "attn_q" else host.v_proj
+            unit.A.copy_(peft_layer.lora_A["default"].weight)
+            unit.B.copy_(peft_layer.lora_B["default"].weight)
+    return pm, model, adapter
+
+
+def test_alora_matches_peft_and_is_the_base_model_before_the_invocation() -> None:
+    pm, model, adapter = _alora_pair()
+    batch = _invoked_batch()
+    with torch.no_grad():
+        want, got = output_of(pm, batch), output_of(model, batch)
+        plain = output_of(build_model(SHAPE, seed=0), batch)
+    assert max_diff(got, want) <= TOL
+    assert max_diff(got[0, 4:], plain[0, 4:]) > 1e-3  # active from the last invocation on
+    assert max_diff(got[0, :4], plain[0, :4]) <= TOL and max_diff(got[1], plain[1]) <= TOL  # the base model elsewhere
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert adapter.report is not None and adapter.report.trainable == n_peft
+    assert not adapter.mergeable_units
+
+
+def test_alora_reads_from_peft_and_back(tmp_path: Path) -> None:
+    import pefref
+
+    pm, model, _adapter = _alora_pair()
+    batch = _invoked_batch()
+    with torch.no_grad():
+        want = output_of(pm, batch)
+    pm.save_pretrained(tmp_path / "peft")
+    back = pefref.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "peft")
+    assert back.technique.id == "alora" and back.hyperparameters["tokens"] == INVOKE
+    with torch.no_grad():
+        assert max_diff(output_of(back.model, batch), want) <= TOL
+    back.save_pretrained(tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "again").eval()
+    assert again.peft_config["default"].alora_invocation_tokens == list(INVOKE)
+    with torch.no_grad():
+        assert max_diff(output_of(again, batch), want) <= TOL

@@ -44,6 +44,8 @@ def _convert(k: str, hp: Any, raw: Any) -> Any:
     Booleans are not numbers here (``r=True`` is refused), and a real number
     must be finite (NaN and infinities are refused)."""
     bad = PefrefError(f"hyperparameter {k!r} must be {hp.type}, found {raw!r}")
+    if hp.type == "ints":
+        return _ints(k, raw, bad)
     if hp.type == "bool":
         if isinstance(raw, bool):
             return raw
@@ -74,6 +76,21 @@ def _convert(k: str, hp: Any, raw: Any) -> Any:
             raise PefrefError(f"hyperparameter {k!r} = {num} is too large")
         return num
     return float(num)
+
+
+def _ints(k: str, raw: Any, bad: PefrefError) -> tuple[int, ...]:
+    """A sequence of non-negative integers from a list or tuple, or from text ``1,2,3``."""
+    items = [t.strip() for t in raw.strip().strip("[]()").split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not items:
+        raise bad
+    out = []
+    for v in items:
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v.bit_length() > 64:
+            raise PefrefError(f"hyperparameter {k!r} must be non-negative integers, found {v!r} in {raw!r}")
+        out.append(v)
+    return tuple(out)
 
 
 def _scalar_ops() -> dict[str, Any]:

@@ -60,13 +60,16 @@ def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
 
 
 def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any, inputs: dict[str, tuple[int, ...]] | None = None,
-           published: dict[str, tuple[int, ...]] | None = None, name: str = "") -> int:
-    """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections.
-    A publishing unit's output width is recorded in ``published`` under ``name``."""
+           published: dict[str, tuple[int, ...]] | None = None, name: str = "", calls: dict[str, str] | None = None) -> int:
+    """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections, ``calls``:
+    its inputs of the model's call (connection -> task_ids or input_ids). A publishing unit's output width is
+    recorded in ``published`` under ``name``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     seq = {k: torch.empty(1, tokens, *v, device="meta") for k, v in (inputs or {}).items()}
+    for k, what in (calls or {}).items():
+        seq[k] = torch.zeros((1,) if what == "task_ids" else (1, tokens), dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         out = unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False, None, seq)
@@ -138,16 +141,19 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
                               W=torch.empty(d_out, d_in, device="meta") if d_in else None)
             conns = getattr(m, "inputs", None) or {}
             inputs = {}
+            calls = {k: c.call for k, c in conns.items() if c.call is not None}
             for k, c in conns.items():
                 src = c.module if c.module in published else c.fallback
+                if c.call is not None:
+                    continue
                 if src in published:
                     inputs[k] = published[src]
                 elif c.module is None:
                     w_in, w_out = host_widths(c.site, fam, catalog)
                     inputs[k] = (int(eval_scalar((w_in or w_out) if c.tensor == "x" else w_out, sizes)),)
             unit = build_unit(m, ctx, hps, SharedStore(), publish=form_of(m).publishes)
-            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name)
-                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs))
+            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name, calls)
+                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs, calls=calls))
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers

@@ -10,7 +10,7 @@ from pefref.language.forms import FORMS as _REGISTRY
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Float, Identifier, Int, Strict, at_least
 
 __all__ = [
-    "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "Hyperparameter",
+    "Paper", "IntParam", "FloatParam", "BoolParam", "ChoiceParam", "IntsParam", "Hyperparameter",
     "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
@@ -80,7 +80,14 @@ class ChoiceParam(_HP):
     choices: list[Int | Float] = Field(min_length=1)
 
 
-Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam], Field(discriminator="type")]
+class IntsParam(_HP):
+    """A sequence of integers (e.g. the token ids of an invocation string); expressions read it as a tuple."""
+
+    type: Literal["ints"]
+    default: tuple[at_least(0), ...] = Field(min_length=1)  # type: ignore[valid-type]
+
+
+Hyperparameter = Annotated[Union[IntParam, FloatParam, BoolParam, ChoiceParam, IntsParam], Field(discriminator="type")]
 
 
 class ParamSpec(Strict):
