@@ -192,7 +192,7 @@ def test_alora_matches_peft_and_is_the_base_model_before_the_invocation() -> Non
 def test_alora_reads_from_peft_and_back(tmp_path: Path) -> None:
     import pefref
 
-    pm, model, _adapter = _alora_pair()
+    pm, _model, _adapter = _alora_pair()
     batch = _invoked_batch()
     with torch.no_grad():
         want = output_of(pm, batch)

@@ -65,7 +65,7 @@ def from_match(ids: torch.Tensor, tokens: Any) -> torch.Tensor:
     """A [..., seq, 1] column of ones from the start of the last occurrence of ``tokens`` in each row of token ids
     ``ids`` ([..., seq]) to the end, zeros before it and in a row without it.
 
-    :math:`m_t = [t \ge s^*]`, :math:`s^* = \max\{s : \mathrm{ids}_{s:s+k} = \mathrm{tokens}\}`: multiplying an
+    :math:`m_t = [t \\ge s^*]`, :math:`s^* = \\max\\{s : \\mathrm{ids}_{s:s+k} = \\mathrm{tokens}\\}`: multiplying an
     update by it activates an adapter from its invocation string on, the prefix computed as by the base model
     (activated LoRA, Greenewald et al. 2025, `arXiv:2504.12397 <https://arxiv.org/abs/2504.12397>`_).
     Positions are counted within the ids of this call.
