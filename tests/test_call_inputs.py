@@ -208,3 +208,17 @@ def test_alora_reads_from_peft_and_back(tmp_path: Path) -> None:
     assert again.peft_config["default"].alora_invocation_tokens == list(INVOKE)
     with torch.no_grad():
         assert max_diff(output_of(again, batch), want) <= TOL
+
+
+@pytest.mark.parametrize(("tid", "call"), [("alora", "input_ids"), ("poly", "task_ids")])
+def test_diagram_draws_the_call_input_into_every_reader(tid: str, call: str) -> None:
+    from pefref.language.catalog import default_catalog
+    from pefref.render.diagram import technique_graph, to_dot
+
+    cat = default_catalog()
+    g = technique_graph(cat, [cat.technique(tid)])
+    node = f"call_{tid}_{call}"
+    assert g.nodes[node]["role"] == "call_input"
+    readers = {n for n, a in g.nodes(data=True) if a.get("role") == "module" and a.get("module") == ("lora" if tid == "alora" else "router")}
+    assert readers and {v for _u, v, a in g.out_edges(node, data=True) if a["role"] == "connection"} == readers
+    assert f"{call}: [batch" in to_dot(g)
