@@ -61,6 +61,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     implemented |= {"olora", "lora_orthogonal", "lora_gaussian", "mica", "lora_bias", "kasa", "bdlora", "velora"}  # LoRA's variants (LoraConfig flags)
     implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
+    implemented |= {"alora"}  # LoRA with alora_invocation_tokens
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
