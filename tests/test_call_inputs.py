@@ -1,9 +1,12 @@
 """Inputs of the model's call that modules read: per-example task ids and token ids.
 
-Poly with several tasks equals peft 0.21's (each example's task id picks its
-task's skill allocation): fp32 outputs within 1e-5, in eval and training mode
-(the same seed gives the same draws), equal trainable counts, and the adapter
-changes the output. Task ids come as ``task_ids=`` on the model's call or from
+Poly and multitask prompt tuning with several tasks equal peft 0.21's (each
+example's task id picks its task's skill allocation, or its task's prompt
+modulation), and aLoRA (LoRA from the last occurrence of its invocation tokens
+in the call's input_ids on) equals peft's LoRA with alora_invocation_tokens:
+fp32 outputs within 1e-5 (Poly in training mode too: the same seed gives the
+same draws), equal trainable counts, the adapter changes the output, and peft's
+format reads both ways. Task ids come as ``task_ids=`` on the model's call or from
 ``adapter.inputs(task_ids=...)``; a module that needs them and gets none is
 refused with a message saying how to pass them.
 """
@@ -222,3 +225,35 @@ def test_diagram_draws_the_call_input_into_every_reader(tid: str, call: str) -> 
     readers = {n for n, a in g.nodes(data=True) if a.get("role") == "module" and a.get("module") == ("lora" if tid == "alora" else "router")}
     assert readers and {v for _u, v, a in g.out_edges(node, data=True) if a["role"] == "connection"} == readers
     assert f"{call}: [batch" in to_dot(g)
+
+
+def test_multitask_prompt_tuning_with_several_tasks_matches_peft(tmp_path: Path) -> None:
+    import pefref
+
+    base = build_model(SHAPE, seed=0)
+    cfg = peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=3, num_ranks=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model = copy.deepcopy(base)
+    adapter = apply(model, "multitask_prompt_tuning", n=4, k=2, n_tasks=3)
+    (unit,) = adapter.units.values()
+    enc = pm.prompt_encoder["default"]
+    with torch.no_grad():
+        unit.P.copy_(enc.embedding.weight)
+        unit.U.copy_(enc.prefix_task_cols)
+        unit.V.copy_(enc.prefix_task_rows)
+    want = _out(pm, task_ids=TASKS)
+    assert max_diff(_out(model, task_ids=TASKS), want) <= TOL
+    assert max_diff(want, _out(pm, task_ids=torch.tensor([0, 0]))) > 1e-4  # the task ids matter
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert adapter.report is not None and adapter.report.trainable == n_peft
+    pm.save_pretrained(tmp_path / "peft")
+    back = pefref.from_pretrained(build_model(SHAPE, seed=0), tmp_path / "peft")
+    assert back.hyperparameters["n_tasks"] == 3
+    assert max_diff(_out(back.model, task_ids=TASKS), want) <= TOL

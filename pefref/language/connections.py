@@ -100,8 +100,12 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
 
 def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
     """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
+    if conn.call is not None and m.form == "prepend" and getattr(m, "tokens", None) is not None:
+        if conn.call != "task_ids":
+            ck.err(cp + ("call",), "prepended tokens may read the call's task_ids (a prompt per example's task), not its input_ids")
+        return
     if m.form not in OUTPUT_FORMS:
-        ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
+        ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules; prepended tokens may read call: task_ids)")
         return
     if conn.call is not None:
         return  # an input of the model's call: there from the start of every forward pass

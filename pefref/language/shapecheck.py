@@ -356,7 +356,9 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
     elif how is Integration.POSITIONS:
         n = _run(m.length, env, pos, mpath + ("length",))[0]
         if isinstance(n, (int, float)) and float(n).is_integer():
-            if m.tokens is not None:
+            if m.tokens is not None and any(c.call == "task_ids" for c in getattr(m, "inputs", {}).values()):
+                want("tokens", run("tokens"), Shape((BATCH, int(n), sizes["d"])), "[batch, length, d] (one prompt per example's task)")
+            elif m.tokens is not None:
                 want("tokens", run("tokens"), Shape((int(n), sizes["d"])), "[length, d]")
             else:
                 kv = Shape((int(n), sizes["kv_heads"] * sizes["d_head"]))

@@ -488,8 +488,9 @@ class RootPatch:
                     emb = self.embed(a.pop(f.ids))  # type: ignore[misc]
                 else:
                     a.pop(f.ids, None)
-                prompts = [e.unit(None, None, None, training).to(emb.dtype) for e in tokens]
-                emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) for p in prompts] + [emb], dim=1)
+                prompts = [(e.unit(None, None, None, training, None, e.connected()) if e.reads else e.unit(None, None, None, training)).to(emb.dtype)
+                           for e in tokens]  # [length, d], or [batch, length, d]: one prompt per example
+                emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) if p.dim() == 2 else p for p in prompts] + [emb], dim=1)
                 a[f.embeds] = emb
                 for key, fill in f.extend.items():
                     if a.get(key) is not None and a[key].dim() > 1:  # per-token (not per-sequence labels)

@@ -211,7 +211,9 @@ def _check_positions(out: Any, m: Any, ctx: SiteContext, hps: Mapping[str, Any])
     from pefref.language.sizes import scalar_ops
 
     n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
-    if m.tokens is not None:
+    if m.tokens is not None and isinstance(out, torch.Tensor) and out.dim() == 3:  # one prompt per example (its task's)
+        _expect(out, (1, n, ctx.sizes["d"]), "tokens", "[batch, length, d]")
+    elif m.tokens is not None:
         _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
     else:
         kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])
