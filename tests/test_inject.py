@@ -37,6 +37,8 @@ def _perturb(adapter) -> None:
         for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
+INVOKED = {"alora": "tokens"}  # techniques active only from an invocation on: a token of the test input invokes them
+
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2", "bert"])
 def test_shown_mergeability_is_the_runtime_one(fam: str) -> None:
@@ -57,7 +59,7 @@ def test_properties(tid: str, fam: str) -> None:
     base_names = [n for n, _ in model.named_parameters()]
     base_out = output_of(model, inputs)
 
-    a = apply(model, tid)
+    a = apply(model, tid, **({INVOKED[tid]: [int(inputs["input_ids"][0, 3])]} if tid in INVOKED else {}))
     trainable = a.named_trainable_parameters()
     own = {id(p) for p in trainable.values()}
     # only adapter (and selected) parameters require grad
