@@ -66,3 +66,12 @@ def output_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
         if t is not None:
             return t
     raise AssertionError("model output has neither logits nor last_hidden_state")
+
+
+INVOKED = {"alora": "tokens"}
+"""Techniques active only from an invocation (a token sequence in the input) on, and the hyperparameter naming it."""
+
+
+def invoking(tid: str, ids: torch.Tensor) -> dict[str, list[int]]:
+    """Hyperparameters that make a token of ``ids`` (the first row's fourth) invoke technique ``tid`` ({} for others)."""
+    return {INVOKED[tid]: [int(ids[0, 3])]} if tid in INVOKED else {}

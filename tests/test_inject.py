@@ -14,7 +14,7 @@ from pefref.view.analysis import modules_mergeable
 from pefref.view.costs import efficiency
 from pefref.view.params import count_params
 
-from .conftest import TINY, model_inputs, output_of, tiny_model
+from .conftest import TINY, invoking, model_inputs, output_of, tiny_model
 
 _CAT = default_catalog()
 CASES = [
@@ -37,8 +37,6 @@ def _perturb(adapter) -> None:
         for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
-INVOKED = {"alora": "tokens"}  # techniques active only from an invocation on: a token of the test input invokes them
-
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2", "bert"])
 def test_shown_mergeability_is_the_runtime_one(fam: str) -> None:
@@ -59,7 +57,7 @@ def test_properties(tid: str, fam: str) -> None:
     base_names = [n for n, _ in model.named_parameters()]
     base_out = output_of(model, inputs)
 
-    a = apply(model, tid, **({INVOKED[tid]: [int(inputs["input_ids"][0, 3])]} if tid in INVOKED else {}))
+    a = apply(model, tid, **invoking(tid, inputs["input_ids"]))
     trainable = a.named_trainable_parameters()
     own = {id(p) for p in trainable.values()}
     # only adapter (and selected) parameters require grad
