@@ -36,8 +36,8 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     model = build_model(shape, catalog)
     n = ids.shape[1]
     base = _logits(model(input_ids=ids))
-    tokens = {k: (int(ids[0, 3]),) for k, hp in t.hyperparameters.items() if hp.type == "ints"}
-    a = apply(model, t, catalog=catalog, **tokens)
+    tokens: dict[str, Any] = {k: (int(ids[0, 3]),) for k, hp in t.hyperparameters.items() if hp.type == "ints"}
+    a = apply(model, t, catalog=catalog, overrides=tokens)
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
     for p in a.trainable_parameters():
