@@ -85,3 +85,12 @@ def _random_calibration(request, monkeypatch) -> None:
         real(model, p, calibration)
 
     monkeypatch.setattr(applying, "calibrate", calibrate)
+
+
+INVOKED = {"alora": "tokens"}
+"""Techniques active only from an invocation (a token sequence in the input) on, and the hyperparameter naming it."""
+
+
+def invoking(tid: str, ids: torch.Tensor) -> dict[str, list[int]]:
+    """Hyperparameters that make a token of ``ids`` (the first row's fourth) invoke technique ``tid`` ({} for others)."""
+    return {INVOKED[tid]: [int(ids[0, 3])]} if tid in INVOKED else {}

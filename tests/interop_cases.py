@@ -136,6 +136,8 @@ CASES: dict[str, Case] = {
             target_modules_bd_a=["q_proj", "k_proj", "v_proj", "up_proj"], target_modules_bd_b=["o_proj", "down_proj"], nblocks=2)), linear_only=True),
     "velora": Case("velora", {"r": 4, "alpha": 8, "num_groups": 4, "scale": 0.5}, None, _lora(
         lora_dropout=0.0, velora_config=peft.VeloraConfig(num_groups=4, scale=0.5, init_type="random")), linear_only=True),
+    # activated LoRA: token 0 (the padding of the batch's first row) is the invocation, so that row adapts from its last pad on
+    "alora": Case("alora", {"r": 4, "alpha": 8, "tokens": [0]}, None, _lora(task_type="CAUSAL_LM", alora_invocation_tokens=[0]), linear_only=True),
     # peft 0.21 breadth (c)
     "c3a": Case("c3a", {"block_size": 8}, None, lambda fam: peft.C3AConfig(block_size=8, target_modules=ATTN[fam]), linear_only=True),
     "deft": Case("deft", {"r": 4}, ["attn.qkv"], lambda fam: peft.DeftConfig(r=4, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),

@@ -152,7 +152,7 @@ def test_kitchen_sink_features() -> None:
     t = _kitchen_sink()
     cat = default_catalog()
     assert {"use" if isinstance(m, ModuleUse) else m.form for m in t.modules} == set(FORMS) | {"use"}
-    assert {hp.type for hp in t.hyperparameters.values()} == {"int", "float", "bool", "choice"}
+    assert {hp.type for hp in t.hyperparameters.values()} == {"int", "float", "bool", "choice", "ints"}
     concrete = [m for m in t.modules if not isinstance(m, ModuleUse)]
     layers = [m.layers for m in t.modules if m.layers is not None]
     assert "all" in layers and any(isinstance(x, list) for x in layers)

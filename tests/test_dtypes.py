@@ -16,6 +16,8 @@ from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.models.build import applicable, build_model
 
+from .conftest import invoking
+
 CATALOG = default_catalog()
 SHAPES = ["tiny-llama", "tiny-gpt2", "tiny-bert"]
 LOW = [torch.bfloat16, torch.float16]
@@ -50,7 +52,7 @@ def first(out: object) -> torch.Tensor:
 def test_trains_one_step_and_merges(tid: str, dtype: torch.dtype) -> None:
     shape = shape_for(tid)
     model = copy.deepcopy(base(shape, dtype))
-    adapter = pefref.apply(model, tid)
+    adapter = pefref.apply(model, tid, **invoking(tid, batch(shape)["input_ids"]))
     params = adapter.trainable_parameters()
     hosts = {id(p) for n, p in model.named_parameters() if "pefref" not in n}  # a selected host tensor trains in its own dtype
     assert all(p.dtype == (dtype if id(p) in hosts else torch.float32) for p in params)  # peft's autocast_adapter_dtype

@@ -14,7 +14,7 @@ from pefref.view.analysis import modules_mergeable
 from pefref.view.costs import efficiency
 from pefref.view.params import count_params
 
-from .conftest import TINY, model_inputs, output_of, tiny_model
+from .conftest import TINY, invoking, model_inputs, output_of, tiny_model
 
 _CAT = default_catalog()
 CASES = [
@@ -57,7 +57,7 @@ def test_properties(tid: str, fam: str) -> None:
     base_names = [n for n, _ in model.named_parameters()]
     base_out = output_of(model, inputs)
 
-    a = apply(model, tid)
+    a = apply(model, tid, **invoking(tid, inputs["input_ids"]))
     trainable = a.named_trainable_parameters()
     own = {id(p) for p in trainable.values()}
     # only adapter (and selected) parameters require grad

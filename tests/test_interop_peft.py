@@ -64,6 +64,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"loftq"}
     implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
+    implemented |= {"alora"}  # LoRA with alora_invocation_tokens
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented

@@ -1,5 +1,5 @@
 """Numerical parity with HF peft 0.21 for RandLoRA, SHiRA, TinyLoRA, VB-LoRA, PSOFT, PEANuT, Super-Tuning and
-multitask prompt tuning (one task).
+multitask prompt tuning (one task here; several in tests/test_call_inputs.py).
 
 For each case one seeded tiny model (``build_model``) is deep-copied into a peft
 model and a pefref model with the same hyperparameters; peft's trainable
@@ -112,8 +112,8 @@ def _copy_prompt(pm: Any, adapter: Adapter) -> None:
     (unit,) = adapter.units.values()
     enc = pm.prompt_encoder["default"]
     unit.P.copy_(enc.embedding.weight)
-    unit.U.copy_(enc.prefix_task_cols[0])
-    unit.V.copy_(enc.prefix_task_rows[0])
+    unit.U.copy_(enc.prefix_task_cols)
+    unit.V.copy_(enc.prefix_task_rows)
 
 
 LLAMA_GPT2, LLAMA_BERT = ("tiny-llama", "tiny-gpt2"), ("tiny-llama", "tiny-bert")
@@ -283,8 +283,6 @@ def test_peft_forms_without_a_catalog_form_are_refused(tmp_path: Any) -> None:
         "supra": (peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=qv), "supertuning needs"),
         "neumann": (peft.PsoftConfig(r=4, use_cayley_neumann=True, target_modules=qv), "psoft needs"),
         "sparse": (peft.RandLoraConfig(r=8, sparse=True, target_modules=qv), "randlora needs"),
-        "two_tasks": (peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=2),
-                      "multitask_prompt_tuning needs num_tasks=1"),
     }
     model = copy.deepcopy(base_model("tiny-llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}

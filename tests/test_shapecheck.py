@@ -10,10 +10,10 @@ from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import parse_expr
 from pefref.language.hparams import shape_of
-from pefref.language.shapecheck import EXAMPLE_SIZES, _width, infer_shape, site_env
+from pefref.language.shapecheck import BATCH, EXAMPLE_SIZES, SEQ, _width, infer_shape, site_env
 from pefref.ops import PRIMITIVES, op_table
 from pefref.ops.inits import INITS
-from pefref.ops.shapes import SHAPE_RULES, Shape
+from pefref.ops.shapes import SHAPE_RULES, IntShape, Shape
 
 CAT = default_catalog()
 
@@ -55,6 +55,9 @@ def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
         names = {**EXAMPLE_SIZES, "d_in": d_in, "d_out": d_out, "causal": 1, **{k: v.default for k, v in hps.items()}}
         env = {**names, **site_env(site.kind, d_in, d_out, EXAMPLE_SIZES)}
         for name, c in m.inputs.items():
+            if c.call is not None:  # an input of the model's call: task ids [batch], token ids [batch, seq]
+                env[name] = IntShape((BATCH,) if c.call == "task_ids" else (BATCH, SEQ))
+                continue
             env[name] = published.get(c.module) or published.get(c.fallback)
             assert isinstance(env[name], Shape), (m.name, name)
         for p, spec in m.params.items():

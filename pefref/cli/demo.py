@@ -11,7 +11,8 @@ __all__ = ["run_demo"]
 
 def run_demo(catalog: Catalog, shape: str = "tiny-ref") -> list[dict[str, Any]]:
     """Apply each technique to a fresh ``shape`` model: count, run, perturb, merge (when derived
-    mergeable) and remove, measuring each step against the base model's output."""
+    mergeable) and remove, measuring each step against the base model's output. A hyperparameter that
+    is a sequence of integers (token ids, e.g. an invocation) is given a token of the demo's input."""
     import torch
 
     fam = catalog.family(catalog.shape(shape).family)
@@ -36,7 +37,8 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     model = build_model(shape, catalog)
     n = ids.shape[1]
     base = _logits(model(input_ids=ids))
-    a = apply(model, t, catalog=catalog, calibration=random_batches(model, 4))  # data-initialised techniques: random tokens
+    tokens: dict[str, Any] = {k: (int(ids[0, 3]),) for k, hp in t.hyperparameters.items() if hp.type == "ints"}
+    a = apply(model, t, catalog=catalog, overrides=tokens, calibration=random_batches(model, 4))  # data-initialised techniques: random tokens
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
     for p in a.trainable_parameters():

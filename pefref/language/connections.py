@@ -8,7 +8,8 @@ named site), it exists in the layers it is read from (the previous layer of a
 module's first layer needs a ``fallback``), and the source runs before the
 reader: at an earlier site in the reference architecture's ``order``, or at the
 same site and declared before it (so no two modules of one layer wait for each
-other). Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
+other). An input of the model's call (``call``: task ids, token ids) is there for
+every module. Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
 No torch.
 """
 
@@ -110,9 +111,15 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
 
 def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
     """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
-    if m.form not in OUTPUT_FORMS:
-        ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules)")
+    if conn.call is not None and m.form == "prepend" and getattr(m, "tokens", None) is not None:
+        if conn.call != "task_ids":
+            ck.err(cp + ("call",), "prepended tokens may read the call's task_ids (a prompt per example's task), not its input_ids")
         return
+    if m.form not in OUTPUT_FORMS:
+        ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules; prepended tokens may read call: task_ids)")
+        return
+    if conn.call is not None:
+        return  # an input of the model's call: there from the start of every forward pass
     found = _sources(ck, cp, conn, m)
     if found is None:
         return

@@ -250,7 +250,9 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
     published = {} if published is None else published
     extra: dict[str, Any] = {}
     for name, conn in getattr(m, "inputs", {}).items():
-        if conn.module is not None:
+        if conn.call is not None:
+            extra[name] = IntShape((BATCH,) if conn.call == "task_ids" else (BATCH, SEQ))
+        elif conn.module is not None:
             extra[name] = published.get(conn.module)
         elif conn.site in ref.sites:
             site = ref.sites[conn.site]
@@ -360,7 +362,9 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
     elif how is Integration.POSITIONS:
         n = _run(m.length, env, pos, mpath + ("length",))[0]
         if isinstance(n, (int, float)) and float(n).is_integer():
-            if m.tokens is not None:
+            if m.tokens is not None and any(c.call == "task_ids" for c in getattr(m, "inputs", {}).values()):
+                want("tokens", run("tokens"), Shape((BATCH, int(n), sizes["d"])), "[batch, length, d] (one prompt per example's task)")
+            elif m.tokens is not None:
                 want("tokens", run("tokens"), Shape((int(n), sizes["d"])), "[length, d]")
             else:
                 kv = Shape((int(n), sizes["kv_heads"] * sizes["d_head"]))

@@ -5,20 +5,22 @@
   needs);
 * :func:`position_mask`: a 0/1 column selecting the first and last positions of
   the sequence (interventions at chosen positions only);
+* :func:`from_match`: a 0/1 column selecting the positions from the last
+  occurrence of a token sequence on (an adapter activated by an invocation);
 * :func:`kron_linear`: :math:`(A \\otimes B) x` computed without forming the
   Kronecker product (Kronecker adapters).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pefref.ops import primitive
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["orthonormal_rows", "position_mask", "kron_linear"]
+__all__ = ["orthonormal_rows", "position_mask", "from_match", "kron_linear"]
 
 
 @primitive(intra="orthogonal", nonlinear=True)
@@ -56,6 +58,28 @@ def position_mask(h: torch.Tensor, first: int = 0, last: int = 0) -> torch.Tenso
     t = torch.arange(n, device=h.device)
     m = (t < int(first)) | (t >= n - int(last))
     return m.to(h.dtype).unsqueeze(-1)
+
+
+@primitive(int_args=("ids",))
+def from_match(ids: torch.Tensor, tokens: Any) -> torch.Tensor:
+    """A [..., seq, 1] column of ones from the start of the last occurrence of ``tokens`` in each row of token ids
+    ``ids`` ([..., seq]) to the end, zeros before it and in a row without it.
+
+    :math:`m_t = [t \\ge s^*]`, :math:`s^* = \\max\\{s : \\mathrm{ids}_{s:s+k} = \\mathrm{tokens}\\}`: multiplying an
+    update by it activates an adapter from its invocation string on, the prefix computed as by the base model
+    (activated LoRA, Greenewald et al. 2025, `arXiv:2504.12397 <https://arxiv.org/abs/2504.12397>`_).
+    Positions are counted within the ids of this call.
+    """
+    import torch
+
+    tok = torch.as_tensor(tuple(tokens), dtype=ids.dtype, device=ids.device)
+    k, n = tok.numel(), ids.shape[-1]
+    t = torch.arange(n, device=ids.device)
+    if k > n:
+        return torch.zeros((*ids.shape, 1), device=ids.device)
+    hit = (ids.unfold(-1, k, 1) == tok).all(-1)  # [..., n - k + 1]: an occurrence starts here
+    start = torch.where(hit, t[: n - k + 1], -1).amax(-1, keepdim=True)  # [..., 1]: the last start, -1 for none
+    return ((t >= start) & (start >= 0)).to(torch.get_default_dtype()).unsqueeze(-1)
 
 
 @primitive(intra="kronecker/hypercomplex", linear_in=(0, 1, 2))

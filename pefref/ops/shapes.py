@@ -266,6 +266,11 @@ def _position_mask(h: Shape, first: int = 0, last: int = 0) -> Shape:
     return Shape((h[-2], 1))
 
 
+@shape_rule("from_match")
+def _from_match(ids: Shape, tokens: Any) -> Shape:
+    return Shape((*ids, 1))
+
+
 @shape_rule("lstm")
 def _lstm(x: Shape, w_ih: Shape, w_hh: Shape, *_: Any) -> Shape:
     return Shape((*x[:-1], w_hh[1] * w_hh[3]))

@@ -2,8 +2,9 @@
 
 A module's ``inputs`` (when the schema has them) name where each extra input
 comes from: another module of the same technique (this layer, the previous
-layer with a fallback for the first one, or the last layer), or the host
-input ``x`` / output ``h`` at a site. Each becomes one dotted edge
+layer with a fallback for the first one, or the last layer), the host
+input ``x`` / output ``h`` at a site, or an input of the model's call (task
+ids, token ids: a node of its own, ``role='call_input'``). Each becomes one dotted edge
 (``role='connection'``) into the reading module, labelled with the name its
 expressions use. Edges from the previous layer do not constrain the layout
 (with one layer drawn as "× L" they point backwards).
@@ -16,6 +17,7 @@ from typing import Any
 from pefref.language.connections import source_site
 from pefref.render.attach import Placed
 from pefref.render.skeleton import Skeleton
+from pefref.render.style import html_lines
 
 __all__ = ["CONNECTION_COLOUR", "draw_connections"]
 
@@ -52,6 +54,9 @@ def draw_connections(sk: Skeleton, placed: list[Placed]) -> None:
                 if which == "previous":
                     dot["constraint"] = "false"
                 src_module = getattr(conn, "module", None)
+                if getattr(conn, "call", None) is not None:
+                    _call_read(sk, pl.technique, reader, conn, label, dot)
+                    continue
                 if src_module is None:
                     _site_read(sk, reader, ra, conn, label, dot)
                     continue
@@ -79,6 +84,22 @@ def _source_site(placed: list[Placed], technique: str, module: str, conn: Any, r
     if src is None:
         return getattr(conn, "site", None)
     return source_site(src, conn, reader_site)
+
+
+_CALL_SHAPES = {"task_ids": "[batch]", "input_ids": "[batch, seq]"}
+
+
+def _call_read(sk: Skeleton, technique: str, reader: str, conn: Any, label: str, dot: dict[str, str]) -> None:
+    """An edge from an input of the model's call (task ids, token ids), drawn once per technique as a node of its own."""
+    nid = f"call_{technique}_{conn.call}"
+    if nid not in sk.graph:
+        text = f"{conn.call}: {_CALL_SHAPES[conn.call]}"
+        sk.graph.add_node(nid, role="call_input", technique=technique, call=conn.call, label=text,
+                          html=html_lines([("b", text), ("small", "an input of the model's call")]),
+                          dot={"shape": "box", "style": "rounded", "color": CONNECTION_COLOUR, "fontcolor": CONNECTION_COLOUR})
+    default = getattr(conn, "default", None)
+    sk.graph.add_edge(nid, reader, role="connection", connection=label.split(" ")[0], layer_of_source="same",
+                      label=f"{label} = {conn.call}" + ("" if default is None else f" (else {default})"), dot=dot)
 
 
 def _site_read(sk: Skeleton, reader: str, ra: dict[str, Any], conn: Any, label: str, dot: dict[str, str]) -> None:

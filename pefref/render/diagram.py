@@ -228,8 +228,9 @@ def _legend(g: nx.DiGraph) -> str:
             cells.append(f'<TD BORDER="1" STYLE="rounded" COLOR="{BLOCK_COLOUR}"><FONT POINT-SIZE="9" COLOR="{BLOCK_COLOUR}">{kind} block</FONT><BR/>'
                          f'<FONT POINT-SIZE="8">{esc(BLOCK_MEANING[kind])}</FONT></TD>')
     if any(a.get("role") == "connection" for _u, _v, a in g.edges(data=True)):
+        whence = "another module, a site or the model's call" if any(a.get("role") == "call_input" for _n, a in g.nodes(data=True)) else "another module or site"
         cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
-                     '<FONT POINT-SIZE="8">an input read from another module or site</FONT></TD>')
+                     f'<FONT POINT-SIZE="8">an input read from {esc(whence)}</FONT></TD>')
     cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="8">frozen component, with its site</FONT></TD>')
     cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="8">trainable tensor, shape</FONT></TD>')
     cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="8">stored, not trained</FONT></TD>')

@@ -208,6 +208,28 @@ class Adapter:
         with disabled(self):
             yield
 
+    @contextlib.contextmanager
+    def inputs(self, task_ids: Any = None) -> Iterator[None]:
+        """Within the block the model's calls that pass no ``task_ids`` of their own use these (one task id per
+        example, e.g. for ``generate()``); outside it they are as before. Refused when no module reads task ids."""
+        from pefref.runtime.patches import _INPUTS
+
+        cell = self.model.__dict__.get(_INPUTS)
+        if task_ids is None:
+            yield
+            return
+        if cell is None or not any(k[0] == "call" and k[1] == "task_ids" for _u, e in self.entries for ks in e.reads.values() for k in ks[:1]):
+            raise PefrefError(f"adapter {self.name!r}: no module of {self.technique.id!r} reads task ids")
+        before = cell.given.get("task_ids")
+        cell.given["task_ids"] = torch.as_tensor(task_ids, dtype=torch.long)
+        try:
+            yield
+        finally:
+            if before is None:
+                cell.given.pop("task_ids", None)
+            else:
+                cell.given["task_ids"] = before
+
     # --- removal ----------------------------------------------------------------
 
     def remove(self) -> nn.Module:

@@ -322,7 +322,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
     form = form_of(m)
     patch: HostPatch | RootPatch
     if form.integration is Integration.POSITIONS:
-        patch, existed, entry = _root_entry(model, pl, unit, key, adapter, fam, sizes, txn)
+        patch, existed, entry = _root_entry(model, pl, unit, key, adapter, fam, sizes, txn, wiring)
     else:
         existed = pl.host.__dict__.get(_PATCH)
         patch = patch_of(pl.host, pl.kind, output_form(fam, pl.site, pl.binding) == "first")
@@ -332,7 +332,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             entry.reads = wiring.reads(m, pl.layer, pl.site)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
         if entry.reads_mask or entry.reads or entry.publish is not None:
-            entry.inputs = input_cell(model, fam.forward.mask)
+            entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids)
             release = _Release(model)
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
@@ -358,7 +358,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
 
 
 def _root_entry(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap,
-                sizes: dict[str, int], txn: Transaction) -> tuple[RootPatch, Any, Entry]:
+                sizes: dict[str, int], txn: Transaction, wiring: Wiring | None = None) -> tuple[RootPatch, Any, Entry]:
     """The model's root patch (its previous state), and the entry of a unit that prepends positions."""
     m = pl.module
     length = int(evaluate(parse_expr(m.length), {**sizes, **adapter.hyperparameters}, scalar_ops()))
@@ -372,6 +372,12 @@ def _root_entry(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adap
     if existed is not None:
         txn.on_undo(lambda: setattr(patch, "embed", old_embed))
     entry = Entry(unit, form_of(m), adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
+    if wiring is not None and getattr(m, "inputs", None):  # prepended tokens reading the call's task ids
+        entry.reads = wiring.reads(m, pl.layer, pl.site)
+        entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids)
+        release = _Release(model)
+        adapter._hooks.append(release)
+        txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
     for fld in form_of(m).side_rules:  # a gated prefix: rescaled when its layer's attention runs
         if getattr(m, fld, None) is not None:
             _gate_hook(model, fam, pl, patch, entry, adapter, txn)

@@ -17,7 +17,13 @@ from typing import Any
 from pefref.language.connections import source_site, tap_name
 from pefref.language.schema import ParallelModule, SequentialModule
 
-__all__ = ["with_taps", "Wiring"]
+__all__ = ["with_taps", "Wiring", "call_key"]
+
+
+def call_key(name: str, default: int | None = None) -> tuple[Any, ...]:
+    """Key of an input of the model's call (``task_ids``, ``input_ids``) in the input cell; ``default``: the task id
+    of a call given none (None: such a call is refused)."""
+    return ("call", name, default)
 
 
 def with_taps(modules: list[Any]) -> list[Any]:
@@ -46,6 +52,8 @@ class Wiring:
         self.read: set[str] = set()
         for m in modules:
             for conn in (getattr(m, "inputs", None) or {}).values():
+                if conn.call is not None:
+                    continue
                 self.read.add(conn.module if conn.module is not None else tap_name(conn.site, conn.tensor))
                 if conn.fallback is not None:
                     self.read.add(conn.fallback)
@@ -73,7 +81,9 @@ class Wiring:
         """For each connection of ``module`` placed at ``site`` and ``layer``: the keys it reads, the first present wins."""
         out: dict[str, list[tuple[Any, ...]]] = {}
         for name, conn in (getattr(module, "inputs", None) or {}).items():
-            if conn.module is None:
+            if conn.call is not None:
+                keys = [call_key(conn.call, conn.default)]
+            elif conn.module is None:
                 keys = [self._source(tap_name(conn.site, conn.tensor), conn.site, layer, conn.layer)]
             else:
                 keys = [self._source(conn.module, source_site(self.by_name[conn.module], conn, site), layer, conn.layer)]

@@ -81,11 +81,17 @@ class InputCell:
 
     ``mask``: the model's attention mask (a :class:`RootPatch` replaces it with the mask it extends);
     ``values``: outputs units publish for the connections of other units, by :data:`PublishKey`;
+    ``call``: the inputs of the model's call units read (``task_ids``, taken out of the call's keyword
+    arguments, and ``input_ids``), ``given``: task ids set by :meth:`Adapter.inputs` for the calls that
+    pass none, ``batch``: the call's batch size and device (for a default task id);
     ``users``: entries using the cell (the last one to go removes ``hook``, the model's pre-hook that
     sets the mask and empties the values at every pass)."""
 
     mask: torch.Tensor | None = None
     values: dict[PublishKey, torch.Tensor] = field(default_factory=dict)
+    call: dict[str, torch.Tensor] = field(default_factory=dict)
+    given: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch: tuple[int, Any] = (0, None)
     users: int = 0
     hook: Any = field(default=None, repr=False)
 
@@ -123,14 +129,31 @@ class Entry:
 
     def connected(self) -> dict[str, Any]:
         """The values this entry's connections read in the current forward pass."""
-        values = cast(InputCell, self.inputs).values
+        cell = cast(InputCell, self.inputs)
+        values = cell.values
         out = {}
         for name, keys in self.reads.items():
+            if keys[0][0] == "call":
+                out[name] = _call_input(cell, self.unit_key, name, keys[0])
+                continue
             key = next((k for k in keys if k in values), None)
             if key is None:
                 raise PefrefError(f"{self.unit_key}: input {name!r} reads {keys[0]}, which has not run in this forward pass")
             out[name] = values[key]
         return out
+
+
+def _call_input(cell: InputCell, unit: str, name: str, key: PublishKey) -> torch.Tensor:
+    """The input ``key[1]`` of the model's call (a default task id for a call given none, where ``key[2]`` is one)."""
+    got = cell.call.get(key[1])
+    if got is not None:
+        return got
+    n, device = cell.batch
+    if key[1] == "task_ids" and key[2] is not None:
+        return torch.full((n,), key[2], dtype=torch.long, device=device)
+    how = ("pass task_ids=... (one task id per example) to the model's forward, or call it inside "
+           "adapter.inputs(task_ids=...)") if key[1] == "task_ids" else f"call the model with {key[1]}"
+    raise PefrefError(f"{unit}: input {name!r} reads the call's {key[1]}, which this call does not have; {how}")
 
 
 def _sliced(h: torch.Tensor, e: Entry, fn: Any) -> torch.Tensor:
@@ -472,8 +495,9 @@ class RootPatch:
                     emb = self.embed(a.pop(f.ids))  # type: ignore[misc]
                 else:
                     a.pop(f.ids, None)
-                prompts = [e.unit(None, None, None, training).to(emb.dtype) for e in tokens]
-                emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) for p in prompts] + [emb], dim=1)
+                prompts = [(e.unit(None, None, None, training, None, e.connected()) if e.reads else e.unit(None, None, None, training)).to(emb.dtype)
+                           for e in tokens]  # [length, d], or [batch, length, d]: one prompt per example
+                emb = torch.cat([p.unsqueeze(0).expand(b, -1, -1) if p.dim() == 2 else p for p in prompts] + [emb], dim=1)
                 a[f.embeds] = emb
                 for key, fill in f.extend.items():
                     if a.get(key) is not None and a[key].dim() > 1:  # per-token (not per-sequence labels)
@@ -614,18 +638,33 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
     return p
 
 
-def input_cell(model: nn.Module, mask_name: str) -> InputCell:
-    """The model's :class:`InputCell`, created with its forward pre-hook on first use; one more user of it."""
+def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids") -> InputCell:
+    """The model's :class:`InputCell`, created with its forward pre-hook on first use; one more user of it.
+
+    The hook runs before the model's other pre-hooks: it takes ``task_ids`` out of the call's keyword
+    arguments (the model's forward does not know them) and keeps the call's token ids ``ids_name``."""
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         sig = inspect.signature(model.forward)
         c = InputCell()
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            c.mask = sig.bind_partial(*args, **kwargs).arguments.get(mask_name) if args else kwargs.get(mask_name)
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+            task_ids = kwargs.pop("task_ids", None)
+            bound = sig.bind_partial(*args, **kwargs).arguments if args else kwargs
+            c.mask = bound.get(mask_name)
             c.values.clear()
+            c.call.clear()
+            ids = bound.get(ids_name)
+            if isinstance(ids, torch.Tensor):
+                c.call["input_ids"] = ids
+            first = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
+            c.batch = (first.shape[0], first.device) if first is not None and first.dim() > 0 else (0, None)
+            task_ids = task_ids if task_ids is not None else c.given.get("task_ids")
+            if task_ids is not None:
+                c.call["task_ids"] = torch.as_tensor(task_ids, dtype=torch.long, device=c.batch[1])
+            return args, kwargs
 
-        c.hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        c.hook = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         model.__dict__[_INPUTS] = cell = c
     cell.users += 1
     return cell

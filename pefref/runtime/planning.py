@@ -129,6 +129,13 @@ def _check_finite(unit: nn.Module) -> None:
             raise PefrefError(f"{name}: its initial value holds NaN or infinite entries")
 
 
+def _call_probe(key: Any, device: Any) -> torch.Tensor | None:
+    """The probe of an input of the model's call (task 0 of one example; two tokens of id 0), or None for another key."""
+    if not (isinstance(key, tuple) and key and key[0] == "call"):
+        return None
+    return torch.zeros((1,) if key[1] == "task_ids" else (1, 2), dtype=torch.long, device=device)
+
+
 def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Mapping[str, Any] | None = None,
                probes: dict[Any, torch.Tensor] | None = None, reads: Mapping[str, list[Any]] | None = None, publish: Any = None) -> None:
     """Run a built unit once on a small probe and check that its output fits the host; its tensors must be finite.
@@ -156,7 +163,8 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
     if reads:
         inputs = {}
         for cname, keys in reads.items():
-            got = next((probes[k] for k in keys if probes is not None and k in probes), None)
+            got = _call_probe(keys[0], ctx.device)
+            got = got if got is not None else next((probes[k] for k in keys if probes is not None and k in probes), None)
             if got is None:
                 return  # its source was not probed: the model's forward checks it
             inputs[cname] = got
@@ -203,7 +211,9 @@ def _check_positions(out: Any, m: Any, ctx: SiteContext, hps: Mapping[str, Any])
     from pefref.language.sizes import scalar_ops
 
     n = int(evaluate(parse_expr(m.length), {**ctx.sizes, **hps}, scalar_ops()))
-    if m.tokens is not None:
+    if m.tokens is not None and isinstance(out, torch.Tensor) and out.dim() == 3:  # one prompt per example (its task's)
+        _expect(out, (1, n, ctx.sizes["d"]), "tokens", "[batch, length, d]")
+    elif m.tokens is not None:
         _expect(out, (n, ctx.sizes["d"]), "tokens", "[length, d]")
     else:
         kv = (n, ctx.sizes["kv_heads"] * ctx.sizes["d_head"])

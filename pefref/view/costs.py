@@ -61,14 +61,18 @@ def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
 
 
 def _count(unit: Any, tokens: int, d_in: int, d_out: int, W: Any, inputs: dict[str, tuple[int, ...]] | None = None,
-           published: dict[str, tuple[int, ...]] | None = None, name: str = "", fixed: frozenset[str] = frozenset()) -> int:
+           published: dict[str, tuple[int, ...]] | None = None, name: str = "", fixed: frozenset[str] = frozenset(),
+           calls: dict[str, str] | None = None) -> int:
     """FLOPs of one unit call on ``tokens`` positions; ``inputs``: trailing shapes of its connections (``fixed``:
-    those that are whole tensors, a neighbouring host's weight or bias, not sequences).
-    A publishing unit's output width is recorded in ``published`` under ``name``."""
+    those that are whole tensors, a neighbouring host's weight or bias, not sequences), ``calls``: its inputs of the
+    model's call (connection -> task_ids or input_ids). A publishing unit's output width is recorded in
+    ``published`` under ``name``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     seq = {k: torch.empty(*v, device="meta") if k in fixed else torch.empty(1, tokens, *v, device="meta") for k, v in (inputs or {}).items()}
+    for k, what in (calls or {}).items():
+        seq[k] = torch.zeros((1,) if what == "task_ids" else (1, tokens), dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         out = unit(torch.empty(1, tokens, d_in, device="meta"), torch.empty(1, tokens, d_out, device="meta"), W, False, None, seq)
@@ -152,16 +156,19 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
                               stats={n: torch.empty(tuple(sh), device="meta") for n, sh in stat_shapes(m, d_in or d_out, d_out).items()})
             conns = getattr(m, "inputs", None) or {}
             inputs = {}
+            calls = {k: c.call for k, c in conns.items() if c.call is not None}
             for k, c in conns.items():
                 src = c.module if c.module in published else c.fallback
+                if c.call is not None:
+                    continue
                 if src in published:
                     inputs[k] = published[src]
                 elif c.module is None:
                     inputs[k] = _site_tensor(c, fam, catalog, sizes)
             fixed = frozenset(k for k, c in conns.items() if c.module is None and c.tensor in ("W", "b"))
             unit = build_unit(m, ctx, hps, SharedStore(), publish=form_of(m).publishes)
-            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name, fixed)
-                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs, fixed=fixed))
+            per = (_count(unit, 2, d_in or d_out, d_out, ctx.W, inputs, published, m.name, fixed, calls)
+                   - _count(unit, 1, d_in or d_out, d_out, ctx.W, inputs, fixed=fixed, calls=calls))
             flops += per * n_layers
             if not is_merge:
                 merged_flops += per * n_layers

@@ -152,11 +152,12 @@ class Connection(Strict):
 
     Either another module's output (its ``compute`` result, ``delta``) — in the same
     layer, the previous layer (state carried layer to layer, e.g. a side network) or
-    the last layer — or a tensor of a site the module does not attach to: its hidden
+    the last layer —, a tensor of a site the module does not attach to: its hidden
     state (host input ``x`` or output ``h``) or its host's own frozen weight ``W`` or
     bias ``b`` (a neighbouring projection's, e.g. the key projection's weight read at
-    the output projection). The name it is given is visible to the module's
-    expressions like ``x`` or ``h``.
+    the output projection), or an input of the model's call (``call``): the
+    per-example task ids or the token ids. The name it is given is visible to the
+    module's expressions like ``x`` or ``h``.
     """
 
     module: Identifier | None = Field(None, description="Read this module's output (its compute result, delta); the module must be parallel or sequential.")
@@ -171,11 +172,18 @@ class Connection(Strict):
     fallback: Identifier | None = Field(
         None, description="Module read instead where the source does not exist (the previous layer of the first layer), e.g. a model-level module at the embeddings."
     )
+    call: Literal["task_ids", "input_ids"] | None = Field(None, description=(
+        "Read an input of the model's call instead: task_ids, one task id per example (int64 [batch]; passed as "
+        "model(..., task_ids=...) or inside adapter.inputs(task_ids=...)), or input_ids, the token ids (int64 [batch, seq])."))
+    default: at_least(0) | None = Field(None, description=(  # type: ignore[valid-type]
+        "With call: task_ids, the task id of every example of a call given none; without it a call without task ids is refused."))
 
     @model_validator(mode="after")
     def _source(self) -> Connection:
-        if self.module is None and self.site is None:
-            raise ValueError("give a module or a site to read from")
+        if (self.call is not None) + (self.module is not None) + (self.site is not None and self.module is None) != 1:
+            raise ValueError("give one source to read from: a module, a site, or call")
+        if self.default is not None and self.call != "task_ids":
+            raise ValueError("a default is a task id: it goes with call: task_ids")
         return self
 
 
