@@ -124,7 +124,7 @@ class CalibrationSpec(Strict):
 
     split: Literal["train"] = Field("train", description="The split the batches come from.")
     batches: int = Field(8, ge=1, le=100_000, description="Number of calibration batches.")
-    batch_size: int = Field(1, ge=1, le=100_000, description="Examples per batch (CorDA's reference implementation reads one sequence per batch).")
+    batch_size: int = Field(1, ge=1, le=100_000, description="Examples per batch (1: one sequence per batch, as reference implementations that gather per sequence read them).")
 
 
 class Experiment(Strict):

@@ -206,7 +206,7 @@ class Statistic(Strict):
                                                                     "input or output activations, or the loss gradient of its weight.")
     normalise: Literal["none", "batch_max"] = Field(
         "none", description="Covariances: 'batch_max' divides each batch's activations by their largest value (its absolute value) "
-        "before the product, as CorDA's reference implementation does.")
+        "before the product, as some reference implementations do.")
     average: Literal["batches", "tokens", "none"] = Field(
         "batches", description="The sum over batches divided by the number of batches, by the number of tokens (rows of X; "
         "for weight_grad, batches), or kept as the sum.")
