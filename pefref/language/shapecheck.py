@@ -288,7 +288,8 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
                 continue
             shape = Shape(dims)
             env[pname] = shape
-            got, probs = _run(spec.init, {**env, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
+            layers = {"W_layers": Shape((sizes["L"], *env["W"]))} if spec.shared == "layers" and isinstance(env.get("W"), Shape) else {}
+            got, probs = _run(spec.init, {**env, **layers, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
             if isinstance(got, Shape) and (got != shape or isinstance(got, ComplexShape)):
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
@@ -402,6 +403,7 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
     env: dict[str, Any] = {**names, "x": Shape((*bs, d_in)), "h": Shape((*bs, d_out)), "mask": Shape(bs), "b": Shape((d_out,))}
     if W is not None:
         env["W"] = Shape(W)
+        env["W_layers"] = Shape((names.get("L", 1), *W))  # what a tensor shared across layers may read at init
     jobs: list[tuple[str, str, Mapping[str, Shape] | None]] = []
     for pname, shape in param_shapes.items():
         jobs.append((f"params.{pname}.init", str(m.params[pname].init), {k: Shape(shape) for k in INITS}))
