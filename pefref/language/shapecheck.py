@@ -31,7 +31,7 @@ from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_pr
 from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
-__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "Watch", "Tally", "expression_cost"]
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "init_env", "site_env", "Watch", "Tally", "expression_cost"]
 
 EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
 """Representative reference sizes for shape inference (distinct widths: d, d_ff, kv_heads·d_head, vocab)."""
@@ -215,6 +215,15 @@ def site_env(kind: str, d_in: int, d_out: int, sizes: Mapping[str, int]) -> dict
     return env
 
 
+def init_env(spec: Any, env: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
+    """What the initialiser of the tensor ``spec`` sees besides ``env`` (the site's names and earlier tensors): the unit's
+    seed, and for a tensor shared across layers at a site with a weight, ``W_layers`` [L, *W] (every layer's weight)."""
+    out = {**env, "init_seed": 0}
+    if spec.shared == "layers" and isinstance(env.get("W"), Shape):
+        out["W_layers"] = Shape((sizes["L"], *env["W"]))
+    return out
+
+
 def _problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
     loc = pos.at(path)
     col = column + (1 if path in pos.quoted else 0)
@@ -288,8 +297,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
                 continue
             shape = Shape(dims)
             env[pname] = shape
-            layers = {"W_layers": Shape((sizes["L"], *env["W"]))} if spec.shared == "layers" and isinstance(env.get("W"), Shape) else {}
-            got, probs = _run(spec.init, {**env, **layers, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
+            got, probs = _run(spec.init, init_env(spec, env, sizes), pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
             if isinstance(got, Shape) and (got != shape or isinstance(got, ComplexShape)):
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
