@@ -10,7 +10,7 @@ from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import parse_expr
 from pefref.language.hparams import shape_of
-from pefref.language.shapecheck import BATCH, EXAMPLE_SIZES, SEQ, _width, infer_shape, site_env
+from pefref.language.shapecheck import BATCH, EXAMPLE_SIZES, SEQ, _width, infer_shape, init_env, site_env
 from pefref.ops import PRIMITIVES, op_table
 from pefref.ops.inits import INITS
 from pefref.ops.shapes import SHAPE_RULES, IntShape, Shape
@@ -62,8 +62,8 @@ def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
             assert isinstance(env[name], Shape), (m.name, name)
         for p, spec in m.params.items():
             env[p] = Shape(shape_of(spec, names))
-            init_env = {**env, "init_seed": 0}  # initialisers see the unit's seed, as validate gives it
-            got = infer_shape(parse_expr(spec.init).tree, init_env, {k: env[p] for k in INITS})
+            seen = init_env(spec, env, EXAMPLE_SIZES)  # initialisers see the unit's seed (and W_layers where shared across layers), as validate gives them
+            got = infer_shape(parse_expr(spec.init).tree, seen, {k: env[p] for k in INITS})
             assert got == env[p], (p, spec.init)
             env[p] = got  # an integer tensor (indices) stays one
         for f in ("compute", "integrate", "weight", "scale", "tokens", "keys", "values", "host_update"):

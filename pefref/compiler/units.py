@@ -34,7 +34,7 @@ from __future__ import annotations
 import ast
 import linecache
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -45,7 +45,7 @@ from torch.nn.modules import module as _torch_module
 
 from pefref.compiler import parts
 from pefref.compiler.activation import NoLinearRule, linear_forward
-from pefref.language.check import INIT_SEED
+from pefref.language.check import INIT_SEED, LAYER_WEIGHTS
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import FORMS, Integration, Rule, form_of
@@ -101,6 +101,15 @@ class SiteContext:
     W: torch.Tensor | None = None
     host_dtype: torch.dtype | None = None  # the host's dtype where it differs from the adapter's (the unit casts at its boundary)
     stats: Mapping[str, torch.Tensor] = field(default_factory=dict)  # calibration statistics gathered at this placement, by name
+    layer_weights: Callable[[], torch.Tensor] | None = None
+    """The host weights of every layer the module is placed at on this site, stacked [L, out, in] (built only when an
+    initialiser of a tensor shared across layers reads ``W_layers``); None: this placement's ``W`` alone."""
+
+    def weights_of_layers(self) -> torch.Tensor | None:
+        """``W_layers``: :attr:`layer_weights`' stack, else ``W`` as a stack of one layer."""
+        if self.layer_weights is not None:
+            return self.layer_weights()
+        return None if self.W is None else self.W.unsqueeze(0)
 
     def names(self, hps: Mapping[str, Any]) -> dict[str, Any]:
         """Scalars visible to expressions: model sizes, host widths, flags, hyperparameters."""
@@ -511,6 +520,9 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
             if rec.seeded:  # one integer per unit from torch's global generator: its seeded draws share it
                 env[INIT_SEED] = int(torch.randint(0, 2**62, ()).item())
         env.update(initial)  # the initial values of the tensors declared before this one
+        if LAYER_WEIGHTS in tr.init.names and LAYER_WEIGHTS not in env:  # read by a tensor shared across layers: stacked on first use
+            stack = ctx.weights_of_layers()
+            env[LAYER_WEIGHTS] = None if stack is None else stack.detach().to(ctx.dtype)
         t = evaluate(tr.init, env, init_table(shape, ctx.dtype, ctx.device))
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

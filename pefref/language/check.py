@@ -24,7 +24,7 @@ from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.inits import INITS
 
-__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "HOST_TENSORS", "INIT_SEED", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
+__all__ = ["check_technique", "check_family", "expand_modules", "use_cycle", "HOST_SIZES", "HOST_TENSORS", "INIT_SEED", "LAYER_WEIGHTS", "MODEL_FLAGS", "EXPR_FIELDS", "reads_of"]
 
 HOST_SIZES = ("d_in", "d_out")
 """Widths of the host a module is attached to, usable in shapes and expressions."""
@@ -33,6 +33,9 @@ MODEL_FLAGS = ("causal",)
 """Facts of the model family usable in expressions (1 or 0)."""
 
 INIT_SEED = "init_seed"
+LAYER_WEIGHTS = "W_layers"
+"""The host weights of every layer a module is placed at, stacked [L, out, in]: visible only to the initialiser of a
+tensor shared across layers (``shared: layers``), which sees every layer of its site at once."""
 """A name initialisers may read: an integer drawn once per unit from torch's global generator (only when some
 initialiser of the module reads it), the seed of the unit's shared draws (:mod:`pefref.ops.draws`)."""
 
@@ -221,6 +224,8 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
     out += _check_calibration(m, mp, set(hps) | sizes, site_reads, pos)
     for k, (pname, spec) in enumerate(m.params.items()):
         init_reads = ({"W"} & site_reads) | {INIT_SEED} | set(list(m.params)[:k]) | stats  # tensors declared before, statistics
+        if "W" in site_reads and spec.shared == "layers":
+            init_reads.add(LAYER_WEIGHTS)
         out += _check_param(m, spec, mp + ("params", pname), set(hps), init_reads, ref, pos)
     base = set(hps) | sizes | set(m.params) | set(getattr(m, "inputs", {}))
     for fld in EXPR_FIELDS:
@@ -273,7 +278,13 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], in
     for k, dim in enumerate(spec.shape):
         if isinstance(dim, str):
             out += _check_names(parse_expr(dim), scalars, scalar_ops, pos, pp + ("shape", k), "a shape")
-    out += _check_names(parse_expr(spec.init), scalars | init_reads, set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
+    init = parse_expr(spec.init)
+    if LAYER_WEIGHTS in init.names and LAYER_WEIGHTS not in init_reads:
+        why = "shared: layers" if spec.shared != "layers" else "a host weight W at every one of its sites"
+        out.append(_expr_problem(pos, pp + ("init",), init.name_columns().get(LAYER_WEIGHTS, 0), f"the init reads {LAYER_WEIGHTS} (the host "
+                                 f"weights of every layer, stacked [L, out, in]), which only the initialiser of a tensor with {why} sees"))
+        init_reads = init_reads | {LAYER_WEIGHTS}  # reported once, not again as an unknown name
+    out += _check_names(init, scalars | init_reads, set(PRIMITIVES) | set(INITS), pos, pp + ("init",), "an initialiser")
     out += _check_init_reads(m, spec, pp, pos)
     if isinstance(spec.lr_scale, str):
         out += _check_names(parse_expr(spec.lr_scale), hps, scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
@@ -291,14 +302,16 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], in
 
 
 def _check_init_reads(m: Any, spec: ParamSpec, pp: tuple[Any, ...], pos: Positions) -> list[Problem]:
-    """An initialiser reads only earlier tensors shared as its own is (a shared tensor starts once, at its largest shape)."""
+    """An initialiser reads only earlier tensors shared as its own is (a shared tensor starts once, at its largest shape),
+    or, for a tensor of one placement, a tensor shared across the layers of its site (the same at every layer there)."""
     out: list[Problem] = []
     for read in sorted(parse_expr(spec.init).names & set(m.params)):
         other = m.params[read]
-        if (other.shared, other.group) != (spec.shared, spec.group):
+        site_wide = (spec.shared, spec.group, other.shared, other.group) == ("none", None, "layers", None)  # its site's tensor: one shape there
+        if (other.shared, other.group) != (spec.shared, spec.group) and not site_wide:
             out.append(Problem(pos.at(pp + ("init",)), dotted(pp + ("init",)), f"the init reads {read!r}, shared {other.shared!r}"
                                f"{' in group ' + repr(other.group) if other.group else ''}; an initialiser reads only tensors shared "
-                               f"as this one is ({spec.shared!r}{' in group ' + repr(spec.group) if spec.group else ''})"))
+                               f"as this one is ({spec.shared!r}{' in group ' + repr(spec.group) if spec.group else ''}), or, for one placement's tensor, one shared across layers"))
     return out
 
 

@@ -31,7 +31,8 @@ from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_pr
 from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
-__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "site_env", "stat_shapes", "Watch", "Tally", "expression_cost"]
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "init_env", "site_env", "stat_shapes", "Watch", "Tally",
+           "expression_cost"]
 
 EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
 """Representative reference sizes for shape inference (distinct widths: d, d_ff, kv_heads·d_head, vocab)."""
@@ -221,6 +222,15 @@ def stat_shapes(m: Any, d_in: int, d_out: int) -> dict[str, Shape]:
     return {name: Shape(dims[st.kind]) for name, st in (getattr(m, "calibration", None) or {}).items()}
 
 
+def init_env(spec: Any, env: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
+    """What the initialiser of the tensor ``spec`` sees besides ``env`` (the site's names and earlier tensors): the unit's
+    seed, and for a tensor shared across layers at a site with a weight, ``W_layers`` [L, *W] (every layer's weight)."""
+    out = {**env, "init_seed": 0}
+    if spec.shared == "layers" and isinstance(env.get("W"), Shape):
+        out["W_layers"] = Shape((sizes["L"], *env["W"]))
+    return out
+
+
 def _problem(pos: Positions, path: tuple[Any, ...], column: int, msg: str) -> Problem:
     loc = pos.at(path)
     col = column + (1 if path in pos.quoted else 0)
@@ -296,7 +306,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
                 continue
             shape = Shape(dims)
             env[pname] = shape
-            got, probs = _run(spec.init, {**env, "init_seed": 0}, pos, pp + ("init",), {k: shape for k in INITS})
+            got, probs = _run(spec.init, init_env(spec, env, sizes), pos, pp + ("init",), {k: shape for k in INITS})
             out += probs
             if isinstance(got, Shape) and (got != shape or isinstance(got, ComplexShape)):
                 out.append(_problem(pos, pp + ("init",), 0, f"init gives {got}, the parameter is {shape} at site {s!r}"))
@@ -412,6 +422,7 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
     env: dict[str, Any] = {**names, "x": Shape((*bs, d_in)), "h": Shape((*bs, d_out)), "mask": Shape(bs), "b": Shape((d_out,))}
     if W is not None:
         env["W"] = Shape(W)
+        env["W_layers"] = Shape((names.get("L", 1), *W))  # what a tensor shared across layers may read at init
     env.update(stat_shapes(m, d_in, d_out))
     jobs: list[tuple[str, str, Mapping[str, Shape] | None]] = []
     for pname, shape in param_shapes.items():

@@ -17,7 +17,7 @@ once per member).
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -150,6 +150,22 @@ def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> li
     return out
 
 
+def _layer_weights(places: list[Placement], pl: Placement, pending: Mapping[int, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``W_layers`` at ``pl``: the host weights (as this apply's host updates leave them so far) of every placement of the
+    same module at the same site, by layer, stacked [L, out, in]; computed when an initialiser reads it."""
+
+    def stack() -> torch.Tensor:
+        same = sorted((q for q in places if q.module.name == pl.module.name and q.site == pl.site and q.kind.has_weight and q.binding.side == "module"),
+                      key=lambda q: -1 if q.layer is None else q.layer)
+        ws = [take_rows(pending.get(id(q.host), q.kind.get_weight(q.host)), 0, q.start, q.size, q.period) for q in same]  # type: ignore[misc]
+        if len({tuple(w.shape) for w in ws}) > 1:
+            raise PefrefError(f"{pl.module.name} at {pl.site}: W_layers stacks the host weights of every layer, which differ in shape "
+                              f"({sorted({tuple(w.shape) for w in ws})})")
+        return torch.stack([w.detach() for w in ws])
+
+    return stack
+
+
 def build(p: ApplyPlan) -> list[BuiltUnit]:
     """Every placement's unit and host update, compiled and probed; the model is only read."""
     store = SharedStore()
@@ -175,6 +191,7 @@ def _build_one(p: ApplyPlan, pl: Placement, ctx: Any, merges: bool, store: Share
         if pl.kind.has_weight and pl.binding.side == "module":
             W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
             ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
+            ctx.layer_weights = _layer_weights(p.places, pl, pending)
         unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
         key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
         new_w = None

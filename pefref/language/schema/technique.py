@@ -98,7 +98,7 @@ class ParamSpec(Strict):
     """A tensor the module owns: symbolic shape, initialisation, trainability, sharing."""
 
     shape: list[Int | ExprStr] = Field(description="Dimensions, each a number or an expression over host sizes (in, out, d, ...) and hyperparameters.")
-    init: ExprStr = Field("zeros()", description="Initialiser call, e.g. zeros(), normal(std=0.02), kaiming_uniform(a=sqrt(5)); may read the host weight W.")
+    init: ExprStr = Field("zeros()", description="Initialiser call, e.g. zeros(), normal(std=0.02), kaiming_uniform(a=sqrt(5)); may read the host weight W; a tensor with shared: layers may also read W_layers, the host weights of every layer it is placed at on its site, stacked [L, out, in].")
     trainable: bool = Field(True, description="False for fixed tensors (e.g. shared random projections); they are stored but not trained.")
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
