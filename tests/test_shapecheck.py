@@ -10,7 +10,7 @@ from pefref.language.catalog import default_catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import parse_expr
 from pefref.language.hparams import shape_of
-from pefref.language.shapecheck import BATCH, EXAMPLE_SIZES, SEQ, _width, infer_shape, init_env, site_env
+from pefref.language.shapecheck import BATCH, EXAMPLE_SIZES, SEQ, _width, infer_shape, init_env, site_env, stat_shapes
 from pefref.ops import PRIMITIVES, op_table
 from pefref.ops.inits import INITS
 from pefref.ops.shapes import SHAPE_RULES, IntShape, Shape
@@ -47,6 +47,16 @@ def test_catalog_expressions_resolve_to_shapes(tid: str) -> None:
             _module_resolves(m, hps, published)
 
 
+def _site_tensor(c: object) -> Shape | None:
+    """A tensor of a site the module does not attach to: its input x, output h, weight W or bias b."""
+    if getattr(c, "module", None) is not None or getattr(c, "site", None) is None:
+        return None
+    site = CAT.reference.sites[c.site]
+    d_out = _width(site.out, EXAMPLE_SIZES) or 0
+    d_in = _width(site.in_, EXAMPLE_SIZES) or d_out
+    return {"x": Shape((BATCH, SEQ, d_in)), "h": Shape((BATCH, SEQ, d_out)), "W": Shape((d_out, d_in)), "b": Shape((d_out,))}.get(c.tensor)
+
+
 def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
     for s in m.sites:
         site = CAT.reference.sites[s]
@@ -58,8 +68,9 @@ def _module_resolves(m: object, hps: dict, published: dict[str, Shape]) -> None:
             if c.call is not None:  # an input of the model's call: task ids [batch], token ids [batch, seq]
                 env[name] = IntShape((BATCH,) if c.call == "task_ids" else (BATCH, SEQ))
                 continue
-            env[name] = published.get(c.module) or published.get(c.fallback)
+            env[name] = published.get(c.module) or published.get(c.fallback) or _site_tensor(c)
             assert isinstance(env[name], Shape), (m.name, name)
+        env.update(stat_shapes(m, d_in, d_out))  # calibration statistics (initialisers read them)
         for p, spec in m.params.items():
             env[p] = Shape(shape_of(spec, names))
             seen = init_env(spec, env, EXAMPLE_SIZES)  # initialisers see the unit's seed (and W_layers where shared across layers), as validate gives them

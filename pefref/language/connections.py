@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pefref.language.errors import Problem
-from pefref.language.forms import FORMS
+from pefref.language.forms import FORMS, Integration, form_of
 from pefref.language.loader import dotted, suggest
 from pefref.language.sizes import select_layers
 from pefref.language.yamlsrc import Positions
@@ -111,7 +111,7 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
 
 def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
     """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
-    if conn.call is not None and m.form == "prepend" and getattr(m, "tokens", None) is not None:
+    if conn.call is not None and form_of(m).integration is Integration.POSITIONS and getattr(m, "tokens", None) is not None:
         if conn.call != "task_ids":
             ck.err(cp + ("call",), "prepended tokens may read the call's task_ids (a prompt per example's task), not its input_ids")
         return
