@@ -92,7 +92,9 @@ def shard(model: nn.Module, d: Dist) -> list[str]:
     from pefref.language.errors import PefrefError
 
     mesh = init_device_mesh(d.device.split(":")[0], (d.world,))
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    # the classes a model and its inner Hugging Face models list (4.x keeps them on the inner model, e.g. BertModel
+    # inside BertForSequenceClassification; 5.x also copies them onto the outer one)
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not blocks:
         raise PefrefError(f"training.distributed: fsdp needs the model's transformer blocks ({type(model).__name__} lists no _no_split_modules)")
