@@ -2,7 +2,8 @@
 the family maps name the key/value cache argument the installed forwards take, and a map whose names a model's
 forward does not take refuses prefix keys and values instead of dropping them silently.
 
-CI runs this file in both environments (.ci/run: transformers 5.x in .venv, 4.57 in .venv-tf457)."""
+CI runs the whole suite, this file included, in both environments (.ci/run: transformers 5.x in .venv, 4.57 in
+.venv-tf457)."""
 
 from __future__ import annotations
 
