@@ -2,7 +2,8 @@
 the family maps name the key/value cache argument the installed forwards take, and a map whose names a model's
 forward does not take refuses prefix keys and values instead of dropping them silently.
 
-CI runs this file in both environments (.ci/run: transformers 5.x in .venv, 4.57 in .venv-tf457)."""
+CI runs the whole suite, this file included, in both environments (.ci/run: transformers 5.x in .venv, 4.57 in
+.venv-tf457)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,20 @@ def test_a_layer_output_the_map_gives_no_form_for_is_refused() -> None:
     with pytest.raises(PefrefError, match=r"site 'layer': the map says what its module returns only for other transformers versions"):
         apply(model, "loreft", family=fam)
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_fsdp_finds_the_transformer_blocks_of_every_model_class(family: str) -> None:
+    """FSDP shards the blocks a model's classes list in ``_no_split_modules``: every class of a family finds the same
+    ones on either end of the range (4.x lists them on the inner model only, e.g. BertModel, not
+    BertForSequenceClassification), the family's layers among them."""
+    from pefref.experiments.distributed import transformer_blocks
+
+    model = build_model("tiny-t5", seed=0) if family == "t5" else tiny_model(family)
+    fam = CATALOG.family(family)
+    found = {}
+    for name in fam.classes:
+        blocks = transformer_blocks(getattr(transformers, name)(model.config))
+        found[name] = {type(b).__name__ for b in blocks}
+    assert all(found.values()) and len({frozenset(v) for v in found.values()}) == 1, found
+    assert type(model.get_submodule(fam.layers.format(i=0))).__name__ in found[type(model).__name__]

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Dist", "all_sum", "any_true", "broadcast", "full_tensor", "init", "load_optimizer_state", "local_shard", "optimizer_state",
-    "parameter_bytes", "shard", "wrap",
+    "parameter_bytes", "shard", "transformer_blocks", "wrap",
 ]
 
 
@@ -103,8 +103,7 @@ def shard(model: nn.Module, d: Dist) -> list[str]:
     from pefref.language.errors import PefrefError
 
     mesh = init_device_mesh(d.device.split(":")[0], (d.world,))
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise PefrefError(f"training.distributed: fsdp needs the model's transformer blocks ({type(model).__name__} lists no _no_split_modules)")
     # prompts are prepended by calling the input embedding directly, outside its block's forward (BERT's
@@ -115,6 +114,22 @@ def shard(model: nn.Module, d: Dist) -> list[str]:
         fully_shard(b, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return sorted({type(b).__name__ for b in blocks})
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``model`` whose classes it or one of its inner Hugging Face models lists in
+    ``_no_split_modules``, in module order.
+
+    transformers 4.x keeps the list on the inner model (BertModel, not BertForSequenceClassification) and some
+    4.x classes list parts of a layer too (RoBERTa's self-attention); 5.x also copies the lists onto the outer
+    model. A listed module inside another listed one is not a block of its own.
+    """
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks: list[tuple[str, nn.Module]] = []
+    for path, m in model.named_modules():
+        if m is not model and type(m).__name__ in names and not any(path.startswith(f"{p}.") for p, _ in blocks):
+            blocks.append((path, m))
+    return [m for _, m in blocks]
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
