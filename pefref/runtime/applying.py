@@ -40,6 +40,7 @@ from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
+from pefref.runtime.param_slices import ParameterSlice, owner_patch
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import Plan, check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.precision import AdapterDtype
@@ -141,7 +142,7 @@ def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> li
         mk = (m.name, catalog.reference.sites[pl.site].kind, isinstance(getattr(pl.host, "bias", None), torch.Tensor))
         if mk not in memo:
             memo[mk] = mergeable(m, [mk[1]], mk[2], m.name in connected)
-        out.append(memo[mk] and pl.kind.name in ("linear", "conv1d"))
+        out.append(memo[mk] and pl.kind.name in ("linear", "conv1d", "parameter"))
     return out
 
 
@@ -160,7 +161,8 @@ def build(p: ApplyPlan) -> list[BuiltUnit]:
                 W = pending.get(id(pl.host), pl.kind.get_weight(pl.host))  # type: ignore[misc]
                 ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
             unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
-            key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+            key = (f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+                   + ("" if pl.slice_index is None else f"__s{pl.slice_index}"))
             new_w = None
             if unit is not None:
                 check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
@@ -314,6 +316,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             txn.on_undo(unstash)
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
+    if isinstance(pl.host, ParameterSlice):  # a slice of a raw parameter: its owner runs with the adapted stack
+        owner_patch(pl.host)  # released with the last slice's patch (ParameterSlice.patch_released)
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
     txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),  # type: ignore[func-returns-value]
