@@ -14,13 +14,13 @@ Merging writes into the slice of the parameter; removing the last unit unwraps t
 from __future__ import annotations
 
 import weakref
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ParameterSlice", "OwnerPatch", "slice_host", "release_owner"]
+__all__ = ["ParameterSlice", "OwnerPatch", "slice_host", "owner_patch", "release_owner", "virtual_hosts"]
 
 _OWNER = "_pefref_param_owner"
 _SLICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], ParameterSlice]] = weakref.WeakKeyDictionary()
@@ -36,10 +36,10 @@ class ParameterSlice(nn.Module):
         w = self.weight
         self.out_features, self.in_features = w.shape
 
-    @property  # type: ignore[override]
+    @property
     def training(self) -> bool:
         """The owner's mode (a virtual host is no submodule, so model.train()/eval() reach it through its owner)."""
-        return bool(self.owner.training) if "owner" in self.__dict__ else True
+        return bool(cast(nn.Module, self.owner).training) if "owner" in self.__dict__ else True
 
     @training.setter
     def training(self, value: bool) -> None:
@@ -47,10 +47,10 @@ class ParameterSlice(nn.Module):
 
     def raw(self) -> torch.Tensor:
         """The owner's stored parameter (never the stack a running forward shadows it with)."""
-        return self.owner._parameters[self.name]  # type: ignore[no-any-return]
+        return cast(torch.Tensor, cast(nn.Module, self.owner)._parameters[self.name])
 
     @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
         w = self.raw()[self.index]
         return w if self.layout == "out_in" else w.t()
 
@@ -137,10 +137,15 @@ def slice_host(owner: nn.Module, name: str, index: int, layout: Literal["out_in"
     return s
 
 
+def virtual_hosts(owner: nn.Module) -> list[ParameterSlice]:
+    """The slice hosts made for ``owner``'s raw parameters (none for most modules)."""
+    return list(_SLICES.get(owner, {}).values())
+
+
 def owner_patch(s: ParameterSlice) -> OwnerPatch:
     """The owner's patch, created on first use."""
     p = s.owner.__dict__.get(_OWNER)
-    return p if p is not None else OwnerPatch(s.owner)
+    return p if p is not None else OwnerPatch(cast(nn.Module, s.owner))
 
 
 def release_owner(s: ParameterSlice) -> None:
