@@ -119,3 +119,27 @@ def test_all_linear_leaves_experts_out() -> None:
     chosen = [s for s, _ in expand_sites(["all-linear"], CATALOG.reference, fam)]
     assert chosen and not [s for s in chosen if s.startswith("ffn.experts")]
     assert {s for s, _ in expand_sites(["ffn.experts.*"], CATALOG.reference, fam)} == set(SITES)
+
+
+def test_module_that_does_not_fold_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A slice runs as the weight read off its map: a module not linear in its input is refused, nothing changed."""
+    f = tmp_path / "nonlin.yaml"
+    f.write_text("""id: nonlin
+name: a nonlinear parallel update
+paper: {title: "none", authors: none, year: 2024, url: "https://example.org"}
+hyperparameters: {r: {type: int, default: 2, min: 1}}
+modules:
+  - name: nl
+    sites: [ffn.experts.down]
+    layers: all
+    form: parallel
+    params: {A: {shape: [r, d_in], init: "normal(0, 0.1)"}, B: {shape: [d_out, r], init: "normal(0, 0.1)"}}
+    compute: linear(relu(linear(x, A)), B)
+    integrate: h + delta
+""")
+    base = _mixtral()
+    before = _state(base)
+    with pytest.raises(PefrefError, match="does not fold into a weight"):
+        pefref.apply(base, f, catalog=CATALOG)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert not [k for m in base.modules() for k in m.__dict__ if k.startswith("_pefref")]

@@ -28,7 +28,7 @@ from torch import nn
 from pefref.compiler.units import SharedStore, Unit, build_unit, resolve_hyperparameters
 from pefref.language.catalog import Catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
-from pefref.language.errors import CatalogError, PefrefError
+from pefref.language.errors import CatalogError, PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.placement import retarget
@@ -129,7 +129,19 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
     shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
-    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, _merges(places, modules, catalog))
+    merges = _merges(places, modules, catalog)
+    _check_slices(tech, places, merges)
+    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, merges)
+
+
+def _check_slices(tech: Technique, places: list[Placement], merges: list[bool]) -> None:
+    """A slice of a raw parameter runs as the weight read off its adapted map: only modules that fold into a
+    weight are placed there."""
+    for pl, merges_ in zip(places, merges):
+        if pl.slice_index is not None and not merges_:
+            raise SiteError(f"{tech.id}: module {pl.module.name!r} cannot be placed on {pl.site!r}, a slice of the raw "
+                            f"parameter {pl.path}.{pl.binding.parameter}: it does not fold into a weight (a {pl.module.form} "
+                            "module there must be linear in the input, connected to nothing)")
 
 
 def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> list[bool]:
