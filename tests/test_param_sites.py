@@ -143,3 +143,18 @@ modules:
         pefref.apply(base, f, catalog=CATALOG)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert not [k for m in base.modules() for k in m.__dict__ if k.startswith("_pefref")]
+
+
+def test_analytic_count_matches_the_applied_one() -> None:
+    """``pefref params``' count (one update per expert, in the formula too) is the count of the units applied."""
+    from pefref.language.schema import ModelShape
+    from pefref.view.params import count_params
+
+    base = _mixtral()
+    cfg = {k: v for k, v in base.config.to_dict().items() if isinstance(v, (int, float, bool))}
+    shape = ModelShape.model_validate({"name": "tiny-mixtral", "family": "mixtral", "config": cfg})
+    c = count_params(CATALOG.techniques["lora"], shape, CATALOG, {"r": R}, sites=SITES)
+    ad = pefref.apply(base, "lora", catalog=CATALOG, sites=SITES, r=R)
+    assert c.trainable == ad.num_trainable()
+    assert "experts" in c.formula
+    assert c.base == sum(p.numel() for n, p in base.named_parameters() if "adapters" not in n)  # the family's base_params
