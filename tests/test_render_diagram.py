@@ -68,7 +68,8 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
     hidden = {c for c, comp in d.components.items() if comp.group in optional}
     hidden_sites = ({d.groups[gid].site for gid in optional} | {d.components[c].site for c in hidden}) - {None}
     assert optional and hidden_sites
-    for model, skipped in ((None, hidden_sites), ("tiny-t5", set())):  # T5 binds the cross-attention sites
+    experts = {d.components[c].site for c in hidden if d.components[c].group == "experts"}  # raw parameter sites (MoE families)
+    for model, skipped in ((None, hidden_sites), ("tiny-t5", experts)):  # T5 binds the cross-attention sites, no experts
         g = _g("bitfit", model=model, fold=False)
         drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
         drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}
@@ -76,12 +77,14 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
         flow = {(g.nodes[u]["component"], g.nodes[v]["component"]) for u, v, a in g.edges(data=True) if a["role"] in ("flow", "residual")
                 and g.nodes[u].get("role") == g.nodes[v].get("role") == "component"}
         data = set(d.flow) | set(d.residual)
+        hidden_here = {c for c in hidden if d.components[c].site in skipped or d.components[c].group == "experts" or model is None}
         if skipped:  # around the hidden components: their inputs go where their outputs went
-            assert not {c for e in flow for c in e} & hidden
-            assert {e for e in data if not set(e) & hidden} <= flow
-            assert {(a, b) for a, b in flow if (a, b) not in data} == {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}
-        else:
-            assert flow == data
+            assert not {c for e in flow for c in e} & hidden_here
+            assert {e for e in data if not set(e) & hidden_here} <= flow
+            around = {("ffn_norm", "ffn_add")}  # around the experts
+            if model is None:
+                around |= {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}  # around the cross-attention
+            assert {(a, b) for a, b in flow if (a, b) not in data} == around
 
 
 def test_parallel_branch_from_input_to_combine_at_output() -> None:
