@@ -158,3 +158,13 @@ def test_analytic_count_matches_the_applied_one() -> None:
     assert c.trainable == ad.num_trainable()
     assert "experts" in c.formula
     assert c.base == sum(p.numel() for n, p in base.named_parameters() if "adapters" not in n)  # the family's base_params
+
+
+def test_peft_export_refuses_raw_parameter_sites_clearly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Not written in peft's format yet: a clear refusal naming the sites, not a wrong file."""
+    from pefref.interop.peft_format import save_pretrained
+
+    ad = pefref.apply(_mixtral(), "lora", catalog=CATALOG, sites=["ffn.experts.down"], r=R)
+    with pytest.raises(PefrefError, match="raw parameter sites .ffn.experts.down."):
+        save_pretrained(ad, tmp_path)
+    assert not list(tmp_path.iterdir())
