@@ -168,3 +168,37 @@ def test_peft_export_refuses_raw_parameter_sites_clearly(tmp_path) -> None:  # t
     with pytest.raises(PefrefError, match="raw parameter sites .ffn.experts.down."):
         save_pretrained(ad, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_own_format_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pefref's own file keeps every expert's update: loaded into a fresh application, the outputs are the same."""
+    x = torch.randint(0, 64, (2, 7))
+    a, b = _mixtral(), _mixtral()
+    ad = pefref.apply(a, "lora", catalog=CATALOG, sites=SITES, r=R)
+    for u in ad.units.values():
+        with torch.no_grad():
+            u.own("B").normal_()
+    ad.save(tmp_path / "a.safetensors")
+    ad2 = pefref.apply(b, "lora", catalog=CATALOG, sites=SITES, r=R)
+    ad2.load(tmp_path / "a.safetensors")
+    assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_family_map_checks_parameter_bindings() -> None:
+    """A raw parameter binds only a sliced site, a sliced site needs one, and a family binding an experts site must
+    give the number of experts: each a located problem."""
+    from pefref.language.check import check_family
+    from pefref.language.yamlsrc import Positions
+
+    fam = CATALOG.families["mixtral"]
+    sites = dict(fam.sites)
+    sites["attn.q"] = sites["attn.q"].model_copy(update={"parameter": "weight"})
+    sites["ffn.experts.down"] = sites["ffn.experts.down"].model_copy(update={"parameter": None})
+    sizes = {k: v for k, v in fam.sizes.items() if k != "experts"}
+    bad = fam.model_copy(update={"sites": sites, "sizes": sizes})
+    msgs = [p.message for p in check_family(bad, Positions("<mixtral>"), CATALOG.reference)]
+    assert any("only sliced sites bind a raw parameter" in m for m in msgs)
+    assert any("bind it with parameter:" in m for m in msgs)
+    assert any("size 'experts' is missing" in m for m in msgs)
+    assert not check_family(fam, Positions("<mixtral>"), CATALOG.reference)
+    assert not check_family(CATALOG.families["llama"], Positions("<llama>"), CATALOG.reference)  # no experts: none needed
