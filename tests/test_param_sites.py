@@ -202,3 +202,13 @@ def test_family_map_checks_parameter_bindings() -> None:
     assert any("size 'experts' is missing" in m for m in msgs)
     assert not check_family(fam, Positions("<mixtral>"), CATALOG.reference)
     assert not check_family(CATALOG.families["llama"], Positions("<llama>"), CATALOG.reference)  # no experts: none needed
+
+
+def test_mixtral_8x7b_counts() -> None:
+    """Mixtral-8x7B: the family's base count is the published 46,702,792,704; LoRA r=8 on both expert parameters
+    trains L * experts * r * ((d + 2 d_ff) + (d_ff + d)) = 104,857,600, as peft's target_parameters does."""
+    from pefref.view.params import count_params
+
+    c = count_params(CATALOG.techniques["lora"], CATALOG.shapes["mixtral-8x7b"], CATALOG, {"r": 8}, sites=["ffn.experts.*"])
+    assert c.base == 46_702_792_704
+    assert c.trainable == 32 * 8 * 8 * ((4096 + 2 * 14336) + (14336 + 4096)) == 104_857_600
