@@ -68,14 +68,18 @@ def test_reference_skeleton_without_modules_is_the_data() -> None:
     hidden = {c for c, comp in d.components.items() if comp.group in optional}
     hidden_sites = ({d.groups[gid].site for gid in optional} | {d.components[c].site for c in hidden}) - {None}
     assert optional and hidden_sites
-    rotary = {d.components[c].site for c in hidden if d.components[c].group == "rotary"}
-    xattn = hidden_sites - rotary
-    around = {"rotary": {("q", "core"), ("k", "core")}, "xattn": {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")}}
-    # T5 binds the cross-attention sites, Llama the rotary ones
-    for model, skipped in ((None, hidden_sites), ("tiny-t5", rotary), ("tiny-llama", xattn)):
-        hidden_now = {c for c in hidden if (d.components[c].group == "rotary" and skipped & rotary)
-                      or (d.components[c].group != "rotary" and skipped & xattn)}
-        bypass = (around["rotary"] if skipped & rotary else set()) | (around["xattn"] if skipped & xattn else set())
+    def kind(c: str) -> str:  # the optional groups: rotary, experts, and the cross-attention (the rest)
+        return g if (g := d.components[c].group) in ("rotary", "experts") else "xattn"
+
+    sites = {k: {d.components[c].site for c in hidden if kind(c) == k} for k in ("rotary", "experts")}
+    sites["xattn"] = hidden_sites - sites["rotary"] - sites["experts"]
+    around = {"rotary": {("q", "core"), ("k", "core")}, "xattn": {("attn_add", "ffn_norm"), ("attn_add", "ffn_add")},
+              "experts": {("ffn_norm", "ffn_add")}}
+    # T5 binds the cross-attention sites, Llama the rotary ones; neither has experts
+    for model, gone in ((None, {"rotary", "xattn", "experts"}), ("tiny-t5", {"rotary", "experts"}), ("tiny-llama", {"xattn", "experts"})):
+        skipped = set().union(*(sites[k] for k in gone))
+        hidden_now = {c for c in hidden if kind(c) in gone}
+        bypass = set().union(*(around[k] for k in gone))
         g = _g("bitfit", model=model, fold=False)
         drawn = {a["site"] for _n, a in g.nodes(data=True) if a.get("role") == "component" and a["site"]}
         drawn |= {c["site"] for c in g.graph["clusters"].values() if c["site"]}

@@ -31,6 +31,7 @@ from pefref.language.interop_table import method_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
+from pefref.runtime.param_slices import ParameterSlice
 from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
 
@@ -92,6 +93,10 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     """
     from pefref.language.interop_table import interop_table
 
+    sliced = sorted({e.site for patch, e in adapter.entries if isinstance(getattr(patch, "host", None), ParameterSlice)})
+    if sliced:  # peft's target_parameters layout (one lora_A/lora_B per stacked parameter) is not written yet
+        raise PefrefError(f"adapter {adapter.name!r}: its units on raw parameter sites ({', '.join(sliced)}) have no "
+                          "peft form written by pefref yet; save it with pefref's own format")
     table = table or interop_table()
     method = _row(adapter, table)
     if adapter.merged:

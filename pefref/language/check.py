@@ -371,6 +371,11 @@ def _check_binding(s: str, b: Any, p: tuple[Any, ...], layers: str, pos: Positio
         bad = template_problem(text) if text else None
         if bad is not None:
             out.append(_expr_problem(pos, p + (fld,), bad[1], f"{bad[0]}; found {text!r}"))
+    sliced = ref.sites[s].slices is not None
+    if sliced != (b.parameter is not None):
+        what = (f"site {s!r} is a stack of slices (a raw parameter); bind it with parameter: the parameter's name" if sliced
+                else f"only sliced sites bind a raw parameter ({', '.join(n for n, x in ref.sites.items() if x.slices) or 'none'}); {s!r} is a module site")
+        out.append(Problem(pos.at(p), dotted(p), what))
     if b.slice is not None:
         for fld in ("start", "size", "period"):
             if getattr(b.slice, fld) is None:
@@ -406,7 +411,19 @@ def check_family(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitectur
     for k in fam.sizes:
         if k not in ref.sizes:
             out.append(Problem(pos.key_at(("sizes", k)), f"sizes.{k}", f"unknown size {k!r}{suggest(k, ref.sizes)}"))
-    for k in ref.sizes:
-        if k not in fam.sizes:
-            out.append(Problem(pos.at(("sizes",)), "sizes", f"size {k!r} is missing"))
+    return out + _missing_sizes(fam, pos, ref)
+
+
+def _missing_sizes(fam: ArchitectureMap, pos: Positions, ref: ReferenceArchitecture) -> list[Problem]:
+    """Sizes the family must give: every size not optional, and an optional one that a site it binds is measured in."""
+    bound = set(fam.sites) | {s for st in fam.stacks.values() for s in st.sites}
+    out = []
+    for k, spec in ref.sizes.items():
+        if k in fam.sizes:
+            continue
+        users = [s for s in bound if s in ref.sites and any(e is not None and k in parse_expr(e).names
+                                                             for e in (ref.sites[s].in_, ref.sites[s].out, ref.sites[s].slices))]
+        if not spec.optional or users:
+            why = f" (its site {users[0]!r} is measured in it)" if users else ""
+            out.append(Problem(pos.at(("sizes",)), "sizes", f"size {k!r} is missing{why}"))
     return out

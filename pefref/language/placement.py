@@ -12,8 +12,9 @@ The rule, per requested site ``s``:
 * if some module of the technique already names ``s``, only those modules keep
   it (narrowing, as before);
 * otherwise every module whose own sites have the kind of ``s`` (linear, norm,
-  block, ...) moves there, provided that kind accepts the module's form: a
-  module only ever reads what its own kind of site offers.
+  block, ...), or a kind that the kind of ``s`` takes (a raw parameter slice
+  takes linear modules), moves there, provided that kind accepts the module's
+  form: a module only ever reads what its own kind of site offers.
 
 A site named explicitly that no module can take is an error naming the site and
 what would fit; a pattern or selector silently skips the sites that do not fit
@@ -95,9 +96,9 @@ def retarget(t: Technique, sites: Sequence[str], reference: ReferenceArchitectur
     fits_by_item: dict[str, int] = {}
     for site, item in chosen:
         owners = [m for m in modules if site in m.sites]
-        takers = owners or [m for m in modules
-                            if kind_of[site] in {kind_of[s] for s in m.sites}
-                            and m.form in reference.site_kinds[kind_of[site]].forms]
+        sk = reference.site_kinds[kind_of[site]]
+        fits = {kind_of[site], *sk.takes}
+        takers = owners or [m for m in modules if fits & {kind_of[s] for s in m.sites} and m.form in sk.forms]
         for m in takers:
             new_sites[m.name].append(site)
         fits_by_item[item] = fits_by_item.get(item, 0) + len(takers)

@@ -28,7 +28,7 @@ from torch import nn
 from pefref.compiler.units import SharedStore, Unit, build_unit, resolve_hyperparameters
 from pefref.language.catalog import Catalog, load_techniques
 from pefref.language.check import MODEL_FLAGS, expand_modules
-from pefref.language.errors import CatalogError, PefrefError
+from pefref.language.errors import CatalogError, PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.placement import retarget
@@ -42,6 +42,7 @@ from pefref.runtime.connect import Wiring, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
+from pefref.runtime.param_slices import ParameterSlice, owner_patch
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
 from pefref.runtime.planning import Plan, check_selectable, check_unit, host_update_of, plan_apply, where_of
 from pefref.runtime.precision import AdapterDtype
@@ -133,7 +134,19 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
     wiring = Wiring(modules, places, name)
     shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
-    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, _merges(places, modules, catalog))
+    merges = _merges(places, modules, catalog)
+    _check_slices(tech, places, merges)
+    return ApplyPlan(tech, name, fam, modules, hps, sizes, places, saved, wiring, shapes, merges)
+
+
+def _check_slices(tech: Technique, places: list[Placement], merges: list[bool]) -> None:
+    """A slice of a raw parameter runs as the weight read off its adapted map: only modules that fold into a
+    weight are placed there."""
+    for pl, merges_ in zip(places, merges):
+        if pl.slice_index is not None and not merges_:
+            raise SiteError(f"{tech.id}: module {pl.module.name!r} cannot be placed on {pl.site!r}, a slice of the raw "
+                            f"parameter {pl.path}.{pl.binding.parameter}: it does not fold into a weight (a {pl.module.form} "
+                            "module there must be linear in the input, connected to nothing)")
 
 
 def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> list[bool]:
@@ -146,7 +159,7 @@ def _merges(places: list[Placement], modules: list[Any], catalog: Catalog) -> li
         mk = (m.name, catalog.reference.sites[pl.site].kind, isinstance(getattr(pl.host, "bias", None), torch.Tensor))
         if mk not in memo:
             memo[mk] = mergeable(m, [mk[1]], mk[2], m.name in connected)
-        out.append(memo[mk] and pl.kind.name in ("linear", "conv1d"))
+        out.append(memo[mk] and pl.kind.name in ("linear", "conv1d", "parameter"))
     return out
 
 
@@ -193,7 +206,8 @@ def _build_one(p: ApplyPlan, pl: Placement, ctx: Any, merges: bool, store: Share
             ctx.W = take_rows(W, 0, pl.start, pl.size, pl.period)
             ctx.layer_weights = _layer_weights(p.places, pl, pending)
         unit = build_unit(m, ctx, hps, store, p.shapes.shared_shapes, publish=wiring.publishes(m))
-        key = f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+        key = (f"{m.name}__{pl.site.replace('.', '_')}" + ("" if pl.layer is None else f"__{pl.layer}")
+               + ("" if pl.slice_index is None else f"__s{pl.slice_index}"))
         new_w = None
         if unit is not None:
             check_unit(unit, m, pl, ctx, hps, probes, wiring.reads(m, pl.layer, pl.site), wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None)
@@ -367,6 +381,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             txn.on_undo(unstash)
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
+    if isinstance(pl.host, ParameterSlice):  # a slice of a raw parameter: its owner runs with the adapted stack
+        owner_patch(pl.host)  # released with the last slice's patch (ParameterSlice.patch_released)
     patch.entries.append(entry)
     adapter.entries.append((patch, entry))
     txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),  # type: ignore[func-returns-value]

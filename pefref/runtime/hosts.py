@@ -2,7 +2,8 @@
 
 A host kind knows the host's widths, its weight in the reference orientation
 (``W`` of shape [out, in], so ``h = x W^T + b``) and how to run the host with a
-replacement weight. Linear, transformers' Conv1D (weight stored [in, out]),
+replacement weight. Linear, transformers' Conv1D (weight stored [in, out]), one slice of a raw stacked parameter
+(:mod:`pefref.runtime.param_slices`),
 Embedding and norms (1-D gain) are the kinds; any other module is a *block*.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pefref.runtime.param_slices import ParameterSlice
 
 __all__ = ["HostKind", "host_kind", "HOST_KINDS", "bias_of"]
 
@@ -50,7 +53,20 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(m, (nn.Linear, nn.Embedding)) and not list(m.children())
 
 
+def _is_param_slice(m: nn.Module) -> bool:
+    return isinstance(m, ParameterSlice)
+
+
 HOST_KINDS: list[HostKind] = [
+    HostKind(
+        "parameter",
+        _is_param_slice,
+        lambda m: (m.in_features, m.out_features),
+        lambda m: m.weight,
+        lambda m, w: m.set_weight(w),
+        lambda m, x, w: F.linear(x, w),
+        lambda m: None,
+    ),
     HostKind(
         "linear",
         lambda m: isinstance(m, nn.Linear),

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -28,6 +28,7 @@ from pefref.language.stacks import expand_layers, layer_bindings, stacked
 from pefref.language.templates import template
 from pefref.language.yamlsrc import Positions
 from pefref.runtime.hosts import HostKind, host_kind
+from pefref.runtime.param_slices import slice_host
 from pefref.runtime.rows import site_width
 
 __all__ = ["Placement", "resolve_family", "model_config", "model_sizes", "select_layers", "placements", "check_host", "HOST_KINDS_FOR"]
@@ -50,6 +51,12 @@ class Placement:
     size: int = 0
     period: int = 0
     index: int | None = None  # the layer's index in its module paths (in its stack, for encoder-decoder maps)
+    slice_index: int | None = None  # sliced sites (a raw parameter): the slice (expert) this placement adapts
+
+    @property
+    def scope(self) -> str:
+        """The site as its tensors are keyed: a slice of a raw parameter has its own (one update per expert)."""
+        return self.site if self.slice_index is None else f"{self.site}[{self.slice_index}]"
 
 
 def resolve_family(model: nn.Module, catalog: Catalog, family: str | Path | ArchitectureMap | None = None) -> ArchitectureMap:
@@ -122,6 +129,7 @@ HOST_KINDS_FOR: dict[str, frozenset[str]] = {
     "linear": frozenset({"linear", "conv1d"}),
     "embedding": frozenset({"embedding"}),
     "norm": frozenset({"norm"}),
+    "parameter": frozenset({"parameter"}),
 }
 """Host kinds a module found at a site of each reference site kind must be (kinds not listed take any module)."""
 
@@ -139,7 +147,7 @@ def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind
     if kind.name not in allowed:
         raise SiteError(f"family {fam.family!r}: site {site!r} is bound to {path!r}, a {type(host).__name__} ({kind.name}); "
                         f"a {skind} site needs a {' or '.join(sorted(allowed))} module")
-    if skind == "linear":
+    if skind in ("linear", "parameter"):
         spec = ref.sites[site]
         want = widths.get(site) if widths is not None else None
         if want is None:
@@ -150,6 +158,29 @@ def check_host(fam: ArchitectureMap, site: str, path: str, host: nn.Module, kind
             if exp is not None and got != exp:
                 raise SiteError(f"family {fam.family!r}: site {site!r} is bound to {path!r}, whose {what} width is {got}; "
                                 f"the site's is {exp} ({spec.in_ if what == 'input' else spec.out})")
+
+
+def _slice_placements(fam: ArchitectureMap, m: Any, site: str, layer: int | None, index: int | None, path: str, owner: nn.Module,
+                      b: SiteBinding, reference: ReferenceArchitecture | None, sizes: dict[str, int],
+                      widths: dict[str, list[int | None]]) -> Iterator[Placement]:
+    """One placement per slice of the raw parameter a sliced site binds (one expert each)."""
+    name = cast(str, b.parameter)
+    raw = owner._parameters.get(name)
+    if raw is None or raw.dim() != 3:
+        found = "no such parameter" if raw is None else f"a {raw.dim()}-D parameter"
+        own = ", ".join(n for n, _ in owner.named_parameters(recurse=False)) or "none"
+        raise SiteError(f"family {fam.family!r}: site {site!r} binds parameter {name!r} of {path!r}: {found}; "
+                        f"a sliced site needs a 3-D stack [slices, out, in] (its parameters: {own})")
+    spec = reference.sites[site].slices if reference is not None and site in reference.sites else None
+    want = int(evaluate(parse_expr(spec), sizes, scalar_ops())) if spec is not None else raw.shape[0]
+    if raw.shape[0] != want:
+        raise SiteError(f"family {fam.family!r}: site {site!r} binds {path}.{name}, a stack of {raw.shape[0]}; the site has {want} ({spec})")
+    for e in range(raw.shape[0]):
+        host = slice_host(owner, name, e, b.layout)
+        kind = host_kind(host)
+        d_in, d_out = kind.widths(host)
+        check_host(fam, site, f"{path}.{name}[{e}]", host, kind, reference, sizes, d_in, d_out, widths)
+        yield Placement(m, site, layer, path, host, kind, b, d_in, d_out, index=index, slice_index=e)
 
 
 def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: Sequence[Any],
@@ -187,6 +218,9 @@ def placements(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], mo
                 j, b = where[i] if i is not None else (None, b)  # the layer's index in its stack, and its stack's binding
                 path = template(b.path, j)  # type: ignore[arg-type]
                 host = _module(model, path)
+                if b.parameter is not None:
+                    yield from _slice_placements(fam, m, site, i if per_layer else None, j, path, host, b, reference, sizes, widths)
+                    continue
                 kind = host_kind(host)
                 d_in, d_out = kind.widths(host)
                 start = size = period = 0

@@ -30,6 +30,7 @@ from torch import nn
 
 from pefref.language.errors import PefrefError
 from pefref.runtime.hosts import HostKind
+from pefref.runtime.param_slices import virtual_hosts
 from pefref.runtime.transaction import Transaction
 
 __all__ = ["Layer", "WeightLedger", "ledger_of", "all_ledgers", "FreezeLedger", "freeze_ledger", "freeze", "release", "check_not_selected"]
@@ -191,7 +192,8 @@ def ledger_of(txn: Transaction, host: nn.Module, kind: HostKind, create: bool = 
 
 def all_ledgers(model: nn.Module) -> list[WeightLedger]:
     """Every host ledger in ``model``."""
-    return [m.__dict__[_LEDGER] for m in model.modules() if _LEDGER in m.__dict__]
+    hosts = [h for m in model.modules() for h in (m, *virtual_hosts(m))]  # slices of raw parameters are no submodules
+    return [h.__dict__[_LEDGER] for h in hosts if _LEDGER in h.__dict__]
 
 
 class FreezeLedger:

@@ -198,6 +198,9 @@ class HostPatch:
         if not self.suspended:
             self._put_back_forward()
         delattr(self.host, _PATCH)
+        released = getattr(self.host, "patch_released", None)  # a virtual host (a raw parameter's slice) lets its owner go
+        if callable(released):
+            released()
 
     def suspend(self) -> None:
         """Give the host its own forward back while none of the entries can run (all merged into its weight):

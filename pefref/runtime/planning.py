@@ -72,7 +72,7 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None  # type: ignore[misc]
             ref_t = W if W is not None else next(pl.host.parameters(), None)
             host_dt = ref_t.dtype if ref_t is not None and ref_t.is_floating_point() else torch.float32
-            ctx = SiteContext(pl.site, pl.layer, pl.d_in, pl.d_out, sizes, flags,
+            ctx = SiteContext(pl.scope, pl.layer, pl.d_in, pl.d_out, sizes, flags,
                               dtype=adapter_dtype_for(host_dt, adapter_dtype, dtype), host_dtype=host_dt,
                               device=device or (ref_t.device if ref_t is not None else "cpu"))
             names = ctx.names(hps)
@@ -80,7 +80,7 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
                 owner, tname = spec.owner(pl.module.name, pname)
-                key = SharedStore.key(owner, tname, spec.shared, pl.site, pl.layer, spec.stacked)
+                key = SharedStore.key(owner, tname, spec.shared, pl.scope, pl.layer, spec.stacked)
                 if spec.stacked != "none":  # one slice per placement at this site
                     prev = plan.shared_shapes.get(key)
                     plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))

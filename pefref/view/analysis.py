@@ -19,7 +19,7 @@ __all__ = [
     "technique_mergeability", "modules_mergeable", "mergeable_on", "stochastic_ops",
 ]
 
-_LINEAR_SITE_KINDS = ("linear", "activation")
+_LINEAR_SITE_KINDS = ("linear", "activation", "parameter")  # a raw parameter slice is a linear map
 
 
 def degree(node: ast.AST | Expr, var: str | set[str]) -> int | None:

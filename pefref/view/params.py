@@ -110,9 +110,10 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             d_in_e, d_out_e = host_widths(site, fam, catalog)
             names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
             site_shapes = {pname: shape_of(spec, names) for pname, spec in m.params.items()}  # the same in every layer
-            for i in layers:
+            slices = [f"{site}[{e}]" for e in range(int(eval_scalar(ref_site.slices, sizes)))] if ref_site.slices else [site]  # one update per slice
+            for i, one in ((i, one) for i in layers for one in slices):
                 for pname, spec in m.params.items():
-                    scope = {"none": (site, i), "layers": (site,), "sites": (i,), "all": ()}[spec.shared]
+                    scope = {"none": (one, i), "layers": (one,), "sites": (i,), "all": ()}[spec.shared]
                     key = (*spec.owner(m.name, pname), spec.shared, *scope)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
@@ -126,6 +127,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                         text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
                         by_layer = spec.shared in ("none", "sites") and per_layer
                         mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
+                        mult += f"*{ref_site.slices}" if ref_site.slices and spec.shared in ("none", "layers") else ""
                         sym_terms[sym_key] = f"{mult}*{text}"
     total = select_total
     for shp, _p, trainable in scopes.values():

@@ -104,6 +104,11 @@ class SiteBinding(Strict):
     slice: SliceSpec | None = Field(None, description="The site is a slice of the module's output features.")
     cache: bool = Field(False, description="The site is reached through the model's key/value cache argument (prefix keys and values).")
     rotary: RotarySpec | None = Field(None, description="The site is the module's output after the rotary position embedding (post-RoPE queries or keys).")
+    parameter: str | None = Field(
+        None, description=("The site is this raw parameter of the module at path, a stack of one [out, in] map per slice (the "
+                           "experts of a mixture-of-experts layer): one update per slice, as peft's target_parameters."))
+    layout: Literal["out_in", "in_out"] = Field(
+        "out_in", description="How the parameter stores each slice: [slices, out, in] (used as x W[e]^T) or [slices, in, out].")
     bias: bool = Field(True, description="Whether the module has a bias (for analytic counts of selected biases).")
 
     @model_validator(mode="before")

@@ -19,6 +19,7 @@ class SizeSpec(Strict):
     """A size of the architecture (d_model, number of layers ...)."""
 
     description: str
+    optional: bool = Field(False, description="Only families that bind a site measured in it give it (the number of experts).")
 
 
 class SiteKind(Strict):
@@ -27,6 +28,9 @@ class SiteKind(Strict):
     description: str
     reads: list[Identifier] = Field(description="Names a module attached here may read (x: host input, h: host output, W, b: host weight and bias).")
     forms: list[_FORM] = Field(description="Forms a module may take at this kind of site (the interaction table).")
+    takes: list[Identifier] = Field(
+        default_factory=list, description=("Kinds whose modules may also be placed here (sites=): a raw parameter slice takes "
+                                           "the modules written for linear sites that fold into a weight."))
 
 
 class Site(Strict):
@@ -37,6 +41,7 @@ class Site(Strict):
     per_layer: bool = Field(True, description="Whether the site exists once per Transformer layer.")
     in_: ExprStr | None = Field(None, alias="in", description="Input width (expression over the sizes).")
     out: ExprStr | None = Field(None, description="Output width (expression over the sizes).")
+    slices: ExprStr | None = Field(None, description="The site is a stack of this many independent maps (the experts of a mixture-of-experts layer): one update per slice.")
     description: str
 
 
