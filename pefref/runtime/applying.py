@@ -37,7 +37,7 @@ from pefref.language.sizes import scalar_ops
 from pefref.language.templates import template
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.connect import Wiring, with_taps
-from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, placements, resolve_family
+from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, parameters_outside, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
 from pefref.runtime.patches import _PATCH, _ROOT, Entry, HostPatch, RootPatch, first_tensor, input_cell, patch_of, release_input_cell, root_patch_of
@@ -180,7 +180,7 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
         selected = _select_hosts(model, built, adapter)
         saved_rows = _select_saved(p.saved, adapter, selected)
         check_selectable(model, selected, tech.id)
-        base: list[torch.Tensor] = [q for n, q in model.named_parameters() if not n.startswith(ADAPTERS_ATTR + ".")]
+        base: list[torch.Tensor] = list(parameters_outside(model, ADAPTERS_ATTR))
         freeze(txn, model, adapter, base, selected)  # the base model is frozen (adapters applied earlier keep training)
         rows = _attach_units(model, p, built, adapter, units, txn)
         root = getattr(model, _ROOT, None)
