@@ -1,5 +1,11 @@
 """A training step of every catalog technique that peft implements, pefref vs peft, side by side.
 
+The techniques are those the interop table (``catalog/interop/peft.yaml``) maps to a
+peft type, in its order. Each runs with the hyperparameters and peft config sized
+for this benchmark below where there is one (the 18 first measured), else with
+the pair of ``tests/interop_cases.py`` that the parity tests check (``case`` in
+the JSON says which); a technique the table gains is measured without an edit here.
+
 For each technique one seeded Llama (``transformers``, built from a config; no
 download) is deep-copied into a pefref model and a peft 0.21 model with the same
 hyperparameters and the same host modules; both must report the same trainable
@@ -23,6 +29,10 @@ time; the running sum's maximum is the peak). This counts activations kept for
 backward, gradients, temporaries and the optimizer's own work; it is
 deterministic for a given input, and the median of ``--mem-reps`` runs is kept.
 
+*Clock*: wall time by default; ``--clock cpu`` times CPU steps by the process's
+CPU time instead (with ``--threads 1`` the step's work, less the time spent
+waiting for a core, so a shared machine's load moves it far less).
+
 *Devices*: ``--device cuda --dtype bf16`` runs every model (base, pefref, peft)
 on the GPU in that dtype; steps are timed with CUDA events after a synchronize and
 the peak is ``torch.cuda.max_memory_allocated`` during the step, above the bytes
@@ -33,9 +43,14 @@ allocated before it. peft keeps its adapters in the model's dtype there
 otherwise) pefref's step with ``torch.compile`` (inductor) is timed against its
 eager step in the same round-robin.
 
+*Verdict*: ``above`` where the whole IQR of the time or the memory ratio lies
+above 1 (a measured loss), ``below`` where the time IQR lies below 1, else
+``tie``; ``count`` where the trainable counts differ.
+
 Writes a markdown table (stdout, ``--markdown``) and a JSON list (``--json``)
 with one object per technique: ``technique``, ``time_ratio`` and
-``memory_ratio`` (pefref/peft medians), their IQRs, absolute times and peaks,
+``memory_ratio`` (pefref/peft medians; the memory IQR over the ``--mem-reps``
+pairs), their IQRs, absolute times and peaks,
 the trainable counts and ``time_over_frozen``.
 
 Run: ``python benchmarks/bench_techniques.py --quick --json OUT`` (a few minutes);
@@ -46,6 +61,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -55,6 +72,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +130,41 @@ def _peft_cases() -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
     }
 
 
+@dataclass
+class BenchCase:
+    """One technique of the interop table: pefref's hyperparameters, peft's config factory, and whether peft's
+    forward takes task ids (``source``: where the pair comes from)."""
+
+    hps: dict[str, Any]
+    config: Callable[[], Any]
+    task_ids: bool = False
+    source: str = "tuned"
+
+
+def peft_cases() -> dict[str, BenchCase]:
+    """Every technique the interop table (``catalog/interop/peft.yaml``) maps to a peft type, in table order: the
+    pairs sized for this benchmark above where there is one, else the interop cases' pair (``tests/interop_cases.py``,
+    the same pair the parity tests check; a case peft reads as another technique's takes that one's config)."""
+    from pefref.language.interop_table import interop_table
+    from tests.interop_cases import CASES
+
+    tuned = _peft_cases()
+    out: dict[str, BenchCase] = {}
+    for tid in dict.fromkeys(m.technique for m in interop_table().methods):
+        if tid in tuned:
+            out[tid] = BenchCase(*tuned[tid])
+            continue
+        case = next((c for c in CASES.values() if c.technique == tid and c.peft is not None), None)
+        if case is None:  # peft builds it with another technique's config (e.g. an optimizer-side variant)
+            own = next((c for c in CASES.values() if c.technique == tid), None)
+            twin = CASES.get(own.reads_as) if own is not None and own.reads_as else None
+            if own is None or twin is None or twin.peft is None:
+                continue
+            case = dataclasses.replace(twin, hps=own.hps, technique=tid)
+        out[tid] = BenchCase(dict(case.hps), functools.partial(case.peft, "llama"), case.task_ids, "interop case")  # type: ignore[arg-type]
+    return out
+
+
 # --- models and steps --------------------------------------------------------------------------
 
 
@@ -135,14 +188,15 @@ def trainable(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in m.parameters() if p.requires_grad]
 
 
-def make_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
-    """forward, cross-entropy over the batch's own positions, backward, AdamW step."""
+def make_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, **extra: Any) -> Callable[[], None]:
+    """forward, cross-entropy over the batch's own positions, backward, AdamW step (``extra``: more forward
+    arguments, e.g. peft's task ids)."""
     params = trainable(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     seq = ids.shape[1]
 
     def step() -> None:
-        logits = model(input_ids=ids).logits[:, -seq:]  # prompts and prefixes may add positions in front
+        logits = model(input_ids=ids, **extra).logits[:, -seq:]  # prompts and prefixes may add positions in front
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         opt.step()
@@ -189,8 +243,9 @@ def peak_step_bytes(step: Callable[[], None], device: str = "cpu") -> int:
     return peak
 
 
-def clock(device: str) -> Callable[[Callable[[], None]], float]:
-    """Seconds one call takes: perf_counter on CPU; CUDA events recorded around it, after a synchronize, on CUDA."""
+def clock(device: str, cpu_clock: bool = False) -> Callable[[Callable[[], None]], float]:
+    """Seconds one call takes: perf_counter on CPU (``cpu_clock``: the process's CPU time, which time spent waiting
+    for a core on a loaded machine does not count); CUDA events recorded around it, after a synchronize, on CUDA."""
     if on_cuda(device):
         def cuda_time(fn: Callable[[], None]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -203,17 +258,20 @@ def clock(device: str) -> Callable[[Callable[[], None]], float]:
 
         return cuda_time
 
+    now = time.process_time if cpu_clock else time.perf_counter
+
     def cpu_time(fn: Callable[[], None]) -> float:
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        return time.perf_counter() - t0
+        return now() - t0
 
     return cpu_time
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+def time_round_robin(steps: dict[str, Callable[[], None]], rounds: int, reps: int, warmup: int, device: str = "cpu",
+                     cpu_clock: bool = False) -> dict[str, list[float]]:
     names = list(steps)
-    timed = clock(device)
+    timed = clock(device, cpu_clock)
     for _ in range(warmup):
         for n in names:
             steps[n]()
@@ -240,7 +298,7 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
 # --- one technique -----------------------------------------------------------------------------
 
 
-def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+def run_technique(tid: str, case: BenchCase, base: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
                   args: argparse.Namespace, compile_it: bool) -> dict[str, Any]:
     from peft import get_peft_model
 
@@ -248,13 +306,14 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
 
     torch.manual_seed(1)
     m_pefref = copy.deepcopy(base)
-    apply(m_pefref, tid, **hps)
+    apply(m_pefref, tid, **case.hps)
     torch.manual_seed(1)
-    m_peft = get_peft_model(copy.deepcopy(base), config(), autocast_adapter_dtype=False)  # adapters in the model's dtype, as pefref's
+    m_peft = get_peft_model(copy.deepcopy(base), case.config(), autocast_adapter_dtype=False)  # adapters in the model's dtype, as pefref's
     n_pefref, n_peft = sum(p.numel() for p in trainable(m_pefref)), sum(p.numel() for p in trainable(m_peft))
     m_pefref.train()
     m_peft.train()
-    steps = {"pefref": make_step(m_pefref, ids, labels), "peft": make_step(m_peft, ids, labels),
+    extra = {"task_ids": torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)} if case.task_ids else {}
+    steps = {"pefref": make_step(m_pefref, ids, labels), "peft": make_step(m_peft, ids, labels, **extra),
              "frozen": frozen_step(copy.deepcopy(base), ids, labels)}
     if compile_it:
         compiled = torch.compile(m_pefref)
@@ -262,20 +321,21 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
         t0 = time.perf_counter()
         steps["pefref+compile"]()
         compile_s = time.perf_counter() - t0
-    times = time_round_robin(steps, args.rounds, args.reps, args.warmup, args.device)
-    mem = {n: statistics.median(peak_step_bytes(steps[n], args.device) for _ in range(args.mem_reps)) for n in ("pefref", "peft", "frozen")}
-    t = paired(times["pefref"], times["peft"])
+    times = time_round_robin(steps, args.rounds, args.reps, args.warmup, args.device, args.clock == "cpu")
+    mems = {n: [peak_step_bytes(steps[n], args.device) for _ in range(args.mem_reps)] for n in ("pefref", "peft", "frozen")}
+    mem = {n: statistics.median(v) for n, v in mems.items()}
+    t, mq = paired(times["pefref"], times["peft"]), paired(mems["pefref"], mems["peft"])
     row: dict[str, Any] = {
-        "technique": tid,
+        "technique": tid, "case": case.source,
         "time_ratio": t["median"], "time_ratio_q1": t["q1"], "time_ratio_q3": t["q3"],
-        "memory_ratio": mem["pefref"] / mem["peft"],
+        "memory_ratio": mem["pefref"] / mem["peft"], "memory_ratio_q1": mq["q1"], "memory_ratio_q3": mq["q3"],
         "time_over_frozen": paired(times["pefref"], times["frozen"]),
         "peft_over_frozen": paired(times["peft"], times["frozen"]),
         "time_s": {n: statistics.median(v) for n, v in times.items()},
         "peak_step_bytes": mem,
         "memory_over_frozen": mem["pefref"] / mem["frozen"],
         "trainable": {"pefref": n_pefref, "peft": n_peft},
-        "hyperparameters": hps,
+        "hyperparameters": case.hps,
     }
     if compile_it:
         row["compiled_over_eager"] = paired(times["pefref+compile"], times["pefref"])
@@ -285,22 +345,32 @@ def run_technique(tid: str, hps: dict[str, Any], config: Callable[[], Any], base
     return row
 
 
+def verdict(row: dict[str, Any]) -> str:
+    """``above`` where the whole time or memory IQR lies above 1 (a measured loss), ``below`` where the time IQR lies
+    below 1 (a measured gain), else ``tie``; ``count`` where the trainable counts differ."""
+    if row["trainable"]["pefref"] != row["trainable"]["peft"]:
+        return "count"
+    if row["time_ratio_q1"] > 1 or row["memory_ratio_q1"] > 1:
+        return "above"
+    return "below" if row["time_ratio_q3"] < 1 else "tie"
+
+
 def where(device: str) -> str:
     """The device in words: the GPU's name, or the CPU's architecture."""
     return f"{torch.cuda.get_device_name()} (CUDA)" if on_cuda(device) else f"CPU ({platform.machine()})"
 
 
 def markdown(rows: list[dict[str, Any]], frozen: dict[str, Any] | None) -> str:
-    out = ["| technique | trainable | time pefref/peft [IQR] | memory pefref/peft | pefref/frozen time | peft/frozen time | compiled/eager |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| technique | trainable | time pefref/peft [IQR] | memory pefref/peft [IQR] | pefref/frozen time | peft/frozen time | compiled/eager | verdict |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         c = r.get("compiled_over_eager")
         same = "" if r["trainable"]["pefref"] == r["trainable"]["peft"] else f" (peft {r['trainable']['peft']:,})"
         out.append(f"| {r['technique']} | {r['trainable']['pefref']:,}{same} | {r['time_ratio']:.3f} [{r['time_ratio_q1']:.3f}-{r['time_ratio_q3']:.3f}] | "
-                   f"{r['memory_ratio']:.3f} | {r['time_over_frozen']['median']:.3f} | {r['peft_over_frozen']['median']:.3f} | "
-                   + (f"{c['median']:.3f} [{c['q1']:.3f}-{c['q3']:.3f}]" if c else "-") + " |")
+                   f"{r['memory_ratio']:.3f} [{r['memory_ratio_q1']:.3f}-{r['memory_ratio_q3']:.3f}] | {r['time_over_frozen']['median']:.3f} | "
+                   f"{r['peft_over_frozen']['median']:.3f} | " + (f"{c['median']:.3f} [{c['q1']:.3f}-{c['q3']:.3f}]" if c else "-") + f" | {verdict(r)} |")
     if frozen:
-        out.append(f"| *frozen base* | 0 | step {frozen['time_s'] * 1e3:.1f} ms (median) | peak {frozen['bytes'] / 2**20:.1f} MiB | 1 | | |")
+        out.append(f"| *frozen base* | 0 | step {frozen['time_s'] * 1e3:.1f} ms (median) | peak {frozen['bytes'] / 2**20:.1f} MiB | 1 | | | |")
     return "\n".join(out)
 
 
@@ -324,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timing with CUDA events, memory from torch.cuda.max_memory_allocated)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the models")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="CPU steps: wall time, or the process's CPU time (with --threads 1, steady on a loaded machine)")
     ap.add_argument("--json", help="write the JSON list here")
     ap.add_argument("--markdown", help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -338,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
-    cases = _peft_cases()
+    cases = peft_cases()
     chosen = args.techniques.split(",") if args.techniques else list(cases)
     unknown = [t for t in chosen if t not in cases]
     if unknown:
@@ -353,15 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     print(f"Llama d={args.hidden} ff={args.intermediate} L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab}; "
           f"batch {args.batch} x seq {args.seq}; {args.rounds} rounds x {args.reps} reps (min), threads={args.threads}, "
-          f"torch {torch.__version__}, {args.dtype} on {where(args.device)}; load average {' '.join(f'{x:.2f}' for x in load0)}", flush=True)
+          f"{args.clock} clock, torch {torch.__version__}, {args.dtype} on {where(args.device)}; load average {' '.join(f'{x:.2f}' for x in load0)}", flush=True)
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for tid in chosen:
-        hps, config = cases[tid]
         try:
-            row = run_technique(tid, hps, config, base, ids, labels, args, tid in compiled)
+            row = run_technique(tid, cases[tid], base, ids, labels, args, tid in compiled)
         except Exception as e:  # one failing technique (e.g. an op without a kernel for the dtype) does not end the run
             failed.append({"technique": tid, "error": f"{type(e).__name__}: {e}"[:500], "device": args.device, "dtype": args.dtype})
             print(f"  {tid:<14} FAILED: {failed[-1]['error']}", flush=True)
@@ -370,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         row["device"], row["dtype"] = args.device, args.dtype
         rows.append(row)
         print(f"  {tid:<14} time {row['time_ratio']:.3f} [{row['time_ratio_q1']:.3f}-{row['time_ratio_q3']:.3f}]  "
-              f"memory {row['memory_ratio']:.3f}  over frozen {row['time_over_frozen']['median']:.3f}  "
+              f"memory {row['memory_ratio']:.3f}  {verdict(row)}  over frozen {row['time_over_frozen']['median']:.3f}  "
               f"({time.perf_counter() - t_start:.0f}s)", flush=True)
     frozen = {"time_s": statistics.median(r["time_s"]["frozen"] for r in rows),
               "bytes": statistics.median(r["peak_step_bytes"]["frozen"] for r in rows)} if rows else None
-    table = markdown(rows, frozen) + "".join(f"\n| {f['technique']} | failed: {f['error'][:120]} | | | | | |" for f in failed)
+    table = markdown(rows, frozen) + "".join(f"\n| {f['technique']} | failed: {f['error'][:120]} | | | | | | |" for f in failed)
     print()
     print(table)
     if args.markdown:

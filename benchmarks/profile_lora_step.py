@@ -4,7 +4,8 @@ The model and steps are :mod:`bench_techniques`' (its full Llama: d=256, 4 layer
 batch 4 x 128 tokens, fp32, CPU): the *frozen* step (forward and backward down to
 the input embeddings, no optimizer) and pefref LoRA's step (r=8 on q, v;
 forward, backward, ``torch.optim.AdamW`` step), once with AdamW's default
-implementation and once with ``foreach=True``. Paired round-robin rounds give the
+implementation, with ``foreach=True``, with ``fused=True``, and without the optimizer
+(what AdamW's share is). Paired round-robin rounds give the
 ratios over the frozen step (median, IQR); the profiler tables (self CPU time by
 operator, top ``--top``) show what the difference is made of.
 
@@ -31,16 +32,22 @@ import bench_techniques as bt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+VARIANTS: dict[str, dict[str, bool] | None] = {"lora": {}, "lora_foreach": {"foreach": True}, "lora_fused": {"fused": True}, "lora_no_optimizer": None}
+"""LoRA's step with AdamW's default implementation, ``foreach``, ``fused``, and without the optimizer (its share)."""
 
-def lora_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, foreach: bool | None) -> Callable[[], None]:
-    opt = torch.optim.AdamW(bt.trainable(model), lr=1e-4, foreach=foreach)
+
+def lora_step(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, opt_kw: dict[str, bool] | None) -> Callable[[], None]:
+    opt = None if opt_kw is None else torch.optim.AdamW(bt.trainable(model), lr=1e-4, **opt_kw)
     seq = ids.shape[1]
 
     def step() -> None:
         logits = model(input_ids=ids).logits[:, -seq:]
         nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
 
     return step
 
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-tables", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="time steps by wall time or by the process's CPU time")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -75,21 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, ns.vocab, (4, ns.seq), generator=g)
     labels = torch.randint(0, ns.vocab, (4, ns.seq), generator=g)
     steps: dict[str, Callable[[], None]] = {"frozen": bt.frozen_step(copy.deepcopy(base), ids, labels)}
-    for name, fe in (("lora", None), ("lora_foreach", True)):
+    for name, kw in VARIANTS.items():
         m = copy.deepcopy(base)
         apply(m, "lora", r=8)
-        steps[name] = lora_step(m, ids, labels, fe)
+        steps[name] = lora_step(m, ids, labels, kw)
     load0 = os.getloadavg()
-    times = bt.time_round_robin(steps, args.rounds, args.reps, 2)
-    out: dict[str, object] = {"threads": args.threads, "rounds": args.rounds, "load_average": {"start": load0, "end": os.getloadavg()}}
-    for name in ("lora", "lora_foreach"):
+    times = bt.time_round_robin(steps, args.rounds, args.reps, 2, cpu_clock=args.clock == "cpu")
+    out: dict[str, object] = {"threads": args.threads, "rounds": args.rounds, "clock": args.clock,
+                              "load_average": {"start": load0, "end": os.getloadavg()}}
+    for name in VARIANTS:
         r = [a / b for a, b in zip(times[name], times["frozen"])]
         q = statistics.quantiles(r, n=4, method="inclusive")
         out[f"{name}_over_frozen"] = {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
     out["ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(json.dumps(out, indent=2))
     if not args.no_tables:
-        for name in ("frozen", "lora", "lora_foreach"):
+        for name in ("frozen", "lora", "lora_no_optimizer"):
             print(f"\n## {name}: self CPU time by operator, 3 steps\n")
             print(table(steps[name], args.top))
     if args.json:
