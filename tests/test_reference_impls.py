@@ -397,6 +397,42 @@ def _act_lora(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
         h.down_input(i, lambda a, g=g: a + scale * lora_delta(a, g))
 
 
+def _svd_frame(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD W = U diag(S) V^T of a host weight, in fp32 (singular values descending)."""
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    return U, S, Vh
+
+
+def _lora_xs(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale, r = hp["alpha"] / hp["r"], hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            U, S, Vh = _svd_frame(_host_weight(h.model, h.fam, key, i))
+            R = u("lora_xs", f"attn.{key}", i)("R")
+            dW = U[:, :r] @ torch.diag(S[:r]) @ R @ Vh[:r]
+            h.linear(key, i, lambda x, y, dW=dW: y + scale * x @ dW.T)
+
+
+def _milora(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale, r = hp["alpha"] / hp["r"], hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            U, S, Vh = _svd_frame(_host_weight(h.model, h.fam, key, i))
+            minor = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]  # the residual base is W - minor
+            g = u("milora", f"attn.{key}", i)
+            h.linear(key, i, lambda x, y, g=g, m=minor: y - x @ m.T + scale * lora_delta(x, g))
+
+
+def _nola(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale = hp["alpha"] / hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            g = u("nola", f"attn.{key}", i)
+            A = sum(g("c")[j] * g("A_basis")[j] for j in range(hp["k"]))
+            B = sum(g("b")[j] * g("B_basis")[j] for j in range(hp["k"]))
+            h.linear(key, i, lambda x, y, A=A, B=B: y + scale * x @ A.T @ B.T)
+
+
 def _bn(d: int, r: int) -> int:
     """Parameters of one bottleneck adapter d -> r -> d with biases."""
     return 2 * d * r + r + d
@@ -440,6 +476,10 @@ CASES = [
         hp["r"] * z["d"] + o * hp["r"] + o for o in (z["heads"] * z["d_head"], _v_out(z)))),
     Case("kron_prompt", _kron_prompt, lambda z, hp, f: hp["k"] * (hp["n"] * hp["a"] + z["d"] // hp["a"])),
     Case("act_lora", _act_lora, lambda z, hp, f: z["L"] * 2 * hp["r"] * z["d_ff"]),
+    Case("lora_xs", _lora_xs, lambda z, hp, f: z["L"] * 2 * hp["r"] ** 2),
+    Case("milora", _milora, lambda z, hp, f: z["L"] * sum(hp["r"] * (z["d"] + o) for o in (z["heads"] * z["d_head"], _v_out(z)))),
+    Case("nola", _nola, lambda z, hp, f: z["L"] * 2 * 2 * hp["k"]),
+    Case("nola", _nola, lambda z, hp, f: z["L"] * 2 * 2 * hp["k"], {"r": 4, "k": 5}),
 ]
 
 
