@@ -642,3 +642,21 @@ def test_kron_linear() -> None:
     g = torch.Generator().manual_seed(0)
     A, B, x = torch.randn(3, 4, generator=g), torch.randn(5, 2, generator=g), torch.randn(2, 7, 8, generator=g)
     assert torch.allclose(PRIMITIVES["kron_linear"].fn(x, A, B), x @ torch.kron(A, B).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_milora_residual_base_and_remove(shape: str) -> None:
+    """MiLoRA's host weight is the residual W - U_m S_m V_m^T during the adapter's life and W, bit for bit, after remove()."""
+    fam = family_of(shape)
+    model = copy.deepcopy(_base(shape))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    a = apply(model, "milora")
+    r = a.hyperparameters["r"]
+    for i in range(model_sizes(fam)["L"]):
+        for key in ("q", "v"):
+            W = _host_weight(_base(shape), fam, key, i)
+            U, S, Vh = _svd_frame(W)
+            expected = W - U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]
+            assert (_host_weight(model, fam, key, i) - expected).abs().max() <= TOL
+    a.remove()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
