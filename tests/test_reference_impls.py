@@ -544,8 +544,13 @@ MERGE = {
     "krona": [(k, lambda W, g, hp: W + hp["s"] * torch.kron(g("A"), g("B"))) for k in ("q", "v")],
     "channel_gated_lora": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("g")[:, None] * (g("B") @ g("A"))) for k in ("q", "v")],
     "act_lora": [("down", lambda W, g, hp: W @ (torch.eye(W.shape[1]) + (hp["alpha"] / hp["r"]) * g("B") @ g("A")))],
+    "lora_xs": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("B") @ g("R") @ g("A")) for k in ("q", "v")],
+    "milora": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("B") @ g("A")) for k in ("q", "v")],  # W: the residual host
+    "nola": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * torch.einsum("k,kor->or", g("b"), g("B_basis"))
+              @ torch.einsum("k,kri->ri", g("c"), g("A_basis"))) for k in ("q", "v")],
 }
-UNIT_OF = {"krona": ("krona", "attn.{k}"), "channel_gated_lora": ("lora", "attn.{k}"), "act_lora": ("act_lora", "ffn.act")}
+UNIT_OF = {"krona": ("krona", "attn.{k}"), "channel_gated_lora": ("lora", "attn.{k}"), "act_lora": ("act_lora", "ffn.act"),
+           "lora_xs": ("lora_xs", "attn.{k}"), "milora": ("milora", "attn.{k}"), "nola": ("nola", "attn.{k}")}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -588,6 +593,9 @@ EXPECTED_TYPOLOGY = {
     "channel_gated_lora": {"integration_form": "gated addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank"},
     "kron_prompt": {"workspace": "embedding", "integration_form": "concatenation", "intra_connectivity": "kronecker/hypercomplex", "input_type": "none"},
     "act_lora": {"workspace": "ffn", "insertion_form": "sequential", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank"},
+    "lora_xs": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
+    "milora": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
+    "nola": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
 }
 
 
