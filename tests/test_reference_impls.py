@@ -409,7 +409,7 @@ def _lora_xs(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
         for key in ("q", "v"):
             U, S, Vh = _svd_frame(_host_weight(h.model, h.fam, key, i))
             R = u("lora_xs", f"attn.{key}", i)("R")
-            dW = U[:, :r] @ torch.diag(S[:r]) @ R @ Vh[:r]
+            dW = U[:, :r] @ R @ torch.diag(S[:r]) @ Vh[:r]  # the paper's U_r S_r R V_r^T of the [in, out] weight, transposed
             h.linear(key, i, lambda x, y, dW=dW: y + scale * x @ dW.T)
 
 
