@@ -397,6 +397,42 @@ def _act_lora(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
         h.down_input(i, lambda a, g=g: a + scale * lora_delta(a, g))
 
 
+def _svd_frame(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD W = U diag(S) V^T of a host weight, in fp32 (singular values descending)."""
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    return U, S, Vh
+
+
+def _lora_xs(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale, r = hp["alpha"] / hp["r"], hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            U, S, Vh = _svd_frame(_host_weight(h.model, h.fam, key, i))
+            R = u("lora_xs", f"attn.{key}", i)("R")
+            dW = U[:, :r] @ R @ torch.diag(S[:r]) @ Vh[:r]  # the paper's U_r S_r R V_r^T of the [in, out] weight, transposed
+            h.linear(key, i, lambda x, y, dW=dW: y + scale * x @ dW.T)
+
+
+def _milora(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale, r = hp["alpha"] / hp["r"], hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            U, S, Vh = _svd_frame(_host_weight(h.model, h.fam, key, i))
+            minor = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]  # the residual base is W - minor
+            g = u("milora", f"attn.{key}", i)
+            h.linear(key, i, lambda x, y, g=g, m=minor: y - x @ m.T + scale * lora_delta(x, g))
+
+
+def _nola(h: Hand, u: Units, z: dict[str, int], hp: dict[str, Any]) -> None:
+    scale = hp["alpha"] / hp["r"]
+    for i in range(h.L):
+        for key in ("q", "v"):
+            g = u("nola", f"attn.{key}", i)
+            A = sum(g("c")[j] * g("A_basis")[j] for j in range(hp["k"]))
+            B = sum(g("b")[j] * g("B_basis")[j] for j in range(hp["k"]))
+            h.linear(key, i, lambda x, y, A=A, B=B: y + scale * x @ A.T @ B.T)
+
+
 def _bn(d: int, r: int) -> int:
     """Parameters of one bottleneck adapter d -> r -> d with biases."""
     return 2 * d * r + r + d
@@ -440,6 +476,10 @@ CASES = [
         hp["r"] * z["d"] + o * hp["r"] + o for o in (z["heads"] * z["d_head"], _v_out(z)))),
     Case("kron_prompt", _kron_prompt, lambda z, hp, f: hp["k"] * (hp["n"] * hp["a"] + z["d"] // hp["a"])),
     Case("act_lora", _act_lora, lambda z, hp, f: z["L"] * 2 * hp["r"] * z["d_ff"]),
+    Case("lora_xs", _lora_xs, lambda z, hp, f: z["L"] * 2 * hp["r"] ** 2),
+    Case("milora", _milora, lambda z, hp, f: z["L"] * sum(hp["r"] * (z["d"] + o) for o in (z["heads"] * z["d_head"], _v_out(z)))),
+    Case("nola", _nola, lambda z, hp, f: z["L"] * 2 * 2 * hp["k"]),
+    Case("nola", _nola, lambda z, hp, f: z["L"] * 2 * 2 * hp["k"], {"r": 4, "k": 5}),
 ]
 
 
@@ -504,8 +544,13 @@ MERGE = {
     "krona": [(k, lambda W, g, hp: W + hp["s"] * torch.kron(g("A"), g("B"))) for k in ("q", "v")],
     "channel_gated_lora": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("g")[:, None] * (g("B") @ g("A"))) for k in ("q", "v")],
     "act_lora": [("down", lambda W, g, hp: W @ (torch.eye(W.shape[1]) + (hp["alpha"] / hp["r"]) * g("B") @ g("A")))],
+    "lora_xs": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("B") @ g("R") @ g("A")) for k in ("q", "v")],
+    "milora": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * g("B") @ g("A")) for k in ("q", "v")],  # W: the residual host
+    "nola": [(k, lambda W, g, hp: W + (hp["alpha"] / hp["r"]) * torch.einsum("k,kor->or", g("b"), g("B_basis"))
+              @ torch.einsum("k,kri->ri", g("c"), g("A_basis"))) for k in ("q", "v")],
 }
-UNIT_OF = {"krona": ("krona", "attn.{k}"), "channel_gated_lora": ("lora", "attn.{k}"), "act_lora": ("act_lora", "ffn.act")}
+UNIT_OF = {"krona": ("krona", "attn.{k}"), "channel_gated_lora": ("lora", "attn.{k}"), "act_lora": ("act_lora", "ffn.act"),
+           "lora_xs": ("lora_xs", "attn.{k}"), "milora": ("milora", "attn.{k}"), "nola": ("nola", "attn.{k}")}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -548,6 +593,9 @@ EXPECTED_TYPOLOGY = {
     "channel_gated_lora": {"integration_form": "gated addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank"},
     "kron_prompt": {"workspace": "embedding", "integration_form": "concatenation", "intra_connectivity": "kronecker/hypercomplex", "input_type": "none"},
     "act_lora": {"workspace": "ffn", "insertion_form": "sequential", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank"},
+    "lora_xs": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
+    "milora": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
+    "nola": {"insertion_form": "parallel", "integration_form": "scaled addition", "parameter_adaptation": "reparameterisation", "intra_connectivity": "low-rank", "insertions": "2L"},
 }
 
 
@@ -602,3 +650,21 @@ def test_kron_linear() -> None:
     g = torch.Generator().manual_seed(0)
     A, B, x = torch.randn(3, 4, generator=g), torch.randn(5, 2, generator=g), torch.randn(2, 7, 8, generator=g)
     assert torch.allclose(PRIMITIVES["kron_linear"].fn(x, A, B), x @ torch.kron(A, B).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_milora_residual_base_and_remove(shape: str) -> None:
+    """MiLoRA's host weight is the residual W - U_m S_m V_m^T during the adapter's life and W, bit for bit, after remove()."""
+    fam = family_of(shape)
+    model = copy.deepcopy(_base(shape))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    a = apply(model, "milora")
+    r = a.hyperparameters["r"]
+    for i in range(model_sizes(fam)["L"]):
+        for key in ("q", "v"):
+            W = _host_weight(_base(shape), fam, key, i)
+            U, S, Vh = _svd_frame(W)
+            expected = W - U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]
+            assert (_host_weight(model, fam, key, i) - expected).abs().max() <= TOL
+    a.remove()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
