@@ -60,8 +60,8 @@ def expand_sites(requested: Sequence[str], reference: ReferenceArchitecture,
             continue
         if item in reference.selectors:
             found = _selected(reference, item)
-        elif any(c in item for c in "*?["):
-            found = [s for s in reference.sites if fnmatch.fnmatchcase(s, item)]
+        elif any(c in item for c in "*?["):  # sites a module can attach to (not those only read, as the rotary ones)
+            found = [s for s in reference.sites if fnmatch.fnmatchcase(s, item) and reference.site_kinds[reference.sites[s].kind].forms]
         else:
             names = [*reference.sites, *reference.selectors]
             raise SiteError(f"sites: {item!r} is no site, pattern or selector{suggest(item, names)} "
