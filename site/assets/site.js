@@ -15,31 +15,63 @@
     return a < b ? -1 : a > b ? 1 : 0;
   }
 
-  /* Sortable tables: a button in each column header sorts the rows by that column. */
+  /* Sortable tables: a button in each column header sorts the rows by that column; a table shown as cards on a
+     phone (its header hidden) gets a "Sort by" menu with the same orders. */
   function makeSortable(table) {
     var heads = table.tHead ? table.tHead.rows[0].cells : [];
+    var menu = table.classList.contains("cards") ? sortMenu(table) : null;
+    function sortBy(col, dir) {
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+      heads[col].setAttribute("aria-sort", dir);
+      if (menu) menu.value = col + " " + dir;
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows).map(function (r, i) { return [r, i]; });
+      rows.sort(function (p, q) {
+        var c = compareValues(cellValue(p[0].cells[col]), cellValue(q[0].cells[col]));
+        if (dir === "descending") c = -c;
+        return c || p[1] - q[1];
+      });
+      rows.forEach(function (p) { body.appendChild(p[0]); });
+    }
     Array.prototype.forEach.call(heads, function (th, col) {
       if (th.classList.contains("nosort")) return;
+      var name = th.textContent.trim();
       var button = document.createElement("button");
       button.type = "button";
       button.className = "sort";
       while (th.firstChild) button.appendChild(th.firstChild);
       th.appendChild(button);
       button.addEventListener("click", function () {
-        var dir = th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending";
-        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
-        th.setAttribute("aria-sort", dir);
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows = rows.map(function (r, i) { return [r, i]; });
-        rows.sort(function (p, q) {
-          var c = compareValues(cellValue(p[0].cells[col]), cellValue(q[0].cells[col]));
-          if (dir === "descending") c = -c;
-          return c || p[1] - q[1];
-        });
-        rows.forEach(function (p) { body.appendChild(p[0]); });
+        sortBy(col, th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending");
+      });
+      if (!menu || !name) return;
+      ["ascending", "descending"].forEach(function (dir) {
+        var opt = document.createElement("option");
+        opt.value = col + " " + dir;
+        opt.textContent = name + (dir === "ascending" ? " ↑" : " ↓");
+        menu.appendChild(opt);
       });
     });
+    if (menu) menu.addEventListener("change", function () {
+      var v = menu.value.split(" ");
+      if (v.length === 2) sortBy(parseInt(v[0], 10), v[1]);
+    });
+  }
+
+  function sortMenu(table) {
+    var label = document.createElement("label");
+    label.className = "card-sort";
+    label.textContent = "Sort by ";
+    var menu = document.createElement("select");
+    menu.className = "card-sort";
+    var none = document.createElement("option");
+    none.value = "";
+    none.textContent = "as listed";
+    menu.appendChild(none);
+    label.appendChild(menu);
+    var anchor = table.closest(".scroll") || table;
+    anchor.parentNode.insertBefore(label, anchor);
+    return menu;
   }
 
   /* The index: a text filter and a form filter over the technique rows. */
@@ -351,12 +383,13 @@
       button.className = "zoom";
       button.setAttribute("aria-pressed", "false");
       button.textContent = "Full size";
-      button.addEventListener("click", function () {
-        var full = !frame.classList.contains("full");
+      function show(full) {
         frame.classList.toggle("full", full);
         button.setAttribute("aria-pressed", full ? "true" : "false");
         button.textContent = full ? "Fit to width" : "Full size";
-      });
+      }
+      button.addEventListener("click", function () { show(!frame.classList.contains("full")); });
+      readable(fig, frame, show);
       caption.appendChild(button);
       var drag = null;
       frame.addEventListener("pointerdown", function (e) {
@@ -370,6 +403,25 @@
       });
       window.addEventListener("pointerup", function () { drag = null; });
     });
+  }
+
+  /* An inline drawing wider than its column may use the page's width on a wide screen ("wide"); where scaled to its
+     frame its smallest text would still be under 10 px (a phone, a very wide drawing), it opens at full size,
+     panned inside the frame, and "Fit to width" gives the overview. */
+  var MIN_TEXT_PX = 10;
+  function readable(fig, frame, show) {
+    var svg = frame.querySelector("svg");
+    if (!svg || !svg.viewBox || !svg.viewBox.baseVal || !svg.viewBox.baseVal.width) return;
+    var least = Infinity;
+    Array.prototype.forEach.call(svg.querySelectorAll("text"), function (t) {
+      var size = parseFloat(t.getAttribute("font-size"));
+      if (size && t.textContent.trim()) least = Math.min(least, size);
+    });
+    if (svg.width.baseVal.value > fig.parentNode.clientWidth) fig.classList.add("wide");
+    if (least * frame.clientWidth / svg.viewBox.baseVal.width < MIN_TEXT_PX) {
+      show(true);
+      frame.scrollLeft = (frame.scrollWidth - frame.clientWidth) / 2;  // the middle of the drawing, where the layer is
+    }
   }
 
   /* A Copy button on each peft config (the text stays selectable without the script). */
