@@ -291,7 +291,6 @@ REFUSED = {
     "deft_qr": (peft.DeftConfig(r=2, decomposition_method="qr", target_modules=["q_proj"]), "deft needs .*decomposition_method='relu'"),
     "deft_para": (peft.DeftConfig(r=2, para=True, target_modules=["q_proj"]), "deft needs .*para=False"),
     "deft_alpha": (peft.DeftConfig(r=2, alpha=4, target_modules=["q_proj"]), "deft needs .*alpha=None"),
-    "poly_tasks": (peft.PolyConfig(task_type="CAUSAL_LM", r=2, n_tasks=2, target_modules=["q_proj"]), "poly needs .*n_tasks=1"),
     "pvera_sampled": (peft.PveraConfig(r=2, sample_at_inference=True, target_modules=["q_proj"]), "pvera needs .*sample_at_inference=False"),
     "road_2": (peft.RoadConfig(variant="road_2", group_size=8, target_modules=["q_proj"]), "road needs .*variant='road_1'"),
     "unilora_no_indices": (peft.UniLoraConfig(r=2, theta_d_length=16, target_modules=["q_proj"]), "unilora needs .*save_indices=True"),
@@ -326,8 +325,9 @@ def test_a_reader_placed_with_its_source_reads_it_at_its_own_site(tmp_path: Any)
 
     poly = (Path(__file__).parents[1] / "catalog" / "techniques" / "poly.yaml").read_text(encoding="utf-8")
     bad = tmp_path / "poly.yaml"
-    bad.write_text(poly.replace("    sites: [attn.q, attn.v]\n    form: parallel\n    inputs:", "    sites: [attn.q, attn.k]\n    form: parallel\n    inputs:"),
-                   encoding="utf-8")
+    skills = "router's normalised weights\n    sites: [attn.q, attn.v]\n"  # the skills' sites (the router's are the same)
+    assert poly.count(skills) == 1
+    bad.write_text(poly.replace(skills, skills.replace("attn.v", "attn.k")), encoding="utf-8")
     others = {k: v for k, v in CATALOG.techniques.items() if k != "poly"}
     _loaded, _s, _p, problems = load_techniques([bad], CATALOG.reference, others)
     assert len(problems) == 1 and "name one of them with site:" in problems[0].message and problems[0].field.endswith("inputs.z.module")

@@ -57,13 +57,16 @@ def test_side_network_only_reads_the_backbone() -> None:
 
 def test_a_module_read_as_weights_over_a_stack_is_drawn_as_a_router() -> None:
     """Poly: each site's skill mixture reads the router at its own site (one connection each, as the compiler reads
-    it) as the weights of its stack of skills, so the router is drawn as a router at its site, fed by x, above its
+    it) as the weights of its stack of skills, so the router is drawn as a router at its site, fed by the task ids, above its
     skills (not as a side network); ladder side tuning's side modules, which no module reads that way, keep their
     side network beside the layer."""
     cat = default_catalog()
     g = technique_graph(cat, [cat.technique("poly")])
-    conns = sorted((g.nodes[u]["site"], g.nodes[v]["site"]) for u, v, a in g.edges(data=True) if a["role"] == "connection")
+    edges = [(u, v) for u, v, a in g.edges(data=True) if a["role"] == "connection"]
+    conns = sorted((g.nodes[u]["site"], g.nodes[v]["site"]) for u, v in edges if g.nodes[u].get("role") == "module")
     assert conns == [("attn.q", "attn.q"), ("attn.v", "attn.v")]
+    calls = sorted(g.nodes[v]["site"] for u, v in edges if g.nodes[u].get("role") == "call_input")  # the task ids feed the routers
+    assert calls == ["attn.q", "attn.v"]
     assert not any(c.startswith("side_network") for c in g.graph["clusters"])
     routers = sorted(n for n, a in g.nodes(data=True) if a.get("router"))
     assert routers == ["m_poly_router_attn_q", "m_poly_router_attn_v"]
@@ -71,7 +74,7 @@ def test_a_module_read_as_weights_over_a_stack_is_drawn_as_a_router() -> None:
         node = g.nodes[r]
         assert node["router"] == "skills" and node["cluster"] == "g_qkv" and node["html"].startswith("<B>router</B>")
         assert "s = " in node["html"] and "δ = " not in node["html"]
-        assert {a["role"] for _u, _v, a in g.in_edges(r, data=True)} == {"x"}
+        assert {(a["role"], g.nodes[u].get("role")) for u, _v, a in g.in_edges(r, data=True)} == {("connection", "call_input")}
         assert [g.nodes[v]["module"] for _u, v, a in g.out_edges(r, data=True) if a["role"] == "connection"] == ["skills"]
     ladder = technique_graph(cat, [cat.technique("ladder_side_tuning")])
     spec = next(s for c, s in ladder.graph["clusters"].items() if c.startswith("side_network"))

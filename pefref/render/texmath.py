@@ -1,7 +1,7 @@
 """A small LaTeX-to-MathML converter for the subset the primitives' docstrings use (offline, no script, no CDN).
 
 Handled: letters (italic identifiers), numbers, operators, groups ``{...}``,
-sub- and superscripts, ``\\frac``, ``\\sqrt``, ``\\hat``, ``\\operatorname`` /
+sub- and superscripts, ``\\frac``, ``\\sqrt``, accents (``\\hat``, ``\\overline``, ``\\bar``, ``\\tilde``), ``\\operatorname`` /
 ``\\mathrm`` / ``\\text`` (upright), ``\\mathcal`` and ``\\mathbb`` (their
 letters), thin spaces ``\\,`` and the symbols in :data:`SYMBOLS`. An unknown
 command is written as its name in upright text, never as a backslash command,
@@ -27,11 +27,13 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     "infty": ("mi", "∞"), "to": ("mo", "→"), "neq": ("mo", "≠"), "pm": ("mo", "±"),
     "sin": ("fn", "sin"), "cos": ("fn", "cos"), "min": ("fn", "min"), "ell": ("mi", "ℓ"), "epsilon": ("mi", "ε"),
     "tau": ("mi", "τ"), "star": ("mo", "⋆"), "sim": ("mo", "∼"), "uparrow": ("mo", "↑"),
-    "lceil": ("mo", "⌈"), "rceil": ("mo", "⌉"), "lfloor": ("mo", "⌊"), "rfloor": ("mo", "⌋"),
+    "partial": ("mo", "∂"), "nabla": ("mo", "∇"), "lceil": ("mo", "⌈"), "rceil": ("mo", "⌉"), "lfloor": ("mo", "⌊"), "rfloor": ("mo", "⌋"),
 }
 _SIZING = ("textstyle", "displaystyle", "big", "Big", "bigl", "bigr", "left", "right")
 """Commands that only size or style what follows: dropped (MathML sizes its own delimiters)."""
 _UPRIGHT = ("operatorname", "mathrm", "text")
+_ACCENTS = {"hat": "^", "overline": "¯", "bar": "¯", "tilde": "~"}
+"""Accents over their argument."""
 _CAL = {"N": "𝒩", "U": "𝒰", "F": "ℱ", "L": "ℒ", "O": "𝒪"}
 _BB = {"R": "ℝ", "N": "ℕ", "Z": "ℤ", "C": "ℂ"}
 _TOKEN = re.compile(r"\\[A-Za-z]+|\\.|[A-Za-z]|\d+(?:\.\d+)?|\s+|.", re.S)
@@ -117,8 +119,8 @@ def _command(name: str, r: _Reader, unknown: list[str]) -> str:
         return _el("mfrac", _argument(r, unknown) + _argument(r, unknown))
     if name == "sqrt":
         return _el("msqrt", _argument(r, unknown))
-    if name == "hat":
-        return _el("mover", _argument(r, unknown) + _el("mo", "^"), accent="true")
+    if name in _ACCENTS:
+        return _el("mover", _argument(r, unknown) + _el("mo", _ACCENTS[name]), accent="true")
     if name in _SIZING:
         return ""
     if name in ("begin", "end"):  # an environment (a matrix): its name is dropped, its rows read inline
