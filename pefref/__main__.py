@@ -1,5 +1,5 @@
 """``python -m pefref`` (and ``torchrun -m pefref``): the command line."""
 
-from pefref.cli.app import app
+from pefref.cli.entry import main
 
-app()
+main()

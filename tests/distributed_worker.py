@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 
 from pefref.experiments.checkpoint import load_tensors
 from pefref.experiments.data import Examples, collate, load_examples, read_table
+from pefref.experiments.distributed import exit_process
 from pefref.experiments.grid import RunSpec, expand, load_experiment
 from pefref.experiments.tasks import Prepared, build_task_model, prepare_run
 from pefref.language.catalog import default_catalog
@@ -98,4 +100,9 @@ def main(exp_path: Path, out: Path) -> None:
 if __name__ == "__main__":
     faulthandler.enable()
     faulthandler.dump_traceback_later(int(os.environ.get("PEFREF_TEST_HANG_S", "1080")), exit=True)  # a hung collective: stacks, then exit
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    try:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
+    except BaseException:
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0)  # done: leave without the interpreter's teardown (as `torchrun -m pefref` does)

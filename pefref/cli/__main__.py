@@ -1,3 +1,3 @@
-from pefref.cli.app import app
+from pefref.cli.entry import main
 
-app()
+main()

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch import nn
 T = TypeVar("T")
 
 __all__ = [
-    "Dist", "all_sum", "any_true", "broadcast", "full_tensor", "init", "load_optimizer_state", "local_shard", "optimizer_state",
+    "Dist", "all_sum", "any_true", "broadcast", "exit_process", "full_tensor", "init", "load_optimizer_state", "local_shard", "optimizer_state",
     "parameter_bytes", "shard", "transformer_blocks", "wrap",
 ]
 
@@ -83,6 +84,17 @@ def _leave() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process torchrun started, once its work is done and written: leave the process group, flush, then exit
+    without the interpreter's teardown (``os._exit``). Tearing down torch's and gloo's C++ state at exit aborts a
+    worker now and then on a loaded machine ("terminate called without an active exception", SIGABRT) after a run
+    finished, and torchrun then reports the whole launch failed; nothing is left to tear down that matters."""
+    _leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launched() -> bool:
