@@ -150,3 +150,15 @@ def test_compiler_names_no_technique(catalog) -> None:
                 if re.search(rf"(?<![\w.]){re.escape(w)}(?![\w])", code):
                     hits.append(f"{path.relative_to(ROOT)}:{n}: {w}")
     assert not hits, "\n".join(hits)
+
+
+def test_params_says_na_with_the_reason_where_a_technique_cannot_be_placed() -> None:
+    """A technique that reads a site the family does not bind (the adaption prompt's post-rotary queries on GPT-2)
+    or finds no host tensor (BitFit on Llama) is not applicable there: 'n/a' and why, never a count apply would refuse."""
+    r = CliRunner().invoke(app, ["params", "adaption_prompt", "--model", "gpt2"])
+    assert r.exit_code == 0 and "n/a" in r.output and "attn.q_rot" in r.output and "trainable parameters" not in r.output
+    r = CliRunner().invoke(app, ["params", "adaption_prompt", "--model", "gpt2", "--json"])
+    got = json.loads(r.output)
+    assert got["trainable"] == 0 and any("attn.q_rot" in d for d in got["dropped"])
+    r = CliRunner().invoke(app, ["params", "adaption_prompt", "--model", "tiny-llama"])
+    assert "trainable parameters" in r.output and "not placed" not in r.output

@@ -381,8 +381,13 @@ def params(
         _echo_json(pc.as_dict())
         return
     con = SafeConsole(highlight=False)
-    con.print(Text(f"{t.id} on {model}: ", style="bold") + Text(f"{pc.trainable:,} trainable parameters ({pc.percent:.4f}% of {pc.base:,})"))
-    con.print(Text("formula: ", style="bold") + Text(pc.formula))
+    if pc.trainable == 0 and pc.dropped:  # nothing placed: not applicable, not "0 parameters"
+        con.print(Text(f"{t.id} on {model}: ", style="bold") + Text("n/a (it cannot be placed on this model)"))
+    else:
+        con.print(Text(f"{t.id} on {model}: ", style="bold") + Text(f"{pc.trainable:,} trainable parameters ({pc.percent:.4f}% of {pc.base:,})"))
+        con.print(Text("formula: ", style="bold") + Text(pc.formula))
+    for why in pc.dropped:
+        con.print(Text("not placed: ", style="bold") + Text(why))
 
 
 @app.command("apply")

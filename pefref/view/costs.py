@@ -155,6 +155,8 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
                               W=torch.empty(d_out, d_in, device="meta") if d_in else None,
                               stats={n: torch.empty(tuple(sh), device="meta") for n, sh in stat_shapes(m, d_in or d_out, d_out).items()})
             conns = getattr(m, "inputs", None) or {}
+            if any(c.module is None and c.site is not None and c.site not in fam.sites for c in conns.values()):
+                continue  # it reads a site this family does not bind: not placed here (apply refuses it), no work
             inputs = {}
             calls = {k: c.call for k, c in conns.items() if c.call is not None}
             for k, c in conns.items():

@@ -42,7 +42,8 @@ class ParamCount:
 
     def as_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, "model": self.model, "trainable": self.trainable, "base_params": self.base,
-                "percent": round(self.percent, 6), "formula": self.formula, "hyperparameters": self.hyperparameters}
+                "percent": round(self.percent, 6), "formula": self.formula, "hyperparameters": self.hyperparameters,
+                "dropped": list(self.dropped)}
 
 
 def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog) -> tuple[Any, Any]:
@@ -86,9 +87,13 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     select_total, select_terms = 0, []
     dropped: list[str] = []
     for m in modules:
+        unread = sorted({c.site for c in (getattr(m, "inputs", None) or {}).values() if c.module is None and c.site is not None and c.site not in fam.sites})
         for site in m.sites:
             if site not in fam.sites:
                 dropped.append(f"{m.name} at {site}: {fam.family} binds no {site}")
+                continue
+            if unread:  # it reads a site the family does not bind: apply refuses it there
+                dropped.append(f"{m.name} at {site}: reads {', '.join(unread)}, which {fam.family} does not bind")
                 continue
             ref_site = catalog.reference.sites[site]
             per_layer = ref_site.per_layer
