@@ -32,11 +32,25 @@ def _move(path: str | None, old: str, new: str) -> str | None:
     return ".".join(p for p in (new, rest) if p)
 
 
+def _check_version(fam: ArchitectureMap) -> None:
+    """Refuse a map written for other transformers versions than the installed one (a layout that changed)."""
+    from pefref.language.errors import PefrefError
+    from pefref.language.schema.family import installed_transformers
+
+    version = installed_transformers()
+    if fam.transformers is not None and version is not None and not fam.transformers.holds(version):
+        span = " ".join(x for x in (f">= {fam.transformers.since}" if fam.transformers.since else "",
+                                    f"< {fam.transformers.until}" if fam.transformers.until else "") if x)
+        raise PefrefError(f"family {fam.family!r} is mapped for transformers {span}; the installed {'.'.join(map(str, version))} "
+                          "lays its models out differently")
+
+
 def bind_class(fam: ArchitectureMap, cls: str) -> ArchitectureMap:
     """The map with its paths for model class ``cls`` (unchanged for a class it does not list).
 
     Binding is idempotent: the result lists only ``cls``, with its backbone and head as bound.
     """
+    _check_version(fam)
     mc = fam.classes.get(cls)
     if mc is None:
         return fam

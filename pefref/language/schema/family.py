@@ -195,6 +195,9 @@ class ArchitectureMap(Strict):
     family: Identifier
     description: str
     model_type: str | None = Field(None, description="transformers model_type used to build models of this family from a shape (None: pefref's own reference Transformer).")
+    transformers: VersionRange | None = Field(
+        None, description=("The transformers versions the map is written for, where a model's layout changed between versions "
+                           "(absent: every supported version); a model of the family is refused under another version."))
     task: Literal[TASKS] = Field("causal_lm", description="Which transformers auto class builds the model.")  # type: ignore[valid-type]
     causal: bool = Field(True, description="Whether attention is causal (decoders); exposed to expressions as the name 'causal'.")
     backbone: str = Field("", description="Path of the backbone (the base model) in the paths below ('': they are the base model's own paths).")
