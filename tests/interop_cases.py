@@ -57,8 +57,7 @@ class Case:
     reads_as: str | None = None  # the technique peft's form reads back into (default: the same)
     linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
-    task_ids: bool = False  # peft's forward takes task ids (multitask prompt tuning: task 0)
-    task_ids: bool = False  # Poly: peft's forward takes every example's task id (all 0: one task)
+    task_ids: bool = False  # peft's forward takes every example's task id (multitask prompt tuning, Poly)
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
