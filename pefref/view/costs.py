@@ -23,7 +23,7 @@ from pefref.language.schema import ModelShape, Technique
 from pefref.language.shapecheck import stat_shapes
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.view.analysis import connected_modules, mergeable_on, technique_mergeability
-from pefref.view.params import host_widths
+from pefref.view.params import host_widths, unbound_reads
 
 __all__ = ["Efficiency", "efficiency", "latency_class", "merge_map"]
 
@@ -155,7 +155,7 @@ def _efficiency(t: Technique, shape: ModelShape, catalog: Catalog, overrides: di
                               W=torch.empty(d_out, d_in, device="meta") if d_in else None,
                               stats={n: torch.empty(tuple(sh), device="meta") for n, sh in stat_shapes(m, d_in or d_out, d_out).items()})
             conns = getattr(m, "inputs", None) or {}
-            if any(c.module is None and c.site is not None and c.site not in fam.sites for c in conns.values()):
+            if unbound_reads(m, fam):
                 continue  # it reads a site this family does not bind: not placed here (apply refuses it), no work
             inputs = {}
             calls = {k: c.call for k, c in conns.items() if c.call is not None}

@@ -46,6 +46,11 @@ class ParamCount:
                 "dropped": list(self.dropped)}
 
 
+def unbound_reads(m: Any, fam: ArchitectureMap) -> list[str]:
+    """The sites module ``m`` reads through connections that ``fam`` does not bind (apply refuses it there)."""
+    return sorted({c.site for c in (getattr(m, "inputs", None) or {}).values() if c.module is None and c.site is not None and c.site not in fam.sites})
+
+
 def host_widths(site: str, fam: ArchitectureMap, catalog: Catalog) -> tuple[Any, Any]:
     """(d_in, d_out) of a site as expressions over the sizes (a one-block slice's size replaces d_out; an
     interleaved slice owns the site's width, which applying checks)."""
@@ -87,7 +92,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     select_total, select_terms = 0, []
     dropped: list[str] = []
     for m in modules:
-        unread = sorted({c.site for c in (getattr(m, "inputs", None) or {}).values() if c.module is None and c.site is not None and c.site not in fam.sites})
+        unread = unbound_reads(m, fam)
         for site in m.sites:
             if site not in fam.sites:
                 dropped.append(f"{m.name} at {site}: {fam.family} binds no {site}")
