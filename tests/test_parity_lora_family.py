@@ -93,7 +93,7 @@ CASES: dict[str, Case] = {
         {"w1": "lokr_w1.default", "w2a": "lokr_w2_a.default", "w2b": "lokr_w2_b.default"},
     ),
     "adalora": Case(
-        {"r": R, "alpha": ALPHA, "dropout": 0.0},
+        {"r": R, "alpha": ALPHA, "dropout": 0.0, "target_r": 2, "total_step": 10},
         lambda task, t: peft.AdaLoraConfig(task_type=task, target_modules=t, init_r=R, target_r=2, lora_alpha=ALPHA, lora_dropout=0.0,
                                            total_step=10),
         {"A": "lora_A.default", "E": "lora_E.default", "B": "lora_B.default"},
@@ -149,8 +149,9 @@ def unit_key(module: str, site: str, layer: int) -> str:
     return f"{module}__{site.replace('.', '_')}__{layer}"
 
 
-def build(shape: str, technique: str) -> Pair:
-    case, family = CASES[technique], family_of(shape)
+def build(shape: str, technique: str, case: Case | None = None) -> Pair:
+    """``case``: instead of the technique's case in :data:`CASES` (other hyperparameters and config)."""
+    case, family = case or CASES[technique], family_of(shape)
     paths = host_paths(technique, shape)
     base = base_model(shape)
     pm = peft.get_peft_model(copy.deepcopy(base), case.config(TASK[family], sorted(set(paths.values())))).eval()

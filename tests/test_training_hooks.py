@@ -5,9 +5,11 @@ torch, AdaLoRA's orthogonality regulariser against peft after several optimiser 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
 from pydantic import ValidationError
@@ -18,6 +20,7 @@ from pefref.models.build import build_model
 from pefref.runtime.api import Adapter, apply
 from pefref.view.typology import derive_typology
 
+from .test_parity_lora_family import CASES as PARITY_CASES
 from .test_parity_lora_family import build as parity_pair
 
 HEADER = 'id: hooked\nname: Hooked\npaper: {title: t, authors: a, year: 2024, arxiv: "2401.00001"}\n'
@@ -66,7 +69,8 @@ def test_hooks_validate_and_derive_into_the_typology(tmp_path: Path) -> None:
     row = derive_typology(t, cat.reference, cat.techniques)
     assert row.values["training_time"] == "schedule + gradient projection + after-step projection + auxiliary loss"
     assert derive_typology(cat.technique("lora"), cat.reference, cat.techniques).values["training_time"] == "none"
-    assert derive_typology(cat.technique("adalora"), cat.reference, cat.techniques).values["training_time"] == "auxiliary loss"
+    assert derive_typology(cat.technique("adalora"), cat.reference, cat.techniques).values["training_time"] == (
+        "schedule + auxiliary loss + running statistic + global mask")
 
 
 @pytest.mark.parametrize(("hook", "field", "line", "col", "message"), [
@@ -206,13 +210,25 @@ def test_aux_loss_is_zero_without_hooks_and_the_unused_hooks_warn_once(tmp_path:
     assert all(torch.equal(base[k], back[k]) for k in base)  # removing takes the watch and the units out
 
 
-# --- AdaLoRA's orthogonality regulariser against peft -------------------------------------------------------
+# --- AdaLoRA's orthogonality regulariser and rank budget allocation against peft ----------------------------
+
+SCHEDULE = {"target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
+"""Warm-up (steps 0-2), the pruning window (3-8, masking at 4, 6 and 8), the final mask (9) kept for steps 10-11."""
 
 
-def adalora_parity(steps: int = 5, lr: float = 0.05, aux: bool = True) -> float:
-    """Both AdaLoRA models trained ``steps`` AdamW steps on one batch (peft adds orth_reg to the loss with labels,
-    pefref adds adapter.aux_loss()); the largest difference of A, E, B afterwards."""
-    pair = parity_pair("tiny-llama", "adalora")
+def adalora_case(schedule: dict[str, int]) -> Any:
+    """The AdaLoRA parity case with ``schedule`` (peft's config fields, pefref's hyperparameters of the same names)."""
+    case = PARITY_CASES["adalora"]
+    return replace(case, hps={**case.hps, **schedule}, config=lambda task, t: peft.AdaLoraConfig(
+        task_type=task, target_modules=t, init_r=4, lora_alpha=8.0, lora_dropout=0.0, **schedule))
+
+
+def adalora_parity(steps: int = 5, lr: float = 0.05, aux: bool = True, schedule: dict[str, int] | None = None,
+                   hooks: bool = True) -> tuple[float, Any, Adapter]:
+    """Both AdaLoRA models trained ``steps`` AdamW steps on one batch, peft the way its docs say (orth_reg added to the
+    loss with labels; ``update_and_allocate(step)`` after ``optimizer.step()``, before ``zero_grad()``), pefref with
+    adapter.aux_loss() and its hooks; the largest difference of P, E, Q afterwards, peft's model and pefref's adapter."""
+    pair = parity_pair("tiny-llama", "adalora", adalora_case(schedule or {"target_r": 2, "total_step": 10}))
     pm, model, ad = pair.peft_model.train(), pair.model.train(), pair.adapter
     batch = _batch(model.config.vocab_size)
     p_opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
@@ -220,11 +236,14 @@ def adalora_parity(steps: int = 5, lr: float = 0.05, aux: bool = True) -> float:
     for step in range(steps):
         pm(**batch).loss.backward()
         p_opt.step()
+        pm.base_model.update_and_allocate(step)
         p_opt.zero_grad()
         (model(**batch).loss + (ad.aux_loss() if aux else 0.0)).backward()
-        ad.before_optimizer_step(step)
+        if hooks:
+            ad.before_optimizer_step(step)
         opt.step()
-        ad.after_optimizer_step(step)
+        if hooks:
+            ad.after_optimizer_step(step)
         opt.zero_grad()
     names = {"A": "lora_A.default", "E": "lora_E.default", "B": "lora_B.default"}
     diff = 0.0
@@ -232,11 +251,11 @@ def adalora_parity(steps: int = 5, lr: float = 0.05, aux: bool = True) -> float:
         layer = pm.get_base_model().get_submodule(path)
         for n, pn in names.items():
             diff = max(diff, float((getattr(ad.units[key], n) - layer.get_parameter(pn)).detach().abs().max()))
-    return diff
+    return diff, pm, ad
 
 
 def test_adalora_orthogonality_regulariser_matches_peft_after_training() -> None:
-    assert adalora_parity() <= 1e-5
+    assert adalora_parity()[0] <= 1e-5
 
 
 def test_adalora_without_the_regulariser_departs_from_peft() -> None:
@@ -244,7 +263,37 @@ def test_adalora_without_the_regulariser_departs_from_peft() -> None:
     pair = parity_pair("tiny-llama", "adalora")
     assert pair.adapter.hyperparameters["orth_reg_weight"] == 0.5 == pair.peft_model.peft_config["default"].orth_reg_weight
     assert float(pair.adapter.aux_loss().detach()) > 0.1
-    assert adalora_parity(aux=False) > 1e-3
+    assert adalora_parity(aux=False)[0] > 1e-3
+
+
+def _pruned(ad: Adapter) -> int:
+    return sum(int((u.E == 0).sum()) for u in ad.units.values())
+
+
+def test_adalora_budget_schedule_matches_peft_through_warmup_pruning_and_final_phase() -> None:
+    """12 steps: warm-up, masking every deltaT steps in the window, the final mask at total_step - tfinal kept after it;
+    P, E, Q (the masked singular values included) equal peft's, with peft's final budget reached."""
+    diff, pm, ad = adalora_parity(steps=12, schedule=SCHEDULE)
+    assert diff <= 1e-5
+    units = len(ad.units)
+    assert _pruned(ad) == units * (4 - SCHEDULE["target_r"])  # peft's target budget: target_r per update on average
+    pattern = pm.peft_config["default"].rank_pattern
+    assert sum(not k for v in pattern.values() for k in v) == _pruned(ad)
+    kept = {int((u.E != 0).sum()) for u in ad.units.values()}
+    assert len(kept) > 1  # the budget moved between updates (not the same rank everywhere)
+
+
+@pytest.mark.parametrize(("steps", "pruned"), [(3, 0), (5, None)])
+def test_adalora_schedule_phases(steps: int, pruned: int | None) -> None:
+    """Nothing is masked in the warm-up (steps 0-2); masking starts in the window (step 4), equal to peft's."""
+    diff, _pm, ad = adalora_parity(steps=steps, schedule=SCHEDULE)
+    assert diff <= 1e-5
+    assert (_pruned(ad) == 0) if pruned == 0 else (_pruned(ad) > 0)
+
+
+def test_adalora_without_the_schedule_departs_from_peft() -> None:
+    """Not vacuous: the same 12 steps without pefref's hooks (peft allocating) end elsewhere."""
+    assert adalora_parity(steps=12, schedule=SCHEDULE, aux=False, hooks=False)[0] > 1e-3
 
 
 # --- pefref run and the Trainer callback ------------------------------------------------------------------

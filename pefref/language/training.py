@@ -11,32 +11,49 @@ from typing import Any
 from pefref.language.errors import Location, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.language.loader import dotted, suggest
-from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, ScheduleHook
+from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, MaskHook, ScheduleHook, StateHook
 from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.shapes import Shape
 
-__all__ = ["check_training", "hook_names", "HOOK_OPS", "STEP", "GRAD", "INITIAL"]
+__all__ = ["check_training", "hook_names", "states_of", "HOOK_OPS", "STEP", "GRAD", "INITIAL", "TOTAL", "UNITS"]
 
 STEP, GRAD, INITIAL = "step", "grad", "initial"
-"""The names a schedule (the optimiser step), a gradient projection (the gradient) and an after-step projection
-(the tensor's value when the adapter was applied) read besides the hyperparameters and the module's tensors."""
+"""The names a schedule (the optimiser step), a gradient projection and a state (the gradient) and an after-step
+projection (the tensor's value when the adapter was applied) read besides the hyperparameters and the module's tensors."""
+TOTAL, UNITS = "total", "units"
+"""The names a mask's ``keep`` reads: the masked tensor's entries over all units of the module, and their number."""
+RESERVED = frozenset({STEP, GRAD, INITIAL, TOTAL, UNITS})
 
 HOOK_OPS = frozenset(k for k, p in PRIMITIVES.items() if not p.stochastic and k != "dropout")
 """The ops a training hook may call (deterministic ones: hooks run outside the forward pass)."""
 
 
-def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str]) -> dict[str, set[str]]:
-    """Field -> the names its expression may read, for one hook (``params``: its module's tensors)."""
+def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str], states: set[str] = frozenset()) -> dict[str, set[str]]:  # type: ignore[assignment]
+    """Field -> the names its expression may read, for one hook (``params``: its module's tensors, ``states``: its
+    module's states)."""
     if isinstance(hook, ScheduleHook):
         return {"value": {STEP} | hps}
     if isinstance(hook, GradProjectionHook):
-        return {"value": {GRAD} | params | hps | schedules}
+        return {"value": {GRAD} | params | hps | schedules | states}
     if isinstance(hook, AfterStepHook):
-        return {"value": {INITIAL} | params | hps | schedules}
+        return {"value": {INITIAL} | params | hps | schedules | states}
+    if isinstance(hook, StateHook):
+        return {"value": {GRAD} | params | hps | schedules | states}
+    if isinstance(hook, MaskHook):
+        return {"score": params | hps | schedules | states, "keep": {TOTAL, UNITS} | hps | schedules}
     assert isinstance(hook, AuxLossHook)
-    return {"value": params | hps | schedules, "weight": hps | schedules}
+    return {"value": params | hps | schedules | states, "weight": hps | schedules}
+
+
+def states_of(training: list[Any]) -> dict[str, list[StateHook]]:
+    """Module name -> its state hooks, in the order of the ``training:`` list."""
+    out: dict[str, list[StateHook]] = {}
+    for h in training:
+        if isinstance(h, StateHook):
+            out.setdefault(h.tensor.split(".")[0], []).append(h)
+    return out
 
 
 def _problem(pos: Positions, path: tuple[Any, ...], msg: str, column: int | None = None) -> Problem:
@@ -68,10 +85,12 @@ def _module_of(hook: Any, modules: dict[str, Any], hp: tuple[Any, ...], pos: Pos
     if tname is not None and tname not in m.params:
         return None, None, [_problem(pos, hp + (fld,), f"module {mname!r} has no tensor {tname!r}{suggest(tname, m.params)} "
                                      f"(tensors: {', '.join(m.params) or 'none'})")]
-    if isinstance(hook, GradProjectionHook) and tname is not None and not m.params[tname].trainable:
-        return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is not trainable: it has no gradient to project")]
-    if isinstance(hook, GradProjectionHook) and tname is not None and (m.params[tname].split or m.params[tname].stacked != "none"):
-        return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is stored split or stacked: a gradient projection needs it whole")]
+    what = ("a gradient projection" if isinstance(hook, GradProjectionHook)
+            else "a state (it reads the gradient)" if isinstance(hook, StateHook) else None)
+    if what is not None and tname is not None and not m.params[tname].trainable:
+        return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is not trainable: it has no gradient for {what}")]
+    if what is not None and tname is not None and (m.params[tname].split or m.params[tname].stacked != "none"):
+        return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is stored split or stacked: {what} needs it whole")]
     return m, tname, []
 
 
@@ -91,41 +110,71 @@ def _param_shapes(m: Any, hps: dict[str, Any], ref: Any, pos: Positions) -> dict
 
 
 def _check_shape(hook: Any, tname: str | None, env: dict[str, Any], pos: Positions, hp: tuple[Any, ...]) -> list[Problem]:
-    """What the hook's value gives, on shapes: the tensor's own shape (projections), one value (losses, schedules)."""
-    got, out = _run(hook.value, env, pos, hp + ("value",))
-    if out or got is None:
-        return out
-    scalar = not isinstance(got, Shape) or len(got) == 0 or got == Shape((1,))
-    if tname is not None and not isinstance(hook, ScheduleHook):
-        want = env.get(tname)
-        if want is not None and isinstance(got, Shape) and got != want:
-            return [_problem(pos, hp + ("value",), f"the value has shape {got}; the tensor {hook.tensor!r} is {want}")]
-    elif not scalar:
-        what = "an aux loss" if isinstance(hook, AuxLossHook) else "a schedule"
-        return [_problem(pos, hp + ("value",), f"the value has shape {got}; {what} gives one value (reduce it, e.g. with sum)")]
-    return []
+    """What the hook's value gives, on shapes: the tensor's own shape (projections, states, a mask's score), one value
+    (losses, schedules, a mask's keep)."""
+    fields = ("score", "keep") if isinstance(hook, MaskHook) else ("value",)
+    out: list[Problem] = []
+    for fld in fields:
+        got, found = _run(getattr(hook, fld), env, pos, hp + (fld,))
+        if found or got is None:
+            out += found
+            continue
+        scalar = not isinstance(got, Shape) or len(got) == 0 or got == Shape((1,))
+        if tname is not None and fld != "keep" and not isinstance(hook, ScheduleHook):
+            want = env.get(tname)
+            if want is not None and isinstance(got, Shape) and got != want:
+                out.append(_problem(pos, hp + (fld,), f"the {fld} has shape {got}; the tensor {hook.tensor!r} is {want}"))
+        elif not scalar:
+            what = "an aux loss" if isinstance(hook, AuxLossHook) else "a mask's keep" if isinstance(hook, MaskHook) else "a schedule"
+            out.append(_problem(pos, hp + (fld,), f"the {fld} has shape {got}; {what} gives one value (reduce it, e.g. with sum)"))
+    return out
+
+
+def _check_names(hook: Any, hp: tuple[Any, ...], hps: dict[str, Any], taken: set[str], pos: Positions) -> list[Problem]:
+    """A schedule's or a state's name against the hyperparameters, the reserved names and the names already taken
+    (other schedules; the module's tensors and other states)."""
+    if not isinstance(hook, (ScheduleHook, StateHook)):
+        return []
+    what = ("a hyperparameter" if hook.name in hps else "a name the hooks bind" if hook.name in RESERVED
+            else "another schedule or state, or a tensor of its module" if hook.name in taken else None)
+    return [] if what is None else [_problem(pos, hp + ("name",), f"{hook.kind} name {hook.name!r} is already the name of {what}")]
+
+
+def _check_windows(hook: Any, hps: set[str], pos: Positions, hp: tuple[Any, ...]) -> list[Problem]:
+    """The step windows' bounds: expressions over the hyperparameters."""
+    out: list[Problem] = []
+    for fld in ("when", "hold"):
+        for j, w in enumerate(getattr(hook, fld, None) or []):
+            for bound in ("first", "last", "every"):
+                text = getattr(w, bound)
+                if isinstance(text, str):
+                    out += _names(parse_expr(text), hps, pos, hp + (fld, j, bound), f"a step window's {bound}")
+    return out
 
 
 def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None) -> list[Problem]:
-    """Located problems of the training hooks (modules and tensors named, names and ops read, schedule names, and with
-    ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults."""
+    """Located problems of the training hooks (modules and tensors named, names and ops read, schedule and state names,
+    step windows, and with ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults."""
     out: list[Problem] = []
     by_name = {m.name: m for m in modules}
     schedules: set[str] = set()
+    taken: dict[str, set[str]] = {}  # module -> its tensors' and states' names so far
     every = {h.name for h in training if isinstance(h, ScheduleHook)}
+    states = {k: {h.name for h in v} for k, v in states_of(training).items()}
     for i, hook in enumerate(training):
         hp = ("training", i)
-        if isinstance(hook, ScheduleHook):
-            if hook.name in hps or hook.name in schedules:
-                what = "a hyperparameter" if hook.name in hps else "another schedule"
-                out.append(_problem(pos, hp + ("name",), f"schedule name {hook.name!r} is already the name of {what}"))
-            schedules.add(hook.name)
         m, tname, found = _module_of(hook, by_name, hp, pos)
         out += found
+        mname = getattr(m, "name", None)
+        seen = schedules if isinstance(hook, ScheduleHook) else taken.setdefault(mname or "", set(getattr(m, "params", {})) | every)
+        out += _check_names(hook, hp, hps, seen, pos)
+        if isinstance(hook, (ScheduleHook, StateHook)):
+            seen.add(hook.name)
+        out += _check_windows(hook, set(hps), pos, hp)
         if found:
             continue
         params = set(m.params) if m is not None else set()
-        allowed = hook_names(hook, params, set(hps), every)
+        allowed = hook_names(hook, params, set(hps), every, states.get(mname or "", set()))
         if isinstance(hook, AfterStepHook) and tname is not None:
             allowed["value"] |= {tname}
         found = []
@@ -135,7 +184,10 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
                 found += _names(parse_expr(text), names, pos, hp + (fld,), f"the {hook.kind} {fld}")
         out += found
         if not found and ref is not None:
-            env = {**(_param_shapes(m, hps, ref, pos) if m is not None else hps), **{n: 1.0 for n in every}, STEP: 1, GRAD: None}
+            env = {**(_param_shapes(m, hps, ref, pos) if m is not None else hps), **{n: 1.0 for n in every}, STEP: 1, GRAD: None,
+                   TOTAL: 16, UNITS: 2}
+            if m is not None:
+                env.update({h.name: env.get(h.tensor.split(".")[1]) for h in states_of(training).get(m.name, [])})
             if tname is not None:
                 env[GRAD] = env[INITIAL] = env.get(tname)
             out += _check_shape(hook, tname, env, pos, hp)

@@ -1,5 +1,5 @@
 """A technique's training-time behaviour at run time: schedules, gradient projections, after-step projections,
-auxiliary losses (the ``training:`` hooks of its YAML, checked by :mod:`pefref.language.training`).
+auxiliary losses, states and masks (the ``training:`` hooks of its YAML, checked by :mod:`pefref.language.training`).
 
 :class:`TrainingHooks` evaluates each hook's expression on every unit of the module it names, with the names
 validation allowed it. A training loop calls ``Adapter.aux_loss`` (added to the task loss),
@@ -19,8 +19,8 @@ from torch import nn
 from pefref.compiler import parts
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
-from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, ScheduleHook
-from pefref.language.training import GRAD, HOOK_OPS, INITIAL, STEP
+from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, MaskHook, ScheduleHook, StateHook, StepWindow
+from pefref.language.training import GRAD, HOOK_OPS, INITIAL, STEP, TOTAL, UNITS
 from pefref.ops import PRIMITIVES
 
 if TYPE_CHECKING:
@@ -39,11 +39,14 @@ _OPS: dict[str, Any] = {k: PRIMITIVES[k].fn for k in HOOK_OPS}
 
 @dataclass
 class TrainingHooks:
-    """The state of one adapter's training hooks: current schedule values and the tensors' initial values."""
+    """The state of one adapter's training hooks: current schedule values, the tensors' initial values, the states
+    (``(unit key, state name)``) and the last masks (``(hook index, unit key)``)."""
 
     adapter: Adapter
     schedules: dict[str, Any] = field(default_factory=dict)
     initial: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    states: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     called: bool = False
     forwards: int = 0
     handle: Any = None
@@ -52,10 +55,14 @@ class TrainingHooks:
         """Snapshot what after-step projections read as ``initial``, set the schedules at step 0 and watch for a loop
         that never calls the hooks (a forward pre-hook on the model, removed with the adapter)."""
         for h in self.adapter.technique.training:
-            if isinstance(h, AfterStepHook):
+            if isinstance(h, (AfterStepHook, StateHook)):
                 mod, tname = h.tensor.split(".")
                 for key, unit in self._units(mod):
-                    self.initial[(key, tname)] = parts.read(unit, tname).detach().clone()
+                    t = parts.read(unit, tname).detach()
+                    if isinstance(h, AfterStepHook):
+                        self.initial[(key, tname)] = t.clone()
+                    else:
+                        self.states[(key, h.name)] = torch.zeros_like(t)
         self.set_schedules(0)
         self.handle = self.adapter.model.register_forward_pre_hook(_Watch(self))
         self.adapter._hooks.append(self.handle)
@@ -87,6 +94,7 @@ class TrainingHooks:
         env: dict[str, Any] = dict(self.adapter.hyperparameters)
         env.update(self.schedules)
         env.update({n: parts.read(unit, n) for n in spec.params})
+        env.update({n: v for (k, n), v in self.states.items() if k == key})
         return env
 
     def set_schedules(self, step: int) -> None:
@@ -122,23 +130,89 @@ class TrainingHooks:
         return total
 
     def before_step(self, step: int) -> None:
-        """Schedules at ``step``, then every gradient projection (after the backward pass, before the optimiser step)."""
+        """Schedules at ``step``, then every gradient projection, state and mask that runs before the optimiser step
+        (after the backward pass), in the order of the list."""
         self._called()
         self.set_schedules(step)
-        for h in self.adapter.technique.training:
+        for i, h in enumerate(self.adapter.technique.training):
             if isinstance(h, GradProjectionHook):
                 self._each(h, lambda p, env, _h=h: _set_grad(p, evaluate(parse_expr(_h.value), {**env, GRAD: p.grad}, _OPS)))
+            elif isinstance(h, (StateHook, MaskHook)) and h.at == "before_step":
+                self._state_or_mask(i, h, step)
 
     def after_step(self, step: int) -> None:
-        """Every after-step projection, assigned back without gradient."""
+        """Every after-step projection (assigned back without gradient), state and mask that runs after the optimiser
+        step, in the order of the list."""
         self._called()
-        for h in self.adapter.technique.training:
+        for i, h in enumerate(self.adapter.technique.training):
             if isinstance(h, AfterStepHook):
                 tname = h.tensor.split(".")[1]
                 for key, unit in self._units(h.tensor.split(".")[0]):
                     with torch.no_grad():
                         v = evaluate(parse_expr(h.value), {**self._env(unit, key), INITIAL: self.initial[(key, tname)]}, _OPS)
                         parts.write(unit, tname, v)
+            elif isinstance(h, (StateHook, MaskHook)) and h.at == "after_step":
+                self._state_or_mask(i, h, step)
+
+    def _in(self, windows: list[StepWindow], step: int) -> bool:
+        """Whether ``step`` is in any of ``windows``."""
+        def bound(v: Any) -> Any:
+            return None if v is None else evaluate(parse_expr(v), self.adapter.hyperparameters, _OPS)
+        for w in windows:
+            first, last, every = bound(w.first), bound(w.last), bound(w.every)
+            if (first is None or step >= first) and (last is None or step <= last) and step % every == 0:
+                return True
+        return False
+
+    def _state_or_mask(self, i: int, h: StateHook | MaskHook, step: int) -> None:
+        if isinstance(h, StateHook):
+            if not h.when or self._in(h.when, step):
+                self._update_state(h)
+        elif self._in(h.when, step):
+            self._mask(i, h)
+        elif self._in(h.hold, step):
+            self._apply_masks(i, h)
+
+    def _update_state(self, h: StateHook) -> None:
+        """Each unit's new value of the state, from its previous one and the gradient of its tensor (zero when it has none)."""
+        mod, tname = h.tensor.split(".")
+        with torch.no_grad():
+            for key, unit in self._units(mod):
+                p = unit._parameters.get(tname)
+                if p is None:
+                    raise PefrefError(f"training hook on {h.tensor!r}: the tensor is stored stacked or split; a state needs it whole")
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                v = evaluate(parse_expr(h.value), {**self._env(unit, key), GRAD: g}, _OPS)
+                prev = self.states[(key, h.name)]
+                self.states[(key, h.name)] = torch.as_tensor(v, dtype=prev.dtype, device=prev.device).expand_as(prev).detach().clone()
+
+    def _mask(self, i: int, h: MaskHook) -> None:
+        """Rank the scores of every unit together; zero the entries scoring at most the (total - keep)-th lowest score."""
+        mod, tname = h.tensor.split(".")
+        units = self._units(mod)
+        if not units:
+            return
+        with torch.no_grad():
+            scores = {key: torch.as_tensor(evaluate(parse_expr(h.score), self._env(u, key), _OPS)).expand_as(parts.read(u, tname))
+                      for key, u in units}
+            flat = torch.cat([s.reshape(-1) for s in scores.values()])
+            env = {**self.adapter.hyperparameters, **self.schedules, TOTAL: flat.numel(), UNITS: len(units)}
+            k = flat.numel() - int(evaluate(parse_expr(h.keep), env, _OPS))
+            if k <= 0:
+                return
+            threshold = torch.kthvalue(flat, min(k, flat.numel()))[0].item()
+            for key, s in scores.items():
+                self.masks[(i, key)] = s > threshold
+        self._apply_masks(i, h)
+
+    def _apply_masks(self, i: int, h: MaskHook) -> None:
+        """Zero each unit's entries outside its last mask (nothing before a mask was computed)."""
+        mod, tname = h.tensor.split(".")
+        with torch.no_grad():
+            for key, unit in self._units(mod):
+                keep = self.masks.get((i, key))
+                if keep is not None:
+                    parts.write(unit, tname, parts.read(unit, tname).masked_fill(~keep, 0.0))
 
     def _each(self, h: GradProjectionHook, fn: Any) -> None:
         """Run ``fn(parameter, env)`` once per distinct tensor the hook names that has a gradient."""

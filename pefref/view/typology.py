@@ -32,7 +32,7 @@ INITIALISATION = "initialisation"
 data' (some module declares calibration statistics), 'host weights' (an initialiser or host update reads ``W``),
 or 'data-free'."""
 HOOK_LABELS = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after-step projection",
-               "aux_loss": "auxiliary loss"}
+               "aux_loss": "auxiliary loss", "state": "running statistic", "mask": "global mask"}
 
 
 @dataclass

@@ -14,7 +14,8 @@ __all__ = [
     "ParamSpec", "Connection", "LayerRange", "Layers", "ParallelModule", "SequentialModule",
     "ReparameteriseModule", "RescaleModule", "PrependModule", "SelectModule", "ModuleUse",
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
-    "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "TrainingHook", "HOOK_KINDS",
+    "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "StateHook", "MaskHook", "StepWindow", "TrainingHook",
+    "HOOK_KINDS",
     "Statistic", "STATISTIC_KINDS",
 ]
 
@@ -321,7 +322,7 @@ Module = Annotated[
 ]
 
 
-HOOK_KINDS = ("schedule", "grad_projection", "after_step", "aux_loss")
+HOOK_KINDS = ("schedule", "grad_projection", "after_step", "aux_loss", "state", "mask")
 """The closed set of training-time behaviours a technique may declare (``training:``)."""
 TensorRef = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")]
 
@@ -372,7 +373,50 @@ class AuxLossHook(_HookBase):
                                     "and the schedules), e.g. a regulariser weight hyperparameter.")
 
 
-TrainingHook = Annotated[Union[ScheduleHook, GradProjectionHook, AfterStepHook, AuxLossHook], Field(discriminator="kind")]
+class StepWindow(Strict):
+    """Optimiser steps (0-based): from ``first`` to ``last`` (both included, either may be left out), every ``every``-th
+    step (``step % every == 0``); each bound an expression over the hyperparameters."""
+
+    first: int | ExprStr | None = Field(None, description="The first step of the window (included); none: from step 0.")
+    last: int | ExprStr | None = Field(None, description="The last step of the window (included); none: no end.")
+    every: int | ExprStr = Field(1, description="Only the steps divisible by this (peft's deltaT), e.g. deltaT.")
+
+
+_AT_DOC = ("When in the step it runs: after the optimiser step (before the gradients are cleared: the gradient of the "
+           "step is still there) or before it (after the backward pass).")
+
+
+class StateHook(_HookBase):
+    """A persistent tensor of each unit (an exponential moving average of a statistic), zero when the adapter is applied
+    and updated at the steps of ``when``, in the order of the ``training:`` list (a later one reads an earlier one's new value)."""
+
+    kind: Literal["state"]
+    name: Identifier = Field(description="The state's name: the hooks of the same module read each unit's value under it.")
+    tensor: TensorRef = Field(description="'module.tensor': a trainable tensor, whole; the state has its shape, and `grad` is its gradient.")
+    value: ExprStr = Field(description="The new value, from the previous one (its own name), `grad`, the module's tensors, its "
+                           "states, the hyperparameters and the schedules, e.g. beta1 * s + (1 - beta1) * abs(A * grad).")
+    when: list[StepWindow] = Field(default_factory=list, description="The steps it runs at: any of these windows (none: every step).")
+    at: Literal["after_step", "before_step"] = Field("after_step", description=_AT_DOC)
+
+
+class MaskHook(_HookBase):
+    """Zeroes the entries of a tensor whose score is among the lowest over every unit of the module (a global budget):
+    the scores of all units are ranked together, the ``total - keep`` lowest found (their largest is the threshold) and
+    every entry scoring at most the threshold is set to zero, without gradient. The mask is kept and, at the steps of
+    ``hold``, applied again."""
+
+    kind: Literal["mask"]
+    tensor: TensorRef = Field(description="'module.tensor': the tensor whose entries are zeroed, in every unit of the module.")
+    score: ExprStr = Field(description="Each entry's importance, the tensor's shape, from the module's tensors, its states, the "
+                           "hyperparameters and the schedules (e.g. a singular value's and its vectors' smoothed sensitivities).")
+    keep: ExprStr = Field(description="How many entries stay, over all units together, from `total` (the tensor's entries over all "
+                          "units), `units` (their number), the hyperparameters and the schedules, e.g. a budget schedule.")
+    when: list[StepWindow] = Field(min_length=1, description="The steps at which it ranks the scores and zeroes (any of these windows).")
+    hold: list[StepWindow] = Field(default_factory=list, description="The steps at which the last mask is applied again (any of these windows).")
+    at: Literal["after_step", "before_step"] = Field("after_step", description=_AT_DOC)
+
+
+TrainingHook = Annotated[Union[ScheduleHook, GradProjectionHook, AfterStepHook, AuxLossHook, StateHook, MaskHook], Field(discriminator="kind")]
 
 
 class Technique(Strict):
@@ -396,7 +440,8 @@ class Technique(Strict):
     training: list[TrainingHook] = Field(
         default_factory=list,
         description=("Training-time behaviour beyond the forward pass, from a closed set of kinds: schedules over optimiser steps, "
-                     "gradient projections, projections after each step and auxiliary losses. Adapter.aux_loss, "
+                     "gradient projections, projections after each step, auxiliary losses, persistent state tensors and "
+                     "masks from a global ranking of scores. Adapter.aux_loss, "
                      "before_optimizer_step and after_optimizer_step run them (pefref run and the Trainer callback call them)."),
     )
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
