@@ -88,6 +88,16 @@ def test_hooks_validate_and_derive_into_the_typology(tmp_path: Path) -> None:
     ("  - {kind: after_step, tensor: lora.B, value: \"matmul(B, U)\"}", "training[0].value", 1, 48, "matmul"),
     ("  - {kind: after_step, tensor: lora.B, value: B, when: 3}", "training[0].when", 1, 50, "unknown key 'when'"),
     ("  - {kind: warmup, value: step}", "training[0]", 1, 5, "kind"),
+    ("  - {kind: state, name: s, tensor: lora.A, value: \"s + grad * Q\"}", "training[0].value", 1, 63, "unknown name 'Q'"),
+    ("  - {kind: state, name: s, tensor: lora.M, value: M}", "training[0].tensor", 1, 36, "is not trainable"),
+    ("  - {kind: state, name: r, tensor: lora.A, value: grad}", "training[0].name", 1, 25, "already the name of a hyperparameter"),
+    ("  - {kind: state, name: s, tensor: lora.A, value: \"sum(grad, -1)\"}", "training[0].value", 1, 51, "the tensor 'lora.A' is [4, 512]"),
+    ("  - {kind: mask, tensor: lora.A, score: A, keep: \"A\", when: [{}]}", "training[0].keep", 1, 51, "unknown name 'A' in the mask keep"),
+    ("  - {kind: mask, tensor: lora.A, score: \"sum(A, -1)\", keep: total, when: [{}]}", "training[0].score", 1, 41, "the score has shape [4]"),
+    ("  - {kind: mask, tensor: lora.A, score: A, keep: total, when: [{first: foo}]}", "training[0].when[0].first", 1, 72, "unknown name 'foo'"),
+    ("  - {kind: mask, tensor: lora.A, score: A, keep: total, when: []}", "training[0].when", 1, 63, "at least 1 item"),
+    ("  - {kind: state, name: s, tensor: lora.A, value: grad}\n  - {kind: mask, tensor: lora.B, score: s, keep: units, when: [{}]}",
+     "training[1].score", 2, 41, "the score has shape [4, 512]; the tensor 'lora.B' is [512, 4]"),
 ])
 def test_hook_errors_are_located(tmp_path: Path, hook: str, field: str, line: int, col: int, message: str) -> None:
     p = _write(tmp_path, "training:\n" + hook + "\n")
@@ -169,6 +179,48 @@ def test_adapter_hooks_equal_the_equations_in_plain_torch(tmp_path: Path) -> Non
     for u in _units(ad):
         assert float((u.A.grad if u.A.grad is not None else torch.zeros(1)).abs().max()) == 0.0
         assert float(u.M.max()) == pytest.approx(0.7)
+
+
+STATE_MASK = """training:
+  - {kind: state, name: g2, tensor: lora.B, at: before_step, value: "0.5 * g2 + 0.5 * grad ** 2"}
+  - {kind: mask, tensor: lora.B, score: "abs(B) * g2", keep: "floor(total * 3 / 4)", when: [{first: 1, last: 1}], hold: [{first: 3}]}
+"""
+
+
+def test_state_and_global_mask_equal_plain_torch(tmp_path: Path) -> None:
+    """A state before the step (an EMA of grad²) and a mask after it, ranking |B|·EMA over every unit together at
+    step 1, held from step 3 (not at step 2): against the same steps in torch, 5 SGD steps."""
+    model = build_model("tiny-llama", seed=0)
+    torch.manual_seed(3)
+    ad = apply(model, _write(tmp_path, STATE_MASK))
+    assert isinstance(ad, Adapter)
+    with torch.no_grad():
+        for u in _units(ad):
+            u.B.normal_(std=0.1)
+    b0 = [u.B.detach().clone() for u in _units(ad)]
+    opt = torch.optim.SGD(ad.trainable_parameters(), lr=0.5)
+    batch, ema, mask = _batch(model.config.vocab_size), [torch.zeros_like(b) for b in b0], None
+    for step in range(5):
+        model(**batch).loss.backward()
+        grads = [u.B.grad.detach().clone() for u in _units(ad)]
+        before = [u.B.detach().clone() for u in _units(ad)]
+        ad.before_optimizer_step(step)
+        opt.step()
+        ad.after_optimizer_step(step)
+        opt.zero_grad()
+        ema = [0.5 * e + 0.5 * g ** 2 for e, g in zip(ema, grads)]
+        want = [b - 0.5 * g for b, g in zip(before, grads)]  # the SGD step, then the mask
+        if step == 1:
+            scores = [w.abs() * e for w, e in zip(want, ema)]
+            flat = torch.cat([sc.reshape(-1) for sc in scores])
+            threshold = torch.kthvalue(flat, flat.numel() - flat.numel() * 3 // 4)[0]
+            mask = [sc > threshold for sc in scores]
+        if mask is not None and step != 2:
+            want = [w.masked_fill(~m, 0.0) for w, m in zip(want, mask)]
+        assert max(float((u.B.detach() - w).abs().max()) for u, w in zip(_units(ad), want)) <= 1e-6, step
+        zeros = sum(int((u.B == 0).sum()) for u in _units(ad))
+        total = sum(b.numel() for b in b0)
+        assert (zeros == 0) if step in (0, 2) else (zeros >= total - total * 3 // 4), step
 
 
 def test_gradient_projection_removes_the_frozen_subspace(tmp_path: Path) -> None:
