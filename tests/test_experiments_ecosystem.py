@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,3 +61,61 @@ def test_tensorboard_logging(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     else:  # the optional extra is missing: the run still finishes, with one clear warning
         assert not events
         assert "tensorboard is not installed" in capsys.readouterr().err
+
+
+ADALORA_RUN = ("  - technique: adalora\n"
+               "    hyperparameters: {r: 4, target_r: 2, tinit: 1, tfinal: 2, deltaT: 1, total_step: 6}")
+"""AdaLoRA with its budget schedule over a 6-step run: warm-up (steps 0-1), masking at 2 and 3, the final mask at 4, held at 5."""
+NO_DROPOUT = "{shape: tiny-bert, config: {hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}"
+
+
+def _pefref_run_batches(run: Any) -> list[dict[str, torch.Tensor]]:
+    """The batches ``pefref run`` trains on, in its order (one epoch's permutation, collated as it does)."""
+    from pefref.experiments.data import collate, epoch_order
+
+    B = run.cfg.training.batch_size
+    out = []
+    for step in range(run.total):
+        epoch, pos = divmod(step, run.steps_per_epoch)
+        order = epoch_order(len(run.train_ex), run.cfg.seed, epoch)
+        out.append(collate(run.train_ex, order[pos * B:(pos + 1) * B], run.tok.pad_token_id, run.cfg.causal))
+    return out
+
+
+def test_trainer_with_the_callback_gives_the_parameters_of_pefref_run_for_adalora(tmp_path: Path) -> None:
+    """``pefref run`` and ``transformers.Trainer`` (pefref's callback and aux loss, the run's model, optimizer, schedule and
+    batches) train AdaLoRA with its rank budget schedule to the same adapter and head, with the final budget reached."""
+    from transformers import Trainer, TrainingArguments
+
+    from pefref.experiments.checkpoint import load_tensors
+    from pefref.experiments.grid import expand, load_experiment
+    from pefref.experiments.results import load_results
+    from pefref.experiments.train import RunConfig, RunEnv, _setup
+    from pefref.experiments.trainer import TrainingHooksCallback, with_aux_loss
+    from pefref.language.catalog import default_catalog
+
+    p = write_exp(tmp_path, ADALORA_RUN, model=NO_DROPOUT)
+    outcome = run_experiment(p, tmp_path / "out", progress=False)
+    assert not outcome.failed and len(outcome.done) == 1
+    (row,) = load_results(tmp_path / "out").runs
+    ran = load_tensors(tmp_path / "out" / "runs" / row.id / "adapter.safetensors")
+
+    exp, _pos = load_experiment(p)
+    (spec,) = expand(exp, p)
+    env = RunEnv(p.parent, tmp_path / "trainer", exp.data, exp.training, default_catalog(), None)
+    run = _setup(RunConfig.of(spec, env.training), env)
+    batches = _pefref_run_batches(run)
+    init = {k: v.detach().clone() for k, v in run.prep.state().items()}
+    args = TrainingArguments(str(tmp_path / "t"), per_device_train_batch_size=1, max_steps=run.total, report_to=[], disable_tqdm=True,
+                             save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+                             max_grad_norm=run.cfg.training.max_grad_norm or 0.0)
+    trainer = Trainer(run.model, args, train_dataset=batches, data_collator=lambda rows: rows[0],
+                      callbacks=[TrainingHooksCallback(run.prep.adapters)], optimizers=(run.opt, run.sched))
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(batches)  # pefref run's order
+    with_aux_loss(trainer, run.prep.adapters).train()
+    mine = {k: v.detach() for k, v in run.prep.state().items()}
+    assert set(mine) == set(ran)
+    assert max(float((mine[k] - ran[k]).abs().max()) for k in ran) <= 1e-5
+    assert max(float((init[k] - ran[k]).abs().max()) for k in ran) > 1e-3  # trained
+    es = [v for k, v in ran.items() if k.endswith(".E")]
+    assert es and sum(int((e == 0).sum()) for e in es) == len(es) * (4 - 2)  # the final budget: target_r per update on average
