@@ -432,3 +432,35 @@ def test_a_composition_member_runs_its_hooks(tmp_path: Path) -> None:
         for u in _units(ad):
             u.B.fill_(0.5)
     assert float(aux_loss_of([Members()]).detach()) == pytest.approx(float(ad.aux_loss().detach())) and float(ad.aux_loss().detach()) > 0
+
+
+def test_pefref_run_trains_adalora_with_its_schedule_on_minilm(tmp_path: Path) -> None:
+    """The MiniLM experiment (catalog/experiments/minilm_rt_polarity.yaml) cut to one AdaLoRA run of 4 steps: the run
+    finishes, and its adapter holds the final budget (target_r per update on average, unevenly spread)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+    from pefref.experiments.checkpoint import load_tensors
+    from pefref.experiments.results import load_results
+
+    from .test_experiments_calibration import MINILM
+
+    exp = yaml.safe_load(MINILM.read_text())
+    exp["data"] = {**{k: str(MINILM.parent / v) for k, v in exp["data"].items()}, "limit_train": 32, "limit_eval": 8}
+    exp["grid"] = [{"technique": "adalora", "learning_rates": [5.0e-3],
+                    "hyperparameters": {"r": 4, "target_r": 2, "tinit": 0, "tfinal": 1, "deltaT": 1, "total_step": 4}}]
+    exp["seeds"] = [0]
+    exp["training"] = {**exp["training"], "max_steps": 4, "eval_every": 4, "batch_size": 8, "threads": 1}
+    exp["training"].pop("epochs", None)
+    path = tmp_path / "minilm_adalora.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    r = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    (row,) = load_results(tmp_path / "out").runs
+    assert row.status == "done"
+    tensors = load_tensors(tmp_path / "out" / "runs" / row.id / "adapter.safetensors")
+    es = [v for k, v in tensors.items() if k.endswith(".E")]
+    assert len(es) == 6 * 6  # the six projections of MiniLM's six layers
+    assert sum(int((e == 0).sum()) for e in es) == len(es) * (4 - 2)
+    assert len({int((e != 0).sum()) for e in es}) > 1
