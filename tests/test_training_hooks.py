@@ -464,3 +464,33 @@ def test_pefref_run_trains_adalora_with_its_schedule_on_minilm(tmp_path: Path) -
     assert len(es) == 6 * 6  # the six projections of MiniLM's six layers
     assert sum(int((e == 0).sum()) for e in es) == len(es) * (4 - 2)
     assert len({int((e != 0).sum()) for e in es}) > 1
+
+
+def test_an_interrupted_adalora_run_resumes_to_the_same_adapter(tmp_path: Path) -> None:
+    """The hooks' states and masks are part of the resumable checkpoint: interrupted after step 3 (inside the pruning
+    window, the EMAs and a mask held) and resumed, the run ends where the uninterrupted one does."""
+    import os
+    import signal
+
+    from pefref.experiments.checkpoint import load_state, load_tensors
+    from pefref.experiments.results import load_results
+    from pefref.experiments.runner import run_experiment
+
+    from .test_experiments import write_exp
+
+    grid = "  - technique: adalora\n    hyperparameters: {r: 4, target_r: 2, tinit: 1, tfinal: 2, deltaT: 1, total_step: 6}"
+    p = write_exp(tmp_path, grid, training=", checkpoint_every: 1")
+    assert len(run_experiment(p, tmp_path / "a", progress=False).done) == 1
+
+    def interrupt(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert run_experiment(p, tmp_path / "b", progress=False, on_step=interrupt).interrupted is not None
+    (row,) = load_results(tmp_path / "b").runs
+    saved = load_state(tmp_path / "b" / "runs" / row.id / "state.pt")["hooks"]
+    assert saved and any(k.startswith("state/") and float(v.abs().max()) > 0 for k, v in saved[0].items())
+    assert any(k.startswith("mask/") for k in saved[0])
+    assert len(run_experiment(p, tmp_path / "b", progress=False).done) == 1
+    a, b = (load_tensors(tmp_path / d / "runs" / row.id / "adapter.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

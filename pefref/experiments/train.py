@@ -50,7 +50,7 @@ from pefref.experiments.tasks import (
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.language.schema.experiment import DataSpec, TaskSpec, TrainingSpec
-from pefref.runtime.training import after_step_of, aux_loss_of, before_step_of
+from pefref.runtime.training import after_step_of, aux_loss_of, before_step_of, hooks_state_of, load_hooks_state_of
 
 __all__ = ["RunConfig", "RunEnv", "StopFlag", "TrainState", "train_run", "versions"]
 
@@ -350,6 +350,7 @@ def _resume(run: _Run) -> TrainState:
     else:
         run.opt.load_state_dict(saved["optimizer"])
     run.sched.load_state_dict(saved["scheduler"])
+    load_hooks_state_of(run.prep.adapters, saved.get("hooks", []))  # training hooks' states and masks (AdaLoRA's EMAs)
     set_rng_state(saved["rng"])
     return TrainState.of(saved["progress"])
 
@@ -459,7 +460,7 @@ def _checkpoint(run: _Run, state: TrainState, name: str = "last") -> None:
     save_tensors(run.folder / f"{name}.safetensors", tensors, meta)
     if name == "last":
         save_state(run.folder / "state.pt", {"optimizer": optim if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                                             "rng": rng_state(), "progress": state.saved()})
+                                             "rng": rng_state(), "progress": state.saved(), "hooks": hooks_state_of(run.prep.adapters)})
 
 
 def _finish(run: _Run, loop: _Loop, state: TrainState, status: str) -> str:

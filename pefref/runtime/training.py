@@ -26,7 +26,8 @@ from pefref.ops import PRIMITIVES
 if TYPE_CHECKING:
     from pefref.runtime.adapter import Adapter
 
-__all__ = ["TrainingHooks", "HOOKS_UNUSED", "hooked", "aux_loss_of", "before_step_of", "after_step_of"]
+__all__ = ["TrainingHooks", "HOOKS_UNUSED", "hooked", "aux_loss_of", "before_step_of", "after_step_of", "hooks_state_of",
+           "load_hooks_state_of"]
 
 HOOKS_UNUSED = ("technique {tid!r} (adapter {name!r}) declares training-time behaviour ({kinds}) that this training loop "
                 "does not run: call adapter.aux_loss(), adapter.before_optimizer_step(step) and adapter.after_optimizer_step(step) "
@@ -96,6 +97,25 @@ class TrainingHooks:
         env.update({n: parts.read(unit, n) for n in spec.params})
         env.update({n: v for (k, n), v in self.states.items() if k == key})
         return env
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the hooks carry from step to step (states, last masks, the tensors' initial values), for a resumable
+        checkpoint: names ``state/<unit>/<name>``, ``mask/<hook index>/<unit>`` and ``initial/<unit>/<tensor>``."""
+        out = {f"state/{k}/{n}": v.detach().clone() for (k, n), v in self.states.items()}
+        out.update({f"initial/{k}/{n}": v.clone() for (k, n), v in self.initial.items()})
+        out.update({f"mask/{i}/{k}": m.clone() for (i, k), m in self.masks.items()})
+        return out
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (onto the adapter's device)."""
+        p = next(iter(self.adapter.trainable_parameters()), None)
+        for name, v in saved.items():
+            kind, a, b = name.split("/")
+            v = v if p is None else v.to(p.device)
+            if kind == "mask":
+                self.masks[(int(a), b)] = v
+            else:
+                (self.states if kind == "state" else self.initial)[(a, b)] = v
 
     def set_schedules(self, step: int) -> None:
         """Every schedule's value at ``step``, written into its tensor where it names one."""
@@ -280,3 +300,14 @@ def after_step_of(adapters: list[Any], step: int) -> None:
     """``after_optimizer_step(step)`` of every adapter that declares training-time behaviour."""
     for a in hooked(adapters):
         a.after_optimizer_step(step)
+
+
+def hooks_state_of(adapters: list[Any]) -> list[dict[str, torch.Tensor]]:
+    """The hooks' states and masks of every adapter that declares training-time behaviour, in :func:`hooked`'s order."""
+    return [a._training_hooks().state_dict() for a in hooked(adapters)]
+
+
+def load_hooks_state_of(adapters: list[Any], saved: list[dict[str, torch.Tensor]]) -> None:
+    """Restore :func:`hooks_state_of` into the same adapters."""
+    for a, s in zip(hooked(adapters), saved):
+        a._training_hooks().load_state_dict(s)
