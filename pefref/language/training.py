@@ -30,9 +30,10 @@ HOOK_OPS = frozenset(k for k, p in PRIMITIVES.items() if not p.stochastic and k 
 """The ops a training hook may call (deterministic ones: hooks run outside the forward pass)."""
 
 
-def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str], states: set[str] = frozenset()) -> dict[str, set[str]]:  # type: ignore[assignment]
+def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str], states: set[str] | None = None) -> dict[str, set[str]]:
     """Field -> the names its expression may read, for one hook (``params``: its module's tensors, ``states``: its
     module's states)."""
+    states = states or set()
     if isinstance(hook, ScheduleHook):
         return {"value": {STEP} | hps}
     if isinstance(hook, GradProjectionHook):
