@@ -26,11 +26,12 @@ from pefref.language.limits import current
 from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
 from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
+from pefref.render.behaviour import hooks_of
 from pefref.render.blocks import BLOCK_COLOUR, BLOCK_MEANING, draw_blocks
 from pefref.render.connect import CONNECTION_COLOUR, draw_connections
 from pefref.render.dot import inline_svg, render_graph
 from pefref.render.dot import to_dot as _to_dot
-from pefref.render.routing import mixes_by
+from pefref.render.routing import mixed_stack, mixes_by
 from pefref.render.skeleton import Skeleton
 from pefref.render.style import (
     FORM_COLOURS,
@@ -79,11 +80,22 @@ def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
     pool = {**catalog.techniques, t.id: t}
     modules, decl = expand_modules(t, pool)
     hps = resolve_hyperparameters(decl)
+    hooks = hooks_of(t)
     out = []
     for raw, m in zip(t.modules, modules):
         source = raw.use if isinstance(raw, ModuleUse) else None
-        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers), routes=_routed(m, modules)))
+        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers), routes=_routed(m, modules),
+                          stack=_stack(m, modules), hooks=tuple(h for h in hooks if h.module == m.name)))
     return out
+
+
+def _stack(m: Any, modules: list[Any]) -> str | None:
+    """How many experts ``m`` stacks where it mixes them by the weights another module (its router) gives it."""
+    routers = {n.name for n in modules if _routed(n, modules) == m.name}
+    for name, conn in (getattr(m, "inputs", None) or {}).items():
+        if getattr(conn, "module", None) in routers:
+            return mixed_stack(m.compute, name, m.params)
+    return None
 
 
 def _routed(m: Any, modules: list[Any]) -> str | None:
