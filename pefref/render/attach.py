@@ -152,8 +152,8 @@ def _hook_lines(hooks: tuple[HookView, ...]) -> list[tuple[str, str]]:
     """Small lines under a box's tensors: each training-time hook acting on the module, as math."""
     out: list[tuple[str, str]] = []
     for h in hooks:
-        out.append(("small", f"training: {h.kind_text}"))
-        out += [("markup", f'<FONT POINT-SIZE="9" COLOR="#555555">{ln.dot()}</FONT>') for ln in h.short.lines(34)]
+        out.append(("small", h.label))
+        out += [("markup", f'<FONT POINT-SIZE="9" COLOR="#555555">{ln.dot()}</FONT>') for ln in h.short.lines(_PARAM_WIDTH)]
     return out
 
 

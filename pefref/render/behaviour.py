@@ -13,18 +13,22 @@ from typing import Any
 
 from pefref.render.mathtext import Math, math_of
 
-__all__ = ["HookView", "StatView", "hooks_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
+__all__ = ["HookView", "InputView", "StatView", "hooks_of", "inputs_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
 
 STAT_MATH = {"input_cov": "cov(x)", "output_cov": "cov(h)", "weight_grad": "Σ ∂L/∂W"}
 """A calibration statistic's kind as a paper writes it (x: the host's input, h: its output, W: its weight)."""
 
-_STAT_TEXT = {"input_cov": "covariance of the host's inputs, Σ_b X_bᵀ·X_b",
-              "output_cov": "covariance of the host's outputs, Σ_b H_bᵀ·H_b",
-              "weight_grad": "gradient of the loss with respect to the host weight, Σ_b ∂L_b/∂W"}
+_STAT_TEXT = {"input_cov": "covariance of the host's inputs X, Xᵀ·X summed over the batches",
+              "output_cov": "covariance of the host's outputs H, Hᵀ·H summed over the batches",
+              "weight_grad": "gradient of the loss with respect to the host weight, ∂L/∂W summed over the batches"}
 
 HOOK_KIND_TEXT = {"schedule": "schedule (before each step)", "grad_projection": "gradient projection (after backward)",
                   "after_step": "projection after each optimiser step", "aux_loss": "auxiliary loss (added to the task loss)"}
 """Each hook kind in words, with when it runs."""
+
+HOOK_LABEL = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after each step",
+              "aux_loss": "auxiliary loss"}
+"""Each hook kind in a few words (a diagram's annotation)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class HookView:
     math: Math
     description: str
     weight: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The kind in a few words, as the diagram's annotation writes it: ``training: gradient projection``."""
+        return f"training: {HOOK_LABEL.get(self.kind, self.kind)}"
 
     @property
     def short(self) -> Math:
@@ -105,3 +114,31 @@ def stats_of(modules: list[Any]) -> list[StatView]:
             out.append(StatView(str(m.name), str(name), s.kind, STAT_MATH.get(s.kind, s.kind), _STAT_TEXT.get(s.kind, s.kind),
                                 how, s.description))
     return out
+
+
+@dataclass(frozen=True)
+class InputView:
+    """One named input a module reads besides its site's own tensors: an input of the model's call (task ids, token
+    ids), another site's hidden state or frozen weight, or another module's output."""
+
+    module: str
+    name: str
+    source: str
+    call: bool
+
+
+def _source(c: Any) -> str:
+    if c.call is not None:
+        default = f", task {c.default} where the call gives none" if c.default is not None else ""
+        return f"the model's call: {c.call}=" + ("[batch]" if c.call == "task_ids" else "[batch, seq]") + default
+    layer = "" if c.layer == "same" else f" ({c.layer} layer)"
+    if c.module is not None:
+        return f"the output of module {c.module}" + (f" at {c.site}" if c.site else "") + layer
+    what = {"x": "input x", "h": "output h", "W": "frozen weight W", "b": "bias b"}[c.tensor]
+    return f"the {what} of site {c.site}" + layer
+
+
+def inputs_of(modules: list[Any]) -> list[InputView]:
+    """Every module's ``inputs:`` connections, in the modules' order, each with where it reads from."""
+    return [InputView(str(m.name), str(name), _source(c), c.call is not None)
+            for m in modules for name, c in (getattr(m, "inputs", None) or {}).items()]

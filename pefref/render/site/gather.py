@@ -24,7 +24,7 @@ from pefref.render.site.resultsview import ResultsView
 from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.costs import Efficiency, efficiency
 from pefref.view.typology import initialisation, training_time
-from pefref.render.behaviour import HookView, StatView, hooks_of, stats_of
+from pefref.render.behaviour import HookView, InputView, StatView, hooks_of, inputs_of, stats_of
 from pefref.render.mathtext import Math, math_of
 
 __all__ = [
@@ -115,6 +115,7 @@ class TechniqueView:
     hooks: list[HookView] = field(default_factory=list)  # its training: hooks, as math (pefref.render.behaviour)
     calibration: list[StatView] = field(default_factory=list)  # its modules' calibration statistics
     host_updates: list[tuple[str, Math]] = field(default_factory=list)  # (module, W ← ...): host weights rewritten at apply
+    inputs: list[InputView] = field(default_factory=list)  # what its modules read besides their sites (the model's call, ...)
 
     @property
     def typology_values(self) -> dict[str, str]:
@@ -305,7 +306,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
             typology=_typology_cells(t, catalog), training_time=training_time(t),
             initialisation=initialisation(modules), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
-            hooks=hooks_of(t), calibration=stats_of(modules),
+            hooks=hooks_of(t), calibration=stats_of(modules), inputs=inputs_of(modules),
             host_updates=[(str(m.name), math_of(m.host_update)) for m in modules if getattr(m, "host_update", None)],
             **_choice_facts(t, catalog, models[0]),
         ))
