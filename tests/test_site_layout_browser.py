@@ -300,3 +300,19 @@ def test_a_mixed_stack_is_drawn_as_numbered_experts_with_its_router(browser, ful
     assert "router" in poly and "expert 1" in poly and "expert n_skills" in poly and "task_ids: [batch]" in poly
     assert "C = cov(x) on calibration data" in texts("corda.html")
     assert "training: gradient projection" in texts("osf.html")
+
+
+def test_typology_matrix_fits_at_1440_with_training_time_and_initialisation(browser, full_site) -> None:
+    """The typology matrix, with its training-time and initialisation columns, fits its page at 1440 px (its box does
+    not scroll); each of those cells links to the section of the technique's page that says it."""
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(1440, 900)
+    _open(browser, (full_site / "typology.html").as_uri())
+    box = "var s = document.querySelector('#typology').closest('.scroll'); return s.scrollWidth - s.clientWidth;"
+    assert browser.execute_script(box) <= 0 and _overflow(browser) <= 0
+    row = browser.find_element(By.CSS_SELECTOR, '#typology tr:has(a[href$="techniques/osf.html"])')
+    assert row.find_element(By.CSS_SELECTOR, "td.training-time a").get_attribute("href").endswith("osf.html#training")
+    assert "gradient projection" in row.find_element(By.CSS_SELECTOR, "td.training-time").text
+    row = browser.find_element(By.CSS_SELECTOR, '#typology tr:has(a[href$="techniques/corda.html"])')
+    assert row.find_element(By.CSS_SELECTOR, "td.initialisation").text == "calibration data"
