@@ -140,7 +140,7 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
         lines.append(("small", f"(not placed: {sk.family.family} has no {a.site})"))  # type: ignore[union-attr]
     colour = FORM_COLOURS[m.form]
     sk.graph.add_node(nid, role="module", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
-                      source=pl.source, label=head, html=_stacked(html_lines(lines), stack, FORM_COLOURS[m.form]), cluster=a.cluster,
+                      source=pl.source, label=head, hooks=bool(pl.hooks), html=_stacked(html_lines(lines), stack, FORM_COLOURS[m.form]), cluster=a.cluster,
                       dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour,
                            "tooltip": _tooltip(m)})
     _shared_tensors(sk, pl, nid, a, names)

@@ -243,6 +243,12 @@ def _legend(g: nx.DiGraph) -> str:
         whence = "another module, a site or the model's call" if any(a.get("role") == "call_input" for _n, a in g.nodes(data=True)) else "another module or site"
         cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
                      f'<FONT POINT-SIZE="8">an input read from {esc(whence)}</FONT></TD>')
+    if any(a.get("role") == "calibration" for _n, a in g.nodes(data=True)):
+        cells.append('<TD BORDER="1" STYLE="dashed" COLOR="#777777"><FONT POINT-SIZE="9">C = cov(x) on calibration data</FONT><BR/>'
+                     '<FONT POINT-SIZE="8">a statistic that initialises the module</FONT></TD>')
+    if any(a.get("hooks") for _n, a in g.nodes(data=True)):
+        cells.append('<TD BORDER="1"><FONT POINT-SIZE="8" COLOR="#555555">training: …</FONT><BR/>'
+                     '<FONT POINT-SIZE="8">what training does to the module besides its step</FONT></TD>')
     cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="8">frozen component, with its site</FONT></TD>')
     cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="8">trainable tensor, shape</FONT></TD>')
     cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="8">stored, not trained</FONT></TD>')
