@@ -114,3 +114,27 @@ def test_no_catalog_expression_renders_a_raw_primitive_name() -> None:
                   for name in re.findall(r"([A-Za-z_][A-Za-z_0-9]*)\(", math_of(text).plain())
                   if name in PRIMITIVES and name not in _MATH_NAMES})
     assert not raw, raw
+
+
+def test_no_diagram_box_shows_a_raw_primitive_name() -> None:
+    """Every box of every technique's diagram (modules, routers, sums: expressions, tensor shapes, hook annotations)
+    writes math, never a registry op's call; the expressions as written stay in the box's hover text."""
+    import re
+
+    from pefref.ops import PRIMITIVES
+
+    cat = default_catalog()
+    raw = []
+    for tid, t in sorted(cat.techniques.items()):
+        g = technique_graph(cat, [t])
+        for _n, a in g.nodes(data=True):
+            if a.get("role") not in ("module", "router", "mix", "block", "calibration"):
+                continue
+            text = re.sub(r"<[^>]+>", " ", a.get("html", ""))
+            raw += [f"{tid}: {name}(" for name in re.findall(r"([A-Za-z_][A-Za-z_0-9]*)\(", text)
+                    if name in PRIMITIVES and name not in _MATH_NAMES]
+    assert not sorted(set(raw)), sorted(set(raw))
+    oft = technique_graph(cat, [cat.techniques["oft"]])
+    boxes = [a for _n, a in oft.nodes(data=True) if a.get("role") == "module"]
+    assert boxes and all("blockdiag_matmul(W, cayley(" in a["dot"]["tooltip"] for a in boxes)  # the expression as written, on hover
+    assert all("blockdiag(" in a["html"] and "blockdiag_matmul" not in a["html"] for a in boxes)

@@ -31,7 +31,6 @@ from pefref.render.style import (
     FORM_COLOURS,
     FORM_FILLS,
     FROZEN,
-    dims_text,
     esc,
     html_lines,
     pretty,
@@ -96,12 +95,13 @@ def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
 
 
 def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
-    if names is None:
-        return dims_text(spec.shape)
-    try:
-        return " × ".join(str(x) for x in shape_of(spec, names))
-    except Exception:
-        return dims_text(spec.shape)
+    """A tensor's shape: numbers on a named model, else its dimensions as math (``⌊min(d_in, d_out)·frac⌋``)."""
+    if names is not None:
+        try:
+            return " × ".join(str(x) for x in shape_of(spec, names))
+        except Exception:
+            pass
+    return " × ".join(math_of(d).plain() for d in spec.shape)
 
 
 def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:

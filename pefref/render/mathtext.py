@@ -176,7 +176,7 @@ def _operand(node: ast.AST, above: float, right: bool = False) -> list[Seg]:
 def _binop(node: ast.BinOp) -> list[Seg]:
     p = _PREC.get(type(node.op), 3)
     if isinstance(node.op, (ast.Mult, ast.MatMult)):  # a quotient inside a product keeps its parentheses: (α/r)·δ
-        sides = [_paren(_node(s)) if isinstance(s, ast.BinOp) and isinstance(s.op, ast.Div) else _operand(s, p, right=i == 1)
+        sides = [_paren(_node(s)) if isinstance(s, ast.BinOp) and isinstance(s.op, (ast.Div, ast.FloorDiv, ast.Mod)) else _operand(s, p, right=i == 1)
                  for i, s in enumerate((node.left, node.right))]
         return sides[0] + [("·", "")] + sides[1]
     if isinstance(node.op, ast.Pow):
@@ -313,6 +313,8 @@ _SPECIAL: dict[str, Callable[[list[ast.AST]], list[Seg]]] = {
     "quant_svd_a": lambda a: [("A", ""), _sub("T")] + _paren(_node(a[0])),
     "quant_svd_b": lambda a: [("B", ""), _sub("T")] + _paren(_node(a[0])),
     "quant_svd_base": lambda a: [("Q", ""), _sub("T")] + _paren(_node(a[0])),
+    "factor_left": lambda a: [("m", "")] + _paren(_node(a[0])),
+    "factor_right": lambda a: _operand(a[0], 2) + [("/m", "")] + _paren(_node(a[0])),
     "position_mask": lambda a: [("𝟙[t < ", "")] + _node(a[1]) + [(" ∨ t ≥ n − ", "")] + _node(a[2]) + [("]", "")],
 }
 
