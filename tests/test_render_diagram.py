@@ -123,7 +123,7 @@ def test_reparameterise_badge_rescale_node_prepend_and_select() -> None:
     for site in ("attn.q", "attn.k", "attn.v", "ffn.up", "ffn.down"):
         m = _one(g, role="module", site=site)
         assert _edge_roles(g, m, _comp(g, site)) == "weight" and g.nodes[_comp(g, site)]["reparameterised"]
-        assert "W′ = weight_norm(W + (α/r)·B·A, m)" in g.nodes[m]["html"].replace("<BR/>  ", " ")
+        assert "W′ = m·(W + (α/r)·B·A) / ‖W + (α/r)·B·A‖" in " ".join(g.nodes[m]["html"].replace("<BR/>", " ").split())
         assert "weight_norm(W + (alpha / r) * B @ A, m, detach=True)" in g.nodes[m]["dot"]["tooltip"]
     g = _g("ia3")
     k, core = _comp(g, "attn.k"), _comp(g, "attn.kv")

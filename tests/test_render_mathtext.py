@@ -79,3 +79,62 @@ def test_a_module_read_as_weights_over_a_stack_is_drawn_as_a_router() -> None:
     ladder = technique_graph(cat, [cat.technique("ladder_side_tuning")])
     spec = next(s for c, s in ladder.graph["clusters"].items() if c.startswith("side_network"))
     assert "above" not in spec and spec["beside"]
+
+
+# Function names a paper writes as they are (the rest of the registry's ops get their own notation).
+_MATH_NAMES = {"softmax", "min", "max", "tanh", "sin", "cos", "exp", "log", "mean", "diag", "sqrt"}
+
+
+def _catalog_expressions() -> list[tuple[str, str]]:
+    """Every expression text of every module of the catalog's techniques (compute, integrate, weight, gates...)."""
+    from pefref.language.catalog import load_catalog
+
+    out = []
+    for tid, t in load_catalog().techniques.items():
+        for m in t.modules:
+            for key, value in m.model_dump(exclude_none=True).items():
+                if key in ("params", "description", "name", "id", "form", "sites", "at"):
+                    continue
+                for text in (value.values() if isinstance(value, dict) else [value]):
+                    if isinstance(text, str) and "(" in text:
+                        out.append((f"{tid}.{key}", text))
+    return out
+
+
+def test_no_catalog_expression_renders_a_raw_primitive_name() -> None:
+    """Every op the catalog's expressions call is written as math (``W·blockdiag(…)``, ``‖W‖_row``, ``x[idx]``),
+    never as the registry's call (``blockdiag_matmul(…)``, ``row_norm(…)``, ``index_select(…)``)."""
+    import re
+
+    from pefref.ops import PRIMITIVES
+
+    exprs = _catalog_expressions()
+    assert len(exprs) > 100
+    raw = sorted({f"{where}: {name}(" for where, text in exprs
+                  for name in re.findall(r"([A-Za-z_][A-Za-z_0-9]*)\(", math_of(text).plain())
+                  if name in PRIMITIVES and name not in _MATH_NAMES})
+    assert not raw, raw
+
+
+def test_no_diagram_box_shows_a_raw_primitive_name() -> None:
+    """Every box of every technique's diagram (modules, routers, sums: expressions, tensor shapes, hook annotations)
+    writes math, never a registry op's call; the expressions as written stay in the box's hover text."""
+    import re
+
+    from pefref.ops import PRIMITIVES
+
+    cat = default_catalog()
+    raw = []
+    for tid, t in sorted(cat.techniques.items()):
+        g = technique_graph(cat, [t])
+        for _n, a in g.nodes(data=True):
+            if a.get("role") not in ("module", "router", "mix", "block", "calibration"):
+                continue
+            text = re.sub(r"<[^>]+>", " ", a.get("html", ""))
+            raw += [f"{tid}: {name}(" for name in re.findall(r"([A-Za-z_][A-Za-z_0-9]*)\(", text)
+                    if name in PRIMITIVES and name not in _MATH_NAMES]
+    assert not sorted(set(raw)), sorted(set(raw))
+    oft = technique_graph(cat, [cat.techniques["oft"]])
+    boxes = [a for _n, a in oft.nodes(data=True) if a.get("role") == "module"]
+    assert boxes and all("blockdiag_matmul(W, cayley(" in a["dot"]["tooltip"] for a in boxes)  # the expression as written, on hover
+    assert all("blockdiag(" in a["html"] and "blockdiag_matmul" not in a["html"] for a in boxes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import networkx as nx
 
 from pefref.language.catalog import default_catalog
@@ -73,3 +75,21 @@ def test_weights_over_a_stack_are_found_in_an_einsum() -> None:
     assert not mixes_by("einsum('bqs,qsdr->bqsdr', z, A)", "z", params)  # s kept: no mixture over it
     assert not mixes_by("einsum('bd,dr->br', x, A)", "z", params)  # z not read
     assert not mixes_by("einsum('bqs,qsdr->bqdr', z, W)", "z", params)  # the other operand is no tensor of the module
+
+
+def test_a_mixed_stack_is_counted_and_drawn_as_numbered_experts() -> None:
+    """A module that mixes a stack of its tensors by another module's weights (Poly's skills, by its router) draws a
+    row of numbered experts, counted from the stacked tensor's declared shape; its router is drawn as a router."""
+    from pefref.render.routing import mixed_stack
+
+    params = {"A": SimpleNamespace(shape=["n_splits", "n_skills", "d_in", "r"])}
+    assert mixed_stack("einsum('bqs,qsdr->bqdr', z / sum(z, -1), A)", "z", params) == "n_skills"
+    assert mixed_stack("einsum('bqs,qsdr->bqdr', z, A)", "z", {"A": object()}) == "E"
+    assert mixed_stack("einsum('bd,dr->br', x, A)", "z", params) is None
+    g = technique_graph(default_catalog(), [default_catalog().techniques["poly"]])
+    skills = [n for n, d in g.nodes(data=True) if d.get("role") == "module" and d.get("module") == "skills"]
+    routers = [n for n, d in g.nodes(data=True) if d.get("router") == "skills"]
+    assert skills and len(routers) == len(skills)
+    for n in skills:
+        html = g.nodes[n]["html"]
+        assert "expert 1" in html and "expert 2" in html and "expert n_skills" in html

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
+from html import escape as html_escape
+from html import unescape
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,7 +20,7 @@ from pefref.render.site.build import MANIFEST, build_site, check_site, site_file
 from pefref.render.site.filters import script_json
 from pefref.render.site.gather import builds_on, similar_techniques
 from pefref.view.params import count_params
-from pefref.view.typology import derive_typology
+from pefref.view.typology import INITIALISATION, TRAINING_TIME, derive_typology
 
 from .site_util import PROBE_DIR, pick, scan, small_catalog_dir
 
@@ -132,7 +134,7 @@ def test_typology_page_shows_the_derived_values(full, catalog) -> None:
         row = html[html.index(f'href="techniques/{tid}.html"'):]
         row = row[: row.index("</tr>")]
         cells = [re.sub(r"<[^>]+>", "", c).replace("*", "").strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
-        expected = [typ.values[p] for p in TYPOLOGY_PROPERTIES]
+        expected = [typ.values[p] for p in TYPOLOGY_PROPERTIES] + [typ.values[TRAINING_TIME], typ.values[INITIALISATION]]
         assert [c.replace("&amp;", "&") for c in cells] == expected, tid
 
 
@@ -321,3 +323,37 @@ def test_technique_pages_link_back_to_their_compositions(full, catalog) -> None:
     users = {t.id for res in comps for t in res.techniques.values()}
     unused = next(tid for tid in sorted(catalog.techniques) if tid not in users)
     assert "Used in compositions" not in full[f"techniques/{unused}.html"].decode()
+
+
+def test_hooks_calibration_and_inputs_are_shown_from_structure(full, catalog) -> None:
+    """Every technique's training: hooks, calibration statistics and inputs appear on its page (with their math) and
+    in its diagram (a hook as an annotation in the box of the module it acts on, a statistic as a dashed input
+    'C = cov(x) on calibration data', an input of the model's call as its own node); a technique without them has
+    no such section."""
+    from pefref.language.check import expand_modules
+    from pefref.render.behaviour import hooks_of, inputs_of, stats_of
+
+    seen = {"hooks": set(), "calibration": set(), "call": set()}
+    for tid, t in catalog.techniques.items():
+        page, svg = full[f"techniques/{tid}.html"].decode(), unescape(full[f"diagrams/{tid}.svg"].decode())
+        modules = expand_modules(t, catalog.techniques)[0]
+        hooks, stats, inputs = hooks_of(t), stats_of(modules), inputs_of(modules)
+        assert ('id="training"' in page) == bool(hooks), tid
+        assert ('id="inputs"' in page) == bool(inputs), tid
+        for h in hooks:
+            section = page[page.index('id="training"'):]
+            assert h.kind_text in section and h.short.html() in section, (tid, h.kind)
+            assert h.label in svg, (tid, h.kind)
+            seen["hooks"].add(h.kind)
+        for st in stats:
+            assert st.line in page[page.index('id="calibration"'):] and st.line in svg, (tid, st.name)
+            seen["calibration"].add(tid)
+        for i in inputs:
+            assert html_escape(i.source, quote=False) in page or i.source in unescape(page), (tid, i.name)
+            if i.call:
+                assert "an input of the model's call" in svg, tid
+                seen["call"].add(tid)
+    assert seen["hooks"] >= {"grad_projection", "after_step", "aux_loss"}
+    assert {"corda"} <= seen["calibration"] and {"poly", "alora"} <= seen["call"]
+    for tid in ("corda", "loftq"):  # the host weight rewritten at apply, as math
+        assert "W ← " in full[f"techniques/{tid}.html"].decode()

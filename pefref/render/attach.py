@@ -23,6 +23,7 @@ from pefref.language.expr import parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.hparams import shape_of
 from pefref.language.sizes import eval_scalar
+from pefref.render.behaviour import HookView, stats_of
 from pefref.render.mathtext import Math, math_of
 from pefref.render.routing import Routing, find_routing
 from pefref.render.skeleton import Anchor, Skeleton
@@ -30,7 +31,6 @@ from pefref.render.style import (
     FORM_COLOURS,
     FORM_FILLS,
     FROZEN,
-    dims_text,
     esc,
     html_lines,
     pretty,
@@ -54,6 +54,11 @@ class Placed:
     routes: str | None = None
     """The module this one routes: one that writes nothing to the backbone, read by that module as the weights of a
     stack of its tensors (:func:`pefref.render.routing.mixes_by`); drawn as a router beside it."""
+    hooks: tuple[HookView, ...] = ()
+    """The technique's training-time hooks that act on this module (an annotation in its box)."""
+    stack: str | None = None
+    """How many experts this module's tensors stack where a router's weights mix them
+    (:func:`pefref.render.routing.mixed_stack`): drawn as a row of numbered experts under its box."""
 
 
 def _math(prefix: str, expr: object, style: str = "markup") -> list[tuple[str, str]]:
@@ -90,12 +95,13 @@ def _names(sk: Skeleton, site: str, pl: Placed) -> dict[str, Any] | None:
 
 
 def _shape_text(spec: Any, names: dict[str, Any] | None) -> str:
-    if names is None:
-        return dims_text(spec.shape)
-    try:
-        return " × ".join(str(x) for x in shape_of(spec, names))
-    except Exception:
-        return dims_text(spec.shape)
+    """A tensor's shape: numbers on a named model, else its dimensions as math (``⌊min(d_in, d_out)·frac⌋``)."""
+    if names is not None:
+        try:
+            return " × ".join(str(x) for x in shape_of(spec, names))
+        except Exception:
+            pass
+    return " × ".join(math_of(d).plain() for d in spec.shape)
 
 
 def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -109,7 +115,7 @@ def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: 
     return out
 
 
-_PARAM_WIDTH = 36
+_PARAM_WIDTH = 28
 """Characters of a tensor's line in a box before it wraps (a long shape expression keeps the drawing narrow)."""
 
 
@@ -128,16 +134,37 @@ def _module_node(sk: Skeleton, pl: Placed, a: Anchor, body: list[tuple[str, str]
         lines.append(("small", pl.layers_note))
     lines += body
     lines += _param_lines(m, names, a.layer, skip)
+    lines += _hook_lines(pl.hooks)
     unbound = sk.family is not None and a.site not in sk.family.sites
     if unbound:
         lines.append(("small", f"(not placed: {sk.family.family} has no {a.site})"))  # type: ignore[union-attr]
     colour = FORM_COLOURS[m.form]
     sk.graph.add_node(nid, role="module", technique=pl.technique, module=m.name, form=m.form, site=a.site, layer=a.layer,
-                      source=pl.source, label=head, html=_stacked(html_lines(lines), stack, FORM_COLOURS[m.form]), cluster=a.cluster,
+                      source=pl.source, label=head, hooks=bool(pl.hooks), html=_stacked(html_lines(lines), stack, FORM_COLOURS[m.form]), cluster=a.cluster,
                       dot={"shape": "box", "style": "rounded,filled" + (",dashed" if unbound else ""), "fillcolor": FORM_FILLS[m.form], "color": colour,
                            "tooltip": _tooltip(m)})
     _shared_tensors(sk, pl, nid, a, names)
+    _calibration_inputs(sk, pl, a, nid)
     return nid
+
+
+def _hook_lines(hooks: tuple[HookView, ...]) -> list[tuple[str, str]]:
+    """Small lines under a box's tensors: each training-time hook acting on the module, as math."""
+    out: list[tuple[str, str]] = []
+    for h in hooks:
+        out.append(("small", h.label))
+        out += [("markup", f'<FONT POINT-SIZE="9" COLOR="#555555">{ln.dot()}</FONT>') for ln in h.short.lines(_PARAM_WIDTH)]
+    return out
+
+
+def _calibration_inputs(sk: Skeleton, pl: Placed, a: Anchor, nid: str) -> None:
+    """Each calibration statistic the module is initialised from, as a dashed input into its box."""
+    for st in stats_of([pl.module]):
+        cid = f"{nid}_calibration_{st.name}"
+        sk.graph.add_node(cid, role="calibration", technique=pl.technique, module=pl.module.name, site=a.site, layer=a.layer,
+                          label=st.line, html=html_lines([("", st.line), ("small", "initialises the module once, before training")]),
+                          cluster=a.cluster, dot={"shape": "box", "style": "rounded,dashed", "color": "#777777", "fontcolor": "#333333"})
+        sk.graph.add_edge(cid, nid, role="calibration", label="", dot={"style": "dashed", "color": "#777777"})
 
 
 def _stacked(text: str, count: str | None, colour: str) -> str:
@@ -255,7 +282,10 @@ def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | 
     form = form_of(m)
     routing = None if _side(m) else find_routing(m.compute, m.params)
     if routing is None:
-        nid = _module_node(sk, pl, a, _math("s = " if _side(m) and pl.routes else "δ = ", m.compute), names)
+        body = _math("s = " if _side(m) and pl.routes else "δ = ", m.compute)
+        if pl.stack is not None:
+            body.append(("small", f"a stack of {pl.stack} experts, mixed by the router's weights"))
+        nid = _module_node(sk, pl, a, body, names, stack=pl.stack)
     else:
         body = [("markup", ln.dot()) for ln in Math((("δ", ""), (routing.letter, "sub"), (" = ", ""), *routing.experts.segments), "").lines(34)]
         nid = _module_node(sk, pl, a, body, names, skip=routing.router_params, stack=routing.count or "E")

@@ -26,11 +26,12 @@ from pefref.language.limits import current
 from pefref.language.schema import ArchitectureMap, LayerRange, ModuleUse, Technique
 from pefref.language.sizes import model_sizes, select_layers
 from pefref.render.attach import Placed, attach_module
+from pefref.render.behaviour import hooks_of
 from pefref.render.blocks import BLOCK_COLOUR, BLOCK_MEANING, draw_blocks
 from pefref.render.connect import CONNECTION_COLOUR, draw_connections
 from pefref.render.dot import inline_svg, render_graph
 from pefref.render.dot import to_dot as _to_dot
-from pefref.render.routing import mixes_by
+from pefref.render.routing import mixed_stack, mixes_by
 from pefref.render.skeleton import Skeleton
 from pefref.render.style import (
     FORM_COLOURS,
@@ -79,11 +80,22 @@ def _placed(catalog: Catalog, t: Technique) -> list[Placed]:
     pool = {**catalog.techniques, t.id: t}
     modules, decl = expand_modules(t, pool)
     hps = resolve_hyperparameters(decl)
+    hooks = hooks_of(t)
     out = []
     for raw, m in zip(t.modules, modules):
         source = raw.use if isinstance(raw, ModuleUse) else None
-        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers), routes=_routed(m, modules)))
+        out.append(Placed(t.id, m, source, hps, _layers_note(m.layers), routes=_routed(m, modules),
+                          stack=_stack(m, modules), hooks=tuple(h for h in hooks if h.module == m.name)))
     return out
+
+
+def _stack(m: Any, modules: list[Any]) -> str | None:
+    """How many experts ``m`` stacks where it mixes them by the weights another module (its router) gives it."""
+    routers = {n.name for n in modules if _routed(n, modules) == m.name}
+    for name, conn in (getattr(m, "inputs", None) or {}).items():
+        if getattr(conn, "module", None) in routers:
+            return mixed_stack(m.compute, name, m.params)
+    return None
 
 
 def _routed(m: Any, modules: list[Any]) -> str | None:
@@ -231,6 +243,12 @@ def _legend(g: nx.DiGraph) -> str:
         whence = "another module, a site or the model's call" if any(a.get("role") == "call_input" for _n, a in g.nodes(data=True)) else "another module or site"
         cells.append(f'<TD BORDER="1" STYLE="dotted" COLOR="{CONNECTION_COLOUR}"><FONT POINT-SIZE="9" COLOR="{CONNECTION_COLOUR}">connection</FONT><BR/>'
                      f'<FONT POINT-SIZE="8">an input read from {esc(whence)}</FONT></TD>')
+    if any(a.get("role") == "calibration" for _n, a in g.nodes(data=True)):
+        cells.append('<TD BORDER="1" STYLE="dashed" COLOR="#777777"><FONT POINT-SIZE="9">C = cov(x) on calibration data</FONT><BR/>'
+                     '<FONT POINT-SIZE="8">a statistic that initialises the module</FONT></TD>')
+    if any(a.get("hooks") for _n, a in g.nodes(data=True)):
+        cells.append('<TD BORDER="1"><FONT POINT-SIZE="8" COLOR="#555555">training: …</FONT><BR/>'
+                     '<FONT POINT-SIZE="8">what training does to the module besides its step</FONT></TD>')
     cells.append(f'<TD BGCOLOR="{HOST_FILL}" BORDER="1" COLOR="{HOST_LINE}"><FONT POINT-SIZE="9">host</FONT><BR/><FONT POINT-SIZE="8">frozen component, with its site</FONT></TD>')
     cells.append('<TD BORDER="1"><FONT POINT-SIZE="9">A: r × d</FONT><BR/><FONT POINT-SIZE="8">trainable tensor, shape</FONT></TD>')
     cells.append(f'<TD BORDER="1"><FONT POINT-SIZE="9" COLOR="{FROZEN}"><I>A (frozen)</I></FONT><BR/><FONT POINT-SIZE="8">stored, not trained</FONT></TD>')

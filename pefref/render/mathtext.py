@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pefref.language.expr import parse_expr
@@ -33,6 +34,9 @@ _PREC = {ast.Add: 1, ast.Sub: 1, ast.Mult: 2, ast.MatMult: 2, ast.Div: 2, ast.Fl
 _SYM = {ast.Add: " + ", ast.Sub: " − ", ast.Mult: "·", ast.MatMult: "·", ast.Div: "/", ast.FloorDiv: " // ", ast.Mod: " mod "}
 
 Seg = tuple[str, str]  # (text, '' | 'sub' | 'sup')
+_SPECIAL_PREC = {"skew": 1, "gaussian_sample": 1, "sum": 1, "kron_sum": 1, "weight_norm": 2, "kron_linear": 2,
+                 "blockdiag_matmul": 2, "block_circulant": 2, "lowrank_hadamard": 2}
+"""How tightly an op written in its own notation (``_SPECIAL``) binds, where not as an atom."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def _prec(node: ast.AST) -> float:
         return 3
     if isinstance(node, ast.Call) and node.args:
         name = node.func.id  # type: ignore[attr-defined]
-        if name in _TRANSPARENT or name == "dropout":
+        if name in _TRANSPARENT or name in ("dropout", "flatten", "orient"):
             return _prec(node.args[0])
         if name == "linear":
             return 1 if len(node.args) > 2 else 2  # W·x + b, W·x
@@ -158,6 +162,8 @@ def _prec(node: ast.AST) -> float:
             return 2
         if name == "kron":
             return 1.5
+        if name in _SPECIAL_PREC:
+            return _SPECIAL_PREC[name]
     return 5
 
 
@@ -170,7 +176,7 @@ def _operand(node: ast.AST, above: float, right: bool = False) -> list[Seg]:
 def _binop(node: ast.BinOp) -> list[Seg]:
     p = _PREC.get(type(node.op), 3)
     if isinstance(node.op, (ast.Mult, ast.MatMult)):  # a quotient inside a product keeps its parentheses: (α/r)·δ
-        sides = [_paren(_node(s)) if isinstance(s, ast.BinOp) and isinstance(s.op, ast.Div) else _operand(s, p, right=i == 1)
+        sides = [_paren(_node(s)) if isinstance(s, ast.BinOp) and isinstance(s.op, (ast.Div, ast.FloorDiv, ast.Mod)) else _operand(s, p, right=i == 1)
                  for i, s in enumerate((node.left, node.right))]
         return sides[0] + [("·", "")] + sides[1]
     if isinstance(node.op, ast.Pow):
@@ -236,8 +242,81 @@ def _call(node: ast.Call) -> list[Seg]:
         start, length = _node(args[2]), _node(args[3])
         end = length if _plain(start) == "0" else length + [(" + ", "")] + start
         return _operand(args[0], 5) + [("[…, ", "")] + start + [(" : ", "")] + end + [("]", "")]
+    special = _SPECIAL.get(name)
+    if special is not None and args:
+        try:
+            return special(list(args))
+        except IndexError:
+            pass
     head = _FUNCS.get(name, name.rstrip("_"))
     return [(head, "")] + _paren(_join([_node(a) for a in args], ", "))
+
+
+def _atom(node: ast.AST) -> list[Seg]:
+    return _operand(node, 5)
+
+
+def _indexed(a: ast.AST, index: ast.AST) -> list[Seg]:
+    return _atom(a) + [("[", "")] + _node(index) + [("]", "")]
+
+
+def _lowered(node: ast.AST) -> str:
+    return node.id.lower() if isinstance(node, ast.Name) else "u"
+
+
+def _sub(text: str) -> Seg:
+    return (text, "sub")
+
+
+# Ops a paper writes in its own notation (each takes the call's positional arguments; keyword arguments are left out).
+_SPECIAL: dict[str, Callable[[list[ast.AST]], list[Seg]]] = {
+    "flatten": lambda a: _node(a[0]),
+    "orient": lambda a: _node(a[0]),
+    "cayley": lambda a: [("(I + ", "")] + _node(a[0]) + [(")(I − ", "")]
+    + _operand(a[0], 1, right=True) + [(")", ""), ("-1", "sup")],
+    "skew": lambda a: [("triu(", "")] + _node(a[0]) + [(") − triu(", "")] + _node(a[0]) + [(")", ""), ("⊤", "sup")],
+    "index_select": lambda a: _indexed(a[0], a[2]),
+    "take": lambda a: _indexed(a[0], a[1]),
+    "index_copy": lambda a: _atom(a[0]) + [("[", "")] + _node(a[2]) + [(" ← ", "")] + _node(a[3]) + [("]", "")],
+    "scatter": lambda a: _atom(a[0]) + [("[", "")] + _node(a[2]) + [(" ← ", "")] + _node(a[3]) + [("]", "")],
+    "zeros_like": lambda a: [("0", "")],
+    "eye": lambda a: [("I", "")],
+    "sum": lambda a: [("Σ ", "")] + _atom(a[0]),
+    "abs": lambda a: [("|", "")] + _node(a[0]) + [("|", "")],
+    "count": lambda a: [("|", "")] + _node(a[0]) + [("|", "")],
+    "floor": lambda a: [("⌊", "")] + _node(a[0]) + [("⌋", "")],
+    "ceil": lambda a: [("⌈", "")] + _node(a[0]) + [("⌉", "")],
+    "scatter2d": lambda a: [("[", "")] + _node(a[0]) + [("]", ""), _sub(_plain(_node(a[1])))],
+    "kron_sum": lambda a: [("Σ", ""), _sub("i"), (" ", "")] + _atom(a[0]) + [_sub("i"), (" ⊗ ", "")] + _atom(a[1]) + [_sub("i")],
+    "kron_linear": lambda a: [("(", "")] + _atom(a[1]) + [(" ⊗ ", "")] + _atom(a[2]) + [(")·", "")] + _atom(a[0]),
+    "lowrank_hadamard": lambda a: _paren(_product([a[0], a[1]])) + [(" ⊙ ", "")] + _paren(_product([a[2], a[3]])),
+    "weight_norm": lambda a: _atom(a[1]) + [("·", "")] + _atom(a[0]) + [(" / ‖", "")] + _node(a[0]) + [("‖", "")],
+    "row_norm": lambda a: [("‖", "")] + _node(a[0]) + [("‖", ""), _sub("row")],
+    "col_norm": lambda a: [("‖", "")] + _node(a[0]) + [("‖", ""), _sub("col")],
+    "blockdiag_matmul": lambda a: _atom(a[0]) + [("·blockdiag(", "")] + _node(a[1]) + [(")", "")],
+    "butterfly": lambda a: [("∏", ""), _sub("i"), (" B", ""), _sub("i")] + _paren(_node(a[0])),
+    "householder": lambda a: [("∏", ""), _sub("i"), (f" (I − 2·{_lowered(a[0])}", ""), _sub("i"),
+                                (f"·{_lowered(a[0])}", ""), _sub("i"), ("⊤", "sup"), (")", "")],
+    "block_circulant": lambda a: [("circ(", "")] + _node(a[1]) + [(")·", "")] + _atom(a[0]),
+    "cat": lambda a: [("[", "")] + _join([_node(e) for e in getattr(a[0], "elts", [a[0]])], "; ") + [("]", "")],
+    "topk": lambda a: [("top", ""), _sub(_plain(_node(a[1])))] + _paren(_node(a[0])),
+    "topk_indices": lambda a: [("argtop", ""), _sub(_plain(_node(a[1])))] + _paren(_node(a[0])),
+    "idwt2": lambda a: [("IDWT", "")] + _paren(_node(a[0])),
+    "ifft2_real": lambda a: [("Re IDFT", "")] + _paren(_node(a[0])),
+    "orthonormal_rows": lambda a: [("orth", "")] + _paren(_node(a[0])),
+    "relaxed_bernoulli": lambda a: [("RelaxedBernoulli", "")] + _paren(_node(a[0])),
+    "gaussian_sample": lambda a: _node(a[0]) + [(" + ε·exp(", "")] + _node(a[1]) + [("/2)", "")],
+    "from_match": lambda a: [("𝟙[t ≥ t", ""), _sub(_plain(_node(a[1]))), ("]", "")],
+    "svd_u": lambda a: [("U", ""), _sub(_plain(_node(a[1])))] + _paren(_node(a[0])),
+    "svd_s": lambda a: [("s", ""), _sub(_plain(_node(a[1])))] + _paren(_node(a[0])),
+    "svd_vh": lambda a: [("V", ""), _sub(_plain(_node(a[1]))), ("⊤", "sup")] + _paren(_node(a[0])),
+    "quant_svd_a": lambda a: [("A", ""), _sub("T")] + _paren(_node(a[0])),
+    "quant_svd_b": lambda a: [("B", ""), _sub("T")] + _paren(_node(a[0])),
+    "quant_svd_base": lambda a: [("Q", ""), _sub("T")] + _paren(_node(a[0])),
+    "factor_left": lambda a: [("m", "")] + _paren(_node(a[0])),
+    "factor_right": lambda a: _operand(a[0], 2) + [("/m", "")] + _paren(_node(a[0])),
+    "position_mask": lambda a: [("𝟙[t < ", "")] + _node(a[1]) + [(" ∨ t ≥ n − ", "")] + _node(a[2]) + [("]", "")],
+}
 
 
 def _einsum(subscripts: str, operands: list[ast.AST]) -> list[Seg]:

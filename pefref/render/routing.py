@@ -18,7 +18,7 @@ from pefref.language.expr import parse_expr
 from pefref.render.mathtext import Math, einsum_math, tree_math
 from pefref.render.style import pretty
 
-__all__ = ["Routing", "find_routing", "mixes_by"]
+__all__ = ["Routing", "find_routing", "mixed_stack", "mixes_by"]
 
 _SHAPING = {"unflatten", "reshape", "unsqueeze", "squeeze", "dropout"}
 
@@ -66,8 +66,9 @@ def _count(letter: str, terms: list[str], operands: list[ast.AST], params: dict[
         pos = letters.index(letter)
         while isinstance(op, ast.Call) and isinstance(op.func, ast.Name) and op.func.id in ("dropout", "detach") and op.args:
             op = op.args[0]
-        if isinstance(op, ast.Name) and op.id in params and pos < len(params[op.id].shape):
-            return pretty(params[op.id].shape[pos])
+        shape = getattr(params.get(op.id), "shape", None) if isinstance(op, ast.Name) else None
+        if shape is not None and pos < len(shape):
+            return pretty(shape[pos])
         if (isinstance(op, ast.Call) and isinstance(op.func, ast.Name) and op.func.id == "unflatten" and len(op.args) == 3
                 and isinstance(op.args[0], ast.Name) and isinstance(op.args[1], ast.Constant) and op.args[1].value == pos
                 and isinstance(op.args[2], ast.Tuple) and op.args[2].elts):
@@ -126,24 +127,31 @@ def find_routing(expr: object, params: dict[str, Any]) -> Routing | None:
 
 
 def mixes_by(expr: object, name: str, params: dict[str, Any]) -> bool:
-    """Whether ``expr`` mixes a stack of its own tensors by ``name``: an einsum one of whose operands reads ``name`` and
-    sums over a letter that also indexes an operand reading one of ``params`` (weights over experts). A module whose
-    output another reads this way is that module's router."""
+    """Whether ``expr`` mixes a stack of its own tensors by ``name`` (:func:`mixed_stack`). A module whose output
+    another reads this way is that module's router."""
+    return mixed_stack(expr, name, params) is not None
+
+
+def mixed_stack(expr: object, name: str, params: dict[str, Any]) -> str | None:
+    """How many tensors ``expr`` mixes by ``name``: an einsum one of whose operands reads ``name`` and sums over a
+    letter that also indexes an operand reading one of ``params`` (weights over a stack of experts). The count is the
+    letter's size from a tensor's declared shape, ``"E"`` where the shape does not say; None where nothing is mixed."""
     try:
         tree = parse_expr(str(expr)).tree
     except Exception:
-        return False
+        return None
     for call in _calls(tree, "einsum"):
         if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
             continue
         ins, arrow, out = call.args[0].value.replace(" ", "").partition("->")
-        terms, ops = ins.split(","), call.args[1:]
+        terms, ops = ins.split(","), list(call.args[1:])
         if not arrow or len(terms) != len(ops):
             continue
         for term, op in zip(terms, ops):
             if name not in _names(op):
                 continue
-            for letter in set(_letters(term)[0]) - set(out):
-                if any(letter in t and _names(o) & set(params) for t, o in zip(terms, ops) if o is not op):
-                    return True
-    return False
+            for letter in sorted(set(_letters(term)[0]) - set(out)):
+                stacked = [(t, o) for t, o in zip(terms, ops) if o is not op and letter in t and _names(o) & set(params)]
+                if stacked:
+                    return _count(letter, [t for t, _o in stacked], [o for _t, o in stacked], params) or "E"
+    return None
