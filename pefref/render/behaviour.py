@@ -8,10 +8,12 @@ technique, only the hooks' and statistics' declared kinds.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from pefref.render.mathtext import Math, math_of
+from pefref.view.typology import HOOK_LABELS
 
 __all__ = ["HookView", "InputView", "StatView", "hooks_of", "inputs_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
 
@@ -22,13 +24,10 @@ _STAT_TEXT = {"input_cov": "covariance of the host's inputs X, Xᵀ·X summed ov
               "output_cov": "covariance of the host's outputs H, Hᵀ·H summed over the batches",
               "weight_grad": "gradient of the loss with respect to the host weight, ∂L/∂W summed over the batches"}
 
-HOOK_KIND_TEXT = {"schedule": "schedule (before each step)", "grad_projection": "gradient projection (after backward)",
-                  "after_step": "projection after each optimiser step", "aux_loss": "auxiliary loss (added to the task loss)"}
-"""Each hook kind in words, with when it runs."""
-
-HOOK_LABEL = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after each step",
-              "aux_loss": "auxiliary loss"}
-"""Each hook kind in a few words (a diagram's annotation)."""
+_WHEN = {"schedule": "before each step", "grad_projection": "after backward", "after_step": "after each optimiser step",
+         "aux_loss": "added to the task loss", "state": "updated at its steps", "mask": "over every unit, at its steps"}
+HOOK_KIND_TEXT = {k: f"{label} ({_WHEN[k]})" for k, label in HOOK_LABELS.items()}
+"""Each hook kind in words (the typology's label), with when it runs."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class HookView:
     @property
     def label(self) -> str:
         """The kind in a few words, as the diagram's annotation writes it: ``training: gradient projection``."""
-        return f"training: {HOOK_LABEL.get(self.kind, self.kind)}"
+        return f"training: {HOOK_LABELS.get(self.kind, self.kind)}"
 
     @property
     def short(self) -> Math:
@@ -81,6 +80,10 @@ def _lhs(h: Any) -> tuple[str | None, str | None, str]:
     if h.kind == "aux_loss":
         return h.module, None, "L += " if h.weight == 1.0 else f"L += {_weight(h.weight)}·{h.reduce} of "
     mod, _, ten = h.tensor.partition(".")
+    if h.kind == "state":
+        return mod, ten, f"{h.name} ← "
+    if h.kind == "mask":
+        return mod, ten, f"{ten} ← 0 outside the {math_of(h.keep).plain()} highest scores of all units; score = "
     return mod, ten, (f"∇{ten} ← " if h.kind == "grad_projection" else f"{ten} ← ")
 
 
@@ -92,15 +95,30 @@ def _weight(w: object) -> str:
 def hooks_of(t: Any) -> list[HookView]:
     """The technique's ``training:`` hooks, in their order, as math (``grad`` written ``∇`` + the tensor's name)."""
     out = []
-    for h in getattr(t, "training", None) or []:
+    hooks = list(getattr(t, "training", None) or [])
+    for h in hooks:
         mod, ten, lhs = _lhs(h)
-        value = " ".join(str(h.value).split())
+        if mod is None and h.kind == "schedule":
+            mod = _reader_module(h.name, hooks)
+        value = " ".join(str(h.score if h.kind == "mask" else h.value).split())
         math = math_of(value)
         if ten is not None:
             math = Math(tuple((s.replace("grad", f"∇{ten}") if k == "" else s, k) for s, k in math.segments), value)
         weight = None if h.kind != "aux_loss" else _weight(h.weight)
         out.append(HookView(h.kind, HOOK_KIND_TEXT.get(h.kind, h.kind), mod, ten, lhs, math, h.description, weight))
     return out
+
+
+def _reader_module(name: str, hooks: list[Any]) -> str | None:
+    """The module of the first hook whose expressions read the schedule ``name`` (where a schedule that writes no
+    tensor is drawn), or None when only the loss weight or nothing reads it."""
+    word = re.compile(rf"\b{re.escape(name)}\b")
+    for h in hooks:
+        mod = getattr(h, "module", None) or (getattr(h, "tensor", None) or "").partition(".")[0]
+        texts = (getattr(h, f, None) for f in ("value", "score", "keep", "weight"))
+        if mod and h.kind != "schedule" and any(word.search(str(x)) for x in texts if x is not None):
+            return str(mod)
+    return None
 
 
 def stats_of(modules: list[Any]) -> list[StatView]:
