@@ -61,7 +61,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     implemented |= {"olora", "lora_orthogonal", "lora_gaussian", "mica", "lora_bias", "kasa", "bdlora", "velora"}  # LoRA's variants (LoraConfig flags)
     implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
-    implemented |= {"loftq"}
+    implemented |= {"loftq", "eva"}
     implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
