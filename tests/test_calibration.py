@@ -1,8 +1,12 @@
 """Initialisation from data: calibration statistics declared by modules, gathered by apply(..., calibration=).
 
 * EVA against peft 0.21.2's init_lora_weights="eva" + initialize_lora_eva_weights (rho = 1) on one calibration
-  batch of T tokens, r <= T <= 2 r + 1 (where peft's randomised incremental PCA is the exact PCA): A, B, outputs
+  batch of T tokens, r <= T <= 2 r (where peft's randomised incremental PCA is the exact PCA): A, B, outputs
   at init and after randomising the adapter, trainable counts, remove() bit-exact;
+* LoRA-GA against peft 0.21.2's preprocess_loraga + init_lora_weights="lora_ga" (defaults ArB2r, stable) on the
+  same labelled batches, on models without dropout (peft averages the gradients in train mode), each randomised
+  SVD drawn from a generator seeded with the same seed on both sides (peft draws from torch's global generator
+  in module order, between its layers' own initialisations: the test seeds each of its torch.svd_lowrank calls);
 * CorDA (IPM and KPM) against peft 0.21.2's preprocess_corda + init_lora_weights="corda" on the same
   calibration batches: A, B and the residual host weights, outputs at init (the base function) and after
   randomising the adapter (peft's perturbed A and B copied in), trainable counts, remove() bit-exact;
@@ -14,15 +18,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from peft.tuners.lora.config import CordaConfig, EvaConfig
+from peft.tuners.lora.config import CordaConfig, EvaConfig, LoraGAConfig
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.eva import initialize_lora_eva_weights
+from peft.tuners.lora.loraga import preprocess_loraga
 
 from pefref.language.catalog import default_catalog, load_techniques
 from pefref.language.errors import PefrefError
@@ -131,6 +138,49 @@ def test_eva_matches_peft(shape: str, r: int, seq: int) -> None:
         layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
         assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
         assert torch.equal(unit.B, layer.lora_B["default"].weight) and not unit.B.any(), path
+    _randomise_and_compare(pm, mine, base, a, paths, shape)
+    assert a.report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    a.remove()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in mine.state_dict().items())
+
+
+@contextlib.contextmanager
+def _seeded_svd_lowrank(seed: int) -> Iterator[None]:
+    """torch.svd_lowrank drawing from a generator seeded with ``seed`` at every call (as pefref's svd ops with a seed)."""
+    real = torch.svd_lowrank
+
+    def seeded(a: torch.Tensor, q: int | None = 6, niter: int = 2, M: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return real(a, q=q, niter=niter, M=M)
+
+    torch.svd_lowrank = seeded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.svd_lowrank = real
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize(("shape", "r"), [("tiny-llama", 4), ("tiny-llama", 2), ("tiny-qwen2", 4)])
+def test_lora_ga_matches_peft(shape: str, r: int) -> None:
+    base = build_model(shape, seed=0)
+    batches = _batches(3, labels=True)
+    paths = host_paths("lora_ga", shape)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=sorted(set(paths.values())), r=r, lora_alpha=8.0, lora_dropout=0.0,
+                          init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    theirs = copy.deepcopy(base)
+    preprocess_loraga(theirs, cfg, train_step=lambda: [theirs(**b).loss.backward() for b in batches])
+    with _seeded_svd_lowrank(5):
+        pm = peft.get_peft_model(theirs, cfg).eval()
+    mine = copy.deepcopy(base)
+    a = apply(mine, "lora_ga", r=r, alpha=8.0, seed=5, calibration=batches)
+    for k, path in paths.items():
+        layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
+        assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
+        assert max_diff(unit.B, layer.lora_B["default"].weight) <= TOL, path
+        assert max_diff(mine.get_submodule(path).weight, layer.base_layer.weight) <= TOL, path  # the residual
+        assert max_diff(mine.get_submodule(path).weight, base.get_submodule(path).weight) > 1e-5, path
     _randomise_and_compare(pm, mine, base, a, paths, shape)
     assert a.report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     a.remove()
