@@ -18,10 +18,14 @@ import copy
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
 import torch
+from peft.tuners.lora.config import CordaConfig, LoraGAConfig
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.loraga import preprocess_loraga
 
 import pefref
 from pefref.language.catalog import default_catalog
@@ -150,6 +154,56 @@ def test_pissa_converted_to_lora_reads_back_as_lora_on_the_original_weights(tmp_
     back = pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path / "lora")
     assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
     assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
+
+
+def _calibration_batches(labels: bool) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(3, 100, (1, 9), generator=g) for _ in range(3)]
+    return [{"input_ids": t, **({"labels": t} if labels else {})} for t in ids]
+
+
+def _residual_lora(technique: str, model: torch.nn.Module) -> Any:
+    """peft's LoRA of ``technique`` (CorDA or LoRA-GA: the host weights rewritten from calibration data), r=4, alpha=8."""
+    batches = _calibration_batches(labels=technique == "lora_ga")
+    common = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    if technique == "corda":
+        cfg = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(), **common)
+        preprocess_corda(model, cfg, run_model=lambda: [model(**b) for b in batches])
+    else:
+        cfg = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **common)
+        preprocess_loraga(model, cfg, train_step=lambda: [model(**b).loss.backward() for b in batches])
+    return peft.get_peft_model(model, cfg).eval()
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize("technique", ["corda", "lora_ga"])
+def test_data_initialised_lora_with_a_residual_converts_only_as_plain_lora(technique: str, tmp_path: Path) -> None:
+    """peft's CorDA and LoRA-GA rewrite the host weights; their file holds A and B only. Saved as is, it names
+    init_lora_weights 'corda' / 'lora_ga' and is refused (on the original weights peft itself cannot rebuild the
+    residual without the data: its corda_init asks for preprocess_corda, its lora_ga_init falls back to a plain LoRA
+    start and leaves the host unchanged); converted (path_initial_model_for_weight_conversion) it is a LoRA of rank 2r on the original weights and
+    reads back as lora. pefref's corda and lora_ga are refused by save_pretrained, with the reason."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = _residual_lora(technique, copy.deepcopy(base("tiny-llama")))
+        pm.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
+        pm.save_pretrained(tmp_path / "init")
+        pm.peft_config["default"].init_lora_weights = technique
+        perturb(p for p in pm.parameters() if p.requires_grad)
+        theirs = out(pm, "tiny-llama")
+        pm.save_pretrained(tmp_path / "as_is")
+        pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = copy.deepcopy(base("tiny-llama"))
+    with pytest.raises(PefrefError, match="matches no catalog technique exactly"):
+        pefref.from_pretrained(model, tmp_path / "as_is")
+    assert not hasattr(model, "pefref_adapters")
+    back = pefref.from_pretrained(model, tmp_path / "lora")
+    assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
+    assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
+    mine = pefref.apply(copy.deepcopy(base("tiny-llama")), technique, r=4, calibration=_calibration_batches(labels=True))
+    with pytest.raises(PefrefError, match=rf"{technique}: peft has no exact form.*rewrite the host weights from calibration data"):
+        mine.save_pretrained(tmp_path / "mine")
+    assert not (tmp_path / "mine").exists()
 
 
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys")
