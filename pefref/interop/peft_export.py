@@ -50,7 +50,7 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
         raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
     known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
-    rewrites = sorted(m.name for m in tech.modules if getattr(m, "host_update", None) and getattr(m, "calibration", None))
+    rewrites = sorted(str(m.name) for m in tech.modules if getattr(m, "host_update", None) and getattr(m, "calibration", None))
     why = (f"; its module(s) {', '.join(rewrites)} rewrite the host weights from calibration data at apply (host_update), "
            "which peft's adapter file does not hold and peft's loader cannot recompute without that data"
            if rewrites else "")
