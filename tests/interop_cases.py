@@ -65,7 +65,7 @@ class Case:
 def apply_case(model: nn.Module, shape: str, case: Case) -> Any:
     """pefref's adapter of ``case`` on ``model`` (GPT-2: at the case's GPT-2 sites; calibration batches where it needs them)."""
     sites = case.gpt2_sites if shape == "tiny-gpt2" else None
-    batches = random_batches(model, 2, seq=8) if case.calibration else None
+    batches = [{**b, "labels": b["input_ids"]} for b in random_batches(model, 2, seq=8)] if case.calibration else None
     return pefref.apply(model, case.technique, sites=sites, calibration=batches, **case.hps)
 
 
@@ -138,6 +138,8 @@ CASES: dict[str, Case] = {
         init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=2), lora_dropout=0.0), linear_only=True),
     "eva": Case("eva", {"r": 4, "alpha": 8}, GPT2_WHOLE, _lora(init_lora_weights="eva", lora_dropout=0.0), reads_as="lora",
                 calibration=True),
+    "corda": Case("corda", {"r": 4, "alpha": 8}, GPT2_WHOLE, reads_as="lora", calibration=True),
+    "lora_ga": Case("lora_ga", {"r": 4, "alpha": 8}, GPT2_WHOLE, reads_as="lora", calibration=True),
     "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
     "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
     "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),

@@ -40,6 +40,7 @@ TOL = 1e-5
 CATALOG = default_catalog()
 COMPUTED = {m.technique for m in interop_table().methods if any(mm.computed for mm in m.modules)}
 FUSED = {m.technique for m in interop_table().methods if m.fused is not None}
+RESIDUAL = {m.technique for m in interop_table().methods if m.residual is not None}
 EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only)]
 IMPORT = [(s, n) for s, n in EXPORT if CASES[n].peft is not None]
 
@@ -65,7 +66,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     implemented |= {"olora", "lora_orthogonal", "lora_gaussian", "mica", "lora_bias", "kasa", "bdlora", "velora"}  # LoRA's variants (LoraConfig flags)
     implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
-    implemented |= {"loftq", "eva"}
+    implemented |= {"loftq", "eva", "corda", "lora_ga"}  # initialised from data
     implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
@@ -85,6 +86,8 @@ def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path
     if case.technique in COMPUTED:  # peft holds what the module computes: its size is the inference form's
         assert r.counts["back"] == r.counts["peft"]
         assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct", "cartridge", "cpt"})
+    elif case.technique in RESIDUAL:  # peft's converted LoRA: [A; A0] and [B, -B0], twice the rank
+        assert r.counts["peft"] == 2 * r.counts["pefref"] == r.counts["back"]
     elif shape == "tiny-gpt2" and case.technique in FUSED and case.gpt2_sites is None:
         # q and v slices of c_attn: per layer r·(d + d) twice, versus A [2r, d] and B [3d, 2r] with k's rows zero
         assert r.counts["peft"] == 2 * r.counts["pefref"] and r.counts["back"] == r.counts["pefref"]
@@ -181,8 +184,9 @@ def test_data_initialised_lora_with_a_residual_converts_only_as_plain_lora(techn
     """peft's CorDA and LoRA-GA rewrite the host weights; their file holds A and B only. Saved as is, it names
     init_lora_weights 'corda' / 'lora_ga' and is refused (on the original weights peft itself cannot rebuild the
     residual without the data: its corda_init asks for preprocess_corda, its lora_ga_init falls back to a plain LoRA
-    start and leaves the host unchanged); converted (path_initial_model_for_weight_conversion) it is a LoRA of rank 2r on the original weights and
-    reads back as lora. pefref's corda and lora_ga are refused by save_pretrained, with the reason."""
+    start and leaves the host unchanged); converted (path_initial_model_for_weight_conversion) it is a LoRA of rank
+    2r on the original weights and reads back as lora. pefref writes its corda and lora_ga in that converted form
+    (the export cases); its file and peft's agree with each other."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = _residual_lora(technique, copy.deepcopy(base("tiny-llama")))
@@ -200,10 +204,17 @@ def test_data_initialised_lora_with_a_residual_converts_only_as_plain_lora(techn
     back = pefref.from_pretrained(model, tmp_path / "lora")
     assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
     assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
-    mine = pefref.apply(copy.deepcopy(base("tiny-llama")), technique, r=4, calibration=_calibration_batches(labels=True))
-    with pytest.raises(PefrefError, match=rf"{technique}: peft has no exact form.*rewrite the host weights from calibration data"):
-        mine.save_pretrained(tmp_path / "mine")
-    assert not (tmp_path / "mine").exists()
+    mine = pefref.apply(copy.deepcopy(base("tiny-llama")), technique, sites=["attn.q", "attn.v"], r=4, alpha=8,
+                        calibration=_calibration_batches(labels=True))
+    perturb(mine.trainable_parameters())
+    want = out(mine.model, "tiny-llama")
+    mine.save_pretrained(tmp_path / "mine")
+    cfg = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (8, 16, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path / "mine").eval()
+    assert max_diff(out(theirs, "tiny-llama"), want) <= TOL and max_diff(want, out(base("tiny-llama"), "tiny-llama")) > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys")
