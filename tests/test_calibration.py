@@ -162,19 +162,19 @@ def _seeded_svd_lowrank(seed: int) -> Iterator[None]:
 
 
 @pytest.mark.given_calibration
-@pytest.mark.parametrize(("shape", "r"), [("tiny-llama", 4), ("tiny-llama", 2), ("tiny-qwen2", 4)])
-def test_lora_ga_matches_peft(shape: str, r: int) -> None:
+@pytest.mark.parametrize(("shape", "r", "direction"), [("tiny-llama", 4, "ArB2r"), ("tiny-llama", 2, "A2rBr"), ("tiny-qwen2", 4, "ArB2r")])
+def test_lora_ga_matches_peft(shape: str, r: int, direction: str) -> None:
     base = build_model(shape, seed=0)
     batches = _batches(3, labels=True)
     paths = host_paths("lora_ga", shape)
     cfg = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=sorted(set(paths.values())), r=r, lora_alpha=8.0, lora_dropout=0.0,
-                          init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+                          init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(direction=direction))
     theirs = copy.deepcopy(base)
     preprocess_loraga(theirs, cfg, train_step=lambda: [theirs(**b).loss.backward() for b in batches])
     with _seeded_svd_lowrank(5):
         pm = peft.get_peft_model(theirs, cfg).eval()
     mine = copy.deepcopy(base)
-    a = apply(mine, "lora_ga", r=r, alpha=8.0, seed=5, calibration=batches)
+    a = apply(mine, "lora_ga", r=r, alpha=8.0, seed=5, a_leading=direction == "ArB2r", calibration=batches)
     for k, path in paths.items():
         layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
         assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
