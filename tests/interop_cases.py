@@ -65,7 +65,7 @@ class Case:
 def apply_case(model: nn.Module, shape: str, case: Case) -> Any:
     """pefref's adapter of ``case`` on ``model`` (GPT-2: at the case's GPT-2 sites; calibration batches where it needs them)."""
     sites = case.gpt2_sites if shape == "tiny-gpt2" else None
-    batches = [{**b, "labels": b["input_ids"]} for b in random_batches(model, 2, seq=8)] if case.calibration else None
+    batches = random_batches(model, 2, seq=8) if case.calibration else None  # labelled: the cases are causal LMs
     return pefref.apply(model, case.technique, sites=sites, calibration=batches, **case.hps)
 
 

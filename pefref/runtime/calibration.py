@@ -28,7 +28,7 @@ from pefref.runtime.inject import Placement
 from pefref.runtime.patches import first_tensor
 from pefref.runtime.rows import take
 
-__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "meta_statistics"]
+__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "takes_labels", "meta_statistics"]
 
 
 @dataclass
@@ -192,9 +192,22 @@ def meta_statistics(places: list[Placement]) -> list[dict[str, torch.Tensor]] | 
 
 def random_batches(model: nn.Module, n: int, seq: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``n`` batches of one sequence of ``seq`` random token ids (from a generator seeded with ``seed``, on the
-    model's device): calibration for a model with random weights (the CLI's ``apply`` and ``demo``, tests)."""
+    model's device), the tokens also as ``labels`` where the model takes them: calibration for a model with random
+    weights (the CLI's ``apply`` and ``demo``, tests)."""
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
     device = next((q.device for q in model.parameters()), torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, max(vocab, 4), (1, seq), generator=g) for _ in range(n)]
-    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device)} for t in ids]
+    labelled = takes_labels(model)  # a model with a loss gets the tokens as labels (what weight_grad differentiates)
+    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device), **({"labels": t.to(device)} if labelled else {})}
+            for t in ids]
+
+
+def takes_labels(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``labels`` (a model with a task head computes its loss from them)."""
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
