@@ -198,7 +198,7 @@ def _with_initial(ex: _Export, host: nn.Module, path: str, values: dict[str, tor
     change = host_change(host, ex.adapter)
     if change is None:
         raise PefrefError(f"{ex.tech.id} at {path}: no rewrite of the host weight is recorded for this adapter; "
-                          f"peft's converted LoRA needs it")
+                          "peft's converted low-rank form needs it")
     a, b = values[res.down], values[res.up]
     k, s = a.shape[0], float(config_get(ex.config, res.alpha)) / float(config_get(ex.config, res.rank))
     u, sv, vh = torch.linalg.svd(change.double() / s, full_matrices=False)

@@ -109,7 +109,7 @@ class PeftMethod(Strict):
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")
-    residual: ResidualForm | None = Field(None, description="Export the host weights' rewrite at apply as peft's converted LoRA of rank 2r on the original weights (export only: it reads back as plain LoRA).")
+    residual: ResidualForm | None = Field(None, description="Export the host weights' rewrite at apply as peft's converted low-rank adapter of rank 2r on the original weights (export only: it reads back as the plain low-rank technique of that rank).")
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")
     import_only: bool = Field(False, description="Read this peft form into the technique, but export the technique through its other row.")
