@@ -37,12 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pefref
 from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.language.interop_table import interop_table
 from pefref.language.schema import PeftMethod
-from tests.interop_cases import CASES, SHAPES, Case, base, export_case, import_case
+from tests.interop_cases import CASES, SHAPES, Case, apply_case, base, export_case, import_case
 
 CATALOG = default_catalog()
 
@@ -85,9 +84,8 @@ def import_cases(row: PeftMethod) -> list[str]:
 def refusal(shape: str, case: Case) -> str | None:
     """The converter's error when it refuses this case's pefref adapter on this model, else None."""
     model = copy.deepcopy(base(shape))
-    sites = case.gpt2_sites if shape == "tiny-gpt2" else None
     try:
-        adapter = pefref.apply(model, case.technique, sites=sites, **case.hps)  # a family without a site it needs refuses here
+        adapter = apply_case(model, shape, case)  # a family without a site it needs refuses here
         with tempfile.TemporaryDirectory() as tmp:
             adapter.save_pretrained(Path(tmp) / "a")
     except PefrefError as e:

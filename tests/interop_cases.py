@@ -30,6 +30,7 @@ from torch import nn
 import pefref
 from pefref.language.catalog import default_catalog
 from pefref.models.build import build_model
+from pefref.runtime.calibration import random_batches
 
 from .conftest import output_of
 from .loftq_standin import peft_loftq_init
@@ -58,6 +59,14 @@ class Case:
     linear_only: bool = False  # peft has no Conv1D form (GPT-2 is refused)
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
     task_ids: bool = False  # peft's forward takes every example's task id (multitask prompt tuning, Poly)
+    calibration: bool = False  # initialised from data: applied with a few batches of random tokens
+
+
+def apply_case(model: nn.Module, shape: str, case: Case) -> Any:
+    """pefref's adapter of ``case`` on ``model`` (GPT-2: at the case's GPT-2 sites; calibration batches where it needs them)."""
+    sites = case.gpt2_sites if shape == "tiny-gpt2" else None
+    batches = random_batches(model, 2, seq=8) if case.calibration else None  # labelled: the cases are causal LMs
+    return pefref.apply(model, case.technique, sites=sites, calibration=batches, **case.hps)
 
 
 def _lora(**kw: Any) -> Callable[[str], Any]:
@@ -127,6 +136,10 @@ CASES: dict[str, Case] = {
     "lora_gaussian": Case("lora_gaussian", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="gaussian")),
     "loftq": Case("loftq", {"r": 4, "alpha": 8, "bits": 4, "iters": 2}, None, _lora(
         init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=2), lora_dropout=0.0), linear_only=True),
+    "eva": Case("eva", {"r": 4, "alpha": 8}, GPT2_WHOLE, _lora(init_lora_weights="eva", lora_dropout=0.0), reads_as="lora",
+                calibration=True),
+    "corda": Case("corda", {"r": 4, "alpha": 8}, GPT2_WHOLE, reads_as="lora", calibration=True),
+    "lora_ga": Case("lora_ga", {"r": 4, "alpha": 8}, GPT2_WHOLE, reads_as="lora", calibration=True),
     "mica": Case("mica", {"r": 4, "alpha": 8}, None, _lora(init_lora_weights="mica"), linear_only=True),
     "lora_bias": Case("lora_bias", {"r": 4, "alpha": 8}, None, _lora(lora_bias=True), linear_only=True),
     "kasa": Case("kasa", {"r": 4, "alpha": 8}, None, _lora(kasa_config=peft.KasaConfig()), linear_only=True),
@@ -249,8 +262,7 @@ def export_case(shape: str, name: str, folder: Path) -> Record:
     """pefref -> peft -> pefref."""
     case = CASES[name]
     model = copy.deepcopy(base(shape))
-    sites = case.gpt2_sites if shape == "tiny-gpt2" else None
-    adapter = pefref.apply(model, case.technique, sites=sites, **case.hps)
+    adapter = apply_case(model, shape, case)
     perturb(adapter.trainable_parameters())
     mine = out(model, shape)
     adapter.save_pretrained(folder)

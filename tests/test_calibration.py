@@ -1,5 +1,12 @@
 """Initialisation from data: calibration statistics declared by modules, gathered by apply(..., calibration=).
 
+* EVA against peft 0.21.2's init_lora_weights="eva" + initialize_lora_eva_weights (rho = 1) on one calibration
+  batch of T tokens, r <= T <= 2 r (where peft's randomised incremental PCA is the exact PCA): A, B, outputs
+  at init and after randomising the adapter, trainable counts, remove() bit-exact;
+* LoRA-GA against peft 0.21.2's preprocess_loraga + init_lora_weights="lora_ga" (defaults ArB2r, stable) on the
+  same labelled batches, on models without dropout (peft averages the gradients in train mode), each randomised
+  SVD drawn from a generator seeded with the same seed on both sides (peft draws from torch's global generator
+  in module order, between its layers' own initialisations: the test seeds each of its torch.svd_lowrank calls);
 * CorDA (IPM and KPM) against peft 0.21.2's preprocess_corda + init_lora_weights="corda" on the same
   calibration batches: A, B and the residual host weights, outputs at init (the base function) and after
   randomising the adapter (peft's perturbed A and B copied in), trainable counts, remove() bit-exact;
@@ -11,14 +18,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from peft.tuners.lora.config import CordaConfig
+from peft.tuners.lora.config import CordaConfig, EvaConfig, LoraGAConfig
 from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.eva import initialize_lora_eva_weights
+from peft.tuners.lora.loraga import preprocess_loraga
 
 from pefref.language.catalog import default_catalog, load_techniques
 from pefref.language.errors import PefrefError
@@ -93,6 +104,89 @@ def test_corda_matches_peft(shape: str, mode: str) -> None:
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in mine.state_dict().items())  # the base weights come back exactly
 
 
+def _randomise_and_compare(pm: torch.nn.Module, mine: torch.nn.Module, base: torch.nn.Module, a, paths, shape: str) -> None:
+    """Outputs at init equal the base model's; after peft's A and B are perturbed and copied in, both agree and differ from it."""
+    x = padded_batch(shape)
+    with torch.no_grad():
+        assert max_diff(_out(mine, x), _out(base, x)) <= TOL  # the base function at initialisation
+        torch.manual_seed(1)
+        for k, path in paths.items():
+            layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
+            for name, lora in (("A", layer.lora_A["default"].weight), ("B", layer.lora_B["default"].weight)):
+                lora.add_(0.3 * torch.randn_like(lora))
+                getattr(unit, name).copy_(lora)
+        got = _out(mine, x)
+        assert max_diff(got, _out(pm, x)) <= TOL
+        assert max_diff(got, _out(base, x)) > 1e-3  # the adapter changes the output
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize(("shape", "r", "seq"), [("tiny-llama", 8, 16), ("tiny-llama", 4, 9), ("tiny-bert", 6, 12), ("tiny-qwen2", 8, 16)])
+def test_eva_matches_peft(shape: str, r: int, seq: int) -> None:
+    base = build_model(shape, seed=0)
+    batches = _batches(1, seq=seq)
+    paths = host_paths("eva", shape)
+    task = "FEATURE_EXTRACTION" if "bert" in shape else "CAUSAL_LM"
+    cfg = peft.LoraConfig(task_type=task, target_modules=sorted(set(paths.values())), r=r, lora_alpha=8.0, lora_dropout=0.0,
+                          init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    initialize_lora_eva_weights(pm, batches, show_progress_bar=False)
+    pm.eval()
+    mine = copy.deepcopy(base)
+    a = apply(mine, "eva", r=r, alpha=8.0, calibration=batches)
+    for k, path in paths.items():
+        layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
+        assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
+        assert torch.equal(unit.B, layer.lora_B["default"].weight) and not unit.B.any(), path
+    _randomise_and_compare(pm, mine, base, a, paths, shape)
+    assert a.report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    a.remove()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in mine.state_dict().items())
+
+
+@contextlib.contextmanager
+def _seeded_svd_lowrank(seed: int) -> Iterator[None]:
+    """torch.svd_lowrank drawing from a generator seeded with ``seed`` at every call (as pefref's svd ops with a seed)."""
+    real = torch.svd_lowrank
+
+    def seeded(a: torch.Tensor, q: int | None = 6, niter: int = 2, M: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return real(a, q=q, niter=niter, M=M)
+
+    torch.svd_lowrank = seeded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.svd_lowrank = real
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize(("shape", "r", "direction"), [("tiny-llama", 4, "ArB2r"), ("tiny-llama", 2, "A2rBr"), ("tiny-qwen2", 4, "ArB2r")])
+def test_lora_ga_matches_peft(shape: str, r: int, direction: str) -> None:
+    base = build_model(shape, seed=0)
+    batches = _batches(3, labels=True)
+    paths = host_paths("lora_ga", shape)
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=sorted(set(paths.values())), r=r, lora_alpha=8.0, lora_dropout=0.0,
+                          init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(direction=direction))
+    theirs = copy.deepcopy(base)
+    preprocess_loraga(theirs, cfg, train_step=lambda: [theirs(**b).loss.backward() for b in batches])
+    with _seeded_svd_lowrank(5):
+        pm = peft.get_peft_model(theirs, cfg).eval()
+    mine = copy.deepcopy(base)
+    a = apply(mine, "lora_ga", r=r, alpha=8.0, seed=5, a_leading=direction == "ArB2r", calibration=batches)
+    for k, path in paths.items():
+        layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
+        assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
+        assert max_diff(unit.B, layer.lora_B["default"].weight) <= TOL, path
+        assert max_diff(mine.get_submodule(path).weight, layer.base_layer.weight) <= TOL, path  # the residual
+        assert max_diff(mine.get_submodule(path).weight, base.get_submodule(path).weight) > 1e-5, path
+    _randomise_and_compare(pm, mine, base, a, paths, shape)
+    assert a.report.trainable == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    a.remove()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in mine.state_dict().items())
+
+
 _STATS = """
 id: calib_probe
 name: Calibration probe
@@ -107,6 +201,7 @@ modules:
       Cx: {kind: input_cov, average: tokens}
       Ch: {kind: output_cov, normalise: batch_max, average: none}
       G: {kind: weight_grad}
+      Px: {kind: input_pca}
     params:
       A: {shape: [r, d_in], init: "narrow(Cx, 0, 0, r) + narrow(G, 0, 0, r)"}
       B: {shape: [d_out, r], init: "narrow(Ch, 1, 0, r)"}
@@ -154,6 +249,11 @@ def test_statistics_match_a_direct_computation(tmp_path: Path) -> None:
     assert max_diff(stats["Cx"], sum(x.T @ x for x in xs) / sum(x.shape[0] for x in xs)) <= TOL
     assert max_diff(stats["Ch"], sum((h / h.max().abs()).T @ (h / h.max().abs()) for h in hs)) <= TOL
     assert max_diff(stats["G"], sum(gs) / len(gs)) <= TOL and stats["G"].abs().max() > 0
+    xc = torch.cat(xs).double() - torch.cat(xs).double().mean(0)  # the principal axes: SVD of the centred inputs, svd_flip'd
+    vh = torch.linalg.svd(xc, full_matrices=False)[2]
+    vh = vh * torch.sign(vh[torch.arange(vh.shape[0]), vh.abs().argmax(1)])[:, None]
+    k = 3  # leading axes with distinct variances (the centred inputs of 3 batches of 9 tokens have rank <= 26)
+    assert max_diff(stats["Px"][:k], vh[:k].float()) <= TOL and stats["Px"].shape == (xc.shape[1], xc.shape[1])
     ad = apply(model, tech, calibration=batches)  # the initialisers read them
     unit = ad.units[f"probe__ffn_down__{1}"]
     assert max_diff(unit.B, stats["Ch"][:, :2]) <= TOL

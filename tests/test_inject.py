@@ -10,6 +10,7 @@ from pefref.language.check import expand_modules
 from pefref.language.errors import PefrefError
 from pefref.models.build import applicable
 from pefref.runtime.api import ADAPTERS_ATTR, apply
+from pefref.runtime.calibration import takes_labels
 from pefref.view.analysis import modules_mergeable
 from pefref.view.costs import efficiency
 from pefref.view.params import count_params
@@ -17,13 +18,33 @@ from pefref.view.params import count_params
 from .conftest import TINY, invoking, model_inputs, output_of, tiny_model
 
 _CAT = default_catalog()
-CASES = [
-    pytest.param(tid, fam, id=f"{tid}-{fam}")
+
+
+def _without_a_loss(t: object, fam: str) -> bool:
+    """A technique initialised from the loss gradient of its host weights (weight_grad) on a family whose tiny model
+    has no loss (a base encoder without a head takes no labels): applying it is refused (tested below)."""
+    stats = [st for m in expand_modules(t, _CAT.techniques)[0] for st in (getattr(m, "calibration", None) or {}).values()]
+    return any(st.kind == "weight_grad" for st in stats) and not takes_labels(tiny_model(fam))
+
+
+_APPLICABLE = [
+    (tid, fam)
     for tid, t in sorted(_CAT.techniques.items())
     for fam in TINY
     if applicable(expand_modules(t, _CAT.techniques)[0], _CAT.family(fam))
     and count_params(t, _CAT.shape(TINY[fam]), _CAT).trainable > 0  # e.g. bias tuning on bias-free Llama
 ]
+CASES = [pytest.param(tid, fam, id=f"{tid}-{fam}") for tid, fam in _APPLICABLE if not _without_a_loss(_CAT.technique(tid), fam)]
+NO_LOSS = [pytest.param(tid, fam, id=f"{tid}-{fam}") for tid, fam in _APPLICABLE if _without_a_loss(_CAT.technique(tid), fam)]
+
+
+@pytest.mark.parametrize("tid,fam", NO_LOSS)
+def test_a_gradient_initialisation_on_a_model_without_a_loss_is_refused(tid: str, fam: str) -> None:
+    model = tiny_model(fam)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PefrefError, match="weight_grad statistics differentiate the model's loss: give calibration batches with labels"):
+        apply(model, tid)
+    assert not hasattr(model, ADAPTERS_ATTR) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _compare_len(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,14 @@ import copy
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import peft
 import pytest
 import torch
+from peft.tuners.lora.config import CordaConfig, LoraGAConfig
+from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.loraga import preprocess_loraga
 
 import pefref
 from pefref.language.catalog import default_catalog
@@ -36,6 +40,7 @@ TOL = 1e-5
 CATALOG = default_catalog()
 COMPUTED = {m.technique for m in interop_table().methods if any(mm.computed for mm in m.modules)}
 FUSED = {m.technique for m in interop_table().methods if m.fused is not None}
+RESIDUAL = {m.technique for m in interop_table().methods if m.residual is not None}
 EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only)]
 IMPORT = [(s, n) for s, n in EXPORT if CASES[n].peft is not None]
 
@@ -61,7 +66,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"beft", "cartridge", "delora", "glora", "gralora", "hira", "lily", "miss"}
     implemented |= {"olora", "lora_orthogonal", "lora_gaussian", "mica", "lora_bias", "kasa", "bdlora", "velora"}  # LoRA's variants (LoraConfig flags)
     implemented |= {"c3a", "deft", "poly", "pvera", "road", "unilora", "waveft"}
-    implemented |= {"loftq"}
+    implemented |= {"loftq", "eva", "corda", "lora_ga"}  # initialised from data
     implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
@@ -81,6 +86,8 @@ def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path
     if case.technique in COMPUTED:  # peft holds what the module computes: its size is the inference form's
         assert r.counts["back"] == r.counts["peft"]
         assert (r.counts["pefref"] == r.counts["peft"]) == (case.technique in {"prompt_tuning", "prefix_direct", "cartridge", "cpt"})
+    elif case.technique in RESIDUAL:  # peft's converted LoRA: [A; A0] and [B, -B0], twice the rank
+        assert r.counts["peft"] == 2 * r.counts["pefref"] == r.counts["back"]
     elif shape == "tiny-gpt2" and case.technique in FUSED and case.gpt2_sites is None:
         # q and v slices of c_attn: per layer r·(d + d) twice, versus A [2r, d] and B [3d, 2r] with k's rows zero
         assert r.counts["peft"] == 2 * r.counts["pefref"] and r.counts["back"] == r.counts["pefref"]
@@ -150,6 +157,64 @@ def test_pissa_converted_to_lora_reads_back_as_lora_on_the_original_weights(tmp_
     back = pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path / "lora")
     assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
     assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
+
+
+def _calibration_batches(labels: bool) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(3, 100, (1, 9), generator=g) for _ in range(3)]
+    return [{"input_ids": t, **({"labels": t} if labels else {})} for t in ids]
+
+
+def _residual_lora(technique: str, model: torch.nn.Module) -> Any:
+    """peft's LoRA of ``technique`` (CorDA or LoRA-GA: the host weights rewritten from calibration data), r=4, alpha=8."""
+    batches = _calibration_batches(labels=technique == "lora_ga")
+    common = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    if technique == "corda":
+        cfg = peft.LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(), **common)
+        preprocess_corda(model, cfg, run_model=lambda: [model(**b) for b in batches])
+    else:
+        cfg = peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **common)
+        preprocess_loraga(model, cfg, train_step=lambda: [model(**b).loss.backward() for b in batches])
+    return peft.get_peft_model(model, cfg).eval()
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize("technique", ["corda", "lora_ga"])
+def test_data_initialised_lora_with_a_residual_converts_only_as_plain_lora(technique: str, tmp_path: Path) -> None:
+    """peft's CorDA and LoRA-GA rewrite the host weights; their file holds A and B only. Saved as is, it names
+    init_lora_weights 'corda' / 'lora_ga' and is refused (on the original weights peft itself cannot rebuild the
+    residual without the data: its corda_init asks for preprocess_corda, its lora_ga_init falls back to a plain LoRA
+    start and leaves the host unchanged); converted (path_initial_model_for_weight_conversion) it is a LoRA of rank
+    2r on the original weights and reads back as lora. pefref writes its corda and lora_ga in that converted form
+    (the export cases); its file and peft's agree with each other."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = _residual_lora(technique, copy.deepcopy(base("tiny-llama")))
+        pm.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
+        pm.save_pretrained(tmp_path / "init")
+        pm.peft_config["default"].init_lora_weights = technique
+        perturb(p for p in pm.parameters() if p.requires_grad)
+        theirs = out(pm, "tiny-llama")
+        pm.save_pretrained(tmp_path / "as_is")
+        pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    model = copy.deepcopy(base("tiny-llama"))
+    with pytest.raises(PefrefError, match="matches no catalog technique exactly"):
+        pefref.from_pretrained(model, tmp_path / "as_is")
+    assert not hasattr(model, "pefref_adapters")
+    back = pefref.from_pretrained(model, tmp_path / "lora")
+    assert back.technique.id == "lora" and back.hyperparameters["r"] == 8 and back.hyperparameters["alpha"] == 16
+    assert max_diff(out(back.model, "tiny-llama"), theirs) <= TOL
+    mine = pefref.apply(copy.deepcopy(base("tiny-llama")), technique, sites=["attn.q", "attn.v"], r=4, alpha=8,
+                        calibration=_calibration_batches(labels=True))
+    perturb(mine.trainable_parameters())
+    want = out(mine.model, "tiny-llama")
+    mine.save_pretrained(tmp_path / "mine")
+    cfg = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (8, 16, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base("tiny-llama")), tmp_path / "mine").eval()
+    assert max_diff(out(theirs, "tiny-llama"), want) <= TOL and max_diff(want, out(base("tiny-llama"), "tiny-llama")) > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys")

@@ -13,6 +13,7 @@ from pefref.interop.peft_common import (
     PREFIX,
     PROMPT,
     alpha_for,
+    config_get,
     config_set,
     fixed_config,
     host_order,
@@ -31,6 +32,7 @@ from pefref.language.interop_table import method_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
+from pefref.runtime.ledger import host_change
 from pefref.runtime.param_slices import ParameterSlice
 from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
@@ -50,7 +52,11 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
         raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
     known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
-    raise PefrefError(f"{tech.id}: peft has no exact form of this technique (techniques with one: {known})")
+    rewrites = sorted(str(m.name) for m in tech.modules if getattr(m, "host_update", None) and getattr(m, "calibration", None))
+    why = (f"; its module(s) {', '.join(rewrites)} rewrite the host weights from calibration data at apply (host_update), "
+           "which peft's adapter file does not hold and peft's loader cannot recompute without that data"
+           if rewrites else "")
+    raise PefrefError(f"{tech.id}: peft has no exact form of this technique{why} (techniques with one: {known})")
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,9 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
         _fuse(adapter, method, maps[module], path, parts, cfg, ex.put)
     if method.top_layers is not None:
         cfg[method.top_layers] = _top_layers(adapter, method)
+    if method.residual is not None:  # peft's converted LoRA: twice the rank and alpha, the same scaling
+        for field_name in (method.residual.rank, method.residual.alpha):
+            config_set(cfg, field_name, 2 * config_get(cfg, field_name))
     return _complete(ex)
 
 
@@ -172,10 +181,29 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
             ex.pieces.setdefault((row.module, path), []).append((rows, unit))
             continue
         at = stored_at(adapter.family, mm, path, layer)
+        values = {pname: read(unit, pname).detach() for pname in mm.tensors}
+        if method.residual is not None:
+            values = _with_initial(ex, host, path, values)
         for pname, tname in mm.tensors.items():
-            ex.put(f"{PREFIX}{at}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), at)
+            ex.put(f"{PREFIX}{at}.{tname}", to_peft(values[pname], mm, pname), at)
         for tname, value in _zero_tensors(mm, host, unit).items():
             ex.put(f"{PREFIX}{path}.{tname}", value, path)
+
+
+def _with_initial(ex: _Export, host: nn.Module, path: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A and B with the initial factors of the host's rewrite appended (peft's converted LoRA, rank 2r): the change
+    :math:`W_0 - W_{res} = s B_0 A_0` factorised by its thin SVD (fp64) at the adapter's rank."""
+    res = ex.method.residual
+    assert res is not None
+    change = host_change(host, ex.adapter)
+    if change is None:
+        raise PefrefError(f"{ex.tech.id} at {path}: no rewrite of the host weight is recorded for this adapter; "
+                          "peft's converted low-rank form needs it")
+    a, b = values[res.down], values[res.up]
+    k, s = a.shape[0], float(config_get(ex.config, res.alpha)) / float(config_get(ex.config, res.rank))
+    u, sv, vh = torch.linalg.svd(change.double() / s, full_matrices=False)
+    a0, b0 = vh[:k].to(a.dtype), (u[:, :k] * sv[:k]).to(b.dtype)
+    return {**values, res.down: torch.cat([a, a0], 0), res.up: torch.cat([b, -b0], 1)}
 
 
 def _complete(ex: _Export) -> PeftState:

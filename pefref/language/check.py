@@ -243,7 +243,7 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
     return out
 
 
-_STAT_READS = {"input_cov": "x", "output_cov": "h", "weight_grad": "W"}
+_STAT_READS = {"input_cov": "x", "output_cov": "h", "weight_grad": "W", "input_pca": "x"}
 """The host tensor each calibration statistic is gathered from (the module's sites must let it read it)."""
 
 

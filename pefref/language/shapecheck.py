@@ -218,7 +218,7 @@ def site_env(kind: str, d_in: int, d_out: int, sizes: Mapping[str, int]) -> dict
 
 def stat_shapes(m: Any, d_in: int, d_out: int) -> dict[str, Shape]:
     """Shapes of a module's calibration statistics at a site of widths ``d_in``, ``d_out``."""
-    dims = {"input_cov": (d_in, d_in), "output_cov": (d_out, d_out), "weight_grad": (d_out, d_in)}
+    dims = {"input_cov": (d_in, d_in), "output_cov": (d_out, d_out), "weight_grad": (d_out, d_in), "input_pca": (d_in, d_in)}
     return {name: Shape(dims[st.kind]) for name, st in (getattr(m, "calibration", None) or {}).items()}
 
 

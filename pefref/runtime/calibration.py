@@ -4,7 +4,8 @@
 forward hook on the host of every placement whose module declares statistics, and returns each placement's
 statistics by name (fp32), for its initialisers and ``host_update`` to read. Memory stays bounded: a
 covariance is a running sum of :math:`X_b^\\top X_b` ([d, d] per placement), never the activations; a
-weight's gradient a running sum of [out, in]. The pass runs in eval mode (no dropout) under
+weight's gradient a running sum of [out, in]; the principal axes of the inputs (``input_pca``) are those of the
+centred scatter matrix, formed in fp64 from the running sums of :math:`X_b^\\top X_b` and of the rows of :math:`X_b`. The pass runs in eval mode (no dropout) under
 ``torch.no_grad()`` unless a ``weight_grad`` is declared (then the model's loss is differentiated with
 respect to the host weights only, with ``torch.autograd.grad``: no ``.grad`` is written). Hooks, modes
 and ``requires_grad`` flags are restored afterwards, whatever happens: gathering changes nothing.
@@ -27,7 +28,7 @@ from pefref.runtime.inject import Placement
 from pefref.runtime.patches import first_tensor
 from pefref.runtime.rows import take
 
-__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "meta_statistics"]
+__all__ = ["Accumulator", "declares_calibration", "gather", "refuse_without", "random_batches", "takes_labels", "meta_statistics"]
 
 
 @dataclass
@@ -38,14 +39,20 @@ class Accumulator:
     total: torch.Tensor | None = field(default=None, repr=False)
     batches: int = 0
     tokens: int = 0
+    rows: torch.Tensor | None = field(default=None, repr=False)  # input_pca: the running sum of the inputs' rows
 
-    def add(self, value: torch.Tensor, tokens: int) -> None:
+    def add(self, value: torch.Tensor, tokens: int, rows: torch.Tensor | None = None) -> None:
         self.total = value if self.total is None else self.total + value
+        if rows is not None:
+            self.rows = rows if self.rows is None else self.rows + rows
         self.batches += 1
         self.tokens += tokens
 
     def value(self) -> torch.Tensor:
         assert self.total is not None
+        if self.stat.kind == "input_pca":
+            assert self.rows is not None
+            return principal_axes(self.total, self.rows, self.tokens)
         n = {"batches": self.batches, "tokens": self.tokens if self.stat.kind != "weight_grad" else self.batches, "none": 1}[self.stat.average]
         return self.total / n
 
@@ -71,6 +78,27 @@ def _covariance(t: torch.Tensor, st: Statistic) -> tuple[torch.Tensor, int]:
     return x.T @ x, x.shape[0]
 
 
+def _scatter(t: torch.Tensor, st: Statistic) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """A batch's :math:`X^\\top X` and the sum of its rows, in fp64 (``input_pca``)."""
+    x = t.detach().reshape(-1, t.shape[-1]).double()  # [tokens, d]
+    if st.normalise == "batch_max":
+        x = x / torch.max(x).abs()
+    return x.T @ x, x.shape[0], x.sum(0)
+
+
+def principal_axes(scatter: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The principal axes of ``n`` rows whose :math:`X^\\top X` is ``scatter`` and whose sum is ``rows``: the eigenvectors
+    of the centred scatter :math:`X^\\top X - n \\bar{x} \\bar{x}^\\top` (the right singular vectors of
+    :math:`X - \\bar{x}`) as rows [d, d] by decreasing eigenvalue, each signed so that its largest-magnitude entry is
+    positive (``svd_flip`` on V in sklearn's and peft's IncrementalPCA); fp32."""
+    mean = rows / n
+    _vals, vecs = torch.linalg.eigh(scatter - n * torch.outer(mean, mean))  # ascending
+    axes = vecs.flip(1).T.contiguous()
+    pick = axes.abs().argmax(1)
+    signs = torch.sign(axes[torch.arange(axes.shape[0], device=axes.device), pick])
+    return (axes * torch.where(signs == 0, 1.0, signs)[:, None]).float()
+
+
 def _hook(pl: Placement, accs: Mapping[str, Accumulator]) -> Any:
     """A forward hook on ``pl.host`` adding its input's and output's covariances to ``accs``."""
 
@@ -79,6 +107,8 @@ def _hook(pl: Placement, accs: Mapping[str, Accumulator]) -> Any:
             for acc in accs.values():
                 if acc.stat.kind == "input_cov":
                     acc.add(*_covariance(first_tensor(args, kwargs), acc.stat))
+                elif acc.stat.kind == "input_pca":
+                    acc.add(*_scatter(first_tensor(args, kwargs), acc.stat))
                 elif acc.stat.kind == "output_cov":
                     h = output[0] if isinstance(output, tuple) else output
                     acc.add(*_covariance(take(h, h.dim() - 1, pl.start, pl.size, pl.period), acc.stat))
@@ -155,16 +185,29 @@ def meta_statistics(places: list[Placement]) -> list[dict[str, torch.Tensor]] | 
     declaring = [pl for pl in places if getattr(pl.module, "calibration", None)]
     if not declaring or any(not pl.host.weight.is_meta for pl in declaring):
         return None
-    dims = {"input_cov": lambda pl: (pl.d_in, pl.d_in), "output_cov": lambda pl: (pl.d_out, pl.d_out), "weight_grad": lambda pl: (pl.d_out, pl.d_in)}
+    dims = {"input_cov": lambda pl: (pl.d_in, pl.d_in), "input_pca": lambda pl: (pl.d_in, pl.d_in), "output_cov": lambda pl: (pl.d_out, pl.d_out), "weight_grad": lambda pl: (pl.d_out, pl.d_in)}
     return [{n: torch.empty(dims[st.kind](pl), device="meta") for n, st in (getattr(pl.module, "calibration", None) or {}).items()}
             for pl in places]
 
 
 def random_batches(model: nn.Module, n: int, seq: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``n`` batches of one sequence of ``seq`` random token ids (from a generator seeded with ``seed``, on the
-    model's device): calibration for a model with random weights (the CLI's ``apply`` and ``demo``, tests)."""
+    model's device), the tokens also as ``labels`` where the model takes them: calibration for a model with random
+    weights (the CLI's ``apply`` and ``demo``, tests)."""
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
     device = next((q.device for q in model.parameters()), torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, max(vocab, 4), (1, seq), generator=g) for _ in range(n)]
-    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device)} for t in ids]
+    labelled = takes_labels(model)  # a model with a loss gets the tokens as labels (what weight_grad differentiates)
+    return [{"input_ids": t.to(device), "attention_mask": torch.ones_like(t).to(device), **({"labels": t.to(device)} if labelled else {})}
+            for t in ids]
+
+
+def takes_labels(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``labels`` (a model with a task head computes its loss from them)."""
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

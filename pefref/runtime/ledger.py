@@ -33,7 +33,7 @@ from pefref.runtime.hosts import HostKind
 from pefref.runtime.param_slices import virtual_hosts
 from pefref.runtime.transaction import Transaction
 
-__all__ = ["Layer", "WeightLedger", "ledger_of", "all_ledgers", "FreezeLedger", "freeze_ledger", "freeze", "release", "check_not_selected"]
+__all__ = ["Layer", "WeightLedger", "ledger_of", "host_change", "all_ledgers", "FreezeLedger", "freeze_ledger", "freeze", "release", "check_not_selected"]
 
 _LEDGER = "_pefref_weights"
 _FREEZE = "_pefref_freeze"
@@ -188,6 +188,16 @@ def ledger_of(txn: Transaction, host: nn.Module, kind: HostKind, create: bool = 
         host.__dict__[_LEDGER] = led
         txn.on_undo(lambda: host.__dict__.pop(_LEDGER, None) if not led.layers else None)
     return led
+
+
+def host_change(host: nn.Module, owner: Any) -> torch.Tensor | None:
+    """What ``owner``'s one-time update took off the host's weight when it was written ([out, in]: the value beneath
+    minus the value it wrote), or None where it wrote none."""
+    led = host.__dict__.get(_LEDGER)
+    for ly in led.layers if led is not None else []:
+        if ly.owner is owner and ly.kind == "update" and ly.first_before is not None and ly.first_after is not None:
+            return ly.first_before[0] - ly.first_after[0]
+    return None
 
 
 def all_ledgers(model: nn.Module) -> list[WeightLedger]:

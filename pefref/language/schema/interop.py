@@ -9,7 +9,7 @@ from pydantic import Field
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
-__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "Scalar"]
+__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar"]
 
 Scalar = bool | int | float | str | None
 
@@ -73,6 +73,20 @@ class RankMasks(Strict):
     dims: dict[Identifier, int] = Field(description="The module's tensor -> its rank dimension.")
 
 
+class ResidualForm(Strict):
+    """A low-rank adapter ``s·B·A`` (``s`` = alpha / rank) whose ``host_update`` rewrote each host weight to
+    :math:`W_0 - s B_0 A_0` at apply (from calibration data peft cannot see again), written as peft's converted LoRA
+    (``save_pretrained(path_initial_model_for_weight_conversion=...)``): on the original weights, of rank 2·rank and
+    alpha 2·alpha (the same scaling), :math:`A' = [A; A_0]`, :math:`B' = [B, -B_0]`, so that
+    :math:`W_0 + s B' A' = W_0 - s B_0 A_0 + s B A`. :math:`B_0 A_0` is read back as a rank-``rank`` factorisation
+    (thin SVD) of the host's change :math:`W_0 - W_{res}` divided by ``s``. Such a file reads back as plain LoRA."""
+
+    rank: str = Field("r", description="Config field holding the rank (doubled on export).")
+    alpha: str = Field("lora_alpha", description="Config field holding alpha (doubled on export: alpha / rank is unchanged).")
+    down: Identifier = Field(description="The module's down projection [rank, d_in] (A): the initial factor's rows are appended.")
+    up: Identifier = Field(description="The module's up projection [d_out, rank] (B): the negated initial factor's columns are appended.")
+
+
 class PeftMethod(Strict):
     """One catalog technique and the peft method that computes the same function."""
 
@@ -95,6 +109,7 @@ class PeftMethod(Strict):
     conv1d_flag: str | None = Field(None, description="Config field set to whether the hosts are transformers Conv1D (peft's fan_in_fan_out).")
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")
+    residual: ResidualForm | None = Field(None, description="Export the host weights' rewrite at apply as peft's converted low-rank adapter of rank 2r on the original weights (export only: it reads back as the plain low-rank technique of that rank).")
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")
     import_only: bool = Field(False, description="Read this peft form into the technique, but export the technique through its other row.")

@@ -188,7 +188,7 @@ class Connection(Strict):
         return self
 
 
-STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad")
+STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad", "input_pca")
 """The closed set of calibration statistics a module may declare (``calibration:``)."""
 
 
@@ -200,11 +200,16 @@ class Statistic(Strict):
     * ``input_cov``: :math:`\\sum_b X_b^\\top X_b` over the batches' inputs of the host ``X_b`` ([tokens, d_in]), [d_in, d_in];
     * ``output_cov``: the same over the host's outputs, [d_out, d_out];
     * ``weight_grad``: :math:`\\sum_b \\partial \\mathcal{L}_b / \\partial W` of the model's loss on each batch with respect
-      to the host weight, [d_out, d_in] (the batches carry labels; gathered with gradients, the others under no_grad).
+      to the host weight, [d_out, d_in] (the batches carry labels; gathered with gradients, the others under no_grad);
+    * ``input_pca``: the principal axes of the host's inputs over all the batches' tokens, [d_in, d_in]: row ``i`` is the
+      ``i``-th right singular vector of the centred inputs :math:`X - \\bar{x}` (the eigenvectors of their scatter matrix,
+      computed in fp64, by decreasing variance), its sign such that its largest-magnitude entry is positive (sklearn's and
+      peft's ``svd_flip`` convention). ``average`` does not change it.
     """
 
-    kind: Literal["input_cov", "output_cov", "weight_grad"] = Field(description="Which statistic: the covariance of the host's "
-                                                                    "input or output activations, or the loss gradient of its weight.")
+    kind: Literal["input_cov", "output_cov", "weight_grad", "input_pca"] = Field(
+        description="Which statistic: the covariance of the host's input or output activations, the loss gradient of its weight, "
+        "or the principal axes of its (centred) inputs.")
     normalise: Literal["none", "batch_max"] = Field(
         "none", description="Covariances: 'batch_max' divides each batch's activations by their largest value (its absolute value) "
         "before the product, as some reference implementations do.")
