@@ -312,3 +312,13 @@ def test_connections_are_edges_into_the_reading_module() -> None:
     g = technique_graph(default_catalog(), [_kitchen_sink()])
     reads = [(u, a) for u, v, a in g.edges(data=True) if a["role"] == "connection" and g.nodes[u]["role"] == "component"]
     assert reads and all(g.nodes[v]["role"] == "module" for u, v, a in g.edges(data=True) if a["role"] == "connection")
+
+
+def test_every_statistic_and_hook_kind_is_written_in_words() -> None:
+    """A calibration statistic or training hook kind added to the language gets its math and words on the site and in
+    diagrams (the closed sets and the render tables cannot drift apart)."""
+    from pefref.language.schema.technique import HOOK_KINDS, STATISTIC_KINDS
+    from pefref.render import behaviour
+
+    assert set(behaviour.STAT_MATH) == set(behaviour._STAT_TEXT) == set(STATISTIC_KINDS)
+    assert set(behaviour.HOOK_KIND_TEXT) == set(HOOK_KINDS)
