@@ -360,6 +360,8 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
         return got
 
     if how is Integration.HIDDEN:
+        if getattr(m, "side", "output") == "input":  # h is the tensor entering the host, and the result replaces it
+            env["h"] = env["x"]
         delta = run("compute")
         env["delta"] = delta
         if delta is not None and not out:

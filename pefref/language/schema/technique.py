@@ -237,11 +237,14 @@ class ParallelModule(_ModuleBase):
 
 
 class SequentialModule(_ModuleBase):
-    """Reads the host's output ``h`` and transforms it."""
+    """Reads the host's output ``h`` and transforms it (or, with ``side: input``, the tensor entering the host)."""
 
     form: Literal["sequential"]
     compute: ExprStr = Field(description="delta as a function of h (the host output), params and hyperparameters.")
     integrate: ExprStr = Field("h + delta", description="How delta meets h.")
+    side: Literal["output", "input"] = Field("output", description=(
+        "Transform the host's output (default) or its input: with 'input', h is the tensor entering the host and "
+        "the host runs on the result (e.g. a correction added to a block's input before the block)."))
 
 
 class ReparameteriseModule(_ModuleBase):
