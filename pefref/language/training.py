@@ -12,7 +12,7 @@ from pefref.language.errors import Location, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, ScheduleHook
-from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width
+from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width, connection_shapes
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.shapes import Shape
@@ -36,7 +36,7 @@ def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str]) 
     if isinstance(hook, AfterStepHook):
         return {"value": {INITIAL} | params | hps | schedules}
     assert isinstance(hook, AuxLossHook)
-    return {"value": params | hps | schedules, "weight": hps | schedules}
+    return {"value": params | hps | schedules | set(hook.inputs), "weight": hps | schedules}
 
 
 def _problem(pos: Positions, path: tuple[Any, ...], msg: str, column: int | None = None) -> Problem:
@@ -106,9 +106,11 @@ def _check_shape(hook: Any, tname: str | None, env: dict[str, Any], pos: Positio
     return []
 
 
-def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None) -> list[Problem]:
+def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None,
+                   published: dict[str, Any] | None = None) -> list[Problem]:
     """Located problems of the training hooks (modules and tensors named, names and ops read, schedule names, and with
-    ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults."""
+    ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults; ``published``:
+    the output shapes of the modules (name -> shape), read by an auxiliary loss's inputs."""
     out: list[Problem] = []
     by_name = {m.name: m for m in modules}
     schedules: set[str] = set()
@@ -125,6 +127,11 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
         if found:
             continue
         params = set(m.params) if m is not None else set()
+        clash = sorted(set(getattr(hook, "inputs", None) or {}) & (params | set(hps) | every))
+        if clash:
+            out.append(_problem(pos, hp + ("inputs", clash[0]), f"input name {clash[0]!r} is already the name of a tensor, "
+                                "hyperparameter or schedule"))
+            continue
         allowed = hook_names(hook, params, set(hps), every)
         if isinstance(hook, AfterStepHook) and tname is not None:
             allowed["value"] |= {tname}
@@ -136,6 +143,8 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
         out += found
         if not found and ref is not None:
             env = {**(_param_shapes(m, hps, ref, pos) if m is not None else hps), **{n: 1.0 for n in every}, STEP: 1, GRAD: None}
+            sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+            env |= connection_shapes(getattr(hook, "inputs", None) or {}, published or {}, ref, sizes)
             if tname is not None:
                 env[GRAD] = env[INITIAL] = env.get(tname)
             out += _check_shape(hook, tname, env, pos, hp)

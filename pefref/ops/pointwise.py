@@ -13,7 +13,7 @@ from pefref.ops import primitive
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["sin", "cos", "clamp", "layer_norm", "rms_norm", "rotary", "flatten", "take", "strided"]
+__all__ = ["sin", "cos", "clamp", "layer_norm", "rms_norm", "rotary", "cross_entropy", "flatten", "take", "strided"]
 
 
 @primitive(nonlinear=True)
@@ -82,6 +82,19 @@ def rotary(a: torch.Tensor, d_head: int, theta: float = 10000.0) -> torch.Tensor
     rot = torch.cat((-hh[..., d_head // 2:], hh[..., : d_head // 2]), dim=-1)
     out = hh * cos[:, None, :] + rot * sin[:, None, :]
     return out.reshape(*lead, s, w)
+
+
+@primitive(nonlinear=True, int_args=("labels",))
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int = 0, ignore: int = -100) -> torch.Tensor:
+    """Mean cross entropy of ``logits`` [..., classes] against the integer ``labels`` [...]:
+    :math:`-\\frac{1}{|T|} \\sum_{t \\in T} \\log \\mathrm{softmax}(z_t)_{y_{t + \\mathrm{shift}}}` over the positions
+    :math:`T` whose label is not ``ignore`` (-100, as transformers' losses); ``shift``: the logits at position t predict
+    the label at t + shift along the second-to-last dimension of ``logits`` (1: next-token prediction)
+    (:func:`torch.nn.functional.cross_entropy`). One value."""
+    import torch.nn.functional as F
+    if shift:
+        logits, labels = logits[..., :-shift, :], labels[..., shift:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=ignore)
 
 
 @primitive(linear_in=(0,), layout=True)

@@ -481,6 +481,15 @@ def _rotary(a: Shape, d_head: Any, theta: Any = 10000.0) -> Shape:
     return a
 
 
+@shape_rule("cross_entropy")
+def _cross_entropy(logits: Shape, labels: Shape, shift: Any = 0, ignore: Any = -100) -> Shape:
+    if len(logits) < 1 or tuple(labels) != tuple(logits[:-1]):
+        raise ShapeMismatch(f"cross_entropy: the labels {labels} must have the shape of the logits {logits} without their last (class) dimension")
+    if not isinstance(shift, int) or shift < 0 or (shift and (len(logits) < 2 or (isinstance(logits[-2], int) and shift >= logits[-2]))):
+        raise ShapeMismatch(f"cross_entropy: shift must be a non-negative integer shorter than the sequence of {logits}, found {shift}")
+    return Shape(())
+
+
 @shape_rule("flatten")
 def _flatten(a: Shape, start: int = -2, end: int = -1) -> Shape:
     s, e = _dim(a, start), _dim(a, end)

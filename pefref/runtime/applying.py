@@ -121,7 +121,8 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
-    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
+    readers = [h for h in tech.training if getattr(h, "inputs", None)]  # aux losses reading the last forward pass
+    modules = with_taps(modules, readers)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, dict(hyperparameters or {}))
     sizes = model_sizes(fam, model_config(model))
     flags = {"causal": int(fam.causal)}
@@ -134,7 +135,7 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
-    wiring = Wiring(modules, places, name)
+    wiring = Wiring(modules, places, name, readers)
     shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
     merges = _merges(places, modules, catalog)
     _check_slices(tech, places, merges)
@@ -250,6 +251,12 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
         if n_trainable == 0:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {p.family.family} modules do not have)")
         adapter.report = Report(tech.id, p.family.family, list(rows.values()), n_trainable, sum(q.numel() for q in base))
+        if any(getattr(h, "inputs", None) for h in tech.training):  # hooks read the last forward pass from the input cell
+            adapter.wiring = p.wiring
+            input_cell(model, p.family.forward.mask, p.family.forward.ids)
+            release = _Release(model)
+            adapter._hooks.append(release)
+            txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if tech.training:  # training-time behaviour: initial values snapshot, the unused-hooks watch (undone on failure)
             txn.on_undo(adapter._training_hooks().handle.remove)
     return adapter
