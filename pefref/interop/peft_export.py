@@ -16,6 +16,7 @@ from pefref.interop.peft_common import (
     config_set,
     fixed_config,
     host_order,
+    refuse_family,
     refuse_tied,
     slice_rows,
     stored_apart,
@@ -102,6 +103,7 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     if adapter.merged:
         raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
     refuse_tied(method, adapter.model)
+    refuse_family(method, adapter.family.family)
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
@@ -242,7 +244,7 @@ def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: 
     tensors under a host module it does not adapt."""
     host = adapter.model.get_submodule(path)
     kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else \
-        "embedding" if isinstance(host, nn.Embedding) else type(host).__name__
+        "embedding" if isinstance(host, nn.Embedding) else "block"
     if kind not in method.hosts and not stored_apart(mm):
         raise PefrefError(f"{adapter.technique.id}.{module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
                           f"adapts only {' and '.join(method.hosts)} modules")
