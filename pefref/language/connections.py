@@ -70,6 +70,11 @@ def runs_before(order: Sequence[str], a: tuple[str, int], b: tuple[str, int]) ->
     return (ra, a[1]) < (rb, b[1])
 
 
+def _input_side(m: Any) -> bool:
+    """Whether module ``m`` transforms its host's input (it runs before its host, and before anything inside it)."""
+    return getattr(m, "side", "output") == "input"
+
+
 def _layers(m: Any, site: str, ref: Any) -> list[int | None]:
     return cast(list[int | None], select_layers(m.layers, EXAMPLE_LAYERS)) if ref.sites[site].per_layer else [None]
 
@@ -245,6 +250,11 @@ def _order_problem(ck: _Check, i: int, m: Any, site: str, conn: Any, sources: li
             continue  # an earlier layer (or the last one, read by a model-level module after the layers) has run
         if not ref.sites[s].per_layer and ref.sites[site].per_layer and runs_before(order, (s, j), (site, i)):
             continue
+        if _input_side(m) and ref.sites[site].per_layer and ref.sites[s].per_layer and not (
+                s == site and 0 <= j < i and _input_side(ck.modules[j])):
+            return (f"{m.name!r} transforms the input of {site!r}, before anything of its layer runs; it reads "
+                    f"{repr(ck.modules[j].name) if j >= 0 else repr(s)} of the same layer: read the previous layer, a model-level "
+                    f"site, or an input-side module declared before it at {site!r}")
         if not runs_before(order, (s, j), (site, i)):
             cyc = " (the two read each other: a cycle)" if j >= 0 and any(
                 c.module == m.name for c in getattr(ck.modules[j], "inputs", {}).values()) else ""
