@@ -175,14 +175,22 @@ def test_four_training_steps_equal_peft(shape: str) -> None:
     assert max(max_diff(a, b) for (a, _), (b, _) in zip(q.tensors, p.tensors)) > 1e-4
 
 
-def test_runs_on_other_families() -> None:
-    """Validate means it runs: the Llama-style shadow block runs on GPT-2 too (peft mirrors GPT-2's block there)."""
-    model = copy.deepcopy(build_model("tiny-gpt2", seed=0)).eval()
+@pytest.mark.parametrize("shape", ["tiny-gpt2", "tiny-bert"])
+def test_runs_on_other_families(shape: str) -> None:
+    """Validate means it runs: the Llama-style shadow block runs on GPT-2 and BERT too (peft mirrors their own blocks
+    there). BERT's base model has no LM head (its head site is the pooler): the shadow loss reads nothing and adds nothing."""
+    model = build_model(shape, seed=0).eval()
     a = apply(model, "shadow")
-    batch = padded_batch("tiny-gpt2")
+    batch = padded_batch(shape)
     with torch.no_grad():
-        out = model(**batch).logits
-    assert torch.isfinite(out).all() and a.report is not None and a.report.trainable > 0
+        out = model(**batch)
+        aux = a.aux_loss()
+    first = out.logits if shape == "tiny-gpt2" else out.last_hidden_state
+    assert torch.isfinite(first).all() and a.report is not None and a.report.trainable > 0
+    assert aux.item() == 0.0
+    if shape == "tiny-gpt2":
+        model(**batch, labels=batch["input_ids"])
+        assert a.aux_loss().item() > 0.1  # GPT-2's LM head gives the shadow path a prediction
 
 
 def test_labels_are_read_by_aux_losses_only(tmp_path: Any) -> None:

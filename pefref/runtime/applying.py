@@ -40,7 +40,7 @@ from pefref.language.templates import template
 from pefref.ops.weight_space import forget_decompositions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
-from pefref.runtime.connect import Wiring, with_taps
+from pefref.runtime.connect import Wiring, hook_only_taps, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, parameters_outside, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
@@ -110,6 +110,22 @@ class BuiltUnit:
     mergeable: bool = False
 
 
+def _places(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: list[Any], optional: set[str],
+            layers: Sequence[int | str] | None, ref: Any) -> list[Placement]:
+    """Every module's placements; a tap only training hooks read (``optional``) is left out where the model offers no
+    host for it (the hook's terms there read nothing and add nothing)."""
+    out: list[Placement] = []
+    for m in modules:
+        try:
+            got = list(placements(model, fam, sizes, [m], None, layers, ref))
+        except SiteError:
+            if m.name not in optional:
+                raise
+            continue
+        out += got
+    return out
+
+
 def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *, sites: Sequence[str] | None = None,
          layers: Sequence[int | str] | None = None, family: str | Path | ArchitectureMap | None = None, name: str | None = None,
          dtype: torch.dtype | None = None, device: torch.device | str | None = None, hyperparameters: Mapping[str, Any] | None = None,
@@ -122,6 +138,7 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
     readers = [h for h in tech.training if getattr(h, "inputs", None)]  # aux losses reading the last forward pass
+    optional = hook_only_taps(modules, readers)
     modules = with_taps(modules, readers)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, dict(hyperparameters or {}))
     sizes = model_sizes(fam, model_config(model))
@@ -131,7 +148,7 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     container = getattr(model, ADAPTERS_ATTR, None)
     if container is not None and name in container:
         raise PefrefError(f"an adapter named {name!r} is already applied; pass name=")
-    places = list(placements(model, fam, sizes, modules, None, layers, catalog.reference))
+    places = _places(model, fam, sizes, modules, optional, layers, catalog.reference)
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])

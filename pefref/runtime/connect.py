@@ -17,7 +17,7 @@ from typing import Any
 from pefref.language.connections import source_site, tap_name
 from pefref.language.schema import ParallelModule, SequentialModule
 
-__all__ = ["with_taps", "Wiring", "call_key"]
+__all__ = ["with_taps", "hook_only_taps", "Wiring", "call_key"]
 
 
 def call_key(name: str, default: int | None = None) -> tuple[Any, ...]:
@@ -39,6 +39,16 @@ def with_taps(modules: list[Any], readers: Sequence[Any] = ()) -> list[Any]:
                     taps[name] = cls(name=name, sites=[conn.site], form=cls.model_fields["form"].annotation.__args__[0],
                                      compute=conn.tensor, integrate="h", description=f"publishes {conn.tensor} at {conn.site}")
     return [*taps.values(), *modules]
+
+
+def hook_only_taps(modules: Sequence[Any], readers: Sequence[Any]) -> set[str]:
+    """The taps only ``readers`` (training hooks) read: where one cannot be placed on a model (its site is unbound, or
+    bound to a module of other widths), the hook's terms there have no input and add nothing."""
+    def taps(ms: Sequence[Any]) -> set[str]:
+        return {tap_name(c.site, c.tensor) for m in ms for c in (getattr(m, "inputs", None) or {}).values()
+                if c.module is None and c.site is not None and c.call is None}
+
+    return taps(readers) - taps(modules)
 
 
 class Wiring:
