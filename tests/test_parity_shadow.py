@@ -213,3 +213,29 @@ modules:
 """, encoding="utf-8")
     with pytest.raises(PefrefError, match="labels are read after the forward pass"):
         apply(copy.deepcopy(base_model("tiny-llama")), str(bad))
+
+
+def test_new_ops_match_transformers_and_torch() -> None:
+    """rms_norm, rotary and cross_entropy against Llama's own modules and torch."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from pefref.ops import PRIMITIVES
+
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 5, 16), torch.randn(16)
+    norm = LlamaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(g)
+        assert max_diff(PRIMITIVES["rms_norm"].fn(x, g, eps=1e-6), norm(x)) <= 1e-6
+    cfg = base_model("tiny-llama").config
+    q, k = torch.randn(2, 5, 4 * 8), torch.randn(2, 5, 2 * 8)
+    cos, sin = LlamaRotaryEmbedding(cfg)(q, torch.arange(5)[None].expand(2, 5))
+    hq, hk = apply_rotary_pos_emb(q.view(2, 5, 4, 8).transpose(1, 2), k.view(2, 5, 2, 8).transpose(1, 2), cos, sin)
+    rot = PRIMITIVES["rotary"].fn
+    assert max_diff(rot(q, 8), hq.transpose(1, 2).reshape(2, 5, 32)) <= 1e-6
+    assert max_diff(rot(k, 8), hk.transpose(1, 2).reshape(2, 5, 16)) <= 1e-6
+    assert max_diff(rot(q, 8), q) > 1e-2  # positions after the first are rotated
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[0, 3] = -100
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert max_diff(PRIMITIVES["cross_entropy"].fn(logits, labels, shift=1), want) <= 1e-6
