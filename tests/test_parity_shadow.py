@@ -239,3 +239,32 @@ def test_new_ops_match_transformers_and_torch() -> None:
     labels[0, 3] = -100
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert max_diff(PRIMITIVES["cross_entropy"].fn(logits, labels, shift=1), want) <= 1e-6
+
+
+def test_peft_format_reads_the_norm_epsilon_and_rotary_base_off_the_model(tmp_path: Any) -> None:
+    """peft's mirror backbone takes its norm epsilon and rotary base from the host's config: an import sets the
+    technique's norm_eps and rope_theta from the model, and an export with other values is refused."""
+    import pefref
+
+    cfg = base_model("tiny-llama").config.to_dict()
+    cfg.update(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    cfg["rope_theta"] = 500.0  # transformers 4.x reads this key, 5.x the rope_parameters
+    model = type(base_model("tiny-llama"))(type(base_model("tiny-llama")).config_class(**cfg)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.ShadowConfig(task_type="CAUSAL_LM")).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, t in pm.named_parameters():
+            if "shadow" in n:
+                t.add_(0.3 * torch.randn_like(t))
+    pm.save_pretrained(tmp_path / "p")
+    mine = copy.deepcopy(model)
+    a = pefref.from_pretrained(mine, tmp_path / "p")
+    assert a.hyperparameters["norm_eps"] == 1e-5 and a.hyperparameters["rope_theta"] == 500.0
+    batch = padded_batch("tiny-llama")
+    with torch.no_grad():
+        assert max_diff(mine(**batch).logits, pm(**batch).logits) <= TOL
+    other = apply(copy.deepcopy(model), "shadow")  # the defaults, Llama's usual 1e-6 and 10000
+    with pytest.raises(PefrefError, match="the model's config says"):
+        other.save_pretrained(tmp_path / "o")

@@ -15,6 +15,7 @@ from pefref.interop.peft_common import (
     alpha_for,
     config_set,
     fixed_config,
+    from_model,
     host_order,
     refuse_family,
     refuse_tied,
@@ -32,6 +33,7 @@ from pefref.language.interop_table import method_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
+from pefref.runtime.inject import model_config
 from pefref.runtime.param_slices import ParameterSlice
 from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
@@ -104,6 +106,10 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
         raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
     refuse_tied(method, adapter.model)
     refuse_family(method, adapter.family.family)
+    for hp, v in from_model(method, model_config(adapter.model)).items():
+        if adapter.hyperparameters[hp] != v:
+            raise PefrefError(f"{adapter.name}: {hp} is {adapter.hyperparameters[hp]!r}, the model's config says {v!r}; peft reads "
+                              f"it off the model, so this adapter has no exact form in peft's {method.peft_type}")
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
