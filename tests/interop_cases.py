@@ -60,6 +60,7 @@ class Case:
     kernel: str = "cpu"  # BOFT: 'cpu' (peft keeps one butterfly factor) or 'torch' (a stand-in for its CUDA kernel)
     task_ids: bool = False  # peft's forward takes every example's task id (multitask prompt tuning, Poly)
     calibration: bool = False  # initialised from data: applied with a few batches of random tokens
+    refused_on: tuple[str, ...] = ()  # shapes whose family the row does not convert (families:), refused both ways
 
 
 def apply_case(model: nn.Module, shape: str, case: Case) -> Any:
@@ -171,6 +172,8 @@ CASES: dict[str, Case] = {
         task_type="CAUSAL_LM", cpt_token_ids=[28, 58, 70, 32], cpt_tokens_type_mask=[1, 2, 3, 4], opt_projection_epsilon=0.5,
         opt_projection_format_epsilon=0.3), reads_as="prompt_tuning"),
     # reads beyond the hidden state (peft wraps Llama's attention; GPT-2 has no rotary queries, so pefref refuses it)
+    "shadow": Case("shadow", {"dropout": 0.0}, None, lambda fam: peft.ShadowConfig(task_type="CAUSAL_LM", shadow_dropout=0.0),
+                   refused_on=("tiny-gpt2",)),  # peft's mirror backbone is GPT-2's own block there
     "adaption_prompt": Case("adaption_prompt", {"n": 3}, None, lambda fam: peft.AdaptionPromptConfig(
         task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2), linear_only=True),
 }

@@ -41,7 +41,7 @@ CATALOG = default_catalog()
 COMPUTED = {m.technique for m in interop_table().methods if any(mm.computed for mm in m.modules)}
 FUSED = {m.technique for m in interop_table().methods if m.fused is not None}
 RESIDUAL = {m.technique for m in interop_table().methods if m.residual is not None}
-EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only)]
+EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only) and s not in c.refused_on]
 IMPORT = [(s, n) for s, n in EXPORT if CASES[n].peft is not None]
 
 
@@ -70,6 +70,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"osf", "trainable_tokens", "cpt"}  # training-time behaviour (training hooks); a subset of an embedding's rows
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
+    implemented |= {"shadow"}  # a side network whose backbone mirrors the host's block (Llama-architecture families)
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
@@ -103,6 +104,26 @@ def test_peft_adapter_reads_into_pefref_and_back(shape: str, name: str, tmp_path
     assert r.change > 1e-3
     assert r.technique == (case.reads_as or case.technique)
     assert r.counts["pefref"] == r.counts["peft"]
+
+
+@pytest.mark.parametrize(("shape", "name"), [(s, n) for n, c in CASES.items() for s in c.refused_on])
+def test_a_family_the_row_does_not_convert_is_refused_both_ways(shape: str, name: str, tmp_path: Path) -> None:
+    case = CASES[name]
+    model = copy.deepcopy(base(shape))
+    a = pefref.apply(model, case.technique, **case.hps)
+    with pytest.raises(PefrefError, match="models only"):
+        a.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert case.peft is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base(shape)), case.peft(CATALOG.shape(shape).family))
+    pm.save_pretrained(tmp_path / "p")
+    fresh = copy.deepcopy(base(shape))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(PefrefError, match="models only"):
+        pefref.from_pretrained(fresh, tmp_path / "p")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
 # --- LoRA on slices of a fused projection ---------------------------------------------------------------

@@ -13,7 +13,7 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
 __all__ = ["stored_at", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
-           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied"]
+           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied", "refuse_family", "from_model"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -136,3 +136,31 @@ def refuse_tied(method: PeftMethod, model: Any) -> None:
     if emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None):
         raise PefrefError(f"{method.technique}: this model ties its output head to the input embedding; peft's {method.peft_type} "
                           f"changes the head's rows too, which {method.technique} does not, so only untied models convert")
+
+
+def refuse_family(method: PeftMethod, family: str) -> None:
+    """Raise where the row converts only some families and ``family`` is not one of them."""
+    from pefref.language.errors import PefrefError
+
+    if method.families and family not in method.families:
+        raise PefrefError(f"{method.technique}: peft's {method.peft_type} computes the same function as {method.technique} on "
+                          f"{', '.join(method.families)} models only (see the row's notes in the interop table), not on {family}")
+
+
+def from_model(method: PeftMethod, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters the row reads off the model's config (``config``: the config as a mapping), by the first key
+    of each that is present (a dotted key reads into a mapping); refused where none is."""
+    from pefref.language.errors import PefrefError
+
+    out: dict[str, Any] = {}
+    for hp, keys in method.from_model.items():
+        for key in keys:
+            v: Any = config
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, Mapping) else None
+            if v is not None:
+                out[hp] = v
+                break
+        else:
+            raise PefrefError(f"{method.technique}: the model's config has none of {', '.join(keys)}, which set {hp!r}")
+    return out

@@ -16,7 +16,9 @@ from pefref.interop.peft_common import (
     config_get,
     config_set,
     fixed_config,
+    from_model,
     host_order,
+    refuse_family,
     refuse_tied,
     slice_rows,
     stored_apart,
@@ -33,6 +35,7 @@ from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Tech
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
 from pefref.runtime.ledger import host_change
+from pefref.runtime.inject import model_config
 from pefref.runtime.param_slices import ParameterSlice
 from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
@@ -108,6 +111,11 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
     if adapter.merged:
         raise PefrefError(f"{adapter.name}: unmerge() before saving in peft's format")
     refuse_tied(method, adapter.model)
+    refuse_family(method, adapter.family.family)
+    for hp, v in from_model(method, model_config(adapter.model)).items():
+        if adapter.hyperparameters[hp] != v:
+            raise PefrefError(f"{adapter.name}: {hp} is {adapter.hyperparameters[hp]!r}, the model's config says {v!r}; peft reads "
+                              f"it off the model, so this adapter has no exact form in peft's {method.peft_type}")
     cfg: dict[str, Any] = {"peft_type": method.peft_type, "task_type": task_type(adapter.family, table), "inference_mode": True,
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
@@ -270,7 +278,7 @@ def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: 
     tensors under a host module it does not adapt."""
     host = adapter.model.get_submodule(path)
     kind = "linear" if isinstance(host, nn.Linear) else "conv1d" if type(host).__name__ == "Conv1D" else \
-        "embedding" if isinstance(host, nn.Embedding) else type(host).__name__
+        "embedding" if isinstance(host, nn.Embedding) else "block"
     if kind not in method.hosts and not stored_apart(mm):
         raise PefrefError(f"{adapter.technique.id}.{module} on {path} ({type(host).__name__}): peft's {method.peft_type} "
                           f"adapts only {' and '.join(method.hosts)} modules")

@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get, refuse_tied
+from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get, from_model, refuse_family, refuse_tied
 from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
@@ -146,10 +146,12 @@ def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, tor
     tech = catalog.technique(method.technique)
     unmask_ranks(method, cfg, state)
     fam = resolve_family(model, catalog, family)
+    refuse_family(method, fam.family)
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
     hps = {hp: config_get(cfg, field) for field, hp in method.hyperparameters.items() if config_get(cfg, field) is not None}
     hps.update(method.when)
     hps.update(placed.hyperparameters)
+    hps.update(from_model(method, model_config(model)))  # what peft reads off the model it mirrors
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,
                     modules_to_save=placed.saved or None, adapter_dtype=cast(AdapterDtype, adapter_dtype), **hps)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from pefref.language.connections import check_connections
+from pefref.language.connections import check_connections, check_hook_inputs
 from pefref.language.errors import Location, PefrefError, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.language.forms import FORMS, form_of
@@ -171,8 +171,8 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
     if modules and not any(p.trainable for m in modules for p in m.params.values()) and all(form_of(m).has_unit for m in modules):
         out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train"))
     if not out:
-        out += check_connections(modules, ref, pos)
-    return out + check_training(t.training, modules, {k: v.default for k, v in hps.items()}, pos, ref if defaults_sound else None)
+        out += check_connections(modules, ref, pos) + check_hook_inputs(modules, t.training, ref, pos)
+    return out + check_training(t.training, modules, {k: v.default for k, v in hps.items()}, pos, ref if defaults_sound else None, published)
 
 
 def _check_references(t: Technique, pos: Positions, pool: dict[str, Technique]) -> list[Problem]:

@@ -25,7 +25,7 @@ from pefref.language.loader import dotted, suggest
 from pefref.language.sizes import select_layers
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["OUTPUT_FORMS", "check_connections", "sites_read", "is_tap", "source_site", "tap_name", "runs_before", "EXAMPLE_LAYERS"]
+__all__ = ["OUTPUT_FORMS", "check_connections", "check_hook_inputs", "sites_read", "is_tap", "source_site", "tap_name", "runs_before", "EXAMPLE_LAYERS"]
 
 OUTPUT_FORMS = tuple(f.name for f in FORMS.values() if f.publishes)
 """Forms with an output other modules may read (and that may read connections themselves)."""
@@ -70,6 +70,11 @@ def runs_before(order: Sequence[str], a: tuple[str, int], b: tuple[str, int]) ->
     return (ra, a[1]) < (rb, b[1])
 
 
+def _input_side(m: Any) -> bool:
+    """Whether module ``m`` transforms its host's input (it runs before its host, and before anything inside it)."""
+    return getattr(m, "side", "output") == "input"
+
+
 def _layers(m: Any, site: str, ref: Any) -> list[int | None]:
     return cast(list[int | None], select_layers(m.layers, EXAMPLE_LAYERS)) if ref.sites[site].per_layer else [None]
 
@@ -109,6 +114,36 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
     return ck.out
 
 
+def check_hook_inputs(modules: list[Any], training: list[Any], ref: Any, pos: Positions) -> list[Problem]:
+    """Located problems of the inputs of the training hooks that read the last forward pass (an auxiliary loss's
+    ``inputs``): their sources exist and run in the layers of the hook's module. Order within a layer does not matter:
+    the hook runs after the forward pass."""
+    ck = _Check(modules, ref, pos)
+    by_name = ck.by_name
+    for k, hook in enumerate(training):
+        inputs = getattr(hook, "inputs", None) or {}
+        if getattr(hook, "module", None) not in by_name:
+            continue  # reported by the training checks
+        m = by_name[hook.module][1]
+        for name, conn in inputs.items():
+            cp = ("training", k, "inputs", name)
+            if conn.call is not None:
+                continue
+            found = _sources(ck, cp, conn, m)
+            if found is None:
+                continue
+            if conn.fallback is not None and conn.layer != "previous":
+                ck.err(cp + ("fallback",), "a fallback is read where the previous layer does not exist; use it with layer: previous")
+                continue
+            for site in (s for s in m.sites if s in ref.sites):
+                sources = [_Source(site, src.index, src.module) if src.site == SAME else src for src in found]
+                why = _layer_problem(ref, m, site, conn, sources[0])
+                if why is not None:
+                    ck.err(cp + ("layer",), why)
+                    break
+    return ck.out
+
+
 def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
     """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
     if conn.call is not None and form_of(m).integration is Integration.POSITIONS and getattr(m, "tokens", None) is not None:
@@ -117,6 +152,9 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
         return
     if m.form not in OUTPUT_FORMS:
         ck.err(cp, f"a {m.form} module cannot read connections (only {', '.join(OUTPUT_FORMS)} modules; prepended tokens may read call: task_ids)")
+        return
+    if conn.call == "labels":
+        ck.err(cp + ("call",), "the call's labels are read after the forward pass, by an auxiliary loss's inputs (training:), not by a module")
         return
     if conn.call is not None:
         return  # an input of the model's call: there from the start of every forward pass
@@ -212,6 +250,11 @@ def _order_problem(ck: _Check, i: int, m: Any, site: str, conn: Any, sources: li
             continue  # an earlier layer (or the last one, read by a model-level module after the layers) has run
         if not ref.sites[s].per_layer and ref.sites[site].per_layer and runs_before(order, (s, j), (site, i)):
             continue
+        if _input_side(m) and ref.sites[site].per_layer and ref.sites[s].per_layer and not (
+                s == site and 0 <= j < i and _input_side(ck.modules[j])):
+            return (f"{m.name!r} transforms the input of {site!r}, before anything of its layer runs; it reads "
+                    f"{repr(ck.modules[j].name) if j >= 0 else repr(s)} of the same layer: read the previous layer, a model-level "
+                    f"site, or an input-side module declared before it at {site!r}")
         if not runs_before(order, (s, j), (site, i)):
             cyc = " (the two read each other: a cycle)" if j >= 0 and any(
                 c.module == m.name for c in getattr(ck.modules[j], "inputs", {}).values()) else ""

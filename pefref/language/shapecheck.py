@@ -250,16 +250,11 @@ def _sizes_text() -> str:
     return ", ".join(f"{k}={v}" for k, v in EXAMPLE_SIZES.items() if k != "L")
 
 
-def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], ref: Any, pos: Positions,
-                        published: dict[str, Any] | None = None) -> list[Problem]:
-    """Shape problems of one (expanded) module at each of its sites, on :data:`EXAMPLE_SIZES`.
-
-    ``published``: the output shapes of the modules checked before (module name -> shape of its
-    ``delta``), read by this module's connections; this module's output shape is added to it."""
-    sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
-    published = {} if published is None else published
+def connection_shapes(inputs: Mapping[str, Any], published: Mapping[str, Any], ref: Any, sizes: Mapping[str, int]) -> dict[str, Any]:
+    """The shapes of the values ``inputs`` (connections) read, on ``sizes``: an input of the call, a module's output
+    (``published``: module name -> the shape of its delta; None where unknown), a site's hidden state or weight."""
     extra: dict[str, Any] = {}
-    for name, conn in getattr(m, "inputs", {}).items():
+    for name, conn in inputs.items():
         if conn.call is not None:
             extra[name] = IntShape((BATCH,) if conn.call == "task_ids" else (BATCH, SEQ))
         elif conn.module is not None:
@@ -268,6 +263,18 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
             site = ref.sites[conn.site]
             w_out = _width(site.out, sizes) or 0
             extra[name] = site_env(site.kind, _width(site.in_, sizes) or w_out, w_out, sizes).get(conn.tensor)
+    return extra
+
+
+def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], ref: Any, pos: Positions,
+                        published: dict[str, Any] | None = None) -> list[Problem]:
+    """Shape problems of one (expanded) module at each of its sites, on :data:`EXAMPLE_SIZES`.
+
+    ``published``: the output shapes of the modules checked before (module name -> shape of its
+    ``delta``), read by this module's connections; this module's output shape is added to it."""
+    sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+    published = {} if published is None else published
+    extra = connection_shapes(getattr(m, "inputs", {}), published, ref, sizes)
     out: list[Problem] = []
     for s in m.sites:
         site = ref.sites.get(s)
@@ -360,6 +367,8 @@ def _fields(m: Any, mpath: tuple[Any, ...], env: dict[str, Any], sizes: Mapping[
         return got
 
     if how is Integration.HIDDEN:
+        if getattr(m, "side", "output") == "input":  # h is the tensor entering the host, and the result replaces it
+            env["h"] = env["x"]
         delta = run("compute")
         env["delta"] = delta
         if delta is not None and not out:

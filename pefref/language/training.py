@@ -12,7 +12,7 @@ from pefref.language.errors import Location, Problem
 from pefref.language.expr import Expr, parse_expr
 from pefref.language.loader import dotted, suggest
 from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, MaskHook, ScheduleHook, StateHook
-from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width
+from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width, connection_shapes
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
 from pefref.ops.shapes import Shape
@@ -45,7 +45,7 @@ def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str], 
     if isinstance(hook, MaskHook):
         return {"score": params | hps | schedules | states, "keep": {TOTAL, UNITS} | hps | schedules}
     assert isinstance(hook, AuxLossHook)
-    return {"value": params | hps | schedules | states, "weight": hps | schedules}
+    return {"value": params | hps | schedules | states | set(hook.inputs), "weight": hps | schedules}
 
 
 def states_of(training: list[Any]) -> dict[str, list[StateHook]]:
@@ -153,9 +153,11 @@ def _check_windows(hook: Any, hps: set[str], pos: Positions, hp: tuple[Any, ...]
     return out
 
 
-def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None) -> list[Problem]:
+def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any], pos: Positions, ref: Any = None,
+                   published: dict[str, Any] | None = None) -> list[Problem]:
     """Located problems of the training hooks (modules and tensors named, names and ops read, schedule and state names,
-    step windows, and with ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters' defaults."""
+    step windows, and with ``ref`` the shapes their values give on the reference sizes). ``hps``: the hyperparameters'
+    defaults; ``published``: the output shapes of the modules (name -> shape), read by an auxiliary loss's inputs."""
     out: list[Problem] = []
     by_name = {m.name: m for m in modules}
     schedules: set[str] = set()
@@ -175,6 +177,11 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
         if found:
             continue
         params = set(m.params) if m is not None else set()
+        clash = sorted(set(getattr(hook, "inputs", None) or {}) & (params | set(hps) | every))
+        if clash:
+            out.append(_problem(pos, hp + ("inputs", clash[0]), f"input name {clash[0]!r} is already the name of a tensor, "
+                                "hyperparameter or schedule"))
+            continue
         allowed = hook_names(hook, params, set(hps), every, states.get(mname or "", set()))
         if isinstance(hook, AfterStepHook) and tname is not None:
             allowed["value"] |= {tname}
@@ -189,6 +196,8 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
                    TOTAL: 16, UNITS: 2}
             if m is not None:
                 env.update({h.name: env.get(h.tensor.split(".")[1]) for h in states_of(training).get(m.name, [])})
+            sizes = {**EXAMPLE_SIZES, **{k: 16 for k in ref.sizes if k not in EXAMPLE_SIZES}}
+            env |= connection_shapes(getattr(hook, "inputs", None) or {}, published or {}, ref, sizes)
             if tname is not None:
                 env[GRAD] = env[INITIAL] = env.get(tname)
             out += _check_shape(hook, tname, env, pos, hp)

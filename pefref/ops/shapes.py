@@ -463,6 +463,33 @@ def _layer_norm(a: Shape, weight: Shape | None = None, bias: Shape | None = None
     return a
 
 
+@shape_rule("rms_norm")
+def _rms_norm(a: Shape, weight: Shape | None = None, eps: Any = 1e-6) -> Shape:
+    if weight is not None and tuple(weight) != (a[-1],):
+        raise ShapeMismatch(f"rms_norm's weight must be [{a[-1]}] (the last dimension of {a}), found {weight}")
+    return a
+
+
+@shape_rule("rotary")
+def _rotary(a: Shape, d_head: Any, theta: Any = 10000.0) -> Shape:
+    if len(a) < 2:
+        raise ShapeMismatch(f"rotary reads a sequence [..., seq, heads * d_head], found {a}")
+    if not isinstance(d_head, int) or d_head <= 0 or d_head % 2:
+        raise ShapeMismatch(f"rotary's d_head must be a positive even integer, found {d_head}")
+    if isinstance(a[-1], int) and a[-1] % d_head:
+        raise ShapeMismatch(f"rotary: the last dimension of {a} is not a whole number of heads of {d_head}")
+    return a
+
+
+@shape_rule("cross_entropy")
+def _cross_entropy(logits: Shape, labels: Shape, shift: Any = 0, ignore: Any = -100) -> Shape:
+    if len(logits) < 1 or tuple(labels) != tuple(logits[:-1]):
+        raise ShapeMismatch(f"cross_entropy: the labels {labels} must have the shape of the logits {logits} without their last (class) dimension")
+    if not isinstance(shift, int) or shift < 0 or (shift and (len(logits) < 2 or (isinstance(logits[-2], int) and shift >= logits[-2]))):
+        raise ShapeMismatch(f"cross_entropy: shift must be a non-negative integer shorter than the sequence of {logits}, found {shift}")
+    return Shape(())
+
+
 @shape_rule("flatten")
 def _flatten(a: Shape, start: int = -2, end: int = -1) -> Shape:
     s, e = _dim(a, start), _dim(a, end)

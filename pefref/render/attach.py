@@ -280,6 +280,13 @@ def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | 
     m = pl.module
     f = m.form
     form = form_of(m)
+    if getattr(m, "side", "output") == "input" and not _side(m):  # on the host's input path, as an input-side rescale
+        body = _math("δ = ", m.compute) + _math("h ← ", m.integrate) + [("small", "(input side)")]
+        nid = _module_node(sk, pl, a, body, names)
+        for e in a.entries:
+            _edge(sk, nid, sk.head[e], "flow", f)
+            sk.head[e] = nid
+        return nid
     routing = None if _side(m) else find_routing(m.compute, m.params)
     if routing is None:
         body = _math("s = " if _side(m) and pl.routes else "δ = ", m.compute)

@@ -26,7 +26,7 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     "log": ("fn", "log"), "alpha": ("mi", "α"), "beta": ("mi", "β"), "gamma": ("mi", "γ"), "lambda": ("mi", "λ"),
     "infty": ("mi", "∞"), "to": ("mo", "→"), "neq": ("mo", "≠"), "pm": ("mo", "±"),
     "sin": ("fn", "sin"), "cos": ("fn", "cos"), "min": ("fn", "min"), "ell": ("mi", "ℓ"), "epsilon": ("mi", "ε"),
-    "tau": ("mi", "τ"), "star": ("mo", "⋆"), "sim": ("mo", "∼"), "uparrow": ("mo", "↑"),
+    "tau": ("mi", "τ"), "theta": ("mi", "θ"), "omega": ("mi", "ω"), "star": ("mo", "⋆"), "sim": ("mo", "∼"), "uparrow": ("mo", "↑"),
     "partial": ("mo", "∂"), "nabla": ("mo", "∇"), "lceil": ("mo", "⌈"), "rceil": ("mo", "⌉"), "lfloor": ("mo", "⌊"), "rfloor": ("mo", "⌋"),
 }
 _SIZING = ("textstyle", "displaystyle", "big", "Big", "bigl", "bigr", "left", "right")

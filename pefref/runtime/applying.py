@@ -40,7 +40,7 @@ from pefref.language.templates import template
 from pefref.ops.weight_space import forget_decompositions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
-from pefref.runtime.connect import Wiring, with_taps
+from pefref.runtime.connect import Wiring, hook_only_taps, with_taps
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, parameters_outside, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
@@ -110,6 +110,22 @@ class BuiltUnit:
     mergeable: bool = False
 
 
+def _places(model: nn.Module, fam: ArchitectureMap, sizes: dict[str, int], modules: list[Any], optional: set[str],
+            layers: Sequence[int | str] | None, ref: Any) -> list[Placement]:
+    """Every module's placements; a tap only training hooks read (``optional``) is left out where the model offers no
+    host for it (the hook's terms there read nothing and add nothing)."""
+    out: list[Placement] = []
+    for m in modules:
+        try:
+            got = list(placements(model, fam, sizes, [m], None, layers, ref))
+        except SiteError:
+            if m.name not in optional:
+                raise
+            continue
+        out += got
+    return out
+
+
 def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *, sites: Sequence[str] | None = None,
          layers: Sequence[int | str] | None = None, family: str | Path | ArchitectureMap | None = None, name: str | None = None,
          dtype: torch.dtype | None = None, device: torch.device | str | None = None, hyperparameters: Mapping[str, Any] | None = None,
@@ -121,7 +137,9 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     if sites is not None:  # placement anywhere: names, patterns (attn.*) and selectors (all-linear)
         tech = retarget(tech, sites, catalog.reference, catalog.techniques, fam)
     modules, decl = expand_modules(tech, ChainMap({tech.id: tech}, catalog.techniques))  # type: ignore[arg-type]
-    modules = with_taps(modules)  # connections that read a site's hidden state read a tap there
+    readers = [h for h in tech.training if getattr(h, "inputs", None)]  # aux losses reading the last forward pass
+    optional = hook_only_taps(modules, readers)
+    modules = with_taps(modules, readers)  # connections that read a site's hidden state read a tap there
     hps = resolve_hyperparameters(decl, dict(hyperparameters or {}))
     sizes = model_sizes(fam, model_config(model))
     flags = {"causal": int(fam.causal)}
@@ -130,11 +148,11 @@ def plan(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, 
     container = getattr(model, ADAPTERS_ATTR, None)
     if container is not None and name in container:
         raise PefrefError(f"an adapter named {name!r} is already applied; pass name=")
-    places = list(placements(model, fam, sizes, modules, None, layers, catalog.reference))
+    places = _places(model, fam, sizes, modules, optional, layers, catalog.reference)
     if not places:
         raise PefrefError(f"{tech.id}: nothing to place (check sites= and layers=)")
     saved = resolve_saved(model, fam, modules_to_save or [], sizes["L"])
-    wiring = Wiring(modules, places, name)
+    wiring = Wiring(modules, places, name, readers)
     shapes = plan_apply(tech, model, places, sizes, flags, hps, dtype, device, adapter_dtype)
     merges = _merges(places, modules, catalog)
     _check_slices(tech, places, merges)
@@ -250,6 +268,12 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
         if n_trainable == 0:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {p.family.family} modules do not have)")
         adapter.report = Report(tech.id, p.family.family, list(rows.values()), n_trainable, sum(q.numel() for q in base))
+        if any(getattr(h, "inputs", None) for h in tech.training):  # hooks read the last forward pass from the input cell
+            adapter.wiring = p.wiring
+            input_cell(model, p.family.forward.mask, p.family.forward.ids)
+            release = _Release(model)
+            adapter._hooks.append(release)
+            txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
         if tech.training:  # training-time behaviour: initial values snapshot, the unused-hooks watch (undone on failure)
             txn.on_undo(adapter._training_hooks().handle.remove)
     return adapter

@@ -17,7 +17,7 @@ from typing import Any
 from pefref.language.connections import source_site, tap_name
 from pefref.language.schema import ParallelModule, SequentialModule
 
-__all__ = ["with_taps", "Wiring", "call_key"]
+__all__ = ["with_taps", "hook_only_taps", "Wiring", "call_key"]
 
 
 def call_key(name: str, default: int | None = None) -> tuple[Any, ...]:
@@ -26,10 +26,11 @@ def call_key(name: str, default: int | None = None) -> tuple[Any, ...]:
     return ("call", name, default)
 
 
-def with_taps(modules: list[Any]) -> list[Any]:
-    """``modules`` preceded by one tap for every site hidden state a connection reads."""
+def with_taps(modules: list[Any], readers: Sequence[Any] = ()) -> list[Any]:
+    """``modules`` preceded by one tap for every site hidden state a connection reads (theirs, and those of
+    ``readers``: training hooks that read the last forward pass through ``inputs``)."""
     taps: dict[str, Any] = {}
-    for m in modules:
+    for m in [*modules, *readers]:
         for conn in (getattr(m, "inputs", None) or {}).values():
             if conn.module is None and conn.site is not None:
                 name = tap_name(conn.site, conn.tensor)
@@ -40,17 +41,27 @@ def with_taps(modules: list[Any]) -> list[Any]:
     return [*taps.values(), *modules]
 
 
+def hook_only_taps(modules: Sequence[Any], readers: Sequence[Any]) -> set[str]:
+    """The taps only ``readers`` (training hooks) read: where one cannot be placed on a model (its site is unbound, or
+    bound to a module of other widths), the hook's terms there have no input and add nothing."""
+    def taps(ms: Sequence[Any]) -> set[str]:
+        return {tap_name(c.site, c.tensor) for m in ms for c in (getattr(m, "inputs", None) or {}).values()
+                if c.module is None and c.site is not None and c.call is None}
+
+    return taps(readers) - taps(modules)
+
+
 class Wiring:
     """Keys of published values: which (module, site, layer) outputs are read, and what each placement reads."""
 
-    def __init__(self, modules: Sequence[Any], places: Sequence[Any], adapter: str) -> None:
+    def __init__(self, modules: Sequence[Any], places: Sequence[Any], adapter: str, readers: Sequence[Any] = ()) -> None:
         self.adapter = adapter
         self.by_name = {m.name: m for m in modules}
         self.layers: dict[tuple[str, str], list[int | None]] = {}
         for pl in places:
             self.layers.setdefault((pl.module.name, pl.site), []).append(pl.layer)
         self.read: set[str] = set()
-        for m in modules:
+        for m in [*modules, *readers]:  # readers: training hooks reading the last forward pass (their sources publish too)
             for conn in (getattr(m, "inputs", None) or {}).values():
                 if conn.call is not None:
                     continue

@@ -660,6 +660,9 @@ def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids") ->
             ids = bound.get(ids_name)
             if isinstance(ids, torch.Tensor):
                 c.call["input_ids"] = ids
+            labels = bound.get("labels")
+            if isinstance(labels, torch.Tensor):  # read after the forward pass by auxiliary losses
+                c.call["labels"] = labels
             first = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
             c.batch = (first.shape[0], first.device) if first is not None and first.dim() > 0 else (0, None)
             task_ids = task_ids if task_ids is not None else c.given.get("task_ids")

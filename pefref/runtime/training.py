@@ -22,6 +22,7 @@ from pefref.language.expr import evaluate, parse_expr
 from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, MaskHook, ScheduleHook, StateHook, StepWindow
 from pefref.language.training import GRAD, HOOK_OPS, INITIAL, STEP, TOTAL, UNITS
 from pefref.ops import PRIMITIVES
+from pefref.runtime.patches import _INPUTS
 
 if TYPE_CHECKING:
     from pefref.runtime.adapter import Adapter
@@ -137,7 +138,8 @@ class TrainingHooks:
         for h in self.adapter.technique.training:
             if not isinstance(h, AuxLossHook):
                 continue
-            terms = [evaluate(parse_expr(h.value), self._env(u, k), _OPS) for k, u in self._units(h.module)]
+            terms = [evaluate(parse_expr(h.value), {**self._env(u, k), **read}, _OPS)
+                     for k, u in self._units(h.module) if (read := self._read(h, k)) is not None]
             if not terms:
                 continue
             term = torch.stack([torch.as_tensor(t).reshape(()) for t in terms])
@@ -148,6 +150,23 @@ class TrainingHooks:
             p = next(iter(self.adapter.trainable_parameters()), None)
             return torch.zeros((), device=None if p is None else p.device)
         return total
+
+    def _read(self, h: AuxLossHook, key: str) -> dict[str, Any] | None:
+        """The values of the last forward pass the hook's inputs read at unit ``key``'s placement (None where one is
+        missing: a call without labels, an adapter that did not run)."""
+        if not h.inputs:
+            return {}
+        cell = self.adapter.model.__dict__.get(_INPUTS)
+        entry = next((e for _p, e in self.adapter.entries if e.unit_key == key), None)
+        if cell is None or entry is None or self.adapter.wiring is None:
+            return None
+        out: dict[str, Any] = {}
+        for name, keys in self.adapter.wiring.reads(h, entry.layer, entry.site).items():
+            got = cell.call.get(keys[0][1]) if keys[0][0] == "call" else next((cell.values[k] for k in keys if k in cell.values), None)
+            if got is None:
+                return None
+            out[name] = got
+        return out
 
     def before_step(self, step: int) -> None:
         """Schedules at ``step``, then every gradient projection, state and mask that runs before the optimiser step

@@ -97,7 +97,16 @@ class PeftMethod(Strict):
     hyperparameters: dict[str, Identifier] = Field(default_factory=dict, description="peft config field (sub.field inside a sub-config, e.g. use_bdlora.nblocks) -> the technique's hyperparameter.")
     when: dict[Identifier, Scalar] = Field(default_factory=dict, description="The row applies to adapters with these hyperparameter values (export), and sets them (import).")
     from_shapes: dict[Identifier, ShapeRef] = Field(default_factory=dict, description="Hyperparameters read off stored tensor shapes on import (they override the config's, which peft may leave at 0).")
-    hosts: list[Literal["linear", "conv1d", "embedding"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2; nn.Embedding).")  # type: ignore[arg-type]
+    hosts: list[Literal["linear", "conv1d", "embedding", "block"]] = Field(default_factory=lambda: ["linear", "conv1d"], description="Host modules peft's method supports (nn.Linear; transformers' Conv1D as in GPT-2; nn.Embedding; block: any other module, e.g. a whole decoder block peft wraps).")  # type: ignore[arg-type]
+    from_model: dict[Identifier, list[str]] = Field(default_factory=dict, description=(
+        "Hyperparameters the model's config determines where peft reads them off the model (e.g. a norm's epsilon in a "
+        "side network of the host's block class): config keys, the first present wins (a dotted key reads into a "
+        "mapping, e.g. rope_parameters.rope_theta). On import they are set from the model; an export whose values differ "
+        "from the model's is refused."))
+    families: list[Identifier] = Field(default_factory=list, description=(
+        "Convert only on models of these families (empty: every family), where peft's method builds part of the adapter "
+        "from the host's own architecture (e.g. a side network of the host's block class) and the technique computes the same "
+        "function on these families only."))
     untied_only: bool = Field(False, description="Convert only on models whose output head does not share the input embedding's weight (peft "
                               "changes a tied head with the embedding, which the technique leaves alone): refused both ways on a tied model.")
     targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "

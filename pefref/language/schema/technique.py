@@ -173,9 +173,10 @@ class Connection(Strict):
     fallback: Identifier | None = Field(
         None, description="Module read instead where the source does not exist (the previous layer of the first layer), e.g. a model-level module at the embeddings."
     )
-    call: Literal["task_ids", "input_ids"] | None = Field(None, description=(
+    call: Literal["task_ids", "input_ids", "labels"] | None = Field(None, description=(
         "Read an input of the model's call instead: task_ids, one task id per example (int64 [batch]; passed as "
-        "model(..., task_ids=...) or inside adapter.inputs(task_ids=...)), or input_ids, the token ids (int64 [batch, seq])."))
+        "model(..., task_ids=...) or inside adapter.inputs(task_ids=...)), input_ids, the token ids (int64 [batch, seq]), "
+        "or labels, the labels the model's loss reads (an auxiliary loss's inputs only)."))
     default: at_least(0) | None = Field(None, description=(  # type: ignore[valid-type]
         "With call: task_ids, the task id of every example of a call given none; without it a call without task ids is refused."))
 
@@ -243,11 +244,14 @@ class ParallelModule(_ModuleBase):
 
 
 class SequentialModule(_ModuleBase):
-    """Reads the host's output ``h`` and transforms it."""
+    """Reads the host's output ``h`` and transforms it (or, with ``side: input``, the tensor entering the host)."""
 
     form: Literal["sequential"]
     compute: ExprStr = Field(description="delta as a function of h (the host output), params and hyperparameters.")
     integrate: ExprStr = Field("h + delta", description="How delta meets h.")
+    side: Literal["output", "input"] = Field("output", description=(
+        "Transform the host's output (default) or its input: with 'input', h is the tensor entering the host and "
+        "the host runs on the result (e.g. a correction added to a block's input before the block)."))
 
 
 class ReparameteriseModule(_ModuleBase):
@@ -367,7 +371,8 @@ class AfterStepHook(_HookBase):
 
 
 class AuxLossHook(_HookBase):
-    """An auxiliary loss term added to the task loss (a regulariser of the adapter's tensors)."""
+    """An auxiliary loss term added to the task loss (a regulariser of the adapter's tensors, or a loss of what a module
+    computed in the last forward pass, read through ``inputs``)."""
 
     kind: Literal["aux_loss"]
     module: Identifier = Field(description="The module whose units the term is computed on.")
@@ -376,6 +381,11 @@ class AuxLossHook(_HookBase):
     reduce: Literal["mean", "sum"] = Field("mean", description="How the units' terms combine: their mean or their sum.")
     weight: Float | ExprStr = Field(1.0, description="Multiplier of the combined term (a number or an expression over the hyperparameters "
                                     "and the schedules), e.g. a regulariser weight hyperparameter.")
+    inputs: dict[Identifier, Connection] = Field(default_factory=dict, description=(
+        "Values of the model's last forward pass the term reads by name, as a module's connections (resolved at each unit's "
+        "site and layer): another module's output, a site's hidden state or frozen weight, or an input of the call "
+        "(call: labels, the labels of the call). A unit whose inputs the last forward pass did not give (a call without "
+        "labels, a disabled adapter) adds no term: e.g. a loss of a side network's own prediction against the labels."))
 
 
 class StepWindow(Strict):
