@@ -34,8 +34,8 @@ from pefref.language.interop_table import method_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
-from pefref.runtime.ledger import host_change
 from pefref.runtime.inject import model_config
+from pefref.runtime.ledger import host_change
 from pefref.runtime.param_slices import ParameterSlice
 from pefref.runtime.report import ReportRow
 from pefref.runtime.saved_modules import SAVED_MODULE
