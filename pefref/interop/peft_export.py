@@ -15,11 +15,15 @@ from pefref.interop.peft_common import (
     alpha_for,
     config_set,
     fixed_config,
+    group_pieces,
     host_order,
+    refuse_bias,
     refuse_tied,
+    size_values,
     slice_rows,
     stored_apart,
     stored_at,
+    target_name,
     task_type,
     to_peft,
     unit_key,
@@ -160,8 +164,8 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
         unit = adapter.units[unit_key(row.module, row.site, layer)]
         host = adapter.model.get_submodule(path)
         ex.conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
-        for pname, key in mm.shared.items():
-            ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+        refuse_bias(method, path, host)
+        _put_shared(ex, mm, path, unit)
         _put_apart(adapter, mm, row.module, path, unit, ex.put)
         if binding.slice is not None:
             if method.fused is None:
@@ -174,8 +178,35 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
         at = stored_at(adapter.family, mm, path, layer)
         for pname, tname in mm.tensors.items():
             ex.put(f"{PREFIX}{at}.{tname}", to_peft(read(unit, pname).detach(), mm, pname), at)
+        _put_grouped(ex, mm, at, unit)
         for tname, value in _zero_tensors(mm, host, unit).items():
             ex.put(f"{PREFIX}{path}.{tname}", value, path)
+
+
+def _put_grouped(ex: _Export, mm: PeftModuleMap, at: str, unit: nn.Module) -> None:
+    """The pieces peft keeps per group of rows (the row's ``grouped``); what lies past a group's cut must be zero."""
+    for pname, g in mm.grouped.items():
+        t = read(unit, pname).detach()
+        held = torch.zeros_like(t, dtype=torch.bool)
+        for k, idx in group_pieces(t, read(unit, g.labels), g.by, g.rank_dim):
+            ex.put(f"{PREFIX}{at}.{g.name.format(group=k)}", to_peft(t[idx].clone(), mm, pname), at)
+            held[idx] = True
+        if t[~held].count_nonzero():
+            raise PefrefError(f"{ex.tech.id}: {pname!r} at {at} is non-zero past the ranks of its smaller groups (a group of n rows has at "
+                              f"most n ranks in peft's {ex.method.peft_type}), so peft's format cannot hold it")
+
+
+def _put_shared(ex: _Export, mm: PeftModuleMap, path: str, unit: nn.Module) -> None:
+    """The placement's tensors peft stores once for several placements (for all, or per projection) and the sizes it
+    keeps beside them; one key per projection must not stand for two different tensors."""
+    d_in, d_out = host_kind(ex.adapter.model.get_submodule(path)).widths(ex.adapter.model.get_submodule(path))
+    for pname, key in mm.shared.items():  # as it was read last (a placement may read a leading part of it)
+        ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+    values = {t.format(target=target_name(path)): to_peft(read(unit, p).detach(), mm, p) for p, t in mm.by_target.items()}
+    for key, value in {**values, **size_values(mm, path, d_in, d_out)}.items():
+        if key in ex.tensors and not torch.equal(ex.tensors[key], value):
+            raise PefrefError(f"{ex.tech.id}: peft keeps one tensor {key!r} where this adapter has different ones (at {path})")
+        ex.tensors[key] = value
 
 
 def _complete(ex: _Export) -> PeftState:
