@@ -13,7 +13,7 @@ from pefref.language.limits import current
 from pefref.language.loader import suggest
 from pefref.ops import PRIMITIVES
 
-__all__ = ["resolve_hyperparameters", "shape_of"]
+__all__ = ["resolve_hyperparameters", "shape_of", "layer_run"]
 
 
 def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -129,3 +129,12 @@ def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
             raise PefrefError(f"shape dimension {d!r} resolves to {v}, over the limit of {lim.max_dim}")
         dims.append(v)
     return tuple(dims)
+
+
+def layer_run(spec: Any, pos: int | None, names: Mapping[str, Any]) -> int | None:
+    """The run of consecutive layers (``every``) that the placement at position ``pos`` among its site's placed layers
+    belongs to, for a tensor shared across layers in runs; None: not shared in runs (one for all layers)."""
+    every = getattr(spec, "every", None)
+    if every is None or spec.shared != "layers" or pos is None:
+        return None
+    return pos // max(1, int(every if isinstance(every, int) else names[every]))

@@ -16,7 +16,7 @@ from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
 from pefref.language.forms import form_of
-from pefref.language.hparams import shape_of
+from pefref.language.hparams import layer_run, shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.language.stacks import layer_bindings
@@ -123,7 +123,8 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             slices = [f"{site}[{e}]" for e in range(int(eval_scalar(ref_site.slices, sizes)))] if ref_site.slices else [site]  # one update per slice
             for i, one in ((i, one) for i in layers for one in slices):
                 for pname, spec in m.params.items():
-                    scope = {"none": (one, i), "layers": (one,), "sites": (i,), "all": ()}[spec.shared]
+                    run = layer_run(spec, layers.index(i) if i is not None else None, names)
+                    scope = {"none": (one, i), "layers": (one,) if run is None else (one, run), "sites": (i,), "all": ()}[spec.shared]
                     key = (*spec.owner(m.name, pname), spec.shared, *scope)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
@@ -137,6 +138,8 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                         text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
                         by_layer = spec.shared in ("none", "sites") and per_layer
                         mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
+                        if spec.shared == "layers" and per_layer and layers and layer_run(spec, len(layers) - 1, names) is not None:
+                            mult = str(int(layer_run(spec, len(layers) - 1, names) or 0) + 1)  # runs of layers: one per run
                         mult += f"*{ref_site.slices}" if ref_site.slices and spec.shared in ("none", "layers") else ""
                         sym_terms[sym_key] = f"{mult}*{text}"
     total = select_total

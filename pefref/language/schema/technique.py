@@ -103,6 +103,10 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    every: at_least(1) | Identifier | None = Field(  # type: ignore[valid-type]
+        None, description="With shared: layers, one copy per run of this many consecutive layers the module is placed at on the site "
+        "(a number, or an int hyperparameter), instead of one for all of them: e.g. Lily's stride_A (layers 0-1 share one, 2-3 the next)."
+    )
     group: Identifier | None = Field(
         None, description="One tensor shared by several modules of the technique: every tensor declared with the same group name "
         "(in any module, under any name) is the same tensor, shared within the scope `shared` gives (all: one for the whole "
