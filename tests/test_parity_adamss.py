@@ -1,6 +1,6 @@
 """Numerical parity with HF peft 0.21 for AdaMSS (clustered subspaces of the host weight, peft's ``AdamssConfig``).
 
-One seeded tiny Llama (bias-free projections, where pefref's decomposition of ``W`` is peft's) is deep-copied into a
+One seeded tiny Llama (and Mistral; bias-free projections, where pefref's decomposition of ``W`` is peft's) is deep-copied into a
 peft model and a pefref model. Both sides compute the frozen projection (a seeded randomised SVD) and the clusters of
 the output rows (k-means with a fixed seed) from the weights: pefref's projection and labels must equal peft's
 (``adamss_newB`` and ``seg_result``). peft's trained tensors (one ``A_k``, ``B_k`` per cluster) are perturbed and
@@ -36,31 +36,31 @@ CATALOG = default_catalog()
 
 
 @functools.cache
-def base_model() -> nn.Module:
-    return build_model(SHAPE, seed=0)
+def base_model(shape: str = SHAPE) -> nn.Module:
+    return build_model(shape, seed=0)
 
 
-def _output(model: nn.Module) -> torch.Tensor:
+def _output(model: nn.Module, shape: str = SHAPE) -> torch.Tensor:
     with torch.no_grad():
-        return output_of(model, padded_batch(SHAPE))
+        return output_of(model, padded_batch(shape))
 
 
 def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _peft(**kw: Any) -> peft.PeftModel:
+def _peft(shape: str = SHAPE, **kw: Any) -> peft.PeftModel:
     cfg = peft.AdamssConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(copy.deepcopy(base_model()), cfg).eval()
+        return peft.get_peft_model(copy.deepcopy(base_model(shape)), cfg).eval()
 
 
-def _host(pm: peft.PeftModel, unit_key: str) -> nn.Module:
+def _host(pm: peft.PeftModel, unit_key: str, shape: str = SHAPE) -> nn.Module:
     """The peft layer at the host of a pefref unit ('<module>__<site>__<layer>')."""
     _module, site_key, layer = unit_key.split("__")
     site = next(s for s in CATALOG.reference.sites if s.replace(".", "_") == site_key)
-    return pm.get_base_model().get_submodule(CATALOG.family("llama").sites[site].path.format(i=int(layer)))
+    return pm.get_base_model().get_submodule(CATALOG.family(CATALOG.shape(shape).family).sites[site].path.format(i=int(layer)))
 
 
 def _labels(layer: nn.Module) -> torch.Tensor:
@@ -71,12 +71,12 @@ def _labels(layer: nn.Module) -> torch.Tensor:
     return labels
 
 
-def _copy_into(adapter: Adapter, pm: peft.PeftModel) -> None:
+def _copy_into(adapter: Adapter, pm: peft.PeftModel, shape: str = SHAPE) -> None:
     """peft's per-cluster tensors into pefref's: A_k into A[k], B_k into the rows of B labelled k (past a cluster's
     rank, zeros)."""
     with torch.no_grad():
         for key, unit in adapter.units.items():
-            layer = _host(pm, key)
+            layer = _host(pm, key, shape)
             assert torch.equal(unit.c, _labels(layer))  # peft's clusters, numbered as peft numbers them
             assert max_diff(unit.P, layer.adamss_newB["default"]) <= TOL  # the seeded randomised SVD
             unit.A.zero_()
@@ -86,16 +86,16 @@ def _copy_into(adapter: Adapter, pm: peft.PeftModel) -> None:
                 unit.B[unit.c == k, : b.shape[1]] = b
 
 
-def _pair(model: nn.Module | None = None, **hps: Any) -> tuple[peft.PeftModel, nn.Module, Adapter]:
-    pm = _peft(**hps)
-    model = copy.deepcopy(base_model()) if model is None else model
+def _pair(model: nn.Module | None = None, shape: str = SHAPE, **hps: Any) -> tuple[peft.PeftModel, nn.Module, Adapter]:
+    pm = _peft(shape, **hps)
+    model = copy.deepcopy(base_model(shape)) if model is None else model
     adapter = apply(model, "adamss", **hps)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p))
-    _copy_into(adapter, pm)
+    _copy_into(adapter, pm, shape)
     return pm, model, adapter
 
 
@@ -111,12 +111,13 @@ def test_adamss_at_init_is_the_base_model_and_counts_match_peft() -> None:
         assert torch.equal(unit.c, _labels(_host(pm, key)))
 
 
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-mistral"])
 @pytest.mark.parametrize("hps", [{}, {"r": 8, "num_subspaces": 3, "subspace_rank": 2, "random_seed": 3}], ids=["defaults", "r8k3rank2"])
-def test_adamss_outputs_match_peft(hps: dict[str, Any]) -> None:
-    pm, model, _adapter = _pair(**hps)
-    want = _output(pm)
-    assert max_diff(_output(model), want) <= TOL
-    assert max_diff(want, _output(base_model())) > 1e-3  # not vacuous
+def test_adamss_outputs_match_peft(hps: dict[str, Any], shape: str) -> None:
+    pm, model, _adapter = _pair(shape=shape, **hps)
+    want = _output(pm, shape)
+    assert max_diff(_output(model, shape), want) <= TOL
+    assert max_diff(want, _output(base_model(shape), shape)) > 1e-3  # not vacuous
 
 
 def test_adamss_merges_like_peft_and_removes_bit_exactly() -> None:
