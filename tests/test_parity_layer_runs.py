@@ -1,10 +1,14 @@
-"""Tensors shared by runs of k consecutive layers (``shared: layers`` with ``every: k``), against HF peft 0.21.
+"""Tensors shared by runs of k consecutive layers (``shared: layers`` with ``every: k``) or by groups of consecutive
+placements (``shared: all`` with ``groups: G``), against HF peft 0.21.
 
 Lily's down projection A is shared by runs of ``stride_A`` consecutive adapted layers of a site (peft's ``stride_A``).
 On a five-layer Llama with stride_A = 2 the runs are layers {0, 1}, {2, 3} and {4}: pefref keeps one A per run (the
 same tensor object in the run's units), counts it once per run (apply's report and the derived count agree with
 peft's), computes peft's outputs within 1e-5 once peft's trained tensors are perturbed and copied in, and reads peft's
-saved adapter and writes it back exactly. Validate refuses ``every`` where it has no meaning, with a located error.
+saved adapter and writes it back exactly. TinyLoRA's weight_tying w ties its coefficient vector v across the n
+placements in G = max(1, round(n·(1 - w))) groups of consecutive placements in the model's order, as peft does:
+outputs, counts (applied and derived) and peft's files agree for w in {0.3, 0.5, 1.0}. Validate refuses ``every``
+and ``groups`` where they have no meaning, with a located error.
 """
 
 from __future__ import annotations
@@ -150,5 +154,67 @@ def test_validate_refuses_every_without_runs_of_layers(tmp_path: Path, spec: str
     path.write_text(PROBE.format(spec=spec))
     problems, _ = validate_paths([path])
     hits = [p for p in problems if p.field.endswith("params.A.every")]
+    assert len(hits) == 1 and want in hits[0].message, problems
+    assert hits[0].location.line == 12
+
+
+# --- TinyLoRA: one coefficient vector per group of placements (weight_tying) ----------------------------------------
+
+
+def _tied_pair(tying: float) -> tuple[peft.PeftModel, nn.Module, Adapter]:
+    cfg = peft.TinyLoraConfig(r=2, u=4, weight_tying=tying, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base_model()), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    model = copy.deepcopy(base_model())
+    adapter = apply(model, "tinylora", r=2, u=4, weight_tying=tying)
+    with torch.no_grad():
+        for key, unit in adapter.units.items():
+            layer = _host(pm, key)
+            for mine, theirs in (("A", layer.tinylora_A), ("B", layer.tinylora_B), ("P", layer.tinylora_P)):
+                getattr(unit, mine).copy_(theirs["default"])
+            unit.v.copy_(layer.tinylora_v["default"][layer._tinylora_v_key["default"]])  # a group's vector, from each member
+    return pm, model, adapter
+
+
+@pytest.mark.parametrize("tying", [0.3, 0.5, 1.0])
+def test_tinylora_ties_its_vectors_in_groups_of_placements_as_peft_does(tying: float, tmp_path: Path) -> None:
+    pm, model, adapter = _tied_pair(tying)
+    order = [f"tinylora__{s}__{i}" for i in range(LAYERS) for s in ("attn_q", "attn_v")]  # the model's module order
+    n = len(order)
+    groups = max(1, round(n * (1 - tying)))
+    for j, key in enumerate(order):
+        want = min(j // max(1, n // groups), groups - 1)
+        assert _host(pm, key)._tinylora_v_key["default"] == str(want)
+        first = order[[min(i // max(1, n // groups), groups - 1) for i in range(n)].index(want)]
+        assert adapter.units[key].v is adapter.units[first].v
+    assert len({id(u.v) for u in adapter.units.values()}) == len(pm.base_model.tinylora_v["default"]) == groups
+    want_out = _output(pm)
+    assert max_diff(_output(model), want_out) <= TOL
+    assert max_diff(want_out, _output(base_model())) > 1e-3
+    shape = ModelShape(name="five-llama", family="llama", config=CONFIG)
+    derived = count_params(CATALOG.technique("tinylora"), shape, CATALOG, {"r": 2, "u": 4, "weight_tying": tying}).trainable
+    assert adapter.report.trainable == _trainable(model) == _trainable(pm) == derived == 4 * groups
+    pm.save_pretrained(tmp_path / "p")  # peft -> pefref -> peft
+    read = pefref.from_pretrained(copy.deepcopy(base_model()), tmp_path / "p")
+    assert read.hyperparameters["weight_tying"] == tying and max_diff(_output(read.model), want_out) <= TOL
+    read.save_pretrained(tmp_path / "back")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base_model()), tmp_path / "back").eval()
+    assert max_diff(_output(back), want_out) <= TOL
+
+
+@pytest.mark.parametrize(("spec", "want"), [("shared: layers, groups: 2", "not shared: layers"), ("shared: all, groups: m + 1", "'m'")])
+def test_validate_refuses_groups_without_placements_to_group(tmp_path: Path, spec: str, want: str) -> None:
+    path = tmp_path / "probe_runs.yaml"
+    path.write_text(PROBE.format(spec=spec))
+    problems, _ = validate_paths([path])
+    hits = [p for p in problems if p.field.endswith("params.A.groups")]
     assert len(hits) == 1 and want in hits[0].message, problems
     assert hits[0].location.line == 12

@@ -14,7 +14,7 @@ from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Pe
 
 __all__ = ["stored_at", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
            "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied", "target_name",
-           "apart_keys", "size_values", "group_pieces", "refuse_bias"]
+           "apart_keys", "size_values", "group_pieces", "refuse_bias", "indexed_number"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,11 +71,21 @@ def target_name(path: str) -> str:
     return "attention_output" if name == "output_dense" and len(parts) >= 3 and parts[-3] == "attention" else name
 
 
-def apart_keys(mm: PeftModuleMap, path: str, index: Mapping[str, int]) -> dict[str, str]:
+def apart_keys(mm: PeftModuleMap, path: str, numbers: Mapping[str, int]) -> dict[str, str]:
     """The module's tensors peft stores outside the host at ``path``: shared by every placement, by projection
-    (``by_target``) or by the host's position (``indexed``), tensor -> full key."""
+    (``by_target``) or by a number (``indexed``: ``numbers`` gives it per tensor, see :func:`indexed_number`), tensor -> full key."""
     return {**mm.shared, **{p: t.format(target=target_name(path)) for p, t in mm.by_target.items()},
-            **{p: t.format(index=index[path]) for p, t in mm.indexed.items()}}
+            **{p: t.format(index=numbers[p]) for p, t in mm.indexed.items()}}
+
+
+def indexed_number(technique: Any, hps: Mapping[str, Any], module: str, pname: str, order: Mapping[str, int], path: str) -> int:
+    """The number peft keys an ``indexed`` tensor by at host ``path``: the host's position among the module's hosts
+    (``order``), or, for a tensor shared by all placements in groups (``groups``), that position's group."""
+    from pefref.language.hparams import placement_group
+
+    spec = next((getattr(m, "params", {}).get(pname) for m in technique.modules if m.name == module), None)
+    group = None if spec is None else placement_group(spec, order[path], len(order), hps)
+    return order[path] if group is None else group
 
 
 def size_values(mm: PeftModuleMap, path: str, d_in: int, d_out: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pefref.interop.peft_common import (
     fixed_config,
     group_pieces,
     host_order,
+    indexed_number,
     refuse_bias,
     refuse_tied,
     size_values,
@@ -78,6 +79,7 @@ class _Export:
     conv1d: bool = False
     saved: list[str] = field(default_factory=list)  # modules to save whole
     selected: set[str] = field(default_factory=set)  # host parameters written
+    indexed: dict[str, Any] = field(default_factory=dict)  # key of an indexed tensor -> the tensor written there
 
     @property
     def tech(self) -> Technique:
@@ -166,7 +168,7 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
         ex.conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
         refuse_bias(method, path, host)
         _put_shared(ex, mm, path, unit)
-        _put_apart(adapter, mm, row.module, path, unit, ex.put)
+        _put_apart(adapter, mm, row.module, path, unit, ex.put, ex.indexed)
         if binding.slice is not None:
             if method.fused is None:
                 raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
@@ -280,15 +282,19 @@ def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: 
     return kind
 
 
-def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any) -> None:
+def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any, written: dict[str, Any]) -> None:
     """A placement's tensors that peft keys by host and name (``repeated``: a shared tensor whole under every host)
     or by the host's position among the module's hosts (``indexed``)."""
     for pname, tname in mm.repeated.items():  # a copy per host (safetensors refuses tensors sharing memory)
         put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname).clone(), path)
     if mm.indexed:
-        index = host_order(adapter.model, _paths(adapter, module))[path]
+        order = host_order(adapter.model, _paths(adapter, module))
         for pname, template in mm.indexed.items():
-            put(template.format(index=index), to_peft(read(unit, pname).detach(), mm, pname), path)
+            value = to_peft(read(unit, pname).detach(), mm, pname)
+            key = template.format(index=indexed_number(adapter.technique, adapter.hyperparameters, module, pname, order, path))
+            if key not in written or written[key] is not read(unit, pname):  # a tensor of a group of placements: written once
+                put(key, value, path)
+                written[key] = read(unit, pname)
 
 
 def _paths(adapter: Adapter, module: str) -> list[str]:

@@ -19,6 +19,7 @@ from pefref.interop.peft_common import (
     from_peft,
     group_pieces,
     host_order,
+    indexed_number,
     pattern_value,
     refuse_bias,
     size_values,
@@ -298,7 +299,8 @@ def _copy_placement(into: _Into, site: str, path: str, layer: int | None, unit: 
     """One placement's tensors from peft's (under its host, apart from it, by group, sizes); the keys read."""
     adapter, mm, state, used = into.adapter, into.mm, into.state, set()
     refuse_bias(into.method, path, adapter.model.get_submodule(path))
-    for pname, key in [*apart_keys(mm, path, index).items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
+    numbers = {p: indexed_number(adapter.technique, adapter.hyperparameters, mm.module, p, index, path) for p in mm.indexed}
+    for pname, key in [*apart_keys(mm, path, numbers).items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
         value = from_peft(_need(state, key), mm, pname)
         if pname in mm.repeated and pname in into.seen and not torch.equal(into.seen[pname], value):
             raise PefrefError(f"peft tensor {key!r} differs from the other placements' copies of {pname!r}, "

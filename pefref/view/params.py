@@ -8,6 +8,7 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache, reduce
 from typing import Any
@@ -16,7 +17,7 @@ from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
 from pefref.language.forms import form_of
-from pefref.language.hparams import layer_run, shape_of
+from pefref.language.hparams import layer_run, placement_group, shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.language.stacks import layer_bindings
@@ -91,6 +92,8 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     sym_terms: dict[tuple[Any, ...], str] = {}
     select_total, select_terms = 0, []
     dropped: list[str] = []
+    placed: dict[str, int] = {}  # placements per module
+    grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]] = {}  # tensors shared by all placements in groups
     for m in modules:
         unread = unbound_reads(m, fam)
         for site in m.sites:
@@ -122,10 +125,11 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             site_shapes = {pname: shape_of(spec, names) for pname, spec in m.params.items()}  # the same in every layer
             slices = [f"{site}[{e}]" for e in range(int(eval_scalar(ref_site.slices, sizes)))] if ref_site.slices else [site]  # one update per slice
             for i, one in ((i, one) for i in layers for one in slices):
+                placed[m.name] = placed.get(m.name, 0) + 1
                 for pname, spec in m.params.items():
-                    run = layer_run(spec, layers.index(i) if i is not None else None, names)
-                    scope = {"none": (one, i), "layers": (one,) if run is None else (one, run), "sites": (i,), "all": ()}[spec.shared]
-                    key = (*spec.owner(m.name, pname), spec.shared, *scope)
+                    key = _scope_key(spec, m.name, pname, one, i, layers, names)
+                    if getattr(spec, "groups", None) is not None and spec.shared == "all":
+                        grouped[key] = (spec, names, m.name)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
                     if prev is not None:
@@ -142,16 +146,33 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                             mult = str(int(layer_run(spec, len(layers) - 1, names) or 0) + 1)  # runs of layers: one per run
                         mult += f"*{ref_site.slices}" if ref_site.slices and spec.shared in ("none", "layers") else ""
                         sym_terms[sym_key] = f"{mult}*{text}"
-    total = select_total
-    for shp, _p, trainable in scopes.values():
-        if trainable:
-            n = 1
-            for d in shp:
-                n *= d
-            total += n
+    total = select_total + _scoped_total(scopes, grouped, placed)
     text = _formula(list(sym_terms.values()) + select_terms, sizes, hps) if formula else ""
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
     return ParamCount(t.id, shape.name, total, base, text, hps, dropped)
+
+
+def _scope_key(spec: Any, module: str, pname: str, one: str, i: int | None, layers: list[int | None], names: dict[str, Any]) -> tuple[Any, ...]:
+    """The key of the copy of a tensor a placement (site or slice ``one``, layer ``i``) reads, by its sharing scope (a run of
+    layers: its run; groups of placements: one key, multiplied by the number of groups when totalled)."""
+    run = layer_run(spec, layers.index(i) if i is not None else None, names)
+    scope = {"none": (one, i), "layers": (one,) if run is None else (one, run), "sites": (i,), "all": ()}[spec.shared]
+    return (*spec.owner(module, pname), spec.shared, *scope)
+
+
+def _scoped_total(scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]], grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]],
+                  placed: dict[str, int]) -> int:
+    """Trainable elements of the scoped tensors; a tensor shared by all placements in G groups counts min(G, n) times."""
+    total = 0
+    for key, (shp, _p, trainable) in scopes.items():
+        if trainable:
+            copies = 1
+            if key in grouped:
+                spec, names, module = grouped[key]
+                n = placed.get(module, 0)
+                copies = (placement_group(spec, n - 1, n, names) or 0) + 1 if n else 0
+            total += math.prod(shp) * copies
+    return total
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:
