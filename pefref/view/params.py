@@ -93,6 +93,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     select_total, select_terms = 0, []
     dropped: list[str] = []
     placed: dict[str, int] = {}  # placements per module
+    site_mults: dict[str, list[str]] = {}  # per module, each site's number of placements (symbolic)
     grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]] = {}  # tensors shared by all placements in groups
     for m in modules:
         unread = unbound_reads(m, fam)
@@ -124,6 +125,7 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
             site_shapes = {pname: shape_of(spec, names) for pname, spec in m.params.items()}  # the same in every layer
             slices = [f"{site}[{e}]" for e in range(int(eval_scalar(ref_site.slices, sizes)))] if ref_site.slices else [site]  # one update per slice
+            site_mults.setdefault(m.name, []).append(f"{_mult_text(len(layers), per_layer, m.layers, L)}*{len(slices)}")
             for i, one in ((i, one) for i in layers for one in slices):
                 placed[m.name] = placed.get(m.name, 0) + 1
                 for pname, spec in m.params.items():
@@ -140,13 +142,12 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     if formula and sym_key not in sym_terms and spec.trainable:
                         widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
                         text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
-                        by_layer = spec.shared in ("none", "sites") and per_layer
-                        mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
-                        if spec.shared == "layers" and per_layer and layers and layer_run(spec, len(layers) - 1, names) is not None:
-                            mult = str(int(layer_run(spec, len(layers) - 1, names) or 0) + 1)  # runs of layers: one per run
+                        mult = _sym_mult(spec, layers, per_layer, m.layers, L, names)
                         mult += f"*{ref_site.slices}" if ref_site.slices and spec.shared in ("none", "layers") else ""
                         sym_terms[sym_key] = f"{mult}*{text}"
-    total = select_total + _scoped_total(scopes, grouped, placed)
+    copies = _group_copies(grouped, placed)
+    sym_terms |= {k: f"{_per_group(n, grouped[k][2], placed, site_mults)}*{sym_terms[k]}" for k, n in copies.items() if k in sym_terms}
+    total = select_total + _scoped_total(scopes, copies)
     text = _formula(list(sym_terms.values()) + select_terms, sizes, hps) if formula else ""
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
     return ParamCount(t.id, shape.name, total, base, text, hps, dropped)
@@ -160,19 +161,34 @@ def _scope_key(spec: Any, module: str, pname: str, one: str, i: int | None, laye
     return (*spec.owner(module, pname), spec.shared, *scope)
 
 
-def _scoped_total(scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]], grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]],
-                  placed: dict[str, int]) -> int:
-    """Trainable elements of the scoped tensors; a tensor shared by all placements in G groups counts min(G, n) times."""
-    total = 0
-    for key, (shp, _p, trainable) in scopes.items():
-        if trainable:
-            copies = 1
-            if key in grouped:
-                spec, names, module = grouped[key]
-                n = placed.get(module, 0)
-                copies = (placement_group(spec, n - 1, n, names) or 0) + 1 if n else 0
-            total += math.prod(shp) * copies
-    return total
+def _group_copies(grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]], placed: dict[str, int]) -> dict[tuple[Any, ...], int]:
+    """How many copies each tensor shared by all placements in groups has: its number of groups among the placements."""
+    out = {}
+    for key, (spec, names, module) in grouped.items():
+        n = placed.get(module, 0)
+        out[key] = (placement_group(spec, n - 1, n, names) or 0) + 1 if n else 0
+    return out
+
+
+def _scoped_total(scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]], copies: dict[tuple[Any, ...], int]) -> int:
+    """Trainable elements of the scoped tensors (a tensor shared in groups of placements once per group)."""
+    return sum(math.prod(shp) * copies.get(key, 1) for key, (shp, _p, trainable) in scopes.items() if trainable)
+
+
+def _per_group(n: int, module: str, placed: dict[str, int], site_mults: dict[str, list[str]]) -> str:
+    """The multiplier of a tensor's term with ``n`` groups of placements: symbolic when every placement has its own."""
+    return f"({' + '.join(site_mults.get(module, []))})" if n == placed.get(module) and site_mults.get(module) else str(n)
+
+
+def _sym_mult(spec: Any, layers: list[int | None], per_layer: bool, sel: Any, L: int, names: dict[str, Any]) -> str:
+    """How many copies of a tensor a site's term counts: one per layer (unshared, or shared across sites), one per run of
+    layers (``every``), else one."""
+    if spec.shared in ("none", "sites") and per_layer:
+        return _mult_text(len(layers), per_layer, sel, L)
+    last = layer_run(spec, len(layers) - 1, names) if spec.shared == "layers" and per_layer and layers else None
+    if last is not None and last + 1 == len(layers):  # runs of one layer: one per layer
+        return _mult_text(len(layers), per_layer, sel, L)
+    return "1" if last is None else str(last + 1)
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:
