@@ -166,3 +166,18 @@ def test_adamss_trains_like_peft() -> None:
         moved = max(moved, max_diff(unit.A, start[key][0]), max_diff(unit.B, start[key][1]))
     assert moved > 1e-3
     assert max_diff(_output(model), _output(pm)) <= TOL
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kmeans_labels_are_scikit_learns(seed: int) -> None:
+    """The clusters, numbered alike, of scikit-learn's KMeans(init='random', n_init=1) that peft runs: on orthonormal
+    columns (as peft clusters) and on Gaussian rows, more rows than one of its chunks (256) included."""
+    from sklearn.cluster import KMeans
+
+    from pefref.ops.clustering import kmeans_labels
+
+    g = torch.Generator().manual_seed(seed)
+    n, f, k = (300, 24, 5) if seed % 2 else (48, 8, 3)
+    x = torch.linalg.svd(torch.randn(n, n, generator=g), full_matrices=False)[0][:, :f] if seed % 3 else torch.randn(n, f, generator=g)
+    want = KMeans(n_clusters=k, init="random", n_init=1, max_iter=10, random_state=123456789).fit_predict(x.numpy())
+    assert torch.equal(kmeans_labels(x, k, 10, 123456789), torch.from_numpy(want).long())

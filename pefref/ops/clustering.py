@@ -80,10 +80,8 @@ def _means(X: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray
 
     k = centres.shape[0]
     sums = np.zeros_like(centres)
-    count = np.zeros(k, dtype=X.dtype)
-    for i, j in enumerate(labels):
-        sums[j] += X[i]
-        count[j] += 1
+    np.add.at(sums, labels, X)  # row by row, in order (unbuffered)
+    count = np.bincount(labels, minlength=k).astype(X.dtype)
     empty = np.where(count == 0)[0]
     if len(empty):
         dist = ((X - centres[labels]) ** 2).sum(axis=1)
