@@ -163,6 +163,11 @@ CASES: dict[str, Case] = {
         r=2, theta_d_length=32, save_indices=True, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
     "waveft": Case("waveft", {"n": 50, "scaling": 5.0}, ["attn.qkv"], lambda fam: peft.WaveFTConfig(
         n_frequency=50, scaling=5.0, target_modules=ATTN[fam], fan_in_fan_out=fam == "gpt2")),
+    # tensors shared by a projection's layers, keyed by projection (FRoD); one tensor per cluster of rows (AdaMSS)
+    "frod": Case("frod", {"sparse_rate": 0.05}, None, lambda fam: peft.FrodConfig(
+        sparse_rate=0.05, target_modules=ATTN[fam], progressbar=False), linear_only=True),
+    "adamss": Case("adamss", {"r": 16, "num_subspaces": 4}, None, lambda fam: peft.AdamssConfig(
+        r=16, num_subspaces=4, target_modules=ATTN[fam]), linear_only=True),
     # training-time behaviour (pefref's training hooks)
     "osf": Case("osf", {"frac": 0.125}, None, lambda fam: peft.OSFConfig(effective_rank=0.125, target_modules=OSF_TARGETS), linear_only=True),
     # GPT-2 ties its head to the embedding: refused (peft would patch the head's rows too)

@@ -56,6 +56,7 @@ def test_every_row_names_a_catalog_technique_and_its_modules() -> None:
             module = by_name[mm.module]
             own = set(module.targets) if module.form == "select" else set(module.params)
             assert set(mm.tensors) | set(mm.shared) | set(mm.repeated) | set(mm.indexed) | set(mm.negate) <= own, (m.technique, mm.module)
+            assert set(mm.by_target) | set(mm.grouped) | {g.labels for g in mm.grouped.values()} <= own, (m.technique, mm.module)
 
 
 def test_every_catalog_technique_peft_implements_has_a_row() -> None:
@@ -71,6 +72,7 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"adaption_prompt"}  # reads beyond the hidden state
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
     implemented |= {"shadow"}  # a side network whose backbone mirrors the host's block (Llama-architecture families)
+    implemented |= {"frod", "adamss"}  # tensors shared by a projection's layers, keyed by projection; one tensor per cluster of rows
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
@@ -374,3 +376,44 @@ def test_lora_on_interleaved_slices_is_one_block_structured_lora(tmp_path: Path)
     back = pefref.from_pretrained(copy.deepcopy(base(shape)), tmp_path)
     assert sorted(r.site for r in back.report.rows) == ["attn.q", "attn.v"]
     assert max_diff(out(back.model, shape), mine) <= TOL and back.num_trainable() == a.num_trainable()
+
+
+# --- tensors keyed by projection (FRoD) and pieces per group of rows (AdaMSS) -------------------------------------------
+
+
+def test_frod_writes_each_projection_basis_once_under_peft_keys(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(base("tiny-llama"))
+    adapter = pefref.apply(model, "frod", sparse_rate=0.05)
+    adapter.save_pretrained(tmp_path / "f")
+    state = load_file(str(tmp_path / "f" / "adapter_model.safetensors"))
+    q = sorted(k for k in adapter.units if "attn_q" in k)[0]
+    for proj, unit_key in (("self_attn_q_proj", q), ("self_attn_v_proj", q.replace("attn_q", "attn_v"))):
+        assert torch.equal(state[f"base_model.frod_V.{proj}"], adapter.units[unit_key].V)
+        assert torch.equal(state[f"base_model.frod_s_indices.{proj}"], adapter.units[unit_key].loc)
+        assert state[f"base_model.frod_s_size.{proj}"].tolist() == [32, 32]
+    assert sum(k.startswith("base_model.frod_") for k in state) == 6  # once per projection, not per layer
+    state["base_model.frod_s_size.self_attn_q_proj"] = torch.tensor([32, 31])
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "f" / "adapter_model.safetensors"))
+    fresh = copy.deepcopy(base("tiny-llama"))
+    with pytest.raises(PefrefError, match="frod_s_size.self_attn_q_proj"):
+        pefref.from_pretrained(fresh, tmp_path / "f")
+    assert not hasattr(fresh, "pefref_adapters")
+
+
+def test_adamss_refuses_what_peft_cannot_hold(tmp_path: Path) -> None:
+    """A host with a bias (peft decomposes [W | b]), and values past the rank of a cluster smaller than subspace_rank."""
+    a = pefref.apply(copy.deepcopy(base("tiny-bert")), "adamss")
+    with pytest.raises(PefrefError, match="decomposes the host's bias"):
+        a.save_pretrained(tmp_path / "bert")
+    model = copy.deepcopy(base("tiny-llama"))
+    a = pefref.apply(model, "adamss", num_subspaces=5, subspace_rank=2)
+    unit = next(u for u in a.units.values() if int(torch.bincount(u.c).min()) == 1)  # a cluster of one row
+    with torch.no_grad():
+        unit.B.add_(1.0)
+    with pytest.raises(PefrefError, match="past the ranks of its smaller groups"):
+        a.save_pretrained(tmp_path / "padded")
+    assert not (tmp_path / "padded").exists() or not any((tmp_path / "padded").iterdir())

@@ -270,7 +270,6 @@ def test_peft_forms_of_these_methods_without_a_catalog_form_are_refused(tmp_path
         "glora_bias_paths": ("tiny-bert", peft.GloraConfig(r=2, target_modules=["query", "value"]), "no place for: .*glora_C"),
         "gralora_hybrid": ("tiny-llama", peft.GraloraConfig(r=4, hybrid_r=2, target_modules=["q_proj"]), "gralora needs .*hybrid_r=0"),
         "miss_bat": ("tiny-llama", peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj"]), "miss needs .*init_weights=True"),
-        "lily_stride": ("tiny-llama", peft.LilyConfig(r=2, stride_A=2, target_modules=["q_proj"]), "lily needs stride_A=1"),
         "delora_pattern": ("tiny-llama", peft.DeloraConfig(r=2, target_modules=["q_proj"], lambda_pattern={"q_proj": 3}), "lambda_pattern"),
         "cartridge_unfrozen": ("tiny-llama", peft.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_frozen_tokens=0), "'f'.* 0"),
     }

@@ -275,7 +275,6 @@ def test_peft_forms_without_a_catalog_form_are_refused(tmp_path: Any) -> None:
 
     qv = QV["llama"]
     cases = {
-        "tied": (peft.TinyLoraConfig(r=2, u=4, weight_tying=1.0, target_modules=qv), "tinylora needs weight_tying=0.0"),
         "topk_only": (peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=8, save_only_topk_weights=True, target_modules=qv),
                       "vblora needs save_only_topk_weights=False"),
         "deep": (peft.PeanutConfig(r=4, depth=1, target_modules=qv), "peanut needs depth=0"),

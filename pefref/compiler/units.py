@@ -49,7 +49,7 @@ from pefref.language.check import INIT_SEED, LAYER_WEIGHTS
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import FORMS, Integration, Rule, form_of
-from pefref.language.hparams import resolve_hyperparameters, shape_of
+from pefref.language.hparams import resolve_hyperparameters, shape_of, share_run
 from pefref.language.limits import current
 from pefref.ops import PRIMITIVES, TORCH_SETUP
 from pefref.ops.inits import FILLERS, init_table
@@ -101,6 +101,9 @@ class SiteContext:
     W: torch.Tensor | None = None
     host_dtype: torch.dtype | None = None  # the host's dtype where it differs from the adapter's (the unit casts at its boundary)
     stats: Mapping[str, torch.Tensor] = field(default_factory=dict)  # calibration statistics gathered at this placement, by name
+    layer_pos: int | None = None  # the layer's position among the layers the module is placed at on this site (runs of layers share by it)
+    place_pos: int | None = None  # the placement's position among the module's placements in the model's module order (groups share by it)
+    place_count: int | None = None  # how many placements the module has
     layer_weights: Callable[[], torch.Tensor] | None = None
     """The host weights of every layer the module is placed at on this site, stacked [L, out, in] (built only when an
     initialiser of a tensor shared across layers reads ``W_layers``); None: this placement's ``W`` alone."""
@@ -127,10 +130,11 @@ class SharedStore:
         self.picks: dict[tuple[Any, ...], int] = {}
 
     @staticmethod
-    def key(module: str, pname: str, shared: str, site: str, layer: int | None, stacked: str = "none") -> tuple[Any, ...]:
+    def key(module: str, pname: str, shared: str, site: str, layer: int | None, stacked: str = "none", run: int | None = None) -> tuple[Any, ...]:
+        """The tensor's key; ``run``: for a tensor shared in runs (``every``, ``groups``), the placement's run or group."""
         if stacked != "none":
             return (module, pname, "stacked", site)
-        scope = {"none": (site, layer), "layers": (site,), "sites": (layer,), "all": ()}[shared]
+        scope = {"none": (site, layer), "layers": (site,) if run is None else (site, run), "sites": (layer,), "all": () if run is None else (run,)}[shared]
         return (module, pname, shared, *scope)
 
 
@@ -542,7 +546,7 @@ def build_unit(spec: Any, ctx: SiteContext, hps: Mapping[str, Any], store: Share
         pname, pspec, local = tr.name, tr.spec, tr.shape
         stacked = pspec.stacked != "none"
         owner, tname = pspec.owner(spec.name, pname)
-        key = SharedStore.key(owner, tname, pspec.shared, ctx.site, ctx.layer, pspec.stacked)
+        key = SharedStore.key(owner, tname, pspec.shared, ctx.site, ctx.layer, pspec.stacked, share_run(pspec, ctx.layer_pos, ctx.place_pos, ctx.place_count, ctx.names(hps)))
         full = (shared_shapes or {}).get(key, (1, *local) if stacked else local)
         if stacked:  # per-layer copies in one tensor: this unit initialises (and then reads) the next slice
             i = store.picks.get(key, 0)

@@ -13,7 +13,8 @@ from pefref.language.errors import PefrefError
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap
 
 __all__ = ["stored_at", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
-           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied", "refuse_family", "from_model"]
+           "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied", "refuse_family", "from_model",
+           "target_name", "apart_keys", "size_values", "group_pieces", "refuse_bias", "indexed_number"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +56,69 @@ def stored_at(fam: ArchitectureMap, mm: PeftModuleMap, path: str, layer: int | N
     if b is None or not b.path:
         raise PefrefError(f"peft keeps {mm.module}'s tensors under site {mm.under!r}, which the {fam.family} map does not bind to a module")
     return b.path.replace("{i}", str(layer))
+
+
+def target_name(path: str) -> str:
+    """peft's name of the projection at module ``path``, by which it keys a tensor shared across layers: the last two
+    components joined by '_' (``layers.0.self_attn.q_proj``: ``self_attn_q_proj``), the last alone after a layer index,
+    and an attention block's output projection (``attention.output.dense``) ``attention_output``."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    name = f"{parts[-2]}_{parts[-1]}"
+    return "attention_output" if name == "output_dense" and len(parts) >= 3 and parts[-3] == "attention" else name
+
+
+def apart_keys(mm: PeftModuleMap, path: str, numbers: Mapping[str, int]) -> dict[str, str]:
+    """The module's tensors peft stores outside the host at ``path``: shared by every placement, by projection
+    (``by_target``) or by a number (``indexed``: ``numbers`` gives it per tensor, see :func:`indexed_number`), tensor -> full key."""
+    return {**mm.shared, **{p: t.format(target=target_name(path)) for p, t in mm.by_target.items()},
+            **{p: t.format(index=numbers[p]) for p, t in mm.indexed.items()}}
+
+
+def indexed_number(technique: Any, hps: Mapping[str, Any], module: str, pname: str, order: Mapping[str, int], path: str) -> int:
+    """The number peft keys an ``indexed`` tensor by at host ``path``: the host's position among the module's hosts
+    (``order``), or, for a tensor shared by all placements in groups (``groups``), that position's group."""
+    from pefref.language.hparams import placement_group
+
+    spec = next((getattr(m, "params", {}).get(pname) for m in technique.modules if m.name == module), None)
+    group = None if spec is None else placement_group(spec, order[path], len(order), hps)
+    return order[path] if group is None else group
+
+
+def size_values(mm: PeftModuleMap, path: str, d_in: int, d_out: int) -> dict[str, torch.Tensor]:
+    """The integer tensors of sizes peft stores beside the module at ``path`` (the row's ``size_tensors``), by full key."""
+    from pefref.language.expr import evaluate, parse_expr
+    from pefref.language.sizes import scalar_ops
+
+    names = {"d_in": d_in, "d_out": d_out}
+    return {key.format(target=target_name(path)): torch.tensor(
+        [d if isinstance(d, int) else int(evaluate(parse_expr(d), names, scalar_ops())) for d in dims], dtype=torch.int64)
+        for key, dims in mm.size_tensors.items()}
+
+
+def group_pieces(t: torch.Tensor, labels: torch.Tensor, by: str, rank_dim: int | None) -> list[tuple[int, tuple[Any, ...]]]:
+    """Where each group's piece of ``t`` lies: (group, index into ``t``) for groups 0 .. the largest label; ``by``
+    'index': the slice ``t[k]``, 'rows': the rows labelled k; the piece cut along ``rank_dim`` (a dimension of the
+    piece, past its rows) to the group's size where the group is smaller."""
+    out: list[tuple[int, tuple[Any, ...]]] = []
+    for k in range(int(labels.max()) + 1 if labels.numel() else 0):
+        rows = (labels == k).nonzero().flatten()
+        idx: list[Any] = [k if by == "index" else rows] + [slice(None)] * (t.dim() - 1)
+        if rank_dim is not None:
+            d = rank_dim + (1 if by == "index" else 0)
+            idx[d] = slice(0, min(int(rows.numel()), t.shape[d]))
+        out.append((k, tuple(idx)))
+    return out
+
+
+def refuse_bias(method: PeftMethod, path: str, host: torch.nn.Module) -> None:
+    """A placement on a host with a bias, where the row converts only bias-free hosts."""
+    if method.bias_free and isinstance(getattr(host, "bias", None), torch.Tensor):
+        raise PefrefError(f"{method.technique} on {path}: peft's {method.peft_type} decomposes the host's bias with its weight, which "
+                          f"{method.technique} does not; only placements on hosts without a bias convert")
 
 
 def stored_apart(mm: PeftModuleMap) -> bool:

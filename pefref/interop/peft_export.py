@@ -17,12 +17,17 @@ from pefref.interop.peft_common import (
     config_set,
     fixed_config,
     from_model,
+    group_pieces,
     host_order,
+    indexed_number,
+    refuse_bias,
     refuse_family,
     refuse_tied,
+    size_values,
     slice_rows,
     stored_apart,
     stored_at,
+    target_name,
     task_type,
     to_peft,
     unit_key,
@@ -83,6 +88,7 @@ class _Export:
     conv1d: bool = False
     saved: list[str] = field(default_factory=list)  # modules to save whole
     selected: set[str] = field(default_factory=set)  # host parameters written
+    indexed: dict[str, Any] = field(default_factory=dict)  # key of an indexed tensor -> the tensor written there
 
     @property
     def tech(self) -> Technique:
@@ -177,9 +183,9 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
         unit = adapter.units[unit_key(row.module, row.site, layer)]
         host = adapter.model.get_submodule(path)
         ex.conv1d |= _host_kind(adapter, method, mm, row.module, path) == "conv1d"
-        for pname, key in mm.shared.items():
-            ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
-        _put_apart(adapter, mm, row.module, path, unit, ex.put)
+        refuse_bias(method, path, host)
+        _put_shared(ex, mm, path, unit)
+        _put_apart(adapter, mm, row.module, path, unit, ex.put, ex.indexed)
         if binding.slice is not None:
             if method.fused is None:
                 raise PefrefError(f"{tech.id}.{row.module} sits on {row.site}, a slice of the fused {path!r}: peft's "
@@ -194,6 +200,7 @@ def _export_units(ex: _Export, row: ReportRow, mm: PeftModuleMap) -> None:
             values = _with_initial(ex, host, path, values)
         for pname, tname in mm.tensors.items():
             ex.put(f"{PREFIX}{at}.{tname}", to_peft(values[pname], mm, pname), at)
+        _put_grouped(ex, mm, at, unit)
         for tname, value in _zero_tensors(mm, host, unit).items():
             ex.put(f"{PREFIX}{path}.{tname}", value, path)
 
@@ -212,6 +219,32 @@ def _with_initial(ex: _Export, host: nn.Module, path: str, values: dict[str, tor
     u, sv, vh = torch.linalg.svd(change.double() / s, full_matrices=False)
     a0, b0 = vh[:k].to(a.dtype), (u[:, :k] * sv[:k]).to(b.dtype)
     return {**values, res.down: torch.cat([a, a0], 0), res.up: torch.cat([b, -b0], 1)}
+
+
+def _put_grouped(ex: _Export, mm: PeftModuleMap, at: str, unit: nn.Module) -> None:
+    """The pieces peft keeps per group of rows (the row's ``grouped``); what lies past a group's cut must be zero."""
+    for pname, g in mm.grouped.items():
+        t = read(unit, pname).detach()
+        held = torch.zeros_like(t, dtype=torch.bool)
+        for k, idx in group_pieces(t, read(unit, g.labels), g.by, g.rank_dim):
+            ex.put(f"{PREFIX}{at}.{g.name.format(group=k)}", to_peft(t[idx].clone(), mm, pname), at)
+            held[idx] = True
+        if t[~held].count_nonzero():
+            raise PefrefError(f"{ex.tech.id}: {pname!r} at {at} is non-zero past the ranks of its smaller groups (a group of n rows has at "
+                              f"most n ranks in peft's {ex.method.peft_type}), so peft's format cannot hold it")
+
+
+def _put_shared(ex: _Export, mm: PeftModuleMap, path: str, unit: nn.Module) -> None:
+    """The placement's tensors peft stores once for several placements (for all, or per projection) and the sizes it
+    keeps beside them; one key per projection must not stand for two different tensors."""
+    d_in, d_out = host_kind(ex.adapter.model.get_submodule(path)).widths(ex.adapter.model.get_submodule(path))
+    for pname, key in mm.shared.items():  # as it was read last (a placement may read a leading part of it)
+        ex.tensors[key] = to_peft(read(unit, pname).detach(), mm, pname)
+    values = {t.format(target=target_name(path)): to_peft(read(unit, p).detach(), mm, p) for p, t in mm.by_target.items()}
+    for key, value in {**values, **size_values(mm, path, d_in, d_out)}.items():
+        if key in ex.tensors and not torch.equal(ex.tensors[key], value):
+            raise PefrefError(f"{ex.tech.id}: peft keeps one tensor {key!r} where this adapter has different ones (at {path})")
+        ex.tensors[key] = value
 
 
 def _complete(ex: _Export) -> PeftState:
@@ -285,15 +318,19 @@ def _host_kind(adapter: Adapter, method: PeftMethod, mm: PeftModuleMap, module: 
     return kind
 
 
-def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any) -> None:
+def _put_apart(adapter: Adapter, mm: PeftModuleMap, module: str, path: str, unit: nn.Module, put: Any, written: dict[str, Any]) -> None:
     """A placement's tensors that peft keys by host and name (``repeated``: a shared tensor whole under every host)
     or by the host's position among the module's hosts (``indexed``)."""
     for pname, tname in mm.repeated.items():  # a copy per host (safetensors refuses tensors sharing memory)
         put(f"{PREFIX}{path}.{tname}", to_peft(read(unit, pname).detach(), mm, pname).clone(), path)
     if mm.indexed:
-        index = host_order(adapter.model, _paths(adapter, module))[path]
+        order = host_order(adapter.model, _paths(adapter, module))
         for pname, template in mm.indexed.items():
-            put(template.format(index=index), to_peft(read(unit, pname).detach(), mm, pname), path)
+            value = to_peft(read(unit, pname).detach(), mm, pname)
+            key = template.format(index=indexed_number(adapter.technique, adapter.hyperparameters, module, pname, order, path))
+            if key not in written or written[key] is not read(unit, pname):  # a tensor of a group of placements: written once
+                put(key, value, path)
+                written[key] = read(unit, pname)
 
 
 def _paths(adapter: Adapter, module: str) -> list[str]:

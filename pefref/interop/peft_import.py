@@ -11,12 +11,29 @@ from typing import Any, Literal
 import torch
 
 from pefref.compiler.parts import read, write
-from pefref.interop.peft_common import PROMPT, alpha_for, config_get, from_peft, host_order, pattern_value, slice_rows, stored_apart, stored_at, unit_key
+from pefref.interop.peft_common import (
+    PROMPT,
+    alpha_for,
+    apart_keys,
+    config_get,
+    from_peft,
+    group_pieces,
+    host_order,
+    indexed_number,
+    pattern_value,
+    refuse_bias,
+    size_values,
+    slice_rows,
+    stored_apart,
+    stored_at,
+    unit_key,
+)
 from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
 from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
+from pefref.runtime.hosts import host_kind
 from pefref.runtime.saved_modules import SAVED_MODULE
 
 __all__ = ["choose", "Plan", "plan", "copy_in", "unmask_ranks"]
@@ -255,28 +272,7 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
             index = host_order(adapter.model, [p for r in rows if r.module == row.module for p in r.paths]) if mm.indexed else {}
             for path, layer in zip(row.paths, row.layers):
                 unit = adapter.units[unit_key(row.module, row.site, layer)]
-                apart = {**mm.shared, **{p: t.format(index=index[path]) for p, t in mm.indexed.items()}}
-                for pname, key in [*apart.items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
-                    if key not in state:
-                        raise PefrefError(f"the peft adapter has no tensor {key!r}")
-                    value = from_peft(state[key], mm, pname)
-                    if pname in mm.repeated and pname in seen and not torch.equal(seen[pname], value):
-                        raise PefrefError(f"peft tensor {key!r} differs from the other placements' copies of {pname!r}, "
-                                          f"which {adapter.technique.id} shares: no exact catalog form")
-                    seen[pname] = value
-                    _assign_unit(unit, pname, value, key)
-                    used.add(key)
-                at = stored_at(adapter.family, mm, path, layer)
-                for pname, tname in mm.tensors.items():
-                    key = f"{at}.{tname}"
-                    if key not in state:
-                        raise PefrefError(f"the peft adapter has no tensor {key!r}")
-                    value = state[key]
-                    if path in splits:
-                        value = _block(method, pname, value, row.site, splits[path], adapter.hyperparameters)
-                    _assign_once(unit, pname, from_peft(value, mm, pname), key, copied)
-                    used.add(key)
-                used |= _zeros_read(mm, path, state)
+                used |= _copy_placement(_Into(adapter, method, mm, state, splits, copied, seen), row.site, path, layer, unit, index)
         for pname, p in adapter.selected.items():
             if pname in state:
                 _assign(p, state[pname], pname)
@@ -284,6 +280,76 @@ def copy_in(adapter: Adapter, method: PeftMethod, state: Mapping[str, torch.Tens
     left = sorted(set(state) - used)
     if left:
         raise PefrefError(f"the peft adapter holds tensors that {adapter.technique.id} has no place for: {', '.join(left[:4])}")
+
+
+@dataclass
+class _Into:
+    """What copying one placement's peft tensors reads and keeps across placements."""
+
+    adapter: Adapter
+    method: PeftMethod
+    mm: PeftModuleMap
+    state: Mapping[str, torch.Tensor]
+    splits: Mapping[str, list[Any]]
+    copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]]  # a unit tensor's storage -> the peft tensor copied into it
+    seen: dict[str, torch.Tensor]  # the first copy of each repeated tensor
+
+
+def _copy_placement(into: _Into, site: str, path: str, layer: int | None, unit: Any, index: Mapping[str, int]) -> set[str]:
+    """One placement's tensors from peft's (under its host, apart from it, by group, sizes); the keys read."""
+    adapter, mm, state, used = into.adapter, into.mm, into.state, set()
+    refuse_bias(into.method, path, adapter.model.get_submodule(path))
+    numbers = {p: indexed_number(adapter.technique, adapter.hyperparameters, mm.module, p, index, path) for p in mm.indexed}
+    for pname, key in [*apart_keys(mm, path, numbers).items(), *((p, f"{path}.{t}") for p, t in mm.repeated.items())]:
+        value = from_peft(_need(state, key), mm, pname)
+        if pname in mm.repeated and pname in into.seen and not torch.equal(into.seen[pname], value):
+            raise PefrefError(f"peft tensor {key!r} differs from the other placements' copies of {pname!r}, "
+                              f"which {adapter.technique.id} shares: no exact catalog form")
+        into.seen[pname] = value
+        _assign_unit(unit, pname, value, key)
+        used.add(key)
+    at = stored_at(adapter.family, mm, path, layer)
+    for pname, tname in mm.tensors.items():
+        key = f"{at}.{tname}"
+        value = _need(state, key)
+        if path in into.splits:
+            value = _block(into.method, pname, value, site, into.splits[path], adapter.hyperparameters)
+        _assign_once(unit, pname, from_peft(value, mm, pname), key, into.copied)
+        used.add(key)
+    used |= _grouped_read(mm, at, unit, state)
+    host = adapter.model.get_submodule(path)
+    for key, want in size_values(mm, path, *host_kind(host).widths(host)).items():
+        if not torch.equal(_need(state, key).to(torch.int64).reshape(-1), want):
+            raise PefrefError(f"peft tensor {key!r} holds {state[key].tolist()}, the sizes {want.tolist()} at {path}")
+        used.add(key)
+    return used | _zeros_read(mm, path, state)
+
+
+def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise PefrefError(f"the peft adapter has no tensor {key!r}")
+    return state[key]
+
+
+def _grouped_read(mm: PeftModuleMap, at: str, unit: Any, state: Mapping[str, torch.Tensor]) -> set[str]:
+    """The pieces peft keeps per group of rows (the row's ``grouped``) into the unit's tensors, the rest zero; every
+    group's piece must be there and no other."""
+    used: set[str] = set()
+    for pname, g in mm.grouped.items():
+        full = torch.zeros_like(read(unit, pname))
+        for k, idx in group_pieces(full, read(unit, g.labels), g.by, g.rank_dim):
+            key = f"{at}.{g.name.format(group=k)}"
+            src = from_peft(_need(state, key), mm, pname)
+            if tuple(src.shape) != tuple(full[idx].shape):
+                raise PefrefError(f"peft tensor {key!r}: shape {tuple(src.shape)}, but group {k} of {pname!r} at {at} is {tuple(full[idx].shape)} "
+                                  f"(the groups this model's weights give differ from the adapter's)")
+            full[idx] = src.to(full.dtype)
+            used.add(key)
+        extra = sorted(k for k in state if k.startswith(f"{at}.{g.name.split('{group}')[0]}") and k not in used)
+        if extra:
+            raise PefrefError(f"peft tensors {', '.join(extra[:3])}: groups beyond those this model's weights give at {at}")
+        _assign_unit(unit, pname, full, f"{at}.{g.name}")
+    return used
 
 
 def _assign_once(unit: Any, pname: str, src: torch.Tensor, key: str, copied: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]]) -> None:

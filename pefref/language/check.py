@@ -288,6 +288,15 @@ def _check_param(m: Any, spec: ParamSpec, pp: tuple[Any, ...], hps: set[str], in
     out += _check_init_reads(m, spec, pp, pos)
     if isinstance(spec.lr_scale, str):
         out += _check_names(parse_expr(spec.lr_scale), hps, scalar_ops, pos, pp + ("lr_scale",), "a learning-rate scale")
+    if spec.every is not None and (spec.shared != "layers" or (isinstance(spec.every, str) and spec.every not in hps) or LAYER_WEIGHTS in init.names):
+        why = (f"runs of layers share a tensor shared across layers (shared: layers), not shared: {spec.shared}" if spec.shared != "layers" else
+               f"every reads a hyperparameter; {spec.every!r} is none" if isinstance(spec.every, str) and spec.every not in hps else
+               f"the init reads {LAYER_WEIGHTS}, the weights of every layer, not of one run")
+        out.append(Problem(pos.at(pp + ("every",)), dotted(pp + ("every",)), why))
+    if spec.groups is not None and spec.shared != "all":
+        out.append(Problem(pos.at(pp + ("groups",)), dotted(pp + ("groups",)), f"groups of placements share a tensor shared by all (shared: all), not shared: {spec.shared}"))
+    elif isinstance(spec.groups, str):
+        out += _check_names(parse_expr(spec.groups), hps | {"n"}, scalar_ops, pos, pp + ("groups",), "a number of groups (over hyperparameters and n)")
     if spec.stacked != "none" and spec.shared != "none":
         out.append(Problem(pos.at(pp + ("stacked",)), dotted(pp + ("stacked",)),
                            f"stacked: {spec.stacked} stores the per-layer copies of an unshared tensor together; this one is shared: {spec.shared}"))

@@ -11,9 +11,10 @@ from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.limits import current
 from pefref.language.loader import suggest
+from pefref.language.sizes import scalar_ops
 from pefref.ops import PRIMITIVES
 
-__all__ = ["resolve_hyperparameters", "shape_of"]
+__all__ = ["resolve_hyperparameters", "shape_of", "layer_run", "placement_group", "share_run"]
 
 
 def resolve_hyperparameters(decl: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -129,3 +130,28 @@ def shape_of(spec: Any, names: Mapping[str, Any]) -> tuple[int, ...]:
             raise PefrefError(f"shape dimension {d!r} resolves to {v}, over the limit of {lim.max_dim}")
         dims.append(v)
     return tuple(dims)
+
+
+def placement_group(spec: Any, pos: int | None, n: int | None, names: Mapping[str, Any]) -> int | None:
+    """The group (``groups``) of the ``pos``-th of ``n`` placements in the model's module order, for a tensor shared by all
+    placements in groups; None: not grouped (one for all)."""
+    groups = getattr(spec, "groups", None)
+    if groups is None or spec.shared != "all" or pos is None or not n:
+        return None
+    g = max(1, int(groups if isinstance(groups, int) else evaluate(parse_expr(groups), {**names, "n": n}, scalar_ops())))
+    return min(pos // max(1, n // g), g - 1)
+
+
+def share_run(spec: Any, layer_pos: int | None, place_pos: int | None, place_count: int | None, names: Mapping[str, Any]) -> int | None:
+    """Which copy of a tensor shared in runs a placement reads: its run of layers (``every``) or its group of placements
+    (``groups``); None: the one copy of its sharing scope."""
+    return layer_run(spec, layer_pos, names) if spec.shared == "layers" else placement_group(spec, place_pos, place_count, names)
+
+
+def layer_run(spec: Any, pos: int | None, names: Mapping[str, Any]) -> int | None:
+    """The run of consecutive layers (``every``) that the placement at position ``pos`` among its site's placed layers
+    belongs to, for a tensor shared across layers in runs; None: not shared in runs (one for all layers)."""
+    every = getattr(spec, "every", None)
+    if every is None or spec.shared != "layers" or pos is None:
+        return None
+    return pos // max(1, int(every if isinstance(every, int) else names[every]))

@@ -7,7 +7,7 @@ from typing import Any
 
 from pefref.ops import primitive
 
-__all__ = ["floor", "ceil"]
+__all__ = ["floor", "ceil", "round_"]
 
 
 @primitive(scalar=True)
@@ -23,3 +23,10 @@ def ceil(v: Any) -> int:
     """The smallest integer not below a number, :math:`\\lceil v \\rceil`, as an integer (how many pieces of
     size ``r`` cover ``n``: ``ceil(n / r)``)."""
     return math.ceil(v)
+
+
+@primitive(scalar=True)
+def round_(v: Any) -> int:
+    """The nearest integer to a number, a half to the even neighbour (Python's ``round``: ``round(2.5)`` is 2), as an
+    integer (a count from a fraction of another, e.g. ``round(n * (1 - weight_tying))`` groups)."""
+    return round(v)

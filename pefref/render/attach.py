@@ -109,7 +109,8 @@ def _param_lines(m: Any, names: dict[str, Any] | None, layer: int | None, skip: 
     for pname, spec in m.params.items():
         if not _in_box(spec, layer) or pname in skip:
             continue
-        text = f"{pname}: {_shape_text(spec, names)}" + ("  (one for all layers)" if spec.shared == "layers" else "")
+        runs = f"  (one per {spec.every} layers)" if getattr(spec, "every", None) is not None else "  (one for all layers)"
+        text = f"{pname}: {_shape_text(spec, names)}" + (runs if spec.shared == "layers" else "")
         style = "" if spec.trainable else "frozen"
         out += [(style, ln) for ln in wrap(text if spec.trainable else text + " (frozen)", _PARAM_WIDTH)]
     return out

@@ -24,6 +24,7 @@ from pefref.compiler.units import SharedStore, SiteContext, Unit, recipe
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.forms import Integration, form_of
+from pefref.language.hparams import share_run
 from pefref.language.limits import current, format_bytes
 from pefref.language.shapecheck import expression_cost
 from pefref.runtime.hosts import bias_of
@@ -58,6 +59,28 @@ def _itemsize(dtype: torch.dtype) -> int:
     return int(dtype.itemsize)
 
 
+def _layer_positions(places: list[Placement]) -> dict[int, int]:
+    """Each per-layer placement's position among the layers its module is placed at on its site (by ``id``)."""
+    layers: dict[tuple[str, str], list[int]] = {}
+    for pl in places:
+        if pl.layer is not None:
+            layers.setdefault((pl.module.name, pl.scope), []).append(pl.layer)
+    return {id(pl): sorted(set(layers[(pl.module.name, pl.scope)])).index(pl.layer) for pl in places if pl.layer is not None}
+
+
+def _model_positions(model: nn.Module, places: list[Placement]) -> dict[int, tuple[int, int]]:
+    """Each placement's (position among its module's placements in the model's module order, their number), by ``id``."""
+    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
+    by_module: dict[str, list[Placement]] = {}
+    for pl in places:
+        by_module.setdefault(pl.module.name, []).append(pl)
+    out: dict[int, tuple[int, int]] = {}
+    for pls in by_module.values():
+        ranked = sorted(pls, key=lambda p: (order.get(p.path, len(order)), p.slice_index or 0))
+        out |= {id(p): (i, len(ranked)) for i, p in enumerate(ranked)}
+    return out
+
+
 def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapping[str, int], flags: Mapping[str, int],
                hps: Mapping[str, Any], dtype: torch.dtype | None, device: torch.device | str | None, adapter_dtype: str = "auto") -> Plan:
     """Contexts and shapes of every placement, checked against the allocation budget (nothing allocated);
@@ -67,6 +90,8 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
     extra = 0
     transient, transient_at = 0, ""
     walked: set[tuple[Any, ...]] = set()
+    positions = _layer_positions(places)
+    order = _model_positions(model, places)
     for pl in places:
         with located(where_of(tech, pl)):
             W = pl.kind.get_weight(pl.host) if pl.kind.has_weight and pl.binding.side == "module" else None  # type: ignore[misc]
@@ -74,13 +99,14 @@ def plan_apply(tech: Any, model: nn.Module, places: list[Placement], sizes: Mapp
             host_dt = ref_t.dtype if ref_t is not None and ref_t.is_floating_point() else torch.float32
             ctx = SiteContext(pl.scope, pl.layer, pl.d_in, pl.d_out, sizes, flags,
                               dtype=adapter_dtype_for(host_dt, adapter_dtype, dtype), host_dtype=host_dt,
-                              device=device or (ref_t.device if ref_t is not None else "cpu"))
+                              device=device or (ref_t.device if ref_t is not None else "cpu"), layer_pos=positions.get(id(pl)),
+                              place_pos=order[id(pl)][0], place_count=order[id(pl)][1])
             names = ctx.names(hps)
             rec = recipe(pl.module, names)
             for tr in rec.tensors:
                 pname, spec, shp = tr.name, tr.spec, tr.shape
                 owner, tname = spec.owner(pl.module.name, pname)
-                key = SharedStore.key(owner, tname, spec.shared, pl.scope, pl.layer, spec.stacked)
+                key = SharedStore.key(owner, tname, spec.shared, pl.scope, pl.layer, spec.stacked, share_run(spec, ctx.layer_pos, ctx.place_pos, ctx.place_count, names))
                 if spec.stacked != "none":  # one slice per placement at this site
                     prev = plan.shared_shapes.get(key)
                     plan.shared_shapes[key] = (1, *shp) if prev is None else (prev[0] + 1, *(max(a, b) for a, b in zip(prev[1:], shp)))

@@ -8,6 +8,7 @@ shape among its users) makes the count equal to what runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache, reduce
 from typing import Any
@@ -16,7 +17,7 @@ from pefref.language.catalog import Catalog
 from pefref.language.check import expand_modules
 from pefref.language.expr import substitute
 from pefref.language.forms import form_of
-from pefref.language.hparams import shape_of
+from pefref.language.hparams import layer_run, placement_group, shape_of
 from pefref.language.schema import ArchitectureMap, ModelShape, Technique
 from pefref.language.sizes import eval_scalar, model_sizes, select_layers
 from pefref.language.stacks import layer_bindings
@@ -91,6 +92,9 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
     sym_terms: dict[tuple[Any, ...], str] = {}
     select_total, select_terms = 0, []
     dropped: list[str] = []
+    placed: dict[str, int] = {}  # placements per module
+    site_mults: dict[str, list[str]] = {}  # per module, each site's number of placements (symbolic)
+    grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]] = {}  # tensors shared by all placements in groups
     for m in modules:
         unread = unbound_reads(m, fam)
         for site in m.sites:
@@ -121,10 +125,13 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
             names = {**sizes, "d_in": int(eval_scalar(d_in_e, sizes)) if d_in_e else 0, "d_out": int(eval_scalar(d_out_e, sizes)), "causal": int(fam.causal), **hps}
             site_shapes = {pname: shape_of(spec, names) for pname, spec in m.params.items()}  # the same in every layer
             slices = [f"{site}[{e}]" for e in range(int(eval_scalar(ref_site.slices, sizes)))] if ref_site.slices else [site]  # one update per slice
+            site_mults.setdefault(m.name, []).append(f"{_mult_text(len(layers), per_layer, m.layers, L)}*{len(slices)}")
             for i, one in ((i, one) for i in layers for one in slices):
+                placed[m.name] = placed.get(m.name, 0) + 1
                 for pname, spec in m.params.items():
-                    scope = {"none": (one, i), "layers": (one,), "sites": (i,), "all": ()}[spec.shared]
-                    key = (*spec.owner(m.name, pname), spec.shared, *scope)
+                    key = _scope_key(spec, m.name, pname, one, i, layers, names)
+                    if getattr(spec, "groups", None) is not None and spec.shared == "all":
+                        grouped[key] = (spec, names, m.name)
                     shp = site_shapes[pname]
                     prev = scopes.get(key)
                     if prev is not None:
@@ -135,20 +142,53 @@ def count_params(t: Technique, shape: ModelShape, catalog: Catalog, overrides: d
                     if formula and sym_key not in sym_terms and spec.trainable:
                         widths = {"d_in": d_in_e or 0, "d_out": d_out_e or 0}
                         text = "*".join(f"({substitute(d, widths)})" if isinstance(d, str) else str(d) for d in spec.shape)
-                        by_layer = spec.shared in ("none", "sites") and per_layer
-                        mult = _mult_text(len(layers), per_layer, m.layers, L) if by_layer else "1"
+                        mult = _sym_mult(spec, layers, per_layer, m.layers, L, names)
                         mult += f"*{ref_site.slices}" if ref_site.slices and spec.shared in ("none", "layers") else ""
                         sym_terms[sym_key] = f"{mult}*{text}"
-    total = select_total
-    for shp, _p, trainable in scopes.values():
-        if trainable:
-            n = 1
-            for d in shp:
-                n *= d
-            total += n
+    copies = _group_copies(grouped, placed)
+    sym_terms |= {k: f"{_per_group(n, grouped[k][2], placed, site_mults)}*{sym_terms[k]}" for k, n in copies.items() if k in sym_terms}
+    total = select_total + _scoped_total(scopes, copies)
     text = _formula(list(sym_terms.values()) + select_terms, sizes, hps) if formula else ""
     base = int(eval_scalar(fam.base_params, {**sizes, **shape.config}))
     return ParamCount(t.id, shape.name, total, base, text, hps, dropped)
+
+
+def _scope_key(spec: Any, module: str, pname: str, one: str, i: int | None, layers: list[int | None], names: dict[str, Any]) -> tuple[Any, ...]:
+    """The key of the copy of a tensor a placement (site or slice ``one``, layer ``i``) reads, by its sharing scope (a run of
+    layers: its run; groups of placements: one key, multiplied by the number of groups when totalled)."""
+    run = layer_run(spec, layers.index(i) if i is not None else None, names)
+    scope = {"none": (one, i), "layers": (one,) if run is None else (one, run), "sites": (i,), "all": ()}[spec.shared]
+    return (*spec.owner(module, pname), spec.shared, *scope)
+
+
+def _group_copies(grouped: dict[tuple[Any, ...], tuple[Any, dict[str, Any], str]], placed: dict[str, int]) -> dict[tuple[Any, ...], int]:
+    """How many copies each tensor shared by all placements in groups has: its number of groups among the placements."""
+    out = {}
+    for key, (spec, names, module) in grouped.items():
+        n = placed.get(module, 0)
+        out[key] = (placement_group(spec, n - 1, n, names) or 0) + 1 if n else 0
+    return out
+
+
+def _scoped_total(scopes: dict[tuple[Any, ...], tuple[tuple[int, ...], str, bool]], copies: dict[tuple[Any, ...], int]) -> int:
+    """Trainable elements of the scoped tensors (a tensor shared in groups of placements once per group)."""
+    return sum(math.prod(shp) * copies.get(key, 1) for key, (shp, _p, trainable) in scopes.items() if trainable)
+
+
+def _per_group(n: int, module: str, placed: dict[str, int], site_mults: dict[str, list[str]]) -> str:
+    """The multiplier of a tensor's term with ``n`` groups of placements: symbolic when every placement has its own."""
+    return f"({' + '.join(site_mults.get(module, []))})" if n == placed.get(module) and site_mults.get(module) else str(n)
+
+
+def _sym_mult(spec: Any, layers: list[int | None], per_layer: bool, sel: Any, L: int, names: dict[str, Any]) -> str:
+    """How many copies of a tensor a site's term counts: one per layer (unshared, or shared across sites), one per run of
+    layers (``every``), else one."""
+    if spec.shared in ("none", "sites") and per_layer:
+        return _mult_text(len(layers), per_layer, sel, L)
+    last = layer_run(spec, len(layers) - 1, names) if spec.shared == "layers" and per_layer and layers else None
+    if last is not None and last + 1 == len(layers):  # runs of one layer: one per layer
+        return _mult_text(len(layers), per_layer, sel, L)
+    return "1" if last is None else str(last + 1)
 
 
 def _mult_text(n: int, per_layer: bool, sel: Any, L: int) -> str:

@@ -9,9 +9,20 @@ from pydantic import Field
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
-__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar"]
+__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar", "GroupedTensor"]
 
 Scalar = bool | int | float | str | None
+
+
+class GroupedTensor(Strict):
+    """A tensor peft stores as one piece per group of a placement (a ParameterList under the host module), where the
+    technique keeps one tensor and an integer tensor of group labels."""
+
+    labels: Identifier = Field(description="The module's integer tensor holding each row's group (groups 0 .. its largest value).")
+    name: str = Field(pattern=r"\{group\}", description="peft's name of group k's piece under the host module, with '{group}' for k (e.g. adamss_B.{group}).")
+    by: Literal["index", "rows"] = Field(description="'index': group k's piece is the tensor's slice [k]; 'rows': it is the tensor's rows labelled k, in order.")
+    rank_dim: int | None = Field(None, ge=0, description="A dimension of the piece that peft cuts to the group's size where the group has fewer rows "
+                                 "(a rank no larger than the group); the technique keeps it whole, the part past the cut zero.")
 
 
 class PeftModuleMap(Strict):
@@ -35,6 +46,15 @@ class PeftModuleMap(Strict):
     zeros: dict[str, list[Int | ExprStr]] = Field(
         default_factory=dict, description="peft tensors under the host module that hold constant zeros (buffers standing for a path the technique does not have), "
         "with their shapes over the host's d_in and d_out: written as zeros on export, and on import accepted only when all zero.")
+    by_target: dict[Identifier, str] = Field(
+        default_factory=dict, description="Tensors shared across the layers of a site (shared: layers) that peft stores once per projection under this "
+        "full key, where '{target}' is peft's name of the projection: the host path's last two components joined by '_' (self_attn.q_proj: "
+        "self_attn_q_proj; the last alone after a layer index; attention.output.dense: attention_output), e.g. V: 'base_model.frod_V.{target}'.")
+    size_tensors: dict[str, list[Int | ExprStr]] = Field(
+        default_factory=dict, description="Integer tensors of sizes that peft stores beside the module's, by full key ('{target}' as in by_target), "
+        "with their values over the host's d_in and d_out (e.g. 'base_model.frod_s_size.{target}': [d_in, d_in]): written on export, checked on import.")
+    grouped: dict[Identifier, GroupedTensor] = Field(
+        default_factory=dict, description="Per placement, tensors peft stores as one piece per group of rows (see GroupedTensor).")
 
 
 class ShapeRef(Strict):
@@ -107,6 +127,8 @@ class PeftMethod(Strict):
         "Convert only on models of these families (empty: every family), where peft's method builds part of the adapter "
         "from the host's own architecture (e.g. a side network of the host's block class) and the technique computes the same "
         "function on these families only."))
+    bias_free: bool = Field(False, description="Convert only placements whose host has no bias (peft's method decomposes the bias with the weight, "
+                            "which the technique does not): refused both ways on a host with one.")
     untied_only: bool = Field(False, description="Convert only on models whose output head does not share the input embedding's weight (peft "
                               "changes a tied head with the embedding, which the technique leaves alone): refused both ways on a tied model.")
     targets_by_name: bool = Field(False, description="Write each target as the module's name within its layer (e.g. self_attn.q_proj), one entry per site, "

@@ -104,6 +104,15 @@ class ParamSpec(Strict):
     shared: Literal["none", "layers", "sites", "all"] = Field(
         "none", description="One copy per site and layer (none), per site across layers (layers), per layer across sites (sites), or one for all (all)."
     )
+    every: at_least(1) | Identifier | None = Field(  # type: ignore[valid-type]
+        None, description="With shared: layers, one copy per run of this many consecutive layers the module is placed at on the site "
+        "(a number, or an int hyperparameter), instead of one for all of them: with every: 2, layers 0-1 share one, 2-3 the next."
+    )
+    groups: at_least(1) | ExprStr | None = Field(  # type: ignore[valid-type]
+        None, description="With shared: all, G tensors instead of one, each shared by a run of consecutive placements in the model's "
+        "module order: of n placements, the i-th is in group min(i // max(1, n // G), G - 1) (the last group takes the rest). G is a "
+        "number or an expression over hyperparameters and n, e.g. max(1, round(n * (1 - weight_tying))) for a tying fraction."
+    )
     group: Identifier | None = Field(
         None, description="One tensor shared by several modules of the technique: every tensor declared with the same group name "
         "(in any module, under any name) is the same tensor, shared within the scope `shared` gives (all: one for the whole "
