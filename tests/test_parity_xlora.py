@@ -160,6 +160,25 @@ def test_gradient_reaches_the_classifier_only() -> None:
     adapter.units.zero_grad()
 
 
+def test_peft_format_is_refused_both_ways_with_the_tables_reason(tmp_path: Path) -> None:
+    """peft's X-LoRA file holds the classifier only (the experts stay in the folders it names): not converted."""
+    from pefref.interop.peft_format import from_pretrained
+    from pefref.language.interop_table import interop_table
+
+    (reason,) = [r.reason for r in interop_table().refused if r.peft_type == "XLORA"]
+    base, pm, _model, adapter = pair("tiny-llama")
+    with pytest.raises(PefrefError, match="not converted") as e:
+        adapter.save_pretrained(tmp_path / "out")
+    assert reason in str(e.value) and not (tmp_path / "out").exists()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(PefrefError, match="not converted") as e:
+        from_pretrained(fresh, tmp_path / "peft")
+    assert reason in str(e.value)
+    inputs = padded_batch("tiny-llama")
+    assert torch.equal(output(fresh, inputs), output(base, inputs))
+
+
 def test_a_cache_is_refused_and_nothing_changes() -> None:
     from transformers import DynamicCache
 

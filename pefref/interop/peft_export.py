@@ -49,6 +49,9 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     if rows:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
         raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
+    why = next((r for r in table.refused if r.technique == tech.id), None)
+    if why is not None:
+        raise PefrefError(f"{tech.id}: not converted to peft's {why.peft_type}: {why.reason}")
     known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
     raise PefrefError(f"{tech.id}: peft has no exact form of this technique (techniques with one: {known})")
 
