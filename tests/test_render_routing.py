@@ -53,10 +53,11 @@ def test_every_softmax_mixture_in_the_catalog_draws_router_experts_and_sum() -> 
             assert experts and all(g.nodes[e]["role"] == "module" and "expert 1" in g.nodes[e]["html"] for e in experts)
             assert any(g.edges[u, r].get("role") == "x" for u, _ in g.in_edges(r))  # the router reads the input
             assert [g.nodes[v].get("role") for _u, v, role in g.out_edges(mix, data="role") if role == "delta"] == ["combine"]
-            # the router's tensor is in the router's box, not the experts'
+            # the router's tensor is in the router's box (a shared one with the shared tensors), not the experts'
             router_params = find_routing(routed[0].compute, routed[0].params).router_params  # type: ignore[union-attr]
             for p in router_params:
-                assert f"{p}:" in g.nodes[r]["html"] and all(f"{p}:" not in g.nodes[e]["html"] for e in experts)
+                own = routed[0].params[p].shared == "none"
+                assert (f"{p}:" in g.nodes[r]["html"]) == own and all(f"{p}:" not in g.nodes[e]["html"] for e in experts)
     assert found >= 1
 
 
