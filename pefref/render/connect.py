@@ -108,7 +108,11 @@ def _call_read(sk: Skeleton, technique: str, reader: str, conn: Any, label: str,
 
 def _first_pass_read(sk: Skeleton, technique: str, reader: str, conn: Any, label: str, dot: dict[str, str]) -> None:
     """An edge from a site's hidden state in a first forward pass (``pass: first``), drawn once per technique and
-    site as an input node of its own, like the call's inputs: it comes from another pass, not from this drawing."""
+    site as an input node of its own, like the call's inputs: it comes from another pass, not from this drawing.
+    Where only a routed mixture's router reads it, the edge goes to the router."""
+    name = label.split(" ")[0]
+    if name in sk.graph.nodes.get(reader, {}).get("router_reads", ()):
+        reader = f"{reader}_router"
     tensor = getattr(conn, "tensor", "h")
     nid = f"first_{technique}_{conn.site}_{tensor}"
     if nid not in sk.graph:
