@@ -188,3 +188,39 @@ def test_a_cache_is_refused_and_nothing_changes() -> None:
     with pytest.raises(PefrefError, match="use_cache=False"):
         model(**inputs, use_cache=True, past_key_values=DynamicCache(config=base.config))
     assert torch.equal(output(model, inputs), before)
+
+
+def test_saved_adapter_carries_the_experts_and_the_classifier(tmp_path: Path) -> None:
+    """pefref's own file holds every tensor (frozen experts included): a fresh X-LoRA loaded from it computes the same."""
+    base, _pm, model, adapter = pair("tiny-llama")
+    inputs = padded_batch("tiny-llama")
+    adapter.save(tmp_path / "x.safetensors")
+    other = copy.deepcopy(base)
+    b = apply(other, "xlora", E=E, r=R, alpha=ALPHA)
+    assert max_diff(output(other, inputs), output(base, inputs)) == 0  # fresh: zero experts
+    b.load(tmp_path / "x.safetensors")
+    assert max_diff(output(other, inputs), output(model, inputs)) == 0
+
+
+def test_another_adapter_runs_in_both_passes() -> None:
+    """Beside X-LoRA, a LoRA on the FFN computes in the first pass too (only X-LoRA's modules are off there): the
+    classifier reads the final norm's output of the base model with that LoRA."""
+    base, _pm, model, adapter = pair("tiny-llama")
+    inputs = padded_batch("tiny-llama")
+    lora = apply(model, "lora", sites=["ffn.up"], name="ffn_lora")
+    try:
+        with torch.no_grad():
+            for p in lora.trainable_parameters():
+                p.copy_(0.3 * torch.randn_like(p))
+        seen: list[torch.Tensor] = []
+        handle = model.get_submodule("model.norm").register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))
+        try:
+            output(model, inputs)
+        finally:
+            handle.remove()
+        with adapter.disable():
+            want = model.model(**inputs).last_hidden_state  # the base model with the FFN LoRA only
+        assert len(seen) == 2 and max_diff(seen[0], want) <= TOL
+        assert max_diff(want, base.model(**inputs).last_hidden_state) > 1e-3
+    finally:
+        lora.remove()
