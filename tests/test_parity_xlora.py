@@ -224,3 +224,12 @@ def test_another_adapter_runs_in_both_passes() -> None:
         assert max_diff(want, base.model(**inputs).last_hidden_state) > 1e-3
     finally:
         lora.remove()
+
+
+def test_a_forward_that_skips_the_first_pass_is_refused() -> None:
+    """The backbone called alone runs no first pass: its readers are refused, never given the last call's values."""
+    _base, _pm, model, _adapter = pair("tiny-llama")
+    inputs = padded_batch("tiny-llama")
+    output(model, inputs)
+    with pytest.raises(PefrefError, match="first forward pass"):
+        model.model(**inputs)

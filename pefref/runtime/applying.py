@@ -422,7 +422,7 @@ def _join_first_pass(model: nn.Module, fam: ArchitectureMap, entry: Entry, passe
         release = _Release(model)
         adapter._hooks.append(release)
         txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
-    handle = join_first_pass(entry.inputs, entry)
+    handle = join_first_pass(model, entry.inputs, entry)
     adapter._hooks.insert(0, handle)  # before the cell's release: the entry leaves the first pass, then the cell may go
     txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
 

@@ -37,6 +37,7 @@ class FirstPass:
     entries: list[Entry] = field(default_factory=list)
     values: dict[Any, torch.Tensor] = field(default_factory=dict)
     running: bool = False
+    hook: Any = field(default=None, repr=False)  # the model's forward hook that forgets the values after each call
 
 
 def set_pass(fp: FirstPass, first: bool) -> None:
@@ -54,6 +55,7 @@ def run_first_pass(model: nn.Module, cell: InputCell, args: tuple[Any, ...], kwa
     readers = [e for e in (fp.entries if fp is not None else []) if e.passes == "real" and e.owner.active]
     if fp is None or fp.running or not readers:
         return
+    fp.values = {}
     if any(c is not None for c in caches):
         raise PefrefError("an adapter reading a first forward pass (pass: first) runs every call on the whole sequence: call the "
                           "model without a key/value cache (use_cache=False, e.g. generate(..., use_cache=False))")
@@ -91,14 +93,18 @@ class FirstPassHandle:
         if fp is not None and self.entry in fp.entries:
             fp.entries.remove(self.entry)
             if not fp.entries:
+                fp.hook.remove()
                 self.cell.first = None
         self.entry.off = False
 
 
-def join_first_pass(cell: InputCell, entry: Entry) -> FirstPassHandle:
-    """Make ``entry`` (its ``passes`` set) take part in the first pass of ``cell``'s model; the handle undoes it."""
+def join_first_pass(model: nn.Module, cell: InputCell, entry: Entry) -> FirstPassHandle:
+    """Make ``entry`` (its ``passes`` set) take part in the first pass of ``model`` (``cell``: its input cell); the
+    handle undoes it. The values of a call's first pass are forgotten when the call returns, so a forward that does not
+    go through ``model`` (its backbone called alone) is refused rather than given another call's values."""
     if cell.first is None:
-        cell.first = FirstPass()
+        fp = cell.first = FirstPass()
+        fp.hook = model.register_forward_hook(lambda *_: fp.values.clear(), always_call=True)
     cell.first.entries.append(entry)
     entry.off = entry.passes == "first"
     return FirstPassHandle(cell, entry)
