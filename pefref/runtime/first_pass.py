@@ -13,7 +13,6 @@ adapter reading it is active, and not under its own forward.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +64,7 @@ def run_first_pass(model: nn.Module, cell: InputCell, args: tuple[Any, ...], kwa
     fp.running = True
     set_pass(fp, first=True)
     try:
-        with torch.no_grad() if no_grad else contextlib.nullcontext():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad):
             model.forward(*args, **kwargs)
         fp.values = dict(cell.values)
     finally:
