@@ -12,7 +12,9 @@ are run:
 * ``peft→pefref`` (rows that read): a perturbed adapter built and saved by peft,
   read by ``pefref.from_pretrained`` (diff), and saved again for peft (back).
 
-A row the converter refuses on a model (e.g. a method peft has only for
+A peft type the table refuses (``refused:``, e.g. a saved form that does not
+hold all of the adapter's tensors) records the converter's error for it on each
+model. A row the converter refuses on a model (e.g. a method peft has only for
 nn.Linear, on GPT-2's Conv1D) records the converter's own error message; a row
 no case exercises says so. Counts: trainable parameters of the pefref adapter
 and of peft's loaded adapter (prompt learning: the saved tensors, which peft
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.language.interop_table import interop_table
-from pefref.language.schema import PeftMethod
+from pefref.language.schema import PeftMethod, PeftRefusal
 from tests.interop_cases import CASES, SHAPES, Case, apply_case, base, export_case, import_case
 
 CATALOG = default_catalog()
@@ -124,6 +126,21 @@ def measure(row: PeftMethod, shape: str, tmp: Path) -> dict[str, Any]:
     return rec
 
 
+def measure_refused(row: PeftRefusal, shape: str) -> dict[str, Any]:
+    """A peft type the table refuses: the converter's own error when writing the technique on this model."""
+    model = copy.deepcopy(base(shape))
+    why = row.reason
+    try:
+        adapter = pefref.apply(model, row.technique)
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_pretrained(Path(tmp) / "a")
+        why = "written without an error (expected the table's refusal)"
+    except PefrefError as e:
+        why = str(e)
+    return {"peft_type": row.peft_type, "technique": row.technique, "variant": "", "model": shape, "max_diff": None,
+            "trainable_pefref": None, "trainable_peft": None, "round_trip": f"refused: {why}"}
+
+
 def _cell(v: Any) -> str:
     return "—" if v is None else f"{v:.1e}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
 
@@ -146,6 +163,11 @@ def main() -> None:
                 print(f"| {row.peft_type} | {row.technique} | {rec['variant']} | {shape} | {_cell(rec['max_diff'])} | "
                       + " | ".join(_cell(v) for v in legs) + f" | {_cell(rec['trainable_pefref'])} | {_cell(rec['trainable_peft'])} |",
                       flush=True)
+        for refused in interop_table().refused:
+            for shape in SHAPES:
+                rec = measure_refused(refused, shape)
+                rows.append(rec)
+                print(f"| {refused.peft_type} | {refused.technique} |  | {shape} | — | {rec['round_trip']} | — | — | — | — |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 

@@ -53,10 +53,15 @@ def _compare_len(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _perturb(adapter) -> None:
+    """Move the trained tensors; a frozen tensor that is all zero stands for tensors that are loaded, not trained
+    (X-LoRA's experts, whose classifier alone trains): it is moved too, as experts put in."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in adapter.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for b in adapter.units.buffers():
+            if b.is_floating_point() and not b.any():
+                b.add_(torch.randn(b.shape, generator=g) * 0.05)
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2", "bert"])

@@ -76,6 +76,9 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     assert implemented <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
     assert {c.technique for c in CASES.values()} == implemented
+    # implemented by peft, equal to it (tests/test_parity_xlora.py), but its saved form is refused with a reason
+    assert {r.technique for r in interop_table().refused} == {"xlora"}
+    assert all(r.reason and r.technique in CATALOG.techniques for r in interop_table().refused)
 
 
 @pytest.mark.parametrize(("shape", "name"), EXPORT)

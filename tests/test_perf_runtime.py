@@ -121,8 +121,10 @@ def test_no_graph_breaks_under_dynamo(tid: str) -> None:
         explained = torch._dynamo.explain(model)(**model_inputs(fam))
     finally:
         torch._dynamo.reset()
-    assert explained.graph_break_count == 0, [str(r)[:400] for r in explained.break_reasons]
-    assert explained.graph_count == 1
+    # a technique reading a first forward pass (pass: first) runs the model twice per call: one graph per pass
+    passes = 1 + any(c.first_pass for m in default_catalog().technique(tid).modules for c in (getattr(m, "inputs", None) or {}).values())
+    assert explained.graph_break_count == passes - 1, [str(r)[:400] for r in explained.break_reasons]
+    assert explained.graph_count == passes
 
 
 def test_partial_catalog_loads_each_technique_as_the_whole_catalog_does() -> None:

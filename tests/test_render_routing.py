@@ -53,12 +53,18 @@ def test_every_softmax_mixture_in_the_catalog_draws_router_experts_and_sum() -> 
             assert g.nodes[mix]["role"] == "mix"
             experts = [u for u, _v, role in g.in_edges(mix, data="role") if role == "delta"]
             assert experts and all(g.nodes[e]["role"] == "module" and "expert 1" in g.nodes[e]["html"] for e in experts)
-            assert any(g.edges[u, r].get("role") == "x" for u, _ in g.in_edges(r))  # the router reads the input
+            routing = find_routing(routed[0].compute, routed[0].params)
+            assert routing is not None
+            # the router reads the input where its gates do (X-LoRA's reads a first pass's state instead)
+            assert any(g.edges[u, r].get("role") == "x" for u, _ in g.in_edges(r)) == ("x" in routing.gate_reads)
+            assert all(any(g.edges[u, r].get("connection") == n for u, _ in g.in_edges(r)) for n in routing.router_reads
+                       if n in (getattr(routed[0], "inputs", None) or {}))  # a connection only the gates read goes into the router
             assert [g.nodes[v].get("role") for _u, v, role in g.out_edges(mix, data="role") if role == "delta"] == ["combine"]
-            # the router's tensor is in the router's box, not the experts'
+            # the router's tensor is in the router's box (a shared one with the shared tensors), not the experts'
             router_params = find_routing(routed[0].compute, routed[0].params).router_params  # type: ignore[union-attr]
             for p in router_params:
-                assert f"{p}:" in g.nodes[r]["html"] and all(f"{p}:" not in g.nodes[e]["html"] for e in experts)
+                own = routed[0].params[p].shared == "none"
+                assert (f"{p}:" in g.nodes[r]["html"]) == own and all(f"{p}:" not in g.nodes[e]["html"] for e in experts)
     assert found >= 1
 
 

@@ -10,8 +10,9 @@ __all__ = ["run_demo"]
 
 
 def run_demo(catalog: Catalog, shape: str = "tiny-ref") -> list[dict[str, Any]]:
-    """Apply each technique to a fresh ``shape`` model: count, run, perturb, merge (when derived
-    mergeable) and remove, measuring each step against the base model's output. A hyperparameter that
+    """Apply each technique to a fresh ``shape`` model: count, run, perturb (its trained tensors, and its frozen
+    ones where those alone leave the output unchanged), merge (when derived mergeable) and remove, measuring
+    each step against the base model's output. A hyperparameter that
     is a sequence of integers (token ids, e.g. an invocation) is given a token of the demo's input."""
     import torch
 
@@ -44,6 +45,11 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     for p in a.trainable_parameters():
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
+    if torch.equal(adapted, at_init):  # what trains acts through frozen tensors that start at zero (a router over frozen experts)
+        for q in a.units.buffers():
+            if q.is_floating_point():
+                q.add_(torch.randn(q.shape, generator=g) * 0.02)
+        adapted = _logits(model(input_ids=ids))[:, -n:]
     is_merge = modules_mergeable(modules, catalog.reference, fam)
     merge_diff = None
     if is_merge:

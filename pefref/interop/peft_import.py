@@ -49,6 +49,9 @@ def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
     """The catalog row that reads this peft config exactly."""
     rows = [m for m in table.methods if m.peft_type == cfg.get("peft_type") and not m.export_only]
     if not rows:
+        why = next((r.reason for r in table.refused if r.peft_type == cfg.get("peft_type")), None)
+        if why is not None:
+            raise PefrefError(f"peft type {cfg.get('peft_type')!r} is not converted: {why}")
         known = sorted({m.peft_type for m in table.methods if not m.export_only})
         raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
     for m in rows:

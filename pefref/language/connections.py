@@ -9,7 +9,9 @@ module's first layer needs a ``fallback``), and the source runs before the
 reader: at an earlier site in the reference architecture's ``order``, or at the
 same site and declared before it (so no two modules of one layer wait for each
 other). An input of the model's call (``call``: task ids, token ids) is there for
-every module. Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
+every module. A read of a site's hidden state with ``pass: first`` takes it from a first
+forward pass of the model that runs to its end before the real one, so any site may be read
+(no order); the technique's first-pass reads agree on how that pass runs. Shapes are checked with the other expressions (:mod:`pefref.language.shapecheck`).
 No torch.
 """
 
@@ -111,6 +113,7 @@ def check_connections(modules: list[Any], ref: Any, pos: Positions) -> list[Prob
     for i, m in enumerate(modules):
         for name, conn in getattr(m, "inputs", {}).items():
             _check_connection(ck, i, m, ("modules", i, "inputs", name), conn)
+    _check_first_pass(ck)
     return ck.out
 
 
@@ -144,6 +147,16 @@ def check_hook_inputs(modules: list[Any], training: list[Any], ref: Any, pos: Po
     return ck.out
 
 
+def _check_first_pass(ck: _Check) -> None:
+    """The technique's first-pass reads (``pass: first``) describe one first pass: they agree on how it runs."""
+    first = [(("modules", i, "inputs", name), c) for i, m in enumerate(ck.modules)
+             for name, c in getattr(m, "inputs", {}).items() if c.first_pass]
+    for path, c in first[1:]:
+        if (c.no_grad, c.during) != (first[0][1].no_grad, first[0][1].during):
+            ck.err(path, f"one first pass runs per call: its no_grad and during must be those of {dotted(first[0][0])} "
+                   f"({first[0][1].no_grad}, {first[0][1].during})")
+
+
 def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any) -> None:
     """One input ``conn`` of module ``m`` (declared ``i``-th, the input at ``cp``): its sources, layers and order."""
     if conn.call is not None and form_of(m).integration is Integration.POSITIONS and getattr(m, "tokens", None) is not None:
@@ -172,7 +185,7 @@ def _check_connection(ck: _Check, i: int, m: Any, cp: tuple[Any, ...], conn: Any
         if why is not None:
             ck.err(cp + ("layer",), why)
             break
-        why = _order_problem(ck, i, m, site, conn, sources)
+        why = None if conn.first_pass else _order_problem(ck, i, m, site, conn, sources)  # a first pass has run to its end
         if why is not None:
             ck.err(cp, why)
             break

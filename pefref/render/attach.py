@@ -297,6 +297,7 @@ def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | 
     else:
         body = [("markup", ln.dot()) for ln in Math((("δ", ""), (routing.letter, "sub"), (" = ", ""), *routing.experts.segments), "").lines(34)]
         nid = _module_node(sk, pl, a, body, names, skip=routing.router_params, stack=routing.count or "E")
+        sk.graph.nodes[nid]["router_reads"] = routing.router_reads  # a connection only the router reads is drawn into it
     if _side(m) and pl.routes:
         _routing_module(sk, pl, a, nid)
         return nid
@@ -309,9 +310,9 @@ def _attach_hidden(sk: Skeleton, pl: Placed, a: Anchor, names: dict[str, Any] | 
     if routing is not None:
         router, delta = _router(sk, pl, a, routing, nid, names)
         readers.append(router)
-    if form.reads_input == "x":  # a branch from the site's input
+    if form.reads_input == "x":  # a branch from the site's input (into the router where its gates read it)
         for src in a.inputs:
-            for r in readers:
+            for r in readers if routing is None or "x" in routing.gate_reads else readers[:1]:
                 sk.pending.append((("out", src), ("node", r), {"role": "x", "label": "x", "dot": {"color": FORM_COLOURS[f], "fontcolor": FORM_COLOURS[f]}}))
     for out in a.outputs:
         c = _combine(sk, nid, pl, m.integrate, a, out)

@@ -4,7 +4,8 @@ A module's ``inputs`` (when the schema has them) name where each extra input
 comes from: another module of the same technique (this layer, the previous
 layer with a fallback for the first one, or the last layer), the host
 input ``x`` / output ``h`` at a site, or an input of the model's call (task
-ids, token ids: a node of its own, ``role='call_input'``). Each becomes one dotted edge
+ids, token ids, or a site's hidden state in a first forward pass: a node of its own,
+``role='call_input'``). Each becomes one dotted edge
 (``role='connection'``) into the reading module, labelled with the name its
 expressions use. Edges from the previous layer do not constrain the layout
 (with one layer drawn as "× L" they point backwards).
@@ -57,6 +58,9 @@ def draw_connections(sk: Skeleton, placed: list[Placed]) -> None:
                 if getattr(conn, "call", None) is not None:
                     _call_read(sk, pl.technique, reader, conn, label, dot)
                     continue
+                if getattr(conn, "first_pass", False):
+                    _first_pass_read(sk, pl.technique, reader, conn, label, dot)
+                    continue
                 if src_module is None:
                     _site_read(sk, reader, ra, conn, label, dot)
                     continue
@@ -100,6 +104,26 @@ def _call_read(sk: Skeleton, technique: str, reader: str, conn: Any, label: str,
     default = getattr(conn, "default", None)
     sk.graph.add_edge(nid, reader, role="connection", connection=label.split(" ")[0], layer_of_source="same",
                       label=f"{label} = {conn.call}" + ("" if default is None else f" (else {default})"), dot=dot)
+
+
+def _first_pass_read(sk: Skeleton, technique: str, reader: str, conn: Any, label: str, dot: dict[str, str]) -> None:
+    """An edge from a site's hidden state in a first forward pass (``pass: first``), drawn once per technique and
+    site as an input node of its own, like the call's inputs: it comes from another pass, not from this drawing.
+    Where only a routed mixture's router reads it, the edge goes to the router."""
+    name = label.split(" ")[0]
+    if name in sk.graph.nodes.get(reader, {}).get("router_reads", ()):
+        reader = f"{reader}_router"
+    tensor = getattr(conn, "tensor", "h")
+    nid = f"first_{technique}_{conn.site}_{tensor}"
+    if nid not in sk.graph:
+        text = f"first pass: {tensor} at {conn.site}"
+        how = ("run once per call before this one, without the technique's modules"
+               + (", under no_grad" if getattr(conn, "no_grad", False) else ""))
+        sk.graph.add_node(nid, role="call_input", technique=technique, call=f"first pass {conn.site}", label=text,
+                          html=html_lines([("b", text), ("small", how)]),
+                          dot={"shape": "box", "style": "rounded,dashed", "color": CONNECTION_COLOUR, "fontcolor": CONNECTION_COLOUR})
+    sk.graph.add_edge(nid, reader, role="connection", connection=label.split(" ")[0], layer_of_source="same",
+                      label=f"{label} = {tensor} at {conn.site} (first pass)", dot=dot)
 
 
 def _site_read(sk: Skeleton, reader: str, ra: dict[str, Any], conn: Any, label: str, dot: dict[str, str]) -> None:

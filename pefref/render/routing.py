@@ -34,6 +34,8 @@ class Routing:
         experts: each expert's output ``δ_e`` as math (the einsum of the other operands, ``e`` kept free).
         count: the number of experts as an expression (from a tensor's shape), or None where the shape does not say.
         router_params: the module's tensors the routing weights read (drawn with the router, not the experts).
+        router_reads: the other names only the routing weights read (a connection feeding the router alone).
+        gate_reads: every name the routing weights read other than the module's tensors (``x`` where the router reads the input).
     """
 
     letter: str
@@ -42,6 +44,8 @@ class Routing:
     experts: Math
     count: str | None
     router_params: frozenset[str]
+    router_reads: frozenset[str] = frozenset()
+    gate_reads: frozenset[str] = frozenset()
 
 
 def _calls(node: ast.AST, name: str) -> list[ast.Call]:
@@ -122,7 +126,9 @@ def find_routing(expr: object, params: dict[str, Any]) -> Routing | None:
         return Routing(letter=letter, gates=gates, sparse=sparse,
                        experts=einsum_math(",".join(rest_terms) + "->" + out + letter, rest_ops),
                        count=_count(letter, rest_terms, rest_ops, params),
-                       router_params=frozenset((_names(op) - set().union(*map(_names, rest_ops))) & set(params)))
+                       router_params=frozenset((_names(op) - set().union(*map(_names, rest_ops))) & set(params)),
+                       router_reads=frozenset((_names(op) - set().union(*map(_names, rest_ops))) - set(params)),
+                       gate_reads=frozenset(_names(op) - set(params)))
     return None
 
 

@@ -41,6 +41,7 @@ from pefref.ops.weight_space import forget_decompositions
 from pefref.runtime.adapter import ADAPTERS_ATTR, Adapter
 from pefref.runtime.calibration import declares_calibration, gather, meta_statistics, refuse_without
 from pefref.runtime.connect import Wiring, hook_only_taps, with_taps
+from pefref.runtime.first_pass import join_first_pass
 from pefref.runtime.inject import Placement, model_config, model_sizes, output_form, parameters_outside, placements, resolve_family
 from pefref.runtime.layer_batches import link_layer_batches
 from pefref.runtime.ledger import Layer, check_not_selected, freeze, ledger_of
@@ -406,7 +407,7 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
             entry.reads = wiring.reads(m, pl.layer, pl.site)
             entry.publish = wiring.key(m.name, pl.site, pl.layer) if wiring.publishes(m) else None
         if entry.reads_mask or entry.reads or entry.publish is not None:
-            entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids)
+            entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids, tuple(fam.forward.cache))
             release = _Release(model)
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
@@ -422,6 +423,8 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
                 host_patch.stash_hooks.clear()
 
             txn.on_undo(unstash)
+    if wiring is not None and wiring.passes(m) != "both":
+        _join_first_pass(model, fam, entry, wiring.passes(m), wiring.first_no_grad, adapter, txn)
     if existed is None:
         txn.on_undo(lambda: patch.restore() if not patch.entries else None)
     if isinstance(pl.host, ParameterSlice):  # a slice of a raw parameter: its owner runs with the adapted stack
@@ -431,6 +434,21 @@ def _attach(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter:
     txn.on_undo(lambda: (patch.entries.remove(entry), adapter.entries.remove((patch, entry)),  # type: ignore[func-returns-value]
                          patch.settle() if patch.entries and isinstance(patch, HostPatch) else None))  # type: ignore[func-returns-value]
     return entry
+
+
+def _join_first_pass(model: nn.Module, fam: ArchitectureMap, entry: Entry, passes: Any, no_grad: bool, adapter: Adapter,
+                     txn: Transaction) -> None:
+    """``entry`` runs in one pass of each call only (``passes``: its technique reads a first forward pass): it joins
+    the first pass of the model's input cell (:mod:`pefref.runtime.first_pass`)."""
+    entry.passes, entry.first_no_grad = passes, no_grad
+    if entry.inputs is None:
+        entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids, tuple(fam.forward.cache))
+        release = _Release(model)
+        adapter._hooks.append(release)
+        txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
+    handle = join_first_pass(model, entry.inputs, entry)
+    adapter._hooks.insert(0, handle)  # before the cell's release: the entry leaves the first pass, then the cell may go
+    txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
 
 
 def _root_entry(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adapter: Adapter, fam: ArchitectureMap,
@@ -450,7 +468,7 @@ def _root_entry(model: nn.Module, pl: Placement, unit: nn.Module, key: str, adap
     entry = Entry(unit, form_of(m), adapter, layer=pl.layer if pl.binding.cache else None, length=length, unit_key=key, site=pl.site)
     if wiring is not None and getattr(m, "inputs", None):  # prepended tokens reading the call's task ids
         entry.reads = wiring.reads(m, pl.layer, pl.site)
-        entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids)
+        entry.inputs = input_cell(model, fam.forward.mask, fam.forward.ids, tuple(fam.forward.cache))
         release = _Release(model)
         adapter._hooks.append(release)
         txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]

@@ -61,13 +61,29 @@ class Wiring:
         for pl in places:
             self.layers.setdefault((pl.module.name, pl.site), []).append(pl.layer)
         self.read: set[str] = set()
+        self.read_first: set[str] = set()  # taps read from a first forward pass (pass: first)
+        self.read_same: set[str] = set()  # sources read in the pass they run in
+        self.first_no_grad = False
         for m in [*modules, *readers]:  # readers: training hooks reading the last forward pass (their sources publish too)
             for conn in (getattr(m, "inputs", None) or {}).values():
                 if conn.call is not None:
                     continue
-                self.read.add(conn.module if conn.module is not None else tap_name(conn.site, conn.tensor))
+                src = conn.module if conn.module is not None else tap_name(conn.site, conn.tensor)
+                self.read.add(src)
+                (self.read_first if conn.first_pass else self.read_same).add(src)
+                self.first_no_grad = self.first_no_grad or conn.no_grad
                 if conn.fallback is not None:
                     self.read.add(conn.fallback)
+                    self.read_same.add(conn.fallback)
+
+    def passes(self, module: Any) -> str:
+        """Which forward passes of a call ``module`` runs in: ``both`` (no first pass is read), ``first`` (a tap only
+        first-pass reads need), ``real`` (every other module of a technique reading a first pass: off during it, during: base)."""
+        if not self.read_first:
+            return "both"
+        if module.name in self.read_first:
+            return "both" if module.name in self.read_same else "first"
+        return "real"
 
     def publishes(self, module: Any) -> bool:
         """Whether other units read this module's output."""
@@ -96,6 +112,8 @@ class Wiring:
                 keys = [call_key(conn.call, conn.default)]
             elif conn.module is None:
                 keys = [self._source(tap_name(conn.site, conn.tensor), conn.site, layer, conn.layer)]
+                if conn.first_pass:  # the value the tap published in the call's first pass
+                    keys = [("first", *keys[0])]
             else:
                 keys = [self._source(conn.module, source_site(self.by_name[conn.module], conn, site), layer, conn.layer)]
             if conn.fallback is not None:

@@ -22,6 +22,7 @@ from torch import nn
 from pefref.compiler.units import cast_floats
 from pefref.language.errors import PefrefError
 from pefref.language.forms import Form, Integration
+from pefref.runtime.first_pass import FirstPass, first_value, run_first_pass
 from pefref.runtime.hosts import HostKind, bias_of
 from pefref.runtime.rows import disjoint, replace, replace_each, take
 
@@ -85,7 +86,8 @@ class InputCell:
     arguments, and ``input_ids``), ``given``: task ids set by :meth:`Adapter.inputs` for the calls that
     pass none, ``batch``: the call's batch size and device (for a default task id);
     ``users``: entries using the cell (the last one to go removes ``hook``, the model's pre-hook that
-    sets the mask and empties the values at every pass)."""
+    sets the mask and empties the values at every pass); ``first``: the first forward pass the hook runs
+    before the real one, where units read values from it (:mod:`pefref.runtime.first_pass`)."""
 
     mask: torch.Tensor | None = None
     values: dict[PublishKey, torch.Tensor] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class InputCell:
     batch: tuple[int, Any] = (0, None)
     users: int = 0
     hook: Any = field(default=None, repr=False)
+    first: FirstPass | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -118,6 +121,9 @@ class Entry:
     batch: LayerBatch | None = field(default=None, repr=False)  # prefixes: a layer-batched program computing this entry's keys and values with its group's
     pick: int = 0  # prepend with a batch: the slice (layer) of the batch's outputs that is this entry's
     rotary: Any = field(default=None, repr=False)  # a site after the rotary embedding: the RotaryCell that rotates h for the unit
+    passes: Literal["both", "first", "real"] = "both"  # which forward passes of a call it runs in (first: a tap read only from a first pass)
+    off: bool = False  # skipped in the pass under way (set by the first-pass driver from `passes`)
+    first_no_grad: bool = False  # its adapter's first pass runs under torch.no_grad()
     reads_W: bool = field(init=False, default=True)  # False when the unit's code never reads W (skip fetching it)
     reads_mask: bool = field(init=False, default=False)
     reads_b: bool = field(init=False, default=False)  # the unit's code reads the host's bias b
@@ -135,6 +141,9 @@ class Entry:
         for name, keys in self.reads.items():
             if keys[0][0] == "call":
                 out[name] = _call_input(cell, self.unit_key, name, keys[0])
+                continue
+            if keys[0][0] == "first":
+                out[name] = first_value(cell.first, self.unit_key, name, keys[0])
                 continue
             key = next((k for k in keys if k in values), None)
             if key is None:
@@ -234,13 +243,13 @@ class HostPatch:
         es = self.entries
         if len(es) == 1 and ROUTE.current is None and not self.stash_hooks:
             e = es[0]
-            if e.owner.active and _plain_output(e):  # the common case (one adapter adding to the output): no lists, no closures
+            if e.owner.active and not e.off and _plain_output(e):  # the common case (one adapter adding to the output): no lists, no closures
                 out = self.orig(*args, **kwargs)
                 x = args[0] if args else _first_tensor(args, kwargs)
                 if self.first:
                     return (self._apply(e, x, out[0], self.host.training), *out[1:])
                 return self._apply(e, x, out, self.host.training)
-        entries = [e for e in es if e.owner.active]
+        entries = [e for e in es if e.owner.active and not e.off]
         if not entries:
             return self.orig(*args, **kwargs)
         route = ROUTE.current
@@ -473,7 +482,7 @@ class RootPatch:
         return int(cache[0][0].shape[2]) if len(cache) else 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        entries = [e for e in self.entries if e.owner.active]
+        entries = [e for e in self.entries if e.owner.active and not e.off]
         if not entries:
             return self.orig(*args, **kwargs)
         if ROUTE.current is not None:
@@ -641,11 +650,13 @@ def root_patch_of(model: nn.Module, fwd: Any, sizes: dict[str, int], embed: nn.M
     return p
 
 
-def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids") -> InputCell:
+def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids", cache_names: tuple[str, ...] = ()) -> InputCell:
     """The model's :class:`InputCell`, created with its forward pre-hook on first use; one more user of it.
 
     The hook runs before the model's other pre-hooks: it takes ``task_ids`` out of the call's keyword
-    arguments (the model's forward does not know them) and keeps the call's token ids ``ids_name``."""
+    arguments (the model's forward does not know them), keeps the call's token ids ``ids_name`` and runs
+    the call's first pass where units read one (``cache_names``: the forward's key/value cache arguments,
+    which a first pass refuses)."""
     cell = model.__dict__.get(_INPUTS)
     if cell is None:
         sig = inspect.signature(model.forward)
@@ -668,6 +679,8 @@ def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids") ->
             task_ids = task_ids if task_ids is not None else c.given.get("task_ids")
             if task_ids is not None:
                 c.call["task_ids"] = torch.as_tensor(task_ids, dtype=torch.long, device=c.batch[1])
+            if c.first is not None:
+                run_first_pass(_m, c, args, kwargs, [bound.get(n) for n in cache_names], "use_cache" in sig.parameters)
             return args, kwargs
 
         c.hook = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)

@@ -190,6 +190,7 @@ def check_unit(unit: nn.Module, m: Any, pl: Placement, ctx: SiteContext, hps: Ma
         inputs = {}
         for cname, keys in reads.items():
             got = _call_probe(keys[0], ctx.device)
+            keys = [k[1:] if k[0] == "first" else k for k in keys]  # a first-pass read: the probe of the tap it reads
             got = got if got is not None else next((probes[k] for k in keys if probes is not None and k in probes), None)
             if got is None:
                 return  # its source was not probed: the model's forward checks it

@@ -226,12 +226,16 @@ def mergeable(m: object, site_kinds: Iterable[str], host_bias: bool = False, con
 
 
 def connected_modules(modules: Iterable[object]) -> set[str]:
-    """Names of the modules that take part in a connection, as reader or as source."""
+    """Names of the modules that take part in a connection, as reader or as source; where a module reads a first
+    forward pass (``pass: first``), every module (each is off during that pass, which a merged weight could not be)."""
     out: set[str] = set()
-    for m in modules:
+    ms = list(modules)
+    for m in ms:
         for c in (getattr(m, "inputs", None) or {}).values():
             out.add(m.name)  # type: ignore[attr-defined]
             out |= {n for n in (c.module, c.fallback) if n is not None}
+            if getattr(c, "first_pass", False):
+                out |= {getattr(x, "name", "") for x in ms}
     return out
 
 

@@ -7,7 +7,9 @@ torch's FlopCounterMode (the difference between two tokens and one, so
 work done once per call, such as building a weight from factors, cancels), which counts matrix products and attention (2 FLOPs
 per multiply-add; elementwise work is not counted). Prepended positions add
 attention work: each token attends to ``n`` more keys in every layer,
-``4·n·heads·d_head`` FLOPs per layer.
+``4·n·heads·d_head`` FLOPs per layer. A technique reading a first forward pass
+(``pass: first``) is sequential: that pass, the base model's forward, runs before
+the real one (its FLOPs, the model's own, are not in the extra FLOPs counted here).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def latency_class(modules: list[Any], catalog: Catalog, family: Any) -> str:
         return "none once merged"
     if any(form_of(m).serial and not merge[m.name] for m in modules):
         return SERIAL
+    if any(getattr(c, "first_pass", False) for m in modules for c in (getattr(m, "inputs", None) or {}).values()):
+        return SERIAL  # a first forward pass of the whole model runs before the real one
     return CONCURRENT
 
 

@@ -87,7 +87,7 @@ def _module(m: Any, declared: Any) -> dict[str, Any]:
         for name, p in m.params.items()
     }
     if getattr(m, "inputs", None):
-        out["inputs"] = {k: c.model_dump(mode="json", exclude_defaults=True) for k, c in m.inputs.items()}
+        out["inputs"] = {k: c.model_dump(mode="json", exclude_defaults=True, by_alias=True) for k, c in m.inputs.items()}
     out["expressions"] = {f: getattr(m, f) for f in EXPR_FIELDS if getattr(m, f, None) is not None}
     options = m.model_dump(mode="json", exclude=_MODULE_COMMON | set(EXPR_FIELDS) | {"inputs"})
     if options:

@@ -137,11 +137,14 @@ def _insertions(modules: list[Any], ref: ReferenceArchitecture) -> str:
 
 def _inter(m: Any) -> str:
     """Fixed or dynamic (attention-mediated) mixing with the model's states, plus the module's connections:
-    reading another module of the same layer, a state carried from the previous layer, or another site."""
+    reading another module of the same layer, a state carried from the previous layer, another site, or a site's
+    state in a first forward pass of the model."""
     base = "dynamic" if form_of(m).dynamic or any(PRIMITIVES[o].dynamic for o in ops_used(m) if o in PRIMITIVES) else "fixed"
     kinds = []
     for c in (getattr(m, "inputs", None) or {}).values():
-        if c.module is None:
+        if getattr(c, "first_pass", False):
+            kinds.append("reads a first forward pass")
+        elif c.module is None:
             kinds.append("reads another site")
         elif c.layer == "previous":
             kinds.append("carried layer to layer")

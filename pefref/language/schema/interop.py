@@ -9,7 +9,7 @@ from pydantic import Field
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
-__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar", "GroupedTensor"]
+__all__ = ["PeftModuleMap", "PeftMethod", "PeftRefusal", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar", "GroupedTensor"]
 
 Scalar = bool | int | float | str | None
 
@@ -147,6 +147,14 @@ class PeftMethod(Strict):
     notes: str = ""
 
 
+class PeftRefusal(Strict):
+    """A peft type whose saved form the converter cannot read or write exactly, and why (both ways refused with it)."""
+
+    peft_type: str = Field(description="peft's PeftType value.")
+    technique: Identifier = Field(description="The catalog technique computing the same function (equal to peft in its parity test).")
+    reason: str = Field(description="Why the saved form has no exact conversion (the error both directions raise).")
+
+
 class InteropTable(Strict):
     """The interop table (catalog/interop/peft.yaml)."""
 
@@ -154,3 +162,5 @@ class InteropTable(Strict):
     tasks: dict[Literal[TASKS], str | None] = Field(description="peft task_type for each model-class task.")  # type: ignore[valid-type]
     config_classes: dict[str, str] = Field(default_factory=dict, description="peft_type -> the name of peft's config class (for the config a reader copies, e.g. LORA: LoraConfig).")
     methods: list[PeftMethod]
+    refused: list[PeftRefusal] = Field(default_factory=list, description="peft types with a catalog technique that computes the same "
+                                       "function but whose saved form has no exact conversion, with the reason.")

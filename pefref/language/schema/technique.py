@@ -188,6 +188,14 @@ class Connection(Strict):
         "or labels, the labels the model's loss reads (an auxiliary loss's inputs only)."))
     default: at_least(0) | None = Field(None, description=(  # type: ignore[valid-type]
         "With call: task_ids, the task id of every example of a call given none; without it a call without task ids is refused."))
+    pass_: Literal["same", "first"] = Field("same", alias="pass", description=(
+        "Which forward pass the site's hidden state comes from: this one (same), or a first pass of the adapted model that "
+        "runs once per call before it (first: two-pass routing, e.g. a router reading the last hidden state); a first-pass "
+        "read may come from any site, later ones included."))
+    no_grad: bool = Field(False, description="With pass: first, run the first pass under torch.no_grad() (its value carries no gradient).")
+    during: Literal["base"] = Field("base", description=(
+        "With pass: first, what the technique's modules do during the first pass: base (the model computes without them, as the base model "
+        "with any other adapters; only the value read is taken from it)."))
 
     @model_validator(mode="after")
     def _source(self) -> Connection:
@@ -195,7 +203,16 @@ class Connection(Strict):
             raise ValueError("give one source to read from: a module, a site, or call")
         if self.default is not None and self.call != "task_ids":
             raise ValueError("a default is a task id: it goes with call: task_ids")
+        if self.pass_ == "first" and (self.site is None or self.module is not None or self.tensor not in ("x", "h")):
+            raise ValueError("pass: first reads a site's hidden state (site: with tensor: x or h)")
+        if self.no_grad and self.pass_ != "first":
+            raise ValueError("no_grad goes with pass: first (it is how the first pass runs)")
         return self
+
+    @property
+    def first_pass(self) -> bool:
+        """Whether the value comes from a first forward pass (``pass: first``)."""
+        return self.pass_ == "first"
 
 
 STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad", "input_pca")
