@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pefref
 from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.language.interop_table import interop_table
