@@ -176,3 +176,116 @@ def test_derived_facts_are_the_same_from_the_memo(cache, catalog, monkeypatch):
     fresh = derived_facts(t, catalog, shape, {"r": 4})
     assert first == again == fresh
     assert first["efficiency"]["extra_flops_per_token"] > 0
+
+
+# --- the checked-catalog cache -------------------------------------------------------------------
+
+
+def _small_catalog(tmp_path: Path) -> Path:
+    """A copy of the bundled catalog's reference, maps, shapes and a few techniques."""
+    import shutil
+
+    root = tmp_path / "catalog"
+    for sub in ("reference", "families"):
+        shutil.copytree(ROOT / "catalog" / sub, root / sub)
+    shutil.copy(ROOT / "catalog" / "models.yaml", root / "models.yaml")
+    (root / "techniques").mkdir()
+    for tid in ("lora", "ia3", "prefix_tuning"):
+        shutil.copy(ROOT / "catalog" / "techniques" / f"{tid}.yaml", root / "techniques" / f"{tid}.yaml")
+    return root
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The ids of the techniques checked (the cross-file checks a marker skips)."""
+    from pefref.language import catalog
+
+    seen: list[str] = []
+    real = catalog.check_technique
+
+    def check(t, *args):
+        seen.append(t.id)
+        return real(t, *args)
+
+    monkeypatch.setattr(catalog, "check_technique", check)
+    return seen
+
+
+def _markers(cache: Path) -> list[Path]:
+    return sorted((cache.parent / "checked").glob("*.json"))
+
+
+def test_a_checked_catalog_is_not_checked_again_and_loads_the_same(cache, tmp_path, counted, monkeypatch):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    first = load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"] and len(_markers(cache)) == 1
+    counted.clear()
+    again = load_catalog(root)
+    assert counted == []  # the marker was trusted
+    monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+    fresh = load_catalog(root)
+    assert counted == ["ia3", "lora", "prefix_tuning"]
+    for cat in (again, fresh):
+        assert cat.techniques == first.techniques and cat.families == first.families and cat.shapes == first.shapes
+        assert cat.reference == first.reference and cat.sources == first.sources
+        assert {k: dict(v) for k, v in cat.positions.items()} == {k: dict(v) for k, v in first.positions.items()}
+
+
+def test_an_edited_file_is_checked_again(cache, tmp_path, counted):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    lora = root / "techniques" / "lora.yaml"
+    lora.write_text(lora.read_text(encoding="utf-8").replace("linear(linear(dropout(x, dropout), A), B)", "linear(linear(dropout(x, dropout), A), Q)"), encoding="utf-8")
+    counted.clear()
+    with pytest.raises(CatalogError, match="Q"):
+        load_catalog(root)  # the schema accepts it; only the checks find the unknown name
+    assert "lora" in counted and len(_markers(cache)) == 1  # a catalog with problems is never marked
+    with pytest.raises(CatalogError, match="Q"):
+        load_catalog(root)
+    family = sorted((root / "families").glob("*.yaml"))[0]
+    lora.write_text((ROOT / "catalog" / "techniques" / "lora.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    family.write_text(family.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"] and len(_markers(cache)) == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "checksum", "key", "deleted"])
+def test_a_damaged_marker_is_ignored_and_rewritten(cache, tmp_path, counted, damage):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    (marker,) = _markers(cache)
+    head, _, payload = marker.read_bytes().partition(b"\n")
+    if damage == "garbage":
+        marker.write_bytes(b"\x00not json")
+    elif damage == "checksum":
+        marker.write_bytes(head + b"\n" + payload + b" ")
+    elif damage == "key":
+        marker.write_bytes(head.replace(marker.stem.encode(), b"0" * 64) + b"\n" + payload)
+    else:
+        import shutil
+
+        shutil.rmtree(cache.parent / "checked")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"]  # checked again
+    counted.clear()
+    load_catalog(root)
+    assert counted == [] and _markers(cache) == [marker]  # rewritten, then trusted
+
+
+def test_a_marker_of_another_pefref_is_not_trusted(cache, tmp_path, counted, monkeypatch):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    monkeypatch.setattr(catalog_cache, "_package_digest", lambda: b"another pefref")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from pefref.language import catalog_cache
 from pefref.language.check import check_family, check_technique
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
@@ -88,8 +89,10 @@ def _collect(problems: list[Problem], fn, *args):
         return None
 
 
-def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: dict[str, Technique] | None = None) -> tuple[dict[str, Technique], dict[str, Path], dict[str, Positions], list[Problem]]:
-    """Load and check technique files; returns what loaded and every problem found."""
+def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: dict[str, Technique] | None = None,
+                    checked: bool = False) -> tuple[dict[str, Technique], dict[str, Path], dict[str, Positions], list[Problem]]:
+    """Load and check technique files; returns what loaded and every problem found (``checked``: these
+    exact files were checked clean before, by this pefref: only schema validation and id clashes run)."""
     problems: list[Problem] = []
     loaded: dict[str, tuple[Technique, Positions, Path]] = {}
     for p in paths:
@@ -105,27 +108,31 @@ def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: 
         loaded[t.id] = (t, pos, p)
     pool = dict(known or {})
     pool.update({k: v[0] for k, v in loaded.items()})
-    for _tid, (t, pos, _p) in loaded.items():
+    for _tid, (t, pos, _p) in ([] if checked else loaded.items()):
         problems.extend(check_technique(t, pos, reference, pool))
     bad = {pr.location.file for pr in problems}
     good = {k: v for k, v in loaded.items() if str(v[2]) not in bad}
     return ({k: v[0] for k, v in good.items()}, {k: v[2] for k, v in good.items()}, {k: v[1] for k, v in good.items()}, problems)
 
 
-def _families(roots: list[Path], reference: ReferenceArchitecture, problems: list[Problem]) -> tuple[dict[str, ArchitectureMap], dict[str, Positions]]:
+def _family_files(roots: list[Path]) -> list[Path]:
+    return [p for root in roots for p in sorted((root / "families").glob("*.yaml"))]
+
+
+def _families(files: list[Path], reference: ReferenceArchitecture, problems: list[Problem], checked: bool) -> tuple[dict[str, ArchitectureMap], dict[str, Positions]]:
     families: dict[str, ArchitectureMap] = {}
     family_pos: dict[str, Positions] = {}
-    for root in roots:
-        for p in sorted((root / "families").glob("*.yaml")):
-            r = _collect(problems, load_file, ArchitectureMap, p)
-            if r is None:
-                continue
-            name = r[0].family
-            if name in families:
-                problems.append(Problem(r[1].at(("family",)), "family", f"architecture map {name!r} is also defined at {family_pos[name].at(('family',))}"))
-                continue
+    for p in files:
+        r = _collect(problems, load_file, ArchitectureMap, p)
+        if r is None:
+            continue
+        name = r[0].family
+        if name in families:
+            problems.append(Problem(r[1].at(("family",)), "family", f"architecture map {name!r} is also defined at {family_pos[name].at(('family',))}"))
+            continue
+        if not checked:
             problems.extend(check_family(r[0], r[1], reference))
-            families[name], family_pos[name] = r
+        families[name], family_pos[name] = r
     return families, family_pos
 
 
@@ -182,19 +189,26 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None, extra: 
     if res is None:
         raise CatalogError(problems)
     reference = res[0]
-    families, family_pos = _families(roots, reference, problems)
-    shapes = _shapes([root / "models.yaml", *[r / "models.yaml" for r in roots[1:] if (r / "models.yaml").is_file()]], families, problems)
-    if not problems:  # slices of fused projections on the sizes of the family's named shapes
+    folders = [r / "techniques" for r in roots]
+    paths = [p for f in folders for p in sorted(f.glob("*.yaml"))] if only is None else _used_closure(folders, only, problems)
+    family_files = _family_files(roots)
+    model_files = [root / "models.yaml", *[r / "models.yaml" for r in roots[1:] if (r / "models.yaml").is_file()]]
+    key = catalog_cache.checked_key([root / "reference" / "transformer.yaml", *family_files, *model_files, *paths],
+                                    {"only": sorted(only) if only is not None else None, "roots": [str(r) for r in roots]})
+    checked = not problems and catalog_cache.was_checked(key)
+    families, family_pos = _families(family_files, reference, problems, checked)
+    shapes = _shapes(model_files, families, problems)
+    if not problems and not checked:  # slices of fused projections on the sizes of the family's named shapes
         for name, fam in families.items():
             configs = {s.name: s.config for s in shapes.values() if s.family == name}
             problems.extend(slice_problems(fam, family_pos[name], reference, configs))
-    folders = [r / "techniques" for r in roots]
-    paths = [p for f in folders for p in sorted(f.glob("*.yaml"))] if only is None else _used_closure(folders, only, problems)
-    techniques, tsources, positions, tproblems = load_techniques(paths, reference)
+    techniques, tsources, positions, tproblems = load_techniques(paths, reference, checked=checked)
     problems.extend(tproblems)
     compositions = _compositions(roots, problems)
     if problems:
         raise CatalogError(problems)
+    if not checked:
+        catalog_cache.mark_checked(key)
     return Catalog(reference, families, shapes, techniques, tsources, positions, family_pos, sources, compositions)
 
 
