@@ -289,3 +289,76 @@ def test_a_marker_of_another_pefref_is_not_trusted(cache, tmp_path, counted, mon
     counted.clear()
     load_catalog(root)
     assert sorted(counted) == ["ia3", "lora", "prefix_tuning"]
+
+
+@pytest.fixture
+def user_catalog(cache, tmp_path, monkeypatch) -> Path:
+    """A user's catalog (one technique, a renamed LoRA) added to the bundled one; in-process catalogs forgotten."""
+    from pefref.language.catalog import _cached, _cached_for
+
+    folder = tmp_path / "mine"
+    (folder / "techniques").mkdir(parents=True)
+    (folder / "techniques" / "my_lora.yaml").write_text(LORA.replace("id: lora", "id: my_lora", 1).replace("name: LoRA", "name: Mine", 1), encoding="utf-8")
+    monkeypatch.setenv("PEFREF_CATALOG", str(folder))
+    for c in (_cached, _cached_for):
+        c.cache_clear()
+    yield folder
+    for c in (_cached, _cached_for):
+        c.cache_clear()
+
+
+def test_results_over_the_catalog_are_kept_until_a_file_changes(user_catalog, monkeypatch):
+    from pefref.language.catalog import _cached, default_catalog
+    from pefref.language.catalog_memo import over_catalog
+
+    calls: list[int] = []
+
+    def names() -> dict[str, str]:
+        calls.append(1)
+        return {k: t.name for k, t in sorted(default_catalog().techniques.items())}
+
+    first = over_catalog("test", {"a": 1}, names)
+    assert first["my_lora"] == "Mine" and over_catalog("test", {"a": 1}, names) == first and len(calls) == 1
+    assert over_catalog("test", {"a": 2}, names) == first and len(calls) == 2  # other arguments: computed
+    monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+    assert over_catalog("test", {"a": 1}, names) == first and len(calls) == 3  # without the cache: the same
+    monkeypatch.delenv("PEFREF_NO_CACHE")
+    mine = user_catalog / "techniques" / "my_lora.yaml"
+    mine.write_text(mine.read_text(encoding="utf-8").replace("name: Mine", "name: Edited", 1), encoding="utf-8")
+    _cached.cache_clear()
+    assert over_catalog("test", {"a": 1}, names)["my_lora"] == "Edited" and len(calls) == 4
+    (user_catalog / "techniques" / "other.yaml").write_text(LORA.replace("id: lora", "id: other", 1), encoding="utf-8")
+    _cached.cache_clear()
+    assert "other" in over_catalog("test", {"a": 1}, names) and len(calls) == 5  # an added file
+
+
+def test_a_broken_file_is_reported_not_hidden_by_a_kept_result(user_catalog, monkeypatch):
+    from pefref.language.catalog import _cached, default_catalog
+    from pefref.language.catalog_memo import over_catalog
+
+    def count() -> int:
+        return len(default_catalog().techniques)
+
+    n = over_catalog("test", None, count)
+    mine = user_catalog / "techniques" / "my_lora.yaml"
+    mine.write_text(mine.read_text(encoding="utf-8").replace("A), B)", "A), Q)", 1), encoding="utf-8")
+    _cached.cache_clear()
+    with pytest.raises(CatalogError, match="Q"):
+        over_catalog("test", None, count)
+    assert n > 1
+
+
+def test_the_cli_prints_the_same_from_a_kept_result(user_catalog, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+
+    runner = CliRunner()
+    for args in (["list", "--json"], ["show", "my_lora", "--json"], ["params", "my_lora", "--model", "gpt2", "--json"], ["params", "lora", "--model", "gpt2"]):
+        monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+        fresh = runner.invoke(app, args)
+        monkeypatch.delenv("PEFREF_NO_CACHE")
+        first, kept = runner.invoke(app, args), runner.invoke(app, args)
+        assert fresh.exit_code == 0, fresh.output
+        assert fresh.output == first.output == kept.output, args
+    assert list((user_catalog.parent / "cache").parent.glob("derived/*.json"))

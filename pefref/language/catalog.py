@@ -21,7 +21,7 @@ from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.slices import slice_problems
-from pefref.language.sources import CatalogSource, catalog_sources
+from pefref.language.sources import CatalogSource, catalog_files, catalog_sources
 from pefref.language.yamlsrc import Positions, read_yaml
 
 __all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques"]
@@ -115,10 +115,6 @@ def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: 
     return ({k: v[0] for k, v in good.items()}, {k: v[2] for k, v in good.items()}, {k: v[1] for k, v in good.items()}, problems)
 
 
-def _family_files(roots: list[Path]) -> list[Path]:
-    return [p for root in roots for p in sorted((root / "families").glob("*.yaml"))]
-
-
 def _families(files: list[Path], reference: ReferenceArchitecture, problems: list[Problem], checked: bool) -> tuple[dict[str, ArchitectureMap], dict[str, Positions]]:
     families: dict[str, ArchitectureMap] = {}
     family_pos: dict[str, Positions] = {}
@@ -184,20 +180,17 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None, extra: 
     root = root or catalog_root()
     sources = (CatalogSource("pefref", root, "bundled"), *extra)
     roots = [s.root for s in sources]
+    files = catalog_files(sources)
     problems: list[Problem] = []
-    res = _collect(problems, load_file, ReferenceArchitecture, root / "reference" / "transformer.yaml")
+    res = _collect(problems, load_file, ReferenceArchitecture, files.reference)
     if res is None:
         raise CatalogError(problems)
     reference = res[0]
-    folders = [r / "techniques" for r in roots]
-    paths = [p for f in folders for p in sorted(f.glob("*.yaml"))] if only is None else _used_closure(folders, only, problems)
-    family_files = _family_files(roots)
-    model_files = [root / "models.yaml", *[r / "models.yaml" for r in roots[1:] if (r / "models.yaml").is_file()]]
-    key = catalog_cache.checked_key([root / "reference" / "transformer.yaml", *family_files, *model_files, *paths],
-                                    {"only": sorted(only) if only is not None else None, "roots": [str(r) for r in roots]})
+    paths = files.techniques if only is None else _used_closure([r / "techniques" for r in roots], only, problems)
+    key = files.key(only, paths)
     checked = not problems and catalog_cache.was_checked(key)
-    families, family_pos = _families(family_files, reference, problems, checked)
-    shapes = _shapes(model_files, families, problems)
+    families, family_pos = _families(files.families, reference, problems, checked)
+    shapes = _shapes(files.models, families, problems)
     if not problems and not checked:  # slices of fused projections on the sizes of the family's named shapes
         for name, fam in families.items():
             configs = {s.name: s.config for s in shapes.values() if s.family == name}
