@@ -176,6 +176,9 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None, extra: 
     families, shapes and compositions (ids must not clash). ``only``: load just
     these techniques and those they ``use`` (the reference architecture,
     families and shapes are always loaded).
+
+    The cross-file checks are skipped when these exact files (paths and bytes) were checked clean before
+    by this pefref (:func:`pefref.language.catalog_cache.was_checked`); a clean load leaves that marker.
     """
     root = root or catalog_root()
     sources = (CatalogSource("pefref", root, "bundled"), *extra)

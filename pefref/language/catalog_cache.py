@@ -9,8 +9,9 @@ located at file:line:column) as JSON, one file per source text, under
 
 * The key is a SHA-256 of the file's bytes, of the parser's own source and of
   the parsing limits in force: an edited file, another pefref or other limits
-  find no entry, and the entry is rebuilt. Schema validation and the catalog's checks
-  are not cached; they run on the cached data as on freshly parsed data.
+  find no entry, and the entry is rebuilt. Schema validation runs on the cached
+  data as on freshly parsed data; the catalog's checks are skipped only for a
+  catalog checked clean before (the markers below).
 * An entry holds plain JSON data, never anything that could run code when
   read, and a SHA-256 of its payload: an entry that does not read back, does
   not match its checksum or its key, or is not shaped as expected is ignored
