@@ -5,7 +5,7 @@ round-robin), with bytecode caching on and pefref's parsed-catalog cache warm
 (one untimed run of each first); the table gives medians of the wall time and
 of the child's CPU time (user + system, from ``resource.getrusage``: what the
 command computed, which waiting for a core on a loaded machine does not add
-to), the per-round ratio this/before (median, IQR), and the load average.
+to), the per-round ratios this/before of both (median, IQR), and the load average.
 
 Run: ``python benchmarks/bench_cli.py [--before /tmp/before] [--rounds 5] [--json OUT]``.
 """
@@ -64,17 +64,19 @@ def main(argv: list[str] | None = None) -> int:
                 cpu[(c, s)].append(u)
     out: dict[str, object] = {"load_average": {"start": load0, "end": os.getloadavg()}, "rounds": args.rounds}
     print(f"load average {load0} at the start, {os.getloadavg()} at the end")
-    print("| command | side | wall s [IQR] | CPU s [IQR] | wall ratio now/before [IQR] |\n|---|---|---:|---:|---:|")
+    print("| command | side | wall s [IQR] | CPU s [IQR] | wall ratio now/before [IQR] | CPU ratio now/before [IQR] |\n|---|---|---:|---:|---:|---:|")
     for c in COMMANDS:
         rec: dict[str, object] = {}
         for s in sides:
             w, u = _iqr(wall[(c, s)]), _iqr(cpu[(c, s)])
             rec[s] = {"wall_s": w, "cpu_s": u}
             ratio = _iqr([a / b for a, b in zip(wall[(c, "now")], wall[(c, "before")])]) if s == "before" else None
-            if ratio:
+            cratio = _iqr([a / b for a, b in zip(cpu[(c, "now")], cpu[(c, "before")])]) if s == "before" else None
+            if ratio and cratio:
                 rec["ratio"] = {"median": ratio[1], "q1": ratio[0], "q3": ratio[2]}
+                rec["cpu_ratio"] = {"median": cratio[1], "q1": cratio[0], "q3": cratio[2]}
             print(f"| {' '.join(COMMANDS[c])} | {s} | {w[1]:.3f} [{w[0]:.3f}-{w[2]:.3f}] | {u[1]:.3f} [{u[0]:.3f}-{u[2]:.3f}] | "
-                  + (f"{ratio[1]:.3f} [{ratio[0]:.3f}-{ratio[2]:.3f}]" if ratio else "") + " |")
+                  + (f"{ratio[1]:.3f} [{ratio[0]:.3f}-{ratio[2]:.3f}] | {cratio[1]:.3f} [{cratio[0]:.3f}-{cratio[2]:.3f}]" if ratio and cratio else " |") + " |")
         out[c] = rec
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

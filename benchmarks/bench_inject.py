@@ -20,7 +20,8 @@ installed packages do, with bytecode caching on (``PYTHONDONTWRITEBYTECODE`` is
 removed from the children's environment), and one untimed fresh process of each
 tool runs first, so bytecode and pefref's parsed-catalog cache
 (:mod:`pefref.language.catalog_cache`) are written. *cold_no_cache*: the same with
-``PEFREF_NO_CACHE=1`` (every catalog file parsed again), in the same rotation.
+``PEFREF_NO_CACHE=1`` (every catalog file parsed again), in the same rotation. Each cold mode has a
+``_cpu`` twin: the same calls' CPU time in the child (``time.process_time``), steadier under load.
 ``--before DIR``: also time another pefref checkout (e.g. ``git worktree add
 /tmp/before HEAD~3``) in the same rotation, as *cold_before*.
 
@@ -111,25 +112,27 @@ sys.path.insert(0, {root!r})
 cfg = transformers.AutoConfig.for_model("llama", **{config!r})
 with torch.device("meta"):
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 if {tool!r} == "pefref":
     from pefref.runtime.api import apply
     apply(model, "lora", r={r}, alpha={alpha})
 else:
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r={r}, lora_alpha={alpha}, lora_dropout=0.0, target_modules={targets!r}))
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, time.process_time() - c0)
 """
 
 
-def run_cold(tool: str, config: dict[str, Any], root: Path = ROOT, no_cache: bool = False) -> float:
+def run_cold(tool: str, config: dict[str, Any], root: Path = ROOT, no_cache: bool = False) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the child's import and first call."""
     code = _COLD.format(root=str(root), config=config, tool=tool, r=R, alpha=ALPHA, targets=list(TARGETS))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH", "PEFREF_NO_CACHE")}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     if no_cache:
         env["PEFREF_NO_CACHE"] = "1"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
+    wall, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def cold_rounds(config: dict[str, Any], rounds: int, before: Path | None) -> dict[str, Any]:
@@ -141,14 +144,19 @@ def cold_rounds(config: dict[str, Any], rounds: int, before: Path | None) -> dic
     for fn in sides.values():  # untimed: bytecode and the parsed-catalog cache are written
         fn()
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     names = list(sides)
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            times[k].append(sides[k]())
-    out = {"cold": summary({"pefref": times["pefref"], "peft": times["peft"]}),
-           "cold_no_cache": summary({"pefref": times["pefref_no_cache"], "peft": times["peft"]})}
-    if before is not None:
-        out["cold_before"] = summary({"pefref": times["pefref_before"], "peft": times["peft"]})
+            wall, c = sides[k]()
+            times[k].append(wall)
+            cpu[k].append(c)
+    out = {}
+    for suffix, got in (("", times), ("_cpu", cpu)):
+        out["cold" + suffix] = summary({"pefref": got["pefref"], "peft": got["peft"]})
+        out["cold_no_cache" + suffix] = summary({"pefref": got["pefref_no_cache"], "peft": got["peft"]})
+        if before is not None:
+            out["cold_before" + suffix] = summary({"pefref": got["pefref_before"], "peft": got["peft"]})
     return out
 
 
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     print("| mode | rounds | pefref (s, median) | peft (s, median) | ratio pefref/peft [IQR] | speed-up peft/pefref [IQR] |")
     print("|---|---:|---:|---:|---:|---:|")
-    for mode in ("warm", "warm_cpu", "cold", "cold_no_cache", "cold_before"):
+    for mode in ("warm", "warm_cpu", "cold", "cold_cpu", "cold_no_cache", "cold_no_cache_cpu", "cold_before", "cold_before_cpu"):
         if mode not in result:
             continue
         s = result[mode]

@@ -2,7 +2,7 @@
 
 The techniques are those the interop table (``catalog/interop/peft.yaml``) maps to a
 peft type, in its order. Each runs with the hyperparameters and peft config sized
-for this benchmark below where there is one (the 18 first measured), else with
+for this benchmark below where there is one (the 18 first measured, and OLoRA), else with
 the pair of ``tests/interop_cases.py`` that the parity tests check (``case`` in
 the JSON says which); a technique the table gains is measured without an edit here.
 
@@ -100,6 +100,9 @@ def _peft_cases() -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
         "rslora": (lora, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QV, use_rslora=True)),
         "pissa": ({"r": 8, "alpha": 8.0}, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=8, lora_dropout=0.0, target_modules=qkvoud,
                                                                   init_lora_weights="pissa")),
+        # OLoRA's sites are the six projections (peft's interop case targets q and v only): both place it there
+        "olora": ({"r": 8, "alpha": 8.0}, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=8, lora_dropout=0.0, target_modules=qkvoud,
+                                                                  init_lora_weights="olora")),
         "dora": ({"r": 8, "alpha": 16.0}, lambda: peft.LoraConfig(task_type=C, r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True,
                                                                   target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])),
         "adalora": ({"r": 12, "alpha": 8.0, "dropout": 0.0}, lambda: peft.AdaLoraConfig(task_type=C, init_r=12, target_r=8, lora_alpha=8,

@@ -176,3 +176,189 @@ def test_derived_facts_are_the_same_from_the_memo(cache, catalog, monkeypatch):
     fresh = derived_facts(t, catalog, shape, {"r": 4})
     assert first == again == fresh
     assert first["efficiency"]["extra_flops_per_token"] > 0
+
+
+# --- the checked-catalog cache -------------------------------------------------------------------
+
+
+def _small_catalog(tmp_path: Path) -> Path:
+    """A copy of the bundled catalog's reference, maps, shapes and a few techniques."""
+    import shutil
+
+    root = tmp_path / "catalog"
+    for sub in ("reference", "families"):
+        shutil.copytree(ROOT / "catalog" / sub, root / sub)
+    shutil.copy(ROOT / "catalog" / "models.yaml", root / "models.yaml")
+    (root / "techniques").mkdir()
+    for tid in ("lora", "ia3", "prefix_tuning"):
+        shutil.copy(ROOT / "catalog" / "techniques" / f"{tid}.yaml", root / "techniques" / f"{tid}.yaml")
+    return root
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The ids of the techniques checked (the cross-file checks a marker skips)."""
+    from pefref.language import catalog
+
+    seen: list[str] = []
+    real = catalog.check_technique
+
+    def check(t, *args):
+        seen.append(t.id)
+        return real(t, *args)
+
+    monkeypatch.setattr(catalog, "check_technique", check)
+    return seen
+
+
+def _markers(cache: Path) -> list[Path]:
+    return sorted((cache.parent / "checked").glob("*.json"))
+
+
+def test_a_checked_catalog_is_not_checked_again_and_loads_the_same(cache, tmp_path, counted, monkeypatch):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    first = load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"] and len(_markers(cache)) == 1
+    counted.clear()
+    again = load_catalog(root)
+    assert counted == []  # the marker was trusted
+    monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+    fresh = load_catalog(root)
+    assert counted == ["ia3", "lora", "prefix_tuning"]
+    for cat in (again, fresh):
+        assert cat.techniques == first.techniques and cat.families == first.families and cat.shapes == first.shapes
+        assert cat.reference == first.reference and cat.sources == first.sources
+        assert {k: dict(v) for k, v in cat.positions.items()} == {k: dict(v) for k, v in first.positions.items()}
+
+
+def test_an_edited_file_is_checked_again(cache, tmp_path, counted):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    lora = root / "techniques" / "lora.yaml"
+    lora.write_text(lora.read_text(encoding="utf-8").replace("linear(linear(dropout(x, dropout), A), B)", "linear(linear(dropout(x, dropout), A), Q)"), encoding="utf-8")
+    counted.clear()
+    with pytest.raises(CatalogError, match="Q"):
+        load_catalog(root)  # the schema accepts it; only the checks find the unknown name
+    assert "lora" in counted and len(_markers(cache)) == 1  # a catalog with problems is never marked
+    with pytest.raises(CatalogError, match="Q"):
+        load_catalog(root)
+    family = sorted((root / "families").glob("*.yaml"))[0]
+    lora.write_text((ROOT / "catalog" / "techniques" / "lora.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    family.write_text(family.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"] and len(_markers(cache)) == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "checksum", "key", "deleted"])
+def test_a_damaged_marker_is_ignored_and_rewritten(cache, tmp_path, counted, damage):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    (marker,) = _markers(cache)
+    head, _, payload = marker.read_bytes().partition(b"\n")
+    if damage == "garbage":
+        marker.write_bytes(b"\x00not json")
+    elif damage == "checksum":
+        marker.write_bytes(head + b"\n" + payload + b" ")
+    elif damage == "key":
+        marker.write_bytes(head.replace(marker.stem.encode(), b"0" * 64) + b"\n" + payload)
+    else:
+        import shutil
+
+        shutil.rmtree(cache.parent / "checked")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"]  # checked again
+    counted.clear()
+    load_catalog(root)
+    assert counted == [] and _markers(cache) == [marker]  # rewritten, then trusted
+
+
+def test_a_marker_of_another_pefref_is_not_trusted(cache, tmp_path, counted, monkeypatch):
+    from pefref.language.catalog import load_catalog
+
+    root = _small_catalog(tmp_path)
+    load_catalog(root)
+    monkeypatch.setattr(catalog_cache, "_package_digest", lambda: b"another pefref")
+    counted.clear()
+    load_catalog(root)
+    assert sorted(counted) == ["ia3", "lora", "prefix_tuning"]
+
+
+@pytest.fixture
+def user_catalog(cache, tmp_path, monkeypatch) -> Path:
+    """A user's catalog (one technique, a renamed LoRA) added to the bundled one; in-process catalogs forgotten."""
+    from pefref.language.catalog import _cached, _cached_for
+
+    folder = tmp_path / "mine"
+    (folder / "techniques").mkdir(parents=True)
+    (folder / "techniques" / "my_lora.yaml").write_text(LORA.replace("id: lora", "id: my_lora", 1).replace("name: LoRA", "name: Mine", 1), encoding="utf-8")
+    monkeypatch.setenv("PEFREF_CATALOG", str(folder))
+    for c in (_cached, _cached_for):
+        c.cache_clear()
+    yield folder
+    for c in (_cached, _cached_for):
+        c.cache_clear()
+
+
+def test_results_over_the_catalog_are_kept_until_a_file_changes(user_catalog, monkeypatch):
+    from pefref.language.catalog import _cached, default_catalog
+    from pefref.language.catalog_memo import over_catalog
+
+    calls: list[int] = []
+
+    def names() -> dict[str, str]:
+        calls.append(1)
+        return {k: t.name for k, t in sorted(default_catalog().techniques.items())}
+
+    first = over_catalog("test", {"a": 1}, names)
+    assert first["my_lora"] == "Mine" and over_catalog("test", {"a": 1}, names) == first and len(calls) == 1
+    assert over_catalog("test", {"a": 2}, names) == first and len(calls) == 2  # other arguments: computed
+    monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+    assert over_catalog("test", {"a": 1}, names) == first and len(calls) == 3  # without the cache: the same
+    monkeypatch.delenv("PEFREF_NO_CACHE")
+    mine = user_catalog / "techniques" / "my_lora.yaml"
+    mine.write_text(mine.read_text(encoding="utf-8").replace("name: Mine", "name: Edited", 1), encoding="utf-8")
+    _cached.cache_clear()
+    assert over_catalog("test", {"a": 1}, names)["my_lora"] == "Edited" and len(calls) == 4
+    (user_catalog / "techniques" / "other.yaml").write_text(LORA.replace("id: lora", "id: other", 1), encoding="utf-8")
+    _cached.cache_clear()
+    assert "other" in over_catalog("test", {"a": 1}, names) and len(calls) == 5  # an added file
+
+
+def test_a_broken_file_is_reported_not_hidden_by_a_kept_result(user_catalog, monkeypatch):
+    from pefref.language.catalog import _cached, default_catalog
+    from pefref.language.catalog_memo import over_catalog
+
+    def count() -> int:
+        return len(default_catalog().techniques)
+
+    n = over_catalog("test", None, count)
+    mine = user_catalog / "techniques" / "my_lora.yaml"
+    mine.write_text(mine.read_text(encoding="utf-8").replace("A), B)", "A), Q)", 1), encoding="utf-8")
+    _cached.cache_clear()
+    with pytest.raises(CatalogError, match="Q"):
+        over_catalog("test", None, count)
+    assert n > 1
+
+
+def test_the_cli_prints_the_same_from_a_kept_result(user_catalog, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pefref.cli.app import app
+
+    runner = CliRunner()
+    for args in (["list", "--json"], ["show", "my_lora", "--json"], ["params", "my_lora", "--model", "gpt2", "--json"], ["params", "lora", "--model", "gpt2"]):
+        monkeypatch.setenv("PEFREF_NO_CACHE", "1")
+        fresh = runner.invoke(app, args)
+        monkeypatch.delenv("PEFREF_NO_CACHE")
+        first, kept = runner.invoke(app, args), runner.invoke(app, args)
+        assert fresh.exit_code == 0, fresh.output
+        assert fresh.output == first.output == kept.output, args
+    assert list((user_catalog.parent / "cache").parent.glob("derived/*.json"))

@@ -182,10 +182,15 @@ def validate(
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects.")) -> None:
     """List the catalog's techniques with their year, forms and sites."""
-    from pefref.view.summary import technique_row
+    from pefref.language.catalog_memo import over_catalog
 
-    cat = _catalog()
-    rows = [technique_row(cat.techniques[k], cat.techniques) for k in sorted(cat.techniques)]
+    def table_rows() -> list[dict[str, Any]]:
+        from pefref.view.summary import technique_row
+
+        cat = _catalog()
+        return [technique_row(cat.techniques[k], cat.techniques) for k in sorted(cat.techniques)]
+
+    rows = over_catalog("list", None, table_rows)
     if as_json:
         _echo_json(rows)
         return
@@ -197,12 +202,26 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print a JSON list 
     SafeConsole().print(table)
 
 
+def _over_catalog(kind: str, technique: str, args: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """What a command computes for a catalog technique, kept while the catalog is unchanged
+    (:func:`pefref.language.catalog_memo.over_catalog`); a technique file is computed every time."""
+    if technique.endswith((".yaml", ".yml")) or Path(technique).is_file():
+        return compute()
+    from pefref.language.catalog_memo import over_catalog
+
+    return over_catalog(kind, {"technique": technique, **args}, compute)
+
+
 def _resolve_technique(arg: str) -> tuple[Any, Catalog]:
-    """A technique by catalog id, or from a YAML file (checked against the bundled catalog, which it joins)."""
-    cat = _catalog()
+    """A technique by catalog id (with the part of the catalog it needs: the reference, maps, shapes and the
+    techniques it uses), or from a YAML file (checked against the whole catalog, which it joins)."""
     path = Path(arg)
     if not (arg.endswith((".yaml", ".yml")) or path.is_file()):
-        return _lookup(cat.technique, arg), cat
+        from pefref.language.catalog import catalog_for
+
+        part = catalog_for(arg)
+        return _lookup(part.technique, arg), part
+    cat = _catalog()
     from dataclasses import replace
 
     from pefref.language.catalog import load_techniques
@@ -263,14 +282,19 @@ def show(
         show_composition_cli(technique, model, as_json, _echo_json, _rel)
         return
     from pefref.cli.textview import render_summary
-    from pefref.view import derived_facts
-    from pefref.view.summary import technique_summary
 
-    t, cat = _resolve_technique(technique)
-    shape = _lookup(cat.shape, model)
-    t = _placed(t, cat, shape, sites)
-    summary = technique_summary(t, cat)
-    summary.update(derived_facts(t, cat, shape, _overrides(sets)))
+    def compute() -> dict[str, Any]:
+        from pefref.view import derived_facts
+        from pefref.view.summary import technique_summary
+
+        t, cat = _resolve_technique(technique)
+        shape = _lookup(cat.shape, model)
+        t = _placed(t, cat, shape, sites)
+        out = technique_summary(t, cat)
+        out.update(derived_facts(t, cat, shape, _overrides(sets)))
+        return out
+
+    summary = _over_catalog("show", technique, {"model": model, "sets": sets, "sites": sites}, compute)
     if "file" in summary:
         summary["file"] = _rel(summary["file"])
     if as_json:
@@ -373,20 +397,25 @@ def params(
 
         params_composition_cli(technique, model, as_json, _echo_json)
         return
-    from pefref.view.params import count_params
+    def compute() -> dict[str, Any]:
+        from pefref.view.params import count_params
 
-    t, cat = _resolve_technique(technique)
-    pc = count_params(t, _lookup(cat.shape, model), cat, _overrides(sets), _sites(sites))
+        t, cat = _resolve_technique(technique)
+        return count_params(t, _lookup(cat.shape, model), cat, _overrides(sets), _sites(sites)).as_dict()
+
+    pc = _over_catalog("params", technique, {"model": model, "sets": sets, "sites": sites}, compute)
     if as_json:
-        _echo_json(pc.as_dict())
+        _echo_json(pc)
         return
     con = SafeConsole(highlight=False)
-    if pc.trainable == 0 and pc.dropped:  # nothing placed: not applicable, not "0 parameters"
-        con.print(Text(f"{t.id} on {model}: ", style="bold") + Text("n/a (it cannot be placed on this model)"))
+    trainable, base = pc["trainable"], pc["base_params"]
+    if trainable == 0 and pc["dropped"]:  # nothing placed: not applicable, not "0 parameters"
+        con.print(Text(f"{pc['technique']} on {model}: ", style="bold") + Text("n/a (it cannot be placed on this model)"))
     else:
-        con.print(Text(f"{t.id} on {model}: ", style="bold") + Text(f"{pc.trainable:,} trainable parameters ({pc.percent:.4f}% of {pc.base:,})"))
-        con.print(Text("formula: ", style="bold") + Text(pc.formula))
-    for why in pc.dropped:
+        percent = 100.0 * trainable / base if base else 0.0
+        con.print(Text(f"{pc['technique']} on {model}: ", style="bold") + Text(f"{trainable:,} trainable parameters ({percent:.4f}% of {base:,})"))
+        con.print(Text("formula: ", style="bold") + Text(pc["formula"]))
+    for why in pc["dropped"]:
         con.print(Text("not placed: ", style="bold") + Text(why))
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pefref.cli.safe import SafeConsole
-from pefref.view.summary import layers_text
+from pefref.view.words import layers_words
 
 __all__ = ["render_summary", "kv_table"]
 
@@ -58,7 +58,7 @@ def _render_hyperparameters(con: Console, hps: dict[str, Any]) -> None:
 
 
 def _render_module(con: Console, m: dict[str, Any]) -> None:
-    head = Text("module ", style="bold") + Text(m["name"], style="bold cyan") + Text(f": {m['form']} at {', '.join(m['sites'])}, layers {layers_text(m['layers'])}")
+    head = Text("module ", style="bold") + Text(m["name"], style="bold cyan") + Text(f": {m['form']} at {', '.join(m['sites'])}, layers {layers_words(m['layers'])}")
     if "uses" in m:
         head += Text(f" (uses {m['uses']})")
     con.print(head)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from pefref.language import catalog_cache
 from pefref.language.check import check_family, check_technique
 from pefref.language.errors import CatalogError, Problem
 from pefref.language.loader import load_file, suggest
 from pefref.language.schema import ArchitectureMap, ModelShape, ModelShapes, ModuleUse, ReferenceArchitecture, Technique
 from pefref.language.slices import slice_problems
-from pefref.language.sources import CatalogSource, catalog_sources
+from pefref.language.sources import CatalogSource, catalog_files, catalog_sources
 from pefref.language.yamlsrc import Positions, read_yaml
 
 __all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques"]
@@ -88,8 +89,10 @@ def _collect(problems: list[Problem], fn, *args):
         return None
 
 
-def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: dict[str, Technique] | None = None) -> tuple[dict[str, Technique], dict[str, Path], dict[str, Positions], list[Problem]]:
-    """Load and check technique files; returns what loaded and every problem found."""
+def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: dict[str, Technique] | None = None,
+                    checked: bool = False) -> tuple[dict[str, Technique], dict[str, Path], dict[str, Positions], list[Problem]]:
+    """Load and check technique files; returns what loaded and every problem found (``checked``: these
+    exact files were checked clean before, by this pefref: only schema validation and id clashes run)."""
     problems: list[Problem] = []
     loaded: dict[str, tuple[Technique, Positions, Path]] = {}
     for p in paths:
@@ -105,27 +108,27 @@ def load_techniques(paths: list[Path], reference: ReferenceArchitecture, known: 
         loaded[t.id] = (t, pos, p)
     pool = dict(known or {})
     pool.update({k: v[0] for k, v in loaded.items()})
-    for _tid, (t, pos, _p) in loaded.items():
+    for _tid, (t, pos, _p) in ([] if checked else loaded.items()):
         problems.extend(check_technique(t, pos, reference, pool))
     bad = {pr.location.file for pr in problems}
     good = {k: v for k, v in loaded.items() if str(v[2]) not in bad}
     return ({k: v[0] for k, v in good.items()}, {k: v[2] for k, v in good.items()}, {k: v[1] for k, v in good.items()}, problems)
 
 
-def _families(roots: list[Path], reference: ReferenceArchitecture, problems: list[Problem]) -> tuple[dict[str, ArchitectureMap], dict[str, Positions]]:
+def _families(files: list[Path], reference: ReferenceArchitecture, problems: list[Problem], checked: bool) -> tuple[dict[str, ArchitectureMap], dict[str, Positions]]:
     families: dict[str, ArchitectureMap] = {}
     family_pos: dict[str, Positions] = {}
-    for root in roots:
-        for p in sorted((root / "families").glob("*.yaml")):
-            r = _collect(problems, load_file, ArchitectureMap, p)
-            if r is None:
-                continue
-            name = r[0].family
-            if name in families:
-                problems.append(Problem(r[1].at(("family",)), "family", f"architecture map {name!r} is also defined at {family_pos[name].at(('family',))}"))
-                continue
+    for p in files:
+        r = _collect(problems, load_file, ArchitectureMap, p)
+        if r is None:
+            continue
+        name = r[0].family
+        if name in families:
+            problems.append(Problem(r[1].at(("family",)), "family", f"architecture map {name!r} is also defined at {family_pos[name].at(('family',))}"))
+            continue
+        if not checked:
             problems.extend(check_family(r[0], r[1], reference))
-            families[name], family_pos[name] = r
+        families[name], family_pos[name] = r
     return families, family_pos
 
 
@@ -173,28 +176,35 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None, extra: 
     families, shapes and compositions (ids must not clash). ``only``: load just
     these techniques and those they ``use`` (the reference architecture,
     families and shapes are always loaded).
+
+    The cross-file checks are skipped when these exact files (paths and bytes) were checked clean before
+    by this pefref (:func:`pefref.language.catalog_cache.was_checked`); a clean load leaves that marker.
     """
     root = root or catalog_root()
     sources = (CatalogSource("pefref", root, "bundled"), *extra)
     roots = [s.root for s in sources]
+    files = catalog_files(sources)
     problems: list[Problem] = []
-    res = _collect(problems, load_file, ReferenceArchitecture, root / "reference" / "transformer.yaml")
+    res = _collect(problems, load_file, ReferenceArchitecture, files.reference)
     if res is None:
         raise CatalogError(problems)
     reference = res[0]
-    families, family_pos = _families(roots, reference, problems)
-    shapes = _shapes([root / "models.yaml", *[r / "models.yaml" for r in roots[1:] if (r / "models.yaml").is_file()]], families, problems)
-    if not problems:  # slices of fused projections on the sizes of the family's named shapes
+    paths = files.techniques if only is None else _used_closure([r / "techniques" for r in roots], only, problems)
+    key = files.key(only, paths)
+    checked = not problems and catalog_cache.was_checked(key)
+    families, family_pos = _families(files.families, reference, problems, checked)
+    shapes = _shapes(files.models, families, problems)
+    if not problems and not checked:  # slices of fused projections on the sizes of the family's named shapes
         for name, fam in families.items():
             configs = {s.name: s.config for s in shapes.values() if s.family == name}
             problems.extend(slice_problems(fam, family_pos[name], reference, configs))
-    folders = [r / "techniques" for r in roots]
-    paths = [p for f in folders for p in sorted(f.glob("*.yaml"))] if only is None else _used_closure(folders, only, problems)
-    techniques, tsources, positions, tproblems = load_techniques(paths, reference)
+    techniques, tsources, positions, tproblems = load_techniques(paths, reference, checked=checked)
     problems.extend(tproblems)
     compositions = _compositions(roots, problems)
     if problems:
         raise CatalogError(problems)
+    if not checked:
+        catalog_cache.mark_checked(key)
     return Catalog(reference, families, shapes, techniques, tsources, positions, family_pos, sources, compositions)
 
 

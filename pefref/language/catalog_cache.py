@@ -9,8 +9,9 @@ located at file:line:column) as JSON, one file per source text, under
 
 * The key is a SHA-256 of the file's bytes, of the parser's own source and of
   the parsing limits in force: an edited file, another pefref or other limits
-  find no entry, and the entry is rebuilt. Schema validation and the catalog's checks
-  are not cached; they run on the cached data as on freshly parsed data.
+  find no entry, and the entry is rebuilt. Schema validation runs on the cached
+  data as on freshly parsed data; the catalog's checks are skipped only for a
+  catalog checked clean before (the markers below).
 * An entry holds plain JSON data, never anything that could run code when
   read, and a SHA-256 of its payload: an entry that does not read back, does
   not match its checksum or its key, or is not shaped as expected is ignored
@@ -26,18 +27,29 @@ plain data and of pefref's code (a parameter formula factored by sympy, FLOPs
 counted on the meta device), so ``pefref show`` and ``params`` need neither sympy
 nor torch once they have run.
 
+:func:`checked_key`, :func:`was_checked` and :func:`mark_checked` keep, under
+``checked/``, the keys of catalogs whose cross-file checks found nothing. A key
+covers the path and the bytes of every file of the catalog, the loading options
+and pefref's code (as :func:`memo`'s: any changed module, another version, misses).
+A marker holds nothing but its key and a checksum; a missing, damaged or foreign
+marker only means the checks run again, and their clean result is marked anew.
+Files are still parsed and validated against the schema on a hit; only the
+checks (shapes, connections, slices, templates), which are pure functions of
+those files and of pefref's code, are skipped.
+
 ``$PEFREF_CACHE_DIR`` sets the folder; ``$PEFREF_NO_CACHE`` (any value but
 ``""`` or ``0``) turns the cache off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +58,7 @@ from pefref.language.errors import Location
 from pefref.language.limits import current
 from pefref.language.yamlsrc import Positions
 
-__all__ = ["cache_dir", "enabled", "load", "store", "memo", "FORMAT", "MAX_ENTRIES"]
+__all__ = ["cache_dir", "enabled", "load", "store", "memo", "checked_key", "was_checked", "mark_checked", "FORMAT", "MAX_ENTRIES"]
 
 T = TypeVar("T")
 
@@ -105,12 +117,10 @@ def load(raw: bytes, file: str) -> tuple[Any, Positions] | None:
     if not enabled():
         return None
     key = _key(raw)
+    payload = _read(_entry(key), key)
+    if payload is None:
+        return None
     try:
-        blob = _entry(key).read_bytes()
-        head, _, payload = blob.partition(b"\n")
-        meta = json.loads(head)
-        if meta != {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}:
-            return None
         return _decode(json.loads(payload), file)
     except (OSError, ValueError, TypeError, KeyError, IndexError):
         return None  # absent, unreadable or malformed: parsed again (and rewritten)
@@ -126,20 +136,9 @@ def store(raw: bytes, data: Any, pos: Positions) -> None:
             "keys": [[list(p), loc.line, loc.column] for p, loc in pos.keys.items()], "quoted": [list(p) for p in pos.quoted]}
     try:
         payload = json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
-        head = json.dumps({"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
-        folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head + b"\n" + payload)
-            os.replace(tmp, _entry(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _prune(folder)
-    except (OSError, ValueError, TypeError):
-        pass  # no cache, same results
+    except (ValueError, TypeError):
+        return  # no cache, same results
+    _write(_entry(key), payload, key)
 
 
 def _prune(folder: Path) -> None:
@@ -162,28 +161,27 @@ def _plain(v: Any) -> bool:
 
 
 def _decode(body: dict[str, Any], file: str) -> tuple[Any, Positions]:
+    at, keys, quoted = body["at"], body["keys"], body["quoted"]
+    if not (type(at) is list and type(keys) is list and type(quoted) is list):
+        raise ValueError("not a parsed entry")
+    rows = at + keys
+    # one pass per check, over every row at once (a file has hundreds of nodes): exact types, so a
+    # boolean is no line number and no path component
+    if {type(r) for r in rows} - {list} or {len(r) for r in rows} - {3}:
+        raise ValueError("bad position row")
+    if {type(r[1]) for r in rows} - {int} or {type(r[2]) for r in rows} - {int}:
+        raise ValueError("bad position")
+    paths = [r[0] for r in rows] + quoted
+    if {type(p) for p in paths} - {list} or {type(c) for p in paths for c in p} - {str, int}:
+        raise ValueError("bad path")
     pos = Positions(file)
-    for p, line, col in body["at"]:
-        pos[_path(p)] = Location(file, _int(line), _int(col))
-    for p, line, col in body["keys"]:
-        pos.keys[_path(p)] = Location(file, _int(line), _int(col))
-    pos.quoted = {_path(p) for p in body["quoted"]}
+    pos.update({tuple(p): Location(file, line, col) for p, line, col in at})
+    pos.keys = {tuple(p): Location(file, line, col) for p, line, col in keys}
+    pos.quoted = {tuple(p) for p in quoted}
     data = body["data"]
     if not isinstance(data, dict) or not _plain(data):
         raise ValueError("not a parsed mapping")
     return data, pos
-
-
-def _path(p: Any) -> tuple[Any, ...]:
-    if not isinstance(p, list) or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in p):
-        raise ValueError("bad path")
-    return tuple(p)
-
-
-def _int(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise ValueError("bad position")
-    return v
 
 
 @lru_cache(maxsize=1)
@@ -198,26 +196,10 @@ def _package_digest() -> bytes:
     return h.digest()
 
 
-def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
-    """``compute()``, or its result kept from an earlier process: a pure function of ``key`` (plain JSON
-    data: everything the result depends on) and of pefref's own code. The result must be plain JSON data
-    too (a dict, list or scalar); a damaged entry is computed again."""
-    if not enabled():
-        return compute()
-    h = hashlib.sha256(_package_digest())
-    h.update(kind.encode() + b"\0" + json.dumps(key, sort_keys=True, separators=(",", ":")).encode())
-    digest = h.hexdigest()
-    path = cache_dir().parent / "derived" / f"{digest}.json"
+def _write(path: Path, payload: bytes, key: str) -> None:
+    """Write an entry (a header with its key and checksum, then ``payload``) atomically; no folder, no entry."""
+    head = json.dumps({"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
     try:
-        head, _, payload = path.read_bytes().partition(b"\n")
-        if json.loads(head) == {"format": FORMAT, "key": digest, "sha256": hashlib.sha256(payload).hexdigest()}:
-            return json.loads(payload)
-    except (OSError, ValueError):
-        pass
-    value = compute()
-    try:
-        payload = json.dumps(value, separators=(",", ":")).encode()
-        head = json.dumps({"format": FORMAT, "key": digest, "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
@@ -228,6 +210,70 @@ def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
             Path(tmp).unlink(missing_ok=True)
             raise
         _prune(path.parent)
-    except (OSError, ValueError, TypeError):
+    except OSError:
         pass
+
+
+def _read(path: Path, key: str) -> bytes | None:
+    """The payload of the entry at ``path`` when its header names ``key`` and its checksum matches."""
+    try:
+        head, _, payload = path.read_bytes().partition(b"\n")
+        if json.loads(head) == {"format": FORMAT, "key": key, "sha256": hashlib.sha256(payload).hexdigest()}:
+            return payload
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def checked_key(files: Sequence[Path], options: Any) -> str | None:
+    """The key of a catalog made of ``files`` (their paths and bytes, in order) loaded with ``options``
+    (plain JSON data), under this pefref; None when the cache is off or a file cannot be read."""
+    if not enabled():
+        return None
+    h = hashlib.sha256(_package_digest())
+    h.update(b"checked\0" + repr(current()).encode() + json.dumps(options, sort_keys=True).encode())
+    for f in files:
+        try:
+            raw = f.read_bytes()
+        except OSError:
+            return None
+        name = str(f).encode()
+        h.update(len(name).to_bytes(8, "little") + name + len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
+
+
+def _checked_entry(key: str) -> Path:
+    return cache_dir().parent / "checked" / f"{key}.json"
+
+
+def was_checked(key: str | None) -> bool:
+    """Whether the catalog of ``key`` was checked clean before (an intact marker names it)."""
+    return key is not None and enabled() and _read(_checked_entry(key), key) == b"{}"
+
+
+def mark_checked(key: str | None) -> None:
+    """Record that the catalog of ``key`` passed its checks."""
+    if key is not None and enabled():
+        _write(_checked_entry(key), b"{}", key)
+
+
+def memo(kind: str, key: Any, compute: Callable[[], T]) -> T:
+    """``compute()``, or its result kept from an earlier process: a pure function of ``key`` (plain JSON
+    data: everything the result depends on) and of pefref's own code. The result must be plain JSON data
+    too (a dict, list or scalar); a damaged entry is computed again."""
+    if not enabled():
+        return compute()
+    h = hashlib.sha256(_package_digest())
+    h.update(kind.encode() + b"\0" + json.dumps(key, sort_keys=True, separators=(",", ":")).encode())
+    digest = h.hexdigest()
+    path = cache_dir().parent / "derived" / f"{digest}.json"
+    payload = _read(path, digest)
+    if payload is not None:
+        try:
+            return json.loads(payload)
+        except ValueError:
+            pass
+    value = compute()
+    with contextlib.suppress(ValueError, TypeError):  # not JSON data: not kept
+        _write(path, json.dumps(value, separators=(",", ":")).encode(), digest)
     return value

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from pefref.language.bundled import bundled_data
 from pefref.language.errors import Location, Problem
 
-__all__ = ["ENTRY_POINT_GROUP", "ENV_VAR", "CatalogSource", "catalog_sources", "use_cli_catalogs", "BUNDLED_NAME"]
+__all__ = ["ENTRY_POINT_GROUP", "ENV_VAR", "CatalogSource", "CatalogFiles", "catalog_files", "catalog_sources", "use_cli_catalogs", "BUNDLED_NAME"]
 
 ENTRY_POINT_GROUP = "pefref.catalogs"
 """The entry point group through which an installed package contributes a catalog folder."""
@@ -145,3 +145,39 @@ def catalog_sources() -> tuple[tuple[CatalogSource, ...], list[Problem]]:
     for s in out:
         seen.setdefault(s.root, s)
     return tuple(seen.values()), problems
+
+
+@dataclass(frozen=True)
+class CatalogFiles:
+    """The files a catalog made of some catalog folders is loaded from, in load order (found by globbing;
+    nothing is read)."""
+
+    reference: Path
+    """The reference architecture (of the first folder, the bundled catalog's)."""
+    families: list[Path]
+    models: list[Path]
+    techniques: list[Path]
+    roots: tuple[Path, ...]
+
+    def key(self, only: set[str] | None = None, techniques: Sequence[Path] | None = None) -> str | None:
+        """The checked-catalog key of these files (``techniques``: the technique files actually read, when
+        ``only`` narrowed them), :func:`pefref.language.catalog_cache.checked_key`."""
+        from pefref.language.catalog_cache import checked_key
+
+        read = list(self.techniques if techniques is None else techniques)
+        return checked_key([self.reference, *self.families, *self.models, *read],
+                           {"only": sorted(only) if only is not None else None, "roots": [str(r) for r in self.roots]})
+
+
+def catalog_files(sources: Sequence[CatalogSource]) -> CatalogFiles:
+    """The files of the catalog made of ``sources`` (the first one holds the reference architecture and
+    the base model shapes)."""
+    roots = tuple(s.root for s in sources)
+    root = roots[0]
+    return CatalogFiles(
+        reference=root / "reference" / "transformer.yaml",
+        families=[p for r in roots for p in sorted((r / "families").glob("*.yaml"))],
+        models=[root / "models.yaml", *[r / "models.yaml" for r in roots[1:] if (r / "models.yaml").is_file()]],
+        techniques=[p for r in roots for p in sorted((r / "techniques").glob("*.yaml"))],
+        roots=roots,
+    )

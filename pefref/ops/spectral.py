@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pefref.ops import primitive
+from pefref.ops import TORCH_SETUP, primitive
 from pefref.ops.wavelet_filters import WAVELETS, filters
 
 if TYPE_CHECKING:
@@ -60,13 +60,67 @@ def block_circulant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     :math:`y_i = \\Re\\, \\mathcal{F}\\big(\\textstyle\\sum_j \\mathcal{F}^{-1}(x_j) \\odot \\mathcal{F}(w_{ij})\\big)`,
 
     output [..., m·b], in fp32 and cast back to ``x``'s dtype. Bilinear: linear in ``x`` and in ``w``
-    (the matrix is :func:`circulant_matrix`)."""
+    (the matrix is :func:`circulant_matrix`).
+
+    Memory-lean: the backward pass keeps only ``x`` and ``w`` (autograd through the transforms would keep
+    the complex spectrum of ``x``, twice its fp32 size) and recomputes the transforms, as peft's
+    ``BlockCircularConvolution`` does."""
+    return _circulant_function().apply(x, w)
+
+
+def _circulant_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     import torch
 
     _m, n, b = w.shape
     xs = x.float().reshape(*x.shape[:-1], n, b)
     y = torch.einsum("...nb,mnb->...mb", torch.fft.ifft(xs), torch.fft.fft(w.float()))
     return torch.fft.fft(y).real.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+_CIRCULANT: Any = None
+
+
+def _circulant_function() -> Any:
+    """The autograd function of :func:`block_circulant` (defined on first use: torch is imported lazily)."""
+    global _CIRCULANT
+    if _CIRCULANT is None:
+        import torch
+
+        class BlockCirculant(torch.autograd.Function):
+            """:func:`block_circulant`, saving ``x`` and ``w`` only; the backward recomputes their spectra:
+            :math:`\\partial x_j = \\Re\\,\\mathcal{F}(\\sum_i \\mathcal{F}^{-1}(g_i) \\odot \\overline{\\mathcal{F}(w_{ij})})`
+            and :math:`\\partial w_{ij} = \\Re\\,\\mathcal{F}(\\sum \\mathcal{F}(g_i) \\odot \\mathcal{F}^{-1}(x_j))` (summed
+            over the leading dimensions), both equal to autograd's through the transforms. (peft 0.21's
+            ``BlockCircularConvolution`` takes :math:`\\mathcal{F}(g_i) \\odot \\mathcal{F}^{-1}(w_{ij})` for the first,
+            which is not the adjoint: its gradient for the input differs from autograd's.)"""
+
+            @staticmethod
+            def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return _circulant_forward(x, w)
+
+            @staticmethod
+            def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+                ctx.save_for_backward(*inputs)
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                x, w = ctx.saved_tensors
+                m, n, b = w.shape
+                g = grad.float().reshape(*grad.shape[:-1], m, b)
+                gx = gw = None
+                if ctx.needs_input_grad[0]:  # the adjoint of x -> Re F(F^-1(x) * F(w)): x -> Re F(F^-1(x) * conj F(w))
+                    gx = torch.fft.fft(torch.einsum("...mb,mnb->...nb", torch.fft.ifft(g), torch.fft.fft(w.float()).conj())).real
+                    gx = gx.reshape(*x.shape).to(x.dtype)
+                if ctx.needs_input_grad[1]:
+                    xs = torch.fft.ifft(x.float().reshape(*x.shape[:-1], n, b))
+                    gw = torch.fft.fft(torch.einsum("...mb,...nb->mnb", torch.fft.fft(g), xs)).real.to(w.dtype)
+                return gx, gw
+
+        _CIRCULANT = BlockCirculant
+    return _CIRCULANT
+
+
+TORCH_SETUP.append(_circulant_function)
 
 
 @primitive(intra="dense", linear_in=(0,))

@@ -12,6 +12,7 @@ from typing import Any
 
 from pefref.language.check import EXPR_FIELDS, expand_modules
 from pefref.language.schema import LayerRange, ModelShape, ModuleUse, Technique
+from pefref.view.words import layers_words
 
 __all__ = ["technique_summary", "technique_row", "model_row", "layers_text", "paper_link"]
 
@@ -30,13 +31,7 @@ def _layers_data(layers: Any) -> Any:
 
 def layers_text(layers: Any) -> str:
     """A layer selection in words: ``all``, ``[0, 2]``, ``first 2``, ``last 4, every 2``."""
-    if isinstance(layers, LayerRange):
-        layers = _layers_data(layers)
-    if isinstance(layers, dict):
-        return ", ".join(f"{k} {v}" for k, v in layers.items()) or "all"
-    if isinstance(layers, list):
-        return "[" + ", ".join(map(str, layers)) + "]"
-    return str(layers)
+    return layers_words(_layers_data(layers) if isinstance(layers, LayerRange) else layers)
 
 
 def _concrete(t: Technique, pool: dict[str, Technique]) -> tuple[list[Any], dict[str, Any]]:

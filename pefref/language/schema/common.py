@@ -39,10 +39,17 @@ class Strict(BaseModel):
 @cache
 def _attribute_docs(module: str) -> dict[str, dict[str, str]]:
     """``{class qualname: {field: docstring}}`` for the classes of ``module``: a string statement right
-    after an annotated assignment documents that field."""
+    after an annotated assignment documents that field. Kept by :func:`~pefref.language.catalog_cache.memo`
+    (a pure function of pefref's code): a process that finds it there parses no source."""
     path = getattr(sys.modules.get(module), "__file__", None)
     if not path:
         return {}
+    from pefref.language import catalog_cache
+
+    return catalog_cache.memo("attribute-docs", {"module": module, "file": str(path)}, lambda: _parse_attribute_docs(str(path)))
+
+
+def _parse_attribute_docs(path: str) -> dict[str, dict[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
