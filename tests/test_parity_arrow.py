@@ -144,17 +144,42 @@ def test_prototypes_are_the_top_right_singular_vectors() -> None:
     """The op against the SVD of the formed products (up to sign), batched, and equal to peft's power iteration."""
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
+    from pefref.ops.draws import gaussian
+    from pefref.ops.shapes import SHAPE_RULES, Shape, ShapeMismatch
     from pefref.ops.weight_space import top_right_singular
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 4, 24, generator=g), torch.randn(3, 16, 4, generator=g)
-    got = top_right_singular(b, a, iters=500, seed=1)
+    got = top_right_singular(b, a, gaussian((24,), 1), iters=500)
     want = torch.linalg.svd(b @ a).Vh[:, 0]
     assert got.shape == (3, 24)
     assert max_diff(got.abs(), want.abs()) <= 1e-5
     cfg = peft.ArrowConfig(rng_seed=7)
     cfg.task_adapter_names = []  # create_arrow_model sets it
     layer = ArrowLoraLinearLayer(24, cfg)
-    few = top_right_singular(b, a, iters=15, seed=7)
+    few = top_right_singular(b, a, gaussian((24,), 7), iters=15)
     for i in range(3):  # 15 steps, not converged: still the same vector as peft's
         assert max_diff(few[i], layer.top_right_singular_vec_from_BA(a[i], b[i])) <= 1e-6
+    rule = SHAPE_RULES["top_right_singular"]
+    assert rule(Shape((3, 16, 4)), Shape((3, 4, 24)), Shape((24,))) == (3, 24)
+    for bad in [((3, 16, 4), (3, 5, 24), (24,)), ((3, 16, 4), (2, 4, 24), (24,)), ((3, 16, 4), (3, 4, 24), (23,))]:
+        with pytest.raises(ShapeMismatch):
+            rule(*map(Shape, bad))
+
+
+def test_frozen_says_the_technique_trains_nothing(tmp_path: Path) -> None:
+    """Without frozen: true a technique with no trainable tensor is refused; with it, one that declares one is."""
+    from pefref.language.validate import validate_paths
+
+    root = Path(__file__).resolve().parent.parent / "catalog" / "techniques"
+    arrow = (root / "arrow.yaml").read_text(encoding="utf-8")
+    unsaid = tmp_path / "arrow.yaml"
+    unsaid.write_text(arrow.replace("frozen: true\n", ""), encoding="utf-8")
+    wrong = tmp_path / "lora.yaml"
+    wrong.write_text((root / "lora.yaml").read_text(encoding="utf-8").replace("identity_at_init: true\n", "identity_at_init: true\nfrozen: true\n"),
+                     encoding="utf-8")
+    problems, _ = validate_paths([unsaid, wrong])
+    messages = sorted(str(p) for p in problems)
+    assert len(messages) == 2, messages
+    assert "lora.yaml" in messages[1] and "says it trains nothing" in messages[1]
+    assert "arrow.yaml" in messages[0] and "nothing to train" in messages[0] and "frozen: true" in messages[0]

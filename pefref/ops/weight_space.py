@@ -145,29 +145,24 @@ def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tens
 
 
 @primitive()
-def top_right_singular(b: torch.Tensor, a: torch.Tensor, iters: int = 15, seed: int = 0) -> torch.Tensor:
+def top_right_singular(b: torch.Tensor, a: torch.Tensor, start: torch.Tensor, iters: int = 15) -> torch.Tensor:
     """The dominant right singular vector of a product of factors, :math:`v_1(BA)` for ``b`` [..., out, r]
     and ``a`` [..., r, in] (a batch of low-rank updates, e.g. stacked LoRA experts [E, out, r] and
     [E, r, in]) → [..., in], without forming :math:`BA`: ``iters`` steps of power iteration on
-    :math:`A^\\top (B^\\top B) A`, the eigenvectors of :math:`(BA)^\\top BA`,
+    :math:`A^\\top (B^\\top B) A`, whose eigenvectors are the right singular vectors of :math:`BA`,
 
-    :math:`v \\leftarrow w / (\\lVert w \\rVert + 10^{-8})`, :math:`w = A^\\top (B^\\top B)(A v)`,
+    :math:`v_0 = s / (\\lVert s \\rVert + 10^{-8})`, :math:`v \\leftarrow w / (\\lVert w \\rVert + 10^{-8})`,
+    :math:`w = A^\\top (B^\\top B)(A v)`,
 
-    in fp32, from one Gaussian start vector [in] shared by the batch, :math:`v_0 / (\\lVert v_0 \\rVert + 10^{-8})`,
-    drawn from a generator of the factors' device type seeded with ``seed`` (torch's global generator is left as
-    it was). The result is unit length and defined up to its sign; with enough steps it is the first row of
-    :func:`svd_vh` of :math:`BA`. A constant for gradients (computed without autograd), cast to ``a``'s dtype.
-    Arrow (Ostapenko et al. 2024, arXiv 2405.11157) routes tokens by it: each LoRA expert's prototype."""
+    in fp32, from the start vector ``start`` ([in], shared by the batch, or [..., in]; e.g. a fixed tensor
+    initialised with :func:`gaussian`). The result is unit length and defined up to its sign; with enough steps it
+    is the first row of :func:`svd_vh` of :math:`BA`. A constant for gradients (computed without autograd), cast to
+    ``a``'s dtype. Arrow (Ostapenko et al. 2024, arXiv 2405.11157) routes tokens by it: each LoRA expert's prototype."""
     import torch
 
-    if a.is_meta or b.is_meta:  # shapes only (a model built without weights)
-        return a.new_empty((*a.shape[:-2], a.shape[-1]))
     with torch.no_grad():
-        a32, b32 = a.detach().float(), b.detach().float()
-        gen = torch.Generator(device=a32.device.type)
-        gen.manual_seed(int(seed))
-        v = torch.randn(a32.shape[-1], dtype=a32.dtype, device=a32.device, generator=gen)
-        v = (v / (v.norm() + 1e-8)).expand(*a32.shape[:-2], a32.shape[-1]).unsqueeze(-1)
+        a32, b32, s32 = a.detach().float(), b.detach().float(), start.detach().float()
+        v = (s32 / (torch.linalg.vector_norm(s32, dim=-1, keepdim=True) + 1e-8)).expand(*a32.shape[:-2], a32.shape[-1]).unsqueeze(-1)
         c = b32.transpose(-1, -2) @ b32  # [..., r, r]
         for _ in range(int(iters)):
             w = a32.transpose(-1, -2) @ (c @ (a32 @ v))
