@@ -16,7 +16,8 @@ A peft type the table refuses (``refused:``, e.g. a saved form that does not
 hold all of the adapter's tensors) records the converter's error for it on each
 model. A row the converter refuses on a model (e.g. a method peft has only for
 nn.Linear, on GPT-2's Conv1D) records the converter's own error message; a row
-no case exercises says so. Counts: trainable parameters of the pefref adapter
+no case exercises says so; a row naming a form of peft's that the converter
+does not take (``refused``, e.g. Arrow's several adapters) records its reason. Counts: trainable parameters of the pefref adapter
 and of peft's loaded adapter (prompt learning: the saved tensors, which peft
 loads frozen). Prints a markdown table; ``--json FILE`` writes one object per
 row and model: peft_type, technique, variant, model, max_diff,
@@ -100,6 +101,9 @@ def measure(row: PeftMethod, shape: str, tmp: Path) -> dict[str, Any]:
     """One row on one model: the export leg's diff and counts, and both round trips (or why there are none)."""
     rec: dict[str, Any] = {"peft_type": row.peft_type, "technique": row.technique, "variant": variant(row), "model": shape,
                            "max_diff": None, "trainable_pefref": None, "trainable_peft": None, "round_trip": None}
+    if row.refused:
+        rec["round_trip"] = f"refused: {row.refused}"
+        return rec
     outs, ins = export_cases(row), import_cases(row)
     if not outs and not ins:
         rec["round_trip"] = "no case exercises this row"

@@ -144,7 +144,7 @@ def _units(technique: str) -> list[Unit]:
     cat = default_catalog()
     t = cat.technique(technique)
     modules = expand_modules(t, cat.techniques)[0]
-    fam = next(f for f in ("llama", *TINY) if applicable(modules, cat.family(f)) and count_params(t, cat.shape(TINY[f]), cat).trainable)
+    fam = next(f for f in ("llama", *TINY) if applicable(modules, cat.family(f)) and (t.frozen or count_params(t, cat.shape(TINY[f]), cat).trainable))
     units = list(apply(tiny_model(fam), technique).units.values())
     assert units or all(m.form == "select" for m in modules)
     return units

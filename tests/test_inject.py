@@ -45,6 +45,12 @@ def test_a_gradient_initialisation_on_a_model_without_a_loss_is_refused(tid: str
     with pytest.raises(PefrefError, match="weight_grad statistics differentiate the model's loss: give calibration batches with labels"):
         apply(model, tid)
     assert not hasattr(model, ADAPTERS_ATTR) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+FROZEN = [  # techniques that train nothing (a routed library of loaded experts)
+    pytest.param(tid, fam, id=f"{tid}-{fam}")
+    for tid, t in sorted(_CAT.techniques.items()) if t.frozen
+    for fam in TINY
+    if applicable(expand_modules(t, _CAT.techniques)[0], _CAT.family(fam))
+]
 
 
 def _compare_len(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -172,7 +178,47 @@ def test_analytic_count_equals_counted(tid: str, fam: str) -> None:
 
 
 def test_every_technique_applies_somewhere() -> None:
-    assert {c.values[0] for c in CASES} == set(_CAT.techniques)
+    assert {c.values[0] for c in CASES + FROZEN} == set(_CAT.techniques)
+
+
+@pytest.mark.parametrize("tid,fam", FROZEN)
+def test_frozen_technique_properties(tid: str, fam: str) -> None:
+    """A technique that trains nothing: no tensor trains; with its tensors set (as one loads them) it changes the
+    output; disable, the merge refusal or merge, save/load and remove behave as for any technique."""
+    t = _CAT.technique(tid)
+    model = tiny_model(fam)
+    inputs = model_inputs(fam)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_out = output_of(model, inputs)
+    a = apply(model, tid)
+    assert a.report.trainable == 0 and not a.trainable_parameters() and not any(p.requires_grad for p in model.parameters())
+    if t.identity_at_init:
+        torch.testing.assert_close(output_of(model, inputs), base_out, atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in [v for v in a.state_dict().values() if v.is_floating_point()]:  # fixed tensors (buffers), as loaded
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    adapted = output_of(model, inputs)
+    assert (adapted - base_out).abs().max() > 1e-3
+    with a.disable():
+        torch.testing.assert_close(output_of(model, inputs), base_out, atol=1e-6, rtol=0)
+    if modules_mergeable(expand_modules(t, _CAT.techniques)[0], _CAT.reference, _CAT.family(fam)):
+        a.merge()
+        torch.testing.assert_close(output_of(model, inputs), adapted, atol=1e-5, rtol=0)
+        a.unmerge()
+    else:
+        with pytest.raises(PefrefError, match="cannot be merged"):
+            a.merge()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    with torch.no_grad():
+        for p in [v for v in a.state_dict().values() if v.is_floating_point()]:  # fixed tensors (buffers), as loaded
+            p.zero_()
+    a.load_state_dict(state)
+    torch.testing.assert_close(output_of(model, inputs), adapted, atol=0, rtol=0)
+    a.remove()
+    assert not hasattr(model, ADAPTERS_ATTR)
+    assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(output_of(model, inputs), base_out, atol=0, rtol=0)
 
 
 REAL_SHAPES = ("gpt2", "bert-base-uncased", "qwen2-0.5b")

@@ -43,6 +43,7 @@ FUSED = {m.technique for m in interop_table().methods if m.fused is not None}
 RESIDUAL = {m.technique for m in interop_table().methods if m.residual is not None}
 EXPORT = [(s, n) for s in SHAPES for n, c in CASES.items() if not (s == "tiny-gpt2" and c.linear_only) and s not in c.refused_on]
 IMPORT = [(s, n) for s, n in EXPORT if CASES[n].peft is not None]
+REFUSED = {m.technique: m.refused for m in interop_table().methods if m.refused}
 
 
 def test_every_row_names_a_catalog_technique_and_its_modules() -> None:
@@ -73,8 +74,8 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
     implemented |= {"shadow"}  # a side network whose backbone mirrors the host's block (Llama-architecture families)
     implemented |= {"frod", "adamss"}  # tensors shared by a projection's layers, keyed by projection; one tensor per cluster of rows
-    assert implemented <= set(CATALOG.techniques)
-    assert {m.technique for m in interop_table().methods if not m.import_only} == implemented
+    assert implemented | set(REFUSED) <= set(CATALOG.techniques)
+    assert {m.technique for m in interop_table().methods if not m.import_only} == implemented | set(REFUSED)
     assert {c.technique for c in CASES.values()} == implemented
     # implemented by peft, equal to it (tests/test_parity_xlora.py), but its saved form is refused with a reason
     assert {r.technique for r in interop_table().refused} == {"xlora"}
@@ -317,6 +318,28 @@ def test_peft_forms_without_an_exact_catalog_form_are_refused_without_changing_t
     with pytest.raises(PefrefError, match="matches no catalog technique exactly"):
         pefref.from_pretrained(model, tmp_path / "rank_pattern")
     assert not hasattr(model, "pefref_adapters") and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("gks", [False, True], ids=["arrow", "arrow_gks"])
+def test_arrow_is_refused_both_ways_with_the_reason(tmp_path: Path, gks: bool) -> None:
+    """peft's Arrow router (create_arrow_model, saved one folder per adapter) is not read as a LoRA, nor written."""
+    technique = "arrow_gks" if gks else "arrow"
+    expert = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    experts = [str(_saved(tmp_path, f"e{i}", expert)) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        routed = peft.create_arrow_model(copy.deepcopy(base("tiny-llama")), experts[:2], peft.ArrowConfig(top_k=1, use_gks=gks),
+                                         general_adapter_paths=experts[2:] if gks else None)
+    routed.save_pretrained(tmp_path / "saved")
+    model = copy.deepcopy(base("tiny-llama"))
+    with pytest.raises(PefrefError, match=f"peft's form of {technique}, which is not converted: peft's Arrow"):
+        pefref.from_pretrained(model, tmp_path / "saved" / "arrow_router")
+    assert not hasattr(model, "pefref_adapters")
+    assert pefref.from_pretrained(copy.deepcopy(base("tiny-llama")), experts[0]).technique.id == "lora"  # an expert alone is a LoRA
+    a = pefref.apply(model, technique, r=4, E=2, k=1)
+    with pytest.raises(PefrefError, match=f"{technique}: not converted to peft's format: peft's Arrow"):
+        a.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_boft_with_several_factors_needs_peft_kernel(tmp_path: Path) -> None:

@@ -102,11 +102,12 @@ ALL = sorted(default_catalog().techniques)
 
 
 def _family_for(tid: str) -> str:
-    """The first tiny family (Llama first) that binds the technique's sites and gives it something to train."""
+    """The first tiny family (Llama first) that binds the technique's sites and gives it something to train (or, for a
+    technique that trains nothing, places it)."""
     cat = default_catalog()
     t = cat.technique(tid)
     modules = expand_modules(t, cat.techniques)[0]
-    return next(f for f in ("llama", *TINY) if applicable(modules, cat.family(f)) and count_params(t, cat.shape(TINY[f]), cat).trainable)
+    return next(f for f in ("llama", *TINY) if applicable(modules, cat.family(f)) and (t.frozen or count_params(t, cat.shape(TINY[f]), cat).trainable))
 
 
 @pytest.mark.parametrize("tid", ALL)

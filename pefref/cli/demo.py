@@ -42,7 +42,8 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     a = apply(model, t, catalog=catalog, overrides=tokens, calibration=random_batches(model, 4))  # data-initialised techniques: random tokens
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
-    for p in a.trainable_parameters():
+    loaded = [v for v in a.state_dict().values() if v.is_floating_point()]  # frozen: the fixed tensors one would load
+    for p in (loaded if t.frozen else a.trainable_parameters()):
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
     if torch.equal(adapted, at_init):  # what trains acts through frozen tensors that start at zero (a router over frozen experts)

@@ -35,7 +35,7 @@ from pefref.interop.peft_common import (
 from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
-from pefref.language.interop_table import method_for, rows_for
+from pefref.language.interop_table import method_for, refusal_for, rows_for
 from pefref.language.schema import InteropTable, PeftMethod, PeftModuleMap, Technique
 from pefref.runtime.adapter import Adapter
 from pefref.runtime.hosts import host_kind
@@ -55,6 +55,9 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     method = method_for(tech.id, table, adapter.hyperparameters)
     if method is not None:
         return method
+    why = refusal_for(tech.id, table)
+    if why is not None:
+        raise PefrefError(f"{tech.id}: not converted to peft's format: {why}")
     rows = rows_for(tech.id, table)
     if rows:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)

@@ -48,6 +48,7 @@ def _accepts(want: Any, have: Any) -> bool:
 def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
     """The catalog row that reads this peft config exactly."""
     rows = [m for m in table.methods if m.peft_type == cfg.get("peft_type") and not m.export_only]
+    rows = [m for m in rows if m.refused] + [m for m in rows if not m.refused]  # a form known to be refused is never read as another
     if not rows:
         why = next((r.reason for r in table.refused if r.peft_type == cfg.get("peft_type")), None)
         if why is not None:
@@ -56,8 +57,10 @@ def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
         raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
     for m in rows:
         if all(_accepts(v, cfg.get(k)) for k, v in m.config.items() if k in cfg or isinstance(v, dict)):  # a sub-config must be set
+            if m.refused:
+                raise PefrefError(f"this {cfg['peft_type']} adapter is peft's form of {m.technique}, which is not converted: {m.refused}")
             return m
-    diffs = "; ".join(f"{m.technique} needs " + ", ".join(f"{k}={v!r}" for k, v in m.config.items()) for m in rows)
+    diffs = "; ".join(f"{m.technique} needs " + ", ".join(f"{k}={v!r}" for k, v in m.config.items()) for m in rows if not m.refused)
     raise PefrefError(f"this {cfg['peft_type']} adapter matches no catalog technique exactly ({diffs})")
 
 

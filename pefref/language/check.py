@@ -168,8 +168,12 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
             found += check_module_shapes(m, ("modules", i), {k: v.default for k, v in hps.items()}, ref, pos, published)
         out += found + _check_prepend(m, ("modules", i), ref, pos)
     out += _check_groups(modules, pos)
-    if modules and not any(p.trainable for m in modules for p in m.params.values()) and all(form_of(m).has_unit for m in modules):
-        out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train"))
+    trained = any(p.trainable for m in modules for p in m.params.values()) or not all(form_of(m).has_unit for m in modules)
+    if modules and not trained and not t.frozen:
+        out.append(Problem(pos.at(("modules",)), "modules", "no module declares a trainable tensor: there would be nothing to train "
+                           "(a technique that reuses fixed tensors only says frozen: true)"))
+    elif t.frozen and any(p.trainable for m in modules for p in m.params.values()):
+        out.append(Problem(pos.at(("frozen",)), "frozen", "the technique says it trains nothing, but a module declares a trainable tensor"))
     if not out:
         out += check_connections(modules, ref, pos) + check_hook_inputs(modules, t.training, ref, pos)
     return out + check_training(t.training, modules, {k: v.default for k, v in hps.items()}, pos, ref if defaults_sound else None, published)

@@ -11,7 +11,7 @@ from pefref.language.catalog import catalog_root
 from pefref.language.loader import load_file
 from pefref.language.schema import InteropTable, PeftMethod
 
-__all__ = ["interop_table", "table_path", "method_for", "rows_for"]
+__all__ = ["interop_table", "table_path", "method_for", "rows_for", "refusal_for"]
 
 
 def table_path(root: Path | None = None) -> Path:
@@ -32,7 +32,13 @@ def interop_table(root: Path | None = None) -> InteropTable:
 def rows_for(technique_id: str, table: InteropTable | None = None) -> list[PeftMethod]:
     """The table's export rows for a technique (empty when peft has no exact form of it)."""
     table = table or interop_table()
-    return [m for m in table.methods if m.technique == technique_id and not m.import_only]
+    return [m for m in table.methods if m.technique == technique_id and not m.import_only and not m.refused]
+
+
+def refusal_for(technique_id: str, table: InteropTable | None = None) -> str | None:
+    """Why peft's form of a technique is not converted (its row's ``refused``), or None when no row refuses it."""
+    table = table or interop_table()
+    return next((m.refused for m in table.methods if m.technique == technique_id and m.refused), None)
 
 
 def method_for(technique_id: str, table: InteropTable | None = None,

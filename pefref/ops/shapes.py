@@ -237,6 +237,16 @@ def _svd_vh(w: Shape, k: int, niter: int = 0, seed: Any = 0) -> Shape:
     return Shape((k, w[1]))
 
 
+@shape_rule("top_right_singular")
+def _top_right_singular(b: Shape, a: Shape, start: Shape, iters: Any = 15) -> Shape:
+    if len(a) < 2 or len(b) != len(a) or b[:-2] != a[:-2] or b[-1] != a[-2]:
+        raise ShapeMismatch(f"top_right_singular needs factors b [..., out, r] and a [..., r, in] with the same batch, found {b} and {a}")
+    if not start or start[-1] != a[-1] or (len(start) > 1 and tuple(start) != (*a[:-2], a[-1])):
+        raise ShapeMismatch(f"top_right_singular's start must be [{a[-1]}] or [..., {a[-1]}] like the batch, found {start}")
+    _count(iters, "top_right_singular's iters")
+    return Shape((*a[:-2], a[-1]))
+
+
 @shape_rule("damped", "inv")
 def _square(c: Shape, *_: Any, **__: Any) -> Shape:
     if len(c) != 2 or c[0] != c[1]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "weight_norm", "svd_u", "svd_s", "svd_vh", "scatter2d", "ifft2_real",
+    "weight_norm", "svd_u", "svd_s", "svd_vh", "top_right_singular", "scatter2d", "ifft2_real",
     "factor_left", "factor_right", "random_positions", "damped", "inv", "forget_decompositions",
 ]
 
@@ -142,6 +142,32 @@ def svd_vh(w: torch.Tensor, k: int, niter: int = 0, seed: int = 0) -> torch.Tens
     """The leading ``k`` right singular vectors of ``w`` as rows, :math:`V_{:, :k}^\\top` ([k, in]),
     fp32 thin SVD (randomised with ``niter`` > 0, see :func:`svd_u`)."""
     return _svd(w, k, niter, seed)[2][:k]
+
+
+@primitive()
+def top_right_singular(b: torch.Tensor, a: torch.Tensor, start: torch.Tensor, iters: int = 15) -> torch.Tensor:
+    """The dominant right singular vector of a product of factors, :math:`v_1(BA)` for ``b`` [..., out, r]
+    and ``a`` [..., r, in] (a batch of low-rank updates, e.g. stacked LoRA experts [E, out, r] and
+    [E, r, in]) → [..., in], without forming :math:`BA`: ``iters`` steps of power iteration on
+    :math:`A^\\top (B^\\top B) A`, whose eigenvectors are the right singular vectors of :math:`BA`,
+
+    :math:`v_0 = s / (\\lVert s \\rVert + 10^{-8})`, :math:`v \\leftarrow w / (\\lVert w \\rVert + 10^{-8})`,
+    :math:`w = A^\\top (B^\\top B)(A v)`,
+
+    in fp32, from the start vector ``start`` ([in], shared by the batch, or [..., in]; e.g. a fixed tensor
+    initialised with :func:`gaussian`). The result is unit length and defined up to its sign; with enough steps it
+    is the first row of :func:`svd_vh` of :math:`BA`. A constant for gradients (computed without autograd), cast to
+    ``a``'s dtype. Arrow (Ostapenko et al. 2024, arXiv 2405.11157) routes tokens by it: each LoRA expert's prototype."""
+    import torch
+
+    with torch.no_grad():
+        a32, b32, s32 = a.detach().float(), b.detach().float(), start.detach().float()
+        v = (s32 / (torch.linalg.vector_norm(s32, dim=-1, keepdim=True) + 1e-8)).expand(*a32.shape[:-2], a32.shape[-1]).unsqueeze(-1)
+        c = b32.transpose(-1, -2) @ b32  # [..., r, r]
+        for _ in range(int(iters)):
+            w = a32.transpose(-1, -2) @ (c @ (a32 @ v))
+            v = w / (torch.linalg.vector_norm(w, dim=-2, keepdim=True) + 1e-8)
+        return v.squeeze(-1).to(a.dtype)
 
 
 # --- covariances (initialisation from calibration statistics) ---------------------------------------

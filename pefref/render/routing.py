@@ -149,9 +149,9 @@ def mixed_stack(expr: object, name: str, params: dict[str, Any]) -> str | None:
     for call in _calls(tree, "einsum"):
         if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
             continue
-        ins, arrow, out = call.args[0].value.replace(" ", "").partition("->")
+        ins, sep, out = call.args[0].value.replace(" ", "").partition("->")
         terms, ops = ins.split(","), list(call.args[1:])
-        if not arrow or len(terms) != len(ops):
+        if not sep or len(terms) != len(ops):
             continue
         for term, op in zip(terms, ops):
             if name not in _names(op):

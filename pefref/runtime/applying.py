@@ -266,7 +266,7 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
         for label, (paths, n) in saved_rows.items():
             rows[(SAVED_MODULE, label)] = ReportRow(label, SAVED_MODULE, paths, [None] * len(paths), n // len(paths), n)
         n_trainable = adapter.num_trainable()
-        if n_trainable == 0:
+        if n_trainable == 0 and not tech.frozen:
             raise PefrefError(f"{tech.id}: nothing to train on this model (e.g. selected biases that its {p.family.family} modules do not have)")
         adapter.report = Report(tech.id, p.family.family, list(rows.values()), n_trainable, sum(q.numel() for q in base))
         if any(getattr(h, "inputs", None) for h in tech.training):  # hooks read the last forward pass from the input cell

@@ -144,6 +144,9 @@ class PeftMethod(Strict):
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")
     import_only: bool = Field(False, description="Read this peft form into the technique, but export the technique through its other row.")
+    refused: str = Field("", description=("Non-empty: peft computes the technique with this form, but pefref does not convert it, for this "
+                                          "reason. Import refuses a peft config the row matches (checked before the other rows, so the "
+                                          "form is never read as another technique) and export refuses the technique, both with the reason."))
     notes: str = ""
 
 

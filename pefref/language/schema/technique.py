@@ -486,6 +486,9 @@ class Technique(Strict):
                      "before_optimizer_step and after_optimizer_step run them (pefref run and the Trainer callback call them)."),
     )
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
+    frozen: bool = Field(False, description=("True for a technique that trains nothing: every tensor it declares is fixed (e.g. a routing "
+                                             "over a library of modules trained elsewhere, whose tensors are loaded before use). Without it, "
+                                             "a technique with no trainable tensor is refused; with it, one that declares a trainable tensor is."))
     typology: dict[Literal[TYPOLOGY_PROPERTIES], str | list[str]] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="Typology values declared where the structure cannot determine them (shown as declared)."
     )
