@@ -108,9 +108,36 @@ def matmul_shape(a: Shape, b: Shape) -> Shape:
     return Shape(out)
 
 
-@shape_rule("sqrt", "log2", "detach", "exp", "gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh", "softmax", "dropout", "zeros_like",
-            "cayley", "ifft2_real", "orthonormal_rows")
+@shape_rule("sqrt", "log2", "detach", "exp", "gelu", "gelu_tanh", "relu", "sigmoid", "silu", "tanh", "softmax", "zeros_like")
 def _same(a: Shape, *_: Any, **__: Any) -> Shape:
+    return a
+
+
+def _matrices(a: Any, op: str) -> Shape:
+    """``a`` is a matrix or a batch of them (the op works on its last two dimensions)."""
+    if not isinstance(a, Shape) or len(a) < 2:
+        raise ShapeMismatch(f"{op} works on the last two dimensions of a matrix (or a batch of them), found {a}")
+    return a
+
+
+@shape_rule("ifft2_real", "orthonormal_rows")
+def _matrix_same(a: Shape, *_: Any, **__: Any) -> Shape:
+    return _matrices(a, "this op")
+
+
+@shape_rule("cayley")
+def _cayley(q: Shape, terms: Any = 0) -> Shape:
+    if _matrices(q, "cayley")[-1] != q[-2]:
+        raise ShapeMismatch(f"cayley needs square matrices [..., b, b], found {q}")
+    if isinstance(terms, (int, float)) and (terms != int(terms) or (int(terms) != 0 and terms < 2)):
+        raise ShapeMismatch(f"cayley's terms must be 0 (exact) or an integer of at least 2, found {terms!r}")
+    return q
+
+
+@shape_rule("dropout")
+def _dropout(a: Shape, p: Any = 0.0, *_: Any, **__: Any) -> Shape:
+    if isinstance(p, (int, float)) and not 0 <= p <= 1:
+        raise ShapeMismatch(f"dropout's probability must be within [0, 1], found {p!r}")
     return a
 
 
@@ -140,7 +167,8 @@ def _matmul(a: Shape, b: Shape) -> Shape:
 
 @shape_rule("t")
 def _t(a: Shape) -> Shape:
-    return Shape((*a[:-2], a[-1], a[-2])) if len(a) >= 2 else a
+    a = _matrices(a, "t (the transpose of the last two dimensions)")
+    return Shape((*a[:-2], a[-1], a[-2]))
 
 
 @shape_rule("kron")
@@ -211,6 +239,8 @@ def _butterfly(b: Shape) -> Shape:
 
 @shape_rule("householder")
 def _householder(u: Shape) -> Shape:
+    if len(u) != 2:
+        raise ShapeMismatch(f"householder needs its reflection vectors as the columns of a matrix [d, r], found {u}")
     return Shape((u[0], u[0]))
 
 
@@ -256,6 +286,8 @@ def _square(c: Shape, *_: Any, **__: Any) -> Shape:
 
 @shape_rule("weight_norm")
 def _weight_norm(v: Shape, g: Shape, detach: Any = False) -> Shape:
+    if len(v) != 2 or tuple(g) not in ((v[0], 1), (v[0],)):
+        raise ShapeMismatch(f"weight_norm needs v [out, in] and g [out, 1] or [out], found {v} and {g}")
     return v
 
 
