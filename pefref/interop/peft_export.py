@@ -32,6 +32,7 @@ from pefref.interop.peft_common import (
     to_peft,
     unit_key,
 )
+from pefref.interop.peft_experts import PeftState, split_experts
 from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
@@ -70,14 +71,6 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     raise PefrefError(f"{tech.id}: peft has no exact form of this technique{why} (techniques with one: {known})")
 
 
-@dataclass(frozen=True)
-class PeftState:
-    """An adapter in peft's terms: ``adapter_config.json``'s content and ``adapter_model.safetensors``' tensors."""
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(repr=False)
-
-
 @dataclass
 class _Export:
     """What :func:`peft_state` gathers while it walks the adapter's placements."""
@@ -92,6 +85,7 @@ class _Export:
     saved: list[str] = field(default_factory=list)  # modules to save whole
     selected: set[str] = field(default_factory=set)  # host parameters written
     indexed: dict[str, Any] = field(default_factory=dict)  # key of an indexed tensor -> the tensor written there
+    table: InteropTable | None = None
 
     @property
     def tech(self) -> Technique:
@@ -129,7 +123,8 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
         config_set(cfg, field_name, adapter.hyperparameters[hp])
-    ex = _Export(adapter, method, cfg)
+    cfg.update({field_name: adapter.sizes[size] for field_name, size in method.sizes.items()})
+    ex = _Export(adapter, method, cfg, table=table)
     maps = {mm.module: mm for mm in method.modules}
     in_place = {m.name for m in ex.tech.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     for row in adapter.report.rows if adapter.report else []:
@@ -269,7 +264,8 @@ def _complete(ex: _Export) -> PeftState:
     left = sorted(set(adapter.selected) - selected)
     if left:
         raise PefrefError(f"{ex.tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
-    return PeftState(cfg, _own_storage(tensors))
+    folders = split_experts(method, ex.table, adapter.hyperparameters, cfg, tensors) if method.experts and ex.table else {}
+    return PeftState(cfg, _own_storage(tensors), folders)
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
