@@ -82,7 +82,8 @@ def read_experts(method: PeftMethod, table: InteropTable, cfg: Mapping[str, Any]
         if patterns:
             raise PefrefError(f"{p}: per-module {patterns[0]} in an expert; {method.technique}'s experts share one of each")
         keyed = {f: ecfg.get(f) for f in [*spec.hyperparameters, spec.targets]}
-        keyed[spec.targets] = sorted(keyed[spec.targets]) if isinstance(keyed[spec.targets], list) else keyed[spec.targets]
+        targets = keyed[spec.targets]
+        keyed[spec.targets] = sorted(targets) if isinstance(targets, list) else targets
         if first is None:
             first = (p, keyed, set(estate))
         else:

@@ -60,9 +60,9 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     if rows:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
         raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
-    why = next((r for r in table.refused if r.technique == tech.id), None)
-    if why is not None:
-        raise PefrefError(f"{tech.id}: not converted to peft's {why.peft_type}: {why.reason}")
+    refusal = next((r for r in table.refused if r.technique == tech.id), None)
+    if refusal is not None:
+        raise PefrefError(f"{tech.id}: not converted to peft's {refusal.peft_type}: {refusal.reason}")
     known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
     rewrites = sorted(str(m.name) for m in tech.modules if getattr(m, "host_update", None) and getattr(m, "calibration", None))
     why = (f"; its module(s) {', '.join(rewrites)} rewrite the host weights from calibration data at apply (host_update), "
