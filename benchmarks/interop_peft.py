@@ -21,9 +21,10 @@ and of peft's loaded adapter (prompt learning: the saved tensors, which peft
 loads frozen). Prints a markdown table; ``--json FILE`` writes one object per
 row and model: peft_type, technique, variant, model, max_diff,
 trainable_pefref, trainable_peft and round_trip (both legs' max diffs, or the
-reason there is none). Runs in a few minutes on one core.
+reason there is none). Runs in a few minutes on one core; ``--technique``
+measures only that technique's rows.
 
-    python benchmarks/interop_peft.py [--json out.json]
+    python benchmarks/interop_peft.py [--json out.json] [--technique ID ...]
 """
 
 from __future__ import annotations
@@ -149,13 +150,17 @@ def _cell(v: Any) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write one object per row and model here")
+    parser.add_argument("--technique", action="append", default=None, help="measure only the rows of this technique (repeatable)")
     args = parser.parse_args()
+    only = set(args.technique or [])
     warnings.simplefilter("ignore")
     rows = []
     print("| peft_type | technique | variant | model | max diff | pefref→peft→pefref | peft→pefref | peft→pefref→peft | trainable pefref | trainable peft |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for row in interop_table().methods:
+            if only and row.technique not in only:
+                continue
             for shape in SHAPES:
                 rec = measure(row, shape, Path(tmp))
                 rows.append(rec)
@@ -165,6 +170,8 @@ def main() -> None:
                       + " | ".join(_cell(v) for v in legs) + f" | {_cell(rec['trainable_pefref'])} | {_cell(rec['trainable_peft'])} |",
                       flush=True)
         for refused in interop_table().refused:
+            if only and refused.technique not in only:
+                continue
             for shape in SHAPES:
                 rec = measure_refused(refused, shape)
                 rows.append(rec)
