@@ -30,6 +30,7 @@ class PeftState:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(repr=False)
     folders: dict[str, PeftState] = field(default_factory=dict, repr=False)
+    folder_field: str | None = None  # the config field naming ``folders`` ({name: folder}, relative until written)
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,8 @@ def split_experts(method: PeftMethod, table: InteropTable, hps: Mapping[str, Any
 
 
 def expert_folders(state: PeftState, folder: Path) -> dict[str, Any]:
-    """``state``'s config with each field naming expert folders made absolute under ``folder`` (peft opens them as given)."""
-    cfg = dict(state.config)
-    rel = {str(Path(r)) for r in state.folders}
-    for key, value in cfg.items():
-        if isinstance(value, dict) and value and all(isinstance(v, str) and str(Path(v)) in rel for v in value.values()):
-            cfg[key] = {name: str((folder / v).resolve()) for name, v in value.items()}
-    return json.loads(json.dumps(cfg))
+    """``state``'s config with the field naming its folders made absolute under ``folder`` (peft opens them as given)."""
+    cfg = json.loads(json.dumps(state.config))
+    if state.folder_field is not None:
+        cfg[state.folder_field] = {name: str((folder / rel).resolve()) for name, rel in cfg[state.folder_field].items()}
+    return cfg

@@ -265,7 +265,7 @@ def _complete(ex: _Export) -> PeftState:
     if left:
         raise PefrefError(f"{ex.tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
     folders = split_experts(method, ex.table, adapter.hyperparameters, cfg, tensors) if method.experts and ex.table else {}
-    return PeftState(cfg, _own_storage(tensors), folders)
+    return PeftState(cfg, _own_storage(tensors), folders, method.experts.field if method.experts else None)
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,8 +9,10 @@ config values, which config fields carry which hyperparameters, each tensor's
 name, layout and sign, tensors shared by all placements, hyperparameters read
 off tensor shapes, the block-structured form of placements on slices of a
 fused projection, rank masks, buffers peft keeps as constant zeros, the free
-tensors a computed prefix concatenates, and targets written by module name
-(so that peft shares what the technique shares). Tensors a technique shares
+tensors a computed prefix concatenates, targets written by module name
+(so that peft shares what the technique shares), and experts peft keeps as
+adapters of their own in folders a config field names (read and written through
+another row, see :mod:`pefref.interop.peft_experts`). Tensors a technique shares
 across placements must come from peft with equal values. Only exact conversions are made; anything
 else (a technique without a peft form, a placement peft cannot express, a
 per-module setting the catalog technique cannot hold) raises
