@@ -12,9 +12,7 @@ are run:
 * ``peft→pefref`` (rows that read): a perturbed adapter built and saved by peft,
   read by ``pefref.from_pretrained`` (diff), and saved again for peft (back).
 
-A peft type the table refuses (``refused:``, e.g. a saved form that does not
-hold all of the adapter's tensors) records the converter's error for it on each
-model. A row the converter refuses on a model (e.g. a method peft has only for
+A row the converter refuses on a model (e.g. a method peft has only for
 nn.Linear, on GPT-2's Conv1D) records the converter's own error message; a row
 no case exercises says so; a row naming a form of peft's that the converter
 does not take (``refused``, e.g. Arrow's several adapters) records its reason. Counts: trainable parameters of the pefref adapter
@@ -22,9 +20,10 @@ and of peft's loaded adapter (prompt learning: the saved tensors, which peft
 loads frozen). Prints a markdown table; ``--json FILE`` writes one object per
 row and model: peft_type, technique, variant, model, max_diff,
 trainable_pefref, trainable_peft and round_trip (both legs' max diffs, or the
-reason there is none). Runs in a few minutes on one core.
+reason there is none). Runs in a few minutes on one core; ``--technique``
+measures only that technique's rows.
 
-    python benchmarks/interop_peft.py [--json out.json]
+    python benchmarks/interop_peft.py [--json out.json] [--technique ID ...]
 """
 
 from __future__ import annotations
@@ -40,11 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pefref
 from pefref.language.catalog import default_catalog
 from pefref.language.errors import PefrefError
 from pefref.language.interop_table import interop_table
-from pefref.language.schema import PeftMethod, PeftRefusal
+from pefref.language.schema import PeftMethod
 from tests.interop_cases import CASES, SHAPES, Case, apply_case, base, export_case, import_case
 
 CATALOG = default_catalog()
@@ -131,21 +129,6 @@ def measure(row: PeftMethod, shape: str, tmp: Path) -> dict[str, Any]:
     return rec
 
 
-def measure_refused(row: PeftRefusal, shape: str) -> dict[str, Any]:
-    """A peft type the table refuses: the converter's own error when writing the technique on this model."""
-    model = copy.deepcopy(base(shape))
-    why = row.reason
-    try:
-        adapter = pefref.apply(model, row.technique)
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter.save_pretrained(Path(tmp) / "a")
-        why = "written without an error (expected the table's refusal)"
-    except PefrefError as e:
-        why = str(e)
-    return {"peft_type": row.peft_type, "technique": row.technique, "variant": "", "model": shape, "max_diff": None,
-            "trainable_pefref": None, "trainable_peft": None, "round_trip": f"refused: {why}"}
-
-
 def _cell(v: Any) -> str:
     return "—" if v is None else f"{v:.1e}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
 
@@ -153,13 +136,17 @@ def _cell(v: Any) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write one object per row and model here")
+    parser.add_argument("--technique", action="append", default=None, help="measure only the rows of this technique (repeatable)")
     args = parser.parse_args()
+    only = set(args.technique or [])
     warnings.simplefilter("ignore")
     rows = []
     print("| peft_type | technique | variant | model | max diff | pefref→peft→pefref | peft→pefref | peft→pefref→peft | trainable pefref | trainable peft |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for row in interop_table().methods:
+            if only and row.technique not in only:
+                continue
             for shape in SHAPES:
                 rec = measure(row, shape, Path(tmp))
                 rows.append(rec)
@@ -168,11 +155,6 @@ def main() -> None:
                 print(f"| {row.peft_type} | {row.technique} | {rec['variant']} | {shape} | {_cell(rec['max_diff'])} | "
                       + " | ".join(_cell(v) for v in legs) + f" | {_cell(rec['trainable_pefref'])} | {_cell(rec['trainable_peft'])} |",
                       flush=True)
-        for refused in interop_table().refused:
-            for shape in SHAPES:
-                rec = measure_refused(refused, shape)
-                rows.append(rec)
-                print(f"| {refused.peft_type} | {refused.technique} |  | {shape} | — | {rec['round_trip']} | — | — | — | — |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 

@@ -61,6 +61,8 @@ class Case:
     task_ids: bool = False  # peft's forward takes every example's task id (multitask prompt tuning, Poly)
     calibration: bool = False  # initialised from data: applied with a few batches of random tokens
     refused_on: tuple[str, ...] = ()  # shapes whose family the row does not convert (families:), refused both ways
+    experts: int = 0  # peft's config names this many perturbed LoRA adapters (saved first, config as the lora case) as its experts
+    no_cache: bool = False  # peft refuses a model whose config caches keys and values (X-LoRA)
 
 
 def apply_case(model: nn.Module, shape: str, case: Case) -> Any:
@@ -181,6 +183,9 @@ CASES: dict[str, Case] = {
                    refused_on=("tiny-gpt2",)),  # peft's mirror backbone is GPT-2's own block there
     "adaption_prompt": Case("adaption_prompt", {"n": 3}, None, lambda fam: peft.AdaptionPromptConfig(
         task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2), linear_only=True),
+    # experts kept as LoRA adapters of their own (GPT-2: q and v are slices of c_attn, which peft's X-LoRA cannot split)
+    "xlora": Case("xlora", {"E": 2, "r": 4, "alpha": 8}, None, lambda fam: peft.XLoraConfig(
+        task_type="CAUSAL_LM", hidden_size=32), linear_only=True, experts=2, no_cache=True),
 }
 
 
@@ -218,8 +223,11 @@ def peft_kernel(kind: str) -> Iterator[None]:
 
 
 @functools.cache
-def base(shape: str) -> nn.Module:
-    return build_model(shape, seed=0)
+def base(shape: str, no_cache: bool = False) -> nn.Module:
+    model = build_model(shape, seed=0)
+    if no_cache:
+        model.config.use_cache = False
+    return model
 
 
 def perturb(params: Any, seed: int = 3) -> None:
@@ -247,13 +255,36 @@ def _changed(got: torch.Tensor, shape: str) -> float:
     return max_diff(got[:, -plain.shape[1]:], plain)
 
 
-def _peft_load(shape: str, folder: Path, trainable: bool) -> Any:
+def _peft_load(shape: str, folder: Path, trainable: bool, no_cache: bool = False) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(copy.deepcopy(base(shape)), folder, is_trainable=trainable).eval()
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base(shape, no_cache)), folder, is_trainable=trainable).eval()
 
 
-def _peft_count(shape: str, folder: Path) -> int:
+def _experts(shape: str, case: Case, folder: Path) -> dict[str, str]:
+    """``case.experts`` perturbed LoRA adapters built by peft and saved in folders beside ``folder``; name -> folder."""
+    out = {}
+    for i in range(case.experts):
+        pm = peft.get_peft_model(copy.deepcopy(base(shape)), _lora()(CATALOG.shape(shape).family))
+        perturb((p for p in pm.parameters() if p.requires_grad), seed=10 + i)
+        pm.save_pretrained(folder.parent / f"{folder.name}-expert{i}")
+        out[str(i)] = str(folder.parent / f"{folder.name}-expert{i}")
+    return out
+
+
+def _peft_save(pm: Any, folder: Path, case: Case) -> None:
+    """peft's save_pretrained; with experts, the trainable tensors it drops written in under its own keys (peft 0.21
+    filters out keys holding '.0.' as those of its expert named '0', the classifier's layers.0 among them)."""
+    from safetensors.torch import load_file, save_file
+
+    pm.save_pretrained(folder)
+    if case.experts:
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        state.update({k: p.detach().clone() for k, p in pm.named_parameters() if p.requires_grad and k not in state})
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _peft_count(shape: str, folder: Path, no_cache: bool = False) -> int:
     """peft's trainable count of a saved adapter (prompt learning: the saved prompt, which peft loads frozen)."""
     from safetensors.torch import load_file
 
@@ -262,22 +293,24 @@ def _peft_count(shape: str, folder: Path) -> int:
         emb = state["prompt_embeddings"]
         frozen = json.loads((folder / "adapter_config.json").read_text()).get("num_frozen_tokens") or 0  # Cartridges' frozen rows
         return sum(t.numel() for t in state.values()) - frozen * emb.shape[1]
-    pm = _peft_load(shape, folder, trainable=True)
+    pm = _peft_load(shape, folder, trainable=True, no_cache=no_cache)
     return sum(p.numel() for p in pm.parameters() if p.requires_grad)
 
 
 def export_case(shape: str, name: str, folder: Path) -> Record:
     """pefref -> peft -> pefref."""
     case = CASES[name]
-    model = copy.deepcopy(base(shape))
+    model = copy.deepcopy(base(shape, case.no_cache))
     adapter = apply_case(model, shape, case)
     perturb(adapter.trainable_parameters())
+    if case.experts:  # frozen experts: perturbed too, or the adapter would be the identity
+        perturb((b for b in adapter.units.buffers() if b.is_floating_point()), seed=4)
     mine = out(model, shape)
     adapter.save_pretrained(folder)
     with peft_kernel(case.kernel):
-        theirs = out(_peft_load(shape, folder, trainable=False), shape, case.task_ids)
-        n_peft = _peft_count(shape, folder)
-    back = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
+        theirs = out(_peft_load(shape, folder, trainable=False, no_cache=case.no_cache), shape, case.task_ids)
+        n_peft = _peft_count(shape, folder, case.no_cache)
+    back = pefref.from_pretrained(copy.deepcopy(base(shape, case.no_cache)), folder)
     return Record(max_diff(mine, theirs), max_diff(out(back.model, shape), mine), _changed(mine, shape),
                   {"pefref": adapter.num_trainable(), "peft": n_peft, "back": back.num_trainable()}, back.technique.id)
 
@@ -289,16 +322,19 @@ def import_case(shape: str, name: str, folder: Path) -> Record:
     family = CATALOG.shape(shape).family
     with peft_kernel(case.kernel), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base(shape)), case.peft(family)).eval()
+        config = case.peft(family)
+        if case.experts:
+            config.adapters = _experts(shape, case, folder)
+        pm = peft.get_peft_model(copy.deepcopy(base(shape, case.no_cache)), config).eval()
         perturb(p for p in pm.parameters() if p.requires_grad)
         theirs = out(pm, shape, case.task_ids)
-        pm.save_pretrained(folder)
-        n_peft = _peft_count(shape, folder)
-    adapter = pefref.from_pretrained(copy.deepcopy(base(shape)), folder)
+        _peft_save(pm, folder, case)
+        n_peft = _peft_count(shape, folder, case.no_cache)
+    adapter = pefref.from_pretrained(copy.deepcopy(base(shape, case.no_cache)), folder)
     mine = out(adapter.model, shape)
     again = folder.parent / (folder.name + "-again")
     adapter.save_pretrained(again)
     with peft_kernel(case.kernel):
-        back = out(_peft_load(shape, again, trainable=False), shape, case.task_ids)
+        back = out(_peft_load(shape, again, trainable=False, no_cache=case.no_cache), shape, case.task_ids)
     return Record(max_diff(mine, theirs), max_diff(back, mine), _changed(theirs, shape),
                   {"peft": n_peft, "pefref": adapter.num_trainable()}, adapter.technique.id)

@@ -74,19 +74,20 @@ def test_every_catalog_technique_peft_implements_has_a_row() -> None:
     implemented |= {"alora"}  # LoRA with alora_invocation_tokens
     implemented |= {"shadow"}  # a side network whose backbone mirrors the host's block (Llama-architecture families)
     implemented |= {"frod", "adamss"}  # tensors shared by a projection's layers, keyed by projection; one tensor per cluster of rows
+    implemented |= {"xlora"}  # experts kept as LoRA adapters of their own, in folders the config names
     assert implemented | set(REFUSED) <= set(CATALOG.techniques)
     assert {m.technique for m in interop_table().methods if not m.import_only} == implemented | set(REFUSED)
     assert {c.technique for c in CASES.values()} == implemented
-    # implemented by peft, equal to it (tests/test_parity_xlora.py), but its saved form is refused with a reason
-    assert {r.technique for r in interop_table().refused} == {"xlora"}
-    assert all(r.reason and r.technique in CATALOG.techniques for r in interop_table().refused)
+    # every one of peft's types has a row
+    assert {m.peft_type for m in interop_table().methods} == {t.value for t in peft.utils.PeftType}
 
 
 @pytest.mark.parametrize(("shape", "name"), EXPORT)
 def test_pefref_adapter_reads_into_peft_and_back(shape: str, name: str, tmp_path: Path) -> None:
     case = CASES[name]
     r = export_case(shape, name, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    apart = ["experts"] if case.experts else []  # adapters peft keeps in folders of their own
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", *apart]
     assert r.diff <= TOL and r.back is not None and r.back <= TOL
     assert r.change > 1e-3  # not vacuous
     assert r.technique == (case.reads_as or case.technique)
@@ -443,3 +444,71 @@ def test_adamss_refuses_what_peft_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(PefrefError, match="past the ranks of its smaller groups"):
         a.save_pretrained(tmp_path / "padded")
     assert not (tmp_path / "padded").exists() or not any((tmp_path / "padded").iterdir())
+
+
+# --- experts kept as adapters of their own (X-LoRA) ------------------------------------------------------------------------
+
+
+def _xlora_folder(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    """pefref's X-LoRA written in peft's format (experts in experts/0, experts/1); the folder and pefref's outputs."""
+    model = copy.deepcopy(base("tiny-llama", True))
+    a = pefref.apply(model, "xlora", **CASES["xlora"].hps)
+    perturb(a.trainable_parameters())
+    perturb((b for b in a.units.buffers() if b.is_floating_point()), seed=4)
+    a.save_pretrained(tmp_path / "x")
+    return tmp_path / "x", out(model, "tiny-llama")
+
+
+def _edit_config(folder: Path, **values: Any) -> None:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(values)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _refused(folder: Path, match: str) -> None:
+    fresh = copy.deepcopy(base("tiny-llama", True))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(PefrefError, match=match):
+        pefref.from_pretrained(fresh, folder)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items()) and not hasattr(fresh, "pefref_adapters")
+
+
+def test_xlora_experts_are_lora_folders_named_by_absolute_path_and_read_relative_to_the_folder(tmp_path: Path) -> None:
+    folder, mine = _xlora_folder(tmp_path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["adapters"] == {str(i): str((folder / "experts" / str(i)).resolve()) for i in range(2)}
+    assert json.loads((folder / "experts" / "0" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    moved = folder.rename(tmp_path / "moved")
+    _edit_config(moved, adapters={"0": "experts/0", "1": "experts/1"})  # relative: from the X-LoRA folder
+    back = pefref.from_pretrained(copy.deepcopy(base("tiny-llama", True)), moved)
+    assert back.technique.id == "xlora" and back.hyperparameters["E"] == 2 and max_diff(out(back.model, "tiny-llama"), mine) <= TOL
+
+
+@pytest.mark.parametrize(("field", "value"), [("xlora_depth", 2), ("layerwise_scalings", True), ("top_k_lora", 1),
+                                              ("enable_softmax", False), ("scaling_pass_value", 0.5)])
+def test_xlora_options_the_technique_does_not_express_are_refused(tmp_path: Path, field: str, value: Any) -> None:
+    folder, _ = _xlora_folder(tmp_path)
+    _edit_config(folder, **{field: value})
+    _refused(folder, f"matches no catalog technique exactly.*{field}")
+
+
+def test_xlora_missing_or_differing_experts_and_a_missing_classifier_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _xlora_folder(tmp_path)
+    _edit_config(folder, adapters={"0": "experts/0", "1": "nowhere"})
+    _refused(folder, r"adapters\['1'\] is 'nowhere'.*looked in")
+    _edit_config(folder, adapters={"0": "experts/0", "1": "experts/1"})
+    _edit_config(folder / "experts" / "1", lora_alpha=4.0)
+    _refused(folder, "experts .* differ .*lora_alpha 8.0 vs 4.0")
+    _edit_config(folder / "experts" / "1", lora_alpha=8.0)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v for k, v in state.items() if "bias" not in k}, str(folder / "adapter_model.safetensors"))
+    _refused(folder, "no tensor 'base_model.internal_xlora_classifier.layers.0.bias'")
+
+
+def test_xlora_on_gpt2_conv1d_is_refused(tmp_path: Path) -> None:
+    a = pefref.apply(copy.deepcopy(base("tiny-gpt2", True)), "xlora")
+    with pytest.raises(PefrefError, match="XLORA adapts only linear modules"):
+        a.save_pretrained(tmp_path / "g")
+    assert not (tmp_path / "g" / "adapter_config.json").exists()

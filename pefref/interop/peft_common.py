@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from pefref.language.schema import ArchitectureMap, InteropTable, PeftMethod, Pe
 
 __all__ = ["stored_at", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "PROMPT", "unit_key", "to_peft", "from_peft", "fixed_config", "config_get", "config_set",
            "alpha_for", "pattern_value", "task_type", "slice_rows", "host_order", "stored_apart", "refuse_tied", "refuse_family", "from_model",
-           "target_name", "apart_keys", "size_values", "group_pieces", "refuse_bias", "indexed_number"]
+           "target_name", "apart_keys", "size_values", "group_pieces", "refuse_bias", "indexed_number", "read_config", "read_state"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -228,3 +230,29 @@ def from_model(method: PeftMethod, config: Mapping[str, Any]) -> dict[str, Any]:
         else:
             raise PefrefError(f"{method.technique}: the model's config has none of {', '.join(keys)}, which set {hp!r}")
     return out
+
+
+def read_config(cfg_file: Path) -> dict[str, Any]:
+    """An adapter folder's config, refused when it is not a JSON object."""
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PefrefError(f"{cfg_file}: not a JSON adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise PefrefError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def read_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors (peft's prefix taken off), refused when unreadable or not finite."""
+    from safetensors.torch import load_file
+
+    try:
+        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # absent, truncated or not safetensors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PefrefError(f"{weights}: not a readable safetensors file ({reason})") from None
+    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PefrefError(f"{weights}: tensor {PREFIX}{k} holds NaN or infinite values")
+    return state

@@ -32,6 +32,7 @@ from pefref.interop.peft_common import (
     to_peft,
     unit_key,
 )
+from pefref.interop.peft_experts import PeftState, split_experts
 from pefref.language.connections import is_tap
 from pefref.language.errors import PefrefError
 from pefref.language.forms import form_of
@@ -62,23 +63,12 @@ def _row(adapter: Adapter, table: InteropTable) -> PeftMethod:
     if rows:
         needs = "; ".join(", ".join(f"{k}={v!r}" for k, v in m.when.items()) for m in rows)
         raise PefrefError(f"{tech.id}: peft has an exact form only for {needs}")
-    refusal = next((r for r in table.refused if r.technique == tech.id), None)
-    if refusal is not None:
-        raise PefrefError(f"{tech.id}: not converted to peft's {refusal.peft_type}: {refusal.reason}")
     known = ", ".join(sorted({m.technique for m in table.methods if not m.import_only}))
     rewrites = sorted(str(m.name) for m in tech.modules if getattr(m, "host_update", None) and getattr(m, "calibration", None))
     why = (f"; its module(s) {', '.join(rewrites)} rewrite the host weights from calibration data at apply (host_update), "
            "which peft's adapter file does not hold and peft's loader cannot recompute without that data"
            if rewrites else "")
     raise PefrefError(f"{tech.id}: peft has no exact form of this technique{why} (techniques with one: {known})")
-
-
-@dataclass(frozen=True)
-class PeftState:
-    """An adapter in peft's terms: ``adapter_config.json``'s content and ``adapter_model.safetensors``' tensors."""
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(repr=False)
 
 
 @dataclass
@@ -95,6 +85,7 @@ class _Export:
     saved: list[str] = field(default_factory=list)  # modules to save whole
     selected: set[str] = field(default_factory=set)  # host parameters written
     indexed: dict[str, Any] = field(default_factory=dict)  # key of an indexed tensor -> the tensor written there
+    table: InteropTable | None = None
 
     @property
     def tech(self) -> Technique:
@@ -132,7 +123,8 @@ def peft_state(adapter: Adapter, table: InteropTable | None = None) -> PeftState
                            "base_model_name_or_path": None, **fixed_config(method)}
     for field_name, hp in method.hyperparameters.items():
         config_set(cfg, field_name, adapter.hyperparameters[hp])
-    ex = _Export(adapter, method, cfg)
+    cfg.update({field_name: adapter.sizes[size] for field_name, size in method.sizes.items()})
+    ex = _Export(adapter, method, cfg, table=table)
     maps = {mm.module: mm for mm in method.modules}
     in_place = {m.name for m in ex.tech.modules if getattr(m, "form", None) is not None and not form_of(m).has_unit}  # train host tensors
     for row in adapter.report.rows if adapter.report else []:
@@ -272,7 +264,8 @@ def _complete(ex: _Export) -> PeftState:
     left = sorted(set(adapter.selected) - selected)
     if left:
         raise PefrefError(f"{ex.tech.id}: host parameters {', '.join(left[:3])} are selected where peft's {method.peft_type} has no place for them")
-    return PeftState(cfg, _own_storage(tensors))
+    folders = split_experts(method, ex.table, adapter.hyperparameters, cfg, tensors) if method.experts and ex.table else {}
+    return PeftState(cfg, _own_storage(tensors), folders, method.experts.field if method.experts else None)
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

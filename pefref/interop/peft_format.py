@@ -9,8 +9,10 @@ config values, which config fields carry which hyperparameters, each tensor's
 name, layout and sign, tensors shared by all placements, hyperparameters read
 off tensor shapes, the block-structured form of placements on slices of a
 fused projection, rank masks, buffers peft keeps as constant zeros, the free
-tensors a computed prefix concatenates, and targets written by module name
-(so that peft shares what the technique shares). Tensors a technique shares
+tensors a computed prefix concatenates, targets written by module name
+(so that peft shares what the technique shares), and experts peft keeps as
+adapters of their own in folders a config field names (read and written through
+another row, see :mod:`pefref.interop.peft_experts`). Tensors a technique shares
 across placements must come from peft with equal values. Only exact conversions are made; anything
 else (a technique without a peft form, a placement peft cannot express, a
 per-module setting the catalog technique cannot hold) raises
@@ -26,7 +28,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pefref.interop.peft_common import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_get, from_model, refuse_family, refuse_tied
+from pefref.interop.peft_common import CONFIG_NAME, WEIGHTS_NAME, config_get, from_model, read_config, read_state, refuse_family, refuse_tied
+from pefref.interop.peft_experts import expert_folders, read_experts
 from pefref.interop.peft_export import PeftState, peft_state
 from pefref.interop.peft_import import choose, copy_in, plan, unmask_ranks
 from pefref.language.errors import PefrefError
@@ -39,17 +42,27 @@ __all__ = ["save_pretrained", "from_pretrained", "PeftState", "peft_state", "CON
 def save_pretrained(adapter: Adapter, directory: str | Path) -> Path:
     """Write ``adapter`` in peft's format into ``directory`` (created); returns the folder.
 
-    Both files are written atomically, after the whole conversion succeeded.
+    Both files are written atomically, after the whole conversion succeeded; adapters peft keeps in folders of their
+    own (a row's experts) are written first, into subfolders, and named by absolute path.
     """
-    from safetensors.torch import save as save_bytes
-
-    from pefref.language.atomic import atomic_write_bytes, atomic_write_text, writable_folder
+    from pefref.language.atomic import writable_folder
 
     state = peft_state(adapter)
     folder = writable_folder(directory)
+    for rel, sub in state.folders.items():  # adapters peft keeps apart (experts), before the folder that names them
+        save_state(sub, writable_folder(folder / rel))
+    save_state(PeftState(expert_folders(state, folder), state.tensors), folder)
+    return folder
+
+
+def save_state(state: PeftState, folder: Path) -> None:
+    """``state``'s two files in ``folder``, each written atomically."""
+    from safetensors.torch import save as save_bytes
+
+    from pefref.language.atomic import atomic_write_bytes, atomic_write_text
+
     atomic_write_bytes(folder / WEIGHTS_NAME, save_bytes(state.tensors, metadata={"format": "pt"}))
     atomic_write_text(folder / CONFIG_NAME, json.dumps(state.config, indent=2, sort_keys=True) + "\n")
-    return folder
 
 
 def _own_file(model: nn.Module, p: Path, name: str | None, catalog: Any, family: Any, adapter_dtype: str = "auto") -> Adapter:
@@ -93,7 +106,7 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     cfg_file = p / CONFIG_NAME
     if not cfg_file.is_file():
         raise PefrefError(f"{p}: no {CONFIG_NAME} (not a peft adapter folder) and not a pefref adapter file")
-    cfg, state = _read_config(cfg_file), _read_state(p / WEIGHTS_NAME)
+    cfg, state = read_config(cfg_file), read_state(p / WEIGHTS_NAME)
     try:
         return _import(model, p, cfg, state, name, catalog, family, adapter_dtype)
     except PefrefError:
@@ -101,31 +114,6 @@ def from_pretrained(model: nn.Module, path: str | Path, *, name: str | None = No
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a config whose values are not peft's
         raise PefrefError(f"{cfg_file}: does not describe an adapter pefref can read ({type(e).__name__}: {e}); "
                           "check it against the peft version that saved it") from None
-
-
-def _read_config(cfg_file: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PefrefError(f"{cfg_file}: not a JSON adapter config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise PefrefError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def _read_state(weights: Path) -> dict[str, torch.Tensor]:
-    """The folder's tensors (peft's prefix taken off), refused when unreadable or not finite."""
-    from safetensors.torch import load_file
-
-    try:
-        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(weights)).items()}
-    except Exception as e:  # absent, truncated or not safetensors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PefrefError(f"{weights}: not a readable safetensors file ({reason})") from None
-    for k, v in sorted(state.items()):  # refused before anything is applied: a NaN adapter would make every output NaN
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise PefrefError(f"{weights}: tensor {PREFIX}{k} holds NaN or infinite values")
-    return state
 
 
 def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor], name: str | None, catalog: Any,
@@ -137,6 +125,9 @@ def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, tor
     from pefref.runtime.inject import model_config, resolve_family
 
     method = choose(cfg, interop_table())
+    experts = read_experts(method, interop_table(), cfg, p, state) if method.experts else None
+    if experts is not None:
+        state = {**state, **experts.tensors}
     refuse_tied(method, model)
     handled = {method.fused.rank_pattern, method.fused.alpha_pattern} if method.fused else set()
     handled |= {method.rank_masks.pattern} if method.rank_masks else set()
@@ -150,6 +141,7 @@ def _import(model: nn.Module, p: Path, cfg: dict[str, Any], state: dict[str, tor
     placed = plan(tech, method, cfg, state, fam, catalog, model_sizes(fam, model_config(model)))
     hps = {hp: config_get(cfg, field) for field, hp in method.hyperparameters.items() if config_get(cfg, field) is not None}
     hps.update(method.when)
+    hps.update(experts.hyperparameters if experts else {})
     hps.update(placed.hyperparameters)
     hps.update(from_model(method, model_config(model)))  # what peft reads off the model it mirrors
     adapter = apply(model, placed.technique, name=name, catalog=catalog, family=family,

@@ -50,9 +50,6 @@ def choose(cfg: Mapping[str, Any], table: InteropTable) -> PeftMethod:
     rows = [m for m in table.methods if m.peft_type == cfg.get("peft_type") and not m.export_only]
     rows = [m for m in rows if m.refused] + [m for m in rows if not m.refused]  # a form known to be refused is never read as another
     if not rows:
-        why = next((r.reason for r in table.refused if r.peft_type == cfg.get("peft_type")), None)
-        if why is not None:
-            raise PefrefError(f"peft type {cfg.get('peft_type')!r} is not converted: {why}")
         known = sorted({m.peft_type for m in table.methods if not m.export_only})
         raise PefrefError(f"peft type {cfg.get('peft_type')!r} has no exact catalog counterpart (readable: {', '.join(known)})")
     for m in rows:

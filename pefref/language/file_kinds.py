@@ -95,8 +95,5 @@ def check_other_file(path: Path, kind: str, base: Catalog) -> tuple[list[Problem
         for i, m in enumerate(obj.methods):
             if m.technique not in base.techniques:
                 problems.append(Problem(pos.at(("methods", i, "technique")), f"methods[{i}].technique", f"unknown technique {m.technique!r}{suggest(m.technique, base.techniques)}"))
-        for i, r in enumerate(obj.refused):
-            if r.technique not in base.techniques:
-                problems.append(Problem(pos.at(("refused", i, "technique")), f"refused[{i}].technique", f"unknown technique {r.technique!r}{suggest(r.technique, base.techniques)}"))
-        return problems, {"interop": [m.technique for m in obj.methods] + [r.technique for r in obj.refused]}
+        return problems, {"interop": [m.technique for m in obj.methods]}
     return [], {"reference": [obj.name]}

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
         TechniqueUse,
     )
     from pefref.language.schema.experiment import Experiment
-    from pefref.language.schema.interop import InteropTable, PeftMethod, PeftModuleMap, PeftRefusal
+    from pefref.language.schema.interop import ExpertFolders, InteropTable, PeftMethod, PeftModuleMap
 
 from pefref.language.schema.family import (
     ArchitectureMap,
@@ -66,14 +66,14 @@ __all__ = [
     "ReferenceArchitecture", "Site", "SiteKind", "SiteSelector", "SizeSpec", "FORMS", "TYPOLOGY_PROPERTIES",
     "BoolParam", "ChoiceParam", "FloatParam", "IntParam", "IntsParam", "LayerRange", "Module", "ModuleUse", "Paper",
     "Connection", "ParallelModule", "ParamSpec", "PrependModule", "ReparameteriseModule", "RescaleModule",
-    "SelectModule", "SequentialModule", "Technique", "SCHEMAS", "InteropTable", "PeftMethod", "PeftModuleMap", "PeftRefusal",
+    "SelectModule", "SequentialModule", "Technique", "SCHEMAS", "InteropTable", "PeftMethod", "PeftModuleMap", "ExpertFolders",
     "AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse",
 ]
 
 _LAZY = {
     **dict.fromkeys(("AverageBlock", "Block", "Composition", "FusionBlock", "InteractionRules", "ParallelBlock", "StackBlock", "TechniqueUse"), "composition"),
     "Experiment": "experiment",
-    **dict.fromkeys(("InteropTable", "PeftMethod", "PeftModuleMap", "PeftRefusal"), "interop"),
+    **dict.fromkeys(("InteropTable", "PeftMethod", "PeftModuleMap", "ExpertFolders"), "interop"),
 }
 """Models imported on first use: applying a technique builds no composition, experiment or interop model."""
 

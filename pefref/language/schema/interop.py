@@ -9,7 +9,8 @@ from pydantic import Field
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Int, Strict
 from pefref.language.schema.family import TASKS
 
-__all__ = ["PeftModuleMap", "PeftMethod", "PeftRefusal", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar", "GroupedTensor"]
+__all__ = ["PeftModuleMap", "PeftMethod", "InteropTable", "ShapeRef", "FusedForm", "RankMasks", "ResidualForm", "Scalar", "GroupedTensor",
+           "ExpertFolders"]
 
 Scalar = bool | int | float | str | None
 
@@ -107,6 +108,22 @@ class ResidualForm(Strict):
     up: Identifier = Field(description="The module's up projection [d_out, rank] (B): the negated initial factor's columns are appended.")
 
 
+class ExpertFolders(Strict):
+    """A module whose experts peft keeps as adapters of their own, each in a folder of its own that a config field names
+    (``{name: folder}``), read and written through another row of the table; the module's tensors are the experts'
+    tensors joined along their first dimension, in the order of the mapping."""
+
+    field: str = Field(description="Config field mapping each expert's name to its folder (peft's X-LoRA 'adapters').")
+    module: Identifier = Field(description="The technique's module holding the experts (its tensors in the row's map: the experts' names for them).")
+    row: Identifier = Field(description="The technique whose interop row reads and writes one expert folder (e.g. lora).")
+    count: Identifier = Field(description="The technique's hyperparameter holding the number of experts.")
+    join: dict[Identifier, Literal["rows", "stack"]] = Field(description="How each of the module's tensors joins the experts' own: 'rows': "
+                                                             "concatenated along their first dimension; 'stack': along a new first dimension.")
+    hyperparameters: dict[str, Identifier] = Field(description="An expert config field -> the technique's hyperparameter; every expert must have the same value.")
+    targets: str = Field("target_modules", description="The expert config field listing its host modules (every expert must list the same).")
+    folder: str = Field("experts/{index}", pattern=r"\{index\}", description="Where export writes expert i, relative to the adapter folder.")
+
+
 class PeftMethod(Strict):
     """One catalog technique and the peft method that computes the same function."""
 
@@ -141,6 +158,8 @@ class PeftMethod(Strict):
     fused: FusedForm | None = Field(None, description="The block-structured form of placements on slices of a fused projection (null: such placements are refused).")
     rank_masks: RankMasks | None = Field(None, description="Per-module rank masks peft may save (read back with the pruned ranks as zeros).")
     residual: ResidualForm | None = Field(None, description="Export the host weights' rewrite at apply as peft's converted low-rank adapter of rank 2r on the original weights (export only: it reads back as the plain low-rank technique of that rank).")
+    sizes: dict[str, Identifier] = Field(default_factory=dict, description="Config fields written with a size of the model on export (e.g. hidden_size: d).")
+    experts: ExpertFolders | None = Field(None, description="A module whose experts peft keeps as adapters of their own in other folders (see ExpertFolders).")
     modules: list[PeftModuleMap] = Field(min_length=1)
     export_only: bool = Field(False, description="Export exactly, but do not pick this technique on import (e.g. p-tuning's computed prompt reads back as prompt tuning).")
     import_only: bool = Field(False, description="Read this peft form into the technique, but export the technique through its other row.")
@@ -150,14 +169,6 @@ class PeftMethod(Strict):
     notes: str = ""
 
 
-class PeftRefusal(Strict):
-    """A peft type whose saved form the converter cannot read or write exactly, and why (both ways refused with it)."""
-
-    peft_type: str = Field(description="peft's PeftType value.")
-    technique: Identifier = Field(description="The catalog technique computing the same function (equal to peft in its parity test).")
-    reason: str = Field(description="Why the saved form has no exact conversion (the error both directions raise).")
-
-
 class InteropTable(Strict):
     """The interop table (catalog/interop/peft.yaml)."""
 
@@ -165,5 +176,3 @@ class InteropTable(Strict):
     tasks: dict[Literal[TASKS], str | None] = Field(description="peft task_type for each model-class task.")  # type: ignore[valid-type]
     config_classes: dict[str, str] = Field(default_factory=dict, description="peft_type -> the name of peft's config class (for the config a reader copies, e.g. LORA: LoraConfig).")
     methods: list[PeftMethod]
-    refused: list[PeftRefusal] = Field(default_factory=list, description="peft types with a catalog technique that computes the same "
-                                       "function but whose saved form has no exact conversion, with the reason.")
