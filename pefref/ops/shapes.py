@@ -585,4 +585,4 @@ def _qr_factors_work(a: Shape, *_: Any, **__: Any) -> int:
 def _distinct_above(x: Shape, mask: Shape) -> Shape:
     if broadcast(x, mask) != x:
         raise ShapeMismatch(f"the mask {mask} does not broadcast to the values' shape {x}")
-    return IntShape(x)
+    return x

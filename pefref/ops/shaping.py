@@ -165,11 +165,11 @@ def amax(a: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     return torch.amax(a, dim=dim, keepdim=keepdim)
 
 
-@primitive(nonlinear=True, int_out=True)
+@primitive(nonlinear=True)
 def distinct_above(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """For each entry of each row (the last dimension), how many distinct values the row's masked entries
     (``mask`` nonzero) take above its own, :math:`k_{\\ldots j} = |\\{x_{\\ldots i} : m_{\\ldots i} \\ne 0,\\ x_{\\ldots i} > x_{\\ldots j}\\}|`
-    (int64, ``x``'s shape): a rank among a row's groups, the largest group 0, e.g. an exponential decay over
+    (counts, ``x``'s shape): a rank among a row's groups, the largest group 0, e.g. an exponential decay over
     in-context examples, ``decay ** distinct_above(type, keep)``."""
     import torch
     m = torch.broadcast_to(mask, x.shape) != 0

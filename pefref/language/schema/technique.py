@@ -16,7 +16,7 @@ __all__ = [
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
     "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "StateHook", "MaskHook", "StepWindow", "TrainingHook",
     "HOOK_KINDS",
-    "Statistic", "STATISTIC_KINDS",
+    "Statistic", "STATISTIC_KINDS", "TokenLoss", "TOKEN_LOSS_CALLS",
 ]
 
 FORMS = tuple(_REGISTRY)
@@ -543,23 +543,4 @@ class Technique(Strict):
             if name in seen:
                 raise ValueError(f"module name {name!r} is used twice")
             seen.add(name)
-        return self
-
-    @model_validator(mode="after")
-    def _loss_names(self) -> Technique:
-        if self.loss is None:
-            return self
-        from pefref.language.expr import parse_expr
-        from pefref.ops import op_table
-
-        ops = op_table()
-        for field, (text, extra) in self.loss.fields().items():
-            e = parse_expr(text)
-            unknown = sorted(e.names - extra - set(self.hyperparameters))
-            if unknown:
-                raise ValueError(f"loss.{field} reads unknown name(s) {', '.join(map(repr, unknown))} (it reads "
-                                 f"{', '.join(sorted(extra)) or 'no tensor'} and the hyperparameters)")
-            bad = sorted(e.ops - set(ops))
-            if bad:
-                raise ValueError(f"loss.{field} calls unknown op(s) {', '.join(map(repr, bad))}")
         return self
