@@ -514,13 +514,13 @@ def _add_token_loss(model: nn.Module, adapter: Adapter, tech: Technique, p: Appl
     with located(f"apply {tech.id}: loss"):
         hook = token_loss_of(tech.loss, dict(adapter.hyperparameters), lambda: adapter.active)
         own = sum(e.length for _p, e in adapter.entries if isinstance(_p, RootPatch) and e.form.integration is Integration.POSITIONS and e.layer is None)
-        declared = 0 if hook.prompt_types is None else hook.prompt_types.numel()
-        if own != declared:
-            raise PefrefError(f"loss.prompt_types gives {declared} position(s); the technique prepends {own}")
+        if own != hook.prepended:
+            raise PefrefError(f"loss.prompt_types gives {hook.prepended} position(s); the technique prepends {own}")
     input_cell(model, p.family.forward.mask, p.family.forward.ids)
     release = _Release(model)
     handle = model.register_forward_hook(hook)
     adapter._hooks.extend([release, handle])
+    adapter.token_loss = hook
     txn.on_undo(lambda: (adapter._hooks.remove(release), adapter._hooks.remove(handle), handle.remove(), release.remove()))  # type: ignore[func-returns-value]
 
 
