@@ -96,3 +96,34 @@ def test_prompt_types_of_another_length_are_refused_and_the_model_is_unchanged(t
     assert not hasattr(model, "_pefref_inputs") and "forward" not in model.__dict__ and not model._forward_hooks
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pefref_run_trains_and_evaluates_with_the_token_loss(tmp_path, monkeypatch) -> None:
+    """A causal LM run of CPT (accumulated micro-batches) computes its training and evaluation losses with the
+    technique's token loss: its targets span the prompt's positions too."""
+    import math
+
+    from pefref.experiments import evaluation
+    from pefref.experiments.results import load_results
+    from pefref.experiments.runner import run_experiment
+
+    from .test_experiments import write_exp
+
+    seen: list[tuple[int, ...]] = []
+    real = evaluation.with_token_loss
+
+    def spy(batch, token_loss):  # type: ignore[no-untyped-def]
+        out = real(batch, token_loss)
+        seen.append(tuple(out["targets"].shape) if "targets" in out else ())
+        return out
+
+    monkeypatch.setattr(evaluation, "with_token_loss", spy)
+    monkeypatch.setattr("pefref.experiments.train.with_token_loss", spy)
+    p = write_exp(tmp_path, "  - technique: cpt\n    hyperparameters: {decay: 0.5}", task="causal_lm", model="{shape: tiny-llama}",
+                  training=", grad_accum: 2, max_steps: 2")
+    p.write_text(p.read_text().replace("max_steps: 6, ", ""))
+    out = run_experiment(p, tmp_path / "o", progress=False)
+    assert len(out.done) == 1, out.failed
+    run = load_results(tmp_path / "o").runs[0]
+    assert math.isfinite(run.final["loss"])
+    assert seen and all(s and s[1] > 4 for s in seen)  # every batch, training and evaluation, carries the prompt's targets
