@@ -583,6 +583,8 @@ def _qr_factors_work(a: Shape, *_: Any, **__: Any) -> int:
 
 @shape_rule("distinct_above")
 def _distinct_above(x: Shape, mask: Shape) -> Shape:
+    if not isinstance(x, Shape) or not isinstance(mask, Shape):
+        raise ShapeMismatch("takes a tensor of values and a tensor mask")
     if broadcast(x, mask) != x:
         raise ShapeMismatch(f"the mask {mask} does not broadcast to the values' shape {x}")
     return x
