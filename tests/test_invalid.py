@@ -46,6 +46,8 @@ CASES: list[tuple[str, int, int, str, tuple[str, ...]]] = [
     ("wrong_integrate_shape", 16, 16, "modules[0].integrate", ("+: shapes [2, 9, 128] and [2, 9, 512] do not broadcast",)),
     ("split_too_deep", 13, 51, "modules[0].params.A.split", ("split: 2 must be below the number of dimensions (2)",)),
     ("wrong_gate_shape", 16, 11, "modules[0].gate", ("gate gives [2, 9, 1]; one value per example, [batch, 1] = [2, 1]",)),
+    ("wrong_loss_length", 9, 17, "loss.prompt_types", ("gives shape (3,); the technique prepends 4 position(s)",)),
+    ("unknown_loss_name", 10, 18, "loss.keep", ("unknown name 'types' in the loss's keep", "did you mean 'type'?")),
 ]
 
 def _problems(*paths: Path) -> list[Problem]:

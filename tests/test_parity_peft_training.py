@@ -259,3 +259,82 @@ def test_cpt_keeps_its_frozen_examples_and_its_ball() -> None:
     norms = unit.D.detach().norm(dim=1)
     assert float(norms[3]) <= 1e-9 and bool((norms <= unit.R.flatten() * (1 + 1e-5)).all())
     assert float(norms[1]) == pytest.approx(float(unit.R[1]), rel=1e-4)
+
+
+# --- CPT's loss: prompt labels, the input's type mask, the decay weighting -------------------------------------------
+
+CPT_LOSS = {"ids": [28, 58, 70, 32, 11, 45, 61, 90], "types": [1, 2, 3, 4, 5, 6, 7, 8], "eps": 0.5, "format_eps": 0.3, "decay": 0.5}
+
+
+def _cpt_loss_pair(decay: float) -> tuple[Any, nn.Module, Adapter]:
+    hps = {**CPT_LOSS, "decay": decay}
+    config = peft.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=hps["ids"], cpt_tokens_type_mask=hps["types"],
+                            opt_projection_epsilon=hps["eps"], opt_projection_format_epsilon=hps["format_eps"],
+                            opt_weighted_loss_type="decay" if decay != 1.0 else "none", opt_loss_decay_factor=decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base_model("tiny-llama")), config).eval()
+    model = copy.deepcopy(base_model("tiny-llama")).eval()
+    adapter = apply(model, "cpt", **hps)
+    unit = next(iter(adapter.units.values()))
+    enc = pm.prompt_encoder["default"]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        enc.delta_embedding.weight.add_(0.3 * torch.randn_like(enc.delta_embedding.weight))
+        enc.delta_embedding.weight.copy_(enc.get_projection())
+        unit.D.copy_(enc.delta_embedding.weight)
+    return pm, model, adapter
+
+
+def _cpt_inputs() -> dict[str, torch.Tensor]:
+    """Two rows: an input example (types 1, 2, 3 and its label 4) then a query whose label tokens are typed 8; the
+    first row left-padded (type 0, label -100)."""
+    b = padded_batch("tiny-llama")
+    ids = b["input_ids"]
+    types = torch.tensor([[0, 0, 1, 2, 3, 4, 4], [1, 2, 3, 4, 5, 7, 8]])
+    labels = ids.masked_fill(b["attention_mask"] == 0, -100)
+    return {**b, "input_type_mask": types, "labels": labels}
+
+
+def _cpt_loss(model: nn.Module) -> torch.Tensor:
+    inputs = _cpt_inputs()
+    return model(**{**inputs, "input_type_mask": inputs["input_type_mask"].clone()}).loss  # peft shifts the mask in place
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0])
+def test_cpt_loss_matches_peft(decay: float) -> None:
+    """outputs.loss of peft's CPT (prompt labels, the shifted type mask, the decay weighting) equals pefref's, and so do
+    the trained prompt changes after 4 SGD steps of that loss with the training hooks."""
+    pm, model, ad = _cpt_loss_pair(decay)
+    want, got = _cpt_loss(pm), _cpt_loss(model)
+    assert abs(float(want.detach()) - float(got.detach())) <= TOL
+    unit = next(iter(ad.units.values()))
+    start = unit.D.detach().clone()
+    p_opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    opt = torch.optim.SGD(ad.trainable_parameters(), lr=0.5)
+    for step in range(4):
+        _cpt_loss(pm).backward()
+        p_opt.step()
+        p_opt.zero_grad()
+        _cpt_loss(model).backward()
+        ad.before_optimizer_step(step)
+        opt.step()
+        ad.after_optimizer_step(step)
+        opt.zero_grad()
+    enc = pm.prompt_encoder["default"]
+    with torch.no_grad():
+        theirs = enc.get_projection()
+    assert max_diff(unit.D.detach(), theirs) <= TOL
+    assert max_diff(unit.D.detach(), start) > 1e-3  # the loss trained the prompt
+
+
+def test_cpt_loss_weighting_changes_the_loss() -> None:
+    """The decay weighting is not vacuous: it gives another loss than the plain (decay 1) one, which is not the
+    model's own loss of the input's labels either (the prompt's labels and the type mask count)."""
+    _pm, model, _ad = _cpt_loss_pair(0.5)
+    _pm1, plain, ad1 = _cpt_loss_pair(1.0)
+    weighted, unweighted = float(_cpt_loss(model)), float(_cpt_loss(plain))
+    assert abs(weighted - unweighted) > 1e-3
+    with ad1.disable():
+        own = float(plain(**{k: v for k, v in _cpt_inputs().items() if k != "input_type_mask"}).loss)
+    assert abs(own - unweighted) > 1e-3

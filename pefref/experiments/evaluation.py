@@ -55,20 +55,46 @@ def target_count(labels: torch.Tensor, causal: bool) -> int:
     return int((labels[:, 1:] != -100).sum()) if causal else int(labels.shape[0])
 
 
+def with_token_loss(batch: dict[str, torch.Tensor], token_loss: Any) -> dict[str, torch.Tensor]:
+    """A causal batch with a technique's token loss (:class:`pefref.runtime.token_loss.LossHook`): its targets and
+    weights over the whole sequence (prepended positions included) as ``targets`` and ``weight``; unchanged without one."""
+    if token_loss is None:
+        return batch
+    targets, weight = token_loss.targets(batch["labels"], batch.get("input_type_mask"))
+    return {**batch, "targets": targets, "weight": weight}
+
+
+def batch_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
+    """The summed loss of a batch: the token loss's weighted sum where the batch carries its targets
+    (:func:`with_token_loss`), else :func:`loss_sum`."""
+    if "targets" in batch:
+        from pefref.runtime.token_loss import weighted_loss
+
+        return weighted_loss(logits[:, :-1], batch["targets"], batch["weight"], "sum")
+    return loss_sum(logits, batch["labels"], causal)
+
+
+def batch_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
+    """How many targets :func:`batch_loss` sums over."""
+    return int((batch["targets"] != -100).sum()) if "targets" in batch else target_count(batch["labels"], causal)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_size: int, device: str, autocast: Any) -> dict[str, float]:
-    """Metrics on the evaluation set (every process computes them on all of it)."""
+def evaluate(model: nn.Module, ex: Examples, pad_id: int, causal: bool, batch_size: int, device: str, autocast: Any,
+             token_loss: Any = None) -> dict[str, float]:
+    """Metrics on the evaluation set (every process computes them on all of it); the loss is a technique's token loss
+    where ``token_loss`` is given (causal LM)."""
     was = model.training
     model.eval()
     preds: list[int] = []
     total, count = 0.0, 0
     order = sorted(range(len(ex)), key=lambda j: (-len(ex.ids[j]), j))  # similar lengths share a batch: little padding
     for i in range(0, len(ex), batch_size):
-        b = {k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}
+        b = with_token_loss({k: v.to(device) for k, v in collate(ex, order[i:i + batch_size], pad_id, causal).items()}, token_loss)
         with autocast():
             logits = model_logits(model, b)
-        total += float(loss_sum(logits, b["labels"], causal))
-        count += target_count(b["labels"], causal)
+        total += float(batch_loss(logits, b, causal))
+        count += batch_count(b, causal)
         if not causal:
             preds += logits.argmax(-1).tolist()
     model.train(was)

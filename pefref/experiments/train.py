@@ -37,7 +37,7 @@ from pefref.experiments.distributed import (
     shard,
     wrap,
 )
-from pefref.experiments.evaluation import MAIN_METRIC, evaluate, loss_sum, model_logits, target_count
+from pefref.experiments.evaluation import MAIN_METRIC, batch_count, batch_loss, evaluate, model_logits, with_token_loss
 from pefref.experiments.grid import RunSpec
 from pefref.experiments.memory import SavedBytes, tensor_memory
 from pefref.experiments.records import Records
@@ -50,6 +50,7 @@ from pefref.experiments.tasks import (
 from pefref.language.catalog import Catalog
 from pefref.language.errors import PefrefError
 from pefref.language.schema.experiment import DataSpec, TaskSpec, TrainingSpec
+from pefref.runtime.token_loss import token_loss_in
 from pefref.runtime.training import after_step_of, aux_loss_of, before_step_of, hooks_state_of, load_hooks_state_of
 
 __all__ = ["RunConfig", "RunEnv", "StopFlag", "TrainState", "train_run", "versions"]
@@ -387,7 +388,8 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
                       else epoch_order(len(run.train_ex), cfg.seed, epoch))
     t0 = time.perf_counter()
     batch = collate(run.train_ex, loop.order[pos * B:(pos + 1) * B], run.tok.pad_token_id, cfg.causal)
-    count = target_count(batch["labels"], cfg.causal)
+    batch = with_token_loss(batch, token_loss_in(run.prep.adapters) if cfg.causal else None)  # a technique's loss: targets, weights
+    count = batch_count(batch, cfg.causal)
     local = {k: v[loop.rows].to(run.device) for k, v in batch.items()}
     mb = (B // W) // A
     summed = 0.0
@@ -402,7 +404,7 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
             if loop.fwd is not loop.ddp:
                 mark_dynamic(micro)
             with hooks, run.autocast():
-                ls = loss_sum(model_logits(loop.fwd, micro), micro["labels"], cfg.causal)
+                ls = batch_loss(model_logits(loop.fwd, micro), micro, cfg.causal)
             (ls * W / count + aux_loss_of(run.prep.adapters) / A).backward()  # the techniques' auxiliary losses, once per step
         summed += float(ls.detach())
     if tr.max_grad_norm is not None:
@@ -426,7 +428,8 @@ def _train_step(run: _Run, loop: _Loop, state: TrainState) -> None:
 def _evaluate_run(run: _Run, loop: _Loop, state: TrainState) -> bool:
     """Evaluate, log, keep the best adapter (checkpoint ``best``); True when early stopping ends the run here."""
     cfg, tr = run.cfg, run.cfg.training
-    m = evaluate(run.model, run.eval_ex, run.tok.pad_token_id, cfg.causal, tr.eval_batch_size or tr.batch_size, run.device, run.autocast)
+    m = evaluate(run.model, run.eval_ex, run.tok.pad_token_id, cfg.causal, tr.eval_batch_size or tr.batch_size, run.device, run.autocast,
+                 token_loss_in(run.prep.adapters) if cfg.causal else None)
     state.final = m
     if run.env.records:
         run.env.records.log(cfg.id, state.step, "eval", m)

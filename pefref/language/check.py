@@ -19,6 +19,7 @@ from pefref.language.schema import ArchitectureMap, ModuleUse, ReferenceArchitec
 from pefref.language.schema.technique import ParamSpec, PrependModule
 from pefref.language.shapecheck import check_module_shapes
 from pefref.language.templates import template_problem
+from pefref.language.token_loss import check_loss
 from pefref.language.training import check_training
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
@@ -176,7 +177,9 @@ def check_technique(t: Technique, pos: Positions, ref: ReferenceArchitecture, po
         out.append(Problem(pos.at(("frozen",)), "frozen", "the technique says it trains nothing, but a module declares a trainable tensor"))
     if not out:
         out += check_connections(modules, ref, pos) + check_hook_inputs(modules, t.training, ref, pos)
-    return out + check_training(t.training, modules, {k: v.default for k, v in hps.items()}, pos, ref if defaults_sound else None, published)
+    defaults = {k: v.default for k, v in hps.items()}
+    return (out + check_training(t.training, modules, defaults, pos, ref if defaults_sound else None, published)
+            + (check_loss(t, modules, defaults, pos) if defaults_sound else []))
 
 
 def _check_references(t: Technique, pos: Positions, pool: dict[str, Technique]) -> list[Problem]:

@@ -202,7 +202,7 @@ def _reduce(a: Shape, dim: int = -1, keepdim: bool = False) -> Shape:
     return Shape(a[:d] + ((1,) if keepdim else ()) + a[d + 1:])
 
 
-@shape_rule("argmax")
+@shape_rule("argmax", "amax")
 def _argmax(a: Shape, dim: int = -1, keepdim: bool = False) -> Shape:
     return _reduce(a, dim, keepdim)
 
@@ -621,3 +621,12 @@ def _random_orthogonal(n: Any, seed: Any = 0) -> Shape:
 def _qr_factors_work(a: Shape, *_: Any, **__: Any) -> int:
     # an fp32 copy of a and both factors
     return 3 * math.prod(a)
+
+
+@shape_rule("distinct_above")
+def _distinct_above(x: Shape, mask: Shape) -> Shape:
+    if not isinstance(x, Shape) or not isinstance(mask, Shape):
+        raise ShapeMismatch("takes a tensor of values and a tensor mask")
+    if broadcast(x, mask) != x:
+        raise ShapeMismatch(f"the mask {mask} does not broadcast to the values' shape {x}")
+    return x

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["reshape", "unflatten", "unsqueeze", "squeeze", "einsum", "gather", "index_select", "narrow", "topk", "topk_indices",
-           "argmax", "scatter", "zeros_like", "mean", "cat", "index_copy", "count", "as_values"]
+           "argmax", "scatter", "zeros_like", "mean", "cat", "index_copy", "count", "as_values", "amax", "distinct_above"]
 
 
 @primitive(linear_in=(0,), layout=True)
@@ -156,3 +156,28 @@ def cat(tensors: Any, dim: int = -1) -> torch.Tensor:
     """Concatenation of a tuple of tensors along ``dim``, :func:`torch.cat`."""
     import torch
     return torch.cat(tuple(tensors), dim=dim)
+
+
+@primitive(nonlinear=True)
+def amax(a: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """The largest value along ``dim``, :math:`\\max_j a_{\\ldots j}` (:func:`torch.amax`)."""
+    import torch
+    return torch.amax(a, dim=dim, keepdim=keepdim)
+
+
+@primitive(nonlinear=True)
+def distinct_above(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For each entry of each row (the last dimension), how many distinct values the row's masked entries
+    (``mask`` nonzero) take above its own, :math:`k_{\\ldots j} = |\\{x_{\\ldots i} : m_{\\ldots i} \\ne 0,\\ x_{\\ldots i} > x_{\\ldots j}\\}|`
+    (counts, ``x``'s shape): a rank among a row's groups, the largest group 0, e.g. an exponential decay over
+    in-context examples, ``decay ** distinct_above(type, keep)``."""
+    import torch
+    m = torch.broadcast_to(mask, x.shape) != 0
+    big = torch.finfo(torch.float64).min
+    v = torch.where(m, x.to(torch.float64), big)  # unmasked entries never count
+    s = v.sort(dim=-1).values
+    first = torch.ones_like(m)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    first &= s != big  # each distinct masked value once
+    above = (s.unsqueeze(-2) > x.to(torch.float64).unsqueeze(-1)) & first.unsqueeze(-2)
+    return above.sum(-1)

@@ -45,6 +45,7 @@ class Adapter:
     _hooks: list[Any] = field(default_factory=list)
     _removed: bool = False
     _training: Any = None  # TrainingHooks, when the technique declares training-time behaviour
+    token_loss: Any = None  # the technique's token loss (runtime.token_loss.LossHook), where it declares one
     wiring: Any = None  # the connections' Wiring, kept where training hooks read the last forward pass (aux loss inputs)
 
     def __repr__(self) -> str:

@@ -275,6 +275,8 @@ def commit(model: nn.Module, p: ApplyPlan, built: list[BuiltUnit]) -> Adapter:
             release = _Release(model)
             adapter._hooks.append(release)
             txn.on_undo(lambda: (adapter._hooks.remove(release), release.remove()))  # type: ignore[func-returns-value]
+        if tech.loss is not None:  # the model's loss replaced (outputs.loss), reading the call from the input cell
+            _add_token_loss(model, adapter, tech, p, txn)
         if tech.training:  # training-time behaviour: initial values snapshot, the unused-hooks watch (undone on failure)
             txn.on_undo(adapter._training_hooks().handle.remove)
     return adapter
@@ -501,6 +503,25 @@ def _rotary_hook(model: nn.Module, pl: Placement, entry: Entry, adapter: Adapter
     handle = keep_rotary(model.get_submodule(path), spec.argument, cell)
     adapter._hooks.append(handle)
     txn.on_undo(lambda: (adapter._hooks.remove(handle), handle.remove()))  # type: ignore[func-returns-value]
+
+
+def _add_token_loss(model: nn.Module, adapter: Adapter, tech: Technique, p: ApplyPlan, txn: Transaction) -> None:
+    """The technique's token loss as a forward hook of the model, after the checks that its prepended positions are
+    the technique's own (their number)."""
+    from pefref.runtime.token_loss import token_loss_of
+
+    assert tech.loss is not None
+    with located(f"apply {tech.id}: loss"):
+        hook = token_loss_of(tech.loss, dict(adapter.hyperparameters), lambda: adapter.active)
+        own = sum(e.length for _p, e in adapter.entries if isinstance(_p, RootPatch) and e.form.integration is Integration.POSITIONS and e.layer is None)
+        if own != hook.prepended:
+            raise PefrefError(f"loss.prompt_types gives {hook.prepended} position(s); the technique prepends {own}")
+    input_cell(model, p.family.forward.mask, p.family.forward.ids)
+    release = _Release(model)
+    handle = model.register_forward_hook(hook)
+    adapter._hooks.extend([release, handle])
+    adapter.token_loss = hook
+    txn.on_undo(lambda: (adapter._hooks.remove(release), adapter._hooks.remove(handle), handle.remove(), release.remove()))  # type: ignore[func-returns-value]
 
 
 class _Release:

@@ -664,6 +664,7 @@ def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids", ca
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
             task_ids = kwargs.pop("task_ids", None)
+            type_mask = kwargs.pop("input_type_mask", None)  # a per-token input a token loss reads (not the model's)
             bound = sig.bind_partial(*args, **kwargs).arguments if args else kwargs
             c.mask = bound.get(mask_name)
             c.values.clear()
@@ -674,6 +675,8 @@ def input_cell(model: nn.Module, mask_name: str, ids_name: str = "input_ids", ca
             labels = bound.get("labels")
             if isinstance(labels, torch.Tensor):  # read after the forward pass by auxiliary losses
                 c.call["labels"] = labels
+            if isinstance(type_mask, torch.Tensor):
+                c.call["input_type_mask"] = type_mask
             first = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
             c.batch = (first.shape[0], first.device) if first is not None and first.dim() > 0 else (0, None)
             task_ids = task_ids if task_ids is not None else c.given.get("task_ids")

@@ -16,7 +16,7 @@ __all__ = [
     "Module", "Technique", "FORMS", "FormName", "TYPOLOGY_PROPERTIES",
     "ScheduleHook", "GradProjectionHook", "AfterStepHook", "AuxLossHook", "StateHook", "MaskHook", "StepWindow", "TrainingHook",
     "HOOK_KINDS",
-    "Statistic", "STATISTIC_KINDS",
+    "Statistic", "STATISTIC_KINDS", "TokenLoss", "TOKEN_LOSS_CALLS",
 ]
 
 FORMS = tuple(_REGISTRY)
@@ -460,6 +460,47 @@ class MaskHook(_HookBase):
 TrainingHook = Annotated[Union[ScheduleHook, GradProjectionHook, AfterStepHook, AuxLossHook, StateHook, MaskHook], Field(discriminator="kind")]
 
 
+TOKEN_LOSS_CALLS = ("input_type_mask",)
+"""The per-token inputs of the model's call a token loss may read (``loss: call``)."""
+
+
+class TokenLoss(Strict):
+    """The model's causal LM loss replaced by a weighted mean over its labelled positions (``outputs.loss``).
+
+    Over the whole sequence (the prepended positions, then the input's), each position has a type: ``prompt_types``
+    at the prepended positions, ``input_types`` (from ``t``, the call's per-token input) at the input's. ``keep``
+    (from ``type``) says where labels count: elsewhere they become -100; the prepended positions' labels are
+    ``prompt_labels``. Every predicted position (all but the first) weighs ``weight`` (from its ``type`` and
+    ``keep``, the tensors of the predicted positions, [batch, seq - 1]); the loss is the mean over the positions with a
+    label of cross-entropy times weight (divided by their count, not by the weights' sum). ints hyperparameters are
+    int64 tensors here. A call without labels keeps the model's own output."""
+
+    description: str = Field("", description="What the weighting does.")
+    call: Literal["input_type_mask"] = Field("input_type_mask", description=(
+        "The call's per-token input read as `t` (int64 [batch, seq]; passed as model(..., input_type_mask=...)), "
+        "taken out of the call's arguments."))
+    default: int = Field(0, description="The value of `t` at every token of a call that gives none.")
+    prompt_labels: ExprStr | None = Field(None, description=(
+        "The labels of the prepended positions, one integer each, from the hyperparameters (none: ignored, -100)."))
+    prompt_types: ExprStr | None = Field(None, description=(
+        "The types of the prepended positions, from the hyperparameters (none: the technique prepends no positions)."))
+    input_types: ExprStr = Field("t", description="The types of the input's positions, from `t` and the hyperparameters.")
+    keep: ExprStr = Field(description="Where labels count (1) or not (0), from `type` and the hyperparameters.")
+    weight: ExprStr = Field("1", description=(
+        "Each predicted position's weight, from `type`, `keep` and the hyperparameters, e.g. "
+        "decay ** distinct_above(type, keep) (an exponential decay over the examples, the last one weighing 1)."))
+
+    def fields(self) -> dict[str, tuple[str, frozenset[str]]]:
+        """Field -> (its expression, the names it reads besides the hyperparameters)."""
+        out = {"input_types": (self.input_types, frozenset({"t"})), "keep": (self.keep, frozenset({"type"})),
+               "weight": (self.weight, frozenset({"type", "keep"}))}
+        for name in ("prompt_labels", "prompt_types"):
+            text = getattr(self, name)
+            if text is not None:
+                out[name] = (text, frozenset())
+        return out
+
+
 class Technique(Strict):
     """A PEFT technique: the components it adds and how they meet the frozen Transformer."""
 
@@ -485,6 +526,9 @@ class Technique(Strict):
                      "masks from a global ranking of scores. Adapter.aux_loss, "
                      "before_optimizer_step and after_optimizer_step run them (pefref run and the Trainer callback call them)."),
     )
+    loss: TokenLoss | None = Field(None, description=(
+        "The model's causal LM loss replaced by a per-token weighting (the model forward's outputs.loss), labels of "
+        "prepended positions included; none: the model's own loss."))
     identity_at_init: bool = Field(False, description="Whether the initialisation makes the adapted model equal the base model.")
     frozen: bool = Field(False, description=("True for a technique that trains nothing: every tensor it declares is fixed (e.g. a routing "
                                              "over a library of modules trained elsewhere, whose tensors are loaded before use). Without it, "
