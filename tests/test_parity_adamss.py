@@ -250,3 +250,18 @@ def test_adamss_asa_changes_training_and_is_off_by_default() -> None:
         layer = _host(pm, key)
         for k, a in enumerate(layer.adamss_A["default"]):
             assert a.requires_grad and max_diff(unit.A[k], a) <= TOL
+
+
+def test_adamss_asa_settings_travel_in_peft_format(tmp_path: Any) -> None:
+    """use_asa and its schedule are AdamssConfig fields both ways: written on export, read back on import."""
+    import pefref
+
+    hps = {"use_asa": True, "asa_target_subspaces": 7, "init_warmup": 3, "final_warmup": 30, "mask_interval": 5}
+    adapter = apply(copy.deepcopy(base_model()), "adamss", **hps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter.save_pretrained(tmp_path / "asa")
+        cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "asa"))
+        back = pefref.from_pretrained(copy.deepcopy(base_model()), tmp_path / "asa")
+    assert isinstance(cfg, peft.AdamssConfig) and all(getattr(cfg, k) == v for k, v in hps.items())
+    assert isinstance(back, Adapter) and all(back.hyperparameters[k] == v for k, v in hps.items())
