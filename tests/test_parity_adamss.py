@@ -181,3 +181,87 @@ def test_kmeans_labels_are_scikit_learns(seed: int) -> None:
     x = torch.linalg.svd(torch.randn(n, n, generator=g), full_matrices=False)[0][:, :f] if seed % 3 else torch.randn(n, f, generator=g)
     want = KMeans(n_clusters=k, init="random", n_init=1, max_iter=10, random_state=123456789).fit_predict(x.numpy())
     assert torch.equal(kmeans_labels(x, k, 10, 123456789), torch.from_numpy(want).long())
+
+
+# --- ASA (peft's adaptive subspace allocation: importance states, a global ranking on a schedule, freezing) ---------
+
+ASA = {"num_subspaces": 4, "use_asa": True, "asa_target_subspaces": 6, "init_warmup": 1, "final_warmup": 9, "mask_interval": 2}
+ASA_STEPS = 12
+
+
+def _adamw_loop(model: nn.Module, params: list[torch.Tensor], after: Any, before: Any = None, steps: int = ASA_STEPS) -> None:
+    """AdamW (torch's defaults: weight decay 0.01) over every trainable tensor, the loop peft documents for ASA:
+    backward, step, then the allocation hook before the gradients are cleared."""
+    model.train()
+    batch = padded_batch(SHAPE)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(steps):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        if before is not None:
+            before(step)
+        opt.step()
+        after(step)
+        opt.zero_grad()
+    model.eval()
+
+
+def _asa_pair(**hps: Any) -> tuple[peft.PeftModel, Adapter]:
+    pm, model, adapter = _pair(**{**ASA, **hps})
+    _adamw_loop(pm, [p for p in pm.parameters() if p.requires_grad], pm.base_model.update_and_allocate)
+    _adamw_loop(model, list(adapter.trainable_parameters()), adapter.after_optimizer_step, adapter.before_optimizer_step)
+    return pm, adapter
+
+
+def _frozen(adapter: Adapter) -> dict[str, set[int]]:
+    """Unit -> the subspaces its freezing mask froze."""
+    hooks = adapter._training_hooks()
+    out: dict[str, set[int]] = {k: set() for k in adapter.units}
+    for (_i, key), kept in hooks.masks.items():
+        out[key] = {int(j) for j in torch.nonzero(~kept.reshape(-1)).reshape(-1)}
+    return out
+
+
+def test_adamss_asa_equals_peft_after_twelve_adamw_steps() -> None:
+    """Twelve AdamW steps with peft's ASA (four rankings, the schedule from 16 subspaces over 4 layers to 6) end at
+    peft's tensors within 1e-5 with the same subspaces frozen; frozen subspaces kept their values while the optimiser
+    ran on (momentum, weight decay)."""
+    pm, adapter = _asa_pair()
+    frozen = _frozen(adapter)
+    n_frozen = 0
+    for key, unit in adapter.units.items():
+        layer = _host(pm, key)
+        for k, (a, b) in enumerate(zip(layer.adamss_A["default"], layer.adamss_B["default"])):
+            assert (not a.requires_grad) == (k in frozen[key]) and (not b.requires_grad) == (k in frozen[key])
+            assert max_diff(unit.A[k], a) <= TOL
+            assert max_diff(unit.B[unit.c == k], b) <= TOL
+            n_frozen += k in frozen[key]
+    assert n_frozen == 16 - 5  # the schedule's 6 at its end, less the one at the threshold (peft keeps scores above it)
+    assert max_diff(_output(adapter.model), _output(pm)) <= TOL
+
+
+def test_adamss_asa_changes_training_and_is_off_by_default() -> None:
+    """The same loop without ASA ends elsewhere (and equals peft's use_asa=False: no subspace freezes)."""
+    _pm, with_asa = _asa_pair()
+    pm, without = _asa_pair(use_asa=False)
+    assert not any(_frozen(without).values())
+    diff = max(max_diff(with_asa.units[k].A, u.A) for k, u in without.units.items())
+    assert diff > 1e-3
+    for key, unit in without.units.items():
+        layer = _host(pm, key)
+        for k, a in enumerate(layer.adamss_A["default"]):
+            assert a.requires_grad and max_diff(unit.A[k], a) <= TOL
+
+
+def test_adamss_asa_settings_travel_in_peft_format(tmp_path: Any) -> None:
+    """use_asa and its schedule are AdamssConfig fields both ways: written on export, read back on import."""
+    import pefref
+
+    hps = {"use_asa": True, "asa_target_subspaces": 7, "init_warmup": 3, "final_warmup": 30, "mask_interval": 5}
+    adapter = apply(copy.deepcopy(base_model()), "adamss", **hps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter.save_pretrained(tmp_path / "asa")
+        cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "asa"))
+        back = pefref.from_pretrained(copy.deepcopy(base_model()), tmp_path / "asa")
+    assert isinstance(cfg, peft.AdamssConfig) and all(getattr(cfg, k) == v for k, v in hps.items())
+    assert isinstance(back, Adapter) and all(back.hyperparameters[k] == v for k, v in hps.items())

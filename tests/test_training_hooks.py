@@ -98,6 +98,14 @@ def test_hooks_validate_and_derive_into_the_typology(tmp_path: Path) -> None:
     ("  - {kind: mask, tensor: lora.A, score: A, keep: total, when: []}", "training[0].when", 1, 63, "at least 1 item"),
     ("  - {kind: state, name: s, tensor: lora.A, value: grad}\n  - {kind: mask, tensor: lora.B, score: s, keep: units, when: [{}]}",
      "training[1].score", 2, 41, "the score has shape [4, 512]; the tensor 'lora.B' is [512, 4]"),
+    ("  - {kind: mask, tensor: lora.B, score: B, keep: total, when: [{}], also: {C: B}}", "training[0].also.C", 1, 79, "has no tensor 'C'"),
+    ("  - {kind: mask, tensor: lora.B, score: B, keep: total, when: [{}], effect: freeze, also: {M: kept}}", "training[0].also.M", 1, 95,
+     "not trainable: there is nothing to freeze"),
+    ("  - {kind: mask, tensor: lora.M, score: M, keep: total, when: [{}], effect: freeze}", "training[0].tensor", 1, 26, "a freezing mask"),
+    ("  - {kind: mask, tensor: lora.B, score: B, keep: total, when: [{}], also: {A: \"kept * Q\"}}", "training[0].also.A", 1, 87,
+     "unknown name 'Q'"),
+    ("  - {kind: mask, tensor: lora.B, score: \"mean(B, 0, keepdim=True)\", keep: active, when: [{}], also: {A: kept}}", "training[0].also.A",
+     1, 105, "the mask of 'A' has shape [1, 4]; it must broadcast to the tensor's [4, 512]"),
 ])
 def test_hook_errors_are_located(tmp_path: Path, hook: str, field: str, line: int, col: int, message: str) -> None:
     p = _write(tmp_path, "training:\n" + hook + "\n")
@@ -494,3 +502,65 @@ def test_an_interrupted_adalora_run_resumes_to_the_same_adapter(tmp_path: Path) 
     assert len(run_experiment(p, tmp_path / "b", progress=False).done) == 1
     a, b = (load_tensors(tmp_path / d / "runs" / row.id / "adapter.safetensors") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FREEZE = """training:
+  - kind: mask
+    tensor: lora.B
+    effect: freeze
+    score: "mean(abs(B), 0, keepdim=True)"
+    keep: "min(active, total / 2 - 2 * phase)"
+    also: {A: "t(kept)"}
+    when: [{first: 1, last: 1}, {first: 3, last: 3}]
+  - {kind: schedule, name: phase, value: "floor(step / 3)"}
+"""
+
+
+def test_a_freezing_mask_holds_its_entries_under_adamw_and_ranks_the_rest(tmp_path: Path) -> None:
+    """A freezing mask of B's rank columns (one score per column, A's rows following through `also`): at step 1 the
+    lower half over both units freezes; under AdamW with weight decay the frozen columns and rows keep their values to
+    the last step (their gradient zeroed before each step) while the others move; at step 3 only the columns still
+    training are ranked (`active`), and the hooks' checkpoint carries the frozen entries."""
+    model = build_model("tiny-llama", seed=0)
+    torch.manual_seed(3)
+    ad = apply(model, _write(tmp_path, FREEZE))
+    assert isinstance(ad, Adapter)
+    with torch.no_grad():
+        for u in _units(ad):
+            u.B.normal_(std=0.1)
+    opt = torch.optim.AdamW(ad.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    batch, at_freeze = _batch(model.config.vocab_size), {}
+    for step in range(6):
+        model(**batch).loss.backward()
+        ad.before_optimizer_step(step)
+        if step >= 2:  # frozen entries get no gradient
+            assert all(not u.B.grad[:, at_freeze[i][2]].any() and not u.A.grad[at_freeze[i][2]].any() for i, u in enumerate(_units(ad)))
+        opt.step()
+        ad.after_optimizer_step(step)
+        opt.zero_grad()
+        if step == 1:
+            scores = torch.cat([u.B.detach().abs().mean(0) for u in _units(ad)])
+            low = set(torch.argsort(scores)[: scores.numel() // 2].tolist())
+            for i, u in enumerate(_units(ad)):
+                cols = [j for j in range(u.B.shape[1]) if i * u.B.shape[1] + j in low]
+                at_freeze[i] = (u.B.detach().clone(), u.A.detach().clone(), cols)
+            assert sum(len(c) for *_x, c in at_freeze.values()) == 8
+            masks = ad._training_hooks().masks
+            assert all(sorted(torch.nonzero(~masks[(0, k)].reshape(-1)).reshape(-1).tolist()) == at_freeze[i][2] for i, k in enumerate(ad.units))
+        if step == 3:
+            live = [(i, j) for i, u in enumerate(_units(ad)) for j in range(u.B.shape[1]) if j not in at_freeze[i][2]]
+            kept = [m.reshape(-1) for (_h, _k), m in ad._training_hooks().masks.items()]
+            assert sum(int(k.sum()) for k in kept) == 6  # min(active = 8, 16 / 2 - 2): two more, among the 8 still training
+            assert all(not kept[i][j] for i, u in enumerate(_units(ad)) for j in at_freeze[i][2])  # frozen stay frozen
+            assert len(live) == 8
+    for i, u in enumerate(_units(ad)):
+        b0, a0, cols = at_freeze[i]
+        assert torch.equal(u.B.detach()[:, cols], b0[:, cols]) and torch.equal(u.A.detach()[cols], a0[cols])
+    moved = [float((u.B.detach() - at_freeze[i][0]).abs().max()) for i, u in enumerate(_units(ad))]
+    assert max(moved) > 1e-3
+    saved = ad._training_hooks().state_dict()
+    assert any(k.startswith("trains/") for k in saved) and any(k.startswith("frozen/") for k in saved)
+    fresh = apply(build_model("tiny-llama", seed=0), _write(tmp_path, FREEZE))
+    assert isinstance(fresh, Adapter)
+    fresh._training_hooks().load_state_dict(saved)
+    assert fresh._training_hooks().state_dict().keys() == saved.keys()

@@ -6,6 +6,7 @@ Each hook kind sees a fixed set of names (:func:`hook_names`); the runtime
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 from pefref.language.errors import Location, Problem
@@ -15,16 +16,20 @@ from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradPro
 from pefref.language.shapecheck import EXAMPLE_SIZES, _run, _width, connection_shapes
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES
-from pefref.ops.shapes import Shape
+from pefref.ops.inits import INTEGER
+from pefref.ops.shapes import IntShape, Shape
 
-__all__ = ["check_training", "hook_names", "states_of", "HOOK_OPS", "STEP", "GRAD", "INITIAL", "TOTAL", "UNITS"]
+__all__ = ["check_training", "hook_names", "states_of", "HOOK_OPS", "STEP", "GRAD", "INITIAL", "TOTAL", "UNITS", "ACTIVE", "KEPT"]
 
 STEP, GRAD, INITIAL = "step", "grad", "initial"
 """The names a schedule (the optimiser step), a gradient projection and a state (the gradient) and an after-step
 projection (the tensor's value when the adapter was applied) read besides the hyperparameters and the module's tensors."""
-TOTAL, UNITS = "total", "units"
-"""The names a mask's ``keep`` reads: the masked tensor's entries over all units of the module, and their number."""
-RESERVED = frozenset({STEP, GRAD, INITIAL, TOTAL, UNITS})
+TOTAL, UNITS, ACTIVE = "total", "units", "active"
+"""The names a mask's ``keep`` reads: the ranked items over all units of the module, their number, and the items
+not frozen (a freezing mask's; ``total`` otherwise)."""
+KEPT = "kept"
+"""The name a mask's ``also`` expressions read: the mask of the ranked items (1 stays, 0 masked)."""
+RESERVED = frozenset({STEP, GRAD, INITIAL, TOTAL, UNITS, ACTIVE, KEPT})
 
 HOOK_OPS = frozenset(k for k, p in PRIMITIVES.items() if not p.stochastic and k != "dropout")
 """The ops a training hook may call (deterministic ones: hooks run outside the forward pass)."""
@@ -43,7 +48,7 @@ def hook_names(hook: Any, params: set[str], hps: set[str], schedules: set[str], 
     if isinstance(hook, StateHook):
         return {"value": {GRAD} | params | hps | schedules | states}
     if isinstance(hook, MaskHook):
-        return {"score": params | hps | schedules | states, "keep": {TOTAL, UNITS} | hps | schedules}
+        return {"score": params | hps | schedules | states, "keep": {TOTAL, UNITS, ACTIVE} | hps | schedules}
     assert isinstance(hook, AuxLossHook)
     return {"value": params | hps | schedules | states | set(hook.inputs), "weight": hps | schedules}
 
@@ -87,7 +92,8 @@ def _module_of(hook: Any, modules: dict[str, Any], hp: tuple[Any, ...], pos: Pos
         return None, None, [_problem(pos, hp + (fld,), f"module {mname!r} has no tensor {tname!r}{suggest(tname, m.params)} "
                                      f"(tensors: {', '.join(m.params) or 'none'})")]
     what = ("a gradient projection" if isinstance(hook, GradProjectionHook)
-            else "a state (it reads the gradient)" if isinstance(hook, StateHook) else None)
+            else "a state (it reads the gradient)" if isinstance(hook, StateHook)
+            else "a freezing mask" if isinstance(hook, MaskHook) and hook.effect == "freeze" else None)
     if what is not None and tname is not None and not m.params[tname].trainable:
         return None, None, [_problem(pos, hp + (fld,), f"tensor {ref!r} is not trainable: it has no gradient for {what}")]
     if what is not None and tname is not None and (m.params[tname].split or m.params[tname].stacked != "none"):
@@ -106,8 +112,16 @@ def _param_shapes(m: Any, hps: dict[str, Any], ref: Any, pos: Positions) -> dict
     out: dict[str, Any] = {}
     for pname, spec in m.params.items():
         dims = [d if isinstance(d, int) else _run(d, names, pos, ())[0] for d in spec.shape]
-        out[pname] = Shape(int(d) for d in dims) if all(isinstance(d, (int, float)) for d in dims) else None
+        known = all(isinstance(d, (int, float)) for d in dims)
+        out[pname] = (IntShape if _integer_init(spec.init) else Shape)(int(d) for d in dims) if known else None
     return {**names, **out}
+
+
+def _integer_init(text: str) -> bool:
+    """Whether an initialiser gives an integer tensor (indices: an op or init that returns them)."""
+    tree = parse_expr(text).tree
+    name = tree.func.id if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) else None
+    return name is not None and (name in INTEGER or (name in PRIMITIVES and PRIMITIVES[name].int_out))
 
 
 def _check_shape(hook: Any, tname: str | None, env: dict[str, Any], pos: Positions, hp: tuple[Any, ...]) -> list[Problem]:
@@ -123,11 +137,45 @@ def _check_shape(hook: Any, tname: str | None, env: dict[str, Any], pos: Positio
         scalar = not isinstance(got, Shape) or len(got) == 0 or got == Shape((1,))
         if tname is not None and fld != "keep" and not isinstance(hook, ScheduleHook):
             want = env.get(tname)
-            if want is not None and isinstance(got, Shape) and got != want:
+            if want is not None and isinstance(got, Shape) and got != want and not (fld == "score" and _broadcasts(got, want)):
                 out.append(_problem(pos, hp + (fld,), f"the {fld} has shape {got}; the tensor {hook.tensor!r} is {want}"))
         elif not scalar:
             what = "an aux loss" if isinstance(hook, AuxLossHook) else "a mask's keep" if isinstance(hook, MaskHook) else "a schedule"
             out.append(_problem(pos, hp + (fld,), f"the {fld} has shape {got}; {what} gives one value (reduce it, e.g. with sum)"))
+    return out
+
+
+def _broadcasts(got: Shape, want: Shape) -> bool:
+    """Whether a shape broadcasts to ``want`` (and gives it)."""
+    if len(got) > len(want):
+        return False
+    return all(g in (1, w) for g, w in zip(reversed(tuple(got)), reversed(tuple(want))))
+
+
+def _check_also(hook: MaskHook, m: Any, names: set[str], env: dict[str, Any] | None, pos: Positions, hp: tuple[Any, ...]) -> list[Problem]:
+    """A mask's ``also``: tensors of its module (trainable where it freezes), expressions reading ``kept``, the module's
+    tensors and the hyperparameters, and with ``env`` (shapes) masks that broadcast to their tensors."""
+    out: list[Problem] = []
+    for tn, text in hook.also.items():
+        path = hp + ("also", tn)
+        if tn not in m.params:
+            out.append(_problem(pos, path, f"module {m.name!r} has no tensor {tn!r}{suggest(tn, m.params)} (tensors: {', '.join(m.params)})"))
+            continue
+        if hook.effect == "freeze" and not m.params[tn].trainable:
+            out.append(_problem(pos, path, f"tensor {tn!r} is not trainable: there is nothing to freeze"))
+            continue
+        if hook.effect == "freeze" and (m.params[tn].split or m.params[tn].stacked != "none"):
+            out.append(_problem(pos, path, f"tensor {tn!r} is stored split or stacked: a freezing mask needs it whole"))
+            continue
+        found = _names(parse_expr(text), names, pos, path, "a mask's also")
+        if found or env is None:
+            out += found
+            continue
+        got, found = _run(text, env, pos, path)
+        out += found
+        want = env.get(tn)
+        if not found and isinstance(got, Shape) and isinstance(want, Shape) and not _broadcasts(got, want):
+            out.append(_problem(pos, path, f"the mask of {tn!r} has shape {got}; it must broadcast to the tensor's {want}"))
     return out
 
 
@@ -191,6 +239,7 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
             if isinstance(text, str):
                 found += _names(parse_expr(text), names, pos, hp + (fld,), f"the {hook.kind} {fld}")
         out += found
+        env: dict[str, Any] | None = None
         if not found and ref is not None:
             env = {**(_param_shapes(m, hps, ref, pos) if m is not None else hps), **{n: 1.0 for n in every}, STEP: 1, GRAD: None,
                    TOTAL: 16, UNITS: 2}
@@ -201,4 +250,14 @@ def check_training(training: list[Any], modules: list[Any], hps: dict[str, Any],
             if tname is not None:
                 env[GRAD] = env[INITIAL] = env.get(tname)
             out += _check_shape(hook, tname, env, pos, hp)
+        if isinstance(hook, MaskHook) and m is not None:
+            out += _check_also(hook, m, {KEPT} | params | set(hps), _also_env(hook, env, pos), pos, hp)
     return out
+
+
+def _also_env(hook: MaskHook, env: dict[str, Any] | None, pos: Positions) -> dict[str, Any] | None:
+    """The shapes a mask's ``also`` expressions read: ``kept`` has the score's shape."""
+    if env is None or not hook.also:
+        return None
+    got, found = _run(hook.score, env, pos, ())
+    return None if found or not isinstance(got, Shape) else {**env, KEPT: got}

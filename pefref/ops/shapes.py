@@ -379,6 +379,15 @@ def _index_copy(a: Shape, dim: int, index: Any, src: Shape) -> Shape:
     return a
 
 
+@shape_rule("index_add")
+def _index_add(a: Shape, dim: int, index: Any, src: Shape) -> Shape:
+    d = _dim(a, dim)
+    n = index[0] if isinstance(index, Shape) else len(index) if isinstance(index, tuple) else 1
+    if len(src) != len(a) or src[d] != n or any(x != y for i, (x, y) in enumerate(zip(a, src)) if i != d):
+        raise ShapeMismatch(f"index_add of {n} slices along dimension {dim} of {a} needs a source of that shape there, found {src}")
+    return a
+
+
 @shape_rule("index_select")
 def _index_select(a: Shape, dim: int, index: Any) -> Shape:
     d = _dim(a, dim)

@@ -86,6 +86,17 @@ def as_values(v: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(list(v) if isinstance(v, (tuple, list)) else [v], dtype=like.dtype, device=like.device)
 
 
+@primitive(linear_in=(0, 3), int_args=("index",))
+def index_add(a: torch.Tensor, dim: int, index: Any, src: torch.Tensor) -> torch.Tensor:
+    """A copy of ``a`` with ``src``'s slices along ``dim`` added at positions ``index`` (out-of-place
+    :func:`torch.index_add`; repeated positions sum): ``index_add(zeros_like(s), 0, c, x)`` sums the rows of ``x``
+    per group ``c`` (a segment sum)."""
+    import torch
+    if not isinstance(index, torch.Tensor):
+        index = torch.tensor(list(index) if isinstance(index, (tuple, list)) else [index], dtype=torch.long, device=a.device)
+    return a.index_add(dim, index.long(), src.to(a.dtype))
+
+
 @primitive(scalar=True)
 def count(v: Any) -> int:
     """The number of entries of a list of integers (an ``ints`` hyperparameter), e.g. the rows of a table a module

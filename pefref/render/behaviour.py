@@ -84,7 +84,9 @@ def _lhs(h: Any) -> tuple[str | None, str | None, str]:
     if h.kind == "state":
         return mod, ten, f"{h.name} ← "
     if h.kind == "mask":
-        return mod, ten, f"{ten} ← 0 outside the {math_of(h.keep).plain()} highest scores of all units; score = "
+        what = ", ".join([ten, *h.also])
+        act = "frozen" if getattr(h, "effect", "zero") == "freeze" else "← 0"
+        return mod, ten, f"{what} {act} outside the {math_of(h.keep).plain()} highest scores of all units; score = "
     return mod, ten, (f"∇{ten} ← " if h.kind == "grad_projection" else f"{ten} ← ")
 
 

@@ -278,6 +278,7 @@ _SPECIAL: dict[str, Callable[[list[ast.AST]], list[Seg]]] = {
     "index_select": lambda a: _indexed(a[0], a[2]),
     "take": lambda a: _indexed(a[0], a[1]),
     "index_copy": lambda a: _atom(a[0]) + [("[", "")] + _node(a[2]) + [(" ← ", "")] + _node(a[3]) + [("]", "")],
+    "index_add": lambda a: _atom(a[0]) + [("[", "")] + _node(a[2]) + [(" += ", "")] + _node(a[3]) + [("]", "")],
     "scatter": lambda a: _atom(a[0]) + [("[", "")] + _node(a[2]) + [(" ← ", "")] + _node(a[3]) + [("]", "")],
     "zeros_like": lambda a: [("0", "")],
     "eye": lambda a: [("I", "")],

@@ -20,7 +20,7 @@ from pefref.compiler import parts
 from pefref.language.errors import PefrefError
 from pefref.language.expr import evaluate, parse_expr
 from pefref.language.schema.technique import AfterStepHook, AuxLossHook, GradProjectionHook, MaskHook, ScheduleHook, StateHook, StepWindow
-from pefref.language.training import GRAD, HOOK_OPS, INITIAL, STEP, TOTAL, UNITS
+from pefref.language.training import ACTIVE, GRAD, HOOK_OPS, INITIAL, KEPT, STEP, TOTAL, UNITS
 from pefref.ops import PRIMITIVES
 from pefref.runtime.patches import _INPUTS
 
@@ -42,13 +42,17 @@ _OPS: dict[str, Any] = {k: PRIMITIVES[k].fn for k in HOOK_OPS}
 @dataclass
 class TrainingHooks:
     """The state of one adapter's training hooks: current schedule values, the tensors' initial values, the states
-    (``(unit key, state name)``) and the last masks (``(hook index, unit key)``)."""
+    (``(unit key, state name)``), the last masks (``(hook index, unit key)``, the score's shape) and the frozen entries
+    of freezing masks (``(hook index, unit key, tensor name)``: the tensor-shaped mask of those still training and the
+    values the others keep)."""
 
     adapter: Adapter
     schedules: dict[str, Any] = field(default_factory=dict)
     initial: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     states: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     masks: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    trains: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
+    frozen: dict[tuple[int, str, str], torch.Tensor] = field(default_factory=dict)
     called: bool = False
     forwards: int = 0
     handle: Any = None
@@ -75,9 +79,23 @@ class TrainingHooks:
             return
         self.forwards += 1
         if self.forwards >= 2:  # a loop that ran a training step without calling any hook method
+            if all(self._inert(h) for h in self.adapter.technique.training):  # off with these hyperparameters: nothing is missed
+                self.called = True
+                return
             kinds = ", ".join(dict.fromkeys(h.kind for h in self.adapter.technique.training))
             warnings.warn(HOOKS_UNUSED.format(tid=self.adapter.technique.id, name=self.adapter.name, kinds=kinds), UserWarning, stacklevel=2)
             self.called = True  # once
+
+    def _inert(self, h: Any) -> bool:
+        """Whether a hook does nothing with the adapter's hyperparameters: a schedule writing no tensor, a state or mask
+        whose step windows are all empty."""
+        if isinstance(h, ScheduleHook):
+            return h.tensor is None
+        if not isinstance(h, (StateHook, MaskHook)) or (isinstance(h, StateHook) and not h.when):
+            return False
+        def bound(v: Any, default: int) -> Any:
+            return default if v is None else evaluate(parse_expr(v), self.adapter.hyperparameters, _OPS)
+        return all(bound(w.last, 0) < max(bound(w.first, 0), 0) for w in h.when if w.last is not None) and all(w.last is not None for w in h.when)
 
     def _called(self) -> None:
         """A hook method ran: the loop runs the hooks, and the watch comes off the model (no cost per forward after)."""
@@ -101,10 +119,13 @@ class TrainingHooks:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the hooks carry from step to step (states, last masks, the tensors' initial values), for a resumable
-        checkpoint: names ``state/<unit>/<name>``, ``mask/<hook index>/<unit>`` and ``initial/<unit>/<tensor>``."""
+        checkpoint: names ``state/<unit>/<name>``, ``mask/<hook index>/<unit>``, ``initial/<unit>/<tensor>``, and for
+        frozen entries ``trains/<hook index>:<tensor>/<unit>`` and ``frozen/<hook index>:<tensor>/<unit>``."""
         out = {f"state/{k}/{n}": v.detach().clone() for (k, n), v in self.states.items()}
         out.update({f"initial/{k}/{n}": v.clone() for (k, n), v in self.initial.items()})
         out.update({f"mask/{i}/{k}": m.clone() for (i, k), m in self.masks.items()})
+        out.update({f"trains/{i}:{t}/{k}": m.clone() for (i, k, t), m in self.trains.items()})
+        out.update({f"frozen/{i}:{t}/{k}": m.clone() for (i, k, t), m in self.frozen.items()})
         return out
 
     def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
@@ -115,6 +136,9 @@ class TrainingHooks:
             v = v if p is None else v.to(p.device)
             if kind == "mask":
                 self.masks[(int(a), b)] = v
+            elif kind in ("trains", "frozen"):
+                i, t = a.split(":")
+                (self.trains if kind == "trains" else self.frozen)[(int(i), b, t)] = v
             else:
                 (self.states if kind == "state" else self.initial)[(a, b)] = v
 
@@ -173,6 +197,7 @@ class TrainingHooks:
         (after the backward pass), in the order of the list."""
         self._called()
         self.set_schedules(step)
+        self._freeze(grads=True)
         for i, h in enumerate(self.adapter.technique.training):
             if isinstance(h, GradProjectionHook):
                 self._each(h, lambda p, env, _h=h: _set_grad(p, evaluate(parse_expr(_h.value), {**env, GRAD: p.grad}, _OPS)))
@@ -183,6 +208,7 @@ class TrainingHooks:
         """Every after-step projection (assigned back without gradient), state and mask that runs after the optimiser
         step, in the order of the list."""
         self._called()
+        self._freeze(grads=False)
         for i, h in enumerate(self.adapter.technique.training):
             if isinstance(h, AfterStepHook):
                 tname = h.tensor.split(".")[1]
@@ -226,32 +252,79 @@ class TrainingHooks:
                 self.states[(key, h.name)] = torch.as_tensor(v, dtype=prev.dtype, device=prev.device).expand_as(prev).detach().clone()
 
     def _mask(self, i: int, h: MaskHook) -> None:
-        """Rank the scores of every unit together; zero the entries scoring at most the (total - keep)-th lowest score."""
+        """Rank the scores of every unit together (a freezing mask: those still training); mask the items scoring at
+        most the (active - keep)-th lowest score."""
         mod, tname = h.tensor.split(".")
         units = self._units(mod)
         if not units:
             return
         with torch.no_grad():
-            scores = {key: torch.as_tensor(evaluate(parse_expr(h.score), self._env(u, key), _OPS)).expand_as(parts.read(u, tname))
-                      for key, u in units}
-            flat = torch.cat([s.reshape(-1) for s in scores.values()])
-            env = {**self.adapter.hyperparameters, **self.schedules, TOTAL: flat.numel(), UNITS: len(units)}
+            scores = {key: _score(evaluate(parse_expr(h.score), self._env(u, key), _OPS), parts.read(u, tname)) for key, u in units}
+            before = {key: self.masks.get((i, key)) if h.effect == "freeze" else None for key in scores}
+            live = {key: s if before[key] is None else s[before[key]] for key, s in scores.items()}
+            flat = torch.cat([s.reshape(-1) for s in live.values()])
+            if flat.numel() == 0:  # everything is frozen
+                return
+            total = sum(s.numel() for s in scores.values())
+            env = {**self.adapter.hyperparameters, **self.schedules, TOTAL: total, ACTIVE: flat.numel(), UNITS: len(units)}
             k = flat.numel() - int(evaluate(parse_expr(h.keep), env, _OPS))
             if k <= 0:
                 return
             threshold = torch.kthvalue(flat, min(k, flat.numel()))[0].item()
             for key, s in scores.items():
-                self.masks[(i, key)] = s > threshold
-        self._apply_masks(i, h)
+                m = before[key]
+                self.masks[(i, key)] = s > threshold if m is None else m & (s > threshold)
+        if h.effect == "freeze":
+            self._start_freezing(i, h)
+        else:
+            self._apply_masks(i, h)
+
+    def _tensor_masks(self, i: int, h: MaskHook, key: str, unit: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensor name -> where its entries stay (bool, the tensor's shape): the masked tensor's from the ranked items'
+        mask broadcast, each ``also`` tensor's from its expression of ``kept``."""
+        tname = h.tensor.split(".")[1]
+        kept = self.masks[(i, key)]
+        out = {tname: kept.expand_as(parts.read(unit, tname))}
+        env = {**self.adapter.hyperparameters, **{n: parts.read(unit, n) for n in self.adapter.unit_modules[key].params}}
+        for tn, text in h.also.items():
+            m = torch.as_tensor(evaluate(parse_expr(text), {**env, KEPT: kept.to(parts.read(unit, tn).dtype)}, _OPS))
+            out[tn] = (m > 0.5).expand_as(parts.read(unit, tn))
+        return out
 
     def _apply_masks(self, i: int, h: MaskHook) -> None:
-        """Zero each unit's entries outside its last mask (nothing before a mask was computed)."""
-        mod, tname = h.tensor.split(".")
+        """Zero each unit's entries outside its last mask (nothing before a mask was computed; a freezing mask holds by itself)."""
+        if h.effect == "freeze":
+            return
         with torch.no_grad():
-            for key, unit in self._units(mod):
-                keep = self.masks.get((i, key))
-                if keep is not None:
-                    parts.write(unit, tname, parts.read(unit, tname).masked_fill(~keep, 0.0))
+            for key, unit in self._units(h.tensor.split(".")[0]):
+                if (i, key) not in self.masks:
+                    continue
+                for tn, keep in self._tensor_masks(i, h, key, unit).items():
+                    parts.write(unit, tn, parts.read(unit, tn).masked_fill(~keep, 0.0))
+
+    def _start_freezing(self, i: int, h: MaskHook) -> None:
+        """Record each unit's entries outside its last mask, with the values they keep from now on."""
+        with torch.no_grad():
+            for key, unit in self._units(h.tensor.split(".")[0]):
+                if (i, key) not in self.masks:
+                    continue
+                for tn, keep in self._tensor_masks(i, h, key, unit).items():
+                    self.trains[(i, key, tn)] = keep.clone()
+                    self.frozen[(i, key, tn)] = parts.read(unit, tn).detach().clone()
+
+    def _freeze(self, grads: bool) -> None:
+        """The frozen entries of freezing masks: their gradient zeroed (``grads``, before the step) or their value
+        restored (after it: the optimiser's update, momentum and weight decay undone)."""
+        with torch.no_grad():
+            for (_i, key, tn), keep in self.trains.items():
+                p = self.adapter.units[key]._parameters.get(tn)
+                if p is None:
+                    raise PefrefError(f"a freezing mask on {tn!r}: the tensor is stored stacked or split; freezing needs it whole")
+                if grads:
+                    if p.grad is not None:
+                        p.grad.masked_fill_(~keep, 0.0)
+                else:
+                    p.copy_(torch.where(keep, p, self.frozen[(_i, key, tn)]))
 
     def _each(self, h: GradProjectionHook, fn: Any) -> None:
         """Run ``fn(parameter, env)`` once per distinct tensor the hook names that has a gradient."""
@@ -284,6 +357,13 @@ class _Watch:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Watch, (None,))
+
+
+def _score(v: Any, t: torch.Tensor) -> torch.Tensor:
+    """A mask's scores as a tensor on ``t``'s device: its own shape (one per ranked item), a single number spread over
+    every entry of ``t``."""
+    s = torch.as_tensor(v, device=t.device)
+    return s.expand_as(t) if s.dim() == 0 else s
 
 
 def _set_grad(p: torch.Tensor, g: Any) -> None:

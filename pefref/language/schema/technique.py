@@ -441,17 +441,28 @@ class StateHook(_HookBase):
 
 
 class MaskHook(_HookBase):
-    """Zeroes the entries of a tensor whose score is among the lowest over every unit of the module (a global budget):
-    the scores of all units are ranked together, the ``total - keep`` lowest found (their largest is the threshold) and
-    every entry scoring at most the threshold is set to zero, without gradient. The mask is kept and, at the steps of
-    ``hold``, applied again."""
+    """Zeroes (or freezes) the entries of a tensor whose score is among the lowest over every unit of the module (a
+    global budget): the scores of all units are ranked together, the ``active - keep`` lowest found (their largest is
+    the threshold) and every entry scoring at most the threshold is set to zero, without gradient. The mask is kept
+    and, at the steps of ``hold``, applied again. With ``effect: freeze`` the masked entries keep their values and stop
+    training for good: from the mask on their gradient is zeroed before each optimiser step and their value restored
+    after it (so no update, momentum or weight decay moves them, as for a parameter whose gradient is None), and later
+    rankings rank only the entries still training."""
 
     kind: Literal["mask"]
     tensor: TensorRef = Field(description="'module.tensor': the tensor whose entries are zeroed, in every unit of the module.")
-    score: ExprStr = Field(description="Each entry's importance, the tensor's shape, from the module's tensors, its states, the "
+    score: ExprStr = Field(description="The importance of each ranked item, the tensor's shape or one that broadcasts to it (one "
+                           "score for a block of entries, e.g. [K, 1, 1] for K slices), from the module's tensors, its states, the "
                            "hyperparameters and the schedules (e.g. a singular value's and its vectors' smoothed sensitivities).")
-    keep: ExprStr = Field(description="How many entries stay, over all units together, from `total` (the tensor's entries over all "
-                          "units), `units` (their number), the hyperparameters and the schedules, e.g. a budget schedule.")
+    keep: ExprStr = Field(description="How many ranked items stay, over all units together, from `total` (the score's entries over all "
+                          "units), `active` (those not frozen: total unless the effect is freeze), `units` (their number), the "
+                          "hyperparameters and the schedules, e.g. a budget schedule.")
+    effect: Literal["zero", "freeze"] = Field("zero", description="What the mask does to the entries of the lowest scores: set them "
+                                              "to zero (they keep training) or freeze them at their value for the rest of training.")
+    also: dict[Identifier, ExprStr] = Field(default_factory=dict, description=(
+        "Other tensors of the module the same decision applies to, each with its mask as an expression of `kept` (1 where "
+        "the item stays, 0 where it is masked; the score's shape), the module's tensors and the hyperparameters, of a shape "
+        "that broadcasts to that tensor, e.g. B: index_select(reshape(kept, (-1, 1)), 0, c) (the rows of each masked group)."))
     when: list[StepWindow] = Field(min_length=1, description="The steps at which it ranks the scores and zeroes (any of these windows).")
     hold: list[StepWindow] = Field(default_factory=list, description="The steps at which the last mask is applied again (any of these windows).")
     at: Literal["after_step", "before_step"] = Field("after_step", description=_AT_DOC)
