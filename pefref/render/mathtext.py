@@ -28,7 +28,8 @@ _GREEK = {
     "lambda_": "λ", "mu": "μ", "sigma": "σ", "tau": "τ", "phi": "φ", "omega": "ω",
 }
 _FUNCS = {"sigmoid": "σ", "softmax": "softmax", "tanh": "tanh", "relu": "ReLU", "gelu": "GELU", "gelu_tanh": "GELU",
-          "silu": "SiLU", "exp": "exp", "mean": "mean", "attention": "Attn", "lstm": "LSTM"}
+          "silu": "SiLU", "exp": "exp", "mean": "mean", "attention": "Attn", "lstm": "LSTM", "rotary": "RoPE", "amax": "max",
+          "cross_entropy": "CE"}
 _TRANSPARENT = {"unflatten", "reshape", "unsqueeze", "squeeze", "detach"}
 _PREC = {ast.Add: 1, ast.Sub: 1, ast.Mult: 2, ast.MatMult: 2, ast.Div: 2, ast.FloorDiv: 2, ast.Mod: 2, ast.Pow: 4}
 _SYM = {ast.Add: " + ", ast.Sub: " − ", ast.Mult: "·", ast.MatMult: "·", ast.Div: "/", ast.FloorDiv: " // ", ast.Mod: " mod "}
@@ -133,6 +134,8 @@ def _name(name: str) -> list[Seg]:
         return [(_GREEK[name], "")]
     if "_" in name.strip("_") and not name.startswith("_"):
         head, _, sub = name.partition("_")
+        if "_" in sub and len(head) > 1:  # a name of words (asa_target_subspaces): as written, not a word subscripted by a list
+            return [(name, "")]
         return _name(head) + [(sub.replace("_", ","), "sub")]
     m = _SUBBED.match(name)
     if m:
@@ -316,6 +319,9 @@ _SPECIAL: dict[str, Callable[[list[ast.AST]], list[Seg]]] = {
     "quant_svd_base": lambda a: [("Q", ""), _sub("T")] + _paren(_node(a[0])),
     "factor_left": lambda a: [("m", "")] + _paren(_node(a[0])),
     "factor_right": lambda a: _operand(a[0], 2) + [("/m", "")] + _paren(_node(a[0])),
+    "rms_norm": lambda a: [("RMSNorm", "")] + _paren(_node(a[0])) + ([("⊙", "")] + _atom(a[1]) if len(a) > 1 else []),
+    "top_right_singular": lambda a: [("v", ""), _sub("1")] + _paren(_product([a[0], a[1]])),
+    "distinct_above": lambda a: [("rank", "")] + _paren(_node(a[0])),
     "position_mask": lambda a: [("𝟙[t < ", "")] + _node(a[1]) + [(" ∨ t ≥ n − ", "")] + _node(a[2]) + [("]", "")],
 }
 
