@@ -389,7 +389,7 @@
         button.textContent = full ? "Fit to width" : "Full size";
       }
       button.addEventListener("click", function () { show(!frame.classList.contains("full")); });
-      readable(fig, frame, show);
+      readable(fig, frame);
       caption.appendChild(button);
       var drag = null;
       frame.addEventListener("pointerdown", function (e) {
@@ -405,23 +405,12 @@
     });
   }
 
-  /* An inline drawing wider than its column may use the page's width on a wide screen ("wide"); where scaled to its
-     frame its smallest text would still be under 10 px (a phone, a very wide drawing), it opens at full size,
-     panned inside the frame, and "Fit to width" gives the overview. */
-  var MIN_TEXT_PX = 10;
-  function readable(fig, frame, show) {
+  /* An inline drawing wider than its column may use the page's width on a wide screen ("wide"). Everywhere it is
+     scaled to fit its column by default; "Full size" shows it at its own size, panned inside the frame. */
+  function readable(fig, frame) {
     var svg = frame.querySelector("svg");
-    if (!svg || !svg.viewBox || !svg.viewBox.baseVal || !svg.viewBox.baseVal.width) return;
-    var least = Infinity;
-    Array.prototype.forEach.call(svg.querySelectorAll("text"), function (t) {
-      var size = parseFloat(t.getAttribute("font-size"));
-      if (size && t.textContent.trim()) least = Math.min(least, size);
-    });
+    if (!svg || !svg.width || !svg.width.baseVal) return;
     if (svg.width.baseVal.value > fig.parentNode.clientWidth) fig.classList.add("wide");
-    if (least * frame.clientWidth / svg.viewBox.baseVal.width < MIN_TEXT_PX) {
-      show(true);
-      frame.scrollLeft = (frame.scrollWidth - frame.clientWidth) / 2;  // the middle of the drawing, where the layer is
-    }
   }
 
   /* A Copy button on each peft config (the text stays selectable without the script). */
