@@ -362,3 +362,85 @@ def test_the_cli_prints_the_same_from_a_kept_result(user_catalog, monkeypatch):
         assert fresh.exit_code == 0, fresh.output
         assert fresh.output == first.output == kept.output, args
     assert list((user_catalog.parent / "cache").parent.glob("derived/*.json"))
+
+
+def _kept(cache: Path) -> list[Path]:
+    return [p for p in sorted((cache.parent / "derived").glob("*.json"))]
+
+
+def _catalog_files() -> list[tuple[type, Path]]:
+    from pefref.language.schema import ArchitectureMap, ModelShapes, ReferenceArchitecture
+
+    return ([(Technique, p) for p in sorted((ROOT / "catalog" / "techniques").glob("*.yaml"))]
+            + [(ArchitectureMap, p) for p in sorted((ROOT / "catalog" / "families").glob("*.yaml"))]
+            + [(ReferenceArchitecture, ROOT / "catalog" / "reference" / "transformer.yaml"), (ModelShapes, ROOT / "catalog" / "models.yaml")])
+
+
+def _identical(a, b) -> None:
+    """Same types all the way down, same values, same fields set."""
+    from pydantic import BaseModel
+
+    assert type(a) is type(b)
+    if isinstance(a, BaseModel):
+        assert a.model_fields_set == b.model_fields_set and a.__dict__.keys() == b.__dict__.keys()
+        for k in a.__dict__:
+            _identical(a.__dict__[k], b.__dict__[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _identical(x, y)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _identical(a[k], b[k])
+    else:
+        assert a == b
+
+
+def test_kept_objects_are_the_validated_ones_for_every_catalog_file(cache):
+    """A second load of every catalog file builds its objects from the kept validation (no validator runs), identical
+    to the validated ones in types, values and fields set."""
+    from unittest import mock
+
+    from pydantic import BaseModel
+
+    from pefref.language import loader
+
+    for cls, path in _catalog_files():
+        first = load_file(cls, path)[0]
+        with mock.patch.object(loader, "validate_data", side_effect=AssertionError("validated again")):
+            again = load_file(cls, path)[0]
+        _identical(first, again)
+        assert first == again and again.model_dump() == first.model_dump()
+        assert isinstance(again, BaseModel)
+
+
+def test_a_kept_object_naming_a_foreign_class_or_damaged_is_validated_again(cache, tmp_path):
+    from pefref.language.kept_objects import decode, encode
+
+    f = tmp_path / "lora.yaml"
+    f.write_text(LORA, encoding="utf-8")
+    first = load_file(Technique, f)[0]
+    (entry,) = [p for p in _kept(cache) if b'"m":"pefref.language.schema.technique:Technique"' in p.read_bytes()]
+    head, _, payload = entry.read_bytes().partition(b"\n")
+    forged = payload.replace(b"pefref.language.schema.technique:Technique", b"builtins:object")
+    meta = json.loads(head)
+    import hashlib
+
+    meta["sha256"] = hashlib.sha256(forged).hexdigest()
+    entry.write_bytes(json.dumps(meta).encode() + b"\n" + forged)
+    with pytest.raises(ValueError):
+        decode(json.loads(forged))
+    assert load_file(Technique, f)[0] == first  # validated again
+    entry.write_bytes(head + b"\n" + payload[:-5])  # checksum no longer matches
+    assert load_file(Technique, f)[0] == first
+    assert decode(encode(first)) == first
+
+
+def test_a_file_that_fails_validation_is_never_kept(cache, tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(LORA.replace("id: lora", "id: lora\nnot_a_field: 1", 1), encoding="utf-8")
+    for _ in range(2):
+        with pytest.raises(CatalogError, match="not_a_field"):
+            load_file(Technique, f)
+    assert not [p for p in _kept(cache) if b"not_a_field" in p.read_bytes()]

@@ -10,7 +10,9 @@ a located problem naming both places.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +26,7 @@ from pefref.language.slices import slice_problems
 from pefref.language.sources import CatalogSource, catalog_files, catalog_sources
 from pefref.language.yamlsrc import Positions, read_yaml
 
-__all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques"]
+__all__ = ["Catalog", "catalog_root", "load_catalog", "default_catalog", "catalog_for", "load_techniques", "paused_gc"]
 
 
 def catalog_root() -> Path:
@@ -79,6 +81,20 @@ class Catalog:
             return self.families[name]
         except KeyError:
             raise KeyError(f"no architecture map {name!r}{suggest(name, self.families)} (known: {', '.join(sorted(self.families))})") from None
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused, restored after: loading a catalog or building an adapter makes thousands
+    of small objects and no garbage cycles, and each collection they would trigger walks every object of the process
+    (a large model's modules included)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _collect(problems: list[Problem], fn, *args):
@@ -180,6 +196,11 @@ def load_catalog(root: Path | None = None, only: set[str] | None = None, extra: 
     The cross-file checks are skipped when these exact files (paths and bytes) were checked clean before
     by this pefref (:func:`pefref.language.catalog_cache.was_checked`); a clean load leaves that marker.
     """
+    with paused_gc():  # a load makes thousands of small objects and no cycles
+        return _load_catalog(root, only, extra)
+
+
+def _load_catalog(root: Path | None, only: set[str] | None, extra: Sequence[CatalogSource]) -> Catalog:
     root = root or catalog_root()
     sources = (CatalogSource("pefref", root, "bundled"), *extra)
     roots = [s.root for s in sources]

@@ -167,4 +167,6 @@ def load_file(cls: type[M], path: str | Path) -> tuple[M, Positions]:
     data, pos = read_yaml(path)
     if not isinstance(data, dict):
         raise CatalogError([Problem(pos.at(()), "", f"expected a mapping at the top level, found {type(data).__name__}")])
-    return validate_data(cls, data, pos), pos
+    from pefref.language.kept_objects import validated  # objects a passed validation of the same data gave
+
+    return validated(cls, data, lambda: validate_data(cls, data, pos)), pos

@@ -65,7 +65,7 @@ def bind_class(fam: ArchitectureMap, cls: str) -> ArchitectureMap:
     head = mc.head if explicit_head else sites.get("head")
     if head is not None:
         sites["head"] = head
-    bound = ModelClass(task=mc.task, backbone=new, head=head, stacks=mc.stacks)
+    bound = ModelClass.model_construct(task=mc.task, backbone=new, head=head, stacks=mc.stacks)  # validated parts: no validator built
     update: dict[str, Any] = {"sites": sites, "layers": _move(fam.layers, old, new) or fam.layers, "backbone": new, "classes": {cls: bound}}
     if fam.stacks:
         update |= _bind_stacks(fam, sites, mc.stacks, old, new)

@@ -16,10 +16,8 @@ once per member).
 
 from __future__ import annotations
 
-import gc
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -28,7 +26,7 @@ import torch
 from torch import nn
 
 from pefref.compiler.units import SharedStore, Unit, build_unit, resolve_hyperparameters
-from pefref.language.catalog import Catalog, load_techniques
+from pefref.language.catalog import Catalog, load_techniques, paused_gc
 from pefref.language.check import MODEL_FLAGS, expand_modules
 from pefref.language.errors import CatalogError, PefrefError, SiteError
 from pefref.language.expr import evaluate, parse_expr
@@ -303,25 +301,11 @@ def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog
     """:func:`plan`, :func:`calibrate`, :func:`build` and :func:`commit` one technique (``options``: :func:`plan`'s
     keywords; ``calibration``: batches for the statistics its modules declare). The collector is paused while the
     adapter is planned and built, not while calibration batches run through the model."""
-    with _no_gc():
+    with paused_gc():
         p = plan(model, technique, catalog, **options)
     calibrate(model, p, calibration)
-    with _no_gc():
+    with paused_gc():
         return commit(model, p, build(p))
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused: an apply makes thousands of small objects (a unit, its tables and
-    entries per placement) and no garbage cycles, and each collection it would trigger walks every object of
-    the process, the model's included (about a tenth of the time of a second apply on a 70B model); restored after."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _select_hosts(model: nn.Module, built: list[BuiltUnit], adapter: Adapter) -> list[torch.Tensor]:

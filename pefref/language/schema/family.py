@@ -8,7 +8,7 @@ import re
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pefref.language.schema.common import SITE_PATTERN, ExprStr, Identifier, Strict
 
@@ -85,13 +85,18 @@ class VersionedPath(VersionRange):
     path: str
 
 
-_PATH_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "minItems": 1, "items": VersionedPath.model_json_schema()}]}
+class _PathJsonSchema:
+    """The JSON Schema of a binding's ``path``: a string, null, or one path per version range. Built when a
+    JSON Schema is asked for (``pefref schema``), not at import: generating it builds VersionedPath's validator."""
+
+    def __get_pydantic_json_schema__(self, _core: Any, _handler: Any) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "minItems": 1, "items": VersionedPath.model_json_schema()}]}
 
 
 class SiteBinding(Strict):
     """Where a reference site lives in a real model."""
 
-    path: Annotated[str | None, WithJsonSchema(_PATH_SCHEMA)] = Field(
+    path: Annotated[str | None, _PathJsonSchema()] = Field(
         None, description=("Module path; '{i}' stands for the layer index. A module renamed between transformers versions: one "
                            "path per version range ([{path: embed_out, until: '5.0'}, {path: lm_head, since: '5.0'}]), the "
                            "installed version chooses when the map is read."))
