@@ -79,5 +79,6 @@ def test_every_bottleneck_names_its_width_r() -> None:
                     seen.add(tid)
                     capped = k.startswith("min(r, ")  # r capped at the host's rank (SVD factors, as peft caps them)
                     capped |= "min(d_in, d_out)" in k  # a share of the host's rank (a fraction of its singular triplets)
+                    capped |= k.replace(" ", "") in ("heads*d_head", "d_head*heads", "d_ff")  # the model's own widths: a full-size block (a side network's), no bottleneck
                     assert k == "r" or capped or (k.startswith("r_") and k in hps), f"{tid}.{m.name}: {down}/{ups[0]} inner width {k!r}; name it r (a width)"
     assert {"houlsby_adapter", "pfeiffer_adapter", "unipelt", "parallel_adapter", "lora"} <= seen

@@ -73,7 +73,7 @@ def build(shape: str, dropout: float = 0.2, **hps: Any) -> Pair:
     model = copy.deepcopy(base_model(shape))
     mine = {"r": hps["r"]} if "r" in hps else {}
     if "update_hidden_size" in hps:
-        mine["update_hidden"] = hps["update_hidden_size"]
+        mine["r_update"] = hps["update_hidden_size"]
     adapter = apply(model, "shadow", dropout=dropout, **mine)
     torch.manual_seed(1)
     tensors = []
