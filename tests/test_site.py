@@ -331,14 +331,19 @@ def test_hooks_calibration_and_inputs_are_shown_from_structure(full, catalog) ->
     'C = cov(x) on calibration data', an input of the model's call as its own node); a technique without them has
     no such section."""
     from pefref.language.check import expand_modules
-    from pefref.render.behaviour import hooks_of, inputs_of, stats_of
+    from pefref.render.behaviour import hooks_of, inputs_of, loss_of, stats_of
 
     seen = {"hooks": set(), "calibration": set(), "call": set()}
     for tid, t in catalog.techniques.items():
         page, svg = full[f"techniques/{tid}.html"].decode(), unescape(full[f"diagrams/{tid}.svg"].decode())
         modules = expand_modules(t, catalog.techniques)[0]
         hooks, stats, inputs = hooks_of(t), stats_of(modules), inputs_of(modules)
-        assert ('id="training"' in page) == bool(hooks), tid
+        loss = loss_of(t)
+        assert ('id="training"' in page) == bool(hooks or loss), tid
+        if loss is not None:  # a weighted token loss (CPT's) is listed with its weight as math and the call input it reads
+            section = page[page.index('id="training"'):]
+            assert "weighted token loss" in section and loss.weight.html() in section and loss.call in section, tid
+            seen["hooks"].add("loss")
         assert ('id="inputs"' in page) == bool(inputs), tid
         for h in hooks:
             section = page[page.index('id="training"'):]
@@ -353,7 +358,7 @@ def test_hooks_calibration_and_inputs_are_shown_from_structure(full, catalog) ->
             if i.call:
                 assert "an input of the model's call" in svg, tid
                 seen["call"].add(tid)
-    assert seen["hooks"] >= {"grad_projection", "after_step", "aux_loss"}
+    assert seen["hooks"] >= {"grad_projection", "after_step", "aux_loss", "state", "mask", "loss"}
     assert {"corda"} <= seen["calibration"] and {"poly", "alora"} <= seen["call"]
     for tid in ("corda", "loftq"):  # the host weight rewritten at apply, as math
         assert "W ← " in full[f"techniques/{tid}.html"].decode()

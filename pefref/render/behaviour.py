@@ -15,7 +15,7 @@ from typing import Any
 from pefref.render.mathtext import Math, math_of
 from pefref.view.typology import HOOK_LABELS
 
-__all__ = ["HookView", "InputView", "StatView", "hooks_of", "inputs_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
+__all__ = ["HookView", "InputView", "LossView", "StatView", "hooks_of", "inputs_of", "loss_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
 
 STAT_MATH = {"input_cov": "cov(x)", "output_cov": "cov(h)", "weight_grad": "Σ ∂L/∂W", "input_pca": "pca(x)"}
 """A calibration statistic's kind as a paper writes it (x: the host's input, h: its output, W: its weight)."""
@@ -110,6 +110,26 @@ def hooks_of(t: Any) -> list[HookView]:
         weight = None if h.kind != "aux_loss" else _weight(h.weight)
         out.append(HookView(h.kind, HOOK_KIND_TEXT.get(h.kind, h.kind), mod, ten, lhs, math, h.description, weight))
     return out
+
+
+@dataclass(frozen=True)
+class LossView:
+    """A technique's token loss (``loss:``): the call input it reads, where labels count and each position's weight."""
+
+    call: str
+    default: int
+    keep: Math
+    weight: Math
+    description: str
+
+
+def loss_of(t: Any) -> LossView | None:
+    """The technique's ``loss:`` as math, or None when it keeps the model's own loss."""
+    loss = getattr(t, "loss", None)
+    if loss is None:
+        return None
+    return LossView(loss.call, loss.default, math_of(" ".join(loss.keep.split())), math_of(" ".join(loss.weight.split())),
+                    loss.description)
 
 
 def _reader_module(name: str, hooks: list[Any]) -> str | None:

@@ -144,8 +144,9 @@ def _fan_labels(graph: nx.Graph) -> dict[tuple[Any, Any], _Fan]:
         cv = graph.nodes[v].get("cluster")
         free = str(a.get("dot", {}).get("constraint", "true")) == "false" or (
             clusters.get(cv, {}).get("above") in clusters and graph.nodes[u].get("cluster") != cv)  # see _above_edges
-        if a.get("label") and not free:
-            own = f"{v}" if (neutral_text(str(u)), neutral_text(str(v))) in alone else ""  # a label of its own
+        crossed = (neutral_text(str(u)), neutral_text(str(v))) in alone
+        if a.get("label") and (not free or crossed):  # a free edge's label becomes a node only where an edge crossed it
+            own = f"{v}" if crossed else ""  # a label of its own
             groups.setdefault((str(u), a["label"], repr(_attrs(a.get("dot", {}))) + own), []).append((u, v))
     fans: dict[tuple[Any, Any], _Fan] = {}
     for i, ((_u, label, _style), edges) in enumerate(sorted(groups.items())):

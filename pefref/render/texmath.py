@@ -24,7 +24,7 @@ SYMBOLS: dict[str, tuple[str, str]] = {
     "lVert": ("mo", "‖"), "rVert": ("mo", "‖"), "Re": ("mi", "ℜ"), "sum": ("mo", "∑"), "prod": ("mo", "∏"),
     "tanh": ("fn", "tanh"), "max": ("fn", "max"), "arg": ("fn", "arg"), "bmod": ("mo", "mod"), "exp": ("fn", "exp"),
     "log": ("fn", "log"), "alpha": ("mi", "α"), "beta": ("mi", "β"), "gamma": ("mi", "γ"), "lambda": ("mi", "λ"),
-    "infty": ("mi", "∞"), "to": ("mo", "→"), "neq": ("mo", "≠"), "pm": ("mo", "±"),
+    "infty": ("mi", "∞"), "to": ("mo", "→"), "neq": ("mo", "≠"), "ne": ("mo", "≠"), "leftarrow": ("mo", "←"), "pm": ("mo", "±"),
     "sin": ("fn", "sin"), "cos": ("fn", "cos"), "min": ("fn", "min"), "ell": ("mi", "ℓ"), "epsilon": ("mi", "ε"),
     "tau": ("mi", "τ"), "theta": ("mi", "θ"), "omega": ("mi", "ω"), "star": ("mo", "⋆"), "sim": ("mo", "∼"), "uparrow": ("mo", "↑"),
     "partial": ("mo", "∂"), "nabla": ("mo", "∇"), "lceil": ("mo", "⌈"), "rceil": ("mo", "⌉"), "lfloor": ("mo", "⌊"), "rfloor": ("mo", "⌋"),

@@ -31,6 +31,8 @@ INITIALISATION = "initialisation"
 """The derived value naming what a technique's initialisation reads, beside the PEFT-Ref properties: 'calibration
 data' (some module declares calibration statistics), 'host weights' (an initialiser or host update reads ``W``),
 or 'data-free'."""
+TOKEN_LOSS = "weighted token loss"
+"""The training-time behaviour of a technique that declares a ``loss:`` (the model's loss replaced by a weighted one)."""
 HOOK_LABELS = {"schedule": "schedule", "grad_projection": "gradient projection", "after_step": "after-step projection",
                "aux_loss": "auxiliary loss", "state": "running statistic", "mask": "global mask"}
 
@@ -203,9 +205,11 @@ def derive_typology(t: Technique, ref: ReferenceArchitecture, pool: dict[str, Te
 
 
 def training_time(t: Technique) -> str:
-    """The technique's training-time behaviour from its ``training:`` hooks (kinds in a fixed order), or 'none'."""
+    """The technique's training-time behaviour from its ``training:`` hooks (kinds in a fixed order) and its ``loss:``
+    (a weighted token loss replacing the model's), or 'none'."""
     kinds = {h.kind for h in t.training}
-    return " + ".join(label for k, label in HOOK_LABELS.items() if k in kinds) or "none"
+    labels = [label for k, label in HOOK_LABELS.items() if k in kinds] + ([TOKEN_LOSS] if t.loss is not None else [])
+    return " + ".join(labels) or "none"
 
 
 def initialisation(modules: list[Any]) -> str:

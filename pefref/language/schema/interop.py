@@ -113,9 +113,9 @@ class ExpertFolders(Strict):
     (``{name: folder}``), read and written through another row of the table; the module's tensors are the experts'
     tensors joined along their first dimension, in the order of the mapping."""
 
-    field: str = Field(description="Config field mapping each expert's name to its folder (peft's X-LoRA 'adapters').")
+    field: str = Field(description="Config field mapping each expert's name to its folder (e.g. 'adapters').")
     module: Identifier = Field(description="The technique's module holding the experts (its tensors in the row's map: the experts' names for them).")
-    row: Identifier = Field(description="The technique whose interop row reads and writes one expert folder (e.g. lora).")
+    row: Identifier = Field(description="The technique whose interop row reads and writes one expert folder (a low-rank update's, say).")
     count: Identifier = Field(description="The technique's hyperparameter holding the number of experts.")
     join: dict[Identifier, Literal["rows", "stack"]] = Field(description="How each of the module's tensors joins the experts' own: 'rows': "
                                                              "concatenated along their first dimension; 'stack': along a new first dimension.")

@@ -24,7 +24,7 @@ from pefref.render.site.resultsview import ResultsView
 from pefref.view.choose import FamilyFacts, MatchedCount, backbone_backward, family_facts, matched_counts, size_hyperparameters
 from pefref.view.costs import Efficiency, efficiency
 from pefref.view.typology import initialisation, training_time
-from pefref.render.behaviour import HookView, InputView, StatView, hooks_of, inputs_of, stats_of
+from pefref.render.behaviour import HookView, InputView, LossView, StatView, hooks_of, inputs_of, loss_of, stats_of
 from pefref.render.mathtext import Math, math_of
 
 __all__ = [
@@ -113,6 +113,7 @@ class TechniqueView:
     matched: list[MatchedCount] = field(default_factory=list)  # counts at the compare page's settings, on the first model
     origin: str | None = None  # the name of the user's catalog it comes from (None: the bundled catalog or an included folder)
     hooks: list[HookView] = field(default_factory=list)  # its training: hooks, as math (pefref.render.behaviour)
+    loss: LossView | None = None  # its weighted token loss (loss:), as math
     calibration: list[StatView] = field(default_factory=list)  # its modules' calibration statistics
     host_updates: list[tuple[str, Math]] = field(default_factory=list)  # (module, W ← ...): host weights rewritten at apply
     inputs: list[InputView] = field(default_factory=list)  # what its modules read besides their sites (the model's call, ...)
@@ -306,7 +307,7 @@ def gather(catalog: Catalog, models: list[str], included: frozenset[str] = froze
             yaml=Path(src).read_text(encoding="utf-8") if src is not None else "",
             typology=_typology_cells(t, catalog), training_time=training_time(t),
             initialisation=initialisation(modules), counts=_counts(t, catalog), efficiency=_efficiency(t, catalog, models),
-            hooks=hooks_of(t), calibration=stats_of(modules), inputs=inputs_of(modules),
+            hooks=hooks_of(t), loss=loss_of(t), calibration=stats_of(modules), inputs=inputs_of(modules),
             host_updates=[(str(m.name), math_of(m.host_update)) for m in modules if getattr(m, "host_update", None)],
             **_choice_facts(t, catalog, models[0]),
         ))
