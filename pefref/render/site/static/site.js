@@ -141,6 +141,15 @@
       var visible = chosen.length ? chosen : order;
       var shownSet = {};
       visible.forEach(function (id) { shownSet[id] = true; });
+      var figures = {};
+      Array.prototype.forEach.call(document.querySelectorAll("figure.compare-diagram"), function (f) {
+        figures[f.getAttribute("data-col")] = f;
+      });
+      if (Object.keys(figures).length) {  // the diagrams below the table follow its columns: shown, hidden and ordered
+        var section = figures[Object.keys(figures)[0]].parentNode;
+        visible.forEach(function (id) { if (figures[id]) section.appendChild(figures[id]); });
+        order.forEach(function (id) { if (figures[id]) { figures[id].hidden = !shownSet[id]; if (!shownSet[id]) section.appendChild(figures[id]); } });
+      }
       Array.prototype.forEach.call(table.rows, function (row) {
         var cells = {};
         Array.prototype.forEach.call(row.cells, function (c) {
