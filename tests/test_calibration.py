@@ -137,10 +137,15 @@ def _padded_batches(n: int = 4, seq: int = 8) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.given_calibration
-@pytest.mark.parametrize(("shape", "r", "n"), [("tiny-llama", 4, 4), ("tiny-bert", 4, 4), ("tiny-qwen2", 2, 4), ("tiny-llama", 8, 1)])
-def test_eva_matches_peft(shape: str, r: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("shape", "r", "n", "labelled"), [("tiny-llama", 4, 4, False), ("tiny-bert", 4, 4, False), ("tiny-qwen2", 2, 4, True),
+                                                     ("tiny-llama", 8, 1, False)])
+def test_eva_matches_peft(shape: str, r: int, n: int, labelled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     base = build_model(shape, seed=0)
     batches = _padded_batches(n) if n > 1 else _batches(1, seq=16)
+    if labelled:  # tokens labelled -100 are left out too (peft's use_label_mask)
+        for i, cut in ((1, slice(0, 3)), (3, slice(5, None))):
+            batches[i]["labels"] = batches[i]["input_ids"].clone()
+            batches[i]["labels"][i % 2, cut] = -100
     fits: list[IncrementalFit] = []
     update = IncrementalFit.update
 
