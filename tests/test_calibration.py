@@ -1,8 +1,9 @@
 """Initialisation from data: calibration statistics declared by modules, gathered by apply(..., calibration=).
 
-* EVA against peft 0.21.2's init_lora_weights="eva" + initialize_lora_eva_weights (rho = 1) on one calibration
-  batch of T tokens, r <= T <= 2 r (where peft's randomised incremental PCA is the exact PCA): A, B, outputs
-  at init and after randomising the adapter, trainable counts, remove() bit-exact;
+* EVA (input_ipca, the streaming incremental PCA) against peft 0.21.2's init_lora_weights="eva" +
+  initialize_lora_eva_weights (rho = 1) on several calibration batches of two sequences, some left-padded (the
+  fits cycle over them several times, each placement stopping on its own), and on one batch: A, B, outputs at init
+  and after randomising the adapter, trainable counts, remove() bit-exact; the passes the fits took;
 * LoRA-GA against peft 0.21.2's preprocess_loraga + init_lora_weights="lora_ga" (defaults ArB2r, stable) on the
   same labelled batches, on models without dropout (peft averages the gradients in train mode), each randomised
   SVD drawn from a generator seeded with the same seed on both sides (peft draws from torch's global generator
@@ -36,6 +37,7 @@ from pefref.language.errors import PefrefError
 from pefref.models.build import build_model
 from pefref.runtime.api import apply
 from pefref.runtime.applying import calibrate, plan
+from pefref.runtime.ipca import IncrementalFit
 
 from .parity import max_diff, padded_batch
 from .test_parity_lora_family import host_paths, unit_key
@@ -120,11 +122,38 @@ def _randomise_and_compare(pm: torch.nn.Module, mine: torch.nn.Module, base: tor
         assert max_diff(got, _out(base, x)) > 1e-3  # the adapter changes the output
 
 
+def _padded_batches(n: int = 4, seq: int = 8) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of two sequences of ``seq`` tokens; in every other batch the first sequence is left-padded."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, 100, (2, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if i % 2 == 0:
+            mask[0, : 1 + i // 2] = 0
+        ids[mask == 0] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 @pytest.mark.given_calibration
-@pytest.mark.parametrize(("shape", "r", "seq"), [("tiny-llama", 8, 16), ("tiny-llama", 4, 9), ("tiny-bert", 6, 12), ("tiny-qwen2", 8, 16)])
-def test_eva_matches_peft(shape: str, r: int, seq: int) -> None:
+@pytest.mark.parametrize(("shape", "r", "n", "labelled"), [("tiny-llama", 4, 4, False), ("tiny-bert", 4, 4, False), ("tiny-qwen2", 2, 4, True),
+                                                     ("tiny-llama", 8, 1, False)])
+def test_eva_matches_peft(shape: str, r: int, n: int, labelled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     base = build_model(shape, seed=0)
-    batches = _batches(1, seq=seq)
+    batches = _padded_batches(n) if n > 1 else _batches(1, seq=16)
+    if labelled:  # tokens labelled -100 are left out too (peft's use_label_mask)
+        for i, cut in ((1, slice(0, 3)), (3, slice(5, None))):
+            batches[i]["labels"] = batches[i]["input_ids"].clone()
+            batches[i]["labels"][i % 2, cut] = -100
+    fits: list[IncrementalFit] = []
+    update = IncrementalFit.update
+
+    def counted(self: IncrementalFit, x: torch.Tensor) -> None:
+        fits.append(self)
+        update(self, x)
+
+    monkeypatch.setattr(IncrementalFit, "update", counted)
     paths = host_paths("eva", shape)
     task = "FEATURE_EXTRACTION" if "bert" in shape else "CAUSAL_LM"
     cfg = peft.LoraConfig(task_type=task, target_modules=sorted(set(paths.values())), r=r, lora_alpha=8.0, lora_dropout=0.0,
@@ -134,6 +163,10 @@ def test_eva_matches_peft(shape: str, r: int, seq: int) -> None:
     pm.eval()
     mine = copy.deepcopy(base)
     a = apply(mine, "eva", r=r, alpha=8.0, calibration=batches)
+    per_fit = {id(f): sum(g is f for g in fits) for f in fits}
+    assert len(per_fit) == len(paths) and min(per_fit.values()) > n  # each placement's fit, over more than one pass
+    if n > 1:
+        assert len(set(per_fit.values())) > 1  # the placements stop on their own
     for k, path in paths.items():
         layer, unit = pm.get_base_model().get_submodule(path), a.units[unit_key(*k)]
         assert max_diff(unit.A, layer.lora_A["default"].weight) <= TOL, path
@@ -296,6 +329,85 @@ def test_validate_checks_statistics(tmp_path: Path, change: tuple[str, str], mes
     tech, problems = _tech(tmp_path, _STATS.replace(*change))
     assert tech is None or problems
     assert any(message in p.message for p in problems), [p.message for p in problems]
+
+
+_IPCA = """
+id: ipca_probe
+name: IPCA probe
+paper: {title: "t", authors: "a", year: 2024, arxiv: "2410.07170"}
+hyperparameters:
+  r: {type: int, default: 2, min: 1}
+modules:
+  - name: probe
+    sites: [attn.o]
+    form: parallel
+    calibration:
+      P: {kind: input_ipca, components: r}
+    params:
+      A: {shape: [r, d_in], init: "narrow(P, 0, 0, r)"}
+      B: {shape: [d_out, r], init: zeros()}
+    compute: linear(linear(x, A), B)
+"""
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("P: {kind: input_ipca, components: r}", "P: {kind: input_ipca}"), "give components"),
+    (("components: r}", "components: rr}"), "unknown name 'rr'"),
+    (("components: r}", "components: r, q: 2 * s}"), "unknown name 's'"),
+    (("P: {kind: input_ipca, components: r}", "P: {kind: input_cov, components: r}"), "input_ipca's options"),
+    (("components: r}", "components: r, tau: 1.5}"), "less than or equal to 1"),
+])
+def test_validate_checks_incremental_pca_options(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    p = tmp_path / "ipca_probe.yaml"
+    p.write_text(_IPCA.replace(*change))
+    loaded, _src, _pos, problems = load_techniques([p], CATALOG.reference, CATALOG.techniques)
+    assert loaded.get("ipca_probe") is None or problems
+    assert any(message in p.message for p in problems), [p.message for p in problems]
+
+
+@pytest.mark.given_calibration
+@pytest.mark.parametrize(("change", "batches", "message"), [
+    (("components: r}", "components: r, tau: 1.0, max_cycles: 2}"), 3, "has not converged .* after 2 passes"),
+    (("components: r}", "components: 10}"), 2, "no calibration batch has that many tokens"),
+    (("components: r}", "components: 2 * d_in}"), 2, "principal axes asked of inputs of width"),
+])
+def test_incremental_pca_refusals_leave_the_model_unchanged(tmp_path: Path, change: tuple[str, str], batches: int, message: str) -> None:
+    p = tmp_path / "ipca_probe.yaml"
+    p.write_text(_IPCA.replace(*change))
+    model = build_model(SHAPE, seed=0)
+    before, hooks = _state(model), _hooks(model)
+    data = _batches(batches) if "d_in" not in change[1] else [{"input_ids": torch.randint(3, 100, (4, 40))}]
+    with pytest.raises(PefrefError, match=message):
+        apply(model, p, calibration=data)
+    assert _hooks(model) == hooks and not hasattr(model, "pefref_adapters")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    p.write_text(_IPCA)
+    ok = apply(model, p, calibration=_batches(3))  # the default bound: the fits converge
+    assert ok.units["probe__attn_o__0"].A.shape == (2, model.config.hidden_size)
+
+
+@pytest.mark.given_calibration
+def test_incremental_pca_leaves_out_masked_tokens(tmp_path: Path) -> None:
+    """A batch's masked tokens (attention mask 0, or label -100) are not fitted: the rows a fit sees are the kept ones."""
+    p = tmp_path / "ipca_probe.yaml"
+    p.write_text(_IPCA)
+    model = build_model(SHAPE, seed=0)
+    batches = _padded_batches(4)
+    batches[1]["labels"] = batches[1]["input_ids"].clone()
+    batches[1]["labels"][1, :3] = -100
+    seen: list[int] = []
+    update = IncrementalFit.update
+
+    def counted(self: IncrementalFit, x: torch.Tensor) -> None:
+        seen.append(x.shape[0])
+        update(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(IncrementalFit, "update", counted)
+        apply(model, p, calibration=batches)
+    kept = [int(b["attention_mask"].sum()) - (3 if "labels" in b else 0) for b in batches]
+    L = model.config.num_hidden_layers
+    assert seen[: 4 * L] == [k for k in kept for _ in range(L)]
 
 
 def test_typology_shows_initialisation_from_data() -> None:

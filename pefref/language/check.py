@@ -250,7 +250,7 @@ def _check_module(m: Any, mp: tuple[Any, ...], hps: dict[str, Any], ref: Referen
     return out
 
 
-_STAT_READS = {"input_cov": "x", "output_cov": "h", "weight_grad": "W", "input_pca": "x"}
+_STAT_READS = {"input_cov": "x", "output_cov": "h", "weight_grad": "W", "input_pca": "x", "input_ipca": "x"}
 """The host tensor each calibration statistic is gathered from (the module's sites must let it read it)."""
 
 
@@ -270,6 +270,10 @@ def _check_calibration(m: Any, mp: tuple[Any, ...], scalars: set[str], site_read
                                f"which a {m.form} module at {', '.join(m.sites)} does not have"))
         if st.kind == "weight_grad" and st.normalise != "none":
             out.append(Problem(pos.at(p + ("normalise",)), dotted(p + ("normalise",)), "normalise applies to covariances, not to weight_grad"))
+        ops = {k for k, q in PRIMITIVES.items() if q.scalar}
+        for f in ("components", "q"):
+            if isinstance(getattr(st, f, None), str):
+                out += _check_names(parse_expr(getattr(st, f)), scalars | set(HOST_SIZES), ops, pos, p + (f,), f"a statistic's {f}")
     return out
 
 

@@ -26,12 +26,13 @@ from pefref.language.expr import ExprError, arith, bad_call, parse_expr
 from pefref.language.forms import Integration, form_of
 from pefref.language.limits import current
 from pefref.language.loader import dotted
+from pefref.language.sizes import eval_scalar
 from pefref.language.yamlsrc import Positions
 from pefref.ops import PRIMITIVES, SUPPLIED, call_problem, signature_of, word_problem
 from pefref.ops.inits import INITS, INTEGER, MIN_DIMS
 from pefref.ops.shapes import SHAPE_RULES, WORKSPACE_RULES, ComplexShape, IntShape, Shape, ShapeMismatch, broadcast, matmul_shape
 
-__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "init_env", "site_env", "stat_shapes", "Watch", "Tally",
+__all__ = ["EXAMPLE_SIZES", "BATCH", "SEQ", "check_module_shapes", "infer_shape", "init_env", "site_env", "stat_shapes", "ipca_components", "Watch", "Tally",
            "expression_cost"]
 
 EXAMPLE_SIZES: dict[str, int] = {"d": 512, "d_ff": 2048, "L": 4, "heads": 8, "kv_heads": 2, "d_head": 64, "vocab": 1000}
@@ -216,10 +217,28 @@ def site_env(kind: str, d_in: int, d_out: int, sizes: Mapping[str, int]) -> dict
     return env
 
 
-def stat_shapes(m: Any, d_in: int, d_out: int) -> dict[str, Shape]:
-    """Shapes of a module's calibration statistics at a site of widths ``d_in``, ``d_out``."""
+def stat_shapes(m: Any, d_in: int, d_out: int, names: Mapping[str, Any] | None = None) -> dict[str, Shape]:
+    """Shapes of a module's calibration statistics at a site of widths ``d_in``, ``d_out`` (``names``: the
+    hyperparameters and sizes an ``input_ipca``'s number of components reads; without them, or where they do not
+    give it, its rows are taken as ``d_in``)."""
     dims = {"input_cov": (d_in, d_in), "output_cov": (d_out, d_out), "weight_grad": (d_out, d_in), "input_pca": (d_in, d_in)}
-    return {name: Shape(dims[st.kind]) for name, st in (getattr(m, "calibration", None) or {}).items()}
+    out = {}
+    for name, st in (getattr(m, "calibration", None) or {}).items():
+        if st.kind == "input_ipca":
+            out[name] = Shape((ipca_components(st, names, d_in, d_out), d_in))
+        else:
+            out[name] = Shape(dims[st.kind])
+    return out
+
+
+def ipca_components(st: Any, names: Mapping[str, Any] | None, d_in: int, d_out: int) -> int:
+    """The number of principal axes an ``input_ipca`` statistic keeps (``d_in`` where ``names`` do not give it)."""
+    if names is None:
+        return d_in
+    try:
+        return int(eval_scalar(st.components, {**names, "d_in": d_in, "d_out": d_out}))
+    except Exception:
+        return d_in
 
 
 def init_env(spec: Any, env: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, Any]:
@@ -286,7 +305,7 @@ def check_module_shapes(m: Any, mpath: tuple[Any, ...], hps: Mapping[str, Any], 
         if kind == "kv":
             d_in = 0
         names: dict[str, Any] = {**sizes, "d_in": d_in, "d_out": d_out, "causal": 1, **hps}
-        env: dict[str, Any] = {**names, **site_env(kind, d_in, d_out, sizes), **(extra or {}), **stat_shapes(m, d_in, d_out)}
+        env: dict[str, Any] = {**names, **site_env(kind, d_in, d_out, sizes), **(extra or {}), **stat_shapes(m, d_in, d_out, names)}
         for pname, spec in m.params.items():
             pp = mpath + ("params", pname)
             dims: list[int] = []
@@ -432,7 +451,7 @@ def expression_cost(m: Any, names: Mapping[str, Any], d_in: int, d_out: int, W: 
     if W is not None:
         env["W"] = Shape(W)
         env["W_layers"] = Shape((names.get("L", 1), *W))  # what a tensor shared across layers may read at init
-    env.update(stat_shapes(m, d_in, d_out))
+    env.update(stat_shapes(m, d_in, d_out, names))
     jobs: list[tuple[str, str, Mapping[str, Shape] | None]] = []
     for pname, shape in param_shapes.items():
         jobs.append((f"params.{pname}.init", str(m.params[pname].init), {k: Shape(shape) for k in INITS}))

@@ -17,13 +17,15 @@ from pefref.view.typology import HOOK_LABELS
 
 __all__ = ["HookView", "InputView", "LossView", "StatView", "hooks_of", "inputs_of", "loss_of", "stats_of", "STAT_MATH", "HOOK_KIND_TEXT"]
 
-STAT_MATH = {"input_cov": "cov(x)", "output_cov": "cov(h)", "weight_grad": "Σ ∂L/∂W", "input_pca": "pca(x)"}
+STAT_MATH = {"input_cov": "cov(x)", "output_cov": "cov(h)", "weight_grad": "Σ ∂L/∂W", "input_pca": "pca(x)", "input_ipca": "ipca(x)"}
 """A calibration statistic's kind as a paper writes it (x: the host's input, h: its output, W: its weight)."""
 
 _STAT_TEXT = {"input_cov": "covariance of the host's inputs X, Xᵀ·X summed over the batches",
               "output_cov": "covariance of the host's outputs H, Hᵀ·H summed over the batches",
               "weight_grad": "gradient of the loss with respect to the host weight, ∂L/∂W summed over the batches",
-              "input_pca": "principal axes of the host's centred inputs over all calibration tokens, largest variance first"}
+              "input_pca": "principal axes of the host's centred inputs over all calibration tokens, largest variance first",
+              "input_ipca": "leading principal axes of the host's inputs by an incremental PCA updated batch by batch (padding left out), "
+                            "the batches cycled until consecutive estimates agree"}
 
 _WHEN = {"schedule": "before each step", "grad_projection": "after backward", "after_step": "after each optimiser step",
          "aux_loss": "added to the task loss", "state": "updated at its steps", "mask": "over every unit, at its steps"}

@@ -286,14 +286,15 @@ def calibrate(model: nn.Module, p: ApplyPlan, calibration: Iterable[Mapping[str,
     model is only read (on the meta device the statistics are empty meta tensors of their shapes)."""
     if not declares_calibration(p.modules):
         return
-    meta = meta_statistics(p.places)
+    names = {**p.sizes, **p.hyperparameters}
+    meta = meta_statistics(p.places, names)
     if meta is not None:  # a model without weights: statistics of the right shapes, no values
         p.stats = meta
         return
     if calibration is None:
         refuse_without(p.technique.id, p.modules)
     with located(f"calibrate {p.technique.id}"):
-        p.stats = gather(model, p.places, cast(Iterable[Mapping[str, Any]], calibration))
+        p.stats = gather(model, p.places, cast(Iterable[Mapping[str, Any]], calibration), names)
 
 
 def apply_technique(model: nn.Module, technique: str | Path | Technique, catalog: Catalog, *,

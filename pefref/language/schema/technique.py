@@ -215,7 +215,7 @@ class Connection(Strict):
         return self.pass_ == "first"
 
 
-STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad", "input_pca")
+STATISTIC_KINDS = ("input_cov", "output_cov", "weight_grad", "input_pca", "input_ipca")
 """The closed set of calibration statistics a module may declare (``calibration:``)."""
 
 
@@ -231,19 +231,42 @@ class Statistic(Strict):
     * ``input_pca``: the principal axes of the host's inputs over all the batches' tokens, [d_in, d_in]: row ``i`` is the
       ``i``-th right singular vector of the centred inputs :math:`X - \\bar{x}` (the eigenvectors of their scatter matrix,
       computed in fp64, by decreasing variance), its sign such that its largest-magnitude entry is positive (sklearn's and
-      peft's ``svd_flip`` convention). ``average`` does not change it.
+      peft's ``svd_flip`` convention). ``average`` does not change it;
+    * ``input_ipca``: the ``components`` leading principal axes of the host's inputs estimated by a streaming incremental
+      PCA (sklearn's IncrementalPCA with a randomised SVD, ``torch.svd_lowrank`` with ``q`` columns and ``niter``
+      iterations drawn from a generator seeded with ``seed``, ``svd_flip`` on V), [components, d_in]: each batch's
+      tokens (those with attention mask 1 and, where the batch has labels, a label other than ``ignore_label``) update
+      the placement's fit (a batch with fewer tokens than ``components`` is skipped); the fit has converged once every
+      axis has a cosine similarity of at least ``tau`` with the previous batch's estimate, and then stops; the batches
+      are cycled until every placement of the module has converged, at most ``max_cycles`` times (then an error).
     """
 
-    kind: Literal["input_cov", "output_cov", "weight_grad", "input_pca"] = Field(
+    kind: Literal["input_cov", "output_cov", "weight_grad", "input_pca", "input_ipca"] = Field(
         description="Which statistic: the covariance of the host's input or output activations, the loss gradient of its weight, "
-        "or the principal axes of its (centred) inputs.")
+        "the principal axes of its (centred) inputs, or their streaming incremental estimate.")
     normalise: Literal["none", "batch_max"] = Field(
         "none", description="Covariances: 'batch_max' divides each batch's activations by their largest value (its absolute value) "
         "before the product, as some reference implementations do.")
     average: Literal["batches", "tokens", "none"] = Field(
         "batches", description="The sum over batches divided by the number of batches, by the number of tokens (rows of X; "
         "for weight_grad, batches), or kept as the sum.")
+    components: int | ExprStr | None = Field(
+        None, description="input_ipca: how many principal axes the fit keeps (an expression of hyperparameters and sizes, e.g. r).")
+    tau: float = Field(0.99, gt=0, le=1, description="input_ipca: the cosine similarity every axis must keep between two batches' estimates for the fit to have converged.")
+    seed: int = Field(42, ge=0, description="input_ipca: the seed of the randomised SVD's generator (drawn afresh at every batch).")
+    q: int | ExprStr | None = Field(None, description="input_ipca: the randomised SVD's number of columns (default 2 * components).")
+    niter: int = Field(4, ge=0, le=64, description="input_ipca: the randomised SVD's subspace iterations.")
+    max_cycles: int = Field(100, ge=1, le=100000, description="input_ipca: the most passes over the batches before an unconverged fit is an error.")
+    ignore_label: int | None = Field(-100, description="input_ipca: tokens whose label is this are left out (None: labels are not read).")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _ipca_fields(self) -> Statistic:
+        if self.kind == "input_ipca" and self.components is None:
+            raise ValueError("input_ipca keeps a number of principal axes: give components (e.g. r)")
+        if self.kind != "input_ipca" and (self.components is not None or self.q is not None):
+            raise ValueError(f"components and q are input_ipca's options, not {self.kind}'s")
+        return self
 
 
 class _ModuleBase(Strict):
