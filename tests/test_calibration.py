@@ -367,7 +367,6 @@ def test_validate_checks_incremental_pca_options(tmp_path: Path, change: tuple[s
 
 @pytest.mark.given_calibration
 @pytest.mark.parametrize(("change", "batches", "message"), [
-    (("components: r}", "components: r, tau: 1.0, max_cycles: 2}"), 3, "has not converged .* after 2 passes"),
     (("components: r}", "components: 10}"), 2, "no calibration batch has that many tokens"),
     (("components: r}", "components: 2 * d_in}"), 2, "principal axes asked of inputs of width"),
 ])
@@ -384,6 +383,21 @@ def test_incremental_pca_refusals_leave_the_model_unchanged(tmp_path: Path, chan
     p.write_text(_IPCA)
     ok = apply(model, p, calibration=_batches(3))  # the default bound: the fits converge
     assert ok.units["probe__attn_o__0"].A.shape == (2, model.config.hidden_size)
+
+
+@pytest.mark.given_calibration
+def test_an_unconverged_incremental_pca_keeps_its_last_estimate_with_a_warning(tmp_path: Path) -> None:
+    """As scikit-learn does (peft would cycle on forever): after max_cycles passes the fit stops, warns with the
+    placement, and its estimate initialises the adapter."""
+    from pefref.runtime.calibration import ConvergenceWarning
+
+    p = tmp_path / "ipca_probe.yaml"
+    p.write_text(_IPCA.replace("components: r}", "components: r, tau: 1.0, max_cycles: 2}"))
+    model = build_model(SHAPE, seed=0)
+    with pytest.warns(ConvergenceWarning, match="has not converged .* after 2 passes .* last estimate is used"):
+        adapter = apply(model, p, calibration=_batches(3))
+    a = adapter.units["probe__attn_o__0"].A
+    assert a.shape == (2, model.config.hidden_size) and torch.isfinite(a).all() and bool(a.abs().sum() > 0)
 
 
 @pytest.mark.given_calibration

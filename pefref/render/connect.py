@@ -117,13 +117,12 @@ def _first_pass_read(sk: Skeleton, technique: str, reader: str, conn: Any, label
     nid = f"first_{technique}_{conn.site}_{tensor}"
     if nid not in sk.graph:
         text = f"first pass: {tensor} at {conn.site}"
-        how = ("run once per call before this one, without the technique's modules"
-               + (", under no_grad" if getattr(conn, "no_grad", False) else ""))
+        how = "technique off" + (", no_grad" if getattr(conn, "no_grad", False) else "")
         sk.graph.add_node(nid, role="call_input", technique=technique, call=f"first pass {conn.site}", label=text,
-                          html=html_lines([("b", text), ("small", how)]),
+                          html=html_lines([("b", text), ("small", "once per call, before this one;"), ("small", how)]),
                           dot={"shape": "box", "style": "rounded,dashed", "color": CONNECTION_COLOUR, "fontcolor": CONNECTION_COLOUR})
     sk.graph.add_edge(nid, reader, role="connection", connection=label.split(" ")[0], layer_of_source="same",
-                      label=f"{label} = {tensor} at {conn.site} (first pass)", dot=dot)
+                      label=f"{label} (first pass)", dot=dot)
 
 
 def _site_read(sk: Skeleton, reader: str, ra: dict[str, Any], conn: Any, label: str, dot: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ and ``requires_grad`` flags are restored afterwards, whatever happens: gathering
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -232,9 +233,14 @@ def gather(model: nn.Module, places: list[Placement], batches: Iterable[Mapping[
     return [{n: acc.value() for n, acc in a.items()} for a in accs]
 
 
+class ConvergenceWarning(UserWarning):
+    """An incremental fit of calibration statistics stopped at its bound of passes before it converged."""
+
+
 def _cycle(model: nn.Module, batches: list[Mapping[str, Any]], running: _Running, fits: list[tuple[str, Accumulator]]) -> None:
     """Further passes over ``batches`` (under no_grad) until every input_ipca fit has converged, stopping at the first
-    batch before which they all have; a fit still unconverged after its statistic's ``max_cycles`` passes is an error."""
+    batch before which they all have; a fit still unconverged after its statistic's ``max_cycles`` passes keeps its last
+    estimate, with a :class:`ConvergenceWarning`."""
     unfitted = [(where, acc) for where, acc in fits if acc.fit is not None and acc.fit.axes is None]
     if unfitted:
         where, acc = unfitted[0]
@@ -244,10 +250,12 @@ def _cycle(model: nn.Module, batches: list[Mapping[str, Any]], running: _Running
     with torch.no_grad():
         for cycle in range(1, bound + 2):  # the check at the start of pass bound + 1 ends it
             late = [(where, acc) for where, acc in fits if acc.fit is not None and not acc.fit.converged and acc.stat.max_cycles <= cycle]
-            if late:
-                where, acc = late[0]
-                raise PefrefError(f"{where}: input_ipca has not converged (tau {acc.stat.tau}) after {acc.stat.max_cycles} passes over the "
-                                  f"{len(batches)} calibration batches (max_cycles); give more or more varied batches, a lower tau, or more cycles")
+            for where, acc in late:  # as scikit-learn does: the last estimate, with a warning (peft would cycle on forever)
+                assert acc.fit is not None
+                acc.fit.converged = True
+                warnings.warn(f"{where}: input_ipca has not converged (tau {acc.stat.tau}) after {acc.stat.max_cycles} passes over the "
+                              f"{len(batches)} calibration batches (max_cycles); its last estimate is used. Give more or more varied "
+                              "batches, a lower tau, or more cycles", ConvergenceWarning, stacklevel=2)
             running.cycle = cycle
             for batch in batches:
                 if all(acc.fit is not None and acc.fit.converged for _w, acc in fits):
