@@ -238,7 +238,7 @@ class Statistic(Strict):
       tokens (those with attention mask 1 and, where the batch has labels, a label other than ``ignore_label``) update
       the placement's fit (a batch with fewer tokens than ``components`` is skipped); the fit has converged once every
       axis has a cosine similarity of at least ``tau`` with the previous batch's estimate, and then stops; the batches
-      are cycled until every placement of the module has converged, at most ``max_cycles`` times (then an error).
+      are cycled until every placement of the module has converged, at most ``max_cycles`` times (then the last estimate, with a ConvergenceWarning).
     """
 
     kind: Literal["input_cov", "output_cov", "weight_grad", "input_pca", "input_ipca"] = Field(
@@ -256,7 +256,7 @@ class Statistic(Strict):
     seed: int = Field(42, ge=0, description="input_ipca: the seed of the randomised SVD's generator (drawn afresh at every batch).")
     q: int | ExprStr | None = Field(None, description="input_ipca: the randomised SVD's number of columns (default 2 * components).")
     niter: int = Field(4, ge=0, le=64, description="input_ipca: the randomised SVD's subspace iterations.")
-    max_cycles: int = Field(100, ge=1, le=100000, description="input_ipca: the most passes over the batches before an unconverged fit is an error.")
+    max_cycles: int = Field(100, ge=1, le=100000, description="input_ipca: the most passes over the batches; an unconverged fit then keeps its last estimate, with a warning.")
     ignore_label: int | None = Field(-100, description="input_ipca: tokens whose label is this are left out (None: labels are not read).")
     description: str = ""
 
