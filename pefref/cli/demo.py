@@ -42,11 +42,10 @@ def _exercise(catalog: Catalog, t: Any, shape: str, fam: Any, ids: Any) -> dict[
     a = apply(model, t, catalog=catalog, overrides=tokens, calibration=random_batches(model, 4))  # data-initialised techniques: random tokens
     at_init = _logits(model(input_ids=ids))[:, -n:]
     g = torch.Generator().manual_seed(1)
-    loaded = [v for v in a.state_dict().values() if v.is_floating_point()]  # frozen: the fixed tensors one would load
-    for p in (loaded if t.frozen else a.trainable_parameters()):
+    for p in a.trainable_parameters():
         p.add_(torch.randn(p.shape, generator=g) * 0.02)
     adapted = _logits(model(input_ids=ids))[:, -n:]
-    if torch.equal(adapted, at_init):  # what trains acts through frozen tensors that start at zero (a router over frozen experts)
+    if torch.equal(adapted, at_init):  # it acts through frozen tensors (a technique that trains nothing; a router over experts starting at zero)
         for q in a.units.buffers():
             if q.is_floating_point():
                 q.add_(torch.randn(q.shape, generator=g) * 0.02)
