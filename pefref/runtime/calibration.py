@@ -31,7 +31,7 @@ from pefref.language.schema.technique import Statistic
 from pefref.language.shapecheck import ipca_components
 from pefref.language.sizes import eval_scalar
 from pefref.runtime.inject import Placement
-from pefref.runtime.ipca import IncrementalFit
+from pefref.runtime.ipca import IncrementalFit, signed_rows
 from pefref.runtime.patches import first_tensor
 from pefref.runtime.rows import take
 
@@ -104,10 +104,7 @@ def principal_axes(scatter: torch.Tensor, rows: torch.Tensor, n: int) -> torch.T
     positive (``svd_flip`` on V in sklearn's and peft's IncrementalPCA); fp32."""
     mean = rows / n
     _vals, vecs = torch.linalg.eigh(scatter - n * torch.outer(mean, mean))  # ascending
-    axes = vecs.flip(1).T.contiguous()
-    pick = axes.abs().argmax(1)
-    signs = torch.sign(axes[torch.arange(axes.shape[0], device=axes.device), pick])
-    return (axes * torch.where(signs == 0, 1.0, signs)[:, None]).float()
+    return signed_rows(vecs.flip(1).T.contiguous()).float()
 
 
 @dataclass

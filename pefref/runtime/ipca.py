@@ -17,7 +17,7 @@ import torch
 
 from pefref.language.errors import PefrefError
 
-__all__ = ["IncrementalFit"]
+__all__ = ["IncrementalFit", "signed_rows"]
 
 
 @dataclass
@@ -69,9 +69,7 @@ class IncrementalFit:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             _u, s, v = torch.svd_lowrank(x, q=self.q, niter=self.niter)
-        vt = v.mH
-        signs = torch.sign(vt[range(vt.shape[0]), torch.argmax(torch.abs(vt), dim=1)])
-        vt = vt * signs.view(-1, 1)
+        vt = signed_rows(v.mH)
         self.seen, self.mean, self.var = total, mean, var
         self.axes, self.singular = vt[: self.components], s[: self.components]
 
@@ -92,3 +90,10 @@ def _mean_and_var(x: torch.Tensor, last_mean: torch.Tensor | None, last_var: tor
     ratio = last_count.double() / new_count
     unnormalised = last_var * last_count + unnormalised + ratio / count * (last_sum / ratio - new_sum).square()
     return mean, unnormalised / count, count
+
+
+def signed_rows(axes: torch.Tensor) -> torch.Tensor:
+    """Each row of ``axes`` signed so that its largest-magnitude entry is positive (``svd_flip`` on V, as scikit-learn's
+    and peft's IncrementalPCA do); an all-zero row stays zero."""
+    signs = torch.sign(axes[torch.arange(axes.shape[0], device=axes.device), torch.argmax(torch.abs(axes), dim=1)])
+    return axes * signs.view(-1, 1)
